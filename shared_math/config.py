@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe", "glm4_moe_lite")
 
@@ -146,7 +147,7 @@ class ModelConfig:
 
     # ---- construction --------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, source: str | Path | Mapping[str, Any]) -> "ModelConfig":
+    def from_hf(cls, source: str | Path | Mapping[str, Any]) -> ModelConfig:
         """Build from a checkpoint folder, a `config.json` path, or the parsed dict."""
         hf = _load_hf_dict(source)
         model_type = hf.get("model_type")
