@@ -236,7 +236,8 @@ def _build_qwen3_moe(hf: Mapping[str, Any]) -> ModelConfig:
         num_experts=E, num_experts_per_tok=K, moe_layers=moe,
         routing=RoutingConfig("softmax_topk", E, K, norm_topk_prob=bool(hf.get("norm_topk_prob", False))),
         router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)), has_aux_loss=True,
-        attention_bias=bool(hf.get("attention_bias", False)), use_qk_norm=True,
+        attention_bias=bool(hf.get("attention_bias", False)), o_proj_bias=bool(hf.get("attention_bias", False)),
+        use_qk_norm=True,
         sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window") else None,
     )
 
@@ -282,6 +283,8 @@ def _mla_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
         kv_lora_rank=int(_req(hf, "kv_lora_rank")), qk_nope_head_dim=int(_req(hf, "qk_nope_head_dim")),
         qk_rope_head_dim=int(_req(hf, "qk_rope_head_dim")), v_head_dim=int(_req(hf, "v_head_dim")),
         rope_interleave=bool(hf.get("rope_interleave", True)), attention_bias=bool(hf.get("attention_bias", False)),
+        # MLA's attention_bias puts biases on q_a_proj, kv_a_proj_with_mqa and o_proj (HF modeling_deepseek_v3)
+        o_proj_bias=bool(hf.get("attention_bias", False)),
     )
 
 

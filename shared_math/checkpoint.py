@@ -1,0 +1,405 @@
+"""HF safetensors checkpoints <-> canonical numpy tensors (docs/CONTRACTS.md, "Canonical tensor names").
+
+`read_checkpoint(dir)` opens a single-file or sharded checkpoint of any supported family, in the per-expert hub
+layout (`mlp.experts.{e}.{gate,up,down}_proj.weight`) or transformers v5's fused layout (`mlp.experts.gate_up_proj`
+`[E, 2I, H]`, gpt-oss `[E, H, 2I]` interleaved), validates every tensor's presence and shape against the config
+up front from the headers alone, and returns a lazy mapping that reads and converts a tensor only when asked:
+2-D Linear weights transposed to `[in, out]`, the router renamed to `mlp.router`, experts as
+`gate_up_proj [E, H, 2I]` (gate 0:I, up I:2I) and `down_proj [E, I, H]`.
+
+`write_checkpoint` is the exact inverse. `expected_shapes(cfg)` lists every canonical tensor a config implies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from shared_math.config import ModelConfig
+from shared_math.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+
+Shape = tuple[int, ...]
+Layout = Literal["hub", "fused"]
+
+__all__ = ["CheckpointError", "UnsupportedCheckpointError", "CheckpointTensors", "expected_shapes",
+           "read_checkpoint", "write_checkpoint", "hf_keys_for", "tiny_hf_config", "write_tiny_checkpoint",
+           "random_canonical_tensors"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged or does not match its config; the message names the tensor and file."""
+
+
+class UnsupportedCheckpointError(CheckpointError, NotImplementedError):
+    """A valid checkpoint in a format not implemented yet (MXFP4 or FP8 quantised weights)."""
+
+
+# ---- what a config implies ---------------------------------------------------------------------------------------
+def expected_shapes(cfg: ModelConfig) -> dict[str, Shape]:
+    """Every canonical tensor name of `cfg` with its canonical shape, in model order."""
+    H, V, E, I = cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.moe_intermediate_size
+    out: dict[str, Shape] = {"embed_tokens.weight": (V, H)}
+    for l in range(cfg.num_hidden_layers):
+        p = f"layers.{l}."
+        out[p + "input_layernorm.weight"] = (H,)
+        out.update({p + "self_attn." + k: s for k, s in _attention_shapes(cfg).items()})
+        out[p + "post_attention_layernorm.weight"] = (H,)
+        if cfg.moe_layers[l]:
+            out[p + "mlp.router.weight"] = (H, E)
+            if cfg.router_bias:
+                out[p + "mlp.router.bias"] = (E,)
+            if cfg.routing.method == "sigmoid_group":
+                out[p + "mlp.router.e_score_correction_bias"] = (E,)
+            out[p + "mlp.experts.gate_up_proj"] = (E, H, 2 * I)
+            out[p + "mlp.experts.down_proj"] = (E, I, H)
+            if cfg.expert_bias:
+                out[p + "mlp.experts.gate_up_proj_bias"] = (E, 2 * I)
+                out[p + "mlp.experts.down_proj_bias"] = (E, H)
+            if cfg.n_shared_experts:
+                out.update(_mlp_shapes(p + "mlp.shared_experts.", H, cfg.shared_intermediate_size))
+        else:
+            out.update(_mlp_shapes(p + "mlp.", H, cfg.intermediate_size))
+    out["norm.weight"] = (H,)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (H, V)
+    return out
+
+
+def _mlp_shapes(prefix: str, H: int, width: int) -> dict[str, Shape]:
+    return {prefix + "gate_proj.weight": (H, width), prefix + "up_proj.weight": (H, width),
+            prefix + "down_proj.weight": (width, H)}
+
+
+def _attention_shapes(cfg: ModelConfig) -> dict[str, Shape]:
+    H, nh = cfg.hidden_size, cfg.num_attention_heads
+    s: dict[str, Shape] = {}
+    if cfg.attention == "mla":
+        q_out = nh * cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            s["q_proj.weight"] = (H, q_out)
+        else:
+            s["q_a_proj.weight"] = (H, cfg.q_lora_rank)
+            if cfg.attention_bias:
+                s["q_a_proj.bias"] = (cfg.q_lora_rank,)
+            s["q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+            s["q_b_proj.weight"] = (cfg.q_lora_rank, q_out)
+        s["kv_a_proj_with_mqa.weight"] = (H, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        if cfg.attention_bias:
+            s["kv_a_proj_with_mqa.bias"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim,)
+        s["kv_a_layernorm.weight"] = (cfg.kv_lora_rank,)
+        s["kv_b_proj.weight"] = (cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        s["o_proj.weight"] = (nh * cfg.v_head_dim, H)
+        if cfg.o_proj_bias:
+            s["o_proj.bias"] = (H,)
+        return s
+    hd, nkv = cfg.head_dim, cfg.num_key_value_heads
+    widths = {"q_proj": nh * hd, "k_proj": nkv * hd, "v_proj": nkv * hd}
+    for k, w in widths.items():
+        s[k + ".weight"] = (H, w)
+        if cfg.attention_bias:
+            s[k + ".bias"] = (w,)
+    s["o_proj.weight"] = (nh * hd, H)
+    if cfg.o_proj_bias:
+        s["o_proj.bias"] = (H,)
+    if cfg.use_qk_norm:
+        s["q_norm.weight"] = (hd,)
+        s["k_norm.weight"] = (hd,)
+    if cfg.attention_sinks:
+        s["sinks"] = (nh,)
+    return s
+
+
+# ---- canonical name <-> HF tensors ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Recipe:
+    """How one canonical tensor is stored in HF files: which keys, their shapes, and the two conversions."""
+
+    keys: tuple[str, ...]
+    shapes: tuple[Shape, ...]
+    to_canon: Callable[[list[np.ndarray]], np.ndarray]
+    from_canon: Callable[[np.ndarray], list[np.ndarray]]
+
+
+def _one(key: str, shape: Shape, f: Callable[[np.ndarray], np.ndarray], g: Callable[[np.ndarray], np.ndarray]
+         ) -> _Recipe:
+    return _Recipe((key,), (shape,), lambda xs: f(xs[0]), lambda x: [g(x)])
+
+
+def _ident(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _swap_last(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)
+
+
+def _deinterleave(x: np.ndarray) -> np.ndarray:
+    """gpt-oss: gate at even, up at odd columns -> gate 0:I, up I:2I."""
+    return np.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+
+
+def _interleave(x: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = x[..., :half], x[..., half:]
+    return out
+
+
+_EXPERT_RE = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
+
+
+def hf_keys_for(cfg: ModelConfig, name: str, shape: Shape, layout: Layout = "hub") -> _Recipe:
+    """The HF on-disk recipe of canonical tensor `name` (of canonical `shape`) in `layout`.
+
+    gpt-oss has one layout only (its experts are stored fused in both), so `layout` does not matter for it.
+    """
+    if name == "lm_head.weight":
+        return _one(name, shape[::-1], _swap_last, _swap_last)
+    hf = "model." + name
+    if ".mlp.router." in name and cfg.family != "gpt_oss":
+        hf = hf.replace(".mlp.router.", ".mlp.gate.")
+    m = _EXPERT_RE.search(name)
+    if m is None:
+        if len(shape) == 2 and name != "embed_tokens.weight":  # every other 2-D tensor is a Linear weight
+            return _one(hf, shape[::-1], _swap_last, _swap_last)
+        return _one(hf, shape, _ident, _ident)
+    which, is_bias = m.group(2), m.group(3) is not None
+    if cfg.family == "gpt_oss":
+        if which == "gate_up_proj":
+            return _one(hf, shape, _deinterleave, _interleave)
+        return _one(hf, shape, _ident, _ident)
+    if layout == "fused":
+        return _one(hf, (shape[0], shape[2], shape[1]), _swap_last, _swap_last)
+    if is_bias:
+        raise CheckpointError(f"{cfg.family} has no expert biases, but got {name}")
+    E, a, b = shape
+    base = hf.rsplit(".", 1)[0]  # model.layers.l.mlp.experts
+    if which == "down_proj":
+        keys = tuple(f"{base}.{e}.down_proj.weight" for e in range(E))
+        return _Recipe(keys, ((b, a),) * E, lambda xs: np.stack([x.T for x in xs]), lambda x: [w.T for w in x])
+    I = b // 2
+    keys = tuple(f"{base}.{e}.{p}_proj.weight" for e in range(E) for p in ("gate", "up"))
+    return _Recipe(
+        keys, ((I, a),) * (2 * E),
+        lambda xs: np.stack([np.concatenate([xs[2 * e].T, xs[2 * e + 1].T], axis=1) for e in range(E)]),
+        lambda x: [w for e in range(E) for w in (x[e, :, :I].T, x[e, :, I:].T)])
+
+
+# ---- reading -------------------------------------------------------------------------------------------------------
+class CheckpointTensors(Mapping[str, np.ndarray]):
+    """Lazy `canonical name -> np.ndarray`: a tensor is read from disk and converted only when asked for.
+
+    `.shapes` gives every canonical shape without reading data. `.layer(l)` reads one layer and returns it keyed by
+    the name *within* the layer (`self_attn.q_proj.weight`, `mlp.experts.gate_up_proj`, ...), which are also the
+    module paths under `layers[l]`. Values are float32 (BF16/F8 widened exactly), or float16/float64 as stored.
+    """
+
+    def __init__(self, cfg: ModelConfig, recipes: dict[str, _Recipe], files: dict[str, SafetensorsFile],
+                 shapes: dict[str, Shape]):
+        self.config = cfg
+        self._recipes = recipes
+        self._files = files  # HF key -> the file holding it
+        self.shapes: dict[str, Shape] = shapes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        recipe = self._recipes[name]
+        try:
+            parts = [self._files[k].read(k) for k in recipe.keys]
+        except (SafetensorsError, OSError) as e:
+            raise CheckpointError(f"reading {name} ({', '.join(recipe.keys[:2])}...): {e}") from e
+        return np.ascontiguousarray(recipe.to_canon(parts))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._recipes)
+
+    def __len__(self) -> int:
+        return len(self._recipes)
+
+    def layer(self, l: int) -> dict[str, np.ndarray]:
+        if not 0 <= l < self.config.num_hidden_layers:
+            raise IndexError(f"layer {l} out of range for {self.config.num_hidden_layers} layers")
+        p = f"layers.{l}."
+        return {n[len(p):]: self[n] for n in self._recipes if n.startswith(p)}
+
+    def hf_keys(self, name: str) -> tuple[str, ...]:
+        """The HF on-disk tensor names that canonical `name` is built from."""
+        return self._recipes[name].keys
+
+    def source_dtype(self, name: str) -> str:
+        """The safetensors dtype on disk (e.g. "BF16") of canonical `name`."""
+        k = self._recipes[name].keys[0]
+        return self._files[k].info(k).dtype
+
+    def __repr__(self) -> str:
+        return f"CheckpointTensors({self.config.family}, {len(self)} tensors)"
+
+
+def _weight_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from e
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (root / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard file(s) that do not exist: {missing}")
+        return [root / s for s in shards]
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(root.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{root}: no model.safetensors, model.safetensors.index.json or *.safetensors")
+    return found
+
+
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_quantisation(keys: list[str], hf: Mapping[str, Any], root: Path) -> None:
+    mx = [k for k in keys if k.endswith(("_blocks", "_scales"))]
+    fp8 = [k for k in keys if k.endswith(("weight_scale_inv", "weight_scale"))]
+    method = (hf.get("quantization_config") or {}).get("quant_method")
+    if mx or method == "mxfp4":
+        raise UnsupportedCheckpointError(
+            f"{root}: MXFP4-quantised experts ({mx[0] if mx else 'quantization_config'}) are not supported yet; "
+            "dequantise first (transformers Mxfp4Config(dequantize=True) then save_pretrained)")
+    if fp8 or method == "fp8":
+        raise UnsupportedCheckpointError(
+            f"{root}: FP8 block-quantised weights ({fp8[0] if fp8 else 'quantization_config'}) are not supported "
+            "yet; use a BF16 checkpoint")
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelConfig, CheckpointTensors]:
+    """Open a HF checkpoint folder (config.json + safetensors), validate it against its config, return it lazily.
+
+    Raises CheckpointError naming the HF tensor, the file and the expectation for a missing tensor, a wrong shape,
+    an unknown tensor, or a truncated/corrupt file; UnsupportedCheckpointError for MXFP4/FP8 checkpoints.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint folder (expected a directory with config.json)")
+    try:
+        cfg = ModelConfig.from_hf(root)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{root / 'config.json'}: {e}") from e
+    files: dict[str, SafetensorsFile] = {}
+    for f in _weight_files(root):
+        try:
+            sf = SafetensorsFile(f)
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from e
+        for k in sf.keys():
+            files[k] = sf
+    _check_quantisation(list(files), cfg.hf_config, root)
+
+    recipes: dict[str, _Recipe] = {}
+    shapes = expected_shapes(cfg)
+    for name, shape in shapes.items():
+        m = _EXPERT_RE.search(name)
+        fused = m is not None and f"model.layers.{m.group(1)}.mlp.experts.gate_up_proj" in files
+        recipe = hf_keys_for(cfg, name, shape, "fused" if fused else "hub")
+        for key, want in zip(recipe.keys, recipe.shapes):
+            if key not in files:
+                raise CheckpointError(
+                    f"{root}: tensor {key} (canonical {name}) with shape {list(want)} is missing from the "
+                    f"checkpoint ({', '.join(sorted({f.path.name for f in files.values()})) or 'no files'})")
+            info = files[key].info(key)
+            if info.shape != want:
+                raise CheckpointError(
+                    f"{files[key].path}: tensor {key} has shape {list(info.shape)}, but the config implies "
+                    f"{list(want)} (canonical {name} {list(shape)})")
+            if info.dtype not in ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2"):
+                raise CheckpointError(f"{files[key].path}: tensor {key} has non-float dtype {info.dtype}")
+        recipes[name] = recipe
+
+    used = {k for r in recipes.values() for k in r.keys}
+    unknown = []
+    for k in files:
+        if k in used or _IGNORED.search(k):
+            continue
+        m = _LAYER_RE.match(k)
+        if m and int(m.group(1)) >= cfg.num_hidden_layers:  # MTP layers, which HF ignores too
+            continue
+        if k == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        unknown.append(k)
+    if unknown:
+        raise CheckpointError(
+            f"{root}: {len(unknown)} tensor(s) that a {cfg.family} model with this config does not have, e.g. "
+            f"{unknown[:5]} in {files[unknown[0]].path.name}; is config.json the right one?")
+    return cfg, CheckpointTensors(cfg, recipes, files, shapes)
+
+
+# ---- writing -------------------------------------------------------------------------------------------------------
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def write_checkpoint(path: str | Path, hf_config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], *,
+                     layout: Layout = "hub", dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
+    """Write canonical `tensors` as a HF checkpoint: config.json + model.safetensors (or shards + index).
+
+    The inverse of `read_checkpoint`. layout "hub" writes per-expert tensors (what HF's save_pretrained writes by
+    default), "fused" the v5 in-memory layout; gpt-oss has one layout. Every floating tensor is written in `dtype`
+    ("float32", "bfloat16" rounded to nearest even, or "float16"), and config.json's `dtype` says so.
+    """
+    if layout not in ("hub", "fused"):
+        raise ValueError(f"layout must be 'hub' or 'fused', got {layout!r}")
+    if dtype not in _ITEMSIZE:
+        raise ValueError(f"dtype must be one of {', '.join(_ITEMSIZE)}, got {dtype!r}")
+    cfg = ModelConfig.from_hf(hf_config)
+    shapes = expected_shapes(cfg)
+    missing = [n for n in shapes if n not in tensors]
+    extra = [n for n in tensors if n not in shapes]
+    if missing or extra:
+        raise CheckpointError(f"tensors do not match the {cfg.family} config: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, shape in shapes.items():
+        arr = np.asarray(tensors[name])
+        if arr.shape != shape:
+            raise CheckpointError(f"{name} has shape {list(arr.shape)}, the config implies {list(shape)}")
+        recipe = hf_keys_for(cfg, name, shape, layout)
+        for key, part in zip(recipe.keys, recipe.from_canon(arr)):
+            nbytes = math.prod(part.shape) * _ITEMSIZE[dtype]
+            if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = np.ascontiguousarray(part)
+            size += nbytes
+
+    config = dict(hf_config)
+    config["dtype"] = dtype
+    (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if max_shard_bytes is None:
+        write_safetensors(root / "model.safetensors", shards[0], dtype=dtype)
+        return root
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(root / fname, shard, dtype=dtype)
+        weight_map.update(dict.fromkeys(shard, fname))
+        total += sum(math.prod(a.shape) * _ITEMSIZE[dtype] for a in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return root
+
+
+# CONTRACTS.md names the tiny-checkpoint helpers here; tiny.py imports this module only inside its functions, so
+# importing it at the bottom is not circular.
+from shared_math.tiny import random_canonical_tensors, tiny_hf_config, write_tiny_checkpoint  # noqa: E402

@@ -1,0 +1,117 @@
+"""Tiny random checkpoints of every supported family, for tests and demos (no Hub access needed).
+
+`tiny_hf_config(family)` is a complete config.json dict (vocab 128, H 64, 2 layers, 4 heads; hf-moe-formats.md §8)
+that transformers loads as is, with a dense first layer where the family has dense layers.
+`random_canonical_tensors(cfg, seed)` draws canonical tensors whose activations stay O(1) through the model, so a
+layout or norm bug changes the outputs visibly instead of hiding under near-zero signals.
+`write_tiny_checkpoint(family, dir)` writes both as a HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from shared_math.config import SUPPORTED_MODEL_TYPES, ModelConfig
+
+if TYPE_CHECKING:
+    from shared_math.checkpoint import Layout
+
+_COMMON: dict[str, Any] = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               max_position_embeddings=256, initializer_range=0.02, tie_word_embeddings=False,
+                               hidden_act="silu", attention_dropout=0.0, use_cache=True)
+
+# MLA sizes shared by deepseek_v3 and glm4_moe_lite: q_lora 24, kv_lora 16, q/k head = 16 nope + 8 rope, v 16.
+_MLA: dict[str, Any] = dict(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
+                            qk_rope_head_dim=8, v_head_dim=16, rope_interleave=True, attention_bias=False)
+
+_FAMILY: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"], num_key_value_heads=2, head_dim=32, intermediate_size=96,
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001, rms_norm_eps=1e-6,
+        attention_bias=False, use_sliding_window=False, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "gpt_oss": dict(
+        architectures=["GptOssForCausalLM"], num_key_value_heads=2, head_dim=16, intermediate_size=32,
+        num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], attention_bias=True, rms_norm_eps=1e-5,
+        router_aux_loss_coef=0.9, swiglu_limit=7.0,
+        # yarn as on the hub, but with an original length below max_position_embeddings so it is active
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "original_max_position_embeddings": 64, "truncate": False}),
+    "deepseek_v3": dict(
+        architectures=["DeepseekV3ForCausalLM"], **_MLA, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+                         "beta_slow": 1.0}),
+    "glm4_moe": dict(
+        architectures=["Glm4MoeForCausalLM"], num_key_value_heads=2, head_dim=32, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, use_qk_norm=True, attention_bias=True, routed_scaling_factor=2.5,
+        norm_topk_prob=True, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    "glm4_moe_lite": dict(
+        architectures=["Glm4MoeLiteForCausalLM"], **_MLA, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+        mlp_layer_types=["dense", "sparse"], routed_scaling_factor=1.8, norm_topk_prob=True, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+
+
+def tiny_hf_config(family: str, **overrides: Any) -> dict[str, Any]:
+    """A complete config.json dict for a tiny `family` model; `overrides` replace top-level keys.
+
+    Changing `num_hidden_layers` also resizes the per-layer lists (`layer_types`, `mlp_layer_types`) unless they
+    are overridden too.
+    """
+    if family not in _FAMILY:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+    hf = {"model_type": family, **copy.deepcopy(_COMMON), **copy.deepcopy(_FAMILY[family])}
+    n = int(overrides.get("num_hidden_layers", hf["num_hidden_layers"]))
+    if "layer_types" in hf and "layer_types" not in overrides:
+        hf["layer_types"] = ["sliding_attention" if l % 2 == 0 else "full_attention" for l in range(n)]
+    if "mlp_layer_types" in hf and "mlp_layer_types" not in overrides:
+        hf["mlp_layer_types"] = ["dense"] + ["sparse"] * (n - 1)
+    hf.update(copy.deepcopy(overrides))
+    ModelConfig.from_hf(hf)  # fail here, with the config's own message, rather than in the writer
+    return hf
+
+
+def random_canonical_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """float32 canonical tensors for `cfg` (names and shapes of `expected_shapes`).
+
+    Linear weights ~ N(0, 1/fan_in) (variance-preserving, so signals stay O(1)), embeddings ~ N(0, 1), norm
+    weights 1 + N(0, 0.1²) (a norm applied wrongly or not at all shows), biases and sinks ~ N(0, 0.1²) / N(0, 1),
+    `e_score_correction_bias` ~ N(0, 0.1²) (HF initialises it to 0, which would hide its effect on routing).
+    """
+    from shared_math.checkpoint import expected_shapes  # checkpoint.py re-exports this module's functions
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name == "embed_tokens.weight" or name.endswith(".sinks"):
+            a = rng.standard_normal(shape)
+        elif name.endswith("norm.weight"):  # input/post_attention_layernorm, norm, q/k_norm, q_a/kv_a_layernorm
+            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith(("bias", "e_score_correction_bias")):
+            a = 0.1 * rng.standard_normal(shape)
+        else:  # [in, out] or [E, in, out] linear weights: fan_in is the second-to-last axis
+            a = rng.standard_normal(shape) / np.sqrt(shape[-2])
+        out[name] = a.astype(np.float32)
+    return out
+
+
+def write_tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0, dtype: str = "float32",
+                          layout: Layout = "hub", **overrides: Any) -> Path:
+    """Write a tiny random `family` checkpoint to folder `path` and return it. `overrides` go to tiny_hf_config."""
+    from shared_math.checkpoint import write_checkpoint
+
+    hf = tiny_hf_config(family, **overrides)
+    cfg = ModelConfig.from_hf(hf)
+    return write_checkpoint(path, hf, random_canonical_tensors(cfg, seed), layout=layout, dtype=dtype)
