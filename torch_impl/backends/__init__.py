@@ -1,0 +1,66 @@
+"""Expert backends and their selection.
+
+`BACKENDS` lists the backends in order of preference (fastest first); `resolve_backend` turns a requested name into
+one that runs here, or raises before any work starts. Precedence: an explicit name (argument or config) wins; `auto`
+defers to the `SPLITMOE_MOE_BACKEND` environment variable when it is set, and otherwise picks the first backend in
+`BACKENDS` that is available for the device and dtype.
+
+Each backend module provides `available(device, dtype) -> str | None` (None, or why it cannot run) and
+`experts_forward(x_TH, weights_TK, srt, w_gate_up, w_down, lora_gate_up, lora_down, scale, biases, act) -> y_TH`.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from torch_impl.backends import grouped_mm, native
+
+ENV_VAR = "SPLITMOE_MOE_BACKEND"
+_MODULES: dict[str, ModuleType] = {"grouped_mm": grouped_mm, "native": native}
+BACKENDS: tuple[str, ...] = tuple(_MODULES)  # preference order for `auto`
+
+
+def get_backend(name: str) -> ModuleType:
+    """The backend module for a resolved name."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown MoE backend {name!r}; known: {', '.join(BACKENDS)} (or 'auto')")
+    return _MODULES[name]
+
+
+def why_unavailable(name: str, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> str | None:
+    """None if backend `name` runs on `device` in `dtype`, else the reason."""
+    return get_backend(name).available(device, dtype)
+
+
+def resolve_backend(name: str = "auto", *, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> str:
+    """The backend to use for `name` on `device` in `dtype` (defaults: cpu, float32 for the check).
+
+    Raises ValueError for an unknown name and RuntimeError, naming the reason and what is available, for a backend
+    that cannot run here.
+    """
+    source = "requested"
+    if name in (None, "", "auto"):
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            name, source = env, f"set by the environment variable {ENV_VAR}"
+        else:
+            for candidate in BACKENDS:
+                if why_unavailable(candidate, device, dtype) is None:
+                    return candidate
+            raise RuntimeError(f"no MoE backend runs on {device or 'cpu'} in {dtype}")  # native always runs
+    if name not in _MODULES:
+        raise ValueError(f"unknown MoE backend {name!r} ({source}); known: {', '.join(BACKENDS)} or 'auto'")
+    reason = why_unavailable(name, device, dtype)
+    if reason is not None:
+        ok = [b for b in BACKENDS if why_unavailable(b, device, dtype) is None]
+        raise RuntimeError(f"MoE backend {name!r} ({source}) cannot run on {device or 'cpu'} in {dtype}: {reason}. "
+                           f"Available here: {', '.join(ok)}")
+    return name
+
+
+__all__ = ["BACKENDS", "ENV_VAR", "get_backend", "resolve_backend", "why_unavailable"]

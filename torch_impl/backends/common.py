@@ -1,0 +1,80 @@
+"""What every expert backend shares: the sort of routed rows by expert and the expert activations.
+
+Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per token, R LoRA rank, M = T·K routed rows.
+
+`ExpertSort` is the one permutation of the M routed rows by expert id that the base GEMMs, the LoRA GEMMs and the
+backward all share (built once per layer by `torch_impl.moe.sort_by_expert`). `Activation` is the expert
+nonlinearity on the fused gate_up output `[M, 2I]` (gate in columns 0:I, up in I:2I) with its hand-written
+vector-Jacobian product, so a custom backward can recompute `h = act(gu)` instead of saving it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ExpertSort:
+    """Routed row m = t·K + k sits at sorted position `inverse_M[m]`; sorted row j came from flat row `order_M[j]`,
+    i.e. token `token_M[j]`, slot `slot_M[j]`, and belongs to expert `expert_M[j]`. Expert e owns the sorted rows
+    `offsets_E[e-1]:offsets_E[e]` (`offsets_E` are int32 cumulative group ends, the form `grouped_mm` takes).
+    """
+
+    order_M: torch.Tensor  # int64 [M]
+    inverse_M: torch.Tensor  # int64 [M]
+    token_M: torch.Tensor  # int64 [M]
+    slot_M: torch.Tensor  # int64 [M]
+    expert_M: torch.Tensor  # int64 [M], non-decreasing
+    group_sizes_E: torch.Tensor  # int64 [E]
+    offsets_E: torch.Tensor  # int32 [E], cumulative ends
+    num_tokens: int  # T
+    top_k: int  # K
+
+    @property
+    def num_experts(self) -> int:
+        return self.group_sizes_E.shape[0]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """SwiGLU on `gu [M, 2I]`: `swiglu` = silu(gate)·up (Qwen3, DeepSeek, GLM); `swiglu_oai` = gpt-oss's clamped form
+    (u + 1)·g·sigmoid(alpha·g) with g = min(gate, limit), u = clamp(up, ±limit).
+
+    The forward uses the same torch ops as HF (so bf16 rounds at the same points); `vjp` is exact for both and, like
+    torch.clamp's backward, lets the gradient through at exactly the limit.
+    """
+
+    name: str = "swiglu"
+    limit: float = 7.0
+    alpha: float = 1.702
+
+    def __post_init__(self) -> None:
+        if self.name not in ("swiglu", "swiglu_oai"):
+            raise ValueError(f"unknown activation {self.name!r}; expected 'swiglu' or 'swiglu_oai'")
+
+    def __call__(self, gu_M2I: torch.Tensor) -> torch.Tensor:
+        gate, up = gu_M2I.chunk(2, dim=-1)
+        if self.name == "swiglu":
+            return F.silu(gate) * up
+        g = gate.clamp(max=self.limit)
+        u = up.clamp(min=-self.limit, max=self.limit)
+        return (u + 1) * (g * torch.sigmoid(self.alpha * g))
+
+    def vjp(self, gu_M2I: torch.Tensor, dh_MI: torch.Tensor) -> torch.Tensor:
+        """d act / d gu applied to dh -> [M, 2I], computed in fp32 and cast back to gu's dtype once."""
+        gate, up = gu_M2I.float().chunk(2, dim=-1)
+        dh = dh_MI.float()
+        if self.name == "swiglu":
+            sg = torch.sigmoid(gate)
+            dgate = dh * up * sg * (1 + gate * (1 - sg))
+            dup = dh * gate * sg
+        else:
+            g = gate.clamp(max=self.limit)
+            u = up.clamp(min=-self.limit, max=self.limit)
+            sa = torch.sigmoid(self.alpha * g)
+            dgate = torch.where(gate <= self.limit, dh * (u + 1) * sa * (1 + self.alpha * g * (1 - sa)), 0.0)
+            dup = torch.where(up.abs() <= self.limit, dh * g * sa, 0.0)
+        return torch.cat([dgate, dup], dim=-1).to(gu_M2I.dtype)

@@ -1,0 +1,239 @@
+"""The MoE block: router -> routing -> expert-sorted rows -> routed experts with split LoRA -> weighted sum over K.
+
+Shape legend: T tokens · H hidden · I expert intermediate · E experts · K experts per token · R LoRA rank ·
+M = T·K routed rows. Expert weights are canonical, applied as x @ W: `w_gate_up [E, H, 2I]` (gate in columns 0:I,
+up in I:2I) and `w_down [E, I, H]`; expert LoRA pairs are `(A [E, in, R], B [E, R, out])`; the router weight is
+`[H, E]`.
+
+Split LoRA: every expert computes `x·W + s·(x·A)·B` on its routed rows only; `W + s·B·A` is never formed. The rows
+are sorted by expert once per layer (`sort_by_expert`), and the base GEMMs, the LoRA GEMMs and the backward share
+that permutation and its group sizes. The backend (`torch_impl.backends`) does the GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared_math.config import RoutingConfig
+from torch_impl.backends import get_backend, resolve_backend
+from torch_impl.backends.common import Activation, ExpertSort
+
+LoraPair = tuple[torch.Tensor, torch.Tensor]
+
+__all__ = ["ExpertSort", "Experts", "MoEBlock", "Router", "route", "sort_by_expert", "split_lora_experts"]
+
+
+# ---- routing ---------------------------------------------------------------------------------------------------------
+
+def route(logits: torch.Tensor, routing: RoutingConfig,
+          correction_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (expert_ids [T, K] int64, expert_weights [T, K]), with HF's dtypes and rounding.
+
+    softmax_topk  (Qwen3-MoE): softmax over E in fp32, top-K, renormalise (fp32) iff norm_topk_prob, cast to the
+                  logits' dtype.
+    topk_softmax  (gpt-oss): top-K of the logits, softmax over those K in the logits' dtype.
+    sigmoid_group (DeepSeek-V3, GLM-4.x): fp32 sigmoid; `+ correction_bias` for selection only; group score = sum of
+                  the top-2 per group; keep `topk_group` groups (others -inf); top-K; weights from the unbiased
+                  scores, renormalised (+1e-20) iff norm_topk_prob, times routed_scaling_factor; stays fp32.
+    """
+    if logits.ndim != 2 or logits.shape[1] != routing.num_experts:
+        raise ValueError(f"router logits must be [T, E={routing.num_experts}], got {tuple(logits.shape)}")
+    K = routing.top_k
+    if routing.method == "softmax_topk":
+        probs_TE = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights_TK, ids_TK = torch.topk(probs_TE, K, dim=-1)
+        if routing.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return ids_TK, weights_TK.to(logits.dtype)
+    if routing.method == "topk_softmax":
+        top_TK, ids_TK = torch.topk(logits, K, dim=-1)
+        return ids_TK, F.softmax(top_TK, dim=-1, dtype=top_TK.dtype)
+    if routing.method == "sigmoid_group":
+        T, E = logits.shape
+        G = routing.n_group
+        scores_TE = torch.sigmoid(logits.float())
+        choice_TE = scores_TE if correction_bias is None else scores_TE + correction_bias.float()
+        group_TG = choice_TE.view(T, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)
+        keep_TG = torch.topk(group_TG, routing.topk_group, dim=-1, sorted=False)[1]
+        mask_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, True)
+        mask_TE = mask_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
+        ids_TK = torch.topk(choice_TE.masked_fill(~mask_TE, float("-inf")), K, dim=-1, sorted=False)[1]
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if routing.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids_TK, weights_TK * routing.routed_scaling_factor
+    raise ValueError(f"unknown routing method {routing.method!r}")
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, check: bool = True) -> ExpertSort:
+    """One stable sort of the T·K routed rows by expert id (rows of one expert stay in (token, slot) order).
+
+    Group sizes come from `histc` and offsets from a cumsum, so nothing here waits on the GPU; `check=True` adds one
+    host sync to reject ids outside [0, E) (route() cannot produce those, so MoEBlock passes check=False).
+    """
+    if expert_ids.ndim != 2:
+        raise ValueError(f"expert_ids must be [T, K], got shape {tuple(expert_ids.shape)}")
+    T, K = expert_ids.shape
+    flat_M = expert_ids.reshape(-1).long()
+    if check and flat_M.numel() and (int(flat_M.min()) < 0 or int(flat_M.max()) >= num_experts):
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got range "
+                         f"[{int(flat_M.min())}, {int(flat_M.max())}]")
+    expert_M, order_M = torch.sort(flat_M, stable=True)
+    inverse_M = torch.empty_like(order_M)
+    inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
+    # histc needs float on CPU and is exact for integer-valued bins (HF does the same)
+    hist_in = expert_M.float() if expert_M.device.type in ("cpu", "mps") else expert_M.int()
+    group_sizes_E = torch.histc(hist_in, bins=num_experts, min=0, max=num_experts - 1).long()
+    offsets_E = torch.cumsum(group_sizes_E, dim=0, dtype=torch.int32)
+    return ExpertSort(order_M=order_M, inverse_M=inverse_M, token_M=order_M // K, slot_M=order_M % K,
+                      expert_M=expert_M, group_sizes_E=group_sizes_E, offsets_E=offsets_E, num_tokens=T, top_k=K)
+
+
+# ---- the routed experts ----------------------------------------------------------------------------------------------
+
+def _check_shapes(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
+    T, H = x.shape
+    if w_gate_up.ndim != 3 or w_down.ndim != 3:
+        raise ValueError(f"w_gate_up must be [E, H, 2I] and w_down [E, I, H], got {tuple(w_gate_up.shape)}, "
+                         f"{tuple(w_down.shape)}")
+    E, _, I2 = w_gate_up.shape
+    if w_gate_up.shape[1] != H or I2 % 2 or tuple(w_down.shape) != (E, I2 // 2, H):
+        raise ValueError(f"expert weights do not fit x [T={T}, H={H}]: w_gate_up {tuple(w_gate_up.shape)} "
+                         f"(want [E, H, 2I]), w_down {tuple(w_down.shape)} (want [E, I, H])")
+    if expert_ids.shape != expert_weights.shape or expert_ids.ndim != 2 or expert_ids.shape[0] != T:
+        raise ValueError(f"expert_ids {tuple(expert_ids.shape)} and expert_weights {tuple(expert_weights.shape)} "
+                         f"must both be [T={T}, K]")
+    for name, pair, (n_in, n_out) in (("lora_gate_up", lora_gate_up, (H, I2)),
+                                      ("lora_down", lora_down, (I2 // 2, H))):
+        if pair is None:
+            continue
+        a, b = pair
+        if a.ndim != 3 or b.ndim != 3 or tuple(a.shape[:2]) != (E, n_in) or tuple(b.shape) != (E, a.shape[2], n_out):
+            raise ValueError(f"{name} must be (A [E, {n_in}, R], B [E, R, {n_out}]), got {tuple(a.shape)}, "
+                             f"{tuple(b.shape)}")
+    if biases is not None and (tuple(biases[0].shape) != (E, I2) or tuple(biases[1].shape) != (E, H)):
+        raise ValueError(f"biases must be ([E, 2I]={(E, I2)}, [E, H]={(E, H)}), got {tuple(biases[0].shape)}, "
+                         f"{tuple(biases[1].shape)}")
+    if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
+        raise ValueError(f"expert weights ({w_gate_up.dtype}, {w_down.dtype}) must have x's dtype {x.dtype}: "
+                         "cast them once at load, not on every call")
+
+
+def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                       w_gate_up: torch.Tensor, w_down: torch.Tensor, lora_gate_up: LoraPair | None = None,
+                       lora_down: LoraPair | None = None, *, scale: float = 1.0,
+                       biases: tuple[torch.Tensor, torch.Tensor] | None = None, activation: str = "swiglu",
+                       swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702, backend: str = "auto",
+                       sort: ExpertSort | None = None) -> torch.Tensor:
+    """Routed experts with split LoRA -> y [T, H], in x's dtype.
+
+    y[t] = Σ_k w[t,k] · expert_{ids[t,k]}(x[t]),
+    expert_e(x) = act(x@Wgu[e] + s·(x@A1[e])@B1[e] + bgu[e]) @ Wd[e] + s·(h@A2[e])@B2[e] + bd[e].
+    x [T, H]; expert_ids, expert_weights [T, K]; w_gate_up [E, H, 2I]; w_down [E, I, H]; LoRA pairs
+    (A [E, in, R], B [E, R, out]); biases (b_gate_up [E, 2I], b_down [E, H]); activation "swiglu" or "swiglu_oai".
+    LoRA factors, biases and routing weights are cast to x's dtype (LoRA parameters may live in fp32, as PEFT keeps
+    them); base weights must already be in x's dtype. Differentiable in x, expert_weights, the LoRA tensors, the
+    biases and the base weights when they require grad. `backend`: "auto", "native" or "grouped_mm"
+    (`torch_impl.backends.resolve_backend`). `sort`: a precomputed `sort_by_expert(expert_ids, E)` to reuse.
+    """
+    _check_shapes(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
+    act = Activation(activation, swiglu_limit, swiglu_alpha)
+    impl = get_backend(resolve_backend(backend, device=x.device, dtype=x.dtype))
+    dt = x.dtype
+
+    def cast(pair):
+        return None if pair is None else (pair[0].to(dt), pair[1].to(dt))
+
+    srt = sort if sort is not None else sort_by_expert(expert_ids, w_gate_up.shape[0])
+    return impl.experts_forward(x, expert_weights.to(dt), srt, w_gate_up, w_down, cast(lora_gate_up),
+                                cast(lora_down), float(scale), cast(biases), act)
+
+
+# ---- modules ---------------------------------------------------------------------------------------------------------
+
+class Router(nn.Module):
+    """Router linear: logits [T, E] = x @ weight [H, E] (+ bias [E], gpt-oss), in the activation dtype like HF."""
+
+    def __init__(self, hidden_size: int, num_experts: int, *, bias: bool = False, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, num_experts, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(num_experts, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        logits_TE = x_TH @ self.weight
+        return logits_TE if self.bias is None else logits_TE + self.bias
+
+
+class Experts(nn.Module):
+    """E routed experts with optional split LoRA on the fused gate_up and on down.
+
+    Parameters (canonical layouts): `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`, `gate_up_proj_bias [E, 2I]`
+    and `down_proj_bias [E, H]` (None without biases), and after `torch_impl.lora.attach_lora`:
+    `gate_up_lora_A [E, H, R]`, `gate_up_lora_B [E, R, 2I]`, `down_lora_A [E, I, R]`, `down_lora_B [E, R, H]`
+    with `lora_scale`. Base weights are frozen.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, bias: bool = False,
+                 activation: str = "swiglu", swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702,
+                 backend: str = "auto", dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        E, H, I = num_experts, hidden_size, intermediate_size
+        kw = dict(dtype=dtype, device=device)
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * I, **kw), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, I, H, **kw), requires_grad=False)
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I, **kw), requires_grad=False) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.empty(E, H, **kw), requires_grad=False) if bias else None
+        self.gate_up_lora_A = self.gate_up_lora_B = self.down_lora_A = self.down_lora_B = None
+        self.lora_scale = 1.0
+        self.activation = Activation(activation, swiglu_limit, swiglu_alpha)
+        self.backend = backend
+
+    def lora_pairs(self) -> tuple[LoraPair | None, LoraPair | None]:
+        gu = None if self.gate_up_lora_A is None else (self.gate_up_lora_A, self.gate_up_lora_B)
+        down = None if self.down_lora_A is None else (self.down_lora_A, self.down_lora_B)
+        return gu, down
+
+    def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, expert_weights_TK: torch.Tensor,
+                sort: ExpertSort | None = None) -> torch.Tensor:
+        biases = None if self.gate_up_proj_bias is None else (self.gate_up_proj_bias, self.down_proj_bias)
+        lora_gate_up, lora_down = self.lora_pairs()
+        a = self.activation
+        return split_lora_experts(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
+                                  lora_gate_up, lora_down, scale=self.lora_scale, biases=biases, activation=a.name,
+                                  swiglu_limit=a.limit, swiglu_alpha=a.alpha, backend=self.backend, sort=sort)
+
+
+class MoEBlock(nn.Module):
+    """router -> route -> experts on normed hidden states [..., H]; returns (y [..., H], router_logits [T, E]).
+
+    Attributes: `router` (`weight [H, E]`, canonical `mlp.router.weight`), `experts` (`Experts`), `routing`.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, routing: RoutingConfig, *,
+                 router_bias: bool = False, expert_bias: bool = False, activation: str = "swiglu",
+                 swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702, backend: str = "auto",
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.routing = routing
+        self.router = Router(hidden_size, routing.num_experts, bias=router_bias, dtype=dtype, device=device)
+        self.experts = Experts(routing.num_experts, hidden_size, intermediate_size, bias=expert_bias,
+                               activation=activation, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha,
+                               backend=backend, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x_TH = x.reshape(-1, shape[-1])
+        logits_TE = self.router(x_TH)
+        ids_TK, weights_TK = route(logits_TE, self.routing)
+        srt = sort_by_expert(ids_TK, self.routing.num_experts, check=False)
+        y_TH = self.experts(x_TH, ids_TK, weights_TK, sort=srt)
+        return y_TH.view(shape), logits_TE
