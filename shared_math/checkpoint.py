@@ -167,7 +167,7 @@ def hf_keys_for(cfg: ModelConfig, name: str, shape: Shape, layout: Layout = "hub
         hf = hf.replace(".mlp.router.", ".mlp.gate.")
     m = _EXPERT_RE.search(name)
     if m is None:
-        if len(shape) == 2 and name != "embed_tokens.weight":  # every other 2-D tensor is a Linear weight
+        if len(shape) == 2 and name.endswith(".weight") and name != "embed_tokens.weight":  # Linear weights
             return _one(hf, shape[::-1], _swap_last, _swap_last)
         return _one(hf, shape, _ident, _ident)
     which, is_bias = m.group(2), m.group(3) is not None

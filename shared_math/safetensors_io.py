@@ -137,14 +137,19 @@ class SafetensorsFile:
             raise KeyError(f"{self.path}: no tensor {name!r}") from None
 
     # ---- data -----------------------------------------------------------------------------------------------------
-    def read(self, name: str) -> np.ndarray:
-        """Decode one tensor into a fresh native-endian array (BF16 -> float32, F8 -> float32)."""
+    def read_raw(self, name: str) -> np.ndarray:
+        """The stored elements without decoding (BF16 and F8 as uint16 / uint8 bits), flat, read-only."""
         info = self.info(name)
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        storage = _STORAGE[info.dtype]
         # frombuffer copes with offsets that are not a multiple of the itemsize (allowed by the format)
-        raw = np.frombuffer(self._mmap, dtype=storage, count=math.prod(info.shape), offset=info.begin)
+        return np.frombuffer(self._mmap, dtype=_STORAGE[info.dtype], count=math.prod(info.shape), offset=info.begin)
+
+    def read(self, name: str) -> np.ndarray:
+        """Decode one tensor into a fresh native-endian array (BF16 -> float32, F8 -> float32)."""
+        info = self.info(name)
+        storage = _STORAGE[info.dtype]
+        raw = self.read_raw(name)
         if info.dtype == "BF16":
             arr = (raw.astype(np.uint32) << 16).view(np.float32)
         elif info.dtype == "F8_E4M3":
