@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +167,15 @@ def test_summary_table_lists_every_token_count():
     table = C.summary_table("tiny", 8, 4, 4, 2, 2, (16, 64))
     rows = [ln for ln in table.splitlines() if ln.startswith("| 16 ") or ln.startswith("| 64 ")]
     assert len(rows) == 4  # fwd and bwd for each T
+
+
+def test_spec_numbers_come_from_this_model():
+    """SPEC.md's cost tables and crossovers are cost.py's output; this keeps them in sync when either changes."""
+    spec = (Path(C.__file__).parent / "SPEC.md").read_text()
+    for name, H, I, E_, K_ in (("Qwen3-30B-A3B", 2048, 768, 128, 8), ("gpt-oss-20b", 2880, 2880, 32, 4)):
+        table = C.summary_table(name, H, I, E_, K_, 64, (1024, 4096, 16384, 65536))
+        for row in table.splitlines()[2:]:
+            assert row in spec, f"SPEC.md lacks (or has a stale) row: {row}"
+    for value in (C.crossover_tokens(2048, 768, 128, 8, 64), C.crossover_tokens(2048, 1536, 128, 8, 64),
+                  C.crossover_tokens(2880, 5760, 32, 4, 64), C.crossover_tokens(2880, 2880, 32, 4, 64)):
+        assert f"{value:.0f}" in spec
