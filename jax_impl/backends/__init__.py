@@ -1,0 +1,66 @@
+"""MoE expert backends for jax_impl and their selection.
+
+Every backend provides `expert_mlp_sorted(x_MH, group_sizes_E, expert_M, w_gate_up, w_down, lora_gate_up,
+lora_down, biases, scale, activation, swiglu_limit, swiglu_alpha) -> out_MH` on expert-sorted rows, with a VJP that
+computes base-weight gradients only when they are differentiated.
+
+`resolve_backend(name)` turns "auto" (or an explicit name) into a backend that runs here, honouring the
+`SPLITMOE_MOE_BACKEND` environment variable, and raises a clear error for one that cannot run, before any work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import jax
+
+ENV_VAR = "SPLITMOE_MOE_BACKEND"
+
+# name -> what it is. Order is the preference of "auto" (fastest first) among those that can run.
+BACKENDS: dict[str, str] = {
+    "pallas_mosaic": "Pallas Mosaic-GPU grouped GEMMs (Hopper and newer)",
+    "pallas_triton": "Pallas grouped GEMMs, Triton lowering (CUDA sm80+; interpret=True on CPU)",
+    "ragged_dot": "jax.lax.ragged_dot under custom_vjp; the JAX reference (any device; dense and slow on GPU)",
+}
+
+
+def _unavailable_reason(name: str) -> str | None:
+    """Why `name` cannot run in this process, or None when it can."""
+    if name == "ragged_dot":
+        return None
+    if name in ("pallas_triton", "pallas_mosaic"):
+        return f"the {name} backend is not implemented yet (its own issue); use 'ragged_dot'"
+    return f"unknown MoE backend {name!r}; known: {', '.join(BACKENDS)} or 'auto'"
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here, in `auto`'s order of preference."""
+    return [n for n in BACKENDS if _unavailable_reason(n) is None]
+
+
+def resolve_backend(name: str = "auto") -> str:
+    """The backend to use: `$SPLITMOE_MOE_BACKEND` if set, else `name`; "auto" picks the fastest that runs here.
+
+    Raises ValueError (unknown name) or RuntimeError (known but cannot run here) with the reason.
+    """
+    env = os.environ.get(ENV_VAR, "").strip()
+    chosen = env or name
+    if chosen == "auto":
+        return available_backends()[0]
+    if chosen not in BACKENDS:
+        src = f"${ENV_VAR}" if env else "moe_backend"
+        raise ValueError(f"{src}={chosen!r} is not a jax MoE backend; known: {', '.join(BACKENDS)} or 'auto'")
+    reason = _unavailable_reason(chosen)
+    if reason is not None:
+        raise RuntimeError(f"MoE backend {chosen!r} cannot run on {jax.default_backend()}: {reason}")
+    return chosen
+
+
+def get_backend(name: str) -> Callable:
+    """The `expert_mlp_sorted` function of a resolved backend name."""
+    if name == "ragged_dot":
+        from jax_impl.backends.ragged_dot import expert_mlp_sorted
+
+        return expert_mlp_sorted
+    raise RuntimeError(f"MoE backend {name!r} cannot run here: {_unavailable_reason(name) or 'not wired in'}")

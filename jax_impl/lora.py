@@ -1,0 +1,201 @@
+"""Split LoRA for jax_impl models: `y = x·W + scale·(x·A)·B`, adapters in PEFT's on-disk format.
+
+- `Frozen`: the nnx.Variable type of every frozen base weight. It is not an `nnx.Param`, so `nnx.grad` (whose
+  default filter is Param) can never differentiate base weights by accident; LoRA factors are `nnx.LoRAParam`.
+- `LoRALinear`: a Linear (`weight [in, out]`, optional bias) with optional LoRA `lora_A [in, R]`, `lora_B [R, out]`.
+  The LoRA branch runs in the factors' dtype (fp32) and is added to the base output before one rounding to x's
+  dtype, as PEFT's `Linear.forward` does.
+- `attach_lora(model, cfg)`: A ~ PEFT's kaiming-uniform U(±1/sqrt(in)), B = 0 on every target of `cfg`.
+- `lora_state_dict` / `load_lora_state_dict`: canonical LoRA names (docs/CONTRACTS.md) <-> numpy arrays.
+- `save_adapter` / `load_adapter`: a PEFT adapter folder via `shared_math.adapter`, which PEFT and torch_impl load.
+
+Scale: `LoraConfig.scale` (alpha/R, or alpha/sqrt(R) with rsLoRA), applied explicitly (nnx.LoRA has none).
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shared_math.config import LoraConfig
+
+_F32 = jnp.float32
+LORA_DTYPE = jnp.float32  # PEFT keeps adapters in fp32 on bf16 models (autocast_adapter_dtype)
+
+
+class Frozen(nnx.Variable):
+    """A frozen base weight or buffer: state of the model, never a differentiated parameter."""
+
+
+class LoRALinear(nnx.Module):
+    """`x·W (+ b) (+ scale·(x·A)·B)` with W [in, out] frozen and A [in, R], B [R, out] `LoRAParam`s (or None)."""
+
+    def __init__(self, weight: jax.Array, bias: jax.Array | None = None):
+        self.weight = Frozen(weight)
+        self.bias = None if bias is None else Frozen(bias)
+        self.lora_A: nnx.LoRAParam | None = None
+        self.lora_B: nnx.LoRAParam | None = None
+        self.lora_scale = 1.0
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=_F32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(_F32)
+        y = y.astype(x.dtype)  # the base layer's output is rounded on its own, as nn.Linear's is
+        if self.lora_A is None:
+            return y
+        a, b = self.lora_A[...], self.lora_B[...]
+        z = jnp.einsum("...i,ir->...r", x.astype(a.dtype), a, preferred_element_type=_F32).astype(a.dtype)
+        delta = jnp.einsum("...r,ro->...o", z, b, preferred_element_type=_F32)
+        return (y.astype(_F32) + self.lora_scale * delta).astype(x.dtype)
+
+
+# ---- walking a model -------------------------------------------------------------------------------------------------
+
+def _expert_modules(model: nnx.Module):
+    from jax_impl.moe import Experts  # moe imports Frozen from here
+
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, Experts):
+            yield ".".join(map(str, path)), m
+
+
+def _linear_modules(model: nnx.Module):
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, LoRALinear):
+            yield ".".join(map(str, path)), m
+
+
+# canonical expert LoRA suffix -> Experts attribute
+_EXPERT_ATTRS = {"gate_up_proj.lora_A": "gate_up_lora_A", "gate_up_proj.lora_B": "gate_up_lora_B",
+                 "down_proj.lora_A": "down_lora_A", "down_proj.lora_B": "down_lora_B"}
+
+
+def _slots(model: nnx.Module) -> dict[str, tuple[nnx.Module, str]]:
+    """Every place a LoRA factor can live: canonical name -> (module, attribute)."""
+    out: dict[str, tuple[nnx.Module, str]] = {}
+    for name, m in _linear_modules(model):
+        out[name + ".lora_A"], out[name + ".lora_B"] = (m, "lora_A"), (m, "lora_B")
+    for name, m in _expert_modules(model):
+        for suffix, attr in _EXPERT_ATTRS.items():
+            out[f"{name}.{suffix}"] = (m, attr)
+    return out
+
+
+def _kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+    # PEFT: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, LORA_DTYPE, -bound, bound)
+
+
+def attach_lora(model: nnx.Module, lora_cfg: LoraConfig, *, seed: int = 0) -> nnx.Module:
+    """Give every target of `lora_cfg` fresh LoRA factors (A random, B zero) and the scale; returns `model`.
+
+    Linear targets match by module name (`q_proj`, ..., dense/shared `gate_proj`); expert targets
+    (`experts.gate_up_proj`, `experts.down_proj`) put one (A [E, in, R], B [E, R, out]) pair on every MoE layer.
+    Each factor's random draw is keyed by its canonical name, so it does not depend on traversal order.
+    """
+    if getattr(model, "config", None) is not None:
+        lora_cfg.validate_for(model.config)
+    R, base_key = lora_cfg.rank, jax.random.key(seed)
+
+    def key_for(name: str) -> jax.Array:
+        return jax.random.fold_in(base_key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+    n_attached = 0
+    for name, m in _linear_modules(model):
+        if name.rsplit(".", 1)[-1] not in lora_cfg.module_targets:
+            continue
+        m.lora_A = nnx.LoRAParam(_kaiming_uniform(key_for(name + ".lora_A"), (m.in_features, R), m.in_features))
+        m.lora_B = nnx.LoRAParam(jnp.zeros((R, m.out_features), LORA_DTYPE))
+        m.lora_scale = float(lora_cfg.scale)
+        n_attached += 1
+    for name, m in _expert_modules(model):
+        E, H, I2 = m.gate_up_proj.shape
+        for target, (n_in, n_out), prefix in (("experts.gate_up_proj", (H, I2), "gate_up"),
+                                              ("experts.down_proj", (I2 // 2, H), "down")):
+            if target not in lora_cfg.targets:
+                continue
+            a_name = f"{name}.{target.split('.')[1]}.lora_A"
+            setattr(m, prefix + "_lora_A", nnx.LoRAParam(_kaiming_uniform(key_for(a_name), (E, n_in, R), n_in)))
+            setattr(m, prefix + "_lora_B", nnx.LoRAParam(jnp.zeros((E, R, n_out), LORA_DTYPE)))
+            n_attached += 1
+        m.lora_scale = float(lora_cfg.scale)
+    if n_attached == 0:
+        raise ValueError(f"no module of this model matches LoRA targets {lora_cfg.targets}")
+    model.lora_config = lora_cfg
+    return model
+
+
+def lora_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Every attached LoRA factor under its canonical name, as float32 numpy (A [in, R] / [E, in, R], ...)."""
+    out = {}
+    for name, (m, attr) in _slots(model).items():
+        v = getattr(m, attr)
+        if v is not None:
+            out[name] = np.asarray(jax.device_get(v[...]), dtype=np.float32)
+    return out
+
+
+def load_lora_state_dict(model: nnx.Module, tensors: dict[str, np.ndarray]) -> None:
+    """Overwrite attached LoRA factors from canonical names; every attached factor must be given, with its shape."""
+    slots = _slots(model)
+    attached = {n for n, (m, a) in slots.items() if getattr(m, a) is not None}
+    unknown = sorted(set(tensors) - set(slots))
+    if unknown:
+        raise KeyError(f"{len(unknown)} LoRA tensor name(s) match no module of this model, e.g. {unknown[:3]}")
+    not_attached = sorted(set(tensors) - attached)
+    if not_attached:
+        raise KeyError(f"LoRA tensors for modules without attached LoRA (call attach_lora first with matching "
+                       f"targets): {not_attached[:3]}")
+    missing = sorted(attached - set(tensors))
+    if missing:
+        raise KeyError(f"{len(missing)} attached LoRA factor(s) missing from the tensors, e.g. {missing[:3]}")
+    for name, value in tensors.items():
+        m, attr = slots[name]
+        var = getattr(m, attr)
+        if tuple(value.shape) != tuple(var.shape):
+            raise ValueError(f"{name}: shape {tuple(value.shape)} does not match the model's {tuple(var.shape)}")
+        var[...] = jnp.asarray(value, var[...].dtype)
+
+
+def save_adapter(model: nnx.Module, path: str | Path) -> Path:
+    """Write the model's LoRA as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from shared_math.adapter import write_peft_adapter
+
+    lora_cfg = getattr(model, "lora_config", None)
+    if lora_cfg is None:
+        raise ValueError("this model has no LoRA attached: call attach_lora or load_model(..., lora=...) first")
+    write_peft_adapter(path, lora_cfg, lora_state_dict(model), model.config)
+    return Path(path)
+
+
+def load_adapter(model: nnx.Module, path: str | Path) -> nnx.Module:
+    """Load a PEFT adapter folder into `model`, attaching LoRA with the adapter's config if none is attached."""
+    from shared_math.adapter import read_peft_adapter
+
+    lora_cfg, tensors = read_peft_adapter(path, model.config)
+    current = getattr(model, "lora_config", None)
+    if current is None:
+        attach_lora(model, lora_cfg)
+    elif (current.rank, current.scale, set(current.targets)) != (lora_cfg.rank, lora_cfg.scale,
+                                                                    set(lora_cfg.targets)):
+        raise ValueError(f"adapter at {path} (rank {lora_cfg.rank}, scale {lora_cfg.scale}, targets "
+                         f"{lora_cfg.targets}) does not match the attached LoRA (rank {current.rank}, scale "
+                         f"{current.scale}, targets {current.targets})")
+    load_lora_state_dict(model, tensors)
+    return model

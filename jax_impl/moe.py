@@ -1,0 +1,273 @@
+"""Routed mixture-of-experts with split LoRA: router -> route -> sort by expert -> experts -> weighted sum over K.
+
+Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per token, R LoRA rank, M = T·K routed rows.
+
+- `route`: router logits [T, E] -> (expert_ids [T, K], expert_weights [T, K]) for the three routing methods of
+  `shared_math.config.RoutingConfig`, rounding where HF rounds.
+- `sort_by_expert`: the one stable permutation of the M routed rows by expert, and `group_sizes_E`, that the base
+  and LoRA GEMMs, forward and backward, all share.
+- `split_lora_experts`: `Σ_k w[t,k]·expert_{ids[t,k]}(x[t])` with expert(x) = act(x·Wgu + s·(x·A1)·B1) · Wd +
+  s·(h·A2)·B2, on routed rows only (`W + s·B·A` is never formed). Per-row outputs are weighted, un-permuted and
+  summed over K in fp32 with a single rounding, as HF's grouped_mm path does.
+- `Router`, `Experts`, `MoEBlock`: the Flax NNX modules (module paths equal the canonical tensor names).
+- `load_balancing_loss`: HF's Switch-style auxiliary loss pooled over layers.
+
+Both permutations (rows into expert order, and back) are gathers whose backward is the inverse gather: no
+scatter-add anywhere in the sort, as in MaxText's `_sort_activations`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_impl.backends import get_backend, resolve_backend
+from jax_impl.lora import Frozen
+from shared_math.config import RoutingConfig
+
+_F32 = jnp.float32
+LoraPair = tuple[jax.Array, jax.Array]
+
+
+# ---- routing ---------------------------------------------------------------------------------------------------------
+
+def route(logits: jax.Array, routing: RoutingConfig,
+          correction_bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Router logits [T, E] -> (expert_ids [T, K] int32, expert_weights [T, K]); slots in descending score order.
+
+    softmax_topk  (Qwen3-MoE): softmax over E in fp32, top-K, renormalise iff norm_topk_prob, cast to logits dtype.
+    topk_softmax  (gpt-oss):   top-K of the logits, softmax over those K (in fp32, cast to logits dtype).
+    sigmoid_group (DeepSeek-V3, GLM-4.x): sigmoid in fp32, bias-corrected group-limited top-K for selection, unbiased
+                  weights, optional renormalise, times routed_scaling_factor; weights stay fp32 as in HF.
+    Ties go to the lower expert index (lax.top_k is stable).
+    """
+    K = routing.top_k
+    if logits.shape[-1] != routing.num_experts:
+        raise ValueError(f"router logits must be [T, E={routing.num_experts}], got {logits.shape}")
+    if routing.method == "softmax_topk":
+        probs_TE = jax.nn.softmax(logits.astype(_F32), axis=-1)
+        weights_TK, ids_TK = jax.lax.top_k(probs_TE, K)
+        if routing.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdims=True)
+        return ids_TK, weights_TK.astype(logits.dtype)
+    if routing.method == "topk_softmax":
+        top_TK, ids_TK = jax.lax.top_k(logits, K)
+        return ids_TK, jax.nn.softmax(top_TK.astype(_F32), axis=-1).astype(logits.dtype)
+    if routing.method == "sigmoid_group":
+        return _route_sigmoid_group(logits, routing, correction_bias)
+    raise ValueError(f"unknown routing method {routing.method!r}")
+
+
+def _route_sigmoid_group(logits_TE, routing: RoutingConfig, correction_bias_E):
+    T, E = logits_TE.shape
+    G = routing.n_group
+    scores_TE = jax.nn.sigmoid(logits_TE.astype(_F32))
+    # the correction bias steers selection only; the weights are the unbiased scores
+    choice_TE = scores_TE if correction_bias_E is None else scores_TE + correction_bias_E.astype(_F32)
+    choice_TE = jax.lax.stop_gradient(choice_TE)
+    group_score_TG = jax.lax.top_k(choice_TE.reshape(T, G, E // G), 2)[0].sum(-1)
+    _, keep_TG = jax.lax.top_k(group_score_TG, routing.topk_group)
+    group_mask_TG = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], keep_TG].set(True)
+    masked_TE = jnp.where(jnp.repeat(group_mask_TG, E // G, axis=-1), choice_TE, -jnp.inf)
+    _, ids_TK = jax.lax.top_k(masked_TE, routing.top_k)
+    weights_TK = jnp.take_along_axis(scores_TE, ids_TK, axis=-1)
+    if routing.norm_topk_prob:
+        weights_TK = weights_TK / (weights_TK.sum(-1, keepdims=True) + 1e-20)
+    return ids_TK, weights_TK * routing.routed_scaling_factor
+
+
+# ---- the shared permutation ------------------------------------------------------------------------------------------
+
+class ExpertSort(NamedTuple):
+    """Routed row m = t·K + k lands at sorted position `inverse_M[m]`; sorted row j is routed row `order_M[j]`,
+    of expert `expert_M[j]`; expert e owns `group_sizes_E[e]` consecutive sorted rows (possibly zero)."""
+
+    order_M: jax.Array
+    inverse_M: jax.Array
+    expert_M: jax.Array
+    group_sizes_E: jax.Array
+
+
+def sort_by_expert(expert_ids: jax.Array, num_experts: int) -> ExpertSort:
+    """Stable sort of the T·K routed rows by expert id (rows of one expert stay in (token, slot) order)."""
+    if expert_ids.ndim != 2:
+        raise ValueError(f"expert_ids must be [T, K], got shape {expert_ids.shape}")
+    flat_M = expert_ids.reshape(-1).astype(jnp.int32)
+    order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
+    M = flat_M.shape[0]
+    # inverse permutation by a scatter of distinct indices (a set, not an add)
+    inverse_M = jnp.zeros((M,), jnp.int32).at[order_M].set(jnp.arange(M, dtype=jnp.int32), unique_indices=True)
+    expert_M = flat_M[order_M]
+    # group boundaries by binary search in the sorted ids: no scatter-add (bincount) anywhere in the sort
+    bounds_E1 = jnp.searchsorted(expert_M, jnp.arange(num_experts + 1, dtype=jnp.int32), side="left")
+    group_sizes_E = jnp.diff(bounds_E1).astype(jnp.int32)
+    return ExpertSort(order_M, inverse_M, expert_M, group_sizes_E)
+
+
+@jax.custom_vjp
+def permute_rows(x_MD: jax.Array, perm_M: jax.Array, inverse_M: jax.Array) -> jax.Array:
+    """`x[perm]` for a permutation `perm` whose inverse is `inverse_M`; the backward is the gather `ct[inverse]`."""
+    return jnp.take(x_MD, perm_M, axis=0, unique_indices=True)
+
+
+def _permute_fwd(x_MD, perm_M, inverse_M):
+    return permute_rows(x_MD, perm_M, inverse_M), (perm_M, inverse_M)
+
+
+def _permute_bwd(res, ct_MD):
+    perm_M, inverse_M = res
+    return jnp.take(ct_MD, inverse_M, axis=0, unique_indices=True), None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+# ---- routed experts --------------------------------------------------------------------------------------------------
+
+def _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"x must be [T, H], got {x.shape}")
+    T, H = x.shape
+    if w_gate_up.ndim != 3 or w_gate_up.shape[1] != H or w_gate_up.shape[2] % 2:
+        raise ValueError(f"w_gate_up must be [E, H={H}, 2I], got {w_gate_up.shape}")
+    E, _, I2 = w_gate_up.shape
+    if w_down.shape != (E, I2 // 2, H):
+        raise ValueError(f"w_down must be [E, I, H]={(E, I2 // 2, H)}, got {w_down.shape}")
+    if expert_ids.shape != expert_weights.shape or expert_ids.ndim != 2 or expert_ids.shape[0] != T:
+        raise ValueError(f"expert_ids {expert_ids.shape} and expert_weights {expert_weights.shape} must be [T={T}, K]")
+    for name, pair, n_in, n_out in (("lora_gate_up", lora_gate_up, H, I2), ("lora_down", lora_down, I2 // 2, H)):
+        if pair is None:
+            continue
+        a, b = pair
+        if a.ndim != 3 or b.ndim != 3 or a.shape[:2] != (E, n_in) or b.shape != (E, a.shape[2], n_out):
+            raise ValueError(f"{name} must be (A [E, {n_in}, R], B [E, R, {n_out}]), got {a.shape}, {b.shape}")
+    if biases is not None and (biases[0].shape != (E, I2) or biases[1].shape != (E, H)):
+        raise ValueError(f"biases must be ([E, 2I]={(E, I2)}, [E, H]={(E, H)}), got {biases[0].shape}, "
+                         f"{biases[1].shape}")
+
+
+def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, w_gate_up: jax.Array,
+                       w_down: jax.Array, lora_gate_up: LoraPair | None = None, lora_down: LoraPair | None = None,
+                       *, scale: float = 1.0, biases: tuple[jax.Array, jax.Array] | None = None,
+                       activation: str = "swiglu", swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702,
+                       backend: str = "auto") -> jax.Array:
+    """Routed experts with split LoRA -> y [T, H] in x's dtype (same semantics as shared_math.reference).
+
+    x [T, H]; expert_ids, expert_weights [T, K]; w_gate_up [E, H, 2I] (gate 0:I, up I:2I); w_down [E, I, H];
+    LoRA pairs (A [E, in, R], B [E, R, out]) or None; biases (b_gate_up [E, 2I], b_down [E, H]) or None.
+    Differentiable in x, expert_weights, the LoRA factors, and (when differentiated) weights and biases.
+    """
+    _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
+    expert_mlp_sorted = get_backend(resolve_backend(backend))
+    T, H = x.shape
+    K = expert_ids.shape[1]
+    srt = sort_by_expert(expert_ids, w_gate_up.shape[0])
+    # repeat (backward: a reshape-sum over K), then permute (backward: the inverse gather)
+    x_sorted_MH = permute_rows(jnp.repeat(x, K, axis=0), srt.order_M, srt.inverse_M)
+    out_sorted_MH = expert_mlp_sorted(
+        x_sorted_MH, srt.group_sizes_E, srt.expert_M, w_gate_up, w_down,
+        None if lora_gate_up is None else tuple(lora_gate_up), None if lora_down is None else tuple(lora_down),
+        None if biases is None else tuple(biases), float(scale), activation, float(swiglu_limit),
+        float(swiglu_alpha))
+    w_sorted_M1 = permute_rows(expert_weights.reshape(T * K, 1), srt.order_M, srt.inverse_M)
+    # HF grouped path: weight each row in the promoted dtype, restore (token, slot) order, sum over K in fp32, round
+    weighted_MH = out_sorted_MH * w_sorted_M1
+    out_TKH = permute_rows(weighted_MH, srt.inverse_M, srt.order_M).reshape(T, K, H)
+    return out_TKH.sum(axis=1, dtype=_F32).astype(x.dtype)
+
+
+# ---- modules ---------------------------------------------------------------------------------------------------------
+
+def _var(value: jax.Array | None, trainable: bool) -> nnx.Variable | None:
+    if value is None:
+        return None
+    return nnx.Param(value) if trainable else Frozen(value)
+
+
+class Router(nnx.Module):
+    """Router linear `logits = x·W (+ b)` in the activation dtype, W [H, E]; frozen unless `trainable`."""
+
+    def __init__(self, weight_HE: jax.Array, bias_E: jax.Array | None = None,
+                 e_score_correction_bias_E: jax.Array | None = None, *, trainable: bool = False):
+        self.weight = _var(weight_HE, trainable)
+        self.bias = _var(bias_E, trainable)
+        self.e_score_correction_bias = _var(e_score_correction_bias_E, False)  # a buffer in HF, never trained
+
+    def __call__(self, x_TH: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        # DeepSeek/GLM keep the router in fp32 (HF `_keep_in_fp32_modules_strict`): compute in the wider dtype
+        cd = jnp.promote_types(x_TH.dtype, w.dtype)
+        logits_TE = jnp.einsum("th,he->te", x_TH.astype(cd), w.astype(cd), preferred_element_type=_F32)
+        if self.bias is not None:
+            logits_TE = logits_TE + self.bias[...].astype(_F32)
+        return logits_TE.astype(cd)
+
+
+class Experts(nnx.Module):
+    """E expert MLPs with optional split LoRA on the fused gate_up and on down (canonical `mlp.experts.*`).
+
+    Base weights are `Frozen` (never differentiated by nnx.grad); LoRA factors are `nnx.LoRAParam`, set by
+    `jax_impl.lora.attach_lora`, with `lora_scale` = alpha/R (or alpha/sqrt(R)).
+    """
+
+    def __init__(self, gate_up_proj: jax.Array, down_proj: jax.Array, gate_up_proj_bias: jax.Array | None = None,
+                 down_proj_bias: jax.Array | None = None, *, activation: str = "swiglu", swiglu_limit: float = 7.0,
+                 swiglu_alpha: float = 1.702, backend: str = "auto"):
+        self.gate_up_proj = Frozen(gate_up_proj)
+        self.down_proj = Frozen(down_proj)
+        self.gate_up_proj_bias = _var(gate_up_proj_bias, False)
+        self.down_proj_bias = _var(down_proj_bias, False)
+        self.gate_up_lora_A = self.gate_up_lora_B = self.down_lora_A = self.down_lora_B = None
+        self.lora_scale = 1.0
+        self.activation, self.swiglu_limit, self.swiglu_alpha = activation, float(swiglu_limit), float(swiglu_alpha)
+        self.backend = resolve_backend(backend)
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def __call__(self, x_TH: jax.Array, expert_ids_TK: jax.Array, expert_weights_TK: jax.Array) -> jax.Array:
+        def pair(a, b):
+            return None if a is None else (a[...], b[...])
+
+        biases = None
+        if self.gate_up_proj_bias is not None:
+            biases = (self.gate_up_proj_bias[...], self.down_proj_bias[...])
+        return split_lora_experts(
+            x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj[...], self.down_proj[...],
+            pair(self.gate_up_lora_A, self.gate_up_lora_B), pair(self.down_lora_A, self.down_lora_B),
+            scale=self.lora_scale, biases=biases, activation=self.activation, swiglu_limit=self.swiglu_limit,
+            swiglu_alpha=self.swiglu_alpha, backend=self.backend)
+
+
+class MoEBlock(nnx.Module):
+    """One MoE layer: `router` -> `route` -> `experts` (canonical `mlp.router.*`, `mlp.experts.*`).
+
+    Returns (y [T, H], router_logits [T, E]); the logits feed the auxiliary loss.
+    """
+
+    def __init__(self, router: Router, experts: Experts, routing: RoutingConfig):
+        self.router = router
+        self.experts = experts
+        self.routing = routing
+
+    def __call__(self, x_TH: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits_TE = self.router(x_TH)
+        corr = self.router.e_score_correction_bias
+        ids_TK, weights_TK = route(logits_TE, self.routing, None if corr is None else corr[...])
+        return self.experts(x_TH, ids_TK, weights_TK), logits_TE
+
+
+def load_balancing_loss(router_logits: list[jax.Array], top_k: int, num_experts: int) -> jax.Array:
+    """HF's `load_balancing_loss_func` pooled over layers: E · Σ_e f_e · P_e, f_e the share of top-K assignments
+    to e (over all layers and tokens, Σ f = K) and P_e the mean router probability (softmax over all E)."""
+    if not router_logits:
+        return jnp.zeros((), _F32)
+    logits_NE = jnp.concatenate([lg.astype(_F32) for lg in router_logits], axis=0)
+    probs_NE = jax.nn.softmax(logits_NE, axis=-1)
+    _, ids_NK = jax.lax.top_k(probs_NE, top_k)
+    f_E = jax.nn.one_hot(ids_NK, num_experts, dtype=_F32).sum(1).mean(0)
+    return num_experts * jnp.sum(f_E * probs_NE.mean(0))

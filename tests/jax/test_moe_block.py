@@ -1,0 +1,214 @@
+"""jax_impl's routed experts (`split_lora_experts`) against the float64 oracle, forward and every gradient.
+
+One suite for every jax backend (Pallas backends slot into BACKEND_PARAMS). fp32 runs on CPU with matmul precision
+`highest` (tests/conftest.py); the bf16 variant over cases("gpu") runs on the GPU. Also checked here: the backward
+forms no base-weight gradient unless asked, the sort's backward has no scatter-add, and jit does not retrace for a
+new batch of the same shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+pytest.importorskip("flax")
+
+from jax_impl.backends import BACKENDS, ENV_VAR, resolve_backend  # noqa: E402
+from jax_impl.moe import sort_by_expert, split_lora_experts  # noqa: E402
+from shared_math import reference as ref  # noqa: E402
+from shared_math.cases import cases, get_case, make_moe_inputs  # noqa: E402
+from shared_math.numerics import assert_close  # noqa: E402
+
+
+def _backend_param(name: str):
+    try:
+        resolve_backend(name)
+        return pytest.param(name)
+    except (RuntimeError, ValueError) as e:
+        return pytest.param(name, marks=pytest.mark.skip(reason=str(e)))
+
+
+BACKEND_PARAMS = [_backend_param(n) for n in BACKENDS]
+
+# differentiable inputs of split_lora_experts, in argument order
+_DIFF = ("x", "expert_weights", "w_gate_up", "w_down", "lora_gate_up", "lora_down", "biases")
+_STATIC = ("scale", "activation", "swiglu_limit")
+
+
+def _to_jax(inp: dict, dtype) -> dict:
+    def cast(v):
+        if v is None:
+            return None
+        if isinstance(v, tuple):
+            return tuple(jnp.asarray(a, dtype) for a in v)
+        return jnp.asarray(v, dtype)
+
+    out = {k: cast(inp[k]) for k in _DIFF}
+    out["expert_ids"] = jnp.asarray(inp["expert_ids"], jnp.int32)
+    return out
+
+
+def _as_f64(j: dict) -> dict:
+    """The jax inputs back in float64: the reference sees exactly the (rounded) numbers the backend sees."""
+    def back(v):
+        if v is None:
+            return None
+        if isinstance(v, tuple):
+            return tuple(np.asarray(a.astype(jnp.float32), np.float64) for a in v)
+        return np.asarray(v.astype(jnp.float32) if v.dtype != jnp.int32 else v, np.float64)
+
+    return {k: back(v) for k, v in j.items()}
+
+
+_COMPILED: dict = {}
+
+
+def _value_and_grads(backend: str, static: tuple):
+    """jit(value_and_grad) of <y, dy> w.r.t. every differentiable input, one compiled function per static args
+    (jit's own cache then keys on shapes), so parametrisations of one shape reuse the compilation."""
+    key = (backend, static)
+    if key not in _COMPILED:
+        scale, activation, limit = static
+
+        def f(diff, expert_ids, dy):
+            y = split_lora_experts(diff["x"], expert_ids, diff["expert_weights"], diff["w_gate_up"], diff["w_down"],
+                                   diff["lora_gate_up"], diff["lora_down"], scale=scale, biases=diff["biases"],
+                                   activation=activation, swiglu_limit=limit, backend=backend)
+            return jnp.sum(y.astype(jnp.float32) * dy), y
+
+        _COMPILED[key] = jax.jit(jax.value_and_grad(f, has_aux=True))
+    return _COMPILED[key]
+
+
+def _check_case(case, backend: str, dtype, dtype_name: str, seed: int) -> None:
+    inp = make_moe_inputs(case, seed=seed)
+    j = _to_jax(inp, dtype)
+    r = _as_f64(j)
+    dy = np.random.default_rng(seed + 1).standard_normal((case.T, case.H))
+    fn = _value_and_grads(backend, tuple(inp[k] for k in _STATIC))
+    (_, y), g = fn({k: j[k] for k in _DIFF}, j["expert_ids"], jnp.asarray(dy, jnp.float32))
+
+    kw = dict(scale=inp["scale"], biases=r["biases"], activation=inp["activation"], swiglu_limit=inp["swiglu_limit"])
+    args = (r["x"], r["expert_ids"].astype(np.int64), r["expert_weights"], r["w_gate_up"], r["w_down"],
+            r["lora_gate_up"], r["lora_down"])
+    assert y.dtype == dtype
+    assert_close(y, ref.split_lora_experts(*args, **kw), dtype=dtype_name, quantity="moe_block", name="y")
+    want = ref.split_lora_experts_vjp(*args, **kw, dy=dy)
+    for name in _DIFF:
+        if want[name] is None:
+            assert g[name] is None
+            continue
+        got, exp = (g[name], want[name]) if isinstance(want[name], tuple) else ((g[name],), (want[name],))
+        for i, (a, e) in enumerate(zip(got, exp)):
+            assert_close(a, e, dtype=dtype_name, quantity="moe_grad", name=f"d{name}[{i}]")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("case", cases("ci"), ids=lambda c: c.name)
+def test_split_lora_experts_fp32(case, backend, seed):
+    _check_case(case, backend, jnp.float32, "float32", seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("case", cases("gpu"), ids=lambda c: c.name)
+def test_split_lora_experts_bf16_gpu(case, backend, seed):
+    _check_case(case, backend, jnp.bfloat16, "bfloat16", seed)
+
+
+# ---- structure of the computation ------------------------------------------------------------------------------------
+
+def _jaxpr_eqns(jaxpr):
+    """Every equation of a closed jaxpr, recursing into sub-jaxprs (custom_vjp, pjit)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for p in eqn.params.values():
+            subs = p if isinstance(p, (list, tuple)) else (p,)
+            for s in subs:
+                inner = getattr(s, "jaxpr", None)
+                if inner is not None:
+                    yield from _jaxpr_eqns(inner if hasattr(inner, "eqns") else inner.jaxpr)
+                elif hasattr(s, "eqns"):
+                    yield from _jaxpr_eqns(s)
+
+
+def _lora_grad_jaxpr(wrt: tuple[str, ...]):
+    case = get_case("prime_e")  # E=7, H=32, 2I=48, R=4: weight shapes distinct from every other array
+    j = _to_jax(make_moe_inputs(case), jnp.float32)
+
+    def loss(diff, frozen):
+        a = {**frozen, **diff}
+        return split_lora_experts(a["x"], j["expert_ids"], a["expert_weights"], a["w_gate_up"], a["w_down"],
+                                  a["lora_gate_up"], a["lora_down"], scale=0.5, backend="ragged_dot").sum()
+
+    diff = {k: j[k] for k in wrt}
+    frozen = {k: j[k] for k in _DIFF if k not in wrt}
+    return jax.make_jaxpr(jax.grad(loss))(diff, frozen), j
+
+
+def test_frozen_base_weights_get_no_gradient_gemm():
+    """Differentiating LoRA and x forms no [E, H, 2I] / [E, I, H] array; asking for dW forms both."""
+    lora_only, j = _lora_grad_jaxpr(("x", "expert_weights", "lora_gate_up", "lora_down"))
+    with_w, _ = _lora_grad_jaxpr(("x", "expert_weights", "lora_gate_up", "lora_down", "w_gate_up", "w_down"))
+    weight_shapes = {tuple(j["w_gate_up"].shape), tuple(j["w_down"].shape)}
+
+    def produced(jaxpr):
+        return {tuple(v.aval.shape) for e in _jaxpr_eqns(jaxpr.jaxpr) for v in e.outvars} & weight_shapes
+
+    assert produced(lora_only) == set()
+    assert produced(with_w) == weight_shapes
+
+
+def test_sort_backward_is_gather_only():
+    """No scatter-add anywhere in forward + backward w.r.t. x, weights and LoRA (the sort's VJP is a gather)."""
+    jaxpr, _ = _lora_grad_jaxpr(("x", "expert_weights", "lora_gate_up", "lora_down"))
+    prims = {e.primitive.name for e in _jaxpr_eqns(jaxpr.jaxpr)}
+    assert "scatter-add" not in prims and "scatter_add" not in prims, sorted(prims)
+    assert "ragged_dot_general" in prims
+
+
+def test_no_retrace_for_new_batch_of_same_shape():
+    case = get_case("tiny")
+    traces = []
+
+    @jax.jit
+    def f(j):
+        traces.append(1)
+        return jax.grad(lambda lg: split_lora_experts(j["x"], j["expert_ids"], j["expert_weights"], j["w_gate_up"],
+                                                      j["w_down"], lg, j["lora_down"], scale=0.5).sum())(
+            j["lora_gate_up"])
+
+    for seed in (0, 1, 2):
+        inp = make_moe_inputs(case, seed=seed)
+        j = _to_jax(inp, jnp.float32)
+        j["biases"] = None
+        jax.block_until_ready(f(j))
+    assert len(traces) == 1
+
+
+def test_sort_by_expert_matches_reference():
+    case = get_case("empty_experts")
+    ids = make_moe_inputs(case)["expert_ids"]
+    srt = sort_by_expert(jnp.asarray(ids, jnp.int32), case.E)
+    want = ref.sort_by_expert(ids, case.E)
+    np.testing.assert_array_equal(np.asarray(srt.order_M), want.order_M)
+    np.testing.assert_array_equal(np.asarray(srt.group_sizes_E), want.group_sizes_E)
+    np.testing.assert_array_equal(np.asarray(srt.inverse_M), np.argsort(want.order_M))
+    assert [int(g) for g in np.asarray(srt.group_sizes_E)[[0, 3, 4, 7]]] == [0, 0, 0, 0]
+
+
+def test_resolve_backend(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_backend("auto") == "ragged_dot"
+    assert resolve_backend("ragged_dot") == "ragged_dot"
+    with pytest.raises(ValueError, match="not a jax MoE backend"):
+        resolve_backend("grouped_mm")
+    with pytest.raises(RuntimeError, match="not implemented yet"):
+        resolve_backend("pallas_mosaic")
+    monkeypatch.setenv(ENV_VAR, "nope")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        resolve_backend("ragged_dot")
+    monkeypatch.setenv(ENV_VAR, "ragged_dot")
+    assert resolve_backend("pallas_triton") == "ragged_dot"
