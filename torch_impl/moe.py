@@ -192,7 +192,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, I, H, **kw), requires_grad=False)
         self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * I, **kw), requires_grad=False) if bias else None
         self.down_proj_bias = nn.Parameter(torch.empty(E, H, **kw), requires_grad=False) if bias else None
-        self.gate_up_lora_A = self.gate_up_lora_B = self.down_lora_A = self.down_lora_B = None
+        for name in ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B"):
+            self.register_parameter(name, None)  # set by torch_impl.lora.attach_lora
         self.lora_scale = 1.0
         self.activation = Activation(activation, swiglu_limit, swiglu_alpha)
         self.backend = backend

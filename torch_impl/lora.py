@@ -1,0 +1,159 @@
+"""Split LoRA: adapters attached to a model, never merged into its weights, and their import/export.
+
+Shape legend: R rank · E experts · H hidden · I expert intermediate. A Linear with LoRA computes
+`x @ W (+ b) + s · (x @ A) @ B` with A `[in, R]`, B `[R, out]`; experts hold `A [E, in, R]`, `B [E, R, out]` pairs on
+the fused gate_up and on down (`torch_impl.moe.Experts`). s = `LoraConfig.scale`. B starts at zero and A is
+kaiming-uniform as in PEFT (U(±1/sqrt(in))), so a fresh adapter changes nothing.
+
+LoRA parameters are fp32 whatever the model dtype (PEFT keeps adapter weights in fp32 too) and are cast to the
+activation dtype where they are used, so the LoRA GEMMs run in the model's dtype. Only LoRA parameters require
+grad; `LoraConfig.train_router` also unfreezes the router weights.
+
+Names: `lora_state_dict` and `load_lora_state_dict` use the canonical LoRA names of docs/CONTRACTS.md;
+`save_adapter` / `load_adapter` write and read PEFT's format through `shared_math.adapter`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared_math.adapter import read_peft_adapter, write_peft_adapter
+from shared_math.config import LoraConfig
+from torch_impl.models.layers import Linear
+from torch_impl.moe import Experts, MoEBlock
+
+_EXPERT_PARAMS = {"gate_up_proj": ("gate_up_lora_A", "gate_up_lora_B"), "down_proj": ("down_lora_A", "down_lora_B")}
+
+
+class LoRALinear(nn.Module):
+    """`x @ weight (+ bias) + scale · (x @ lora_A) @ lora_B`; weight [in, out] and bias frozen, lora_A [in, R],
+    lora_B [R, out] trainable. Built from a `Linear` (sharing its weight and bias tensors)."""
+
+    def __init__(self, base: Linear, rank: int, scale: float, *, generator: torch.Generator | None = None,
+                 lora_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.scale = scale
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(_kaiming_a((self.in_features, rank), self.in_features, generator, lora_dtype, dev))
+        self.lora_B = nn.Parameter(torch.zeros(rank, self.out_features, dtype=lora_dtype, device=dev))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y + self.scale * ((x @ self.lora_A.to(x.dtype)) @ self.lora_B.to(x.dtype))
+
+
+def _kaiming_a(shape: tuple[int, ...], fan_in: int, generator, dtype, device) -> torch.Tensor:
+    """PEFT's kaiming_uniform_(a=sqrt(5)) on its [R, in] weight: U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    a = torch.rand(shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+    return a.to(dtype=dtype, device=device)
+
+
+def _expert_blocks(model: nn.Module) -> list[tuple[str, Experts]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Experts)]
+
+
+def attach_lora(model: nn.Module, lora_cfg: LoraConfig, *, seed: int | None = None,
+                lora_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Attach fresh split-LoRA adapters (A random, B zero) for `lora_cfg.targets` to `model`, in place; returns it.
+
+    Raises ValueError naming any target the model does not have (`LoraConfig.validate_for`), or when the model
+    already has adapters. Afterwards only LoRA parameters (and the router weights with `train_router`) require grad.
+    """
+    lora_cfg.validate_for(model.config)
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError(f"the model already has LoRA adapters ({model.lora_config}); build a fresh model to attach "
+                         "different ones, or load weights with load_lora_state_dict")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    module_targets = set(lora_cfg.module_targets)
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, Linear) and child_name in module_targets and name.startswith("layers."):
+                setattr(mod, child_name, LoRALinear(child, lora_cfg.rank, lora_cfg.scale, generator=gen,
+                                                    lora_dtype=lora_dtype))
+    R = lora_cfg.rank
+    for _, experts in _expert_blocks(model):
+        experts.lora_scale = lora_cfg.scale
+        for param, (a_name, b_name) in _EXPERT_PARAMS.items():
+            if "experts." + param not in lora_cfg.targets:
+                continue
+            E, d_in, d_out = getattr(experts, param).shape
+            dev = getattr(experts, param).device
+            setattr(experts, a_name, nn.Parameter(_kaiming_a((E, d_in, R), d_in, gen, lora_dtype, dev)))
+            setattr(experts, b_name, nn.Parameter(torch.zeros(E, R, d_out, dtype=lora_dtype, device=dev)))
+    if lora_cfg.train_router:
+        for m in model.modules():
+            if isinstance(m, MoEBlock):
+                m.router.weight.requires_grad_(True)
+    model.lora_config = lora_cfg
+    return model
+
+
+def _lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Canonical LoRA name -> parameter."""
+    out: dict[str, nn.Parameter] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = mod.lora_A, mod.lora_B
+        elif isinstance(mod, Experts):
+            for param, (a_name, b_name) in _EXPERT_PARAMS.items():
+                if getattr(mod, a_name) is not None:
+                    out[f"{name}.{param}.lora_A"] = getattr(mod, a_name)
+                    out[f"{name}.{param}.lora_B"] = getattr(mod, b_name)
+    return out
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
+    """Every LoRA tensor of `model` as float32 numpy, under its canonical name (docs/CONTRACTS.md)."""
+    return {n: p.detach().float().cpu().numpy() for n, p in _lora_params(model).items()}
+
+
+def load_lora_state_dict(model: nn.Module, tensors: dict[str, np.ndarray]) -> nn.Module:
+    """Copy canonical LoRA tensors into `model`'s adapters (which must be attached); every adapter tensor must be
+    given, with its shape, and no other."""
+    params = _lora_params(model)
+    if not params:
+        raise ValueError("the model has no LoRA adapters; call attach_lora(model, lora_cfg) first")
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    if missing or extra:
+        raise ValueError(f"LoRA tensors do not match the model's adapters: {len(missing)} missing "
+                         f"(e.g. {missing[:5]}), {len(extra)} unexpected (e.g. {extra[:5]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            t = torch.as_tensor(np.asarray(tensors[name]))
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"LoRA tensor {name} has shape {tuple(t.shape)}, the model needs {tuple(p.shape)}")
+            p.copy_(t.to(p.dtype))
+    return model
+
+
+def save_adapter(model: nn.Module, path: str | Path) -> Path:
+    """Write the model's adapters as a PEFT adapter folder that `peft.PeftModel.from_pretrained` loads onto HF."""
+    lora_cfg = getattr(model, "lora_config", None)
+    if lora_cfg is None:
+        raise ValueError("the model has no LoRA adapters to save")
+    return write_peft_adapter(path, lora_cfg, lora_state_dict(model), model.config)
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a PEFT adapter folder into `model`: attaches adapters with the adapter's config if the model has none;
+    if it has some, their config must match the adapter's."""
+    lora_cfg, tensors = read_peft_adapter(path, model.config)
+    current = getattr(model, "lora_config", None)
+    if current is None:
+        attach_lora(model, lora_cfg)
+    elif (current.rank, current.scale, set(current.targets)) != (lora_cfg.rank, lora_cfg.scale, set(lora_cfg.targets)):
+        raise ValueError(f"adapter at {path} is {lora_cfg}, but the model has {current} attached")
+    return load_lora_state_dict(model, tensors)

@@ -1,0 +1,185 @@
+"""Building blocks shared by the model families, rounding where HF rounds.
+
+Shape legend: B batch · S sequence · H hidden · N query heads · Nkv key/value heads · D head_dim · V vocab.
+Linear weights are canonical `[in, out]`, applied as `x @ W` (HF stores `[out, in]` and calls F.linear).
+
+- `Linear`: `x @ W (+ b)`, frozen.
+- `RMSNorm`: normalise in fp32, cast back to the input dtype, times the weight (HF Llama/Qwen rounding).
+- `RotaryEmbedding`: HF's default RoPE: inv_freq in fp32, angles in fp32, cos/sin cast to the activation dtype;
+  NeoX half-split rotation (`rotate_half`).
+- `packed_causal_mask`: the causal mask of packed sequences, as HF builds it from position_ids.
+- `Attention`: GQA with optional per-head q/k RMSNorm before RoPE, through `scaled_dot_product_attention`.
+- `DenseMLP`: `down(silu(gate(x)) * up(x))`.
+- `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared_math.config import ModelConfig
+
+
+def _frozen(*shape: int, dtype=None, device=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x @ weight [in, out] (+ bias [out]); frozen (LoRA goes through `torch_impl.lora.LoRALinear`)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, dtype=None, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _frozen(in_features, out_features, dtype=dtype, device=device)
+        self.bias = _frozen(out_features, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(nn.Module):
+    """weight * (x_f32 · rsqrt(mean(x_f32²) + eps)).to(x.dtype): statistics in fp32, one rounding, then the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, dtype=None, device=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _frozen(dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos, sin [B, S, D] for position_ids [B, S] (HF's default rope: no scaling)."""
+
+    def __init__(self, head_dim: int, theta: float, rope_scaling=None, device=None) -> None:
+        super().__init__()
+        if rope_scaling:
+            raise NotImplementedError(f"rope scaling {dict(rope_scaling)} is not implemented yet (default RoPE only)")
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, N, S, D], k [B, Nkv, S, D]; cos, sin [B, S, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Bool mask [B, 1, S, S] (True = attend) for packed documents, or None for plain causal attention.
+
+    As HF 5.x does when position_ids are given without an attention mask (`find_packed_sequence_indices`): a new
+    document starts wherever the position does not grow by exactly 1 (so restarting at 0 starts one); a query sees
+    the keys at or before it in its own document only. None when every row is one document: then SDPA's
+    `is_causal` path runs, as in HF.
+    """
+    B, S = position_ids.shape
+    first = position_ids[:, :1] - 1
+    doc_BS = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    if bool((doc_BS[:, -1] == 0).all()):
+        return None
+    idx = torch.arange(S, device=position_ids.device)
+    causal_SS = idx[None, :] <= idx[:, None]
+    same_doc = doc_BS[:, :, None] == doc_BS[:, None, :]
+    return (causal_SS & same_doc).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """GQA self-attention: q/k/v projections, optional per-head RMSNorm of q and k (before RoPE), RoPE, SDPA with
+    scale D^-0.5, o projection. Module names are the canonical ones (`q_proj`, ..., `q_norm`, `k_norm`)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=None, device=None) -> None:
+        super().__init__()
+        H, N, Nkv, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        kw = dict(dtype=dtype, device=device)
+        self.num_heads, self.num_kv_heads, self.head_dim = N, Nkv, D
+        self.q_proj = Linear(H, N * D, bias=cfg.attention_bias, **kw)
+        self.k_proj = Linear(H, Nkv * D, bias=cfg.attention_bias, **kw)
+        self.v_proj = Linear(H, Nkv * D, bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(N * D, H, bias=cfg.o_proj_bias, **kw)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps, **kw) if cfg.use_qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps, **kw) if cfg.use_qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1:  # HF's repeat_kv: each kv head serves `rep` consecutive query heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
+                                             scale=self.head_dim ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class DenseMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with canonical `gate_proj`, `up_proj`, `down_proj`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, dtype=None, device=None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.gate_proj = Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---- outputs and losses ------------------------------------------------------------------------------------------
+
+class CausalLMOutput(NamedTuple):
+    """logits [B, S, V] in the model dtype; loss (fp32 scalar) when labels were given; aux_loss when the config
+    asks for router logits (HF's `output_router_logits`), else None."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """HF's ForCausalLMLoss: fp32 logits; labels shifted left by one (the last position gets ignore_index); mean
+    cross-entropy over the non-ignored positions. Packed documents are not separated (HF does not either)."""
+    shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                           ignore_index=ignore_index)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """HF's load_balancing_loss_func without an attention mask: softmax over E in the logits' dtype, top-K; the
+    pooled fraction of assignments f_e and mean probability P_e over all MoE layers and tokens; E · Σ f_e · P_e."""
+    counts_E = router_logits[0].new_zeros(num_experts, dtype=torch.float32)
+    prob_sum_E = torch.zeros_like(counts_E)
+    rows = 0
+    for logits_TE in router_logits:
+        probs_TE = F.softmax(logits_TE, dim=-1)
+        ids_TK = torch.topk(probs_TE, top_k, dim=-1)[1]
+        counts_E = counts_E + torch.bincount(ids_TK.reshape(-1), minlength=num_experts).float()
+        prob_sum_E = prob_sum_E + probs_TE.float().sum(0)
+        rows += logits_TE.shape[0]
+    return num_experts * torch.sum((counts_E / rows) * (prob_sum_E / rows))
