@@ -1,0 +1,296 @@
+"""MoE expert block benchmark: forward + backward of split-LoRA experts against HF v5 + PEFT, in one run, on the GPU.
+
+What is timed (the h200-anchors.md setup): the routed expert block of one layer, bf16 weights and activations, LoRA
+on gate_up and down of every expert, frozen base weights, routing fixed (top-K of a random softmax), gradients with
+respect to the input and the LoRA weights only. LoRA master weights are fp32 for every implementation (PEFT's
+default) and each step includes their cast to bf16.
+
+Implementations (rows):
+  torch_grouped_mm   torch_impl split LoRA, `grouped_mm` backend (torch._grouped_mm)
+  torch_native       torch_impl split LoRA, per-expert loop
+  torch_triton       torch_impl split LoRA, the project's Triton kernels (when that backend exists)
+  merged_grouped_mm  W' = W + s·A·B for all experts, then torch._grouped_mm (PEFT's math without HF's wrapper)
+  hf_peft            HF transformers v5 experts (grouped_mm) + PEFT target_parameters
+  hf_peft_eager      HF v5 eager per-expert loop + PEFT
+  jax_ragged_dot     jax_impl split LoRA on stock jax.lax.ragged_dot (own subprocess: see moe_block_jax.py)
+
+Usage (on the GPU machine):
+  python benchmarks/moe_block.py --cases qwen3_30b_T1024,qwen3_30b_T16384 --out benchmarks/results/moe_block.jsonl
+Prints a markdown table (ratios against hf_peft from the same run) and writes JSONL rows; --plot writes a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import dense_matmul_tflops, peak_extra_bytes, time_cuda, versions, write_jsonl  # noqa: E402
+from shared_math.cases import MoECase, get_case  # noqa: E402
+
+GiB = 2**30
+
+
+def base_flops(c: MoECase) -> float:
+    """Forward and dX GEMMs of gate_up and down on the M routed rows: 12·M·H·I (h200-anchors.md's count)."""
+    return 12.0 * c.M * c.H * c.I
+
+
+def lora_flops(c: MoECase) -> float:
+    """Split LoRA, both projections: forward 2·M·R·(in+out), backward 4·M·R·(in+out) (SPEC.md, cost)."""
+    return 6.0 * c.M * c.R * ((c.H + 2 * c.I) + (c.I + c.H))
+
+
+def make_inputs(c: MoECase, seed: int = 0):
+    """bf16 CUDA inputs: x, routing (top-K of a random softmax, renormalised), base weights, fp32 LoRA, dy."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev, bf = "cuda", torch.bfloat16
+
+    def rnd(*shape, fan_in=1.0, dtype=bf):
+        return (torch.randn(*shape, generator=g, device=dev) / fan_in**0.5).to(dtype)
+
+    logits = torch.randn(c.T, c.E, generator=g, device=dev)
+    w, ids = torch.softmax(logits, -1).topk(c.K, dim=-1)
+    w = (w / w.sum(-1, keepdim=True)).to(bf)
+    inp = dict(
+        x=rnd(c.T, c.H), expert_ids=ids, expert_weights=w,
+        w_gate_up=rnd(c.E, c.H, 2 * c.I, fan_in=c.H), w_down=rnd(c.E, c.I, c.H, fan_in=c.I),
+        A1=rnd(c.E, c.H, c.R, fan_in=c.H, dtype=torch.float32), B1=rnd(c.E, c.R, 2 * c.I, fan_in=c.R, dtype=torch.float32),
+        A2=rnd(c.E, c.I, c.R, fan_in=c.I, dtype=torch.float32), B2=rnd(c.E, c.R, c.H, fan_in=c.R, dtype=torch.float32),
+        biases=(rnd(c.E, 2 * c.I), rnd(c.E, c.H)) if c.biases else None,
+        dy=rnd(c.T, c.H), scale=2.0,
+    )
+    for k in ("A1", "B1", "A2", "B2"):
+        inp[k].requires_grad_(True)
+    inp["x"].requires_grad_(True)
+    return inp
+
+
+def _split_step(c: MoECase, inp: dict, backend: str):
+    import torch
+
+    from torch_impl.moe import split_lora_experts
+
+    bf = torch.bfloat16
+    leaves = [inp["x"], inp["A1"], inp["B1"], inp["A2"], inp["B2"]]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        y = split_lora_experts(
+            inp["x"], inp["expert_ids"], inp["expert_weights"], inp["w_gate_up"], inp["w_down"],
+            (inp["A1"].to(bf), inp["B1"].to(bf)), (inp["A2"].to(bf), inp["B2"].to(bf)),
+            scale=inp["scale"], biases=inp["biases"], activation=c.activation, swiglu_limit=c.swiglu_limit,
+            backend=backend)
+        y.backward(inp["dy"])
+
+    return step
+
+
+def _merged_step(c: MoECase, inp: dict):
+    """PEFT's math on our grouped_mm path: materialise W' = W + s·A·B for every expert, no LoRA GEMMs."""
+    import torch
+
+    from torch_impl.moe import split_lora_experts
+
+    bf = torch.bfloat16
+    leaves = [inp["x"], inp["A1"], inp["B1"], inp["A2"], inp["B2"]]
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        wgu = torch.baddbmm(inp["w_gate_up"], inp["A1"].to(bf), inp["B1"].to(bf), alpha=inp["scale"])
+        wd = torch.baddbmm(inp["w_down"], inp["A2"].to(bf), inp["B2"].to(bf), alpha=inp["scale"])
+        y = split_lora_experts(inp["x"], inp["expert_ids"], inp["expert_weights"], wgu, wd,
+                               scale=inp["scale"], biases=inp["biases"], activation=c.activation,
+                               swiglu_limit=c.swiglu_limit, backend="grouped_mm")
+        y.backward(inp["dy"])
+
+    return step
+
+
+def _hf_peft_step(c: MoECase, inp: dict, experts_impl: str):
+    """HF transformers v5 experts module of the family, wrapped by PEFT target_parameters (PEFT 0.21's merge)."""
+    import peft
+    import torch
+    from torch import nn
+
+    bf = torch.bfloat16
+    if c.activation == "swiglu_oai":
+        from transformers import GptOssConfig
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as Experts
+
+        cfg = GptOssConfig(hidden_size=c.H, intermediate_size=c.I, num_local_experts=c.E, num_experts_per_tok=c.K,
+                           swiglu_limit=c.swiglu_limit)
+    else:
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as Experts
+
+        cfg = Qwen3MoeConfig(hidden_size=c.H, moe_intermediate_size=c.I, num_experts=c.E, num_experts_per_tok=c.K)
+    cfg._experts_implementation = experts_impl
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = Experts(cfg)
+
+    holder = Holder().to(device="cuda", dtype=bf)
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.normal_(0, 0.02)
+    lcfg = peft.LoraConfig(r=c.R, lora_alpha=2 * c.R, target_modules=[],
+                           target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    holder = peft.inject_adapter_in_model(lcfg, holder)
+    holder.requires_grad_(False)
+    lora = [p for n, p in holder.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.data = p.data.float()  # PEFT keeps adapter weights fp32 on a bf16 base (autocast_adapter_dtype)
+        p.requires_grad_(True)
+        with torch.no_grad():
+            p.normal_(0, 0.02)
+    x = inp["x"]
+
+    def step():
+        x.grad = None
+        for p in lora:
+            p.grad = None
+        y = holder.experts(x, inp["expert_ids"], inp["expert_weights"])
+        y.backward(inp["dy"])
+
+    return step
+
+
+def _jax_row(c: MoECase, backend: str) -> dict:
+    """Run the JAX rows in their own process: JAX and torch must not share (or pre-grab) the GPU's memory."""
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    cmd = [sys.executable, str(Path(__file__).with_name("moe_block_jax.py")), "--case", c.name, "--backend", backend]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    if p.returncode or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)[-300:]}
+    return json.loads(lines[-1])
+
+
+def run_case(c: MoECase, impls: list[str], *, iters: int) -> list[dict]:
+    import torch
+
+    rows = []
+    for impl in impls:
+        row = {"case": c.name, "impl": impl, "T": c.T, "H": c.H, "I": c.I, "E": c.E, "K": c.K, "R": c.R,
+               "activation": c.activation}
+        print(f"  {c.name:>22} {impl:<18}", end=" ", flush=True)
+        try:
+            if impl.startswith("jax_"):
+                row.update(_jax_row(c, impl.removeprefix("jax_")))
+            else:
+                inp = make_inputs(c)
+                if impl.startswith("torch_"):
+                    step = _split_step(c, inp, impl.removeprefix("torch_"))
+                elif impl == "merged_grouped_mm":
+                    step = _merged_step(c, inp)
+                elif impl in ("hf_peft", "hf_peft_eager"):
+                    step = _hf_peft_step(c, inp, "eager" if impl.endswith("eager") else "grouped_mm")
+                else:
+                    raise ValueError(f"unknown impl {impl}")
+                n = max(3, iters // 10) if impl in ("torch_native", "hf_peft_eager") else iters
+                row["ms"] = time_cuda(step, warmup=3, iters=n)
+                row["peak_extra_gib"] = peak_extra_bytes(step) / GiB
+                del inp, step
+        except torch.cuda.OutOfMemoryError as e:
+            row["error"] = f"out of memory: {str(e).splitlines()[0][:120]}"
+        except Exception as e:  # noqa: BLE001 - a failing row is reported, the sweep goes on
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        torch.cuda.empty_cache()
+        if "ms" in row:
+            row["tflops_base"] = base_flops(c) / (row["ms"] * 1e-3) / 1e12
+            row["tflops_total"] = (base_flops(c) + lora_flops(c)) / (row["ms"] * 1e-3) / 1e12
+            print(f"{row['ms']:9.3f} ms  {row['tflops_base']:6.1f} TFLOP/s  +{row['peak_extra_gib']:.2f} GiB")
+        else:
+            print(row.get("error"))
+        rows.append(row)
+    base = next((r for r in rows if r["impl"] == "hf_peft" and "ms" in r), None)
+    for r in rows:
+        if base and "ms" in r:
+            r["speedup_vs_hf_peft"] = base["ms"] / r["ms"]
+    return rows
+
+
+def markdown(rows: list[dict], dense: float) -> str:
+    out = [f"dense bf16 matmul 8192^3 in this run: {dense:.0f} TFLOP/s", "",
+           "| case | impl | ms | x vs HF+PEFT | base TFLOP/s | % of dense | peak extra GiB |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "ms" in r:
+            out.append(f"| {r['case']} | {r['impl']} | {r['ms']:.3f} | {r.get('speedup_vs_hf_peft', float('nan')):.2f} "
+                       f"| {r['tflops_base']:.0f} | {100 * r['tflops_base'] / dense:.0f}% | "
+                       f"{r.get('peak_extra_gib', float('nan')):.2f} |")
+        else:
+            out.append(f"| {r['case']} | {r['impl']} | — | — | — | — | {r.get('error', '')[:60]} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = sorted({r["case"].rsplit("_T", 1)[0] for r in rows})
+    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
+    for ax, fam in zip(axes[0], families):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = sorted((r["T"], r["ms"]) for r in rows
+                         if r["impl"] == impl and r["case"].startswith(fam) and "ms" in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="fwd+bwd ms", title=f"{fam} expert block, r=64")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="qwen3_30b_T1024,qwen3_30b_T4096,qwen3_30b_T16384")
+    p.add_argument("--impls", default="hf_peft,merged_grouped_mm,torch_grouped_mm,jax_ragged_dot")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/moe_block.jsonl"))
+    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("moe_block.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    meta = versions()
+    print(json.dumps(meta))
+    dense = dense_matmul_tflops()
+    print(f"dense bf16 matmul: {dense:.0f} TFLOP/s")
+    rows = []
+    for name in args.cases.split(","):
+        rows += run_case(get_case(name), args.impls.split(","), iters=args.iters)
+    for r in rows:
+        r.update(meta, dense_tflops=dense)
+    write_jsonl(args.out, rows)
+    table = markdown(rows, dense)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""JAX rows of the MoE block benchmark, one case per process (moe_block.py starts it with preallocation off).
+
+Times `jax.grad` of the split-LoRA expert block (w.r.t. x and the LoRA weights; fp32 LoRA master weights cast to
+bf16 inside, as the torch rows do) under `jax.jit`, median of timed runs after a warm-up that holds the
+compilation. Prints one JSON line: ms and peak extra device memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--case", required=True)
+    p.add_argument("--backend", default="ragged_dot")
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_impl.moe import split_lora_experts
+    from shared_math.cases import get_case
+
+    c = get_case(args.case)
+    bf = jnp.bfloat16
+    key = iter(jax.random.split(jax.random.PRNGKey(0), 16))
+
+    def rnd(shape, fan_in=1.0, dtype=bf):
+        return (jax.random.normal(next(key), shape, jnp.float32) / np.sqrt(fan_in)).astype(dtype)
+
+    logits = jax.random.normal(next(key), (c.T, c.E))
+    w, ids = jax.lax.top_k(jax.nn.softmax(logits, -1), c.K)
+    w = (w / w.sum(-1, keepdims=True)).astype(bf)
+    x, dy = rnd((c.T, c.H)), rnd((c.T, c.H))
+    wgu, wd = rnd((c.E, c.H, 2 * c.I), c.H), rnd((c.E, c.I, c.H), c.I)
+    lora = (rnd((c.E, c.H, c.R), c.H, jnp.float32), rnd((c.E, c.R, 2 * c.I), c.R, jnp.float32),
+            rnd((c.E, c.I, c.R), c.I, jnp.float32), rnd((c.E, c.R, c.H), c.R, jnp.float32))
+    biases = (rnd((c.E, 2 * c.I)), rnd((c.E, c.H))) if c.biases else None
+
+    def loss(x, lora):
+        a1, b1, a2, b2 = (t.astype(bf) for t in lora)
+        y = split_lora_experts(x, ids, w, wgu, wd, (a1, b1), (a2, b2), scale=2.0, biases=biases,
+                               activation=c.activation, swiglu_limit=c.swiglu_limit, backend=args.backend)
+        return jnp.vdot(y.astype(jnp.float32), dy.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    dev = jax.devices()[0]
+    jax.block_until_ready(grad(x, lora))  # compile
+    before = dev.memory_stats().get("bytes_in_use", 0)
+    times = []
+    for _ in range(args.iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(grad(x, lora))
+        times.append((time.perf_counter() - t0) * 1e3)
+    stats = dev.memory_stats()
+    print(json.dumps({"ms": statistics.median(times),
+                      "peak_extra_gib": (stats.get("peak_bytes_in_use", 0) - before) / 2**30,
+                      "jax": jax.__version__}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""`splitmoe make-tiny | demo | plan`: argument parsing only; the work happens in shared_math and the frameworks.
+
+make-tiny  writes a small random HF-format checkpoint of one family (transformers loads it with from_pretrained).
+demo       the embedded default job: builds the tiny Qwen3-MoE checkpoint, reads it back, runs the float64 reference
+           MoE block of every MoE layer on it, and prints routing loads and the merged-vs-split cost plan.
+plan       the merged-vs-split LoRA cost model (FLOPs, bytes, memory, forward and backward) for a model's shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from shared_math.config import SUPPORTED_MODEL_TYPES
+
+DEFAULT_MODEL_YAML = Path(__file__).resolve().parent.parent / "configs" / "models" / "qwen3_moe_tiny.yaml"
+
+
+def load_model_yaml(path: str | Path) -> dict:
+    """A configs/models/*.yaml file: `family` (a tiny preset), optional `seed` and `overrides` (config.json fields)."""
+    import yaml
+
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(spec) - {"family", "seed", "overrides"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; a model YAML has family, seed, overrides")
+    if spec.get("family") not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{path}: family must be one of {', '.join(SUPPORTED_MODEL_TYPES)}, "
+                         f"got {spec.get('family')!r}")
+    if not isinstance(spec.get("overrides", {}), dict):
+        raise ValueError(f"{path}: overrides must be a mapping of config.json fields")
+    return {"family": spec["family"], "seed": int(spec.get("seed", 0)), "overrides": spec.get("overrides") or {}}
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from shared_math.checkpoint import write_tiny_checkpoint
+
+    if args.config:
+        spec = load_model_yaml(args.config)
+        if args.family and args.family != spec["family"]:
+            raise ValueError(f"--family {args.family} contradicts {args.config} (family {spec['family']})")
+    elif args.family:
+        spec = {"family": args.family, "seed": 0, "overrides": {}}
+    else:
+        raise ValueError("make-tiny needs --family or --config")
+    seed = spec["seed"] if args.seed is None else args.seed
+    path = write_tiny_checkpoint(spec["family"], args.out, seed=seed, dtype=args.dtype, layout=args.layout,
+                                 **spec["overrides"])
+    print(f"wrote tiny {spec['family']} checkpoint ({args.dtype}, {args.layout} layout, seed {seed}) to {path}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from shared_math import cost, reference
+    from shared_math.checkpoint import read_checkpoint, write_tiny_checkpoint
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    spec = load_model_yaml(args.config)
+    ckpt = write_tiny_checkpoint(spec["family"], out / f"tiny-{spec['family']}", seed=spec["seed"],
+                                 **spec["overrides"])
+    cfg, tensors = read_checkpoint(ckpt)
+    print(f"[1/3] tiny {cfg.family} checkpoint ({args.config}) at {ckpt}: {cfg.num_hidden_layers} layers, H={cfg.hidden_size}, "
+          f"E={cfg.num_experts}, K={cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}")
+    rng = np.random.default_rng(args.seed)
+    x = rng.standard_normal((args.tokens, cfg.hidden_size))
+    summary = {"checkpoint": str(ckpt), "layers": []}
+    for l, is_moe in enumerate(cfg.moe_layers):
+        if not is_moe:
+            print(f"[2/3] layer {l}: dense MLP layer")
+            continue
+        layer = tensors.layer(l)
+        y, logits = reference.moe_block(x, layer, cfg)
+        ids, _ = reference.route(logits, cfg.routing)
+        load = np.bincount(ids.ravel(), minlength=cfg.num_experts)
+        summary["layers"].append({"layer": l, "expert_load": load.tolist(), "out_rms": float(np.sqrt((y**2).mean()))})
+        print(f"[2/3] layer {l}: float64 reference MoE block on {args.tokens} tokens; rows per expert "
+              f"{load.tolist()}; output rms {np.sqrt((y ** 2).mean()):.4g}")
+    print("[3/3] merged (PEFT) vs split LoRA for one Qwen3-30B-A3B MoE layer, r=64 (shared_math.cost):")
+    print(cost.summary_table("Qwen3-30B-A3B", 2048, 768, 128, 8, 64, (1024, 4096, 16384, 65536)))
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"done in {time.perf_counter() - t0:.1f}s; summary in {out / 'demo_summary.json'}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from shared_math import cost
+
+    tokens = tuple(int(t) for t in str(args.tokens).split(","))
+    print(cost.summary_table("MoE layer", args.hidden, args.intermediate, args.experts, args.top_k, args.rank, tokens))
+    H, I, E, K, r = args.hidden, args.intermediate, args.experts, args.top_k, args.rank
+    crossover = cost.crossover_tokens(H, 2 * I, E, K, r)
+    bound = min(cost.backward_rank_bound(H, 2 * I), cost.backward_rank_bound(I, H))
+    print(f"\nforward-only crossover (fused gate_up): {crossover:.0f} tokens; with the backward counted, split needs "
+          f"fewer FLOPs at every T while r <= {bound:.0f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splitmoe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("make-tiny", help="write a small random HF-format checkpoint")
+    t.add_argument("--family", choices=SUPPORTED_MODEL_TYPES)
+    t.add_argument("--config", help="a configs/models/*.yaml file (family + overrides) instead of --family")
+    t.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
+    t.add_argument("--seed", type=int, default=None, help="default: the YAML's seed, else 0")
+    t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    t.add_argument("--layout", default="hub", choices=("hub", "fused"),
+                   help="hub: per-expert tensors as on the Hub; fused: transformers v5's stacked experts")
+    t.set_defaults(func=_make_tiny)
+
+    d = sub.add_parser("demo", help="the embedded default job (tiny checkpoint + float64 reference + cost plan)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--config", default=str(DEFAULT_MODEL_YAML), help="model YAML (default: the embedded tiny Qwen3-MoE)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the demo's hidden states")
+    d.add_argument("--tokens", type=int, default=64)
+    d.set_defaults(func=_demo)
+
+    c = sub.add_parser("plan", help="merged vs split LoRA cost of one MoE layer (defaults: Qwen3-30B-A3B)")
+    c.add_argument("--hidden", type=int, default=2048)
+    c.add_argument("--intermediate", type=int, default=768)
+    c.add_argument("--experts", type=int, default=128)
+    c.add_argument("--top-k", type=int, default=8)
+    c.add_argument("--tokens", default="1024,4096,16384,65536", help="comma-separated token counts")
+    c.add_argument("--rank", type=int, default=64)
+    c.set_defaults(func=_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"splitmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2

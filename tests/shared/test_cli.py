@@ -1,0 +1,70 @@
+"""The `splitmoe` command line: make-tiny (by family and by YAML), demo, plan, and its errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared_math.checkpoint import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_YAMLS = sorted((ROOT / "configs" / "models").glob("*.yaml"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splitmoe", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_make_tiny_by_family(tmp_path):
+    p = run_cli("make-tiny", "--family", "gpt_oss", "--out", str(tmp_path / "g"), "--seed", "3")
+    assert p.returncode == 0, p.stderr
+    cfg, tensors = read_checkpoint(tmp_path / "g")
+    assert cfg.family == "gpt_oss" and "layers.0.mlp.experts.gate_up_proj_bias" in tensors
+
+
+@pytest.mark.parametrize("yaml_path", MODEL_YAMLS, ids=lambda p: p.stem)
+def test_every_shipped_model_yaml_builds_a_readable_checkpoint(yaml_path, tmp_path):
+    p = run_cli("make-tiny", "--config", str(yaml_path), "--out", str(tmp_path / "m"))
+    assert p.returncode == 0, p.stderr
+    cfg, tensors = read_checkpoint(tmp_path / "m")
+    assert yaml_path.stem.startswith(cfg.family)
+    assert all(v.size for v in tensors.layer(0).values())
+
+
+def test_default_yaml_has_a_dense_layer(tmp_path):
+    """The embedded default exercises both MoE and dense-MLP layers."""
+    assert run_cli("make-tiny", "--config", str(MODEL_YAMLS[-1].parent / "qwen3_moe_tiny.yaml"),
+                   "--out", str(tmp_path / "q")).returncode == 0
+    cfg, _ = read_checkpoint(tmp_path / "q")
+    assert True in cfg.moe_layers and False in cfg.moe_layers
+
+
+def test_demo_runs_and_writes_a_summary(tmp_path):
+    p = run_cli("demo", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert len(summary["layers"]) == 2  # the default has 3 layers, one of them dense
+    assert all(sum(layer["expert_load"]) == 64 * 2 for layer in summary["layers"])
+    assert "merged GFLOP" in p.stdout
+
+
+def test_plan_prints_the_cost_table():
+    p = run_cli("plan", "--tokens", "1024,16384")
+    assert p.returncode == 0, p.stderr
+    assert "| 16384 | bwd |" in p.stdout and "crossover" in p.stdout
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    p = run_cli("make-tiny", "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and "needs --family or --config" in p.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("family: qwen3_moe\nlayers: 3\n")
+    p = run_cli("make-tiny", "--config", str(bad), "--out", str(tmp_path / "y"))
+    assert p.returncode == 2 and "unknown keys ['layers']" in p.stderr
+    bad.write_text("family: mixtral\n")
+    p = run_cli("make-tiny", "--config", str(bad), "--out", str(tmp_path / "z"))
+    assert p.returncode == 2 and "family must be one of" in p.stderr
+    p = run_cli("make-tiny", "--family", "mixtral", "--out", str(tmp_path / "w"))
+    assert p.returncode == 2 and "invalid choice" in p.stderr
