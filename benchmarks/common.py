@@ -11,8 +11,8 @@ import datetime as _dt
 import json
 import platform
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def versions() -> dict:

@@ -51,7 +51,7 @@ def make_inputs(c: MoECase, seed: int = 0):
     import torch
 
     g = torch.Generator(device="cuda").manual_seed(seed)
-    dev, bf = "cuda", torch.bfloat16
+    dev, bf, f32 = "cuda", torch.bfloat16, torch.float32
 
     def rnd(*shape, fan_in=1.0, dtype=bf):
         return (torch.randn(*shape, generator=g, device=dev) / fan_in**0.5).to(dtype)
@@ -62,8 +62,8 @@ def make_inputs(c: MoECase, seed: int = 0):
     inp = dict(
         x=rnd(c.T, c.H), expert_ids=ids, expert_weights=w,
         w_gate_up=rnd(c.E, c.H, 2 * c.I, fan_in=c.H), w_down=rnd(c.E, c.I, c.H, fan_in=c.I),
-        A1=rnd(c.E, c.H, c.R, fan_in=c.H, dtype=torch.float32), B1=rnd(c.E, c.R, 2 * c.I, fan_in=c.R, dtype=torch.float32),
-        A2=rnd(c.E, c.I, c.R, fan_in=c.I, dtype=torch.float32), B2=rnd(c.E, c.R, c.H, fan_in=c.R, dtype=torch.float32),
+        A1=rnd(c.E, c.H, c.R, fan_in=c.H, dtype=f32), B1=rnd(c.E, c.R, 2 * c.I, fan_in=c.R, dtype=f32),
+        A2=rnd(c.E, c.I, c.R, fan_in=c.I, dtype=f32), B2=rnd(c.E, c.R, c.H, fan_in=c.R, dtype=f32),
         biases=(rnd(c.E, 2 * c.I), rnd(c.E, c.H)) if c.biases else None,
         dy=rnd(c.T, c.H), scale=2.0,
     )

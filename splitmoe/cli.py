@@ -65,8 +65,8 @@ def _demo(args: argparse.Namespace) -> int:
     ckpt = write_tiny_checkpoint(spec["family"], out / f"tiny-{spec['family']}", seed=spec["seed"],
                                  **spec["overrides"])
     cfg, tensors = read_checkpoint(ckpt)
-    print(f"[1/3] tiny {cfg.family} checkpoint ({args.config}) at {ckpt}: {cfg.num_hidden_layers} layers, H={cfg.hidden_size}, "
-          f"E={cfg.num_experts}, K={cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}")
+    print(f"[1/3] tiny {cfg.family} checkpoint ({args.config}) at {ckpt}: {cfg.num_hidden_layers} layers, "
+          f"H={cfg.hidden_size}, E={cfg.num_experts}, K={cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}")
     rng = np.random.default_rng(args.seed)
     x = rng.standard_normal((args.tokens, cfg.hidden_size))
     summary = {"checkpoint": str(ckpt), "layers": []}
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the embedded default job (tiny checkpoint + float64 reference + cost plan)")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--config", default=str(DEFAULT_MODEL_YAML), help="model YAML (default: the embedded tiny Qwen3-MoE)")
+    d.add_argument("--config", default=str(DEFAULT_MODEL_YAML),
+                   help="model YAML (default: the embedded tiny Qwen3-MoE)")
     d.add_argument("--seed", type=int, default=0, help="seed of the demo's hidden states")
     d.add_argument("--tokens", type=int, default=64)
     d.set_defaults(func=_demo)
