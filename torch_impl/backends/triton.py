@@ -1,0 +1,58 @@
+"""`triton` backend: the routed experts with split LoRA on the project's fused Triton kernels (`torch_impl.kernels`).
+
+Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per token, R LoRA rank, M = T·K routed rows.
+Same interface as `native` and `grouped_mm`: `available(device, dtype)` and `experts_forward(...) -> y [T, H]`.
+What the kernels fuse and what the backward saves is described in `torch_impl/kernels/split_lora.py`.
+
+Where it runs: CUDA (sm80+; bf16, fp16, fp32 with IEEE dots), and CPU only through the Triton interpreter
+(TRITON_INTERPRET=1, set before `torch_impl.kernels` is first imported; slow, for tests; its bf16 dot is wrong, so
+CPU accepts fp32 and fp16 only). The kernels are imported on first use, not when the backend registry is imported, so
+choosing the interpreter later in a process still works as long as nothing ran the kernels before.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from torch_impl.backends.common import Activation, ExpertSort
+
+NAME = "triton"
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def available(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str | None:
+    """None when the Triton kernels run on `device` in `dtype` (defaults: cpu, bfloat16), else the reason."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install -e '.[torch]')"
+    device = torch.device(device or "cpu")
+    dtype = dtype or torch.bfloat16
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"the Triton kernels support float32, bfloat16 and float16, not {dtype}"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 0):
+            return f"the Triton kernels need CUDA compute capability >= 8.0, this GPU has {cap[0]}.{cap[1]}"
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return "on CPU the Triton kernels run only in the interpreter: set TRITON_INTERPRET=1 (slow; for tests)"
+        if dtype == torch.bfloat16:
+            return "the Triton interpreter's bf16 dot is wrong; use float32 or float16 on CPU"
+        return None
+    return f"no Triton support for device type {device.type!r}"
+
+
+def experts_forward(x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_gate_up, lora_down, scale: float,
+                    biases, act: Activation) -> torch.Tensor:
+    """Routed experts with split LoRA -> y [T, H], reusing the caller's sort (`torch_impl.moe.sort_by_expert`)."""
+    from torch_impl.kernels import split_lora  # deferred: kernels are decorated (and TRITON_INTERPRET read) here
+
+    return split_lora.split_lora_experts(
+        x_TH, None, weights_TK, w_gate_up, w_down, lora_gate_up, lora_down, scale=scale, biases=biases,
+        activation=act.name, swiglu_limit=act.limit, swiglu_alpha=act.alpha,
+        sort=split_lora.KernelSort.from_expert_sort(srt))

@@ -1,0 +1,11 @@
+"""Triton kernels of the `triton` backend and their autograd.Function.
+
+- `grouped_gemm.py`: the two generic grouped-GEMM kernels (NN with fused gather / LoRA / bias / activation /
+  routing weight / scatter epilogues, and the ragged-K TN kernel for weight-shaped gradients).
+- `split_lora.py`: `ExpertSort`, `SplitLoraExpertsFunction` and `split_lora_experts` (the backend entry point).
+- `autotune.py`: default block sizes and the opt-in autotuner with its on-disk cache.
+
+Kernels are decorated with `triton.jit` when `grouped_gemm` is imported, and Triton reads TRITON_INTERPRET at that
+moment: on a CPU-only machine set TRITON_INTERPRET=1 before importing this package (importing triton itself earlier
+is fine).
+"""

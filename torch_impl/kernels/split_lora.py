@@ -1,0 +1,279 @@
+"""Routed experts with split LoRA on the fused Triton kernels: one expert sort, four grouped GEMMs forward and backward.
+
+Computes what `shared_math.reference.split_lora_experts` does (y [T, H]), with an autograd.Function whose backward
+gives every gradient (x, expert_weights, both LoRA pairs, biases, and the base weights in full fine-tuning mode).
+Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per token, R LoRA rank, M = T·K rows.
+
+Forward (s = scale; rows sorted by expert once, `token[m]` = source token of sorted row m, `flat[m]` = its t·K+k):
+  1. gate_up pass (`grouped_gemm`, act="fwd"): x rows gathered in the load; z1 = x@A1 in the same reduction loop;
+     gu = x@Wgu + s·z1@B1 + b_gu with gate and up columns of one tile in one program; h = act(gu) -> [M, I].
+     Saved for backward: gu [M, 2I] (pre-activation) and z1 [M, R].
+  2. down pass (`grouped_gemm`): z2 = h@A2 in-loop; o = h@Wd + s·z2@B2 + b_d; times w[m]; stored to row flat[m],
+     y = out.view(T, K, H).sum(1) (deterministic). Saved: z2 [M, R]. h, o, x[perm] are never saved.
+Backward (dy [T, H]; dh' and dZ2' are per unit routing weight):
+  3. dh pass (`grouped_gemm`, act="bwd"): dh' = dy[token]@Wd^T + dZ2'@A2^T with dZ2' = s·dy[token]@B2^T in-loop;
+     epilogue: d expert_weights partials <h, dh'> (+ <b_d, dy> from an in-loop row dot; h recomputed from gu),
+     dh = w·dh', dgu = act_vjp(gu, dh) -> [M, 2I]. d expert_weights = partials.sum(1): <o, dy> without o.
+  4. dx pass (`grouped_gemm`): dZ1 = s·dgu@B1^T in-loop; dx rows = dgu@Wgu^T + dZ1@A1^T scattered to flat[m],
+     summed over K.
+  Ragged-K products (`grouped_gemm_tn`, fp32): dB2 = s·Z2^T(w·dy), dA2 = h^T(w·dZ2'), dB1 = s·Z1^T dgu,
+     dA1 = x_rows^T dZ1; only when asked (needs_input_grad): dWd = h^T(w·dy), dWgu = x_rows^T dgu, bias grads.
+Why save gu rather than h or recompute the gate_up GEMM: gu [M, 2I] is everything the backward needs (h = act(gu) is
+recomputed elementwise inside the kernels that read it), one GEMM's worth of FLOPs cheaper than recomputing gu, and
+less memory than saving gu and h (3I) as a plain grouped_mm implementation does, plus its x[perm] and o copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from torch_impl.kernels import autotune
+from torch_impl.kernels import grouped_gemm as gg
+
+
+class KernelSort:
+    """The one stable sort of the T·K routed rows by expert, shared by every pass of forward and backward.
+
+    `flat_M[m]` (int32) is sorted row m's position t·K+k in the flattened routing, `token_M[m] = flat_M[m] // K`
+    (int32), expert e owns sorted rows `offsets_E1[e]:offsets_E1[e+1]` (int32, E+1 entries). Built from the
+    backends' `ExpertSort` (`from_expert_sort`, so a layer sorts once) or from the ids (`from_ids`); neither waits on
+    the GPU. Row-block schedules for the NN kernel are cached per BLOCK_M.
+    """
+
+    def __init__(self, flat_M: torch.Tensor, token_M: torch.Tensor, offsets_E1: torch.Tensor, T: int, K: int):
+        self.flat_M, self.token_M, self.offsets_E1 = flat_M, token_M, offsets_E1
+        self.num_experts, self.T, self.K, self.M = offsets_E1.numel() - 1, T, K, T * K
+        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_ids(cls, expert_ids_TK: torch.Tensor, num_experts: int) -> KernelSort:
+        T, K = expert_ids_TK.shape
+        flat_ids = expert_ids_TK.reshape(-1)
+        perm = torch.argsort(flat_ids, stable=True)
+        bounds = torch.arange(num_experts + 1, device=flat_ids.device, dtype=flat_ids.dtype)
+        # searchsorted on the sorted ids, not bincount: bincount syncs with the host to size its output
+        offsets_E1 = torch.searchsorted(flat_ids[perm], bounds).to(torch.int32)
+        return cls(perm.to(torch.int32), (perm // K).to(torch.int32), offsets_E1, T, K)
+
+    @classmethod
+    def from_expert_sort(cls, srt) -> KernelSort:
+        """From `torch_impl.backends.common.ExpertSort` (order_M, token_M, offsets_E = cumulative group ends)."""
+        offsets_E1 = torch.cat([srt.offsets_E.new_zeros(1), srt.offsets_E]).to(torch.int32)
+        return cls(srt.order_M.to(torch.int32), srt.token_M.to(torch.int32), offsets_E1, srt.num_tokens, srt.top_k)
+
+    def schedule(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tile_expert, tile_row) for row blocks of `block_m` that never straddle two experts.
+
+        The length is the upper bound cdiv(M, block_m) + E, known without a sync; surplus tiles get expert -1.
+        """
+        if block_m not in self._schedules:
+            E = self.num_experts
+            offs = self.offsets_E1.to(torch.int64)
+            sizes = offs[1:] - offs[:-1]
+            tiles = (sizes + block_m - 1) // block_m
+            tile_end = torch.cumsum(tiles, 0)
+            i = torch.arange(triton.cdiv(self.M, block_m) + E, device=offs.device)
+            e = torch.searchsorted(tile_end, i, right=True)
+            valid = e < E
+            ec = e.clamp(max=E - 1)
+            row = offs[ec] + (i - (tile_end[ec] - tiles[ec])) * block_m
+            self._schedules[block_m] = (torch.where(valid, e, -1).to(torch.int32),
+                                        torch.where(valid, row, 0).to(torch.int32))
+        return self._schedules[block_m]
+
+
+def _bucket(m: int) -> int:
+    return triton.next_power_of_2(max(m, 1))
+
+
+def _gemm(kind: str, key: tuple, srt: KernelSort, ref: torch.Tensor, launch):
+    """Pick a config (autotune.get_config) and run `launch(cfg, schedule)`, which allocates and returns its outputs."""
+    cfg = autotune.get_config(kind, (_bucket(srt.M),) + key, ref.dtype, ref.device,
+                              bench=lambda c: launch(c, srt.schedule(c["BLOCK_M"])),
+                              rows_per_expert=srt.M / srt.num_experts)
+    return launch(cfg, srt.schedule(cfg["BLOCK_M"]))
+
+
+def _tn(key: tuple, srt: KernelSort, ref: torch.Tensor, **kw) -> torch.Tensor:
+    def launch(c):
+        return gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=c, **kw)
+    cfg = autotune.get_config("tn", (_bucket(srt.M),) + key, ref.dtype, ref.device, bench=launch)
+    return launch(cfg)
+
+
+def _t(t: torch.Tensor | None) -> torch.Tensor | None:
+    """[E, a, b] -> [E, b, a] as a strided view: the kernels take strides, so transposes are free."""
+    return None if t is None else t.transpose(1, 2)
+
+
+class SplitLoraExpertsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt: KernelSort, scale, act,
+                limit, alpha):
+        T, H = x.shape
+        I2 = w_gate_up.shape[2]
+        I, K = I2 // 2, srt.K
+        dt = x.dtype
+        ctx.param_dtypes = [None if t is None else t.dtype
+                            for t in (x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d)]
+        # LoRA factors and biases may be fp32 master weights: the kernels run in the activation dtype (tiny copies).
+        a1, b1, a2, b2, b_gu, b_d = (None if t is None else t.to(dt) for t in (a1, b1, a2, b2, b_gu, b_d))
+        M = srt.M
+        w_sorted = expert_weights.reshape(-1)[srt.flat_M.long()].float()  # routing weight of each sorted row
+        grad = any(ctx.needs_input_grad[:10])
+        r1 = 0 if b1 is None else b1.shape[1]
+        r2 = 0 if b2 is None else b2.shape[1]
+
+        def gate_up(cfg, sched):
+            h = torch.empty((M, I), device=x.device, dtype=dt)
+            gu = torch.empty((M, I2), device=x.device, dtype=dt) if grad else None
+            z1 = torch.empty((M, r1), device=x.device, dtype=dt) if grad and r1 else None
+            gg.grouped_gemm(x, w_gate_up, sched, srt.offsets_E1, n=I, out=h, config=cfg, row_index=srt.token_M,
+                            lora_a_EDR=a1, z_MR=z1, store_z=z1 is not None, lora_b_ERN=b1, lora_scale=scale,
+                            bias_EN=b_gu, mode=gg.MODE_ACT_FWD, act=act, gu_M2I=gu, store_gu=gu is not None,
+                            limit=limit, alpha=alpha)
+            return h, gu, z1
+
+        h, gu, z1 = _gemm("gemm_act", ("gu", H, I, r1, act), srt, x, gate_up)
+
+        def down(cfg, sched):
+            out = torch.empty((M, H), device=x.device, dtype=dt)
+            z2 = torch.empty((M, r2), device=x.device, dtype=dt) if grad and r2 else None
+            gg.grouped_gemm(h, w_down, sched, srt.offsets_E1, n=H, out=out, config=cfg, lora_a_EDR=a2, z_MR=z2,
+                            store_z=z2 is not None, lora_b_ERN=b2, lora_scale=scale, bias_EN=b_d,
+                            row_scale_M=w_sorted, out_rows_M=srt.flat_M)
+            return out, z2
+
+        out_MH, z2 = _gemm("gemm", ("down", I, H, r2), srt, x, down)
+        y = out_MH.view(T, K, H).sum(1)  # rows are in (token, slot) order: the sum over K is deterministic
+
+        ctx.save_for_backward(x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, gu, z1, z2,
+                              w_sorted)
+        ctx.srt, ctx.scale, ctx.act, ctx.limit, ctx.alpha = srt, scale, act, limit, alpha
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, ew, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, gu, z1, z2, w_sorted = ctx.saved_tensors
+        srt, s, act, limit, alpha = ctx.srt, ctx.scale, ctx.act, ctx.limit, ctx.alpha
+        g_x, g_w, g_wgu, g_wd, g_a1, g_b1, g_a2, g_b2, g_bgu, g_bd = ctx.needs_input_grad[:10]
+        T, H = x.shape
+        I2 = w_gate_up.shape[2]
+        I, K, M, dt = I2 // 2, srt.K, srt.M, x.dtype
+        dy = dy.to(dt)
+        lora1, lora2 = b1 is not None, b2 is not None
+        grads: dict[str, torch.Tensor | None] = {}
+        need_dgu = g_x or g_a1 or g_b1 or g_wgu or g_bgu
+
+        dgu = dz2 = None
+        if need_dgu or g_w or (g_a2 and lora2):
+            def dh_pass(cfg, sched):
+                dgu = torch.empty((M, I2), device=x.device, dtype=dt)
+                dots = torch.empty((M, triton.cdiv(I, cfg["BLOCK_N"])), device=x.device, dtype=torch.float32)
+                dz2 = torch.empty((M, b2.shape[1]), device=x.device, dtype=dt) if g_a2 and lora2 else None
+                gg.grouped_gemm(dy, _t(w_down), sched, srt.offsets_E1, n=I, out=dgu, config=cfg,
+                                row_index=srt.token_M, lora_a_EDR=_t(b2), z_MR=dz2, store_z=dz2 is not None,
+                                lora_b_ERN=_t(a2), z_scale=s, lora_scale=1.0,
+                                rowvec_ED=b_d if g_w else None, row_scale_M=w_sorted, mode=gg.MODE_ACT_BWD,
+                                act=act, gu_M2I=gu, dot_MT=dots, limit=limit, alpha=alpha)
+                return dgu, dots, dz2
+
+            dgu, dots, dz2 = _gemm("gemm", ("dh", H, I, b2.shape[1] if lora2 else 0, act), srt, x, dh_pass)
+            if g_w:
+                dw = torch.empty(M, device=x.device, dtype=torch.float32)
+                dw[srt.flat_M.long()] = dots.sum(1)  # a permutation: unique indices, deterministic
+                grads["w"] = dw.view(T, K)
+
+        tok = srt.token_M
+        if g_b2 and lora2:
+            grads["b2"] = _tn(("dB2", b2.shape[1], H), srt, x, left=z2, right=dy, p=b2.shape[1], right_index=tok,
+                              row_scale_M=w_sorted, alpha=s)
+        if g_a2 and lora2:
+            grads["a2"] = _tn(("dA2", I, b2.shape[1], act), srt, x, left=gu, right=dz2, p=I, left_act=act,
+                              row_scale_M=w_sorted, limit=limit, act_alpha=alpha)
+        if g_wd:
+            grads["wd"] = _tn(("dWd", I, H, act), srt, x, left=gu, right=dy, p=I, left_act=act, right_index=tok,
+                              row_scale_M=w_sorted, limit=limit, act_alpha=alpha)
+        if g_bd and b_d is not None:
+            grads["bd"] = _tn(("db", 1, H), srt, x, left=None, right=dy, p=1, right_index=tok,
+                              row_scale_M=w_sorted)[:, 0]
+
+        dz1 = None
+        if g_x:
+            def dx_pass(cfg, sched):
+                dx_MH = torch.empty((M, H), device=x.device, dtype=dt)
+                dz1 = torch.empty((M, b1.shape[1]), device=x.device, dtype=dt) if g_a1 and lora1 else None
+                gg.grouped_gemm(dgu, _t(w_gate_up), sched, srt.offsets_E1, n=H, out=dx_MH, config=cfg,
+                                lora_a_EDR=_t(b1), z_MR=dz1, store_z=dz1 is not None, lora_b_ERN=_t(a1),
+                                z_scale=s, lora_scale=1.0, out_rows_M=srt.flat_M)
+                return dx_MH, dz1
+
+            dx_MH, dz1 = _gemm("gemm", ("dx", I2, H, b1.shape[1] if lora1 else 0), srt, x, dx_pass)
+            grads["x"] = dx_MH.view(T, K, H).sum(1)
+        elif g_a1 and lora1:
+            # x needs no grad (rare): dZ1 alone is a skinny N=R pass instead of the whole dx GEMM.
+            def dz1_pass(cfg, sched):
+                dz1 = torch.empty((M, b1.shape[1]), device=x.device, dtype=dt)
+                gg.grouped_gemm(dgu, _t(b1), sched, srt.offsets_E1, n=b1.shape[1], out=dz1, config=cfg)
+                return dz1.mul_(s)
+
+            dz1 = _gemm("gemm", ("dz1", I2, b1.shape[1]), srt, x, dz1_pass)
+        if g_b1 and lora1:
+            grads["b1"] = _tn(("dB1", b1.shape[1], I2), srt, x, left=z1, right=dgu, p=b1.shape[1], alpha=s)
+        if g_a1 and lora1:
+            grads["a1"] = _tn(("dA1", H, b1.shape[1]), srt, x, left=x, right=dz1, p=H, left_index=tok)
+        if g_wgu:
+            grads["wgu"] = _tn(("dWgu", H, I2), srt, x, left=x, right=dgu, p=H, left_index=tok)
+        if g_bgu and b_gu is not None:
+            grads["bgu"] = _tn(("db", 1, I2), srt, x, left=None, right=dgu, p=1)[:, 0]
+
+        names = ("x", "w", "wgu", "wd", "a1", "b1", "a2", "b2", "bgu", "bd")
+        out = [None if grads.get(n) is None else grads[n].to(dtype)
+               for n, dtype in zip(names, ctx.param_dtypes)]
+        return (*out, None, None, None, None, None)
+
+
+def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor | None, expert_weights: torch.Tensor,
+                       w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                       lora_gate_up: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       lora_down: tuple[torch.Tensor, torch.Tensor] | None = None, *, scale: float = 1.0,
+                       biases: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+                       activation: str = "swiglu", swiglu_limit: float = 7.0,
+                       swiglu_alpha: float = 1.702, sort: KernelSort | None = None) -> torch.Tensor:
+    """Routed experts with split LoRA on the Triton kernels -> y [T, H] in x's dtype (differentiable).
+
+    Same arguments and meaning as `shared_math.reference.split_lora_experts`; tensors on one device (CUDA, or CPU
+    under TRITON_INTERPRET=1). x [T, H], expert_ids [T, K] (int), expert_weights [T, K], w_gate_up [E, H, 2I],
+    w_down [E, I, H], LoRA pairs (A [E, in, R], B [E, R, out]), biases (b_gate_up [E, 2I], b_down [E, H]).
+    `sort`: a `KernelSort` of expert_ids to reuse (built here otherwise; expert_ids may then be None).
+    """
+    if x.ndim != 2 or w_gate_up.ndim != 3 or w_down.ndim != 3:
+        raise ValueError(f"want x [T, H], w_gate_up [E, H, 2I], w_down [E, I, H]; got {tuple(x.shape)}, "
+                         f"{tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
+    T, H = x.shape
+    E, H2, I2 = w_gate_up.shape
+    if H2 != H or I2 % 2 or tuple(w_down.shape) != (E, I2 // 2, H):
+        raise ValueError(f"expert weights do not fit x [T={T}, H={H}]: w_gate_up {tuple(w_gate_up.shape)}, "
+                         f"w_down {tuple(w_down.shape)}")
+    ids_shape = tuple(expert_ids.shape) if expert_ids is not None else (sort.T, sort.K)
+    if ids_shape != tuple(expert_weights.shape) or len(ids_shape) != 2 or ids_shape[0] != T:
+        raise ValueError(f"expert_ids {ids_shape} and expert_weights {tuple(expert_weights.shape)} "
+                         f"must both be [T={T}, K]")
+    for name, pair, (n_in, n_out) in (("lora_gate_up", lora_gate_up, (H, I2)), ("lora_down", lora_down, (I2 // 2, H))):
+        if pair is not None and (pair[0].shape[:2] != (E, n_in) or pair[1].shape[0] != E or pair[1].shape[2] != n_out
+                                 or pair[0].shape[2] != pair[1].shape[1]):
+            raise ValueError(f"{name} must be (A [E, {n_in}, R], B [E, R, {n_out}]), got "
+                             f"{tuple(pair[0].shape)}, {tuple(pair[1].shape)}")
+    devices = {t.device for t in (x, expert_ids, expert_weights, w_gate_up, w_down) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    a1, b1 = lora_gate_up if lora_gate_up is not None else (None, None)
+    a2, b2 = lora_down if lora_down is not None else (None, None)
+    b_gu, b_d = biases if biases is not None else (None, None)
+    if T == 0:
+        return x.new_zeros((0, H))
+    srt = sort if sort is not None else KernelSort.from_ids(expert_ids, E)
+    return SplitLoraExpertsFunction.apply(
+        x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt, float(scale),
+        gg.act_code(activation), float(swiglu_limit), float(swiglu_alpha))
