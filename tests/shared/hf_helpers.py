@@ -108,9 +108,9 @@ def hf_to_canonical(model: Any) -> dict[str, np.ndarray]:
             continue
         a = t.detach().to(torch.float32).cpu().numpy()
         cname = hf_name_to_canonical(name, gpt_oss)
-        if cname.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")) and gpt_oss:
+        if cname.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.gate_up_proj_bias")) and gpt_oss:
             a = _deinterleave(a)
-        elif cname.endswith(("experts.gate_up_proj", "experts.down_proj")) and not gpt_oss:
+        elif cname.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")) and not gpt_oss:
             a = a.transpose(0, 2, 1)  # [E, out, in] -> [E, in, out]; gpt-oss is [E, in, out] already
         elif a.ndim == 2 and cname.endswith(".weight") and cname != "embed_tokens.weight":
             a = a.T
@@ -127,9 +127,9 @@ def canonical_to_hf(model: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, 
             continue
         a = np.asarray(tensors[hf_name_to_canonical(name, gpt_oss)])
         cname = hf_name_to_canonical(name, gpt_oss)
-        if cname.endswith(("experts.gate_up_proj", "experts.gate_up_proj_bias")) and gpt_oss:
+        if cname.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.gate_up_proj_bias")) and gpt_oss:
             a = _interleave(a)
-        elif cname.endswith(("experts.gate_up_proj", "experts.down_proj")) and not gpt_oss:
+        elif cname.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")) and not gpt_oss:
             a = a.transpose(0, 2, 1)
         elif a.ndim == 2 and cname.endswith(".weight") and cname != "embed_tokens.weight":
             a = a.T
@@ -268,6 +268,6 @@ def merge_lora(base: Mapping[str, np.ndarray], lora: LoraConfig, lora_tensors: M
         stem = name[: -len(".lora_A")]
         A = np.asarray(lora_tensors[name], np.float64)
         B = np.asarray(lora_tensors[stem + ".lora_B"], np.float64)
-        wname = stem if stem.endswith(("experts.gate_up_proj", "experts.down_proj")) else stem + ".weight"
+        wname = stem if stem.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")) else stem + ".weight"
         out[wname] = (out[wname].astype(np.float64) + lora.scale * (A @ B)).astype(np.float32)
     return out
