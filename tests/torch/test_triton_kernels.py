@@ -1,0 +1,449 @@
+"""The `triton` backend's kernels and autograd.Function against the float64 oracle `shared_math.reference`.
+
+On CPU everything runs in the Triton interpreter, in fp32 and fp16 over `cases("ci")` (its bf16 dot is wrong);
+tests marked `gpu` run the compiled kernels in bf16 over `cases("gpu")` against the reference and the `grouped_mm`
+backend. Checked: each kernel mode on its own (fused gather, in-loop LoRA-A, LoRA/bias/activation epilogues, the
+activation-backward epilogue with the routing-weight partial dots, scatter stores, the ragged-K TN kernel), then the
+whole Function: forward and every gradient (x, expert_weights, both LoRA pairs, biases, base weights in full-FT mode).
+
+Interpreter mode is fixed when a function is decorated with `@triton.jit`, and triton's own library functions
+(`tl.sigmoid`, `tl.sum`, ...) are decorated when triton is imported; triton also reads TRITON_INTERPRET at launch
+(lazy imports). So on CPU the variable must be set before the first `import triton` in the process, and while the
+kernels run. Under pytest another module may have imported triton first (transformers does). This module therefore
+sets the variable before importing triton when it can, restores it once the kernels are imported, and sets it again
+only around its own tests, so no other test sees it. When triton was already imported in compiled mode, the
+interpreter tests skip here and `test_cpu_kernels_in_a_fresh_interpreter_process` runs this file in a new process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _import_kernels() -> bool:
+    """Import triton and the kernels, interpreted on CPU when still possible; True if the CPU tests can run here."""
+    if CUDA:
+        return False
+    fresh = "triton" not in sys.modules
+    old = os.environ.get("TRITON_INTERPRET")
+    if fresh:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton")
+        import triton.language as tl
+
+        interpreted = type(tl.sigmoid).__name__ == "InterpretedFunction"
+        if interpreted:
+            os.environ["TRITON_INTERPRET"] = "1"  # our kernels get decorated by this import
+            import torch_impl.kernels.split_lora  # noqa: F401
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return interpreted
+
+
+IN_PROCESS = _import_kernels()
+pytest.importorskip("triton")
+
+from shared_math import reference as ref  # noqa: E402
+from shared_math.cases import cases, get_case, make_moe_inputs  # noqa: E402
+from shared_math.numerics import assert_close  # noqa: E402
+from torch_impl.kernels import grouped_gemm as gg  # noqa: E402
+from torch_impl.kernels import split_lora as sl  # noqa: E402
+
+cpu_only = pytest.mark.skipif(not IN_PROCESS, reason="Triton interpreter tests: CPU only, and only where triton was "
+                              "not imported compiled before this module (else the fresh-process test runs them)")
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    """Triton also reads TRITON_INTERPRET at launch (lazy imports), so keep it on during this module's tests only."""
+    if IN_PROCESS:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _dname(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _rounded_inputs(case, seed: int, dtype) -> dict:
+    """make_moe_inputs rounded to `dtype` (kept as float64 numpy), so the oracle sees exactly what the kernels see."""
+    inp = make_moe_inputs(case, seed=seed % 1000)
+
+    def r(a):
+        return torch.tensor(a).to(dtype).double().numpy()
+
+    return {k: (r(v) if isinstance(v, np.ndarray) and k != "expert_ids"
+                else (tuple(r(a) for a in v) if isinstance(v, tuple) else v)) for k, v in inp.items()}
+
+
+def _run(inp: dict, dtype, dy: np.ndarray, base_grad: bool = True, lora_dtype=None):
+    """Forward + backward through the kernels' `split_lora_experts`; grads shaped like the reference's dict."""
+    def t(a, grad=True, dt=dtype):
+        return torch.tensor(a, dtype=dt, device=DEVICE).requires_grad_(grad)
+
+    x, w = t(inp["x"]), t(inp["expert_weights"])
+    wgu, wd = t(inp["w_gate_up"], base_grad), t(inp["w_down"], base_grad)
+    ldt = lora_dtype or dtype
+    lgu = tuple(t(a, dt=ldt) for a in inp["lora_gate_up"])
+    ld = tuple(t(a, dt=ldt) for a in inp["lora_down"])
+    b = None if inp["biases"] is None else tuple(map(t, inp["biases"]))
+    ids = torch.tensor(inp["expert_ids"], device=DEVICE)
+    y = sl.split_lora_experts(x, ids, w, wgu, wd, lgu, ld, scale=inp["scale"], biases=b,
+                              activation=inp["activation"], swiglu_limit=inp["swiglu_limit"])
+    y.backward(torch.tensor(dy, dtype=dtype, device=DEVICE))
+    grads = {"x": x.grad, "expert_weights": w.grad, "lora_gate_up": (lgu[0].grad, lgu[1].grad),
+             "lora_down": (ld[0].grad, ld[1].grad), "w_gate_up": wgu.grad, "w_down": wd.grad,
+             "biases": None if b is None else (b[0].grad, b[1].grad)}
+    return y, grads
+
+
+def _check_against_reference(case, dtype, seed, base_grad: bool = True, lora_dtype=None):
+    inp = _rounded_inputs(case, seed, dtype)
+    dy = torch.tensor(np.random.default_rng(seed).standard_normal((case.T, case.H))).to(dtype).double().numpy()
+    y, grads = _run(inp, dtype, dy, base_grad=base_grad, lora_dtype=lora_dtype)
+    assert y.dtype == dtype and y.shape == (case.T, case.H)
+    dn = _dname(dtype)
+    assert_close(y, ref.split_lora_experts(**inp), dtype=dn, quantity="moe_block", name="triton y")
+    expected = ref.split_lora_experts_vjp(**inp, dy=dy)
+    if not base_grad:
+        expected["w_gate_up"] = expected["w_down"] = None
+    for key, exp in expected.items():
+        if exp is None:
+            assert grads[key] is None or all(g is None for g in grads[key]), f"{key} should have no gradient"
+            continue
+        got = grads[key]
+        for i, (g, e) in enumerate(zip(got, exp) if isinstance(exp, tuple) else [(got, exp)]):
+            assert g is not None, f"no gradient for {key}[{i}]"
+            assert_close(g, e, dtype=dn, quantity="moe_grad", name=f"triton d{key}[{i}]")
+    return grads
+
+
+# ---- the whole autograd.Function -------------------------------------------------------------------------------------
+
+@cpu_only
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=_dname)
+@pytest.mark.parametrize("case", cases("ci"), ids=lambda c: c.name)
+def test_split_lora_experts_matches_reference(case, dtype, seed):
+    _check_against_reference(case, dtype, seed)
+
+
+@cpu_only
+def test_fp32_lora_master_weights_with_fp16_activations(seed):
+    """LoRA parameters kept in fp32 (as PEFT does) with fp16 activations: grads come back in fp32 and correct."""
+    grads = _check_against_reference(get_case("odd_dims"), torch.float16, seed, lora_dtype=torch.float32)
+    assert all(g.dtype == torch.float32 for g in (*grads["lora_gate_up"], *grads["lora_down"]))
+
+
+@cpu_only
+def test_frozen_base_launches_no_weight_gradient(seed, monkeypatch):
+    """Frozen base weights: no dW is computed (the TN kernel runs only for the four LoRA factors), none returned."""
+    calls = []
+    real = gg.grouped_gemm_tn
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(gg, "grouped_gemm_tn", spy)
+    case = get_case("prime_e")
+    _check_against_reference(case, torch.float32, seed, base_grad=False)
+    E, H, I, R = case.E, case.H, case.I, case.R
+    assert sorted(calls) == sorted([(E, H, R), (E, R, 2 * I), (E, I, R), (E, R, H)])
+
+
+@cpu_only
+def test_backend_entry_point_matches_kernels(seed):
+    """`backends.triton.experts_forward` (what the registry calls) reuses the caller's sort, gives the kernels' numbers,
+    and, once "triton" is registered, `torch_impl.moe.split_lora_experts(backend="triton")` does too."""
+    from torch_impl.backends import _MODULES
+    from torch_impl.backends import triton as tb
+    from torch_impl.backends.common import Activation
+    from torch_impl.moe import sort_by_expert, split_lora_experts
+
+    case = get_case("oai_biases")
+    inp = _rounded_inputs(case, seed, torch.float32)
+    t = torch.tensor
+    f = dict(dtype=torch.float32)
+    x, ids, w = t(inp["x"], **f), t(inp["expert_ids"]), t(inp["expert_weights"], **f)
+    wgu, wd = t(inp["w_gate_up"], **f), t(inp["w_down"], **f)
+    lgu, ld = (tuple(t(a, **f) for a in inp[k]) for k in ("lora_gate_up", "lora_down"))
+    biases = tuple(t(a, **f) for a in inp["biases"])
+    act = Activation(inp["activation"], inp["swiglu_limit"])
+    y_backend = tb.experts_forward(x, w, sort_by_expert(ids, case.E), wgu, wd, lgu, ld, inp["scale"], biases, act)
+    kw = dict(scale=inp["scale"], biases=biases, activation=inp["activation"], swiglu_limit=inp["swiglu_limit"])
+    y_kernels = sl.split_lora_experts(x, ids, w, wgu, wd, lgu, ld, **kw)
+    assert torch.equal(y_backend, y_kernels)
+    assert_close(y_backend, ref.split_lora_experts(**inp), dtype="float32", quantity="moe_block")
+    if "triton" in _MODULES:
+        assert torch.equal(split_lora_experts(x, ids, w, wgu, wd, lgu, ld, **kw, backend="triton"), y_kernels)
+
+
+def test_available_says_why_not(monkeypatch):
+    from torch_impl.backends import triton as tb
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in tb.available("cpu", torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tb.available("cpu", torch.float32) is None
+    assert "bf16" in tb.available("cpu", torch.bfloat16)
+    assert "float64" in tb.available("cpu", torch.float64)
+
+
+@pytest.mark.skipif(CUDA or IN_PROCESS, reason="only needed when triton was imported compiled before this module")
+def test_cpu_kernels_in_a_fresh_interpreter_process():
+    """Run this file's CPU tests in a new process that sets TRITON_INTERPRET=1 before triton is imported."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x",
+                           "-p", "no:cacheprovider", "-m", "not gpu"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+# ---- kernel by kernel, against float64 torch on the same rounded inputs ----------------------------------------------
+
+KERNEL_CASES = [get_case(n) for n in ("odd_dims", "empty_experts", "oai_biases")]
+
+
+def _setup(case, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    inp = make_moe_inputs(case, seed=seed % 1000)
+    ids = torch.tensor(inp["expert_ids"], device=DEVICE)
+    srt = sl.KernelSort.from_ids(ids, case.E)
+    offs = srt.offsets_E1.long().cpu()
+    expert_M = torch.repeat_interleave(torch.arange(case.E), offs[1:] - offs[:-1])
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEVICE)
+
+    return srt, expert_M, rnd
+
+
+def _per_row(a_MD: torch.Tensor, w_EDN: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:
+    """float64 reference of a grouped NN GEMM: row m times w[expert of m]."""
+    return torch.einsum("md,mdn->mn", a_MD.double().cpu(), w_EDN.double().cpu()[expert_M])
+
+
+def _act_ref(gu: torch.Tensor, case) -> torch.Tensor:
+    return torch.from_numpy(ref._activation(case.activation, case.swiglu_limit, 1.702)[0](gu.numpy()))
+
+
+def _close(actual, expected, name, dtype=torch.float32):
+    assert_close(actual, expected, dtype=_dname(dtype), quantity="moe_block", name=name)
+
+
+@cpu_only
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
+def test_grouped_gemm_gather_lora_given_z_rowscale_scatter(case, seed):
+    """out[flat[m]] = w[m]·(x[token[m]]@W[e] + s·Z[m]@B[e] + b[e]): gather, given-Z LoRA, bias, scale, scatter."""
+    srt, expert_M, rnd = _setup(case, seed)
+    x, W, B = rnd(case.T, case.H), rnd(case.E, case.H, case.I, scale=0.2), rnd(case.E, case.R, case.I)
+    Z, bias, ws = rnd(srt.M, case.R), rnd(case.E, case.I), rnd(srt.M).abs() + 0.1
+    cfg = sl.autotune.get_config("gemm", (), torch.float32, x.device)
+    out = torch.full((srt.M, case.I), float("nan"), device=DEVICE)
+    gg.grouped_gemm(x, W, srt.schedule(cfg["BLOCK_M"]), srt.offsets_E1, n=case.I, out=out, config=cfg,
+                    row_index=srt.token_M, z_MR=Z, lora_b_ERN=B, lora_scale=0.5, bias_EN=bias, row_scale_M=ws,
+                    out_rows_M=srt.flat_M)
+    tok = srt.token_M.long().cpu()
+    rows = (_per_row(x.cpu()[tok], W, expert_M) + 0.5 * _per_row(Z, B, expert_M)
+            + bias.double().cpu()[expert_M]) * ws.double().cpu()[:, None]
+    expected = torch.empty_like(rows)
+    expected[srt.flat_M.long().cpu()] = rows
+    _close(out, expected, "scattered rows")  # NaN-filled out: every row must have been written
+
+
+@cpu_only
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
+def test_grouped_gemm_gate_up_fused_lora_a_and_activation(case, seed):
+    """h = act(x[token]@Wgu + s·(x[token]@A)@B + b): in-loop z = x@A stored once, gu stored, gate/up paired."""
+    srt, expert_M, rnd = _setup(case, seed)
+    x = rnd(case.T, case.H)
+    W, A, B = rnd(case.E, case.H, 2 * case.I, scale=0.2), rnd(case.E, case.H, case.R, scale=0.2), rnd(
+        case.E, case.R, 2 * case.I)
+    bias = rnd(case.E, 2 * case.I)
+    cfg = sl.autotune.get_config("gemm_act", (), torch.float32, x.device)
+    h = torch.empty((srt.M, case.I), device=DEVICE)
+    gu = torch.empty((srt.M, 2 * case.I), device=DEVICE)
+    z = torch.empty((srt.M, case.R), device=DEVICE)
+    gg.grouped_gemm(x, W, srt.schedule(cfg["BLOCK_M"]), srt.offsets_E1, n=case.I, out=h, config=cfg,
+                    row_index=srt.token_M, lora_a_EDR=A, z_MR=z, store_z=True, lora_b_ERN=B, lora_scale=0.5,
+                    bias_EN=bias, mode=gg.MODE_ACT_FWD, act=gg.act_code(case.activation), gu_M2I=gu, store_gu=True,
+                    limit=case.swiglu_limit)
+    xs = x.cpu()[srt.token_M.long().cpu()]
+    z_ref = _per_row(xs, A, expert_M)
+    gu_ref = _per_row(xs, W, expert_M) + 0.5 * _per_row(z_ref, B, expert_M) + bias.double().cpu()[expert_M]
+    _close(z, z_ref, "z = x@A")
+    _close(gu, gu_ref, "gu")
+    _close(h, _act_ref(gu_ref, case), "h")
+
+
+@cpu_only
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
+def test_grouped_gemm_activation_backward_epilogue(case, seed):
+    """dh' = dy[token]@Wd^T + (s·dy[token]@B2^T)@A2^T; partial dots sum to <h, dh'> + <bd, dy>; dgu = act'·(w·dh')."""
+    srt, expert_M, rnd = _setup(case, seed)
+    dy, gu = rnd(case.T, case.H), rnd(srt.M, 2 * case.I, scale=2.0)
+    Wd, A2, B2 = rnd(case.E, case.I, case.H, scale=0.2), rnd(case.E, case.I, case.R), rnd(case.E, case.R, case.H)
+    bd, ws = rnd(case.E, case.H), rnd(srt.M).abs() + 0.1
+    cfg = sl.autotune.get_config("gemm", (), torch.float32, dy.device)
+    dgu = torch.empty((srt.M, 2 * case.I), device=DEVICE)
+    dots = torch.empty((srt.M, -(-case.I // cfg["BLOCK_N"])), device=DEVICE)
+    dz = torch.empty((srt.M, case.R), device=DEVICE)
+    gg.grouped_gemm(dy, Wd.transpose(1, 2), srt.schedule(cfg["BLOCK_M"]), srt.offsets_E1, n=case.I, out=dgu,
+                    config=cfg, row_index=srt.token_M, lora_a_EDR=B2.transpose(1, 2), z_MR=dz, store_z=True,
+                    lora_b_ERN=A2.transpose(1, 2), z_scale=0.5, rowvec_ED=bd, row_scale_M=ws,
+                    mode=gg.MODE_ACT_BWD, act=gg.act_code(case.activation), gu_M2I=gu, dot_MT=dots,
+                    limit=case.swiglu_limit)
+    dys = dy.cpu()[srt.token_M.long().cpu()]
+    tr = lambda t: t.transpose(1, 2)  # noqa: E731
+    dz_ref = 0.5 * _per_row(dys, tr(B2), expert_M)
+    dh_ref = _per_row(dys, tr(Wd), expert_M) + _per_row(dz_ref, tr(A2), expert_M)
+    h_ref = _act_ref(gu.double().cpu(), case)
+    dot_ref = (h_ref * dh_ref).sum(1) + (bd.double().cpu()[expert_M] * dys.double()).sum(1)
+    vjp = ref._activation(case.activation, case.swiglu_limit, 1.702)[1]
+    dgu_ref = torch.from_numpy(vjp(gu.double().numpy(), (dh_ref * ws.double().cpu()[:, None]).numpy()))
+    _close(dz, dz_ref, "dz2'")
+    _close(dots.sum(1), dot_ref, "<h, dh'> + <bd, dy>")
+    _close(dgu, dgu_ref, "dgu")
+
+
+@cpu_only
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
+def test_grouped_gemm_tn_variants(case, seed):
+    """Ragged-K per-expert Lrows^T·diag(w)·Rrows: gathered left, act(gu) left, ones left; empty experts give 0."""
+    srt, expert_M, rnd = _setup(case, seed)
+    x, dz, gu, dy = rnd(case.T, case.H), rnd(srt.M, case.R), rnd(srt.M, 2 * case.I, scale=2.0), rnd(case.T, case.H)
+    ws = rnd(srt.M).abs() + 0.1
+    cfg = sl.autotune.get_config("tn", (), torch.float32, x.device)
+    common = dict(offsets_E1=srt.offsets_E1, num_experts=case.E, config=cfg)
+    tok = srt.token_M.long().cpu()
+
+    def seg(lhs, rhs):  # float64 per-expert lhs^T rhs
+        out = torch.zeros(case.E, lhs.shape[1], rhs.shape[1], dtype=torch.float64)
+        out.index_add_(0, expert_M, torch.einsum("mp,mq->mpq", lhs.double(), rhs.double()))
+        return out
+
+    da = gg.grouped_gemm_tn(x, dz, p=case.H, left_index=srt.token_M, alpha=0.5, **common)
+    _close(da, 0.5 * seg(x.cpu()[tok], dz.cpu()), "x_rows^T dz")
+    dwd = gg.grouped_gemm_tn(gu, dy, p=case.I, left_act=gg.act_code(case.activation), right_index=srt.token_M,
+                             row_scale_M=ws, limit=case.swiglu_limit, **common)
+    _close(dwd, seg(_act_ref(gu.double().cpu(), case), dy.cpu()[tok] * ws.double().cpu()[:, None]), "h^T (w dy)")
+    db = gg.grouped_gemm_tn(None, dy, p=1, right_index=srt.token_M, row_scale_M=ws, **common)
+    _close(db[:, 0], seg(torch.ones(srt.M, 1), dy.cpu()[tok] * ws.double().cpu()[:, None])[:, 0], "bias grad")
+    for e in case.empty_experts:
+        assert torch.count_nonzero(da[e]) == 0 and torch.count_nonzero(dwd[e]) == 0
+
+
+def test_schedule_covers_every_row_once():
+    """Row blocks never straddle experts, cover each sorted row exactly once, and surplus tiles are marked -1."""
+    ids = torch.tensor([[2, 0], [0, 2], [1, 0], [4, 2], [2, 1]])
+    srt = sl.KernelSort.from_ids(ids, 6)
+    assert srt.offsets_E1.tolist() == [0, 3, 5, 9, 9, 10, 10]
+    assert srt.flat_M.tolist() == [1, 2, 5, 4, 9, 0, 3, 7, 8, 6]
+    tile_e, tile_row = srt.schedule(2)
+    seen = []
+    for e, r0 in zip(tile_e.tolist(), tile_row.tolist()):
+        if e < 0:
+            continue
+        end = srt.offsets_E1[e + 1].item()
+        assert srt.offsets_E1[e].item() <= r0 < end
+        seen += list(range(r0, min(r0 + 2, end)))
+    assert sorted(seen) == list(range(10))
+    assert (tile_e < 0).sum().item() == len(tile_e) - 6  # tiles: 2 + 1 + 2 + 0 + 1 + 0
+
+
+def test_autotune_candidates_are_pruned(tmp_path, monkeypatch):
+    from torch_impl.kernels import autotune
+
+    cands = autotune._candidates("gemm_act", rows_per_expert=40, smem_bytes=228 * 1024, elem_bytes=2)
+    assert cands and all(c["BLOCK_M"] <= 80 for c in cands)
+    assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_D"] + 2 * c["BLOCK_D"] * c["BLOCK_N"]) * 2 <= 228 * 1024
+               for c in cands)
+    monkeypatch.setenv("SPLITMOE_TRITON_AUTOTUNE_CACHE", str(tmp_path / "cache.json"))
+    autotune._store_disk("k", {"BLOCK_M": 64})
+    assert autotune._load_disk() == {"k": {"BLOCK_M": 64}}
+
+
+# ---- GPU: compiled kernels in bf16 -----------------------------------------------------------------------------------
+
+def _torch_inputs(inp, dtype, base_grad=False):
+    def t(a, grad=True):
+        return torch.tensor(a, dtype=dtype, device="cuda").requires_grad_(grad)
+
+    return dict(x=t(inp["x"]), expert_ids=torch.tensor(inp["expert_ids"], device="cuda"),
+                expert_weights=t(inp["expert_weights"]), w_gate_up=t(inp["w_gate_up"], base_grad),
+                w_down=t(inp["w_down"], base_grad), lora_gate_up=tuple(map(t, inp["lora_gate_up"])),
+                lora_down=tuple(map(t, inp["lora_down"])),
+                biases=None if inp["biases"] is None else tuple(map(t, inp["biases"])))
+
+
+def _flat_grads(args) -> dict:
+    out = {}
+    for k, v in args.items():
+        for i, tt in enumerate(v if isinstance(v, tuple) else (v,)):
+            if tt is not None and tt.grad is not None:
+                out[f"{k}[{i}]"] = tt.grad
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", cases("gpu"), ids=lambda c: c.name)
+def test_bf16_gpu_matches_reference(case, seed):
+    _check_against_reference(case, torch.bfloat16, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", cases("gpu"), ids=lambda c: c.name)
+def test_bf16_gpu_agrees_with_grouped_mm_and_is_deterministic(case, seed):
+    """triton vs the grouped_mm backend (same rounding points) within bf16 tolerance; triton bitwise run-to-run."""
+    from torch_impl.backends import why_unavailable
+    from torch_impl.moe import split_lora_experts
+
+    dtype = torch.bfloat16
+    inp = _rounded_inputs(case, seed, dtype)
+    dy = torch.randn(case.T, case.H, device="cuda", generator=torch.Generator("cuda").manual_seed(seed)).to(dtype)
+    kw = dict(scale=inp["scale"], activation=inp["activation"], swiglu_limit=inp["swiglu_limit"])
+    results = []
+    backends = ["triton", "triton"] + ([] if why_unavailable("grouped_mm", "cuda", dtype) else ["grouped_mm"])
+    for backend in backends:
+        args = _torch_inputs(inp, dtype)
+        y = split_lora_experts(**args, **kw, backend=backend)
+        y.backward(dy)
+        results.append((y.detach(), _flat_grads(args)))
+    (y0, g0), (y1, g1) = results[:2]
+    assert torch.equal(y0, y1) and all(torch.equal(g0[k], g1[k]) for k in g0), "triton is not deterministic"
+    if len(results) == 3:
+        y2, g2 = results[2]
+        assert_close(y0, y2, dtype="bfloat16", quantity="moe_block", name="triton vs grouped_mm y")
+        assert g0.keys() == g2.keys()
+        for k in g0:
+            assert_close(g0[k], g2[k], dtype="bfloat16", quantity="moe_grad", name=f"triton vs grouped_mm d{k}")
+
+
+@pytest.mark.gpu
+def test_bf16_gpu_autotune_cache(tmp_path, monkeypatch, seed):
+    """SPLITMOE_TRITON_AUTOTUNE=1 tunes once, writes versioned keys to the cache, and the results stay correct."""
+    from torch_impl.kernels import autotune
+
+    monkeypatch.setenv("SPLITMOE_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("SPLITMOE_TRITON_AUTOTUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(autotune, "_memory_cache", {})
+    _check_against_reference(get_case("gpu_oai"), torch.bfloat16, seed)
+    keys = list(autotune._load_disk())
+    assert keys and all(k.startswith(f"v{autotune.KERNEL_VERSION}|") for k in keys)
+    assert {k.split("|")[3] for k in keys} == {"gemm", "gemm_act", "tn"}
