@@ -53,6 +53,11 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("bfloat16", "logits"): Tolerance(4e-2, 1e-2, _BF16_MODEL),
     ("bfloat16", "loss"): Tolerance(1e-2, 1e-2, "bf16 model; the loss is a mean over tokens, so errors average"),
     ("bfloat16", "lora_grad"): Tolerance(8e-2, 1e-4, _BF16_MODEL + "; plus the backward's roundings"),
+    # A bf16 model's LoRA gradients against the fp32 model's (HF + PEFT in fp32): measured on the tiny 2-layer Qwen3-MoE
+    # with K = E, HF + PEFT's own bf16 LoRA gradients are up to 0.105·max off its fp32 ones (torch_impl's 0.11), for
+    # attention LoRA in the last layer whose gradient passes the whole bf16 backward; 0.15 leaves ~35 % headroom.
+    ("bfloat16", "model_lora_grad"): Tolerance(1.5e-1, 1e-4, "bf16 model vs the fp32 model: every forward and "
+                                               "backward rounding of the whole model (HF's own: 0.105·max)"),
 }
 
 
