@@ -29,7 +29,11 @@ def _unavailable_reason(name: str) -> str | None:
     """Why `name` cannot run in this process, or None when it can."""
     if name == "ragged_dot":
         return None
-    if name in ("pallas_triton", "pallas_mosaic"):
+    if name == "pallas_triton":
+        from jax_impl.backends.pallas_triton import unavailable_reason
+
+        return unavailable_reason()
+    if name == "pallas_mosaic":
         return f"the {name} backend is not implemented yet (its own issue); use 'ragged_dot'"
     return f"unknown MoE backend {name!r}; known: {', '.join(BACKENDS)} or 'auto'"
 
@@ -61,6 +65,10 @@ def get_backend(name: str) -> Callable:
     """The `expert_mlp_sorted` function of a resolved backend name."""
     if name == "ragged_dot":
         from jax_impl.backends.ragged_dot import expert_mlp_sorted
+
+        return expert_mlp_sorted
+    if name == "pallas_triton":
+        from jax_impl.backends.pallas_triton import expert_mlp_sorted
 
         return expert_mlp_sorted
     raise RuntimeError(f"MoE backend {name!r} cannot run here: {_unavailable_reason(name) or 'not wired in'}")

@@ -1,0 +1,423 @@
+"""Two generic grouped-GEMM Pallas kernels (Triton lowering) over expert-sorted rows, and their launchers.
+
+Shape legend: T tokens, H hidden, I expert intermediate, E experts, K experts per token, R LoRA rank, M = T·K routed
+rows, sorted by expert once per call (expert e owns sorted rows offsets[e]:offsets[e+1]). Below, D is the reduction
+width and N the output width of one call (D=H, N=I for the gate_up pass). The kernel decomposition mirrors
+torch_impl/kernels/grouped_gemm.py (same passes, same flags), so one design serves both frameworks.
+
+`grouped_gemm` (NN; one program per [block_m rows of one expert] x [block_n columns] output tile):
+    acc[m, n] = Σ_d A[src(m), d] · W[e, d, n]               src(m) = row_index[m] (gather fused in the load) or m
+    LoRA:      z[m] = z_scale · Σ_d A[src(m), d] · LA[e, d, :R] in the same d-loop (one read of A; the program
+               of n-tile 0 stores z); then acc += lora_scale · z @ LB[e, :R, n]
+    bias:      acc += bias[e, n]
+    mode "act_fwd": two accumulators, columns n (gate) and N+n (up) of W, LB and bias; out = act(gate, up) -> h
+               [M, I]; the pre-activation gu [M, 2I] can be stored for the backward.
+    mode "act_bwd": epilogue of dh' = dy@Wdᵀ + dZ2'@A2ᵀ: loads gu, recomputes h = act(gu), writes the per-tile
+               partial <h, acc>[m] into dots[m, pid_n] (d expert_weights without the down output), then
+               dh = row_scale·acc and out = act_vjp(gu, dh) -> dgu [M, 2I].
+    ROWDOT:    <A[src(m)], v[e]> in the d-loop (the <b_down, dy> term of d expert_weights), added by n-tile 0.
+    row_scale: output rows times row_scale[m] (the routing weight).
+    out_rows:  row m is stored to out[out_rows[m]] (its (token, slot) position t·K+k), so the caller sums over K
+               with a reshape: deterministic, no atomics.
+    Transposed operands (`*_t`): W given as [E, N, D], LA as [E, R, D], LB as [E, N, R]: the backward contracts the
+    weights' output axis without materialising a transpose.
+
+`grouped_gemm_tn` (ragged contraction: one program per (expert, P tile, Q tile), looping over that expert's rows):
+    out[e, p, q] = alpha · Σ_{m in rows(e)} L(m)[p] · row_scale[m] · R(m)[q]         (fp32 accumulation and output)
+    L(m) = L[l_index[m] or m] | act(gu[m]) (h recomputed on load from the saved pre-activation) | 1 (only p = 0:
+    bias gradients as a column sum through the same dot). Empty experts write zeros.
+
+Both kernels see whole arrays in memory (no BlockSpecs: the row offsets are data-dependent) and index them with
+int-array indexers built from `start + iota`, which is what both the Triton lowering (contiguous pointer offsets,
+masked loads) and interpret mode (gathers) accept; slices and array indexers cannot be mixed in interpret mode.
+Row schedules are built with jnp before the call (`tile_schedule`) and the grid has the static upper bound
+cdiv(M, block_m) + E row tiles, so shapes are static under jit: no recompilation per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jax_impl.kernels.tuning import BlockConfig
+
+_F32 = jnp.float32
+ACTIVATIONS = ("swiglu", "swiglu_oai")
+
+
+# ---- schedule --------------------------------------------------------------------------------------------------------
+
+def tile_schedule(offsets_E1: jax.Array, M: int, block_m: int) -> tuple[jax.Array, jax.Array]:
+    """(tile_expert, tile_row) [cdiv(M, block_m) + E] for row tiles that never straddle two experts.
+
+    Expert e gets cdiv(size_e, block_m) consecutive tiles starting at its first row; the remaining (surplus) tiles
+    get expert -1 and do no work. The length is an upper bound known without looking at the data.
+    """
+    E = offsets_E1.shape[0] - 1
+    sizes = offsets_E1[1:] - offsets_E1[:-1]
+    tiles = (sizes + block_m - 1) // block_m
+    tile_end = jnp.cumsum(tiles)
+    i = jnp.arange(pl.cdiv(M, block_m) + E, dtype=jnp.int32)
+    e = jnp.searchsorted(tile_end, i, side="right").astype(jnp.int32)
+    valid = e < E
+    ec = jnp.minimum(e, E - 1)
+    row = offsets_E1[ec] + (i - (tile_end[ec] - tiles[ec])) * block_m
+    return jnp.where(valid, e, -1).astype(jnp.int32), jnp.where(valid, row, 0).astype(jnp.int32)
+
+
+# ---- in-kernel helpers -----------------------------------------------------------------------------------------------
+
+def _iota(n: int) -> jax.Array:
+    return lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _load(ref, idx, mask, other=0):
+    return plgpu.load(ref.at[idx], mask=mask, other=other)
+
+
+def _dot(a, b, prec, contract=((1,), (0,))):
+    """fp32-accumulating dot; `prec` HIGHEST keeps fp32 operands out of TF32 (the fp32 equivalence mode)."""
+    return lax.dot_general(a, b, (contract, ((), ())), precision=prec, preferred_element_type=_F32)
+
+
+def act_fwd(g, u, activation: str, limit: float, alpha: float):
+    """h from gate g and up u (fp32). swiglu: silu(g)·u; swiglu_oai: (clip(u)+1)·min(g)·sigmoid(alpha·min(g))."""
+    if activation == "swiglu":
+        return g * jax.nn.sigmoid(g) * u
+    gc = jnp.minimum(g, limit)
+    uc = jnp.clip(u, -limit, limit)
+    return (uc + 1.0) * gc * jax.nn.sigmoid(alpha * gc)
+
+
+def act_bwd(g, u, dh, activation: str, limit: float, alpha: float):
+    """(dgate, dup) = act'(g, u)·dh in fp32. Clamped entries get no gradient; at exactly the limit it passes, as
+    torch.clamp's backward and the reference do."""
+    if activation == "swiglu":
+        sg = jax.nn.sigmoid(g)
+        return dh * u * sg * (1.0 + g * (1.0 - sg)), dh * g * sg
+    gc = jnp.minimum(g, limit)
+    uc = jnp.clip(u, -limit, limit)
+    sa = jax.nn.sigmoid(alpha * gc)
+    dg = jnp.where(g <= limit, dh * (uc + 1.0) * sa * (1.0 + alpha * gc * (1.0 - sa)), 0.0)
+    du = jnp.where(jnp.abs(u) <= limit, dh * gc * sa, 0.0)
+    return dg, du
+
+
+def _precision(dtype) -> lax.Precision:
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _block_r(rank: int) -> int:
+    # tl.dot needs every dimension >= 16
+    return max(16, pl.next_power_of_2(max(rank, 1)))
+
+
+# ---- NN kernel -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _NNSpec:
+    """Everything static about one NN launch (flags select code paths at trace time, like tl.constexpr)."""
+
+    N: int
+    D: int
+    R: int
+    gather: bool
+    w_t: bool
+    lora: bool
+    la_t: bool
+    lb_t: bool
+    store_z: bool
+    bias: bool
+    rowdot: bool
+    row_scale: bool
+    mode: str  # "plain" | "act_fwd" | "act_bwd"
+    activation: str | None
+    store_gu: bool
+    scatter: bool
+    z_scale: float
+    lora_scale: float
+    limit: float
+    alpha: float
+    cfg: BlockConfig
+    cdt: str
+
+
+def _nn_kernel(*refs, s: _NNSpec):
+    it = iter(refs)
+    tile_expert_ref, tile_row_ref, offsets_ref, a_ref = next(it), next(it), next(it), next(it)
+    row_index_ref = next(it) if s.gather else None
+    w_ref = next(it)
+    la_ref = next(it) if s.lora else None
+    lb_ref = next(it) if s.lora else None
+    bias_ref = next(it) if s.bias else None
+    rowvec_ref = next(it) if s.rowdot else None
+    row_scale_ref = next(it) if s.row_scale else None
+    gu_in_ref = next(it) if s.mode == "act_bwd" else None
+    out_rows_ref = next(it) if s.scatter else None
+    out_ref = next(it)
+    z_out_ref = next(it) if s.store_z else None
+    gu_out_ref = next(it) if s.store_gu else None
+    dots_ref = next(it) if s.mode == "act_bwd" else None
+
+    BM, BN, BD = s.cfg.block_m, s.cfg.block_n, s.cfg.block_d
+    BR = _block_r(s.R)
+    cdt = jnp.dtype(s.cdt)
+    prec = _precision(cdt)
+    two = s.mode == "act_fwd"
+    pid_t, pid_n = pl.program_id(0), pl.program_id(1)
+    e_raw = tile_expert_ref[pid_t]
+    row0 = tile_row_ref[pid_t]
+    e = jnp.maximum(e_raw, 0)
+    row_end = jnp.where(e_raw >= 0, offsets_ref[e + 1], row0)  # surplus tiles: no rows
+    rows = row0 + _iota(BM)
+    mask_m = rows < row_end
+    src = _load(row_index_ref, rows, mask_m) if s.gather else rows
+    cols = pid_n * BN + _iota(BN)
+    mask_n = cols < s.N
+    rr = _iota(BR)
+    mask_r = rr < s.R
+
+    def w_tile(ref, dd, mask_d, nn, transposed, mask_nn):
+        # [BD, BN] in either storage order; the transposed one is returned as loaded ([BN, BD]) with a flag
+        if transposed:
+            return _load(ref, (e, nn[:, None], dd[None, :]), mask_nn[:, None] & mask_d[None, :])
+        return _load(ref, (e, dd[:, None], nn[None, :]), mask_d[:, None] & mask_nn[None, :])
+
+    def mm(a, w, transposed):
+        return _dot(a, w, prec, ((1,), (1,)) if transposed else ((1,), (0,)))
+
+    def body(i, carry):
+        carry = dict(carry)
+        dd = i * BD + _iota(BD)
+        mask_d = dd < s.D
+        a = _load(a_ref, (src[:, None], dd[None, :]), mask_m[:, None] & mask_d[None, :])
+        carry["acc"] += mm(a, w_tile(w_ref, dd, mask_d, cols, s.w_t, mask_n), s.w_t)
+        if two:
+            carry["acc2"] += mm(a, w_tile(w_ref, dd, mask_d, cols + s.N, s.w_t, mask_n), s.w_t)
+        if s.lora:
+            # the skinny LoRA-A product rides on the A tile already loaded: no second pass over A
+            carry["zacc"] += mm(a, w_tile(la_ref, dd, mask_d, rr, s.la_t, mask_r), s.la_t)
+        if s.rowdot:
+            v = _load(rowvec_ref, (e, dd), mask_d)
+            carry["racc"] += jnp.sum(a.astype(_F32) * v.astype(_F32)[None, :], axis=1)
+        return carry
+
+    init = {"acc": jnp.zeros((BM, BN), _F32)}
+    if two:
+        init["acc2"] = jnp.zeros((BM, BN), _F32)
+    if s.lora:
+        init["zacc"] = jnp.zeros((BM, BR), _F32)
+    if s.rowdot:
+        init["racc"] = jnp.zeros((BM,), _F32)
+    # a dynamic trip count (0 for surplus tiles) rather than a branch around the body; the Triton lowering turns
+    # this fori_loop into an scf.for, which it software-pipelines
+    n_d = jnp.where(e_raw >= 0, pl.cdiv(s.D, BD), 0)
+    c = lax.fori_loop(0, n_d, body, init)
+    acc, acc2 = c["acc"], c.get("acc2")
+
+    if s.lora:
+        z = (c["zacc"] * s.z_scale).astype(cdt)
+        if s.store_z:
+            # every n-tile computes the same z (same data, same order); only n-tile 0 writes it
+            z_rows = jnp.where(pid_n == 0, row_end, row0)
+            plgpu.store(z_out_ref.at[rows[:, None], rr[None, :]], z, mask=(rows < z_rows)[:, None] & mask_r[None, :])
+        acc += s.lora_scale * mm(z, w_tile(lb_ref, rr, mask_r, cols, s.lb_t, mask_n), s.lb_t)
+        if two:
+            acc2 += s.lora_scale * mm(z, w_tile(lb_ref, rr, mask_r, cols + s.N, s.lb_t, mask_n), s.lb_t)
+    if s.bias:
+        acc += _load(bias_ref, (e, cols), mask_n).astype(_F32)[None, :]
+        if two:
+            acc2 += _load(bias_ref, (e, cols + s.N), mask_n).astype(_F32)[None, :]
+
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if s.row_scale:
+        rs = _load(row_scale_ref, rows, mask_m).astype(_F32)[:, None]
+    if s.scatter:
+        # masked lanes get an out-of-range row: Triton never touches it, and interpret mode's masked store (a
+        # read-modify-write scatter) drops it instead of writing a stale value over a real row
+        dst = jnp.where(mask_m, _load(out_rows_ref, rows, mask_m), out_ref.shape[0])
+    else:
+        dst = rows
+    odt = out_ref.dtype
+    if s.mode == "act_fwd":
+        # round gate/up to the storage dtype before the activation: the rounding point of a separate-GEMM
+        # implementation, and exactly the values the backward reloads from gu
+        g, u = acc.astype(cdt), acc2.astype(cdt)
+        if s.store_gu:
+            plgpu.store(gu_out_ref.at[rows[:, None], cols[None, :]], g, mask=mask_mn)
+            plgpu.store(gu_out_ref.at[rows[:, None], (cols + s.N)[None, :]], u, mask=mask_mn)
+        res = act_fwd(g.astype(_F32), u.astype(_F32), s.activation, s.limit, s.alpha)
+        plgpu.store(out_ref.at[dst[:, None], cols[None, :]], res.astype(odt), mask=mask_mn)
+    elif s.mode == "act_bwd":
+        g = _load(gu_in_ref, (rows[:, None], cols[None, :]), mask_mn).astype(_F32)
+        u = _load(gu_in_ref, (rows[:, None], (cols + s.N)[None, :]), mask_mn).astype(_F32)
+        # h recomputed from the saved pre-activation and rounded as the forward stored it
+        h = act_fwd(g, u, s.activation, s.limit, s.alpha).astype(cdt).astype(_F32)
+        part = jnp.sum(jnp.where(mask_mn, h * acc, 0.0), axis=1)
+        if s.rowdot:
+            part += jnp.where(pid_n == 0, c["racc"], 0.0)
+        plgpu.store(dots_ref.at[rows, pid_n], part, mask=mask_m)
+        dh = acc * rs if s.row_scale else acc
+        dg, du = act_bwd(g, u, dh, s.activation, s.limit, s.alpha)
+        plgpu.store(out_ref.at[dst[:, None], cols[None, :]], dg.astype(odt), mask=mask_mn)
+        plgpu.store(out_ref.at[dst[:, None], (cols + s.N)[None, :]], du.astype(odt), mask=mask_mn)
+    else:
+        if s.row_scale:
+            # round the expert output first, then weight it: HF's grouped path rounds at the same two points
+            acc = acc.astype(cdt).astype(_F32) * rs
+        plgpu.store(out_ref.at[dst[:, None], cols[None, :]], acc.astype(odt), mask=mask_mn)
+
+
+def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, cfg: BlockConfig, interpret: bool,
+                 w_t: bool = False, row_index: jax.Array | None = None, out_rows_total: int | None = None,
+                 lora_a: jax.Array | None = None, la_t: bool = False,
+                 store_z: bool = False, lora_b: jax.Array | None = None, lb_t: bool = False, z_scale: float = 1.0,
+                 lora_scale: float = 1.0, bias: jax.Array | None = None, rowvec: jax.Array | None = None,
+                 row_scale: jax.Array | None = None, mode: str = "plain", activation: str | None = None,
+                 gu: jax.Array | None = None, store_gu: bool = False, out_rows: jax.Array | None = None,
+                 limit: float = 7.0, alpha: float = 1.702, out_dtype=None, name: str = "grouped_gemm"):
+    """Launch the NN kernel (module docstring). M = sorted rows = offsets_E1[-1] (static: the row count of
+    row_index, or of a when not gathering). `n` is the output width per half (I in the act modes).
+
+    Returns a tuple: (out, z if store_z, gu if store_gu, dots if mode == "act_bwd").
+    """
+    M = (row_index if row_index is not None else a).shape[0]
+    D = w.shape[2] if w_t else w.shape[1]
+    cdt = a.dtype
+    lora = lora_b is not None
+    if lora != (lora_a is not None):
+        raise ValueError("the LoRA epilogue needs both factors (lora_a for z, lora_b for z @ B)")
+    R = 0 if lora_b is None else (lora_b.shape[2] if lb_t else lora_b.shape[1])
+    if mode != "plain" and activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    s = _NNSpec(N=n, D=D, R=R, gather=row_index is not None, w_t=w_t, lora=lora, la_t=la_t, lb_t=lb_t,
+                store_z=bool(store_z and lora), bias=bias is not None, rowdot=rowvec is not None,
+                row_scale=row_scale is not None, mode=mode, activation=activation,
+                store_gu=bool(store_gu and mode == "act_fwd"), scatter=out_rows is not None,
+                z_scale=float(z_scale), lora_scale=float(lora_scale), limit=float(limit), alpha=float(alpha),
+                cfg=cfg, cdt=jnp.dtype(cdt).name)
+    tile_expert, tile_row = tile_schedule(offsets_E1, M, cfg.block_m)
+    n_tiles = pl.cdiv(n, cfg.block_n)
+
+    def c(x):  # operands in the compute dtype (fp32 LoRA master weights are small copies)
+        return x.astype(cdt)
+
+    ins = [tile_expert, tile_row, offsets_E1, a]
+    ins += [row_index] if s.gather else []
+    ins += [c(w)]
+    ins += [c(lora_a), c(lora_b)] if lora else []
+    ins += [bias] if s.bias else []
+    ins += [rowvec] if s.rowdot else []
+    ins += [row_scale] if s.row_scale else []
+    ins += [gu] if mode == "act_bwd" else []
+    ins += [out_rows] if s.scatter else []
+    width = 2 * n if mode == "act_bwd" else n
+    out_shape = [jax.ShapeDtypeStruct((out_rows_total or M, width), out_dtype or cdt)]
+    if s.store_z:
+        out_shape.append(jax.ShapeDtypeStruct((M, R), cdt))
+    if s.store_gu:
+        out_shape.append(jax.ShapeDtypeStruct((M, 2 * n), cdt))
+    if mode == "act_bwd":
+        out_shape.append(jax.ShapeDtypeStruct((M, n_tiles), _F32))
+    return tuple(pl.pallas_call(
+        lambda *refs: _nn_kernel(*refs, s=s), out_shape=out_shape, grid=(tile_expert.shape[0], n_tiles),
+        interpret=interpret, name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )(*ins))
+
+
+# ---- TN kernel -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _TNSpec:
+    P: int
+    Q: int
+    left: str  # "rows" | "act" | "ones"
+    gather_l: bool
+    gather_r: bool
+    row_scale: bool
+    activation: str | None
+    scale: float
+    limit: float
+    alpha: float
+    cfg: BlockConfig
+    cdt: str
+
+
+def _tn_kernel(*refs, s: _TNSpec):
+    it = iter(refs)
+    offsets_ref = next(it)
+    l_ref = next(it) if s.left != "ones" else None
+    l_index_ref = next(it) if s.gather_l else None
+    r_ref = next(it)
+    r_index_ref = next(it) if s.gather_r else None
+    row_scale_ref = next(it) if s.row_scale else None
+    out_ref = next(it)
+
+    BM, BP, BQ = s.cfg.block_m, s.cfg.block_n, s.cfg.block_d
+    cdt = jnp.dtype(s.cdt)
+    prec = _precision(cdt)
+    e = pl.program_id(0)
+    pp = pl.program_id(1) * BP + _iota(BP)
+    qq = pl.program_id(2) * BQ + _iota(BQ)
+    mask_p, mask_q = pp < s.P, qq < s.Q
+    start, end = offsets_ref[e], offsets_ref[e + 1]
+
+    def body(i, acc):
+        rows = start + i * BM + _iota(BM)
+        mask_m = rows < end
+        r_src = _load(r_index_ref, rows, mask_m) if s.gather_r else rows
+        r = _load(r_ref, (r_src[:, None], qq[None, :]), mask_m[:, None] & mask_q[None, :])
+        if s.row_scale:
+            rs = _load(row_scale_ref, rows, mask_m).astype(_F32)
+            r = (r.astype(_F32) * rs[:, None]).astype(cdt)
+        mask_mp = mask_m[:, None] & mask_p[None, :]
+        if s.left == "rows":
+            l_src = _load(l_index_ref, rows, mask_m) if s.gather_l else rows
+            lt = _load(l_ref, (l_src[:, None], pp[None, :]), mask_mp)
+        elif s.left == "act":
+            # h = act(gu) recomputed on load from the saved pre-activation: h [M, I] is never stored
+            g = _load(l_ref, (rows[:, None], pp[None, :]), mask_mp).astype(_F32)
+            u = _load(l_ref, (rows[:, None], (pp + s.P)[None, :]), mask_mp).astype(_F32)
+            lt = jnp.where(mask_mp, act_fwd(g, u, s.activation, s.limit, s.alpha), 0.0).astype(cdt)
+        else:
+            lt = jnp.where(mask_m[:, None] & (pp == 0)[None, :], 1.0, 0.0).astype(cdt)
+        return acc + _dot(lt, r, prec, ((0,), (0,)))
+
+    acc = lax.fori_loop(0, pl.cdiv(end - start, BM), body, jnp.zeros((BP, BQ), _F32))
+    plgpu.store(out_ref.at[e, pp[:, None], qq[None, :]], (acc * s.scale).astype(out_ref.dtype),
+                mask=mask_p[:, None] & mask_q[None, :])
+
+
+def grouped_gemm_tn(left: jax.Array | None, right: jax.Array, offsets_E1: jax.Array, *, p: int, cfg: BlockConfig,
+                    interpret: bool, left_index: jax.Array | None = None, right_index: jax.Array | None = None,
+                    row_scale: jax.Array | None = None, left_act: str | None = None, scale: float = 1.0,
+                    limit: float = 7.0, alpha: float = 1.702, out_dtype=_F32, name: str = "grouped_gemm_tn"):
+    """Per-expert `scale · Lrowsᵀ diag(row_scale) Rrows` -> [E, p, Q] (module docstring), fp32 by default.
+
+    left=None: a column of ones (p must be 1). left_act: `left` is gu [M, 2I] and Lrows = act(gu), p = I.
+    """
+    E = offsets_E1.shape[0] - 1
+    Q = right.shape[1]
+    cdt = right.dtype
+    left_mode = "ones" if left is None else ("act" if left_act is not None else "rows")
+    s = _TNSpec(P=p, Q=Q, left=left_mode, gather_l=left_index is not None, gather_r=right_index is not None,
+                row_scale=row_scale is not None, activation=left_act, scale=float(scale), limit=float(limit),
+                alpha=float(alpha), cfg=cfg, cdt=jnp.dtype(cdt).name)
+    ins = [offsets_E1]
+    ins += [left.astype(cdt)] if left is not None else []
+    ins += [left_index] if left_index is not None else []
+    ins += [right]
+    ins += [right_index] if right_index is not None else []
+    ins += [row_scale] if row_scale is not None else []
+    grid = (E, pl.cdiv(p, cfg.block_n), pl.cdiv(Q, cfg.block_d))
+    return pl.pallas_call(
+        lambda *refs: _tn_kernel(*refs, s=s), out_shape=jax.ShapeDtypeStruct((E, p, Q), out_dtype), grid=grid,
+        interpret=interpret, name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )(*ins)
