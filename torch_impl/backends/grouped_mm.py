@@ -13,8 +13,9 @@ Why a custom autograd.Function rather than autograd through grouped_mm:
   also keep x_sorted [M, H], h [M, I], silu(gate) [M, I] and the expert outputs o [M, H] for the routing-weight
   gradient. h is recomputed from gu (elementwise, cheap) and x_sorted by a gather; the routing-weight gradient
   uses <o, dy> = <h, dy@Wdᵀ> + s·<z2, dy@B2ᵀ> + <bd, dy>, whose GEMM dy@Wdᵀ the backward needs anyway, so o is
-  never stored. For Qwen3-30B-A3B shapes (H 2048, I 768, R 16) that is 1568 values saved per routed row instead
-  of about 6900.
+  never stored: 2I + 2R values saved per routed row. Measured with saved_tensors_hooks (T 1024, H 512, I 192,
+  E 16, K 4, R 16, fp32): 416 values (6.5 MiB) per routed row against 3003 (46.9 MiB) for autograd through the
+  same ops (the native backend), 7.2x less.
 - frozen base weights: dW is computed only when `needs_input_grad` says so (never for a frozen base).
 - CPU: torch 2.13's own grouped_mm backward fails on CPU for stride-0 (expanded) gradients, e.g. from `.sum()`.
 
