@@ -38,8 +38,9 @@ class LoRALinear(nnx.Module):
     def __init__(self, weight: jax.Array, bias: jax.Array | None = None):
         self.weight = Frozen(weight)
         self.bias = None if bias is None else Frozen(bias)
-        self.lora_A: nnx.LoRAParam | None = None
-        self.lora_B: nnx.LoRAParam | None = None
+        # nnx.data: the slots start empty but hold arrays once attach_lora fills them (None alone would be static)
+        self.lora_A: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_B: nnx.LoRAParam | None = nnx.data(None)
         self.lora_scale = 1.0
 
     @property
@@ -96,32 +97,36 @@ def _slots(model: nnx.Module) -> dict[str, tuple[nnx.Module, str]]:
     return out
 
 
-def _kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
-    # PEFT: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+def _kaiming_uniform(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
+    # PEFT: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Drawn in numpy: eager
+    # jax.random compiles once per shape, which cost seconds per model on CPU.
     bound = 1.0 / np.sqrt(fan_in)
-    return jax.random.uniform(key, shape, LORA_DTYPE, -bound, bound)
+    return jnp.asarray(rng.uniform(-bound, bound, size=shape), dtype)
 
 
-def attach_lora(model: nnx.Module, lora_cfg: LoraConfig, *, seed: int = 0) -> nnx.Module:
+def attach_lora(model: nnx.Module, lora_cfg: LoraConfig, *, seed: int | None = None,
+                lora_dtype=LORA_DTYPE) -> nnx.Module:
     """Give every target of `lora_cfg` fresh LoRA factors (A random, B zero) and the scale; returns `model`.
 
     Linear targets match by module name (`q_proj`, ..., dense/shared `gate_proj`); expert targets
     (`experts.gate_up_proj`, `experts.down_proj`) put one (A [E, in, R], B [E, R, out]) pair on every MoE layer.
-    Each factor's random draw is keyed by its canonical name, so it does not depend on traversal order.
+    Each factor's random draw is keyed by (seed, canonical name), so it does not depend on traversal order;
+    `seed=None` draws fresh entropy. Factors are stored in `lora_dtype` (fp32, as PEFT keeps them).
     """
     if getattr(model, "config", None) is not None:
         lora_cfg.validate_for(model.config)
-    R, base_key = lora_cfg.rank, jax.random.key(seed)
+    R = lora_cfg.rank
 
-    def key_for(name: str) -> jax.Array:
-        return jax.random.fold_in(base_key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    def key_for(name: str) -> np.random.Generator:
+        return np.random.default_rng(None if seed is None else [seed, zlib.crc32(name.encode())])
 
     n_attached = 0
     for name, m in _linear_modules(model):
         if name.rsplit(".", 1)[-1] not in lora_cfg.module_targets:
             continue
-        m.lora_A = nnx.LoRAParam(_kaiming_uniform(key_for(name + ".lora_A"), (m.in_features, R), m.in_features))
-        m.lora_B = nnx.LoRAParam(jnp.zeros((R, m.out_features), LORA_DTYPE))
+        m.lora_A = nnx.LoRAParam(
+            _kaiming_uniform(key_for(name + ".lora_A"), (m.in_features, R), m.in_features, lora_dtype))
+        m.lora_B = nnx.LoRAParam(jnp.zeros((R, m.out_features), lora_dtype))
         m.lora_scale = float(lora_cfg.scale)
         n_attached += 1
     for name, m in _expert_modules(model):
@@ -131,8 +136,9 @@ def attach_lora(model: nnx.Module, lora_cfg: LoraConfig, *, seed: int = 0) -> nn
             if target not in lora_cfg.targets:
                 continue
             a_name = f"{name}.{target.split('.')[1]}.lora_A"
-            setattr(m, prefix + "_lora_A", nnx.LoRAParam(_kaiming_uniform(key_for(a_name), (E, n_in, R), n_in)))
-            setattr(m, prefix + "_lora_B", nnx.LoRAParam(jnp.zeros((E, R, n_out), LORA_DTYPE)))
+            setattr(m, prefix + "_lora_A",
+                    nnx.LoRAParam(_kaiming_uniform(key_for(a_name), (E, n_in, R), n_in, lora_dtype)))
+            setattr(m, prefix + "_lora_B", nnx.LoRAParam(jnp.zeros((E, R, n_out), lora_dtype)))
             n_attached += 1
         m.lora_scale = float(lora_cfg.scale)
     if n_attached == 0:

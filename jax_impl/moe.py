@@ -10,7 +10,6 @@ Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per toke
   s·(h·A2)·B2, on routed rows only (`W + s·B·A` is never formed). Per-row outputs are weighted, un-permuted and
   summed over K in fp32 with a single rounding, as HF's grouped_mm path does.
 - `Router`, `Experts`, `MoEBlock`: the Flax NNX modules (module paths equal the canonical tensor names).
-- `load_balancing_loss`: HF's Switch-style auxiliary loss pooled over layers.
 
 Both permutations (rows into expert order, and back) are gathers whose backward is the inverse gather: no
 scatter-add anywhere in the sort, as in MaxText's `_sort_activations`.
@@ -82,29 +81,47 @@ def _route_sigmoid_group(logits_TE, routing: RoutingConfig, correction_bias_E):
 # ---- the shared permutation ------------------------------------------------------------------------------------------
 
 class ExpertSort(NamedTuple):
-    """Routed row m = t·K + k lands at sorted position `inverse_M[m]`; sorted row j is routed row `order_M[j]`,
-    of expert `expert_M[j]`; expert e owns `group_sizes_E[e]` consecutive sorted rows (possibly zero)."""
+    """Routed row m = t·K + k lands at sorted position `inverse_M[m]`; sorted row j is routed row `order_M[j]`
+    (token `token_M[j]`, slot `slot_M[j]`, expert `expert_M[j]`); expert e owns `group_sizes_E[e]` consecutive
+    sorted rows (possibly zero), ending at `offsets_E[e]`."""
 
     order_M: jax.Array
     inverse_M: jax.Array
+    token_M: jax.Array
+    slot_M: jax.Array
     expert_M: jax.Array
     group_sizes_E: jax.Array
+    offsets_E: jax.Array
+    num_tokens: int
+    top_k: int
 
 
-def sort_by_expert(expert_ids: jax.Array, num_experts: int) -> ExpertSort:
-    """Stable sort of the T·K routed rows by expert id (rows of one expert stay in (token, slot) order)."""
+def sort_by_expert(expert_ids: jax.Array, num_experts: int, *, check: bool = True) -> ExpertSort:
+    """Stable sort of the T·K routed rows by expert id (rows of one expert stay in (token, slot) order).
+
+    `check=True` rejects ids outside [0, E) when they are concrete (outside jit); route() cannot produce those.
+    """
     if expert_ids.ndim != 2:
         raise ValueError(f"expert_ids must be [T, K], got shape {expert_ids.shape}")
+    T, K = expert_ids.shape
     flat_M = expert_ids.reshape(-1).astype(jnp.int32)
+    if check and flat_M.size:
+        try:
+            lo, hi = int(flat_M.min()), int(flat_M.max())
+        except jax.errors.ConcretizationTypeError:  # traced (under jit): no values to check
+            lo, hi = 0, 0
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"expert ids must lie in [0, {num_experts}), got range [{lo}, {hi}]")
     order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
     M = flat_M.shape[0]
     # inverse permutation by a scatter of distinct indices (a set, not an add)
     inverse_M = jnp.zeros((M,), jnp.int32).at[order_M].set(jnp.arange(M, dtype=jnp.int32), unique_indices=True)
     expert_M = flat_M[order_M]
     # group boundaries by binary search in the sorted ids: no scatter-add (bincount) anywhere in the sort
-    bounds_E1 = jnp.searchsorted(expert_M, jnp.arange(num_experts + 1, dtype=jnp.int32), side="left")
-    group_sizes_E = jnp.diff(bounds_E1).astype(jnp.int32)
-    return ExpertSort(order_M, inverse_M, expert_M, group_sizes_E)
+    offsets_E = jnp.searchsorted(expert_M, jnp.arange(1, num_experts + 1, dtype=jnp.int32), side="left")
+    offsets_E = offsets_E.astype(jnp.int32)
+    group_sizes_E = jnp.diff(offsets_E, prepend=0).astype(jnp.int32)
+    return ExpertSort(order_M, inverse_M, order_M // K, order_M % K, expert_M, group_sizes_E, offsets_E, T, K)
 
 
 @jax.custom_vjp
@@ -153,18 +170,19 @@ def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.
                        w_down: jax.Array, lora_gate_up: LoraPair | None = None, lora_down: LoraPair | None = None,
                        *, scale: float = 1.0, biases: tuple[jax.Array, jax.Array] | None = None,
                        activation: str = "swiglu", swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702,
-                       backend: str = "auto") -> jax.Array:
+                       backend: str = "auto", sort: ExpertSort | None = None) -> jax.Array:
     """Routed experts with split LoRA -> y [T, H] in x's dtype (same semantics as shared_math.reference).
 
     x [T, H]; expert_ids, expert_weights [T, K]; w_gate_up [E, H, 2I] (gate 0:I, up I:2I); w_down [E, I, H];
     LoRA pairs (A [E, in, R], B [E, R, out]) or None; biases (b_gate_up [E, 2I], b_down [E, H]) or None.
     Differentiable in x, expert_weights, the LoRA factors, and (when differentiated) weights and biases.
+    `sort`: a precomputed `sort_by_expert(expert_ids, E)` to reuse.
     """
     _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     expert_mlp_sorted = get_backend(resolve_backend(backend))
     T, H = x.shape
     K = expert_ids.shape[1]
-    srt = sort_by_expert(expert_ids, w_gate_up.shape[0])
+    srt = sort_by_expert(expert_ids, w_gate_up.shape[0]) if sort is None else sort
     # repeat (backward: a reshape-sum over K), then permute (backward: the inverse gather)
     x_sorted_MH = permute_rows(jnp.repeat(x, K, axis=0), srt.order_M, srt.inverse_M)
     out_sorted_MH = expert_mlp_sorted(
@@ -220,7 +238,9 @@ class Experts(nnx.Module):
         self.down_proj = Frozen(down_proj)
         self.gate_up_proj_bias = _var(gate_up_proj_bias, False)
         self.down_proj_bias = _var(down_proj_bias, False)
-        self.gate_up_lora_A = self.gate_up_lora_B = self.down_lora_A = self.down_lora_B = None
+        # nnx.data: empty LoRA slots that attach_lora fills with arrays (None alone would be a static attribute)
+        self.gate_up_lora_A, self.gate_up_lora_B = nnx.data(None), nnx.data(None)
+        self.down_lora_A, self.down_lora_B = nnx.data(None), nnx.data(None)
         self.lora_scale = 1.0
         self.activation, self.swiglu_limit, self.swiglu_alpha = activation, float(swiglu_limit), float(swiglu_alpha)
         self.backend = resolve_backend(backend)
@@ -258,16 +278,5 @@ class MoEBlock(nnx.Module):
         logits_TE = self.router(x_TH)
         corr = self.router.e_score_correction_bias
         ids_TK, weights_TK = route(logits_TE, self.routing, None if corr is None else corr[...])
+        # (ids come from route, so sort_by_expert's range check would be redundant; it is skipped under jit anyway)
         return self.experts(x_TH, ids_TK, weights_TK), logits_TE
-
-
-def load_balancing_loss(router_logits: list[jax.Array], top_k: int, num_experts: int) -> jax.Array:
-    """HF's `load_balancing_loss_func` pooled over layers: E · Σ_e f_e · P_e, f_e the share of top-K assignments
-    to e (over all layers and tokens, Σ f = K) and P_e the mean router probability (softmax over all E)."""
-    if not router_logits:
-        return jnp.zeros((), _F32)
-    logits_NE = jnp.concatenate([lg.astype(_F32) for lg in router_logits], axis=0)
-    probs_NE = jax.nn.softmax(logits_NE, axis=-1)
-    _, ids_NK = jax.lax.top_k(probs_NE, top_k)
-    f_E = jax.nn.one_hot(ids_NK, num_experts, dtype=_F32).sum(1).mean(0)
-    return num_experts * jnp.sum(f_E * probs_NE.mean(0))

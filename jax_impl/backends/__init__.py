@@ -4,8 +4,9 @@ Every backend provides `expert_mlp_sorted(x_MH, group_sizes_E, expert_M, w_gate_
 lora_down, biases, scale, activation, swiglu_limit, swiglu_alpha) -> out_MH` on expert-sorted rows, with a VJP that
 computes base-weight gradients only when they are differentiated.
 
-`resolve_backend(name)` turns "auto" (or an explicit name) into a backend that runs here, honouring the
-`SPLITMOE_MOE_BACKEND` environment variable, and raises a clear error for one that cannot run, before any work.
+`resolve_backend(name)` turns "auto" (or an explicit name) into a backend that runs here (an explicit name beats the
+`SPLITMOE_MOE_BACKEND` environment variable, which beats auto), and raises a clear error for one that cannot run,
+before any work.
 """
 
 from __future__ import annotations
@@ -43,19 +44,23 @@ def available_backends() -> list[str]:
     return [n for n in BACKENDS if _unavailable_reason(n) is None]
 
 
-def resolve_backend(name: str = "auto") -> str:
-    """The backend to use: `$SPLITMOE_MOE_BACKEND` if set, else `name`; "auto" picks the fastest that runs here.
+def why_unavailable(name: str, device=None, dtype=None) -> str | None:
+    """Why backend `name` cannot run here (None when it can); `device`/`dtype` are accepted for symmetry with
+    torch_impl (jax backends do not depend on them yet)."""
+    return _unavailable_reason(name)
 
-    Raises ValueError (unknown name) or RuntimeError (known but cannot run here) with the reason.
+
+def resolve_backend(name: str = "auto", *, device=None, dtype=None) -> str:
+    """The backend to use. Precedence: an explicit `name` > `$SPLITMOE_MOE_BACKEND` > auto (the fastest that runs
+    here), as in torch_impl. Raises ValueError (unknown name) or RuntimeError (cannot run here) with the reason.
     """
     env = os.environ.get(ENV_VAR, "").strip()
-    chosen = env or name
+    chosen, src = (name, "moe_backend") if name != "auto" else ((env, f"${ENV_VAR}") if env else ("auto", ""))
     if chosen == "auto":
         return available_backends()[0]
     if chosen not in BACKENDS:
-        src = f"${ENV_VAR}" if env else "moe_backend"
         raise ValueError(f"{src}={chosen!r} is not a jax MoE backend; known: {', '.join(BACKENDS)} or 'auto'")
-    reason = _unavailable_reason(chosen)
+    reason = why_unavailable(chosen, device, dtype)
     if reason is not None:
         raise RuntimeError(f"MoE backend {chosen!r} cannot run on {jax.default_backend()}: {reason}")
     return chosen

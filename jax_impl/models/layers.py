@@ -1,0 +1,161 @@
+"""Transformer building blocks of jax_impl's models, rounding where HF's PyTorch code rounds.
+
+- `RMSNorm`: `w * (x_f32 * rsqrt(mean(x_f32²) + eps)).astype(x.dtype)`: statistics in fp32, cast, then the weight.
+- `RotaryEmbedding`: HF's default RoPE: inv_freq = 1 / theta^(2i/d) in fp32, angles = position · inv_freq in fp32,
+  cos/sin of `[angles, angles]` cast to the activation dtype; applied in NeoX `rotate_half` form.
+- `packed_causal_mask`: causal, and block-diagonal over packed sequences: as HF's `find_packed_sequence_indices`, a new
+  sequence starts wherever position_ids do not increase by exactly 1 (so wherever they restart at 0).
+- `Attention`: GQA with optional per-head q/k RMSNorm before RoPE (Qwen3), explicit softmax in fp32 as HF's eager path.
+- `DenseMLP`: SwiGLU `down(silu(gate(x)) * up(x))` (dense layers and shared experts).
+- `Linear` (frozen, `x @ W (+ b)`) is `jax_impl.lora.LoRALinear` without factors attached.
+- `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses.
+
+Shapes: B batch, S sequence, H hidden, N query heads, Nkv key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_impl.lora import Frozen, LoRALinear
+from shared_math.config import ModelConfig
+
+_F32 = jnp.float32
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, HF (Llama/Qwen) rounding: normalise in fp32, cast to x's dtype, times weight."""
+
+    def __init__(self, weight: jax.Array, eps: float):
+        self.weight = Frozen(weight)
+        self.eps = float(eps)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(_F32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+class RotaryEmbedding(nnx.Module):
+    """HF's default RoPE tables: (cos, sin) [B, S, D] from position_ids [B, S], in the requested dtype."""
+
+    def __init__(self, cfg: ModelConfig):
+        if cfg.rope_scaling is not None:
+            raise NotImplementedError(
+                f"rope_scaling {dict(cfg.rope_scaling)} is not supported by jax_impl's RotaryEmbedding yet "
+                "(only the default RoPE); remove it from config.json or add the scaling here")
+        dim = cfg.rotary_dim
+        # fp32 throughout, as HF builds inv_freq (int64 arange -> float32, then pow and reciprocal in fp32)
+        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+        self.inv_freq = Frozen(jnp.asarray(1.0 / (np.float32(cfg.rope_theta) ** exponents), _F32))
+        self.attention_scaling = 1.0
+
+    def __call__(self, position_ids_BS: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        freqs_BSd = position_ids_BS.astype(_F32)[..., None] * self.inv_freq[...]
+        emb_BSD = jnp.concatenate([freqs_BSd, freqs_BSd], axis=-1)
+        cos, sin = jnp.cos(emb_BSD) * self.attention_scaling, jnp.sin(emb_BSD) * self.attention_scaling
+        return cos.astype(dtype), sin.astype(dtype)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x_BSND: jax.Array, cos_BSD: jax.Array, sin_BSD: jax.Array) -> jax.Array:
+    """NeoX RoPE on every head: x·cos + rotate_half(x)·sin, broadcasting the tables over heads."""
+    cos, sin = cos_BSD[:, :, None, :], sin_BSD[:, :, None, :]
+    return x_BSND * cos + _rotate_half(x_BSND) * sin
+
+
+def packed_causal_mask(position_ids_BS: jax.Array) -> jax.Array:
+    """[B, S, S] boolean: query i may attend key j iff j <= i and both lie in the same packed sequence."""
+    B, S = position_ids_BS.shape
+    prev = jnp.concatenate([position_ids_BS[:, :1] - 1, position_ids_BS[:, :-1]], axis=1)
+    seq_BS = jnp.cumsum(position_ids_BS - prev != 1, axis=1)
+    causal_SS = jnp.tril(jnp.ones((S, S), bool))
+    return causal_SS[None] & (seq_BS[:, :, None] == seq_BS[:, None, :])
+
+
+class Attention(nnx.Module):
+    """GQA self-attention `o_proj(softmax(q·kᵀ/√D + mask)·v)` with optional q/k RMSNorm before RoPE."""
+
+    def __init__(self, cfg: ModelConfig, q_proj: LoRALinear, k_proj: LoRALinear, v_proj: LoRALinear,
+                 o_proj: LoRALinear, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+        if cfg.attention != "gqa" or cfg.attention_sinks or cfg.sliding_window is not None:
+            raise NotImplementedError(
+                f"{cfg.family}: jax_impl's Attention covers full GQA attention (no MLA, sinks or sliding window)")
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.q_norm, self.k_norm = q_norm, k_norm
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scaling = cfg.head_dim ** -0.5
+
+    def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask_BSS: jax.Array) -> jax.Array:
+        B, S, _ = x_BSH.shape
+        N, Nkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BSND = self.q_proj(x_BSH).reshape(B, S, N, D)
+        k_BSND = self.k_proj(x_BSH).reshape(B, S, Nkv, D)
+        v_BSND = self.v_proj(x_BSH).reshape(B, S, Nkv, D)
+        if self.q_norm is not None:
+            q_BSND, k_BSND = self.q_norm(q_BSND), self.k_norm(k_BSND)
+        q_BSND, k_BSND = apply_rotary(q_BSND, cos, sin), apply_rotary(k_BSND, cos, sin)
+        cd = x_BSH.dtype
+        # query head n·G + g reads kv head n, as HF's repeat_kv
+        q_BSNGD = q_BSND.reshape(B, S, Nkv, N // Nkv, D)
+        scores = jnp.einsum("bqngd,bknd->bngqk", q_BSNGD, k_BSND, preferred_element_type=_F32).astype(cd)
+        scores = scores * jnp.asarray(self.scaling, cd)
+        scores = jnp.where(mask_BSS[:, None, None], scores.astype(_F32), jnp.finfo(_F32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
+        out_BSNGD = jnp.einsum("bngqk,bknd->bqngd", probs, v_BSND, preferred_element_type=_F32).astype(cd)
+        return self.o_proj(out_BSNGD.reshape(B, S, N * D))
+
+
+class DenseMLP(nnx.Module):
+    """SwiGLU MLP `down(silu(gate(x)) * up(x))` (HF rounds silu's output before the product)."""
+
+    def __init__(self, gate_proj: LoRALinear, up_proj: LoRALinear, down_proj: LoRALinear):
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        g = self.gate_proj(x)
+        g32 = g.astype(_F32)
+        return self.down_proj((g32 * jax.nn.sigmoid(g32)).astype(g.dtype) * self.up_proj(x))
+
+
+Linear = LoRALinear  # frozen unless attach_lora gives it factors
+
+
+class CausalLMOutput(NamedTuple):
+    """logits [B, S, V] in the model dtype; loss (fp32 scalar) when labels were given; aux_loss (fp32 scalar) when
+    the config asks for router logits (HF's `output_router_logits`), else None."""
+
+    logits: jax.Array
+    loss: jax.Array | None = None
+    aux_loss: jax.Array | None = None
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -100) -> jax.Array:
+    """HF's ForCausalLMLoss: fp32 logits; logits[:, s] predicts labels[:, s+1]; mean cross-entropy over the
+    non-ignored positions. Packed documents are not separated (HF does not either: mask boundaries in labels)."""
+    logits_f = logits[:, :-1].astype(_F32)
+    target = labels[:, 1:]
+    valid = target != ignore_index
+    logz = jax.nn.logsumexp(logits_f, axis=-1)
+    picked = jnp.take_along_axis(logits_f, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, logz - picked, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+
+def load_balancing_loss(router_logits: list[jax.Array], num_experts: int, top_k: int) -> jax.Array:
+    """HF's load_balancing_loss_func without an attention mask: softmax over E, top-K; the pooled fraction of
+    assignments f_e and mean probability P_e over all MoE layers and tokens; E · Σ_e f_e · P_e (fp32)."""
+    logits_NE = jnp.concatenate([lg.astype(_F32) for lg in router_logits], axis=0)
+    probs_NE = jax.nn.softmax(logits_NE, axis=-1)
+    _, ids_NK = jax.lax.top_k(probs_NE, top_k)
+    f_E = jax.nn.one_hot(ids_NK, num_experts, dtype=_F32).sum(1).mean(0)
+    return num_experts * jnp.sum(f_E * probs_NE.mean(0))
