@@ -44,6 +44,10 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("float32", "logits"): Tolerance(1e-5, 1e-6, _F32),
     ("float32", "loss"): Tolerance(1e-6, 1e-6, "fp32 cross-entropy is a mean over tokens: errors average out"),
     ("float32", "lora_grad"): Tolerance(5e-5, 1e-8, _F32 + "; LoRA grads sum over all routed rows and layers"),
+    # A short training run (splitmoe compare): each step's ~1e-7 loss/gradient difference moves the next step's
+    # weights by AdamW updates of ~lr·(g/|g|), so differences compound over steps; measured at most 4e-7
+    # relative over 20 steps of configs/runs/compare_tiny.yaml (CPU); ARCHITECTURE.md's fp32 target is 1e-5.
+    ("float32", "train_loss"): Tolerance(1e-5, 0.0, _F32 + "; compounded over AdamW steps of a short run"),
     # fp16 is what the Triton interpreter tests use on CPU (its bf16 dot is broken): u = 4.9e-4.
     ("float16", "moe_block"): Tolerance(5e-3, 1e-3, "fp16 storage (u=4.9e-4), ~3 roundings, fp32 accumulation"),
     ("float16", "moe_grad"): Tolerance(1e-2, 1e-3, "fp16 backward: ~6 roundings"),
@@ -52,6 +56,8 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("bfloat16", "routing_weights"): Tolerance(8e-3, 1e-4, "router weights rounded to bf16 once (u=3.9e-3)"),
     ("bfloat16", "logits"): Tolerance(4e-2, 1e-2, _BF16_MODEL),
     ("bfloat16", "loss"): Tolerance(1e-2, 1e-2, "bf16 model; the loss is a mean over tokens, so errors average"),
+    # bf16 training: each framework rounds its own forward differently, and the runs drift apart step by step.
+    ("bfloat16", "train_loss"): Tolerance(3e-2, 0.0, _BF16_MODEL + "; compounded over AdamW steps"),
     ("bfloat16", "lora_grad"): Tolerance(8e-2, 1e-4, _BF16_MODEL + "; plus the backward's roundings"),
     # A bf16 model's LoRA gradients against the fp32 model's (HF + PEFT in fp32): measured on the tiny 2-layer Qwen3-MoE
     # with K = E, HF + PEFT's own bf16 LoRA gradients are up to 0.105·max off its fp32 ones (torch_impl's 0.11), for

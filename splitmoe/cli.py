@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", default="1024,4096,16384,65536", help="comma-separated token counts")
     c.add_argument("--rank", type=int, default=64)
     c.set_defaults(func=_plan)
+
+    from splitmoe.train_cli import add_train_parsers
+
+    add_train_parsers(sub)
     return p
 
 

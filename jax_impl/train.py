@@ -1,0 +1,194 @@
+"""Split-LoRA fine-tuning in JAX + Flax NNX + optax: `Trainer` (one object a notebook can drive) and `train(cfg)`.
+
+Mirrors `torch_impl.train` name for name. Everything that is not the forward/backward or the optimizer call lives in
+`shared_math.training` (data, LoRA init, schedule, clipping rule, atomic checkpoints, metrics, plots), so both
+frameworks see the same batches, start from the same adapter and apply the same learning rates.
+
+One optimizer step: `grad_accum` micro-batches, each `value_and_grad(loss / grad_accum)` over the `nnx.LoRAParam`
+state (jitted, the rest of the model closed over), gradients summed; the pre-clip global norm; NaN/inf check
+(TrainingDiverged, no update); gradients scaled by `clip_coefficient`; `optax.adamw` (decoupled weight decay,
+eps outside the square root: torch.optim.AdamW's semantics) with the learning rate injected per step from `lr_at`.
+
+Training state: numpy `.npz` files (LoRA tensors by canonical name, the optax state's leaves in tree order, the
+PRNG key) inside the same atomically written checkpoint folder as torch's. Not orbax: its save is asynchronous and
+its commit protocol (a temporary folder renamed on finalisation) does not fsync on a local file system, while this
+protocol fsyncs every file and the folder before the rename; the state is a few MB of LoRA and AdamW moments, for
+which npz is simple and exact.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jax_impl.load import load_model
+from jax_impl.lora import load_lora_state_dict, lora_state_dict, save_adapter
+from shared_math.train_config import ConfigError, RunConfig
+from shared_math.training import (
+    PreparedRun,
+    TrainResult,
+    check_finite,
+    check_resume,
+    checkpoint_meta,
+    clip_coefficient,
+    exact_match_eval,
+    init_lora_tensors,
+    lr_at,
+    prepare_run,
+    run_training,
+    write_checkpoint_atomic,
+)
+
+FRAMEWORK = "jax"
+STATE_FILE = "state.npz"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Trainer:
+    """A model with split LoRA, its optax AdamW state and data, stepping one optimizer step at a time.
+
+    `Trainer(cfg)` builds the checkpoint (tiny preset) and data of `cfg`, loads the model, attaches LoRA and loads
+    the shared numpy initial adapter. `train_step()`, `evaluate()`, `save_checkpoint()`, `restore(folder)`,
+    `save_adapter(folder)`.
+    """
+
+    framework = FRAMEWORK
+
+    def __init__(self, cfg: RunConfig, *, out_dir: str | Path | None = None, run: PreparedRun | None = None) -> None:
+        if cfg.lora.train_router:
+            raise ConfigError("lora.train_router is not supported by jax_impl yet (its attach_lora keeps routers "
+                              "frozen); train it with --framework torch")
+        self.cfg = cfg
+        self.run = run if run is not None else prepare_run(cfg, out_dir)
+        if cfg.model.dtype == "float32":  # fp32 means fp32 (numerics policy): full-precision matmuls
+            jax.config.update("jax_default_matmul_precision", "highest")
+        self.model = load_model(self.run.checkpoint, lora=cfg.lora, dtype=_DTYPES[cfg.model.dtype],
+                                moe_backend=cfg.model.moe_backend)
+        load_lora_state_dict(self.model, init_lora_tensors(cfg.lora, self.run.model_cfg, cfg.train.seed))
+        self.graphdef, self.params, self.rest = nnx.split(self.model, nnx.LoRAParam, ...)
+        o = cfg.optim
+        self.optimizer = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=o.lr, b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
+        self.opt_state = self.optimizer.init(self.params)
+        self.rng = jax.random.key(cfg.train.seed)  # carried in the state for future stochastic layers (dropout)
+        self.step = 0  # optimizer steps taken
+        graphdef = self.graphdef
+
+        def loss_fn(params, rest, input_ids, labels, position_ids, scale):
+            """(loss · scale, loss): the gradient is taken of the scaled loss, as torch's (loss / accum).backward()."""
+            model = nnx.merge(graphdef, params, rest)
+            loss = model(input_ids, labels=labels, position_ids=position_ids).loss
+            return loss * scale, loss
+
+        self._loss_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+        self._loss = jax.jit(lambda *a: loss_fn(*a)[1])
+
+        def apply(params, opt_state, grads, coef, lr):
+            grads = jax.tree.map(lambda g: g * coef, grads)
+            opt_state.hyperparams["learning_rate"] = lr
+            updates, opt_state = self.optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        self._apply = jax.jit(apply)
+        self._logits = jax.jit(lambda params, rest, ids, pos: nnx.merge(graphdef, params, rest)(
+            ids, position_ids=pos).logits.astype(jnp.float32))
+
+    # ---- one step ------------------------------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over `grad_accum` micro-batches -> (mean micro-batch loss, pre-clip grad norm)."""
+        accum = self.cfg.train.grad_accum
+        losses, grads = [], None
+        for i in range(accum):
+            b = self.run.train_data.batch(self.step * accum + i)
+            (_, loss), g = self._loss_and_grad(self.params, self.rest, jnp.asarray(b["input_ids"]),
+                                               jnp.asarray(b["labels"]), jnp.asarray(b["position_ids"]), 1.0 / accum)
+            losses.append(float(loss))
+            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        loss = float(np.mean(losses))
+        norm = float(optax.global_norm(grads))
+        check_finite(self.step, loss, norm, self.run.out_dir)
+        coef = clip_coefficient(norm, self.cfg.optim.max_grad_norm)
+        self.params, self.opt_state = self._apply(self.params, self.opt_state, grads, jnp.float32(coef),
+                                                  jnp.float32(lr_at(self.step, self.cfg)))
+        nnx.update(self.model, self.params)  # keep the module view current (evaluate, save_adapter)
+        self.step += 1
+        return loss, norm
+
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+    def logits(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Logits [B, S, V] as float32 numpy."""
+        return np.asarray(self._logits(self.params, self.rest, jnp.asarray(input_ids), jnp.asarray(position_ids)))
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out loss (token-weighted over the eval rows) and exact-match (greedy decoding), where available."""
+        row: dict[str, Any] = {"step": self.step}
+        ev = self.run.eval_data
+        if ev is not None:
+            total, count = 0.0, 0
+            for k in range(ev.batches_per_epoch):
+                b = ev.batch(k)
+                n = int((b["labels"][:, 1:] != -100).sum())
+                loss = self._loss(self.params, self.rest, jnp.asarray(b["input_ids"]), jnp.asarray(b["labels"]),
+                                  jnp.asarray(b["position_ids"]), 1.0)
+                total, count = total + float(loss) * n, count + n
+            row["eval_loss"] = total / max(count, 1)
+        em = exact_match_eval(self.run, self.logits)
+        if em is not None:
+            row["exact_match"] = em
+        return row
+
+    # ---- state -------------------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write the training state at this step atomically under `<out_dir>/checkpoints/step_XXXXXXXX`."""
+        def write(tmp: Path) -> None:
+            arrays = {f"lora/{k}": v for k, v in lora_state_dict(self.model).items()}
+            for i, leaf in enumerate(jax.tree.leaves(self.opt_state)):
+                arrays[f"opt/{i:05d}"] = np.asarray(leaf)
+            arrays["rng"] = np.asarray(jax.random.key_data(self.rng))
+            arrays["step"] = np.asarray(self.step)
+            with open(tmp / STATE_FILE, "wb") as f:
+                np.savez(f, **arrays)
+
+        meta = checkpoint_meta(self.cfg, self.step, FRAMEWORK)
+        return write_checkpoint_atomic(self.run.out_dir, self.step, meta, write, keep=self.cfg.train.keep_checkpoints)
+
+    def restore(self, folder: str | Path) -> None:
+        """Load a checkpoint written by `save_checkpoint` (same framework and an equivalent config)."""
+        folder = Path(folder)
+        meta = check_resume(folder, self.cfg, FRAMEWORK)
+        with np.load(folder / STATE_FILE) as z:
+            arrays = {k: z[k] for k in z.files}
+        load_lora_state_dict(self.model, {k[5:]: v for k, v in arrays.items() if k.startswith("lora/")})
+        _, self.params, _ = nnx.split(self.model, nnx.LoRAParam, ...)
+        leaves, treedef = jax.tree.flatten(self.opt_state)
+        saved = [arrays[k] for k in sorted(k for k in arrays if k.startswith("opt/"))]
+        if len(saved) != len(leaves) or any(np.shape(a) != np.shape(b) for a, b in zip(saved, leaves)):
+            raise ConfigError(f"{folder}: its optimizer state does not fit this model's adapters")
+        self.opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a, dtype=jnp.asarray(b).dtype)
+                                                      for a, b in zip(saved, leaves)])
+        self.rng = jax.random.wrap_key_data(jnp.asarray(arrays["rng"]))
+        self.step = int(meta["step"])
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        """The adapter in PEFT format (loads with peft.PeftModel.from_pretrained onto the HF model)."""
+        return save_adapter(self.model, folder)
+
+
+def train(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = False, stop_after: int | None = None,
+          progress: bool = True, trainer: Trainer | None = None) -> TrainResult:
+    """Run `cfg` to `train.steps` (or to step `stop_after`): eval before, every `eval_every` and after; checkpoints
+    every `save_every`; metrics.jsonl, loss.png and the PEFT adapter (`adapter/`) in the run folder.
+
+    `resume`: continue from the newest checkpoint in the run folder (refused if its config differs). Without it, a
+    run folder that already holds checkpoints is refused, so a run is never overwritten by accident.
+    """
+    t0 = time.perf_counter()
+    tr = trainer if trainer is not None else Trainer(cfg, out_dir=out_dir)
+    return run_training(tr, resume=resume, stop_after=stop_after, progress=progress, t0=t0)

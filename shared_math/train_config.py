@@ -1,0 +1,287 @@
+"""The run-config schema shared by `torch_impl.train` and `jax_impl.train`: frozen dataclasses read from YAML, with
+`key=value` overrides (`optim.lr=1e-3`, `lora.targets=[q_proj,v_proj]`); an unknown key is an error that lists the
+known ones.
+
+    model:  path (HF checkpoint folder) or tiny (a configs/models/*.yaml preset, built into the run folder),
+            dtype float32 | bfloat16, moe_backend
+    lora:   shared_math.config.LoraConfig (rank, alpha, targets, rslora, train_router)
+    data:   source synthetic | jsonl; path / eval_path (JSONL); synthetic (shared_math.tasks.TaskSpec);
+            seq_len, batch_size (rows per micro-batch), seed (shuffling)
+    optim:  AdamW (lr, betas, eps, weight_decay), warmup + cosine to min_lr_ratio·lr, max_grad_norm
+    train:  steps (optimizer steps), grad_accum, seed (LoRA init), eval_every, save_every, log_every,
+            max_new_tokens (greedy decoding for exact-match), keep_checkpoints, out_dir
+    framework: torch | jax
+
+`trajectory_dict(cfg)` is the part of a config that determines the sequence of losses; resuming from a folder whose
+trajectory_dict differs is refused (`diff_configs` names the keys).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from shared_math.config import LoraConfig
+from shared_math.tasks import TaskSpec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A run config is invalid: unknown key, wrong type or value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str | None = None  # HF checkpoint folder (config.json + safetensors [+ tokenizer.json])
+    tiny: str | None = "configs/models/qwen3_moe_tiny.yaml"  # used when path is null: built into <out_dir>/model
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    moe_backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: Literal["synthetic", "jsonl"] = "synthetic"
+    path: str | None = None  # training JSONL (source jsonl)
+    eval_path: str | None = None  # held-out JSONL: eval loss, and exact-match on chat records
+    synthetic: TaskSpec = field(default_factory=TaskSpec)
+    seq_len: int = 64
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 5e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled (AdamW): p <- p - lr·wd·p, on every trainable tensor
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0  # cosine decays from lr to min_lr_ratio·lr at `train.steps`
+    max_grad_norm: float = 1.0  # global-norm clipping; 0 disables
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 400
+    grad_accum: int = 1
+    seed: int = 0  # LoRA init (drawn in numpy, identical in both frameworks)
+    eval_every: int = 100  # 0: only before and after training
+    save_every: int = 100  # 0: no training-state checkpoints (the adapter is still saved at the end)
+    log_every: int = 10
+    max_new_tokens: int = 8
+    eval_batch_size: int = 64
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=16, alpha=32.0))
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    framework: Literal["torch", "jax"] = "torch"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+# Keys that do not change the loss sequence: a run may be resumed with other values for them.
+NON_TRAJECTORY_KEYS = frozenset({"train.eval_every", "train.save_every", "train.log_every", "train.out_dir",
+                                 "train.max_new_tokens", "train.eval_batch_size", "train.keep_checkpoints",
+                                 "data.eval_path", "data.synthetic.num_eval"})
+
+
+def _validate(cfg: RunConfig) -> None:
+    positive = {"data.seq_len": cfg.data.seq_len, "data.batch_size": cfg.data.batch_size,
+                "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum,
+                "train.log_every": cfg.train.log_every, "train.keep_checkpoints": cfg.train.keep_checkpoints,
+                "train.eval_batch_size": cfg.train.eval_batch_size, "train.max_new_tokens": cfg.train.max_new_tokens}
+    for k, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{k} must be >= 1, got {v}")
+    for k, v in {"train.eval_every": cfg.train.eval_every, "train.save_every": cfg.train.save_every,
+                 "optim.warmup_steps": cfg.optim.warmup_steps}.items():
+        if v < 0:
+            raise ConfigError(f"{k} must be >= 0, got {v}")
+    o = cfg.optim
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise ConfigError(f"optim.lr must be a finite number > 0, got {o.lr}")
+    for k in ("beta1", "beta2"):
+        if not 0 <= getattr(o, k) < 1:
+            raise ConfigError(f"optim.{k} must be in [0, 1), got {getattr(o, k)}")
+    if o.eps <= 0 or o.weight_decay < 0 or o.max_grad_norm < 0 or not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError("optim: need eps > 0, weight_decay >= 0, max_grad_norm >= 0, 0 <= min_lr_ratio <= 1")
+    if cfg.model.path is None and cfg.model.tiny is None:
+        raise ConfigError("model: set path (a HF checkpoint folder) or tiny (a configs/models/*.yaml preset)")
+    if cfg.data.source == "jsonl" and not cfg.data.path:
+        raise ConfigError("data.source is jsonl but data.path is not set")
+
+
+# ---- dict <-> dataclasses --------------------------------------------------------------------------------------------
+
+def to_dict(obj: Any) -> Any:
+    """A config (or section) as plain YAML/JSON-able data (tuples become lists)."""
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert one leaf value against its type hint; raise ConfigError naming `key`."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ConfigError(f"{key} must be one of {list(get_args(hint))}, got {value!r}")
+        return value
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if type(None) in get_args(hint):
+        if value is None:
+            return None
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
+    if origin is tuple or hint is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts; unknown keys and wrong types are ConfigErrors naming the key."""
+    data = {} if data is None else data
+    where = prefix.rstrip(".") or "the run config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[prefix + k for k in unknown]} in {where}; known keys: "
+                          f"{', '.join(prefix + n for n in names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        hint, key = hints[name], prefix + name
+        if is_dataclass(hint):
+            kwargs[name] = from_dict(hint, data[name], key + ".")
+        else:
+            kwargs[name] = _coerce(data[name], hint, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML: numbers, true/false, null, [lists]) to `data`."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        _set_dotted(data, key, value)
+    return data
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """RunConfig from a YAML file (None: the defaults, i.e. the embedded default job) plus `key=value` overrides."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"run config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a run config is a mapping of sections (model, lora, data, optim, train)")
+    apply_overrides(data, list(overrides or []))
+    return from_dict(RunConfig, data)
+
+
+def with_overrides(cfg: RunConfig, *overrides: str) -> RunConfig:
+    """A copy of `cfg` with `key=value` overrides applied (handy in notebooks and tests)."""
+    return from_dict(RunConfig, apply_overrides(to_dict(cfg), list(overrides)))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def trajectory_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The flattened config minus the keys that cannot change the losses (NON_TRAJECTORY_KEYS)."""
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in NON_TRAJECTORY_KEYS}
+
+
+def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: saved -> current` for every key whose value differs (both flattened trajectory dicts)."""
+    return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+
+def resolve_path(p: str | Path) -> Path:
+    """A path as given if it exists relative to the working directory, else relative to the repository root
+    (so `configs/...` works from anywhere)."""
+    p = Path(p)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+
+
+__all__ = ["ConfigError", "DataSection", "ModelSection", "OptimSection", "RunConfig", "TrainSection",
+           "apply_overrides", "diff_configs", "from_dict", "load_run_config", "to_dict", "trajectory_dict",
+           "with_overrides"]

@@ -1,0 +1,474 @@
+"""Framework-free pieces of a training run, shared by `torch_impl.train` and `jax_impl.train` so that the two differ
+only in the forward/backward and the optimizer call:
+
+- `prepare_run(cfg)`: the checkpoint (a tiny preset is built into `<out_dir>/model`), tokenizer, packed training
+  data, held-out records; `init_lora_tensors`: the initial adapter drawn in numpy from `train.seed` (A ~ PEFT's
+  kaiming-uniform U(±1/sqrt(in)), B = 0), loaded into either framework so both start from the same adapter.
+- `lr_at(step)`: linear warmup then cosine decay, evaluated in Python for both frameworks.
+- `clip_coefficient(norm)`: global-norm clipping as torch's clip_grad_norm_ computes it, applied in both.
+- Checkpoints: `write_checkpoint_atomic` writes a step folder into a temporary folder, fsyncs every file and the
+  folder, then renames it into place (rename is atomic on POSIX), so a crash or kill during a save leaves the previous
+  checkpoint untouched; `latest_checkpoint`, `check_resume` (refuses a folder made by a different config).
+- `MetricsLog` (JSONL), `Progress` (stderr bar: loss, tokens/s, memory), `plot_run` / `plot_compare` (PNG, Agg).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared_math import data as data_mod
+from shared_math import tasks as tasks_mod
+from shared_math.config import LoraConfig, ModelConfig
+from shared_math.train_config import (
+    ConfigError,
+    RunConfig,
+    diff_configs,
+    resolve_path,
+    to_dict,
+    trajectory_dict,
+)
+
+CHECKPOINT_DIR = "checkpoints"
+META = "meta.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+
+
+# ---- run set-up ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class PreparedRun:
+    """Everything a trainer needs that does not depend on the framework."""
+
+    cfg: RunConfig
+    out_dir: Path
+    checkpoint: Path
+    model_cfg: ModelConfig
+    tokenizer: data_mod.Tokenizer
+    train_data: data_mod.PackedDataset
+    eval_records: list[dict[str, Any]] = field(default_factory=list)
+    eval_data: data_mod.PackedDataset | None = None
+
+
+def build_model_checkpoint(cfg: RunConfig, out_dir: Path) -> Path:
+    """`model.path`, or the `model.tiny` preset written to `<out_dir>/model` (rewritten only if absent)."""
+    if cfg.model.path is not None:
+        p = resolve_path(cfg.model.path)
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.path {cfg.model.path}: no config.json there (a HF checkpoint folder)")
+        return p
+    from shared_math.checkpoint import write_tiny_checkpoint
+
+    spec = _load_model_yaml(resolve_path(cfg.model.tiny))
+    dest = out_dir / "model"
+    if not (dest / "config.json").is_file():
+        write_tiny_checkpoint(spec["family"], dest, seed=spec["seed"], **spec["overrides"])
+    return dest
+
+
+def _load_model_yaml(path: Path) -> dict[str, Any]:
+    """A configs/models/*.yaml preset (`family`, `seed`, `overrides`), as `splitmoe make-tiny --config` reads it."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"model.tiny {path} does not exist (a configs/models/*.yaml preset)")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - {"family", "seed", "overrides"}
+    if unknown or "family" not in spec:
+        raise ConfigError(f"{path}: a model preset has family, seed, overrides (unknown: {sorted(unknown)})")
+    return {"family": spec["family"], "seed": int(spec.get("seed", 0)), "overrides": spec.get("overrides") or {}}
+
+
+def prepare_run(cfg: RunConfig, out_dir: str | Path | None = None) -> PreparedRun:
+    """Build or find the checkpoint, the tokenizer and the datasets of `cfg` (errors name the bad input)."""
+    out = Path(out_dir if out_dir is not None else cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = build_model_checkpoint(cfg, out)
+    model_cfg = ModelConfig.from_hf(ckpt)
+    cfg.lora.validate_for(model_cfg)
+    tok = data_mod.load_tokenizer(ckpt, model_cfg.vocab_size)
+    d = cfg.data
+    if d.source == "synthetic":
+        train_recs, eval_recs = tasks_mod.generate(d.synthetic)
+        source = "synthetic"
+    else:
+        path = resolve_path(d.path)
+        train_recs, source = data_mod.read_jsonl(path), str(path)
+        eval_recs = data_mod.read_jsonl(resolve_path(d.eval_path)) if d.eval_path else []
+    kw = dict(seq_len=d.seq_len, seed=d.seed, max_positions=model_cfg.max_position_embeddings)
+    train_data = data_mod.PackedDataset(train_recs, tok, batch_size=d.batch_size, source=source, **kw)
+    eval_data = None
+    if eval_recs:
+        eval_source = "synthetic held-out" if d.source == "synthetic" else str(resolve_path(d.eval_path))
+        eval_data = data_mod.PackedDataset(eval_recs, tok, batch_size=cfg.train.eval_batch_size,
+                                           source=eval_source, **kw)
+    chat_evals = [r for r in eval_recs if "messages" in r and r["messages"][-1].get("role") == "assistant"]
+    return PreparedRun(cfg, out, ckpt, model_cfg, tok, train_data, chat_evals, eval_data)
+
+
+def init_lora_tensors(lora: LoraConfig, model_cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """The initial adapter in canonical names: A ~ U(±1/sqrt(in)) (PEFT's kaiming_uniform(a=√5)), B = 0, float32.
+
+    Each A is drawn from its own generator seeded by (seed, crc32(name)), so it does not depend on the order or the
+    set of other targets."""
+    from shared_math.adapter import expected_lora_shapes
+
+    out = {}
+    for name, shape in expected_lora_shapes(lora, model_cfg).items():
+        if name.endswith(".lora_A"):
+            bound = 1.0 / math.sqrt(shape[-2])
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            out[name] = rng.uniform(-bound, bound, shape).astype(np.float32)
+        else:
+            out[name] = np.zeros(shape, np.float32)
+    return out
+
+
+# ---- optimisation ---------------------------------------------------------------------------------------------------
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Learning rate of update number `step` (0-based): linear warmup over `warmup_steps` ((step+1)/warmup), then
+    cosine from lr down to min_lr_ratio·lr at `train.steps`."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    span = max(1, total - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def clip_coefficient(grad_norm: float, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)); 1 when clipping is off. Both
+    frameworks multiply their gradients by this number, so clipping is identical."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (grad_norm + 1e-6))
+
+
+def check_finite(step: int, loss: float, grad_norm: float, out_dir: Path) -> None:
+    """Raise TrainingDiverged (naming the last good checkpoint) if the loss or the gradient norm is NaN/inf."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    last = latest_checkpoint(out_dir)
+    keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+    raise TrainingDiverged(
+        f"training diverged at step {step + 1}: loss={loss}, grad_norm={grad_norm}; the update was not applied "
+        f"and {keep}. Lower optim.lr, keep optim.max_grad_norm > 0, or train in float32.")
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint_atomic(out_dir: Path, step: int, meta: dict[str, Any], write_files: Callable[[Path], None],
+                            *, keep: int = 2) -> Path:
+    """Write checkpoint `step` under `<out_dir>/checkpoints/` so that it appears complete or not at all.
+
+    `write_files(tmp)` writes the framework's files into a temporary folder; then meta.json is written (last, so a
+    folder with meta.json is complete), every file and the folder are fsynced, the folder is renamed to
+    `step_XXXXXXXX` and the parent fsynced. Older checkpoints beyond `keep` are removed only after that.
+    """
+    root = out_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_files(tmp)
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    for f in tmp.iterdir():
+        _fsync_path(f)
+    _fsync_path(tmp)
+    if final.exists():  # a re-save of the same step (e.g. after resume): replace it as a whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_path(root)
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder (temporary folders of interrupted saves are ignored)."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    done = sorted(p for p in root.glob("step_*") if (p / META).is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def clean_partial_checkpoints(out_dir: Path) -> None:
+    """Remove temporary folders left by saves that were interrupted."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    for p in root.glob(".tmp-step_*") if root.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def checkpoint_meta(cfg: RunConfig, step: int, framework: str, **extra: Any) -> dict[str, Any]:
+    return {"step": step, "framework": framework, "data_position": step * cfg.train.grad_accum,
+            "config": to_dict(cfg), "trajectory": trajectory_dict(cfg), **extra}
+
+
+def check_resume(ckpt: Path, cfg: RunConfig, framework: str) -> dict[str, Any]:
+    """meta.json of `ckpt` after checking that it was written by this framework and an equivalent config."""
+    meta = json.loads((ckpt / META).read_text())
+    if meta.get("framework") != framework:
+        raise ConfigError(f"cannot resume: {ckpt} holds a {meta.get('framework')} training state, this run is "
+                          f"{framework}")
+    diffs = diff_configs(meta.get("trajectory", {}), trajectory_dict(cfg))
+    if diffs:
+        raise ConfigError(f"cannot resume from {ckpt}: it was written by a different config ("
+                          + "; ".join(diffs) + "). Use a fresh train.out_dir, or the same config.")
+    return meta
+
+
+# ---- logging, progress, plots -------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """Append-only JSONL of training and eval rows; on resume, rows after the resumed step are dropped (the run
+    recomputes them)."""
+
+    def __init__(self, path: Path, *, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            keep = [r for r in rows if r.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process in MiB (CPU runs; GPU trainers report device memory instead)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Progress:
+    """One stderr line per `log_every` steps (rewritten in place on a terminal): step, loss, lr, tokens/s, memory."""
+
+    def __init__(self, total: int, *, enabled: bool = True, label: str = "") -> None:
+        self.total, self.enabled, self.label = total, enabled, label
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mem_mb: float) -> None:
+        if not self.enabled:
+            return
+        width = 20
+        done = int(width * step / self.total)
+        line = (f"{self.label}[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {loss:.4f} "
+                f"lr {lr:.2e} {tokens_per_s / 1e3:.1f}k tok/s mem {mem_mb:.0f} MiB")
+        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
+        sys.stderr.flush()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(("\n" if self.tty else "") + text + "\n")
+            sys.stderr.flush()
+
+
+def plot_run(rows: Sequence[dict[str, Any]], png: Path, title: str = "") -> Path:
+    """Training loss per step (and eval loss / exact-match where logged) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r or "exact_match" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if any("eval_loss" in r for r in evals):
+        ev = [r for r in evals if "eval_loss" in r]
+        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    if any("exact_match" in r for r in evals):
+        ax2 = ax.twinx()
+        em = [r for r in evals if "exact_match" in r]
+        ax2.plot([r["step"] for r in em], [r["exact_match"]["all"] for r in em], "s--", color="tab:green",
+                 label="held-out exact-match")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("exact-match")
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def plot_compare(steps: Sequence[int], series: dict[str, tuple[Sequence[float], Sequence[float]]],
+                 rel: dict[str, Sequence[float]], png: Path, tol: float) -> Path:
+    """Left: each quantity's torch and jax curves; right: their relative differences against the tolerance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, (a, b) in series.items():
+        axes[0].plot(steps, a, label=f"{name} torch", lw=1.5)
+        axes[0].plot(steps, b, "--", label=f"{name} jax", lw=1.5)
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    for name, r in rel.items():
+        axes[1].semilogy(steps, np.maximum(np.asarray(r, float), 1e-12), "o-", label=f"{name} rel. diff")
+    axes[1].axhline(tol, color="red", ls=":", label=f"loss tolerance {tol:g}")
+    axes[1].set_xlabel("step")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+# ---- results and the run loop ---------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What a run produced: per-step losses and grad norms (this process's steps), eval rows, where files went."""
+
+    out_dir: Path
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    start_step: int = 0
+    final_step: int = 0
+    adapter_dir: Path | None = None
+    plot: Path | None = None
+    seconds: float = 0.0
+
+
+def exact_match_eval(run: PreparedRun, logits_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
+                     ) -> dict[str, float] | None:
+    """Held-out exact-match by greedy decoding through `logits_fn`, or None without chat eval records."""
+    if not run.eval_records:
+        return None
+    tok = run.tokenizer
+
+    def complete(recs: list[dict[str, Any]]) -> list[str]:
+        prompts = [data_mod.render_prompt(r["messages"][:-1], tok) for r in recs]
+        outs = tasks_mod.greedy_complete(logits_fn, prompts, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                         max_new_tokens=run.cfg.train.max_new_tokens,
+                                         batch_size=run.cfg.train.eval_batch_size)
+        return [tok.decode(o) for o in outs]
+
+    return tasks_mod.exact_match(run.eval_records, complete)
+
+
+class Timer:
+    """Tokens-per-second over the steps since the last `rate()` call."""
+
+    def __init__(self) -> None:
+        self.t, self.tokens = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.tokens += n
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        r = self.tokens / max(now - self.t, 1e-9)
+        self.t, self.tokens = now, 0
+        return r
+
+
+def run_training(tr: Any, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+                 t0: float | None = None) -> TrainResult:
+    """The run loop both frameworks share, driving a framework `Trainer` (train_step, evaluate, save_checkpoint,
+    restore, save_adapter): eval at step 0, every `eval_every` and at the end; a checkpoint every `save_every`;
+    metrics.jsonl, loss.png and the PEFT adapter (`adapter/`) in the run folder. Stops at `stop_after` if given.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
+    cfg, fw = tr.cfg, tr.framework
+    out = tr.run.out_dir
+    clean_partial_checkpoints(out)
+    last = latest_checkpoint(out)
+    if resume:
+        if last is None:
+            raise ConfigError(f"nothing to resume: no checkpoint under {out}/checkpoints")
+        tr.restore(last)
+    elif last is not None:
+        raise ConfigError(f"{out} already holds checkpoints ({last.name}); pass --resume to continue that run, or "
+                          "choose another train.out_dir")
+    result = TrainResult(out_dir=out, start_step=tr.step)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=tr.step if resume else None)
+    bar = Progress(cfg.train.steps, enabled=progress, label=f"{fw} ")
+    if tr.step == 0:
+        row = tr.evaluate()
+        metrics.write(row)
+        result.evals.append(row)
+        bar.message(f"{fw} step 0 eval: {_fmt_eval(row)}")
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
+    timer = Timer()
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
+    while tr.step < end:
+        lr = lr_at(tr.step, cfg)
+        loss, norm = tr.train_step()
+        result.losses.append(loss)
+        result.grad_norms.append(norm)
+        timer.add(tokens_per_step)
+        row = {"step": tr.step, "loss": loss, "grad_norm": norm, "lr": lr}
+        if tr.step % cfg.train.log_every == 0 or tr.step == end:
+            row["tokens_per_s"], row["memory_mb"] = timer.rate(), peak_memory_mb()
+            bar.update(tr.step, loss, lr, row["tokens_per_s"], row["memory_mb"])
+        metrics.write(row)
+        if cfg.train.eval_every and tr.step % cfg.train.eval_every == 0 and tr.step != cfg.train.steps:
+            ev = tr.evaluate()
+            metrics.write(ev)
+            result.evals.append(ev)
+            bar.message(f"{fw} step {tr.step} eval: {_fmt_eval(ev)}")
+        if cfg.train.save_every and tr.step % cfg.train.save_every == 0:
+            tr.save_checkpoint()
+    if tr.step == cfg.train.steps:
+        ev = tr.evaluate()
+        metrics.write(ev)
+        result.evals.append(ev)
+        bar.message(f"{fw} step {tr.step} eval: {_fmt_eval(ev)}")
+        result.adapter_dir = tr.save_adapter(out / "adapter")
+        result.plot = plot_run(metrics.rows(), out / "loss.png", title=f"{fw}: {out}")
+    result.final_step = tr.step
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _fmt_eval(row: dict[str, Any]) -> str:
+    parts = []
+    if "eval_loss" in row:
+        parts.append(f"held-out loss {row['eval_loss']:.4f}")
+    if "exact_match" in row:
+        parts.append("exact-match " + ", ".join(f"{k} {v:.2f}" for k, v in row["exact_match"].items()))
+    return "; ".join(parts) or "(no eval data)"

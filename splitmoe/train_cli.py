@@ -1,0 +1,176 @@
+"""`splitmoe train` and `splitmoe compare`, and `run_default_job` (the embedded default job behind `splitmoe demo`).
+
+train    one run of a configs/runs/*.yaml (defaults: the embedded synthetic task on the tiny Qwen3-MoE) in torch or
+         jax, with `key=value` overrides; `--resume` continues the run folder's newest checkpoint.
+compare  trains torch and jax side by side from the same checkpoint, initial adapter and batches for N steps and
+         prints a step-by-step table (loss, grad-norm, relative differences); writes compare.png and
+         compare.jsonl; exits 1 when a loss differs by more than the shared_math.numerics tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared_math.train_config import RunConfig, load_run_config, with_overrides
+
+DEFAULT_RUN_YAML = Path(__file__).resolve().parent.parent / "configs" / "runs" / "default.yaml"
+
+
+def _trainer_module(framework: str):
+    if framework == "torch":
+        from torch_impl import train as mod
+    elif framework == "jax":
+        from jax_impl import train as mod
+    else:
+        raise ValueError(f"--framework must be torch or jax, got {framework!r}")
+    return mod
+
+
+def _summary(result: Any) -> str:
+    lines = []
+    if result.evals:
+        first, last = result.evals[0], result.evals[-1]
+        if "exact_match" in first and "exact_match" in last:
+            for k in last["exact_match"]:
+                lines.append(f"  held-out exact-match {k:>5}: step {first['step']} {first['exact_match'][k]:.3f}"
+                             f" -> step {last['step']} {last['exact_match'][k]:.3f}")
+        if "eval_loss" in first and "eval_loss" in last:
+            lines.append(f"  held-out loss: {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}")
+    if result.adapter_dir:
+        lines.append(f"  PEFT adapter: {result.adapter_dir}")
+    if result.plot:
+        lines.append(f"  loss curve:   {result.plot}")
+    lines.append(f"  metrics:      {result.out_dir / 'metrics.jsonl'}; {result.seconds:.1f}s")
+    return "\n".join(lines)
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"train.out_dir={args.out}")
+    if args.framework:
+        overrides.append(f"framework={args.framework}")
+    cfg = load_run_config(args.config, overrides)
+    mod = _trainer_module(cfg.framework)
+    from shared_math.training import TrainingDiverged
+
+    try:
+        result = mod.train(cfg, resume=args.resume, progress=not args.quiet)
+    except TrainingDiverged as e:
+        print(f"splitmoe train: error: {e}", file=sys.stderr)
+        return 3
+    print(f"splitmoe train ({cfg.framework}): steps {result.start_step} -> {result.final_step} in "
+          f"{cfg.train.out_dir}\n{_summary(result)}")
+    return 0
+
+
+def run_default_job(out_dir: str | Path = "runs/demo", *, framework: str = "torch", progress: bool = True,
+                    overrides: list[str] | None = None) -> dict[str, Any]:
+    """The embedded default end to end: build the tiny Qwen3-MoE checkpoint, train split LoRA on the synthetic
+    copy/reverse tasks (configs/runs/default.yaml), evaluate held-out exact-match before and after, save the PEFT
+    adapter, metrics and loss curve under `out_dir`. Replaces an earlier run's outputs in `out_dir`.
+    Returns {"before": exact-match, "after": exact-match, "seconds", "adapter", "plot"}."""
+    out = Path(out_dir)
+    for name in ("checkpoints", "adapter"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    cfg = load_run_config(DEFAULT_RUN_YAML, [f"train.out_dir={out}", f"framework={framework}", *(overrides or [])])
+    t0 = time.perf_counter()
+    result = _trainer_module(framework).train(cfg, progress=progress)
+    summary = {"before": result.evals[0].get("exact_match"), "after": result.evals[-1].get("exact_match"),
+               "held_out_loss": [result.evals[0].get("eval_loss"), result.evals[-1].get("eval_loss")],
+               "seconds": time.perf_counter() - t0, "steps": result.final_step, "framework": framework,
+               "adapter": str(result.adapter_dir), "plot": str(result.plot)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"embedded default job ({framework}, {cfg.train.steps} steps):\n{_summary(result)}")
+    return summary
+
+
+# ---- compare -------------------------------------------------------------------------------------------------------
+
+def compare(cfg: RunConfig, steps: int, *, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train torch and jax in lockstep for `steps` optimizer steps from one prepared run (same checkpoint, initial
+    adapter, batches, learning rates); returns per-step losses, grad norms and relative differences."""
+    from shared_math.numerics import tolerance
+    from shared_math.training import prepare_run
+
+    cfg = with_overrides(cfg, f"train.steps={steps}")
+    run = prepare_run(cfg, out_dir if out_dir is not None else Path(cfg.train.out_dir) / "compare")
+    from jax_impl.train import Trainer as JaxTrainer
+    from torch_impl.train import Trainer as TorchTrainer
+
+    trainers = {"torch": TorchTrainer(cfg, run=run), "jax": JaxTrainer(cfg, run=run)}
+    rows = []
+    for _ in range(steps):
+        (lt, gt), (lj, gj) = (trainers[k].train_step() for k in ("torch", "jax"))
+        rows.append({"step": len(rows) + 1, "loss_torch": lt, "loss_jax": lj, "loss_rel": abs(lt - lj) / abs(lt),
+                     "grad_norm_torch": gt, "grad_norm_jax": gj, "grad_norm_rel": abs(gt - gj) / max(abs(gt), 1e-30)})
+    tol = tolerance(cfg.model.dtype, "train_loss")
+    return {"rows": rows, "rtol": tol.rtol, "why": tol.why, "out_dir": run.out_dir,
+            "max_loss_rel": max(r["loss_rel"] for r in rows),
+            "max_grad_norm_rel": max(r["grad_norm_rel"] for r in rows)}
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from shared_math.training import plot_compare
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"train.out_dir={args.out}")
+    cfg = load_run_config(args.config, overrides)
+    res = compare(cfg, args.steps)
+    rows, tol = res["rows"], res["rtol"]
+    print(f"{'step':>4}  {'loss torch':>12}  {'loss jax':>12}  {'rel diff':>9}  {'grad-norm torch':>15}  "
+          f"{'grad-norm jax':>13}  {'rel diff':>9}")
+    for r in rows:
+        flag = "" if r["loss_rel"] <= tol else "  <- over tolerance"
+        print(f"{r['step']:>4}  {r['loss_torch']:>12.7f}  {r['loss_jax']:>12.7f}  {r['loss_rel']:>9.2e}  "
+              f"{r['grad_norm_torch']:>15.7f}  {r['grad_norm_jax']:>13.7f}  {r['grad_norm_rel']:>9.2e}{flag}")
+    out = Path(res["out_dir"])
+    with (out / "compare.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    steps = [r["step"] for r in rows]
+    png = plot_compare(steps, {"loss": ([r["loss_torch"] for r in rows], [r["loss_jax"] for r in rows])},
+                       {"loss": [r["loss_rel"] for r in rows], "grad-norm": [r["grad_norm_rel"] for r in rows]},
+                       out / "compare.png", tol)
+    ok = res["max_loss_rel"] <= tol
+    print(f"max relative loss difference {res['max_loss_rel']:.2e}, grad-norm {res['max_grad_norm_rel']:.2e}; "
+          f"tolerance {tol:g} ({cfg.model.dtype}: {res['why']}) -> {'OK' if ok else 'FAIL'}; plot {png}")
+    return 0 if ok else 1
+
+
+def add_train_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `train` and `compare` on the `splitmoe` sub-parser set."""
+    t = sub.add_parser("train", help="fine-tune with split LoRA (torch or jax) from a run config")
+    t.add_argument("--config", default=str(DEFAULT_RUN_YAML),
+                   help="configs/runs/*.yaml (default: the embedded synthetic task on the tiny Qwen3-MoE)")
+    t.add_argument("--framework", choices=("torch", "jax"), help="default: the config's `framework`")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    t.add_argument("--out", help="run folder (same as train.out_dir=...)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 train.steps=100")
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("compare", help="train torch and jax side by side; step-by-step loss / grad-norm table")
+    c.add_argument("--config", default=str(DEFAULT_RUN_YAML.parent / "compare_tiny.yaml"))
+    c.add_argument("--steps", type=int, default=20)
+    c.add_argument("--out", help="folder for compare.jsonl / compare.png (default: <train.out_dir>/compare)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.dtype=bfloat16")
+    c.set_defaults(func=_compare)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m splitmoe.train_cli train|compare ...` (the same as through `splitmoe`)."""
+    p = argparse.ArgumentParser(prog="splitmoe")
+    add_train_parsers(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
