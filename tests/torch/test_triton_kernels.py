@@ -65,6 +65,8 @@ from torch_impl.kernels import split_lora as sl  # noqa: E402
 
 cpu_only = pytest.mark.skipif(not IN_PROCESS, reason="Triton interpreter tests: CPU only, and only where triton was "
                               "not imported compiled before this module (else the fresh-process test runs them)")
+# Kernel-by-kernel tests run in fp32 on either side: interpreted on CPU, compiled (IEEE fp32 dots) on CUDA.
+kernel_test = pytest.mark.skipif(not (IN_PROCESS or CUDA), reason="needs CUDA or the Triton interpreter in-process")
 CPU_DTYPES = [torch.float32, torch.float16]
 
 
@@ -218,6 +220,7 @@ def test_cpu_kernels_in_a_fresh_interpreter_process():
 # ---- kernel by kernel, against float64 torch on the same rounded inputs ----------------------------------------------
 
 KERNEL_CASES = [get_case(n) for n in ("odd_dims", "empty_experts", "oai_biases")]
+KERNEL_DTYPES = [torch.float32] + ([torch.bfloat16] if CUDA else [])
 
 
 def _setup(case, seed, dtype=torch.float32):
@@ -247,15 +250,16 @@ def _close(actual, expected, name, dtype=torch.float32):
     assert_close(actual, expected, dtype=_dname(dtype), quantity="moe_block", name=name)
 
 
-@cpu_only
+@kernel_test
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=_dname)
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
-def test_grouped_gemm_gather_lora_given_z_rowscale_scatter(case, seed):
+def test_grouped_gemm_gather_lora_given_z_rowscale_scatter(case, dtype, seed):
     """out[flat[m]] = w[m]·(x[token[m]]@W[e] + s·Z[m]@B[e] + b[e]): gather, given-Z LoRA, bias, scale, scatter."""
-    srt, expert_M, rnd = _setup(case, seed)
+    srt, expert_M, rnd = _setup(case, seed, dtype)
     x, W, B = rnd(case.T, case.H), rnd(case.E, case.H, case.I, scale=0.2), rnd(case.E, case.R, case.I)
     Z, bias, ws = rnd(srt.M, case.R), rnd(case.E, case.I), rnd(srt.M).abs() + 0.1
-    cfg = sl.autotune.get_config("gemm", (), torch.float32, x.device)
-    out = torch.full((srt.M, case.I), float("nan"), device=DEVICE)
+    cfg = sl.autotune.get_config("gemm", (), dtype, x.device)
+    out = torch.full((srt.M, case.I), float("nan"), device=DEVICE, dtype=dtype)
     gg.grouped_gemm(x, W, srt.schedule(cfg["BLOCK_M"]), srt.offsets_E1, n=case.I, out=out, config=cfg,
                     row_index=srt.token_M, z_MR=Z, lora_b_ERN=B, lora_scale=0.5, bias_EN=bias, row_scale_M=ws,
                     out_rows_M=srt.flat_M)
@@ -264,22 +268,23 @@ def test_grouped_gemm_gather_lora_given_z_rowscale_scatter(case, seed):
             + bias.double().cpu()[expert_M]) * ws.double().cpu()[:, None]
     expected = torch.empty_like(rows)
     expected[srt.flat_M.long().cpu()] = rows
-    _close(out, expected, "scattered rows")  # NaN-filled out: every row must have been written
+    _close(out, expected, "scattered rows", dtype)  # NaN-filled out: every row must have been written
 
 
-@cpu_only
+@kernel_test
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=_dname)
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
-def test_grouped_gemm_gate_up_fused_lora_a_and_activation(case, seed):
+def test_grouped_gemm_gate_up_fused_lora_a_and_activation(case, dtype, seed):
     """h = act(x[token]@Wgu + s·(x[token]@A)@B + b): in-loop z = x@A stored once, gu stored, gate/up paired."""
-    srt, expert_M, rnd = _setup(case, seed)
+    srt, expert_M, rnd = _setup(case, seed, dtype)
     x = rnd(case.T, case.H)
     W, A, B = rnd(case.E, case.H, 2 * case.I, scale=0.2), rnd(case.E, case.H, case.R, scale=0.2), rnd(
         case.E, case.R, 2 * case.I)
     bias = rnd(case.E, 2 * case.I)
-    cfg = sl.autotune.get_config("gemm_act", (), torch.float32, x.device)
-    h = torch.empty((srt.M, case.I), device=DEVICE)
-    gu = torch.empty((srt.M, 2 * case.I), device=DEVICE)
-    z = torch.empty((srt.M, case.R), device=DEVICE)
+    cfg = sl.autotune.get_config("gemm_act", (), dtype, x.device)
+    h = torch.empty((srt.M, case.I), device=DEVICE, dtype=dtype)
+    gu = torch.empty((srt.M, 2 * case.I), device=DEVICE, dtype=dtype)
+    z = torch.empty((srt.M, case.R), device=DEVICE, dtype=dtype)
     gg.grouped_gemm(x, W, srt.schedule(cfg["BLOCK_M"]), srt.offsets_E1, n=case.I, out=h, config=cfg,
                     row_index=srt.token_M, lora_a_EDR=A, z_MR=z, store_z=True, lora_b_ERN=B, lora_scale=0.5,
                     bias_EN=bias, mode=gg.MODE_ACT_FWD, act=gg.act_code(case.activation), gu_M2I=gu, store_gu=True,
@@ -287,23 +292,24 @@ def test_grouped_gemm_gate_up_fused_lora_a_and_activation(case, seed):
     xs = x.cpu()[srt.token_M.long().cpu()]
     z_ref = _per_row(xs, A, expert_M)
     gu_ref = _per_row(xs, W, expert_M) + 0.5 * _per_row(z_ref, B, expert_M) + bias.double().cpu()[expert_M]
-    _close(z, z_ref, "z = x@A")
-    _close(gu, gu_ref, "gu")
-    _close(h, _act_ref(gu_ref, case), "h")
+    _close(z, z_ref, "z = x@A", dtype)
+    _close(gu, gu_ref, "gu", dtype)
+    _close(h, _act_ref(gu_ref, case), "h", dtype)
 
 
-@cpu_only
+@kernel_test
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=_dname)
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
-def test_grouped_gemm_activation_backward_epilogue(case, seed):
+def test_grouped_gemm_activation_backward_epilogue(case, dtype, seed):
     """dh' = dy[token]@Wd^T + (s·dy[token]@B2^T)@A2^T; partial dots sum to <h, dh'> + <bd, dy>; dgu = act'·(w·dh')."""
-    srt, expert_M, rnd = _setup(case, seed)
+    srt, expert_M, rnd = _setup(case, seed, dtype)
     dy, gu = rnd(case.T, case.H), rnd(srt.M, 2 * case.I, scale=2.0)
     Wd, A2, B2 = rnd(case.E, case.I, case.H, scale=0.2), rnd(case.E, case.I, case.R), rnd(case.E, case.R, case.H)
     bd, ws = rnd(case.E, case.H), rnd(srt.M).abs() + 0.1
-    cfg = sl.autotune.get_config("gemm", (), torch.float32, dy.device)
-    dgu = torch.empty((srt.M, 2 * case.I), device=DEVICE)
+    cfg = sl.autotune.get_config("gemm", (), dtype, dy.device)
+    dgu = torch.empty((srt.M, 2 * case.I), device=DEVICE, dtype=dtype)
     dots = torch.empty((srt.M, -(-case.I // cfg["BLOCK_N"])), device=DEVICE)
-    dz = torch.empty((srt.M, case.R), device=DEVICE)
+    dz = torch.empty((srt.M, case.R), device=DEVICE, dtype=dtype)
     gg.grouped_gemm(dy, Wd.transpose(1, 2), srt.schedule(cfg["BLOCK_M"]), srt.offsets_E1, n=case.I, out=dgu,
                     config=cfg, row_index=srt.token_M, lora_a_EDR=B2.transpose(1, 2), z_MR=dz, store_z=True,
                     lora_b_ERN=A2.transpose(1, 2), z_scale=0.5, rowvec_ED=bd, row_scale_M=ws,
@@ -316,20 +322,21 @@ def test_grouped_gemm_activation_backward_epilogue(case, seed):
     h_ref = _act_ref(gu.double().cpu(), case)
     dot_ref = (h_ref * dh_ref).sum(1) + (bd.double().cpu()[expert_M] * dys.double()).sum(1)
     vjp = ref._activation(case.activation, case.swiglu_limit, 1.702)[1]
-    dgu_ref = torch.from_numpy(vjp(gu.double().numpy(), (dh_ref * ws.double().cpu()[:, None]).numpy()))
-    _close(dz, dz_ref, "dz2'")
-    _close(dots.sum(1), dot_ref, "<h, dh'> + <bd, dy>")
-    _close(dgu, dgu_ref, "dgu")
+    dgu_ref = torch.from_numpy(vjp(gu.double().cpu().numpy(), (dh_ref * ws.double().cpu()[:, None]).numpy()))
+    _close(dz, dz_ref, "dz2'", dtype)
+    _close(dots.sum(1), dot_ref, "<h, dh'> + <bd, dy>", dtype)
+    _close(dgu, dgu_ref, "dgu", dtype)
 
 
-@cpu_only
+@kernel_test
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=_dname)
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.name)
-def test_grouped_gemm_tn_variants(case, seed):
+def test_grouped_gemm_tn_variants(case, dtype, seed):
     """Ragged-K per-expert Lrows^T·diag(w)·Rrows: gathered left, act(gu) left, ones left; empty experts give 0."""
-    srt, expert_M, rnd = _setup(case, seed)
+    srt, expert_M, rnd = _setup(case, seed, dtype)
     x, dz, gu, dy = rnd(case.T, case.H), rnd(srt.M, case.R), rnd(srt.M, 2 * case.I, scale=2.0), rnd(case.T, case.H)
     ws = rnd(srt.M).abs() + 0.1
-    cfg = sl.autotune.get_config("tn", (), torch.float32, x.device)
+    cfg = sl.autotune.get_config("tn", (), dtype, x.device)
     common = dict(offsets_E1=srt.offsets_E1, num_experts=case.E, config=cfg)
     tok = srt.token_M.long().cpu()
 
@@ -339,12 +346,12 @@ def test_grouped_gemm_tn_variants(case, seed):
         return out
 
     da = gg.grouped_gemm_tn(x, dz, p=case.H, left_index=srt.token_M, alpha=0.5, **common)
-    _close(da, 0.5 * seg(x.cpu()[tok], dz.cpu()), "x_rows^T dz")
+    _close(da, 0.5 * seg(x.cpu()[tok], dz.cpu()), "x_rows^T dz", dtype)
     dwd = gg.grouped_gemm_tn(gu, dy, p=case.I, left_act=gg.act_code(case.activation), right_index=srt.token_M,
                              row_scale_M=ws, limit=case.swiglu_limit, **common)
-    _close(dwd, seg(_act_ref(gu.double().cpu(), case), dy.cpu()[tok] * ws.double().cpu()[:, None]), "h^T (w dy)")
+    _close(dwd, seg(_act_ref(gu.double().cpu(), case), dy.cpu()[tok] * ws.double().cpu()[:, None]), "h^T (w dy)", dtype)
     db = gg.grouped_gemm_tn(None, dy, p=1, right_index=srt.token_M, row_scale_M=ws, **common)
-    _close(db[:, 0], seg(torch.ones(srt.M, 1), dy.cpu()[tok] * ws.double().cpu()[:, None])[:, 0], "bias grad")
+    _close(db[:, 0], seg(torch.ones(srt.M, 1), dy.cpu()[tok] * ws.double().cpu()[:, None])[:, 0], "bias grad", dtype)
     for e in case.empty_experts:
         assert torch.count_nonzero(da[e]) == 0 and torch.count_nonzero(dwd[e]) == 0
 

@@ -287,6 +287,21 @@ def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if t is None else tuple(t.stride())
 
 
+def reduction_major(t_EDR: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The same [E, D, R] values stored as [E, R, D] (D contiguous), returned as the [E, D, R] view; one copy that
+    also casts to `dtype`.
+
+    The in-loop LoRA-A operand is loaded as [BLOCK_D, BLOCK_R] tiles. With R contiguous, each of its rows is only
+    R elements long (6 bytes at R=3 in bf16): poorly coalesced, and on the H200 with Triton 3.6 such a bf16 operand
+    gave wrong results (odd_dims case: z off by 10x) while fp32 was right. With D contiguous every tile row is a full
+    BLOCK_D run, the same layout as the transposed B factors the backward feeds to the same slot.
+    """
+    E, D, R = t_EDR.shape
+    out = torch.empty((E, R, D), device=t_EDR.device, dtype=dtype or t_EDR.dtype)
+    out.copy_(t_EDR.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
 def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: torch.Tensor, *, n: int,
                  out: torch.Tensor, config: dict, row_index: torch.Tensor | None = None,
                  lora_a_EDR: torch.Tensor | None = None, z_MR: torch.Tensor | None = None, store_z: bool = False,
@@ -298,6 +313,8 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     """Launch `_grouped_gemm_kernel` (see the module docstring). `schedule` = (tile_expert, tile_row) for
     config["BLOCK_M"]; `n` is the output width per half (I in the act modes). Returns `out`."""
     d = w_EDN.shape[1]
+    if lora_a_EDR is not None and lora_a_EDR.stride(1) != 1:
+        lora_a_EDR = reduction_major(lora_a_EDR)
     lora = LORA_NONE if lora_b_ERN is None else (LORA_FUSE_Z if lora_a_EDR is not None else LORA_GIVEN_Z)
     rank = 0 if lora_b_ERN is None else lora_b_ERN.shape[1]
     lb = lora_b_ERN if lora_b_ERN is not None else w_EDN  # dummy pointers carry the compute dtype

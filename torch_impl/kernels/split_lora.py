@@ -118,7 +118,9 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
         ctx.param_dtypes = [None if t is None else t.dtype
                             for t in (x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d)]
         # LoRA factors and biases may be fp32 master weights: the kernels run in the activation dtype (tiny copies).
-        a1, b1, a2, b2, b_gu, b_d = (None if t is None else t.to(dt) for t in (a1, b1, a2, b2, b_gu, b_d))
+        # The A factors are stored reduction-major in the same copy (see gg.reduction_major for why).
+        b1, b2, b_gu, b_d = (None if t is None else t.to(dt) for t in (b1, b2, b_gu, b_d))
+        a1, a2 = (None if t is None else gg.reduction_major(t, dt) for t in (a1, a2))
         M = srt.M
         w_sorted = expert_weights.reshape(-1)[srt.flat_M.long()].float()  # routing weight of each sorted row
         grad = any(ctx.needs_input_grad[:10])
