@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from torch_impl.backends.common import Activation, ExpertSort
-from torch_impl.backends.native import combine_rows
 
 NAME = "grouped_mm"
 
@@ -97,8 +96,47 @@ def available(device: torch.device | str | None = None, dtype: torch.dtype | Non
     return _probe(str(device), dtype)
 
 
+# Rows per chunk for the fp32 elementwise passes (activation VJP, routing-weight gradient) and the un-permute sums:
+# bounds their fp32 temporaries to a few hundred MB whatever M is (at H=2048, 32768 rows of [·, 2I=1536] fp32 are
+# 200 MB), while each chunk stays large enough to keep the GPU's bandwidth busy.
+_CHUNK_ROWS = 32768
+
+
+def _unpermute_sum(v_MH: torch.Tensor, srt: ExpertSort, out_dtype: torch.dtype) -> torch.Tensor:
+    """Sorted rows [M, H] -> [T, H] = Σ_k v[t, k], in K-slot order (HF's order; deterministic, no atomics), a token
+    chunk at a time so the un-permuted copy never exists whole."""
+    T, K = srt.num_tokens, srt.top_k
+    out = v_MH.new_empty(T, v_MH.shape[1], dtype=out_dtype)
+    step = max(1, _CHUNK_ROWS // K)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        rows = v_MH.index_select(0, srt.inverse_M[t0 * K:t1 * K])
+        out[t0:t1] = rows.view(t1 - t0, K, -1).sum(dim=1)
+    return out
+
+
+def _act_vjp_and_row_dot(act: Activation, gu: torch.Tensor, g_MI: torch.Tensor, w_M1: torch.Tensor,
+                         dh_lora_MI: torch.Tensor | None, want_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dgu = act'(gu)·dh with dh = w·g (+ the LoRA part dh_lora) -> [M, 2I] in gu's dtype, and, if asked,
+    <act(gu), g> per row in fp32 (the base part of the routing-weight gradient). One pass in row chunks, so the
+    fp32 intermediates stay small and h = act(gu) is recomputed chunk by chunk, never held whole."""
+    dgu = torch.empty_like(gu)
+    dw = torch.empty(gu.shape[0], dtype=torch.float32, device=gu.device) if want_dw else None
+    for r0 in range(0, gu.shape[0], _CHUNK_ROWS):
+        r1 = min(gu.shape[0], r0 + _CHUNK_ROWS)
+        g = g_MI[r0:r1]
+        if want_dw:
+            dw[r0:r1] = (act(gu[r0:r1]).float() * g.float()).sum(-1)
+        dh = g * w_M1[r0:r1]
+        if dh_lora_MI is not None:
+            dh += dh_lora_MI[r0:r1]
+        dgu[r0:r1] = act.vjp(gu[r0:r1], dh)
+    return dgu, dw
+
+
 class _GroupedSplitLoRA(torch.autograd.Function):
-    """The expert path on aligned shapes; see the module docstring for what is saved and why."""
+    """The expert path on aligned shapes; see the module docstring for what is saved and why. Tensors created here
+    are updated in place where that saves a full [M, ·] pass and copy (nothing else holds them)."""
 
     @staticmethod
     def forward(ctx, x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt: ExpertSort,
@@ -109,19 +147,23 @@ class _GroupedSplitLoRA(torch.autograd.Function):
         z1 = z2 = None
         if a1 is not None:
             z1 = _gmm(x_MH, a1, offs)
-            gu = gu + scale * _gmm(z1, b1, offs)
+            gu.add_(_gmm(z1, b1, offs), alpha=scale)
+        del x_MH
         if b_gu is not None:
-            gu = gu + b_gu[srt.expert_M]
+            gu.add_(b_gu[srt.expert_M])
         h = act(gu)
         o = _gmm(h, w_down, offs)
         if a2 is not None:
             z2 = _gmm(h, a2, offs)
-            o = o + scale * _gmm(z2, b2, offs)
+            o.add_(_gmm(z2, b2, offs), alpha=scale)
+        del h
         if b_d is not None:
-            o = o + b_d[srt.expert_M]
+            o.add_(b_d[srt.expert_M])
         ctx.save_for_backward(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_d, gu, z1, z2)
         ctx.srt, ctx.scale, ctx.act = srt, scale, act
-        return combine_rows(o, weights_TK, srt)
+        # weight, un-permute, sum over K: HF's grouped_mm order and rounding (o·w rounded, then an fp32-free sum)
+        o.mul_(weights_TK.reshape(-1)[srt.order_M].unsqueeze(-1))
+        return _unpermute_sum(o, srt, o.dtype)
 
     @staticmethod
     def backward(ctx, dy_TH):
@@ -134,42 +176,40 @@ class _GroupedSplitLoRA(torch.autograd.Function):
 
         dy_MH = dy_TH.contiguous()[srt.token_M]  # dL/d(o) before the routing weight, per sorted row
         w_M1 = weights_TK.reshape(-1)[srt.order_M].unsqueeze(-1)
-        h = act(gu)
         g_MI = _gmm(dy_MH, w_down.transpose(1, 2), offs)  # dy @ Wdᵀ (unweighted)
-        gz2 = _gmm(dy_MH, b2.transpose(1, 2), offs) if a2 is not None else None  # dy @ B2ᵀ
+        dz2_MR = dh_lora = None
+        if a2 is not None:
+            gz2 = _gmm(dy_MH, b2.transpose(1, 2), offs)  # dy @ B2ᵀ
+            dz2_MR = gz2 * w_M1 * s  # s·do@B2ᵀ
+            dh_lora = _gmm(dz2_MR, a2.transpose(1, 2), offs)
+        dgu, dw_M = _act_vjp_and_row_dot(act, gu, g_MI, w_M1, dh_lora, want_dw=need[1])
+        del g_MI, dh_lora
         if need[1]:
             # d weight = <o, dy>, with o = h@Wd + s·z2@B2 + bd expanded so that o need not be saved
-            dw_M = (h.float() * g_MI.float()).sum(-1)
             if a2 is not None:
-                dw_M = dw_M + s * (z2.float() * gz2.float()).sum(-1)
+                dw_M += s * (z2.float() * gz2.float()).sum(-1)
             if b_d is not None:
-                dw_M = dw_M + (b_d[srt.expert_M].float() * dy_MH.float()).sum(-1)
+                dw_M += (b_d[srt.expert_M].float() * dy_MH.float()).sum(-1)
             grads[1] = dw_M[srt.inverse_M].view(T, K).to(weights_TK.dtype)
 
-        do_MH = dy_MH * w_M1
-        dh_MI = g_MI * w_M1
-        if a2 is not None:
-            dz2_MR = (s * gz2) * w_M1  # s·do@B2ᵀ
-            dh_MI = dh_MI + _gmm(dz2_MR, a2.transpose(1, 2), offs)
+        do_MH = dy_MH.mul_(w_M1)  # dy rows are not needed unweighted any more
+        if a2 is not None and (need[6] or need[7]):
             if need[6]:
-                grads[6] = _gmm_w(h, dz2_MR, offs)
+                grads[6] = _gmm_w(act(gu), dz2_MR, offs)
             if need[7]:
                 grads[7] = s * _gmm_w(z2, do_MH, offs)
         if need[3]:
-            grads[3] = _gmm_w(h, do_MH, offs)
+            grads[3] = _gmm_w(act(gu), do_MH, offs)
         if need[9]:
             grads[9] = _seg_sum(do_MH, offs)
+        del do_MH, dy_MH
 
-        below = (need[0], need[2], need[4], need[5], need[8])
-        if not any(below):
-            return tuple(grads)
-        dgu = act.vjp(gu, dh_MI)
         x_MH = x_TH[srt.token_M] if (need[2] or need[4]) else None
         dx_MH = _gmm(dgu, w_gate_up.transpose(1, 2), offs) if need[0] else None
         if a1 is not None:
             dz1_MR = s * _gmm(dgu, b1.transpose(1, 2), offs)
             if need[0]:
-                dx_MH = dx_MH + _gmm(dz1_MR, a1.transpose(1, 2), offs)
+                dx_MH.add_(_gmm(dz1_MR, a1.transpose(1, 2), offs))
             if need[4]:
                 grads[4] = _gmm_w(x_MH, dz1_MR, offs)
             if need[5]:
@@ -179,7 +219,7 @@ class _GroupedSplitLoRA(torch.autograd.Function):
         if need[8]:
             grads[8] = _seg_sum(dgu, offs)
         if need[0]:
-            grads[0] = dx_MH[srt.inverse_M].view(T, K, -1).sum(dim=1)
+            grads[0] = _unpermute_sum(dx_MH, srt, dx_MH.dtype)
         return tuple(grads)
 
 
