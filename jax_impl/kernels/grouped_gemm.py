@@ -171,106 +171,109 @@ def _nn_kernel(*refs, s: _NNSpec):
     two = s.mode == "act_fwd"
     pid_t, pid_n = pl.program_id(0), pl.program_id(1)
     e_raw = tile_expert_ref[pid_t]
-    row0 = tile_row_ref[pid_t]
-    e = jnp.maximum(e_raw, 0)
-    row_end = jnp.where(e_raw >= 0, offsets_ref[e + 1], row0)  # surplus tiles: no rows
-    rows = row0 + _iota(BM)
-    mask_m = rows < row_end
-    src = _load(row_index_ref, rows, mask_m) if s.gather else rows
-    cols = pid_n * BN + _iota(BN)
-    mask_n = cols < s.N
-    rr = _iota(BR)
-    mask_r = rr < s.R
 
-    def w_tile(ref, dd, mask_d, nn, transposed, mask_nn):
-        # [BD, BN] in either storage order; the transposed one is returned as loaded ([BN, BD]) with a flag
-        if transposed:
-            return _load(ref, (e, nn[:, None], dd[None, :]), mask_nn[:, None] & mask_d[None, :])
-        return _load(ref, (e, dd[:, None], nn[None, :]), mask_d[:, None] & mask_nn[None, :])
+    # surplus tiles (expert -1) skip everything: a branch around the whole tile keeps the reduction loop's trip
+    # count static, so the Triton lowering emits a plain scf.for it can software-pipeline
+    @pl.when(e_raw >= 0)
+    def _tile():
+        row0 = tile_row_ref[pid_t]
+        e = e_raw
+        row_end = offsets_ref[e + 1]
+        rows = row0 + _iota(BM)
+        mask_m = rows < row_end
+        src = _load(row_index_ref, rows, mask_m) if s.gather else rows
+        cols = pid_n * BN + _iota(BN)
+        mask_n = cols < s.N
+        rr = _iota(BR)
+        mask_r = rr < s.R
 
-    def mm(a, w, transposed):
-        return _dot(a, w, prec, ((1,), (1,)) if transposed else ((1,), (0,)))
+        def w_tile(ref, dd, mask_d, nn, transposed, mask_nn):
+            # [BD, BN] in either storage order; the transposed one is returned as loaded ([BN, BD]) with a flag
+            if transposed:
+                return _load(ref, (e, nn[:, None], dd[None, :]), mask_nn[:, None] & mask_d[None, :])
+            return _load(ref, (e, dd[:, None], nn[None, :]), mask_d[:, None] & mask_nn[None, :])
 
-    def body(i, carry):
-        carry = dict(carry)
-        dd = i * BD + _iota(BD)
-        mask_d = dd < s.D
-        a = _load(a_ref, (src[:, None], dd[None, :]), mask_m[:, None] & mask_d[None, :])
-        carry["acc"] += mm(a, w_tile(w_ref, dd, mask_d, cols, s.w_t, mask_n), s.w_t)
+        def mm(a, w, transposed):
+            return _dot(a, w, prec, ((1,), (1,)) if transposed else ((1,), (0,)))
+
+        def body(i, carry):
+            carry = dict(carry)
+            dd = i * BD + _iota(BD)
+            mask_d = dd < s.D
+            a = _load(a_ref, (src[:, None], dd[None, :]), mask_m[:, None] & mask_d[None, :])
+            carry["acc"] += mm(a, w_tile(w_ref, dd, mask_d, cols, s.w_t, mask_n), s.w_t)
+            if two:
+                carry["acc2"] += mm(a, w_tile(w_ref, dd, mask_d, cols + s.N, s.w_t, mask_n), s.w_t)
+            if s.lora:
+                # the skinny LoRA-A product rides on the A tile already loaded: no second pass over A
+                carry["zacc"] += mm(a, w_tile(la_ref, dd, mask_d, rr, s.la_t, mask_r), s.la_t)
+            if s.rowdot:
+                v = _load(rowvec_ref, (e, dd), mask_d)
+                carry["racc"] += jnp.sum(a.astype(_F32) * v.astype(_F32)[None, :], axis=1)
+            return carry
+
+        init = {"acc": jnp.zeros((BM, BN), _F32)}
         if two:
-            carry["acc2"] += mm(a, w_tile(w_ref, dd, mask_d, cols + s.N, s.w_t, mask_n), s.w_t)
+            init["acc2"] = jnp.zeros((BM, BN), _F32)
         if s.lora:
-            # the skinny LoRA-A product rides on the A tile already loaded: no second pass over A
-            carry["zacc"] += mm(a, w_tile(la_ref, dd, mask_d, rr, s.la_t, mask_r), s.la_t)
+            init["zacc"] = jnp.zeros((BM, BR), _F32)
         if s.rowdot:
-            v = _load(rowvec_ref, (e, dd), mask_d)
-            carry["racc"] += jnp.sum(a.astype(_F32) * v.astype(_F32)[None, :], axis=1)
-        return carry
+            init["racc"] = jnp.zeros((BM,), _F32)
+        c = lax.fori_loop(0, pl.cdiv(s.D, BD), body, init)
+        acc, acc2 = c["acc"], c.get("acc2")
 
-    init = {"acc": jnp.zeros((BM, BN), _F32)}
-    if two:
-        init["acc2"] = jnp.zeros((BM, BN), _F32)
-    if s.lora:
-        init["zacc"] = jnp.zeros((BM, BR), _F32)
-    if s.rowdot:
-        init["racc"] = jnp.zeros((BM,), _F32)
-    # a dynamic trip count (0 for surplus tiles) rather than a branch around the body; the Triton lowering turns
-    # this fori_loop into an scf.for, which it software-pipelines
-    n_d = jnp.where(e_raw >= 0, pl.cdiv(s.D, BD), 0)
-    c = lax.fori_loop(0, n_d, body, init)
-    acc, acc2 = c["acc"], c.get("acc2")
+        if s.lora:
+            z = (c["zacc"] * s.z_scale).astype(cdt)
+            if s.store_z:
+                # every n-tile computes the same z (same data, same order); only n-tile 0 writes it
+                z_rows = jnp.where(pid_n == 0, row_end, row0)
+                plgpu.store(z_out_ref.at[rows[:, None], rr[None, :]], z,
+                            mask=(rows < z_rows)[:, None] & mask_r[None, :])
+            acc += s.lora_scale * mm(z, w_tile(lb_ref, rr, mask_r, cols, s.lb_t, mask_n), s.lb_t)
+            if two:
+                acc2 += s.lora_scale * mm(z, w_tile(lb_ref, rr, mask_r, cols + s.N, s.lb_t, mask_n), s.lb_t)
+        if s.bias:
+            acc += _load(bias_ref, (e, cols), mask_n).astype(_F32)[None, :]
+            if two:
+                acc2 += _load(bias_ref, (e, cols + s.N), mask_n).astype(_F32)[None, :]
 
-    if s.lora:
-        z = (c["zacc"] * s.z_scale).astype(cdt)
-        if s.store_z:
-            # every n-tile computes the same z (same data, same order); only n-tile 0 writes it
-            z_rows = jnp.where(pid_n == 0, row_end, row0)
-            plgpu.store(z_out_ref.at[rows[:, None], rr[None, :]], z, mask=(rows < z_rows)[:, None] & mask_r[None, :])
-        acc += s.lora_scale * mm(z, w_tile(lb_ref, rr, mask_r, cols, s.lb_t, mask_n), s.lb_t)
-        if two:
-            acc2 += s.lora_scale * mm(z, w_tile(lb_ref, rr, mask_r, cols + s.N, s.lb_t, mask_n), s.lb_t)
-    if s.bias:
-        acc += _load(bias_ref, (e, cols), mask_n).astype(_F32)[None, :]
-        if two:
-            acc2 += _load(bias_ref, (e, cols + s.N), mask_n).astype(_F32)[None, :]
-
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    if s.row_scale:
-        rs = _load(row_scale_ref, rows, mask_m).astype(_F32)[:, None]
-    if s.scatter:
-        # masked lanes get an out-of-range row: Triton never touches it, and interpret mode's masked store (a
-        # read-modify-write scatter) drops it instead of writing a stale value over a real row
-        dst = jnp.where(mask_m, _load(out_rows_ref, rows, mask_m), out_ref.shape[0])
-    else:
-        dst = rows
-    odt = out_ref.dtype
-    if s.mode == "act_fwd":
-        # round gate/up to the storage dtype before the activation: the rounding point of a separate-GEMM
-        # implementation, and exactly the values the backward reloads from gu
-        g, u = acc.astype(cdt), acc2.astype(cdt)
-        if s.store_gu:
-            plgpu.store(gu_out_ref.at[rows[:, None], cols[None, :]], g, mask=mask_mn)
-            plgpu.store(gu_out_ref.at[rows[:, None], (cols + s.N)[None, :]], u, mask=mask_mn)
-        res = act_fwd(g.astype(_F32), u.astype(_F32), s.activation, s.limit, s.alpha)
-        plgpu.store(out_ref.at[dst[:, None], cols[None, :]], res.astype(odt), mask=mask_mn)
-    elif s.mode == "act_bwd":
-        g = _load(gu_in_ref, (rows[:, None], cols[None, :]), mask_mn).astype(_F32)
-        u = _load(gu_in_ref, (rows[:, None], (cols + s.N)[None, :]), mask_mn).astype(_F32)
-        # h recomputed from the saved pre-activation and rounded as the forward stored it
-        h = act_fwd(g, u, s.activation, s.limit, s.alpha).astype(cdt).astype(_F32)
-        part = jnp.sum(jnp.where(mask_mn, h * acc, 0.0), axis=1)
-        if s.rowdot:
-            part += jnp.where(pid_n == 0, c["racc"], 0.0)
-        plgpu.store(dots_ref.at[rows, pid_n], part, mask=mask_m)
-        dh = acc * rs if s.row_scale else acc
-        dg, du = act_bwd(g, u, dh, s.activation, s.limit, s.alpha)
-        plgpu.store(out_ref.at[dst[:, None], cols[None, :]], dg.astype(odt), mask=mask_mn)
-        plgpu.store(out_ref.at[dst[:, None], (cols + s.N)[None, :]], du.astype(odt), mask=mask_mn)
-    else:
+        mask_mn = mask_m[:, None] & mask_n[None, :]
         if s.row_scale:
-            # round the expert output first, then weight it: HF's grouped path rounds at the same two points
-            acc = acc.astype(cdt).astype(_F32) * rs
-        plgpu.store(out_ref.at[dst[:, None], cols[None, :]], acc.astype(odt), mask=mask_mn)
+            rs = _load(row_scale_ref, rows, mask_m).astype(_F32)[:, None]
+        if s.scatter:
+            # masked lanes get an out-of-range row: Triton never touches it, and interpret mode's masked store (a
+            # read-modify-write scatter) drops it instead of writing a stale value over a real row
+            dst = jnp.where(mask_m, _load(out_rows_ref, rows, mask_m), out_ref.shape[0])
+        else:
+            dst = rows
+        odt = out_ref.dtype
+        if s.mode == "act_fwd":
+            # round gate/up to the storage dtype before the activation: the rounding point of a separate-GEMM
+            # implementation, and exactly the values the backward reloads from gu
+            g, u = acc.astype(cdt), acc2.astype(cdt)
+            if s.store_gu:
+                plgpu.store(gu_out_ref.at[rows[:, None], cols[None, :]], g, mask=mask_mn)
+                plgpu.store(gu_out_ref.at[rows[:, None], (cols + s.N)[None, :]], u, mask=mask_mn)
+            res = act_fwd(g.astype(_F32), u.astype(_F32), s.activation, s.limit, s.alpha)
+            plgpu.store(out_ref.at[dst[:, None], cols[None, :]], res.astype(odt), mask=mask_mn)
+        elif s.mode == "act_bwd":
+            g = _load(gu_in_ref, (rows[:, None], cols[None, :]), mask_mn).astype(_F32)
+            u = _load(gu_in_ref, (rows[:, None], (cols + s.N)[None, :]), mask_mn).astype(_F32)
+            # h recomputed from the saved pre-activation and rounded as the forward stored it
+            h = act_fwd(g, u, s.activation, s.limit, s.alpha).astype(cdt).astype(_F32)
+            part = jnp.sum(jnp.where(mask_mn, h * acc, 0.0), axis=1)
+            if s.rowdot:
+                part += jnp.where(pid_n == 0, c["racc"], 0.0)
+            plgpu.store(dots_ref.at[rows, pid_n], part, mask=mask_m)
+            dh = acc * rs if s.row_scale else acc
+            dg, du = act_bwd(g, u, dh, s.activation, s.limit, s.alpha)
+            plgpu.store(out_ref.at[dst[:, None], cols[None, :]], dg.astype(odt), mask=mask_mn)
+            plgpu.store(out_ref.at[dst[:, None], (cols + s.N)[None, :]], du.astype(odt), mask=mask_mn)
+        else:
+            if s.row_scale:
+                # round the expert output first, then weight it: HF's grouped path rounds at the same two points
+                acc = acc.astype(cdt).astype(_F32) * rs
+            plgpu.store(out_ref.at[dst[:, None], cols[None, :]], acc.astype(odt), mask=mask_mn)
 
 
 def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, cfg: BlockConfig, interpret: bool,
