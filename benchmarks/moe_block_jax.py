@@ -28,9 +28,18 @@ def main() -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from jax_impl.moe import split_lora_experts
+    from jax_impl.moe import split_lora_experts as moe_split_lora_experts
     from shared_math.cases import get_case
 
+    if args.backend == "pallas_triton_fused":
+        # the Pallas backend's own entry: gather, weighting and un-permute inside its kernels (jax_impl.moe's
+        # generic path builds x[perm] and weights outside them)
+        from jax_impl.backends.pallas_triton import split_lora_experts as fused
+
+        def split_lora_experts(*a, backend, **kw):
+            return fused(*a, **kw)
+    else:
+        split_lora_experts = moe_split_lora_experts
     c = get_case(args.case)
     bf = jnp.bfloat16
     key = iter(jax.random.split(jax.random.PRNGKey(0), 16))
