@@ -7,6 +7,8 @@ One suite parametrised over backends and shape cases: fp32 on CPU over `cases("c
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -142,8 +144,11 @@ def test_resolve_backend(monkeypatch):
     monkeypatch.setenv("SPLITMOE_MOE_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="SPLITMOE_MOE_BACKEND.*known: native|known: grouped_mm, native"):
         resolve_backend("auto")
-    with pytest.raises(ValueError, match="unknown MoE backend 'triton'"):
-        resolve_backend("triton")
+    with pytest.raises(ValueError, match="unknown MoE backend 'cutlass'"):
+        resolve_backend("cutlass")
+    if os.environ.get("TRITON_INTERPRET") != "1":  # triton on CPU runs only in the interpreter, and says so
+        with pytest.raises(RuntimeError, match="triton.*TRITON_INTERPRET=1"):
+            resolve_backend("triton", device="cpu", dtype=torch.float32)
     # float64 has no grouped_mm kernel: a clear error naming why and what is available, before any work
     with pytest.raises(RuntimeError, match=r"grouped_mm.*float64.*Available here: native"):
         resolve_backend("grouped_mm", device="cpu", dtype=torch.float64)
