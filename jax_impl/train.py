@@ -51,6 +51,35 @@ STATE_FILE = "state.npz"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+# AdamW with every hyper-parameter injected (set in the state, per run and per step): one optax transformation and
+# one compiled update for all runs of a process, so a second Trainer (resume, compare, tests) compiles nothing new.
+_TX = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+
+
+def _loss_fn(graphdef, params, rest, input_ids, labels, position_ids, scale):
+    """(loss · scale, loss): the gradient is taken of the scaled loss, as torch's (loss / accum).backward()."""
+    model = nnx.merge(graphdef, params, rest)
+    loss = model(input_ids, labels=labels, position_ids=position_ids).loss
+    return loss * scale, loss
+
+
+# graphdef (the model's structure) is static and hashable: models of the same structure share compilations
+_loss_and_grad = jax.jit(jax.value_and_grad(_loss_fn, argnums=1, has_aux=True), static_argnums=0)
+_loss = jax.jit(lambda graphdef, params, rest, ids, labels, pos: _loss_fn(graphdef, params, rest, ids, labels, pos,
+                                                                          1.0)[1], static_argnums=0)
+_logits = jax.jit(lambda graphdef, params, rest, ids, pos: nnx.merge(graphdef, params, rest)(
+    ids, position_ids=pos).logits.astype(jnp.float32), static_argnums=0)
+
+
+@jax.jit
+def _apply(params, opt_state, grads, coef, lr):
+    """Scale the gradients by the clipping coefficient, one AdamW update at learning rate `lr`."""
+    grads = jax.tree.map(lambda g: g * coef, grads)
+    opt_state.hyperparams["learning_rate"] = lr
+    updates, opt_state = _TX.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
 class Trainer:
     """A model with split LoRA, its optax AdamW state and data, stepping one optimizer step at a time.
 
@@ -74,31 +103,11 @@ class Trainer:
         load_lora_state_dict(self.model, init_lora_tensors(cfg.lora, self.run.model_cfg, cfg.train.seed))
         self.graphdef, self.params, self.rest = nnx.split(self.model, nnx.LoRAParam, ...)
         o = cfg.optim
-        self.optimizer = optax.inject_hyperparams(optax.adamw)(
-            learning_rate=o.lr, b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
-        self.opt_state = self.optimizer.init(self.params)
+        self.opt_state = _TX.init(self.params)
+        for k, v in {"b1": o.beta1, "b2": o.beta2, "eps": o.eps, "weight_decay": o.weight_decay}.items():
+            self.opt_state.hyperparams[k] = jnp.asarray(v, jnp.float32)
         self.rng = jax.random.key(cfg.train.seed)  # carried in the state for future stochastic layers (dropout)
         self.step = 0  # optimizer steps taken
-        graphdef = self.graphdef
-
-        def loss_fn(params, rest, input_ids, labels, position_ids, scale):
-            """(loss · scale, loss): the gradient is taken of the scaled loss, as torch's (loss / accum).backward()."""
-            model = nnx.merge(graphdef, params, rest)
-            loss = model(input_ids, labels=labels, position_ids=position_ids).loss
-            return loss * scale, loss
-
-        self._loss_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-        self._loss = jax.jit(lambda *a: loss_fn(*a)[1])
-
-        def apply(params, opt_state, grads, coef, lr):
-            grads = jax.tree.map(lambda g: g * coef, grads)
-            opt_state.hyperparams["learning_rate"] = lr
-            updates, opt_state = self.optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
-        self._apply = jax.jit(apply)
-        self._logits = jax.jit(lambda params, rest, ids, pos: nnx.merge(graphdef, params, rest)(
-            ids, position_ids=pos).logits.astype(jnp.float32))
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float]:
@@ -107,16 +116,16 @@ class Trainer:
         losses, grads = [], None
         for i in range(accum):
             b = self.run.train_data.batch(self.step * accum + i)
-            (_, loss), g = self._loss_and_grad(self.params, self.rest, jnp.asarray(b["input_ids"]),
-                                               jnp.asarray(b["labels"]), jnp.asarray(b["position_ids"]), 1.0 / accum)
+            (_, loss), g = _loss_and_grad(self.graphdef, self.params, self.rest, jnp.asarray(b["input_ids"]),
+                                          jnp.asarray(b["labels"]), jnp.asarray(b["position_ids"]), 1.0 / accum)
             losses.append(float(loss))
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         loss = float(np.mean(losses))
-        norm = float(optax.global_norm(grads))
+        norm = float(optax.tree.norm(grads))
         check_finite(self.step, loss, norm, self.run.out_dir)
         coef = clip_coefficient(norm, self.cfg.optim.max_grad_norm)
-        self.params, self.opt_state = self._apply(self.params, self.opt_state, grads, jnp.float32(coef),
-                                                  jnp.float32(lr_at(self.step, self.cfg)))
+        self.params, self.opt_state = _apply(self.params, self.opt_state, grads, jnp.float32(coef),
+                                             jnp.float32(lr_at(self.step, self.cfg)))
         nnx.update(self.model, self.params)  # keep the module view current (evaluate, save_adapter)
         self.step += 1
         return loss, norm
@@ -124,7 +133,8 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------------------------------------
     def logits(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Logits [B, S, V] as float32 numpy."""
-        return np.asarray(self._logits(self.params, self.rest, jnp.asarray(input_ids), jnp.asarray(position_ids)))
+        return np.asarray(_logits(self.graphdef, self.params, self.rest, jnp.asarray(input_ids),
+                                  jnp.asarray(position_ids)))
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out loss (token-weighted over the eval rows) and exact-match (greedy decoding), where available."""
@@ -135,8 +145,8 @@ class Trainer:
             for k in range(ev.batches_per_epoch):
                 b = ev.batch(k)
                 n = int((b["labels"][:, 1:] != -100).sum())
-                loss = self._loss(self.params, self.rest, jnp.asarray(b["input_ids"]), jnp.asarray(b["labels"]),
-                                  jnp.asarray(b["position_ids"]), 1.0)
+                loss = _loss(self.graphdef, self.params, self.rest, jnp.asarray(b["input_ids"]),
+                             jnp.asarray(b["labels"]), jnp.asarray(b["position_ids"]))
                 total, count = total + float(loss) * n, count + n
             row["eval_loss"] = total / max(count, 1)
         em = exact_match_eval(self.run, self.logits)

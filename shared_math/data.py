@@ -216,11 +216,13 @@ def _encode(tok: Tokenizer, text: str, where: str) -> list[int]:
 
 
 def render_prompt(messages: Sequence[dict[str, str]], tok: Tokenizer) -> list[int]:
-    """BOS + the messages + the assistant marker: the prompt that greedy decoding continues."""
-    bos = [tok.bos_id] if tok.bos_id is not None else []
-    ids = list(bos)
+    """BOS + the messages rendered as in training (EOS after each assistant message) + the assistant marker: the
+    prompt that greedy decoding continues."""
+    ids = [tok.bos_id] if tok.bos_id is not None else []
     for m in messages:
         ids += tok.encode(CHAT_TEMPLATE.format(**m))
+        if m["role"] == "assistant" and tok.eos_id is not None:
+            ids.append(tok.eos_id)
     return ids + tok.encode(CHAT_TEMPLATE.format(role="assistant", content=""))
 
 

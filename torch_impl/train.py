@@ -58,6 +58,8 @@ class Trainer:
         self.cfg = cfg
         self.run = run if run is not None else prepare_run(cfg, out_dir)
         self.device = torch.device(device)
+        if self.device.type == "cpu" and cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
         if cfg.model.dtype == "float32":  # fp32 means fp32 (numerics policy): no TF32 on GPUs
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False

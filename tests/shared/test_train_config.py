@@ -1,0 +1,113 @@
+"""shared_math.train_config (YAML + overrides, unknown keys, types) and the framework-free training helpers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from shared_math.config import LoraConfig
+from shared_math.train_config import (
+    ConfigError,
+    RunConfig,
+    diff_configs,
+    load_run_config,
+    to_dict,
+    trajectory_dict,
+    with_overrides,
+)
+from shared_math.training import clip_coefficient, init_lora_tensors, lr_at
+
+
+def test_yaml_and_overrides(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("framework: jax\nlora: {rank: 4, targets: [q_proj, experts.gate_up_proj]}\n"
+                 "optim: {lr: 1.0e-3}\ntrain: {steps: 7}\n")
+    cfg = load_run_config(y, ["optim.lr=2e-4", "lora.targets=[v_proj]", "data.synthetic.tasks=[copy]",
+                              "model.dtype=bfloat16", "train.out_dir=/tmp/x"])
+    assert cfg.framework == "jax" and cfg.train.steps == 7 and cfg.lora.rank == 4
+    assert cfg.optim.lr == 2e-4 and cfg.lora.targets == ("v_proj",) and cfg.data.synthetic.tasks == ("copy",)
+    assert cfg.model.dtype == "bfloat16" and cfg.train.out_dir == "/tmp/x"
+    assert isinstance(cfg.lora, LoraConfig) and cfg.lora.scale == cfg.lora.alpha / 4
+    # round trip through plain data
+    assert with_overrides(cfg) == cfg and to_dict(cfg)["lora"]["targets"] == ["v_proj"]
+
+
+def test_defaults_are_the_shipped_default_job():
+    from splitmoe.train_cli import DEFAULT_RUN_YAML
+
+    assert load_run_config(DEFAULT_RUN_YAML, ["train.out_dir=runs/default"]) == RunConfig()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", r"unknown key\(s\) \['optim.lrr'\] in optim; known keys: optim.lr"),
+    ("trian.steps=3", r"unknown key\(s\) \['trian'\]"),
+    ("train.steps=abc", "train.steps must be an integer"),
+    ("train.steps=0", "train.steps must be >= 1"),
+    ("model.dtype=fp8", r"model.dtype must be one of \['float32', 'bfloat16'\]"),
+    ("lora.rank=0", "lora: LoRA rank must be an integer >= 1"),
+    ("lora.targets=[nope]", "unknown LoRA target"),
+    ("optim.lr=-1", "optim.lr must be a finite number > 0"),
+    ("data.synthetic.tasks=[sort]", "unknown synthetic task"),
+    ("steps", "is not key=value"),
+    ("data.source=jsonl", "data.path is not set"),
+])
+def test_bad_overrides_are_clear(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, [override])
+
+
+def test_bad_yaml(tmp_path):
+    (tmp_path / "a.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_run_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "missing.yaml")
+
+
+def test_trajectory_ignores_logging_keys():
+    a = RunConfig()
+    b = with_overrides(a, "train.eval_every=7", "train.out_dir=elsewhere", "train.save_every=3")
+    c = with_overrides(a, "optim.lr=1e-4")
+    assert trajectory_dict(a) == trajectory_dict(b)
+    assert diff_configs(trajectory_dict(a), trajectory_dict(c)) == ["optim.lr: 0.005 -> 0.0001"]
+
+
+def test_lr_schedule_warmup_and_cosine():
+    cfg = with_overrides(RunConfig(), "optim.lr=1.0", "optim.warmup_steps=4", "train.steps=14",
+                         "optim.min_lr_ratio=0.1")
+    lrs = [lr_at(s, cfg) for s in range(14)]
+    np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == 1.0 and all(x > y for x, y in zip(lrs[4:], lrs[5:]))  # monotone cosine decay
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(14, cfg) == pytest.approx(0.1)
+
+
+def test_clip_coefficient_matches_torch():
+    torch = pytest.importorskip("torch")
+    for norm_target, max_norm in ((3.0, 1.0), (0.5, 1.0), (2.0, 0.0)):
+        p = torch.nn.Parameter(torch.zeros(4))
+        p.grad = torch.full((4,), norm_target / 2)
+        before = p.grad.clone()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p], max_norm)
+        coef = clip_coefficient(float(before.norm()), max_norm)
+        torch.testing.assert_close(p.grad, before * coef, rtol=1e-7, atol=0)
+
+
+def test_init_lora_tensors_shapes_and_determinism():
+    from shared_math.checkpoint import tiny_hf_config
+    from shared_math.config import ModelConfig
+
+    mc = ModelConfig.from_hf(tiny_hf_config("qwen3_moe"))
+    lora = LoraConfig(rank=4, alpha=8)
+    a, b = init_lora_tensors(lora, mc, 0), init_lora_tensors(lora, mc, 0)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    A = a["layers.0.mlp.experts.gate_up_proj.lora_A"]
+    assert A.shape == (8, 64, 4) and A.dtype == np.float32 and np.abs(A).max() <= 1 / 8
+    assert not np.array_equal(A, init_lora_tensors(lora, mc, 1)["layers.0.mlp.experts.gate_up_proj.lora_A"])
+    assert all(not v.any() for k, v in a.items() if k.endswith("lora_B"))
+    # a target's init does not depend on which other targets exist
+    only_q = init_lora_tensors(LoraConfig(rank=4, alpha=8, targets=("q_proj",)), mc, 0)
+    np.testing.assert_array_equal(only_q["layers.1.self_attn.q_proj.lora_A"], a["layers.1.self_attn.q_proj.lora_A"])

@@ -1,0 +1,163 @@
+"""The training test suite, written once and collected by tests/torch/test_train.py and tests/jax/test_train.py,
+each of which provides the `impl` fixture (`make_impl`: its train module, load_model, load_adapter, logits).
+
+Runs are tiny (4 rows of 64 tokens per micro-batch, a handful of steps) so both frameworks stay within CI time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+
+import numpy as np
+import pytest
+
+from shared_math import training
+from shared_math.train_config import ConfigError, load_run_config
+from shared_math.training import TrainingDiverged, latest_checkpoint
+
+TINY = ["data.batch_size=4", "data.synthetic.num_train=300", "data.synthetic.num_eval=4", "lora.rank=4",
+        "lora.alpha=8", "optim.warmup_steps=2", "train.eval_every=0", "train.log_every=1",
+        "train.max_new_tokens=3", "train.keep_checkpoints=3"]
+
+
+def make_impl(module, load_model, load_adapter, logits_of) -> types.SimpleNamespace:
+    """What the suite needs of a framework: its train module and model loading / logits helpers."""
+    return types.SimpleNamespace(module=module, FRAMEWORK=module.FRAMEWORK, Trainer=module.Trainer,
+                                 train=module.train, load_model=load_model, load_adapter=load_adapter,
+                                 logits_of=logits_of)
+
+
+def tiny_cfg(out_dir, framework, *extra):
+    return load_run_config(None, [*TINY, f"train.out_dir={out_dir}", f"framework={framework}", *extra])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """One tiny checkpoint for the whole module (prepare_run writes it into <out_dir>/model otherwise)."""
+    from shared_math.training import build_model_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return build_model_checkpoint(load_run_config(None, [f"train.out_dir={root}"]), root)
+
+
+@pytest.fixture(scope="module")
+def reference_run(impl, model_dir, tmp_path_factory):
+    """An uninterrupted 6-step run with grad accumulation and a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("ref")
+    cfg = tiny_cfg(out, impl.FRAMEWORK, f"model.path={model_dir}", "train.steps=6", "train.save_every=2",
+                   "train.grad_accum=2", "optim.weight_decay=0.01")
+    return cfg, impl.train(cfg, progress=False)
+
+
+def test_loss_decreases_and_outputs(impl, model_dir, tmp_path):
+    cfg = tiny_cfg(tmp_path, impl.FRAMEWORK, f"model.path={model_dir}", "train.steps=16",
+                   "train.save_every=0")
+    res = impl.train(cfg, progress=False)
+    assert len(res.losses) == 16 and all(np.isfinite(res.losses))
+    assert np.mean(res.losses[-3:]) < 0.75 * np.mean(res.losses[:3]), res.losses
+    assert res.evals[-1]["eval_loss"] < 0.75 * res.evals[0]["eval_loss"]
+    assert set(res.evals[0]["exact_match"]) == {"all", "copy", "rev"}
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 17))
+    assert all("tokens_per_s" in r and "memory_mb" in r for r in rows if "loss" in r)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert (res.adapter_dir / "adapter_config.json").is_file()
+
+
+def test_kill_during_save_keeps_last_checkpoint_and_resume_equals_uninterrupted(impl, model_dir, reference_run,
+                                                                               tmp_path, monkeypatch):
+    ref_cfg, ref = reference_run
+    cfg = tiny_cfg(tmp_path, impl.FRAMEWORK, f"model.path={model_dir}", "train.steps=6", "train.save_every=2",
+                   "train.grad_accum=2", "optim.weight_decay=0.01")
+
+    class Killed(Exception):
+        pass
+
+    real = training.write_checkpoint_atomic
+
+    def dying_save(out_dir, step, meta, write_files, **kw):
+        if step == 4:  # write the real files into the temporary folder, damage one, then "die" before the rename
+            def partial(tmp):
+                write_files(tmp)
+                victim = next(p for p in tmp.iterdir())
+                victim.write_bytes(victim.read_bytes()[:10])
+                raise Killed
+            return real(out_dir, step, meta, partial, **kw)
+        return real(out_dir, step, meta, write_files, **kw)
+
+    monkeypatch.setattr(impl.module, "write_checkpoint_atomic", dying_save)
+    with pytest.raises(Killed):
+        impl.train(cfg, progress=False)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step_00000002"  # the previous good checkpoint survives
+    assert any(p.name.startswith(".tmp-step_00000004") for p in (tmp_path / "checkpoints").iterdir())
+
+    res = impl.train(cfg, resume=True, progress=False)
+    assert res.start_step == 2 and res.final_step == 6
+    np.testing.assert_array_equal(res.losses, ref.losses[2:])  # bit-for-bit: same state, same batches
+    np.testing.assert_array_equal(res.grad_norms, ref.grad_norms[2:])
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # steps 3-4 logged once, not twice
+
+
+def test_stop_and_resume_equals_uninterrupted(impl, model_dir, reference_run, tmp_path):
+    ref_cfg, ref = reference_run
+    cfg = tiny_cfg(tmp_path, impl.FRAMEWORK, f"model.path={model_dir}", "train.steps=6", "train.save_every=2",
+                   "train.grad_accum=2", "optim.weight_decay=0.01")
+    first = impl.train(cfg, stop_after=4, progress=False)
+    assert first.final_step == 4 and first.adapter_dir is None
+    # resuming may change what does not affect the losses (eval cadence) but nothing else
+    res = impl.train(load_run_config(None, [*TINY, f"train.out_dir={tmp_path}", f"framework={impl.FRAMEWORK}",
+                                            f"model.path={model_dir}", "train.steps=6", "train.save_every=2",
+                                            "train.grad_accum=2", "optim.weight_decay=0.01", "train.eval_every=3"]),
+                     resume=True, progress=False)
+    np.testing.assert_array_equal(first.losses + res.losses, ref.losses)
+
+
+def test_resume_refuses_other_config_and_fresh_run_refuses_existing(impl, model_dir, reference_run, tmp_path):
+    ref_cfg, _ = reference_run
+    shutil.copytree(ref_cfg.train.out_dir, tmp_path / "run")
+    other = tiny_cfg(tmp_path / "run", impl.FRAMEWORK, f"model.path={model_dir}", "train.steps=6",
+                     "train.save_every=2", "train.grad_accum=2", "optim.weight_decay=0.01", "optim.lr=1e-4")
+    with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.005 -> 0.0001\)"):
+        impl.train(other, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        impl.train(other, progress=False)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        impl.train(tiny_cfg(tmp_path / "empty", impl.FRAMEWORK, f"model.path={model_dir}"), resume=True,
+                   progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(impl, model_dir, tmp_path):
+    # lr 1e30: the first AdamW step moves every LoRA weight by ~1e30, so the next forward overflows to inf/NaN
+    cfg = tiny_cfg(tmp_path, impl.FRAMEWORK, f"model.path={model_dir}", "train.steps=5", "train.save_every=1",
+                   "optim.lr=1e30", "optim.warmup_steps=0", "optim.max_grad_norm=0")
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 2: loss=(nan|inf).*step_00000001"):
+        impl.train(cfg, progress=False)
+    last = latest_checkpoint(tmp_path)
+    assert last.name == "step_00000001" and json.loads((last / "meta.json").read_text())["step"] == 1
+
+
+def test_adapter_loads_in_peft_onto_hf(impl, model_dir, reference_run):
+    """The trained adapter, loaded by PEFT onto the HF model, gives the logits of this framework's model with the
+    same adapter loaded back (so the saved file means what the trainer trained)."""
+    peft = pytest.importorskip("peft")
+    import torch
+
+    from shared_math.adapter import read_peft_adapter
+    from shared_math.numerics import assert_close
+    from tests.shared import hf_helpers as H
+
+    _, res = reference_run
+    model = impl.load_model(model_dir)
+    impl.load_adapter(model, res.adapter_dir)
+    _, tensors = read_peft_adapter(res.adapter_dir, model.config)
+    assert all(np.abs(v).max() > 0 for k, v in tensors.items() if k.endswith("lora_B"))  # it did train
+    ids = np.array([[1, 33, 70, 71, 72, 45, 50]], np.int32)
+    pm = peft.PeftModel.from_pretrained(H.load_hf_model(model_dir), str(res.adapter_dir)).eval()
+    with torch.no_grad():
+        ref = pm(torch.from_numpy(ids).long()).logits.numpy()
+    assert_close(impl.logits_of(model, ids), ref, dtype="float32", quantity="logits", name="trained-adapter logits")
