@@ -14,8 +14,6 @@ rows (sorted by expert; expert e owns sorted rows offsets[e]:offsets[e+1]). Belo
     act="bwd": epilogue of dh' = dy@Wd^T + dZ2'@A2^T: loads gu (gate n, up N_HALF+n), h = act(gu), writes the
                per-tile partial <h, acc>[m] into dot[m, pid_n] (for d expert_weights), then dh = row_scale·acc and
                out[m, n], out[m, N_HALF+n] = act_vjp(gu, dh) -> dgu [M, 2I].
-    ROWDOT:    rowdot[m] = Σ_d A[src(m), d] · v[e, d] in the d-loop (the <b_down, dy> term of d expert_weights),
-               added to the pid_n == 0 partial.
     row_scale: out rows multiplied by row_scale[m] (the routing weight), applied after the partial dot.
     out_rows:  scatter-store: row m goes to out[out_rows[m]] (its flat (token, slot) position), so the sum over K
                is a deterministic `view(T, K, N).sum(1)` by the caller: no atomics anywhere.
@@ -89,14 +87,13 @@ def _grouped_gemm_kernel(
     z_ptr, stride_zm, stride_zr,
     lb_ptr, stride_lbe, stride_lbr, stride_lbn,
     bias_ptr, stride_be, stride_bn,
-    rowvec_ptr, stride_rve, stride_rvd,
     row_scale_ptr,
     gu_ptr, stride_gum, stride_gun,
     out_ptr, stride_om, stride_on, out_rows_ptr,
     dot_ptr, stride_dotm, stride_dotn,
     N, D, R, N_HALF, z_scale, lora_scale, limit, alpha,
     GATHER_A: tl.constexpr, LORA: tl.constexpr, STORE_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROWDOT: tl.constexpr, ROW_SCALE: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr,
+    ROW_SCALE: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr,
     STORE_GU: tl.constexpr, SCATTER_OUT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -124,7 +121,6 @@ def _grouped_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # up half (MODE_ACT_FWD only; dead code otherwise)
     zacc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    racc = tl.zeros([BLOCK_M], dtype=tl.float32)
     w_base = w_ptr + e * stride_we
     # An empty (surplus) tile runs no reduction steps instead of branching around the whole body.
     d_hi = tl.where(e_raw >= 0, D, 0)
@@ -145,9 +141,6 @@ def _grouped_gemm_kernel(
             la = tl.load(la_ptr + e * stride_lae + dd[:, None] * stride_lad + offs_r[None, :] * stride_lar,
                          mask=mask_d[:, None] & mask_r[None, :], other=0.0)
             zacc = tl.dot(a, la, zacc, input_precision=DOT_PREC)
-        if ROWDOT:
-            v = tl.load(rowvec_ptr + e * stride_rve + dd * stride_rvd, mask=mask_d, other=0.0)
-            racc += tl.sum(a.to(tl.float32) * v.to(tl.float32)[None, :], axis=1)
 
     if LORA > 0:
         if LORA == 2:
@@ -192,8 +185,6 @@ def _grouped_gemm_kernel(
         # h is recomputed from the saved pre-activation, exactly as the forward rounded it.
         h = _act_fwd(g, u, ACT, limit, alpha).to(cdt).to(tl.float32)
         part = tl.sum(tl.where(mask_mn, h * acc, 0.0), axis=1)
-        if ROWDOT:
-            part += tl.where(pid_n == 0, racc, 0.0)
         tl.store(dot_ptr + rows64 * stride_dotm + pid_n * stride_dotn, part, mask=mask_m)
         res = acc
     else:
@@ -306,7 +297,7 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
                  out: torch.Tensor, config: dict, row_index: torch.Tensor | None = None,
                  lora_a_EDR: torch.Tensor | None = None, z_MR: torch.Tensor | None = None, store_z: bool = False,
                  lora_b_ERN: torch.Tensor | None = None, z_scale: float = 1.0, lora_scale: float = 1.0,
-                 bias_EN: torch.Tensor | None = None, rowvec_ED: torch.Tensor | None = None,
+                 bias_EN: torch.Tensor | None = None,
                  row_scale_M: torch.Tensor | None = None, mode: int = MODE_PLAIN, act: int = ACT_NONE,
                  gu_M2I: torch.Tensor | None = None, store_gu: bool = False, out_rows_M: torch.Tensor | None = None,
                  dot_MT: torch.Tensor | None = None, limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
@@ -331,14 +322,13 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
         z, *_strides2(z_MR),
         lb, *_strides3(lora_b_ERN),
         bias_EN if bias_EN is not None else lb, *_strides2(bias_EN),
-        rowvec_ED if rowvec_ED is not None else lb, *_strides2(rowvec_ED),
         row_scale_M if row_scale_M is not None else dummy,
         gu_M2I if gu_M2I is not None else lb, *_strides2(gu_M2I),
         out, *out.stride(), out_rows_M if out_rows_M is not None else dummy,
         dot_MT if dot_MT is not None else dummy, *_strides2(dot_MT),
         n, d, rank, n, float(z_scale), float(lora_scale), float(limit), float(alpha),
         GATHER_A=row_index is not None, LORA=lora, STORE_Z=bool(store_z and lora == LORA_FUSE_Z),
-        HAS_BIAS=bias_EN is not None, ROWDOT=rowvec_ED is not None, ROW_SCALE=row_scale_M is not None,
+        HAS_BIAS=bias_EN is not None, ROW_SCALE=row_scale_M is not None,
         MODE=mode, ACT=act, STORE_GU=bool(store_gu), SCATTER_OUT=out_rows_M is not None,
         DOT_PREC=_dot_prec(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         BLOCK_R=max(16, triton.next_power_of_2(max(rank, 1))),

@@ -12,7 +12,7 @@ Forward (s = scale; rows sorted by expert once, `token[m]` = source token of sor
      y = out.view(T, K, H).sum(1) (deterministic). Saved: z2 [M, R]. h, o, x[perm] are never saved.
 Backward (dy [T, H]; dh' and dZ2' are per unit routing weight):
   3. dh pass (`grouped_gemm`, act="bwd"): dh' = dy[token]@Wd^T + dZ2'@A2^T with dZ2' = s·dy[token]@B2^T in-loop;
-     epilogue: d expert_weights partials <h, dh'> (+ <b_d, dy> from an in-loop row dot; h recomputed from gu),
+     epilogue: d expert_weights partials <h, dh'> (h recomputed from gu; + <b_d, dy> from a [T,H]x[H,E] GEMM),
      dh = w·dh', dgu = act_vjp(gu, dh) -> [M, 2I]. d expert_weights = partials.sum(1): <o, dy> without o.
   4. dx pass (`grouped_gemm`): dZ1 = s·dgu@B1^T in-loop; dx rows = dgu@Wgu^T + dZ1@A1^T scattered to flat[m],
      summed over K.
@@ -177,14 +177,22 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
                 gg.grouped_gemm(dy, _t(w_down), sched, srt.offsets_E1, n=I, out=dgu, config=cfg,
                                 row_index=srt.token_M, lora_a_EDR=_t(b2), z_MR=dz2, store_z=dz2 is not None,
                                 lora_b_ERN=_t(a2), z_scale=s, lora_scale=1.0,
-                                rowvec_ED=b_d if g_w else None, row_scale_M=w_sorted, mode=gg.MODE_ACT_BWD,
+                                row_scale_M=w_sorted, mode=gg.MODE_ACT_BWD,
                                 act=act, gu_M2I=gu, dot_MT=dots, limit=limit, alpha=alpha)
                 return dgu, dots, dz2
 
             dgu, dots, dz2 = _gemm("gemm", ("dh", H, I, b2.shape[1] if lora2 else 0, act), srt, x, dh_pass)
             if g_w:
                 dw = torch.empty(M, device=x.device, dtype=torch.float32)
-                dw[srt.flat_M.long()] = dots.sum(1)  # a permutation: unique indices, deterministic
+                dw_sorted = dots.sum(1)
+                if b_d is not None:
+                    # <b_d[e], dy[t]> for every (token, expert) is one small [T, H]x[H, E] GEMM, then a gather;
+                    # kept out of the kernel: fusing it as an elementwise row dot in the pipelined loop miscompiled
+                    # in bf16 on the H200 (Triton 3.6: gpu_oai's dz2' off by 7%), and it is tiny here.
+                    expert_M = torch.searchsorted(srt.offsets_E1[1:], torch.arange(M, device=x.device,
+                                                  dtype=torch.int32), right=True)
+                    dw_sorted += (dy.float() @ b_d.float().t())[srt.token_M.long(), expert_M]
+                dw[srt.flat_M.long()] = dw_sorted  # a permutation: unique indices, deterministic
                 grads["w"] = dw.view(T, K)
 
         tok = srt.token_M
