@@ -454,6 +454,9 @@ def run_training(tr: Any, *, resume: bool = False, stop_after: int | None = None
         if cfg.train.save_every and tr.step % cfg.train.save_every == 0:
             tr.save_checkpoint()
     if tr.step == cfg.train.steps:
+        if cfg.train.save_every and tr.step % cfg.train.save_every and latest_checkpoint(out) != out / \
+                CHECKPOINT_DIR / checkpoint_name(tr.step):
+            tr.save_checkpoint()  # the final state, so a finished run can be resumed (e.g. to re-evaluate)
         ev = tr.evaluate()
         metrics.write(ev)
         result.evals.append(ev)
