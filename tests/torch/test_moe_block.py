@@ -85,9 +85,17 @@ def test_backend_matches_reference_bf16_cuda(backend, case, seed):
     _compare(backend, case, torch.bfloat16, "cuda", seed)
 
 
+def _skip_unless_cpu_fp32(backend: str) -> None:
+    """The triton backend runs on CPU only in the interpreter; test_triton_kernels.py covers it there."""
+    reason = why_unavailable(backend, "cpu", torch.float32)
+    if reason:
+        pytest.skip(f"{backend} unavailable in fp32 on CPU: {reason}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_base_gets_no_gradient(backend, seed):
     """requires_grad False on the base weights: no gradient is computed or stored for them."""
+    _skip_unless_cpu_fp32(backend)
     case = cases("ci")[0]
     inp = make_moe_inputs(case, seed=seed % 1000)
     y, grads = _run(backend, inp, torch.float32, "cpu", np.ones((case.T, case.H)), base_grad=False)
@@ -98,6 +106,7 @@ def test_frozen_base_gets_no_gradient(backend, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_lora_equals_reference(backend, seed):
     """No LoRA pairs at all: the plain routed experts."""
+    _skip_unless_cpu_fp32(backend)
     case = cases("ci")[1]
     inp = make_moe_inputs(case, seed=seed % 1000)
     inp32 = {k: (v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float64 else v)
@@ -118,7 +127,7 @@ def test_backends_agree_bitwise_in_fp32_forward(seed):
     inp = make_moe_inputs(case, seed=seed % 1000)
     args = [torch.tensor(inp[k], dtype=torch.float32) for k in ("x", "expert_weights", "w_gate_up", "w_down")]
     ids = torch.tensor(inp["expert_ids"])
-    ys = [split_lora_experts(args[0], ids, *args[1:], backend=b) for b in BACKENDS]
+    ys = [split_lora_experts(args[0], ids, *args[1:], backend=b) for b in ("native", "grouped_mm")]
     assert_close(ys[0], ys[1], dtype="float32", quantity="moe_block", name="native vs grouped_mm")
 
 

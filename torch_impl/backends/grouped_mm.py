@@ -115,6 +115,23 @@ def _unpermute_sum(v_MH: torch.Tensor, srt: ExpertSort, out_dtype: torch.dtype) 
     return out
 
 
+def _add_expert_bias_(v_MN: torch.Tensor, b_EN: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:
+    """v[m] += b[expert(m)] in place, a row chunk at a time (a whole `b[expert_M]` gather is a full [M, N] copy)."""
+    for r0 in range(0, v_MN.shape[0], _CHUNK_ROWS):
+        r1 = min(v_MN.shape[0], r0 + _CHUNK_ROWS)
+        v_MN[r0:r1] += b_EN.index_select(0, expert_M[r0:r1])
+    return v_MN
+
+
+def _row_dot_expert_bias(dy_MH: torch.Tensor, b_EH: torch.Tensor, expert_M: torch.Tensor) -> torch.Tensor:
+    """<b[expert(m)], dy[m]> per row in fp32, in row chunks (the bias part of the routing-weight gradient)."""
+    out = torch.empty(dy_MH.shape[0], dtype=torch.float32, device=dy_MH.device)
+    for r0 in range(0, dy_MH.shape[0], _CHUNK_ROWS):
+        r1 = min(dy_MH.shape[0], r0 + _CHUNK_ROWS)
+        out[r0:r1] = (b_EH.index_select(0, expert_M[r0:r1]).float() * dy_MH[r0:r1].float()).sum(-1)
+    return out
+
+
 def _act_vjp_and_row_dot(act: Activation, gu: torch.Tensor, g_MI: torch.Tensor, w_M1: torch.Tensor,
                          dh_lora_MI: torch.Tensor | None, want_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dgu = act'(gu)·dh with dh = w·g (+ the LoRA part dh_lora) -> [M, 2I] in gu's dtype, and, if asked,
@@ -150,7 +167,7 @@ class _GroupedSplitLoRA(torch.autograd.Function):
             gu.add_(_gmm(z1, b1, offs), alpha=scale)
         del x_MH
         if b_gu is not None:
-            gu.add_(b_gu[srt.expert_M])
+            _add_expert_bias_(gu, b_gu, srt.expert_M)
         h = act(gu)
         o = _gmm(h, w_down, offs)
         if a2 is not None:
@@ -158,7 +175,7 @@ class _GroupedSplitLoRA(torch.autograd.Function):
             o.add_(_gmm(z2, b2, offs), alpha=scale)
         del h
         if b_d is not None:
-            o.add_(b_d[srt.expert_M])
+            _add_expert_bias_(o, b_d, srt.expert_M)
         ctx.save_for_backward(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_d, gu, z1, z2)
         ctx.srt, ctx.scale, ctx.act = srt, scale, act
         # weight, un-permute, sum over K: HF's grouped_mm order and rounding (o·w rounded, then an fp32-free sum)
@@ -187,9 +204,9 @@ class _GroupedSplitLoRA(torch.autograd.Function):
         if need[1]:
             # d weight = <o, dy>, with o = h@Wd + s·z2@B2 + bd expanded so that o need not be saved
             if a2 is not None:
-                dw_M += s * (z2.float() * gz2.float()).sum(-1)
+                dw_M += s * (z2.float() * gz2.float()).sum(-1)  # [M, R]: small
             if b_d is not None:
-                dw_M += (b_d[srt.expert_M].float() * dy_MH.float()).sum(-1)
+                dw_M += _row_dot_expert_bias(dy_MH, b_d, srt.expert_M)
             grads[1] = dw_M[srt.inverse_M].view(T, K).to(weights_TK.dtype)
 
         do_MH = dy_MH.mul_(w_M1)  # dy rows are not needed unweighted any more
