@@ -10,7 +10,7 @@ setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 
-# The main job on the embedded default: build the tiny checkpoint and run the float64 reference on it.
+# The main job on the embedded default: build the tiny Qwen3-MoE, train split LoRA, evaluate, save adapter + plot.
 demo: setup
 	$(PY) -m splitmoe demo --out runs/demo
 

@@ -174,8 +174,9 @@ def _jax_row(c: MoECase, backend: str) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     if p.returncode or not lines:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail)[-300:]}
+        out = (p.stderr or p.stdout).strip().splitlines()
+        errors = [l for l in out if "Error" in l or "error" in l] or out[-1:]
+        return {"error": errors[-1].strip()[:300]}
     return json.loads(lines[-1])
 
 

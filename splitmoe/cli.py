@@ -1,8 +1,11 @@
-"""`splitmoe make-tiny | demo | plan`: argument parsing only; the work happens in shared_math and the frameworks.
+"""`splitmoe demo | train | compare | make-tiny | inspect | plan`: argument parsing only; the work happens in
+shared_math and the frameworks (train/compare live in splitmoe/train_cli.py).
 
 make-tiny  writes a small random HF-format checkpoint of one family (transformers loads it with from_pretrained).
-demo       the embedded default job: builds the tiny Qwen3-MoE checkpoint, reads it back, runs the float64 reference
-           MoE block of every MoE layer on it, and prints routing loads and the merged-vs-split cost plan.
+demo       the embedded default job: builds the tiny Qwen3-MoE checkpoint, trains split LoRA on the synthetic tasks,
+           evaluates held-out exact-match before and after, saves the PEFT adapter and the loss curve.
+inspect    reads a tiny checkpoint back and runs the float64 reference MoE block of every MoE layer on it (routing
+           loads, output scale), then prints the merged-vs-split cost plan.
 plan       the merged-vs-split LoRA cost model (FLOPs, bytes, memory, forward and backward) for a model's shapes.
 """
 
@@ -53,7 +56,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
     from shared_math import cost, reference
@@ -83,8 +86,20 @@ def _demo(args: argparse.Namespace) -> int:
               f"{load.tolist()}; output rms {np.sqrt((y ** 2).mean()):.4g}")
     print("[3/3] merged (PEFT) vs split LoRA for one Qwen3-30B-A3B MoE layer, r=64 (shared_math.cost):")
     print(cost.summary_table("Qwen3-30B-A3B", 2048, 768, 128, 8, 64, (1024, 4096, 16384, 65536)))
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"done in {time.perf_counter() - t0:.1f}s; summary in {out / 'demo_summary.json'}")
+    (out / "inspect_summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"done in {time.perf_counter() - t0:.1f}s; summary in {out / 'inspect_summary.json'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from splitmoe.train_cli import run_default_job
+
+    summary = run_default_job(args.out, framework=args.framework)
+    # the job's promise: held-out exact-match over all tasks rises over the untrained model's
+    before, after = summary["before"]["all"], summary["after"]["all"]
+    if after <= before:
+        print(f"splitmoe demo: held-out exact-match did not rise ({before:.2f} -> {after:.2f})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -115,13 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hub: per-expert tensors as on the Hub; fused: transformers v5's stacked experts")
     t.set_defaults(func=_make_tiny)
 
-    d = sub.add_parser("demo", help="the embedded default job (tiny checkpoint + float64 reference + cost plan)")
-    d.add_argument("--out", default="runs/demo")
+    j = sub.add_parser("demo", help="the embedded default job: tiny model, split-LoRA training, held-out exact-match")
+    j.add_argument("--out", default="runs/demo")
+    j.add_argument("--framework", default="torch", choices=("torch", "jax"))
+    j.set_defaults(func=_demo)
+
+    d = sub.add_parser("inspect", help="float64 reference MoE blocks on a tiny checkpoint + the cost plan")
+    d.add_argument("--out", default="runs/inspect")
     d.add_argument("--config", default=str(DEFAULT_MODEL_YAML),
                    help="model YAML (default: the embedded tiny Qwen3-MoE)")
     d.add_argument("--seed", type=int, default=0, help="seed of the demo's hidden states")
     d.add_argument("--tokens", type=int, default=64)
-    d.set_defaults(func=_demo)
+    d.set_defaults(func=_inspect)
 
     c = sub.add_parser("plan", help="merged vs split LoRA cost of one MoE layer (defaults: Qwen3-30B-A3B)")
     c.add_argument("--hidden", type=int, default=2048)

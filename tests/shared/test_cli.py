@@ -41,10 +41,10 @@ def test_default_yaml_has_a_dense_layer(tmp_path):
     assert True in cfg.moe_layers and False in cfg.moe_layers
 
 
-def test_demo_runs_and_writes_a_summary(tmp_path):
-    p = run_cli("demo", "--out", str(tmp_path))
+def test_inspect_runs_and_writes_a_summary(tmp_path):
+    p = run_cli("inspect", "--out", str(tmp_path))
     assert p.returncode == 0, p.stderr
-    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    summary = json.loads((tmp_path / "inspect_summary.json").read_text())
     assert len(summary["layers"]) == 2  # the default has 3 layers, one of them dense
     assert all(sum(layer["expert_load"]) == 64 * 2 for layer in summary["layers"])
     assert "merged GFLOP" in p.stdout
