@@ -26,6 +26,7 @@ from flax import nnx
 from jax_impl.backends import get_backend, resolve_backend
 from jax_impl.lora import Frozen
 from shared_math.config import RoutingConfig
+from shared_math.shapes import check_expert_args
 
 _F32 = jnp.float32
 LoraPair = tuple[jax.Array, jax.Array]
@@ -145,25 +146,7 @@ permute_rows.defvjp(_permute_fwd, _permute_bwd)
 # ---- routed experts --------------------------------------------------------------------------------------------------
 
 def _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases) -> None:
-    if x.ndim != 2:
-        raise ValueError(f"x must be [T, H], got {x.shape}")
-    T, H = x.shape
-    if w_gate_up.ndim != 3 or w_gate_up.shape[1] != H or w_gate_up.shape[2] % 2:
-        raise ValueError(f"w_gate_up must be [E, H={H}, 2I], got {w_gate_up.shape}")
-    E, _, I2 = w_gate_up.shape
-    if w_down.shape != (E, I2 // 2, H):
-        raise ValueError(f"w_down must be [E, I, H]={(E, I2 // 2, H)}, got {w_down.shape}")
-    if expert_ids.shape != expert_weights.shape or expert_ids.ndim != 2 or expert_ids.shape[0] != T:
-        raise ValueError(f"expert_ids {expert_ids.shape} and expert_weights {expert_weights.shape} must be [T={T}, K]")
-    for name, pair, n_in, n_out in (("lora_gate_up", lora_gate_up, H, I2), ("lora_down", lora_down, I2 // 2, H)):
-        if pair is None:
-            continue
-        a, b = pair
-        if a.ndim != 3 or b.ndim != 3 or a.shape[:2] != (E, n_in) or b.shape != (E, a.shape[2], n_out):
-            raise ValueError(f"{name} must be (A [E, {n_in}, R], B [E, R, {n_out}]), got {a.shape}, {b.shape}")
-    if biases is not None and (biases[0].shape != (E, I2) or biases[1].shape != (E, H)):
-        raise ValueError(f"biases must be ([E, 2I]={(E, I2)}, [E, H]={(E, H)}), got {biases[0].shape}, "
-                         f"{biases[1].shape}")
+    check_expert_args(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
 
 
 def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, w_gate_up: jax.Array,

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from shared_math.config import ModelConfig, RoutingConfig
+from shared_math.shapes import check_expert_args
 
 LoraPair = tuple[np.ndarray, np.ndarray]
 BiasPair = tuple[np.ndarray, np.ndarray]
@@ -228,22 +229,7 @@ def _lora(x: np.ndarray, pair: LoraPair | None, e: int, scale: float) -> tuple[n
 
 
 def _check_args(x_TH, ids_TK, w_TK, w_gate_up_EH2I, w_down_EIH, lora_gate_up, lora_down, biases) -> None:
-    T, H = x_TH.shape
-    E, H2, I2 = w_gate_up_EH2I.shape
-    if H2 != H or w_down_EIH.shape != (E, I2 // 2, H) or I2 % 2:
-        raise ValueError(f"expert weights do not fit x [T={T}, H={H}]: w_gate_up {w_gate_up_EH2I.shape} "
-                         f"(want [E, H, 2I]), w_down {w_down_EIH.shape} (want [E, I, H])")
-    if ids_TK.shape != w_TK.shape or ids_TK.shape[0] != T:
-        raise ValueError(f"expert_ids {ids_TK.shape} and expert_weights {w_TK.shape} must both be [T={T}, K]")
-    for name, pair, (n_in, n_out) in (("lora_gate_up", lora_gate_up, (H, I2)), ("lora_down", lora_down, (I2 // 2, H))):
-        if pair is None:
-            continue
-        a, b = pair
-        if a.ndim != 3 or b.ndim != 3 or a.shape[:2] != (E, n_in) or b.shape != (E, a.shape[2], n_out):
-            raise ValueError(f"{name} must be (A [E, {n_in}, R], B [E, R, {n_out}]), got {a.shape}, {b.shape}")
-    if biases is not None and (biases[0].shape != (E, I2) or biases[1].shape != (E, H)):
-        raise ValueError(f"biases must be ([E, 2I]={(E, I2)}, [E, H]={(E, H)}), "
-                         f"got {biases[0].shape}, {biases[1].shape}")
+    check_expert_args(x_TH, ids_TK, w_TK, w_gate_up_EH2I, w_down_EIH, lora_gate_up, lora_down, biases)
 
 
 def _as_f64_pair(pair):

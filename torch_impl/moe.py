@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared_math.config import RoutingConfig
+from shared_math.shapes import check_expert_args
 from torch_impl.backends import get_backend, resolve_backend
 from torch_impl.backends.common import Activation, ExpertSort
 
@@ -94,30 +95,7 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, check: bool = 
 # ---- the routed experts ----------------------------------------------------------------------------------------------
 
 def _check_shapes(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases) -> None:
-    if x.ndim != 2:
-        raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
-    T, H = x.shape
-    if w_gate_up.ndim != 3 or w_down.ndim != 3:
-        raise ValueError(f"w_gate_up must be [E, H, 2I] and w_down [E, I, H], got {tuple(w_gate_up.shape)}, "
-                         f"{tuple(w_down.shape)}")
-    E, _, I2 = w_gate_up.shape
-    if w_gate_up.shape[1] != H or I2 % 2 or tuple(w_down.shape) != (E, I2 // 2, H):
-        raise ValueError(f"expert weights do not fit x [T={T}, H={H}]: w_gate_up {tuple(w_gate_up.shape)} "
-                         f"(want [E, H, 2I]), w_down {tuple(w_down.shape)} (want [E, I, H])")
-    if expert_ids.shape != expert_weights.shape or expert_ids.ndim != 2 or expert_ids.shape[0] != T:
-        raise ValueError(f"expert_ids {tuple(expert_ids.shape)} and expert_weights {tuple(expert_weights.shape)} "
-                         f"must both be [T={T}, K]")
-    for name, pair, (n_in, n_out) in (("lora_gate_up", lora_gate_up, (H, I2)),
-                                      ("lora_down", lora_down, (I2 // 2, H))):
-        if pair is None:
-            continue
-        a, b = pair
-        if a.ndim != 3 or b.ndim != 3 or tuple(a.shape[:2]) != (E, n_in) or tuple(b.shape) != (E, a.shape[2], n_out):
-            raise ValueError(f"{name} must be (A [E, {n_in}, R], B [E, R, {n_out}]), got {tuple(a.shape)}, "
-                             f"{tuple(b.shape)}")
-    if biases is not None and (tuple(biases[0].shape) != (E, I2) or tuple(biases[1].shape) != (E, H)):
-        raise ValueError(f"biases must be ([E, 2I]={(E, I2)}, [E, H]={(E, H)}), got {tuple(biases[0].shape)}, "
-                         f"{tuple(biases[1].shape)}")
+    check_expert_args(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
         raise ValueError(f"expert weights ({w_gate_up.dtype}, {w_down.dtype}) must have x's dtype {x.dtype}: "
                          "cast them once at load, not on every call")
