@@ -5,7 +5,8 @@ layout (`mlp.experts.{e}.{gate,up,down}_proj.weight`) or transformers v5's fused
 `[E, 2I, H]`, gpt-oss `[E, H, 2I]` interleaved), validates every tensor's presence and shape against the config
 up front from the headers alone, and returns a lazy mapping that reads and converts a tensor only when asked:
 2-D Linear weights transposed to `[in, out]`, the router renamed to `mlp.router`, experts as
-`gate_up_proj [E, H, 2I]` (gate 0:I, up I:2I) and `down_proj [E, I, H]`.
+`gate_up_proj [E, H, 2I]` (gate 0:I, up I:2I) and `down_proj [E, I, H]`. gpt-oss's MXFP4 experts (`*_blocks`,
+`*_scales`) are decoded to float32 per tensor as they are read (`shared_math.mxfp4`).
 
 `write_checkpoint` is the exact inverse. `expected_shapes(cfg)` lists every canonical tensor a config implies.
 """
@@ -23,10 +24,12 @@ from typing import Any, Literal
 import numpy as np
 
 from shared_math.config import ModelConfig
+from shared_math.mxfp4 import BLOCK as _MX_BLOCK
+from shared_math.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from shared_math.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
 Shape = tuple[int, ...]
-Layout = Literal["hub", "fused"]
+Layout = Literal["hub", "fused", "mxfp4"]  # mxfp4: gpt-oss experts quantised as on the hub
 
 __all__ = ["CheckpointError", "UnsupportedCheckpointError", "CheckpointTensors", "expected_shapes",
            "read_checkpoint", "write_checkpoint", "hf_keys_for", "tiny_hf_config", "write_tiny_checkpoint",
@@ -171,6 +174,8 @@ def hf_keys_for(cfg: ModelConfig, name: str, shape: Shape, layout: Layout = "hub
             return _one(hf, shape[::-1], _swap_last, _swap_last)
         return _one(hf, shape, _ident, _ident)
     which, is_bias = m.group(2), m.group(3) is not None
+    if cfg.family == "gpt_oss" and layout == "mxfp4" and not is_bias:
+        return _mxfp4_recipe(hf, shape, which)
     if cfg.family == "gpt_oss":
         if which == "gate_up_proj":
             return _one(hf, shape, _deinterleave, _interleave)
@@ -190,6 +195,26 @@ def hf_keys_for(cfg: ModelConfig, name: str, shape: Shape, layout: Layout = "hub
         keys, ((I, a),) * (2 * E),
         lambda xs: np.stack([np.concatenate([xs[2 * e].T, xs[2 * e + 1].T], axis=1) for e in range(E)]),
         lambda x: [w for e in range(E) for w in (x[e, :, :I].T, x[e, :, I:].T)])
+
+
+def _mxfp4_recipe(hf: str, shape: Shape, which: str) -> _Recipe:
+    """gpt-oss hub MXFP4 experts: `{hf}_blocks [E, out, in/32, 16]` + `{hf}_scales [E, out, in/32]` (HF's [out, in]
+    order) <-> canonical [E, in, out]; gate_up de-interleaved after decoding, like the BF16 layout. One tensor is
+    decoded at a time (the mapping is lazy), so a checkpoint never sits in memory twice."""
+    E, d_in, d_out = shape
+    if d_in % _MX_BLOCK:
+        raise CheckpointError(f"{hf}: MXFP4 needs the input width ({d_in}) to be a multiple of {_MX_BLOCK}")
+    G = d_in // _MX_BLOCK
+    fix, unfix = (_deinterleave, _interleave) if which == "gate_up_proj" else (_ident, _ident)
+
+    def to_canon(xs: list[np.ndarray]) -> np.ndarray:
+        return fix(np.swapaxes(dequantize_mxfp4(xs[0], xs[1]), 1, 2))
+
+    def from_canon(x: np.ndarray) -> list[np.ndarray]:
+        return list(quantize_mxfp4(np.swapaxes(unfix(x), 1, 2)))
+
+    return _Recipe((hf + "_blocks", hf + "_scales"), ((E, d_out, G, _MX_BLOCK // 2), (E, d_out, G)),
+                   to_canon, from_canon)
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------
@@ -270,7 +295,7 @@ def _check_quantisation(keys: list[str], hf: Mapping[str, Any], root: Path) -> N
     mx = [k for k in keys if k.endswith(("_blocks", "_scales"))]
     fp8 = [k for k in keys if k.endswith(("weight_scale_inv", "weight_scale"))]
     method = (hf.get("quantization_config") or {}).get("quant_method")
-    if mx or method == "mxfp4":
+    if (mx or method == "mxfp4") and hf.get("model_type") != "gpt_oss":  # gpt-oss experts decode at load
         raise UnsupportedCheckpointError(
             f"{root}: MXFP4-quantised experts ({mx[0] if mx else 'quantization_config'}) are not supported yet; "
             "dequantise first (transformers Mxfp4Config(dequantize=True) then save_pretrained)")
@@ -308,7 +333,8 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, CheckpointTensors]:
     for name, shape in shapes.items():
         m = _EXPERT_RE.search(name)
         fused = m is not None and f"model.layers.{m.group(1)}.mlp.experts.gate_up_proj" in files
-        recipe = hf_keys_for(cfg, name, shape, "fused" if fused else "hub")
+        mxfp4 = m is not None and f"model.{name}_blocks" in files
+        recipe = hf_keys_for(cfg, name, shape, "mxfp4" if mxfp4 else "fused" if fused else "hub")
         for key, want in zip(recipe.keys, recipe.shapes):
             if key not in files:
                 raise CheckpointError(
@@ -319,7 +345,8 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, CheckpointTensors]:
                 raise CheckpointError(
                     f"{files[key].path}: tensor {key} has shape {list(info.shape)}, but the config implies "
                     f"{list(want)} (canonical {name} {list(shape)})")
-            if info.dtype not in ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2"):
+            if info.dtype not in ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2") and not (
+                    mxfp4 and info.dtype == "U8"):
                 raise CheckpointError(f"{files[key].path}: tensor {key} has non-float dtype {info.dtype}")
         recipes[name] = recipe
 
@@ -350,14 +377,17 @@ def write_checkpoint(path: str | Path, hf_config: Mapping[str, Any], tensors: Ma
     """Write canonical `tensors` as a HF checkpoint: config.json + model.safetensors (or shards + index).
 
     The inverse of `read_checkpoint`. layout "hub" writes per-expert tensors (what HF's save_pretrained writes by
-    default), "fused" the v5 in-memory layout; gpt-oss has one layout. Every floating tensor is written in `dtype`
-    ("float32", "bfloat16" rounded to nearest even, or "float16"), and config.json's `dtype` says so.
+    default), "fused" the v5 in-memory layout; gpt-oss has one layout, or "mxfp4" (the hub's: experts quantised by
+    `shared_math.mxfp4.quantize_mxfp4`, with the hub's `quantization_config`). Every floating tensor is written in
+    `dtype` ("float32", "bfloat16" rounded to nearest even, or "float16"), and config.json's `dtype` says so.
     """
-    if layout not in ("hub", "fused"):
-        raise ValueError(f"layout must be 'hub' or 'fused', got {layout!r}")
+    if layout not in ("hub", "fused", "mxfp4"):
+        raise ValueError(f"layout must be 'hub', 'fused' or 'mxfp4', got {layout!r}")
     if dtype not in _ITEMSIZE:
         raise ValueError(f"dtype must be one of {', '.join(_ITEMSIZE)}, got {dtype!r}")
     cfg = ModelConfig.from_hf(hf_config)
+    if layout == "mxfp4" and cfg.family != "gpt_oss":
+        raise ValueError(f"layout 'mxfp4' is gpt-oss's hub format; {cfg.family} has no MXFP4 checkpoints")
     shapes = expected_shapes(cfg)
     missing = [n for n in shapes if n not in tensors]
     extra = [n for n in tensors if n not in shapes]
@@ -375,7 +405,7 @@ def write_checkpoint(path: str | Path, hf_config: Mapping[str, Any], tensors: Ma
             raise CheckpointError(f"{name} has shape {list(arr.shape)}, the config implies {list(shape)}")
         recipe = hf_keys_for(cfg, name, shape, layout)
         for key, part in zip(recipe.keys, recipe.from_canon(arr)):
-            nbytes = math.prod(part.shape) * _ITEMSIZE[dtype]
+            nbytes = part.nbytes if part.dtype == np.uint8 else math.prod(part.shape) * _ITEMSIZE[dtype]
             if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})
                 size = 0
@@ -384,6 +414,9 @@ def write_checkpoint(path: str | Path, hf_config: Mapping[str, Any], tensors: Ma
 
     config = dict(hf_config)
     config["dtype"] = dtype
+    if layout == "mxfp4" and cfg.family == "gpt_oss":  # what the hub's gpt-oss config.json says
+        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if max_shard_bytes is None:
         write_safetensors(root / "model.safetensors", shards[0], dtype=dtype)
@@ -394,7 +427,8 @@ def write_checkpoint(path: str | Path, hf_config: Mapping[str, Any], tensors: Ma
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         write_safetensors(root / fname, shard, dtype=dtype)
         weight_map.update(dict.fromkeys(shard, fname))
-        total += sum(math.prod(a.shape) * _ITEMSIZE[dtype] for a in shard.values())
+        total += sum(a.nbytes if a.dtype == np.uint8 else math.prod(a.shape) * _ITEMSIZE[dtype]
+                     for a in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return root

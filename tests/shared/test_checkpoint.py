@@ -340,6 +340,11 @@ def test_missing_shard_and_quantised_checkpoints(tmp_path):
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=shards[-1].name):
         read_checkpoint(tmp_path / "b")
+    # gpt-oss decodes MXFP4 experts (tests/shared/test_mxfp4.py): a malformed blocks tensor is named with its shape
+    _rewrite(src, lambda t: t.update({"model.layers.0.mlp.experts.gate_up_proj_blocks": np.zeros(4, np.uint8)}))
+    with pytest.raises(CheckpointError, match=r"gate_up_proj_blocks has shape \[4\]"):
+        read_checkpoint(src)
+    src = write_tiny_checkpoint("qwen3_moe", tmp_path / "q")  # other families have no MXFP4 format
     _rewrite(src, lambda t: t.update({"model.layers.0.mlp.experts.gate_up_proj_blocks": np.zeros(4, np.uint8)}))
     with pytest.raises(UnsupportedCheckpointError, match="MXFP4"):
         read_checkpoint(src)
