@@ -76,3 +76,22 @@ def mask_labels(labels: np.ndarray, comparable: np.ndarray) -> np.ndarray:
     out = labels.copy()
     out[:, 1:][~comparable[:, :-1]] = -100
     return out
+
+
+# differentiable inputs of split_lora_experts, in argument order
+DIFF_ARGS = ("x", "expert_weights", "w_gate_up", "w_down", "lora_gate_up", "lora_down", "biases")
+
+
+def moe_inputs_to_jax(inp: dict, dtype) -> dict:
+    """`shared_math.cases.make_moe_inputs` output -> jax arrays in `dtype` (expert ids as int32)."""
+    def cast(v):
+        if v is None:
+            return None
+        if isinstance(v, tuple):
+            return tuple(jnp.asarray(a, dtype) for a in v)
+        return jnp.asarray(v, dtype)
+
+    out = {k: cast(inp[k]) for k in DIFF_ARGS}
+    out["expert_ids"] = jnp.asarray(inp["expert_ids"], jnp.int32)
+    return out
+

@@ -20,6 +20,7 @@ from jax_impl.moe import sort_by_expert, split_lora_experts  # noqa: E402
 from shared_math import reference as ref  # noqa: E402
 from shared_math.cases import cases, get_case, make_moe_inputs  # noqa: E402
 from shared_math.numerics import assert_close  # noqa: E402
+from tests.jax.jax_helpers import DIFF_ARGS, moe_inputs_to_jax  # noqa: E402
 
 
 def _backend_param(name: str):
@@ -32,22 +33,8 @@ def _backend_param(name: str):
 
 BACKEND_PARAMS = [_backend_param(n) for n in BACKENDS]
 
-# differentiable inputs of split_lora_experts, in argument order
-_DIFF = ("x", "expert_weights", "w_gate_up", "w_down", "lora_gate_up", "lora_down", "biases")
+_DIFF = DIFF_ARGS  # differentiable inputs of split_lora_experts, in argument order
 _STATIC = ("scale", "activation", "swiglu_limit")
-
-
-def _to_jax(inp: dict, dtype) -> dict:
-    def cast(v):
-        if v is None:
-            return None
-        if isinstance(v, tuple):
-            return tuple(jnp.asarray(a, dtype) for a in v)
-        return jnp.asarray(v, dtype)
-
-    out = {k: cast(inp[k]) for k in _DIFF}
-    out["expert_ids"] = jnp.asarray(inp["expert_ids"], jnp.int32)
-    return out
 
 
 def _as_f64(j: dict) -> dict:
@@ -84,7 +71,7 @@ def _value_and_grads(backend: str, static: tuple):
 
 def _check_case(case, backend: str, dtype, dtype_name: str, seed: int) -> None:
     inp = make_moe_inputs(case, seed=seed)
-    j = _to_jax(inp, dtype)
+    j = moe_inputs_to_jax(inp, dtype)
     r = _as_f64(j)
     dy = np.random.default_rng(seed + 1).standard_normal((case.T, case.H))
     fn = _value_and_grads(backend, tuple(inp[k] for k in _STATIC))
@@ -136,7 +123,7 @@ def _jaxpr_eqns(jaxpr):
 
 def _lora_grad_jaxpr(wrt: tuple[str, ...]):
     case = get_case("prime_e")  # E=7, H=32, 2I=48, R=4: weight shapes distinct from every other array
-    j = _to_jax(make_moe_inputs(case), jnp.float32)
+    j = moe_inputs_to_jax(make_moe_inputs(case), jnp.float32)
 
     def loss(diff, frozen):
         a = {**frozen, **diff}
@@ -182,7 +169,7 @@ def test_no_retrace_for_new_batch_of_same_shape():
 
     for seed in (0, 1, 2):
         inp = make_moe_inputs(case, seed=seed)
-        j = _to_jax(inp, jnp.float32)
+        j = moe_inputs_to_jax(inp, jnp.float32)
         j["biases"] = None
         jax.block_until_ready(f(j))
     assert len(traces) == 1

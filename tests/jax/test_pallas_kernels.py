@@ -25,8 +25,9 @@ from jax_impl.moe import split_lora_experts as moe_split_lora_experts  # noqa: E
 from shared_math import reference as ref  # noqa: E402
 from shared_math.cases import cases, get_case, make_moe_inputs  # noqa: E402
 from shared_math.numerics import assert_close  # noqa: E402
+from tests.jax.jax_helpers import DIFF_ARGS, moe_inputs_to_jax  # noqa: E402
 
-_DIFF = ("x", "expert_weights", "w_gate_up", "w_down", "lora_gate_up", "lora_down", "biases")
+_DIFF = DIFF_ARGS
 _LORA_TRAINING = ("x", "expert_weights", "lora_gate_up", "lora_down")
 _ON_GPU = jax.default_backend() == "gpu"
 # interpret mode only: XLA's CPU backend optimisations take ~20 s per case on the interpreted kernels and buy nothing
@@ -37,19 +38,6 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 def interpret(monkeypatch):
     monkeypatch.setenv(pt.INTERPRET_ENV, "1")
     monkeypatch.delenv("SPLITMOE_MOE_BACKEND", raising=False)
-
-
-def _to_jax(inp: dict, dtype) -> dict:
-    def cast(v):
-        if v is None:
-            return None
-        if isinstance(v, tuple):
-            return tuple(jnp.asarray(a, dtype) for a in v)
-        return jnp.asarray(v, dtype)
-
-    out = {k: cast(inp[k]) for k in _DIFF}
-    out["expert_ids"] = jnp.asarray(inp["expert_ids"], jnp.int32)
-    return out
 
 
 def _f64(v):
@@ -97,7 +85,7 @@ def _value_and_grads(entry: str, wrt: tuple[str, ...], static: tuple, j: dict):
 
 def _inputs(case, seed: int, dtype):
     inp = make_moe_inputs(case, seed=seed)
-    j = _to_jax(inp, dtype)
+    j = moe_inputs_to_jax(inp, dtype)
     static = (inp["scale"], inp["activation"], inp["swiglu_limit"])
     dy = np.random.default_rng(seed + 1).standard_normal((case.T, case.H))
     return inp, j, static, dy
