@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jax_impl.kernels.tuning import BlockConfig
+from jax_impl.kernels.autotune import BlockConfig
 
 _F32 = jnp.float32
 ACTIVATIONS = ("swiglu", "swiglu_oai")

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_impl.kernels import grouped_gemm as gg
-from jax_impl.kernels import tuning
+from jax_impl.kernels import autotune
 
 _F32 = jnp.float32
 
@@ -83,8 +83,8 @@ class Options:
     passes: Passes = Passes()
 
 
-def _cfg(kind: str, key: tuple, dtype, opts: Options) -> tuning.BlockConfig:
-    return tuning.get_config(kind, key, dtype, interpret=opts.interpret)
+def _cfg(kind: str, key: tuple, dtype, opts: Options) -> autotune.BlockConfig:
+    return autotune.get_config(kind, key, dtype, interpret=opts.interpret)
 
 
 def _bucket(m: int) -> int:

@@ -20,7 +20,7 @@ pytest.importorskip("flax")
 from jax_impl.backends import pallas_triton as pt  # noqa: E402
 from jax_impl.backends import resolve_backend  # noqa: E402
 from jax_impl.kernels import grouped_gemm as gg  # noqa: E402
-from jax_impl.kernels import tuning  # noqa: E402
+from jax_impl.kernels import autotune  # noqa: E402
 from jax_impl.moe import split_lora_experts as moe_split_lora_experts  # noqa: E402
 from shared_math import reference as ref  # noqa: E402
 from shared_math.cases import cases, get_case, make_moe_inputs  # noqa: E402
@@ -240,17 +240,17 @@ def test_availability_is_honest(monkeypatch):
 
 def test_tuning_cache_is_keyed_by_device_kind(tmp_path):
     path = tmp_path / "tune.json"
-    best = tuning.BlockConfig(64, 128, 32, num_warps=4, num_stages=4)
-    tuning.record("gemm", (1024, 2048, 768, 64), jnp.bfloat16, best, dev_kind="nvidia_h200", path=path)
-    got = tuning.get_config("gemm", (1024, 2048, 768, 64), jnp.bfloat16, interpret=False, dev_kind="nvidia_h200",
+    best = autotune.BlockConfig(64, 128, 32, num_warps=4, num_stages=4)
+    autotune.record("gemm", (1024, 2048, 768, 64), jnp.bfloat16, best, dev_kind="nvidia_h200", path=path)
+    got = autotune.get_config("gemm", (1024, 2048, 768, 64), jnp.bfloat16, interpret=False, dev_kind="nvidia_h200",
                             path=path)
     assert got == best
-    other = tuning.get_config("gemm", (1024, 2048, 768, 64), jnp.bfloat16, interpret=False, dev_kind="nvidia_h100",
+    other = autotune.get_config("gemm", (1024, 2048, 768, 64), jnp.bfloat16, interpret=False, dev_kind="nvidia_h100",
                               path=path)
-    assert other == tuning.GPU_DEFAULTS["gemm"]
-    assert tuning.get_config("gemm", (1024, 2048, 768, 64), jnp.float32, interpret=False, dev_kind="nvidia_h200",
-                             path=path) == tuning.GPU_DEFAULTS["gemm"]
-    assert tuning.get_config("tn", (1,), jnp.float32, interpret=True) == tuning.INTERPRET_CONFIGS["tn"]
+    assert other == autotune.GPU_DEFAULTS["gemm"]
+    assert autotune.get_config("gemm", (1024, 2048, 768, 64), jnp.float32, interpret=False, dev_kind="nvidia_h200",
+                             path=path) == autotune.GPU_DEFAULTS["gemm"]
+    assert autotune.get_config("tn", (1,), jnp.float32, interpret=True) == tuning.INTERPRET_CONFIGS["tn"]
     assert all(c.block_m * c.block_n <= 2 * 128 * 128 for c in tuning.candidates("gemm_act"))
 
 
