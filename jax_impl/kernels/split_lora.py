@@ -34,8 +34,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax_impl.kernels import grouped_gemm as gg
 from jax_impl.kernels import autotune
+from jax_impl.kernels import grouped_gemm as gg
 
 _F32 = jnp.float32
 

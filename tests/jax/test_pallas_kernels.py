@@ -19,8 +19,8 @@ pytest.importorskip("flax")
 
 from jax_impl.backends import pallas_triton as pt  # noqa: E402
 from jax_impl.backends import resolve_backend  # noqa: E402
-from jax_impl.kernels import grouped_gemm as gg  # noqa: E402
 from jax_impl.kernels import autotune  # noqa: E402
+from jax_impl.kernels import grouped_gemm as gg  # noqa: E402
 from jax_impl.moe import split_lora_experts as moe_split_lora_experts  # noqa: E402
 from shared_math import reference as ref  # noqa: E402
 from shared_math.cases import cases, get_case, make_moe_inputs  # noqa: E402
@@ -250,8 +250,8 @@ def test_tuning_cache_is_keyed_by_device_kind(tmp_path):
     assert other == autotune.GPU_DEFAULTS["gemm"]
     assert autotune.get_config("gemm", (1024, 2048, 768, 64), jnp.float32, interpret=False, dev_kind="nvidia_h200",
                              path=path) == autotune.GPU_DEFAULTS["gemm"]
-    assert autotune.get_config("tn", (1,), jnp.float32, interpret=True) == tuning.INTERPRET_CONFIGS["tn"]
-    assert all(c.block_m * c.block_n <= 2 * 128 * 128 for c in tuning.candidates("gemm_act"))
+    assert autotune.get_config("tn", (1,), jnp.float32, interpret=True) == autotune.INTERPRET_CONFIGS["tn"]
+    assert all(c.block_m * c.block_n <= 2 * 128 * 128 for c in autotune.candidates("gemm_act"))
 
 
 # ---- GPU: bf16, compiled by the Triton lowering ----------------------------------------------------------------------
