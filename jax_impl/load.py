@@ -22,7 +22,16 @@ def _model_class(family: str):
         from jax_impl.models.qwen3_moe import Qwen3MoeForCausalLM
 
         return Qwen3MoeForCausalLM
-    raise NotImplementedError(f"jax_impl has no {family} model yet; supported: qwen3_moe")
+    if family in ("deepseek_v3", "glm4_moe_lite"):
+        from jax_impl.models.deepseek_v3 import DeepseekV3ForCausalLM, Glm4MoeLiteForCausalLM
+
+        return DeepseekV3ForCausalLM if family == "deepseek_v3" else Glm4MoeLiteForCausalLM
+    if family == "glm4_moe":
+        from jax_impl.models.glm4_moe import Glm4MoeForCausalLM
+
+        return Glm4MoeForCausalLM
+    raise NotImplementedError(f"jax_impl has no {family} model yet; supported: qwen3_moe, deepseek_v3, glm4_moe, "
+                              "glm4_moe_lite")
 
 
 def load_model(path: str | Path, *, lora: LoraConfig | None = None, dtype=jnp.float32,

@@ -17,9 +17,12 @@ from shared_math.checkpoint import read_checkpoint
 from shared_math.config import LoraConfig, ModelConfig
 from torch_impl.backends import resolve_backend
 from torch_impl.lora import attach_lora
+from torch_impl.models.deepseek_v3 import DeepseekV3ForCausalLM, Glm4MoeLiteForCausalLM
+from torch_impl.models.glm4_moe import Glm4MoeForCausalLM
 from torch_impl.models.qwen3_moe import Qwen3MoeForCausalLM
 
-_FAMILIES = {"qwen3_moe": Qwen3MoeForCausalLM}
+_FAMILIES = {"qwen3_moe": Qwen3MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM,
+             "glm4_moe": Glm4MoeForCausalLM, "glm4_moe_lite": Glm4MoeLiteForCausalLM}
 
 
 def build_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -27,8 +30,7 @@ def build_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, device:
     """The family's model with uninitialised parameters; raises for a family torch_impl does not implement yet."""
     if cfg.family not in _FAMILIES:
         raise NotImplementedError(
-            f"torch_impl does not implement model_type {cfg.family!r} yet; supported now: {', '.join(_FAMILIES)} "
-            "(gpt_oss, deepseek_v3, glm4_moe and glm4_moe_lite are coming)")
+            f"torch_impl does not implement model_type {cfg.family!r}; supported: {', '.join(_FAMILIES)}")
     return _FAMILIES[cfg.family](cfg, moe_backend=moe_backend, dtype=dtype, device=device)
 
 
@@ -64,7 +66,8 @@ def load_model(path: str | Path, *, lora: LoraConfig | None = None, dtype: torch
                 p = params[name]
                 if tuple(p.shape) != tuple(arr.shape):
                     raise ValueError(f"{name}: checkpoint shape {tuple(arr.shape)}, model needs {tuple(p.shape)}")
-                p.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(dtype=dtype))
+                # p.dtype, not dtype: routers that HF keeps in fp32 stay fp32 in a bf16 model
+                p.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(dtype=p.dtype))
                 loaded.add(name)
     missing = sorted(expected - loaded)
     if missing:

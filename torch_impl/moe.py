@@ -20,6 +20,7 @@ from shared_math.config import RoutingConfig
 from shared_math.shapes import check_expert_args
 from torch_impl.backends import get_backend, resolve_backend
 from torch_impl.backends.common import Activation, ExpertSort
+from torch_impl.models.layers import DenseMLP
 
 LoraPair = tuple[torch.Tensor, torch.Tensor]
 
@@ -134,18 +135,23 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
 # ---- modules ---------------------------------------------------------------------------------------------------------
 
 class Router(nn.Module):
-    """Router linear: logits [T, E] = x @ weight [H, E] (+ bias [E], gpt-oss), in the activation dtype like HF."""
+    """Router linear: logits [T, E] = x @ weight [H, E] (+ bias [E], gpt-oss), in the wider of the activation and
+    weight dtypes: DeepSeek-V3/GLM keep `weight` and `e_score_correction_bias [E]` (selection only, never trained)
+    in fp32 in bf16 models (HF `_keep_in_fp32_modules_strict`), so their logits are fp32; others as the model."""
 
-    def __init__(self, hidden_size: int, num_experts: int, *, bias: bool = False, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, *, bias: bool = False, correction_bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(hidden_size, num_experts, dtype=dtype, device=device),
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(num_experts, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
+        self.e_score_correction_bias = (
+            nn.Parameter(torch.empty(num_experts, dtype=torch.float32, device=device), requires_grad=False)
+            if correction_bias else None)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        logits_TE = x_TH @ self.weight
+        logits_TE = x_TH.to(torch.promote_types(x_TH.dtype, self.weight.dtype)) @ self.weight
         return logits_TE if self.bias is None else logits_TE + self.bias
 
 
@@ -194,25 +200,34 @@ class Experts(nn.Module):
 class MoEBlock(nn.Module):
     """router -> route -> experts on normed hidden states [..., H]; returns (y [..., H], router_logits [T, E]).
 
-    Attributes: `router` (`weight [H, E]`, canonical `mlp.router.weight`), `experts` (`Experts`), `routing`.
+    Attributes: `router` (`weight [H, E]`, canonical `mlp.router.weight`), `experts` (`Experts`), `routing`, and
+    `shared_experts` (DeepSeek-V3/GLM: a SwiGLU `DenseMLP` of width `shared_intermediate_size` on every token,
+    added to the routed output; None without). sigmoid_group routing keeps the router in fp32 (see `Router`).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, routing: RoutingConfig, *,
                  router_bias: bool = False, expert_bias: bool = False, activation: str = "swiglu",
                  swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702, backend: str = "auto",
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+                 shared_intermediate_size: int = 0, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         self.routing = routing
-        self.router = Router(hidden_size, routing.num_experts, bias=router_bias, dtype=dtype, device=device)
+        sigmoid = routing.method == "sigmoid_group"
+        self.router = Router(hidden_size, routing.num_experts, bias=router_bias, correction_bias=sigmoid,
+                             dtype=torch.float32 if sigmoid else dtype, device=device)
         self.experts = Experts(routing.num_experts, hidden_size, intermediate_size, bias=expert_bias,
                                activation=activation, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha,
                                backend=backend, dtype=dtype, device=device)
+        self.shared_experts = (DenseMLP(hidden_size, shared_intermediate_size, dtype=dtype, device=device)
+                               if shared_intermediate_size else None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x_TH = x.reshape(-1, shape[-1])
         logits_TE = self.router(x_TH)
-        ids_TK, weights_TK = route(logits_TE, self.routing)
+        ids_TK, weights_TK = route(logits_TE, self.routing, self.router.e_score_correction_bias)
         srt = sort_by_expert(ids_TK, self.routing.num_experts, check=False)
         y_TH = self.experts(x_TH, ids_TK, weights_TK, sort=srt)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
         return y_TH.view(shape), logits_TE

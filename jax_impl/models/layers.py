@@ -1,8 +1,9 @@
 """Transformer building blocks of jax_impl's models, rounding where HF's PyTorch code rounds.
 
 - `RMSNorm`: `w * (x_f32 * rsqrt(mean(x_f32²) + eps)).astype(x.dtype)`: statistics in fp32, cast, then the weight.
-- `RotaryEmbedding`: HF's default RoPE: inv_freq = 1 / theta^(2i/d) in fp32, angles = position · inv_freq in fp32,
-  cos/sin of `[angles, angles]` cast to the activation dtype; applied in NeoX `rotate_half` form.
+- `RotaryEmbedding`: HF's default RoPE or YaRN (`shared_math.rope`): angles = position · inv_freq in fp32, cos/sin of
+  `[angles, angles]` cast to the activation dtype; applied in NeoX `rotate_half` form (partial over the first dims)
+  or as DeepSeek's interleaved pairs (`apply_rotary_interleave`).
 - `packed_causal_mask`: causal, and block-diagonal over packed sequences: as HF's `find_packed_sequence_indices`, a new
   sequence starts wherever position_ids do not increase by exactly 1 (so wherever they restart at 0).
 - `Attention`: GQA with optional per-head q/k RMSNorm before RoPE (Qwen3), explicit softmax in fp32 as HF's eager path.
@@ -19,11 +20,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jax_impl.lora import Frozen, LoRALinear
 from shared_math.config import ModelConfig
+from shared_math.rope import rope_inv_freq
 
 _F32 = jnp.float32
 
@@ -42,18 +43,12 @@ class RMSNorm(nnx.Module):
 
 
 class RotaryEmbedding(nnx.Module):
-    """HF's default RoPE tables: (cos, sin) [B, S, D] from position_ids [B, S], in the requested dtype."""
+    """HF's RoPE tables, default or YaRN (`shared_math.rope`): (cos, sin) [B, S, Dr] from position_ids [B, S], times
+    YaRN's attention_factor in fp32, in the requested dtype; Dr = `cfg.rotary_dim`."""
 
     def __init__(self, cfg: ModelConfig):
-        if cfg.rope_scaling is not None:
-            raise NotImplementedError(
-                f"rope_scaling {dict(cfg.rope_scaling)} is not supported by jax_impl's RotaryEmbedding yet "
-                "(only the default RoPE); remove it from config.json or add the scaling here")
-        dim = cfg.rotary_dim
-        # fp32 throughout, as HF builds inv_freq (int64 arange -> float32, then pow and reciprocal in fp32)
-        exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-        self.inv_freq = Frozen(jnp.asarray(1.0 / (np.float32(cfg.rope_theta) ** exponents), _F32))
-        self.attention_scaling = 1.0
+        inv_freq, self.attention_scaling = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.inv_freq = Frozen(jnp.asarray(inv_freq, _F32))
 
     def __call__(self, position_ids_BS: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
         freqs_BSd = position_ids_BS.astype(_F32)[..., None] * self.inv_freq[...]
@@ -68,9 +63,23 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 
 
 def apply_rotary(x_BSND: jax.Array, cos_BSD: jax.Array, sin_BSD: jax.Array) -> jax.Array:
-    """NeoX RoPE on every head: x·cos + rotate_half(x)·sin, broadcasting the tables over heads."""
+    """NeoX RoPE on every head: x·cos + rotate_half(x)·sin over the first Dr = cos.shape[-1] dims (partial RoPE,
+    GLM-4.x); the rest passes through. The tables broadcast over heads."""
     cos, sin = cos_BSD[:, :, None, :], sin_BSD[:, :, None, :]
-    return x_BSND * cos + _rotate_half(x_BSND) * sin
+    r = cos.shape[-1]
+    if r == x_BSND.shape[-1]:
+        return x_BSND * cos + _rotate_half(x_BSND) * sin
+    x_rot = x_BSND[..., :r]
+    return jnp.concatenate([x_rot * cos + _rotate_half(x_rot) * sin, x_BSND[..., r:]], axis=-1)
+
+
+def apply_rotary_interleave(x_BSND: jax.Array, cos_BSD: jax.Array, sin_BSD: jax.Array) -> jax.Array:
+    """DeepSeek's interleaved RoPE as HF applies it: pairs (x0, x1), (x2, x3), ... rotate by one angle each, output
+    laid out `[rotated evens | rotated odds]` (q and k alike, so q·k equals the interleaved form's)."""
+    half = cos_BSD.shape[-1] // 2
+    cos, sin = cos_BSD[:, :, None, :half], sin_BSD[:, :, None, :half]
+    x1, x2 = x_BSND[..., 0::2], x_BSND[..., 1::2]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def packed_causal_mask(position_ids_BS: jax.Array) -> jax.Array:

@@ -5,8 +5,9 @@ Linear weights are canonical `[in, out]`, applied as `x @ W` (HF stores `[out, i
 
 - `Linear`: `x @ W (+ b)`, frozen.
 - `RMSNorm`: normalise in fp32, cast back to the input dtype, times the weight (HF Llama/Qwen rounding).
-- `RotaryEmbedding`: HF's default RoPE: inv_freq in fp32, angles in fp32, cos/sin cast to the activation dtype;
-  NeoX half-split rotation (`rotate_half`).
+- `RotaryEmbedding`: HF's default RoPE or YaRN (`shared_math.rope`): inv_freq in fp32, angles in fp32, cos/sin cast
+  to the activation dtype; NeoX half-split rotation (`rotate_half`), partial over the first dims, or DeepSeek's
+  interleaved pairs (`apply_rotary_interleave`).
 - `packed_causal_mask`: the causal mask of packed sequences, as HF builds it from position_ids.
 - `Attention`: GQA with optional per-head q/k RMSNorm before RoPE, through `scaled_dot_product_attention`.
 - `DenseMLP`: `down(silu(gate(x)) * up(x))`.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared_math.config import ModelConfig
+from shared_math.rope import rope_inv_freq
 
 
 def _frozen(*shape: int, dtype=None, device=None) -> nn.Parameter:
@@ -57,19 +59,21 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos, sin [B, S, D] for position_ids [B, S] (HF's default rope: no scaling)."""
+    """cos, sin [B, S, D] for position_ids [B, S]: HF's default RoPE or YaRN (`shared_math.rope`), D = rotated dims;
+    cos/sin are multiplied by YaRN's attention_factor (1 for default RoPE) in fp32, then cast, as HF does."""
 
     def __init__(self, head_dim: int, theta: float, rope_scaling=None, device=None) -> None:
         super().__init__()
-        if rope_scaling:
-            raise NotImplementedError(f"rope scaling {dict(rope_scaling)} is not implemented yet (default RoPE only)")
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        inv_freq, self.attention_scaling = rope_inv_freq(head_dim, theta, rope_scaling)
+        self.register_buffer("inv_freq", torch.from_numpy(inv_freq).to(device), persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -79,9 +83,28 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, N, S, D], k [B, Nkv, S, D]; cos, sin [B, S, D]."""
+    """q [B, N, S, D], k [B, Nkv, S, D]; cos, sin [B, S, Dr]. NeoX rotation of the first Dr dims (partial RoPE,
+    GLM-4.x: Dr < D); the rest passes through."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    r = cos.shape[-1]
+    if r == q.shape[-1]:
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    q_rot, k_rot = q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, k[..., :r] * cos + _rotate_half(k[..., :r]) * sin
+    return torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)
+
+
+def apply_rotary_interleave(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's interleaved RoPE as HF applies it: pairs (x0, x1), (x2, x3), ... rotate by one angle each, and the
+    result is laid out `[rotated evens | rotated odds]` (for q and k alike, so q·k equals the interleaved form's)."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    return rot(q), rot(k)
 
 
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
