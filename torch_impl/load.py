@@ -19,10 +19,11 @@ from torch_impl.backends import resolve_backend
 from torch_impl.lora import attach_lora
 from torch_impl.models.deepseek_v3 import DeepseekV3ForCausalLM, Glm4MoeLiteForCausalLM
 from torch_impl.models.glm4_moe import Glm4MoeForCausalLM
+from torch_impl.models.gpt_oss import GptOssForCausalLM
 from torch_impl.models.qwen3_moe import Qwen3MoeForCausalLM
 
 _FAMILIES = {"qwen3_moe": Qwen3MoeForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM,
-             "glm4_moe": Glm4MoeForCausalLM, "glm4_moe_lite": Glm4MoeLiteForCausalLM}
+             "glm4_moe": Glm4MoeForCausalLM, "glm4_moe_lite": Glm4MoeLiteForCausalLM, "gpt_oss": GptOssForCausalLM}
 
 
 def build_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

@@ -1,0 +1,209 @@
+"""gpt-oss (gpt-oss-20b, gpt-oss-120b) as HF transformers 5.x computes it, with split LoRA.
+
+Shape legend: B batch · S sequence · T = B·S tokens · H hidden · N query heads · Nkv kv heads · D head_dim ·
+E experts · K experts per token · V vocab. Module paths equal the canonical tensor names (docs/CONTRACTS.md).
+
+What differs from Qwen3-MoE (hf-moe-formats.md §2):
+- attention: q/k/v/o biases, no q/k norm, a learned logit per head (`sinks [N]`) that joins every softmax row and
+  is then dropped, and per-layer `layer_types`: "sliding_attention" layers see keys with
+  `q_idx - window < kv_idx <= q_idx` (the window includes self), "full_attention" layers are causal;
+- RoPE: YaRN, whose attention factor multiplies cos and sin (`RotaryEmbedding` with the config's rope_scaling);
+- RMSNorm: `(weight · x_normed_f32).to(dtype)`, the product in fp32 (`GptOssRMSNorm`);
+- MoE: router with bias, top-K on the logits and softmax over the K; experts with biases and the clamped SwiGLU
+  (`activation="swiglu_oai"`), through the same backends as every family;
+- aux loss: HF's load_balancing_loss_func on the full router logits (with bias), only when `output_router_logits`.
+
+Packed sequences (position_ids restarting): documents do not attend across their boundary (as for Qwen3). HF's
+gpt-oss does not build a packed mask (its `create_causal_mask` gets no position_ids), so its packed rows attend
+across documents; the tests compare packed rows against each document run alone instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+
+from shared_math.config import ModelConfig
+from torch_impl.models.layers import (
+    CausalLMOutput,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    causal_lm_loss,
+    load_balancing_loss,
+)
+from torch_impl.moe import MoEBlock
+
+# extra q/k coordinates that carry the sink logit; 8 keeps D + 8 a multiple of 8 for the fused SDPA kernels
+_SINK_PAD = 8
+
+
+class GptOssRMSNorm(RMSNorm):
+    """(weight · x_f32 · rsqrt(mean(x_f32²) + eps)).to(x.dtype): unlike Llama, the weight multiplies in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x32).to(x.dtype)
+
+
+def attention_mask(position_ids: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """Bool mask [B, 1, S, S] (True = attend): causal, within `window` keys back (self included) when given, and
+    within one packed document (a document starts wherever position_ids do not grow by 1). None when that is plain
+    causal attention (one document per row and no window shorter than the row)."""
+    B, S = position_ids.shape
+    first = position_ids[:, :1] - 1
+    doc_BS = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    packed = not bool((doc_BS[:, -1] == 0).all())
+    windowed = window is not None and window < S
+    if not packed and not windowed:
+        return None
+    idx = torch.arange(S, device=position_ids.device)
+    allowed_SS = idx[None, :] <= idx[:, None]
+    if windowed:
+        allowed_SS = allowed_SS & (idx[None, :] > idx[:, None] - window)
+    allowed = allowed_SS[None] & (doc_BS[:, :, None] == doc_BS[:, None, :]) if packed else allowed_SS[None]
+    return allowed.unsqueeze(1)
+
+
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                   mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q, k, v [B, N, S, D] (k, v repeated to N
+    heads), sinks [N], mask [B, 1, S, S] bool or None (causal) -> [B, N, S, D].
+
+    The sink is realised as one extra key at index 0 with value 0 and a logit equal to the sink for every query:
+    q gets an extra coordinate 1 and that key the coordinate `sink / scale` (the other keys 0 there). Then
+    `out = Σ_j p_j v_j` with p the softmax over [sink, keys] is exactly `out_plain · sigmoid(lse − sink)`, the
+    log-sum-exp correction, and it runs through `F.scaled_dot_product_attention` forward and backward: on CUDA the
+    flash / memory-efficient kernels, which never materialise the [S, S] probabilities. Full layers use a lower-right
+    causal bias (`causal_lower_right`, no mask tensor: query i sees the sink and keys 0..i); sliding-window and
+    packed layers pass a bool mask [B, 1, S, S+1] (O(S²) bits, not probabilities) to the memory-efficient kernel.
+    """
+    B, N, S, D = q.shape
+    dt = q.dtype
+    pad = q.new_zeros(B, N, S, _SINK_PAD)
+    q_x = torch.cat([q, pad[..., :1] + 1, pad[..., 1:]], dim=-1)
+    k_x = torch.cat([k, pad], dim=-1)
+    sink_key = q.new_zeros(1, N, 1, D + _SINK_PAD)
+    sink_key[..., D] = (sinks.float() / scale).to(dt).view(1, N, 1)
+    k_x = torch.cat([sink_key.expand(B, N, 1, D + _SINK_PAD), k_x], dim=2)
+    v_x = torch.cat([v.new_zeros(B, N, 1, D), v], dim=2)
+    if mask is None:
+        bias = causal_lower_right(S, S + 1)
+    else:
+        bias = torch.cat([mask.new_ones(*mask.shape[:-1], 1), mask], dim=-1)
+    return F.scaled_dot_product_attention(q_x, k_x, v_x, attn_mask=bias, scale=scale)
+
+
+class GptOssAttention(nn.Module):
+    """GQA self-attention with biases, YaRN RoPE (tables from the model), sinks and an optional sliding window.
+    Module names are canonical: `q_proj`, `k_proj`, `v_proj`, `o_proj` (LoRA targets) and the `sinks` parameter."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype=None, device=None) -> None:
+        super().__init__()
+        H, N, Nkv, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        kw = dict(dtype=dtype, device=device)
+        self.num_heads, self.num_kv_heads, self.head_dim = N, Nkv, D
+        self.q_proj = Linear(H, N * D, bias=cfg.attention_bias, **kw)
+        self.k_proj = Linear(H, Nkv * D, bias=cfg.attention_bias, **kw)
+        self.v_proj = Linear(H, Nkv * D, bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(N * D, H, bias=cfg.o_proj_bias, **kw)
+        self.sinks = nn.Parameter(torch.empty(N, **kw), requires_grad=False)
+        self.sliding_window = cfg.sliding_window if cfg.layer_types[layer_idx] == "sliding_attention" else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, k, cos, sin)
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1:  # HF's repeat_kv: each kv head serves `rep` consecutive query heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = sink_attention(q, k, v, self.sinks, mask, self.head_dim ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class GptOssDecoderLayer(nn.Module):
+    """x + attn(norm(x)), then h + moe(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, moe_backend: str = "auto", dtype=None,
+                 device=None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.self_attn = GptOssAttention(cfg, layer_idx, **kw)
+        self.mlp = MoEBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.routing, router_bias=cfg.router_bias,
+                            expert_bias=cfg.expert_bias, activation=cfg.activation, swiglu_limit=cfg.swiglu_limit,
+                            swiglu_alpha=cfg.swiglu_alpha, backend=moe_backend, **kw)
+        self.input_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.post_attention_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (hidden [B, S, H], router_logits [T, E])."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        out, logits = self.mlp(self.post_attention_layernorm(x))
+        return x + out, logits
+
+
+class GptOssForCausalLM(nn.Module):
+    """The whole model. `forward(input_ids [B, S], labels=None, position_ids=None) -> CausalLMOutput`.
+
+    Parameters are created uninitialised (`torch_impl.load.load_model` fills them). With tied embeddings
+    `lm_head` is None and the logits use `embed_tokens.weight`ᵀ.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, moe_backend: str = "auto", dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        if cfg.family != "gpt_oss":
+            raise ValueError(f"GptOssForCausalLM needs a gpt_oss config, got {cfg.family}")
+        kw = dict(dtype=dtype, device=device)
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(GptOssDecoderLayer(cfg, l, moe_backend=moe_backend, **kw)
+                                    for l in range(cfg.num_hidden_layers))
+        self.norm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, **kw)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
+        # HF's GptOssConfig.output_router_logits (default False) decides whether aux_loss exists at all
+        self.output_router_logits = bool(cfg.hf_config.get("output_router_logits", False))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        V = self.config.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+            raise ValueError(f"token ids must lie in [0, vocab_size={V}), got range "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+        elif position_ids.shape[-1] != S:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(B, S)}")
+        position_ids = position_ids.expand(B, S)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(x, position_ids)
+        masks = {None: attention_mask(position_ids, None)}
+        router_logits = []
+        for layer in self.layers:
+            w = layer.self_attn.sliding_window
+            if w not in masks:
+                masks[w] = attention_mask(position_ids, w)
+            x, logits = layer(x, cos, sin, masks[w])
+            router_logits.append(logits)
+        x = self.norm(x)
+        logits = x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        aux = None
+        if self.output_router_logits:
+            aux = load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok)
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux
+        return CausalLMOutput(logits, loss, aux)
