@@ -164,8 +164,9 @@ def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.
     _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     resolved = resolve_backend(backend)
     if resolved == "pallas_triton":
-        # the fused entry gathers x, weights the rows and un-permutes inside its kernels (no x[perm] copy): 11.8 vs
-        # 13.1 ms for the generic path below at Qwen3-30B-A3B shapes, T=16384, on the H200. It sorts by itself.
+        # the fused entry gathers x, weights the rows and un-permutes inside its kernels, where the generic path
+        # below builds the [M, H] x[perm] copy and does the weighting outside (benchmarks/REPORT.md times the fused
+        # entry). It sorts by itself, so `sort` is not used on this path.
         from jax_impl.backends.pallas_triton import split_lora_experts as fused
 
         return fused(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, scale=scale,
