@@ -30,8 +30,12 @@ def _model_class(family: str):
         from jax_impl.models.glm4_moe import Glm4MoeForCausalLM
 
         return Glm4MoeForCausalLM
-    raise NotImplementedError(f"jax_impl has no {family} model yet; supported: qwen3_moe, deepseek_v3, glm4_moe, "
-                              "glm4_moe_lite")
+    if family == "gpt_oss":
+        from jax_impl.models.gpt_oss import GptOssForCausalLM
+
+        return GptOssForCausalLM
+    raise NotImplementedError(f"jax_impl has no {family} model; supported: qwen3_moe, deepseek_v3, glm4_moe, "
+                              "glm4_moe_lite, gpt_oss")
 
 
 def load_model(path: str | Path, *, lora: LoraConfig | None = None, dtype=jnp.float32,

@@ -1,0 +1,198 @@
+"""gpt-oss (gpt-oss-20b, gpt-oss-120b) in Flax NNX with split LoRA, mirroring HF transformers v5's `GptOssForCausalLM`
+and torch_impl/models/gpt_oss.py (same class and function names).
+
+Shape legend: B batch · S sequence · T = B·S tokens · H hidden · N query heads · Nkv kv heads · D head_dim ·
+E experts · K experts per token · V vocab. Module paths equal the canonical tensor names (docs/CONTRACTS.md).
+
+What differs from Qwen3-MoE (hf-moe-formats.md §2): attention with q/k/v/o biases, no q/k norm, a learned logit per
+head (`sinks [N]`) that joins every softmax row and is then dropped, sliding-window layers (keys with
+`q_idx - window < kv_idx <= q_idx`) and full layers from `layer_types`; YaRN RoPE (attention factor on cos and sin);
+RMSNorm with the weight product in fp32 (`GptOssRMSNorm`); router with bias, top-K logits then softmax over K;
+experts with biases and the clamped SwiGLU; HF's aux loss only when `output_router_logits`.
+Packed sequences: documents never attend across their boundary (HF's gpt-oss has no packed mask; see the torch twin).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_impl.lora import Frozen, LoRALinear
+from jax_impl.models.layers import (
+    CausalLMOutput,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    causal_lm_loss,
+    load_balancing_loss,
+)
+from jax_impl.moe import Experts, MoEBlock, Router
+from shared_math.config import ModelConfig
+
+_F32 = jnp.float32
+# extra q/k coordinates that carry the sink logit; 8 keeps D + 8 a multiple of 8 for fused attention kernels
+_SINK_PAD = 8
+
+
+def _arr(t: np.ndarray, dtype) -> jax.Array:
+    return jnp.asarray(np.asarray(t), dtype=dtype)
+
+
+def _linear(layer: Mapping[str, np.ndarray], name: str, dtype) -> LoRALinear:
+    bias = layer.get(name + ".bias")
+    return LoRALinear(_arr(layer[name + ".weight"], dtype), None if bias is None else _arr(bias, dtype))
+
+
+class GptOssRMSNorm(RMSNorm):
+    """(weight · x_f32 · rsqrt(mean(x_f32²) + eps)).astype(x.dtype): unlike Llama, the weight multiplies in fp32."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(_F32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(_F32) * normed).astype(x.dtype)
+
+
+def attention_mask(position_ids: jax.Array, window: int | None) -> jax.Array:
+    """Bool mask [B, 1, S, S] (True = attend): causal, within `window` keys back (self included) when given, and within
+    one packed document (a document starts wherever position_ids do not grow by 1)."""
+    B, S = position_ids.shape
+    prev = jnp.concatenate([position_ids[:, :1] - 1, position_ids[:, :-1]], axis=1)
+    doc_BS = jnp.cumsum(position_ids - prev != 1, axis=1)
+    idx = jnp.arange(S)
+    allowed_SS = idx[None, :] <= idx[:, None]
+    if window is not None and window < S:
+        allowed_SS = allowed_SS & (idx[None, :] > idx[:, None] - window)
+    return (allowed_SS[None] & (doc_BS[:, :, None] == doc_BS[:, None, :]))[:, None]
+
+
+def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array,
+                   scale: float) -> jax.Array:
+    """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q [B, S, N, D], k, v [B, S, Nkv, D] (GQA:
+    query head n·G + g reads kv head n), sinks [N], mask [B, 1, S, S] bool -> [B, S, N, D].
+
+    As in torch_impl: the sink is one extra key (index 0, value 0) whose logit is the sink for every query, which
+    equals the log-sum-exp correction `out_plain · sigmoid(lse − sink)`. Here q carries the per-head coordinate
+    `sink_n / scale` and the sink key a 1 (so the key is shared by a GQA group), and `jax.nn.dot_product_attention`
+    runs it: its XLA implementation forms the [S, S+1] logits (fine for CPU tests); `implementation="cudnn"` on GPU
+    takes the same mask without materialising probabilities.
+    """
+    B, S, N, D = q.shape
+    Nkv = k.shape[2]
+    dt = q.dtype
+    sink_q = jnp.broadcast_to((sinks.astype(_F32) / scale).astype(dt)[None, None, :, None], (B, S, N, 1))
+    q_x = jnp.concatenate([q, sink_q, jnp.zeros((B, S, N, _SINK_PAD - 1), dt)], axis=-1)
+    k_x = jnp.concatenate([k, jnp.zeros((B, S, Nkv, _SINK_PAD), dt)], axis=-1)
+    sink_key = jnp.zeros((B, 1, Nkv, D + _SINK_PAD), dt).at[..., D].set(1)
+    k_x = jnp.concatenate([sink_key, k_x], axis=1)
+    # dot_product_attention wants v's head width equal to q's: zero columns, sliced off the output
+    v_x = jnp.pad(v, ((0, 0), (1, 0), (0, 0), (0, _SINK_PAD)))
+    mask_x = jnp.concatenate([jnp.ones((*mask.shape[:-1], 1), bool), mask], axis=-1)
+    return jax.nn.dot_product_attention(q_x, k_x, v_x, mask=mask_x, scale=scale)[..., :D]
+
+
+class GptOssAttention(nnx.Module):
+    """GQA self-attention with biases, YaRN RoPE, sinks and an optional sliding window; canonical module names
+    `q_proj`, `k_proj`, `v_proj`, `o_proj` (LoRA targets) and the frozen `sinks`."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, q_proj: LoRALinear, k_proj: LoRALinear,
+                 v_proj: LoRALinear, o_proj: LoRALinear, sinks: jax.Array):
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.sinks = Frozen(sinks)
+        self.num_heads, self.num_kv_heads, self.head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                            cfg.head_dim)
+        self.sliding_window = cfg.sliding_window if cfg.layer_types[layer_idx] == "sliding_attention" else None
+
+    def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        B, S, _ = x_BSH.shape
+        N, Nkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = apply_rotary(self.q_proj(x_BSH).reshape(B, S, N, D), cos, sin)
+        k = apply_rotary(self.k_proj(x_BSH).reshape(B, S, Nkv, D), cos, sin)
+        v = self.v_proj(x_BSH).reshape(B, S, Nkv, D)
+        out = sink_attention(q, k, v, self.sinks[...], mask, D ** -0.5)
+        return self.o_proj(out.reshape(B, S, N * D))
+
+
+class GptOssDecoderLayer(nnx.Module):
+    """x + attn(norm(x)), then h + moe(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], l: int, *, dtype, moe_backend: str):
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = GptOssRMSNorm(_arr(layer["input_layernorm.weight"], dtype), eps)
+        self.post_attention_layernorm = GptOssRMSNorm(_arr(layer["post_attention_layernorm.weight"], dtype), eps)
+        self.self_attn = GptOssAttention(
+            cfg, l, *(_linear(layer, f"self_attn.{p}", dtype) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            sinks=_arr(layer["self_attn.sinks"], dtype))
+        e = "mlp.experts."
+        experts = Experts(_arr(layer[e + "gate_up_proj"], dtype), _arr(layer[e + "down_proj"], dtype),
+                          _arr(layer[e + "gate_up_proj_bias"], dtype), _arr(layer[e + "down_proj_bias"], dtype),
+                          activation=cfg.activation, swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha,
+                          backend=moe_backend)
+        router = Router(_arr(layer["mlp.router.weight"], dtype), _arr(layer["mlp.router.bias"], dtype))
+        self.mlp = MoEBlock(router, experts, cfg.routing)
+
+    def __call__(self, h_BSH, cos, sin, mask) -> tuple[jax.Array, jax.Array]:
+        h_BSH = h_BSH + self.self_attn(self.input_layernorm(h_BSH), cos, sin, mask)
+        x_BSH = self.post_attention_layernorm(h_BSH)
+        B, S, H = x_BSH.shape
+        y_TH, router_logits_TE = self.mlp(x_BSH.reshape(B * S, H))
+        return h_BSH + y_TH.reshape(B, S, H), router_logits_TE
+
+
+class GptOssForCausalLM(nnx.Module):
+    """gpt-oss with split LoRA; build with `jax_impl.load_model` (or from canonical tensors directly)."""
+
+    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
+                 moe_backend: str = "auto"):
+        if cfg.family != "gpt_oss":
+            raise ValueError(f"GptOssForCausalLM needs a gpt_oss config, got {cfg.family}")
+        self.config = cfg
+        self.lora_config = None
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = Frozen(_arr(tensors["embed_tokens.weight"], dtype))
+        self.rotary_emb = RotaryEmbedding(cfg)
+        # one layer's tensors at a time (CheckpointTensors.layer reads lazily), so host memory holds one layer
+        layer_of = tensors.layer if hasattr(tensors, "layer") else (
+            lambda l: {k[len(f"layers.{l}."):]: v for k, v in tensors.items() if k.startswith(f"layers.{l}.")})
+        self.layers = nnx.List([GptOssDecoderLayer(cfg, layer_of(l), l, dtype=dtype, moe_backend=moe_backend)
+                                for l in range(cfg.num_hidden_layers)])
+        self.norm = GptOssRMSNorm(_arr(tensors["norm.weight"], dtype), cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else LoRALinear(_arr(tensors["lm_head.weight"], dtype))
+        # HF's output_router_logits (default False) decides whether aux_loss exists at all
+        self.output_router_logits = bool(cfg.hf_config.get("output_router_logits", False))
+
+    def __call__(self, input_ids: jax.Array, labels: jax.Array | None = None,
+                 position_ids: jax.Array | None = None) -> CausalLMOutput:
+        """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None."""
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
+        cos, sin = self.rotary_emb(position_ids, self.dtype)
+        masks: dict[int | None, jax.Array] = {}
+        router_logits = []
+        for layer in self.layers:
+            w = layer.self_attn.sliding_window
+            if w not in masks:
+                masks[w] = attention_mask(position_ids, w)
+            h_BSH, logits_TE = layer(h_BSH, cos, sin, masks[w])
+            router_logits.append(logits_TE)
+        h_BSH = self.norm(h_BSH)
+        if self.lm_head is None:
+            logits_BSV = jnp.einsum("bsh,vh->bsv", h_BSH, self.embed_tokens[...],
+                                    preferred_element_type=_F32).astype(h_BSH.dtype)
+        else:
+            logits_BSV = self.lm_head(h_BSH)
+        cfg = self.config
+        aux = None
+        if self.output_router_logits:
+            aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits_BSV, labels)
+            if aux is not None:
+                loss = loss + cfg.router_aux_loss_coef * aux
+        return CausalLMOutput(logits_BSV, loss, aux)
