@@ -5,8 +5,9 @@ Shape legend: R rank · E experts · H hidden · I expert intermediate. A Linear
 the fused gate_up and on down (`torch_impl.moe.Experts`). s = `LoraConfig.scale`. B starts at zero and A is
 kaiming-uniform as in PEFT (U(±1/sqrt(in))), so a fresh adapter changes nothing.
 
-LoRA parameters are fp32 whatever the model dtype (PEFT keeps adapter weights in fp32 too) and are cast to the
-activation dtype where they are used, so the LoRA GEMMs run in the model's dtype. Only LoRA parameters require
+LoRA parameters are fp32 whatever the model dtype (PEFT keeps adapter weights in fp32 too). Expert LoRA factors are
+cast to the activation dtype where they are used (the experts' LoRA GEMMs run in the model's dtype); a Linear's LoRA
+branch runs in fp32 and is rounded once with the base output, as PEFT's Linear does. Only LoRA parameters require
 grad; `LoraConfig.train_router` also unfreezes the router weights.
 
 Names: `lora_state_dict` and `load_lora_state_dict` use the canonical LoRA names of docs/CONTRACTS.md;
@@ -48,7 +49,12 @@ class LoRALinear(nn.Module):
         y = x @ self.weight
         if self.bias is not None:
             y = y + self.bias
-        return y + self.scale * ((x @ self.lora_A.to(x.dtype)) @ self.lora_B.to(x.dtype))
+        # PEFT's Linear: the LoRA branch runs in the factors' dtype (fp32) on x cast to it, is added to the rounded
+        # base output, and the sum is rounded once to x's dtype (as jax_impl's LoRALinear). In bf16 the cheaper
+        # all-bf16 branch measured 2x HF's own bf16 error on MLA's chained q_a -> q_b LoRA (tiny DeepSeek-V3).
+        a = self.lora_A
+        delta = (x.to(a.dtype) @ a) @ self.lora_B.to(a.dtype)
+        return (y.to(delta.dtype) + self.scale * delta).to(x.dtype)
 
 
 def _kaiming_a(shape: tuple[int, ...], fan_in: int, generator, dtype, device) -> torch.Tensor:
