@@ -174,3 +174,34 @@ def test_sinks_and_window_matter(root):
             layer.self_attn.sinks.zero_()
         nosink = model(ids).logits
     assert float((wide - base).abs().max()) > 1e-2 and float((nosink - base).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("S_, window", [(20, 8), (17, 3), (9, 4), (5, 1)])
+def test_sink_attention_paths_agree(S_, window):
+    """The blocked sliding-window path, the lower-right causal path and the explicit-mask path equal a literal
+    softmax over [scores | sink] (HF's eager form), forward and backward, in fp32."""
+    from torch_impl.models.gpt_oss import sink_attention
+
+    g = torch.Generator().manual_seed(S_ * 31 + window)
+    q, k, v = (torch.randn(2, 3, S_, 16, generator=g, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(3, generator=g)
+    scale = 16 ** -0.5
+
+    def literal(w):
+        s = (q @ k.transpose(-1, -2)) * scale
+        i = torch.arange(S_)
+        ok = (i[None, :] <= i[:, None]) & ((i[None, :] > i[:, None] - w) if w else True)
+        s = s.masked_fill(~ok, float("-inf"))
+        full = torch.cat([s, sinks.view(1, 3, 1, 1).expand(2, 3, S_, 1)], dim=-1)
+        return torch.softmax(full, dim=-1)[..., :-1] @ v
+
+    dy = torch.randn(2, 3, S_, 16, generator=g)
+    for w in (window, None):
+        want = literal(w)
+        gw = torch.autograd.grad(want, (q, k, v), dy)
+        got = {"auto": sink_attention(q, k, v, sinks, None, scale, w),
+               "mask": sink_attention(q, k, v, sinks, torch.ones(1, 1, S_, S_, dtype=torch.bool).tril(), scale, w)}
+        for name, y in got.items():
+            assert_close(y, want, dtype="float32", quantity="moe_block", name=f"{name} w={w}")
+            for a, b in zip(torch.autograd.grad(y, (q, k, v), dy), gw):
+                assert_close(a, b, dtype="float32", quantity="moe_grad", name=f"d {name} w={w}")

@@ -69,33 +69,76 @@ def attention_mask(position_ids: torch.Tensor, window: int | None) -> torch.Tens
     return allowed.unsqueeze(1)
 
 
-def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                   mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q, k, v [B, N, S, D] (k, v repeated to N
-    heads), sinks [N], mask [B, 1, S, S] bool or None (causal) -> [B, N, S, D].
+def _with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, scale: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [..., N, L, D], k, v [..., N, Lk, D] -> q, k, v of width D + 8 with the sink key at key index 0: q's
+    coordinate D is 1, the sink key's is sink_n / scale (so its logit is sink_n), every other extra entry 0; v gets
+    a zero row for the sink and zero columns (SDPA's fused kernels want one head width; sliced off after)."""
+    D, dt = q.shape[-1], q.dtype
+    extra = [0, _SINK_PAD]
+    q_x = F.pad(q, extra)
+    q_x[..., D] = 1
+    sink_key = q.new_zeros(*k.shape[:-2], 1, D + _SINK_PAD)
+    sink_key[..., 0, D] = (sinks.float() / scale).to(dt).view(-1, *([1] * (k.ndim - 4)))  # N is axis 1
+    k_x = torch.cat([sink_key, F.pad(k, extra)], dim=-2)
+    v_x = F.pad(v, extra + [1, 0])
+    return q_x, k_x, v_x
 
-    The sink is realised as one extra key at index 0 with value 0 and a logit equal to the sink for every query:
-    q gets an extra coordinate 1 and that key the coordinate `sink / scale` (the other keys 0 there). Then
-    `out = Σ_j p_j v_j` with p the softmax over [sink, keys] is exactly `out_plain · sigmoid(lse − sink)`, the
-    log-sum-exp correction, and it runs through `F.scaled_dot_product_attention` forward and backward: on CUDA the
-    flash / memory-efficient kernels, which never materialise the [S, S] probabilities. Full layers use a lower-right
-    causal bias (`causal_lower_right`, no mask tensor: query i sees the sink and keys 0..i); sliding-window and
-    packed layers pass a bool mask [B, 1, S, S+1] (O(S²) bits, not probabilities) to the memory-efficient kernel.
+
+def _sliding_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int,
+                    scale: float) -> torch.Tensor:
+    """Sliding-window attention with sinks in query blocks of `window` rows, each against its W + C - 1 keys:
+    memory O(S · W), never [S, S]. Block c holds queries [cC, cC + C) and keys [cC - W + 1, cC + C) (zero keys
+    before position 0, masked); the band mask [C, W + C - 1] is the same for every block but the first."""
+    B, N, S, D = q.shape
+    C = W = window
+    nC = -(-S // C)
+    Sp = nC * C
+    L = C + W - 1
+    q_blk = F.pad(q, [0, 0, 0, Sp - S]).view(B, N, nC, C, D)
+    k_pad = F.pad(k, [0, 0, W - 1, Sp - S])  # key index j of block c is padded index cC + j
+    v_pad = F.pad(v, [0, 0, W - 1, Sp - S])
+    k_blk = k_pad.unfold(2, L, C).transpose(-1, -2)  # [B, N, nC, L, D]
+    v_blk = v_pad.unfold(2, L, C).transpose(-1, -2)
+    i = torch.arange(C, device=q.device)[:, None]
+    j = torch.arange(L, device=q.device)[None, :]
+    band_CL = (j >= i) & (j <= i + W - 1)  # key global cC - W + 1 + j in (query global - W, query global]
+    first = torch.arange(nC, device=q.device)[:, None, None] * C - (W - 1) + j >= 0  # not before position 0
+    mask = torch.cat([band_CL.new_ones(nC, C, 1), band_CL & first], dim=-1)  # sink column first
+    q_x, k_x, v_x = _with_sink(q_blk, k_blk, v_blk, sinks, scale)
+    out = F.scaled_dot_product_attention(q_x.reshape(B * N, nC, C, -1), k_x.reshape(B * N, nC, L + 1, -1),
+                                         v_x.reshape(B * N, nC, L + 1, -1), attn_mask=mask, scale=scale)
+    return out[..., :D].reshape(B, N, Sp, D)[:, :, :S]
+
+
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                   mask: torch.Tensor | None, scale: float, window: int | None = None) -> torch.Tensor:
+    """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q, k, v [B, N, S, D] (k, v repeated to N
+    heads), sinks [N], mask [B, 1, S, S] bool (packed documents) or None (causal), `window` (sliding layers:
+    keys with q_idx - window < kv_idx <= q_idx) -> [B, N, S, D].
+
+    The sink is realised as one extra key at index 0 with value 0 and a logit equal to the sink for every query
+    (`_with_sink`). Then `out = Σ_j p_j v_j` with p the softmax over [sink, keys] is exactly the log-sum-exp
+    correction `out_plain · sigmoid(lse − sink)`, and all of it runs through `F.scaled_dot_product_attention`,
+    forward and backward, so on CUDA the flash / memory-efficient kernels do the work and no [S, S] probabilities
+    are ever materialised:
+    - full layers: a lower-right causal bias (`causal_lower_right`, no mask tensor; query i sees the sink and keys
+      0..i), which the flash kernel takes;
+    - sliding layers: query blocks of `window` rows against their 2·window − 1 keys (`_sliding_blocks`): O(S·W);
+    - packed documents: a bool mask [B, 1, S, S+1] (O(S²) bits, never probabilities), window applied inside it.
     """
     B, N, S, D = q.shape
-    dt = q.dtype
-    pad = q.new_zeros(B, N, S, _SINK_PAD)
-    q_x = torch.cat([q, pad[..., :1] + 1, pad[..., 1:]], dim=-1)
-    k_x = torch.cat([k, pad], dim=-1)
-    sink_key = q.new_zeros(1, N, 1, D + _SINK_PAD)
-    sink_key[..., D] = (sinks.float() / scale).to(dt).view(1, N, 1)
-    k_x = torch.cat([sink_key.expand(B, N, 1, D + _SINK_PAD), k_x], dim=2)
-    v_x = torch.cat([v.new_zeros(B, N, 1, D), v], dim=2)
+    if mask is None and window is not None and window < S:
+        return _sliding_blocks(q, k, v, sinks, window, scale)
+    q_x, k_x, v_x = _with_sink(q, k, v, sinks, scale)
     if mask is None:
         bias = causal_lower_right(S, S + 1)
     else:
+        if window is not None and window < S:
+            idx = torch.arange(S, device=q.device)
+            mask = mask & (idx[None, :] > idx[:, None] - window)
         bias = torch.cat([mask.new_ones(*mask.shape[:-1], 1), mask], dim=-1)
-    return F.scaled_dot_product_attention(q_x, k_x, v_x, attn_mask=bias, scale=scale)
+    return F.scaled_dot_product_attention(q_x, k_x, v_x, attn_mask=bias, scale=scale)[..., :D]
 
 
 class GptOssAttention(nn.Module):
@@ -124,7 +167,7 @@ class GptOssAttention(nn.Module):
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:  # HF's repeat_kv: each kv head serves `rep` consecutive query heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = sink_attention(q, k, v, self.sinks, mask, self.head_dim ** -0.5)
+        out = sink_attention(q, k, v, self.sinks, mask, self.head_dim ** -0.5, self.sliding_window)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -190,13 +233,10 @@ class GptOssForCausalLM(nn.Module):
         position_ids = position_ids.expand(B, S)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, position_ids)
-        masks = {None: attention_mask(position_ids, None)}
+        mask = attention_mask(position_ids, None)  # None unless packed; sliding windows are applied per layer
         router_logits = []
         for layer in self.layers:
-            w = layer.self_attn.sliding_window
-            if w not in masks:
-                masks[w] = attention_mask(position_ids, w)
-            x, logits = layer(x, cos, sin, masks[w])
+            x, logits = layer(x, cos, sin, mask)
             router_logits.append(logits)
         x = self.norm(x)
         logits = x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
