@@ -6,7 +6,8 @@ layout (`mlp.experts.{e}.{gate,up,down}_proj.weight`) or transformers v5's fused
 up front from the headers alone, and returns a lazy mapping that reads and converts a tensor only when asked:
 2-D Linear weights transposed to `[in, out]`, the router renamed to `mlp.router`, experts as
 `gate_up_proj [E, H, 2I]` (gate 0:I, up I:2I) and `down_proj [E, I, H]`. gpt-oss's MXFP4 experts (`*_blocks`,
-`*_scales`) are decoded to float32 per tensor as they are read (`shared_math.mxfp4`).
+`*_scales`) are decoded to float32 per tensor as they are read (`shared_math.mxfp4`), and so are DeepSeek-V3's
+block-FP8 Linear weights (`weight` F8_E4M3 + `weight_scale_inv`, `shared_math.fp8`).
 
 `write_checkpoint` is the exact inverse. `expected_shapes(cfg)` lists every canonical tensor a config implies.
 """
@@ -24,6 +25,10 @@ from typing import Any, Literal
 import numpy as np
 
 from shared_math.config import ModelConfig
+from shared_math.fp8 import SCALE_SUFFIX as FP8_SCALE_SUFFIX
+from shared_math.fp8 import block_size as fp8_block_size
+from shared_math.fp8 import dequantize_block_fp8
+from shared_math.fp8 import scale_shape as fp8_scale_shape
 from shared_math.mxfp4 import BLOCK as _MX_BLOCK
 from shared_math.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from shared_math.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
@@ -293,23 +298,73 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 def _check_quantisation(keys: list[str], hf: Mapping[str, Any], root: Path) -> None:
     mx = [k for k in keys if k.endswith(("_blocks", "_scales"))]
-    fp8 = [k for k in keys if k.endswith(("weight_scale_inv", "weight_scale"))]
+    # DeepSeek's block FP8 (`weight_scale_inv`) is dequantised at read; per-tensor FP8 scales are another format
+    per_tensor = [k for k in keys if k.endswith(("weight_scale", "input_scale", "activation_scale"))]
     method = (hf.get("quantization_config") or {}).get("quant_method")
     if (mx or method == "mxfp4") and hf.get("model_type") != "gpt_oss":  # gpt-oss experts decode at load
         raise UnsupportedCheckpointError(
             f"{root}: MXFP4-quantised experts ({mx[0] if mx else 'quantization_config'}) are not supported yet; "
             "dequantise first (transformers Mxfp4Config(dequantize=True) then save_pretrained)")
-    if fp8 or method == "fp8":
+    if per_tensor:
         raise UnsupportedCheckpointError(
-            f"{root}: FP8 block-quantised weights ({fp8[0] if fp8 else 'quantization_config'}) are not supported "
-            "yet; use a BF16 checkpoint")
+            f"{root}: FP8 with per-tensor scales ({per_tensor[0]}) is not supported; only DeepSeek-style block FP8 "
+            "(`weight_scale_inv`) is dequantised at load")
+
+
+class _BlockFP8Tensor:
+    """One block-FP8 Linear weight as a read source: `read` decodes the F8 weight and applies its scales."""
+
+    def __init__(self, weight_file: SafetensorsFile, scale_file: SafetensorsFile, scale_key: str,
+                 block: tuple[int, int]):
+        self._weight_file, self._scale_file, self._scale_key, self._block = weight_file, scale_file, scale_key, block
+        self.path = weight_file.path
+
+    def info(self, key: str):
+        return self._weight_file.info(key)
+
+    def read(self, key: str) -> np.ndarray:
+        return dequantize_block_fp8(self._weight_file.read(key), self._scale_file.read(self._scale_key), self._block)
+
+
+def _dequantising_sources(files: dict[str, SafetensorsFile], hf: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """`files` with every `X.weight` that has an `X.weight_scale_inv` replaced by a dequantising source, and the
+    scale tensors dropped; shapes checked from the headers. An FP8 tensor without scales is an error."""
+    scales = [k for k in files if k.endswith(".weight" + FP8_SCALE_SUFFIX)]
+    if not scales:
+        f8 = [k for k, f in files.items() if f.info(k).dtype.startswith("F8")]
+        if f8:
+            raise CheckpointError(f"{root}: tensor {f8[0]} is FP8 but has no {f8[0]}{FP8_SCALE_SUFFIX}; only "
+                                  "block-FP8 checkpoints with their scales can be read")
+        return files
+    try:
+        block = fp8_block_size(hf)
+    except ValueError as e:
+        raise CheckpointError(f"{root / 'config.json'}: {e}") from e
+    out: dict[str, Any] = dict(files)
+    for sk in scales:
+        wk = sk[: -len(FP8_SCALE_SUFFIX)]
+        del out[sk]
+        if wk not in files:
+            raise CheckpointError(f"{files[sk].path}: scale tensor {sk} has no weight {wk} in the checkpoint")
+        if not files[wk].info(wk).dtype.startswith("F8"):
+            raise CheckpointError(f"{files[wk].path}: {wk} is {files[wk].info(wk).dtype}, but it has a {sk}; block "
+                                  "scales belong to FP8 (F8_E4M3) weights")
+        want = fp8_scale_shape(files[wk].info(wk).shape, block)
+        got = files[sk].info(sk).shape
+        if tuple(got) != tuple(want):
+            raise CheckpointError(f"{files[sk].path}: {sk} has shape {list(got)}, but {wk} "
+                                  f"{list(files[wk].info(wk).shape)} in {block[0]}x{block[1]} blocks needs "
+                                  f"{list(want)}")
+        out[wk] = _BlockFP8Tensor(files[wk], files[sk], sk, block)
+    return out
 
 
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, CheckpointTensors]:
     """Open a HF checkpoint folder (config.json + safetensors), validate it against its config, return it lazily.
 
     Raises CheckpointError naming the HF tensor, the file and the expectation for a missing tensor, a wrong shape,
-    an unknown tensor, or a truncated/corrupt file; UnsupportedCheckpointError for MXFP4/FP8 checkpoints.
+    an unknown tensor, or a truncated/corrupt file; UnsupportedCheckpointError for MXFP4 and per-tensor FP8
+    checkpoints. DeepSeek-style block FP8 (`weight_scale_inv`) is dequantised to float32 tensor by tensor as read.
     """
     root = Path(path)
     if not root.is_dir():
@@ -327,6 +382,7 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, CheckpointTensors]:
         for k in sf.keys():
             files[k] = sf
     _check_quantisation(list(files), cfg.hf_config, root)
+    files = _dequantising_sources(files, cfg.hf_config, root)  # block FP8 -> float32, per tensor when read
 
     recipes: dict[str, _Recipe] = {}
     shapes = expected_shapes(cfg)

@@ -349,8 +349,14 @@ def test_missing_shard_and_quantised_checkpoints(tmp_path):
     with pytest.raises(UnsupportedCheckpointError, match="MXFP4"):
         read_checkpoint(src)
     src = write_tiny_checkpoint("deepseek_v3", tmp_path / "c")
+    # block FP8 is dequantised (tests/shared/test_fp8_checkpoint.py), but only on FP8 weights; per-tensor FP8 scales
+    # are another format
     _rewrite(src, lambda t: t.update({"model.layers.0.mlp.up_proj.weight_scale_inv": np.ones((1, 1), np.float32)}))
-    with pytest.raises(NotImplementedError, match="FP8"):
+    with pytest.raises(CheckpointError, match="up_proj.weight is F32, but it has a .*weight_scale_inv"):
+        read_checkpoint(src)
+    src = write_tiny_checkpoint("deepseek_v3", tmp_path / "d")
+    _rewrite(src, lambda t: t.update({"model.layers.0.mlp.up_proj.weight_scale": np.ones((1, 1), np.float32)}))
+    with pytest.raises(NotImplementedError, match="FP8 with per-tensor scales"):
         read_checkpoint(src)
 
 
