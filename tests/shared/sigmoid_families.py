@@ -40,3 +40,52 @@ def make_batch(seed: int, packed: bool = False, vocab: int = 128):
         pos = np.tile(np.concatenate([np.arange(5), np.arange(S - 5)]), (B, 1))
         labels[:, 5] = -100
     return ids, labels, pos
+
+
+_JAX_RUNNERS: dict = {}
+
+
+def jax_runner(path, lora: LoraConfig, dtype_name: str = "float32"):
+    """(jax_impl model with `lora` attached, its `LoraRunner`), cached per (checkpoint, targets, dtype) for the whole
+    test session: the jitted value-and-grad compiles once (~10 s on CPU) and serves every adapter of that structure
+    (tests/jax and tests/cross share it). Set adapter values with `set_jax_lora`."""
+    import jax.numpy as jnp
+
+    from jax_impl import load_model
+    from tests.jax.jax_helpers import LoraRunner
+
+    key = (str(path), lora, dtype_name)
+    if key not in _JAX_RUNNERS:
+        model = load_model(path, lora=lora, dtype=getattr(jnp, dtype_name))
+        _JAX_RUNNERS[key] = (model, LoraRunner(model))
+    return _JAX_RUNNERS[key]
+
+
+def set_jax_lora(model, runner, tensors) -> None:
+    """Load canonical LoRA tensors into `model` and hand the runner the new LoRA state (no retrace)."""
+    from flax import nnx
+
+    from jax_impl.lora import load_lora_state_dict
+
+    load_lora_state_dict(model, tensors)
+    runner.lora_state = nnx.state(model, nnx.LoRAParam)
+
+
+_CHECKPOINTS: dict = {}
+
+
+def checkpoint(family: str, **overrides):
+    """A tiny checkpoint of `family` (seeded per family), written once per session under a temporary folder."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from shared_math.tiny import write_tiny_checkpoint
+
+    key = (family, tuple(sorted(overrides.items())))
+    if key not in _CHECKPOINTS:
+        root = Path(tempfile.mkdtemp(prefix=f"splitmoe-{family}-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _CHECKPOINTS[key] = write_tiny_checkpoint(family, root, seed=FAMILIES.index(family) + 5, **overrides)
+    return _CHECKPOINTS[key]
