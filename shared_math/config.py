@@ -305,6 +305,8 @@ def _build_deepseek_like(hf: Mapping[str, Any], family: Family) -> ModelConfig:
     head_dim = (int(_req(hf, "qk_rope_head_dim")) if family != "glm4_moe"
                 else int(hf.get("head_dim") or int(hf["hidden_size"]) // heads))
     c = _common(hf, head_dim)
+    if family == "glm4_moe" and "partial_rotary_factor" not in {**hf, **(hf.get("rope_parameters") or {})}:
+        c["partial_rotary_factor"] = 0.5  # HF Glm4MoeConfig's default when config.json does not say
     return ModelConfig(
         family=family, **c,
         intermediate_size=int(_req(hf, "intermediate_size")),
