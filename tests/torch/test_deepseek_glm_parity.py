@@ -50,23 +50,27 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("sigmoid_families")
 
 
-def _ours(path, lora, tensors, batch, dtype=torch.float32, backend="native"):
+def _ours(path, lora, tensors, batch, dtype=torch.float32, backend="native", device="cpu"):
     ids, labels, pos = batch
-    model = load_model(path, lora=lora, dtype=dtype, moe_backend=backend)
+    model = load_model(path, lora=lora, dtype=dtype, moe_backend=backend, device=device)
     load_lora_state_dict(model, tensors)
-    out = model(torch.as_tensor(ids), labels=torch.as_tensor(labels),
-                position_ids=None if pos is None else torch.as_tensor(pos))
+    t = lambda a: None if a is None else torch.as_tensor(a, device=device)  # noqa: E731
+    out = model(t(ids), labels=t(labels), position_ids=t(pos))
     out.loss.backward()
     return model, out, {n: p.grad for n, p in _lora_params(model).items()}
 
 
-def _hf_peft(path, lora, tensors, batch, dtype=torch.float32):
-    key = ("peft", str(path), dtype, batch[2] is not None)
+def _hf_peft(path, lora, tensors, batch, dtype=torch.float32, device="cpu"):
+    """HF + PEFT output and canonical LoRA grads, cached; eager experts on CPU, grouped_mm (HF's default) on CUDA."""
+    key = ("peft", str(path), dtype, batch[2] is not None, device)
     if key not in _CACHE:
         ids, labels, pos = batch
-        pm = H.build_peft_model(H.load_hf_model(path, dtype=dtype), lora, tensors)
-        kw = {} if pos is None else {"position_ids": torch.as_tensor(pos)}
-        ref = pm(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(labels), use_cache=False, **kw)
+        experts = "grouped_mm" if device == "cuda" else "eager"
+        hf = H.load_hf_model(path, dtype=dtype, experts_implementation=experts).to(device)
+        pm = H.build_peft_model(hf, lora, tensors)
+        t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+        kw = {} if pos is None else {"position_ids": t(pos)}
+        ref = pm(input_ids=t(ids), labels=t(labels), use_cache=False, **kw)
         ref.loss.backward()
         for p in pm.parameters():
             if p.requires_grad:
@@ -162,20 +166,18 @@ def test_dense_and_shared_expert_lora_vs_merged_hf(root, family):
         assert_close(g, want, dtype="float32", quantity="lora_grad", name=f"d {name}")
 
 
-# GLM-4.7-Flash runs DeepSeek-V3's code (MLA, routing, shared expert); bf16 covers the two distinct code paths
-@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
-def test_parity_bf16(root, family):
+def _check_bf16(root, family, device, backend):
     path = _ckpt(root, family, **K_EQ_E[family])
     cfg = ModelConfig.from_hf(path)
     lora = attn_expert_lora(cfg)
     tensors = H.random_lora_tensors(cfg, lora, seed=9)
     batch = make_batch(13)
-    model, out, grads = _ours(path, lora, tensors, batch, dtype=torch.bfloat16)
+    model, out, grads = _ours(path, lora, tensors, batch, dtype=torch.bfloat16, backend=backend, device=device)
     moe = next(layer.mlp for layer in model.layers if layer.is_moe)
     assert moe.router.weight.dtype == moe.router.e_score_correction_bias.dtype == torch.float32
     assert moe.experts.gate_up_proj.dtype == torch.bfloat16
-    ref, _ = _hf_peft(path, lora, tensors, batch, dtype=torch.bfloat16)
-    _, ref_grads32 = _hf_peft(path, lora, tensors, batch, dtype=torch.float32)
+    ref, _ = _hf_peft(path, lora, tensors, batch, dtype=torch.bfloat16, device=device)
+    _, ref_grads32 = _hf_peft(path, lora, tensors, batch, dtype=torch.float32, device=device)
     assert_close(out.logits, ref.logits, dtype="bfloat16", quantity="logits", name="logits")
     assert_close(out.loss, ref.loss, dtype="bfloat16", quantity="loss", name="loss")
     assert set(grads) == set(ref_grads32)
@@ -194,3 +196,18 @@ def test_glm4_moe_partial_rotary_default_is_hfs(root):
         ours = load_model(path, moe_backend="native")(ids).logits
         ref = H.load_hf_model(path)(input_ids=ids, use_cache=False).logits
     assert_close(ours, ref, dtype="float32", quantity="logits", name="logits")
+
+
+# GLM-4.7-Flash runs DeepSeek-V3's code (MLA, routing, shared expert); on CPU bf16 covers the two distinct code paths
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_parity_bf16(root, family):
+    _check_bf16(root, family, "cpu", "native")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_bf16_cuda(root, family, backend):
+    if why_unavailable(backend, "cuda", torch.bfloat16):
+        pytest.skip(f"{backend} unavailable in bf16 on CUDA")
+    _check_bf16(root, family, "cuda", backend)
