@@ -47,18 +47,19 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("gpt_oss_parity")
 
 
-def _ours(path, tensors, ids, labels, dtype=torch.float32, backend="native", pos=None):
-    model = load_model(path, lora=LORA, dtype=dtype, moe_backend=backend)
+def _ours(path, tensors, ids, labels, dtype=torch.float32, backend="native", pos=None, device="cpu"):
+    model = load_model(path, lora=LORA, dtype=dtype, moe_backend=backend, device=device)
     load_lora_state_dict(model, tensors)
-    out = model(torch.as_tensor(ids), labels=torch.as_tensor(labels),
-                position_ids=None if pos is None else torch.as_tensor(pos))
+    t = lambda a: None if a is None else torch.as_tensor(a, device=device)  # noqa: E731
+    out = model(t(ids), labels=t(labels), position_ids=t(pos))
     out.loss.backward()
     return out, {n: p.grad for n, p in _lora_params(model).items()}
 
 
-def _hf(path, tensors, ids, labels, dtype=torch.float32):
-    pm = H.build_peft_model(H.load_hf_model(path, dtype=dtype), LORA, tensors)
-    ref = pm(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(labels), use_cache=False)
+def _hf(path, tensors, ids, labels, dtype=torch.float32, device="cpu"):
+    pm = H.build_peft_model(H.load_hf_model(path, dtype=dtype).to(device), LORA, tensors)
+    ref = pm(input_ids=torch.as_tensor(ids, device=device), labels=torch.as_tensor(labels, device=device),
+             use_cache=False)
     ref.loss.backward()
     for p in pm.parameters():
         if p.requires_grad:
@@ -130,6 +131,25 @@ def test_parity_bf16(root):
     out, grads = _ours(path, tensors, ids, labels, dtype=torch.bfloat16)
     ref, _ = _hf(path, tensors, ids, labels, dtype=torch.bfloat16)
     _, ref_grads32 = _hf_cached(path, tensors, ids, labels)
+    _check(out, ref, grads, ref_grads32, "bfloat16", grad_quantity="model_lora_grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["native", "grouped_mm", "triton"])
+def test_parity_bf16_cuda(root, backend):
+    """On CUDA every backend (biases and the clamped SwiGLU included) against HF + PEFT: bf16 logits/loss vs HF bf16
+    (eager attention and experts), LoRA grads vs HF + PEFT fp32. Not yet run on a GPU."""
+    from torch_impl.backends import why_unavailable
+
+    if not torch.cuda.is_available() or why_unavailable(backend, "cuda", torch.bfloat16):
+        pytest.skip(f"{backend} unavailable in bf16 on CUDA")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = _ckpt(root, "bf16", num_experts_per_tok=8)
+    tensors = bf16_lora_tensors(path)
+    ids, labels = _batch(4)
+    out, grads = _ours(path, tensors, ids, labels, dtype=torch.bfloat16, backend=backend, device="cuda")
+    ref, _ = _hf(path, tensors, ids, labels, dtype=torch.bfloat16, device="cuda")
+    _, ref_grads32 = _hf(path, tensors, ids, labels, dtype=torch.float32, device="cuda")
     _check(out, ref, grads, ref_grads32, "bfloat16", grad_quantity="model_lora_grad")
 
 
