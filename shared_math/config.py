@@ -108,7 +108,9 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()  # "full_attention" / "sliding_attention" per layer
     sliding_window: int | None = None
     rope_theta: float = 10000.0
-    rope_scaling: Mapping[str, Any] | None = None  # HF rope_parameters minus rope_theta, None for default
+    # HF rope_parameters minus rope_theta, None for default. A dict, so left out of the hash (equality still compares
+    # it): jitted JAX steps hash the model's static attributes, the config among them (YaRN families)
+    rope_scaling: Mapping[str, Any] | None = field(default=None, hash=False)
     partial_rotary_factor: float = 1.0
     rope_interleave: bool = False  # MLA: rotate interleaved pairs
     # MLA

@@ -110,3 +110,15 @@ def test_parity_bf16():
         mla = cfg.attention == "mla" and ".self_attn." in name
         assert_close(got["grads"][name], want32["grads"][name], dtype="bfloat16",
                      quantity="mla_model_lora_grad" if mla else "model_lora_grad", name=name)
+
+
+def test_graphdef_of_a_yarn_model_is_hashable():
+    """nnx.jit / jax.jit with the graphdef static (jax_impl.train) hash the model's static attributes, the config
+    among them; DeepSeek-V3's YaRN rope_scaling is a dict, which must not make that fail."""
+    from flax import nnx
+
+    from jax_impl import load_model
+
+    path = checkpoint("deepseek_v3")
+    assert ModelConfig.from_hf(path).rope_scaling["rope_type"] == "yarn"
+    hash(nnx.graphdef(load_model(path)))
