@@ -69,27 +69,63 @@ def attention_mask(position_ids: jax.Array, window: int | None) -> jax.Array:
     return (allowed_SS[None] & (doc_BS[:, :, None] == doc_BS[:, None, :]))[:, None]
 
 
-def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array,
-                   scale: float) -> jax.Array:
+def _with_sink(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, scale: float
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [..., L, N, D], k, v [..., Lk, Nkv, D] -> width D + 8 with the sink key at key index 0: q's coordinate D is
+    sink_n / scale (per query head, so one sink key serves a GQA group), the sink key's is 1 (its logit is sink_n),
+    every other extra entry 0; v gets a zero row for the sink and zero columns (sliced off after)."""
+    *lead, L, N, D = q.shape
+    dt = q.dtype
+    sink_q = jnp.broadcast_to((sinks.astype(_F32) / scale).astype(dt)[:, None], (*lead, L, N, 1))
+    q_x = jnp.concatenate([q, sink_q, jnp.zeros((*lead, L, N, _SINK_PAD - 1), dt)], axis=-1)
+    pad = [(0, 0)] * (k.ndim - 1)
+    sink_key = jnp.zeros((*k.shape[:-3], 1, k.shape[-2], D + _SINK_PAD), dt).at[..., D].set(1)
+    k_x = jnp.concatenate([sink_key, jnp.pad(k, pad + [(0, _SINK_PAD)])], axis=-3)
+    v_x = jnp.pad(v, [(0, 0)] * (v.ndim - 3) + [(1, 0), (0, 0), (0, _SINK_PAD)])
+    return q_x, k_x, v_x
+
+
+def _sliding_blocks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array, window: int,
+                    scale: float) -> jax.Array:
+    """Sliding-window attention with sinks in query blocks of `window` rows, each against its W + C - 1 keys (as
+    torch_impl): logits O(S · W), never [S, S]. The packed-document mask is gathered per block."""
+    B, S, N, D = q.shape
+    C = W = window
+    nC = -(-S // C)
+    Sp, L = nC * C, C + W - 1
+    q_blk = jnp.pad(q, [(0, 0), (0, Sp - S), (0, 0), (0, 0)]).reshape(B, nC, C, N, D)
+    key_idx = jnp.arange(nC)[:, None] * C + jnp.arange(L)[None, :]  # padded key index of block c, slot j
+    k_blk = jnp.pad(k, [(0, 0), (W - 1, Sp - S), (0, 0), (0, 0)])[:, key_idx]  # [B, nC, L, Nkv, D]
+    v_blk = jnp.pad(v, [(0, 0), (W - 1, Sp - S), (0, 0), (0, 0)])[:, key_idx]
+    q_pos = jnp.arange(nC)[:, None] * C + jnp.arange(C)[None, :]  # [nC, C]
+    k_pos = key_idx - (W - 1)  # [nC, L]
+    band = ((k_pos[:, None, :] <= q_pos[:, :, None]) & (k_pos[:, None, :] > q_pos[:, :, None] - W)
+            & (k_pos[:, None, :] >= 0))
+    doc = mask[:, 0][:, jnp.clip(q_pos, 0, S - 1)[:, :, None], jnp.clip(k_pos, 0, S - 1)[:, None, :]]
+    allowed = jnp.concatenate([jnp.ones((B, nC, C, 1), bool), band[None] & doc], axis=-1)
+    q_x, k_x, v_x = _with_sink(q_blk, k_blk, v_blk, sinks, scale)
+    out = jax.nn.dot_product_attention(q_x.reshape(B * nC, C, N, -1), k_x.reshape(B * nC, L + 1, *k_x.shape[-2:]),
+                                       v_x.reshape(B * nC, L + 1, *v_x.shape[-2:]),
+                                       mask=allowed.reshape(B * nC, 1, C, L + 1), scale=scale)
+    return out[..., :D].reshape(B, Sp, N, D)[:, :S]
+
+
+def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array, scale: float,
+                   window: int | None = None) -> jax.Array:
     """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q [B, S, N, D], k, v [B, S, Nkv, D] (GQA:
-    query head n·G + g reads kv head n), sinks [N], mask [B, 1, S, S] bool -> [B, S, N, D].
+    query head n·G + g reads kv head n), sinks [N], mask [B, 1, S, S] bool (causal, packed documents), `window`
+    (sliding layers: keys with q_idx - window < kv_idx <= q_idx) -> [B, S, N, D].
 
     As in torch_impl: the sink is one extra key (index 0, value 0) whose logit is the sink for every query, which
-    equals the log-sum-exp correction `out_plain · sigmoid(lse − sink)`. Here q carries the per-head coordinate
-    `sink_n / scale` and the sink key a 1 (so the key is shared by a GQA group), and `jax.nn.dot_product_attention`
-    runs it: its XLA implementation forms the [S, S+1] logits (fine for CPU tests); `implementation="cudnn"` on GPU
-    takes the same mask without materialising probabilities.
+    equals the log-sum-exp correction `out_plain · sigmoid(lse − sink)`, all through `jax.nn.dot_product_attention`
+    (differentiable as is). Sliding layers run in query blocks of one window (`_sliding_blocks`: logits O(S·W));
+    full layers pass the [B, 1, S, S+1] mask (XLA forms the [S, S+1] logits; `implementation="cudnn"` on GPU
+    would not).
     """
-    B, S, N, D = q.shape
-    Nkv = k.shape[2]
-    dt = q.dtype
-    sink_q = jnp.broadcast_to((sinks.astype(_F32) / scale).astype(dt)[None, None, :, None], (B, S, N, 1))
-    q_x = jnp.concatenate([q, sink_q, jnp.zeros((B, S, N, _SINK_PAD - 1), dt)], axis=-1)
-    k_x = jnp.concatenate([k, jnp.zeros((B, S, Nkv, _SINK_PAD), dt)], axis=-1)
-    sink_key = jnp.zeros((B, 1, Nkv, D + _SINK_PAD), dt).at[..., D].set(1)
-    k_x = jnp.concatenate([sink_key, k_x], axis=1)
-    # dot_product_attention wants v's head width equal to q's: zero columns, sliced off the output
-    v_x = jnp.pad(v, ((0, 0), (1, 0), (0, 0), (0, _SINK_PAD)))
+    S, D = q.shape[1], q.shape[-1]
+    if window is not None and window < S:
+        return _sliding_blocks(q, k, v, sinks, mask, window, scale)
+    q_x, k_x, v_x = _with_sink(q, k, v, sinks, scale)
     mask_x = jnp.concatenate([jnp.ones((*mask.shape[:-1], 1), bool), mask], axis=-1)
     return jax.nn.dot_product_attention(q_x, k_x, v_x, mask=mask_x, scale=scale)[..., :D]
 
@@ -112,7 +148,7 @@ class GptOssAttention(nnx.Module):
         q = apply_rotary(self.q_proj(x_BSH).reshape(B, S, N, D), cos, sin)
         k = apply_rotary(self.k_proj(x_BSH).reshape(B, S, Nkv, D), cos, sin)
         v = self.v_proj(x_BSH).reshape(B, S, Nkv, D)
-        out = sink_attention(q, k, v, self.sinks[...], mask, D ** -0.5)
+        out = sink_attention(q, k, v, self.sinks[...], mask, D ** -0.5, self.sliding_window)
         return self.o_proj(out.reshape(B, S, N * D))
 
 
@@ -172,13 +208,10 @@ class GptOssForCausalLM(nnx.Module):
             position_ids = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
         cos, sin = self.rotary_emb(position_ids, self.dtype)
-        masks: dict[int | None, jax.Array] = {}
+        mask = attention_mask(position_ids, None)  # causal within documents; sliding windows applied per layer
         router_logits = []
         for layer in self.layers:
-            w = layer.self_attn.sliding_window
-            if w not in masks:
-                masks[w] = attention_mask(position_ids, w)
-            h_BSH, logits_TE = layer(h_BSH, cos, sin, masks[w])
+            h_BSH, logits_TE = layer(h_BSH, cos, sin, mask)
             router_logits.append(logits_TE)
         h_BSH = self.norm(h_BSH)
         if self.lm_head is None:

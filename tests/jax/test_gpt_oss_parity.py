@@ -117,3 +117,42 @@ def test_attention_mask_window_includes_self():
     assert m[5].tolist() == [False, False, False, True, True, True]
     packed = np.asarray(attention_mask(jnp.array([[0, 1, 2, 0, 1, 2]]), None))[0, 0]
     assert packed[4].tolist() == [False, False, False, True, True, False]
+
+
+@pytest.mark.parametrize("S_, window, packed", [(17, 3, True)])  # a partial last block, packing, GQA
+def test_sink_attention_paths_agree(S_, window, packed):
+    """The blocked sliding path and the full-mask path equal a literal softmax over [scores | sink], forward and
+    backward (GQA: 4 query heads on 2 kv heads), fp32."""
+    import jax
+
+    from jax_impl.models.gpt_oss import sink_attention
+
+    rng = np.random.default_rng(S_ + window)
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, S_, 4, 16), (2, S_, 2, 16),
+                                                                           (2, S_, 2, 16)))
+    sinks = jnp.asarray(rng.standard_normal(4), jnp.float32)
+    pos = np.tile(np.r_[np.arange(S_ // 2), np.arange(S_ - S_ // 2)] if packed else np.arange(S_), (2, 1))
+    mask = attention_mask(jnp.asarray(pos), None)
+    windowed = attention_mask(jnp.asarray(pos), window)
+    scale = 0.25
+
+    def literal(q, k, v):
+        kr, vr = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+        s = jnp.einsum("bqnd,bknd->bnqk", q, kr) * scale
+        s = jnp.where(windowed, s, -jnp.inf)
+        full = jnp.concatenate([s, jnp.broadcast_to(sinks[None, :, None, None], (2, 4, S_, 1))], axis=-1)
+        return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(full, axis=-1)[..., :-1], vr)
+
+    def blocked(q, k, v):
+        return sink_attention(q, k, v, sinks, mask, scale, window)
+
+    def full(q, k, v):
+        return sink_attention(q, k, v, sinks, windowed, scale)
+
+    dy = jnp.asarray(rng.standard_normal((2, S_, 4, 16)), jnp.float32)
+    want, vjp = jax.vjp(literal, q, k, v)
+    for name, f in (("blocked", blocked), ("full mask", full)):
+        got, vjp_got = jax.jit(lambda *a, f=f: jax.vjp(f, *a))(q, k, v)
+        assert_close(got, want, dtype="float32", quantity="moe_block", name=name)
+        for a, b in zip(vjp_got(dy), vjp(dy)):
+            assert_close(a, b, dtype="float32", quantity="moe_grad", name=f"d {name}")
