@@ -27,8 +27,9 @@ from jax_impl.models.layers import (
     RotaryEmbedding,
     apply_rotary,
     apply_rotary_interleave,
-    causal_lm_loss,
+    lm_output,
     packed_causal_mask,
+    prepare_position_ids,
 )
 from jax_impl.moe import Experts, MoEBlock, Router
 from shared_math.config import ModelConfig
@@ -172,22 +173,14 @@ class DeepseekV3ForCausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, labels: jax.Array | None = None,
                  position_ids: jax.Array | None = None) -> CausalLMOutput:
         """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None."""
-        B, S = input_ids.shape
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
         h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
         cos, sin = self.rotary_emb(position_ids, self.dtype)
         mask_BSS = packed_causal_mask(position_ids)
         for layer in self.layers:
             h_BSH = layer(h_BSH, cos, sin, mask_BSS)
-        h_BSH = self.norm(h_BSH)
-        if self.lm_head is None:
-            logits_BSV = jnp.einsum("bsh,vh->bsv", h_BSH, self.embed_tokens[...],
-                                    preferred_element_type=_F32).astype(h_BSH.dtype)
-        else:
-            logits_BSV = self.lm_head(h_BSH)
-        loss = None if labels is None else causal_lm_loss(logits_BSV, labels)
-        return CausalLMOutput(logits_BSV, loss, None)
+        # DeepSeek-V3 and GLM define no load-balancing loss in HF (their routers carry a bias instead)
+        return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, [], self.config, False)
 
 
 class Glm4MoeLiteForCausalLM(DeepseekV3ForCausalLM):

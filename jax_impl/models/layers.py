@@ -168,3 +168,42 @@ def load_balancing_loss(router_logits: list[jax.Array], num_experts: int, top_k:
     _, ids_NK = jax.lax.top_k(probs_NE, top_k)
     f_E = jax.nn.one_hot(ids_NK, num_experts, dtype=_F32).sum(1).mean(0)
     return num_experts * jnp.sum(f_E * probs_NE.mean(0))
+
+
+def prepare_position_ids(input_ids: jax.Array, position_ids: jax.Array | None, vocab_size: int) -> jax.Array:
+    """Check input_ids [B, S] (ids in [0, vocab_size) whenever they are concrete, i.e. outside jit) and
+    position_ids, and return position_ids as [B, S] (0..S-1 when None); mirrors torch_impl's checks."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got range [{lo}, {hi}]")
+    B, S = input_ids.shape
+    if position_ids is None:
+        return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    if position_ids.shape[-1] != S:
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(B, S)}")
+    return jnp.broadcast_to(position_ids, (B, S))
+
+
+def lm_output(h_BSH: jax.Array, embed_tokens_VH: jax.Array, lm_head, labels: jax.Array | None,
+              router_logits: list[jax.Array], cfg: ModelConfig, output_router_logits: bool) -> CausalLMOutput:
+    """Normed hidden states -> logits (tied embeddings when lm_head is None, fp32 accumulation, one rounding),
+    HF's causal-LM loss, and the load-balancing aux loss when the config asks for router logits (added to the loss,
+    times router_aux_loss_coef, only when labels are given: HF's rule). Mirrors torch_impl."""
+    if lm_head is None:
+        logits_BSV = jnp.einsum("bsh,vh->bsv", h_BSH, embed_tokens_VH,
+                                preferred_element_type=_F32).astype(h_BSH.dtype)
+    else:
+        logits_BSV = lm_head(h_BSH)
+    aux = None
+    if output_router_logits and router_logits:
+        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok)
+    loss = None
+    if labels is not None:
+        loss = causal_lm_loss(logits_BSV, labels)
+        if aux is not None:
+            loss = loss + cfg.router_aux_loss_coef * aux
+    return CausalLMOutput(logits_BSV, loss, aux)
+

@@ -25,14 +25,12 @@ from jax_impl.models.layers import (
     DenseMLP,
     RMSNorm,
     RotaryEmbedding,
-    causal_lm_loss,
-    load_balancing_loss,
+    lm_output,
     packed_causal_mask,
+    prepare_position_ids,
 )
 from jax_impl.moe import Experts, MoEBlock, Router
 from shared_math.config import ModelConfig
-
-_F32 = jnp.float32
 
 
 def _arr(t: np.ndarray, dtype) -> jax.Array:
@@ -100,9 +98,7 @@ class Qwen3MoeForCausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, labels: jax.Array | None = None,
                  position_ids: jax.Array | None = None) -> CausalLMOutput:
         """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None."""
-        B, S = input_ids.shape
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
         h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
         cos, sin = self.rotary_emb(position_ids, self.dtype)
         mask_BSS = packed_causal_mask(position_ids)
@@ -111,19 +107,5 @@ class Qwen3MoeForCausalLM(nnx.Module):
             h_BSH, logits_TE = layer(h_BSH, cos, sin, mask_BSS)
             if logits_TE is not None:
                 router_logits.append(logits_TE)
-        h_BSH = self.norm(h_BSH)
-        if self.lm_head is None:
-            logits_BSV = jnp.einsum("bsh,vh->bsv", h_BSH, self.embed_tokens[...],
-                                    preferred_element_type=_F32).astype(h_BSH.dtype)
-        else:
-            logits_BSV = self.lm_head(h_BSH)
-        cfg = self.config
-        aux = None
-        if self.output_router_logits and router_logits:
-            aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits_BSV, labels)
-            if aux is not None:
-                loss = loss + cfg.router_aux_loss_coef * aux
-        return CausalLMOutput(logits_BSV, loss, aux)
+        return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, router_logits, self.config,
+                         self.output_router_logits)

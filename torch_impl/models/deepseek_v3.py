@@ -27,8 +27,9 @@ from torch_impl.models.layers import (
     RotaryEmbedding,
     apply_rotary,
     apply_rotary_interleave,
-    causal_lm_loss,
+    lm_output,
     packed_causal_mask,
+    prepare_position_ids,
 )
 from torch_impl.moe import MoEBlock
 
@@ -134,25 +135,14 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> CausalLMOutput:
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        V = self.config.vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
-            raise ValueError(f"token ids must lie in [0, vocab_size={V}), got range "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        B, S = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
-        position_ids = position_ids.expand(B, S)
+        position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, position_ids)
         mask = packed_causal_mask(position_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
-        x = self.norm(x)
-        logits = x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
-        return CausalLMOutput(logits, loss, None)
+        # DeepSeek-V3 and GLM define no load-balancing loss in HF (their routers carry a bias instead)
+        return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, [], self.config, False)
 
 
 class Glm4MoeLiteForCausalLM(DeepseekV3ForCausalLM):

@@ -32,8 +32,8 @@ from torch_impl.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
-    causal_lm_loss,
-    load_balancing_loss,
+    lm_output,
+    prepare_position_ids,
 )
 from torch_impl.moe import MoEBlock
 
@@ -219,18 +219,7 @@ class GptOssForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> CausalLMOutput:
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        V = self.config.vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
-            raise ValueError(f"token ids must lie in [0, vocab_size={V}), got range "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        B, S = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
-        elif position_ids.shape[-1] != S:
-            raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(B, S)}")
-        position_ids = position_ids.expand(B, S)
+        position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, position_ids)
         mask = attention_mask(position_ids, None)  # None unless packed; sliding windows are applied per layer
@@ -238,12 +227,5 @@ class GptOssForCausalLM(nn.Module):
         for layer in self.layers:
             x, logits = layer(x, cos, sin, mask)
             router_logits.append(logits)
-        x = self.norm(x)
-        logits = x @ self.embed_tokens.weight.T if self.lm_head is None else self.lm_head(x)
-        loss = None if labels is None else causal_lm_loss(logits, labels)
-        aux = None
-        if self.output_router_logits:
-            aux = load_balancing_loss(router_logits, self.config.num_experts, self.config.num_experts_per_tok)
-            if loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux
-        return CausalLMOutput(logits, loss, aux)
+        return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, router_logits, self.config,
+                         self.output_router_logits)

@@ -206,3 +206,37 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
         prob_sum_E = prob_sum_E + probs_TE.float().sum(0)
         rows += logits_TE.shape[0]
     return num_experts * torch.sum((counts_E / rows) * (prob_sum_E / rows))
+
+
+def prepare_position_ids(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                         vocab_size: int) -> torch.Tensor:
+    """Check input_ids [B, S] (ids in [0, vocab_size)) and position_ids, and return position_ids as [B, S]
+    (0..S-1 when None). A bad id raises here with its range, not as an index error deep inside the embedding."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got range "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    B, S = input_ids.shape
+    if position_ids is None:
+        return torch.arange(S, device=input_ids.device).expand(B, S)
+    if position_ids.shape[-1] != S:
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(B, S)}")
+    return position_ids.expand(B, S)
+
+
+def lm_output(h_BSH: torch.Tensor, embed_tokens_VH: torch.Tensor, lm_head: nn.Module | None,
+              labels: torch.Tensor | None, router_logits: list[torch.Tensor], cfg: ModelConfig,
+              output_router_logits: bool) -> CausalLMOutput:
+    """Normed hidden states -> logits (tied embeddings when lm_head is None), HF's causal-LM loss, and the
+    load-balancing aux loss when the config asks for router logits (added to the loss, times
+    router_aux_loss_coef, only when labels are given: HF's rule)."""
+    logits = h_BSH @ embed_tokens_VH.T if lm_head is None else lm_head(h_BSH)
+    loss = None if labels is None else causal_lm_loss(logits, labels)
+    aux = None
+    if output_router_logits and router_logits:
+        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok)
+        if loss is not None:
+            loss = loss + cfg.router_aux_loss_coef * aux
+    return CausalLMOutput(logits, loss, aux)
+
