@@ -17,13 +17,12 @@ scatter-add anywhere in the sort, as in MaxText's `_sort_activations`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jax_impl.backends import get_backend, resolve_backend
+from jax_impl.backends.common import ExpertSort
 from jax_impl.lora import Frozen
 from shared_math.config import RoutingConfig
 from shared_math.shapes import check_expert_args
@@ -80,22 +79,6 @@ def _route_sigmoid_group(logits_TE, routing: RoutingConfig, correction_bias_E):
 
 
 # ---- the shared permutation ------------------------------------------------------------------------------------------
-
-class ExpertSort(NamedTuple):
-    """Routed row m = t·K + k lands at sorted position `inverse_M[m]`; sorted row j is routed row `order_M[j]`
-    (token `token_M[j]`, slot `slot_M[j]`, expert `expert_M[j]`); expert e owns `group_sizes_E[e]` consecutive
-    sorted rows (possibly zero), ending at `offsets_E[e]`."""
-
-    order_M: jax.Array
-    inverse_M: jax.Array
-    token_M: jax.Array
-    slot_M: jax.Array
-    expert_M: jax.Array
-    group_sizes_E: jax.Array
-    offsets_E: jax.Array
-    num_tokens: int
-    top_k: int
-
 
 def sort_by_expert(expert_ids: jax.Array, num_experts: int, *, check: bool = True) -> ExpertSort:
     """Stable sort of the T·K routed rows by expert id (rows of one expert stay in (token, slot) order).

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_impl.backends.activations import activation_fwd, activation_vjp
+from jax_impl.backends.common import activation_fwd, activation_vjp
 
 _F32 = jnp.float32
 # [M, k] x [E, k, n] -> [M, n], the group given by the row (ragged lhs rows, one weight per group)

@@ -1,4 +1,6 @@
-"""Expert activations on the fused gate_up output, forward and explicit VJP, shared by every jax backend.
+"""What every jax expert backend shares (the twin of torch_impl/backends/common.py): the sort of routed rows by
+expert (`ExpertSort`, built once per layer by `jax_impl.moe.sort_by_expert`) and the expert activations on the
+fused gate_up output, forward and explicit VJP (functions here, where torch_impl has an `Activation` class).
 
 `swiglu`:     h = silu(gate) * up, gate in columns 0:I and up in I:2I.
 `swiglu_oai`: gpt-oss's clamped form, h = (clip(up, ±limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
@@ -10,10 +12,28 @@ gradient through at exactly the limit, as torch.clamp's backward does (autodiff 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 _F32 = jnp.float32
+
+
+class ExpertSort(NamedTuple):
+    """Routed row m = t·K + k lands at sorted position `inverse_M[m]`; sorted row j is routed row `order_M[j]`
+    (token `token_M[j]`, slot `slot_M[j]`, expert `expert_M[j]`); expert e owns `group_sizes_E[e]` consecutive
+    sorted rows (possibly zero), ending at `offsets_E[e]`."""
+
+    order_M: jax.Array
+    inverse_M: jax.Array
+    token_M: jax.Array
+    slot_M: jax.Array
+    expert_M: jax.Array
+    group_sizes_E: jax.Array
+    offsets_E: jax.Array
+    num_tokens: int
+    top_k: int
 
 
 def _split(gu_M2I: jax.Array) -> tuple[jax.Array, jax.Array]:
