@@ -15,20 +15,13 @@ its default experts (grouped_mm) and `--hf-attn` attention (sdpa by default, as 
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import versions  # noqa: E402
-from shared_math.config import EXPERT_TARGETS, LoraConfig, ModelConfig  # noqa: E402
+from benchmarks.train_step import run  # noqa: E402
+from shared_math.config import EXPERT_TARGETS  # noqa: E402
 from shared_math.tiny import tiny_hf_config  # noqa: E402
 
 TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj") + EXPERT_TARGETS
@@ -53,123 +46,9 @@ def hf_config(preset: str, layers: int | None) -> dict:
     return hf
 
 
-@torch.no_grad()
-def _randomise(model: torch.nn.Module) -> None:
-    """In place, tensor by tensor (no second copy): norms 1, everything else N(0, 0.02) (incl. the correction bias,
-    a parameter in torch_impl and a buffer in HF)."""
-    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers()
-                                                 if n.endswith("e_score_correction_bias")]
-    for name, p in tensors:
-        if "lora_" in name:
-            continue
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, 0.02)
-
-
-@torch.no_grad()
-def _lora_b_nonzero(model: torch.nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # torch_impl: *.lora_B, *_lora_B; PEFT: lora_B.default.weight
-            p.normal_(0.0, 0.01)
-
-
-def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig):
-    from torch_impl.load import build_model
-    from torch_impl.lora import attach_lora
-
-    model = build_model(ModelConfig.from_hf(hf), dtype=torch.bfloat16, device=device, moe_backend=backend)
-    _randomise(model)
-    attach_lora(model, lora, seed=0)
-    _lora_b_nonzero(model)
-    model.train()
-    return model, lambda ids: model(ids, labels=ids).loss
-
-
-def build_hf(hf: dict, device: str, attn: str, lora: LoraConfig):
-    import peft
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items() if k != "model_type"})
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
-    _randomise(model)
-    pm = peft.get_peft_model(model, peft.LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.module_targets),
-        target_parameters=list(lora.expert_targets)))
-    _lora_b_nonzero(pm)
-    pm.train()
-    return pm, lambda ids: pm(input_ids=ids, labels=ids, use_cache=False).loss
-
-
-def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters: int) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, vocab, (1, S), device=device)
-    cuda = device.startswith("cuda")
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(ids).backward()
-        opt.step()
-
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return dict(step_ms=statistics.median(times), peak_gib=peak, lora_params=sum(p.numel() for p in params))
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="flash", choices=["flash", "tiny"])
-    p.add_argument("--layers", type=int, default=None, help="truncate the depth (for quick checks)")
-    p.add_argument("--seq", default="1024,2048,4096")
-    p.add_argument("--impls", default="torch_impl,hf_peft")
-    p.add_argument("--backend", default="auto", help="torch_impl MoE backend")
-    p.add_argument("--hf-attn", default="sdpa", help="HF attention: sdpa, eager, flash_attention_2, ...")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--out", type=Path, default=None, help="append one JSON line per row")
-    a = p.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    hf = hf_config(a.preset, a.layers)
-    lora = LoraConfig(rank=16, alpha=32.0, targets=TARGETS)
-    env = versions()
-    for impl in a.impls.split(","):
-        model, loss_fn = (build_ours(hf, a.device, a.backend, lora) if impl == "torch_impl"
-                          else build_hf(hf, a.device, a.hf_attn, lora))
-        for S in (int(s) for s in a.seq.split(",")):
-            row = dict(impl=impl, preset=a.preset, layers=hf["num_hidden_layers"], seq=S, backend=a.backend,
-                       hf_attn=a.hf_attn, **env)
-            try:
-                row.update(measure(model, loss_fn, S, hf["vocab_size"], a.device, a.warmup, a.iters))
-            except torch.OutOfMemoryError as e:
-                row.update(step_ms=None, peak_gib=None, error=f"OOM: {str(e)[:120]}")
-            gc.collect()
-            if a.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            print(json.dumps({k: row[k] for k in ("impl", "seq", "step_ms", "peak_gib") if k in row}), flush=True)
-            if a.out:
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                with a.out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-        del model, loss_fn
-        gc.collect()
-        if a.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    return 0
+    return run(argv, doc=__doc__, hf_config=hf_config, targets=TARGETS,
+               presets=("flash", "tiny"), seq="1024,2048,4096", hf_attn="sdpa")
 
 
 if __name__ == "__main__":
