@@ -56,6 +56,11 @@ CASES: tuple[MoECase, ...] = (
       for T in (1024, 4096, 16384, 65536)),
     *(MoECase(f"gpt_oss_20b_T{T}", T, 2880, 2880, 32, 4, 64, ("bench",), "gpt-oss-20b experts, r=64",
               activation="swiglu_oai", biases=True) for T in (1024, 4096, 16384, 65536)),
+    # Rank 16 at the same shapes (issue 6 asks for both ranks).
+    *(MoECase(f"qwen3_30b_r16_T{T}", T, 2048, 768, 128, 8, 16, ("bench",), "Qwen3-30B-A3B experts, r=16")
+      for T in (1024, 4096, 16384, 65536)),
+    *(MoECase(f"gpt_oss_20b_r16_T{T}", T, 2880, 2880, 32, 4, 16, ("bench",), "gpt-oss-20b experts, r=16",
+              activation="swiglu_oai", biases=True) for T in (1024, 4096, 16384, 65536)),
 )
 
 

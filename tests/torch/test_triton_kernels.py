@@ -144,6 +144,36 @@ def test_split_lora_experts_matches_reference(case, dtype, seed):
 
 
 @cpu_only
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=_dname)
+@pytest.mark.parametrize("case", [get_case(n) for n in ("odd_dims", "k1", "empty_experts", "oai_biases")],
+                         ids=lambda c: c.name)
+def test_precomputed_z_matches_reference_and_in_loop_z(case, dtype, seed, monkeypatch):
+    """Z_PRE (z = x·A in its own skinny launch, then the base pass with z given) gives every output and gradient of
+    the reference, and exactly the in-loop z's numbers: same tiles, same reduction order, same rounding of z."""
+    from torch_impl.kernels import autotune
+
+    in_loop = _check_against_reference(case, dtype, seed)
+    pre = {k: dict(v, Z_PRE=True) for k, v in autotune.INTERPRETER_CONFIGS.items()}
+    monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", pre)
+    calls = []
+    real = gg._grouped_gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                calls.append(kw["LORA"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(gg, "_grouped_gemm_kernel", Spy())
+    grads = _check_against_reference(case, dtype, seed)
+    assert gg.LORA_FUSE_Z not in calls and calls.count(gg.LORA_GIVEN_Z) == 4  # gate_up, down, dh, dx
+    for key, g in in_loop.items():
+        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (g, grads[key]))):
+            assert (a is None and b is None) or torch.equal(a, b), f"d{key} differs between in-loop and precomputed z"
+
+
+@cpu_only
 def test_fp32_lora_master_weights_with_fp16_activations(seed):
     """LoRA parameters kept in fp32 (as PEFT does) with fp16 activations: grads come back in fp32 and correct."""
     grads = _check_against_reference(get_case("odd_dims"), torch.float16, seed, lora_dtype=torch.float32)
@@ -386,6 +416,21 @@ def test_autotune_candidates_are_pruned(tmp_path, monkeypatch):
     assert autotune._load_disk() == {"k": {"BLOCK_M": 64}}
 
 
+def test_shipped_table_lookup_exact_then_nearest_bucket():
+    from torch_impl.kernels import autotune
+
+    key = autotune.cache_key("gemm", (8192, "down", 768, 2048, 64), torch.bfloat16, "NVIDIA H200")
+    near = autotune.cache_key("gemm", (131072, "down", 768, 2048, 64), torch.bfloat16, "NVIDIA H200")
+    far = autotune.cache_key("gemm", (524288, "down", 768, 2048, 64), torch.bfloat16, "NVIDIA H200")
+    other_rank = autotune.cache_key("gemm", (8192, "down", 768, 2048, 16), torch.bfloat16, "NVIDIA H200")
+    table = {near: {"BLOCK_M": 128}, far: {"BLOCK_M": 64}, other_rank: {"BLOCK_M": 32}}
+    assert autotune.shipped_config(other_rank, table) == {"BLOCK_M": 32}
+    assert autotune.shipped_config(key, table) == {"BLOCK_M": 128}  # 8192 is nearer 131072 than 524288 (log2)
+    assert autotune.shipped_config(key.replace("H200", "H100"), table) is None
+    assert autotune.shipped_config(key.replace("bfloat16", "float16"), table) is None
+    assert autotune.shipped_config(key, {}) is None
+
+
 # ---- GPU: compiled kernels in bf16 -----------------------------------------------------------------------------------
 
 def _torch_inputs(inp, dtype, base_grad=False):
@@ -450,7 +495,76 @@ def test_bf16_gpu_autotune_cache(tmp_path, monkeypatch, seed):
     monkeypatch.setenv("SPLITMOE_TRITON_AUTOTUNE", "1")
     monkeypatch.setenv("SPLITMOE_TRITON_AUTOTUNE_CACHE", str(tmp_path / "tune.json"))
     monkeypatch.setattr(autotune, "_memory_cache", {})
+    real = autotune._candidates
+    # Two candidates per kind (one with Z_PRE): the mechanism, not the search; the full space compiles for minutes.
+    monkeypatch.setattr(autotune, "_candidates", lambda *a, **kw: [c for c in real(*a, **kw)
+                                                                   if c["num_stages"] == 3][:1] + real(*a, **kw)[-1:])
     _check_against_reference(get_case("gpu_oai"), torch.bfloat16, seed)
     keys = list(autotune._load_disk())
     assert keys and all(k.startswith(f"v{autotune.KERNEL_VERSION}|") for k in keys)
     assert {k.split("|")[3] for k in keys} == {"gemm", "gemm_act", "tn"}
+
+
+# oai_biases clamps at limit 1.0: bf16 rounding of the pre-activation crosses the clamp and switches that entry's
+# gradient on or off (see tests/torch/test_moe_block.py, where the same case is xfail for every backend). The H200
+# run of 2026-11-28 passed it with in-loop z and failed it with Z_PRE, whose z rounds through other wgmma tiles.
+_GPU_CASES_CLAMP_XFAIL = [
+    pytest.param(c, marks=pytest.mark.xfail(reason="bf16 rounding crosses the clamp at limit 1.0", strict=False))
+    if c.name == "oai_biases" else c for c in cases("gpu")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _GPU_CASES_CLAMP_XFAIL, ids=lambda c: getattr(c, "name", None))
+def test_bf16_gpu_precomputed_z_matches_reference(case, seed, monkeypatch):
+    """The Z_PRE variant of every gemm pass, compiled in bf16 (the tuner may pick it per pass)."""
+    from torch_impl.kernels import autotune
+
+    monkeypatch.delenv("SPLITMOE_TRITON_AUTOTUNE", raising=False)
+    monkeypatch.setattr(autotune, "_memory_cache", {})
+    monkeypatch.setattr(autotune, "SHIPPED_TABLE", Path("/nonexistent"))
+    monkeypatch.setattr(autotune, "GPU_DEFAULTS", {k: dict(v, Z_PRE=True) if k != "tn" else v
+                                                   for k, v in autotune.GPU_DEFAULTS.items()})
+    _check_against_reference(case, torch.bfloat16, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3_30b_T1024", "qwen3_30b_r16_T4096", "gpt_oss_20b_T1024", "gpt_oss_20b_T16384"])
+def test_bf16_gpu_benchmark_shapes_agree_with_grouped_mm(name, seed):
+    """At the real expert shapes, with the shipped tuned configs (torch_impl/kernels/tuned_configs.json: other tiles
+    and Z_PRE choices than the small cases above use), triton agrees with grouped_mm in bf16, forward and grads.
+
+    gpt-oss shapes run with swiglu_limit=100 (biases and the (up+1)·g·sigmoid(alpha·g) form kept): with the real
+    limit 7 and ~20M gate/up entries, bf16 rounding puts thousands of them on opposite sides of the clamp in two
+    correct implementations, and each such entry's gradient jumps between 0 and O(1) (H200, 2026-11-28: this test
+    failed that way at T=1024 and 16384 with limit 7). The clamps are checked exactly in fp32 on the small cases."""
+    from torch_impl.backends import why_unavailable
+    from torch_impl.moe import split_lora_experts
+
+    if why_unavailable("grouped_mm", "cuda", torch.bfloat16):
+        pytest.skip("grouped_mm unavailable")
+    c = get_case(name)
+    g = torch.Generator("cuda").manual_seed(seed)
+    bf = torch.bfloat16
+
+    def rnd(*shape, fan_in=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") / fan_in**0.5).to(bf)
+
+    w, ids = torch.softmax(torch.randn(c.T, c.E, generator=g, device="cuda"), -1).topk(c.K, dim=-1)
+    base = dict(x=rnd(c.T, c.H), expert_weights=(w / w.sum(-1, keepdim=True)).to(bf),
+                w_gate_up=rnd(c.E, c.H, 2 * c.I, fan_in=c.H), w_down=rnd(c.E, c.I, c.H, fan_in=c.I))
+    lora = (rnd(c.E, c.H, c.R, fan_in=c.H), rnd(c.E, c.R, 2 * c.I, fan_in=c.R),
+            rnd(c.E, c.I, c.R, fan_in=c.I), rnd(c.E, c.R, c.H, fan_in=c.R))
+    biases = (rnd(c.E, 2 * c.I), rnd(c.E, c.H)) if c.biases else None
+    dy = rnd(c.T, c.H)
+    results = []
+    for backend in ("triton", "grouped_mm"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (base["x"], base["expert_weights"], *lora)]
+        x, ew, a1, b1, a2, b2 = leaves
+        y = split_lora_experts(x, ids, ew, base["w_gate_up"], base["w_down"], (a1, b1), (a2, b2), scale=2.0,
+                               biases=biases, activation=c.activation, swiglu_limit=100.0, backend=backend)
+        y.backward(dy)
+        results.append((y.detach(), [t.grad for t in leaves]))
+    (y0, g0), (y1, g1) = results
+    assert_close(y0, y1, dtype="bfloat16", quantity="moe_block", name=f"{name} y")
+    for label, a, b in zip(("x", "expert_weights", "A1", "B1", "A2", "B2"), g0, g1):
+        assert_close(a, b, dtype="bfloat16", quantity="moe_grad", name=f"{name} d{label}")

@@ -3,26 +3,34 @@
 `get_config(kind, shape_key, dtype, device, bench)` returns a dict of BLOCK_* sizes, num_warps and num_stages.
 - Interpreter (CPU, TRITON_INTERPRET=1): tiny blocks (16/32) so the CPU tests stay fast; they also cross block edges
   on the small test shapes, which is what the masking tests need.
-- CUDA, tuning off (the default): `GPU_DEFAULTS`. These are UNTUNED defaults until measured on the H200.
+- CUDA, tuning off (the default): the entry of the shipped table `tuned_configs.json` (winners of
+  `benchmarks/triton_sweep.py` on the GPU named in the key) for this key, or for the same pass and shape at the
+  nearest row-count bucket; else `GPU_DEFAULTS`.
 - CUDA with `SPLITMOE_TRITON_AUTOTUNE=1`: the first call for a key times a pruned config space with
   `triton.testing.do_bench` on the real arguments (every kernel here is a pure function of its inputs, so re-running
   it is harmless) and stores the winner in a JSON cache keyed by kernel kind, shape, dtype, device name and
   `KERNEL_VERSION`. Tuning runs on the first call only: benchmarks must warm up before they time (they do), so
   tuning never lands inside a timed region. Bump `KERNEL_VERSION` whenever a kernel changes in a way that could move
-  its best config.
+  its best config. `SPLITMOE_TRITON_AUTOTUNE_SPACE=sweep` narrows the space to the short list the sweep script
+  times; `SPLITMOE_TRITON_AUTOTUNE_LOG=path` appends every timing as a JSON line.
+- `SPLITMOE_TRITON_COMPILE_SHARD=i/n` (used by the sweep script only): launch each candidate of shard i once, time
+  nothing and store nothing, so n processes can fill Triton's on-disk compile cache in parallel before the timing
+  process runs.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2  # 2: Z_PRE (precomputed LoRA z) joins the gemm configs
 
 # kind: "gemm" (plain / act-backward epilogue), "gemm_act" (gate_up with two accumulators), "tn" (ragged-K grads).
 INTERPRETER_CONFIGS: dict[str, dict] = {
@@ -40,6 +48,7 @@ GPU_DEFAULTS: dict[str, dict] = {
 }
 
 _memory_cache: dict[str, dict] = {}
+SHIPPED_TABLE = Path(__file__).with_name("tuned_configs.json")
 
 
 def interpreting() -> bool:
@@ -55,26 +64,63 @@ def cache_path() -> Path:
     return Path(os.environ.get("SPLITMOE_TRITON_AUTOTUNE_CACHE", default))
 
 
-def _candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_bytes: int) -> list[dict]:
+def _candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_bytes: int,
+                space: str = "full") -> list[dict]:
     """The pruned search space: drop configs whose pipelined tiles overflow shared memory, and row blocks far taller
-    than an average expert group (they would mostly compute masked rows)."""
+    than an average expert group (they would mostly compute masked rows). `space="sweep"`: the short list that
+    `benchmarks/triton_sweep.py` times (64-deep reduction steps, 3-4 stages)."""
     out = []
+    small = space == "sweep"
     if kind == "tn":
-        for bm, bp, bq, warps, stages in itertools.product((32, 64, 128), (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+        for bm, bp, bq, warps, stages in itertools.product(
+                (32, 64, 128), (64, 128), (32, 64, 128) if not small else (64, 128), (4, 8),
+                (2, 3, 4) if not small else (3,)):
             if stages * bm * (bp + bq) * elem_bytes > smem_bytes:
                 continue
             out.append(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps, num_stages=stages))
         return out
     halves = 2 if kind == "gemm_act" else 1
-    for bm, bn, bd, warps, stages in itertools.product((64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4)):
+    for bm, bn, bd, warps, stages, zpre in itertools.product(
+            (64, 128), (64, 128, 256), (32, 64, 128) if not small else (64,), (4, 8),
+            (2, 3, 4) if not small else (3, 4), (False, True)):
         if stages * (bm * bd + halves * bd * bn) * elem_bytes > smem_bytes:
             continue
         if bm > max(64, 2 * rows_per_expert):
             continue
         if halves * bm * bn > 2 * 128 * 128:  # fp32 accumulators beyond ~2 128x128 tiles spill registers
             continue
-        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages))
+        if warps == 4 and halves * bm * bn > 128 * 128:  # 4 warps cannot hold that accumulator without spills
+            continue
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages, Z_PRE=zpre))
     return out
+
+
+def cache_key(kind: str, shape_key: tuple, dtype: torch.dtype, device_name: str) -> str:
+    return f"v{KERNEL_VERSION}|{device_name}|{str(dtype).replace('torch.', '')}|{kind}|{','.join(map(str, shape_key))}"
+
+
+def shipped_config(key: str, table: dict | None = None) -> dict | None:
+    """The shipped table's entry for `key`, or for the same kernel version, device, dtype, kind and shape (every
+    field but the leading row-count bucket) at the nearest bucket on a log scale; None when there is none."""
+    if table is None:
+        try:
+            table = json.loads(SHIPPED_TABLE.read_text())
+        except (OSError, ValueError):
+            return None
+    if key in table:
+        return dict(table[key])
+    head, _, shape = key.rpartition("|")
+    bucket, _, rest = shape.partition(",")
+    best, best_dist = None, float("inf")
+    for k, cfg in table.items():
+        k_head, _, k_shape = k.rpartition("|")
+        k_bucket, _, k_rest = k_shape.partition(",")
+        if k_head != head or k_rest != rest:
+            continue
+        dist = abs(math.log2(max(int(k_bucket), 1)) - math.log2(max(int(bucket), 1)))
+        if dist < best_dist:
+            best, best_dist = cfg, dist
+    return None if best is None else dict(best)
 
 
 def _load_disk() -> dict:
@@ -97,34 +143,66 @@ def _store_disk(key: str, cfg: dict) -> None:
 
 def get_config(kind: str, shape_key: tuple, dtype: torch.dtype, device: torch.device,
                bench: Callable[[dict], None] | None = None, rows_per_expert: float = 1e9) -> dict:
-    """The config for one kernel launch; see the module docstring for the three regimes."""
+    """The config for one kernel launch; see the module docstring for the regimes."""
     if kind not in INTERPRETER_CONFIGS:
         raise KeyError(f"unknown kernel kind {kind!r}")
     if device.type != "cuda":
         return dict(INTERPRETER_CONFIGS[kind])
-    if not autotune_enabled() or bench is None:
+    key = cache_key(kind, shape_key, dtype, _device_name(device))
+    shard = os.environ.get("SPLITMOE_TRITON_COMPILE_SHARD")
+    if shard and bench is not None:
+        _compile_shard(kind, shard, rows_per_expert, dtype, device, bench)
         return dict(GPU_DEFAULTS[kind])
-    name = torch.cuda.get_device_name(device)
-    key = f"v{KERNEL_VERSION}|{name}|{str(dtype).replace('torch.', '')}|{kind}|{','.join(map(str, shape_key))}"
-    if key in _memory_cache:
+    if not autotune_enabled() or bench is None:
+        if key not in _memory_cache:
+            _memory_cache[key] = shipped_config(key) or dict(GPU_DEFAULTS[kind])
         return dict(_memory_cache[key])
+    tuned_key = "tuned|" + key
+    if tuned_key in _memory_cache:
+        return dict(_memory_cache[tuned_key])
     disk = _load_disk()
     if key in disk:
-        _memory_cache[key] = disk[key]
+        _memory_cache[tuned_key] = disk[key]
         return dict(disk[key])
     import triton.testing
 
+    log = os.environ.get("SPLITMOE_TRITON_AUTOTUNE_LOG")
+    best, best_ms = dict(GPU_DEFAULTS[kind]), float("inf")
+    for cfg in _space(kind, rows_per_expert, dtype, device):
+        try:
+            ms = triton.testing.do_bench(lambda cfg=cfg: bench(cfg), warmup=5, rep=20)
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile (resources) is not a candidate
+            ms, err = float("inf"), f"{type(e).__name__}: {str(e)[:200]}"
+        else:
+            err = None
+        if log:
+            with open(log, "a") as f:
+                f.write(json.dumps(dict(key=key, config=cfg, ms=None if err else ms, error=err)) + "\n")
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _memory_cache[tuned_key] = best
+    _store_disk(key, best)
+    return dict(best)
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _space(kind: str, rows_per_expert: float, dtype: torch.dtype, device: torch.device) -> list[dict]:
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_block_optin", 163 * 1024)
     elem = torch.tensor([], dtype=dtype).element_size()
-    best, best_ms = dict(GPU_DEFAULTS[kind]), float("inf")
-    for cfg in _candidates(kind, rows_per_expert, smem, elem):
-        try:
-            ms = triton.testing.do_bench(lambda cfg=cfg: bench(cfg), warmup=5, rep=20)
-        except Exception:  # noqa: BLE001 - a config that fails to compile (resources) is simply not a candidate
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    _memory_cache[key] = best
-    _store_disk(key, best)
-    return dict(best)
+    return _candidates(kind, rows_per_expert, smem, elem, os.environ.get("SPLITMOE_TRITON_AUTOTUNE_SPACE", "full"))
+
+
+def _compile_shard(kind: str, shard: str, rows_per_expert: float, dtype: torch.dtype, device: torch.device,
+                   bench: Callable[[dict], None]) -> None:
+    i, n = (int(v) for v in shard.split("/"))
+    for j, cfg in enumerate(_space(kind, rows_per_expert, dtype, device)):
+        if j % n == i:
+            try:
+                bench(cfg)
+            except Exception:  # noqa: BLE001 - the timing process skips it as well
+                pass

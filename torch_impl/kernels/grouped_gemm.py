@@ -91,7 +91,7 @@ def _grouped_gemm_kernel(
     gu_ptr, stride_gum, stride_gun,
     out_ptr, stride_om, stride_on, out_rows_ptr,
     dot_ptr, stride_dotm, stride_dotn,
-    N, D, R, N_HALF, z_scale, lora_scale, limit, alpha,
+    N, D, R, N_HALF, z_scale, lora_scale, out_scale, limit, alpha,
     GATHER_A: tl.constexpr, LORA: tl.constexpr, STORE_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROW_SCALE: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr,
     STORE_GU: tl.constexpr, SCATTER_OUT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -188,7 +188,7 @@ def _grouped_gemm_kernel(
         tl.store(dot_ptr + rows64 * stride_dotm + pid_n * stride_dotn, part, mask=mask_m)
         res = acc
     else:
-        res = acc
+        res = acc * out_scale
 
     if ROW_SCALE:
         rs = tl.load(row_scale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
@@ -300,12 +300,33 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
                  bias_EN: torch.Tensor | None = None,
                  row_scale_M: torch.Tensor | None = None, mode: int = MODE_PLAIN, act: int = ACT_NONE,
                  gu_M2I: torch.Tensor | None = None, store_gu: bool = False, out_rows_M: torch.Tensor | None = None,
-                 dot_MT: torch.Tensor | None = None, limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:
+                 dot_MT: torch.Tensor | None = None, limit: float = 7.0, alpha: float = 1.702,
+                 out_scale: float = 1.0) -> torch.Tensor:
     """Launch `_grouped_gemm_kernel` (see the module docstring). `schedule` = (tile_expert, tile_row) for
-    config["BLOCK_M"]; `n` is the output width per half (I in the act modes). Returns `out`."""
+    config["BLOCK_M"]; `n` is the output width per half (I in the act modes). `out_scale` multiplies the output of
+    the plain mode. Returns `out`.
+
+    config["Z_PRE"] (LoRA with an A factor only): compute z = z_scale·A[src]@LA first, in one skinny launch of the
+    same kernel (output width R, read of A once), then run the main pass with that z given. The in-loop product is
+    otherwise recomputed by every one of the cdiv(n, BLOCK_N) column tiles: at Qwen3-30B shapes about +50% FLOPs
+    per pass, while the separate launch costs one more read of the A rows. The tuner picks per pass.
+    """
     d = w_EDN.shape[1]
     if lora_a_EDR is not None and lora_a_EDR.stride(1) != 1:
         lora_a_EDR = reduction_major(lora_a_EDR)
+    if lora_a_EDR is not None and lora_b_ERN is not None and config.get("Z_PRE", False):
+        rank = lora_b_ERN.shape[1]
+        if z_MR is None:
+            z_MR = torch.empty((a.shape[0] if row_index is None else row_index.shape[0], rank), device=a.device,
+                               dtype=lora_b_ERN.dtype)
+        zcfg = dict(config, BLOCK_N=max(16, triton.next_power_of_2(rank)), Z_PRE=False)
+        grouped_gemm(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=zcfg, row_index=row_index,
+                     out_scale=z_scale)
+        return grouped_gemm(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=dict(config, Z_PRE=False),
+                            row_index=row_index, z_MR=z_MR, lora_b_ERN=lora_b_ERN, lora_scale=lora_scale,
+                            bias_EN=bias_EN, row_scale_M=row_scale_M, mode=mode, act=act, gu_M2I=gu_M2I,
+                            store_gu=store_gu, out_rows_M=out_rows_M, dot_MT=dot_MT, limit=limit, alpha=alpha,
+                            out_scale=out_scale)
     lora = LORA_NONE if lora_b_ERN is None else (LORA_FUSE_Z if lora_a_EDR is not None else LORA_GIVEN_Z)
     rank = 0 if lora_b_ERN is None else lora_b_ERN.shape[1]
     lb = lora_b_ERN if lora_b_ERN is not None else w_EDN  # dummy pointers carry the compute dtype
@@ -326,7 +347,7 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
         gu_M2I if gu_M2I is not None else lb, *_strides2(gu_M2I),
         out, *out.stride(), out_rows_M if out_rows_M is not None else dummy,
         dot_MT if dot_MT is not None else dummy, *_strides2(dot_MT),
-        n, d, rank, n, float(z_scale), float(lora_scale), float(limit), float(alpha),
+        n, d, rank, n, float(z_scale), float(lora_scale), float(out_scale), float(limit), float(alpha),
         GATHER_A=row_index is not None, LORA=lora, STORE_Z=bool(store_z and lora == LORA_FUSE_Z),
         HAS_BIAS=bias_EN is not None, ROW_SCALE=row_scale_M is not None,
         MODE=mode, ACT=act, STORE_GU=bool(store_gu), SCATTER_OUT=out_rows_M is not None,

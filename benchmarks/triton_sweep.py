@@ -1,0 +1,142 @@
+"""Tune the Triton kernels' block sizes on the GPU and write the winners as `torch_impl/kernels/tuned_configs.json`.
+
+For each benchmark case (shared_math.cases, "bench" tag) it runs the `triton` backend's forward + backward once with
+the autotuner on (`SPLITMOE_TRITON_AUTOTUNE=1`, the short "sweep" space): every kernel launch of the step (gate_up,
+down, dh, dx, and the ragged-K LoRA gradients) times its candidates on its real arguments, including whether the
+LoRA z is computed in the base GEMM's loop or precomputed (Z_PRE). Then, per case, the whole step is timed with the
+tuned configs and with the untuned GPU_DEFAULTS, and a CUDA-kernel profile of the tuned step is written.
+
+Compilation dominates a cold sweep (hundreds of kernel variants), so phase 1 spreads it over `--compile-procs`
+processes that launch each candidate once and time nothing (SPLITMOE_TRITON_COMPILE_SHARD) into a shared Triton
+cache; phase 2, in one process, only loads them and times.
+
+    python benchmarks/triton_sweep.py --out OUT_DIR [--cases qwen3_30b_T1024,...] [--compile-procs 12]
+Writes OUT_DIR/{tuned_configs.json, timings.jsonl, steps.jsonl, steps.md, profile_<case>.txt}. Copy
+tuned_configs.json over torch_impl/kernels/tuned_configs.json to ship it (keys carry the device name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_CASES = ("qwen3_30b_T1024,qwen3_30b_T4096,qwen3_30b_T16384,qwen3_30b_T65536,qwen3_30b_r16_T1024,"
+                 "qwen3_30b_r16_T16384,gpt_oss_20b_T1024,gpt_oss_20b_T16384,gpt_oss_20b_r16_T16384")
+
+
+def _step(case_name: str):
+    from benchmarks.moe_block import _split_step, make_inputs
+    from shared_math.cases import get_case
+
+    c = get_case(case_name)
+    return _split_step(c, make_inputs(c), "triton")
+
+
+def _child(cases: list[str]) -> int:
+    """One process of phase 1 (compile shard) or 2 (tune): a step per case; the env decides what get_config does."""
+    import torch
+
+    for name in cases:
+        t0 = time.time()
+        step = _step(name)
+        step()
+        torch.cuda.synchronize()
+        print(f"    [{os.environ.get('SPLITMOE_TRITON_COMPILE_SHARD', 'tune')}] {name}: {time.time() - t0:.0f} s",
+              flush=True)
+        del step
+        torch.cuda.empty_cache()
+    return 0
+
+
+def _time_steps(cases: list[str], out: Path) -> list[dict]:
+    """Whole forward+backward with the tuned configs (the tuner's cache) and with GPU_DEFAULTS, plus a profile."""
+    import torch
+
+    from benchmarks.common import peak_extra_bytes, time_cuda
+    from benchmarks.moe_block import base_flops
+    from shared_math.cases import get_case
+    from torch_impl.kernels import autotune
+
+    rows = []
+    for name in cases:
+        c = get_case(name)
+        step = _step(name)
+        row = dict(case=name)
+        for label, env in (("default", "0"), ("tuned", "1")):
+            os.environ["SPLITMOE_TRITON_AUTOTUNE"] = env
+            os.environ.pop("SPLITMOE_TRITON_AUTOTUNE_LOG", None)
+            autotune._memory_cache.clear()
+            if env == "0":  # the untuned defaults, not the shipped table (which may hold an older sweep)
+                saved, autotune.SHIPPED_TABLE = autotune.SHIPPED_TABLE, Path("/nonexistent")
+            step()
+            row[f"{label}_ms"] = time_cuda(step, warmup=3, iters=15)
+            row[f"{label}_peak_gib"] = peak_extra_bytes(step) / 2**30
+            if env == "0":
+                autotune.SHIPPED_TABLE = saved
+        row["tuned_tflops_base"] = base_flops(c) / (row["tuned_ms"] * 1e-3) / 1e12
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        (out / f"profile_{name}.txt").write_text(
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+        print(f"  {name}: default {row['default_ms']:.3f} ms, tuned {row['tuned_ms']:.3f} ms "
+              f"({row['tuned_tflops_base']:.0f} TFLOP/s base), peak +{row['tuned_peak_gib']:.2f} GiB", flush=True)
+        rows.append(row)
+        del step
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cases", default=DEFAULT_CASES)
+    p.add_argument("--compile-procs", type=int, default=12)
+    p.add_argument("--space", default="sweep", choices=("sweep", "full"))
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    cases = a.cases.split(",")
+    if a.child:
+        return _child(cases)
+    a.out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, SPLITMOE_TRITON_AUTOTUNE="1", SPLITMOE_TRITON_AUTOTUNE_SPACE=a.space,
+               SPLITMOE_TRITON_AUTOTUNE_CACHE=str(a.out / "tuned_configs.json"),
+               SPLITMOE_TRITON_AUTOTUNE_LOG=str(a.out / "timings.jsonl"), PYTHONUNBUFFERED="1")
+    for f in ("tuned_configs.json", "timings.jsonl"):
+        (a.out / f).unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--out", str(a.out), "--cases", a.cases, "--child"]
+    t0 = time.time()
+    print(f"phase 1: compile the candidates in {a.compile_procs} processes", flush=True)
+    procs = [subprocess.Popen(cmd, env=dict(env, SPLITMOE_TRITON_COMPILE_SHARD=f"{i}/{a.compile_procs}"))
+             for i in range(a.compile_procs)]
+    for proc in procs:
+        proc.wait()
+    print(f"phase 1 done in {time.time() - t0:.0f} s; phase 2: tune", flush=True)
+    subprocess.run(cmd, env=env, check=True)
+    print(f"phase 2 done at {time.time() - t0:.0f} s; phase 3: whole steps, default vs tuned", flush=True)
+    os.environ.update(SPLITMOE_TRITON_AUTOTUNE_CACHE=env["SPLITMOE_TRITON_AUTOTUNE_CACHE"])
+    rows = _time_steps(cases, a.out)
+    with open(a.out / "steps.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    lines = ["| case | default ms | tuned ms | speed-up | tuned base TFLOP/s | peak extra GiB |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['case']} | {r['default_ms']:.3f} | {r['tuned_ms']:.3f} | {r['default_ms'] / r['tuned_ms']:.2f} "
+              f"| {r['tuned_tflops_base']:.0f} | {r['tuned_peak_gib']:.2f} |" for r in rows]
+    (a.out / "steps.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"total {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
