@@ -79,9 +79,11 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, check: bool = 
         raise ValueError(f"expert_ids must be [T, K], got shape {tuple(expert_ids.shape)}")
     T, K = expert_ids.shape
     flat_M = expert_ids.reshape(-1).long()
-    if check and flat_M.numel() and (int(flat_M.min()) < 0 or int(flat_M.max()) >= num_experts):
-        raise ValueError(f"expert ids must lie in [0, {num_experts}), got range "
-                         f"[{int(flat_M.min())}, {int(flat_M.max())}]")
+    if check and flat_M.numel():
+        lo, hi = torch.aminmax(flat_M)
+        lo, hi = torch.stack([lo, hi]).tolist()  # one host sync for both bounds
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"expert ids must lie in [0, {num_experts}), got range [{lo}, {hi}]")
     expert_M, order_M = torch.sort(flat_M, stable=True)
     inverse_M = torch.empty_like(order_M)
     inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
@@ -107,7 +109,7 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
                        lora_down: LoraPair | None = None, *, scale: float = 1.0,
                        biases: tuple[torch.Tensor, torch.Tensor] | None = None, activation: str = "swiglu",
                        swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702, backend: str = "auto",
-                       sort: ExpertSort | None = None) -> torch.Tensor:
+                       sort: ExpertSort | None = None, check_ids: bool = True) -> torch.Tensor:
     """Routed experts with split LoRA -> y [T, H], in x's dtype.
 
     y[t] = Σ_k w[t,k] · expert_{ids[t,k]}(x[t]),
@@ -118,6 +120,8 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
     them); base weights must already be in x's dtype. Differentiable in x, expert_weights, the LoRA tensors, the
     biases and the base weights when they require grad. `backend`: "auto", "native" or "grouped_mm"
     (`torch_impl.backends.resolve_backend`). `sort`: a precomputed `sort_by_expert(expert_ids, E)` to reuse.
+    `check_ids=False` skips the range check of expert_ids, the one host sync of this call (on a GPU it stops the
+    CPU from queueing work ahead); for ids a router produced, which are in range by construction, as `MoEBlock` does.
     """
     _check_shapes(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     act = Activation(activation, swiglu_limit, swiglu_alpha)
@@ -127,7 +131,7 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
     def cast(pair):
         return None if pair is None else (pair[0].to(dt), pair[1].to(dt))
 
-    srt = sort if sort is not None else sort_by_expert(expert_ids, w_gate_up.shape[0])
+    srt = sort if sort is not None else sort_by_expert(expert_ids, w_gate_up.shape[0], check=check_ids)
     return impl.experts_forward(x, expert_weights.to(dt), srt, w_gate_up, w_down, cast(lora_gate_up),
                                 cast(lora_down), float(scale), cast(biases), act)
 

@@ -20,10 +20,17 @@ from torch_impl.backends import grouped_mm, native, triton
 
 ENV_VAR = "SPLITMOE_MOE_BACKEND"
 _MODULES: dict[str, ModuleType] = {"grouped_mm": grouped_mm, "native": native, "triton": triton}
-# Preference order for `auto`. `triton` is selectable by name but not yet chosen by `auto`: its kernels pass the
-# bf16 GPU tests but are untuned, and `auto` moves to it once the H200 benchmark shows it ahead (issue 6).
-BACKENDS: tuple[str, ...] = ("grouped_mm", "native", "triton")
-_AUTO: tuple[str, ...] = ("grouped_mm", "native")
+# Preference order for `auto`: the fused Triton kernels on CUDA in bf16/fp16 (tuned on the H200; fastest and leanest
+# there from T=4096 up, benchmarks/REPORT.md), then torch._grouped_mm, then the per-expert loop. On CPU `triton` runs
+# only in the interpreter (tests), so `auto` never picks it there, nor in fp32 (IEEE fp32 dots: for equivalence runs).
+BACKENDS: tuple[str, ...] = ("triton", "grouped_mm", "native")
+_AUTO: tuple[str, ...] = ("triton", "grouped_mm", "native")
+
+
+def _auto_allows(name: str, device: torch.device | str | None, dtype: torch.dtype | None) -> bool:
+    if name != "triton":
+        return True
+    return torch.device(device or "cpu").type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 def get_backend(name: str) -> ModuleType:
@@ -53,7 +60,7 @@ def resolve_backend(name: str = "auto", *, device: torch.device | str | None = N
             name, source = env, f"set by the environment variable {ENV_VAR}"
         else:
             for candidate in _AUTO:
-                if why_unavailable(candidate, device, dtype) is None:
+                if _auto_allows(candidate, device, dtype) and why_unavailable(candidate, device, dtype) is None:
                     return candidate
             raise RuntimeError(f"no MoE backend runs on {device or 'cpu'} in {dtype}")  # native always runs
     if name not in _MODULES:
