@@ -22,6 +22,7 @@ from torch_impl.models.layers import (
     Attention,
     CausalLMOutput,
     DenseMLP,
+    LayerCheckpointing,
     Linear,
     RMSNorm,
     RotaryEmbedding,
@@ -111,7 +112,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         return x + (self.mlp(h)[0] if self.is_moe else self.mlp(h))
 
 
-class DeepseekV3ForCausalLM(nn.Module):
+class DeepseekV3ForCausalLM(LayerCheckpointing, nn.Module):
     """The whole model. `forward(input_ids [B, S], labels=None, position_ids=None) -> CausalLMOutput` (aux_loss is
     always None: HF has no load-balancing loss for these families). Parameters are created uninitialised
     (`torch_impl.load.load_model` fills them); `lm_head` is None with tied embeddings."""
@@ -140,7 +141,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         cos, sin = self.rotary_emb(x, position_ids)
         mask = packed_causal_mask(position_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = self._run_layer(layer, x, cos, sin, mask)
         # DeepSeek-V3 and GLM define no load-balancing loss in HF (their routers carry a bias instead)
         return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, [], self.config, False)
 

@@ -28,6 +28,7 @@ from torch.nn.attention.bias import causal_lower_right
 from shared_math.config import ModelConfig
 from torch_impl.models.layers import (
     CausalLMOutput,
+    LayerCheckpointing,
     Linear,
     RMSNorm,
     RotaryEmbedding,
@@ -193,7 +194,7 @@ class GptOssDecoderLayer(nn.Module):
         return x + out, logits
 
 
-class GptOssForCausalLM(nn.Module):
+class GptOssForCausalLM(LayerCheckpointing, nn.Module):
     """The whole model. `forward(input_ids [B, S], labels=None, position_ids=None) -> CausalLMOutput`.
 
     Parameters are created uninitialised (`torch_impl.load.load_model` fills them). With tied embeddings
@@ -225,7 +226,7 @@ class GptOssForCausalLM(nn.Module):
         mask = attention_mask(position_ids, None)  # None unless packed; sliding windows are applied per layer
         router_logits = []
         for layer in self.layers:
-            x, logits = layer(x, cos, sin, mask)
+            x, logits = self._run_layer(layer, x, cos, sin, mask)
             router_logits.append(logits)
         return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, router_logits, self.config,
                          self.output_router_logits)

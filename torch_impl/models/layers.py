@@ -12,6 +12,7 @@ Linear weights are canonical `[in, out]`, applied as `x @ W` (HF stores `[out, i
 - `Attention`: GQA with optional per-head q/k RMSNorm before RoPE, through `scaled_dot_product_attention`.
 - `DenseMLP`: `down(silu(gate(x)) * up(x))`.
 - `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses.
+- `LayerCheckpointing`: HF's `gradient_checkpointing_enable()` switch for the decoder-layer loop.
 """
 
 from __future__ import annotations
@@ -20,10 +21,30 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from shared_math.config import ModelConfig
 from shared_math.rope import rope_inv_freq
+
+
+class LayerCheckpointing:
+    """Mixin of the family models: with `gradient_checkpointing_enable()` (HF's name) each decoder layer keeps only
+    its input for the backward and recomputes its forward there (non-reentrant `torch.utils.checkpoint`), trading
+    one more forward for the layer activations; only while training with grad enabled, as HF does."""
+
+    gradient_checkpointing: bool = False
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def _run_layer(self, layer: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
 
 
 def _frozen(*shape: int, dtype=None, device=None) -> nn.Parameter:

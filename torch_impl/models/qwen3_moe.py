@@ -19,6 +19,7 @@ from torch_impl.models.layers import (
     Attention,
     CausalLMOutput,
     DenseMLP,
+    LayerCheckpointing,
     Linear,
     RMSNorm,
     RotaryEmbedding,
@@ -56,7 +57,7 @@ class Qwen3MoeDecoderLayer(nn.Module):
         return x + self.mlp(h), None
 
 
-class Qwen3MoeForCausalLM(nn.Module):
+class Qwen3MoeForCausalLM(LayerCheckpointing, nn.Module):
     """The whole model. `forward(input_ids [B, S], labels=None, position_ids=None) -> CausalLMOutput`.
 
     Parameters are created uninitialised (`torch_impl.load.load_model` fills them). With tied embeddings
@@ -90,7 +91,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         mask = packed_causal_mask(position_ids)
         router_logits = []
         for layer in self.layers:
-            x, logits = layer(x, cos, sin, mask)
+            x, logits = self._run_layer(layer, x, cos, sin, mask)
             if logits is not None:
                 router_logits.append(logits)
         return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, router_logits, self.config,

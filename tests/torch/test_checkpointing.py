@@ -1,0 +1,59 @@
+"""Activation checkpointing (`gradient_checkpointing_enable()`) changes memory, not numbers: for every family, the
+loss and every LoRA gradient equal those of the plain forward, and the layer forward really runs twice."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from shared_math.config import LoraConfig  # noqa: E402
+from shared_math.tiny import write_tiny_checkpoint  # noqa: E402
+from torch_impl import load_model  # noqa: E402
+from torch_impl.lora import _lora_params  # noqa: E402
+
+TARGETS = {
+    "qwen3_moe": ("q_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj"),
+    "gpt_oss": ("q_proj", "v_proj", "experts.gate_up_proj", "experts.down_proj"),
+    "deepseek_v3": ("q_b_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj"),
+    "glm4_moe_lite": ("kv_b_proj", "experts.gate_up_proj", "experts.down_proj"),
+}
+
+
+def _loss_and_grads(model, ids):
+    for p in model.parameters():
+        p.grad = None
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in _lora_params(model).items()}
+
+
+@pytest.mark.parametrize("family", sorted(TARGETS))
+def test_checkpointed_layers_give_the_same_loss_and_grads(family, tmp_path, seed):
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000)
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), moe_backend="grouped_mm",
+                       lora_seed=seed % 1000)
+    with torch.no_grad():
+        for name, p in _lora_params(model).items():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)  # B is zero at init: make every LoRA gradient non-trivial
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(seed))
+    loss, grads = _loss_and_grads(model, ids)
+
+    calls = []  # a pre-hook: the recompute stops early, once it has what the backward needs, before forward hooks
+    hook = model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    model.gradient_checkpointing_enable()
+    loss_ck, grads_ck = _loss_and_grads(model, ids)
+    hook.remove()
+    assert len(calls) == 2, "the checkpointed layer should run its forward again in the backward"
+    assert torch.equal(loss, loss_ck)
+    assert grads.keys() == grads_ck.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads_ck[name], grads[name], rtol=0, atol=0, msg=f"{name} differs")
+
+    model.eval()  # like HF: no checkpointing outside training
+    calls.clear()
+    hook = model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == 1
