@@ -2,11 +2,11 @@
 next to HF transformers v5 + PEFT in the same command: step time (median after warm-up) and peak memory per context
 length (issue 9's H200 figures).
 
-A step is forward with labels, backward, and AdamW on the LoRA parameters, batch 1 of S random tokens. LoRA: rank 16
-(alpha 32) on the MLA projections (q_a, q_b, kv_a_proj_with_mqa, kv_b, o) and both expert tensors, B non-zero, for
+A step is forward with labels, backward, and AdamW on the LoRA parameters, batch 1 of S random tokens. LoRA: rank 64
+(alpha 128) on the MLA projections (q_a, q_b, kv_a_proj_with_mqa, kv_b, o) and both expert tensors, B non-zero, for
 both implementations (PEFT cannot put LoRA on the dense/shared-expert Linears of this v5 model, so neither does ours
 here). Weights are N(0, 0.02) built on the device in bf16, `e_score_correction_bias` N(0, 0.02) so routing is
-group-limited as in training; the models are built one after the other, so peak memory is per implementation. HF runs
+group-limited as in training; each implementation runs in its own process, so peak memory is its own. HF runs
 its default experts (grouped_mm) and `--hf-attn` attention (sdpa by default, as torch_impl uses SDPA).
 
     python benchmarks/glm_flash_step.py --seq 1024,2048,4096 --out benchmarks/results/glm_flash_step.jsonl

@@ -2,11 +2,12 @@
 same command: step time (median, after warm-up) and peak memory, per context length (issue 8's H200 figures).
 
 A step is forward with labels, backward, and AdamW on the LoRA parameters, batch 1 of S random tokens. LoRA:
-rank 16 (alpha 32) on q/k/v/o and both expert tensors, B non-zero, for both implementations. Weights are random
-(N(0, 0.02), biases 0.02·N) and built directly on the device in bf16; the two models are built one after the other,
-so peak memory is per implementation. HF runs its default experts (grouped_mm) and `--hf-attn` attention (gpt-oss
-supports eager, flash and flex, not SDPA); eager materialises [N, S, S] logits, so it runs out of memory at long S:
-such rows are recorded as OOM, as the baseline's 16K was.
+rank 64 (alpha 128) on q/k/v/o and both expert tensors, B non-zero, for both implementations. Weights are random
+(N(0, 0.02), biases 0.02·N) and built directly on the device in bf16; each implementation runs in its own process,
+so peak memory is its own; both use activation checkpointing per decoder layer (the anchors' recipe). HF runs its
+default experts (grouped_mm) and `--hf-attn` attention (gpt-oss supports eager, flash and flex, not SDPA); eager
+materialises [N, S, S] logits, so it runs out of memory at long S: such rows are recorded as OOM, as the
+baseline's 16K was.
 
     python benchmarks/gpt_oss_step.py --preset 20b --seq 1024,4096,8192,16384 --out benchmarks/results/x.jsonl
     python benchmarks/gpt_oss_step.py --preset tiny --device cpu --seq 64 --iters 1   # smoke test

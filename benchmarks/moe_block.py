@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import dense_matmul_tflops, peak_extra_bytes, time_cuda, versions, write_jsonl  # noqa: E402
-from shared_math.cases import MoECase, get_case  # noqa: E402
+from shared_math.cases import CASES, MoECase, get_case  # noqa: E402
 
 GiB = 2**30
 
@@ -88,7 +88,7 @@ def _split_step(c: MoECase, inp: dict, backend: str):
             inp["x"], inp["expert_ids"], inp["expert_weights"], inp["w_gate_up"], inp["w_down"],
             (inp["A1"].to(bf), inp["B1"].to(bf)), (inp["A2"].to(bf), inp["B2"].to(bf)),
             scale=inp["scale"], biases=inp["biases"], activation=c.activation, swiglu_limit=c.swiglu_limit,
-            backend=backend)
+            backend=backend, check_ids=False)  # ids come from a router, as in MoEBlock: no host sync per step
         y.backward(inp["dy"])
 
     return step
@@ -110,7 +110,7 @@ def _merged_step(c: MoECase, inp: dict):
         wd = torch.baddbmm(inp["w_down"], inp["A2"].to(bf), inp["B2"].to(bf), alpha=inp["scale"])
         y = split_lora_experts(inp["x"], inp["expert_ids"], inp["expert_weights"], wgu, wd,
                                scale=inp["scale"], biases=inp["biases"], activation=c.activation,
-                               swiglu_limit=c.swiglu_limit, backend="grouped_mm")
+                               swiglu_limit=c.swiglu_limit, backend="grouped_mm", check_ids=False)
         y.backward(inp["dy"])
 
     return step
@@ -253,10 +253,12 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, fam in zip(axes[0], families):
         for impl in dict.fromkeys(r["impl"] for r in rows):
             pts = sorted((r["T"], r["ms"]) for r in rows
-                         if r["impl"] == impl and r["case"].startswith(fam) and "ms" in r)
+                         if r["impl"] == impl and r["case"].startswith(fam + "_T") and "ms" in r)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)
-        ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="fwd+bwd ms", title=f"{fam} expert block, r=64")
+        ranks = sorted({r["R"] for r in rows if r["case"].startswith(fam + "_T")})
+        ax.set(xscale="log", yscale="log", xlabel="tokens T", ylabel="fwd+bwd ms",
+               title=f"{fam} expert block, r={'/'.join(map(str, ranks))}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -271,7 +273,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/moe_block.jsonl"))
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--merge", default=None,
+                   help="comma-separated JSONL files of one device command (e.g. torch rows on one GPU and JAX rows on "
+                        "the other): no timing, recompute the ratios per case and write --markdown / --plot")
     args = p.parse_args(argv)
+    if args.merge:
+        rows = [json.loads(line) for f in args.merge.split(",") for line in Path(f).read_text().splitlines() if line]
+        base = {r["case"]: r["ms"] for r in rows if r["impl"] == "hf_peft" and "ms" in r}
+        for r in rows:
+            if "ms" in r and r["case"] in base:
+                r["speedup_vs_hf_peft"] = base[r["case"]] / r["ms"]
+        order = {c.name: i for i, c in enumerate(CASES)}
+        rows.sort(key=lambda r: (order.get(r["case"], 1e9), r["impl"] != "hf_peft"))
+        table = markdown(rows, max(r.get("dense_tflops", 0.0) for r in rows))
+        print(table)
+        if args.markdown:
+            args.markdown.write_text(table + "\n")
+        if args.plot:
+            plot(rows, args.plot)
+        return 0
 
     import torch
 
@@ -284,10 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense bf16 matmul: {dense:.0f} TFLOP/s")
     rows = []
     for name in args.cases.split(","):
-        rows += run_case(get_case(name), args.impls.split(","), iters=args.iters)
-    for r in rows:
-        r.update(meta, dense_tflops=dense)
-    write_jsonl(args.out, rows)
+        case_rows = run_case(get_case(name), args.impls.split(","), iters=args.iters)
+        for r in case_rows:
+            r.update(meta, dense_tflops=dense)
+        write_jsonl(args.out, case_rows)  # per case: a run cut short by a time limit keeps what it measured
+        rows += case_rows
     table = markdown(rows, dense)
     print(table)
     if args.markdown:

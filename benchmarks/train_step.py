@@ -1,8 +1,9 @@
 """The harness of the full-model step benchmarks (gpt_oss_step.py, glm_flash_step.py): build torch_impl's model and
-HF v5 + PEFT's from one config.json dict with random bf16 weights, one after the other, and time one LoRA training
-step (forward with labels, backward, AdamW on the LoRA parameters; batch 1 of S random tokens) per context length:
-median step time after warm-up and peak allocated memory. The scripts supply the config, the LoRA targets and their
-defaults; everything else is here.
+HF v5 + PEFT's from one config.json dict with random bf16 weights, each in its own process (so peak memory is its own),
+and time one LoRA training step (forward with labels, backward, AdamW on the LoRA parameters; batch 1 of S random
+tokens) per context length: median step time after warm-up and peak allocated memory. The recipe defaults to
+h200-anchors.md's: LoRA r=64, alpha=128 (fp32 LoRA weights), non-reentrant activation checkpointing per decoder layer
+in both implementations. The scripts supply the config, the LoRA targets and their defaults; everything else is here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +46,7 @@ def _lora_b_nonzero(model: torch.nn.Module) -> None:
             p.normal_(0.0, 0.01)
 
 
-def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig):
+def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt: bool):
     from torch_impl.load import build_model
     from torch_impl.lora import attach_lora
 
@@ -51,11 +54,13 @@ def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig):
     _randomise(model)
     attach_lora(model, lora, seed=0)
     _lora_b_nonzero(model)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable()
     model.train()
     return model, lambda ids: model(ids, labels=ids).loss
 
 
-def build_hf(hf: dict, device: str, attn: str, lora: LoraConfig):
+def build_hf(hf: dict, device: str, attn: str, lora: LoraConfig, grad_ckpt: bool):
     import peft
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -67,6 +72,8 @@ def build_hf(hf: dict, device: str, attn: str, lora: LoraConfig):
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=list(lora.module_targets),
         target_parameters=list(lora.expert_targets)))
     _lora_b_nonzero(pm)
+    if grad_ckpt:
+        pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pm.train()
     return pm, lambda ids: pm(input_ids=ids, labels=ids, use_cache=False).loss
 
@@ -112,18 +119,32 @@ def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | Non
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="append one JSON line per row")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--alpha", type=float, default=128.0)
+    p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
+                   help="keep every layer's activations (default: non-reentrant activation checkpointing per decoder "
+                        "layer in both implementations, the h200-anchors.md recipe)")
     a = p.parse_args(argv)
+    impls = a.impls.split(",")
+    if len(impls) > 1:
+        # One process per implementation: peak memory is then that implementation's alone, whatever the other one
+        # left cached or referenced (a first run kept the torch_impl model alive into HF's rows: +42 GiB there).
+        args = list(sys.argv[1:] if argv is None else argv)
+        rc = 0
+        for impl in impls:
+            rc |= subprocess.run([sys.executable, sys.argv[0], *args, "--impls", impl]).returncode
+        return rc
     torch.backends.cuda.matmul.allow_tf32 = True
     hf = hf_config(a.preset, a.layers)
-    lora = LoraConfig(rank=16, alpha=32.0, targets=targets)
+    lora = LoraConfig(rank=a.rank, alpha=a.alpha, targets=targets)
     env = versions()
     cuda = a.device.startswith("cuda")
-    for impl in a.impls.split(","):
-        model, loss_fn = (build_ours(hf, a.device, a.backend, lora) if impl == "torch_impl"
-                          else build_hf(hf, a.device, a.hf_attn, lora))
+    for impl in impls:
+        model, loss_fn = (build_ours(hf, a.device, a.backend, lora, a.grad_ckpt) if impl == "torch_impl"
+                          else build_hf(hf, a.device, a.hf_attn, lora, a.grad_ckpt))
         for S in (int(s) for s in a.seq.split(",")):
             row = dict(impl=impl, preset=a.preset, layers=hf["num_hidden_layers"], seq=S, backend=a.backend,
-                       hf_attn=a.hf_attn, **env)
+                       hf_attn=a.hf_attn, rank=a.rank, alpha=a.alpha, grad_ckpt=a.grad_ckpt, **env)
             try:
                 row.update(measure(model, loss_fn, S, hf["vocab_size"], a.device, a.warmup, a.iters))
             except torch.OutOfMemoryError as e:
