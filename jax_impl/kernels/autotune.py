@@ -4,11 +4,18 @@
 arguments of a jitted kernel, so it must be a plain value known at trace time):
 - interpret mode (CPU tests): tiny 16/32 blocks, so the interpreter runs few, small programs and the small test
   shapes cross block edges (which is what the masking needs to be tested against);
-- GPU: the entry of the tuning cache for (kind, shape, dtype, device kind, KERNEL_VERSION) if one was recorded by
-  `sweep`, else `GPU_DEFAULTS`, which are UNTUNED until measured on the H200.
+- GPU, first match wins: (1) the user's tuning cache (`cache_path()`, written by `record`/`sweep`) at the exact key
+  (kind, shape, dtype, device kind, KERNEL_VERSION); (2) the shipped table `tuned_configs.json` next to this file
+  (same format; benchmarks/pallas_sweep.py writes one) at the exact key, else its entry with the same version, device
+  kind, dtype, kind and shape key apart from the leading M bucket whose bucket is nearest on a log scale; (3)
+  `GPU_DEFAULTS`, UNTUNED starting points.
 
-Kinds: "gemm" (plain NN pass and the act-backward epilogue pass), "gemm_act" (the gate_up pass: two fp32
-accumulators, gate and up, plus the LoRA z tile), "tn" (ragged-contracting weight gradients).
+Kinds: "gemm" (plain NN passes: down, dx, and the skinny dZ1 pass), "gemm_act" (the gate_up pass: two fp32
+accumulators, gate and up, plus the LoRA z tile), "gemm_act_bwd" (the dh pass: the act-backward epilogue), "tn"
+(ragged-contracting weight gradients). Shape keys start with the M bucket (next power of two of the routed rows).
+
+`BlockConfig.z_pre` (NN kinds with LoRA): compute z = x·A in its own skinny launch first instead of inside the main
+reduction loop, where every n-tile program recomputes it (grouped_gemm.py).
 """
 
 from __future__ import annotations
@@ -18,31 +25,39 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import jax
 
-KERNEL_VERSION = 1  # bump when a kernel changes in a way that could move its best config
+from shared_math.tuning import nearest_entry
+
+KERNEL_VERSION = 2  # bump when a kernel changes in a way that could move its best config
 CACHE_ENV = "SPLITMOE_PALLAS_TUNE_CACHE"
+TUNED_TABLE = Path(__file__).with_name("tuned_configs.json")  # shipped tuned configs (may be absent or {})
 
 
 @dataclass(frozen=True)
 class BlockConfig:
     """Tile sizes. NN kernels: block_m rows x block_n columns, block_d reduction step. TN kernel: block_m rows per
-    reduction step, block_n x block_d output tile (P x Q). num_warps/num_stages are Triton compiler parameters."""
+    reduction step, block_n x block_d output tile (P x Q). num_warps/num_stages are Triton compiler parameters.
+    z_pre (NN passes with LoRA only): z = x·A by a separate skinny launch (tiles block_m x next_pow2(R), block_d
+    steps, same warps/stages) rather than in the main reduction loop; same values, fewer FLOPs when N > block_n."""
 
     block_m: int
     block_n: int
     block_d: int
     num_warps: int = 4
     num_stages: int = 2
+    z_pre: bool = False
 
 
-KINDS = ("gemm", "gemm_act", "tn")
+KINDS = ("gemm", "gemm_act", "gemm_act_bwd", "tn")
+NN_KINDS = ("gemm", "gemm_act", "gemm_act_bwd")
 INTERPRET_CONFIGS: dict[str, BlockConfig] = {
     "gemm": BlockConfig(16, 32, 32),
     "gemm_act": BlockConfig(16, 16, 32),
+    "gemm_act_bwd": BlockConfig(16, 32, 32),
     "tn": BlockConfig(16, 32, 32),
 }
 # UNTUNED starting points for sm90 bf16 (the torch twin starts at the same tiles): 128x128 output tiles with a
@@ -50,10 +65,11 @@ INTERPRET_CONFIGS: dict[str, BlockConfig] = {
 GPU_DEFAULTS: dict[str, BlockConfig] = {
     "gemm": BlockConfig(128, 128, 64, num_warps=8, num_stages=3),
     "gemm_act": BlockConfig(128, 64, 64, num_warps=8, num_stages=3),
+    "gemm_act_bwd": BlockConfig(128, 128, 64, num_warps=8, num_stages=3),
     "tn": BlockConfig(64, 128, 64, num_warps=8, num_stages=3),
 }
 
-_memory: dict[str, BlockConfig] = {}
+_memory: dict[tuple, BlockConfig] = {}  # (cache file, shipped table, key) -> config
 
 
 def device_kind() -> str:
@@ -72,9 +88,15 @@ def cache_key(kind: str, shape_key: tuple, dtype, dev_kind: str) -> str:
 
 def _load_disk(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _config(entry: dict) -> BlockConfig:
+    # unknown fields (a newer writer) are ignored; missing ones (an older writer) take their defaults
+    return BlockConfig(**{f.name: entry[f.name] for f in fields(BlockConfig) if f.name in entry})
 
 
 def record(kind: str, shape_key: tuple, dtype, config: BlockConfig, *, dev_kind: str | None = None,
@@ -82,43 +104,63 @@ def record(kind: str, shape_key: tuple, dtype, config: BlockConfig, *, dev_kind:
     """Store `config` as the best for this key (atomic rewrite of the JSON file)."""
     path = path or cache_path()
     key = cache_key(kind, shape_key, dtype, dev_kind or device_kind())
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = _load_disk(path)
     data[key] = asdict(config)
+    write_table(path, data)
+    for mk in [mk for mk in _memory if mk[0] == str(path)]:
+        del _memory[mk]  # the next lookup through this cache file sees the new entry
+
+
+def write_table(path: Path, data: dict) -> None:
+    """Atomically (re)write a config table {cache_key: asdict(BlockConfig)} as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     tmp.replace(path)
-    _memory[key] = config
 
 
 def get_config(kind: str, shape_key: tuple, dtype, *, interpret: bool, dev_kind: str | None = None,
-               path: Path | None = None) -> BlockConfig:
-    """The config for one kernel launch (see the module docstring)."""
+               path: Path | None = None, tuned_path: Path | None = None) -> BlockConfig:
+    """The config for one kernel launch (see the module docstring for the lookup order). `path` overrides the user
+    cache file, `tuned_path` the shipped table (tests)."""
     if kind not in KINDS:
         raise KeyError(f"unknown kernel kind {kind!r}; known: {KINDS}")
     if interpret:
         return INTERPRET_CONFIGS[kind]
+    path, tuned_path = path or cache_path(), tuned_path or TUNED_TABLE
     key = cache_key(kind, shape_key, dtype, dev_kind or device_kind())
-    if key not in _memory:
-        found = _load_disk(path or cache_path()).get(key)
-        _memory[key] = BlockConfig(**found) if found else GPU_DEFAULTS[kind]
-    return _memory[key]
+    mk = (str(path), str(tuned_path), key)
+    if mk not in _memory:
+        found = _load_disk(path).get(key) or nearest_entry(_load_disk(tuned_path), key)
+        _memory[mk] = _config(found) if found else GPU_DEFAULTS[kind]
+    return _memory[mk]
 
 
 def candidates(kind: str, elem_bytes: int = 2, smem_bytes: int = 227 * 1024) -> list[BlockConfig]:
     """The sweep space, pruned of configs whose pipelined tiles overflow shared memory (sm90: 227 KiB per block)
     or whose fp32 accumulators exceed ~2 128x128 tiles (register spills)."""
     out = []
-    halves = 2 if kind == "gemm_act" else 1
     for bm, bn, bd, warps, stages in itertools.product((64, 128), (64, 128, 256), (32, 64, 128), (4, 8), (2, 3, 4)):
-        if kind == "tn":
-            smem = stages * bm * (bn + bd) * elem_bytes
-        else:
-            smem = stages * (bm * bd + halves * bd * bn) * elem_bytes
-        if smem > smem_bytes or halves * bm * bn > 2 * 128 * 128:
-            continue
-        out.append(BlockConfig(bm, bn, bd, warps, stages))
+        cfg = BlockConfig(bm, bn, bd, warps, stages)
+        if fits(kind, cfg, elem_bytes=elem_bytes, smem_bytes=smem_bytes):
+            out.append(cfg)
     return out
+
+
+def fits(kind: str, cfg: BlockConfig, *, rank: int = 64, elem_bytes: int = 2, smem_bytes: int = 227 * 1024) -> bool:
+    """Whether `cfg` plausibly compiles for `kind`: its pipelined operand tiles (stages x per-step tiles, plus the
+    LoRA-A tile of the in-loop z when not z_pre) fit in shared memory (sm90: 227 KiB per block) and its fp32
+    accumulators stay within ~2 128x128 tiles (register spills)."""
+    bm, bn, bd = cfg.block_m, cfg.block_n, cfg.block_d
+    halves = 2 if kind == "gemm_act" else 1
+    if kind == "tn":
+        smem = cfg.num_stages * bm * (bn + bd) * elem_bytes
+        acc = bn * bd
+    else:
+        br = 0 if cfg.z_pre else max(16, 1 << max(rank - 1, 0).bit_length())
+        smem = cfg.num_stages * (bm * bd + halves * bd * bn + bd * br) * elem_bytes
+        acc = halves * bm * bn + bm * br
+    return smem <= smem_bytes and acc <= 2 * 128 * 128 + 128 * 64
 
 
 def sweep(kind: str, shape_key: tuple, dtype, run: Callable[[BlockConfig], object],

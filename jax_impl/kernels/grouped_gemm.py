@@ -9,13 +9,18 @@ torch_impl/kernels/grouped_gemm.py (same passes, same flags), so one design serv
     acc[m, n] = Σ_d A[src(m), d] · W[e, d, n]               src(m) = row_index[m] (gather fused in the load) or m
     LoRA:      z[m] = z_scale · Σ_d A[src(m), d] · LA[e, d, :R] in the same d-loop (one read of A; the program
                of n-tile 0 stores z); then acc += lora_scale · z @ LB[e, :R, n]
+    given z:   z [M, R] (sorted rows, already scaled and rounded) is an input instead of LA: only the epilogue
+               acc += lora_scale · z @ LB remains. `cfg.z_pre` makes the launcher compute z this way first, by a
+               skinny launch of this same kernel in plain mode (W = LA, N = R, out_scale = z_scale): the in-loop
+               z is recomputed by every one of the cdiv(N, block_n) n-tile programs, the skinny launch once.
+               Same values: the same products summed over the same block_d steps, scaled and rounded alike.
+    out_scale: plain mode: out = out_scale · acc (before row_scale and the rounding to the output dtype).
     bias:      acc += bias[e, n]
     mode "act_fwd": two accumulators, columns n (gate) and N+n (up) of W, LB and bias; out = act(gate, up) -> h
                [M, I]; the pre-activation gu [M, 2I] can be stored for the backward.
     mode "act_bwd": epilogue of dh' = dy@Wdᵀ + dZ2'@A2ᵀ: loads gu, recomputes h = act(gu), writes the per-tile
                partial <h, acc>[m] into dots[m, pid_n] (d expert_weights without the down output), then
                dh = row_scale·acc and out = act_vjp(gu, dh) -> dgu [M, 2I].
-    ROWDOT:    <A[src(m)], v[e]> in the d-loop (the <b_down, dy> term of d expert_weights), added by n-tile 0.
     row_scale: output rows times row_scale[m] (the routing weight).
     out_rows:  row m is stored to out[out_rows[m]] (its (token, slot) position t·K+k), so the caller sums over K
                with a reshape: deterministic, no atomics.
@@ -131,9 +136,9 @@ class _NNSpec:
     lora: bool
     la_t: bool
     lb_t: bool
+    z_in: bool
     store_z: bool
     bias: bool
-    rowdot: bool
     row_scale: bool
     mode: str  # "plain" | "act_fwd" | "act_bwd"
     activation: str | None
@@ -141,6 +146,7 @@ class _NNSpec:
     scatter: bool
     z_scale: float
     lora_scale: float
+    out_scale: float
     limit: float
     alpha: float
     cfg: BlockConfig
@@ -152,10 +158,10 @@ def _nn_kernel(*refs, s: _NNSpec):
     tile_expert_ref, tile_row_ref, offsets_ref, a_ref = next(it), next(it), next(it), next(it)
     row_index_ref = next(it) if s.gather else None
     w_ref = next(it)
-    la_ref = next(it) if s.lora else None
+    la_ref = next(it) if s.lora and not s.z_in else None
+    z_in_ref = next(it) if s.z_in else None
     lb_ref = next(it) if s.lora else None
     bias_ref = next(it) if s.bias else None
-    rowvec_ref = next(it) if s.rowdot else None
     row_scale_ref = next(it) if s.row_scale else None
     gu_in_ref = next(it) if s.mode == "act_bwd" else None
     out_rows_ref = next(it) if s.scatter else None
@@ -204,31 +210,29 @@ def _nn_kernel(*refs, s: _NNSpec):
             carry["acc"] += mm(a, w_tile(w_ref, dd, mask_d, cols, s.w_t, mask_n), s.w_t)
             if two:
                 carry["acc2"] += mm(a, w_tile(w_ref, dd, mask_d, cols + s.N, s.w_t, mask_n), s.w_t)
-            if s.lora:
+            if s.lora and not s.z_in:
                 # the skinny LoRA-A product rides on the A tile already loaded: no second pass over A
                 carry["zacc"] += mm(a, w_tile(la_ref, dd, mask_d, rr, s.la_t, mask_r), s.la_t)
-            if s.rowdot:
-                v = _load(rowvec_ref, (e, dd), mask_d)
-                carry["racc"] += jnp.sum(a.astype(_F32) * v.astype(_F32)[None, :], axis=1)
             return carry
 
         init = {"acc": jnp.zeros((BM, BN), _F32)}
         if two:
             init["acc2"] = jnp.zeros((BM, BN), _F32)
-        if s.lora:
+        if s.lora and not s.z_in:
             init["zacc"] = jnp.zeros((BM, BR), _F32)
-        if s.rowdot:
-            init["racc"] = jnp.zeros((BM,), _F32)
         c = lax.fori_loop(0, pl.cdiv(s.D, BD), body, init)
         acc, acc2 = c["acc"], c.get("acc2")
 
-        if s.lora:
+        if s.z_in:
+            z = _load(z_in_ref, (rows[:, None], rr[None, :]), mask_m[:, None] & mask_r[None, :])
+        elif s.lora:
             z = (c["zacc"] * s.z_scale).astype(cdt)
             if s.store_z:
                 # every n-tile computes the same z (same data, same order); only n-tile 0 writes it
                 z_rows = jnp.where(pid_n == 0, row_end, row0)
                 plgpu.store(z_out_ref.at[rows[:, None], rr[None, :]], z,
                             mask=(rows < z_rows)[:, None] & mask_r[None, :])
+        if s.lora:
             acc += s.lora_scale * mm(z, w_tile(lb_ref, rr, mask_r, cols, s.lb_t, mask_n), s.lb_t)
             if two:
                 acc2 += s.lora_scale * mm(z, w_tile(lb_ref, rr, mask_r, cols + s.N, s.lb_t, mask_n), s.lb_t)
@@ -262,14 +266,14 @@ def _nn_kernel(*refs, s: _NNSpec):
             # h recomputed from the saved pre-activation and rounded as the forward stored it
             h = act_fwd(g, u, s.activation, s.limit, s.alpha).astype(cdt).astype(_F32)
             part = jnp.sum(jnp.where(mask_mn, h * acc, 0.0), axis=1)
-            if s.rowdot:
-                part += jnp.where(pid_n == 0, c["racc"], 0.0)
             plgpu.store(dots_ref.at[rows, pid_n], part, mask=mask_m)
             dh = acc * rs if s.row_scale else acc
             dg, du = act_bwd(g, u, dh, s.activation, s.limit, s.alpha)
             plgpu.store(out_ref.at[dst[:, None], cols[None, :]], dg.astype(odt), mask=mask_mn)
             plgpu.store(out_ref.at[dst[:, None], (cols + s.N)[None, :]], du.astype(odt), mask=mask_mn)
         else:
+            if s.out_scale != 1.0:
+                acc = acc * s.out_scale
             if s.row_scale:
                 # round the expert output first, then weight it: HF's grouped path rounds at the same two points
                 acc = acc.astype(cdt).astype(_F32) * rs
@@ -278,32 +282,44 @@ def _nn_kernel(*refs, s: _NNSpec):
 
 def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, cfg: BlockConfig, interpret: bool,
                  w_t: bool = False, row_index: jax.Array | None = None, out_rows_total: int | None = None,
-                 lora_a: jax.Array | None = None, la_t: bool = False,
+                 lora_a: jax.Array | None = None, la_t: bool = False, z: jax.Array | None = None,
                  store_z: bool = False, lora_b: jax.Array | None = None, lb_t: bool = False, z_scale: float = 1.0,
-                 lora_scale: float = 1.0, bias: jax.Array | None = None, rowvec: jax.Array | None = None,
+                 lora_scale: float = 1.0, out_scale: float = 1.0, bias: jax.Array | None = None,
                  row_scale: jax.Array | None = None, mode: str = "plain", activation: str | None = None,
                  gu: jax.Array | None = None, store_gu: bool = False, out_rows: jax.Array | None = None,
                  limit: float = 7.0, alpha: float = 1.702, out_dtype=None, name: str = "grouped_gemm"):
     """Launch the NN kernel (module docstring). M = sorted rows = offsets_E1[-1] (static: the row count of
     row_index, or of a when not gathering). `n` is the output width per half (I in the act modes).
+    LoRA: lora_b with either lora_a (z computed in the main launch, or by a first skinny launch when cfg.z_pre) or
+    z [M, R] given (sorted rows, scaled: z_scale is then ignored). `out_scale`: plain mode only.
 
-    Returns a tuple: (out, z if store_z, gu if store_gu, dots if mode == "act_bwd").
+    Returns a tuple: (out, z if store_z, gu if store_gu, dots if mode == "act_bwd"); a given z is returned as is.
     """
     M = (row_index if row_index is not None else a).shape[0]
     D = w.shape[2] if w_t else w.shape[1]
     cdt = a.dtype
     lora = lora_b is not None
-    if lora != (lora_a is not None):
-        raise ValueError("the LoRA epilogue needs both factors (lora_a for z, lora_b for z @ B)")
+    if lora != (lora_a is not None or z is not None) or (lora_a is not None and z is not None):
+        raise ValueError("the LoRA epilogue needs lora_b and exactly one of lora_a (z computed here) or z (given)")
     R = 0 if lora_b is None else (lora_b.shape[2] if lb_t else lora_b.shape[1])
     if mode != "plain" and activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if out_scale != 1.0 and mode != "plain":
+        raise ValueError("out_scale applies to the plain mode only")
+    if lora and z is None and cfg.z_pre:
+        # z first, by one skinny launch of output width R (the same kernel, plain mode, W = LA): see the docstring
+        zcfg = BlockConfig(cfg.block_m, _block_r(R), cfg.block_d, cfg.num_warps, cfg.num_stages)
+        z = grouped_gemm(a, lora_a, offsets_E1, n=R, cfg=zcfg, interpret=interpret, w_t=la_t, row_index=row_index,
+                         out_scale=z_scale, name=f"{name}_z")[0]
+        lora_a = None
+    if z is not None and z.shape != (M, R):
+        raise ValueError(f"z has shape {z.shape}; expected (M, R) = {(M, R)}")
     s = _NNSpec(N=n, D=D, R=R, gather=row_index is not None, w_t=w_t, lora=lora, la_t=la_t, lb_t=lb_t,
-                store_z=bool(store_z and lora), bias=bias is not None, rowdot=rowvec is not None,
+                z_in=z is not None, store_z=bool(store_z and lora and z is None), bias=bias is not None,
                 row_scale=row_scale is not None, mode=mode, activation=activation,
                 store_gu=bool(store_gu and mode == "act_fwd"), scatter=out_rows is not None,
-                z_scale=float(z_scale), lora_scale=float(lora_scale), limit=float(limit), alpha=float(alpha),
-                cfg=cfg, cdt=jnp.dtype(cdt).name)
+                z_scale=float(z_scale), lora_scale=float(lora_scale), out_scale=float(out_scale),
+                limit=float(limit), alpha=float(alpha), cfg=cfg, cdt=jnp.dtype(cdt).name)
     tile_expert, tile_row = tile_schedule(offsets_E1, M, cfg.block_m)
     n_tiles = pl.cdiv(n, cfg.block_n)
 
@@ -313,9 +329,9 @@ def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, c
     ins = [tile_expert, tile_row, offsets_E1, a]
     ins += [row_index] if s.gather else []
     ins += [c(w)]
-    ins += [c(lora_a), c(lora_b)] if lora else []
+    if lora:
+        ins += [c(z), c(lora_b)] if s.z_in else [c(lora_a), c(lora_b)]
     ins += [bias] if s.bias else []
-    ins += [rowvec] if s.rowdot else []
     ins += [row_scale] if s.row_scale else []
     ins += [gu] if mode == "act_bwd" else []
     ins += [out_rows] if s.scatter else []
@@ -327,11 +343,14 @@ def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, c
         out_shape.append(jax.ShapeDtypeStruct((M, 2 * n), cdt))
     if mode == "act_bwd":
         out_shape.append(jax.ShapeDtypeStruct((M, n_tiles), _F32))
-    return tuple(pl.pallas_call(
+    outs = list(pl.pallas_call(
         lambda *refs: _nn_kernel(*refs, s=s), out_shape=out_shape, grid=(tile_expert.shape[0], n_tiles),
         interpret=interpret, name=name,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )(*ins))
+    if store_z and s.z_in:
+        outs.insert(1, z.astype(cdt))
+    return tuple(outs)
 
 
 # ---- TN kernel -------------------------------------------------------------------------------------------------------

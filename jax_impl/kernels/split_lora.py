@@ -14,10 +14,15 @@ Forward:
      y = out.reshape(T, K, H).sum(1) in fp32 (deterministic). Saved: z2 [M, R]. h, o and x[perm] are never saved.
 Backward (dy [T, H]; dh' and dZ2' are per unit routing weight):
   3. dh pass (NN, act_bwd): dh' = dy[token]@Wdᵀ + dZ2'@A2ᵀ with dZ2' = s·dy[token]@B2ᵀ in-loop; epilogue: partial
-     <h, dh'> (+ <b_d, dy>) per tile for d expert_weights = <o, dy> without o; dgu = act_vjp(gu, w·dh') -> [M, 2I].
+     <h, dh'> per tile for d expert_weights = <o, dy> without o (+ <b_d, dy>, a [T,H]x[H,E] product outside);
+     dgu = act_vjp(gu, w·dh') -> [M, 2I].
   4. dx pass (NN): dZ1 = s·dgu@B1ᵀ in-loop; dx rows = dgu@Wguᵀ + dZ1@A1ᵀ stored to flat[m], summed over K.
   TN (fp32): dB2 = s·Z2ᵀ(w·dy[token]), dA2 = hᵀ(w·dZ2'), dB1 = s·Z1ᵀdgu, dA1 = x[token]ᵀdZ1; and only when those
   inputs are differentiated (`symbolic_zeros` tells us): dWd = hᵀ(w·dy[token]), dWgu = x[token]ᵀdgu, bias grads.
+In-loop z (steps 1-4): every n-tile program of a pass recomputes the same z; a config with `z_pre` (autotune.py)
+computes it first by one skinny launch per pass instead (grouped_gemm.py), with the same values.
+Block configs: autotune.get_config per pass, keyed by kind and (M bucket, reduction width, output width, R) for the NN
+passes ("gemm_act" gate_up, "gemm" down/dx/dZ1, "gemm_act_bwd" dh) and (M bucket, P, Q, left operand) for each TN one.
 Why save gu rather than h or recompute it: gu is all the backward needs (h = act(gu) is recomputed elementwise in the
 kernels that read it); recomputing gu would cost a whole gate_up GEMM.
 
@@ -174,38 +179,52 @@ def _bwd(opts, res, dy):
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
         dy = jnp.zeros(dy.shape, dy.dtype)
     dy = dy.astype(dt)
-    nn, tn = opts.passes.nn, opts.passes.tn
+    nn = opts.passes.nn
     kw = dict(interpret=opts.interpret)
     act = dict(activation=opts.activation, limit=opts.limit, alpha=opts.alpha)
     tok, off = srt.token_M, srt.offsets_E1
     r1 = 0 if lgu is None else lgu[1].shape[1]
     r2 = 0 if ld is None else ld[1].shape[1]
-    tn_cfg = _cfg("tn", (_bucket(M),), dt, opts)
     g = {}
+
+    def tn(left, right, offsets, *, p, **kw):
+        mode = "ones" if left is None else ("act" if kw.get("left_act") else "rows")
+        cfg = _cfg("tn", (_bucket(M), p, right.shape[1], mode), dt, opts)
+        return opts.passes.tn(left, right, offsets, p=p, cfg=cfg, **kw)
 
     need_dgu = wants.x or wants.lora_gate_up or wants.w_gate_up or (wants.biases and b is not None)
     want_dz2 = wants.lora_down and ld is not None
     dgu = dz2 = None
     if need_dgu or wants.expert_weights or want_dz2:
-        out = nn(dy, wd, off, n=I, cfg=_cfg("gemm", (_bucket(M), H, I, r2), dt, opts), w_t=True, row_index=tok,
-                 lora_a=None if ld is None else ld[1], la_t=True, store_z=want_dz2,
+        out = nn(dy, wd, off, n=I, cfg=_cfg("gemm_act_bwd", (_bucket(M), H, I, r2), dt, opts), w_t=True,
+                 row_index=tok, lora_a=None if ld is None else ld[1], la_t=True, store_z=want_dz2,
                  lora_b=None if ld is None else ld[0], lb_t=True, z_scale=s, lora_scale=1.0,
-                 rowvec=b[1] if (b is not None and wants.expert_weights) else None, row_scale=w_sorted,
+                 row_scale=w_sorted,
                  mode="act_bwd", gu=gu, name="moe_dh", **act, **kw)
         dgu, dots = out[0], out[-1]
         dz2 = out[1] if want_dz2 else None
         if wants.expert_weights:
             # <o, dy> per sorted row, back to (token, slot) order by a gather with the inverse permutation
-            g["expert_weights"] = dots.sum(axis=1)[srt.inverse_M].reshape(T, K).astype(w_sorted.dtype)
+            dw = dots.sum(axis=1)[srt.inverse_M].reshape(T, K)
+            if b is not None:
+                # <b_d[e], dy[t]> for every (token, expert): one small [T, H]x[H, E] product and a gather, outside
+                # the kernel. Fused as a row dot in the pipelined d-loop (the kernel's ROWDOT) it came out wrong on
+                # the H200 with tuned gpt-oss-shape tiles (d expert_weights off by ~3σ of this term, H200
+                # 2026-11-28), as the torch twin's in-loop version did before (torch_impl/kernels/split_lora.py).
+                bias_TE = jnp.matmul(dy.astype(jnp.float32), b[1].astype(jnp.float32).T,
+                                     precision=jax.lax.Precision.HIGHEST)
+                expert_M = jnp.searchsorted(srt.offsets_E1[1:], jnp.arange(M, dtype=jnp.int32), side="right")
+                dw = dw + jnp.take_along_axis(bias_TE, expert_M[srt.inverse_M].reshape(T, K), axis=1)
+            g["expert_weights"] = dw.astype(w_sorted.dtype)
 
     if ld is not None and wants.lora_down:
         g["lora_down"] = (
-            tn(gu, dz2, off, p=I, cfg=tn_cfg, left_act=opts.activation, row_scale=w_sorted, limit=opts.limit,
+            tn(gu, dz2, off, p=I, left_act=opts.activation, row_scale=w_sorted, limit=opts.limit,
                alpha=opts.alpha, name="moe_dA2", **kw).astype(ld[0].dtype),
-            tn(z2, dy, off, p=r2, cfg=tn_cfg, right_index=tok, row_scale=w_sorted, scale=s, name="moe_dB2",
+            tn(z2, dy, off, p=r2, right_index=tok, row_scale=w_sorted, scale=s, name="moe_dB2",
                **kw).astype(ld[1].dtype))
     if wants.w_down:
-        g["w_down"] = tn(gu, dy, off, p=I, cfg=tn_cfg, left_act=opts.activation, right_index=tok,
+        g["w_down"] = tn(gu, dy, off, p=I, left_act=opts.activation, right_index=tok,
                          row_scale=w_sorted, limit=opts.limit, alpha=opts.alpha, name="moe_dWd",
                          **kw).astype(wd.dtype)
 
@@ -221,17 +240,16 @@ def _bwd(opts, res, dy):
     elif want_dz1:
         # x needs no gradient (rare): dZ1 alone is a skinny N=R pass instead of the whole dx GEMM
         dz1 = nn(dgu, lgu[1], off, n=r1, cfg=_cfg("gemm", (_bucket(M), 2 * I, r1), dt, opts), w_t=True,
-                 name="moe_dz1", **kw)[0]
-        dz1 = (dz1.astype(_F32) * s).astype(dt)
+                 out_scale=s, name="moe_dz1", **kw)[0]
     if want_dz1:
         g["lora_gate_up"] = (
-            tn(x, dz1, off, p=H, cfg=tn_cfg, left_index=tok, name="moe_dA1", **kw).astype(lgu[0].dtype),
-            tn(z1, dgu, off, p=r1, cfg=tn_cfg, scale=s, name="moe_dB1", **kw).astype(lgu[1].dtype))
+            tn(x, dz1, off, p=H, left_index=tok, name="moe_dA1", **kw).astype(lgu[0].dtype),
+            tn(z1, dgu, off, p=r1, scale=s, name="moe_dB1", **kw).astype(lgu[1].dtype))
     if wants.w_gate_up:
-        g["w_gate_up"] = tn(x, dgu, off, p=H, cfg=tn_cfg, left_index=tok, name="moe_dWgu", **kw).astype(wgu.dtype)
+        g["w_gate_up"] = tn(x, dgu, off, p=H, left_index=tok, name="moe_dWgu", **kw).astype(wgu.dtype)
     if b is not None and wants.biases:
-        g["biases"] = (tn(None, dgu, off, p=1, cfg=tn_cfg, name="moe_db_gate_up", **kw)[:, 0].astype(b[0].dtype),
-                       tn(None, dy, off, p=1, cfg=tn_cfg, right_index=tok, row_scale=w_sorted,
+        g["biases"] = (tn(None, dgu, off, p=1, name="moe_db_gate_up", **kw)[:, 0].astype(b[0].dtype),
+                       tn(None, dy, off, p=1, right_index=tok, row_scale=w_sorted,
                           name="moe_db_down", **kw)[:, 0].astype(b[1].dtype))
 
     def pair(name, present):

@@ -98,9 +98,17 @@ def test_split_lora_experts_fp32(case, backend, seed):
     _check_case(case, backend, jnp.float32, "float32", seed)
 
 
+# oai_biases clamps at limit 1.0: in bf16 the pre-activation rounds across the clamp, which switches that entry's
+# gradient on or off, an O(1) change the float64 oracle cannot mirror (the torch suite marks it the same way). On
+# the H200 (2026-11-28) ragged_dot passed it and pallas_triton did not; the clamps are checked in fp32 on CPU.
+_GPU_CASES = [pytest.param(c, marks=pytest.mark.xfail(reason="bf16 rounding crosses the clamp at limit 1.0",
+                                                      strict=False))
+              if c.name == "oai_biases" else c for c in cases("gpu")]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-@pytest.mark.parametrize("case", cases("gpu"), ids=lambda c: c.name)
+@pytest.mark.parametrize("case", _GPU_CASES, ids=lambda c: getattr(c, "name", None))
 def test_split_lora_experts_bf16_gpu(case, backend, seed):
     _check_case(case, backend, jnp.bfloat16, "bfloat16", seed)
 
@@ -200,3 +208,47 @@ def test_resolve_backend(monkeypatch):
     assert resolve_backend("ragged_dot") == "ragged_dot"  # an explicit name beats the environment
     monkeypatch.setenv(ENV_VAR, "ragged_dot")
     assert resolve_backend("auto") == "ragged_dot"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3_30b_T1024", "gpt_oss_20b_T1024", "gpt_oss_20b_T4096"])
+def test_pallas_benchmark_shapes_agree_with_ragged_dot_bf16_gpu(name, seed):
+    """At the real expert shapes, with the shipped tuned configs (jax_impl/kernels/tuned_configs.json: tiles and
+    z_pre choices the small cases do not reach), the fused Pallas path agrees with stock ragged_dot in bf16.
+    gpt-oss shapes run with swiglu_limit=100, for the reason given in the torch twin of this test
+    (tests/torch/test_triton_kernels.py: bf16 rounding crossing the clamp in ~20M entries)."""
+    if "pallas_triton" not in BACKENDS or jax.default_backend() != "gpu":
+        pytest.skip("needs the pallas_triton backend on a GPU")
+    c = get_case(name)
+    k = iter(jax.random.split(jax.random.PRNGKey(seed % 2**31), 12))
+    bf = jnp.bfloat16
+
+    def rnd(shape, fan_in=1.0):
+        return (jax.random.normal(next(k), shape) / fan_in**0.5).astype(bf)
+
+    w, ids = jax.lax.top_k(jax.nn.softmax(jax.random.normal(next(k), (c.T, c.E))), c.K)
+    diff = dict(x=rnd((c.T, c.H)), ew=(w / w.sum(-1, keepdims=True)).astype(bf),
+                lora=(rnd((c.E, c.H, c.R), c.H), rnd((c.E, c.R, 2 * c.I), c.R), rnd((c.E, c.I, c.R), c.I),
+                      rnd((c.E, c.R, c.H), c.R)))
+    frozen = dict(wgu=rnd((c.E, c.H, 2 * c.I), c.H), wd=rnd((c.E, c.I, c.H), c.I),
+                  b=(rnd((c.E, 2 * c.I)), rnd((c.E, c.H))) if c.biases else None)
+    dy = rnd((c.T, c.H))
+
+    def run(backend):
+        def f(d):
+            a1, b1, a2, b2 = d["lora"]
+            return split_lora_experts(d["x"], ids, d["ew"], frozen["wgu"], frozen["wd"], (a1, b1), (a2, b2),
+                                      scale=2.0, biases=frozen["b"], activation=c.activation,
+                                      swiglu_limit=100.0, backend=backend)
+        y, vjp = jax.vjp(jax.jit(f), diff)
+        return y, vjp(dy)[0]
+
+    (y0, g0), (y1, g1) = run("pallas_triton"), run("ragged_dot")
+    assert_close(np.asarray(y0, np.float64), np.asarray(y1, np.float64), dtype="bfloat16", quantity="moe_block",
+                 name=f"{name} y")
+    for path, a in jax.tree_util.tree_leaves_with_path(g0):
+        b = g1
+        for p in path:
+            b = b[p.key] if hasattr(p, "key") else b[p.idx]
+        assert_close(np.asarray(a, np.float64), np.asarray(b, np.float64), dtype="bfloat16", quantity="moe_grad",
+                     name=f"{name} d{jax.tree_util.keystr(path)}")

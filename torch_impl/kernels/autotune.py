@@ -23,12 +23,13 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from shared_math.tuning import nearest_entry
 
 KERNEL_VERSION = 2  # 2: Z_PRE (precomputed LoRA z) joins the gemm configs
 
@@ -100,27 +101,15 @@ def cache_key(kind: str, shape_key: tuple, dtype: torch.dtype, device_name: str)
 
 
 def shipped_config(key: str, table: dict | None = None) -> dict | None:
-    """The shipped table's entry for `key`, or for the same kernel version, device, dtype, kind and shape (every
-    field but the leading row-count bucket) at the nearest bucket on a log scale; None when there is none."""
+    """The shipped table's entry for `key`, or for the same pass and shape at the nearest row-count bucket
+    (`shared_math.tuning.nearest_entry`); None when there is none."""
     if table is None:
         try:
             table = json.loads(SHIPPED_TABLE.read_text())
         except (OSError, ValueError):
             return None
-    if key in table:
-        return dict(table[key])
-    head, _, shape = key.rpartition("|")
-    bucket, _, rest = shape.partition(",")
-    best, best_dist = None, float("inf")
-    for k, cfg in table.items():
-        k_head, _, k_shape = k.rpartition("|")
-        k_bucket, _, k_rest = k_shape.partition(",")
-        if k_head != head or k_rest != rest:
-            continue
-        dist = abs(math.log2(max(int(k_bucket), 1)) - math.log2(max(int(bucket), 1)))
-        if dist < best_dist:
-            best, best_dist = cfg, dist
-    return None if best is None else dict(best)
+    found = nearest_entry(table, key)
+    return None if found is None else dict(found)
 
 
 def _load_disk() -> dict:
