@@ -23,6 +23,7 @@ from jax_impl.models.layers import (
     Attention,
     CausalLMOutput,
     DenseMLP,
+    LayerCheckpointing,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
@@ -148,7 +149,7 @@ class DeepseekV3DecoderLayer(nnx.Module):
         return h_BSH + y_TH.reshape(B, S, H)
 
 
-class DeepseekV3ForCausalLM(nnx.Module):
+class DeepseekV3ForCausalLM(LayerCheckpointing, nnx.Module):
     """DeepSeek-V3 with split LoRA; build with `jax_impl.load_model` (or from canonical tensors directly).
     `__call__(input_ids, labels=None, position_ids=None) -> CausalLMOutput` (aux_loss always None)."""
 
@@ -178,7 +179,7 @@ class DeepseekV3ForCausalLM(nnx.Module):
         cos, sin = self.rotary_emb(position_ids, self.dtype)
         mask_BSS = packed_causal_mask(position_ids)
         for layer in self.layers:
-            h_BSH = layer(h_BSH, cos, sin, mask_BSS)
+            h_BSH = self._run_layer(layer, h_BSH, cos, sin, mask_BSS)
         # DeepSeek-V3 and GLM define no load-balancing loss in HF (their routers carry a bias instead)
         return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, [], self.config, False)
 

@@ -24,6 +24,7 @@ from flax import nnx
 from jax_impl.lora import Frozen, LoRALinear
 from jax_impl.models.layers import (
     CausalLMOutput,
+    LayerCheckpointing,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
@@ -178,7 +179,7 @@ class GptOssDecoderLayer(nnx.Module):
         return h_BSH + y_TH.reshape(B, S, H), router_logits_TE
 
 
-class GptOssForCausalLM(nnx.Module):
+class GptOssForCausalLM(LayerCheckpointing, nnx.Module):
     """gpt-oss with split LoRA; build with `jax_impl.load_model` (or from canonical tensors directly)."""
 
     def __init__(self, cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
@@ -209,7 +210,7 @@ class GptOssForCausalLM(nnx.Module):
         mask = attention_mask(position_ids, None)  # causal within documents; sliding windows applied per layer
         router_logits = []
         for layer in self.layers:
-            h_BSH, logits_TE = layer(h_BSH, cos, sin, mask)
+            h_BSH, logits_TE = self._run_layer(layer, h_BSH, cos, sin, mask)
             router_logits.append(logits_TE)
         return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, router_logits, self.config,
                          self.output_router_logits)

@@ -10,6 +10,7 @@
 - `DenseMLP`: SwiGLU `down(silu(gate(x)) * up(x))` (dense layers and shared experts).
 - `Linear` (frozen, `x @ W (+ b)`) is `jax_impl.lora.LoRALinear` without factors attached.
 - `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses.
+- `LayerCheckpointing`: `gradient_checkpointing_enable()` (HF's and torch_impl's name) for the decoder-layer loop.
 
 Shapes: B batch, S sequence, H hidden, N query heads, Nkv key/value heads, D head dim.
 """
@@ -27,6 +28,28 @@ from shared_math.config import ModelConfig
 from shared_math.rope import rope_inv_freq
 
 _F32 = jnp.float32
+
+
+class LayerCheckpointing:
+    """Mixin of the family models, as torch_impl's: with `gradient_checkpointing_enable()` each decoder layer keeps
+    only its inputs for the backward and recomputes its forward there (`jax.checkpoint`). JAX has no training flag:
+    rematerialisation only changes what differentiation saves, so a forward without gradients is unaffected."""
+
+    gradient_checkpointing: bool = False
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def _run_layer(self, layer: nnx.Module, *args):
+        if not self.gradient_checkpointing:
+            return layer(*args)
+        # functional form (split, then jax.checkpoint over merge-and-call): nnx.remat would write the layer's
+        # variables back across trace levels, which the frozen base weights refuse inside an outer jit
+        graphdef, state = nnx.split(layer)
+        return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)
 
 
 class RMSNorm(nnx.Module):

@@ -23,6 +23,7 @@ from jax_impl.models.layers import (
     Attention,
     CausalLMOutput,
     DenseMLP,
+    LayerCheckpointing,
     RMSNorm,
     RotaryEmbedding,
     lm_output,
@@ -72,7 +73,7 @@ class Qwen3MoeDecoderLayer(nnx.Module):
         return h_BSH + y_TH.reshape(B, S, H), router_logits_TE
 
 
-class Qwen3MoeForCausalLM(nnx.Module):
+class Qwen3MoeForCausalLM(LayerCheckpointing, nnx.Module):
     """Qwen3-MoE with split LoRA; build with `jax_impl.load_model` (or from canonical tensors directly)."""
 
     def __init__(self, cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
@@ -104,7 +105,7 @@ class Qwen3MoeForCausalLM(nnx.Module):
         mask_BSS = packed_causal_mask(position_ids)
         router_logits = []
         for layer in self.layers:
-            h_BSH, logits_TE = layer(h_BSH, cos, sin, mask_BSS)
+            h_BSH, logits_TE = self._run_layer(layer, h_BSH, cos, sin, mask_BSS)
             if logits_TE is not None:
                 router_logits.append(logits_TE)
         return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, router_logits, self.config,
