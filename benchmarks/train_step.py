@@ -142,7 +142,11 @@ def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | Non
     for impl in impls:
         model, loss_fn = (build_ours(hf, a.device, a.backend, lora, a.grad_ckpt) if impl == "torch_impl"
                           else build_hf(hf, a.device, a.hf_attn, lora, a.grad_ckpt))
-        for S in (int(s) for s in a.seq.split(",")):
+        seqs = [int(s) for s in a.seq.split(",")]
+        # One untimed step before the first length: on the H200 the first length of a process still carried
+        # one-time work after a one-step warm-up (gpt-oss 1K: 1325 ms, then 4K: 536 ms in the same process).
+        measure(model, loss_fn, min(seqs), hf["vocab_size"], a.device, warmup=0, iters=1)
+        for S in seqs:
             row = dict(impl=impl, preset=a.preset, layers=hf["num_hidden_layers"], seq=S, backend=a.backend,
                        hf_attn=a.hf_attn, rank=a.rank, alpha=a.alpha, grad_ckpt=a.grad_ckpt, **env)
             try:
