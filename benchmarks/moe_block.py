@@ -3,7 +3,9 @@
 What is timed (the h200-anchors.md setup): the routed expert block of one layer, bf16 weights and activations, LoRA
 on gate_up and down of every expert, frozen base weights, routing fixed (top-K of a random softmax), gradients with
 respect to the input and the LoRA weights only. LoRA master weights are fp32 for every implementation (PEFT's
-default) and each step includes their cast to bf16.
+default) and each step includes their cast to bf16 (torch_impl rows get the fp32 masters, as `Experts` passes them,
+and cast where their backend does: `torch_impl.moe` for grouped_mm/native, inside the Function for triton; runs 1-3
+cast them in the benchmark before the call).
 
 Implementations (rows):
   torch_grouped_mm   torch_impl split LoRA, `grouped_mm` backend (torch._grouped_mm)
@@ -74,11 +76,8 @@ def make_inputs(c: MoECase, seed: int = 0):
 
 
 def _split_step(c: MoECase, inp: dict, backend: str):
-    import torch
-
     from torch_impl.moe import split_lora_experts
 
-    bf = torch.bfloat16
     leaves = [inp["x"], inp["A1"], inp["B1"], inp["A2"], inp["B2"]]
 
     def step():
@@ -86,7 +85,7 @@ def _split_step(c: MoECase, inp: dict, backend: str):
             t.grad = None
         y = split_lora_experts(
             inp["x"], inp["expert_ids"], inp["expert_weights"], inp["w_gate_up"], inp["w_down"],
-            (inp["A1"].to(bf), inp["B1"].to(bf)), (inp["A2"].to(bf), inp["B2"].to(bf)),
+            (inp["A1"], inp["B1"]), (inp["A2"], inp["B2"]),  # fp32 masters, as Experts passes them
             scale=inp["scale"], biases=inp["biases"], activation=c.activation, swiglu_limit=c.swiglu_limit,
             backend=backend, check_ids=False)  # ids come from a router, as in MoEBlock: no host sync per step
         y.backward(inp["dy"])

@@ -131,9 +131,12 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
     def cast(pair):
         return None if pair is None else (pair[0].to(dt), pair[1].to(dt))
 
+    # A backend that takes fp32 LoRA masters itself (triton: one cast inside, fp32 gradients straight from its fp32
+    # accumulators) skips the cast here, and with it a bf16 round trip of every LoRA gradient and its copies.
+    lora_cast = (lambda pair: pair) if getattr(impl, "TAKES_FP32_LORA", False) else cast
     srt = sort if sort is not None else sort_by_expert(expert_ids, w_gate_up.shape[0], check=check_ids)
-    return impl.experts_forward(x, expert_weights.to(dt), srt, w_gate_up, w_down, cast(lora_gate_up),
-                                cast(lora_down), float(scale), cast(biases), act)
+    return impl.experts_forward(x, expert_weights.to(dt), srt, w_gate_up, w_down, lora_cast(lora_gate_up),
+                                lora_cast(lora_down), float(scale), cast(biases), act)
 
 
 # ---- modules ---------------------------------------------------------------------------------------------------------

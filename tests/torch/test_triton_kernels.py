@@ -181,6 +181,35 @@ def test_fp32_lora_master_weights_with_fp16_activations(seed):
 
 
 @cpu_only
+def test_model_path_passes_fp32_lora_masters_through(seed, monkeypatch):
+    """torch_impl.moe.split_lora_experts(backend="triton") hands fp32 LoRA masters to the kernels uncast: the
+    gradients come back fp32 without a round trip through the activation dtype, and match the float64 oracle."""
+    from torch_impl.moe import split_lora_experts
+
+    case = get_case("odd_dims")
+    inp = _rounded_inputs(case, seed, torch.float16)
+    dy = torch.tensor(np.random.default_rng(seed).standard_normal((case.T, case.H))).to(torch.float16)
+    seen = []
+    real = sl.SplitLoraExpertsFunction.apply
+    monkeypatch.setattr(sl.SplitLoraExpertsFunction, "apply",
+                        staticmethod(lambda *a: seen.append([t.dtype for t in a[4:8]]) or real(*a)))
+    h = dict(dtype=torch.float16)
+    x = torch.tensor(inp["x"], **h).requires_grad_(True)
+    lora = [torch.tensor(a, dtype=torch.float32).requires_grad_(True)
+            for a in (*inp["lora_gate_up"], *inp["lora_down"])]
+    y = split_lora_experts(x, torch.tensor(inp["expert_ids"]), torch.tensor(inp["expert_weights"], **h),
+                           torch.tensor(inp["w_gate_up"], **h), torch.tensor(inp["w_down"], **h), tuple(lora[:2]),
+                           tuple(lora[2:]), scale=inp["scale"], backend="triton")
+    y.backward(dy)
+    assert seen == [[torch.float32] * 4], "the LoRA factors were cast before reaching the kernels"
+    expected = ref.split_lora_experts_vjp(**inp, dy=dy.double().numpy())
+    for g, e, label in zip([t.grad for t in lora], (*expected["lora_gate_up"], *expected["lora_down"]),
+                           ("A1", "B1", "A2", "B2")):
+        assert g.dtype == torch.float32
+        assert_close(g, e, dtype="float16", quantity="moe_grad", name=f"d{label}")
+
+
+@cpu_only
 def test_frozen_base_launches_no_weight_gradient(seed, monkeypatch):
     """Frozen base weights: no dW is computed (the TN kernel runs only for the four LoRA factors), none returned."""
     calls = []

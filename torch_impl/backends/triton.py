@@ -20,6 +20,9 @@ import torch
 from torch_impl.backends.common import Activation, ExpertSort
 
 NAME = "triton"
+# LoRA factors may arrive as fp32 masters: the Function casts them once for the kernels and returns their gradients
+# in fp32 from the fp32 accumulators of the ragged-K kernels (torch_impl.moe skips its own cast for this backend).
+TAKES_FP32_LORA = True
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
