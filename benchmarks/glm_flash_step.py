@@ -48,7 +48,7 @@ def hf_config(preset: str, layers: int | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     return run(argv, doc=__doc__, hf_config=hf_config, targets=TARGETS,
-               presets=("flash", "tiny"), seq="1024,2048,4096", hf_attn="sdpa")
+               presets=("flash", "tiny"), seq="1024,2048,4096", hf_attn="sdpa", script=__file__)
 
 
 if __name__ == "__main__":

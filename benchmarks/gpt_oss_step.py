@@ -50,7 +50,7 @@ def hf_config(preset: str, layers: int | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     return run(argv, doc=__doc__, hf_config=hf_config, targets=TARGETS,
-               presets=("20b", "120b", "tiny"), seq="1024,4096,8192,16384", hf_attn="eager")
+               presets=("20b", "120b", "tiny"), seq="1024,4096,8192,16384", hf_attn="eager", script=__file__)
 
 
 if __name__ == "__main__":

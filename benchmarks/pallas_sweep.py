@@ -294,7 +294,7 @@ def _rel_diff(a, b) -> float:
     return worst
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, interpret mode, 2 configs per kind")
@@ -304,7 +304,7 @@ def main() -> int:
     p.add_argument("--max-configs", type=int, default=12, help="candidates per pass at most")
     p.add_argument("--compile-threads", type=int, default=4, help="parallel AOT compiles (1: serial)")
     p.add_argument("--target-ms", type=float, default=30.0, help="timed work per round per config")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     t_start = time.perf_counter()
 
     import jax

@@ -106,8 +106,9 @@ def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters:
 
 
 def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | None], dict], targets: tuple[str, ...],
-        presets: tuple[str, ...], seq: str, hf_attn: str) -> int:
-    """Parse the command line (defaults from the calling script) and measure every (implementation, S) row."""
+        presets: tuple[str, ...], seq: str, hf_attn: str, script: str) -> int:
+    """Parse the command line (defaults from the calling script, whose path is `script`) and measure every
+    (implementation, S) row."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=presets[0], choices=list(presets))
     p.add_argument("--layers", type=int, default=None, help="truncate the depth (for quick checks)")
@@ -132,7 +133,7 @@ def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | Non
         args = list(sys.argv[1:] if argv is None else argv)
         rc = 0
         for impl in impls:
-            rc |= subprocess.run([sys.executable, sys.argv[0], *args, "--impls", impl]).returncode
+            rc |= subprocess.run([sys.executable, script, *args, "--impls", impl]).returncode
         return rc
     torch.backends.cuda.matmul.allow_tf32 = True
     hf = hf_config(a.preset, a.layers)

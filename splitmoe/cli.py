@@ -1,4 +1,4 @@
-"""`splitmoe demo | train | compare | make-tiny | inspect | plan`: argument parsing only; the work happens in
+"""`splitmoe demo | train | compare | make-tiny | inspect | plan | bench`: argument parsing only; the work happens in
 shared_math and the frameworks (train/compare live in splitmoe/train_cli.py).
 
 make-tiny  writes a small random HF-format checkpoint of one family (transformers loads it with from_pretrained).
@@ -7,6 +7,8 @@ demo       the embedded default job: builds the tiny Qwen3-MoE checkpoint, train
 inspect    reads a tiny checkpoint back and runs the float64 reference MoE block of every MoE layer on it (routing
            loads, output scale), then prints the merged-vs-split cost plan.
 plan       the merged-vs-split LoRA cost model (FLOPs, bytes, memory, forward and backward) for a model's shapes.
+bench      the benchmark scripts of a source checkout (benchmarks/), by name: `splitmoe bench block --cases ...`
+           runs benchmarks/moe_block.py with those arguments (`splitmoe bench NAME --help` lists them).
 """
 
 from __future__ import annotations
@@ -116,6 +118,28 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {
+    "block": "moe_block",  # MoE block fwd+bwd vs HF v5 + PEFT (GPU)
+    "step-gpt-oss": "gpt_oss_step",  # one full-model LoRA step of gpt-oss vs HF v5 + PEFT
+    "step-glm-flash": "glm_flash_step",  # the same for a GLM-4.7-Flash-sized model
+    "sweep-triton": "triton_sweep",  # block-size tuning of the Triton kernels (GPU)
+    "sweep-pallas": "pallas_sweep",  # block-size tuning of the Pallas kernels (GPU)
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / f"{BENCHMARKS[args.name]}.py").is_file():
+        raise FileNotFoundError(f"splitmoe bench runs the scripts in benchmarks/ of a source checkout, and {root} "
+                                "has none: clone the repository and `pip install -e .` there")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    module = importlib.import_module(f"benchmarks.{BENCHMARKS[args.name]}")
+    return module.main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splitmoe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", default="1024,4096,16384,65536", help="comma-separated token counts")
     c.add_argument("--rank", type=int, default=64)
     c.set_defaults(func=_plan)
+
+    b = sub.add_parser("bench", help="run a benchmark script of the source checkout by name (most need a GPU)",
+                       description=f"splitmoe bench NAME [ARGS...]: NAME one of {', '.join(BENCHMARKS)}; "
+                                   "ARGS go to the script (NAME --help lists them).")
+    b.add_argument("name", choices=list(BENCHMARKS))
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script")
+    b.set_defaults(func=_bench)
 
     from splitmoe.train_cli import add_train_parsers
 

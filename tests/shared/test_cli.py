@@ -1,4 +1,4 @@
-"""The `splitmoe` command line: make-tiny (by family and by YAML), demo, plan, and its errors."""
+"""The `splitmoe` command line: make-tiny (by family and by YAML), demo, plan, bench, and its errors."""
 
 import json
 import subprocess
@@ -68,3 +68,18 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     assert p.returncode == 2 and "family must be one of" in p.stderr
     p = run_cli("make-tiny", "--family", "mixtral", "--out", str(tmp_path / "w"))
     assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def test_bench_runs_a_benchmark_script_by_name(tmp_path):
+    """`splitmoe bench NAME ARGS` forwards ARGS to benchmarks/NAME's main: here one tiny gpt-oss step on CPU."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from splitmoe.cli import main
+
+    out = tmp_path / "step.jsonl"
+    assert main(["bench", "step-gpt-oss", "--preset", "tiny", "--device", "cpu", "--seq", "16", "--iters", "1",
+                 "--warmup", "0", "--impls", "torch_impl", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["impl"] == "torch_impl" and row["seq"] == 16 and row["step_ms"] > 0 and row["rank"] == 64
+    with pytest.raises(SystemExit):
+        main(["bench", "no-such-benchmark"])
