@@ -265,6 +265,17 @@ def _grouped_gemm_tn_kernel(
 
 # ---- host side -------------------------------------------------------------------------------------------------------
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host. triton.cdiv is a ConstexprFunction in newer Triton (~10 µs a call through its
+    argument unwrapping), and the launch path calls this a few dozen times per step."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1), for the host (see cdiv)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
     # fp32 mode is for equivalence: never let tl.dot drop to TF32 (ARCHITECTURE.md numerics policy).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -319,7 +330,7 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
         if z_MR is None:
             z_MR = torch.empty((a.shape[0] if row_index is None else row_index.shape[0], rank), device=a.device,
                                dtype=lora_b_ERN.dtype)
-        zcfg = dict(config, BLOCK_N=max(16, triton.next_power_of_2(rank)), Z_PRE=False)
+        zcfg = dict(config, BLOCK_N=max(16, next_pow2(rank)), Z_PRE=False)
         grouped_gemm(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=zcfg, row_index=row_index,
                      out_scale=z_scale)
         return grouped_gemm(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=dict(config, Z_PRE=False),
@@ -333,7 +344,7 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     z = z_MR if z_MR is not None else lb
     tile_expert, tile_row = schedule
     bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_D"]
-    grid = (tile_expert.numel(), triton.cdiv(n, bn))
+    grid = (tile_expert.numel(), cdiv(n, bn))
     dummy = offsets_E1
     _grouped_gemm_kernel[grid](
         a, *_strides2(a), row_index if row_index is not None else dummy,
@@ -352,7 +363,7 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
         HAS_BIAS=bias_EN is not None, ROW_SCALE=row_scale_M is not None,
         MODE=mode, ACT=act, STORE_GU=bool(store_gu), SCATTER_OUT=out_rows_M is not None,
         DOT_PREC=_dot_prec(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        BLOCK_R=max(16, triton.next_power_of_2(max(rank, 1))),
+        BLOCK_R=max(16, next_pow2(max(rank, 1))),
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
     )
     return out
@@ -375,7 +386,7 @@ def grouped_gemm_tn(left: torch.Tensor | None, right: torch.Tensor, offsets_E1: 
     else:
         mode, lft = (LEFT_ACT if left_act != ACT_NONE else LEFT_ROWS), left
     bm, bp, bq = config["BLOCK_M"], config["BLOCK_P"], config["BLOCK_Q"]
-    grid = (num_experts, triton.cdiv(p, bp) * triton.cdiv(q, bq))
+    grid = (num_experts, cdiv(p, bp) * cdiv(q, bq))
     dummy = offsets_E1
     _grouped_gemm_tn_kernel[grid](
         lft, *lft.stride(), left_index if left_index is not None else dummy,

@@ -26,7 +26,6 @@ less memory than saving gu and h (3I) as a plain grouped_mm implementation does,
 from __future__ import annotations
 
 import torch
-import triton
 
 from torch_impl.kernels import autotune
 from torch_impl.kernels import grouped_gemm as gg
@@ -73,7 +72,7 @@ class KernelSort:
             sizes = offs[1:] - offs[:-1]
             tiles = (sizes + block_m - 1) // block_m
             tile_end = torch.cumsum(tiles, 0)
-            i = torch.arange(triton.cdiv(self.M, block_m) + E, device=offs.device)
+            i = torch.arange(gg.cdiv(self.M, block_m) + E, device=offs.device)
             e = torch.searchsorted(tile_end, i, right=True)
             valid = e < E
             ec = e.clamp(max=E - 1)
@@ -84,7 +83,7 @@ class KernelSort:
 
 
 def _bucket(m: int) -> int:
-    return triton.next_power_of_2(max(m, 1))
+    return gg.next_pow2(max(m, 1))
 
 
 def _gemm(kind: str, key: tuple, srt: KernelSort, ref: torch.Tensor, launch):
@@ -172,7 +171,7 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
         if need_dgu or g_w or (g_a2 and lora2):
             def dh_pass(cfg, sched):
                 dgu = torch.empty((M, I2), device=x.device, dtype=dt)
-                dots = torch.empty((M, triton.cdiv(I, cfg["BLOCK_N"])), device=x.device, dtype=torch.float32)
+                dots = torch.empty((M, gg.cdiv(I, cfg["BLOCK_N"])), device=x.device, dtype=torch.float32)
                 dz2 = torch.empty((M, b2.shape[1]), device=x.device, dtype=dt) if g_a2 and lora2 else None
                 gg.grouped_gemm(dy, _t(w_down), sched, srt.offsets_E1, n=I, out=dgu, config=cfg,
                                 row_index=srt.token_M, lora_a_EDR=_t(b2), z_MR=dz2, store_z=dz2 is not None,
