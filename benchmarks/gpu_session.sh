@@ -26,7 +26,9 @@ case $PART in
     (export CUDA_VISIBLE_DEVICES=1
      timeout 170 python3 benchmarks/pallas_sweep.py --out "$R/pallas_sweep" --budget-s 150 --final-s 45 > "$R/pallas_sweep.log" 2>&1
      SPLITMOE_PALLAS_TUNE_CACHE=$R/pallas_sweep/tuned_configs.json timeout 290 python3 benchmarks/moe_block.py \
-       --iters 15 --cases $QWEN,$OSS --impls jax_pallas_triton_fused --out "$R/block_jax.jsonl" > "$R/block_jax.log" 2>&1) &
+       --iters 15 --cases $QWEN,$OSS --impls jax_pallas_triton_fused --out "$R/block_jax.jsonl" > "$R/block_jax.log" 2>&1
+     timeout 90 python3 benchmarks/moe_block.py --iters 5 --cases qwen3_30b_T1024,qwen3_30b_T4096 --impls jax_ragged_dot \
+       --out "$R/block_jax.jsonl" >> "$R/block_jax.log" 2>&1) &
     CUDA_VISIBLE_DEVICES=0 timeout 270 python3 benchmarks/moe_block.py --iters 15 --impls $TORCH_IMPLS \
       --cases $QWEN,qwen3_30b_r16_T1024,qwen3_30b_r16_T16384,$OSS,gpt_oss_20b_r16_T16384 --out "$R/block_torch.jsonl" \
       > "$R/block_torch.log" 2>&1
