@@ -284,13 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["speedup_vs_hf_peft"] = base[r["case"]] / r["ms"]
         order = {c.name: i for i, c in enumerate(CASES)}
         rows.sort(key=lambda r: (order.get(r["case"], 1e9), r["impl"] != "hf_peft"))
-        table = markdown(rows, max(r.get("dense_tflops", 0.0) for r in rows))
-        print(table)
-        if args.markdown:
-            args.markdown.write_text(table + "\n")
-        if args.plot:
-            plot(rows, args.plot)
-        return 0
+        return _report(rows, max(r.get("dense_tflops", 0.0) for r in rows), args)
 
     import torch
 
@@ -308,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             r.update(meta, dense_tflops=dense)
         write_jsonl(args.out, case_rows)  # per case: a run cut short by a time limit keeps what it measured
         rows += case_rows
+    return _report(rows, dense, args)
+
+
+def _report(rows: list[dict], dense: float, args: argparse.Namespace) -> int:
+    """Print the markdown table; write it to --markdown and the plot to --plot when given."""
     table = markdown(rows, dense)
     print(table)
     if args.markdown:

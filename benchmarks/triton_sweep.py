@@ -74,12 +74,12 @@ def _time_steps(cases: list[str], out: Path) -> list[dict]:
             os.environ.pop("SPLITMOE_TRITON_AUTOTUNE_LOG", None)
             autotune._memory_cache.clear()
             if env == "0":  # the untuned defaults, not the shipped table (which may hold an older sweep)
-                saved, autotune.SHIPPED_TABLE = autotune.SHIPPED_TABLE, Path("/nonexistent")
+                saved, autotune.TUNED_TABLE = autotune.TUNED_TABLE, Path("/nonexistent")
             step()
             row[f"{label}_ms"] = time_cuda(step, warmup=3, iters=15)
             row[f"{label}_peak_gib"] = peak_extra_bytes(step) / 2**30
             if env == "0":
-                autotune.SHIPPED_TABLE = saved
+                autotune.TUNED_TABLE = saved
         row["tuned_tflops_base"] = base_flops(c) / (row["tuned_ms"] * 1e-3) / 1e12
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:

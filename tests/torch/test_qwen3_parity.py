@@ -157,15 +157,20 @@ def _check_bf16(root, case, device, backend):
     _check(out, ref, grads, ref_grads32, "bfloat16", grad_quantity="model_lora_grad", hf_low_grads=ref_grads16)
 
 
+def _check_fp32(root, case, device, backend):
+    """fp32 on `device` against HF + PEFT in fp32 on CPU (tight)."""
+    if why_unavailable(backend, device, torch.float32):
+        pytest.skip(f"{backend} unavailable in fp32 on {device}")
+    setup = _setup(root, case, _case_seed(case))
+    out, grads = _ours(*setup, torch.float32, device, backend)
+    ref, ref_grads = _hf(*setup, torch.float32, "cpu")
+    _check(out, ref, grads, ref_grads, "float32")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_parity_fp32(ckpt_dir, case, backend):
-    if why_unavailable(backend, "cpu", torch.float32):
-        pytest.skip(f"{backend} unavailable in fp32 on CPU")
-    setup = _setup(ckpt_dir, case, _case_seed(case))
-    out, grads = _ours(*setup, torch.float32, "cpu", backend)
-    ref, ref_grads = _hf(*setup, torch.float32, "cpu")
-    _check(out, ref, grads, ref_grads, "float32")
+    _check_fp32(ckpt_dir, case, "cpu", backend)
 
 
 # bf16 runs every token through all E experts (K = E). With K < E a bf16 rounding difference (PEFT rounds the merged
@@ -186,8 +191,7 @@ def test_parity_bf16_cpu(ckpt_dir, backend):
 # H200, 2026-11-28 (benchmarks/results/gpu_tests_2026-11-28_run4_torch.log and _run5.log): with the fixed 0.15
 # bound, the tuned triton kernels passed all six cases; grouped_mm and native failed `tied` at 0.157·max on one
 # expert LoRA-A gradient (an earlier run had triton at 0.16 on norm_topk). Hence the HF-relative bound in `_check`
-# (run on CPU; not yet on the GPU); test_parity_fp32_cuda above shows the kernels compose exactly.
-_CUDA_BACKENDS = list(BACKENDS)
+# (run on CPU; not yet on the GPU); test_parity_fp32_cuda shows the kernels compose exactly.
 
 
 @pytest.mark.gpu
@@ -196,16 +200,11 @@ _CUDA_BACKENDS = list(BACKENDS)
 def test_parity_fp32_cuda(ckpt_dir, case, backend):
     """The compiled kernels inside the whole model, in fp32 (IEEE dots for triton): as tight as on CPU. This is what
     separates a composition defect from bf16 rounding in the bf16 test below."""
-    if why_unavailable(backend, "cuda", torch.float32):
-        pytest.skip(f"{backend} unavailable in fp32 on CUDA")
-    setup = _setup(ckpt_dir, case, _case_seed(case))
-    out, grads = _ours(*setup, torch.float32, "cuda", backend)
-    ref, ref_grads = _hf(*setup, torch.float32, "cpu")
-    _check(out, ref, grads, ref_grads, "float32")
+    _check_fp32(ckpt_dir, case, "cuda", backend)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", _CUDA_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", BF16_CASES)
 def test_parity_bf16_cuda(ckpt_dir, case, backend):
     if why_unavailable(backend, "cuda", torch.bfloat16):

@@ -550,7 +550,7 @@ def test_bf16_gpu_precomputed_z_matches_reference(case, seed, monkeypatch):
 
     monkeypatch.delenv("SPLITMOE_TRITON_AUTOTUNE", raising=False)
     monkeypatch.setattr(autotune, "_memory_cache", {})
-    monkeypatch.setattr(autotune, "SHIPPED_TABLE", Path("/nonexistent"))
+    monkeypatch.setattr(autotune, "TUNED_TABLE", Path("/nonexistent"))
     monkeypatch.setattr(autotune, "GPU_DEFAULTS", {k: dict(v, Z_PRE=True) if k != "tn" else v
                                                    for k, v in autotune.GPU_DEFAULTS.items()})
     _check_against_reference(case, torch.bfloat16, seed)

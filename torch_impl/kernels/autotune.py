@@ -49,7 +49,7 @@ GPU_DEFAULTS: dict[str, dict] = {
 }
 
 _memory_cache: dict[str, dict] = {}
-SHIPPED_TABLE = Path(__file__).with_name("tuned_configs.json")
+TUNED_TABLE = Path(__file__).with_name("tuned_configs.json")
 
 
 def interpreting() -> bool:
@@ -105,7 +105,7 @@ def shipped_config(key: str, table: dict | None = None) -> dict | None:
     (`shared_math.tuning.nearest_entry`); None when there is none."""
     if table is None:
         try:
-            table = json.loads(SHIPPED_TABLE.read_text())
+            table = json.loads(TUNED_TABLE.read_text())
         except (OSError, ValueError):
             return None
     found = nearest_entry(table, key)
