@@ -5,11 +5,14 @@
 #   bash benchmarks/gpu_session.sh block      # call A: torch block rows on GPU 0; Pallas sweep + JAX rows on GPU 1
 #   bash benchmarks/gpu_session.sh steps      # call B: full-model steps on GPU 0; every gpu-marked test on GPU 1
 #   bash benchmarks/gpu_session.sh followup   # what session 2 of 2026-11-28 left unmeasured (see REPORT.md)
+# and for a one-GPU host (nvidia-h200), when only that is lent:
+#   bash benchmarks/gpu_session.sh tests      # every gpu-marked test, torch and JAX suites side by side
+#   bash benchmarks/gpu_session.sh finish     # gpt-oss 1K step, GLM-4.7-Flash steps, the missing rank-16 rows
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -60,7 +63,22 @@ case $PART in
       --cases qwen3_30b_r16_T4096,qwen3_30b_r16_T65536,gpt_oss_20b_r16_T1024,gpt_oss_20b_r16_T4096,gpt_oss_20b_r16_T65536 \
       --out "$R/block_r16.jsonl" > "$R/block_r16.log" 2>&1
     wait ;;
-  *) echo "unknown part $PART: block, steps or followup" >&2; exit 2 ;;
+  tests)
+    # The two suites share the GPU (small shapes, no preallocation); 7 workers each on the 16 cores.
+    (timeout 560 python3 -m pytest -v -m gpu -n 7 -p no:cacheprovider -rfEX --tb=short --durations=15 tests/torch \
+       > "$R/gpu_tests_torch.log" 2>&1) &
+    timeout 560 python3 -m pytest -v -m gpu -n 7 -p no:cacheprovider -rfEX --tb=short --durations=15 tests/jax \
+      tests/cross tests/shared > "$R/gpu_tests_jax.log" 2>&1
+    wait ;;
+  finish)
+    timeout 150 python3 benchmarks/gpt_oss_step.py --preset 20b --seq 1024 --out "$R/gpt_oss_step_1k.jsonl" \
+      > "$R/gpt_oss_step_1k.log" 2>&1
+    timeout 200 python3 benchmarks/glm_flash_step.py --seq 1024,2048,4096 --out "$R/glm_flash_step.jsonl" \
+      > "$R/glm_flash_step.log" 2>&1
+    timeout 200 python3 benchmarks/moe_block.py --iters 15 --impls hf_peft,torch_grouped_mm,torch_triton \
+      --cases qwen3_30b_r16_T4096,qwen3_30b_r16_T65536,gpt_oss_20b_r16_T1024,gpt_oss_20b_r16_T4096,gpt_oss_20b_r16_T65536 \
+      --out "$R/block_r16.jsonl" > "$R/block_r16.log" 2>&1 ;;
+  *) echo "unknown part $PART: block, steps, followup, tests or finish" >&2; exit 2 ;;
 esac
 tar czf "$OUT/$PART.tgz" -C /tmp "$PART"
 grep -hE "^(FAILED|ERROR)|passed|failed" "$R"/gpu_tests*.log 2>/dev/null | tail -20
