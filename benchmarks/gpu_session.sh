@@ -8,11 +8,13 @@
 # and for a one-GPU host (nvidia-h200), when only that is lent:
 #   bash benchmarks/gpu_session.sh tests      # every gpu-marked test, torch and JAX suites side by side
 #   bash benchmarks/gpu_session.sh finish     # gpt-oss 1K step, GLM-4.7-Flash steps, the missing rank-16 rows
+#   bash benchmarks/gpu_session.sh probe      # JAX Pallas vs stock ragged_dot at T=1024 in one command, the bf16
+#                                             # whole-model parity tests, profiles of one full-model step
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -78,7 +80,17 @@ case $PART in
     timeout 200 python3 benchmarks/moe_block.py --iters 15 --impls hf_peft,torch_grouped_mm,torch_triton \
       --cases qwen3_30b_r16_T4096,qwen3_30b_r16_T65536,gpt_oss_20b_r16_T1024,gpt_oss_20b_r16_T4096,gpt_oss_20b_r16_T65536 \
       --out "$R/block_r16.jsonl" > "$R/block_r16.log" 2>&1 ;;
-  *) echo "unknown part $PART: block, steps, followup, tests or finish" >&2; exit 2 ;;
+  probe)
+    timeout 170 python3 benchmarks/moe_block.py --iters 15 --cases qwen3_30b_T1024 \
+      --impls hf_peft,torch_grouped_mm,torch_triton,jax_pallas_triton_fused,jax_ragged_dot --out "$R/block_t1024.jsonl" \
+      > "$R/block_t1024.log" 2>&1
+    timeout 120 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
+      tests/torch/test_qwen3_parity.py -k parity_bf16_cuda > "$R/gpu_tests_parity_bf16.log" 2>&1
+    timeout 150 python3 benchmarks/gpt_oss_step.py --preset 20b --seq 1024 --iters 1 --warmup 1 --profile "$R/prof" \
+      > "$R/prof_gpt_oss.log" 2>&1
+    timeout 120 python3 benchmarks/glm_flash_step.py --layers 12 --seq 1024 --iters 1 --warmup 1 --profile "$R/prof" \
+      > "$R/prof_glm.log" 2>&1 ;;
+  *) echo "unknown part $PART: block, steps, followup, tests, finish or probe" >&2; exit 2 ;;
 esac
 tar czf "$OUT/$PART.tgz" -C /tmp "$PART"
 grep -hE "^(FAILED|ERROR)|passed|failed" "$R"/gpu_tests*.log 2>/dev/null | tail -20

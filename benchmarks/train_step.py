@@ -105,6 +105,42 @@ def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters:
     return dict(step_ms=statistics.median(times), peak_gib=peak, lora_params=sum(p.numel() for p in params))
 
 
+def profile_step(model, loss_fn, S: int, vocab: int, device: str, path: Path) -> None:
+    """One more step (after `measure` warmed everything up) under torch.profiler; writes the op tables sorted by
+    device time and by host time, with the step's wall time and busy device time, to `path` (where does a step's
+    time go: kernels, or the host issuing them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, vocab, (1, S), device=device)
+    cuda = device.startswith("cuda")
+    for _ in range(2):  # the optimizer's state, then a steady step
+        opt.zero_grad(set_to_none=True)
+        loss_fn(ids).backward()
+        opt.step()
+    if cuda:
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(ids).backward()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    ka = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in ka) / 1e3 if cuda else float("nan")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"S={S}: wall {wall:.1f} ms under the profiler; device busy {busy:.1f} ms (sum of kernel times)\n\n")
+        if cuda:
+            f.write(ka.table(sort_by="self_device_time_total", row_limit=30) + "\n\n")
+        f.write(ka.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+    print(f"profile of S={S}: wall {wall:.1f} ms, device busy {busy:.1f} ms -> {path}", flush=True)
+
+
 def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | None], dict], targets: tuple[str, ...],
         presets: tuple[str, ...], seq: str, hf_attn: str, script: str) -> int:
     """Parse the command line (defaults from the calling script, whose path is `script`) and measure every
@@ -122,6 +158,8 @@ def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | Non
     p.add_argument("--out", type=Path, default=None, help="append one JSON line per row")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=128.0)
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="after the timed rows, profile one step at the first length into DIR/<impl>_S<seq>.txt")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="keep every layer's activations (default: non-reentrant activation checkpointing per decoder "
                         "layer in both implementations, the h200-anchors.md recipe)")
@@ -160,6 +198,8 @@ def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | Non
             print(json.dumps({k: row[k] for k in ("impl", "seq", "step_ms", "peak_gib") if k in row}), flush=True)
             if a.out:
                 write_jsonl(a.out, [row])
+        if a.profile:
+            profile_step(model, loss_fn, seqs[0], hf["vocab_size"], a.device, a.profile / f"{impl}_S{seqs[0]}.txt")
         del model, loss_fn
         gc.collect()
         if cuda:
