@@ -109,6 +109,7 @@ def profile_step(model, loss_fn, S: int, vocab: int, device: str, path: Path) ->
     """One more step (after `measure` warmed everything up) under torch.profiler; writes the op tables sorted by
     device time and by host time, with the step's wall time and busy device time, to `path` (where does a step's
     time go: kernels, or the host issuing them)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -131,7 +132,8 @@ def profile_step(model, loss_fn, S: int, vocab: int, device: str, path: Path) ->
             torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) * 1e3
     ka = prof.key_averages()
-    busy = sum(e.self_device_time_total for e in ka) / 1e3 if cuda else float("nan")
+    # kernels only: operator rows carry their kernels' time too (the table's "Self CUDA time total" counts it so)
+    busy = sum(e.self_device_time_total for e in ka if e.device_type != DeviceType.CPU) / 1e3 if cuda else float("nan")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.write(f"S={S}: wall {wall:.1f} ms under the profiler; device busy {busy:.1f} ms (sum of kernel times)\n\n")
@@ -159,7 +161,8 @@ def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | Non
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=128.0)
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                   help="after the timed rows, profile one step at the first length into DIR/<impl>_S<seq>.txt")
+                   help="after the timed rows, profile one step at the first length: "
+                        "DIR/<script>_<preset>_L<layers>_<impl>_S<seq>.txt")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="keep every layer's activations (default: non-reentrant activation checkpointing per decoder "
                         "layer in both implementations, the h200-anchors.md recipe)")
@@ -199,7 +202,8 @@ def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | Non
             if a.out:
                 write_jsonl(a.out, [row])
         if a.profile:
-            profile_step(model, loss_fn, seqs[0], hf["vocab_size"], a.device, a.profile / f"{impl}_S{seqs[0]}.txt")
+            name = f"{Path(script).stem}_{a.preset}_L{hf['num_hidden_layers']}_{impl}_S{seqs[0]}.txt"
+            profile_step(model, loss_fn, seqs[0], hf["vocab_size"], a.device, a.profile / name)
         del model, loss_fn
         gc.collect()
         if cuda:
