@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -60,6 +61,16 @@ def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt:
     return model, lambda ids: model(ids, labels=ids).loss
 
 
+def graph_context(impl: str):
+    """What a CUDA-graph capture of this implementation's step runs inside: torch_impl's forward without its host
+    syncs (one unpacked document per row here); HF's as it is (if it syncs, the capture fails and the row says so)."""
+    if impl == "torch_impl":
+        from torch_impl.models.layers import static_batch
+
+        return lambda: static_batch(packed=False)
+    return nullcontext
+
+
 def build_hf(hf: dict, device: str, attn: str, lora: LoraConfig, grad_ckpt: bool):
     import peft
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -78,15 +89,28 @@ def build_hf(hf: dict, device: str, attn: str, lora: LoraConfig, grad_ckpt: bool
     return pm, lambda ids: pm(input_ids=ids, labels=ids, use_cache=False).loss
 
 
-def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters: int) -> dict:
+def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters: int, graph_ctx=None) -> dict:
+    """Median step time and peak memory. `graph_ctx` (a context factory, see graph_context): forward + backward
+    captured once in a CUDA graph (torch_impl.cuda_graph.GraphedLoss, its own warm-up included) and replayed per
+    step; AdamW runs eagerly after it in both modes."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, vocab, (1, S), device=device)
     cuda = device.startswith("cuda")
+    if graph_ctx is not None:
+        from torch_impl.cuda_graph import GraphedLoss
+
+        graphed = GraphedLoss(loss_fn, {"ids": ids}, params, context=graph_ctx)
+
+        def fwd_bwd():
+            graphed.step(ids=ids)
+    else:
+        def fwd_bwd():
+            loss_fn(ids).backward()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(ids).backward()
+        fwd_bwd()
         opt.step()
 
     for _ in range(warmup):
@@ -160,6 +184,9 @@ def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | Non
     p.add_argument("--out", type=Path, default=None, help="append one JSON line per row")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=128.0)
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture forward + backward in a CUDA graph and replay it (both implementations; a capture "
+                        "that fails is recorded in the row)")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="after the timed rows, profile one step at the first length: "
                         "DIR/<script>_<preset>_L<layers>_<impl>_S<seq>.txt")
@@ -188,17 +215,24 @@ def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | Non
         # One untimed step before the first length: on the H200 the first length of a process still carried
         # one-time work after a one-step warm-up (gpt-oss 1K: 1325 ms, then 4K: 536 ms in the same process).
         measure(model, loss_fn, min(seqs), hf["vocab_size"], a.device, warmup=0, iters=1)
+        ctx = graph_context(impl) if a.cuda_graph else None
         for S in seqs:
             row = dict(impl=impl, preset=a.preset, layers=hf["num_hidden_layers"], seq=S, backend=a.backend,
-                       hf_attn=a.hf_attn, rank=a.rank, alpha=a.alpha, grad_ckpt=a.grad_ckpt, **env)
+                       hf_attn=a.hf_attn, rank=a.rank, alpha=a.alpha, grad_ckpt=a.grad_ckpt,
+                       cuda_graph=a.cuda_graph, **env)
             try:
-                row.update(measure(model, loss_fn, S, hf["vocab_size"], a.device, a.warmup, a.iters))
+                row.update(measure(model, loss_fn, S, hf["vocab_size"], a.device, a.warmup, a.iters, ctx))
             except torch.OutOfMemoryError as e:
                 row.update(step_ms=None, peak_gib=None, error=f"OOM: {str(e)[:120]}")
+            except RuntimeError as e:
+                if not a.cuda_graph:
+                    raise
+                row.update(step_ms=None, peak_gib=None, error=f"CUDA graph: {str(e)[:300]}")
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-            print(json.dumps({k: row[k] for k in ("impl", "seq", "step_ms", "peak_gib") if k in row}), flush=True)
+            print(json.dumps({k: row[k] for k in ("impl", "seq", "cuda_graph", "step_ms", "peak_gib", "error")
+                              if k in row}), flush=True)
             if a.out:
                 write_jsonl(a.out, [row])
         if a.profile:

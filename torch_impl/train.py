@@ -54,7 +54,13 @@ class Trainer:
     framework = FRAMEWORK
 
     def __init__(self, cfg: RunConfig, *, out_dir: str | Path | None = None, run: PreparedRun | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", cuda_graph: bool = False) -> None:
+        """`cuda_graph`: capture each micro-batch's forward + backward in a CUDA graph at the first step and replay
+        it after (`torch_impl.cuda_graph`; CUDA only, every batch of the run with the first one's shape and
+        packing): removes the host's per-op cost, which dominates short-context steps on a GPU."""
+        if cuda_graph and torch.device(device).type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device; this trainer is on {device!r}: pass "
+                             "device='cuda' or leave cuda_graph off")
         self.cfg = cfg
         self.run = run if run is not None else prepare_run(cfg, out_dir)
         self.device = torch.device(device)
@@ -71,6 +77,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.step = 0  # optimizer steps taken
+        self.cuda_graph = cuda_graph
+        self._graphed = None  # the captured micro-step (torch_impl.cuda_graph.graph_model), built at the first step
+        self._accum_grads: list[torch.Tensor] | None = None
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -83,6 +92,9 @@ class Trainer:
         losses = []
         for i in range(accum):
             b = self._tensors(self.run.train_data.batch(self.step * accum + i))
+            if self.cuda_graph:
+                losses.append(self._graphed_micro_step(b, i, accum))
+                continue
             out = self.model(b["input_ids"], labels=b["labels"], position_ids=b["position_ids"])
             (out.loss / accum).backward()
             losses.append(float(out.loss.detach()))
@@ -104,6 +116,28 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss, norm
+
+    def _graphed_micro_step(self, b: dict[str, torch.Tensor], i: int, accum: int) -> float:
+        """One micro-batch through the captured forward + backward; its gradients (overwritten by every replay) are
+        summed into buffers of our own when there are several micro-batches per step."""
+        from torch_impl.cuda_graph import graph_model
+
+        if self._graphed is None:
+            self._graphed = graph_model(self.model, b["input_ids"], b["labels"], b["position_ids"],
+                                        loss_scale=1.0 / accum)
+        loss = float(self._graphed(b["input_ids"], b["labels"], b["position_ids"]))
+        if accum > 1:
+            grads = [p.grad for p in self.params]
+            if self._accum_grads is None:
+                self._accum_grads = [g.clone() for g in grads]
+            elif i == 0:
+                torch._foreach_copy_(self._accum_grads, grads)
+            else:
+                torch._foreach_add_(self._accum_grads, grads)
+            if i == accum - 1:
+                for p, g in zip(self.params, self._accum_grads):
+                    p.grad = g
+        return loss
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
     @torch.no_grad()

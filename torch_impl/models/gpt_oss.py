@@ -33,6 +33,7 @@ from torch_impl.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
+    documents,
     lm_output,
     prepare_position_ids,
 )
@@ -56,9 +57,7 @@ def attention_mask(position_ids: torch.Tensor, window: int | None) -> torch.Tens
     within one packed document (a document starts wherever position_ids do not grow by 1). None when that is plain
     causal attention (one document per row and no window shorter than the row)."""
     B, S = position_ids.shape
-    first = position_ids[:, :1] - 1
-    doc_BS = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
-    packed = not bool((doc_BS[:, -1] == 0).all())
+    doc_BS, packed = documents(position_ids)
     windowed = window is not None and window < S
     if not packed and not windowed:
         return None

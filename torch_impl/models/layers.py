@@ -13,10 +13,16 @@ Linear weights are canonical `[in, out]`, applied as `x @ W` (HF stores `[out, i
 - `DenseMLP`: `down(silu(gate(x)) * up(x))`.
 - `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses.
 - `LayerCheckpointing`: HF's `gradient_checkpointing_enable()` switch for the decoder-layer loop.
+- `static_batch`, `is_packed`, `documents`: the host syncs of a forward (token-id range check, "are these packed
+  documents?") and how `static_batch` removes them so the forward can be captured in a CUDA graph
+  (`torch_impl.cuda_graph`).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -43,7 +49,9 @@ class LayerCheckpointing:
 
     def _run_layer(self, layer: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            # no RNG state to restore: nothing in these forwards draws random numbers (no dropout anywhere), and
+            # saving it would read the CUDA generator, which a CUDA-graph capture forbids
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False)
         return layer(*args)
 
 
@@ -128,6 +136,49 @@ def apply_rotary_interleave(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return rot(q), rot(k)
 
 
+_STATIC = threading.local()  # .packed: the declared packing inside static_batch(), absent outside
+
+
+@contextmanager
+def static_batch(packed: bool) -> Iterator[None]:
+    """Forward passes inside do no host syncs, so they can be captured in a CUDA graph: the token-id range check of
+    `prepare_position_ids` is skipped (the caller checks the ids), and whether the rows hold packed documents is
+    taken from `packed` instead of being read from position_ids (`documents`), so the attention path chosen at
+    capture is the one every replay runs. `torch_impl.cuda_graph` enters it for the warm-up and the capture."""
+    prev = getattr(_STATIC, "packed", None)
+    _STATIC.packed = bool(packed)
+    try:
+        yield
+    finally:
+        if prev is None:
+            del _STATIC.packed
+        else:
+            _STATIC.packed = prev
+
+
+def in_static_batch() -> bool:
+    return getattr(_STATIC, "packed", None) is not None
+
+
+def documents(position_ids: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(doc_BS, packed): the document index of every position (a document starts wherever position_ids do not grow by
+    exactly 1, as HF's `find_packed_sequence_indices`), and whether any row holds more than one document. `packed`
+    is read on the host (one sync), or taken from `static_batch`."""
+    doc_BS = document_ids(position_ids)
+    packed = getattr(_STATIC, "packed", None)
+    return doc_BS, (not bool((doc_BS[:, -1] == 0).all())) if packed is None else packed
+
+
+def is_packed(position_ids: torch.Tensor) -> bool:
+    """Whether any row of position_ids [B, S] holds more than one document (read on the host: a sync on a GPU)."""
+    return not bool((document_ids(position_ids)[:, -1] == 0).all())
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] index of each position's document within its row (0 for the first)."""
+    return (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+
+
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     """Bool mask [B, 1, S, S] (True = attend) for packed documents, or None for plain causal attention.
 
@@ -137,9 +188,8 @@ def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     `is_causal` path runs, as in HF.
     """
     B, S = position_ids.shape
-    first = position_ids[:, :1] - 1
-    doc_BS = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
-    if bool((doc_BS[:, -1] == 0).all()):
+    doc_BS, packed = documents(position_ids)
+    if not packed:
         return None
     idx = torch.arange(S, device=position_ids.device)
     causal_SS = idx[None, :] <= idx[:, None]
@@ -223,7 +273,8 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
     for logits_TE in router_logits:
         probs_TE = F.softmax(logits_TE, dim=-1)
         ids_TK = torch.topk(probs_TE, top_k, dim=-1)[1]
-        counts_E = counts_E + torch.bincount(ids_TK.reshape(-1), minlength=num_experts).float()
+        # a scatter-add, not bincount: bincount sizes its output on the host (a sync; not capturable)
+        counts_E = counts_E.scatter_add(0, ids_TK.reshape(-1), torch.ones_like(ids_TK.reshape(-1), dtype=torch.float32))
         prob_sum_E = prob_sum_E + probs_TE.float().sum(0)
         rows += logits_TE.shape[0]
     return num_experts * torch.sum((counts_E / rows) * (prob_sum_E / rows))
@@ -235,7 +286,8 @@ def prepare_position_ids(input_ids: torch.Tensor, position_ids: torch.Tensor | N
     (0..S-1 when None). A bad id raises here with its range, not as an index error deep inside the embedding."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+    if input_ids.numel() and not in_static_batch() and (int(input_ids.min()) < 0
+                                                       or int(input_ids.max()) >= vocab_size):
         raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got range "
                          f"[{int(input_ids.min())}, {int(input_ids.max())}]")
     B, S = input_ids.shape

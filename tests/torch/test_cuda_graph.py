@@ -1,0 +1,157 @@
+"""CUDA-graph capture of the training forward + backward (`torch_impl.cuda_graph`) and the sync-free forward it relies
+on (`torch_impl.models.layers.static_batch`).
+
+CPU: the static forward equals the ordinary one for every family (packed or not, sliding windows), the per-step
+batch check, and the clear errors off CUDA. GPU (`gpu`): a replayed step gives the eager step's loss and LoRA
+gradients, batch after batch, per family and backend, with activation checkpointing; the Trainer's `cuda_graph` run
+follows the eager run's losses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from shared_math.config import LoraConfig, ModelConfig, available_targets  # noqa: E402
+from shared_math.numerics import assert_close  # noqa: E402
+from shared_math.tiny import write_tiny_checkpoint  # noqa: E402
+from tests.shared import hf_helpers as H  # noqa: E402
+from torch_impl import load_model  # noqa: E402
+from torch_impl.cuda_graph import GraphedLoss, _batch_facts, graph_model  # noqa: E402
+from torch_impl.lora import _lora_params, load_lora_state_dict  # noqa: E402
+from torch_impl.models.layers import is_packed, static_batch  # noqa: E402
+
+FAMILIES = ["qwen3_moe", "gpt_oss", "deepseek_v3", "glm4_moe_lite"]
+
+
+def _model(tmp_path, family: str, device: str = "cpu", backend: str = "auto", dtype=torch.float32, **overrides):
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=3, **overrides)
+    cfg = ModelConfig.from_hf(path)
+    lora = LoraConfig(rank=4, alpha=8.0, targets=available_targets(cfg))  # every target: dense MLPs and MLA too
+    model = load_model(path, lora=lora, dtype=dtype, device=device, moe_backend=backend)
+    load_lora_state_dict(model, H.random_lora_tensors(cfg, lora, seed=5))
+    return model
+
+
+def _batch(seed: int, vocab: int, packed: bool, device: str = "cpu", B: int = 2, S: int = 24):
+    """ids, labels (a 3-token prompt not trained on), position_ids (documents of 9, 8, 7 tokens when packed)."""
+    rng = np.random.default_rng(seed)
+    ids = torch.as_tensor(rng.integers(0, vocab, size=(B, S)), device=device)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    pos = None
+    if packed:
+        row = np.r_[np.arange(9), np.arange(8), np.arange(S - 17)]
+        pos = torch.as_tensor(np.stack([row] * B), device=device)
+    return ids, labels, pos
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_static_forward_equals_the_ordinary_one(tmp_path, family, packed):
+    """Inside static_batch the forward takes the declared packing instead of reading it; declaring packed documents
+    for unpacked rows runs the explicit-mask path, which must give the causal path's numbers (gpt-oss: also the
+    sliding window, the tiny config's window being shorter than the rows)."""
+    model = _model(tmp_path, family).eval()
+    ids, _, pos = _batch(0, model.config.vocab_size, packed)
+    with torch.no_grad():
+        ref = model(ids, position_ids=pos).logits
+        with static_batch(packed=True):
+            masked = model(ids, position_ids=pos).logits
+        with static_batch(packed=is_packed(pos) if pos is not None else False):
+            same = model(ids, position_ids=pos).logits
+    assert torch.equal(same, ref)
+    assert_close(masked, ref, dtype="float32", quantity="logits", name="explicit-mask path")
+
+
+def test_batch_facts_and_static_batch_nesting():
+    ids = torch.tensor([[3, 7, 1], [0, 9, 4]])
+    assert _batch_facts(ids, None) == (0, 9, False)
+    assert _batch_facts(ids, torch.tensor([[0, 1, 2], [0, 1, 2]])) == (0, 9, False)
+    assert _batch_facts(ids, torch.tensor([[0, 1, 0], [0, 1, 2]])) == (0, 9, True)
+    from torch_impl.models.layers import in_static_batch
+
+    assert not in_static_batch()
+    with static_batch(packed=True):
+        with static_batch(packed=False):
+            assert in_static_batch()
+        assert in_static_batch()
+    assert not in_static_batch()
+
+
+def test_off_cuda_errors_are_clear(tmp_path):
+    model = _model(tmp_path, "qwen3_moe")
+    ids, labels, _ = _batch(0, model.config.vocab_size, False)
+    with pytest.raises(RuntimeError, match="not on a CUDA device"):
+        GraphedLoss(lambda ids: model(ids).logits.sum(), {"ids": ids}, list(model.parameters()))
+    from shared_math.train_config import load_run_config
+    from torch_impl.train import Trainer
+
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        Trainer(load_run_config(None, [f"train.out_dir={tmp_path / 'run'}"]), cuda_graph=True)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in _lora_params(model).items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graphed_step_matches_eager_cuda(tmp_path, family, backend):
+    """fp32 (IEEE dots): the replayed step's loss and every LoRA gradient against an eager step on the same batch,
+    for the capture batch and two new ones; activation checkpointing on, so the recompute is captured too."""
+    from torch_impl.backends import why_unavailable
+
+    if why_unavailable(backend, "cuda", torch.float32):
+        pytest.skip(f"{backend}: {why_unavailable(backend, 'cuda', torch.float32)}")
+    model = _model(tmp_path, family, "cuda", backend)
+    model.gradient_checkpointing_enable()
+    model.train()
+    packed = family == "qwen3_moe"  # one family through the packed-mask path inside the graph
+    batches = [_batch(s, model.config.vocab_size, packed, "cuda") for s in (0, 1, 2)]
+    step = graph_model(model, *batches[0])
+    for i, b in enumerate(batches):
+        loss = step(*b).clone()
+        got = _grads(model)
+        for p in _lora_params(model).values():
+            p.grad = None
+        out = model(b[0], labels=b[1], position_ids=b[2])
+        out.loss.backward()
+        assert_close(loss, out.loss, dtype="float32", quantity="loss", name=f"batch {i} loss")
+        for n, g in _grads(model).items():
+            assert_close(got[n], g, dtype="float32", quantity="lora_grad", name=f"batch {i} d {n}")
+
+
+@pytest.mark.gpu
+def test_graphed_step_rejects_what_it_cannot_replay_cuda(tmp_path):
+    model = _model(tmp_path, "qwen3_moe", "cuda", "triton").train()
+    V = model.config.vocab_size
+    ids, labels, pos = _batch(0, V, True, "cuda")
+    step = graph_model(model, ids, labels, pos)
+    with pytest.raises(ValueError, match="packed documents"):
+        step(ids, labels, torch.arange(ids.shape[1], device="cuda").expand_as(ids).contiguous())
+    with pytest.raises(ValueError, match="token ids must lie"):
+        step(torch.full_like(ids, V), labels, pos)
+    with pytest.raises(ValueError, match="captured for"):
+        step(ids[:, :12], labels[:, :12], pos[:, :12])
+
+
+@pytest.mark.gpu
+def test_trainer_cuda_graph_follows_the_eager_run_cuda(tmp_path):
+    """Three optimizer steps with two micro-batches each (fp32): the graphed trainer's losses follow the eager
+    trainer's (the micro-batch gradients are summed outside the graph, the update applied eagerly)."""
+    from shared_math.train_config import load_run_config
+    from torch_impl.train import Trainer
+
+    overrides = ["data.batch_size=4", "data.synthetic.num_train=64", "data.synthetic.num_eval=4", "lora.rank=4",
+                 "lora.alpha=8", "optim.warmup_steps=1", "train.grad_accum=2", "model.moe_backend=triton"]
+    runs = {}
+    for graphed in (False, True):
+        cfg = load_run_config(None, [*overrides, f"train.out_dir={tmp_path / str(graphed)}"])
+        tr = Trainer(cfg, device="cuda", cuda_graph=graphed)
+        runs[graphed] = [tr.train_step()[0] for _ in range(3)]
+    assert_close(np.array(runs[True]), np.array(runs[False]), dtype="float32", quantity="train_loss",
+                 name="losses of 3 steps")

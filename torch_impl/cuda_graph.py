@@ -1,0 +1,146 @@
+"""CUDA-graph capture of a training forward + backward, replayed per batch (torch only: jax_impl's jitted step is
+one compiled executable already).
+
+Why: at short context a LoRA training step is host-bound. On the H200, GLM-4.7-Flash cut to 12 layers at 1024
+tokens ran 243 ms per step while its kernels took 73 ms: the host issued ~6,400 launches and ~1,200 dtype casts per
+step (benchmarks/REPORT.md, "where a short step's time goes"). Captured once, the same work replays as one graph
+launch.
+
+- `GraphedLoss(loss_fn, inputs, params)`: captures `(loss_fn(**inputs) · loss_scale).backward()` on static copies
+  of `inputs`; `step(**new_inputs)` copies the new tensors in, replays, and returns the loss. After a step every
+  parameter in `params` has `.grad` = loss_scale · d loss / d p of that batch: overwritten, not accumulated (the
+  graph owns those buffers; `optimizer.zero_grad(set_to_none=True)` is fine, the next step re-attaches them).
+- `graph_model(model, input_ids, labels, position_ids=None)`: the same for a torch_impl causal-LM model, with the
+  forward's host syncs removed (`torch_impl.models.layers.static_batch`) and, per step, one host sync that checks
+  what the graph cannot: token ids in range and the capture-time packing (documents per row).
+
+What a captured step needs: a CUDA device; every step with the capture-time shapes and dtypes; parameters updated in
+place (optimizer.step), never replaced; nothing in the forward that syncs with the host or draws random numbers.
+The first calls run eagerly on a side stream (`warmup`), so lazy initialisation, Triton compilation and any kernel
+autotuning happen before the capture, never inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from torch_impl.models.layers import document_ids, is_packed, static_batch
+
+
+class GraphedLoss:
+    """A loss function's forward and backward captured in one CUDA graph (module docstring)."""
+
+    def __init__(self, loss_fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor],
+                 params: list[torch.nn.Parameter], *, loss_scale: float = 1.0, warmup: int = 2,
+                 context: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        bad = {k: str(v.device) for k, v in inputs.items() if v.device.type != "cuda"}
+        if bad:
+            raise RuntimeError(f"CUDA graphs need CUDA tensors; these inputs are not on a CUDA device: {bad}")
+        self.params = list(params)
+        self.static = {k: v.detach().clone() for k, v in inputs.items()}
+        self._specs = {k: (v.shape, v.dtype) for k, v in self.static.items()}
+
+        def run() -> torch.Tensor:
+            loss = loss_fn(**self.static)
+            (loss * loss_scale).backward()
+            return loss.detach()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), context():
+            for _ in range(warmup):
+                self._drop_grads()
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        self._drop_grads()
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with context(), torch.cuda.graph(self.graph):
+                self._loss = run()
+        except RuntimeError as e:
+            raise RuntimeError(
+                "capturing the forward + backward in a CUDA graph failed: something in it syncs with the host "
+                "(.item(), .tolist(), bool(tensor), bincount, nonzero, boolean indexing) or copies from pageable "
+                f"host memory; run it eagerly instead. Original error: {e}") from e
+        self._grads = [p.grad for p in self.params]
+
+    def _drop_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Copy `inputs` (the capture-time names, shapes and dtypes) into the graph's buffers and replay: the loss of
+        this batch (a tensor the next step overwrites), and `.grad` of every parameter set."""
+        if inputs.keys() != self.static.keys():
+            raise ValueError(f"a captured step takes exactly the inputs {sorted(self.static)}; got {sorted(inputs)}")
+        for k, v in inputs.items():
+            shape, dtype = self._specs[k]
+            if v.shape != shape or v.dtype != dtype:
+                raise ValueError(f"input {k!r} is {tuple(v.shape)} {v.dtype}; the graph was captured for "
+                                 f"{tuple(shape)} {dtype}: capture another GraphedLoss for this shape")
+            self.static[k].copy_(v, non_blocking=True)
+        self.graph.replay()
+        for p, g in zip(self.params, self._grads):
+            if p.grad is not g:
+                p.grad = g
+        return self._loss
+
+
+def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None, *, loss_scale: float = 1.0, warmup: int = 2,
+                check: bool = True) -> Callable[..., torch.Tensor]:
+    """Capture a torch_impl causal-LM model's training forward + backward (`model(input_ids, labels=labels,
+    position_ids=position_ids).loss`, times loss_scale, backpropagated into every trainable parameter) for batches
+    shaped like the example. Returns `step(input_ids, labels, position_ids=None) -> loss`.
+
+    `check`: each step first reads, in one host sync, the new batch's token-id range and whether it holds packed
+    documents, and raises if the ids are out of range or the packing differs from the example's (the attention path
+    was fixed at capture). The model should be in training mode (`model.train()`), as it is captured.
+    """
+    vocab = model.config.vocab_size
+    packed = position_ids is not None and is_packed(position_ids)
+    _check_ids(input_ids, vocab)
+    params = [p for p in model.parameters() if p.requires_grad]
+    inputs = {"input_ids": input_ids, "labels": labels}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+
+    def loss_fn(input_ids, labels, position_ids=None):
+        return model(input_ids, labels=labels, position_ids=position_ids).loss
+
+    graphed = GraphedLoss(loss_fn, inputs, params, loss_scale=loss_scale, warmup=warmup,
+                          context=lambda: static_batch(packed))
+
+    def step(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None):
+        if (position_ids is None) != ("position_ids" not in graphed.static):
+            raise ValueError("give position_ids in every step exactly when the example had them")
+        if check:
+            lo, hi, pk = _batch_facts(input_ids, position_ids)
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"token ids must lie in [0, vocab_size={vocab}), got range [{lo}, {hi}]")
+            if pk != packed:
+                raise ValueError(f"this batch {'holds' if pk else 'does not hold'} packed documents and the graph "
+                                 f"was captured for a batch that {'did' if packed else 'did not'}: capture "
+                                 "another graph for it (or pack every batch alike)")
+        kw = {} if position_ids is None else {"position_ids": position_ids}
+        return graphed.step(input_ids=input_ids, labels=labels, **kw)
+
+    step.graphed = graphed  # the GraphedLoss (its graph, buffers and parameters), for inspection
+    return step
+
+
+def _batch_facts(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> tuple[int, int, bool]:
+    """(min id, max id, packed) read back in one sync."""
+    packed = (torch.zeros((), dtype=torch.long, device=input_ids.device) if position_ids is None
+              else (document_ids(position_ids)[:, -1] != 0).any().long())
+    lo, hi, pk = torch.stack([input_ids.min().long(), input_ids.max().long(), packed]).tolist()
+    return lo, hi, bool(pk)
+
+
+def _check_ids(input_ids: torch.Tensor, vocab: int) -> None:
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token ids must lie in [0, vocab_size={vocab}), got range [{lo}, {hi}]")
