@@ -11,11 +11,12 @@
 #   bash benchmarks/gpu_session.sh probe      # JAX Pallas vs stock ragged_dot at T=1024 in one command, the bf16
 #                                             # whole-model parity tests, profiles of one full-model step
 #   bash benchmarks/gpu_session.sh graph      # CUDA-graph tests, then the full-model steps with --cuda-graph
+#   bash benchmarks/gpu_session.sh graph2     # the CUDA-graph tests again; gpt-oss 1K eager and graphed, one command
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -98,7 +99,14 @@ case $PART in
       --out "$R/gpt_oss_step_graph.jsonl" > "$R/gpt_oss_step_graph.log" 2>&1
     timeout 190 python3 benchmarks/glm_flash_step.py --seq 1024,2048,4096 --iters 3 --cuda-graph \
       --out "$R/glm_flash_step_graph.jsonl" > "$R/glm_flash_step_graph.log" 2>&1 ;;
-  *) echo "unknown part $PART: block, steps, followup, tests, finish, probe or graph" >&2; exit 2 ;;
+  graph2)
+    timeout 150 python3 -m pytest -v -m gpu -n 4 -p no:cacheprovider -rfEX --tb=short tests/torch/test_cuda_graph.py \
+      > "$R/gpu_tests_cuda_graph.log" 2>&1
+    timeout 110 python3 benchmarks/gpt_oss_step.py --preset 20b --seq 1024 --iters 3 \
+      --out "$R/gpt_oss_step_1k.jsonl" > "$R/gpt_oss_step_1k.log" 2>&1
+    timeout 80 python3 benchmarks/gpt_oss_step.py --preset 20b --seq 1024 --iters 3 --impls torch_impl --cuda-graph \
+      --out "$R/gpt_oss_step_1k.jsonl" >> "$R/gpt_oss_step_1k.log" 2>&1 ;;
+  *) echo "unknown part $PART: block, steps, followup, tests, finish, probe, graph or graph2" >&2; exit 2 ;;
 esac
 tar czf "$OUT/$PART.tgz" -C /tmp "$PART"
 grep -hE "^(FAILED|ERROR)|passed|failed" "$R"/gpu_tests*.log 2>/dev/null | tail -20

@@ -14,7 +14,8 @@ launch.
   forward's host syncs removed (`torch_impl.models.layers.static_batch`) and, per step, one host sync that checks
   what the graph cannot: token ids in range and the capture-time packing (documents per row).
 
-What a captured step needs: a CUDA device; every step with the capture-time shapes and dtypes; parameters updated in
+What a captured step needs: a CUDA device; MoE layers on the `triton` backend (`CAPTURABLE_BACKENDS`, checked
+first by `graph_model`); every step with the capture-time shapes and dtypes; parameters updated in
 place (optimizer.step), never replaced; nothing in the forward that syncs with the host or draws random numbers.
 The first calls run eagerly on a side stream (`warmup`), so lazy initialisation, Triton compilation and any kernel
 autotuning happen before the capture, never inside it.
@@ -28,6 +29,11 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from torch_impl.models.layers import document_ids, is_packed, static_batch
+
+# MoE backends whose forward and backward a CUDA graph can hold. Not `grouped_mm`: torch._grouped_mm copies from
+# pageable host memory inside (torch 2.11 on the H200: "Cannot copy between CPU and CUDA tensors during CUDA graph
+# capture"); not `native`: it reads the group sizes on the host.
+CAPTURABLE_BACKENDS = ("triton",)
 
 
 class GraphedLoss:
@@ -100,6 +106,7 @@ def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
     documents, and raises if the ids are out of range or the packing differs from the example's (the attention path
     was fixed at capture). The model should be in training mode (`model.train()`), as it is captured.
     """
+    check_capturable(model)
     vocab = model.config.vocab_size
     packed = position_ids is not None and is_packed(position_ids)
     _check_ids(input_ids, vocab)
@@ -130,6 +137,20 @@ def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
 
     step.graphed = graphed  # the GraphedLoss (its graph, buffers and parameters), for inspection
     return step
+
+
+def check_capturable(model: torch.nn.Module) -> None:
+    """Raise ValueError, before any work, when a MoE layer of `model` runs a backend a CUDA graph cannot hold: a
+    failed capture inside activation checkpointing can leave autograd's saved-tensor hooks behind in the process."""
+    from torch_impl.backends import resolve_backend
+    from torch_impl.moe import Experts
+
+    found = {resolve_backend(m.backend, device=m.gate_up_proj.device, dtype=m.gate_up_proj.dtype)
+             for m in model.modules() if isinstance(m, Experts)}
+    bad = sorted(found - set(CAPTURABLE_BACKENDS))
+    if bad:
+        raise ValueError(f"MoE backend(s) {bad} cannot run inside a CUDA graph (see CAPTURABLE_BACKENDS); load the "
+                         f"model with moe_backend='triton' or train without cuda_graph")
 
 
 def _batch_facts(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> tuple[int, int, bool]:
