@@ -12,11 +12,12 @@
 #                                             # whole-model parity tests, profiles of one full-model step
 #   bash benchmarks/gpu_session.sh graph      # CUDA-graph tests, then the full-model steps with --cuda-graph
 #   bash benchmarks/gpu_session.sh graph2     # the CUDA-graph tests again; gpt-oss 1K eager and graphed, one command
+#   bash benchmarks/gpu_session.sh blockgraph # block rows with the triton path captured in a CUDA graph
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -106,7 +107,12 @@ case $PART in
       --out "$R/gpt_oss_step_1k.jsonl" > "$R/gpt_oss_step_1k.log" 2>&1
     timeout 80 python3 benchmarks/gpt_oss_step.py --preset 20b --seq 1024 --iters 3 --impls torch_impl --cuda-graph \
       --out "$R/gpt_oss_step_1k.jsonl" >> "$R/gpt_oss_step_1k.log" 2>&1 ;;
-  *) echo "unknown part $PART: block, steps, followup, tests, finish, probe, graph or graph2" >&2; exit 2 ;;
+  blockgraph)
+    timeout 200 python3 benchmarks/moe_block.py --iters 15 \
+      --cases qwen3_30b_T1024,qwen3_30b_T4096,qwen3_30b_T16384,gpt_oss_20b_T1024,gpt_oss_20b_T4096 \
+      --impls hf_peft,torch_grouped_mm,torch_triton,torch_triton_graph --out "$R/block_graph.jsonl" \
+      > "$R/block_graph.log" 2>&1 ;;
+  *) echo "unknown part $PART: block, steps, followup, tests, finish, probe, graph, graph2 or blockgraph" >&2; exit 2 ;;
 esac
 tar czf "$OUT/$PART.tgz" -C /tmp "$PART"
 grep -hE "^(FAILED|ERROR)|passed|failed" "$R"/gpu_tests*.log 2>/dev/null | tail -20

@@ -11,6 +11,9 @@ Implementations (rows):
   torch_grouped_mm   torch_impl split LoRA, `grouped_mm` backend (torch._grouped_mm)
   torch_native       torch_impl split LoRA, per-expert loop
   torch_triton       torch_impl split LoRA, the project's Triton kernels (when that backend exists)
+  torch_triton_graph the same, forward + backward captured once in a CUDA graph (torch_impl.cuda_graph.GraphedLoss)
+                     and replayed: no per-op host cost. Its loss is sum(y·dy), whose gradient is exactly dy; its
+                     peak extra is the memory the graph holds (reserved across the capture) plus a replay's peak
   merged_grouped_mm  W' = W + s·A·B for all experts, then torch._grouped_mm (PEFT's math without HF's wrapper)
   hf_peft            HF transformers v5 experts (grouped_mm) + PEFT target_parameters
   hf_peft_eager      HF v5 eager per-expert loop + PEFT
@@ -91,6 +94,31 @@ def _split_step(c: MoECase, inp: dict, backend: str):
         y.backward(inp["dy"])
 
     return step
+
+
+def _graphed_split_step(c: MoECase, inp: dict):
+    """(step, bytes held by the graph): torch_triton's forward + backward captured in a CUDA graph."""
+    import torch
+
+    from torch_impl.cuda_graph import GraphedLoss
+    from torch_impl.moe import split_lora_experts
+
+    leaves = [inp["x"], inp["A1"], inp["B1"], inp["A2"], inp["B2"]]
+
+    def loss_fn():
+        y = split_lora_experts(
+            inp["x"], inp["expert_ids"], inp["expert_weights"], inp["w_gate_up"], inp["w_down"],
+            (inp["A1"], inp["B1"]), (inp["A2"], inp["B2"]), scale=inp["scale"], biases=inp["biases"],
+            activation=c.activation, swiglu_limit=c.swiglu_limit, backend="triton", check_ids=False)
+        return (y * inp["dy"]).sum()
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    graphed = GraphedLoss(loss_fn, {}, leaves)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the warm-up's cached blocks; the graph's private pool stays
+    return graphed.step, torch.cuda.memory_reserved() - before
 
 
 def _merged_step(c: MoECase, inp: dict):
@@ -196,7 +224,10 @@ def run_case(c: MoECase, impls: list[str], *, iters: int) -> list[dict]:
                 row.update(_jax_row(c, impl.removeprefix("jax_")))
             else:
                 inp = make_inputs(c)
-                if impl.startswith("torch_"):
+                held = 0
+                if impl == "torch_triton_graph":
+                    step, held = _graphed_split_step(c, inp)
+                elif impl.startswith("torch_"):
                     step = _split_step(c, inp, impl.removeprefix("torch_"))
                 elif impl == "merged_grouped_mm":
                     step = _merged_step(c, inp)
@@ -206,7 +237,7 @@ def run_case(c: MoECase, impls: list[str], *, iters: int) -> list[dict]:
                     raise ValueError(f"unknown impl {impl}")
                 n = max(3, iters // 10) if impl in ("torch_native", "hf_peft_eager") else iters
                 row["ms"] = time_cuda(step, warmup=3, iters=n)
-                row["peak_extra_gib"] = peak_extra_bytes(step) / GiB
+                row["peak_extra_gib"] = (held + peak_extra_bytes(step)) / GiB
                 del inp, step
         except torch.cuda.OutOfMemoryError as e:
             row["error"] = f"out of memory: {str(e).splitlines()[0][:120]}"
