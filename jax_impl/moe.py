@@ -146,11 +146,13 @@ def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.
     """
     _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     resolved = resolve_backend(backend)
-    if resolved == "pallas_triton":
+    if resolved in ("pallas_triton", "pallas_mosaic"):
         # the fused entry gathers x, weights the rows and un-permutes inside its kernels, where the generic path
         # below builds the [M, H] x[perm] copy and does the weighting outside (benchmarks/REPORT.md times the fused
         # entry). It sorts by itself, so `sort` is not used on this path.
-        from jax_impl.backends.pallas_triton import split_lora_experts as fused
+        import importlib
+
+        fused = importlib.import_module(f"jax_impl.backends.{resolved}").split_lora_experts
 
         return fused(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, scale=scale,
                      biases=biases, activation=activation, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)

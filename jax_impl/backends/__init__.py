@@ -18,16 +18,17 @@ import jax
 
 ENV_VAR = "SPLITMOE_MOE_BACKEND"
 
-# name -> what it is. Order is the preference of "auto" (fastest first) among those that can run.
+# name -> what it is. Order is the preference of "auto" (fastest first) among those that can run: pallas_mosaic
+# comes after pallas_triton until it is measured faster on the H200 (its kernels ran in interpret mode only so far).
 BACKENDS: dict[str, str] = {
-    "pallas_mosaic": "Pallas Mosaic-GPU grouped GEMMs (Hopper and newer)",
     "pallas_triton": "Pallas grouped GEMMs, Triton lowering (CUDA sm80+; interpret=True on CPU)",
+    "pallas_mosaic": "NN passes on a Pallas Mosaic-GPU grouped GEMM, weight gradients on Triton (Hopper; bf16/fp16)",
     "ragged_dot": "jax.lax.ragged_dot under custom_vjp; the JAX reference (any device; dense and slow on GPU)",
 }
 
 
-def _unavailable_reason(name: str) -> str | None:
-    """Why `name` cannot run in this process, or None when it can."""
+def _unavailable_reason(name: str, dtype=None) -> str | None:
+    """Why `name` cannot run in this process (in `dtype`, when given), or None when it can."""
     if name == "ragged_dot":
         return None
     if name == "pallas_triton":
@@ -35,7 +36,9 @@ def _unavailable_reason(name: str) -> str | None:
 
         return unavailable_reason()
     if name == "pallas_mosaic":
-        return f"the {name} backend is not implemented yet (its own issue); use 'ragged_dot'"
+        from jax_impl.backends.pallas_mosaic import unavailable_reason
+
+        return unavailable_reason(dtype)
     return f"unknown MoE backend {name!r}; known: {', '.join(BACKENDS)} or 'auto'"
 
 
@@ -45,9 +48,9 @@ def available_backends() -> list[str]:
 
 
 def why_unavailable(name: str, device=None, dtype=None) -> str | None:
-    """Why backend `name` cannot run here (None when it can); `device`/`dtype` are accepted for symmetry with
-    torch_impl (jax backends do not depend on them yet)."""
-    return _unavailable_reason(name)
+    """Why backend `name` cannot run here (None when it can); `dtype` matters to pallas_mosaic (no fp32 on the GPU),
+    `device` is accepted for symmetry with torch_impl."""
+    return _unavailable_reason(name, dtype)
 
 
 def resolve_backend(name: str = "auto", *, device=None, dtype=None) -> str:
@@ -74,6 +77,10 @@ def get_backend(name: str) -> Callable:
         return expert_mlp_sorted
     if name == "pallas_triton":
         from jax_impl.backends.pallas_triton import expert_mlp_sorted
+
+        return expert_mlp_sorted
+    if name == "pallas_mosaic":
+        from jax_impl.backends.pallas_mosaic import expert_mlp_sorted
 
         return expert_mlp_sorted
     raise RuntimeError(f"MoE backend {name!r} cannot run here: {_unavailable_reason(name) or 'not wired in'}")

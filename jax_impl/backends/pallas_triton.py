@@ -26,6 +26,7 @@ from jax_impl.kernels import split_lora as sl
 
 INTERPRET_ENV = "SPLITMOE_PALLAS_INTERPRET"
 FUSED = True
+TRITON_PASSES = sl.Passes()  # every pass on the Triton kernels
 
 
 def interpret_forced() -> bool:
@@ -52,27 +53,28 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _options(scale, activation, swiglu_limit, swiglu_alpha) -> sl.Options:
+def _options(scale, activation, swiglu_limit, swiglu_alpha, passes: sl.Passes) -> sl.Options:
     return sl.Options(scale=float(scale), activation=activation, limit=float(swiglu_limit),
-                      alpha=float(swiglu_alpha), interpret=interpret_forced())
+                      alpha=float(swiglu_alpha), interpret=interpret_forced(), passes=passes)
 
 
 def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, w_gate_up: jax.Array,
                        w_down: jax.Array, lora_gate_up=None, lora_down=None, *, scale: float = 1.0, biases=None,
-                       activation: str = "swiglu", swiglu_limit: float = 7.0,
-                       swiglu_alpha: float = 1.702) -> jax.Array:
-    """Fused routed experts -> y [T, H] (see the module docstring); shapes as `jax_impl.moe.split_lora_experts`."""
+                       activation: str = "swiglu", swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702,
+                       passes: sl.Passes = TRITON_PASSES) -> jax.Array:
+    """Fused routed experts -> y [T, H] (see the module docstring); shapes as `jax_impl.moe.split_lora_experts`.
+    `passes`: the kernel of each pass (the `pallas_mosaic` backend swaps in its NN GEMM)."""
     if activation not in ("swiglu", "swiglu_oai"):
         raise ValueError(f"unknown activation {activation!r}; expected 'swiglu' or 'swiglu_oai'")
     return sl.split_lora_experts(
         x, expert_ids.astype(jnp.int32), expert_weights, w_gate_up, w_down,
         None if lora_gate_up is None else tuple(lora_gate_up), None if lora_down is None else tuple(lora_down),
-        None if biases is None else tuple(biases), _options(scale, activation, swiglu_limit, swiglu_alpha))
+        None if biases is None else tuple(biases), _options(scale, activation, swiglu_limit, swiglu_alpha, passes))
 
 
 def expert_mlp_sorted(x_MH: jax.Array, group_sizes_E: jax.Array, expert_M: jax.Array, w_gate_up_EH2I: jax.Array,
                       w_down_EIH: jax.Array, lora_gate_up, lora_down, biases, scale: float, activation: str,
-                      swiglu_limit: float, swiglu_alpha: float) -> jax.Array:
+                      swiglu_limit: float, swiglu_alpha: float, passes: sl.Passes = TRITON_PASSES) -> jax.Array:
     """The `ragged_dot` backend's interface: expert-sorted rows [M, H] -> [M, H] before routing weights.
 
     `group_sizes_E` is implied by the sorted `expert_M` (the kernels re-derive the offsets from it).
@@ -81,4 +83,4 @@ def expert_mlp_sorted(x_MH: jax.Array, group_sizes_E: jax.Array, expert_M: jax.A
     ones_M1 = jnp.ones((x_MH.shape[0], 1), x_MH.dtype)  # a constant: no d expert_weights pass is traced
     return split_lora_experts(x_MH, expert_M[:, None], ones_M1, w_gate_up_EH2I, w_down_EIH, lora_gate_up, lora_down,
                               scale=scale, biases=biases, activation=activation, swiglu_limit=swiglu_limit,
-                              swiglu_alpha=swiglu_alpha)
+                              swiglu_alpha=swiglu_alpha, passes=passes)

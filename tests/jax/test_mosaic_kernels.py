@@ -1,0 +1,139 @@
+"""The Mosaic-GPU NN passes (jax_impl/kernels/mosaic_gemm.py) and the `pallas_mosaic` backend built on them.
+
+CPU (Pallas' Mosaic-GPU interpreter, fp32): every NN pass form the split-LoRA composition launches (gate_up with
+the activation epilogue, down with bias, routing weight and row scatter, the dh pass with the activation VJP and the
+routing-weight dots, dx with transposed weights, the skinny z launch) against the Triton kernel of grouped_gemm.py on
+the same arguments, with an empty expert and experts straddling row blocks; the block-padded row layout; the whole
+backend (forward and every gradient, base weights included) against the float64 oracle. GPU (`gpu`): bf16 against
+`pallas_triton` at a benchmark shape, compiled by the Mosaic-GPU lowering (Hopper only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+pytest.importorskip("flax")
+
+from jax_impl.backends import pallas_mosaic as pm  # noqa: E402
+from jax_impl.backends import resolve_backend  # noqa: E402
+from jax_impl.kernels import autotune  # noqa: E402
+from jax_impl.kernels import grouped_gemm as gg  # noqa: E402
+from jax_impl.kernels import mosaic_gemm as mg  # noqa: E402
+from shared_math.cases import get_case  # noqa: E402
+from shared_math.numerics import assert_close  # noqa: E402
+from tests.jax.test_pallas_kernels import _DIFF, _check_against_reference, _inputs, _value_and_grads  # noqa: E402
+
+_ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("SPLITMOE_PALLAS_INTERPRET", "1")
+    monkeypatch.delenv("SPLITMOE_MOE_BACKEND", raising=False)
+
+
+def _pass_args(name: str):
+    """(a, w, offsets, kwargs) of one NN pass as split_lora.py launches it: E=5 with two empty experts and groups of
+    50 and 67 rows (not multiples of the 64-row blocks), T=60 tokens, K=2, H=40, I=12, R=4."""
+    rng = np.random.default_rng(7)
+    E, T, K, H, I, R = 5, 60, 2, 40, 12, 4
+    M = T * K
+    off = jnp.asarray(np.r_[0, np.cumsum([0, 50, 3, 67, 0])], jnp.int32)
+
+    def f(*s):
+        return jnp.asarray(rng.standard_normal(s), jnp.float32)
+
+    tok = jnp.asarray(rng.integers(0, T, M), jnp.int32)
+    flat = jnp.asarray(rng.permutation(M), jnp.int32)
+    rs = f(M)
+    if name == "gate_up":
+        return f(T, H), f(E, H, 2 * I), off, dict(
+            n=I, row_index=tok, lora_a=f(E, H, R), lora_b=f(E, R, 2 * I), store_z=True, lora_scale=2.0,
+            bias=f(E, 2 * I), mode="act_fwd", activation="swiglu_oai", store_gu=True, limit=1.5)
+    if name == "down":
+        return f(M, I), f(E, I, H), off, dict(n=H, lora_a=f(E, I, R), lora_b=f(E, R, H), store_z=True,
+                                              lora_scale=2.0, bias=f(E, H), row_scale=rs, out_rows=flat)
+    if name == "dh":
+        return f(T, H), f(E, I, H), off, dict(
+            n=I, w_t=True, row_index=tok, lora_a=f(E, R, H), la_t=True, store_z=True, lora_b=f(E, I, R), lb_t=True,
+            z_scale=2.0, row_scale=rs, mode="act_bwd", activation="swiglu", gu=f(M, 2 * I))
+    if name == "dx":
+        return f(M, 2 * I), f(E, H, 2 * I), off, dict(n=H, w_t=True, lora_a=f(E, R, 2 * I), la_t=True,
+                                                      lora_b=f(E, H, R), lb_t=True, z_scale=2.0, store_z=True,
+                                                      out_rows=flat)
+    return f(M, 2 * I), f(E, R, 2 * I), off, dict(n=R, w_t=True, out_scale=2.0)  # the skinny dZ1-only launch
+
+
+@pytest.mark.parametrize("name", ["gate_up", "down", "dh", "dx", "z_only"])
+def test_nn_pass_matches_the_triton_kernel(name):
+    a, w, off, kw = _pass_args(name)
+    want = gg.grouped_gemm(a, w, off, cfg=autotune.INTERPRET_CONFIGS["gemm"], interpret=True, **kw)
+    got = mg.grouped_gemm(a, w, off, cfg=None, interpret=True, **kw)
+    if kw.get("mode") == "act_bwd":  # the Triton kernel returns per-column-tile partial dots, summed by the caller
+        want = (*want[:-1], want[-1].sum(axis=1, keepdims=True))
+    assert len(got) == len(want)
+    for i, (g, e) in enumerate(zip(got, want)):
+        assert g.shape == e.shape and g.dtype == e.dtype, (i, g.shape, e.shape, g.dtype, e.dtype)
+        assert_close(g, e, dtype="float32", quantity="moe_block", name=f"{name} output {i}")
+
+
+def test_padded_rows_layout():
+    """Every sorted row has one padded slot, inside a block of its own expert; padding slots read row M."""
+    off = jnp.asarray([0, 0, 70, 73, 150, 150], jnp.int32)
+    M, bm = 150, 64
+    pad = mg.padded_rows(off, M, bm)
+    src, pos, be = (np.asarray(v) for v in pad)
+    assert len(src) == len(be) * bm
+    np.testing.assert_array_equal(src[pos], np.arange(M))
+    assert sorted(src[src < M].tolist()) == list(range(M))
+    e_of = np.searchsorted(np.asarray(off)[1:], np.arange(M), side="right")
+    np.testing.assert_array_equal(be[pos // bm], e_of)
+    assert (be[np.asarray([b for b in range(len(be)) if not (src[b * bm:(b + 1) * bm] < M).any()])] == -1).all()
+
+
+@pytest.mark.parametrize("case_name", ["empty_experts", "oai_biases"])
+def test_backend_full_finetune_fp32(case_name, seed, interpret):
+    """The whole backend through jax_impl.moe: forward and the gradient of every input against float64."""
+    case = get_case(case_name)
+    _, j, static, dy = _inputs(case, seed, jnp.float32)
+    y, g = _value_and_grads("pallas_mosaic", _DIFF, static, j)(j, dy)
+    _check_against_reference(case, j, static, dy, y, g, _DIFF, "float32")
+
+
+def test_availability(monkeypatch):
+    monkeypatch.delenv("SPLITMOE_PALLAS_INTERPRET", raising=False)
+    if not _ON_GPU:
+        assert "Hopper" in pm.unavailable_reason()
+        with pytest.raises(RuntimeError, match="Hopper"):
+            resolve_backend("pallas_mosaic")
+    monkeypatch.setenv("SPLITMOE_PALLAS_INTERPRET", "1")
+    assert pm.unavailable_reason() is None
+    # auto keeps the Triton lowering first until the Mosaic passes are measured faster on the GPU
+    monkeypatch.delenv("SPLITMOE_MOE_BACKEND", raising=False)
+    assert resolve_backend("auto") == "pallas_triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ON_GPU, reason="needs jax with a CUDA GPU")
+def test_benchmark_shape_agrees_with_pallas_triton_bf16_gpu(seed):
+    """Qwen3-30B-A3B expert shapes at T=1024, bf16, LoRA training gradients: pallas_mosaic against pallas_triton."""
+    if pm.unavailable_reason(jnp.bfloat16):
+        pytest.skip(pm.unavailable_reason(jnp.bfloat16))
+    from shared_math.cases import make_moe_inputs
+    from tests.jax.jax_helpers import moe_inputs_to_jax
+    from tests.jax.test_pallas_kernels import _LORA_TRAINING
+
+    case = get_case("qwen3_30b_T1024")
+    inp = make_moe_inputs(case, seed=seed)
+    j = moe_inputs_to_jax(inp, jnp.bfloat16)
+    static = (inp["scale"], inp["activation"], inp["swiglu_limit"])
+    dy = np.random.default_rng(seed + 1).standard_normal((case.T, case.H))
+    y, g = _value_and_grads("pallas_mosaic", _LORA_TRAINING, static, j)(j, dy)
+    y_t, g_t = _value_and_grads("pallas_triton", _LORA_TRAINING, static, j)(j, dy)
+    assert_close(y, y_t, dtype="bfloat16", quantity="moe_block", name="y")
+    for name in _LORA_TRAINING:
+        for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(g[name]), jax.tree_util.tree_leaves(g_t[name]))):
+            assert_close(a, b, dtype="bfloat16", quantity="moe_grad", name=f"d{name}[{i}]")
