@@ -60,8 +60,19 @@ def _train(args: argparse.Namespace) -> int:
     mod = _trainer_module(cfg.framework)
     from shared_math.training import TrainingDiverged
 
+    trainer = None
+    if args.device or args.cuda_graph:
+        if cfg.framework != "torch":
+            print("splitmoe train: error: --device and --cuda-graph are torch options (jax trains on its default "
+                  "device, and its jitted step is one executable already)", file=sys.stderr)
+            return 2
+        try:
+            trainer = mod.Trainer(cfg, device=args.device or "cpu", cuda_graph=args.cuda_graph)
+        except ValueError as e:
+            print(f"splitmoe train: error: {e}", file=sys.stderr)
+            return 2
     try:
-        result = mod.train(cfg, resume=args.resume, progress=not args.quiet)
+        result = mod.train(cfg, resume=args.resume, progress=not args.quiet, trainer=trainer)
     except TrainingDiverged as e:
         print(f"splitmoe train: error: {e}", file=sys.stderr)
         return 3
@@ -153,6 +164,10 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     t.add_argument("--out", help="run folder (same as train.out_dir=...)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--device", help="torch: where to train (cpu, cuda, cuda:1; default cpu); jax uses its default")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="torch on CUDA: capture each micro-step's forward + backward once and replay it "
+                        "(torch_impl.cuda_graph; needs the triton MoE backend and batches of one shape)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 train.steps=100")
     t.set_defaults(func=_train)
 

@@ -100,6 +100,19 @@ def test_off_cuda_errors_are_clear(tmp_path):
         Trainer(load_run_config(None, [f"train.out_dir={tmp_path / 'run'}"]), cuda_graph=True)
 
 
+def test_cli_device_options_errors(tmp_path, capsys):
+    """`splitmoe train --cuda-graph` needs CUDA, and both options are torch-only: exit 2 with the reason, before any
+    run folder is written."""
+    from splitmoe.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--framework", "torch", "--cuda-graph", "--out", str(out), "--quiet"]) == 2
+    assert "cuda_graph=True needs a CUDA device" in capsys.readouterr().err
+    assert main(["train", "--framework", "jax", "--device", "cuda", "--out", str(out), "--quiet"]) == 2
+    assert "torch options" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
+
+
 def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in _lora_params(model).items()}
 
