@@ -127,7 +127,9 @@ class Trainer:
                                         loss_scale=1.0 / accum)
         loss = float(self._graphed(b["input_ids"], b["labels"], b["position_ids"]))
         if accum > 1:
-            grads = [p.grad for p in self.params]
+            # parameters the graph gives no gradient (unused by this model) stay without one
+            params = [p for p in self.params if p.grad is not None]
+            grads = [p.grad for p in params]
             if self._accum_grads is None:
                 self._accum_grads = [g.clone() for g in grads]
             elif i == 0:
@@ -135,7 +137,7 @@ class Trainer:
             else:
                 torch._foreach_add_(self._accum_grads, grads)
             if i == accum - 1:
-                for p, g in zip(self.params, self._accum_grads):
+                for p, g in zip(params, self._accum_grads):
                     p.grad = g
         return loss
 
