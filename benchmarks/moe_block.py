@@ -18,6 +18,9 @@ Implementations (rows):
   hf_peft            HF transformers v5 experts (grouped_mm) + PEFT target_parameters
   hf_peft_eager      HF v5 eager per-expert loop + PEFT
   jax_ragged_dot     jax_impl split LoRA on stock jax.lax.ragged_dot (own subprocess: see moe_block_jax.py)
+  jax_pallas_triton_fused, jax_pallas_mosaic_fused, jax_pallas_fused
+                     jax_impl's Pallas backends through their fused entry: every pass on Triton, the NN passes on
+                     Mosaic GPU, or per pass the lowering the tuning tables measured faster (`auto`'s choice)
 
 Usage (on the GPU machine):
   python benchmarks/moe_block.py --cases qwen3_30b_T1024,qwen3_30b_T16384 --out benchmarks/results/moe_block.jsonl

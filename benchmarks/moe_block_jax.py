@@ -31,10 +31,12 @@ def main() -> int:
     from jax_impl.moe import split_lora_experts as moe_split_lora_experts
     from shared_math.cases import get_case
 
-    if args.backend == "pallas_triton_fused":
-        # the Pallas backend's own entry: gather, weighting and un-permute inside its kernels (jax_impl.moe's
-        # generic path builds x[perm] and weights outside them)
-        from jax_impl.backends.pallas_triton import split_lora_experts as fused
+    if args.backend.endswith("_fused"):
+        # a Pallas backend's own entry (pallas_fused, pallas_triton_fused, pallas_mosaic_fused): gather, weighting
+        # and un-permute inside its kernels (jax_impl.moe's generic path builds x[perm] and weights outside them)
+        import importlib
+
+        fused = importlib.import_module(f"jax_impl.backends.{args.backend.removesuffix('_fused')}").split_lora_experts
 
         def split_lora_experts(*a, backend, **kw):
             return fused(*a, **kw)

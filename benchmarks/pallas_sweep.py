@@ -6,7 +6,10 @@ backward (moe_gate_up, moe_down, moe_dh, moe_dx and the TN grads moe_dA2, moe_dB
 once with its real arguments, then timed in isolation (one small jitted function per (pass, config), compiled ahead
 of time, a few in parallel threads) over a short candidate list per kernel kind: Hopper bf16 tiles, `z_pre` on and
 off for the NN passes, pruned of shared-memory overflow (autotune.fits). Then the whole fused forward + backward is
-timed with the per-pass winners against GPU_DEFAULTS (both pinned per launch, whatever the caches hold).
+timed with the per-pass winners against GPU_DEFAULTS (both pinned per launch, whatever the caches hold). Every NN
+launch is also timed on the Mosaic-GPU GEMM (pallas_mosaic's NN pass) where that lowering runs (Hopper, bf16); when
+it beats the best Triton config, the winner is recorded with impl="mosaic", which the `pallas` backend (`auto`)
+follows per pass.
 
 Writes under --out:
   sweep.jsonl          one row per (case, pass, config): ms, or the error that ruled the config out
@@ -241,18 +244,47 @@ def sweep_launch(launch: Launch, cands, *, deadline: float, hard_deadline: float
     return best, best_ms
 
 
+def time_mosaic(launch: Launch, cfg, best_ms: float, *, compiler_options, target_s: float, case_name: str,
+                sweep_path: Path) -> tuple[object, float]:
+    """The same NN launch on the Mosaic-GPU GEMM (jax_impl/kernels/mosaic_gemm.py; its tiles are its own): one row in
+    sweep.jsonl, and (cfg with impl="mosaic", its ms) when it beats the best Triton config, else (cfg, best_ms). The
+    `pallas` backend then runs this pass on Mosaic for this key."""
+    from jax_impl.kernels import mosaic_gemm
+
+    mcfg = replace(cfg, impl="mosaic")
+    row = dict(case=case_name, pass_=launch.name, kind=launch.kind, key=list(launch.key), config=asdict(mcfg))
+    try:
+        ms = time_ms(compile_launch(replace(launch, fn=mosaic_gemm.grouped_gemm), mcfg, compiler_options),
+                     target_s=target_s)
+    except Exception as e:  # noqa: BLE001 - a lowering the compiler or the device rejects is no candidate
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        log(f"    mosaic GEMM  error {row['error'][:100]}")
+        ms = math.inf
+    else:
+        row["ms"] = ms
+        log(f"    mosaic GEMM  {ms:9.4f} ms{' *' if ms < best_ms else ''}")
+    row["pass"] = row.pop("pass_")
+    with sweep_path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return (mcfg, ms) if ms < best_ms else (cfg, best_ms)
+
+
 def _fmt(c, kind: str = "gemm") -> str:
+    if getattr(c, "impl", "triton") == "mosaic":
+        return "mosaic GEMM"
     z = "" if kind == "tn" else (" z_pre" if c.z_pre else " in-loop z")
     return f"bm{c.block_m:<4}bn{c.block_n:<4}bd{c.block_d:<4}w{c.num_warps} s{c.num_stages}{z}"
 
 
 def pinned_passes(table: dict):
-    """Passes whose launches use table[name] (every launch of the case), whatever the caches hold."""
+    """Passes whose launches use table[name] (every launch of the case), whatever the caches hold; an NN config with
+    impl="mosaic" runs on the Mosaic GEMM, as under the `pallas` backend."""
+    from jax_impl.backends.pallas import per_pass_nn
     from jax_impl.kernels import grouped_gemm as gg
     from jax_impl.kernels import split_lora as sl
 
     def nn(*a, cfg, name, **kw):
-        return gg.grouped_gemm(*a, cfg=table[name], name=name, **kw)
+        return per_pass_nn(*a, cfg=table[name], name=name, **kw)
 
     def tn(*a, cfg, name, **kw):
         return gg.grouped_gemm_tn(*a, cfg=table[name], name=name, **kw)
@@ -314,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     from shared_math.cases import MoECase, get_case
 
     interpret = args.smoke
+    from jax_impl.backends import pallas_mosaic, pallas_triton
+
     if args.smoke:
+        os.environ[pallas_triton.INTERPRET_ENV] = "1"  # the Mosaic passes too run in the interpreter
         cases = [MoECase("smoke_swiglu", 24, 40, 24, 4, 2, 4, (), "tiny Qwen-like"),
                  MoECase("smoke_oai", 19, 32, 16, 3, 2, 4, (), "tiny gpt-oss-like", activation="swiglu_oai",
                          biases=True, swiglu_limit=1.0)]
@@ -328,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [get_case(n) for n in args.cases.split(",") if n]
         dtype, defaults, compiler_options = jnp.bfloat16, dict(autotune.GPU_DEFAULTS), None
         target_s = args.target_ms / 1e3
+    mosaic_ok = pallas_mosaic.unavailable_reason(dtype) is None
     dev = autotune.device_kind()
     log(f"pallas_sweep: jax {jax.__version__}, {jax.devices()[0].device_kind}, {len(cases)} cases, "
         f"budget {args.budget_s:.0f}s (final {args.final_s:.0f}s), KERNEL_VERSION {autotune.KERNEL_VERSION}")
@@ -367,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps(r) + "\n")
             default_ms = next((r["ms"] for r in rows if "ms" in r and r["config"] == asdict(defaults[la.kind])),
                               None)
+            if la.kind in autotune.NN_KINDS and mosaic_ok:
+                best, best_ms = time_mosaic(la, best or defaults[la.kind], best_ms, compiler_options=compiler_options,
+                                            target_s=target_s, case_name=case.name, sweep_path=sweep_path)
             if best is None:
                 log(f"    no config ran for {la.name}; keeping the default")
                 best = defaults[la.kind]

@@ -146,7 +146,7 @@ def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.
     """
     _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     resolved = resolve_backend(backend)
-    if resolved in ("pallas_triton", "pallas_mosaic"):
+    if resolved in ("pallas", "pallas_triton", "pallas_mosaic"):
         # the fused entry gathers x, weights the rows and un-permutes inside its kernels, where the generic path
         # below builds the [M, H] x[perm] copy and does the weighting outside (benchmarks/REPORT.md times the fused
         # entry). It sorts by itself, so `sort` is not used on this path.

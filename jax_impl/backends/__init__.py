@@ -18,9 +18,11 @@ import jax
 
 ENV_VAR = "SPLITMOE_MOE_BACKEND"
 
-# name -> what it is. Order is the preference of "auto" (fastest first) among those that can run: pallas_mosaic
-# comes after pallas_triton until it is measured faster on the H200 (its kernels ran in interpret mode only so far).
+# name -> what it is. Order is the preference of "auto" (fastest first) among those that can run: `pallas` takes
+# the measured lowering per pass (pallas_triton wherever nothing was measured); the single-lowering backends are
+# there to force one.
 BACKENDS: dict[str, str] = {
+    "pallas": "Pallas grouped GEMMs, per NN pass the lowering measured faster (Triton or Mosaic GPU); CUDA sm80+",
     "pallas_triton": "Pallas grouped GEMMs, Triton lowering (CUDA sm80+; interpret=True on CPU)",
     "pallas_mosaic": "NN passes on a Pallas Mosaic-GPU grouped GEMM, weight gradients on Triton (Hopper; bf16/fp16)",
     "ragged_dot": "jax.lax.ragged_dot under custom_vjp; the JAX reference (any device; dense and slow on GPU)",
@@ -31,7 +33,7 @@ def _unavailable_reason(name: str, dtype=None) -> str | None:
     """Why `name` cannot run in this process (in `dtype`, when given), or None when it can."""
     if name == "ragged_dot":
         return None
-    if name == "pallas_triton":
+    if name in ("pallas", "pallas_triton"):  # `pallas` needs the Triton lowering for every pass it does not move
         from jax_impl.backends.pallas_triton import unavailable_reason
 
         return unavailable_reason()
@@ -73,6 +75,10 @@ def get_backend(name: str) -> Callable:
     """The `expert_mlp_sorted` function of a resolved backend name."""
     if name == "ragged_dot":
         from jax_impl.backends.ragged_dot import expert_mlp_sorted
+
+        return expert_mlp_sorted
+    if name == "pallas":
+        from jax_impl.backends.pallas import expert_mlp_sorted
 
         return expert_mlp_sorted
     if name == "pallas_triton":

@@ -11,7 +11,8 @@ around the Mosaic kernel here; see mosaic_gemm.py for why (Hopper TMA cannot gat
 Availability: a Hopper GPU (compute capability 9.0: the kernel is written for wgmma; Blackwell's tensor cores take
 other instructions) in bf16 or fp16 (wgmma runs fp32 operands as TF32, which would break the fp32 equivalence mode:
 use `pallas_triton` or `ragged_dot` for fp32), or interpret mode forced with `SPLITMOE_PALLAS_INTERPRET=1` (CPU
-tests, any dtype). `auto` prefers `pallas_triton` until this backend is measured faster on the GPU.
+tests, any dtype). `auto` picks the `pallas` backend, which runs a pass on Mosaic only where the tuning tables say
+it was measured faster.
 """
 
 from __future__ import annotations

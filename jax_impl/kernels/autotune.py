@@ -16,6 +16,8 @@ accumulators, gate and up, plus the LoRA z tile), "gemm_act_bwd" (the dh pass: t
 
 `BlockConfig.z_pre` (NN kinds with LoRA): compute z = x·A in its own skinny launch first instead of inside the main
 reduction loop, where every n-tile program recomputes it (grouped_gemm.py).
+`BlockConfig.impl` (NN kinds): the lowering of that pass under the `pallas` backend, "triton" (grouped_gemm.py) or
+"mosaic" (mosaic_gemm.py), as measured by benchmarks/pallas_sweep.py for that key; "triton" where unmeasured.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class BlockConfig:
     num_warps: int = 4
     num_stages: int = 2
     z_pre: bool = False
+    impl: str = "triton"  # NN kinds, under the `pallas` backend: the lowering measured faster ("triton" | "mosaic")
 
 
 KINDS = ("gemm", "gemm_act", "gemm_act_bwd", "tn")

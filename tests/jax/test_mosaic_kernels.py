@@ -4,11 +4,14 @@ CPU (Pallas' Mosaic-GPU interpreter, fp32): every NN pass form the split-LoRA co
 the activation epilogue, down with bias, routing weight and row scatter, the dh pass with the activation VJP and the
 routing-weight dots, dx with transposed weights, the skinny z launch) against the Triton kernel of grouped_gemm.py on
 the same arguments, with an empty expert and experts straddling row blocks; the block-padded row layout; the whole
-backend (forward and every gradient, base weights included) against the float64 oracle. GPU (`gpu`): bf16 against
-`pallas_triton` at a benchmark shape, compiled by the Mosaic-GPU lowering (Hopper only).
+backend (forward and every gradient, base weights included) against the float64 oracle; the `pallas` backend's
+per-pass choice (a config's impl="mosaic" moves exactly that pass). GPU (`gpu`): bf16 against `pallas_triton` at a
+benchmark shape, compiled by the Mosaic-GPU lowering (Hopper only).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -111,9 +114,56 @@ def test_availability(monkeypatch):
             resolve_backend("pallas_mosaic")
     monkeypatch.setenv("SPLITMOE_PALLAS_INTERPRET", "1")
     assert pm.unavailable_reason() is None
-    # auto keeps the Triton lowering first until the Mosaic passes are measured faster on the GPU
+    # auto takes `pallas`: per pass the lowering the tuning tables measured faster, Triton where nothing was measured
     monkeypatch.delenv("SPLITMOE_MOE_BACKEND", raising=False)
-    assert resolve_backend("auto") == "pallas_triton"
+    assert resolve_backend("auto") == "pallas"
+
+
+def _mosaic_for(monkeypatch, kinds):
+    """The interpret configs of `kinds` say impl="mosaic", as a sweep that found Mosaic faster there would."""
+    monkeypatch.setattr(autotune, "INTERPRET_CONFIGS", {
+        k: replace(c, impl="mosaic") if k in kinds else c for k, c in autotune.INTERPRET_CONFIGS.items()})
+
+
+def test_pallas_backend_follows_the_measured_choice_per_pass(seed, interpret, monkeypatch):
+    """Under `pallas`, exactly the passes whose config says impl="mosaic" run the Mosaic GEMM (here gate_up and dh),
+    the others the Triton kernel, and the mixed composition still matches the float64 oracle."""
+    calls = []
+    real = mg.grouped_gemm
+
+    def counting(*a, name, **kw):
+        calls.append(name)
+        return real(*a, name=name, **kw)
+
+    monkeypatch.setattr(mg, "grouped_gemm", counting)
+    _mosaic_for(monkeypatch, ("gemm_act", "gemm_act_bwd"))
+    case = get_case("oai_biases")
+    _, j, static, dy = _inputs(case, seed, jnp.float32)
+    y, g = _value_and_grads("pallas", _DIFF, static, j)(j, dy)
+    assert sorted(set(calls)) == ["moe_dh", "moe_gate_up"], calls
+    _check_against_reference(case, j, static, dy, y, g, _DIFF, "float32")
+
+
+def test_pallas_backend_without_measurements_is_pallas_triton(seed, interpret):
+    case = get_case("prime_e")
+    _, j, static, dy = _inputs(case, seed, jnp.float32)
+    y0, g0 = _value_and_grads("pallas_triton", _DIFF, static, j)(j, dy)
+    y1, g1 = _value_and_grads("pallas", _DIFF, static, j)(j, dy)
+    for a, b in zip(jax.tree_util.tree_leaves((y1, g1)), jax.tree_util.tree_leaves((y0, g0))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tuning_table_carries_the_lowering(tmp_path):
+    """A shipped-table entry with impl="mosaic" comes back from get_config (older entries without it: Triton)."""
+    key = (131072, 2048, 768, 64)
+    table = {autotune.cache_key("gemm_act", key, jnp.bfloat16, "nvidia_h200"):
+             dict(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3, impl="mosaic"),
+             autotune.cache_key("gemm", key, jnp.bfloat16, "nvidia_h200"):
+             dict(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3)}
+    autotune.write_table(tmp_path / "t.json", table)
+    kw = dict(interpret=False, dev_kind="nvidia_h200", path=tmp_path / "none.json", tuned_path=tmp_path / "t.json")
+    assert autotune.get_config("gemm_act", key, jnp.bfloat16, **kw).impl == "mosaic"
+    assert autotune.get_config("gemm", key, jnp.bfloat16, **kw).impl == "triton"
 
 
 @pytest.mark.gpu
