@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from torch_impl.models.layers import document_ids, is_packed, static_batch
+from torch_impl.models.layers import document_ids, is_packed, prepare_position_ids, static_batch
 
 # MoE backends whose forward and backward a CUDA graph can hold. Not `grouped_mm`: torch._grouped_mm copies from
 # pageable host memory inside (torch 2.11 on the H200: "Cannot copy between CPU and CUDA tensors during CUDA graph
@@ -108,8 +108,8 @@ def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
     """
     check_capturable(model)
     vocab = model.config.vocab_size
+    prepare_position_ids(input_ids, position_ids, vocab)  # the example's ids and positions, checked eagerly once
     packed = position_ids is not None and is_packed(position_ids)
-    _check_ids(input_ids, vocab)
     params = [p for p in model.parameters() if p.requires_grad]
     inputs = {"input_ids": input_ids, "labels": labels}
     if position_ids is not None:
@@ -159,9 +159,3 @@ def _batch_facts(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> 
               else (document_ids(position_ids)[:, -1] != 0).any().long())
     lo, hi, pk = torch.stack([input_ids.min().long(), input_ids.max().long(), packed]).tolist()
     return lo, hi, bool(pk)
-
-
-def _check_ids(input_ids: torch.Tensor, vocab: int) -> None:
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"token ids must lie in [0, vocab_size={vocab}), got range [{lo}, {hi}]")

@@ -280,6 +280,16 @@ def _nn_kernel(*refs, s: _NNSpec):
             plgpu.store(out_ref.at[dst[:, None], cols[None, :]], acc.astype(odt), mask=mask_mn)
 
 
+def check_nn_args(lora_a, z, lora_b, mode: str, activation: str | None, out_scale: float) -> None:
+    """The argument rules of an NN pass, shared by every implementation of `grouped_gemm`'s contract."""
+    if (lora_b is not None) != (lora_a is not None or z is not None) or (lora_a is not None and z is not None):
+        raise ValueError("the LoRA epilogue needs lora_b and exactly one of lora_a (z computed here) or z (given)")
+    if mode != "plain" and activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if out_scale != 1.0 and mode != "plain":
+        raise ValueError("out_scale applies to the plain mode only")
+
+
 def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, cfg: BlockConfig, interpret: bool,
                  w_t: bool = False, row_index: jax.Array | None = None, out_rows_total: int | None = None,
                  lora_a: jax.Array | None = None, la_t: bool = False, z: jax.Array | None = None,
@@ -299,13 +309,8 @@ def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, c
     D = w.shape[2] if w_t else w.shape[1]
     cdt = a.dtype
     lora = lora_b is not None
-    if lora != (lora_a is not None or z is not None) or (lora_a is not None and z is not None):
-        raise ValueError("the LoRA epilogue needs lora_b and exactly one of lora_a (z computed here) or z (given)")
+    check_nn_args(lora_a, z, lora_b, mode, activation, out_scale)
     R = 0 if lora_b is None else (lora_b.shape[2] if lb_t else lora_b.shape[1])
-    if mode != "plain" and activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if out_scale != 1.0 and mode != "plain":
-        raise ValueError("out_scale applies to the plain mode only")
     if lora and z is None and cfg.z_pre:
         # z first, by one skinny launch of output width R (the same kernel, plain mode, W = LA): see the docstring
         zcfg = BlockConfig(cfg.block_m, _block_r(R), cfg.block_d, cfg.num_warps, cfg.num_stages)

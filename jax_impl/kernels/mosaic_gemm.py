@@ -53,6 +53,7 @@ class PaddedRows(NamedTuple):
 
     src_P: jax.Array  # padded row -> sorted row, or M for a padding row (reads a zero)
     pos_M: jax.Array  # sorted row -> padded row
+    expert_M: jax.Array  # sorted row -> its expert
     block_expert: jax.Array  # [P / block_m] expert of each row block, -1 for blocks of padding only
 
 
@@ -72,7 +73,7 @@ def padded_rows(offsets_E1: jax.Array, M: int, block_m: int = BLOCK_M) -> Padded
     m = jnp.arange(M, dtype=jnp.int32)
     e_m = jnp.clip(jnp.searchsorted(offsets_E1[1:], m, side="right"), 0, E - 1)
     pos_M = (first_tile[e_m] * block_m + (m - offsets_E1[e_m])).astype(jnp.int32)
-    return PaddedRows(src_P.astype(jnp.int32), pos_M, tile_expert)
+    return PaddedRows(src_P.astype(jnp.int32), pos_M, e_m.astype(jnp.int32), tile_expert)
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
@@ -171,12 +172,7 @@ def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, c
     M = (row_index if row_index is not None else a).shape[0]
     cdt = a.dtype
     lora = lora_b is not None
-    if lora != (lora_a is not None or z is not None) or (lora_a is not None and z is not None):
-        raise ValueError("the LoRA epilogue needs lora_b and exactly one of lora_a (z computed here) or z (given)")
-    if mode != "plain" and activation not in gg.ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {gg.ACTIVATIONS}")
-    if out_scale != 1.0 and mode != "plain":
-        raise ValueError("out_scale applies to the plain mode only")
+    gg.check_nn_args(lora_a, z, lora_b, mode, activation, out_scale)
     pad = padded_rows(offsets_E1, M)
     src = pad.src_P if row_index is None else jnp.take(row_index, pad.src_P, mode="fill", fill_value=a.shape[0])
     a_P = jnp.take(a, src, axis=0, mode="fill", fill_value=0)
@@ -197,8 +193,7 @@ def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, c
                        lb=None if not lora else lora_b.astype(cdt), lb_t=lb_t, lora_scale=lora_scale,
                        interpret=interpret)
     acc = unpad(acc_P)  # [M, N'] fp32 in sorted rows
-    expert_M = jnp.clip(jnp.searchsorted(offsets_E1[1:], jnp.arange(M, dtype=jnp.int32), side="right"), 0,
-                        offsets_E1.shape[0] - 2)
+    expert_M = pad.expert_M
     rs = None if row_scale is None else row_scale.astype(_F32)[:, None]
     outs = []
     if mode == "act_fwd":

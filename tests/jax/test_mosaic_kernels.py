@@ -88,7 +88,7 @@ def test_padded_rows_layout():
     off = jnp.asarray([0, 0, 70, 73, 150, 150], jnp.int32)
     M, bm = 150, 64
     pad = mg.padded_rows(off, M, bm)
-    src, pos, be = (np.asarray(v) for v in pad)
+    src, pos, be = (np.asarray(v) for v in (pad.src_P, pad.pos_M, pad.block_expert))
     assert len(src) == len(be) * bm
     np.testing.assert_array_equal(src[pos], np.arange(M))
     assert sorted(src[src < M].tolist()) == list(range(M))
@@ -172,18 +172,9 @@ def test_benchmark_shape_agrees_with_pallas_triton_bf16_gpu(seed):
     """Qwen3-30B-A3B expert shapes at T=1024, bf16, LoRA training gradients: pallas_mosaic against pallas_triton."""
     if pm.unavailable_reason(jnp.bfloat16):
         pytest.skip(pm.unavailable_reason(jnp.bfloat16))
-    from shared_math.cases import make_moe_inputs
-    from tests.jax.jax_helpers import moe_inputs_to_jax
-    from tests.jax.test_pallas_kernels import _LORA_TRAINING
+    from tests.jax.test_pallas_kernels import _LORA_TRAINING, _assert_outputs_close
 
-    case = get_case("qwen3_30b_T1024")
-    inp = make_moe_inputs(case, seed=seed)
-    j = moe_inputs_to_jax(inp, jnp.bfloat16)
-    static = (inp["scale"], inp["activation"], inp["swiglu_limit"])
-    dy = np.random.default_rng(seed + 1).standard_normal((case.T, case.H))
+    _, j, static, dy = _inputs(get_case("qwen3_30b_T1024"), seed, jnp.bfloat16)
     y, g = _value_and_grads("pallas_mosaic", _LORA_TRAINING, static, j)(j, dy)
     y_t, g_t = _value_and_grads("pallas_triton", _LORA_TRAINING, static, j)(j, dy)
-    assert_close(y, y_t, dtype="bfloat16", quantity="moe_block", name="y")
-    for name in _LORA_TRAINING:
-        for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(g[name]), jax.tree_util.tree_leaves(g_t[name]))):
-            assert_close(a, b, dtype="bfloat16", quantity="moe_grad", name=f"d{name}[{i}]")
+    _assert_outputs_close((y, g), (y_t, g_t), _LORA_TRAINING, "bfloat16")

@@ -167,10 +167,16 @@ def test_z_pre_lora_only_and_backend_interface(seed, interpret, monkeypatch):
     _, j, static, dy = _inputs(case, seed, jnp.float32)
     y, g = _value_and_grads("pallas_triton", _LORA_TRAINING, static, j)(j, dy)
     y_rd, g_rd = _value_and_grads("ragged_dot", _LORA_TRAINING, static, j)(j, dy)
-    assert_close(y, y_rd, dtype="float32", quantity="moe_block", name="y")
-    for name in _LORA_TRAINING:
-        for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(g[name]), jax.tree_util.tree_leaves(g_rd[name]))):
-            assert_close(a, b, dtype="float32", quantity="moe_grad", name=f"d{name}[{i}]")
+    _assert_outputs_close((y, g), (y_rd, g_rd), _LORA_TRAINING, "float32")
+
+
+def _assert_outputs_close(got, want, names, dtype_name: str) -> None:
+    """(y, grads) of one backend against another's: y as a block output, every gradient leaf of `names`."""
+    (y, g), (y_ref, g_ref) = got, want
+    assert_close(y, y_ref, dtype=dtype_name, quantity="moe_block", name="y")
+    for name in names:
+        for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(g[name]), jax.tree_util.tree_leaves(g_ref[name]))):
+            assert_close(a, b, dtype=dtype_name, quantity="moe_grad", name=f"d{name}[{i}]")
 
 
 def test_given_z_equals_in_loop_z():
