@@ -13,13 +13,15 @@
 #   bash benchmarks/gpu_session.sh graph      # CUDA-graph tests, then the full-model steps with --cuda-graph
 #   bash benchmarks/gpu_session.sh graph2     # the CUDA-graph tests again; gpt-oss 1K eager and graphed, one command
 #   bash benchmarks/gpu_session.sh blockgraph # block rows with the triton path captured in a CUDA graph
+#   bash benchmarks/gpu_session.sh mosaicprobe # the Mosaic GEMM's forms against XLA, timed at benchmark shapes
+#                                             # (benchmarks/mosaic_probe.py); the Mosaic gpu tests
 #   bash benchmarks/gpu_session.sh mosaic     # pallas_mosaic's first GPU run: its gpu tests, the Pallas sweep (which
 #                                             # now times Mosaic per NN pass), then the JAX rows of all three backends
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaic}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -114,16 +116,22 @@ case $PART in
       --cases qwen3_30b_T1024,qwen3_30b_T4096,qwen3_30b_T16384,gpt_oss_20b_T1024,gpt_oss_20b_T4096 \
       --impls hf_peft,torch_grouped_mm,torch_triton,torch_triton_graph --out "$R/block_graph.jsonl" \
       > "$R/block_graph.log" 2>&1 ;;
-  mosaic)
-    timeout 150 python3 -m pytest -v -m gpu -n 4 -p no:cacheprovider -rfEX --tb=short tests/jax/test_mosaic_kernels.py \
-      tests/jax/test_moe_block.py -k "mosaic or pallas" > "$R/gpu_tests_mosaic.log" 2>&1
-    timeout 200 python3 benchmarks/pallas_sweep.py --out "$R/pallas_sweep" --budget-s 180 --final-s 50 \
+  mosaic)  # the gpu tests of this kernel code ran in `mosaicprobe` (results/gpu_tests_2026-11-29_mosaic.log)
+    timeout 100 python3 benchmarks/mosaic_probe.py --out "$R/mosaic_probe.jsonl" > "$R/mosaic_probe.log" 2>&1
+    grep -E "^(OK|FAIL)" "$R/mosaic_probe.log" | cut -c1-300
+    timeout 270 python3 benchmarks/pallas_sweep.py --out "$R/pallas_sweep" --budget-s 250 --final-s 50 \
       > "$R/pallas_sweep.log" 2>&1
-    SPLITMOE_PALLAS_TUNE_CACHE=$R/pallas_sweep/tuned_configs.json timeout 220 python3 benchmarks/moe_block.py --iters 15 \
+    grep -E "mosaic|per-pass|fused" "$R/pallas_sweep.log" | tail -40
+    SPLITMOE_PALLAS_TUNE_CACHE=$R/pallas_sweep/tuned_configs.json timeout 210 python3 benchmarks/moe_block.py --iters 15 \
       --cases qwen3_30b_T1024,qwen3_30b_T16384,gpt_oss_20b_T16384 \
       --impls hf_peft,torch_triton,jax_pallas_triton_fused,jax_pallas_mosaic_fused,jax_pallas_fused \
-      --out "$R/block_mosaic.jsonl" > "$R/block_mosaic.log" 2>&1 ;;
-  *) echo "unknown part $PART: block, steps, followup, tests, finish, probe, graph, graph2, blockgraph or mosaic" >&2; exit 2 ;;
+      --out "$R/block_mosaic.jsonl" > "$R/block_mosaic.log" 2>&1
+    tail -25 "$R/block_mosaic.log" ;;
+  mosaicprobe)
+    timeout 240 python3 benchmarks/mosaic_probe.py --out "$R/mosaic_probe.jsonl" > "$R/mosaic_probe.log" 2>&1
+    grep -E "^(OK|FAIL)" "$R/mosaic_probe.log" | cut -c1-400
+    gpu_tests gpu_tests_mosaic.log 200 tests/jax/test_mosaic_kernels.py tests/jax/test_moe_block.py -k "mosaic or pallas" ;;
+  *) echo "unknown part $PART: block, steps, followup, tests, finish, probe, graph, graph2, blockgraph, mosaicprobe or mosaic" >&2; exit 2 ;;
 esac
 tar czf "$OUT/$PART.tgz" -C /tmp "$PART"
 grep -hE "^(FAILED|ERROR)|passed|failed" "$R"/gpu_tests*.log 2>/dev/null | tail -20

@@ -244,34 +244,48 @@ def sweep_launch(launch: Launch, cands, *, deadline: float, hard_deadline: float
     return best, best_ms
 
 
-def time_mosaic(launch: Launch, cfg, best_ms: float, *, compiler_options, target_s: float, case_name: str,
-                sweep_path: Path) -> tuple[object, float]:
-    """The same NN launch on the Mosaic-GPU GEMM (jax_impl/kernels/mosaic_gemm.py; its tiles are its own): one row in
-    sweep.jsonl, and (cfg with impl="mosaic", its ms) when it beats the best Triton config, else (cfg, best_ms). The
-    `pallas` backend then runs this pass on Mosaic for this key."""
-    from jax_impl.kernels import mosaic_gemm
+# Mosaic tiles (block_m, block_n, pipeline stages) tried per NN launch, most promising first (benchmarks/mosaic_probe.py
+# on the H200, Qwen3 gate_up at T=16384: 128x64 s6 1.92 ms, 64x128 s4 2.45, 128x128 s4 2.57, 128x256 s3 6.16)
+MOSAIC_TILES = ((128, 64, 6), (64, 128, 4), (128, 128, 4), (64, 64, 6))
 
-    mcfg = replace(cfg, impl="mosaic")
-    row = dict(case=case_name, pass_=launch.name, kind=launch.kind, key=list(launch.key), config=asdict(mcfg))
-    try:
-        ms = time_ms(compile_launch(replace(launch, fn=mosaic_gemm.grouped_gemm), mcfg, compiler_options),
-                     target_s=target_s)
-    except Exception as e:  # noqa: BLE001 - a lowering the compiler or the device rejects is no candidate
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        log(f"    mosaic GEMM  error {row['error'][:100]}")
-        ms = math.inf
-    else:
-        row["ms"] = ms
-        log(f"    mosaic GEMM  {ms:9.4f} ms{' *' if ms < best_ms else ''}")
-    row["pass"] = row.pop("pass_")
-    with sweep_path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    return (mcfg, ms) if ms < best_ms else (cfg, best_ms)
+
+def time_mosaic(launch: Launch, cfg, best_ms: float, *, compiler_options, target_s: float, case_name: str,
+                sweep_path: Path, deadline: float, smoke: bool = False) -> tuple[object, float]:
+    """The same NN launch on the Mosaic-GPU GEMM (jax_impl/kernels/mosaic_gemm.py) with each of MOSAIC_TILES (the
+    first only with --smoke; none past `deadline`): one row each in sweep.jsonl, and (the fastest Mosaic config, its
+    ms) when it beats the best Triton config, else (cfg, best_ms). The `pallas` backend then runs this pass on
+    Mosaic for this key."""
+    from jax_impl.kernels import mosaic_gemm
+    from jax_impl.kernels.autotune import BlockConfig
+
+    won = (cfg, best_ms)
+    for bm, bn, stages in MOSAIC_TILES[:1] if smoke else MOSAIC_TILES:
+        if time.perf_counter() > deadline:
+            log("    mosaic GEMM  skipped: budget")
+            break
+        mcfg = BlockConfig(bm, bn, mosaic_gemm.BLOCK_D, num_stages=stages, impl="mosaic")
+        row = dict(case=case_name, kind=launch.kind, key=list(launch.key), config=asdict(mcfg))
+        try:
+            ms = time_ms(compile_launch(replace(launch, fn=mosaic_gemm.grouped_gemm), mcfg, compiler_options),
+                         target_s=target_s)
+        except Exception as e:  # noqa: BLE001 - a lowering the compiler or the device rejects is no candidate
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            log(f"    mosaic bm{bm:<4}bn{bn:<4}s{stages}  error {row['error'][:100]}")
+            ms = math.inf
+        else:
+            row["ms"] = ms
+            log(f"    mosaic bm{bm:<4}bn{bn:<4}s{stages}  {ms:9.4f} ms{' *' if ms < won[1] else ''}")
+        row["pass"] = launch.name
+        with sweep_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if ms < won[1]:
+            won = (mcfg, ms)
+    return won
 
 
 def _fmt(c, kind: str = "gemm") -> str:
     if getattr(c, "impl", "triton") == "mosaic":
-        return "mosaic GEMM"
+        return f"mosaic bm{c.block_m:<4}bn{c.block_n:<4}s{c.num_stages}"
     z = "" if kind == "tn" else (" z_pre" if c.z_pre else " in-loop z")
     return f"bm{c.block_m:<4}bn{c.block_n:<4}bd{c.block_d:<4}w{c.num_warps} s{c.num_stages}{z}"
 
@@ -405,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                               None)
             if la.kind in autotune.NN_KINDS and mosaic_ok:
                 best, best_ms = time_mosaic(la, best or defaults[la.kind], best_ms, compiler_options=compiler_options,
-                                            target_s=target_s, case_name=case.name, sweep_path=sweep_path)
+                                            target_s=target_s, case_name=case.name, sweep_path=sweep_path,
+                                            deadline=sweep_deadline, smoke=args.smoke)
             if best is None:
                 log(f"    no config ran for {la.name}; keeping the default")
                 best = defaults[la.kind]

@@ -34,9 +34,31 @@ from jax_impl.kernels import grouped_gemm as gg
 from jax_impl.kernels.autotune import BlockConfig
 
 _F32 = jnp.float32
-BLOCK_M = 64  # one warpgroup's wgmma row tile
 BLOCK_D = 64  # 128 bytes of bf16: the widest TMA swizzle
-MAX_BLOCK_N = 128
+BLOCK_MS = (64, 128)  # wgmma row tiles of one warpgroup (64 rows per instruction)
+BLOCK_NS = (64, 128, 256)
+
+
+class MosaicTiles(NamedTuple):
+    """The Mosaic kernel's tiles: row block (also the padding unit of `PaddedRows`), column block, pipeline depth."""
+
+    block_m: int = 128
+    block_n: int = 128
+    stages: int = 4  # plgpu.emit_pipeline's max_concurrent_steps (one step is held back for the in-flight wgmma)
+
+
+DEFAULT_TILES = MosaicTiles()
+
+
+def tiles_of(cfg: BlockConfig | None) -> MosaicTiles:
+    """A tuning-table config with impl="mosaic" names its Mosaic tiles (block_m, block_n, num_stages); any other
+    config (a Triton tile) means the defaults."""
+    if cfg is None or getattr(cfg, "impl", "triton") != "mosaic":
+        return DEFAULT_TILES
+    if cfg.block_m not in BLOCK_MS or cfg.block_n not in BLOCK_NS or cfg.num_stages < 2:
+        raise ValueError(f"Mosaic tiles need block_m in {BLOCK_MS}, block_n in {BLOCK_NS} and num_stages >= 2; got "
+                         f"{cfg}. Fix or delete that entry of the tuning table (benchmarks/pallas_sweep.py writes it).")
+    return MosaicTiles(cfg.block_m, cfg.block_n, cfg.num_stages)
 
 
 def interpret_params(interpret: bool):
@@ -57,7 +79,7 @@ class PaddedRows(NamedTuple):
     block_expert: jax.Array  # [P / block_m] expert of each row block, -1 for blocks of padding only
 
 
-def padded_rows(offsets_E1: jax.Array, M: int, block_m: int = BLOCK_M) -> PaddedRows:
+def padded_rows(offsets_E1: jax.Array, M: int, block_m: int) -> PaddedRows:
     """Expert e's rows go to consecutive blocks from gg.tile_schedule's tile of its first row on: the padded position
     of sorted row m is tile(m)·block_m + (m - tile_row)."""
     E = offsets_E1.shape[0] - 1
@@ -85,75 +107,114 @@ def _pad_to(x: jax.Array, axis: int, multiple: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def _block_n(n: int) -> int:
-    for b in (MAX_BLOCK_N, 64, 32, 16):
-        if n % b == 0:
+def _block_n(n: int, want: int) -> int:
+    """The widest column block <= want dividing n (n is padded to a multiple of 16 first)."""
+    for b in (256, 128, 64, 32, 16):
+        if b <= want and n % b == 0:
             return b
-    return 16  # n is padded to a multiple of 16 first
+    return 16
+
+
+def _num_programs(interpret: bool) -> int:
+    """Persistent programs: one per SM on the GPU (a few in the interpreter, which runs them in turn)."""
+    if interpret:
+        return 3
+    return int(getattr(jax.devices()[0], "core_count", 132))
 
 
 def block_gemm(a_P: jax.Array, w: jax.Array, block_expert: jax.Array, *, w_t: bool, z_P: jax.Array | None = None,
-               lb: jax.Array | None = None, lb_t: bool = False, lora_scale: float = 1.0,
-               interpret: bool = False) -> jax.Array:
-    """The kernel (module docstring): a_P [P, D] in the padded layout, w [E, D, N] (or [E, N, D] with w_t), optional
-    z_P [P, R] and lb [E, R, N] (or [E, N, R] with lb_t) -> [P, N] fp32. D, N and R are padded here to the tile
-    sizes when they are not multiples (a copy only for odd shapes)."""
+               lb: jax.Array | None = None, lb_t: bool = False, lora_scale: float = 1.0, out_dtype=_F32,
+               tiles: MosaicTiles = DEFAULT_TILES, interpret: bool = False,
+               smem_transpose: bool | None = None) -> jax.Array:
+    """The kernel (module docstring): a_P [P, D] in the padded layout of `tiles.block_m`, w [E, D, N] (or [E, N, D]
+    with w_t), optional z_P [P, R] and lb [E, R, N] (or [E, N, R] with lb_t) -> [P, N] in out_dtype (fp32
+    accumulation either way). D, N and R are padded here to the tile sizes when they are not multiples (a copy only
+    for odd shapes).
+
+    Transposed weights are read through a transposed SMEM view on the GPU (smem_transpose, the default there); the
+    Mosaic-GPU interpreter cannot run wgmma on such a view, so in interpret mode XLA transposes them first (a
+    weight-sized copy). The GPU tests check the SMEM-view form against the Triton kernel."""
+    bm = tiles.block_m
     P = a_P.shape[0]
+    if P % bm:
+        raise ValueError(f"a_P has {P} rows, not a multiple of block_m={bm}: build it with padded_rows(..., {bm})")
     lora = z_P is not None
-    # Transposed operands are transposed by XLA first (a weight-sized copy per call): Pallas' Mosaic-GPU interpreter
-    # cannot run wgmma on a transposed SMEM view, and one kernel form tested everywhere beats a faster untested one.
-    w = jnp.swapaxes(w, 1, 2) if w_t else w
-    N = w.shape[2]
+    smem_t = (not interpret) if smem_transpose is None else smem_transpose
+    N = w.shape[1] if w_t else w.shape[2]
+
+    def prep(m: jax.Array, t: bool) -> tuple[jax.Array, bool]:
+        """Pad (reduction to BLOCK_D, output to 16) and, unless read transposed in SMEM, transpose to [E, D, N]."""
+        if t and not smem_t:
+            m, t = jnp.swapaxes(m, 1, 2), False
+        return _pad_to(_pad_to(m, 2 if t else 1, BLOCK_D), 1 if t else 2, 16), t
+
+    w, w_t = prep(w, w_t)
     a_P = _pad_to(a_P, 1, BLOCK_D)
-    w = _pad_to(_pad_to(w, 1, BLOCK_D), 2, 16)
-    Dp, Np = a_P.shape[1], w.shape[2]
-    bn = _block_n(Np)
+    Dp, Np = a_P.shape[1], (w.shape[1] if w_t else w.shape[2])
+    bn = _block_n(Np, tiles.block_n)
     if lora:
-        lb = jnp.swapaxes(lb, 1, 2) if lb_t else lb
+        lb, lb_t = prep(lb, lb_t)
         z_P = _pad_to(z_P, 1, BLOCK_D)
-        lb = _pad_to(_pad_to(lb, 1, BLOCK_D), 2, 16)
         Rp = z_P.shape[1]
-    nb, nn = P // BLOCK_M, Np // bn
+    nb, nn = P // bm, Np // bn
+
+    def pipeline(acc_ref, lhs, rhs, rhs_t: bool, steps: int, mi, ni):
+        # a one-step pipeline (the LoRA part at R <= 64) refills nothing, and emit_pipeline needs
+        # max_concurrent_steps (which it caps at the step count) above delay_release
+        dr = 1 if min(steps, tiles.stages) > 1 else 0
+
+        def step(_, l_smem, r_smem):
+            plgpu.wgmma(acc_ref, l_smem, plgpu.transpose_ref(r_smem, (1, 0)) if rhs_t else r_smem)
+            plgpu.wgmma_wait(1)  # this step's wgmma may still run; the previous step's has finished
+
+        # wgmma is asynchronous: with delay_release=1 the pipeline refills a step's buffers only after the next step
+        # has waited for it (wgmma_wait(1) above), so a TMA load never overwrites the operands of a wgmma in flight.
+        # (The first GPU run, which refilled a buffer right after its own step, raced: wrong values.)
+        plgpu.emit_pipeline(
+            step, grid=(steps,), max_concurrent_steps=tiles.stages,
+            in_specs=[plgpu.BlockSpec((bm, BLOCK_D), lambda k: (mi, k), delay_release=dr),
+                      plgpu.BlockSpec((bn, BLOCK_D) if rhs_t else (BLOCK_D, bn),
+                                      (lambda k: (ni, k)) if rhs_t else (lambda k: (k, ni)), delay_release=dr)],
+        )(lhs, rhs)
 
     def body(expert_ref, a_ref, w_ref, *rest):
         z_ref, lb_ref, out_ref = rest if lora else (None, None, rest[0])
-        mi, ni = jax.lax.axis_index("m"), jax.lax.axis_index("n")
-        e = expert_ref[mi]
 
-        @pl.when(e >= 0)
-        def _():
-            def pipeline(acc_ref, lhs, rhs, steps):
-                plgpu.emit_pipeline(
-                    lambda _, l_smem, r_smem: plgpu.wgmma(acc_ref, l_smem, r_smem),
-                    grid=(steps,),
-                    in_specs=[plgpu.BlockSpec((BLOCK_M, BLOCK_D), lambda k: (mi, k)),
-                              plgpu.BlockSpec((BLOCK_D, bn), lambda k: (k, ni))],
-                    max_concurrent_steps=2,
-                )(lhs, rhs)
+        # persistent programs walk the tiles column-fastest: the tiles in flight at once share their row blocks
+        # and the weights of one or two experts
+        @plgpu.nd_loop((nb * nn,), collective_axes="sm")
+        def _tile(info):
+            mi, ni = info.index[0] // nn, info.index[0] % nn
+            e = expert_ref[mi]
 
-            def main(acc_ref):
-                pipeline(acc_ref, a_ref, w_ref.at[e], Dp // BLOCK_D)
-                return acc_ref[...]
-
-            acc = pl.run_scoped(main, plgpu.ACC((BLOCK_M, bn)))
-            if lora:
-                def lora_part(acc_ref):
-                    pipeline(acc_ref, z_ref, lb_ref.at[e], Rp // BLOCK_D)
+            @pl.when(e >= 0)
+            def _():
+                def main(acc_ref):
+                    pipeline(acc_ref, a_ref, w_ref.at[e], w_t, Dp // BLOCK_D, mi, ni)
                     return acc_ref[...]
 
-                acc = acc + lora_scale * pl.run_scoped(lora_part, plgpu.ACC((BLOCK_M, bn)))
+                acc = pl.run_scoped(main, plgpu.ACC((bm, bn)))
+                if lora:
+                    def lora_part(acc_ref):
+                        pipeline(acc_ref, z_ref, lb_ref.at[e], lb_t, Rp // BLOCK_D, mi, ni)
+                        return acc_ref[...]
 
-            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((BLOCK_M, bn), _F32))
-            def _store(o_smem):
-                o_smem[...] = acc
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, out_ref.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * bn, bn)])
-                plgpu.wait_smem_to_gmem(0)
+                    acc = acc + lora_scale * pl.run_scoped(lora_part, plgpu.ACC((bm, bn)))
+
+                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), out_dtype))
+                def _store(o_smem):
+                    o_smem[...] = acc.astype(out_dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o_smem, out_ref.at[pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem is reused by the next tile
+
+        plgpu.wait_smem_to_gmem(0)  # every store has landed before the program exits
 
     ins = [block_expert, a_P, w] + ([z_P, lb] if lora else [])
     kw = {} if not interpret else {"interpret": interpret_params(True)}
     out = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((P, Np), _F32), grid=(nb, nn), grid_names=("m", "n"),
+        body, out_type=jax.ShapeDtypeStruct((P, Np), out_dtype), grid=(_num_programs(interpret),),
+        grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup), **kw)(*ins)
     return out[:, :N] if Np != N else out
 
@@ -166,14 +227,15 @@ def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, c
                  row_scale: jax.Array | None = None, mode: str = "plain", activation: str | None = None,
                  gu: jax.Array | None = None, store_gu: bool = False, out_rows: jax.Array | None = None,
                  limit: float = 7.0, alpha: float = 1.702, out_dtype=None, name: str = "grouped_gemm"):
-    """grouped_gemm.grouped_gemm's contract (same arguments, same returned tuple) on `block_gemm`; `cfg` is unused
-    (the Mosaic tiles are fixed here), and so is `name` (plgpu.kernel takes none in this jax)."""
-    del cfg, name
+    """grouped_gemm.grouped_gemm's contract (same arguments, same returned tuple) on `block_gemm`, with the tiles
+    `tiles_of(cfg)`; `name` is unused (plgpu.kernel takes none in this jax)."""
+    del name
+    tiles = tiles_of(cfg)
     M = (row_index if row_index is not None else a).shape[0]
     cdt = a.dtype
     lora = lora_b is not None
     gg.check_nn_args(lora_a, z, lora_b, mode, activation, out_scale)
-    pad = padded_rows(offsets_E1, M)
+    pad = padded_rows(offsets_E1, M, tiles.block_m)
     src = pad.src_P if row_index is None else jnp.take(row_index, pad.src_P, mode="fill", fill_value=a.shape[0])
     a_P = jnp.take(a, src, axis=0, mode="fill", fill_value=0)
 
@@ -184,15 +246,24 @@ def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, c
     if lora:
         if z is None:
             # z = z_scale · A @ LA, rounded as grouped_gemm.py's z (fp32 product, scaled, then the storage dtype)
-            z_P = (block_gemm(a_P, lora_a.astype(cdt), pad.block_expert, w_t=la_t, interpret=interpret)
-                   * z_scale).astype(cdt)
+            z_P = (block_gemm(a_P, lora_a.astype(cdt), pad.block_expert, w_t=la_t, tiles=tiles,
+                              interpret=interpret) * z_scale).astype(cdt)
             z = unpad(z_P)
         else:
             z_P = jnp.take(z.astype(cdt), pad.src_P, axis=0, mode="fill", fill_value=0)
+    # The kernel stores the storage dtype where grouped_gemm.py's first rounding is of the bare product (half the
+    # bytes written and read back); fp32 where a bias, a scale or the act_bwd epilogue comes first.
+    plain = bias is None and out_scale == 1.0
+    if plain and mode == "act_fwd":
+        acc_dtype = cdt
+    elif plain and mode == "plain":
+        acc_dtype = cdt if row_scale is not None else (out_dtype or cdt)
+    else:
+        acc_dtype = _F32
     acc_P = block_gemm(a_P, w.astype(cdt), pad.block_expert, w_t=w_t, z_P=z_P,
                        lb=None if not lora else lora_b.astype(cdt), lb_t=lb_t, lora_scale=lora_scale,
-                       interpret=interpret)
-    acc = unpad(acc_P)  # [M, N'] fp32 in sorted rows
+                       out_dtype=acc_dtype, tiles=tiles, interpret=interpret)
+    acc = unpad(acc_P).astype(_F32)  # [M, N'] in sorted rows
     expert_M = pad.expert_M
     rs = None if row_scale is None else row_scale.astype(_F32)[:, None]
     outs = []

@@ -70,17 +70,30 @@ def _pass_args(name: str):
     return f(M, 2 * I), f(E, R, 2 * I), off, dict(n=R, w_t=True, out_scale=2.0)  # the skinny dZ1-only launch
 
 
-@pytest.mark.parametrize("name", ["gate_up", "down", "dh", "dx", "z_only"])
-def test_nn_pass_matches_the_triton_kernel(name):
+# the default tiles, and the smallest ones a tuning table may name (one 64-row wgmma tile, a two-step pipeline)
+_SMALL_TILES = autotune.BlockConfig(64, 64, 64, num_stages=2, impl="mosaic")
+
+
+@pytest.mark.parametrize("name,cfg", [("gate_up", None), ("gate_up", _SMALL_TILES), ("down", None),
+                                      ("dh", _SMALL_TILES), ("dh", None), ("dx", None), ("z_only", None)])
+def test_nn_pass_matches_the_triton_kernel(name, cfg):
     a, w, off, kw = _pass_args(name)
     want = gg.grouped_gemm(a, w, off, cfg=autotune.INTERPRET_CONFIGS["gemm"], interpret=True, **kw)
-    got = mg.grouped_gemm(a, w, off, cfg=None, interpret=True, **kw)
+    got = mg.grouped_gemm(a, w, off, cfg=cfg, interpret=True, **kw)
     if kw.get("mode") == "act_bwd":  # the Triton kernel returns per-column-tile partial dots, summed by the caller
         want = (*want[:-1], want[-1].sum(axis=1, keepdims=True))
     assert len(got) == len(want)
     for i, (g, e) in enumerate(zip(got, want)):
         assert g.shape == e.shape and g.dtype == e.dtype, (i, g.shape, e.shape, g.dtype, e.dtype)
         assert_close(g, e, dtype="float32", quantity="moe_block", name=f"{name} output {i}")
+
+
+def test_tiles_from_the_tuning_table():
+    assert mg.tiles_of(None) == mg.DEFAULT_TILES
+    assert mg.tiles_of(autotune.GPU_DEFAULTS["gemm"]) == mg.DEFAULT_TILES  # a Triton tile names no Mosaic tiles
+    assert mg.tiles_of(_SMALL_TILES) == mg.MosaicTiles(64, 64, 2)
+    with pytest.raises(ValueError, match="block_m in"):
+        mg.tiles_of(replace(_SMALL_TILES, block_m=32))
 
 
 def test_padded_rows_layout():
@@ -122,7 +135,8 @@ def test_availability(monkeypatch):
 def _mosaic_for(monkeypatch, kinds):
     """The interpret configs of `kinds` say impl="mosaic", as a sweep that found Mosaic faster there would."""
     monkeypatch.setattr(autotune, "INTERPRET_CONFIGS", {
-        k: replace(c, impl="mosaic") if k in kinds else c for k, c in autotune.INTERPRET_CONFIGS.items()})
+        k: replace(c, impl="mosaic", block_m=64, block_n=64, num_stages=2) if k in kinds else c
+        for k, c in autotune.INTERPRET_CONFIGS.items()})
 
 
 def test_pallas_backend_follows_the_measured_choice_per_pass(seed, interpret, monkeypatch):
