@@ -3,8 +3,9 @@ jax_impl/kernels/split_lora.py with each NN pass on the lowering measured faster
 device kind, the per-pass choice of issue 7. The choice is `BlockConfig.impl` in the tuning tables (autotune.py),
 written by benchmarks/pallas_sweep.py, which times every NN launch on both lowerings: "mosaic" runs the Mosaic-GPU
 GEMM (mosaic_gemm.py), anything else, and every pass where Mosaic cannot run (not Hopper, fp32), the Triton kernel.
-The weight gradients always run on Triton. With no "mosaic" entries (the shipped tables so far) this is exactly
-`pallas_triton`.
+The weight gradients always run on Triton. Where a table has no "mosaic" entry for a pass this is exactly
+`pallas_triton`; the shipped table has one, measured on the H200: gpt-oss's dh pass (act_bwd at I=2880), where
+Mosaic took 4.05 ms against Triton's best 5.94 (benchmarks/REPORT.md, session 4).
 
 Same entry points and availability as `pallas_triton` (it needs the Triton lowering for every pass it does not move).
 """
