@@ -192,3 +192,14 @@ def test_benchmark_shape_agrees_with_pallas_triton_bf16_gpu(seed):
     y, g = _value_and_grads("pallas_mosaic", _LORA_TRAINING, static, j)(j, dy)
     y_t, g_t = _value_and_grads("pallas_triton", _LORA_TRAINING, static, j)(j, dy)
     _assert_outputs_close((y, g), (y_t, g_t), _LORA_TRAINING, "bfloat16")
+
+
+def test_probe_script_checks_the_kernel(interpret):
+    """benchmarks/mosaic_probe.py (the GPU probe of the kernel's forms) runs its checks in the interpreter too: a
+    LoRA form with both weights transposed agrees with its XLA reference on the rows the kernel writes."""
+    from benchmarks import mosaic_probe
+
+    row = mosaic_probe.probe("lora, transposed", 300, 128, 192, 5, 16, w_t=True, lora=True, lb_t=True,
+                             tiles=mg.MosaicTiles(64, 64, 2), smem_transpose=False, interpret=True)
+    assert "error" not in row, row.get("error")
+    assert row["rel_max_err"] < 1e-5, row  # fp32 operands, fp32 accumulation in both: only summation order differs
