@@ -5,13 +5,15 @@ Shape legend as grouped_gemm.py: M sorted rows, D reduction width, N output widt
 
 `block_gemm` (the kernel): rows in a *block-padded* layout, where every expert's rows start on a multiple of
 block_m (at most E - 1 + cdiv(M, block_m) blocks of block_m rows; `PaddedRows`), so each row block belongs to one
-expert and every load and store is a whole aligned TMA tile. One program per (row block, column block):
-    acc = A[rows] @ W[e]           (D in block_d steps through `plgpu.emit_pipeline`, fp32 accumulator)
+expert and every load and store is a whole aligned TMA tile. Persistent programs (one per SM) walk the
+(row block, column block) tiles; per tile:
+    acc = A[rows] @ W[e]           (D in BLOCK_D steps through `plgpu.emit_pipeline`, fp32 accumulator)
     acc += lora_scale · (Z[rows] @ LB[e])   (a second accumulator over R, the LoRA epilogue of grouped_gemm.py)
-and acc is stored in fp32. W and LB may come transposed ([E, N, D], [E, N, R]: the backward contracts the weights'
-output axis; XLA transposes them before the call); blocks of padding rows (expert -1) do nothing. Hopper TMA cannot
-gather rows, hence the padded copy of the left operand made by XLA before the call (it replaces the gather the
-Triton kernel fuses into its load).
+and acc is stored in the requested dtype. W and LB may come transposed ([E, N, D], [E, N, R]: the backward contracts
+the weights' output axis), read through a transposed SMEM view on the GPU; tiles of padding rows only (expert -1)
+are never written. Tile sizes are `MosaicTiles`, named by the tuning table. Hopper TMA cannot gather rows, hence
+the padded copy of the left operand made by XLA before the call (it replaces the gather the Triton kernel fuses
+into its load).
 
 `grouped_gemm` (the pass): grouped_gemm.py's signature and semantics (gather, z computed or given, bias, the
 act_fwd / act_bwd epilogues, routing-weight scale, scatter to (token, slot) rows), so `split_lora.Passes(nn=...)`
@@ -53,7 +55,7 @@ DEFAULT_TILES = MosaicTiles()
 def tiles_of(cfg: BlockConfig | None) -> MosaicTiles:
     """A tuning-table config with impl="mosaic" names its Mosaic tiles (block_m, block_n, num_stages); any other
     config (a Triton tile) means the defaults."""
-    if cfg is None or getattr(cfg, "impl", "triton") != "mosaic":
+    if cfg is None or cfg.impl != "mosaic":
         return DEFAULT_TILES
     if cfg.block_m not in BLOCK_MS or cfg.block_n not in BLOCK_NS or cfg.num_stages < 2:
         raise ValueError(f"Mosaic tiles need block_m in {BLOCK_MS}, block_n in {BLOCK_NS} and num_stages >= 2; got "
