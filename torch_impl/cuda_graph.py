@@ -116,7 +116,7 @@ def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
         inputs["position_ids"] = position_ids
 
     def loss_fn(input_ids, labels, position_ids=None):
-        return model(input_ids, labels=labels, position_ids=position_ids).loss
+        return model(input_ids, labels=labels, position_ids=position_ids, return_logits=False).loss
 
     graphed = GraphedLoss(loss_fn, inputs, params, loss_scale=loss_scale, warmup=warmup,
                           context=lambda: static_batch(packed))
@@ -140,11 +140,16 @@ def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
 
 
 def check_capturable(model: torch.nn.Module) -> None:
-    """Raise ValueError, before any work, when a MoE layer of `model` runs a backend a CUDA graph cannot hold: a
-    failed capture inside activation checkpointing can leave autograd's saved-tensor hooks behind in the process."""
+    """Raise ValueError, before any work, when a MoE layer of `model` runs a backend a CUDA graph cannot hold, or
+    its checkpointing offloads to host memory: a failed capture inside activation checkpointing can leave autograd's
+    saved-tensor hooks behind in the process."""
     from torch_impl.backends import resolve_backend
     from torch_impl.moe import Experts
 
+    if getattr(model, "checkpoint_offload", False):
+        # the offloaded checkpoint allocates pinned host buffers and runs a reentrant backward: neither is capturable
+        raise ValueError("activation checkpointing with offload_to_cpu=True cannot run inside a CUDA graph; call "
+                         "gradient_checkpointing_enable() without offload, or train without cuda_graph")
     found = {resolve_backend(m.backend, device=m.gate_up_proj.device, dtype=m.gate_up_proj.dtype)
              for m in model.modules() if isinstance(m, Experts)}
     bad = sorted(found - set(CAPTURABLE_BACKENDS))

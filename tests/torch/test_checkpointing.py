@@ -1,5 +1,7 @@
 """Activation checkpointing (`gradient_checkpointing_enable()`) changes memory, not numbers: for every family, the
-loss and every LoRA gradient equal those of the plain forward, and the layer forward really runs twice."""
+loss and every LoRA gradient equal those of the plain forward, and the layer forward really runs twice; the same with
+the kept layer inputs offloaded to host memory (`offload_to_cpu=True`), an aux loss (router logits carry gradient
+back through the recomputed layer) and a dense layer (whose router logits are None) included."""
 
 from __future__ import annotations
 
@@ -28,9 +30,14 @@ def _loss_and_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in _lora_params(model).items()}
 
 
+OVERRIDES = {"qwen3_moe": dict(output_router_logits=True, router_aux_loss_coef=0.5, mlp_only_layers=[0]),
+             "gpt_oss": dict(output_router_logits=True)}
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["on_device", "offloaded"])
 @pytest.mark.parametrize("family", sorted(TARGETS))
-def test_checkpointed_layers_give_the_same_loss_and_grads(family, tmp_path, seed):
-    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000)
+def test_checkpointed_layers_give_the_same_loss_and_grads(family, offload, tmp_path, seed):
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000, **OVERRIDES.get(family, {}))
     model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), moe_backend="grouped_mm",
                        lora_seed=seed % 1000)
     with torch.no_grad():
@@ -43,7 +50,7 @@ def test_checkpointed_layers_give_the_same_loss_and_grads(family, tmp_path, seed
 
     calls = []  # a pre-hook: the recompute stops early, once it has what the backward needs, before forward hooks
     hook = model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(offload_to_cpu=offload)
     loss_ck, grads_ck = _loss_and_grads(model, ids)
     hook.remove()
     assert len(calls) == 2, "the checkpointed layer should run its forward again in the backward"

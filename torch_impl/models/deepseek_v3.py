@@ -113,7 +113,8 @@ class DeepseekV3DecoderLayer(nn.Module):
 
 
 class DeepseekV3ForCausalLM(LayerCheckpointing, nn.Module):
-    """The whole model. `forward(input_ids [B, S], labels=None, position_ids=None) -> CausalLMOutput` (aux_loss is
+    """The whole model.
+    `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True) -> CausalLMOutput` (aux_loss is
     always None: HF has no load-balancing loss for these families). Parameters are created uninitialised
     (`torch_impl.load.load_model` fills them); `lm_head` is None with tied embeddings."""
 
@@ -135,7 +136,7 @@ class DeepseekV3ForCausalLM(LayerCheckpointing, nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
         position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, position_ids)
@@ -143,7 +144,8 @@ class DeepseekV3ForCausalLM(LayerCheckpointing, nn.Module):
         for layer in self.layers:
             x = self._run_layer(layer, x, cos, sin, mask)
         # DeepSeek-V3 and GLM define no load-balancing loss in HF (their routers carry a bias instead)
-        return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, [], self.config, False)
+        return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, [], self.config, False,
+                         return_logits)
 
 
 class Glm4MoeLiteForCausalLM(DeepseekV3ForCausalLM):

@@ -194,7 +194,8 @@ class GptOssDecoderLayer(nn.Module):
 
 
 class GptOssForCausalLM(LayerCheckpointing, nn.Module):
-    """The whole model. `forward(input_ids [B, S], labels=None, position_ids=None) -> CausalLMOutput`.
+    """The whole model.
+    `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True) -> CausalLMOutput`.
 
     Parameters are created uninitialised (`torch_impl.load.load_model` fills them). With tied embeddings
     `lm_head` is None and the logits use `embed_tokens.weight`ᵀ.
@@ -218,7 +219,7 @@ class GptOssForCausalLM(LayerCheckpointing, nn.Module):
         self.output_router_logits = bool(cfg.hf_config.get("output_router_logits", False))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
         position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, position_ids)
@@ -228,4 +229,4 @@ class GptOssForCausalLM(LayerCheckpointing, nn.Module):
             x, logits = self._run_layer(layer, x, cos, sin, mask)
             router_logits.append(logits)
         return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, router_logits, self.config,
-                         self.output_router_logits)
+                         self.output_router_logits, return_logits)

@@ -37,22 +37,68 @@ from shared_math.rope import rope_inv_freq
 class LayerCheckpointing:
     """Mixin of the family models: with `gradient_checkpointing_enable()` (HF's name) each decoder layer keeps only
     its input for the backward and recomputes its forward there (non-reentrant `torch.utils.checkpoint`), trading
-    one more forward for the layer activations; only while training with grad enabled, as HF does."""
+    one more forward for the layer activations; only while training with grad enabled, as HF does.
+
+    `gradient_checkpointing_enable(offload_to_cpu=True)` moves even the kept layer inputs to pinned host memory
+    (`offloaded_checkpoint`; what Unsloth calls gradient offloading): at 128K tokens a Qwen3-30B-A3B layer input is
+    0.5 GiB, 24 GiB over 48 layers, and the copies overlap the layers' compute."""
 
     gradient_checkpointing: bool = False
+    checkpoint_offload: bool = False
 
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(self, offload_to_cpu: bool = False) -> None:
         self.gradient_checkpointing = True
+        self.checkpoint_offload = bool(offload_to_cpu)
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+        self.checkpoint_offload = False
 
     def _run_layer(self, layer: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if self.checkpoint_offload:
+                return offloaded_checkpoint(layer, *args)
             # no RNG state to restore: nothing in these forwards draws random numbers (no dropout anywhere), and
             # saving it would read the CUDA generator, which a CUDA-graph capture forbids
             return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False)
         return layer(*args)
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    """A decoder layer run without grad, its input copied to pinned host memory; the backward copies it back,
+    recomputes the layer with grad and back-propagates through it (reentrant checkpointing: the LoRA parameters
+    inside the layer get their gradients from that inner backward). `anchor` is an empty tensor that requires grad,
+    so the outputs require grad even when the layer input does not (the first layer's input is a frozen embedding).
+    """
+
+    @staticmethod
+    def forward(ctx, layer: nn.Module, anchor: torch.Tensor, x: torch.Tensor, *args):
+        ctx.layer, ctx.args, ctx.device, ctx.x_requires_grad = layer, args, x.device, x.requires_grad
+        ctx.x_host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
+        ctx.x_host.copy_(x, non_blocking=True)  # ordered on the stream before anything can reuse x's memory
+        with torch.no_grad():
+            out = layer(x, *args)
+        return out if isinstance(out, tuple) else (out,)  # a dense layer's router logits stay None
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x = ctx.x_host.to(ctx.device, non_blocking=True).requires_grad_(True)
+        with torch.enable_grad():
+            out = ctx.layer(x, *ctx.args)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        ctx.x_host = None
+        return (None, None, x.grad if ctx.x_requires_grad else None, *([None] * len(ctx.args)))
+
+
+def offloaded_checkpoint(layer: nn.Module, x: torch.Tensor, *args):
+    """`layer(x, *args)` with activation checkpointing whose saved input lives in host memory (see
+    `_OffloadedCheckpoint`); returns what the layer returns (a tensor, or a tuple that may hold None)."""
+    anchor = torch.empty(0, device=x.device, requires_grad=True)
+    outs = _OffloadedCheckpoint.apply(layer, anchor, x, *args)
+    return outs if len(outs) > 1 else outs[0]
 
 
 def _frozen(*shape: int, dtype=None, device=None) -> nn.Parameter:
@@ -248,10 +294,11 @@ class DenseMLP(nn.Module):
 # ---- outputs and losses ------------------------------------------------------------------------------------------
 
 class CausalLMOutput(NamedTuple):
-    """logits [B, S, V] in the model dtype; loss (fp32 scalar) when labels were given; aux_loss when the config
-    asks for router logits (HF's `output_router_logits`), else None."""
+    """logits [B, S, V] in the model dtype (None when the forward was asked for the loss alone:
+    `return_logits=False`); loss (fp32 scalar) when labels were given; aux_loss when the config asks for router
+    logits (HF's `output_router_logits`), else None."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
 
@@ -300,12 +347,23 @@ def prepare_position_ids(input_ids: torch.Tensor, position_ids: torch.Tensor | N
 
 def lm_output(h_BSH: torch.Tensor, embed_tokens_VH: torch.Tensor, lm_head: nn.Module | None,
               labels: torch.Tensor | None, router_logits: list[torch.Tensor], cfg: ModelConfig,
-              output_router_logits: bool) -> CausalLMOutput:
+              output_router_logits: bool, return_logits: bool = True) -> CausalLMOutput:
     """Normed hidden states -> logits (tied embeddings when lm_head is None), HF's causal-LM loss, and the
     load-balancing aux loss when the config asks for router logits (added to the loss, times
-    router_aux_loss_coef, only when labels are given: HF's rule)."""
-    logits = h_BSH @ embed_tokens_VH.T if lm_head is None else lm_head(h_BSH)
-    loss = None if labels is None else causal_lm_loss(logits, labels)
+    router_aux_loss_coef, only when labels are given: HF's rule).
+
+    `return_logits=False` with labels: the loss comes from `torch_impl.loss.fused_linear_cross_entropy`, chunk by
+    chunk, and the `[B, S, V]` logits never exist (`logits` is None): what a training step wants."""
+    if labels is not None and not return_logits:
+        from torch_impl.loss import fused_linear_cross_entropy
+
+        weight, hv = (embed_tokens_VH, False) if lm_head is None else (lm_head.weight, True)
+        if lm_head is not None and lm_head.bias is not None:
+            raise NotImplementedError("the fused loss has no output bias; pass return_logits=True")
+        logits, loss = None, fused_linear_cross_entropy(h_BSH, weight, labels, weight_is_HV=hv)
+    else:
+        logits = h_BSH @ embed_tokens_VH.T if lm_head is None else lm_head(h_BSH)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
     aux = None
     if output_router_logits and router_logits:
         aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok)

@@ -1,0 +1,157 @@
+"""The causal-LM loss without logits (`torch_impl.loss.fused_linear_cross_entropy`) against the materialised path.
+
+Unit level: the loss, dh and dW of the chunked function equal `F.cross_entropy` of `h @ W` in float64 (the oracle),
+for both weight layouts, chunk sizes that do and do not divide the rows (1 row a chunk, a prime, more than all rows),
+ignored positions, a row with no valid label and a batch with none (NaN, as HF's mean gives).
+Model level: every family's forward with `return_logits=False` gives the loss and every LoRA gradient of the
+materialised forward in fp32 (tied embeddings and the aux loss included), and no logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from shared_math.config import EXPERT_TARGETS, LoraConfig  # noqa: E402
+from shared_math.numerics import assert_close  # noqa: E402
+from shared_math.tiny import write_tiny_checkpoint  # noqa: E402
+from torch_impl import load_model  # noqa: E402
+from torch_impl.loss import default_chunk_rows, fused_linear_cross_entropy, shift_labels  # noqa: E402
+
+
+def _reference(h, w, labels, weight_is_HV):
+    logits = h @ w if weight_is_HV else h @ w.t()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift_labels(labels).reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("weight_is_HV", [True, False], ids=["lm_head", "tied"])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+@pytest.mark.parametrize("ignored", ["none", "some", "whole_row"])
+def test_fused_loss_matches_float64_reference(weight_is_HV, chunk_rows, ignored):
+    g = torch.Generator().manual_seed(chunk_rows)
+    B, S, H, V = 3, 11, 13, 37  # odd sizes: chunks straddle rows of the batch
+    h = torch.randn(B, S, H, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(*((H, V) if weight_is_HV else (V, H)), generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (B, S), generator=g)
+    if ignored == "some":
+        labels[:, :3] = -100
+    elif ignored == "whole_row":
+        labels[1] = -100
+    loss = fused_linear_cross_entropy(h, w, labels, weight_is_HV=weight_is_HV, chunk_rows=chunk_rows)
+    dh, dw = torch.autograd.grad(3.0 * loss, (h, w))  # a non-unit upstream gradient reaches both
+    ref = _reference(h, w, labels, weight_is_HV)
+    rdh, rdw = torch.autograd.grad(3.0 * ref, (h, w))
+    assert_close(loss.detach(), ref.detach(), dtype="float64", quantity="moe_block", name="loss")
+    assert_close(dh, rdh, dtype="float64", quantity="moe_grad", name="dh")
+    assert_close(dw, rdw, dtype="float64", quantity="moe_grad", name="dW")
+
+
+def test_no_valid_label_gives_nan_like_hf():
+    h = torch.randn(1, 4, 8, dtype=torch.float64)
+    w = torch.randn(8, 16, dtype=torch.float64)
+    labels = torch.full((1, 4), -100)
+    assert math.isnan(float(fused_linear_cross_entropy(h, w, labels)))
+    assert math.isnan(float(_reference(h, w, labels, True)))
+
+
+def test_frozen_weight_gets_no_gradient_and_eval_computes_none():
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(8, 16)
+    labels = torch.randint(0, 16, (2, 5))
+    loss = fused_linear_cross_entropy(h, w, labels)
+    (dh,) = torch.autograd.grad(loss, (h,))
+    assert dh.shape == h.shape and w.grad is None
+    with torch.no_grad():  # no gradient asked for: the same loss, nothing else computed
+        assert torch.equal(fused_linear_cross_entropy(h, w, labels), loss.detach())
+
+
+def test_bfloat16_rounds_where_hf_rounds():
+    """bf16 inputs: the logits are rounded to bf16 before the fp32 log-sum-exp and dz is rounded to bf16 before the
+    dh GEMM, as HF's `logits.float()` path does; what is left is GEMM summation order (bf16 tolerance)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, 32, generator=g).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(32, 50, generator=g) / 6).to(torch.bfloat16)
+    labels = torch.randint(0, 50, (2, 9), generator=g)
+    loss = fused_linear_cross_entropy(h, w, labels, chunk_rows=4)
+    (dh,) = torch.autograd.grad(loss, (h,))
+    ref_logits = (h @ w).float()
+    ref = F.cross_entropy(ref_logits.reshape(-1, 50), shift_labels(labels).reshape(-1))
+    (rdh,) = torch.autograd.grad(ref, (h,))
+    assert loss.dtype == torch.float32
+    assert_close(loss.detach(), ref.detach(), dtype="bfloat16", quantity="loss", name="loss")
+    assert_close(dh.float(), rdh.float(), dtype="bfloat16", quantity="moe_grad", name="dh")
+
+
+def test_chunk_rows_bound_the_logits_block():
+    assert default_chunk_rows(151_936) * 151_936 <= 1 << 28
+    assert default_chunk_rows(151_936) % 64 == 0 and default_chunk_rows(10**9) == 64
+
+
+FAMILIES = {
+    "qwen3_moe": {},
+    "qwen3_moe_tied_aux": dict(tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=0.5),
+    "gpt_oss": {},
+    "deepseek_v3": {},
+    "glm4_moe": {},
+    "glm4_moe_lite": {},
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_model_loss_without_logits_equals_materialised(case, tmp_path):
+    family = case.split("_tied")[0]
+    path = write_tiny_checkpoint(family, tmp_path / case, seed=3, **FAMILIES[case])
+    attn = ("q_a_proj", "kv_b_proj", "o_proj") if family in ("deepseek_v3", "glm4_moe_lite") else ("q_proj", "v_proj")
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8, targets=attn + EXPERT_TARGETS), lora_seed=1,
+                       moe_backend="native")
+    with torch.no_grad():  # B non-zero, so the LoRA path is part of the loss
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    model.train()
+    rng = np.random.default_rng(0)
+    ids = torch.from_numpy(rng.integers(0, 128, size=(2, 10)))
+    labels = ids.clone()
+    labels[:, :3] = -100
+
+    def run(return_logits):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=labels, return_logits=return_logits)
+        out.loss.backward()
+        return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fused, fused_grads = run(False)
+    full, full_grads = run(True)
+    assert fused.logits is None and full.logits is not None
+    assert_close(fused.loss.detach(), full.loss.detach(), dtype="float32", quantity="loss", name="loss")
+    if full.aux_loss is not None:
+        assert torch.equal(fused.aux_loss, full.aux_loss)
+    assert fused_grads.keys() == full_grads.keys() and fused_grads
+    for k in full_grads:
+        assert_close(fused_grads[k], full_grads[k], dtype="float32", quantity="lora_grad", name=k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_is_HV", [True, False], ids=["lm_head", "tied"])
+def test_fused_loss_bf16_on_gpu_matches_materialised(weight_is_HV):
+    """A Qwen3-sized vocabulary in bf16 on the GPU, several chunks: loss and dh against the materialised path."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    S, H, V = 3000, 2048, 151_936
+    h = (torch.randn(1, S, H, device="cuda", generator=g) * 2).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(*((H, V) if weight_is_HV else (V, H)), device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    labels = torch.randint(0, V, (1, S), device="cuda", generator=g)
+    labels[:, :100] = -100
+    loss = fused_linear_cross_entropy(h, w, labels, weight_is_HV=weight_is_HV)
+    (dh,) = torch.autograd.grad(loss, (h,))
+    logits = (h @ w if weight_is_HV else h @ w.t()).float()
+    ref = F.cross_entropy(logits.reshape(-1, V), shift_labels(labels).reshape(-1))
+    (rdh,) = torch.autograd.grad(ref, (h,))
+    assert_close(loss.detach(), ref.detach(), dtype="bfloat16", quantity="loss", name="loss")
+    assert_close(dh.float(), rdh.float(), dtype="bfloat16", quantity="moe_grad", name="dh")

@@ -1,0 +1,110 @@
+"""The causal-LM loss from the final hidden states and the output weight, without ever holding the `[S, V]` logits.
+
+Shape legend: N = B·S token rows · H hidden · V vocab · C rows per chunk.
+
+HF's `ForCausalLMLoss` computes `logits = h @ W` for every token (bf16), copies them to fp32, shifts the labels left
+by one and takes the mean cross-entropy over the non-ignored positions. At 64K tokens and V = 151,936 the fp32 copy
+alone is 40 GB. `fused_linear_cross_entropy` gives the same number and the same gradients chunk by chunk:
+
+    for each chunk of C rows:  z = (h_c @ W).float()              the logits of C rows, rounded where HF rounds
+                               lse = logsumexp(z)                   fp32
+                               loss += Σ (lse − z[label])           over the chunk's valid rows
+                               dz = (softmax(z) − onehot) / n_valid dh_c = dz.to(h.dtype) @ Wᵀ (HF's rounding of dz)
+
+The gradient is computed in the forward while the chunk's logits exist (so the logits matmul runs once, not twice)
+and scaled by the incoming gradient in the backward; it is kept only when autograd asks for it (`ctx`'s
+`needs_input_grad`), so eval pays for the loss alone. Peak extra memory is one chunk's `[C, V]` fp32 block plus
+`dh [N, H]`, set by `chunk_rows`. A frozen output weight (every recipe here) gets no gradient; a trainable one gets
+its fp32-accumulated `dW = Σ_c h_cᵀ dz_c`.
+
+Cut-Cross-Entropy and Liger-Kernel's fused linear cross-entropy do the same in Triton; the chunk loop here is plain
+torch (two GEMMs of `C × H × V` a chunk dominate; the elementwise softmax is one pass over the chunk), so it runs on
+every device and in the CPU tests, and benchmarks/loss_bench.py measures it next to both on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+# One chunk's fp32 logits block is at most this many elements (2^28 = 1 GiB): at V = 151,936 that is 1,766 rows,
+# large enough that the chunk's GEMMs run at the dense rate, small enough to be noise next to a 30B model's weights.
+_CHUNK_ELEMENTS = 1 << 28
+
+
+def shift_labels(labels_BS: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """HF's label shift: position t is scored against labels[t + 1]; the last position of each row is ignored."""
+    return F.pad(labels_BS, (0, 1), value=ignore_index)[..., 1:]
+
+
+def default_chunk_rows(vocab: int) -> int:
+    """Rows per chunk so that one chunk's fp32 logits stay within `_CHUNK_ELEMENTS` (a multiple of 64, >= 64)."""
+    return max(64, (_CHUNK_ELEMENTS // max(vocab, 1)) // 64 * 64)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """loss = mean over valid rows of CE(h @ W, target); W given as [H, V] (`weight_is_HV`) or [V, H]."""
+
+    @staticmethod
+    def forward(ctx, h_NH: torch.Tensor, weight: torch.Tensor, target_N: torch.Tensor, weight_is_HV: bool,
+                chunk_rows: int, ignore_index: int) -> torch.Tensor:
+        N = h_NH.shape[0]
+        w_HV = weight if weight_is_HV else weight.t()
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(h_NH.dtype, torch.float32)
+        valid_N = target_N != ignore_index
+        # HF's mean: sum over valid rows / their count (0/0 = NaN with no valid row, as F.cross_entropy gives)
+        n_valid = valid_N.sum().to(acc)
+        total = torch.zeros((), dtype=acc, device=h_NH.device)
+        dh_NH = torch.empty_like(h_NH) if need_dh else None
+        dw_HV = torch.zeros(w_HV.shape, dtype=acc, device=w_HV.device) if need_dw else None
+        for s in range(0, N, chunk_rows):
+            h_c = h_NH[s:s + chunk_rows]
+            t_c = target_N[s:s + chunk_rows]
+            v_c = valid_N[s:s + chunk_rows]
+            # the model-dtype logits, then fp32 (HF's rounding points); float64 stays float64 for the oracle tests
+            z_CV = (h_c @ w_HV).to(acc)
+            lse_C = torch.logsumexp(z_CV, dim=-1)
+            safe_t = torch.where(v_c, t_c, torch.zeros_like(t_c))
+            z_t = z_CV.gather(1, safe_t[:, None]).squeeze(1)
+            total = total + torch.where(v_c, lse_C - z_t, torch.zeros_like(lse_C)).sum()
+            if need_dh or need_dw:
+                # dz = (softmax − onehot) / n_valid on valid rows, 0 elsewhere; computed in place over z's buffer
+                dz_CV = z_CV.sub_(lse_C[:, None]).exp_()
+                dz_CV.scatter_add_(1, safe_t[:, None], -torch.ones_like(z_t)[:, None])
+                dz_CV.mul_((v_c.to(acc) / n_valid)[:, None])
+                dz_lo = dz_CV.to(h_NH.dtype)  # HF: the fp32 logits' gradient is cast back to the logits' dtype
+                if need_dh:
+                    dh_NH[s:s + chunk_rows] = dz_lo @ w_HV.t()
+                if need_dw:
+                    dw_HV.add_(h_c.t().to(dz_lo.dtype) @ dz_lo)
+            del z_CV
+        ctx.weight_is_HV, ctx.weight_dtype = weight_is_HV, weight.dtype
+        ctx.save_for_backward(dh_NH if need_dh else None, dw_HV if need_dw else None)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        dh_NH, dw_HV = ctx.saved_tensors
+        dh = None if dh_NH is None else dh_NH * grad_loss.to(dh_NH.dtype)
+        dw = None
+        if dw_HV is not None:
+            dw = dw_HV * grad_loss
+            dw = (dw if ctx.weight_is_HV else dw.t()).to(ctx.weight_dtype)
+        return dh, dw, None, None, None, None
+
+
+def fused_linear_cross_entropy(h_BSH: torch.Tensor, weight: torch.Tensor, labels_BS: torch.Tensor, *,
+                               weight_is_HV: bool = True, chunk_rows: int | None = None,
+                               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """HF's causal-LM loss of logits `h_BSH @ W` without materialising them: labels shifted left by one, positions
+    labelled `ignore_index` skipped, mean over the rest (fp32 scalar). `weight` is the output projection as
+    `[H, V]` (`weight_is_HV`, the canonical `lm_head.weight`) or `[V, H]` (tied input embeddings)."""
+    if h_BSH.shape[:-1] != labels_BS.shape:
+        raise ValueError(f"hidden states {tuple(h_BSH.shape)} and labels {tuple(labels_BS.shape)} disagree on [B, S]")
+    vocab = weight.shape[1] if weight_is_HV else weight.shape[0]
+    rows = chunk_rows or default_chunk_rows(vocab)
+    h_NH = h_BSH.reshape(-1, h_BSH.shape[-1])
+    target_N = shift_labels(labels_BS, ignore_index).reshape(-1)
+    return _FusedLinearCE.apply(h_NH, weight, target_N, weight_is_HV, rows, ignore_index)
