@@ -18,11 +18,16 @@
 #   bash benchmarks/gpu_session.sh mosaic     # the probe again, the Pallas sweep (which now times Mosaic per NN pass),
 #                                             # then the JAX rows of all three backends
 #   bash benchmarks/gpu_session.sh mosaicblock # the T=16384 and gpt-oss T=65536 rows of the three Pallas backends
+#   bash benchmarks/gpu_session.sh wholestep  # the loss four ways (loss_bench.py), then Qwen3-30B-A3B (48 layers)
+#                                             # steps of torch_impl and Unsloth in one command (step.py); needs .whl
+#                                             # (shared/tools/unsloth-wheels.sh .whl, plus liger-kernel's wheel)
+#   bash benchmarks/gpu_session.sh longctx    # gpt-oss-20b steps of torch_impl and Unsloth; torch_impl's longest
+#                                             # Qwen3-30B-A3B context (step.py --max-context)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -34,7 +39,30 @@ gpu_tests() {  # $1 log name, $2 timeout, rest: pytest args; -v so every result 
   local log=$1 t=$2; shift 2
   timeout "$t" python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider -rfEX --tb=short "$@" > "$R/$log" 2>&1
 }
+wheels() {  # Unsloth's and Liger's wheels (carried in .whl) into /tmp/site, on the path of every python3 below
+  [ -d .whl ] || return 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$R/wheels.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+}
 case $PART in
+  wholestep)
+    wheels
+    timeout 90 python3 benchmarks/loss_bench.py --seq 4096,16384,65536 --out "$R/loss.jsonl" > "$R/loss.log" 2>&1
+    timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/torch/test_fused_loss.py > "$R/gpu_tests.log" 2>&1
+    timeout 150 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl \
+      --profile "$R" --out "$R/step_qwen3.jsonl" > "$R/step_qwen3.log" 2>&1
+    timeout 270 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls unsloth \
+      --out "$R/step_qwen3.jsonl" >> "$R/step_qwen3.log" 2>&1
+    grep -h "^{" "$R/loss.log" "$R/step_qwen3.log" | cut -c1-300 ;;
+  longctx)
+    wheels
+    timeout 140 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
+    timeout 200 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls unsloth \
+      --out "$R/step_gpt_oss.jsonl" >> "$R/step_gpt_oss.log" 2>&1
+    timeout 220 python3 benchmarks/step.py --family qwen3_moe --seq 32768 --max-context --max-seq 131072 \
+      --context-step 16384 --impls torch_impl --out "$R/maxctx_qwen3.jsonl" > "$R/maxctx_qwen3.log" 2>&1
+    grep -h "^{" "$R/step_gpt_oss.log" "$R/maxctx_qwen3.log" | cut -c1-300 ;;
   block)
     (export CUDA_VISIBLE_DEVICES=1
      timeout 170 python3 benchmarks/pallas_sweep.py --out "$R/pallas_sweep" --budget-s 150 --final-s 45 > "$R/pallas_sweep.log" 2>&1
@@ -140,7 +168,7 @@ case $PART in
     timeout 240 python3 benchmarks/mosaic_probe.py --out "$R/mosaic_probe.jsonl" > "$R/mosaic_probe.log" 2>&1
     grep -E "^(OK|FAIL)" "$R/mosaic_probe.log" | cut -c1-400
     gpu_tests gpu_tests_mosaic.log 200 tests/jax/test_mosaic_kernels.py tests/jax/test_moe_block.py -k "mosaic or pallas" ;;
-  *) echo "unknown part $PART: block, steps, followup, tests, finish, probe, graph, graph2, blockgraph, mosaicprobe, mosaic or mosaicblock" >&2; exit 2 ;;
+  *) echo "unknown part $PART: block, steps, followup, tests, finish, probe, graph, graph2, blockgraph, mosaicprobe, mosaic, mosaicblock, wholestep or longctx" >&2; exit 2 ;;
 esac
 tar czf "$OUT/$PART.tgz" -C /tmp "$PART"
 grep -hE "^(FAILED|ERROR)|passed|failed" "$R"/gpu_tests*.log 2>/dev/null | tail -20 || true

@@ -1,9 +1,27 @@
-"""The harness of the full-model step benchmarks (gpt_oss_step.py, glm_flash_step.py): build torch_impl's model and
-HF v5 + PEFT's from one config.json dict with random bf16 weights, each in its own process (so peak memory is its own),
-and time one LoRA training step (forward with labels, backward, AdamW on the LoRA parameters; batch 1 of S random
-tokens) per context length: median step time after warm-up and peak allocated memory. The recipe defaults to
-h200-anchors.md's: LoRA r=64, alpha=128 (fp32 LoRA weights), non-reentrant activation checkpointing per decoder layer
-in both implementations. The scripts supply the config, the LoRA targets and their defaults; everything else is here.
+"""One LoRA training step of a full-size MoE model, for every family and every implementation, in one command.
+
+    splitmoe bench step --family qwen3_moe --preset 30b-a3b --seq 4096,16384 --impls torch_impl,hf_peft,unsloth
+    splitmoe bench step --family gpt_oss --preset 20b --max-context --impls torch_impl,unsloth
+    splitmoe bench step --family glm4_moe_lite --preset tiny --device cpu --seq 64 --iters 1   # smoke test (CPU)
+
+A step is forward with labels, backward and AdamW on the LoRA parameters, batch 1 of S random tokens, labels = inputs;
+every implementation gets the same recipe (h200-anchors.md's): random bf16 weights (N(0, 0.02), norms 1), LoRA r=64,
+alpha=128 (fp32 adapters and AdamW state) on the attention projections and both expert tensors, B non-zero, and
+non-reentrant activation checkpointing per decoder layer. Rows:
+
+- `torch_impl`: this project (`--backend` picks the MoE backend; `--cuda-graph` replays a captured forward + backward);
+  the loss through `torch_impl.loss` (no `[S, V]` logits) and torch's fused AdamW on CUDA;
+- `hf_peft`: HF transformers v5 with PEFT (`target_parameters` on the experts), `--hf-attn` attention;
+- `unsloth`: Unsloth as its users run it (qwen3_moe and gpt_oss): the random model saved with save_pretrained (the
+  expert tensors left out, so transformers draws them at load, which keeps a 30B save small), loaded with
+  `FastLanguageModel.from_pretrained`, LoRA from `FastLanguageModel.get_peft_model` with
+  `use_gradient_checkpointing="unsloth"`. Needs Unsloth's wheels on the path (shared/tools/unsloth-wheels.sh).
+
+Each implementation runs in its own process (peak memory is its own; Unsloth patches transformers at import). A row
+that fails (out of memory, an error) is recorded with its error, not dropped. `--max-context` finds the longest S
+that trains for each implementation: doubling from the first `--seq` until a step fails or `--max-seq` is reached,
+then bisecting to `--context-step` tokens. One JSON line per row (`step_ms`, `peak_gib`, `first_step_s`, versions)
+on stdout and appended to `--out`.
 """
 
 from __future__ import annotations
@@ -11,18 +29,36 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import versions, write_jsonl
-from shared_math.config import LoraConfig, ModelConfig
+# Unsloth must be imported before transformers (it patches it at import): nothing here imports transformers at the
+# top, and the unsloth row's process imports unsloth first (`_import_unsloth`).
+import torch  # noqa: E402
+
+from benchmarks.common import versions, write_jsonl  # noqa: E402
+from shared_math.config import EXPERT_TARGETS, LoraConfig, ModelConfig  # noqa: E402
+from shared_math.presets import PRESETS, preset_hf_config, preset_names  # noqa: E402
+
+IMPLS = ("torch_impl", "hf_peft", "unsloth")
+# attention projections with LoRA per family (MLA families have no q/k/v_proj); the experts always get both tensors
+ATTENTION_TARGETS = {
+    "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "gpt_oss": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "glm4_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "deepseek_v3": ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+    "glm4_moe_lite": ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+}
+# gpt-oss in HF v5 has no SDPA path (sinks): eager is the attention its users get without extra kernels
+DEFAULT_HF_ATTN = {"gpt_oss": "eager"}
 
 
 @torch.no_grad()
@@ -47,7 +83,7 @@ def _lora_b_nonzero(model: torch.nn.Module) -> None:
             p.normal_(0.0, 0.01)
 
 
-def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt: bool):
+def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt: bool, offload: bool = False):
     from torch_impl.load import build_model
     from torch_impl.lora import attach_lora
 
@@ -56,9 +92,10 @@ def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt:
     attach_lora(model, lora, seed=0)
     _lora_b_nonzero(model)
     if grad_ckpt:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(offload_to_cpu=offload)
     model.train()
-    return model, lambda ids: model(ids, labels=ids).loss
+    # the training loss without logits (torch_impl.loss): what torch_impl's Trainer runs
+    return model, lambda ids: model(ids, labels=ids, return_logits=False).loss
 
 
 def graph_context(impl: str):
@@ -89,12 +126,21 @@ def build_hf(hf: dict, device: str, attn: str, lora: LoraConfig, grad_ckpt: bool
     return pm, lambda ids: pm(input_ids=ids, labels=ids, use_cache=False).loss
 
 
-def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters: int, graph_ctx=None) -> dict:
+def make_adamw(params: list[torch.nn.Parameter], impl: str) -> torch.optim.Optimizer:
+    """torch_impl: torch's fused AdamW on CUDA (one kernel over all LoRA tensors, what its Trainer uses); the others:
+    AdamW as their users construct it (torch's default, foreach)."""
+    fused = impl == "torch_impl" and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
+
+
+def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters: int, graph_ctx=None,
+            impl: str = "torch_impl") -> dict:
     """Median step time and peak memory. `graph_ctx` (a context factory, see graph_context): forward + backward
     captured once in a CUDA graph (torch_impl.cuda_graph.GraphedLoss, its own warm-up included) and replayed per
-    step; AdamW runs eagerly after it in both modes."""
+    step; AdamW runs eagerly after it in both modes. `first_step_s`: the first call's seconds (compilation,
+    autotuning and allocation included), what a user waits for before the first loss."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = make_adamw(params, impl)
     ids = torch.randint(0, vocab, (1, S), device=device)
     cuda = device.startswith("cuda")
     if graph_ctx is not None:
@@ -108,15 +154,24 @@ def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters:
         def fwd_bwd():
             loss_fn(ids).backward()
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def step():  # gradients freed after the update, as a training loop does: between steps only AdamW state stays
         fwd_bwd()
         opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
+    first_s = None
+    # memory by component: the model with its adapters before any step, then AdamW's state after the first
+    model_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None
+    for i in range(warmup):
+        t0 = time.perf_counter()
         step()
+        if i == 0:
+            if cuda:
+                torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.synchronize()
+        resident_gib = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
@@ -125,11 +180,15 @@ def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters:
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return dict(step_ms=statistics.median(times), peak_gib=peak, lora_params=sum(p.numel() for p in params))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None  # no allocator statistics on a CPU
+    memory = {}
+    if cuda and warmup:  # weights + LoRA; AdamW state (and anything else a step keeps); a step's transient peak
+        memory = dict(model_gib=model_gib, optimizer_gib=resident_gib - model_gib, step_extra_gib=peak - resident_gib)
+    return dict(step_ms=statistics.median(times), peak_gib=peak, first_step_s=first_s,
+                lora_params=sum(p.numel() for p in params), **memory)
 
 
-def profile_step(model, loss_fn, S: int, vocab: int, device: str, path: Path) -> None:
+def profile_step(model, loss_fn, S: int, vocab: int, device: str, path: Path, impl: str = "torch_impl") -> None:
     """One more step (after `measure` warmed everything up) under torch.profiler; writes the op tables sorted by
     device time and by host time, with the step's wall time and busy device time, to `path` (where does a step's
     time go: kernels, or the host issuing them)."""
@@ -137,7 +196,7 @@ def profile_step(model, loss_fn, S: int, vocab: int, device: str, path: Path) ->
     from torch.profiler import ProfilerActivity, profile
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = make_adamw(params, impl)
     ids = torch.randint(0, vocab, (1, S), device=device)
     cuda = device.startswith("cuda")
     for _ in range(2):  # the optimizer's state, then a steady step
@@ -167,79 +226,232 @@ def profile_step(model, loss_fn, S: int, vocab: int, device: str, path: Path) ->
     print(f"profile of S={S}: wall {wall:.1f} ms, device busy {busy:.1f} ms -> {path}", flush=True)
 
 
-def run(argv: list[str] | None, *, doc: str, hf_config: Callable[[str, int | None], dict], targets: tuple[str, ...],
-        presets: tuple[str, ...], seq: str, hf_attn: str, script: str) -> int:
-    """Parse the command line (defaults from the calling script, whose path is `script`) and measure every
-    (implementation, S) row."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=presets[0], choices=list(presets))
-    p.add_argument("--layers", type=int, default=None, help="truncate the depth (for quick checks)")
-    p.add_argument("--seq", default=seq)
-    p.add_argument("--impls", default="torch_impl,hf_peft")
+
+
+# ---- Unsloth --------------------------------------------------------------------------------------------------
+
+def _import_unsloth():
+    """Import unsloth offline (before transformers: it patches it at import) with its telemetry and downloads off."""
+    for k, v in {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                 "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
+                 "UNSLOTH_COMPILE_LOCATION": os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache"),
+                 "TOKENIZERS_PARALLELISM": "false", "UNSLOTH_WARN_UNINITIALIZED": "0"}.items():
+        os.environ.setdefault(k, v)
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        raise ImportError("No module named 'unsloth'")
+    if "transformers" in sys.modules:
+        raise RuntimeError("the unsloth row must import unsloth before transformers (run it in its own process)")
+    import unsloth
+
+    return unsloth
+
+
+def _write_byte_tokenizer(path: Path) -> None:
+    """A minimal offline tokenizer for from_pretrained: byte-level BPE without merges (256 byte ids) and three special
+    tokens; the benchmark feeds random ids, so only its presence matters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                            pad_token="<|endoftext|>").save_pretrained(path)
+
+
+def build_unsloth(hf: dict, family: str, device: str, lora: LoraConfig, max_seq: int, workdir: Path):
+    """Unsloth's model as its users get it: save the random model (experts left out: drawn at load), load it with
+    FastLanguageModel, LoRA on the attention projections and the experts, Unsloth's gradient checkpointing."""
+    if family not in ("qwen3_moe", "gpt_oss"):
+        raise NotImplementedError(f"the unsloth row covers qwen3_moe and gpt_oss (Unsloth's MoE LoRA docs), not "
+                                  f"{family}")
+    _import_unsloth()
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from unsloth import FastLanguageModel
+
+    path = workdir / f"{family}_L{hf['num_hidden_layers']}_H{hf['hidden_size']}"
+    if not (path / ".complete").is_file():
+        config = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items() if k != "model_type"},
+                                      bos_token_id=256, eos_token_id=258, pad_token_id=256)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        _randomise(model)
+        state = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
+        model.save_pretrained(path, state_dict=state, max_shard_size="5GB")
+        del model, state
+        gc.collect()
+        torch.cuda.empty_cache() if device.startswith("cuda") else None
+        _write_byte_tokenizer(path)
+        (path / ".complete").write_text("")
+    model, _ = FastLanguageModel.from_pretrained(str(path), max_seq_length=max_seq, load_in_4bit=False,
+                                                 dtype=torch.bfloat16)
+    targets = [t.removeprefix("experts.") for t in lora.targets]  # Unsloth's docs: gate_up_proj, down_proj
+    model = FastLanguageModel.get_peft_model(model, r=lora.rank, lora_alpha=lora.alpha, target_modules=targets,
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    FastLanguageModel.for_training(model)
+    _lora_b_nonzero(model)
+    return model, lambda ids: model(input_ids=ids, labels=ids).loss
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+
+def _error_text(e: BaseException) -> str:
+    oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    return "OOM" if oom else f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def _try_step(model, loss_fn, S: int, vocab: int, a: argparse.Namespace, impl: str, ctx) -> dict:
+    """One row's measurement; a failure becomes the row's `error` (the memory it held is released first)."""
+    try:
+        return measure(model, loss_fn, S, vocab, a.device, a.warmup, a.iters, ctx, impl=impl)
+    except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError) as e:
+        return dict(step_ms=None, peak_gib=None, error=_error_text(e))
+    finally:
+        gc.collect()
+        if a.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def max_context(probe, start: int, cap: int, step: int) -> tuple[int | None, list[dict]]:
+    """The longest S (a multiple of `step`) for which `probe(S)` returns a row without error: doubling from `start`
+    until a failure or `cap`, then bisecting between the last success and the first failure."""
+    rows, ok, bad = [], None, None
+    S = start
+    while True:
+        row = probe(S)
+        rows.append(row)
+        if row.get("error"):
+            bad = S
+            break
+        ok = S
+        if S >= cap:
+            return ok, rows
+        S = min(2 * S, cap)
+    while ok is not None and bad - ok > step:
+        mid = (ok + bad) // 2 // step * step
+        if mid <= ok:
+            break
+        row = probe(mid)
+        rows.append(row)
+        ok, bad = (ok, mid) if row.get("error") else (mid, bad)
+    return ok, rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="qwen3_moe", choices=list(PRESETS))
+    p.add_argument("--preset", default=None, help="a full-size preset of the family (default: its first) or tiny")
+    p.add_argument("--layers", type=int, default=None, help="truncate the depth (quick checks)")
+    p.add_argument("--seq", default="4096,16384", help="comma-separated context lengths")
+    p.add_argument("--impls", default="torch_impl,hf_peft", help=f"comma-separated, of {', '.join(IMPLS)}")
     p.add_argument("--backend", default="auto", help="torch_impl MoE backend")
-    p.add_argument("--hf-attn", default=hf_attn, help="HF attention implementation (eager, sdpa, flex_attention, ...)")
+    p.add_argument("--hf-attn", default=None, help="HF attention implementation (default: sdpa; eager for gpt_oss)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--out", type=Path, default=None, help="append one JSON line per row")
+    p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--alpha", type=float, default=128.0)
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="capture forward + backward in a CUDA graph and replay it (both implementations; a capture "
-                        "that fails is recorded in the row)")
-    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                   help="after the timed rows, profile one step at the first length: "
-                        "DIR/<script>_<preset>_L<layers>_<impl>_S<seq>.txt")
+    p.add_argument("--cuda-graph", action="store_true", help="torch_impl: replay a captured forward + backward")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
-                   help="keep every layer's activations (default: non-reentrant activation checkpointing per decoder "
-                        "layer in both implementations, the h200-anchors.md recipe)")
+                   help="keep every layer's activations (default: activation checkpointing per decoder layer)")
+    p.add_argument("--offload", action="store_true",
+                   help="torch_impl: keep the checkpointed layer inputs in pinned host memory (long context)")
+    p.add_argument("--max-context", action="store_true", help="find the longest S that trains, per implementation")
+    p.add_argument("--max-seq", type=int, default=262144, help="--max-context: the largest S tried")
+    p.add_argument("--context-step", type=int, default=4096, help="--max-context: bisection granularity")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="after the timed rows, profile one step at the first length into DIR")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="unsloth: where its random checkpoint is saved (default: /dev/shm or the temp folder)")
+    p.add_argument("--out", type=Path, default=None, help="append one JSON line per row")
     a = p.parse_args(argv)
-    impls = a.impls.split(",")
-    if len(impls) > 1:
-        # One process per implementation: peak memory is then that implementation's alone, whatever the other one
-        # left cached or referenced (a first run kept the torch_impl model alive into HF's rows: +42 GiB there).
+    a.preset = a.preset or preset_names(a.family)[0]
+    a.hf_attn = a.hf_attn or DEFAULT_HF_ATTN.get(a.family, "sdpa")
+    a.impls = a.impls.split(",")
+    unknown = [i for i in a.impls if i not in IMPLS]
+    if unknown:
+        p.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLS)}")
+    a.seqs = [int(s) for s in a.seq.split(",")]
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if len(a.impls) > 1:
+        # one process per implementation: its peak memory is its own, and Unsloth's import-time patches stay in it
         args = list(sys.argv[1:] if argv is None else argv)
         rc = 0
-        for impl in impls:
-            rc |= subprocess.run([sys.executable, script, *args, "--impls", impl]).returncode
+        for impl in a.impls:
+            rc |= subprocess.run([sys.executable, __file__, *args, "--impls", impl]).returncode
         return rc
+    impl = a.impls[0]
+    unsloth_error = None
+    if impl == "unsloth":
+        try:
+            _import_unsloth()  # first, before anything imports transformers
+        except ImportError as e:
+            unsloth_error = (f"unsloth is not importable ({e}); shared/tools/unsloth-wheels.sh collects its wheels "
+                             "for an offline machine")
     torch.backends.cuda.matmul.allow_tf32 = True
-    hf = hf_config(a.preset, a.layers)
-    lora = LoraConfig(rank=a.rank, alpha=a.alpha, targets=targets)
-    env = versions()
-    cuda = a.device.startswith("cuda")
-    for impl in impls:
-        model, loss_fn = (build_ours(hf, a.device, a.backend, lora, a.grad_ckpt) if impl == "torch_impl"
-                          else build_hf(hf, a.device, a.hf_attn, lora, a.grad_ckpt))
-        seqs = [int(s) for s in a.seq.split(",")]
-        # One untimed step before the first length: on the H200 the first length of a process still carried
-        # one-time work after a one-step warm-up (gpt-oss 1K: 1325 ms, then 4K: 536 ms in the same process).
-        measure(model, loss_fn, min(seqs), hf["vocab_size"], a.device, warmup=0, iters=1)
-        ctx = graph_context(impl) if a.cuda_graph else None
-        for S in seqs:
-            row = dict(impl=impl, preset=a.preset, layers=hf["num_hidden_layers"], seq=S, backend=a.backend,
-                       hf_attn=a.hf_attn, rank=a.rank, alpha=a.alpha, grad_ckpt=a.grad_ckpt,
-                       cuda_graph=a.cuda_graph, **env)
-            try:
-                row.update(measure(model, loss_fn, S, hf["vocab_size"], a.device, a.warmup, a.iters, ctx))
-            except torch.OutOfMemoryError as e:
-                row.update(step_ms=None, peak_gib=None, error=f"OOM: {str(e)[:120]}")
-            except RuntimeError as e:
-                if not a.cuda_graph:
-                    raise
-                row.update(step_ms=None, peak_gib=None, error=f"CUDA graph: {str(e)[:300]}")
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-            print(json.dumps({k: row[k] for k in ("impl", "seq", "cuda_graph", "step_ms", "peak_gib", "error")
-                              if k in row}), flush=True)
-            if a.out:
-                write_jsonl(a.out, [row])
-        if a.profile:
-            name = f"{Path(script).stem}_{a.preset}_L{hf['num_hidden_layers']}_{impl}_S{seqs[0]}.txt"
-            profile_step(model, loss_fn, seqs[0], hf["vocab_size"], a.device, a.profile / name)
-        del model, loss_fn
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+    hf = preset_hf_config(a.family, a.preset, a.layers)
+    vocab = hf["vocab_size"]
+    lora = LoraConfig(rank=a.rank, alpha=a.alpha, targets=ATTENTION_TARGETS[a.family] + EXPERT_TARGETS)
+    base = dict(impl=impl, family=a.family, preset=a.preset, layers=hf["num_hidden_layers"], rank=a.rank,
+                alpha=a.alpha, grad_ckpt=a.grad_ckpt, offload=a.offload and impl == "torch_impl",
+                cuda_graph=a.cuda_graph and impl == "torch_impl",
+                backend=a.backend if impl == "torch_impl" else None,
+                hf_attn=a.hf_attn if impl == "hf_peft" else None, **versions())
+    max_seq = a.max_seq if a.max_context else max(a.seqs)
+
+    def emit(row: dict) -> None:
+        print(json.dumps({k: row.get(k) for k in ("impl", "mode", "seq", "step_ms", "peak_gib", "first_step_s",
+                                                   "error", "max_context") if k in row}), flush=True)
+        if a.out:
+            write_jsonl(a.out, [row])
+
+    try:
+        if unsloth_error:
+            raise ImportError(unsloth_error)
+        if impl == "torch_impl":
+            model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload)
+        elif impl == "hf_peft":
+            model, loss_fn = build_hf(hf, a.device, a.hf_attn, lora, a.grad_ckpt)
+        else:
+            workdir = a.workdir or Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+            model, loss_fn = build_unsloth(hf, a.family, a.device, lora, max_seq, workdir / "splitmoe_unsloth")
+    except Exception as e:  # noqa: BLE001 - a row that cannot even build is recorded, not dropped
+        emit({**base, "mode": "build", "seq": None, "step_ms": None, "peak_gib": None, "error": _error_text(e)})
+        return 1
+    ctx = graph_context(impl) if base["cuda_graph"] else None
+    if ctx is not None and a.max_context:
+        raise SystemExit("--max-context with --cuda-graph: a graph is captured per shape; time the lengths instead")
+    if a.max_context:
+        def probe(S: int) -> dict:
+            row = {**base, "mode": "max_context_probe", "seq": S,
+                   **_try_step(model, loss_fn, S, vocab, argparse.Namespace(**{**vars(a), "warmup": 1, "iters": 1}),
+                               impl, None)}
+            emit(row)
+            return row
+
+        best, _ = max_context(probe, a.seqs[0], a.max_seq, a.context_step)
+        emit({**base, "mode": "max_context", "seq": best, "max_context": best, "max_seq": a.max_seq,
+              "context_step": a.context_step})
+        return 0
+    # one untimed step at the shortest length first: the first length of a process still carried one-time work
+    # after a one-step warm-up on the H200 (gpt-oss 1K: 1325 ms, then 536 ms in the same process)
+    _try_step(model, loss_fn, min(a.seqs), vocab, argparse.Namespace(**{**vars(a), "warmup": 0, "iters": 1}),
+              impl, None)
+    for S in a.seqs:
+        emit({**base, "mode": "step", "seq": S, **_try_step(model, loss_fn, S, vocab, a, impl, ctx)})
+    if a.profile:
+        name = f"step_{a.family}_{a.preset}_L{hf['num_hidden_layers']}_{impl}_S{a.seqs[0]}.txt"
+        profile_step(model, loss_fn, a.seqs[0], vocab, a.device, a.profile / name, impl)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

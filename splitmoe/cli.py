@@ -120,8 +120,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {
     "block": "moe_block",  # MoE block fwd+bwd vs HF v5 + PEFT (GPU)
-    "step-gpt-oss": "gpt_oss_step",  # one full-model LoRA step of gpt-oss vs HF v5 + PEFT
-    "step-glm-flash": "glm_flash_step",  # the same for a GLM-4.7-Flash-sized model
+    "step": "step",  # one full-model LoRA step, any family: torch_impl vs HF v5 + PEFT vs Unsloth (GPU; tiny on CPU)
     "sweep-triton": "triton_sweep",  # block-size tuning of the Triton kernels (GPU)
     "sweep-pallas": "pallas_sweep",  # block-size tuning of the Pallas kernels (GPU)
 }

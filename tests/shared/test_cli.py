@@ -77,9 +77,10 @@ def test_bench_runs_a_benchmark_script_by_name(tmp_path):
     from splitmoe.cli import main
 
     out = tmp_path / "step.jsonl"
-    assert main(["bench", "step-gpt-oss", "--preset", "tiny", "--device", "cpu", "--seq", "16", "--iters", "1",
-                 "--warmup", "0", "--impls", "torch_impl", "--out", str(out)]) == 0
+    assert main(["bench", "step", "--family", "gpt_oss", "--preset", "tiny", "--device", "cpu", "--seq", "16",
+                 "--iters", "1", "--warmup", "1", "--impls", "torch_impl", "--out", str(out)]) == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["impl"] == "torch_impl" and row["seq"] == 16 and row["step_ms"] > 0 and row["rank"] == 64
+    assert row["family"] == "gpt_oss" and row["first_step_s"] > 0 and "error" not in row
     with pytest.raises(SystemExit):
         main(["bench", "no-such-benchmark"])

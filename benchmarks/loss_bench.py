@@ -1,0 +1,107 @@
+"""The causal-LM loss of a training step, forward + backward, four ways in one command (GPU, bf16):
+
+- `materialised`: HF's path, `logits = h @ W` (bf16 [S, V]), `.float()`, F.cross_entropy (what torch_impl did);
+- `splitmoe`: `torch_impl.loss.fused_linear_cross_entropy` (chunked torch, no logits);
+- `liger`: Liger-Kernel's `LigerFusedLinearCrossEntropyLoss` (Triton);
+- `cce`: Apple's cut-cross-entropy `linear_cross_entropy` (Triton; what Unsloth installs).
+
+Per row: median ms (CUDA events) of loss + dh (the frozen output weight gets no gradient, as in every recipe here),
+peak extra memory over the inputs, and the loss and dh of each against the materialised path computed in fp32 from
+the same bf16 inputs (relative L2). An implementation that is not installed or fails gets a row with its error.
+
+    python3 benchmarks/loss_bench.py --seq 4096,16384,65536 --hidden 2048 --vocab 151936 --out results/loss.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import peak_extra_bytes, time_cuda, versions, write_jsonl  # noqa: E402
+from torch_impl.loss import fused_linear_cross_entropy, shift_labels  # noqa: E402
+
+
+def _materialised(h, w_VH, labels):
+    logits = h @ w_VH.t()
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels(labels).reshape(-1))
+
+
+def _splitmoe(h, w_VH, labels):
+    return fused_linear_cross_entropy(h, w_VH, labels, weight_is_HV=False)
+
+
+def _liger():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    fn = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+    # Liger takes (lin_weight [V, H], input [N, H], target [N]); the shift is the caller's, as in HF's integration
+    return lambda h, w_VH, labels: fn(w_VH, h.reshape(-1, h.shape[-1]), shift_labels(labels).reshape(-1))
+
+
+def _cce():
+    from cut_cross_entropy import linear_cross_entropy
+
+    return lambda h, w_VH, labels: linear_cross_entropy(h, w_VH, labels, shift=True, reduction="mean")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", default="4096,16384,65536")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--impls", default="materialised,splitmoe,liger,cce")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    env = versions()
+    makers = {"materialised": lambda: _materialised, "splitmoe": lambda: _splitmoe, "liger": _liger, "cce": _cce}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for S in (int(s) for s in a.seq.split(",")):
+        h = (torch.randn(1, S, a.hidden, device="cuda", generator=g) * 2).to(torch.bfloat16)
+        w = (torch.randn(a.vocab, a.hidden, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        labels = torch.randint(0, a.vocab, (1, S), device="cuda", generator=g)
+        labels[:, :16] = -100
+        # the reference: the materialised path in fp32 from the same bf16 inputs
+        h32 = h.float().requires_grad_()
+        ref = _materialised(h32, w.float(), labels)
+        (ref_dh,) = torch.autograd.grad(ref, (h32,))
+        del h32
+        for name in a.impls.split(","):
+            row = dict(impl=name, seq=S, hidden=a.hidden, vocab=a.vocab, **env)
+            try:
+                fn = makers[name]()
+                hh = h.clone().requires_grad_()
+
+                def step(fn=fn, hh=hh, w=w, labels=labels):
+                    hh.grad = None
+                    fn(hh, w, labels).backward()
+
+                loss = fn(hh, w, labels)
+                (dh,) = torch.autograd.grad(loss, (hh,))
+                row["loss_rel"] = float((loss.float() - ref).abs() / ref.abs())
+                row["dh_rel_l2"] = float((dh.float() - ref_dh).norm() / ref_dh.norm())
+                del loss, dh
+                row["ms"] = time_cuda(step, warmup=2, iters=a.iters)
+                row["peak_extra_gib"] = peak_extra_bytes(step) / 2**30
+                row["tflops"] = 2 * 2 * S * a.hidden * a.vocab / (row["ms"] * 1e-3) / 1e12  # logits + dh GEMMs
+            except Exception as e:  # noqa: BLE001 - a missing or failing implementation is a row, not a crash
+                oom = isinstance(e, torch.OutOfMemoryError)
+                row["error"] = "OOM" if oom else f"{type(e).__name__}: {str(e)[:200]}"
+            torch.cuda.empty_cache()
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                              if k in ("impl", "seq", "ms", "peak_extra_gib", "tflops", "loss_rel", "dh_rel_l2",
+                                       "error")}), flush=True)
+            if a.out:
+                write_jsonl(a.out, [row])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
