@@ -21,8 +21,9 @@
 #   bash benchmarks/gpu_session.sh wholestep  # the loss four ways (loss_bench.py), then Qwen3-30B-A3B (48 layers)
 #                                             # steps of torch_impl and Unsloth in one command (step.py); needs .whl
 #                                             # (shared/tools/unsloth-wheels.sh .whl, plus liger-kernel's wheel)
-#   bash benchmarks/gpu_session.sh longctx    # gpt-oss-20b steps of torch_impl and Unsloth; torch_impl's longest
-#                                             # Qwen3-30B-A3B context (step.py --max-context)
+#   bash benchmarks/gpu_session.sh longctx    # attention variants (attention_bench.py); gpt-oss-20b steps of
+#                                             # torch_impl and Unsloth; torch_impl's longest Qwen3-30B-A3B context
+#                                             # (step.py --max-context --offload)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -47,7 +48,7 @@ wheels() {  # Unsloth's and Liger's wheels (carried in .whl) into /tmp/site, on 
 case $PART in
   wholestep)
     wheels
-    timeout 90 python3 benchmarks/loss_bench.py --seq 4096,16384,65536 --out "$R/loss.jsonl" > "$R/loss.log" 2>&1
+    timeout 75 python3 benchmarks/loss_bench.py --seq 4096,16384,65536 --out "$R/loss.jsonl" > "$R/loss.log" 2>&1
     timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/torch/test_fused_loss.py > "$R/gpu_tests.log" 2>&1
     timeout 150 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl \
       --profile "$R" --out "$R/step_qwen3.jsonl" > "$R/step_qwen3.log" 2>&1
@@ -56,13 +57,15 @@ case $PART in
     grep -h "^{" "$R/loss.log" "$R/step_qwen3.log" | cut -c1-300 ;;
   longctx)
     wheels
-    timeout 140 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl \
+    timeout 80 python3 benchmarks/attention_bench.py --seq 4096,16384 --out "$R/attention.jsonl" \
+      > "$R/attention.log" 2>&1
+    timeout 120 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl \
       --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
-    timeout 200 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls unsloth \
+    timeout 180 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls unsloth \
       --out "$R/step_gpt_oss.jsonl" >> "$R/step_gpt_oss.log" 2>&1
-    timeout 220 python3 benchmarks/step.py --family qwen3_moe --seq 32768 --max-context --max-seq 131072 \
-      --context-step 16384 --impls torch_impl --out "$R/maxctx_qwen3.jsonl" > "$R/maxctx_qwen3.log" 2>&1
-    grep -h "^{" "$R/step_gpt_oss.log" "$R/maxctx_qwen3.log" | cut -c1-300 ;;
+    timeout 180 python3 benchmarks/step.py --family qwen3_moe --seq 32768 --max-context --max-seq 131072 \
+      --context-step 16384 --offload --impls torch_impl --out "$R/maxctx_qwen3.jsonl" > "$R/maxctx_qwen3.log" 2>&1
+    grep -h "^{" "$R/attention.log" "$R/step_gpt_oss.log" "$R/maxctx_qwen3.log" | cut -c1-300 ;;
   block)
     (export CUDA_VISIBLE_DEVICES=1
      timeout 170 python3 benchmarks/pallas_sweep.py --out "$R/pallas_sweep" --budget-s 150 --final-s 45 > "$R/pallas_sweep.log" 2>&1

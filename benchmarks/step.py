@@ -9,7 +9,8 @@ every implementation gets the same recipe (h200-anchors.md's): random bf16 weigh
 alpha=128 (fp32 adapters and AdamW state) on the attention projections and both expert tensors, B non-zero, and
 non-reentrant activation checkpointing per decoder layer. Rows:
 
-- `torch_impl`: this project (`--backend` picks the MoE backend; `--cuda-graph` replays a captured forward + backward);
+- `torch_impl`: this project (`--backend` picks the MoE backend; `--cuda-graph` replays a captured forward + backward;
+  `--compile` compiles each decoder layer; `--offload` keeps the checkpointed layer inputs in host memory);
   the loss through `torch_impl.loss` (no `[S, V]` logits) and torch's fused AdamW on CUDA;
 - `hf_peft`: HF transformers v5 with PEFT (`target_parameters` on the experts), `--hf-attn` attention;
 - `unsloth`: Unsloth as its users run it (qwen3_moe and gpt_oss): the random model saved with save_pretrained (the
@@ -83,7 +84,8 @@ def _lora_b_nonzero(model: torch.nn.Module) -> None:
             p.normal_(0.0, 0.01)
 
 
-def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt: bool, offload: bool = False):
+def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt: bool, offload: bool = False,
+               compile_layers: bool = False):
     from torch_impl.load import build_model
     from torch_impl.lora import attach_lora
 
@@ -93,6 +95,9 @@ def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt:
     _lora_b_nonzero(model)
     if grad_ckpt:
         model.gradient_checkpointing_enable(offload_to_cpu=offload)
+    if compile_layers:  # regional compilation: each decoder layer through torch.compile (one code object, shared)
+        for layer in model.layers:
+            layer.compile()
     model.train()
     # the training loss without logits (torch_impl.loss): what torch_impl's Trainer runs
     return model, lambda ids: model(ids, labels=ids, return_logits=False).loss
@@ -358,6 +363,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cuda-graph", action="store_true", help="torch_impl: replay a captured forward + backward")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="keep every layer's activations (default: activation checkpointing per decoder layer)")
+    p.add_argument("--compile", action="store_true", help="torch_impl: torch.compile each decoder layer")
     p.add_argument("--offload", action="store_true",
                    help="torch_impl: keep the checkpointed layer inputs in pinned host memory (long context)")
     p.add_argument("--max-context", action="store_true", help="find the longest S that trains, per implementation")
@@ -402,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     lora = LoraConfig(rank=a.rank, alpha=a.alpha, targets=ATTENTION_TARGETS[a.family] + EXPERT_TARGETS)
     base = dict(impl=impl, family=a.family, preset=a.preset, layers=hf["num_hidden_layers"], rank=a.rank,
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, offload=a.offload and impl == "torch_impl",
+                compile=a.compile and impl == "torch_impl",
                 cuda_graph=a.cuda_graph and impl == "torch_impl",
                 backend=a.backend if impl == "torch_impl" else None,
                 hf_attn=a.hf_attn if impl == "hf_peft" else None, **versions())
@@ -417,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         if unsloth_error:
             raise ImportError(unsloth_error)
         if impl == "torch_impl":
-            model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload)
+            model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload, a.compile)
         elif impl == "hf_peft":
             model, loss_fn = build_hf(hf, a.device, a.hf_attn, lora, a.grad_ckpt)
         else:
@@ -432,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.max_context:
         def probe(S: int) -> dict:
             row = {**base, "mode": "max_context_probe", "seq": S,
-                   **_try_step(model, loss_fn, S, vocab, argparse.Namespace(**{**vars(a), "warmup": 1, "iters": 1}),
-                               impl, None)}
+                   **_try_step(model, loss_fn, S, vocab, argparse.Namespace(**{**vars(a), "warmup": 0, "iters": 1}),
+                               impl, None)}  # one step: does it train at S (its time includes first-call work)
             emit(row)
             return row
 
