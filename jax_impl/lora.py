@@ -9,7 +9,8 @@
 - `lora_state_dict` / `load_lora_state_dict`: canonical LoRA names (docs/CONTRACTS.md) <-> numpy arrays.
 - `save_adapter` / `load_adapter`: a PEFT adapter folder via `shared_math.adapter`, which PEFT and torch_impl load.
 
-Scale: `LoraConfig.scale` (alpha/R, or alpha/sqrt(R) with rsLoRA), applied explicitly (nnx.LoRA has none).
+Rank and scale are per target (`LoraConfig.rank_of` / `scale_of`: alpha/R, or alpha/sqrt(R) with rsLoRA; PEFT's
+rank_pattern / alpha_pattern), the scale applied explicitly (nnx.LoRA has none).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shared_math.config import LoraConfig
+from shared_math.config import EXPERT_TARGETS, LoraConfig
 
 _F32 = jnp.float32
 LORA_DTYPE = jnp.float32  # PEFT keeps adapters in fp32 on bf16 models (autocast_adapter_dtype)
@@ -111,36 +112,42 @@ def attach_lora(model: nnx.Module, lora_cfg: LoraConfig, *, seed: int | None = N
     Linear targets match by module name (`q_proj`, ..., dense/shared `gate_proj`); expert targets
     (`experts.gate_up_proj`, `experts.down_proj`) put one (A [E, in, R], B [E, R, out]) pair on every MoE layer.
     Each factor's random draw is keyed by (seed, canonical name), so it does not depend on traversal order;
-    `seed=None` draws fresh entropy. Factors are stored in `lora_dtype` (fp32, as PEFT keeps them).
+    `seed=None` draws fresh entropy. Factors are stored in `lora_dtype` (fp32, as PEFT keeps them). Each target
+    gets its own rank and scale (`lora_cfg.rank_of` / `scale_of`).
     """
     if getattr(model, "config", None) is not None:
         lora_cfg.validate_for(model.config)
-    R = lora_cfg.rank
 
     def key_for(name: str) -> np.random.Generator:
         return np.random.default_rng(None if seed is None else [seed, zlib.crc32(name.encode())])
 
     n_attached = 0
     for name, m in _linear_modules(model):
-        if name.rsplit(".", 1)[-1] not in lora_cfg.module_targets:
+        target = name.rsplit(".", 1)[-1]
+        if target not in lora_cfg.module_targets:
             continue
+        R = lora_cfg.rank_of(target)
         m.lora_A = nnx.LoRAParam(
             _kaiming_uniform(key_for(name + ".lora_A"), (m.in_features, R), m.in_features, lora_dtype))
         m.lora_B = nnx.LoRAParam(jnp.zeros((R, m.out_features), lora_dtype))
-        m.lora_scale = float(lora_cfg.scale)
+        m.lora_scale = float(lora_cfg.scale_of(target))
         n_attached += 1
+    gate_up, down = EXPERT_TARGETS
     for name, m in _expert_modules(model):
         E, H, I2 = m.gate_up_proj.shape
-        for target, (n_in, n_out), prefix in (("experts.gate_up_proj", (H, I2), "gate_up"),
-                                              ("experts.down_proj", (I2 // 2, H), "down")):
+        for target, (n_in, n_out), prefix in ((gate_up, (H, I2), "gate_up"), (down, (I2 // 2, H), "down")):
             if target not in lora_cfg.targets:
                 continue
+            R = lora_cfg.rank_of(target)
             a_name = f"{name}.{target.split('.')[1]}.lora_A"
             setattr(m, prefix + "_lora_A",
                     nnx.LoRAParam(_kaiming_uniform(key_for(a_name), (E, n_in, R), n_in, lora_dtype)))
             setattr(m, prefix + "_lora_B", nnx.LoRAParam(jnp.zeros((E, R, n_out), lora_dtype)))
             n_attached += 1
-        m.lora_scale = float(lora_cfg.scale)
+        # Experts hold one scale (down's, or gate_up's alone) and gate_up's own where it differs
+        m.lora_scale = float(lora_cfg.scale_of(down if down in lora_cfg.targets else gate_up))
+        s_gu = float(lora_cfg.scale_of(gate_up))
+        m.gate_up_lora_scale = s_gu if gate_up in lora_cfg.targets and s_gu != m.lora_scale else None
     if n_attached == 0:
         raise ValueError(f"no module of this model matches LoRA targets {lora_cfg.targets}")
     model.lora_config = lora_cfg
@@ -198,10 +205,13 @@ def load_adapter(model: nnx.Module, path: str | Path) -> nnx.Module:
     current = getattr(model, "lora_config", None)
     if current is None:
         attach_lora(model, lora_cfg)
-    elif (current.rank, current.scale, set(current.targets)) != (lora_cfg.rank, lora_cfg.scale,
-                                                                    set(lora_cfg.targets)):
-        raise ValueError(f"adapter at {path} (rank {lora_cfg.rank}, scale {lora_cfg.scale}, targets "
-                         f"{lora_cfg.targets}) does not match the attached LoRA (rank {current.rank}, scale "
-                         f"{current.scale}, targets {current.targets})")
+    elif _layout(current) != _layout(lora_cfg):
+        raise ValueError(f"adapter at {path} (target: (rank, scale) {_layout(lora_cfg)}) does not match the "
+                         f"attached LoRA ({_layout(current)})")
     load_lora_state_dict(model, tensors)
     return model
+
+
+def _layout(lora_cfg: LoraConfig) -> dict[str, tuple[int, float]]:
+    """target -> (rank, scale): what must agree for an adapter to load into attached LoRA."""
+    return {t: (lora_cfg.rank_of(t), lora_cfg.scale_of(t)) for t in lora_cfg.targets}

@@ -205,7 +205,8 @@ class Experts(nnx.Module):
     """E expert MLPs with optional split LoRA on the fused gate_up and on down (canonical `mlp.experts.*`).
 
     Base weights are `Frozen` (never differentiated by nnx.grad); LoRA factors are `nnx.LoRAParam`, set by
-    `jax_impl.lora.attach_lora`, with `lora_scale` = alpha/R (or alpha/sqrt(R)).
+    `jax_impl.lora.attach_lora`, with `lora_scale` = alpha/R (or alpha/sqrt(R)), and `gate_up_lora_scale` where
+    gate_up's differs (per-target alpha/rank; each pair may have its own R).
     """
 
     def __init__(self, gate_up_proj: jax.Array, down_proj: jax.Array, gate_up_proj_bias: jax.Array | None = None,
@@ -219,6 +220,7 @@ class Experts(nnx.Module):
         self.gate_up_lora_A, self.gate_up_lora_B = nnx.data(None), nnx.data(None)
         self.down_lora_A, self.down_lora_B = nnx.data(None), nnx.data(None)
         self.lora_scale = 1.0
+        self.gate_up_lora_scale: float | None = None  # None: lora_scale (per-target alpha/rank can make them differ)
         self.activation, self.swiglu_limit, self.swiglu_alpha = activation, float(swiglu_limit), float(swiglu_alpha)
         self.backend = resolve_backend(backend)
 
@@ -233,9 +235,15 @@ class Experts(nnx.Module):
         biases = None
         if self.gate_up_proj_bias is not None:
             biases = (self.gate_up_proj_bias[...], self.down_proj_bias[...])
+        lora_gate_up = pair(self.gate_up_lora_A, self.gate_up_lora_B)
+        s_gu = self.gate_up_lora_scale
+        if lora_gate_up is not None and s_gu is not None and s_gu != self.lora_scale:
+            # the backends take one LoRA scale: fold gate_up's own into its B here, where autodiff sees it (B is
+            # small, [E, R, 2I]), so values and gradients are those of scale s_gu
+            lora_gate_up = (lora_gate_up[0], lora_gate_up[1] * (s_gu / self.lora_scale))
         return split_lora_experts(
             x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj[...], self.down_proj[...],
-            pair(self.gate_up_lora_A, self.gate_up_lora_B), pair(self.down_lora_A, self.down_lora_B),
+            lora_gate_up, pair(self.down_lora_A, self.down_lora_B),
             scale=self.lora_scale, biases=biases, activation=self.activation, swiglu_limit=self.swiglu_limit,
             swiglu_alpha=self.swiglu_alpha, backend=self.backend)
 

@@ -350,6 +350,9 @@ class LoraConfig:
     targets use PEFT's names: Linear modules by their module name (`q_proj`, ..., `down_proj` of dense and shared
     MLPs), expert tensors as `experts.gate_up_proj` / `experts.down_proj` (PEFT's `target_parameters`).
     `scale` is alpha/rank, or alpha/sqrt(rank) with rsLoRA, as PEFT defines it.
+    `target_ranks` / `target_alphas` override rank / alpha for single targets (PEFT's rank_pattern / alpha_pattern,
+    keyed by target name: `{"experts.gate_up_proj": 32}`, as PEFT makes it when it fuses gate_proj + up_proj
+    LoRA); given as a mapping, stored as sorted (target, value) pairs so the config stays hashable.
     """
 
     rank: int = 16
@@ -357,6 +360,8 @@ class LoraConfig:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     rslora: bool = False
     train_router: bool = False  # unfreeze the router weight (full parameter, not LoRA)
+    target_ranks: Mapping[str, int] | tuple[tuple[str, int], ...] = ()
+    target_alphas: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -372,10 +377,43 @@ class LoraConfig:
         if unknown:
             raise ValueError(f"unknown LoRA target(s) {unknown}; known targets: {', '.join(ALL_TARGETS)}")
         object.__setattr__(self, "targets", canon)
+        for name in ("target_ranks", "target_alphas"):
+            object.__setattr__(self, name, self._per_target(name, getattr(self, name)))
+
+    def _per_target(self, name: str, given: Any) -> tuple[tuple[str, Any], ...]:
+        pairs = list(given.items()) if isinstance(given, Mapping) else list(given or ())
+        out: dict[str, Any] = {}
+        for pair in pairs:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise ValueError(f"LoRA {name} must map target names to values, got {given!r}")
+            target, value = _ALIASES.get(pair[0], pair[0]), pair[1]
+            if target not in self.targets:
+                raise ValueError(f"LoRA {name} names {pair[0]!r}, which is not one of the targets {list(self.targets)}")
+            if name == "target_ranks" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"LoRA {name}[{target!r}] must be an integer >= 1, got {value!r}")
+            if name == "target_alphas" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                and math.isfinite(value) and value > 0):
+                raise ValueError(f"LoRA {name}[{target!r}] must be a finite number > 0, got {value!r}")
+            out[target] = value if name == "target_ranks" else float(value)
+        return tuple((t, out[t]) for t in self.targets if t in out)  # one order: equal configs compare equal
 
     @property
     def scale(self) -> float:
+        """The scale of every target without its own rank or alpha (`scale_of` gives any target's)."""
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def rank_of(self, target: str) -> int:
+        """The LoRA rank of `target` (a name of `targets`): its `target_ranks` entry, else `rank`."""
+        return dict(self.target_ranks).get(_ALIASES.get(target, target), self.rank)
+
+    def alpha_of(self, target: str) -> float:
+        """The LoRA alpha of `target`: its `target_alphas` entry, else `alpha`."""
+        return dict(self.target_alphas).get(_ALIASES.get(target, target), self.alpha)
+
+    def scale_of(self, target: str) -> float:
+        """alpha/rank (alpha/sqrt(rank) with rsLoRA) of `target`, as PEFT computes each module's scaling."""
+        r = self.rank_of(target)
+        return self.alpha_of(target) / (math.sqrt(r) if self.rslora else r)
 
     @property
     def module_targets(self) -> tuple[str, ...]:

@@ -2,8 +2,9 @@
 
 Shape legend: R rank · E experts · H hidden · I expert intermediate. A Linear with LoRA computes
 `x @ W (+ b) + s · (x @ A) @ B` with A `[in, R]`, B `[R, out]`; experts hold `A [E, in, R]`, `B [E, R, out]` pairs on
-the fused gate_up and on down (`torch_impl.moe.Experts`). s = `LoraConfig.scale`. B starts at zero and A is
-kaiming-uniform as in PEFT (U(±1/sqrt(in))), so a fresh adapter changes nothing.
+the fused gate_up and on down (`torch_impl.moe.Experts`). R and s are per target (`LoraConfig.rank_of` /
+`scale_of`: PEFT's rank_pattern / alpha_pattern). B starts at zero and A is kaiming-uniform as in PEFT
+(U(±1/sqrt(in))), so a fresh adapter changes nothing.
 
 LoRA parameters are fp32 whatever the model dtype (PEFT keeps adapter weights in fp32 too). Expert LoRA factors are
 cast to the activation dtype where they are used (the experts' LoRA GEMMs run in the model's dtype); a Linear's LoRA
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from shared_math.adapter import read_peft_adapter, write_peft_adapter
-from shared_math.config import LoraConfig
+from shared_math.config import EXPERT_TARGETS, LoraConfig
 from torch_impl.models.layers import Linear
 from torch_impl.moe import Experts, MoEBlock
 
@@ -72,8 +73,9 @@ def attach_lora(model: nn.Module, lora_cfg: LoraConfig, *, seed: int | None = No
                 lora_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Attach fresh split-LoRA adapters (A random, B zero) for `lora_cfg.targets` to `model`, in place; returns it.
 
-    Raises ValueError naming any target the model does not have (`LoraConfig.validate_for`), or when the model
-    already has adapters. Afterwards only LoRA parameters (and the router weights with `train_router`) require grad.
+    Each target gets its own rank and scale (`lora_cfg.rank_of` / `scale_of`). Raises ValueError naming any target
+    the model does not have (`LoraConfig.validate_for`), or when the model already has adapters. Afterwards only
+    LoRA parameters (and the router weights with `train_router`) require grad.
     """
     lora_cfg.validate_for(model.config)
     if getattr(model, "lora_config", None) is not None:
@@ -86,14 +88,18 @@ def attach_lora(model: nn.Module, lora_cfg: LoraConfig, *, seed: int | None = No
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, Linear) and child_name in module_targets and name.startswith("layers."):
-                setattr(mod, child_name, LoRALinear(child, lora_cfg.rank, lora_cfg.scale, generator=gen,
-                                                    lora_dtype=lora_dtype))
-    R = lora_cfg.rank
+                setattr(mod, child_name, LoRALinear(child, lora_cfg.rank_of(child_name), lora_cfg.scale_of(child_name),
+                                                    generator=gen, lora_dtype=lora_dtype))
+    gate_up, down = EXPERT_TARGETS
     for _, experts in _expert_blocks(model):
-        experts.lora_scale = lora_cfg.scale
+        # Experts hold one scale (down's, or gate_up's alone) and gate_up's own where it differs
+        experts.lora_scale = lora_cfg.scale_of(down if down in lora_cfg.targets else gate_up)
+        s_gu = lora_cfg.scale_of(gate_up)
+        experts.gate_up_lora_scale = s_gu if gate_up in lora_cfg.targets and s_gu != experts.lora_scale else None
         for param, (a_name, b_name) in _EXPERT_PARAMS.items():
             if "experts." + param not in lora_cfg.targets:
                 continue
+            R = lora_cfg.rank_of("experts." + param)
             E, d_in, d_out = getattr(experts, param).shape
             dev = getattr(experts, param).device
             setattr(experts, a_name, nn.Parameter(_kaiming_a((E, d_in, R), d_in, gen, lora_dtype, dev)))
@@ -160,6 +166,11 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     current = getattr(model, "lora_config", None)
     if current is None:
         attach_lora(model, lora_cfg)
-    elif (current.rank, current.scale, set(current.targets)) != (lora_cfg.rank, lora_cfg.scale, set(lora_cfg.targets)):
+    elif _layout(current) != _layout(lora_cfg):
         raise ValueError(f"adapter at {path} is {lora_cfg}, but the model has {current} attached")
     return load_lora_state_dict(model, tensors)
+
+
+def _layout(lora_cfg: LoraConfig) -> dict[str, tuple[int, float]]:
+    """target -> (rank, scale): what must agree for an adapter to load into attached LoRA."""
+    return {t: (lora_cfg.rank_of(t), lora_cfg.scale_of(t)) for t in lora_cfg.targets}

@@ -168,7 +168,8 @@ class Experts(nn.Module):
     Parameters (canonical layouts): `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`, `gate_up_proj_bias [E, 2I]`
     and `down_proj_bias [E, H]` (None without biases), and after `torch_impl.lora.attach_lora`:
     `gate_up_lora_A [E, H, R]`, `gate_up_lora_B [E, R, 2I]`, `down_lora_A [E, I, R]`, `down_lora_B [E, R, H]`
-    with `lora_scale`. Base weights are frozen.
+    with `lora_scale` (and `gate_up_lora_scale` where gate_up's differs; each pair may have its own R). Base weights
+    are frozen.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, bias: bool = False,
@@ -186,6 +187,7 @@ class Experts(nn.Module):
         for name in ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B"):
             self.register_parameter(name, None)  # set by torch_impl.lora.attach_lora
         self.lora_scale = 1.0
+        self.gate_up_lora_scale: float | None = None  # None: lora_scale (per-target alpha/rank can make them differ)
         self.activation = Activation(activation, swiglu_limit, swiglu_alpha)
         self.backend = backend
 
@@ -198,6 +200,11 @@ class Experts(nn.Module):
                 sort: ExpertSort | None = None) -> torch.Tensor:
         biases = None if self.gate_up_proj_bias is None else (self.gate_up_proj_bias, self.down_proj_bias)
         lora_gate_up, lora_down = self.lora_pairs()
+        s_gu = self.gate_up_lora_scale
+        if lora_gate_up is not None and s_gu is not None and s_gu != self.lora_scale:
+            # the backends take one LoRA scale: fold gate_up's own into its B here, where autograd sees it (B is
+            # small, [E, R, 2I]), so values and gradients are those of scale s_gu
+            lora_gate_up = (lora_gate_up[0], lora_gate_up[1] * (s_gu / self.lora_scale))
         a = self.activation
         return split_lora_experts(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
                                   lora_gate_up, lora_down, scale=self.lora_scale, biases=biases, activation=a.name,

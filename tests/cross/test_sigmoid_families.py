@@ -66,19 +66,15 @@ def test_fp32_torch_and_jax_agree_with_every_target(family):
 
 def test_adapter_crosses_torch_to_jax(tmp_path):
     """A torch_impl adapter on every DeepSeek-V3 target crosses to jax_impl unchanged through the adapter file
-    (written with peft_compatible=False: PEFT itself cannot load dense/shared-expert LoRA on this family, and
-    save_adapter says so instead of writing a file PEFT would misread)."""
-    from shared_math.adapter import AdapterError, write_peft_adapter
-
+    (the dense/shared-expert Linears named by their weights in target_parameters, as PEFT also loads them:
+    tests/shared/test_peft_remap.py)."""
     path = checkpoint("deepseek_v3")
     cfg = ModelConfig.from_hf(path)
     lora = all_lora(cfg)
     tensors = random_lora_tensors(cfg, lora, seed=23)
     tm = torch_impl.load_model(path, lora=lora)
     tlora.load_lora_state_dict(tm, tensors)
-    with pytest.raises(AdapterError, match="cannot be exported for PEFT on deepseek_v3"):
-        tlora.save_adapter(tm, tmp_path / "peft")
-    write_peft_adapter(tmp_path / "adapter", lora, tlora.lora_state_dict(tm), cfg, peft_compatible=False)
+    tlora.save_adapter(tm, tmp_path / "adapter")
     jm = jax_impl.load_model(path)
     jlora.load_adapter(jm, tmp_path / "adapter")
     assert set(jm.lora_config.targets) == set(lora.targets)

@@ -156,16 +156,28 @@ def hf_logits(model: Any, input_ids: np.ndarray | torch.Tensor) -> np.ndarray:
 
 # ---- PEFT --------------------------------------------------------------------------------------------------------
 def peft_lora_config(lora: LoraConfig) -> Any:
-    """The `peft.LoraConfig` equivalent to splitmoe's LoraConfig (dropout 0, as PEFT's expert LoRA requires)."""
+    """The `peft.LoraConfig` equivalent to splitmoe's LoraConfig (dropout 0, as PEFT's expert LoRA requires).
+
+    Dense-MLP / shared-expert Linears are named by their weights in target_parameters (`gate_proj.weight`): PEFT
+    0.21 moves target_modules gate_proj/up_proj/down_proj onto the experts of transformers v5 MoE models. A
+    per-target rank or alpha becomes a rank_pattern / alpha_pattern key spelled as the target is (it matches PEFT's
+    names of that target's modules as a dotted suffix, and no others)."""
     import peft
 
+    from shared_math.config import DENSE_MLP_TARGETS
+
+    spelled = {t: t + ".weight" if t in DENSE_MLP_TARGETS else t for t in lora.module_targets}
+    spelled.update({t: "mlp." + t for t in lora.targets if t not in spelled})  # experts
     return peft.LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, use_rslora=lora.rslora, lora_dropout=0.0,
-        target_modules=list(lora.module_targets) or None, target_parameters=list(lora.expert_targets) or None)
+        target_modules=[t for t in lora.module_targets if t not in DENSE_MLP_TARGETS] or None,
+        target_parameters=[spelled[t] for t in lora.targets if spelled[t] != t] or None,
+        rank_pattern={spelled[t]: r for t, r in lora.target_ranks},
+        alpha_pattern={spelled[t]: a for t, a in lora.target_alphas})
 
 
 def _lora_modules(peft_model: Any) -> list[tuple[str, Any, str | None]]:
-    """(canonical module path, PEFT LoRA layer, expert parameter name or None) for every LoRA layer."""
+    """(canonical module path, PEFT LoRA layer, expert parameter name or None for a Linear) for every LoRA layer."""
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
     found = []
@@ -174,7 +186,9 @@ def _lora_modules(peft_model: Any) -> list[tuple[str, Any, str | None]]:
             continue
         path = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
         path = path.removeprefix("model.").replace(".base_layer", "")  # nested ParamWrappers wrap base_layer
-        found.append((path, mod, mod.parameter_name if isinstance(mod, ParamWrapper) else None))
+        # a ParamWrapper of a 2-D Linear weight (`target_parameters: ["gate_proj.weight"]`) is laid out as a Linear
+        expert = isinstance(mod, ParamWrapper) and mod.get_param().ndim == 3
+        found.append((path, mod, mod.parameter_name if expert else None))
     return found
 
 
@@ -258,7 +272,8 @@ def random_lora_tensors(model_cfg: ModelConfig, lora: LoraConfig, seed: int = 0)
 
 def merge_lora(base: Mapping[str, np.ndarray], lora: LoraConfig, lora_tensors: Mapping[str, np.ndarray]
                ) -> dict[str, np.ndarray]:
-    """Canonical base tensors with every LoRA merged by hand: W' = W + scale · A @ B (float64, then float32).
+    """Canonical base tensors with every LoRA merged by hand: W' = W + scale · A @ B (float64, then float32), with
+    each target's own scale (`lora.scale_of`).
 
     This is the semantics the canonical layout promises; a PEFT model must give the logits of the merged model."""
     out = {k: np.asarray(v) for k, v in base.items()}
@@ -268,6 +283,8 @@ def merge_lora(base: Mapping[str, np.ndarray], lora: LoraConfig, lora_tensors: M
         stem = name[: -len(".lora_A")]
         A = np.asarray(lora_tensors[name], np.float64)
         B = np.asarray(lora_tensors[stem + ".lora_B"], np.float64)
-        wname = stem if stem.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")) else stem + ".weight"
-        out[wname] = (out[wname].astype(np.float64) + lora.scale * (A @ B)).astype(np.float32)
+        expert = stem.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))
+        wname, target = (stem, "experts." + stem.rsplit(".", 1)[1]) if expert else (stem + ".weight",
+                                                                                    stem.rsplit(".", 1)[1])
+        out[wname] = (out[wname].astype(np.float64) + lora.scale_of(target) * (A @ B)).astype(np.float32)
     return out

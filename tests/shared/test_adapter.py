@@ -23,9 +23,14 @@ CASES = [  # (family, targets, rslora)
     ("gpt_oss", BOTH, False),
     ("gpt_oss", ("o_proj", "experts.gate_up_proj"), False),
     ("gpt_oss", ("experts.down_proj",), False),
-    # MLA attention and experts (dense-MLP targets cannot go through PEFT on v5: test_peft_rewrites_mlp_targets)
+    # MLA attention and experts
     ("deepseek_v3", ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "experts.gate_up_proj",
                      "experts.down_proj"), False),
+    # the dense first layer's and the shared experts' Linears, which PEFT reaches only through target_parameters
+    # (`gate_proj.weight`, ...; tests/shared/test_peft_remap.py)
+    ("deepseek_v3", ("o_proj", "gate_proj", "up_proj", "down_proj", "experts.gate_up_proj", "experts.down_proj"),
+     False),
+    ("glm4_moe", ("q_proj", "gate_proj", "up_proj", "down_proj", "experts.down_proj"), True),
 ]
 IDS = [f"{f}-{'+'.join(t.split('.')[-1] for t in ts)}{'-rslora' if r else ''}" for f, ts, r in CASES]
 INPUT_IDS = np.array([[3, 17, 99, 5, 64, 2, 127, 40, 8, 11, 90, 33]])
@@ -101,7 +106,7 @@ def test_write_read_roundtrip_all_targets(tmp_path, family, seed):
     cfg = ModelConfig.from_hf(tiny_hf_config(family))
     lora = LoraConfig(rank=2, alpha=8.0, targets=available_targets(cfg))
     tensors = _random_lora(cfg, lora, seed)
-    write_peft_adapter(tmp_path, lora, tensors, cfg, peft_compatible=False)
+    write_peft_adapter(tmp_path, lora, tensors, cfg)
     lora2, got = read_peft_adapter(tmp_path, cfg)
     assert (lora2.rank, lora2.alpha, set(lora2.targets)) == (lora.rank, lora.alpha, set(lora.targets))
     for k in tensors:
@@ -154,7 +159,8 @@ def test_missing_files(tmp_path):
 @pytest.mark.parametrize("change,match", [
     ({"use_dora": True}, "use_dora=True is not supported: DoRA"),
     ({"bias": "all"}, "bias='all' is not supported"),
-    ({"rank_pattern": {"q_proj": 4}}, "per-module ranks"),
+    ({"rank_pattern": {r"layers\.1\.self_attn\.q_proj": 4}}, "one rank and one alpha per target"),
+    ({"exclude_modules": ["layers.0.self_attn.q_proj"]}, "exclude_modules.* is not supported"),
     ({"peft_type": "IA3"}, "only LORA"),
     ({"target_modules": ".*q_proj"}, "regex"),
     ({"target_modules": ["lm_head"]}, "unknown LoRA target"),
@@ -215,24 +221,3 @@ def test_writer_errors(tmp_path):
         write_peft_adapter(tmp_path, lora, bad, cfg)
     with pytest.raises(ValueError, match="do not exist in a qwen3_moe model"):
         write_peft_adapter(tmp_path, LoraConfig(rank=2, alpha=4.0, targets=("kv_b_proj",)), {}, cfg)
-
-
-@requires_transformers
-@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match")
-def test_peft_rewrites_mlp_targets(tmp_path):
-    """Why write_peft_adapter refuses dense-MLP targets on Qwen3/DeepSeek/GLM: PEFT turns them into expert LoRA.
-
-    If this starts failing, PEFT changed its v4->v5 target conversion and the refusal can be revisited."""
-    pytest.importorskip("peft")
-    from tests.shared.hf_helpers import build_peft_model, load_hf_model
-
-    path = write_tiny_checkpoint("deepseek_v3", tmp_path / "base")
-    cfg = read_checkpoint(path)[0]
-    lora = LoraConfig(rank=2, alpha=4.0, targets=("gate_proj", "up_proj", "down_proj"))
-    pm = build_peft_model(load_hf_model(path), lora)
-    pc = pm.peft_config["default"]
-    assert set(pc.target_parameters) == {"gate_up_proj", "down_proj"} and not pc.target_modules
-    assert not any(".mlp.gate_proj.lora_A" in n or "shared_experts.gate_proj.lora_A" in n
-                   for n, _ in pm.named_parameters())
-    with pytest.raises(AdapterError, match="cannot be exported for PEFT on deepseek_v3"):
-        write_peft_adapter(tmp_path / "a", lora, _random_lora(cfg, lora, 0), cfg)
