@@ -5,20 +5,24 @@ Mirrors `torch_impl.train` name for name. Everything that is not the forward/bac
 frameworks see the same batches, start from the same adapter and apply the same learning rates.
 
 One optimizer step: `grad_accum` micro-batches, each `value_and_grad(loss / grad_accum)` over the `nnx.LoRAParam`
-state (jitted, the rest of the model closed over), gradients summed; the pre-clip global norm; NaN/inf check
-(TrainingDiverged, no update); gradients scaled by `clip_coefficient`; `optax.adamw` (decoupled weight decay,
-eps outside the square root: torch.optim.AdamW's semantics) with the learning rate injected per step from `lr_at`.
+state (jitted, the rest of the model closed over), gradients summed; the pre-clip global norm; NaN/inf and collapse
+check (TrainingDiverged, no update); gradients scaled by `clip_coefficient`; `optax.adamw` (decoupled weight decay,
+eps outside the square root: torch.optim.AdamW's semantics) with the learning rate injected per step from `lr_at`;
+an update that would make a LoRA tensor non-finite is not kept (TrainingDiverged). Token ids are checked before
+every jitted call, as the eager model does: under jit an out-of-range id would gather NaN embeddings silently.
 
 Training state: numpy `.npz` files (LoRA tensors by canonical name, the optax state's leaves in tree order, the
-PRNG key) inside the same atomically written checkpoint folder as torch's. Not orbax: its save is asynchronous and
-its commit protocol (a temporary folder renamed on finalisation) does not fsync on a local file system, while this
-protocol fsyncs every file and the folder before the rename; the state is a few MB of LoRA and AdamW moments, for
-which npz is simple and exact.
+PRNG key) inside the same atomically written checkpoint folder as torch's (shared_math.training, which also
+records every file's size and SHA-256 in meta.json). Read with `allow_pickle=False`: an object array planted in a
+run folder is refused, never unpickled. Not orbax: its save is asynchronous and its commit protocol (a temporary
+folder renamed on finalisation) does not fsync on a local file system, while this protocol fsyncs every file and
+the folder before the rename; the state is a few MB of LoRA and AdamW moments, for which npz is simple and exact.
 """
 
 from __future__ import annotations
 
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +32,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jax_impl.backends import resolve_backend
 from jax_impl.load import load_model
 from jax_impl.lora import load_lora_state_dict, lora_state_dict, save_adapter
+from jax_impl.models.layers import prepare_position_ids
 from shared_math.train_config import ConfigError, RunConfig
 from shared_math.training import (
+    CheckpointDamaged,
     PreparedRun,
     TrainResult,
     check_finite,
+    check_params_finite,
     check_resume,
     checkpoint_meta,
     clip_coefficient,
@@ -73,11 +81,14 @@ _logits = jax.jit(lambda graphdef, params, rest, ids, pos: nnx.merge(graphdef, p
 
 @jax.jit
 def _apply(params, opt_state, grads, coef, lr):
-    """Scale the gradients by the clipping coefficient, one AdamW update at learning rate `lr`."""
+    """Scale the gradients by the clipping coefficient, one AdamW update at learning rate `lr` -> (params, opt_state,
+    whether every updated LoRA tensor is finite)."""
     grads = jax.tree.map(lambda g: g * coef, grads)
     opt_state.hyperparams["learning_rate"] = lr
     updates, opt_state = _TX.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    params = optax.apply_updates(params, updates)
+    finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+    return params, opt_state, finite
 
 
 class Trainer:
@@ -95,6 +106,8 @@ class Trainer:
             raise ConfigError("lora.train_router is not supported by jax_impl yet (its attach_lora keeps routers "
                               "frozen); train it with --framework torch")
         self.cfg = cfg
+        # a backend that cannot run here says why before the data and the checkpoint are built
+        resolve_backend(cfg.model.moe_backend, dtype=_DTYPES[cfg.model.dtype])
         self.run = run if run is not None else prepare_run(cfg, out_dir)
         if cfg.model.dtype == "float32":  # fp32 means fp32 (numerics policy): full-precision matmuls
             jax.config.update("jax_default_matmul_precision", "highest")
@@ -110,22 +123,30 @@ class Trainer:
         self.step = 0  # optimizer steps taken
 
     # ---- one step ------------------------------------------------------------------------------------------------
+    def _check_ids(self, input_ids: np.ndarray, position_ids: np.ndarray | None) -> None:
+        """The eager model's input checks (token ids in [0, V), shapes; the same ValueError), run on the concrete
+        arrays before a jitted call: inside jit the ids are tracers, which the model cannot check."""
+        prepare_position_ids(input_ids, position_ids, self.model.config.vocab_size)
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over `grad_accum` micro-batches -> (mean micro-batch loss, pre-clip grad norm)."""
         accum = self.cfg.train.grad_accum
         losses, grads = [], None
         for i in range(accum):
             b = self.run.train_data.batch(self.step * accum + i)
+            self._check_ids(b["input_ids"], b["position_ids"])
             (_, loss), g = _loss_and_grad(self.graphdef, self.params, self.rest, jnp.asarray(b["input_ids"]),
                                           jnp.asarray(b["labels"]), jnp.asarray(b["position_ids"]), 1.0 / accum)
             losses.append(float(loss))
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         loss = float(np.mean(losses))
         norm = float(optax.tree.norm(grads))
-        check_finite(self.step, loss, norm, self.run.out_dir)
+        check_finite(self.step, loss, norm, self.run.out_dir, vocab_size=self.run.model_cfg.vocab_size)
         coef = clip_coefficient(norm, self.cfg.optim.max_grad_norm)
-        self.params, self.opt_state = _apply(self.params, self.opt_state, grads, jnp.float32(coef),
-                                             jnp.float32(lr_at(self.step, self.cfg)))
+        params, opt_state, finite = _apply(self.params, self.opt_state, grads, jnp.float32(coef),
+                                           jnp.float32(lr_at(self.step, self.cfg)))
+        check_params_finite(self.step, bool(finite), self.run.out_dir)  # before adopting the update
+        self.params, self.opt_state = params, opt_state
         nnx.update(self.model, self.params)  # keep the module view current (evaluate, save_adapter)
         self.step += 1
         return loss, norm
@@ -133,6 +154,7 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------------------------------------
     def logits(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Logits [B, S, V] as float32 numpy."""
+        self._check_ids(input_ids, position_ids)
         return np.asarray(_logits(self.graphdef, self.params, self.rest, jnp.asarray(input_ids),
                                   jnp.asarray(position_ids)))
 
@@ -145,6 +167,7 @@ class Trainer:
             for k in range(ev.batches_per_epoch):
                 b = ev.batch(k)
                 n = int((b["labels"][:, 1:] != -100).sum())
+                self._check_ids(b["input_ids"], b["position_ids"])
                 loss = _loss(self.graphdef, self.params, self.rest, jnp.asarray(b["input_ids"]),
                              jnp.asarray(b["labels"]), jnp.asarray(b["position_ids"]))
                 total, count = total + float(loss) * n, count + n
@@ -170,17 +193,26 @@ class Trainer:
         return write_checkpoint_atomic(self.run.out_dir, self.step, meta, write, keep=self.cfg.train.keep_checkpoints)
 
     def restore(self, folder: str | Path) -> None:
-        """Load a checkpoint written by `save_checkpoint` (same framework and an equivalent config)."""
+        """Load a checkpoint written by `save_checkpoint` (same framework and an equivalent config). Its files are
+        verified and read before anything is changed; a damaged folder raises CheckpointDamaged."""
         folder = Path(folder)
         meta = check_resume(folder, self.cfg, FRAMEWORK)
-        with np.load(folder / STATE_FILE) as z:
-            arrays = {k: z[k] for k in z.files}
-        load_lora_state_dict(self.model, {k[5:]: v for k, v in arrays.items() if k.startswith("lora/")})
-        _, self.params, _ = nnx.split(self.model, nnx.LoRAParam, ...)
+        path = folder / STATE_FILE
+        try:
+            # allow_pickle=False (numpy's default, spelled out): an object array is refused, never unpickled
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise CheckpointDamaged(f"{path} cannot be read ({type(e).__name__}: {e})") from e
+        if "rng" not in arrays:
+            raise CheckpointDamaged(f"{path} is incomplete: it has no 'rng' array")
+        # every check before the first change, so a refused folder leaves this trainer as it was
         leaves, treedef = jax.tree.flatten(self.opt_state)
         saved = [arrays[k] for k in sorted(k for k in arrays if k.startswith("opt/"))]
         if len(saved) != len(leaves) or any(np.shape(a) != np.shape(b) for a, b in zip(saved, leaves)):
             raise ConfigError(f"{folder}: its optimizer state does not fit this model's adapters")
+        load_lora_state_dict(self.model, {k[5:]: v for k, v in arrays.items() if k.startswith("lora/")})
+        _, self.params, _ = nnx.split(self.model, nnx.LoRAParam, ...)
         self.opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a, dtype=jnp.asarray(b).dtype)
                                                       for a, b in zip(saved, leaves)])
         self.rng = jax.random.wrap_key_data(jnp.asarray(arrays["rng"]))

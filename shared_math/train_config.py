@@ -33,6 +33,11 @@ class ConfigError(ValueError):
     """A run config is invalid: unknown key, wrong type or value; the message names the key."""
 
 
+class BackendUnavailable(ConfigError, RuntimeError):
+    """The requested MoE backend cannot run on this device / dtype; the message says why and what runs here.
+    A ConfigError (the CLI prints it as one line) and, as before, a RuntimeError."""
+
+
 @dataclass(frozen=True)
 class ModelSection:
     path: str | None = None  # HF checkpoint folder (config.json + safetensors [+ tokenizer.json])
@@ -275,10 +280,20 @@ def trajectory_dict(cfg: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in flatten(to_dict(cfg)).items() if k not in NON_TRAJECTORY_KEYS}
 
 
+# Keys added to the config after checkpoints were already written, with the value an older file meant by leaving them
+# out: a run saved before per-target LoRA ranks existed resumes under a config that sets none.
+_ABSENT_MEANS = {"lora.target_ranks": [], "lora.target_alphas": []}
+
+
 def diff_configs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: saved -> current` for every key whose value differs (both flattened trajectory dicts)."""
-    return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    """`key: saved -> current` for every key whose value differs (both flattened trajectory dicts); a key one side
+    lacks counts as its `_ABSENT_MEANS` value there."""
+    def get(d: dict[str, Any], k: str) -> Any:
+        v = d.get(k, _ABSENT_MEANS.get(k, "<absent>"))
+        return list(v) if isinstance(v, tuple) else v
+
+    return [f"{k}: {get(saved, k)!r} -> {get(current, k)!r}"
+            for k in sorted(set(saved) | set(current)) if get(saved, k) != get(current, k)]
 
 
 def resolve_path(p: str | Path) -> Path:

@@ -6,14 +6,21 @@ only in the forward/backward and the optimizer call:
   kaiming-uniform U(±1/sqrt(in)), B = 0), loaded into either framework so both start from the same adapter.
 - `lr_at(step)`: linear warmup then cosine decay, evaluated in Python for both frameworks.
 - `clip_coefficient(norm)`: global-norm clipping as torch's clip_grad_norm_ computes it, applied in both.
-- Checkpoints: `write_checkpoint_atomic` writes a step folder into a temporary folder, fsyncs every file and the
-  folder, then renames it into place (rename is atomic on POSIX), so a crash or kill during a save leaves the previous
-  checkpoint untouched; `latest_checkpoint`, `check_resume` (refuses a folder made by a different config).
+- Divergence: `check_finite` (NaN/inf loss or grad norm, or a collapsed run: grad norm exactly 0 at loss ln V) and
+  `check_params_finite` (an update made the LoRA tensors non-finite) raise TrainingDiverged before anything is saved;
+  `check_optim_range` refuses a learning rate whose AdamW step cannot be represented in float32.
+- Checkpoints: `write_checkpoint_atomic` writes a step folder into a temporary folder, records every file's size
+  and SHA-256 in meta.json, fsyncs every file and the folder, then renames it into place (rename is atomic on
+  POSIX), so a crash or kill during a save leaves the previous checkpoint untouched; `latest_checkpoint`,
+  `verify_checkpoint` (meta.json readable, every file as recorded), `check_resume` (verifies, and refuses a folder
+  made by a different config). `run_training` resumes from the newest intact checkpoint, skipping damaged ones with
+  a message. Checkpoints hold no pickles: the trainers write safetensors / npz without object arrays, plus JSON.
 - `MetricsLog` (JSONL), `Progress` (stderr bar: loss, tokens/s, memory), `plot_run` / `plot_compare` (PNG, Agg).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,7 +52,13 @@ META = "meta.json"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; the last good checkpoint is kept."""
+    """The loss, the gradient norm or the LoRA tensors became NaN/inf, or the run collapsed (no gradient at the loss
+    of uniform predictions); nothing more is saved, so the last checkpoint written is the last one kept."""
+
+
+class CheckpointDamaged(ConfigError):
+    """A checkpoint folder is truncated, corrupt or unreadable (or holds a format that is never loaded, such as a
+    pickle); the message names the folder and the file."""
 
 
 # ---- run set-up ----------------------------------------------------------------------------------------------------
@@ -95,6 +108,7 @@ def _load_model_yaml(path: Path) -> dict[str, Any]:
 
 def prepare_run(cfg: RunConfig, out_dir: str | Path | None = None) -> PreparedRun:
     """Build or find the checkpoint, the tokenizer and the datasets of `cfg` (errors name the bad input)."""
+    check_optim_range(cfg)
     out = Path(out_dir if out_dir is not None else cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = build_model_checkpoint(cfg, out)
@@ -159,15 +173,58 @@ def clip_coefficient(grad_norm: float, max_norm: float) -> float:
     return min(1.0, max_norm / (grad_norm + 1e-6))
 
 
-def check_finite(step: int, loss: float, grad_norm: float, out_dir: Path) -> None:
-    """Raise TrainingDiverged (naming the last good checkpoint) if the loss or the gradient norm is NaN/inf."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        return
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_optim_range(cfg: RunConfig) -> None:
+    """Refuse (ConfigError) a learning rate whose AdamW update cannot be represented in float32, before any work.
+
+    torch's AdamW turns `lr / (1 - beta1^t)` (largest at t = 1) and `1 - lr·weight_decay` into float32 scalars and
+    fails with a bare RuntimeError once they overflow (3.4e38); such a rate is a typo in any case."""
+    o = cfg.optim
+    step_size = o.lr / (1.0 - o.beta1)  # beta1 < 1 is checked by the config
+    decay = o.lr * o.weight_decay
+    if step_size > _FLOAT32_MAX or decay > _FLOAT32_MAX:
+        what, value, bound = (("lr/(1-beta1)", step_size, _FLOAT32_MAX * (1.0 - o.beta1)) if step_size > _FLOAT32_MAX
+                              else ("lr·weight_decay", decay, _FLOAT32_MAX / o.weight_decay))
+        raise ConfigError(
+            f"optim.lr={o.lr:g} is too large: AdamW's {what}={value:.3g} overflows float32 (max "
+            f"{_FLOAT32_MAX:.3g}); use a learning rate below {bound:.3g} (LoRA runs typically use 1e-5 to 1e-2)")
+
+
+# A collapsed run predicts the uniform distribution, whose loss is ln V: float32 log-softmax of equal logits gives
+# ln V to ~1e-6 (4.8520303 for V=128, measured both frameworks at optim.lr=1e9); 1e-3 relative leaves room for bf16
+# and for a few unequal logits, while a real run does not sit at ln V with a gradient of exactly zero.
+_COLLAPSE_RTOL = 1e-3
+_FIX = "Lower optim.lr, keep optim.max_grad_norm > 0, or train in float32."
+
+
+def _diverged(step: int, what: str, out_dir: Path, fix: str = _FIX) -> TrainingDiverged:
     last = latest_checkpoint(out_dir)
     keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
-    raise TrainingDiverged(
-        f"training diverged at step {step + 1}: loss={loss}, grad_norm={grad_norm}; the update was not applied "
-        f"and {keep}. Lower optim.lr, keep optim.max_grad_norm > 0, or train in float32.")
+    return TrainingDiverged(f"training diverged at step {step + 1}: {what}; {keep}. {fix}")
+
+
+def check_finite(step: int, loss: float, grad_norm: float, out_dir: Path, *, vocab_size: int | None = None) -> None:
+    """Raise TrainingDiverged (naming the last good checkpoint) if the loss or the gradient norm is NaN/inf, or, with
+    `vocab_size`, if the run collapsed: a gradient norm of exactly 0 at a loss of ln V. That is what a far too large
+    learning rate leaves behind when it does not overflow (saturated logits, uniform predictions, no gradient): the
+    run would go on silently at a constant loss and save an adapter of huge weights."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise _diverged(step, f"loss={loss}, grad_norm={grad_norm}; the update was not applied", out_dir)
+    if vocab_size and grad_norm == 0.0 and abs(loss - math.log(vocab_size)) <= _COLLAPSE_RTOL * math.log(vocab_size):
+        raise _diverged(step, f"loss={loss} = ln(V={vocab_size}) with grad_norm=0: the model predicts uniformly and "
+                              "no gradient flows (saturated weights after a far too large update); the update was not "
+                              "applied", out_dir,
+                        fix="Lower optim.lr: AdamW moves every weight by about lr per step, whatever the clipping.")
+
+
+def check_params_finite(step: int, finite: bool, out_dir: Path) -> None:
+    """Raise TrainingDiverged if the update of step `step` made a LoRA tensor NaN/inf (`finite` is False): caught
+    here, before a checkpoint or an adapter could be written from that state."""
+    if not finite:
+        raise _diverged(step, "the AdamW update made LoRA tensors non-finite (inf/NaN); this trainer's state is not "
+                              "usable any more", out_dir)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
@@ -189,7 +246,8 @@ def write_checkpoint_atomic(out_dir: Path, step: int, meta: dict[str, Any], writ
     """Write checkpoint `step` under `<out_dir>/checkpoints/` so that it appears complete or not at all.
 
     `write_files(tmp)` writes the framework's files into a temporary folder; then meta.json is written (last, so a
-    folder with meta.json is complete), every file and the folder are fsynced, the folder is renamed to
+    folder with meta.json is complete) with every file's size and SHA-256 under "files" (checked by
+    `verify_checkpoint` before a resume), every file and the folder are fsynced, the folder is renamed to
     `step_XXXXXXXX` and the parent fsynced. Older checkpoints beyond `keep` are removed only after that.
     """
     root = out_dir / CHECKPOINT_DIR
@@ -200,6 +258,7 @@ def write_checkpoint_atomic(out_dir: Path, step: int, meta: dict[str, Any], writ
         shutil.rmtree(tmp)
     tmp.mkdir()
     write_files(tmp)
+    meta = {**meta, "files": {f.name: _file_record(f) for f in sorted(tmp.iterdir()) if f.name != META}}
     (tmp / META).write_text(json.dumps(meta, indent=1))
     for f in tmp.iterdir():
         _fsync_path(f)
@@ -213,11 +272,59 @@ def write_checkpoint_atomic(out_dir: Path, step: int, meta: dict[str, Any], writ
     return final
 
 
+def _file_record(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of one checkpoint file (streamed: training states of large models are many GB)."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The complete checkpoint folders (those with a meta.json), newest first; temporary folders are ignored."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    return sorted((p for p in root.glob("step_*") if (p / META).is_file()), reverse=True) if root.is_dir() else []
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete checkpoint folder (temporary folders of interrupted saves are ignored)."""
-    root = Path(out_dir) / CHECKPOINT_DIR
-    done = sorted(p for p in root.glob("step_*") if (p / META).is_file()) if root.is_dir() else []
-    return done[-1] if done else None
+    done = checkpoints(out_dir)
+    return done[0] if done else None
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    """meta.json of checkpoint `ckpt`; CheckpointDamaged, naming the file, if it is unreadable or not a JSON object."""
+    path = Path(ckpt) / META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointDamaged(f"{path} is corrupt or unreadable ({e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointDamaged(f"{path} is corrupt: expected a JSON object with an integer 'step'")
+    return meta
+
+
+def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """meta.json of `ckpt` after checking every file it records against its size and SHA-256 (CheckpointDamaged,
+    naming the file, otherwise). Checkpoints written before the manifest existed have none: their files are checked
+    only by the loader."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    files = meta.get("files", {})
+    if not isinstance(files, dict):
+        raise CheckpointDamaged(f"{ckpt / META} is corrupt: 'files' is not a mapping of file records")
+    for name, rec in files.items():
+        path = ckpt / name
+        if Path(name).name != name or not isinstance(rec, dict):
+            raise CheckpointDamaged(f"{ckpt / META} is corrupt: bad file record {name!r}: {rec!r}")
+        if not path.is_file():
+            raise CheckpointDamaged(f"{path} is missing")
+        size = path.stat().st_size
+        if size != rec.get("bytes"):
+            raise CheckpointDamaged(f"{path} has {size} bytes, {rec.get('bytes')} were written (truncated or "
+                                    "overwritten)")
+        if _file_record(path)["sha256"] != rec.get("sha256"):
+            raise CheckpointDamaged(f"{path} does not match the SHA-256 recorded at save time (corrupt)")
+    return meta
 
 
 def clean_partial_checkpoints(out_dir: Path) -> None:
@@ -233,8 +340,9 @@ def checkpoint_meta(cfg: RunConfig, step: int, framework: str, **extra: Any) -> 
 
 
 def check_resume(ckpt: Path, cfg: RunConfig, framework: str) -> dict[str, Any]:
-    """meta.json of `ckpt` after checking that it was written by this framework and an equivalent config."""
-    meta = json.loads((ckpt / META).read_text())
+    """meta.json of `ckpt` after checking that its files are intact (`verify_checkpoint`; CheckpointDamaged) and that
+    it was written by this framework and an equivalent config (ConfigError)."""
+    meta = verify_checkpoint(ckpt)
     if meta.get("framework") != framework:
         raise ConfigError(f"cannot resume: {ckpt} holds a {meta.get('framework')} training state, this run is "
                           f"{framework}")
@@ -371,6 +479,7 @@ class TrainResult:
     adapter_dir: Path | None = None
     plot: Path | None = None
     seconds: float = 0.0
+    skipped_checkpoints: list[str] = field(default_factory=list)  # damaged checkpoints passed over on resume: why
 
 
 def exact_match_eval(run: PreparedRun, logits_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -406,26 +515,54 @@ class Timer:
         return r
 
 
+def restore_newest_intact(tr: Any, out_dir: Path) -> tuple[Path, list[str]]:
+    """Restore `tr` from the newest checkpoint under `out_dir` that loads (`tr.restore` verifies it and raises
+    CheckpointDamaged otherwise) -> (that folder, one line per damaged checkpoint skipped, newest first).
+
+    A config or framework mismatch is not damage: it is raised at once (resuming an older checkpoint would not help).
+    With no intact checkpoint left, CheckpointDamaged names every damaged one."""
+    found = checkpoints(out_dir)
+    if not found:
+        raise ConfigError(f"nothing to resume: no checkpoint under {Path(out_dir) / CHECKPOINT_DIR}")
+    damaged: list[str] = []  # "<folder name>: <what is wrong>"
+    for ckpt in found:
+        try:
+            tr.restore(ckpt)
+        except CheckpointDamaged as e:
+            damaged.append(f"{ckpt.name}: {e}")
+            continue
+        return ckpt, [f"skipped damaged checkpoint {d}" for d in damaged]
+    raise CheckpointDamaged(f"cannot resume: every checkpoint under {Path(out_dir) / CHECKPOINT_DIR} is damaged: "
+                            + "; ".join(damaged) + ". Start the run again in a fresh train.out_dir.")
+
+
 def run_training(tr: Any, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
                  t0: float | None = None) -> TrainResult:
     """The run loop both frameworks share, driving a framework `Trainer` (train_step, evaluate, save_checkpoint,
     restore, save_adapter): eval at step 0, every `eval_every` and at the end; a checkpoint every `save_every`;
     metrics.jsonl, loss.png and the PEFT adapter (`adapter/`) in the run folder. Stops at `stop_after` if given.
+
+    `resume` restores the newest intact checkpoint; each damaged one passed over is reported on stderr (even with
+    `progress` off), in `TrainResult.skipped_checkpoints` and as a {"step", "skipped_checkpoint"} row of
+    metrics.jsonl.
     """
     t0 = time.perf_counter() if t0 is None else t0
     cfg, fw = tr.cfg, tr.framework
     out = tr.run.out_dir
     clean_partial_checkpoints(out)
-    last = latest_checkpoint(out)
+    skipped: list[str] = []
     if resume:
-        if last is None:
-            raise ConfigError(f"nothing to resume: no checkpoint under {out}/checkpoints")
-        tr.restore(last)
-    elif last is not None:
+        _, skipped = restore_newest_intact(tr, out)
+        for line in skipped:  # always shown: the run silently going back further than asked would be a surprise
+            sys.stderr.write(f"{fw} warning: {line}\n")
+            sys.stderr.flush()
+    elif (last := latest_checkpoint(out)) is not None:
         raise ConfigError(f"{out} already holds checkpoints ({last.name}); pass --resume to continue that run, or "
                           "choose another train.out_dir")
-    result = TrainResult(out_dir=out, start_step=tr.step)
+    result = TrainResult(out_dir=out, start_step=tr.step, skipped_checkpoints=skipped)
     metrics = MetricsLog(out / "metrics.jsonl", resume_step=tr.step if resume else None)
+    for line in skipped:
+        metrics.write({"step": tr.step, "skipped_checkpoint": line})
     bar = Progress(cfg.train.steps, enabled=progress, label=f"{fw} ")
     if tr.step == 0:
         row = tr.evaluate()

@@ -128,13 +128,17 @@ def compare(cfg: RunConfig, steps: int, *, out_dir: str | Path | None = None) ->
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from shared_math.training import plot_compare
+    from shared_math.training import TrainingDiverged, plot_compare
 
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"train.out_dir={args.out}")
     cfg = load_run_config(args.config, overrides)
-    res = compare(cfg, args.steps)
+    try:
+        res = compare(cfg, args.steps)
+    except TrainingDiverged as e:  # the same exit as `train`'s: 3 for a run that diverged, 2 for bad input
+        print(f"splitmoe compare: error: {e}", file=sys.stderr)
+        return 3
     rows, tol = res["rows"], res["rtol"]
     print(f"{'step':>4}  {'loss torch':>12}  {'loss jax':>12}  {'rel diff':>9}  {'grad-norm torch':>15}  "
           f"{'grad-norm jax':>13}  {'rel diff':>9}")
@@ -180,11 +184,11 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m splitmoe.train_cli train|compare ...` (the same as through `splitmoe`)."""
-    p = argparse.ArgumentParser(prog="splitmoe")
-    add_train_parsers(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    return args.func(args)
+    """`python -m splitmoe.train_cli train|compare ...`: the same as through `splitmoe` (splitmoe.cli.main, which
+    prints the project's errors as one line and exits 2)."""
+    from splitmoe.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

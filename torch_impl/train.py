@@ -5,26 +5,37 @@ Mirrors `jax_impl.train` name for name. Everything that is not the forward/backw
 frameworks see the same batches, start from the same adapter and apply the same learning rates.
 
 One optimizer step: `grad_accum` micro-batches, each `(loss / grad_accum).backward()`; the pre-clip global gradient
-norm; NaN/inf check (the update is skipped and TrainingDiverged raised); gradients scaled by
-`clip_coefficient`; torch.optim.AdamW (decoupled weight decay, eps outside the square root) at `lr_at(step)`.
-Training state (LoRA tensors, AdamW state, step, RNG) is a `state.pt` in an atomically written checkpoint folder;
-the data position is `step · grad_accum` micro-batches, since batches are a pure function of their index.
+norm; NaN/inf and collapse check (the update is skipped and TrainingDiverged raised); gradients scaled by
+`clip_coefficient`; torch.optim.AdamW (decoupled weight decay, eps outside the square root) at `lr_at(step)`; a
+check that the updated LoRA tensors are finite (TrainingDiverged before anything is saved).
+
+Training state, in an atomically written checkpoint folder (shared_math.training, which also records every file's
+size and SHA-256 in meta.json): `state.safetensors` holds every tensor (LoRA by canonical name, AdamW's moments and
+step counts, torch's CPU RNG state as uint8) and `state.json` the rest (AdamW's hyper-parameters, numpy's MT19937
+state as ints). No pickle: resuming never runs code from a run folder (an older `state.pt` is refused, not loaded).
+The data position is `step · grad_accum` micro-batches, since batches are a pure function of their index.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from shared_math.train_config import RunConfig
+from shared_math.train_config import ConfigError, RunConfig
 from shared_math.training import (
+    CheckpointDamaged,
     PreparedRun,
     TrainResult,
     check_finite,
+    check_params_finite,
     check_resume,
     checkpoint_meta,
     clip_coefficient,
@@ -35,11 +46,14 @@ from shared_math.training import (
     run_training,
     write_checkpoint_atomic,
 )
+from torch_impl.backends import resolve_backend
 from torch_impl.load import load_model
 from torch_impl.lora import load_lora_state_dict, lora_state_dict, save_adapter
 
 FRAMEWORK = "torch"
-STATE_FILE = "state.pt"
+STATE_FILE = "state.safetensors"  # every tensor of the training state
+STATE_JSON = "state.json"  # the rest: AdamW hyper-parameters, numpy's RNG state
+LEGACY_STATE_FILE = "state.pt"  # a pickle, written by older versions: refused, never loaded
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -62,8 +76,12 @@ class Trainer:
             raise ValueError(f"cuda_graph=True needs a CUDA device; this trainer is on {device!r}: pass "
                              "device='cuda' or leave cuda_graph off")
         self.cfg = cfg
-        self.run = run if run is not None else prepare_run(cfg, out_dir)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: torch sees no CUDA GPU here; train on device 'cpu' (--device cpu)")
+        # a backend that cannot run here says why before the data and the checkpoint are built
+        resolve_backend(cfg.model.moe_backend, device=self.device, dtype=_DTYPES[cfg.model.dtype])
+        self.run = run if run is not None else prepare_run(cfg, out_dir)
         if self.device.type == "cpu" and cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if cfg.model.dtype == "float32":  # fp32 means fp32 (numerics policy): no TF32 on GPUs
@@ -105,7 +123,7 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
         try:
-            check_finite(self.step, loss, norm, self.run.out_dir)
+            check_finite(self.step, loss, norm, self.run.out_dir, vocab_size=self.run.model_cfg.vocab_size)
         except Exception:
             self.optimizer.zero_grad(set_to_none=True)
             raise
@@ -117,6 +135,10 @@ class Trainer:
             group["lr"] = lr_at(self.step, self.cfg)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # max |x| per tensor in one multi-tensor kernel: inf or NaN exactly when a tensor holds one (a sum of squares
+        # would overflow for huge but finite weights, which the loss check reports more precisely at the next step)
+        finite = bool(torch.stack(torch._foreach_norm(self.params, math.inf)).isfinite().all())
+        check_params_finite(self.step, finite, self.run.out_dir)
         self.step += 1
         return loss, norm
 
@@ -174,29 +196,79 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write the training state at this step atomically under `<out_dir>/checkpoints/step_XXXXXXXX`."""
+        """Write the training state at this step atomically under `<out_dir>/checkpoints/step_XXXXXXXX`: tensors in
+        `state.safetensors`, the rest in `state.json` (no pickle)."""
         def write(tmp: Path) -> None:
-            torch.save({"lora": {k: torch.from_numpy(v) for k, v in lora_state_dict(self.model).items()},
-                        "optimizer": self.optimizer.state_dict(), "step": self.step,
-                        "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()}, tmp / STATE_FILE)
+            tensors = {f"lora/{k}": torch.from_numpy(v) for k, v in lora_state_dict(self.model).items()}
+            opt = self.optimizer.state_dict()
+            per_param = {}
+            for i, st in opt["state"].items():
+                names = sorted(k for k, v in st.items() if torch.is_tensor(v))
+                for k in names:
+                    tensors[f"optimizer/{i}/{k}"] = st[k].detach().cpu().contiguous()
+                per_param[str(i)] = {"tensors": names, "values": {k: v for k, v in st.items() if k not in names}}
+            tensors["rng/torch"] = torch.get_rng_state()
+            kind, keys, pos, has_gauss, gauss = np.random.get_state()
+            save_file(tensors, tmp / STATE_FILE)
+            # json writes floats with repr, which reads back to the same double: the hyper-parameters stay exact
+            (tmp / STATE_JSON).write_text(json.dumps({
+                "optimizer": {"param_groups": opt["param_groups"], "state": per_param},
+                "numpy_rng": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                              "cached_gaussian": float(gauss)}}))
 
         meta = checkpoint_meta(self.cfg, self.step, FRAMEWORK)
         return write_checkpoint_atomic(self.run.out_dir, self.step, meta, write, keep=self.cfg.train.keep_checkpoints)
 
     def restore(self, folder: str | Path) -> None:
-        """Load a checkpoint written by `save_checkpoint` (same framework and an equivalent config)."""
+        """Load a checkpoint written by `save_checkpoint` (same framework and an equivalent config). Its files are
+        verified and read completely before anything is changed; a damaged folder raises CheckpointDamaged."""
         folder = Path(folder)
         meta = check_resume(folder, self.cfg, FRAMEWORK)
-        state = torch.load(folder / STATE_FILE, weights_only=False)  # our own file: it holds numpy RNG state
-        load_lora_state_dict(self.model, {k: v.numpy() for k, v in state["lora"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
+        lora, opt_state, torch_rng, numpy_rng = _read_state(folder)
+        try:
+            load_lora_state_dict(self.model, lora)
+            self.optimizer.load_state_dict(opt_state)
+        except ValueError as e:
+            raise ConfigError(f"{folder}: its training state does not fit this model's adapters ({e})") from e
+        torch.set_rng_state(torch_rng)
+        np.random.set_state(numpy_rng)
         self.step = int(meta["step"])
 
     def save_adapter(self, folder: str | Path) -> Path:
         """The adapter in PEFT format (loads with peft.PeftModel.from_pretrained onto the HF model)."""
         return save_adapter(self.model, folder)
+
+
+def _read_state(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], torch.Tensor, tuple]:
+    """(LoRA tensors, optimizer state_dict, torch RNG state, numpy RNG state) from `state.safetensors` and
+    `state.json`; CheckpointDamaged, naming the file, if any of it is missing or unreadable."""
+    path, json_path = folder / STATE_FILE, folder / STATE_JSON
+    if not path.is_file():
+        legacy = folder / LEGACY_STATE_FILE
+        why = (f"; {legacy} is a pickle written by an older splitmoe and is never loaded, since unpickling a file "
+               "can run arbitrary code: start a fresh run" if legacy.exists() else "")
+        raise CheckpointDamaged(f"{path} is missing{why}")
+    try:
+        tensors = load_file(path)  # safetensors: raw tensor data and a JSON header, nothing executable
+    except (OSError, SafetensorError) as e:
+        raise CheckpointDamaged(f"{path} cannot be read ({e})") from e
+    try:
+        info = json.loads(json_path.read_text())
+        per_param = info["optimizer"]["state"]
+        # JSON has no tuples: give AdamW its betas back as the tuple it was built with
+        groups = [{**g, **({"betas": tuple(g["betas"])} if "betas" in g else {})}
+                  for g in info["optimizer"]["param_groups"]]
+        state = {int(i): {**p["values"], **{k: tensors[f"optimizer/{i}/{k}"] for k in p["tensors"]}}
+                 for i, p in per_param.items()}
+        r = info["numpy_rng"]
+        numpy_rng = (r["kind"], np.asarray(r["keys"], dtype=np.uint32), int(r["pos"]), int(r["has_gauss"]),
+                     float(r["cached_gaussian"]))
+        torch_rng = tensors["rng/torch"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointDamaged(f"{folder}: {STATE_JSON} / {STATE_FILE} are incomplete or corrupt "
+                                f"({type(e).__name__}: {e})") from e
+    lora = {k[len("lora/"):]: v.numpy() for k, v in tensors.items() if k.startswith("lora/")}
+    return lora, {"state": state, "param_groups": groups}, torch_rng, numpy_rng
 
 
 def train(cfg: RunConfig, *, out_dir: str | Path | None = None, resume: bool = False, stop_after: int | None = None,

@@ -5,8 +5,8 @@ lora_down, biases, scale, activation, swiglu_limit, swiglu_alpha) -> out_MH` on 
 computes base-weight gradients only when they are differentiated.
 
 `resolve_backend(name)` turns "auto" (or an explicit name) into a backend that runs here (an explicit name beats the
-`SPLITMOE_MOE_BACKEND` environment variable, which beats auto), and raises a clear error for one that cannot run,
-before any work.
+`SPLITMOE_MOE_BACKEND` environment variable, which beats auto), and raises a clear error (BackendUnavailable: a
+ConfigError and a RuntimeError) for one that cannot run, before any work.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import os
 from collections.abc import Callable
 
 import jax
+
+from shared_math.train_config import BackendUnavailable
 
 ENV_VAR = "SPLITMOE_MOE_BACKEND"
 
@@ -57,7 +59,8 @@ def why_unavailable(name: str, device=None, dtype=None) -> str | None:
 
 def resolve_backend(name: str = "auto", *, device=None, dtype=None) -> str:
     """The backend to use. Precedence: an explicit `name` > `$SPLITMOE_MOE_BACKEND` > auto (the fastest that runs
-    here), as in torch_impl. Raises ValueError (unknown name) or RuntimeError (cannot run here) with the reason.
+    here), as in torch_impl. Raises ValueError (unknown name) or BackendUnavailable (cannot run here; a RuntimeError)
+    with the reason and the backends that do run.
     """
     env = os.environ.get(ENV_VAR, "").strip()
     chosen, src = (name, "moe_backend") if name != "auto" else ((env, f"${ENV_VAR}") if env else ("auto", ""))
@@ -67,7 +70,9 @@ def resolve_backend(name: str = "auto", *, device=None, dtype=None) -> str:
         raise ValueError(f"{src}={chosen!r} is not a jax MoE backend; known: {', '.join(BACKENDS)} or 'auto'")
     reason = why_unavailable(chosen, device, dtype)
     if reason is not None:
-        raise RuntimeError(f"MoE backend {chosen!r} cannot run on {jax.default_backend()}: {reason}")
+        raise BackendUnavailable(f"MoE backend {chosen!r} cannot run on {jax.default_backend()}: {reason}. Available "
+                                 f"here: {', '.join(available_backends())} (set model.moe_backend to one of them, or "
+                                 "to auto)")
     return chosen
 
 

@@ -111,3 +111,15 @@ def test_init_lora_tensors_shapes_and_determinism():
     # a target's init does not depend on which other targets exist
     only_q = init_lora_tensors(LoraConfig(rank=4, alpha=8, targets=("q_proj",)), mc, 0)
     np.testing.assert_array_equal(only_q["layers.1.self_attn.q_proj.lora_A"], a["layers.1.self_attn.q_proj.lora_A"])
+
+
+def test_a_checkpoint_from_before_per_target_ranks_still_resumes():
+    """Trajectories saved before `lora.target_ranks` / `target_alphas` existed lack those keys: absent means none
+    (the default), while a real difference is still reported."""
+    from shared_math.train_config import diff_configs, trajectory_dict
+
+    current = trajectory_dict(load_run_config("configs/runs/default.yaml", []))
+    old = {k: v for k, v in current.items() if not k.startswith("lora.target_")}
+    assert diff_configs(old, current) == []
+    changed = trajectory_dict(load_run_config("configs/runs/default.yaml", ["lora.rank=4"]))
+    assert [d.split(":")[0] for d in diff_configs(old, changed)] == ["lora.rank"]

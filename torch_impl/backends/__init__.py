@@ -16,6 +16,7 @@ from types import ModuleType
 
 import torch
 
+from shared_math.train_config import BackendUnavailable
 from torch_impl.backends import grouped_mm, native, triton
 
 ENV_VAR = "SPLITMOE_MOE_BACKEND"
@@ -50,8 +51,8 @@ def resolve_backend(name: str = "auto", *, device: torch.device | str | None = N
                     dtype: torch.dtype | None = None) -> str:
     """The backend to use for `name` on `device` in `dtype` (defaults: cpu, float32 for the check).
 
-    Raises ValueError for an unknown name and RuntimeError, naming the reason and what is available, for a backend
-    that cannot run here.
+    Raises ValueError for an unknown name and BackendUnavailable (a ConfigError and a RuntimeError), naming the
+    reason and what is available, for a backend that cannot run here.
     """
     source = "requested"
     if name in (None, "", "auto"):
@@ -62,14 +63,15 @@ def resolve_backend(name: str = "auto", *, device: torch.device | str | None = N
             for candidate in _AUTO:
                 if _auto_allows(candidate, device, dtype) and why_unavailable(candidate, device, dtype) is None:
                     return candidate
-            raise RuntimeError(f"no MoE backend runs on {device or 'cpu'} in {dtype}")  # native always runs
+            raise BackendUnavailable(f"no MoE backend runs on {device or 'cpu'} in {dtype}")  # native always runs
     if name not in _MODULES:
         raise ValueError(f"unknown MoE backend {name!r} ({source}); known: {', '.join(BACKENDS)} or 'auto'")
     reason = why_unavailable(name, device, dtype)
     if reason is not None:
         ok = [b for b in BACKENDS if why_unavailable(b, device, dtype) is None]
-        raise RuntimeError(f"MoE backend {name!r} ({source}) cannot run on {device or 'cpu'} in {dtype}: {reason}. "
-                           f"Available here: {', '.join(ok)}")
+        raise BackendUnavailable(f"MoE backend {name!r} ({source}) cannot run on {device or 'cpu'} in {dtype}: "
+                                 f"{reason}. Available here: {', '.join(ok)} (set model.moe_backend to one of them, "
+                                 "or to auto)")
     return name
 
 
