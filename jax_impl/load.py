@@ -43,6 +43,10 @@ def load_model(path: str | Path, *, lora: LoraConfig | None = None, dtype=jnp.fl
     """Load the checkpoint at `path` as a jax_impl model in `dtype`; with `lora`, attach fresh adapters (B = 0).
 
     The MoE backend is resolved (and refused with a reason if it cannot run here) before any tensor is read.
+    Raises shared_math.checkpoint.CheckpointError, from `read_checkpoint` (shared with torch_impl) before anything
+    is built, for a damaged checkpoint, for one with layers past config.json's num_hidden_layers other than
+    DeepSeek-V3 / GLM MTP layers, and for a config.json that asks for math not implemented (its cause a
+    ModelConfigError naming the field: `shared_math.config.MATH_FIELDS`).
     """
     backend = resolve_backend(moe_backend, dtype=dtype)
     cfg, tensors = read_checkpoint(path)

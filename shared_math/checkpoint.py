@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from shared_math.config import ModelConfig
+from shared_math.config import MTP_FAMILIES, ModelConfig
 from shared_math.fp8 import SCALE_SUFFIX as FP8_SCALE_SUFFIX
 from shared_math.fp8 import block_size as fp8_block_size
 from shared_math.fp8 import dequantize_block_fp8
@@ -37,8 +37,8 @@ Shape = tuple[int, ...]
 Layout = Literal["hub", "fused", "mxfp4"]  # mxfp4: gpt-oss experts quantised as on the hub
 
 __all__ = ["CheckpointError", "UnsupportedCheckpointError", "CheckpointTensors", "expected_shapes",
-           "read_checkpoint", "write_checkpoint", "hf_keys_for", "tiny_hf_config", "write_tiny_checkpoint",
-           "random_canonical_tensors"]
+           "read_checkpoint", "write_checkpoint", "hf_keys_for", "check_unused_tensors", "tiny_hf_config",
+           "write_tiny_checkpoint", "random_canonical_tensors"]
 
 
 class CheckpointError(ValueError):
@@ -363,7 +363,9 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, CheckpointTensors]:
     """Open a HF checkpoint folder (config.json + safetensors), validate it against its config, return it lazily.
 
     Raises CheckpointError naming the HF tensor, the file and the expectation for a missing tensor, a wrong shape,
-    an unknown tensor, or a truncated/corrupt file; UnsupportedCheckpointError for MXFP4 and per-tensor FP8
+    an unknown tensor, layers past config.json's num_hidden_layers that are not MTP layers (`check_unused_tensors`),
+    a config that asks for math splitmoe does not compute (its cause a config.ModelConfigError naming the field),
+    or a truncated/corrupt file; UnsupportedCheckpointError for MXFP4 and per-tensor FP8
     checkpoints. DeepSeek-style block FP8 (`weight_scale_inv`) is dequantised to float32 tensor by tensor as read.
     """
     root = Path(path)
@@ -407,21 +409,62 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, CheckpointTensors]:
         recipes[name] = recipe
 
     used = {k for r in recipes.values() for k in r.keys}
-    unknown = []
-    for k in files:
-        if k in used or _IGNORED.search(k):
+    check_unused_tensors(cfg, [k for k in files if k not in used], root,
+                         file_of=lambda k: files[k].path.name)
+    return cfg, CheckpointTensors(cfg, recipes, files, shapes)
+
+
+_MTP_MARK = "eh_proj.weight"  # the projection every multi-token-prediction module has (DeepSeek-V3, GLM, HF MtpLayer)
+
+
+def check_unused_tensors(cfg: ModelConfig, unused: list[str], root: str | Path,
+                         file_of: Callable[[str], str] = lambda k: "?") -> None:
+    """Raise CheckpointError unless every checkpoint tensor that `cfg`'s model does not load may be left out.
+
+    Those are: RoPE buffers (`rotary_emb.inv_freq`), `lm_head.weight` of a tied model, and the multi-token-prediction
+    layers of DeepSeek-V3 / GLM: layers `num_hidden_layers .. num_hidden_layers + num_nextn_predict_layers - 1` that
+    hold an MTP module (`eh_proj.weight`), which no forward uses (HF ignores them too). Any other layer past the
+    config's count means config.json's `num_hidden_layers` is smaller than the checkpoint's, which would drop layers
+    silently; the error names a few tensors, counts them and says how to fix it. Both loaders see this through
+    `read_checkpoint`.
+    """
+    L, mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    by_layer: dict[int, list[str]] = {}
+    unknown: list[str] = []
+    for k in unused:
+        if _IGNORED.search(k) or (k == "lm_head.weight" and cfg.tie_word_embeddings):
             continue
         m = _LAYER_RE.match(k)
-        if m and int(m.group(1)) >= cfg.num_hidden_layers:  # MTP layers, which HF ignores too
-            continue
-        if k == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        unknown.append(k)
+        if m and int(m.group(1)) >= L:
+            by_layer.setdefault(int(m.group(1)), []).append(k)
+        else:
+            unknown.append(k)
+    has_mtp_module = {l for l, keys in by_layer.items() if f"model.layers.{l}.{_MTP_MARK}" in keys}
+    mtp_layers = {l for l in has_mtp_module if l < L + mtp}
+    extra = sorted(set(by_layer) - mtp_layers)
+    if extra:
+        names = [k for l in extra for k in sorted(by_layer[l])]
+        layers = f"layer {extra[0]}" if len(extra) == 1 else f"layers {', '.join(map(str, extra))}"
+        if cfg.family in MTP_FAMILIES:
+            decoder_layers = max(by_layer) + 1 - len(has_mtp_module)  # MTP modules come after the decoder layers
+            span = f"layer(s) {L}..{L + mtp - 1}, each with an {_MTP_MARK}" if mtp else "none"
+            allowed = (f"a {cfg.family} checkpoint may add only its num_nextn_predict_layers={mtp} multi-token-"
+                       f"prediction layer(s) after the decoder layers ({span}), and "
+                       f"{'these are not' if len(extra) > 1 else 'this is not one'}")
+            fix = (f"set num_hidden_layers to {decoder_layers} in config.json (the checkpoint's decoder layers), or "
+                   f"raise num_nextn_predict_layers if the extra layers are all MTP modules")
+        else:
+            allowed = f"a {cfg.family} model has no multi-token-prediction layers that could be skipped"
+            fix = f"set num_hidden_layers to {max(by_layer) + 1} in config.json (the checkpoint's layer count)"
+        raise CheckpointError(
+            f"{root}: config.json says num_hidden_layers={L}, but the checkpoint also holds {layers} "
+            f"({len(names)} tensor(s), e.g. {names[:4]} in {file_of(names[0])}); {allowed}, so loading would drop "
+            f"them silently. To load the whole model, {fix}; to load a truncated one on purpose, remove those "
+            f"tensors from the checkpoint.")
     if unknown:
         raise CheckpointError(
             f"{root}: {len(unknown)} tensor(s) that a {cfg.family} model with this config does not have, e.g. "
-            f"{unknown[:5]} in {files[unknown[0]].path.name}; is config.json the right one?")
-    return cfg, CheckpointTensors(cfg, recipes, files, shapes)
+            f"{unknown[:5]} in {file_of(unknown[0])}; is config.json the right one?")
 
 
 # ---- writing -------------------------------------------------------------------------------------------------------

@@ -42,8 +42,11 @@ def load_model(path: str | Path, *, lora: LoraConfig | None = None, dtype: torch
 
     `lora`: attach fresh split-LoRA adapters for these targets (raises for a target the model lacks).
     `moe_backend`: "auto", "native" or "grouped_mm"; checked here, before any weight is read.
-    Raises shared_math.checkpoint.CheckpointError for a damaged checkpoint and NotImplementedError for a family
-    that torch_impl does not implement yet.
+    Raises shared_math.checkpoint.CheckpointError for a damaged checkpoint, for one with layers past config.json's
+    num_hidden_layers other than DeepSeek-V3 / GLM MTP layers, and for a config.json that asks for math not
+    implemented (its cause a ModelConfigError naming the field: `shared_math.config.MATH_FIELDS`); all of it from
+    `read_checkpoint`, shared with jax_impl, before anything is built. NotImplementedError for a family that
+    torch_impl does not implement yet.
     """
     cfg, tensors = read_checkpoint(path)
     if cfg.family not in _FAMILIES:

@@ -289,8 +289,10 @@ def test_wrong_shape_is_named(tmp_path):
 
 def test_unknown_tensor_is_named_but_mtp_layers_are_ignored(tmp_path):
     path = write_tiny_checkpoint("deepseek_v3", tmp_path)
-    _rewrite(path, lambda t: t.update({"model.layers.2.mlp.gate.weight": np.zeros((8, 64), np.float32)}))
-    read_checkpoint(path)  # layer 2 = num_hidden_layers is the MTP layer, which HF ignores too
+    # layer 2 = num_hidden_layers is the MTP layer (an MTP module: it has an eh_proj), which HF ignores too
+    _rewrite(path, lambda t: t.update({"model.layers.2.mlp.gate.weight": np.zeros((8, 64), np.float32),
+                                       "model.layers.2.eh_proj.weight": np.zeros((64, 128), np.float32)}))
+    read_checkpoint(path)
     _rewrite(path, lambda t: t.update({"model.layers.1.mlp.extra.weight": np.zeros(3, np.float32)}))
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.extra\.weight"):
         read_checkpoint(path)
