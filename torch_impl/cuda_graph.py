@@ -10,9 +10,10 @@ launch.
   of `inputs`; `step(**new_inputs)` copies the new tensors in, replays, and returns the loss. After a step every
   parameter in `params` has `.grad` = loss_scale · d loss / d p of that batch: overwritten, not accumulated (the
   graph owns those buffers; `optimizer.zero_grad(set_to_none=True)` is fine, the next step re-attaches them).
-- `graph_model(model, input_ids, labels, position_ids=None)`: the same for a torch_impl causal-LM model, with the
-  forward's host syncs removed (`torch_impl.models.layers.static_batch`) and, per step, one host sync that checks
-  what the graph cannot: token ids in range and the capture-time packing (documents per row).
+- `graph_model(model, input_ids, labels, position_ids=None, attention_mask=None)`: the same for a torch_impl
+  causal-LM model, with the forward's host syncs removed (`torch_impl.models.layers.static_batch`) and, per step,
+  one host sync that checks what the graph cannot: token ids in range and the capture-time packing (documents per
+  row). A padded batch (attention_mask) is captured on the explicit-mask path, which serves any padding.
 
 What a captured step needs: a CUDA device; MoE layers on the `triton` backend (`CAPTURABLE_BACKENDS`, checked
 first by `graph_model`); every step with the capture-time shapes and dtypes; parameters updated in
@@ -28,7 +29,13 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from torch_impl.models.layers import document_ids, is_packed, prepare_position_ids, static_batch
+from torch_impl.models.layers import (
+    document_ids,
+    is_packed,
+    prepare_attention_mask,
+    prepare_position_ids,
+    static_batch,
+)
 
 # MoE backends whose forward and backward a CUDA graph can hold. Not `grouped_mm`: torch._grouped_mm copies from
 # pageable host memory inside (torch 2.11 on the H200: "Cannot copy between CPU and CUDA tensors during CUDA graph
@@ -96,11 +103,13 @@ class GraphedLoss:
 
 
 def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                position_ids: torch.Tensor | None = None, *, loss_scale: float = 1.0, warmup: int = 2,
-                check: bool = True) -> Callable[..., torch.Tensor]:
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                loss_scale: float = 1.0, warmup: int = 2, check: bool = True) -> Callable[..., torch.Tensor]:
     """Capture a torch_impl causal-LM model's training forward + backward (`model(input_ids, labels=labels,
-    position_ids=position_ids).loss`, times loss_scale, backpropagated into every trainable parameter) for batches
-    shaped like the example. Returns `step(input_ids, labels, position_ids=None) -> loss`.
+    position_ids=position_ids, attention_mask=attention_mask).loss`, times loss_scale, backpropagated into every
+    trainable parameter) for batches shaped like the example. Returns
+    `step(input_ids, labels, position_ids=None, attention_mask=None) -> loss`; a step gives position_ids and
+    attention_mask exactly when the example did (the mask's values may change from step to step).
 
     `check`: each step first reads, in one host sync, the new batch's token-id range and whether it holds packed
     documents, and raises if the ids are out of range or the packing differs from the example's (the attention path
@@ -109,21 +118,30 @@ def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
     check_capturable(model)
     vocab = model.config.vocab_size
     prepare_position_ids(input_ids, position_ids, vocab)  # the example's ids and positions, checked eagerly once
+    if attention_mask is not None:
+        with static_batch(packed=False):  # the shape check alone: an all-ones example mask is kept, not dropped
+            prepare_attention_mask(input_ids, attention_mask)
     packed = position_ids is not None and is_packed(position_ids)
     params = [p for p in model.parameters() if p.requires_grad]
     inputs = {"input_ids": input_ids, "labels": labels}
     if position_ids is not None:
         inputs["position_ids"] = position_ids
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask
 
-    def loss_fn(input_ids, labels, position_ids=None):
-        return model(input_ids, labels=labels, position_ids=position_ids, return_logits=False).loss
+    def loss_fn(input_ids, labels, position_ids=None, attention_mask=None):
+        return model(input_ids, labels=labels, position_ids=position_ids, return_logits=False,
+                     attention_mask=attention_mask).loss
 
     graphed = GraphedLoss(loss_fn, inputs, params, loss_scale=loss_scale, warmup=warmup,
                           context=lambda: static_batch(packed))
 
-    def step(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None):
+    def step(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None):
         if (position_ids is None) != ("position_ids" not in graphed.static):
             raise ValueError("give position_ids in every step exactly when the example had them")
+        if (attention_mask is None) != ("attention_mask" not in graphed.static):
+            raise ValueError("give attention_mask in every step exactly when the example had it")
         if check:
             lo, hi, pk = _batch_facts(input_ids, position_ids)
             if lo < 0 or hi >= vocab:
@@ -133,6 +151,8 @@ def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
                                  f"was captured for a batch that {'did' if packed else 'did not'}: capture "
                                  "another graph for it (or pack every batch alike)")
         kw = {} if position_ids is None else {"position_ids": position_ids}
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask
         return graphed.step(input_ids=input_ids, labels=labels, **kw)
 
     step.graphed = graphed  # the GraphedLoss (its graph, buffers and parameters), for inspection

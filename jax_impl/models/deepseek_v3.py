@@ -28,8 +28,10 @@ from jax_impl.models.layers import (
     RotaryEmbedding,
     apply_rotary,
     apply_rotary_interleave,
+    causal_mask,
     lm_output,
-    packed_causal_mask,
+    masked_softmax,
+    prepare_attention_mask,
     prepare_position_ids,
 )
 from jax_impl.moe import Experts, MoEBlock, Router
@@ -97,8 +99,7 @@ class MLAttention(nnx.Module):
         cd = x_BSH.dtype
         scores = jnp.einsum("bqnd,bknd->bnqk", q_BSND, k_BSND, preferred_element_type=_F32).astype(cd)
         scores = scores * jnp.asarray(self.scaling, cd)
-        scores = jnp.where(mask_BSS[:, None], scores.astype(_F32), jnp.finfo(_F32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
+        probs = masked_softmax(scores, mask_BSS[:, None], cd)
         out_BSND = jnp.einsum("bnqk,bknd->bqnd", probs, v_BSND, preferred_element_type=_F32).astype(cd)
         return self.o_proj(out_BSND.reshape(B, S, N * Dv))
 
@@ -151,7 +152,8 @@ class DeepseekV3DecoderLayer(nnx.Module):
 
 class DeepseekV3ForCausalLM(LayerCheckpointing, nnx.Module):
     """DeepSeek-V3 with split LoRA; build with `jax_impl.load_model` (or from canonical tensors directly).
-    `__call__(input_ids, labels=None, position_ids=None) -> CausalLMOutput` (aux_loss always None)."""
+    `__call__(input_ids, labels=None, position_ids=None, *, attention_mask=None) -> CausalLMOutput` (aux_loss
+    always None)."""
 
     family = "deepseek_v3"
 
@@ -172,12 +174,16 @@ class DeepseekV3ForCausalLM(LayerCheckpointing, nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else LoRALinear(_arr(tensors["lm_head.weight"], dtype))
 
     def __call__(self, input_ids: jax.Array, labels: jax.Array | None = None,
-                 position_ids: jax.Array | None = None) -> CausalLMOutput:
-        """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None."""
+                 position_ids: jax.Array | None = None, *, attention_mask: jax.Array | None = None
+                 ) -> CausalLMOutput:
+        """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None
+        (0..S-1, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks
+        the attention (`causal_mask`); the loss is masked by labels = -100 only, as HF's."""
         position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
+        attention_mask = prepare_attention_mask(input_ids, attention_mask)
         h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
         cos, sin = self.rotary_emb(position_ids, self.dtype)
-        mask_BSS = packed_causal_mask(position_ids)
+        mask_BSS = causal_mask(position_ids, attention_mask)
         for layer in self.layers:
             h_BSH = self._run_layer(layer, h_BSH, cos, sin, mask_BSS)
         # DeepSeek-V3 and GLM define no load-balancing loss in HF (their routers carry a bias instead)

@@ -10,6 +10,8 @@ head (`sinks [N]`) that joins every softmax row and is then dropped, sliding-win
 RMSNorm with the weight product in fp32 (`GptOssRMSNorm`); router with bias, top-K logits then softmax over K;
 experts with biases and the clamped SwiGLU; HF's aux loss only when `output_router_logits`.
 Packed sequences: documents never attend across their boundary (HF's gpt-oss has no packed mask; see the torch twin).
+Padded batches (`attention_mask`): HF's padding mask on full and sliding layers (`layers.causal_mask`); a query with
+no key left (left padding) puts all weight on the sink and gets 0, exactly as HF's eager path.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from jax_impl.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
+    causal_mask,
     lm_output,
+    prepare_attention_mask,
     prepare_position_ids,
 )
 from jax_impl.moe import Experts, MoEBlock, Router
@@ -59,15 +63,9 @@ class GptOssRMSNorm(RMSNorm):
 
 def attention_mask(position_ids: jax.Array, window: int | None) -> jax.Array:
     """Bool mask [B, 1, S, S] (True = attend): causal, within `window` keys back (self included) when given, and within
-    one packed document (a document starts wherever position_ids do not grow by 1)."""
-    B, S = position_ids.shape
-    prev = jnp.concatenate([position_ids[:, :1] - 1, position_ids[:, :-1]], axis=1)
-    doc_BS = jnp.cumsum(position_ids - prev != 1, axis=1)
-    idx = jnp.arange(S)
-    allowed_SS = idx[None, :] <= idx[:, None]
-    if window is not None and window < S:
-        allowed_SS = allowed_SS & (idx[None, :] > idx[:, None] - window)
-    return (allowed_SS[None] & (doc_BS[:, :, None] == doc_BS[:, None, :]))[:, None]
+    one packed document (a document starts wherever position_ids do not grow by 1): `layers.causal_mask` without
+    padding."""
+    return causal_mask(position_ids, None, window)[:, None]
 
 
 def _with_sink(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, scale: float
@@ -114,7 +112,7 @@ def _sliding_blocks(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, 
 def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array, scale: float,
                    window: int | None = None) -> jax.Array:
     """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q [B, S, N, D], k, v [B, S, Nkv, D] (GQA:
-    query head n·G + g reads kv head n), sinks [N], mask [B, 1, S, S] bool (causal, packed documents), `window`
+    query head n·G + g reads kv head n), sinks [N], mask [B, 1, S, S] bool (causal, packed documents, padding), `window`
     (sliding layers: keys with q_idx - window < kv_idx <= q_idx) -> [B, S, N, D].
 
     As in torch_impl: the sink is one extra key (index 0, value 0) whose logit is the sink for every query, which
@@ -202,15 +200,21 @@ class GptOssForCausalLM(LayerCheckpointing, nnx.Module):
         self.output_router_logits = bool(cfg.hf_config.get("output_router_logits", False))
 
     def __call__(self, input_ids: jax.Array, labels: jax.Array | None = None,
-                 position_ids: jax.Array | None = None) -> CausalLMOutput:
-        """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None."""
+                 position_ids: jax.Array | None = None, *, attention_mask: jax.Array | None = None
+                 ) -> CausalLMOutput:
+        """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None
+        (0..S-1, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks
+        the attention of full and sliding layers and the aux loss's router statistics; the loss is masked by
+        labels = -100 only, as HF's, so padded positions need labels -100."""
         position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
+        attention_mask = prepare_attention_mask(input_ids, attention_mask)
         h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
         cos, sin = self.rotary_emb(position_ids, self.dtype)
-        mask = attention_mask(position_ids, None)  # causal within documents; sliding windows applied per layer
+        # causal within documents, over real tokens; sliding windows applied per layer
+        mask = causal_mask(position_ids, attention_mask)[:, None]
         router_logits = []
         for layer in self.layers:
             h_BSH, logits_TE = self._run_layer(layer, h_BSH, cos, sin, mask)
             router_logits.append(logits_TE)
         return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, router_logits, self.config,
-                         self.output_router_logits)
+                         self.output_router_logits, attention_mask)

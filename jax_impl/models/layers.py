@@ -6,10 +6,14 @@
   or as DeepSeek's interleaved pairs (`apply_rotary_interleave`).
 - `packed_causal_mask`: causal, and block-diagonal over packed sequences: as HF's `find_packed_sequence_indices`, a new
   sequence starts wherever position_ids do not increase by exactly 1 (so wherever they restart at 0).
-- `Attention`: GQA with optional per-head q/k RMSNorm before RoPE (Qwen3), explicit softmax in fp32 as HF's eager path.
+- `causal_mask`: that, over real tokens only (`attention_mask`, HF's padding mask) and within an optional sliding
+  window; `prepare_attention_mask` checks a [B, S] padding mask (HF's `attention_mask`: 1 = token, 0 = padding).
+- `Attention`: GQA with optional per-head q/k RMSNorm before RoPE (Qwen3), explicit softmax in fp32 as HF's eager path
+  (`masked_softmax`: 0 for a query with no key, a left-padding position, as torch's SDPA).
 - `DenseMLP`: SwiGLU `down(silu(gate(x)) * up(x))` (dense layers and shared experts).
 - `Linear` (frozen, `x @ W (+ b)`) is `jax_impl.lora.LoRALinear` without factors attached.
-- `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses.
+- `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses (the aux loss masked by
+  `attention_mask` as HF's `load_balancing_loss_func`; the LM loss masked by labels = -100 only, as HF's).
 - `LayerCheckpointing`: `gradient_checkpointing_enable()` (HF's and torch_impl's name) for the decoder-layer loop.
 
 Shapes: B batch, S sequence, H hidden, N query heads, Nkv key/value heads, D head dim.
@@ -106,12 +110,40 @@ def apply_rotary_interleave(x_BSND: jax.Array, cos_BSD: jax.Array, sin_BSD: jax.
 
 
 def packed_causal_mask(position_ids_BS: jax.Array) -> jax.Array:
-    """[B, S, S] boolean: query i may attend key j iff j <= i and both lie in the same packed sequence."""
+    """[B, S, S] boolean: query i may attend key j iff j <= i and both lie in the same packed sequence
+    (`causal_mask` without padding or window)."""
+    return causal_mask(position_ids_BS)
+
+
+def causal_mask(position_ids_BS: jax.Array, attention_mask_BS: jax.Array | None = None,
+                window: int | None = None) -> jax.Array:
+    """[B, S, S] boolean (True = attend), as torch_impl's `causal_mask` (always materialised here): query i may
+    attend key j iff j <= i (by index, as HF), both lie in the same packed sequence, j is a real token
+    (`attention_mask_BS` bool from `prepare_attention_mask`: HF's padding mask) and, with `window`, i - window < j.
+
+    A left-padding query's row is empty; attention gives it 0 (`masked_softmax`; gpt-oss's sink does it itself), as
+    HF's SDPA path and its gpt-oss do (HF's eager path averages all keys there); see torch_impl's twin. HF builds
+    its packed mask only without an attention mask; here documents and padding combine (they agree on HF's own
+    position_ids for padded rows)."""
     B, S = position_ids_BS.shape
     prev = jnp.concatenate([position_ids_BS[:, :1] - 1, position_ids_BS[:, :-1]], axis=1)
     seq_BS = jnp.cumsum(position_ids_BS - prev != 1, axis=1)
-    causal_SS = jnp.tril(jnp.ones((S, S), bool))
-    return causal_SS[None] & (seq_BS[:, :, None] == seq_BS[:, None, :])
+    idx = jnp.arange(S)
+    allowed_SS = idx[None, :] <= idx[:, None]
+    if window is not None and window < S:
+        allowed_SS = allowed_SS & (idx[None, :] > idx[:, None] - window)
+    allowed_BSS = allowed_SS[None] & (seq_BS[:, :, None] == seq_BS[:, None, :])
+    if attention_mask_BS is not None:
+        allowed_BSS = allowed_BSS & attention_mask_BS.astype(bool)[:, None, :]
+    return allowed_BSS
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
+    """softmax over the last axis in fp32 of `scores` where `mask` (broadcast to it) allows, cast to `dtype`; a row
+    with nothing allowed (a left-padding query) gets all-zero weights, so its attention output is 0 (as torch's SDPA
+    and torch_impl's `sdpa_attention`; without it the dtype-min fill would average every key)."""
+    probs = jax.nn.softmax(jnp.where(mask, scores.astype(_F32), jnp.finfo(_F32).min), axis=-1)
+    return jnp.where(mask.any(-1, keepdims=True), probs, 0.0).astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -142,8 +174,7 @@ class Attention(nnx.Module):
         q_BSNGD = q_BSND.reshape(B, S, Nkv, N // Nkv, D)
         scores = jnp.einsum("bqngd,bknd->bngqk", q_BSNGD, k_BSND, preferred_element_type=_F32).astype(cd)
         scores = scores * jnp.asarray(self.scaling, cd)
-        scores = jnp.where(mask_BSS[:, None, None], scores.astype(_F32), jnp.finfo(_F32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cd)
+        probs = masked_softmax(scores, mask_BSS[:, None, None], cd)
         out_BSNGD = jnp.einsum("bngqk,bknd->bqngd", probs, v_BSND, preferred_element_type=_F32).astype(cd)
         return self.o_proj(out_BSNGD.reshape(B, S, N * D))
 
@@ -174,7 +205,8 @@ class CausalLMOutput(NamedTuple):
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -100) -> jax.Array:
     """HF's ForCausalLMLoss: fp32 logits; logits[:, s] predicts labels[:, s+1]; mean cross-entropy over the
-    non-ignored positions. Packed documents are not separated (HF does not either: mask boundaries in labels)."""
+    non-ignored positions. Packed documents are not separated (HF does not either: mask boundaries in labels), and
+    padding is not masked here: as in HF, the attention mask never enters the loss, so label padding -100."""
     logits_f = logits[:, :-1].astype(_F32)
     target = labels[:, 1:]
     valid = target != ignore_index
@@ -183,19 +215,29 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = -10
     return jnp.sum(jnp.where(valid, logz - picked, 0.0)) / jnp.maximum(valid.sum(), 1)
 
 
-def load_balancing_loss(router_logits: list[jax.Array], num_experts: int, top_k: int) -> jax.Array:
-    """HF's load_balancing_loss_func without an attention mask: softmax over E, top-K; the pooled fraction of
-    assignments f_e and mean probability P_e over all MoE layers and tokens; E · Σ_e f_e · P_e (fp32)."""
+def load_balancing_loss(router_logits: list[jax.Array], num_experts: int, top_k: int,
+                        attention_mask: jax.Array | None = None) -> jax.Array:
+    """HF's load_balancing_loss_func: softmax over E, top-K; the pooled fraction of assignments f_e and mean
+    probability P_e over all MoE layers and tokens; E · Σ_e f_e · P_e (fp32).
+
+    With attention_mask ([B, S], the router logits' T = B·S rows in order) padding tokens count for nothing: every
+    assignment and probability is weighted by the mask, and the token count is L · Σ mask (HF's masked branch)."""
     logits_NE = jnp.concatenate([lg.astype(_F32) for lg in router_logits], axis=0)
     probs_NE = jax.nn.softmax(logits_NE, axis=-1)
     _, ids_NK = jax.lax.top_k(probs_NE, top_k)
-    f_E = jax.nn.one_hot(ids_NK, num_experts, dtype=_F32).sum(1).mean(0)
-    return num_experts * jnp.sum(f_E * probs_NE.mean(0))
+    if attention_mask is None:
+        f_E = jax.nn.one_hot(ids_NK, num_experts, dtype=_F32).sum(1).mean(0)
+        return num_experts * jnp.sum(f_E * probs_NE.mean(0))
+    m_N = jnp.tile(attention_mask.reshape(-1).astype(_F32), len(router_logits))  # layer-major, as the concat
+    rows = m_N.sum()
+    f_E = (jax.nn.one_hot(ids_NK, num_experts, dtype=_F32).sum(1) * m_N[:, None]).sum(0) / rows
+    return num_experts * jnp.sum(f_E * (probs_NE * m_N[:, None]).sum(0) / rows)
 
 
 def prepare_position_ids(input_ids: jax.Array, position_ids: jax.Array | None, vocab_size: int) -> jax.Array:
     """Check input_ids [B, S] (ids in [0, vocab_size) whenever they are concrete, i.e. outside jit) and
-    position_ids, and return position_ids as [B, S] (0..S-1 when None); mirrors torch_impl's checks."""
+    position_ids, and return position_ids as [B, S] (0..S-1 when None, also with an attention mask: HF's forward
+    defaults them so; HF's `generate` passes cumsum(mask) - 1 itself); mirrors torch_impl's checks."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
@@ -210,10 +252,24 @@ def prepare_position_ids(input_ids: jax.Array, position_ids: jax.Array | None, v
     return jnp.broadcast_to(position_ids, (B, S))
 
 
+def prepare_attention_mask(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array | None:
+    """Check attention_mask (HF's meaning: [B, S], nonzero = real token, 0 = padding) against input_ids [B, S] and
+    return it as bool [B, S] (None when absent). Unlike torch_impl an all-ones mask is kept: under jit its values
+    are unknown, and the mask is materialised here in any case."""
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must be [batch, seq] like input_ids {tuple(input_ids.shape)} (1 = token, "
+                         f"0 = padding; 4-D masks are not accepted), got {tuple(attention_mask.shape)}")
+    return attention_mask.astype(bool)
+
+
 def lm_output(h_BSH: jax.Array, embed_tokens_VH: jax.Array, lm_head, labels: jax.Array | None,
-              router_logits: list[jax.Array], cfg: ModelConfig, output_router_logits: bool) -> CausalLMOutput:
+              router_logits: list[jax.Array], cfg: ModelConfig, output_router_logits: bool,
+              attention_mask: jax.Array | None = None) -> CausalLMOutput:
     """Normed hidden states -> logits (tied embeddings when lm_head is None, fp32 accumulation, one rounding),
-    HF's causal-LM loss, and the load-balancing aux loss when the config asks for router logits (added to the loss,
+    HF's causal-LM loss (labels = -100 masks it; attention_mask does not, as in HF), and the load-balancing aux loss
+    when the config asks for router logits, over the real tokens of `attention_mask` [B, S] (added to the loss,
     times router_aux_loss_coef, only when labels are given: HF's rule). Mirrors torch_impl."""
     if lm_head is None:
         logits_BSV = jnp.einsum("bsh,vh->bsv", h_BSH, embed_tokens_VH,
@@ -222,7 +278,7 @@ def lm_output(h_BSH: jax.Array, embed_tokens_VH: jax.Array, lm_head, labels: jax
         logits_BSV = lm_head(h_BSH)
     aux = None
     if output_router_logits and router_logits:
-        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok)
+        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, attention_mask)
     loss = None
     if labels is not None:
         loss = causal_lm_loss(logits_BSV, labels)

@@ -26,8 +26,9 @@ from jax_impl.models.layers import (
     LayerCheckpointing,
     RMSNorm,
     RotaryEmbedding,
+    causal_mask,
     lm_output,
-    packed_causal_mask,
+    prepare_attention_mask,
     prepare_position_ids,
 )
 from jax_impl.moe import Experts, MoEBlock, Router
@@ -97,16 +98,21 @@ class Qwen3MoeForCausalLM(LayerCheckpointing, nnx.Module):
         self.output_router_logits = bool(cfg.hf_config.get("output_router_logits", False))
 
     def __call__(self, input_ids: jax.Array, labels: jax.Array | None = None,
-                 position_ids: jax.Array | None = None) -> CausalLMOutput:
-        """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None."""
+                 position_ids: jax.Array | None = None, *, attention_mask: jax.Array | None = None
+                 ) -> CausalLMOutput:
+        """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None
+        (0..S-1, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks
+        the attention (`causal_mask`) and the aux loss's router statistics; the loss is masked by labels = -100
+        only, as HF's, so padded positions need labels -100."""
         position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
+        attention_mask = prepare_attention_mask(input_ids, attention_mask)
         h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
         cos, sin = self.rotary_emb(position_ids, self.dtype)
-        mask_BSS = packed_causal_mask(position_ids)
+        mask_BSS = causal_mask(position_ids, attention_mask)
         router_logits = []
         for layer in self.layers:
             h_BSH, logits_TE = self._run_layer(layer, h_BSH, cos, sin, mask_BSS)
             if logits_TE is not None:
                 router_logits.append(logits_TE)
         return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, router_logits, self.config,
-                         self.output_router_logits)
+                         self.output_router_logits, attention_mask)

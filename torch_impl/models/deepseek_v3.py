@@ -13,7 +13,6 @@ has none for these families. Module paths equal the canonical tensor names (docs
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shared_math.config import ModelConfig
@@ -28,9 +27,11 @@ from torch_impl.models.layers import (
     RotaryEmbedding,
     apply_rotary,
     apply_rotary_interleave,
+    causal_mask,
     lm_output,
-    packed_causal_mask,
+    prepare_attention_mask,
     prepare_position_ids,
+    sdpa_attention,
 )
 from torch_impl.moe import MoEBlock
 
@@ -82,8 +83,7 @@ class MLAttention(nn.Module):
         q_rot, k_rot = rotary(q_rot, k_rot, cos, sin)
         q = torch.cat([q_nope, q_rot], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(B, N, S, Dr)], dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
-                                             scale=self.scaling)
+        out = sdpa_attention(q, k, v, mask, self.scaling)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, N * Dv))
 
 
@@ -114,9 +114,9 @@ class DeepseekV3DecoderLayer(nn.Module):
 
 class DeepseekV3ForCausalLM(LayerCheckpointing, nn.Module):
     """The whole model.
-    `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True) -> CausalLMOutput` (aux_loss is
-    always None: HF has no load-balancing loss for these families). Parameters are created uninitialised
-    (`torch_impl.load.load_model` fills them); `lm_head` is None with tied embeddings."""
+    `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True, *, attention_mask=None)
+    -> CausalLMOutput` (aux_loss is always None: HF has no load-balancing loss for these families). Parameters are
+    created uninitialised (`torch_impl.load.load_model` fills them); `lm_head` is None with tied embeddings."""
 
     family = "deepseek_v3"
 
@@ -136,11 +136,16 @@ class DeepseekV3ForCausalLM(LayerCheckpointing, nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, return_logits: bool = True, *,
+                attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids [B, S] -> CausalLMOutput. position_ids [B, S] (restarting at 0 per packed document; 0..S-1 when
+        None, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks the
+        attention (`causal_mask`); the loss is masked by labels = -100 only, as HF's."""
         position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
+        attention_mask = prepare_attention_mask(input_ids, attention_mask)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, position_ids)
-        mask = packed_causal_mask(position_ids)
+        mask = causal_mask(position_ids, attention_mask)
         for layer in self.layers:
             x = self._run_layer(layer, x, cos, sin, mask)
         # DeepSeek-V3 and GLM define no load-balancing loss in HF (their routers carry a bias instead)

@@ -16,6 +16,8 @@ What differs from Qwen3-MoE (hf-moe-formats.md §2):
 Packed sequences (position_ids restarting): documents do not attend across their boundary (as for Qwen3). HF's
 gpt-oss does not build a packed mask (its `create_causal_mask` gets no position_ids), so its packed rows attend
 across documents; the tests compare packed rows against each document run alone instead.
+Padded batches (`attention_mask`): HF's padding mask on every layer, full and sliding (`layers.causal_mask`); a
+query with no key left (left padding) puts all weight on the sink and gets 0, exactly as HF's eager path.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from torch_impl.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
-    documents,
+    causal_mask,
     lm_output,
+    prepare_attention_mask,
     prepare_position_ids,
 )
 from torch_impl.moe import MoEBlock
@@ -55,18 +58,9 @@ class GptOssRMSNorm(RMSNorm):
 def attention_mask(position_ids: torch.Tensor, window: int | None) -> torch.Tensor | None:
     """Bool mask [B, 1, S, S] (True = attend): causal, within `window` keys back (self included) when given, and
     within one packed document (a document starts wherever position_ids do not grow by 1). None when that is plain
-    causal attention (one document per row and no window shorter than the row)."""
-    B, S = position_ids.shape
-    doc_BS, packed = documents(position_ids)
-    windowed = window is not None and window < S
-    if not packed and not windowed:
-        return None
-    idx = torch.arange(S, device=position_ids.device)
-    allowed_SS = idx[None, :] <= idx[:, None]
-    if windowed:
-        allowed_SS = allowed_SS & (idx[None, :] > idx[:, None] - window)
-    allowed = allowed_SS[None] & (doc_BS[:, :, None] == doc_BS[:, None, :]) if packed else allowed_SS[None]
-    return allowed.unsqueeze(1)
+    causal attention (one document per row and no window shorter than the row). `layers.causal_mask` without
+    padding."""
+    return causal_mask(position_ids, None, window)
 
 
 def _with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, scale: float
@@ -114,8 +108,8 @@ def _sliding_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                    mask: torch.Tensor | None, scale: float, window: int | None = None) -> torch.Tensor:
     """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q, k, v [B, N, S, D] (k, v repeated to N
-    heads), sinks [N], mask [B, 1, S, S] bool (packed documents) or None (causal), `window` (sliding layers:
-    keys with q_idx - window < kv_idx <= q_idx) -> [B, N, S, D].
+    heads), sinks [N], mask [B, 1, S, S] bool (packed documents, padding: `layers.causal_mask`) or None (causal),
+    `window` (sliding layers: keys with q_idx - window < kv_idx <= q_idx) -> [B, N, S, D].
 
     The sink is realised as one extra key at index 0 with value 0 and a logit equal to the sink for every query
     (`_with_sink`). Then `out = Σ_j p_j v_j` with p the softmax over [sink, keys] is exactly the log-sum-exp
@@ -125,7 +119,8 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     - full layers: a lower-right causal bias (`causal_lower_right`, no mask tensor; query i sees the sink and keys
       0..i), which the flash kernel takes;
     - sliding layers: query blocks of `window` rows against their 2·window − 1 keys (`_sliding_blocks`): O(S·W);
-    - packed documents: a bool mask [B, 1, S, S+1] (O(S²) bits, never probabilities), window applied inside it.
+    - packed documents or padding: a bool mask [B, 1, S, S+1] (O(S²) bits, never probabilities), window applied
+      inside it (so a padded batch's sliding layers do not take the O(S·W) blocks).
     """
     B, N, S, D = q.shape
     if mask is None and window is not None and window < S:
@@ -195,7 +190,8 @@ class GptOssDecoderLayer(nn.Module):
 
 class GptOssForCausalLM(LayerCheckpointing, nn.Module):
     """The whole model.
-    `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True) -> CausalLMOutput`.
+    `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True, *, attention_mask=None)
+    -> CausalLMOutput`.
 
     Parameters are created uninitialised (`torch_impl.load.load_model` fills them). With tied embeddings
     `lm_head` is None and the logits use `embed_tokens.weight`ᵀ.
@@ -219,14 +215,21 @@ class GptOssForCausalLM(LayerCheckpointing, nn.Module):
         self.output_router_logits = bool(cfg.hf_config.get("output_router_logits", False))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, return_logits: bool = True, *,
+                attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids [B, S] -> CausalLMOutput. position_ids [B, S] (restarting at 0 per packed document; 0..S-1 when
+        None, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks the
+        attention of full and sliding layers and the aux loss's router statistics; the loss is masked by
+        labels = -100 only, as HF's, so padded positions need labels -100."""
         position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
+        attention_mask = prepare_attention_mask(input_ids, attention_mask)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, position_ids)
-        mask = attention_mask(position_ids, None)  # None unless packed; sliding windows are applied per layer
+        # None unless packed or padded; sliding windows are applied per layer
+        mask = causal_mask(position_ids, attention_mask)
         router_logits = []
         for layer in self.layers:
             x, logits = self._run_layer(layer, x, cos, sin, mask)
             router_logits.append(logits)
         return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, router_logits, self.config,
-                         self.output_router_logits, return_logits)
+                         self.output_router_logits, return_logits, attention_mask)

@@ -8,10 +8,15 @@ Linear weights are canonical `[in, out]`, applied as `x @ W` (HF stores `[out, i
 - `RotaryEmbedding`: HF's default RoPE or YaRN (`shared_math.rope`): inv_freq in fp32, angles in fp32, cos/sin cast
   to the activation dtype; NeoX half-split rotation (`rotate_half`), partial over the first dims, or DeepSeek's
   interleaved pairs (`apply_rotary_interleave`).
-- `packed_causal_mask`: the causal mask of packed sequences, as HF builds it from position_ids.
-- `Attention`: GQA with optional per-head q/k RMSNorm before RoPE, through `scaled_dot_product_attention`.
+- `causal_mask`: the attention mask of a batch: causal, within one packed document (as HF builds it from
+  position_ids), over real tokens only (`attention_mask`, HF's padding mask), within a sliding window;
+  `packed_causal_mask` is its packed-documents-only form.
+- `prepare_attention_mask`: checks a [B, S] padding mask (HF's `attention_mask`: 1 = token, 0 = padding).
+- `Attention`: GQA with optional per-head q/k RMSNorm before RoPE, through `scaled_dot_product_attention`
+  (`sdpa_attention`: 0 for a query with no key, a left-padding position, as torch's SDPA).
 - `DenseMLP`: `down(silu(gate(x)) * up(x))`.
-- `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses.
+- `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses (the aux loss masked by
+  `attention_mask` as HF's `load_balancing_loss_func`; the LM loss masked by labels = -100 only, as HF's).
 - `LayerCheckpointing`: HF's `gradient_checkpointing_enable()` switch for the decoder-layer loop.
 - `static_batch`, `is_packed`, `documents`: the host syncs of a forward (token-id range check, "are these packed
   documents?") and how `static_batch` removes them so the forward can be captured in a CUDA graph
@@ -231,16 +236,79 @@ def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
     As HF 5.x does when position_ids are given without an attention mask (`find_packed_sequence_indices`): a new
     document starts wherever the position does not grow by exactly 1 (so restarting at 0 starts one); a query sees
     the keys at or before it in its own document only. None when every row is one document: then SDPA's
-    `is_causal` path runs, as in HF.
+    `is_causal` path runs, as in HF. (`causal_mask` without padding or window.)
+    """
+    return causal_mask(position_ids)
+
+
+def causal_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                window: int | None = None) -> torch.Tensor | None:
+    """Bool mask [B, 1, S, S] (True = attend) of a batch, or None when that is plain causal attention (one document
+    per row, no padding, no window shorter than the row: SDPA's `is_causal` path, as HF skips its mask then).
+
+    Query i may attend key j iff j <= i (by index, as HF's `causal_mask_function`), both lie in the same packed
+    document of position_ids (`documents`), j is a real token (`attention_mask` [B, S] bool from
+    `prepare_attention_mask`: HF's padding mask) and, with `window`, i - window < j (gpt-oss's sliding layers).
+
+    A row may be empty: a left-padding query has no real key at or before it. What attention then gives is not
+    HF's to define either: its eager path adds dtype-min to every logit (uniform weights over all keys), its SDPA
+    path gives 0 (torch's softmax of an empty row), gpt-oss's sink takes all the weight (0). Here it is 0
+    (`sdpa_attention`; the sink does it for gpt-oss): HF's default SDPA and its gpt-oss numbers, never NaN. No real
+    token reads such a row; only a label predicted from it (left padding's first real token) does, so mask that
+    label (-100) where the padding implementation must not matter.
+
+    HF builds its packed-document mask only when no attention_mask is given; here documents and padding combine.
+    With HF's own position_ids for padded rows (default arange, or generation's cumsum of the mask) every row's
+    real tokens form one document, so the two agree on real tokens; truly packed rows plus padding stay separated
+    by document here (what packing promises), where HF would let them attend across.
     """
     B, S = position_ids.shape
     doc_BS, packed = documents(position_ids)
-    if not packed:
+    windowed = window is not None and window < S
+    if not packed and not windowed and attention_mask is None:
         return None
     idx = torch.arange(S, device=position_ids.device)
-    causal_SS = idx[None, :] <= idx[:, None]
-    same_doc = doc_BS[:, :, None] == doc_BS[:, None, :]
-    return (causal_SS & same_doc).unsqueeze(1)
+    allowed_SS = idx[None, :] <= idx[:, None]
+    if windowed:
+        allowed_SS = allowed_SS & (idx[None, :] > idx[:, None] - window)
+    allowed = allowed_SS[None] & (doc_BS[:, :, None] == doc_BS[:, None, :]) if packed else allowed_SS[None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(torch.bool)[:, None, :]
+    return allowed.unsqueeze(1)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+    """softmax(q·kᵀ·scale, masked)·v through `F.scaled_dot_product_attention`: q, k, v [B, N, S, D] (k, v repeated to
+    N heads), mask [B, 1, S, S] bool from `causal_mask`, or None for causal attention (the `is_causal` kernels).
+
+    A query whose mask row is empty (left padding) gets 0, as torch's SDPA math gives for an empty row; here it is
+    explicit (the row attends everywhere, then is zeroed, forward and backward), because what a kernel returns for
+    an empty row has changed across torch versions (NaN before 2.5), and a NaN in a padding row would reach real
+    tokens through 0 · NaN."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1, scale=scale)
+    has_key = mask.any(-1, keepdim=True)  # [B, 1, S, 1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key, scale=scale)
+    return out.masked_fill(~has_key, 0)
+
+
+def prepare_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Check attention_mask (HF's meaning: [B, S], nonzero = real token, 0 = padding; int, bool or float) against
+    input_ids [B, S] and return it as bool [B, S], or None when absent or all ones.
+
+    An all-ones mask is dropped (one host sync, outside `static_batch`), so it takes exactly the path of no mask:
+    SDPA's causal kernel and the unmasked aux loss (HF computes the same numbers through its masked branch). Inside
+    `static_batch` the mask is kept whatever its values, so the capture-time attention path serves every replay."""
+    if attention_mask is None:
+        return None
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask must be [batch, seq] like input_ids {tuple(input_ids.shape)} (1 = token, "
+                         f"0 = padding; 4-D masks are not accepted), got {tuple(attention_mask.shape)}")
+    real_BS = attention_mask.to(torch.bool)
+    if not in_static_batch() and bool(real_BS.all()):
+        return None
+    return real_BS
 
 
 class Attention(nn.Module):
@@ -272,8 +340,7 @@ class Attention(nn.Module):
         if rep > 1:  # HF's repeat_kv: each kv head serves `rep` consecutive query heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
-                                             scale=self.head_dim ** -0.5)
+        out = sdpa_attention(q, k, v, mask, self.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -305,32 +372,50 @@ class CausalLMOutput(NamedTuple):
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """HF's ForCausalLMLoss: fp32 logits; labels shifted left by one (the last position gets ignore_index); mean
-    cross-entropy over the non-ignored positions. Packed documents are not separated (HF does not either)."""
+    cross-entropy over the non-ignored positions. Packed documents are not separated (HF does not either), and
+    padding is not masked here: as in HF, the attention mask never enters the loss, so label padding -100."""
     shifted = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
                            ignore_index=ignore_index)
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
-    """HF's load_balancing_loss_func without an attention mask: softmax over E in the logits' dtype, top-K; the
-    pooled fraction of assignments f_e and mean probability P_e over all MoE layers and tokens; E · Σ f_e · P_e."""
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """HF's load_balancing_loss_func: softmax over E in the logits' dtype, top-K; the pooled fraction of
+    assignments f_e and mean probability P_e over all MoE layers and tokens; E · Σ f_e · P_e.
+
+    With attention_mask ([B, S], the router logits' T = B·S rows in order) padding tokens count for nothing: every
+    assignment and probability is weighted by the mask, and the token count is L · Σ mask (HF's masked branch)."""
     counts_E = router_logits[0].new_zeros(num_experts, dtype=torch.float32)
     prob_sum_E = torch.zeros_like(counts_E)
+    m_T = None if attention_mask is None else attention_mask.reshape(-1).to(device=counts_E.device,
+                                                                            dtype=torch.float32)
     rows = 0
     for logits_TE in router_logits:
         probs_TE = F.softmax(logits_TE, dim=-1)
         ids_TK = torch.topk(probs_TE, top_k, dim=-1)[1]
+        w_M = (torch.ones_like(ids_TK, dtype=torch.float32) if m_T is None
+               else m_T[:, None].expand(ids_TK.shape)).reshape(-1)
         # a scatter-add, not bincount: bincount sizes its output on the host (a sync; not capturable)
-        counts_E = counts_E.scatter_add(0, ids_TK.reshape(-1), torch.ones_like(ids_TK.reshape(-1), dtype=torch.float32))
-        prob_sum_E = prob_sum_E + probs_TE.float().sum(0)
-        rows += logits_TE.shape[0]
+        counts_E = counts_E.scatter_add(0, ids_TK.reshape(-1), w_M)
+        if m_T is None:
+            prob_sum_E = prob_sum_E + probs_TE.float().sum(0)
+            rows += logits_TE.shape[0]
+        else:
+            prob_sum_E = prob_sum_E + (probs_TE.float() * m_T[:, None]).sum(0)
+            rows = rows + m_T.sum()  # a tensor: no host sync
     return num_experts * torch.sum((counts_E / rows) * (prob_sum_E / rows))
 
 
 def prepare_position_ids(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
                          vocab_size: int) -> torch.Tensor:
     """Check input_ids [B, S] (ids in [0, vocab_size)) and position_ids, and return position_ids as [B, S]
-    (0..S-1 when None). A bad id raises here with its range, not as an index error deep inside the embedding."""
+    (0..S-1 when None). A bad id raises here with its range, not as an index error deep inside the embedding.
+
+    0..S-1 also with an attention mask, as HF's forward defaults them (`arange`, whatever the padding): a
+    left-padded row's first real token then sits at position n_pad, which RoPE's relative form makes (up to
+    rounding) the same as 0. HF's `generate` instead passes `cumsum(mask) - 1` (0 at pads); pass those explicitly
+    to get them."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if input_ids.numel() and not in_static_batch() and (int(input_ids.min()) < 0
@@ -347,10 +432,12 @@ def prepare_position_ids(input_ids: torch.Tensor, position_ids: torch.Tensor | N
 
 def lm_output(h_BSH: torch.Tensor, embed_tokens_VH: torch.Tensor, lm_head: nn.Module | None,
               labels: torch.Tensor | None, router_logits: list[torch.Tensor], cfg: ModelConfig,
-              output_router_logits: bool, return_logits: bool = True) -> CausalLMOutput:
-    """Normed hidden states -> logits (tied embeddings when lm_head is None), HF's causal-LM loss, and the
-    load-balancing aux loss when the config asks for router logits (added to the loss, times
-    router_aux_loss_coef, only when labels are given: HF's rule).
+              output_router_logits: bool, return_logits: bool = True,
+              attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+    """Normed hidden states -> logits (tied embeddings when lm_head is None), HF's causal-LM loss (labels = -100
+    masks it; attention_mask does not, as in HF), and the load-balancing aux loss when the config asks for router
+    logits, over the real tokens of `attention_mask` [B, S] (added to the loss, times router_aux_loss_coef, only
+    when labels are given: HF's rule).
 
     `return_logits=False` with labels: the loss comes from `torch_impl.loss.fused_linear_cross_entropy`, chunk by
     chunk, and the `[B, S, V]` logits never exist (`logits` is None): what a training step wants."""
@@ -366,7 +453,7 @@ def lm_output(h_BSH: torch.Tensor, embed_tokens_VH: torch.Tensor, lm_head: nn.Mo
         loss = None if labels is None else causal_lm_loss(logits, labels)
     aux = None
     if output_router_logits and router_logits:
-        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok)
+        aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, attention_mask)
         if loss is not None:
             loss = loss + cfg.router_aux_loss_coef * aux
     return CausalLMOutput(logits, loss, aux)

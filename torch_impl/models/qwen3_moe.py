@@ -23,8 +23,9 @@ from torch_impl.models.layers import (
     Linear,
     RMSNorm,
     RotaryEmbedding,
+    causal_mask,
     lm_output,
-    packed_causal_mask,
+    prepare_attention_mask,
     prepare_position_ids,
 )
 from torch_impl.moe import MoEBlock
@@ -59,7 +60,8 @@ class Qwen3MoeDecoderLayer(nn.Module):
 
 class Qwen3MoeForCausalLM(LayerCheckpointing, nn.Module):
     """The whole model.
-    `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True) -> CausalLMOutput`.
+    `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True, *, attention_mask=None)
+    -> CausalLMOutput`.
 
     Parameters are created uninitialised (`torch_impl.load.load_model` fills them). With tied embeddings
     `lm_head` is None and the logits use `embed_tokens.weight`ᵀ.
@@ -85,15 +87,21 @@ class Qwen3MoeForCausalLM(LayerCheckpointing, nn.Module):
         self.output_router_logits = bool(cfg.hf_config.get("output_router_logits", False))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, return_logits: bool = True) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, return_logits: bool = True, *,
+                attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids [B, S] -> CausalLMOutput. position_ids [B, S] (restarting at 0 per packed document; 0..S-1 when
+        None, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks the
+        attention (`causal_mask`) and the aux loss's router statistics; the loss is masked by labels = -100 only,
+        as HF's, so padded positions need labels -100."""
         position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
+        attention_mask = prepare_attention_mask(input_ids, attention_mask)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, position_ids)
-        mask = packed_causal_mask(position_ids)
+        mask = causal_mask(position_ids, attention_mask)
         router_logits = []
         for layer in self.layers:
             x, logits = self._run_layer(layer, x, cos, sin, mask)
             if logits is not None:
                 router_logits.append(logits)
         return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, router_logits, self.config,
-                         self.output_router_logits, return_logits)
+                         self.output_router_logits, return_logits, attention_mask)
