@@ -1,9 +1,12 @@
-"""Bar chart of full-model step times (rows written by gpt_oss_step.py / glm_flash_step.py): one panel per model
-preset, one group of bars per context length, one bar per (implementation, eager or CUDA graph). When several files
-hold the same (preset, length, implementation, mode), the last one wins; rows without a time (out of memory, a
-capture that failed) are left out and listed under the panel.
+"""Plots of full-model step rows (benchmarks/step.py; older rows of gpt_oss_step.py / glm_flash_step.py too).
+
+Bars (default): one panel per model preset, one group of bars per context length, one bar per (implementation,
+eager or CUDA graph). `--lines`: step time and peak memory against context length, one line per implementation and
+variant, one column per model (`--max-context` probes included: their single-step times are marked hollow), a
+failed length (out of memory, error) as a cross. When several files hold the same row, the last one wins.
 
     python benchmarks/plot_steps.py --out benchmarks/results/steps_2026-11-28.png a.jsonl b.jsonl ...
+    python benchmarks/plot_steps.py --lines --out benchmarks/results/step_lines.png step_*.jsonl
 """
 
 from __future__ import annotations
@@ -71,12 +74,62 @@ def plot(rows: dict[tuple, dict], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def _variant(r: dict) -> str:
+    parts = [r["impl"]] + [name for name in ("cuda_graph", "compile", "offload") if r.get(name)]
+    return " + ".join(parts)
+
+
+def plot_lines(paths: list[Path], out: Path) -> None:
+    """Step time and peak memory against context length per (model, implementation + variant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: dict[tuple, dict] = {}
+    for p in paths:
+        for line in p.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("seq") and r.get("mode", "step") in ("step", "max_context_probe"):
+                model = f"{r.get('family', '')} {r['preset']} L{r.get('layers', '')}".strip()
+                rows[(model, _variant(r), r["seq"])] = r
+    models = sorted({k[0] for k in rows})
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 7.5), squeeze=False)
+    for col, model in enumerate(models):
+        for variant in sorted({k[1] for k in rows if k[0] == model}):
+            pts = sorted((k[2], r) for k, r in rows.items() if k[0] == model and k[1] == variant)
+            for ax, key in zip(axes[:, col], ("step_ms", "peak_gib")):
+                ok = [(s, r[key]) for s, r in pts if r.get(key) is not None]
+                line = ax.plot([s for s, _ in ok], [v for _, v in ok], "o-", label=variant)[0]
+                probes = [(s, r[key]) for s, r in pts if r.get(key) is not None and r.get("mode") != "step"]
+                ax.plot([s for s, _ in probes], [v for _, v in probes], "o", mfc="white", color=line.get_color())
+                failed = [s for s, r in pts if r.get("error")]
+                if failed:
+                    top = max((v for _, v in ok), default=1.0)
+                    ax.plot(failed, [top] * len(failed), "x", ms=10, color=line.get_color())
+        seqs = sorted({k[2] for k in rows if k[0] == model})
+        for ax, label in zip(axes[:, col], ("ms per LoRA training step", "peak GiB allocated")):
+            ax.set(xscale="log", xlabel="context length (tokens); x: failed (out of memory)", ylabel=label)
+            ax.set_xticks(seqs, [f"{s / 1024:g}K" for s in seqs])
+            ax.minorticks_off()
+            ax.set_title(model, fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0, col].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--lines", action="store_true", help="time and memory against context length")
     a = p.parse_args(argv)
-    plot(load(a.files), a.out)
+    if a.lines:
+        plot_lines(a.files, a.out)
+    else:
+        plot(load(a.files), a.out)
     print(a.out)
     return 0
 
