@@ -737,6 +737,24 @@ ALL_TARGETS = tuple(dict.fromkeys(ATTENTION_TARGETS_GQA + ATTENTION_TARGETS_MLA 
 DEFAULT_TARGETS = ATTENTION_TARGETS_GQA + EXPERT_TARGETS
 
 
+def _check_unsloth_spelling(targets: tuple[str, ...]) -> None:
+    """Unsloth's MoE docs write the expert tensors as bare `gate_up_proj` and `down_proj`. `gate_up_proj` names only
+    the fused experts here too (no Linear has that name), so it is accepted with a one-line note. `down_proj` beside
+    it is ambiguous: in PEFT's names it is the dense and shared-expert MLPs' Linear, in Unsloth's the experts'
+    tensor. That is refused with both PEFT spellings, never mapped silently to one module set."""
+    import warnings
+
+    if "gate_up_proj" not in targets:
+        return
+    if "down_proj" in targets and not {"gate_proj", "up_proj"} & set(targets):
+        raise ValueError(
+            "LoRA targets list gate_up_proj and down_proj (Unsloth's spelling of the expert tensors): in PEFT's names, "
+            "which splitmoe uses, down_proj is the dense / shared-expert MLPs' Linear. Write experts.down_proj for "
+            "the experts' down projection, and gate_proj, up_proj, down_proj for the dense MLPs if you want those too")
+    warnings.warn("LoRA target gate_up_proj taken as experts.gate_up_proj (the fused expert tensor, PEFT's "
+                  "target_parameters)", UserWarning, stacklevel=4)
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """Split-LoRA adapters: `y = x·W + scale·(x·A)·B`, A `[in, R]`, B `[R, out]` (per expert for the experts).
@@ -766,6 +784,7 @@ class LoraConfig:
             raise ValueError(f"LoRA targets must be a list of names, got the string {self.targets!r}")
         if not self.targets:
             raise ValueError("LoRA targets is empty: name at least one of " + ", ".join(ALL_TARGETS))
+        _check_unsloth_spelling(tuple(self.targets))
         canon = tuple(dict.fromkeys(_ALIASES.get(t, t) for t in self.targets))
         unknown = [t for t in canon if t not in ALL_TARGETS]
         if unknown:

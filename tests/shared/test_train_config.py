@@ -123,3 +123,20 @@ def test_a_checkpoint_from_before_per_target_ranks_still_resumes():
     assert diff_configs(old, current) == []
     changed = trajectory_dict(load_run_config("configs/runs/default.yaml", ["lora.rank=4"]))
     assert [d.split(":")[0] for d in diff_configs(old, changed)] == ["lora.rank"]
+
+
+def test_unsloth_spelling_of_expert_targets_is_noted_or_refused():
+    """Unsloth's docs write the experts as `gate_up_proj`, `down_proj`. gate_up_proj is unambiguous (only the fused
+    experts have it): accepted with a note saying what it became. down_proj beside it would silently mean the dense
+    MLPs under PEFT's names: refused, naming both PEFT spellings."""
+    with pytest.warns(UserWarning, match="experts.gate_up_proj"):
+        assert LoraConfig(targets=("q_proj", "gate_up_proj")).targets == ("q_proj", "experts.gate_up_proj")
+    with pytest.raises(ValueError, match="experts.down_proj"):
+        LoraConfig(targets=("q_proj", "gate_up_proj", "down_proj"))
+    # PEFT's own spellings stay silent and mean what PEFT means
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LoraConfig(targets=("experts.gate_up_proj", "experts.down_proj", "down_proj")).targets == (
+            "experts.gate_up_proj", "experts.down_proj", "down_proj")
