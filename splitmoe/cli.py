@@ -1,5 +1,5 @@
-"""`splitmoe demo | train | compare | make-tiny | inspect | plan | bench`: argument parsing only; the work happens in
-shared_math and the frameworks (train/compare live in splitmoe/train_cli.py).
+"""`splitmoe demo | train | compare | sweep | make-tiny | inspect | plan | bench`: argument parsing only; the work
+happens in shared_math and the frameworks (train/compare live in splitmoe/train_cli.py, sweep in splitmoe/sweep.py).
 
 make-tiny  writes a small random HF-format checkpoint of one family (transformers loads it with from_pretrained).
 demo       the embedded default job: builds the tiny Qwen3-MoE checkpoint, trains split LoRA on the synthetic tasks,
@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     from splitmoe.train_cli import add_train_parsers
 
     add_train_parsers(sub)
+    from splitmoe.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     return p
 
 
