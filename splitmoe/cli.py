@@ -6,7 +6,8 @@ demo       the embedded default job: builds the tiny Qwen3-MoE checkpoint, train
            evaluates held-out exact-match before and after, saves the PEFT adapter and the loss curve.
 inspect    reads a tiny checkpoint back and runs the float64 reference MoE block of every MoE layer on it (routing
            loads, output scale), then prints the merged-vs-split cost plan.
-plan       the merged-vs-split LoRA cost model (FLOPs, bytes, memory, forward and backward) for a model's shapes.
+plan       the merged-vs-split LoRA cost model (FLOPs, bytes, memory, forward and backward) for a model's shapes;
+           with --gpus N|auto, per-GPU memory and an estimated step time of full-size presets on H200s.
 bench      the benchmark scripts of a source checkout (benchmarks/), by name: `splitmoe bench block --cases ...`
            runs benchmarks/moe_block.py with those arguments (`splitmoe bench NAME --help` lists them).
 """
@@ -105,9 +106,75 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _n_gpus(n: int) -> str:
+    return f"{n} GPU" + ("s" if n > 1 else "")
+
+
+def _gpu_plan(args: argparse.Namespace) -> int:
+    """`plan --gpus N|auto`: per-GPU memory and estimated step time of presets on H200s (shared_math/plan.py)."""
+    from shared_math import plan as P
+    from shared_math.config import ModelConfig
+    from shared_math.presets import PRESETS, preset_hf_config
+
+    names = args.preset or [f"{f}:{p}" for f in PRESETS for p in PRESETS[f]]
+    auto = str(args.gpus).lower() == "auto"
+    if not auto and (not str(args.gpus).isdigit() or int(args.gpus) < 1):
+        raise ValueError(f"--gpus must be a positive integer or auto, got {args.gpus!r}")
+    seq = args.seq or 16384
+    if seq < 1:
+        raise ValueError(f"--seq must be >= 1, got {seq}")
+    kw = dict(offload=args.offload, optimizer=args.optimizer)
+    results = []
+    for name in names:  # every name and layout checked before anything is printed
+        family, _, preset = name.partition(":")
+        if family not in PRESETS or not preset:
+            raise ValueError(f"--preset {name!r}: write FAMILY:PRESET, one of "
+                             + ", ".join(f"{f}:{p}" for f in PRESETS for p in PRESETS[f]))
+        cfg = ModelConfig.from_hf(preset_hf_config(family, preset))
+        try:
+            if auto:
+                rows, fit = P.auto_plan(cfg, seq, args.rank, args.parallel, name=name, **kw)
+            else:
+                rows = [P.plan(cfg, P.Parallel.parse(args.parallel, int(args.gpus)), seq, args.rank, name=name,
+                               **kw)]
+                fit = rows[0] if rows[0].fits else P.auto_plan(cfg, seq, args.rank, args.parallel, name=name,
+                                                               **kw)[1]
+        except ValueError as e:
+            try:  # say what would fit: the default layout (fsdp only) at the smallest power of two
+                _, default_fit = P.auto_plan(cfg, seq, args.rank, None, name=name, **kw)
+            except ValueError:
+                default_fit = None
+            where = (f"with fsdp only it fits on {_n_gpus(default_fit.gpus)}" if default_fit
+                     else "it fits on no power of two <= 64 with fsdp only")
+            raise ValueError(f"{name}: {e}; {where}") from None
+        results.append((name, cfg, rows, fit))
+    print(f"per-GPU memory (GiB) and estimated step time on H200s ({P.H200_USABLE_GIB:g} GiB usable): {seq} tokens "
+          f"per GPU, LoRA r={args.rank} on attention + both expert tensors, {args.optimizer} AdamW"
+          f"{', layer inputs offloaded to host' if args.offload else ''}. Times are estimates (shared_math/plan.py "
+          "says how they are calibrated), not measurements.")
+    for name, cfg, rows, fit in results:
+        pc, lc = P.param_counts(cfg), P.lora_counts(cfg, args.rank)
+        print(f"\n{name}: {pc.total / 1e9:.2f}B params ({pc.experts / 1e9:.2f}B in routed experts), "
+              f"{lc.total / 1e9:.2f}B LoRA")
+        print(P.format_table(rows))
+        if auto:
+            print(f"-> smallest fit: {_n_gpus(fit.gpus)} ({fit.parallel})" if fit else
+                  f"-> does not fit on {P.POWERS_OF_TWO[-1]} GPUs or fewer with this layout (try --parallel "
+                  "expert=8, --offload or a shorter --seq)")
+        elif not rows[0].fits:
+            print(f"-> does not fit; smallest fit with this layout: {_n_gpus(fit.gpus)} ({fit.parallel})" if fit
+                  else f"-> does not fit, nor on {P.POWERS_OF_TWO[-1]} GPUs or fewer with this layout")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from shared_math import cost
 
+    gpu_options = (args.preset, args.seq, args.parallel)
+    if args.gpus is not None or any(o is not None for o in gpu_options) or args.offload:
+        if args.gpus is None:
+            args.gpus = "auto"
+        return _gpu_plan(args)
     tokens = tuple(int(t) for t in str(args.tokens).split(","))
     print(cost.summary_table("MoE layer", args.hidden, args.intermediate, args.experts, args.top_k, args.rank, tokens))
     H, I, E, K, r = args.hidden, args.intermediate, args.experts, args.top_k, args.rank
@@ -173,6 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int, default=8)
     c.add_argument("--tokens", default="1024,4096,16384,65536", help="comma-separated token counts")
     c.add_argument("--rank", type=int, default=64)
+    g = c.add_argument_group("GPU plan", "per-GPU memory and estimated step time of full-size presets on H200s")
+    g.add_argument("--gpus", help="N, or auto: the smallest power of two up to 64 that fits")
+    g.add_argument("--preset", action="append", metavar="FAMILY:PRESET",
+                   help="e.g. qwen3_moe:30b-a3b (repeatable; default: every full-size preset)")
+    g.add_argument("--seq", type=int, help="tokens per GPU (one sequence each; default 16384)")
+    g.add_argument("--parallel", help="data=D,fsdp=F,expert=X; one axis may be N or left out: it takes the "
+                                      "GPUs the others leave (default data=1,fsdp=N,expert=1)")
+    g.add_argument("--offload", action="store_true", help="checkpointed layer inputs in host memory")
+    g.add_argument("--optimizer", default="fused", choices=("fused", "foreach"),
+                   help="AdamW implementation (foreach keeps a sqrt(v) temporary; torch_impl uses fused on CUDA)")
     c.set_defaults(func=_plan)
 
     b = sub.add_parser("bench", help="run a benchmark script of the source checkout by name (most need a GPU)",

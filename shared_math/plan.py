@@ -1,0 +1,510 @@
+"""How many H200s a split-LoRA run needs: per-GPU memory and an estimated step time for a model on N GPUs.
+
+`plan(cfg, parallel, seq, rank)` returns a `Plan`; `auto_plan` finds the smallest power of two up to 64 that
+fits; `format_table` renders the rows `splitmoe plan --gpus` prints. Everything is counted from the model's config
+(`ModelConfig`), tensor by tensor, never from a table of sizes. Memory is a model of what torch_impl allocates;
+the step time is an ESTIMATE from FLOP counts at two calibrated rates, good to a stated factor, not a measurement.
+
+Layout. N = data × fsdp × expert GPUs. Every GPU trains on its own sequence of S tokens (batch 1 per GPU, as in the
+h200-anchors.md rows), so a step consumes N·S tokens; `data` replicates parameters (HSDP replicas), `fsdp` shards
+them (FSDP2, one unit per decoder layer plus embeddings and lm_head), `expert` shards the routed experts (each
+expert rank holds E/expert whole experts; tokens reach them by all-to-all). Sizes below are per GPU; bf16 = 2 B,
+fp32 = 4 B; P_x is a parameter count from `param_counts` (every canonical tensor: embeddings, attention incl. MLA
+and its norms, biases and sinks, routers and correction biases, routed experts incl. gpt-oss biases, shared
+experts, dense MLPs, norms, lm_head unless tied; the same set as `checkpoint.expected_shapes`, counted
+independently). r = LoRA rank, L layers, H hidden, V vocab, E experts, K per token, I expert width, M = S·K.
+
+Memory (bytes per GPU):
+  weights   2·(P_experts / (fsdp·expert) + P_rest / fsdp)                  frozen bf16 base, sharded
+  gather    2·max_unit(P_unit_rest + P_unit_experts/expert) + 8·(its LoRA)  FSDP2 all-gathers one unit at a time
+            (bf16 weights + fp32 LoRA params and their unsharded grads before reduce-scatter); 0 when fsdp = 1.
+            Assumes no prefetch of the next unit; torch's default prefetch would add up to one more unit.
+  lora      16·(Q_experts / (fsdp·expert) + Q_attn / fsdp)                  fp32 LoRA A and B (attention targets of
+            benchmarks/step.py's ATTENTION_TARGETS, both expert tensors), fp32 grads, two fp32 AdamW moments.
+            Q_attn = Σ r·(in + out) per attention target; Q_experts = E·r·(H + 2I) + E·r·(I + H) per MoE layer.
+  saved     2·L·S·H  (0 with --offload: the layer inputs live in pinned host memory)      checkpointed layer inputs
+  work      2·S·H (dh of the loss, kept for the backward)  +  max(loss chunk, one layer's recompute), where
+            loss chunk = 4·min(S, C)·V with C = the rows of a 2^28-element fp32 block (torch_impl/loss.py), and
+            one layer = residual/norm tensors 2·8·S·H (four [S, H] tensors and their grads)
+                      + attention (flash kernel: no [S, S] scores): 2·2·S·(q + k + v + o widths [MLA: + q_a, kv_a
+                        and kv_b outputs]) for the outputs and their grads, + 4·S·nh (fp32 log-sum-exp),
+                        + 2·2·S·r per attention LoRA target (z and dz)
+                      + MoE: 2·M·(2I + I + 2I + H + 4r) (gate_up out, activation, d gate_up, dX rows, z/dz of both
+                        LoRA pairs: torch_impl/kernels/split_lora.py) + 12·S·E (router logits, probs, grads, fp32)
+                        + shared experts 2·5·S·I_shared;  dense layers: 2·5·S·I_dense.
+            The loss chunk and a layer's recompute never coexist (the loss runs between forward and backward).
+  a2a       4·2·M·H when expert > 1                     dispatch + combine buffers, send + receive, bf16
+  opt tmp   4·Q_local with foreach AdamW (its sqrt(v) temporary), 0 with fused AdamW (torch_impl's default on CUDA)
+  total     weights + lora + max(gather + saved + work + a2a, opt tmp)   (the optimizer runs after the backward
+            has freed activations and gathered units)
+  fits      total <= 139 GiB (an H200's 141 GB less the CUDA context and allocator slack)
+
+Step time (seconds per GPU, batch 1 of S tokens on every GPU):
+  linear FLOPs  6·A_base·S + 4·H·V·S + 8·A_lora·S, where A_base = weights one token multiplies through in the
+                decoder (attention projections, router, K of E experts, shared experts, dense MLPs) and A_lora the
+                LoRA params it touches (attention LoRA + K/E of the expert LoRA). The base is frozen: forward 2,
+                recompute 2 and dX 2 FLOPs per weight, no weight gradient (6, not the 8 of full training); LoRA
+                also gets dA, dB (8); lm_head runs once, logits and dh (4). With the 8·N·T rule of full training
+                the rate below would read 8/6 higher and the times would be the same.
+  attn FLOPs    Σ_layers 4.5 · 2·P·nh·(d_qk + d_v): causal pairs P = S(S+1)/2 (a flash kernel skips the masked
+                half), S·W − W(W−1)/2 on gpt-oss's sliding layers (window W); forward 1 + recompute 1 + backward 2.5
+                (dQ, dK, dV and the scores again).
+  optimizer     bytes_per_param·Q_local / 3.75 TB/s  (fused AdamW 28 B: read p, g, m, v, write p, m, v; foreach 84 B)
+  comm          fsdp: 2 all-gathers (forward, backward) of the bf16 unit weights + fp32 LoRA, 1 reduce-scatter of
+                fp32 LoRA grads; data: all-reduce of the local LoRA grads; expert: 6 all-to-alls of M·H bf16 rows per
+                MoE layer (dispatch + combine in forward, recompute, backward). Bus bandwidth 360 GB/s on NVLink
+                when the axis stays inside an 8-GPU node (mesh [data, fsdp, expert], expert innermost), else 45 GB/s
+                (400 Gb/s InfiniBand per GPU). These two are typical NCCL figures, NOT measured here.
+  step          optimizer + max(linear/R_LIN + attn/R_ATTN, comm): communication assumed fully overlapped.
+
+Calibration (h200-anchors.md; `splitmoe plan --gpus 1 --optimizer foreach --preset qwen3_moe:30b-a3b`):
+  R_ATTN = 495 TFLOP/s: the cuDNN flash attention of the torch_impl profile (12 Qwen3 layers at 4K: 15 ms for
+           forward + recompute + backward = 7.42 TFLOP by the count above).
+  R_LIN  = 155 TFLOP/s: from the torch_impl eager rows of Qwen3-30B-A3B on one H200 (699.7 ms at 4K, 2752 ms at
+           16K, foreach AdamW): after attention and the optimizer, the linear part runs at 136 TFLOP/s at 4K and
+           182 TFLOP/s at 16K (grouped GEMMs fill better with more rows per expert; the glue is a fixed share), and
+           155 is the rate that balances the two errors. The plan gives 628 ms at 4K (×0.90 the measurement) and
+           3.06 s at 16K (×1.11): within the stated factor of 1.25, which tests/shared/test_plan.py checks. Out of
+           sample, gpt-oss-20b: 0.60 s at 4K (measured 0.531, ×1.13) and 2.53 s at 16K (measured 2.264, ×1.12).
+           Other models, lengths and every multi-GPU figure are extrapolations of this one calibration.
+  3.75 TB/s: AdamW foreach in the same profile, 14.4 ms for 0.64B LoRA params at 84 B each.
+
+Memory check: single-GPU Qwen3-30B-A3B at 4K with foreach AdamW gives 104.7 GiB against the measured 104.8 GiB
+(torch_impl eager row): the peak is the optimizer step, 57 GiB of weights + 38 GiB of LoRA state + foreach's
+9.6 GiB sqrt(v) temporary; with today's fused AdamW the plan says 96.9 GiB, the backward's peak (7.5% under the
+row, for the reason just given). Out of sample, gpt-oss-20b at 1K with foreach: 52.7 GiB, measured 52.9 GiB.
+The measured 16K row (116.7 GiB) and the 32K / 64K out-of-memory asks (18.6 / 37.1 GiB = 4·S·V bytes, exactly
+[S, V] fp32 logits) come from the torch_impl of that day, which materialised the logits; its chunked loss
+(torch_impl/loss.py, landed the same day) is what this model assumes, so the plan's 16K figure (100.8 GiB) is
+below that row by design, not by error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared_math.config import ModelConfig
+
+__all__ = ["GIB", "H200_USABLE_GIB", "R_LIN", "R_ATTN", "HBM_BW", "POWERS_OF_TWO", "Parallel", "ParamCounts",
+           "Memory", "Plan", "LayoutError", "check_layout", "param_counts", "lora_counts", "attention_targets", "plan",
+           "auto_plan", "format_table"]
+
+Optimizer = Literal["fused", "foreach"]
+
+GIB = 1 << 30
+H200_USABLE_GIB = 139.0  # nvidia-smi shows 143,771 MiB (140.4 GiB); less the CUDA context and allocator slack
+# Calibrated rates and bandwidths: see the module docstring for the measurement behind each.
+R_ATTN = 495e12  # FLOP/s, cuDNN flash attention, torch_impl profile (12 layers, 4K: 15 ms)
+R_LIN = 155e12  # FLOP/s, Qwen3-30B-A3B torch_impl eager 4K / 16K rows: the rate that balances both ratios
+HBM_BW = 3.75e12  # B/s, AdamW foreach in the same profile (14.4 ms, 0.64B params × 84 B)
+NVLINK_BW = 360e9  # B/s NCCL bus bandwidth inside an 8-GPU H200 node (typical, not measured here)
+IB_BW = 45e9  # B/s per GPU across nodes, 400 Gb/s InfiniBand (typical, not measured here)
+GPUS_PER_NODE = 8
+POWERS_OF_TWO = (1, 2, 4, 8, 16, 32, 64)
+OPT_BYTES = {"fused": 28, "foreach": 84}  # bytes moved per LoRA param by one AdamW step (docstring)
+LOSS_CHUNK_ELEMENTS = 1 << 28  # torch_impl/loss.py's _CHUNK_ELEMENTS: one fp32 [C, V] block of at most 1 GiB
+FLASH_BWD_OVER_FWD = 2.5  # flash backward: dQ, dK, dV and the recomputed scores, 5 GEMMs to the forward's 2
+
+# Attention LoRA targets per family: benchmarks/step.py's ATTENTION_TARGETS (the recipe of the anchor rows)
+_GQA = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+def attention_targets(cfg: ModelConfig) -> tuple[str, ...]:
+    """The attention LoRA targets of the anchor recipe for `cfg` (MLA without a q LoRA rank has one q_proj)."""
+    if cfg.attention != "mla":
+        return _GQA
+    return _MLA if cfg.q_lora_rank is not None else ("q_proj",) + _MLA[2:]
+
+
+# ---- parameter counts -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of a model by where they live. Per-layer lists have one entry per decoder layer."""
+
+    embed: int
+    lm_head: int  # 0 when tied
+    final_norm: int
+    layer_rest: tuple[int, ...]  # attention, norms, router, shared experts, dense MLP: sharded over fsdp only
+    layer_experts: tuple[int, ...]  # routed experts (weights and biases): sharded over fsdp × expert
+    active_per_token: int  # matmul weights one token passes through in the decoder (not embeddings, not lm_head)
+
+    @property
+    def experts(self) -> int:
+        return sum(self.layer_experts)
+
+    @property
+    def rest(self) -> int:
+        return self.embed + self.lm_head + self.final_norm + sum(self.layer_rest)
+
+    @property
+    def total(self) -> int:
+        return self.experts + self.rest
+
+
+def _attention_params(cfg: ModelConfig) -> tuple[int, int, dict[str, tuple[int, int]]]:
+    """(all attention params, matmul weights per token, {linear name: (in, out)}) of one layer."""
+    H, nh = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.attention == "mla":
+        q_out = nh * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        kv_a = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        lin: dict[str, tuple[int, int]] = {}
+        if cfg.q_lora_rank is None:
+            lin["q_proj"] = (H, q_out)
+        else:
+            lin["q_a_proj"] = (H, cfg.q_lora_rank)
+            lin["q_b_proj"] = (cfg.q_lora_rank, q_out)
+        lin["kv_a_proj_with_mqa"] = (H, kv_a)
+        lin["kv_b_proj"] = (cfg.kv_lora_rank, nh * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        lin["o_proj"] = (nh * cfg.v_head_dim, H)
+        extra = cfg.kv_lora_rank  # kv_a_layernorm
+        if cfg.q_lora_rank is not None:
+            extra += cfg.q_lora_rank  # q_a_layernorm
+            extra += cfg.q_lora_rank if cfg.attention_bias else 0  # q_a_proj bias
+        extra += kv_a if cfg.attention_bias else 0
+        extra += H if cfg.o_proj_bias else 0
+    else:
+        hd, nkv = cfg.head_dim, cfg.num_key_value_heads
+        lin = {"q_proj": (H, nh * hd), "k_proj": (H, nkv * hd), "v_proj": (H, nkv * hd), "o_proj": (nh * hd, H)}
+        extra = (nh + 2 * nkv) * hd if cfg.attention_bias else 0
+        extra += H if cfg.o_proj_bias else 0
+        extra += 2 * hd if cfg.use_qk_norm else 0
+        extra += nh if cfg.attention_sinks else 0
+    mm = sum(i * o for i, o in lin.values())
+    return mm + extra, mm, lin
+
+
+def param_counts(cfg: ModelConfig) -> ParamCounts:
+    """Every parameter of `cfg`, tensor by tensor from the config (MTP layers excluded: training never loads them)."""
+    H, V, E, K, I = (cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.num_experts_per_tok,
+                     cfg.moe_intermediate_size)
+    attn_all, attn_mm, _ = _attention_params(cfg)
+    rest: list[int] = []
+    experts: list[int] = []
+    active = 0
+    for is_moe in cfg.moe_layers:
+        r = attn_all + 2 * H  # attention + input and post-attention norms
+        active += attn_mm
+        if is_moe:
+            r += H * E + (E if cfg.router_bias else 0) + (E if cfg.routing.method == "sigmoid_group" else 0)
+            ex = E * (H * 2 * I + I * H) + (E * (2 * I + H) if cfg.expert_bias else 0)
+            shared = 3 * H * cfg.shared_intermediate_size
+            r += shared
+            active += H * E + K * (3 * H * I) + shared
+        else:
+            ex = 0
+            r += 3 * H * cfg.intermediate_size
+            active += 3 * H * cfg.intermediate_size
+        rest.append(r)
+        experts.append(ex)
+    return ParamCounts(embed=V * H, lm_head=0 if cfg.tie_word_embeddings else H * V, final_norm=H,
+                       layer_rest=tuple(rest), layer_experts=tuple(experts), active_per_token=active)
+
+
+@dataclass(frozen=True)
+class LoraCounts:
+    """LoRA parameters (A and B) per decoder layer: attention targets, experts; and those one token touches."""
+
+    layer_attn: tuple[int, ...]
+    layer_experts: tuple[int, ...]
+    active_per_token: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.layer_attn) + sum(self.layer_experts)
+
+
+def lora_counts(cfg: ModelConfig, rank: int, targets: Sequence[str] | None = None) -> LoraCounts:
+    """LoRA params at rank `rank` on `targets` (default: the family's attention targets) and both expert tensors."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    _, _, lin = _attention_params(cfg)
+    names = attention_targets(cfg) if targets is None else tuple(targets)
+    unknown = [t for t in names if t not in lin]
+    if unknown:
+        raise ValueError(f"attention LoRA target(s) {unknown} not in a {cfg.family} layer ({', '.join(lin)})")
+    attn = sum(rank * (i + o) for t, (i, o) in lin.items() if t in names)
+    H, E, K, I = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    per_expert = rank * (H + 2 * I) + rank * (I + H)  # gate_up A [H, r], B [r, 2I]; down A [I, r], B [r, H]
+    ex = tuple(E * per_expert if m else 0 for m in cfg.moe_layers)
+    active = attn * cfg.num_hidden_layers + K * per_expert * cfg.num_moe_layers
+    return LoraCounts(layer_attn=(attn,) * cfg.num_hidden_layers, layer_experts=ex, active_per_token=active)
+
+
+# ---- the parallel layout ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Parallel:
+    """A mesh data × fsdp × expert (expert innermost)."""
+
+    data: int = 1
+    fsdp: int = 1
+    expert: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.data * self.fsdp * self.expert
+
+    def __str__(self) -> str:
+        return f"data={self.data},fsdp={self.fsdp},expert={self.expert}"
+
+    @staticmethod
+    def axes(spec: str | None) -> dict[str, int | None]:
+        """The sizes a spec gives, None for the open axis (fsdp unless another is N); raises on bad syntax."""
+        axes: dict[str, int | None] = {"data": 1, "fsdp": None, "expert": 1}
+        given: set[str] = set()
+        for part in filter(None, (spec or "").replace(" ", "").split(",")):
+            name, _, value = part.partition("=")
+            if name not in axes or not value:
+                raise ValueError(f"bad --parallel entry {part!r}: write data=D,fsdp=F,expert=X (axes data, fsdp, "
+                                 "expert; one of them may be N, meaning the GPUs the others leave)")
+            if name in given:
+                raise ValueError(f"--parallel names {name} twice")
+            given.add(name)
+            if value.upper() == "N":
+                axes[name] = None
+                continue
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--parallel {name}={value}: a size must be an integer >= 1 (or N)")
+            axes[name] = int(value)
+        free = [k for k, v in axes.items() if v is None]
+        if len(free) > 1:
+            raise ValueError(f"--parallel leaves {' and '.join(free)} both open; give all but one axis a size")
+        return axes
+
+    @classmethod
+    def parse(cls, spec: str | None, gpus: int) -> Parallel:
+        """`data=D,fsdp=F,expert=X` for `gpus` GPUs; an axis left out, or given as N, takes what the others leave
+        (fsdp by default): `expert=8` on 64 GPUs is data=1, fsdp=8, expert=8."""
+        axes = cls.axes(spec)
+        free = [k for k, v in axes.items() if v is None]
+        fixed = math.prod(v for v in axes.values() if v is not None)
+        if free:
+            if gpus % fixed:
+                raise ValueError(f"{gpus} GPUs cannot hold a mesh whose fixed axes multiply to {fixed}: "
+                                 f"{free[0]} = {gpus}/{fixed} is not an integer")
+            axes[free[0]] = gpus // fixed
+        p = cls(**{k: int(v) for k, v in axes.items()})  # type: ignore[arg-type]
+        if p.gpus != gpus:
+            raise ValueError(f"--parallel {p} uses {p.gpus} GPUs, not the {gpus} of --gpus: data·fsdp·expert must "
+                             "equal the GPU count")
+        return p
+
+
+class LayoutError(ValueError):
+    """A mesh the model cannot take (an expert axis that does not divide the experts)."""
+
+
+def check_layout(cfg: ModelConfig, par: Parallel) -> None:
+    """Refuse a layout the model cannot take, saying which expert-axis sizes would: each expert rank holds whole
+    experts, so `expert` must divide E. (FSDP2 pads uneven shards and no axis splits layers, so fsdp and data
+    sizes are free.)"""
+    E = cfg.num_experts
+    if E % par.expert:
+        ok = [x for x in range(1, par.gpus + 1) if E % x == 0 and par.gpus % x == 0]
+        raise LayoutError(f"expert={par.expert} does not divide the {E} routed experts of this model; expert sizes "
+                          f"that divide both {E} and {par.gpus} GPUs: {', '.join(map(str, ok))}")
+
+
+# ---- memory -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Memory:
+    """Per-GPU bytes by component (see the module docstring for each formula)."""
+
+    weights: int
+    gather: int
+    lora: int
+    saved: int
+    work: int
+    a2a: int
+    opt_tmp: int
+
+    @property
+    def activations(self) -> int:
+        return self.saved + self.work
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.lora + max(self.gather + self.saved + self.work + self.a2a, self.opt_tmp)
+
+
+def _layer_work(cfg: ModelConfig, S: int, r: int, is_moe: bool, n_attn_targets: int) -> int:
+    """Bytes of one decoder layer's recompute + backward working set at S tokens (flash attention, split LoRA)."""
+    H, nh, E, K, I = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts, cfg.num_experts_per_tok,
+                      cfg.moe_intermediate_size)
+    _, _, lin = _attention_params(cfg)
+    if cfg.attention == "mla":  # q, k (nope + rope, per head), v, o; plus the low-rank q_a, kv_a, kv_b outputs
+        dqk, dv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        widths = 2 * nh * dqk + 2 * nh * dv + lin["kv_a_proj_with_mqa"][1] + lin["kv_b_proj"][1]
+        widths += cfg.q_lora_rank or 0
+    else:
+        widths = sum(o for name, (_, o) in lin.items() if name != "o_proj") + nh * cfg.head_dim
+    attn = 2 * 2 * S * widths + 4 * S * nh + 2 * 2 * S * r * n_attn_targets
+    resid = 2 * 8 * S * H
+    if is_moe:
+        M = S * K
+        mlp = 2 * M * (5 * I + H + 4 * r) + 12 * S * E + 2 * 5 * S * cfg.shared_intermediate_size
+    else:
+        mlp = 2 * 5 * S * cfg.intermediate_size
+    return resid + attn + mlp
+
+
+def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: bool = False,
+           optimizer: Optimizer = "fused") -> Memory:
+    """Per-GPU memory of a split-LoRA step (module docstring: formulas and assumptions)."""
+    if seq < 1:
+        raise ValueError(f"seq must be >= 1, got {seq}")
+    if optimizer not in OPT_BYTES:
+        raise ValueError(f"optimizer must be one of {', '.join(OPT_BYTES)}, got {optimizer!r}")
+    check_layout(cfg, par)
+    pc, lc = param_counts(cfg), lora_counts(cfg, rank)
+    f, x = par.fsdp, par.expert
+    weights = 2 * (pc.experts / (f * x) + pc.rest / f)
+    lora_local = sum(lc.layer_experts) / (f * x) + sum(lc.layer_attn) / f
+    lora = 16 * lora_local
+    if f > 1:  # FSDP2 unit: a decoder layer (its experts only E/expert of them), or embeddings, or lm_head
+        units = [2 * (pr + pe / x) + 8 * (la + le / x) for pr, pe, la, le in
+                 zip(pc.layer_rest, pc.layer_experts, lc.layer_attn, lc.layer_experts)]
+        gather = max(units + [2 * pc.embed, 2 * pc.lm_head])
+    else:
+        gather = 0
+    S, H, V, L = seq, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    saved = 0 if offload else 2 * L * S * H
+    chunk_rows = max(64, (LOSS_CHUNK_ELEMENTS // V) // 64 * 64)
+    loss_chunk = 4 * min(S, chunk_rows) * V
+    n_t = len(attention_targets(cfg))
+    layer = max(_layer_work(cfg, S, rank, m, n_t) for m in set(cfg.moe_layers))
+    work = 2 * S * H + max(loss_chunk, layer)
+    a2a = 4 * 2 * S * cfg.num_experts_per_tok * H if x > 1 else 0
+    opt_tmp = 4 * lora_local if optimizer == "foreach" else 0
+    return Memory(*(int(math.ceil(v)) for v in (weights, gather, lora, saved, work, a2a, opt_tmp)))
+
+
+# ---- time -------------------------------------------------------------------------------------------------------
+def flops(cfg: ModelConfig, seq: int, rank: int) -> tuple[float, float]:
+    """(linear FLOPs, attention FLOPs) of one GPU's step on `seq` tokens (module docstring)."""
+    S = seq
+    pc, lc = param_counts(cfg), lora_counts(cfg, rank)
+    linear = 6 * pc.active_per_token * S + 4 * cfg.hidden_size * cfg.vocab_size * S + 8 * lc.active_per_token * S
+    if cfg.attention == "mla":
+        dqk, dv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        dqk = dv = cfg.head_dim
+    attn = 0.0
+    for l in range(cfg.num_hidden_layers):
+        W = cfg.sliding_window if cfg.layer_types and cfg.layer_types[l] == "sliding_attention" else None
+        if W is not None and W < S:
+            pairs = S * W - W * (W - 1) / 2
+        else:
+            pairs = S * (S + 1) / 2
+        attn += (2 + FLASH_BWD_OVER_FWD) * 2 * pairs * cfg.num_attention_heads * (dqk + dv)
+    return float(linear), attn
+
+
+def _bw(par: Parallel, axis: str) -> float:
+    """Bus bandwidth of a collective over `axis`: NVLink while the axis and those inside it fit in one node."""
+    span = {"expert": par.expert, "fsdp": par.fsdp * par.expert, "data": par.gpus}[axis]
+    return NVLINK_BW if span <= GPUS_PER_NODE else IB_BW
+
+
+def comm_seconds(cfg: ModelConfig, par: Parallel, seq: int, rank: int) -> float:
+    """Seconds of communication per step per GPU, before overlap (module docstring)."""
+    pc, lc = param_counts(cfg), lora_counts(cfg, rank)
+    f, x, d = par.fsdp, par.expert, par.data
+    t = 0.0
+    if f > 1:
+        w = 2 * (pc.experts / x + pc.rest)
+        lo = 4 * (sum(lc.layer_experts) / x + sum(lc.layer_attn))
+        t += (f - 1) / f * (2 * w + 2 * lo + lo) / _bw(par, "fsdp")
+    if d > 1:
+        local = 4 * (sum(lc.layer_experts) / (f * x) + sum(lc.layer_attn) / f)
+        t += 2 * (d - 1) / d * local / _bw(par, "data")
+    if x > 1:
+        rows = 2 * seq * cfg.num_experts_per_tok * cfg.hidden_size
+        t += 6 * cfg.num_moe_layers * (x - 1) / x * rows / _bw(par, "expert")
+    return t
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One row of the table: a model on `parallel.gpus` GPUs at `seq` tokens per GPU."""
+
+    name: str
+    parallel: Parallel
+    seq: int
+    memory: Memory
+    compute_s: float
+    comm_s: float
+    optimizer_s: float
+    usable_gib: float = H200_USABLE_GIB
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def gpus(self) -> int:
+        return self.parallel.gpus
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.usable_gib * GIB
+
+    @property
+    def step_s(self) -> float:
+        return self.optimizer_s + max(self.compute_s, self.comm_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.gpus * self.seq / self.step_s
+
+
+def plan(cfg: ModelConfig, parallel: Parallel, seq: int, rank: int = 64, *, name: str = "", offload: bool = False,
+         optimizer: Optimizer = "fused", usable_gib: float = H200_USABLE_GIB) -> Plan:
+    """Memory and estimated step time of split-LoRA training of `cfg` on `parallel` (module docstring)."""
+    mem = memory(cfg, parallel, seq, rank, offload=offload, optimizer=optimizer)
+    lin, attn = flops(cfg, seq, rank)
+    lora_local = mem.lora / 16
+    return Plan(name or cfg.family, parallel, seq, mem, compute_s=lin / R_LIN + attn / R_ATTN,
+                comm_s=comm_seconds(cfg, parallel, seq, rank),
+                optimizer_s=OPT_BYTES[optimizer] * lora_local / HBM_BW, usable_gib=usable_gib)
+
+
+def auto_plan(cfg: ModelConfig, seq: int, rank: int = 64, spec: str | None = None, *,
+              name: str = "", sizes: Iterable[int] = POWERS_OF_TWO, **kw) -> tuple[list[Plan], Plan | None]:
+    """Plans at each size of `sizes` up to the first that fits: (the rows tried, the fitting plan or None). Sizes
+    the `spec` cannot take (an expert axis that does not divide E or the size) are skipped; a spec that no size can
+    take raises its error (the model's `LayoutError` first: it says which sizes would do)."""
+    sizes = list(sizes)
+    expert = Parallel.axes(spec)["expert"]
+    if expert is not None and cfg.num_experts % expert:  # refused at every size: say which sizes would do
+        ok = [x for x in sizes if cfg.num_experts % x == 0]
+        raise LayoutError(f"expert={expert} does not divide the {cfg.num_experts} routed experts of this model; "
+                          f"expert sizes among {', '.join(map(str, sizes))} that do: {', '.join(map(str, ok))}")
+    rows: list[Plan] = []
+    error: ValueError | None = None
+    for n in sizes:
+        try:
+            par = Parallel.parse(spec, n)
+            p = plan(cfg, par, seq, rank, name=name, **kw)
+        except ValueError as e:
+            error = e if not isinstance(error, LayoutError) else error
+            continue
+        rows.append(p)
+        if p.fits:
+            return rows, p
+    if not rows and error is not None:
+        raise error
+    return rows, None
+
+
+def format_table(plans: Sequence[Plan]) -> str:
+    """Markdown table: GPUs, layout, per-GPU GiB by component, total, fits, step seconds, tokens/s."""
+    head = ("| GPUs | layout | weights | FSDP gather | LoRA+AdamW | saved acts | work | a2a | opt tmp | total GiB "
+            "| fits | compute s | comm s | step s (est.) | tokens/s (est.) |")
+    lines = [head, "| ---: | --- |" + " ---: |" * 7 + " ---: | :---: | ---: | ---: | ---: | ---: |"]
+    for p in plans:
+        m = p.memory
+        g = [f"{v / GIB:.1f}" for v in (m.weights, m.gather, m.lora, m.saved, m.work, m.a2a, m.opt_tmp, m.total)]
+        lines.append(f"| {p.gpus} | {p.parallel} | " + " | ".join(g) + f" | {'yes' if p.fits else 'no'} "
+                     f"| {p.compute_s:.2f} | {p.comm_s:.2f} | {p.step_s:.2f} | {p.tokens_per_s:,.0f} |")
+    return "\n".join(lines)
