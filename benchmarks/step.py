@@ -96,8 +96,9 @@ def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt:
     if grad_ckpt:
         model.gradient_checkpointing_enable(offload_to_cpu=offload)
     if compile_layers:  # regional compilation: each decoder layer through torch.compile (one code object, shared)
-        for layer in model.layers:
-            layer.compile()
+        from torch_impl.compile import compile_decoder_layers
+
+        compile_decoder_layers(model)
     model.train()
     # the training loss without logits (torch_impl.loss): what torch_impl's Trainer runs
     return model, lambda ids: model(ids, labels=ids, return_logits=False).loss

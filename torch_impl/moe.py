@@ -7,7 +7,9 @@ up in I:2I) and `w_down [E, I, H]`; expert LoRA pairs are `(A [E, in, R], B [E, 
 
 Split LoRA: every expert computes `x·W + s·(x·A)·B` on its routed rows only; `W + s·B·A` is never formed. The rows
 are sorted by expert once per layer (`sort_by_expert`), and the base GEMMs, the LoRA GEMMs and the backward share
-that permutation and its group sizes. The backend (`torch_impl.backends`) does the GEMMs.
+that permutation and its group sizes. The backend (`torch_impl.backends`) does the GEMMs. Under torch.compile (or
+with `use_custom_op(True)`), `Experts` calls the same path as the custom op `splitmoe::split_lora_experts`
+(`torch_impl.moe_op`), which hides the data-dependent group sizes from Dynamo.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from shared_math.shapes import check_expert_args
 from torch_impl.backends import get_backend, resolve_backend
 from torch_impl.backends.common import Activation, ExpertSort
 from torch_impl.models.layers import DenseMLP
+from torch_impl.moe_op import custom_op_active, split_lora_experts_op, use_custom_op
 
 LoraPair = tuple[torch.Tensor, torch.Tensor]
 
-__all__ = ["ExpertSort", "Experts", "MoEBlock", "Router", "route", "sort_by_expert", "split_lora_experts"]
+__all__ = ["ExpertSort", "Experts", "MoEBlock", "Router", "route", "sort_by_expert", "split_lora_experts",
+           "use_custom_op"]
 
 
 # ---- routing ---------------------------------------------------------------------------------------------------------
@@ -206,6 +210,14 @@ class Experts(nn.Module):
             # small, [E, R, 2I]), so values and gradients are those of scale s_gu
             lora_gate_up = (lora_gate_up[0], lora_gate_up[1] * (s_gu / self.lora_scale))
         a = self.activation
+        if custom_op_active():
+            # one opaque op (torch_impl.moe_op): torch.compile traces the layer around it without a graph break.
+            # The op sorts the rows itself (an ExpertSort is no tensor), so `sort` goes unused; under compile the
+            # caller's sort is dead code and is dropped. Ids from a router (sort given) skip the range check, as below.
+            return split_lora_experts_op(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
+                                         lora_gate_up, lora_down, scale=self.lora_scale, biases=biases,
+                                         activation=a.name, swiglu_limit=a.limit, swiglu_alpha=a.alpha,
+                                         backend=self.backend, check_ids=sort is None)
         return split_lora_experts(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
                                   lora_gate_up, lora_down, scale=self.lora_scale, biases=biases, activation=a.name,
                                   swiglu_limit=a.limit, swiglu_alpha=a.alpha, backend=self.backend, sort=sort)

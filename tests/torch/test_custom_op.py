@@ -1,0 +1,275 @@
+"""The expert path as the custom op `splitmoe::split_lora_experts` (`torch_impl.moe_op`) and regional compilation
+(`torch_impl.compile`).
+
+Checked: `torch.library.opcheck` on both ops (schema, fake implementation under dynamic shapes, autograd
+registration); the op's output and every gradient against the eager path's, per backend, over the shape cases that
+matter here (odd dims, prime E, K=1, K=E, experts with no tokens, the clamped activation with biases), in fp32 with
+the tolerances of `shared_math.numerics`; when the op is used (eager default off, on under compile, the flag and the
+environment variable); and a tiny Qwen3 model whose decoder layers are compiled with `fullgraph=True`, which raises
+on any graph break, giving eager's loss and LoRA gradients.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _import_triton_interpreted() -> str | None:
+    """Import triton and our kernels in the Triton interpreter while that is still possible; None if the triton
+    backend runs interpreted in this process, else why not. The interpreter is fixed when triton and the kernels are
+    first imported (test_triton_kernels.py says why), and torch.compile and opcheck import triton compiled, so this
+    runs at collection, before any test here; TRITON_INTERPRET is set again around the triton tests only."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if torch.cuda.is_available():
+        return "CUDA is present: the triton backend is tested compiled, in test_moe_block.py"
+    old = os.environ.get("TRITON_INTERPRET")
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language as tl
+
+        if type(tl.sigmoid).__name__ != "InterpretedFunction":
+            return "triton was imported compiled before this module (test_triton_kernels.py covers it)"
+        os.environ["TRITON_INTERPRET"] = "1"  # our kernels are decorated by this import
+        import torch_impl.kernels.split_lora  # noqa: F401
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return None
+
+
+TRITON_SKIP = _import_triton_interpreted()
+
+from shared_math.cases import get_case, make_moe_inputs  # noqa: E402
+from shared_math.config import LoraConfig, ModelConfig  # noqa: E402
+from shared_math.numerics import assert_close  # noqa: E402
+from shared_math.tiny import random_canonical_tensors, tiny_hf_config  # noqa: E402
+from torch_impl import moe_op  # noqa: E402
+from torch_impl.backends import why_unavailable  # noqa: E402
+from torch_impl.compile import compile_decoder_layers  # noqa: E402
+from torch_impl.load import build_model  # noqa: E402
+from torch_impl.lora import _lora_params, attach_lora  # noqa: E402
+from torch_impl.moe import split_lora_experts  # noqa: E402
+
+CASES = ["odd_dims", "prime_e", "k1", "k_eq_e", "empty_experts", "oai_biases"]
+GRAD_NAMES = ("x", "expert_weights", "w_gate_up", "w_down", "a1", "b1", "a2", "b2", "b_gate_up", "b_down")
+
+
+@pytest.fixture(autouse=True)
+def _default_mode():
+    """Each test starts from the default rule (op only under compile) and leaves it so."""
+    previous = moe_op.use_custom_op(None)
+    yield
+    moe_op.use_custom_op(previous)
+
+
+def _tensors(case_name: str, seed: int, base_grad: bool) -> dict:
+    """The case's inputs as fp32 leaves: everything differentiable requires grad, the base weights iff base_grad."""
+    case = get_case(case_name)
+    inp = make_moe_inputs(case, seed=seed % 1000)
+
+    def t(a, grad=True):
+        return torch.tensor(a, dtype=torch.float32).requires_grad_(grad)
+
+    biases = None if inp["biases"] is None else tuple(map(t, inp["biases"]))
+    return dict(x=t(inp["x"]), expert_ids=torch.tensor(inp["expert_ids"]), expert_weights=t(inp["expert_weights"]),
+                w_gate_up=t(inp["w_gate_up"], base_grad), w_down=t(inp["w_down"], base_grad),
+                lora_gate_up=tuple(map(t, inp["lora_gate_up"])), lora_down=tuple(map(t, inp["lora_down"])),
+                biases=biases, kw=dict(scale=inp["scale"], activation=inp["activation"],
+                                       swiglu_limit=inp["swiglu_limit"]))
+
+
+def _flat(tt: dict) -> list:
+    b = tt["biases"] or (None, None)
+    return [tt["x"], tt["expert_weights"], tt["w_gate_up"], tt["w_down"], *tt["lora_gate_up"], *tt["lora_down"], *b]
+
+
+def _forward_backward(fn, case_name: str, seed: int, backend: str, base_grad: bool):
+    """y and the gradients of every input (None where it has none) after `y.backward(dy)` through `fn`."""
+    tt = _tensors(case_name, seed, base_grad)
+    y = fn(tt["x"], tt["expert_ids"], tt["expert_weights"], tt["w_gate_up"], tt["w_down"], tt["lora_gate_up"],
+           tt["lora_down"], biases=tt["biases"], backend=backend, **tt["kw"])
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    y.backward(dy)
+    return y.detach(), [None if t is None else t.grad for t in _flat(tt)]
+
+
+def _skip_unless_available(backend: str) -> None:
+    if (why := why_unavailable(backend, "cpu", torch.float32)) is not None:
+        pytest.skip(f"{backend} unavailable in fp32 on CPU: {why}")
+
+
+def _compare_op_with_eager(case_name: str, seed: int, backend: str, base_grad: bool = False) -> None:
+    _skip_unless_available(backend)
+    y_ref, g_ref = _forward_backward(split_lora_experts, case_name, seed, backend, base_grad)
+    y_op, g_op = _forward_backward(moe_op.split_lora_experts_op, case_name, seed, backend, base_grad)
+    assert_close(y_op, y_ref, dtype="float32", quantity="moe_block", name=f"{backend} {case_name} y")
+    for name, g, e in zip(GRAD_NAMES, g_op, g_ref):
+        if e is None:
+            assert g is None, f"{backend} {case_name}: d{name} should be None (eager has none)"
+            continue
+        assert g is not None, f"{backend} {case_name}: no gradient for {name}"
+        assert_close(g, e, dtype="float32", quantity="moe_grad", name=f"{backend} {case_name} d{name}")
+
+
+# ---- opcheck ---------------------------------------------------------------------------------------------------------
+
+def _op_args(case_name: str, seed: int, backend: str, *, lora: bool = True, base_grad: bool = False) -> tuple:
+    tt = _tensors(case_name, seed, base_grad)
+    a1, b1 = tt["lora_gate_up"] if lora else (None, None)
+    a2, b2 = tt["lora_down"] if lora else (None, None)
+    b_gu, b_d = tt["biases"] or (None, None)
+    kw = tt["kw"]
+    return (tt["x"], tt["expert_ids"], tt["expert_weights"], tt["w_gate_up"], tt["w_down"], a1, b1, a2, b2, b_gu,
+            b_d, float(kw["scale"]), kw["activation"], float(kw["swiglu_limit"]), 1.702, backend, True)
+
+
+@pytest.mark.parametrize("case_name, backend, lora, base_grad", [
+    ("odd_dims", "grouped_mm", True, False),  # the training setting: LoRA on both, frozen base, padded shapes
+    ("oai_biases", "native", True, True),  # biases, clamped activation, full fine-tuning gradients
+    ("empty_experts", "grouped_mm", False, False),  # no LoRA at all (every optional None), empty groups
+], ids=["odd_dims-grouped_mm", "oai_biases-native-base_grad", "empty_experts-no_lora"])
+def test_opcheck_forward_op(case_name, backend, lora, base_grad, seed):
+    _skip_unless_available(backend)
+    args = _op_args(case_name, seed, backend, lora=lora, base_grad=base_grad)
+    torch.library.opcheck(torch.ops.splitmoe.split_lora_experts.default, args)
+
+
+def test_opcheck_backward_op(seed):
+    _skip_unless_available("grouped_mm")
+    args = _op_args("k_eq_e", seed, "grouped_mm")
+    x = args[0]
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    inputs = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:16]]  # less check_ids
+    needs = [True, True, False, False, True, True, True, True, False, False]  # as for frozen base, no biases
+    torch.library.opcheck(torch.ops.splitmoe.split_lora_experts_backward.default, (dy, *inputs, needs))
+
+
+# ---- the op equals the eager path ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["native", "grouped_mm"])
+@pytest.mark.parametrize("case_name", CASES)
+def test_op_matches_eager_fp32(backend, case_name, seed):
+    _compare_op_with_eager(case_name, seed, backend)
+
+
+@pytest.mark.parametrize("backend", ["native", "grouped_mm"])
+def test_op_gives_base_weight_gradients_when_asked(backend, seed):
+    """Full fine-tuning (base weights require grad): the op returns their gradients too, as eager does."""
+    _compare_op_with_eager("oai_biases", seed, backend, base_grad=True)
+
+
+@pytest.mark.parametrize("case_name", ["odd_dims", "empty_experts", "oai_biases"])
+def test_op_matches_eager_triton_interpreter(case_name, seed, monkeypatch):
+    if TRITON_SKIP is not None:
+        pytest.skip(f"triton backend not in the interpreter here: {TRITON_SKIP}")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read again at launch
+    _compare_op_with_eager(case_name, seed, "triton")
+
+
+# ---- when the op is used ---------------------------------------------------------------------------------------------
+
+def test_custom_op_active_rule(monkeypatch):
+    monkeypatch.delenv(moe_op.ENV_VAR, raising=False)
+    assert not moe_op.custom_op_active(), "eager default: the plain path, numbers and cost unchanged"
+    monkeypatch.setenv(moe_op.ENV_VAR, "1")
+    assert moe_op.custom_op_active()
+    monkeypatch.setenv(moe_op.ENV_VAR, "0")
+    assert not moe_op.custom_op_active()
+    moe_op.use_custom_op(True)  # the call beats the environment
+    assert moe_op.custom_op_active()
+    moe_op.use_custom_op(None)
+    monkeypatch.setenv(moe_op.ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="SPLITMOE_MOE_CUSTOM_OP='sometimes': expected 1, 0 or auto"):
+        moe_op.custom_op_active()
+
+
+def test_op_reports_an_unavailable_backend_before_work():
+    tt = _tensors("k1", 0, False)
+    with pytest.raises(RuntimeError, match=r"grouped_mm.*float64"):
+        moe_op.split_lora_experts_op(tt["x"].double(), tt["expert_ids"], tt["expert_weights"].double(),
+                                     tt["w_gate_up"].double(), tt["w_down"].double(), backend="grouped_mm")
+
+
+# ---- a whole model: eager, through the op, and with its decoder layers compiled --------------------------------------
+
+def _tiny_qwen3(backend: str, **overrides):
+    cfg = ModelConfig.from_hf(tiny_hf_config("qwen3_moe", **overrides))
+    model = build_model(cfg, moe_backend=backend)
+    tensors = random_canonical_tensors(cfg, seed=3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.from_numpy(tensors[name]))
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "o_proj", "experts.gate_up_proj", "experts.down_proj"))
+    attach_lora(model, lora, seed=3)
+    with torch.no_grad():
+        for name, p in _lora_params(model).items():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))  # B = 0 at init
+    return model.train()
+
+
+def _loss_and_grads(model, ids):
+    for p in model.parameters():
+        p.grad = None
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in _lora_params(model).items()}
+
+
+def _check_model(loss, grads, loss_ref, grads_ref, what: str) -> None:
+    assert_close(loss, loss_ref, dtype="float32", quantity="loss", name=f"{what} loss")
+    assert grads.keys() == grads_ref.keys() and any("experts" in n for n in grads)
+    for name in grads:
+        assert float(grads_ref[name].abs().max()) > 0, f"zero gradient for {name}: the test proves nothing"
+        assert_close(grads[name], grads_ref[name], dtype="float32", quantity="lora_grad", name=f"{what} d {name}")
+
+
+def test_model_through_the_op_equals_eager(seed):
+    """Experts.forward routed through the op in eager mode (use_custom_op): the model's loss and LoRA gradients."""
+    model = _tiny_qwen3("auto")
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    moe_op.use_custom_op(True)
+    _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "custom op")
+
+
+def test_compiled_decoder_layers_fullgraph_equal_eager(seed):
+    """Regional compilation with fullgraph=True (a graph break raises) of both layers: loss and LoRA gradients as
+    eager, with and without activation checkpointing around the compiled layers (the benchmark's --compile runs
+    both). Dynamo and AOTAutograd are the parts that meet the op (its fake and its backward); the aot_eager backend
+    runs them without inductor's C++ compile (30 s cold for the two graphs here, layer 0's input needing no grad)."""
+    model = _tiny_qwen3("auto")
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    torch._dynamo.reset()
+    compile_decoder_layers(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled")
+    model.gradient_checkpointing_enable()
+    _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled + checkpointed")
+
+
+def test_inductor_compiled_layer_fullgraph_equals_eager(seed):
+    """One decoder layer through inductor (`torch.compile`'s default backend, what the benchmark's --compile runs):
+    the fused attention, norms and router around the op give eager's loss and LoRA gradients within fp32
+    tolerance. ~17 s cold on 2 cores, mostly inductor's C++ compile of the forward and backward graphs."""
+    model = _tiny_qwen3("auto", num_hidden_layers=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    torch._dynamo.reset()
+    compile_decoder_layers(model, fullgraph=True, dynamic=False)  # the one layer
+    _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "inductor")
+
+
+def test_compile_decoder_layers_refuses_a_model_without_layers():
+    with pytest.raises(ValueError, match="no decoder layers"):
+        compile_decoder_layers(torch.nn.Linear(2, 2))
