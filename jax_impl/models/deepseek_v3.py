@@ -3,10 +3,11 @@
 Shape legend: B batch · S sequence · T = B·S tokens · H hidden · N heads · Dn qk_nope_head_dim · Dr qk_rope_head_dim ·
 Dv v_head_dim · C kv_lora_rank · E experts · V vocab.
 
-Both families share HF's code: MLA attention (`MLAttention`), sigmoid group-limited routing with an fp32 router and
-`e_score_correction_bias`, a shared SwiGLU expert added to the routed output, and dense first layers
-(`ModelConfig.moe_layers`). `DeepseekV3DecoderLayer` also serves GLM-4.x (`glm4_moe.py`) with GQA attention. No aux
-loss (HF has none here). Module paths equal the canonical tensor names (docs/CONTRACTS.md).
+Both families share HF's code, on the decoder of `models.decoder`: MLA attention (`MLAttention`, the
+`build_attention` hook), sigmoid group-limited routing with an fp32 router and `e_score_correction_bias` and a shared
+SwiGLU expert added to the routed output (`build_moe`), and dense first layers (`ModelConfig.moe_layers`, which the
+decoder follows). `DeepseekV3ForCausalLM` also serves GLM-4.x (`glm4_moe.py`) with GQA attention. No aux loss (HF
+has none here: `cfg.has_aux_loss` is false). Module paths equal the canonical tensor names (docs/CONTRACTS.md).
 """
 
 from __future__ import annotations
@@ -18,22 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_impl.lora import Frozen, LoRALinear
-from jax_impl.models.layers import (
-    Attention,
-    CausalLMOutput,
-    DenseMLP,
-    LayerCheckpointing,
-    RMSNorm,
-    RotaryEmbedding,
-    apply_rotary,
-    apply_rotary_interleave,
-    causal_mask,
-    lm_output,
-    masked_softmax,
-    prepare_attention_mask,
-    prepare_position_ids,
-)
+from jax_impl.models.decoder import CausalLM, load_array, load_dense_mlp, load_linear, load_norm
+from jax_impl.models.layers import apply_rotary, apply_rotary_interleave, masked_softmax
 from jax_impl.moe import Experts, MoEBlock, Router
 from shared_math.config import ModelConfig
 from shared_math.rope import mla_softmax_scale
@@ -41,19 +28,6 @@ from shared_math.rope import mla_softmax_scale
 _F32 = jnp.float32
 # HF builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not config.rms_norm_eps
 MLA_NORM_EPS = 1e-6
-
-
-def _arr(t: np.ndarray, dtype) -> jax.Array:
-    return jnp.asarray(np.asarray(t), dtype=dtype)
-
-
-def _linear(layer: Mapping[str, np.ndarray], name: str, dtype) -> LoRALinear:
-    bias = layer.get(name + ".bias")
-    return LoRALinear(_arr(layer[name + ".weight"], dtype), None if bias is None else _arr(bias, dtype))
-
-
-def _norm(layer: Mapping[str, np.ndarray], name: str, eps: float, dtype) -> RMSNorm:
-    return RMSNorm(_arr(layer[name + ".weight"], dtype), eps)
 
 
 class MLAttention(nnx.Module):
@@ -68,15 +42,15 @@ class MLAttention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], *, dtype):
         if cfg.q_lora_rank is None:
-            self.q_proj = _linear(layer, "self_attn.q_proj", dtype)
+            self.q_proj = load_linear(layer, "self_attn.q_proj", dtype)
         else:
-            self.q_a_proj = _linear(layer, "self_attn.q_a_proj", dtype)
-            self.q_a_layernorm = _norm(layer, "self_attn.q_a_layernorm", MLA_NORM_EPS, dtype)
-            self.q_b_proj = _linear(layer, "self_attn.q_b_proj", dtype)
-        self.kv_a_proj_with_mqa = _linear(layer, "self_attn.kv_a_proj_with_mqa", dtype)
-        self.kv_a_layernorm = _norm(layer, "self_attn.kv_a_layernorm", MLA_NORM_EPS, dtype)
-        self.kv_b_proj = _linear(layer, "self_attn.kv_b_proj", dtype)
-        self.o_proj = _linear(layer, "self_attn.o_proj", dtype)
+            self.q_a_proj = load_linear(layer, "self_attn.q_a_proj", dtype)
+            self.q_a_layernorm = load_norm(layer, "self_attn.q_a_layernorm", MLA_NORM_EPS, dtype)
+            self.q_b_proj = load_linear(layer, "self_attn.q_b_proj", dtype)
+        self.kv_a_proj_with_mqa = load_linear(layer, "self_attn.kv_a_proj_with_mqa", dtype)
+        self.kv_a_layernorm = load_norm(layer, "self_attn.kv_a_layernorm", MLA_NORM_EPS, dtype)
+        self.kv_b_proj = load_linear(layer, "self_attn.kv_b_proj", dtype)
+        self.o_proj = load_linear(layer, "self_attn.o_proj", dtype)
         self.has_q_lora = cfg.q_lora_rank is not None
         self.num_heads, self.nope, self.rope, self.v_dim = (cfg.num_attention_heads, cfg.qk_nope_head_dim,
                                                             cfg.qk_rope_head_dim, cfg.v_head_dim)
@@ -104,90 +78,29 @@ class MLAttention(nnx.Module):
         return self.o_proj(out_BSND.reshape(B, S, N * Dv))
 
 
-def _gqa_attention(cfg: ModelConfig, layer: Mapping[str, np.ndarray], *, dtype) -> Attention:
-    """GLM-4.x's GQA attention (q/k/v biases, optional q/k norm) from canonical tensors."""
-    norms = {}
-    if cfg.use_qk_norm:
-        norms = dict(q_norm=_norm(layer, "self_attn.q_norm", cfg.rms_norm_eps, dtype),
-                     k_norm=_norm(layer, "self_attn.k_norm", cfg.rms_norm_eps, dtype))
-    return Attention(cfg, *(_linear(layer, f"self_attn.{p}", dtype) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                     **norms)
-
-
-class DeepseekV3DecoderLayer(nnx.Module):
-    """Pre-norm decoder layer: MLA (or GQA for GLM-4.x) attention, then an MoE block with a shared expert or a dense
-    SwiGLU MLP, each with a residual connection."""
-
-    def __init__(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], l: int, *, dtype, moe_backend: str):
-        eps = cfg.rms_norm_eps
-        self.input_layernorm = _norm(layer, "input_layernorm", eps, dtype)
-        self.post_attention_layernorm = _norm(layer, "post_attention_layernorm", eps, dtype)
-        self.self_attn = (MLAttention(cfg, layer, dtype=dtype) if cfg.attention == "mla"
-                          else _gqa_attention(cfg, layer, dtype=dtype))
-        self.is_moe = bool(cfg.moe_layers[l])
-        if self.is_moe:
-            experts = Experts(_arr(layer["mlp.experts.gate_up_proj"], dtype),
-                              _arr(layer["mlp.experts.down_proj"], dtype), activation=cfg.activation,
-                              backend=moe_backend)
-            # HF keeps the router weight and correction bias in fp32 in bf16 models (_keep_in_fp32_modules_strict)
-            router = Router(_arr(layer["mlp.router.weight"], _F32),
-                            e_score_correction_bias_E=_arr(layer["mlp.router.e_score_correction_bias"], _F32))
-            shared = None
-            if cfg.n_shared_experts:
-                shared = DenseMLP(*(_linear(layer, f"mlp.shared_experts.{p}", dtype)
-                                    for p in ("gate_proj", "up_proj", "down_proj")))
-            self.mlp = MoEBlock(router, experts, cfg.routing, shared)
-        else:
-            self.mlp = DenseMLP(*(_linear(layer, f"mlp.{p}", dtype) for p in ("gate_proj", "up_proj", "down_proj")))
-
-    def __call__(self, h_BSH, cos, sin, mask_BSS) -> jax.Array:
-        h_BSH = h_BSH + self.self_attn(self.input_layernorm(h_BSH), cos, sin, mask_BSS)
-        x_BSH = self.post_attention_layernorm(h_BSH)
-        if not self.is_moe:
-            return h_BSH + self.mlp(x_BSH)
-        B, S, H = x_BSH.shape
-        y_TH, _ = self.mlp(x_BSH.reshape(B * S, H))
-        return h_BSH + y_TH.reshape(B, S, H)
-
-
-class DeepseekV3ForCausalLM(LayerCheckpointing, nnx.Module):
-    """DeepSeek-V3 with split LoRA; build with `jax_impl.load_model` (or from canonical tensors directly).
-    `__call__(input_ids, labels=None, position_ids=None, *, attention_mask=None) -> CausalLMOutput` (aux_loss
-    always None)."""
+class DeepseekV3ForCausalLM(CausalLM):
+    """DeepSeek-V3: `__call__(input_ids, labels=None, position_ids=None, *, attention_mask=None) -> CausalLMOutput`
+    (`models.decoder.CausalLM`; aux_loss always None). MLA attention (GQA for GLM-4.x configs), the MoE block with a
+    shared expert; dense layers where `cfg.moe_layers` says so."""
 
     family = "deepseek_v3"
 
-    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
-                 moe_backend: str = "auto"):
-        if cfg.family != self.family:
-            raise ValueError(f"{type(self).__name__} needs a {self.family} config, got {cfg.family}")
-        self.config = cfg
-        self.lora_config = None
-        self.dtype = jnp.dtype(dtype)
-        self.embed_tokens = Frozen(_arr(tensors["embed_tokens.weight"], dtype))
-        self.rotary_emb = RotaryEmbedding(cfg)
-        layer_of = tensors.layer if hasattr(tensors, "layer") else (
-            lambda l: {k[len(f"layers.{l}."):]: v for k, v in tensors.items() if k.startswith(f"layers.{l}.")})
-        self.layers = nnx.List([DeepseekV3DecoderLayer(cfg, layer_of(l), l, dtype=dtype, moe_backend=moe_backend)
-                                for l in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(_arr(tensors["norm.weight"], dtype), cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else LoRALinear(_arr(tensors["lm_head.weight"], dtype))
+    def build_attention(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], layer_idx: int, *,
+                        dtype) -> nnx.Module:
+        if cfg.attention == "mla":
+            return MLAttention(cfg, layer, dtype=dtype)
+        return super().build_attention(cfg, layer, layer_idx, dtype=dtype)  # GLM-4.x: GQA
 
-    def __call__(self, input_ids: jax.Array, labels: jax.Array | None = None,
-                 position_ids: jax.Array | None = None, *, attention_mask: jax.Array | None = None
-                 ) -> CausalLMOutput:
-        """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None
-        (0..S-1, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks
-        the attention (`causal_mask`); the loss is masked by labels = -100 only, as HF's."""
-        position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
-        attention_mask = prepare_attention_mask(input_ids, attention_mask)
-        h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
-        cos, sin = self.rotary_emb(position_ids, self.dtype)
-        mask_BSS = causal_mask(position_ids, attention_mask)
-        for layer in self.layers:
-            h_BSH = self._run_layer(layer, h_BSH, cos, sin, mask_BSS)
-        # DeepSeek-V3 and GLM define no load-balancing loss in HF (their routers carry a bias instead)
-        return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, [], self.config, False)
+    def build_moe(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], layer_idx: int, *, moe_backend: str,
+                  dtype) -> nnx.Module:
+        experts = Experts(load_array(layer["mlp.experts.gate_up_proj"], dtype),
+                          load_array(layer["mlp.experts.down_proj"], dtype), activation=cfg.activation,
+                          backend=moe_backend)
+        # HF keeps the router weight and correction bias in fp32 in bf16 models (_keep_in_fp32_modules_strict)
+        router = Router(load_array(layer["mlp.router.weight"], _F32),
+                        e_score_correction_bias_E=load_array(layer["mlp.router.e_score_correction_bias"], _F32))
+        shared = load_dense_mlp(layer, "mlp.shared_experts", dtype) if cfg.n_shared_experts else None
+        return MoEBlock(router, experts, cfg.routing, shared)
 
 
 class Glm4MoeLiteForCausalLM(DeepseekV3ForCausalLM):

@@ -4,10 +4,11 @@ and torch_impl/models/gpt_oss.py (same class and function names).
 Shape legend: B batch · S sequence · T = B·S tokens · H hidden · N query heads · Nkv kv heads · D head_dim ·
 E experts · K experts per token · V vocab. Module paths equal the canonical tensor names (docs/CONTRACTS.md).
 
-What differs from Qwen3-MoE (hf-moe-formats.md §2): attention with q/k/v/o biases, no q/k norm, a learned logit per
-head (`sinks [N]`) that joins every softmax row and is then dropped, sliding-window layers (keys with
-`q_idx - window < kv_idx <= q_idx`) and full layers from `layer_types`; YaRN RoPE (attention factor on cos and sin);
-RMSNorm with the weight product in fp32 (`GptOssRMSNorm`); router with bias, top-K logits then softmax over K;
+The decoder is `models.decoder`'s; this file supplies what differs from Qwen3-MoE (hf-moe-formats.md §2): attention
+(`GptOssAttention`, built per layer index) with q/k/v/o biases, no q/k norm, a learned logit per head (`sinks [N]`)
+that joins every softmax row and is then dropped, sliding-window layers (keys with `q_idx - window < kv_idx <=
+q_idx`) and full layers from `layer_types`; YaRN RoPE (attention factor on cos and sin); RMSNorm with the weight
+product in fp32 (`GptOssRMSNorm`, the decoder's `norm_class`); router with bias, top-K logits then softmax over K;
 experts with biases and the clamped SwiGLU; HF's aux loss only when `output_router_logits`.
 Packed sequences: documents never attend across their boundary (HF's gpt-oss has no packed mask; see the torch twin).
 Padded batches (`attention_mask`): HF's padding mask on full and sliding layers (`layers.causal_mask`); a query with
@@ -24,32 +25,14 @@ import numpy as np
 from flax import nnx
 
 from jax_impl.lora import Frozen, LoRALinear
-from jax_impl.models.layers import (
-    CausalLMOutput,
-    LayerCheckpointing,
-    RMSNorm,
-    RotaryEmbedding,
-    apply_rotary,
-    causal_mask,
-    lm_output,
-    prepare_attention_mask,
-    prepare_position_ids,
-)
+from jax_impl.models.decoder import CausalLM, load_array, load_linear
+from jax_impl.models.layers import RMSNorm, apply_rotary, causal_mask
 from jax_impl.moe import Experts, MoEBlock, Router
 from shared_math.config import ModelConfig
 
 _F32 = jnp.float32
 # extra q/k coordinates that carry the sink logit; 8 keeps D + 8 a multiple of 8 for fused attention kernels
 _SINK_PAD = 8
-
-
-def _arr(t: np.ndarray, dtype) -> jax.Array:
-    return jnp.asarray(np.asarray(t), dtype=dtype)
-
-
-def _linear(layer: Mapping[str, np.ndarray], name: str, dtype) -> LoRALinear:
-    bias = layer.get(name + ".bias")
-    return LoRALinear(_arr(layer[name + ".weight"], dtype), None if bias is None else _arr(bias, dtype))
 
 
 class GptOssRMSNorm(RMSNorm):
@@ -130,8 +113,9 @@ def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, m
 
 
 class GptOssAttention(nnx.Module):
-    """GQA self-attention with biases, YaRN RoPE, sinks and an optional sliding window; canonical module names
-    `q_proj`, `k_proj`, `v_proj`, `o_proj` (LoRA targets) and the frozen `sinks`."""
+    """GQA self-attention with biases, YaRN RoPE, sinks and an optional sliding window (this layer's, from
+    `layer_types`); canonical module names `q_proj`, `k_proj`, `v_proj`, `o_proj` (LoRA targets) and the frozen
+    `sinks`. Takes the decoder's mask [B, S, S] (causal, packed documents, padding) as every family's attention."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, q_proj: LoRALinear, k_proj: LoRALinear,
                  v_proj: LoRALinear, o_proj: LoRALinear, sinks: jax.Array):
@@ -141,80 +125,35 @@ class GptOssAttention(nnx.Module):
                                                             cfg.head_dim)
         self.sliding_window = cfg.sliding_window if cfg.layer_types[layer_idx] == "sliding_attention" else None
 
-    def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask_BSS: jax.Array) -> jax.Array:
         B, S, _ = x_BSH.shape
         N, Nkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q = apply_rotary(self.q_proj(x_BSH).reshape(B, S, N, D), cos, sin)
         k = apply_rotary(self.k_proj(x_BSH).reshape(B, S, Nkv, D), cos, sin)
         v = self.v_proj(x_BSH).reshape(B, S, Nkv, D)
-        out = sink_attention(q, k, v, self.sinks[...], mask, D ** -0.5, self.sliding_window)
+        out = sink_attention(q, k, v, self.sinks[...], mask_BSS[:, None], D ** -0.5, self.sliding_window)
         return self.o_proj(out.reshape(B, S, N * D))
 
 
-class GptOssDecoderLayer(nnx.Module):
-    """x + attn(norm(x)), then h + moe(norm(h))."""
+class GptOssForCausalLM(CausalLM):
+    """gpt-oss: `__call__(input_ids, labels=None, position_ids=None, *, attention_mask=None) -> CausalLMOutput`
+    (`models.decoder.CausalLM`): its attention (sinks, the layer's sliding window), its MoE block and
+    `GptOssRMSNorm` on the shared decoder."""
 
-    def __init__(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], l: int, *, dtype, moe_backend: str):
-        eps = cfg.rms_norm_eps
-        self.input_layernorm = GptOssRMSNorm(_arr(layer["input_layernorm.weight"], dtype), eps)
-        self.post_attention_layernorm = GptOssRMSNorm(_arr(layer["post_attention_layernorm.weight"], dtype), eps)
-        self.self_attn = GptOssAttention(
-            cfg, l, *(_linear(layer, f"self_attn.{p}", dtype) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
-            sinks=_arr(layer["self_attn.sinks"], dtype))
+    family = "gpt_oss"
+    norm_class = GptOssRMSNorm
+
+    def build_attention(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], layer_idx: int, *,
+                        dtype) -> nnx.Module:
+        projs = (load_linear(layer, f"self_attn.{p}", dtype) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        return GptOssAttention(cfg, layer_idx, *projs, sinks=load_array(layer["self_attn.sinks"], dtype))
+
+    def build_moe(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], layer_idx: int, *, moe_backend: str,
+                  dtype) -> nnx.Module:
         e = "mlp.experts."
-        experts = Experts(_arr(layer[e + "gate_up_proj"], dtype), _arr(layer[e + "down_proj"], dtype),
-                          _arr(layer[e + "gate_up_proj_bias"], dtype), _arr(layer[e + "down_proj_bias"], dtype),
-                          activation=cfg.activation, swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha,
-                          backend=moe_backend)
-        router = Router(_arr(layer["mlp.router.weight"], dtype), _arr(layer["mlp.router.bias"], dtype))
-        self.mlp = MoEBlock(router, experts, cfg.routing)
-
-    def __call__(self, h_BSH, cos, sin, mask) -> tuple[jax.Array, jax.Array]:
-        h_BSH = h_BSH + self.self_attn(self.input_layernorm(h_BSH), cos, sin, mask)
-        x_BSH = self.post_attention_layernorm(h_BSH)
-        B, S, H = x_BSH.shape
-        y_TH, router_logits_TE = self.mlp(x_BSH.reshape(B * S, H))
-        return h_BSH + y_TH.reshape(B, S, H), router_logits_TE
-
-
-class GptOssForCausalLM(LayerCheckpointing, nnx.Module):
-    """gpt-oss with split LoRA; build with `jax_impl.load_model` (or from canonical tensors directly)."""
-
-    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
-                 moe_backend: str = "auto"):
-        if cfg.family != "gpt_oss":
-            raise ValueError(f"GptOssForCausalLM needs a gpt_oss config, got {cfg.family}")
-        self.config = cfg
-        self.lora_config = None
-        self.dtype = jnp.dtype(dtype)
-        self.embed_tokens = Frozen(_arr(tensors["embed_tokens.weight"], dtype))
-        self.rotary_emb = RotaryEmbedding(cfg)
-        # one layer's tensors at a time (CheckpointTensors.layer reads lazily), so host memory holds one layer
-        layer_of = tensors.layer if hasattr(tensors, "layer") else (
-            lambda l: {k[len(f"layers.{l}."):]: v for k, v in tensors.items() if k.startswith(f"layers.{l}.")})
-        self.layers = nnx.List([GptOssDecoderLayer(cfg, layer_of(l), l, dtype=dtype, moe_backend=moe_backend)
-                                for l in range(cfg.num_hidden_layers)])
-        self.norm = GptOssRMSNorm(_arr(tensors["norm.weight"], dtype), cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else LoRALinear(_arr(tensors["lm_head.weight"], dtype))
-        # HF's output_router_logits (default False) decides whether aux_loss exists at all
-        self.output_router_logits = bool(cfg.hf_config.get("output_router_logits", False))
-
-    def __call__(self, input_ids: jax.Array, labels: jax.Array | None = None,
-                 position_ids: jax.Array | None = None, *, attention_mask: jax.Array | None = None
-                 ) -> CausalLMOutput:
-        """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None
-        (0..S-1, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks
-        the attention of full and sliding layers and the aux loss's router statistics; the loss is masked by
-        labels = -100 only, as HF's, so padded positions need labels -100."""
-        position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
-        attention_mask = prepare_attention_mask(input_ids, attention_mask)
-        h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
-        cos, sin = self.rotary_emb(position_ids, self.dtype)
-        # causal within documents, over real tokens; sliding windows applied per layer
-        mask = causal_mask(position_ids, attention_mask)[:, None]
-        router_logits = []
-        for layer in self.layers:
-            h_BSH, logits_TE = self._run_layer(layer, h_BSH, cos, sin, mask)
-            router_logits.append(logits_TE)
-        return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, router_logits, self.config,
-                         self.output_router_logits, attention_mask)
+        experts = Experts(load_array(layer[e + "gate_up_proj"], dtype), load_array(layer[e + "down_proj"], dtype),
+                          load_array(layer[e + "gate_up_proj_bias"], dtype),
+                          load_array(layer[e + "down_proj_bias"], dtype), activation=cfg.activation,
+                          swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha, backend=moe_backend)
+        router = Router(load_array(layer["mlp.router.weight"], dtype), load_array(layer["mlp.router.bias"], dtype))
+        return MoEBlock(router, experts, cfg.routing)

@@ -35,9 +35,10 @@ _F32 = jnp.float32
 
 
 class LayerCheckpointing:
-    """Mixin of the family models, as torch_impl's: with `gradient_checkpointing_enable()` each decoder layer keeps
-    only its inputs for the backward and recomputes its forward there (`jax.checkpoint`). JAX has no training flag:
-    rematerialisation only changes what differentiation saves, so a forward without gradients is unaffected."""
+    """Mixin of the models (`models.decoder.CausalLM`), as torch_impl's: with `gradient_checkpointing_enable()`
+    each decoder layer keeps only its inputs for the backward and recomputes its forward there (`jax.checkpoint`).
+    JAX has no training flag: rematerialisation only changes what differentiation saves, so a forward without
+    gradients is unaffected."""
 
     gradient_checkpointing: bool = False
 

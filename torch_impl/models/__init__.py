@@ -1,1 +1,1 @@
-"""Model families (one file each) and the layers they share."""
+"""Model families (one file each) on one decoder skeleton (`decoder.py`), and the layers they share (`layers.py`)."""

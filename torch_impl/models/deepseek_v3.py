@@ -3,11 +3,13 @@
 Shape legend: B batch · S sequence · T = B·S tokens · H hidden · N heads · Dn qk_nope_head_dim · Dr qk_rope_head_dim ·
 Dv v_head_dim · C kv_lora_rank · E experts · K experts per token · V vocab.
 
-Both families share HF's code: MLA attention (`MLAttention`), sigmoid group-limited routing with an fp32 router and
-`e_score_correction_bias`, a shared SwiGLU expert added to the routed output, and dense first layers
-(`first_k_dense_replace` for DeepSeek-V3, `mlp_layer_types` for GLM-4.7-Flash; both in `ModelConfig.moe_layers`).
-`DeepseekV3DecoderLayer` also serves GLM-4.x (`glm4_moe.py`), which swaps MLA for GQA attention. No aux loss: HF
-has none for these families. Module paths equal the canonical tensor names (docs/CONTRACTS.md).
+Both families share HF's code, on the decoder of `models.decoder`: MLA attention (`MLAttention`, the
+`build_attention` hook), sigmoid group-limited routing with an fp32 router and `e_score_correction_bias` and a shared
+SwiGLU expert added to the routed output (`build_moe`), and dense first layers (`first_k_dense_replace` for
+DeepSeek-V3, `mlp_layer_types` for GLM-4.7-Flash; both in `ModelConfig.moe_layers`, which the decoder follows). The
+RoPE tables cover the rope part of each head only (`cfg.rotary_dim`). `DeepseekV3ForCausalLM` also serves GLM-4.x
+(`glm4_moe.py`), which swaps MLA for GQA attention. No aux loss: HF has none for these families
+(`cfg.has_aux_loss` is false). Module paths equal the canonical tensor names (docs/CONTRACTS.md).
 """
 
 from __future__ import annotations
@@ -17,22 +19,8 @@ from torch import nn
 
 from shared_math.config import ModelConfig
 from shared_math.rope import mla_softmax_scale
-from torch_impl.models.layers import (
-    Attention,
-    CausalLMOutput,
-    DenseMLP,
-    LayerCheckpointing,
-    Linear,
-    RMSNorm,
-    RotaryEmbedding,
-    apply_rotary,
-    apply_rotary_interleave,
-    causal_mask,
-    lm_output,
-    prepare_attention_mask,
-    prepare_position_ids,
-    sdpa_attention,
-)
+from torch_impl.models.decoder import CausalLM
+from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, apply_rotary_interleave, sdpa_attention
 from torch_impl.moe import MoEBlock
 
 # HF builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not config.rms_norm_eps (GLM-4.7-Flash's
@@ -87,70 +75,23 @@ class MLAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, S, N * Dv))
 
 
-class DeepseekV3DecoderLayer(nn.Module):
-    """x + attn(norm(x)), then h + mlp(norm(h)); attn is MLA (or GQA for GLM-4.x), mlp an MoEBlock with a shared
-    expert or a DenseMLP of width `intermediate_size`."""
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, moe_backend: str = "auto", dtype=None,
-                 device=None) -> None:
-        super().__init__()
-        kw = dict(dtype=dtype, device=device)
-        self.self_attn = MLAttention(cfg, **kw) if cfg.attention == "mla" else Attention(cfg, **kw)
-        self.is_moe = cfg.moe_layers[layer_idx]
-        if self.is_moe:
-            self.mlp = MoEBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.routing, backend=moe_backend,
-                                shared_intermediate_size=cfg.shared_intermediate_size, **kw)
-        else:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h)[0] if self.is_moe else self.mlp(h))
-
-
-class DeepseekV3ForCausalLM(LayerCheckpointing, nn.Module):
-    """The whole model.
-    `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True, *, attention_mask=None)
-    -> CausalLMOutput` (aux_loss is always None: HF has no load-balancing loss for these families). Parameters are
-    created uninitialised (`torch_impl.load.load_model` fills them); `lm_head` is None with tied embeddings."""
+class DeepseekV3ForCausalLM(CausalLM):
+    """DeepSeek-V3: `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True, *,
+    attention_mask=None) -> CausalLMOutput` (`models.decoder.CausalLM`; aux_loss is always None: HF has no
+    load-balancing loss for these families). MLA attention (GQA for GLM-4.x configs), the MoE block with a shared
+    expert; dense layers of width `intermediate_size` where `cfg.moe_layers` says so."""
 
     family = "deepseek_v3"
 
-    def __init__(self, cfg: ModelConfig, *, moe_backend: str = "auto", dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        if cfg.family != self.family:
-            raise ValueError(f"{type(self).__name__} needs a {self.family} config, got {cfg.family}")
-        kw = dict(dtype=dtype, device=device)
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DeepseekV3DecoderLayer(cfg, l, moe_backend=moe_backend, **kw)
-                                    for l in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, **kw)
-        self.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
+    def build_attention(self, cfg: ModelConfig, layer_idx: int, *, dtype=None, device=None) -> nn.Module:
+        if cfg.attention == "mla":
+            return MLAttention(cfg, dtype=dtype, device=device)
+        return super().build_attention(cfg, layer_idx, dtype=dtype, device=device)  # GLM-4.x: GQA
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, return_logits: bool = True, *,
-                attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
-        """input_ids [B, S] -> CausalLMOutput. position_ids [B, S] (restarting at 0 per packed document; 0..S-1 when
-        None, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks the
-        attention (`causal_mask`); the loss is masked by labels = -100 only, as HF's."""
-        position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
-        attention_mask = prepare_attention_mask(input_ids, attention_mask)
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(x, position_ids)
-        mask = causal_mask(position_ids, attention_mask)
-        for layer in self.layers:
-            x = self._run_layer(layer, x, cos, sin, mask)
-        # DeepSeek-V3 and GLM define no load-balancing loss in HF (their routers carry a bias instead)
-        return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, [], self.config, False,
-                         return_logits)
+    def build_moe(self, cfg: ModelConfig, layer_idx: int, *, moe_backend: str, dtype=None,
+                  device=None) -> nn.Module:
+        return MoEBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.routing, backend=moe_backend,
+                        shared_intermediate_size=cfg.shared_intermediate_size, dtype=dtype, device=device)
 
 
 class Glm4MoeLiteForCausalLM(DeepseekV3ForCausalLM):

@@ -3,8 +3,8 @@
 HF's Glm4Moe is DeepSeek-V3's MoE (sigmoid group-limited routing with an fp32 router and `e_score_correction_bias`,
 a shared expert, dense first `first_k_dense_replace` layers) on GQA attention: q/k/v biases when `attention_bias`
 (o_proj never has one), per-head q/k RMSNorm when `use_qk_norm`, and NeoX RoPE over the first
-`head_dim · partial_rotary_factor` dims. So the model is `DeepseekV3ForCausalLM`, whose decoder layer picks
-`layers.Attention` for GQA configs.
+`head_dim · partial_rotary_factor` dims (`cfg.rotary_dim`). So the model is `DeepseekV3ForCausalLM`, whose
+`build_attention` hook gives GQA configs the decoder's default `layers.Attention`.
 """
 
 from __future__ import annotations

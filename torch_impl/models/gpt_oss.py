@@ -3,12 +3,13 @@
 Shape legend: B batch · S sequence · T = B·S tokens · H hidden · N query heads · Nkv kv heads · D head_dim ·
 E experts · K experts per token · V vocab. Module paths equal the canonical tensor names (docs/CONTRACTS.md).
 
-What differs from Qwen3-MoE (hf-moe-formats.md §2):
-- attention: q/k/v/o biases, no q/k norm, a learned logit per head (`sinks [N]`) that joins every softmax row and
-  is then dropped, and per-layer `layer_types`: "sliding_attention" layers see keys with
-  `q_idx - window < kv_idx <= q_idx` (the window includes self), "full_attention" layers are causal;
+The decoder is `models.decoder`'s; this file supplies what differs from Qwen3-MoE (hf-moe-formats.md §2):
+- attention (`GptOssAttention`, built per layer index): q/k/v/o biases, no q/k norm, a learned logit per head
+  (`sinks [N]`) that joins every softmax row and is then dropped, and per-layer `layer_types`: "sliding_attention"
+  layers see keys with `q_idx - window < kv_idx <= q_idx` (the window includes self), "full_attention" layers are
+  causal;
 - RoPE: YaRN, whose attention factor multiplies cos and sin (`RotaryEmbedding` with the config's rope_scaling);
-- RMSNorm: `(weight · x_normed_f32).to(dtype)`, the product in fp32 (`GptOssRMSNorm`);
+- RMSNorm: `(weight · x_normed_f32).to(dtype)`, the product in fp32 (`GptOssRMSNorm`, the decoder's `norm_class`);
 - MoE: router with bias, top-K on the logits and softmax over the K; experts with biases and the clamped SwiGLU
   (`activation="swiglu_oai"`), through the same backends as every family;
 - aux loss: HF's load_balancing_loss_func on the full router logits (with bias), only when `output_router_logits`.
@@ -28,18 +29,8 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from shared_math.config import ModelConfig
-from torch_impl.models.layers import (
-    CausalLMOutput,
-    LayerCheckpointing,
-    Linear,
-    RMSNorm,
-    RotaryEmbedding,
-    apply_rotary,
-    causal_mask,
-    lm_output,
-    prepare_attention_mask,
-    prepare_position_ids,
-)
+from torch_impl.models.decoder import CausalLM
+from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, causal_mask
 from torch_impl.moe import MoEBlock
 
 # extra q/k coordinates that carry the sink logit; 8 keeps D + 8 a multiple of 8 for the fused SDPA kernels
@@ -166,70 +157,19 @@ class GptOssAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
-class GptOssDecoderLayer(nn.Module):
-    """x + attn(norm(x)), then h + moe(norm(h))."""
+class GptOssForCausalLM(CausalLM):
+    """gpt-oss: `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True, *,
+    attention_mask=None) -> CausalLMOutput` (`models.decoder.CausalLM`): its attention (sinks, the layer's sliding
+    window), its MoE block and `GptOssRMSNorm` on the shared decoder."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, moe_backend: str = "auto", dtype=None,
-                 device=None) -> None:
-        super().__init__()
-        kw = dict(dtype=dtype, device=device)
-        self.self_attn = GptOssAttention(cfg, layer_idx, **kw)
-        self.mlp = MoEBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.routing, router_bias=cfg.router_bias,
-                            expert_bias=cfg.expert_bias, activation=cfg.activation, swiglu_limit=cfg.swiglu_limit,
-                            swiglu_alpha=cfg.swiglu_alpha, backend=moe_backend, **kw)
-        self.input_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.post_attention_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    family = "gpt_oss"
+    norm_class = GptOssRMSNorm
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (hidden [B, S, H], router_logits [T, E])."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        out, logits = self.mlp(self.post_attention_layernorm(x))
-        return x + out, logits
+    def build_attention(self, cfg: ModelConfig, layer_idx: int, *, dtype=None, device=None) -> nn.Module:
+        return GptOssAttention(cfg, layer_idx, dtype=dtype, device=device)
 
-
-class GptOssForCausalLM(LayerCheckpointing, nn.Module):
-    """The whole model.
-    `forward(input_ids [B, S], labels=None, position_ids=None, return_logits=True, *, attention_mask=None)
-    -> CausalLMOutput`.
-
-    Parameters are created uninitialised (`torch_impl.load.load_model` fills them). With tied embeddings
-    `lm_head` is None and the logits use `embed_tokens.weight`ᵀ.
-    """
-
-    def __init__(self, cfg: ModelConfig, *, moe_backend: str = "auto", dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        if cfg.family != "gpt_oss":
-            raise ValueError(f"GptOssForCausalLM needs a gpt_oss config, got {cfg.family}")
-        kw = dict(dtype=dtype, device=device)
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(GptOssDecoderLayer(cfg, l, moe_backend=moe_backend, **kw)
-                                    for l in range(cfg.num_hidden_layers))
-        self.norm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, **kw)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
-        # HF's GptOssConfig.output_router_logits (default False) decides whether aux_loss exists at all
-        self.output_router_logits = bool(cfg.hf_config.get("output_router_logits", False))
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, return_logits: bool = True, *,
-                attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
-        """input_ids [B, S] -> CausalLMOutput. position_ids [B, S] (restarting at 0 per packed document; 0..S-1 when
-        None, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks the
-        attention of full and sliding layers and the aux loss's router statistics; the loss is masked by
-        labels = -100 only, as HF's, so padded positions need labels -100."""
-        position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
-        attention_mask = prepare_attention_mask(input_ids, attention_mask)
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(x, position_ids)
-        # None unless packed or padded; sliding windows are applied per layer
-        mask = causal_mask(position_ids, attention_mask)
-        router_logits = []
-        for layer in self.layers:
-            x, logits = self._run_layer(layer, x, cos, sin, mask)
-            router_logits.append(logits)
-        return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, router_logits, self.config,
-                         self.output_router_logits, return_logits, attention_mask)
+    def build_moe(self, cfg: ModelConfig, layer_idx: int, *, moe_backend: str, dtype=None,
+                  device=None) -> nn.Module:
+        return MoEBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.routing, router_bias=cfg.router_bias,
+                        expert_bias=cfg.expert_bias, activation=cfg.activation, swiglu_limit=cfg.swiglu_limit,
+                        swiglu_alpha=cfg.swiglu_alpha, backend=moe_backend, dtype=dtype, device=device)

@@ -40,9 +40,10 @@ from shared_math.rope import rope_inv_freq
 
 
 class LayerCheckpointing:
-    """Mixin of the family models: with `gradient_checkpointing_enable()` (HF's name) each decoder layer keeps only
-    its input for the backward and recomputes its forward there (non-reentrant `torch.utils.checkpoint`), trading
-    one more forward for the layer activations; only while training with grad enabled, as HF does.
+    """Mixin of the models (`models.decoder.CausalLM`): with `gradient_checkpointing_enable()` (HF's name) each
+    decoder layer keeps only its input for the backward and recomputes its forward there (non-reentrant
+    `torch.utils.checkpoint`), trading one more forward for the layer activations; only while training with grad
+    enabled, as HF does.
 
     `gradient_checkpointing_enable(offload_to_cpu=True)` moves even the kept layer inputs to pinned host memory
     (`offloaded_checkpoint`; what Unsloth calls gradient offloading): at 128K tokens a Qwen3-30B-A3B layer input is

@@ -1,0 +1,190 @@
+"""The decoder skeleton every family shares, in Flax NNX: one `DecoderLayer` and one causal-LM shell (`CausalLM`),
+mirroring torch_impl/models/decoder.py (same names, hooks and argument order; the JAX side builds from canonical
+tensors, so every builder also takes the layer's tensors `layer`, keyed without the `layers.{l}.` prefix).
+
+Shape legend: B batch · S sequence · T = B·S tokens · H hidden · E experts · V vocab.
+
+`DecoderLayer`: `h + self_attn(input_layernorm(h))`, then `h + mlp(post_attention_layernorm(h))`, for whatever
+attention module, MLP / MoE module and norm class the family gives it; returns (hidden, router logits or None).
+
+`CausalLM`: embedding -> rotary tables -> attention mask (`layers.causal_mask`: packed documents, padding; always
+materialised [B, S, S]) -> the decoder layers (each through `LayerCheckpointing._run_layer`, `jax.checkpoint` per
+layer when enabled) collecting router logits -> final norm -> `layers.lm_output` (logits, loss, aux loss). A family
+subclasses it and supplies only what differs, through these hooks:
+
+- `family`: the `ModelConfig.family` it builds; `check_config(cfg)`: that, and what else the family refuses;
+- `build_attention(cfg, layer, layer_idx, ...)`: its attention module (default: `layers.Attention`, GQA with q/k
+  norm when `cfg.use_qk_norm`; gpt-oss's sinks and per-layer sliding window, MLA live in the family's module);
+- `build_moe(cfg, layer, layer_idx, ...)`: its `MoEBlock` variant (router, experts, shared experts); `build_mlp`
+  picks it or a dense `DenseMLP` per layer from `cfg.moe_layers`;
+- `norm_class`: the RMSNorm rounding of its decoder norms and final norm.
+
+What the config already says needs no hook: partial RoPE and MLA's rotary width (`cfg.rotary_dim`), tied embeddings
+(`lm_head` is None), and whether HF defines the load-balancing loss (`cfg.has_aux_loss`; then it is computed when
+config.json sets `output_router_logits`, HF's default false). Unlike torch_impl, `lm_output` has no
+`return_logits` yet (jax_impl's loss without logits is `jax_impl.loss`); when it gains one, `__call__` here is
+where it goes.
+
+Module paths are the canonical tensor names (`embed_tokens`, `layers[l].self_attn.*`, `layers[l].mlp.*`,
+`layers[l].input_layernorm`, `layers[l].post_attention_layernorm`, `norm`, `lm_head`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_impl.lora import Frozen, LoRALinear
+from jax_impl.models.layers import (
+    Attention,
+    CausalLMOutput,
+    DenseMLP,
+    LayerCheckpointing,
+    RMSNorm,
+    RotaryEmbedding,
+    causal_mask,
+    lm_output,
+    prepare_attention_mask,
+    prepare_position_ids,
+)
+from shared_math.config import ModelConfig
+
+
+def load_array(t: np.ndarray, dtype) -> jax.Array:
+    """A canonical (numpy, possibly lazily read) tensor as a jax array of `dtype`."""
+    return jnp.asarray(np.asarray(t), dtype=dtype)
+
+
+def load_linear(layer: Mapping[str, np.ndarray], name: str, dtype) -> LoRALinear:
+    """`name.weight` [in, out] (and `name.bias` when the checkpoint has one) as a frozen `LoRALinear`."""
+    bias = layer.get(name + ".bias")
+    return LoRALinear(load_array(layer[name + ".weight"], dtype), None if bias is None else load_array(bias, dtype))
+
+
+def load_norm(layer: Mapping[str, np.ndarray], name: str, eps: float, dtype,
+              norm_class: type[RMSNorm] = RMSNorm) -> RMSNorm:
+    """`name.weight` as a `norm_class` (RMSNorm or a family's rounding of it)."""
+    return norm_class(load_array(layer[name + ".weight"], dtype), eps)
+
+
+def load_dense_mlp(layer: Mapping[str, np.ndarray], prefix: str, dtype) -> DenseMLP:
+    """The SwiGLU MLP `prefix.{gate,up,down}_proj` (a dense layer's `mlp`, DeepSeek's `mlp.shared_experts`)."""
+    return DenseMLP(*(load_linear(layer, f"{prefix}.{p}", dtype) for p in ("gate_proj", "up_proj", "down_proj")))
+
+
+class DecoderLayer(nnx.Module):
+    """h + self_attn(input_layernorm(h)), then h + mlp(post_attention_layernorm(h)).
+
+    `self_attn(x, cos, sin, mask_BSS) -> [B, S, H]` is the family's attention; `mlp` an `MoEBlock` (on [T, H],
+    returning `(y_TH, router_logits_TE)`) where `cfg.moe_layers[layer_idx]`, else a dense MLP; both norms are
+    `norm_class`, read from `layer`. Router logits are returned only where the family has an aux loss
+    (`cfg.has_aux_loss`), as torch_impl's twin."""
+
+    def __init__(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], layer_idx: int, self_attn: nnx.Module,
+                 mlp: nnx.Module, *, norm_class: type[RMSNorm] = RMSNorm, dtype):
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = load_norm(layer, "input_layernorm", eps, dtype, norm_class)
+        self.post_attention_layernorm = load_norm(layer, "post_attention_layernorm", eps, dtype, norm_class)
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.is_moe = bool(cfg.moe_layers[layer_idx])
+        self.returns_router_logits = self.is_moe and cfg.has_aux_loss
+
+    def __call__(self, h_BSH, cos, sin, mask_BSS) -> tuple[jax.Array, jax.Array | None]:
+        """-> (hidden [B, S, H], router_logits [T, E], or None for a dense layer or a family without aux loss)."""
+        h_BSH = h_BSH + self.self_attn(self.input_layernorm(h_BSH), cos, sin, mask_BSS)
+        x_BSH = self.post_attention_layernorm(h_BSH)
+        if not self.is_moe:
+            return h_BSH + self.mlp(x_BSH), None
+        B, S, H = x_BSH.shape
+        y_TH, router_logits_TE = self.mlp(x_BSH.reshape(B * S, H))
+        return h_BSH + y_TH.reshape(B, S, H), router_logits_TE if self.returns_router_logits else None
+
+
+class CausalLM(LayerCheckpointing, nnx.Module):
+    """The whole model (subclassed per family, see the module docstring for the hooks); build with
+    `jax_impl.load_model` (or from canonical tensors directly).
+    `__call__(input_ids [B, S], labels=None, position_ids=None, *, attention_mask=None) -> CausalLMOutput`.
+
+    With tied embeddings `lm_head` is None and the logits use `embed_tokens`ᵀ. `output_router_logits` (HF's config
+    field, default False, and only for families with an aux loss) decides whether `aux_loss` is computed at all."""
+
+    family: str = ""  # the ModelConfig.family this class builds
+    norm_class: type[RMSNorm] = RMSNorm
+
+    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
+                 moe_backend: str = "auto"):
+        self.check_config(cfg)
+        self.config = cfg
+        self.lora_config = None
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = Frozen(load_array(tensors["embed_tokens.weight"], dtype))
+        self.rotary_emb = RotaryEmbedding(cfg)
+        # one layer's tensors at a time (CheckpointTensors.layer reads lazily), so host memory holds one layer
+        layer_of = tensors.layer if hasattr(tensors, "layer") else (
+            lambda l: {k[len(f"layers.{l}."):]: v for k, v in tensors.items() if k.startswith(f"layers.{l}.")})
+        self.layers = nnx.List([self.decoder_layer(cfg, layer_of(l), l, moe_backend=moe_backend, dtype=dtype)
+                                for l in range(cfg.num_hidden_layers)])
+        self.norm = load_norm(tensors, "norm", cfg.rms_norm_eps, dtype, self.norm_class)
+        self.lm_head = None if cfg.tie_word_embeddings else LoRALinear(load_array(tensors["lm_head.weight"], dtype))
+        self.output_router_logits = cfg.has_aux_loss and bool(cfg.hf_config.get("output_router_logits", False))
+
+    # ---- hooks ---------------------------------------------------------------------------------------------------
+    def check_config(self, cfg: ModelConfig) -> None:
+        """Raise for a config this class cannot build (another family; families add what they refuse)."""
+        if cfg.family != self.family:
+            raise ValueError(f"{type(self).__name__} needs a {self.family} config, got {cfg.family}")
+
+    def build_attention(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], layer_idx: int, *,
+                        dtype) -> nnx.Module:
+        """Layer `layer_idx`'s attention, called as `(x [B, S, H], cos, sin, mask_BSS) -> [B, S, H]`."""
+        norms = {}
+        if cfg.use_qk_norm:
+            norms = dict(q_norm=load_norm(layer, "self_attn.q_norm", cfg.rms_norm_eps, dtype),
+                         k_norm=load_norm(layer, "self_attn.k_norm", cfg.rms_norm_eps, dtype))
+        return Attention(cfg, *(load_linear(layer, f"self_attn.{p}", dtype)
+                                for p in ("q_proj", "k_proj", "v_proj", "o_proj")), **norms)
+
+    def build_moe(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], layer_idx: int, *, moe_backend: str,
+                  dtype) -> nnx.Module:
+        """Layer `layer_idx`'s `MoEBlock` (the family's router and experts)."""
+        raise NotImplementedError(f"{type(self).__name__} must define build_moe")
+
+    def build_mlp(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], layer_idx: int, *, moe_backend: str,
+                  dtype) -> nnx.Module:
+        """The MoE block where `cfg.moe_layers[layer_idx]`, else the dense SwiGLU MLP `mlp.{gate,up,down}_proj`."""
+        if cfg.moe_layers[layer_idx]:
+            return self.build_moe(cfg, layer, layer_idx, moe_backend=moe_backend, dtype=dtype)
+        return load_dense_mlp(layer, "mlp", dtype)
+
+    def decoder_layer(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], layer_idx: int, *,
+                      moe_backend: str, dtype) -> DecoderLayer:
+        self_attn = self.build_attention(cfg, layer, layer_idx, dtype=dtype)
+        mlp = self.build_mlp(cfg, layer, layer_idx, moe_backend=moe_backend, dtype=dtype)
+        return DecoderLayer(cfg, layer, layer_idx, self_attn, mlp, norm_class=self.norm_class, dtype=dtype)
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def __call__(self, input_ids: jax.Array, labels: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, *, attention_mask: jax.Array | None = None
+                 ) -> CausalLMOutput:
+        """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None
+        (0..S-1, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks
+        the attention of every layer, full and sliding (`causal_mask`), and the aux loss's router statistics; the
+        loss is masked by labels = -100 only, as HF's, so padded positions need labels -100."""
+        position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
+        attention_mask = prepare_attention_mask(input_ids, attention_mask)
+        h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
+        cos, sin = self.rotary_emb(position_ids, self.dtype)
+        # causal within documents, over real tokens; a sliding window is the attention module's (gpt-oss)
+        mask_BSS = causal_mask(position_ids, attention_mask)
+        router_logits = []
+        for layer in self.layers:
+            h_BSH, logits_TE = self._run_layer(layer, h_BSH, cos, sin, mask_BSS)
+            if logits_TE is not None:
+                router_logits.append(logits_TE)
+        return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, router_logits, self.config,
+                         self.output_router_logits, attention_mask)
