@@ -10,11 +10,12 @@ only in the forward/backward and the optimizer call:
   `check_params_finite` (an update made the LoRA tensors non-finite) raise TrainingDiverged before anything is saved;
   `check_optim_range` refuses a learning rate whose AdamW step cannot be represented in float32.
 - Checkpoints: `write_checkpoint_atomic` writes a step folder into a temporary folder, records every file's size
-  and SHA-256 in meta.json, fsyncs every file and the folder, then renames it into place (rename is atomic on
-  POSIX), so a crash or kill during a save leaves the previous checkpoint untouched; `latest_checkpoint`,
-  `verify_checkpoint` (meta.json readable, every file as recorded), `check_resume` (verifies, and refuses a folder
-  made by a different config). `run_training` resumes from the newest intact checkpoint, skipping damaged ones with
-  a message. Checkpoints hold no pickles: the trainers write safetensors / npz without object arrays, plus JSON.
+  and SHA-256 in meta.json (files in sub-folders too, by relative path: jax's orbax state is a folder tree), fsyncs
+  every file and folder, then renames it into place (rename is atomic on POSIX), so a crash or kill during a save
+  leaves the previous checkpoint untouched; `latest_checkpoint`, `verify_checkpoint` (meta.json readable, every file
+  as recorded), `check_resume` (verifies, and refuses a folder made by a different config). `run_training` resumes
+  from the newest intact checkpoint, skipping damaged ones with a message. Checkpoints hold no pickles: torch writes
+  safetensors + JSON, jax orbax's OCDBT / zarr + JSON (and reads an older npz without object arrays).
 - `MetricsLog` (JSONL), `Progress` (stderr bar: loss, tokens/s, memory), `plot_run` / `plot_compare` (PNG, Agg).
 """
 
@@ -245,10 +246,12 @@ def write_checkpoint_atomic(out_dir: Path, step: int, meta: dict[str, Any], writ
                             *, keep: int = 2) -> Path:
     """Write checkpoint `step` under `<out_dir>/checkpoints/` so that it appears complete or not at all.
 
-    `write_files(tmp)` writes the framework's files into a temporary folder; then meta.json is written (last, so a
-    folder with meta.json is complete) with every file's size and SHA-256 under "files" (checked by
-    `verify_checkpoint` before a resume), every file and the folder are fsynced, the folder is renamed to
-    `step_XXXXXXXX` and the parent fsynced. Older checkpoints beyond `keep` are removed only after that.
+    `write_files(tmp)` writes the framework's files into a temporary folder (sub-folders allowed; it must return
+    only once they are complete); then meta.json is written (last, so a folder with meta.json is complete) with every
+    file's size and SHA-256 under "files", keyed by its path relative to the step folder (checked by
+    `verify_checkpoint` before a resume); every file, then every folder from the deepest up, is fsynced (a file's
+    directory entry is durable only once its folder is), the folder is renamed to `step_XXXXXXXX` and the parent
+    fsynced. Older checkpoints beyond `keep` are removed only after that.
     """
     root = out_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -258,10 +261,14 @@ def write_checkpoint_atomic(out_dir: Path, step: int, meta: dict[str, Any], writ
         shutil.rmtree(tmp)
     tmp.mkdir()
     write_files(tmp)
-    meta = {**meta, "files": {f.name: _file_record(f) for f in sorted(tmp.iterdir()) if f.name != META}}
+    files, folders = _tree(tmp)
+    files = [f for f in files if f != tmp / META]
+    meta = {**meta, "files": {f.relative_to(tmp).as_posix(): _file_record(f) for f in files}}
     (tmp / META).write_text(json.dumps(meta, indent=1))
-    for f in tmp.iterdir():
+    for f in [*files, tmp / META]:
         _fsync_path(f)
+    for d in sorted(folders, key=lambda d: len(d.parts), reverse=True):
+        _fsync_path(d)
     _fsync_path(tmp)
     if final.exists():  # a re-save of the same step (e.g. after resume): replace it as a whole
         shutil.rmtree(final)
@@ -270,6 +277,17 @@ def write_checkpoint_atomic(out_dir: Path, step: int, meta: dict[str, Any], writ
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def _tree(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files, sub-folders) under `folder` at any depth, sorted; symbolic links are refused (ValueError): a
+    checkpoint holds its own bytes, and a link could point anywhere."""
+    files, folders = [], []
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            raise ValueError(f"{p} is a symbolic link: a checkpoint must hold only files and folders")
+        (folders if p.is_dir() else files).append(p)
+    return files, folders
 
 
 def _file_record(path: Path) -> dict[str, Any]:
@@ -313,9 +331,11 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
     if not isinstance(files, dict):
         raise CheckpointDamaged(f"{ckpt / META} is corrupt: 'files' is not a mapping of file records")
     for name, rec in files.items():
-        path = ckpt / name
-        if Path(name).name != name or not isinstance(rec, dict):
+        if not _is_relative_file_name(name) or not isinstance(rec, dict):
             raise CheckpointDamaged(f"{ckpt / META} is corrupt: bad file record {name!r}: {rec!r}")
+        path = ckpt.joinpath(*name.split("/"))
+        if any(p.is_symlink() for p in (path, *path.parents[:name.count("/")])):
+            raise CheckpointDamaged(f"{path} is a symbolic link, not the file that was written")
         if not path.is_file():
             raise CheckpointDamaged(f"{path} is missing")
         size = path.stat().st_size
@@ -325,6 +345,13 @@ def verify_checkpoint(ckpt: Path) -> dict[str, Any]:
         if _file_record(path)["sha256"] != rec.get("sha256"):
             raise CheckpointDamaged(f"{path} does not match the SHA-256 recorded at save time (corrupt)")
     return meta
+
+
+def _is_relative_file_name(name: Any) -> bool:
+    """A manifest key as write_checkpoint_atomic writes it: a relative POSIX path inside the step folder (no empty,
+    '.' or '..' component, no backslash), so a tampered meta.json cannot point the check outside the folder."""
+    return (isinstance(name, str) and bool(name) and "\\" not in name and "\0" not in name
+            and all(part not in ("", ".", "..") for part in name.split("/")))
 
 
 def clean_partial_checkpoints(out_dir: Path) -> None:

@@ -75,11 +75,27 @@ def _ckpt(run: Path, step: int) -> Path:
 
 
 def _rewrite_manifest(ckpt: Path) -> None:
-    """What an attacker with write access to the run folder can do: make meta.json's file records match."""
+    """What an attacker with write access to the run folder can do: make meta.json's file records match (every file
+    at any depth, by its path relative to the step folder, as the trainers record jax's orbax state/ tree)."""
     meta = json.loads((ckpt / "meta.json").read_text())
-    meta["files"] = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                     for p in ckpt.iterdir() if p.name != "meta.json"}
+    meta["files"] = {p.relative_to(ckpt).as_posix(): {"bytes": p.stat().st_size,
+                                                      "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+                     for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != "meta.json"}
     (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def _state_file(fw, ckpt: Path) -> Path:
+    """The file of a checkpoint's training state to damage: torch's state.safetensors; for jax the largest file of
+    its orbax state/ folder (the array data)."""
+    if fw.FRAMEWORK == "torch":
+        return ckpt / fw.STATE_FILE
+    return max((p for p in (ckpt / fw.STATE_DIR).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _unreadable(fw, ckpt: Path, state: Path) -> str:
+    """How the loader refuses a damaged state that no manifest caught: torch cannot read the file; jax never lets
+    orbax read a state whose meta.json records no files (tests/jax/test_orbax_state.py covers orbax's own errors)."""
+    return f"{state} cannot be read" if fw.FRAMEWORK == "torch" else f"{ckpt / 'meta.json'} records no files"
 
 
 class _Payload:
@@ -111,6 +127,7 @@ def _assert_resumed_from_step_2(fw, res, base_losses, run: Path, skipped: str, c
     assert skipped in res.skipped_checkpoints[0]
     err = capsys.readouterr().err
     assert f"{fw.FRAMEWORK} warning: skipped damaged checkpoint step_00000004" in err and skipped in err
+    assert "Traceback" not in err and "Exception ignored" not in err  # the loader's failure is one message
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "skipped_checkpoint" in r] == [2]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
@@ -125,7 +142,12 @@ def test_resume_never_unpickles_a_planted_state(fw, base_run, model_dir, tmp_pat
 
     run, marker = _copy(base_run, tmp_path), tmp_path / "pwned"
     newest = _ckpt(run, 4)
-    _plant_pickle(fw, newest / fw.STATE_FILE, marker)
+    if fw.FRAMEWORK == "jax":  # orbax's formats hold no pickle: plant one in the legacy state.npz it falls back to
+        shutil.rmtree(newest / fw.STATE_DIR)
+        planted = newest / fw.LEGACY_STATE_FILE
+    else:
+        planted = newest / fw.STATE_FILE
+    _plant_pickle(fw, planted, marker)
     _rewrite_manifest(newest)  # so the loader itself, not the checksum, has to refuse it
     if fw.FRAMEWORK == "torch":
         import torch
@@ -134,7 +156,7 @@ def test_resume_never_unpickles_a_planted_state(fw, base_run, model_dir, tmp_pat
         monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("resume called torch.load"))
     res = fw.train(_cfg(fw, model_dir, run), resume=True, progress=False)
     assert not marker.exists()
-    _assert_resumed_from_step_2(fw, res, base_run[1], run, f"{newest / fw.STATE_FILE} cannot be read", capsys)
+    _assert_resumed_from_step_2(fw, res, base_run[1], run, f"{planted} cannot be read", capsys)
 
 
 @pytest.mark.parametrize("fw", ["torch"], indirect=True)  # state.pt is torch's old format
@@ -158,7 +180,7 @@ def test_torch_refuses_an_old_pickled_state_pt(fw, base_run, model_dir, tmp_path
 def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(fw, base_run, model_dir, tmp_path, capsys, damage):
     run = _copy(base_run, tmp_path)
     newest = _ckpt(run, 4)
-    state, meta = newest / fw.STATE_FILE, newest / "meta.json"
+    state, meta = _state_file(fw, newest), newest / "meta.json"
     if damage == "meta_json":
         meta.write_text('{"step": 4, "framework": ')  # cut short mid-write by a broken disk
         skipped = f"{meta} is corrupt or unreadable"
@@ -170,7 +192,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(fw, base_run,
             m = json.loads(meta.read_text())
             del m["files"]
             meta.write_text(json.dumps(m))
-            skipped = f"{state} cannot be read"
+            skipped = _unreadable(fw, newest, state)
     res = fw.train(_cfg(fw, model_dir, run), resume=True, progress=False)
     _assert_resumed_from_step_2(fw, res, base_run[1], run, skipped, capsys)
     assert (res.adapter_dir / "adapter_config.json").is_file()
@@ -183,7 +205,7 @@ def test_no_intact_checkpoint_left_is_one_clear_error(fw, base_run, model_dir, t
     from splitmoe.cli import main
 
     run = _copy(base_run, tmp_path)
-    state = _ckpt(run, 4) / fw.STATE_FILE
+    state = _state_file(fw, _ckpt(run, 4))
     state.write_bytes(state.read_bytes()[:100])
     (_ckpt(run, 2) / "meta.json").write_bytes(b"\x00\xff not json")
     with pytest.raises(CheckpointDamaged, match="every checkpoint") as e:
@@ -195,6 +217,34 @@ def test_no_intact_checkpoint_left_is_one_clear_error(fw, base_run, model_dir, t
                  f"model.path={model_dir}", *TINY, *BASE]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("splitmoe train: error: cannot resume: every checkpoint") and "\n" not in err
+
+
+def test_manifest_records_stay_inside_the_checkpoint_folder(tmp_path):
+    """meta.json records files in sub-folders by relative path (jax's orbax state/ tree); a tampered record that
+    points outside the step folder, or through a symbolic link, is damage, never a file to read."""
+    from shared_math.training import verify_checkpoint
+
+    ckpt, outside = tmp_path / "step_00000001", tmp_path / "outside"
+    (ckpt / "state" / "d").mkdir(parents=True)
+    for f in (ckpt / "state" / "d" / "x", outside):
+        f.write_bytes(b"abc")
+    rec = {"bytes": 3, "sha256": hashlib.sha256(b"abc").hexdigest()}
+
+    def manifest(name: str) -> None:
+        (ckpt / "meta.json").write_text(json.dumps({"step": 1, "files": {name: rec}}))
+
+    manifest("state/d/x")
+    assert verify_checkpoint(ckpt)["step"] == 1
+    for bad in ["../outside", "/abs/x", "state/../../outside", "state//d/x", "./state/d/x", "state\\d\\x", ""]:
+        manifest(bad)
+        with pytest.raises(CheckpointDamaged, match="bad file record"):
+            verify_checkpoint(ckpt)
+    (ckpt / "link").symlink_to(outside)
+    (ckpt / "state" / "up").symlink_to(tmp_path, target_is_directory=True)
+    for linked in ["link", "state/up/outside"]:
+        manifest(linked)
+        with pytest.raises(CheckpointDamaged, match="is a symbolic link"):
+            verify_checkpoint(ckpt)
 
 
 # ---- 3. errors before any work, one line and exit 2 -----------------------------------------------------------------

@@ -81,7 +81,8 @@ def test_kill_during_save_keeps_last_checkpoint_and_resume_equals_uninterrupted(
         if step == 4:  # write the real files into the temporary folder, damage one, then "die" before the rename
             def partial(tmp):
                 write_files(tmp)
-                victim = next(p for p in tmp.iterdir())
+                # the largest file at any depth: torch's state.safetensors, an array chunk of jax's orbax state/
+                victim = max((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
                 victim.write_bytes(victim.read_bytes()[:10])
                 raise Killed
             return real(out_dir, step, meta, partial, **kw)
