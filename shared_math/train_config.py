@@ -10,6 +10,8 @@ known ones.
     optim:  AdamW (lr, betas, eps, weight_decay), warmup + cosine to min_lr_ratio·lr, max_grad_norm
     train:  steps (optimizer steps), grad_accum, seed (LoRA init), eval_every, save_every, log_every,
             max_new_tokens (greedy decoding for exact-match), keep_checkpoints, threads, out_dir
+    parallel: data, fsdp, expert: how many devices each mesh axis spans (defaults 1; their product is the number of
+            devices). torch runs it under torchrun (one process per device), JAX over its visible devices.
     framework: torch | jax
 
 `trajectory_dict(cfg)` is the part of a config that determines the sequence of losses; resuming from a folder whose
@@ -87,12 +89,38 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class ParallelSection:
+    """The device mesh, the same keys in both frameworks: `data` replicas (each its own rows), `fsdp` shards of the
+    frozen weights, LoRA tensors and optimizer state (each its own rows too), `expert` ranks that each hold E/expert
+    routed experts (tokens reach them by all-to-all). data·fsdp·expert devices in all; the global batch
+    (`data.batch_size`) is split over all of them."""
+
+    data: int = 1
+    fsdp: int = 1
+    expert: int = 1
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.fsdp * self.expert
+
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the rows of a micro-batch are split: every device takes its own rows (the expert axis also
+        holds rows; its ranks differ in which experts they keep)."""
+        return self.devices
+
+    def describe(self) -> str:
+        return f"data={self.data},fsdp={self.fsdp},expert={self.expert}"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=16, alpha=32.0))
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     framework: Literal["torch", "jax"] = "torch"
 
     def __post_init__(self) -> None:
@@ -102,7 +130,10 @@ class RunConfig:
 # Keys that do not change the loss sequence: a run may be resumed with other values for them.
 NON_TRAJECTORY_KEYS = frozenset({"train.eval_every", "train.save_every", "train.log_every", "train.out_dir",
                                  "train.max_new_tokens", "train.eval_batch_size", "train.keep_checkpoints",
-                                 "train.threads", "data.eval_path", "data.synthetic.num_eval"})
+                                 "train.threads", "data.eval_path", "data.synthetic.num_eval",
+                                 # the mesh changes how a step is computed, not what: a run saved on N devices resumes
+                                 # on M (equal to fp32 reduction-order tolerance, tests/*/test_parallel*.py)
+                                 "parallel.data", "parallel.fsdp", "parallel.expert"})
 
 
 def _validate(cfg: RunConfig) -> None:
@@ -129,6 +160,14 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("model: set path (a HF checkpoint folder) or tiny (a configs/models/*.yaml preset)")
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise ConfigError("data.source is jsonl but data.path is not set")
+    par = cfg.parallel
+    for k in ("data", "fsdp", "expert"):
+        if getattr(par, k) < 1:
+            raise ConfigError(f"parallel.{k} must be >= 1, got {getattr(par, k)} (1 means the axis is not split)")
+    if cfg.data.batch_size % par.batch_shards:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split over the {par.batch_shards} devices "
+                          f"of parallel ({par.describe()}): every device takes batch_size / devices rows; set "
+                          f"data.batch_size to a multiple of {par.batch_shards}")
 
 
 # ---- dict <-> dataclasses --------------------------------------------------------------------------------------------
@@ -305,6 +344,6 @@ def resolve_path(p: str | Path) -> Path:
     return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
 
 
-__all__ = ["ConfigError", "DataSection", "ModelSection", "OptimSection", "RunConfig", "TrainSection",
-           "apply_overrides", "diff_configs", "from_dict", "load_run_config", "to_dict", "trajectory_dict",
-           "with_overrides"]
+__all__ = ["ConfigError", "DataSection", "ModelSection", "OptimSection", "ParallelSection", "RunConfig",
+           "TrainSection", "apply_overrides", "diff_configs", "from_dict", "load_run_config", "to_dict",
+           "trajectory_dict", "with_overrides"]

@@ -52,6 +52,8 @@ def test_defaults_are_the_shipped_default_job():
     ("data.synthetic.tasks=[sort]", "unknown synthetic task"),
     ("steps", "is not key=value"),
     ("data.source=jsonl", "data.path is not set"),
+    ("parallel.fsdp=0", r"parallel.fsdp must be >= 1, got 0 \(1 means the axis is not split\)"),
+    ("parallel.expert=3", r"data.batch_size=32 does not split over the 3 devices .*multiple of 3"),
 ])
 def test_bad_overrides_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -72,6 +74,15 @@ def test_trajectory_ignores_logging_keys():
     c = with_overrides(a, "optim.lr=1e-4")
     assert trajectory_dict(a) == trajectory_dict(b)
     assert diff_configs(trajectory_dict(a), trajectory_dict(c)) == ["optim.lr: 0.005 -> 0.0001"]
+
+
+def test_parallel_section_counts_devices_and_leaves_the_trajectory_alone():
+    cfg = load_run_config(None, ["parallel.fsdp=2", "parallel.expert=2", "parallel.data=2"])
+    assert cfg.parallel.devices == 8 and cfg.parallel.describe() == "data=2,fsdp=2,expert=2"
+    # a run saved on 8 devices resumes on 1: the mesh changes how a step is computed, not the losses it gives
+    assert diff_configs(trajectory_dict(cfg), trajectory_dict(RunConfig())) == []
+    # a run folder written before the section existed loads with the single-device defaults
+    assert load_run_config(None, []).parallel.devices == 1
 
 
 def test_lr_schedule_warmup_and_cosine():
