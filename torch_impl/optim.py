@@ -1,0 +1,118 @@
+"""AdamW applied inside the backward pass: each trainable tensor is updated the moment its gradient is complete, and
+the gradient is freed at once, so a step never holds the gradients of all LoRA tensors together.
+
+Why: at r=64 on attention and both expert tensors, Qwen3-30B-A3B has 2.5 G fp32 LoRA parameters; their gradients
+are 10 GB that the usual `loss.backward(); opt.step()` keeps alive at the end of backward, on top of the activations.
+Here the peak holds one tensor's gradient (plus those autograd has not finished). The update is torch's own AdamW
+(one optimizer per tensor, the same `fused` / foreach choice), so it equals `torch.optim.AdamW` over all tensors
+element for element (tests/torch/test_optim_in_backward.py checks bit equality).
+
+What it cannot do: clip by the global gradient norm (the norm is known only after every tensor was updated) and
+accumulate micro-batches (each backward would update). `check_in_backward` refuses both. The pre-update global norm
+is still measured: each hook adds its tensor's squared norm into a device scalar (no host sync), read with
+`grad_norm()` after backward for logging and the divergence check.
+
+Mechanism: `Tensor.register_post_accumulate_grad_hook` (torch >= 2.2), which fires when autograd has written a leaf's
+`.grad` for this backward, also inside reentrant activation checkpointing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["AdamWInBackward", "check_in_backward"]
+
+
+def check_in_backward(max_grad_norm: float, grad_accum: int) -> None:
+    """Raise ValueError when an in-backward optimizer cannot give the configured update."""
+    problems = []
+    if max_grad_norm > 0:
+        problems.append(f"optim.max_grad_norm={max_grad_norm} clips by the global norm, known only after backward "
+                        "(set optim.max_grad_norm=0)")
+    if grad_accum > 1:
+        problems.append(f"train.grad_accum={grad_accum} sums micro-batches before one update (set train.grad_accum=1 "
+                        "and a larger data.batch_size)")
+    if problems:
+        raise ValueError("optim.in_backward updates each tensor during backward, so it cannot run with "
+                         + "; ".join(problems) + ", or set optim.in_backward=false")
+
+
+class AdamWInBackward:
+    """`torch.optim.AdamW` over `params`, stepped per tensor from a post-accumulate-grad hook.
+
+    Call `set_lr(lr)` before the backward of a step; after it, `grad_norm()` is the pre-update global L2 norm of the
+    gradients (a 0-d fp32 device tensor; resets the accumulator). `state_dict()` / `load_state_dict()` use the layout
+    of one `torch.optim.AdamW(params)`, so checkpoints move between the two. `remove()` detaches the hooks.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, fused: bool | None = None) -> None:
+        self.params = list(params)
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise ValueError("a parameter is listed twice; each tensor gets one optimizer")
+        self.defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+        self._opts = [torch.optim.AdamW([p], **self.defaults) for p in self.params]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._sq: torch.Tensor | None = None
+        self._handles = [p.register_post_accumulate_grad_hook(self._step_one) for p in self.params]
+
+    def _step_one(self, p: torch.Tensor) -> None:
+        # the norm before the update, accumulated on the device: no .item() in backward
+        sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
+        self._sq = sq if self._sq is None else self._sq + sq
+        self._opts[self._index[id(p)]].step()
+        p.grad = None  # the point of it all: the gradient dies here
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self._opts:
+            for g in opt.param_groups:
+                g["lr"] = lr
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradients seen since the last call (0 when there were none)."""
+        sq, self._sq = self._sq, None
+        if sq is None:
+            return torch.zeros((), dtype=torch.float32, device=self.params[0].device if self.params else None)
+        return sq.sqrt()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """For drop-in use: gradients never outlive their hook, but a failed step may leave the accumulator."""
+        self._sq = None
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of one AdamW over all `params` (param ids 0..n-1, one param group)."""
+        state = {}
+        for i, opt in enumerate(self._opts):
+            s = opt.state_dict()["state"]
+            if 0 in s:
+                state[i] = s[0]
+        group = dict(self._opts[0].state_dict()["param_groups"][0]) if self._opts else dict(self.defaults)
+        group["params"] = list(range(len(self.params)))
+        return {"state": state, "param_groups": [group]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Load a state written by `state_dict()` or by `torch.optim.AdamW(params).state_dict()`."""
+        groups = sd["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
+            raise ValueError(f"optimizer state holds {sum(len(g['params']) for g in groups)} tensors in "
+                             f"{len(groups)} groups; this optimizer has {len(self.params)} tensors in one group")
+        ids = groups[0]["params"]
+        for pid, opt in zip(ids, self._opts):
+            group = {k: v for k, v in groups[0].items() if k != "params"} | {"params": [0]}
+            opt.load_state_dict({"state": {0: sd["state"][pid]} if pid in sd["state"] else {},
+                                 "param_groups": [group]})
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The per-tensor groups (read-only view; use set_lr to change the learning rate)."""
+        return [g for opt in self._opts for g in opt.param_groups]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
