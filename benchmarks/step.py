@@ -132,21 +132,39 @@ def build_hf(hf: dict, device: str, attn: str, lora: LoraConfig, grad_ckpt: bool
     return pm, lambda ids: pm(input_ids=ids, labels=ids, use_cache=False).loss
 
 
-def make_adamw(params: list[torch.nn.Parameter], impl: str) -> torch.optim.Optimizer:
-    """torch_impl: torch's fused AdamW on CUDA (one kernel over all LoRA tensors, what its Trainer uses); the others:
-    AdamW as their users construct it (torch's default, foreach)."""
+def make_adamw(params: list[torch.nn.Parameter], impl: str, in_backward: bool = False):
+    """torch_impl: torch's fused AdamW on CUDA (one kernel over all LoRA tensors, what its Trainer uses), or with
+    `in_backward` the same AdamW stepped per tensor inside backward (torch_impl.optim: no step ever holds all LoRA
+    gradients); the others: AdamW as their users construct it (torch's default, foreach)."""
     fused = impl == "torch_impl" and params[0].is_cuda
+    if in_backward and impl == "torch_impl":
+        from torch_impl.optim import AdamWInBackward
+
+        return AdamWInBackward(params, lr=1e-4, fused=fused or None)
     return torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
 
 
+def _release(opt) -> None:
+    """An in-backward optimizer's hooks must not outlive its measurement (the next one registers its own)."""
+    if hasattr(opt, "remove"):
+        opt.remove()
+
+
 def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters: int, graph_ctx=None,
-            impl: str = "torch_impl") -> dict:
+            impl: str = "torch_impl", in_backward: bool = False) -> dict:
     """Median step time and peak memory. `graph_ctx` (a context factory, see graph_context): forward + backward
     captured once in a CUDA graph (torch_impl.cuda_graph.GraphedLoss, its own warm-up included) and replayed per
     step; AdamW runs eagerly after it in both modes. `first_step_s`: the first call's seconds (compilation,
     autotuning and allocation included), what a user waits for before the first loss."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_adamw(params, impl)
+    opt = make_adamw(params, impl, in_backward)
+    try:
+        return _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx)
+    finally:
+        _release(opt)
+
+
+def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx) -> dict:
     ids = torch.randint(0, vocab, (1, S), device=device)
     cuda = device.startswith("cuda")
     if graph_ctx is not None:
@@ -194,15 +212,23 @@ def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters:
                 lora_params=sum(p.numel() for p in params), **memory)
 
 
-def profile_step(model, loss_fn, S: int, vocab: int, device: str, path: Path, impl: str = "torch_impl") -> None:
+def profile_step(model, loss_fn, S: int, vocab: int, device: str, path: Path, impl: str = "torch_impl",
+                 in_backward: bool = False) -> None:
     """One more step (after `measure` warmed everything up) under torch.profiler; writes the op tables sorted by
     device time and by host time, with the step's wall time and busy device time, to `path` (where does a step's
     time go: kernels, or the host issuing them)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_adamw(params, impl, in_backward)
+    try:
+        _profile(opt, loss_fn, S, vocab, device, path)
+    finally:
+        _release(opt)
+
+
+def _profile(opt, loss_fn, S: int, vocab: int, device: str, path: Path) -> None:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_adamw(params, impl)
     ids = torch.randint(0, vocab, (1, S), device=device)
     cuda = device.startswith("cuda")
     for _ in range(2):  # the optimizer's state, then a steady step
@@ -313,7 +339,8 @@ def _error_text(e: BaseException) -> str:
 def _try_step(model, loss_fn, S: int, vocab: int, a: argparse.Namespace, impl: str, ctx) -> dict:
     """One row's measurement; a failure becomes the row's `error` (the memory it held is released first)."""
     try:
-        return measure(model, loss_fn, S, vocab, a.device, a.warmup, a.iters, ctx, impl=impl)
+        return measure(model, loss_fn, S, vocab, a.device, a.warmup, a.iters, ctx, impl=impl,
+                       in_backward=a.optim_in_backward)
     except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError) as e:
         return dict(step_ms=None, peak_gib=None, error=_error_text(e))
     finally:
@@ -365,6 +392,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="keep every layer's activations (default: activation checkpointing per decoder layer)")
     p.add_argument("--compile", action="store_true", help="torch_impl: torch.compile each decoder layer")
+    p.add_argument("--optim-in-backward", action="store_true",
+                   help="torch_impl: AdamW stepped per tensor inside backward (torch_impl.optim), gradients freed "
+                        "at once")
     p.add_argument("--offload", action="store_true",
                    help="torch_impl: keep the checkpointed layer inputs in pinned host memory (long context)")
     p.add_argument("--max-context", action="store_true", help="find the longest S that trains, per implementation")
@@ -411,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, offload=a.offload and impl == "torch_impl",
                 compile=a.compile and impl == "torch_impl",
                 cuda_graph=a.cuda_graph and impl == "torch_impl",
+                optim_in_backward=a.optim_in_backward and impl == "torch_impl",
                 backend=a.backend if impl == "torch_impl" else None,
                 hf_attn=a.hf_attn if impl == "hf_peft" else None, **versions())
     max_seq = a.max_seq if a.max_context else max(a.seqs)
@@ -435,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         emit({**base, "mode": "build", "seq": None, "step_ms": None, "peak_gib": None, "error": _error_text(e)})
         return 1
     ctx = graph_context(impl) if base["cuda_graph"] else None
+    if ctx is not None and base["optim_in_backward"]:
+        raise SystemExit("--optim-in-backward with --cuda-graph: the per-tensor updates would be captured into the "
+                         "graph with their learning rate frozen; time them separately")
     if ctx is not None and a.max_context:
         raise SystemExit("--max-context with --cuda-graph: a graph is captured per shape; time the lengths instead")
     if a.max_context:
@@ -457,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         emit({**base, "mode": "step", "seq": S, **_try_step(model, loss_fn, S, vocab, a, impl, ctx)})
     if a.profile:
         name = f"step_{a.family}_{a.preset}_L{hf['num_hidden_layers']}_{impl}_S{a.seqs[0]}.txt"
-        profile_step(model, loss_fn, a.seqs[0], vocab, a.device, a.profile / name, impl)
+        profile_step(model, loss_fn, a.seqs[0], vocab, a.device, a.profile / name, impl, a.optim_in_backward)
     return 0
 
 

@@ -78,6 +78,10 @@ class AdamWInBackward:
             return torch.zeros((), dtype=torch.float32, device=self.params[0].device if self.params else None)
         return sq.sqrt()
 
+    def step(self) -> None:
+        """Nothing left to do: backward updated every tensor that got a gradient. There for drop-in use in a loop
+        written for `torch.optim.AdamW` (`backward(); opt.step(); opt.zero_grad()`)."""
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """For drop-in use: gradients never outlive their hook, but a failed step may leave the accumulator."""
         self._sq = None

@@ -62,3 +62,31 @@ def test_a_row_that_cannot_build_is_recorded(tmp_path):
                  "--out", str(out)]) == 1
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["impl"] == "unsloth" and row["step_ms"] is None and "unsloth-wheels.sh" in row["error"]
+
+
+def test_in_backward_optimizer_rows_leave_no_hooks_behind(tmp_path):
+    """--optim-in-backward: each measurement registers its per-tensor hooks and removes them, so the second length
+    (and the untimed first step) do not update the LoRA tensors twice per backward."""
+    torch = pytest.importorskip("torch")
+    import benchmarks.step as step
+
+    built = {}
+    real_build = step.build_ours
+
+    def build_and_keep(*args, **kwargs):
+        built["model"], loss_fn = real_build(*args, **kwargs)
+        return built["model"], loss_fn
+
+    out = tmp_path / "rows.jsonl"
+    step.build_ours = build_and_keep
+    try:
+        assert step.main(["--family", "qwen3_moe", "--preset", "tiny", "--device", "cpu", "--seq", "16,24",
+                          "--iters", "1", "--warmup", "1", "--impls", "torch_impl", "--optim-in-backward",
+                          "--out", str(out)]) == 0
+    finally:
+        step.build_ours = real_build
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["seq"] for r in rows] == [16, 24] and all(r["optim_in_backward"] and r["step_ms"] > 0 for r in rows)
+    params = [p for p in built["model"].parameters() if p.requires_grad]
+    assert params and all(not p._post_accumulate_grad_hooks for p in params)
+    assert all(p.grad is None for p in params) and all(torch.isfinite(p).all() for p in params)
