@@ -19,16 +19,18 @@
 #                                             # then the JAX rows of all three backends
 #   bash benchmarks/gpu_session.sh mosaicblock # the T=16384 and gpt-oss T=65536 rows of the three Pallas backends
 #   bash benchmarks/gpu_session.sh wholestep  # the loss four ways (loss_bench.py), then Qwen3-30B-A3B (48 layers)
-#                                             # steps of torch_impl and Unsloth in one command (step.py); needs .whl
-#                                             # (shared/tools/unsloth-wheels.sh .whl, plus liger-kernel's wheel)
-#   bash benchmarks/gpu_session.sh longctx    # attention variants (attention_bench.py); gpt-oss-20b steps of
-#                                             # torch_impl and Unsloth; torch_impl's longest Qwen3-30B-A3B context
-#                                             # (step.py --max-context --offload)
+#                                             # steps of torch_impl (eager; AdamW in backward) and Unsloth in one
+#                                             # command (step.py); needs .whl (shared/tools/unsloth-wheels.sh .whl,
+#                                             # plus liger-kernel's wheel)
+#   bash benchmarks/gpu_session.sh wholestep2 # torch_impl --compile on Qwen3; gpt-oss-20b steps of torch_impl and
+#                                             # Unsloth; the fused-loss GPU tests; attention variants
+#   bash benchmarks/gpu_session.sh longctx    # torch_impl's longest Qwen3-30B-A3B and gpt-oss-20b contexts
+#                                             # (step.py --max-context --offload --optim-in-backward)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -46,26 +48,40 @@ wheels() {  # Unsloth's and Liger's wheels (carried in .whl) into /tmp/site, on 
     > "$R/wheels.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
 }
 case $PART in
-  wholestep)
+  wholestep)  # call 1 of 3 (2026-12-05, session 2): the loss four ways; Qwen3-30B-A3B (48 layers) at 4K and 16K:
+    # torch_impl eager (profiled), eager with AdamW in backward, and Unsloth, one process each
     wheels
-    timeout 75 python3 benchmarks/loss_bench.py --seq 4096,16384,65536 --out "$R/loss.jsonl" > "$R/loss.log" 2>&1
-    timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/torch/test_fused_loss.py > "$R/gpu_tests.log" 2>&1
+    timeout 60 python3 benchmarks/loss_bench.py --seq 4096,16384,65536 --out "$R/loss.jsonl" > "$R/loss.log" 2>&1
     timeout 150 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl \
       --profile "$R" --out "$R/step_qwen3.jsonl" > "$R/step_qwen3.log" 2>&1
-    timeout 270 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls unsloth \
+    timeout 110 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl --optim-in-backward \
+      --out "$R/step_qwen3.jsonl" >> "$R/step_qwen3.log" 2>&1
+    timeout 250 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls unsloth \
       --out "$R/step_qwen3.jsonl" >> "$R/step_qwen3.log" 2>&1
     grep -h "^{" "$R/loss.log" "$R/step_qwen3.log" | cut -c1-300 ;;
-  longctx)
+  wholestep2)  # call 2 of 3: torch_impl --compile on Qwen3; gpt-oss-20b torch_impl and Unsloth at 4K and 16K; the
+    # fused-loss GPU tests; attention variants
     wheels
-    timeout 80 python3 benchmarks/attention_bench.py --seq 4096,16384 --out "$R/attention.jsonl" \
-      > "$R/attention.log" 2>&1
-    timeout 120 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl \
-      --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
-    timeout 180 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls unsloth \
+    timeout 150 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl --compile \
+      --out "$R/step_qwen3.jsonl" > "$R/step_qwen3.log" 2>&1
+    timeout 110 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl \
+      --profile "$R" --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
+    timeout 170 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls unsloth \
       --out "$R/step_gpt_oss.jsonl" >> "$R/step_gpt_oss.log" 2>&1
-    timeout 180 python3 benchmarks/step.py --family qwen3_moe --seq 32768 --max-context --max-seq 131072 \
-      --context-step 16384 --offload --impls torch_impl --out "$R/maxctx_qwen3.jsonl" > "$R/maxctx_qwen3.log" 2>&1
-    grep -h "^{" "$R/attention.log" "$R/step_gpt_oss.log" "$R/maxctx_qwen3.log" | cut -c1-300 ;;
+    timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/torch/test_fused_loss.py \
+      tests/torch/test_optim_in_backward.py > "$R/gpu_tests.log" 2>&1
+    timeout 70 python3 benchmarks/attention_bench.py --seq 4096,16384 --out "$R/attention.jsonl" \
+      > "$R/attention.log" 2>&1
+    grep -h "^{" "$R/step_qwen3.log" "$R/step_gpt_oss.log" "$R/attention.log" | cut -c1-300 ;;
+  longctx)  # call 3 of 3: the longest Qwen3-30B-A3B and gpt-oss-20b contexts torch_impl trains (layer inputs
+    # offloaded, AdamW in backward)
+    timeout 330 python3 benchmarks/step.py --family qwen3_moe --seq 65536 --max-context --max-seq 262144 \
+      --context-step 16384 --offload --optim-in-backward --impls torch_impl --out "$R/maxctx.jsonl" \
+      > "$R/maxctx.log" 2>&1
+    timeout 230 python3 benchmarks/step.py --family gpt_oss --seq 65536 --max-context --max-seq 262144 \
+      --context-step 16384 --offload --optim-in-backward --impls torch_impl --out "$R/maxctx.jsonl" \
+      >> "$R/maxctx.log" 2>&1
+    grep -h "^{" "$R/maxctx.log" | cut -c1-300 ;;
   block)
     (export CUDA_VISIBLE_DEVICES=1
      timeout 170 python3 benchmarks/pallas_sweep.py --out "$R/pallas_sweep" --budget-s 150 --final-s 45 > "$R/pallas_sweep.log" 2>&1

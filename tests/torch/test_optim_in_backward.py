@@ -19,9 +19,9 @@ HYPER = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 LRS = (1e-2, 5e-3, 2e-3)  # a schedule: set_lr must reach every per-tensor optimizer
 
 
-def _model(path, seed, ckpt=None):
+def _model(path, seed, ckpt=None, **kw):
     model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS), moe_backend="grouped_mm",
-                       lora_seed=seed)
+                       lora_seed=seed, **kw)
     with torch.no_grad():
         for name, p in _lora_params(model).items():
             if "lora_B" in name:
@@ -44,12 +44,24 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("ckpt", [None, "recompute", "offload"])
 def test_equals_adamw_bit_for_bit(tiny, ckpt):
-    ref, ours = _model(tiny, 5), _model(tiny, 5, ckpt)
+    _check_equal(_model(tiny, 5), _model(tiny, 5, ckpt), fused=None, device="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ckpt", [None, "offload"])
+def test_equals_fused_adamw_on_cuda_bf16(tiny, ckpt):
+    """What the Trainer and bench step run on the H200: bf16 weights, fp32 LoRA, torch's fused AdamW kernel."""
+    kw = dict(dtype=torch.bfloat16, device="cuda")
+    _check_equal(_model(tiny, 5, **kw), _model(tiny, 5, ckpt, **kw), fused=True, device="cuda")
+
+
+def _check_equal(ref, ours, fused, device):
     ref_params = [p for p in ref.parameters() if p.requires_grad]
     our_params = [p for p in ours.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(ref_params, lr=LRS[0], **HYPER)
-    inb = AdamWInBackward(our_params, lr=LRS[0], **HYPER)
+    opt = torch.optim.AdamW(ref_params, lr=LRS[0], fused=fused, **HYPER)
+    inb = AdamWInBackward(our_params, lr=LRS[0], fused=fused, **HYPER)
     for lr, ids in zip(LRS, _batches(ref.config.vocab_size, len(LRS), 11)):
+        ids = ids.to(device)
         for g in opt.param_groups:
             g["lr"] = lr
         ref(ids, labels=ids).loss.backward()
