@@ -30,7 +30,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -59,20 +59,27 @@ case $PART in
     timeout 250 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls unsloth \
       --out "$R/step_qwen3.jsonl" >> "$R/step_qwen3.log" 2>&1
     grep -h "^{" "$R/loss.log" "$R/step_qwen3.log" | cut -c1-300 ;;
-  wholestep2)  # call 2 of 3: torch_impl --compile on Qwen3; gpt-oss-20b torch_impl and Unsloth at 4K and 16K; the
-    # fused-loss GPU tests; attention variants
+  wholestep2)  # call 2 of 3: Unsloth's Qwen3 rows (call 1's failed: build_unsloth's second _import_unsloth refused the transformers unsloth itself had imported); torch_impl --compile
+    # on Qwen3; gpt-oss-20b torch_impl at 4K and 16K
     wheels
-    timeout 150 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl --compile \
+    timeout 250 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls unsloth \
       --out "$R/step_qwen3.jsonl" > "$R/step_qwen3.log" 2>&1
+    timeout 150 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl --compile \
+      --out "$R/step_qwen3.jsonl" >> "$R/step_qwen3.log" 2>&1
     timeout 110 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl \
       --profile "$R" --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
+    grep -h "^{" "$R/step_qwen3.log" "$R/step_gpt_oss.log" | cut -c1-300 ;;
+  wholestep3)  # call 3: gpt-oss-20b Unsloth; the GPU tests of the loss and the in-backward optimizer; the longest
+    # Qwen3-30B-A3B context torch_impl trains (layer inputs offloaded, AdamW in backward)
+    wheels
     timeout 170 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls unsloth \
-      --out "$R/step_gpt_oss.jsonl" >> "$R/step_gpt_oss.log" 2>&1
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
     timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/torch/test_fused_loss.py \
       tests/torch/test_optim_in_backward.py > "$R/gpu_tests.log" 2>&1
-    timeout 70 python3 benchmarks/attention_bench.py --seq 4096,16384 --out "$R/attention.jsonl" \
-      > "$R/attention.log" 2>&1
-    grep -h "^{" "$R/step_qwen3.log" "$R/step_gpt_oss.log" "$R/attention.log" | cut -c1-300 ;;
+    timeout 300 python3 benchmarks/step.py --family qwen3_moe --seq 65536 --max-context --max-seq 262144 \
+      --context-step 16384 --offload --optim-in-backward --impls torch_impl --out "$R/maxctx.jsonl" \
+      > "$R/maxctx.log" 2>&1
+    tail -3 "$R/gpu_tests.log"; grep -h "^{" "$R/step_gpt_oss.log" "$R/maxctx.log" | cut -c1-300 ;;
   longctx)  # call 3 of 3: the longest Qwen3-30B-A3B and gpt-oss-20b contexts torch_impl trains (layer inputs
     # offloaded, AdamW in backward)
     timeout 330 python3 benchmarks/step.py --family qwen3_moe --seq 65536 --max-context --max-seq 262144 \

@@ -262,15 +262,20 @@ def _profile(opt, loss_fn, S: int, vocab: int, device: str, path: Path) -> None:
 
 # ---- Unsloth --------------------------------------------------------------------------------------------------
 
+UNSLOTH_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
+               "UNSLOTH_COMPILE_LOCATION": os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache"),
+               "TOKENIZERS_PARALLELISM": "false", "UNSLOTH_WARN_UNINITIALIZED": "0"}
+
+
 def _import_unsloth():
     """Import unsloth offline (before transformers: it patches it at import) with its telemetry and downloads off."""
-    for k, v in {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                 "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
-                 "UNSLOTH_COMPILE_LOCATION": os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache"),
-                 "TOKENIZERS_PARALLELISM": "false", "UNSLOTH_WARN_UNINITIALIZED": "0"}.items():
+    for k, v in UNSLOTH_ENV.items():
         os.environ.setdefault(k, v)
     import importlib.util
 
+    if "unsloth" in sys.modules:  # imported already (main() does it first; build_unsloth asks again)
+        return sys.modules["unsloth"]
     if importlib.util.find_spec("unsloth") is None:
         raise ImportError("No module named 'unsloth'")
     if "transformers" in sys.modules:
