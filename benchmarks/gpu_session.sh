@@ -59,8 +59,8 @@ case $PART in
     timeout 250 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls unsloth \
       --out "$R/step_qwen3.jsonl" >> "$R/step_qwen3.log" 2>&1
     grep -h "^{" "$R/loss.log" "$R/step_qwen3.log" | cut -c1-300 ;;
-  wholestep2)  # call 2 of 3: Unsloth's Qwen3 rows (call 1's failed: build_unsloth's second _import_unsloth refused the transformers unsloth itself had imported); torch_impl --compile
-    # on Qwen3; gpt-oss-20b torch_impl at 4K and 16K
+  wholestep2)  # call 2 of 3: Unsloth's Qwen3 rows (call 1's failed at build, fixed); torch_impl --compile on
+    # Qwen3; gpt-oss-20b torch_impl at 4K and 16K
     wheels
     timeout 250 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls unsloth \
       --out "$R/step_qwen3.jsonl" > "$R/step_qwen3.log" 2>&1

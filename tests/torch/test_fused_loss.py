@@ -10,6 +10,7 @@ materialised forward in fp32 (tied embeddings and the aux loss included), and no
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,13 @@ from shared_math.config import EXPERT_TARGETS, LoraConfig  # noqa: E402
 from shared_math.numerics import assert_close  # noqa: E402
 from shared_math.tiny import write_tiny_checkpoint  # noqa: E402
 from torch_impl import load_model  # noqa: E402
-from torch_impl.loss import default_chunk_rows, fused_linear_cross_entropy, shift_labels  # noqa: E402
+from torch_impl.loss import (  # noqa: E402
+    default_chunk_rows,
+    fused_linear_cross_entropy,
+    liger_available,
+    resolve_impl,
+    shift_labels,
+)
 
 
 def _reference(h, w, labels, weight_is_HV):
@@ -137,21 +144,76 @@ def test_model_loss_without_logits_equals_materialised(case, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["chunked", "liger"])
 @pytest.mark.parametrize("weight_is_HV", [True, False], ids=["lm_head", "tied"])
-def test_fused_loss_bf16_on_gpu_matches_materialised(weight_is_HV):
-    """A Qwen3-sized vocabulary in bf16 on the GPU, several chunks: loss and dh against the materialised path."""
+def test_fused_loss_bf16_on_gpu_matches_materialised(weight_is_HV, impl):
+    """A Qwen3-sized vocabulary in bf16 on the GPU, several chunks: loss and dh against the materialised path, for
+    the chunk loop and for Liger's kernel (what `auto` picks there)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    if impl == "liger" and not liger_available():
+        pytest.skip("liger-kernel is not installed")
     g = torch.Generator(device="cuda").manual_seed(0)
     S, H, V = 3000, 2048, 151_936
     h = (torch.randn(1, S, H, device="cuda", generator=g) * 2).to(torch.bfloat16).requires_grad_()
     w = (torch.randn(*((H, V) if weight_is_HV else (V, H)), device="cuda", generator=g) * 0.02).to(torch.bfloat16)
     labels = torch.randint(0, V, (1, S), device="cuda", generator=g)
     labels[:, :100] = -100
-    loss = fused_linear_cross_entropy(h, w, labels, weight_is_HV=weight_is_HV)
+    loss = fused_linear_cross_entropy(h, w, labels, weight_is_HV=weight_is_HV, impl=impl)
     (dh,) = torch.autograd.grad(loss, (h,))
     logits = (h @ w if weight_is_HV else h @ w.t()).float()
     ref = F.cross_entropy(logits.reshape(-1, V), shift_labels(labels).reshape(-1))
     (rdh,) = torch.autograd.grad(ref, (h,))
     assert_close(loss.detach(), ref.detach(), dtype="bfloat16", quantity="loss", name="loss")
     assert_close(dh.float(), rdh.float(), dtype="bfloat16", quantity="moe_grad", name="dh")
+
+
+# Liger's kernels on CPU run only in the Triton interpreter, which triton enables at a kernel's definition: a fresh
+# process with TRITON_INTERPRET=1 imports liger there (this process may have imported triton without it).
+_LIGER_CHECK = r"""
+import torch
+from torch_impl.loss import fused_linear_cross_entropy
+torch.manual_seed(0)
+out = []
+for weight_is_HV in (True, False):
+    B, S, H, V = 2, 23, 16, 97
+    h = torch.randn(B, S, H, requires_grad=True)
+    w = torch.randn(*((H, V) if weight_is_HV else (V, H))) * 0.3
+    labels = torch.randint(0, V, (B, S))
+    labels[0, 5:9] = -100
+    labels[1, :] = -100 if not weight_is_HV else labels[1, :]
+    l1 = fused_linear_cross_entropy(h, w, labels, weight_is_HV=weight_is_HV, impl="liger")
+    (g1,) = torch.autograd.grad(l1, (h,))
+    l2 = fused_linear_cross_entropy(h, w, labels, weight_is_HV=weight_is_HV, impl="chunked")
+    (g2,) = torch.autograd.grad(l2, (h,))
+    out.append((float(l1), float(l2), float((g1 - g2).abs().max()), float(g2.abs().max())))
+none = fused_linear_cross_entropy(torch.randn(1, 4, 16), torch.randn(16, 97), torch.full((1, 4), -100), impl="liger")
+print("RESULT", out, float(none))
+"""
+
+
+def test_liger_kernel_gives_the_chunk_loops_loss_and_gradient():
+    """impl='liger' (what `auto` picks on CUDA) against the chunk loop in fp32, in the Triton interpreter: HF's label
+    shift, ignored positions and a whole ignored row, both weight layouts, and NaN when nothing is labelled."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    if not liger_available():
+        pytest.skip("liger-kernel is not installed (the torch extra installs it)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    r = subprocess.run([sys.executable, "-c", _LIGER_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows, none = eval(r.stdout.split("RESULT", 1)[1].rsplit(" ", 1)[0]), r.stdout.rsplit(" ", 1)[1]
+    for l1, l2, gdiff, gmax in rows:
+        # fp32 on both sides; the sums run in other orders (Liger per kernel block, the loop per chunk): a few ulps
+        assert math.isclose(l1, l2, rel_tol=1e-6) and gdiff <= 1e-6 * gmax
+    assert none.strip() == "nan"
+
+
+def test_auto_picks_the_chunk_loop_off_cuda():
+    h = torch.zeros(2, 3)
+    assert resolve_impl("auto", h) == "chunked"
+    with pytest.raises(ValueError, match="one of auto, chunked, liger"):
+        resolve_impl("cce", h)
