@@ -11,6 +11,8 @@ Implementations (rows):
   torch_grouped_mm   torch_impl split LoRA, `grouped_mm` backend (torch._grouped_mm)
   torch_native       torch_impl split LoRA, per-expert loop
   torch_triton       torch_impl split LoRA, the project's Triton kernels (when that backend exists)
+  torch_triton_hopper the same Function with its four NN passes on the persistent TMA kernels (`triton_hopper`
+                     backend, torch_impl/kernels/hopper.py; sm_90+, opt-in)
   torch_triton_graph the same, forward + backward captured once in a CUDA graph (torch_impl.cuda_graph.GraphedLoss)
                      and replayed: no per-op host cost. Its loss is sum(y·dy), whose gradient is exactly dy; its
                      peak extra is the memory the graph holds (reserved across the capture) plus a replay's peak
@@ -22,8 +24,20 @@ Implementations (rows):
                      jax_impl's Pallas backends through their fused entry: every pass on Triton, the NN passes on
                      Mosaic GPU, or per pass the lowering the tuning tables measured faster (`auto`'s choice)
 
+Kernel rows (one GEMM launch chain timed alone, forward only; TFLOP/s from that launch's own FLOPs, next to the
+dense bf16 rate of the same run; no ratio against HF):
+  gemm_gate_up_grouped_mm   torch._grouped_mm (CUTLASS) on x rows already sorted by expert: x_sorted @ Wgu -> [M, 2I]
+  gemm_gate_up_hopper       the hopper kernel's base-only mode (no LoRA, no activation), x rows gathered in the load
+  gemm_gate_up_hopper_sorted the same on the pre-sorted rows (all loads by TMA): the same data as grouped_mm
+  gemm_gate_up_triton       the `triton` kernel's plain mode, rows gathered in the load
+  pass_{gate_up,down,dh,dx}_{triton,hopper}
+                            one NN pass of the split-LoRA Function as it runs there (LoRA z pre-pass included, the
+                            same config choice), on random operands of the real shapes; TFLOP/s of the base GEMM
+`--impls hopper_suite` expands to torch_triton, torch_triton_hopper, every gemm_* row and every pass_* row.
+
 Usage (on the GPU machine):
   python benchmarks/moe_block.py --cases qwen3_30b_T1024,qwen3_30b_T16384 --out benchmarks/results/moe_block.jsonl
+  python benchmarks/moe_block.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --impls hf_peft,hopper_suite
 Prints a markdown table (ratios against hf_peft from the same run) and writes JSONL rows; --plot writes a PNG.
 """
 
@@ -52,6 +66,18 @@ def base_flops(c: MoECase) -> float:
 def lora_flops(c: MoECase) -> float:
     """Split LoRA, both projections: forward 2·M·R·(in+out), backward 4·M·R·(in+out) (SPEC.md, cost)."""
     return 6.0 * c.M * c.R * ((c.H + 2 * c.I) + (c.I + c.H))
+
+
+PASSES = ("gate_up", "down", "dh", "dx")
+GEMM_IMPLS = tuple(f"gemm_gate_up_{k}" for k in ("grouped_mm", "triton", "hopper", "hopper_sorted"))
+PASS_IMPLS = tuple(f"pass_{p}_{k}" for p in PASSES for k in ("triton", "hopper"))
+IMPL_GROUPS = {"hopper_suite": ("torch_triton", "torch_triton_hopper") + GEMM_IMPLS + PASS_IMPLS}
+
+
+def pass_flops(c: MoECase, name: str) -> float:
+    """Base-GEMM FLOPs of one NN pass (or of the base-only gate_up GEMM, name "gate_up") on the M routed rows."""
+    width = {"gate_up": (c.H, 2 * c.I), "down": (c.I, c.H), "dh": (c.H, c.I), "dx": (2 * c.I, c.H)}[name]
+    return 2.0 * c.M * width[0] * width[1]
 
 
 def make_inputs(c: MoECase, seed: int = 0):
@@ -197,6 +223,125 @@ def _hf_peft_step(c: MoECase, inp: dict, experts_impl: str):
     return step
 
 
+def _sorted_inputs(c: MoECase, seed: int):
+    """(inputs, KernelSort) for the kernel rows: make_inputs plus the one expert sort every pass shares."""
+    from torch_impl.kernels.split_lora import KernelSort
+
+    inp = make_inputs(c, seed)
+    return inp, KernelSort.from_ids(inp["expert_ids"], c.E)
+
+
+def _tuned(nn, kind: str, key: tuple, srt, ref, launch):
+    """`launch(cfg, schedule)` bound to the config the Function would use for this pass (shipped table, or the
+    autotuner when SPLITMOE_TRITON_AUTOTUNE=1), as a no-argument step."""
+    from torch_impl.kernels import autotune
+    from torch_impl.kernels.split_lora import _bucket
+
+    cfg = autotune.get_config(nn.prefix + kind, (_bucket(srt.M),) + key, ref.dtype, ref.device,
+                              bench=lambda cf: launch(cf, nn.schedule(srt, cf["BLOCK_M"])),
+                              rows_per_expert=srt.M / srt.num_experts)
+    sched = nn.schedule(srt, cfg["BLOCK_M"])
+    return lambda: launch(cfg, sched)
+
+
+def gate_up_gemm_runner(c: MoECase, impl: str, seed: int = 0):
+    """A step computing the base gate_up GEMM x[token]@Wgu[e] -> [M, 2I] in expert-sorted row order with `impl`:
+    grouped_mm (torch._grouped_mm on pre-sorted rows), triton, hopper (rows gathered in the load) or hopper_sorted."""
+    import torch
+
+    from torch_impl.kernels.split_lora import _NN
+
+    inp, srt = _sorted_inputs(c, seed)
+    x, w = inp["x"].detach(), inp["w_gate_up"]
+    del inp
+    x_sorted = x.index_select(0, srt.token_M.long())  # outside the timed step: grouped_mm cannot gather
+    if impl == "grouped_mm":
+        gmm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+        offs = srt.offsets_E1[1:].contiguous()
+        return lambda: gmm(x_sorted, w, offs=offs)
+    if impl not in ("triton", "hopper", "hopper_sorted"):
+        raise ValueError(f"unknown gate_up GEMM impl {impl!r}")
+    nn = _NN("triton" if impl == "triton" else "hopper")
+    a, rows = (x_sorted, None) if impl == "hopper_sorted" else (x, srt.token_M)
+
+    def launch(cfg, sched):
+        out = torch.empty((c.M, 2 * c.I), device=x.device, dtype=x.dtype)
+        return nn.gemm(a, w, sched, srt.offsets_E1, n=2 * c.I, out=out, config=cfg, row_index=rows)
+
+    tag = "base_gu_sorted" if impl == "hopper_sorted" else "base_gu"
+    return _tuned(nn, "gemm", (tag, c.H, 2 * c.I), srt, x, launch)
+
+
+def pass_runner(c: MoECase, name: str, kernels: str, seed: int = 0):
+    """A step running one NN pass of `SplitLoraExpertsFunction` (torch_impl/kernels/split_lora.py) with the same
+    arguments, config key and LoRA z pre-pass, on random operands of the case's shapes (make_inputs' dtype and
+    device; LoRA r=c.R)."""
+    import torch
+
+    from torch_impl.kernels import grouped_gemm as gg
+    from torch_impl.kernels.split_lora import _NN, _t
+
+    inp, srt = _sorted_inputs(c, seed)
+    nn = _NN(kernels)
+    x, s = inp["x"].detach(), inp["scale"]
+    dev, bf, M, H, I, R = x.device, x.dtype, c.M, c.H, c.I, c.R
+    g = torch.Generator(device=dev).manual_seed(seed + 1)
+    act = gg.act_code(c.activation)
+    a1, a2 = (gg.reduction_major(inp[k].detach(), bf) for k in ("A1", "A2"))
+    b1, b2 = inp["B1"].detach().to(bf), inp["B2"].detach().to(bf)
+    b_gu, b_d = inp["biases"] if inp["biases"] is not None else (None, None)
+    w_sorted = inp["expert_weights"].reshape(-1)[srt.flat_M.long()].float()
+
+    def rows(n_cols):
+        return torch.randn(M, n_cols, generator=g, device=dev).to(bf)
+
+    if name == "gate_up":
+        def launch(cfg, sched):
+            h, gu, z1 = (torch.empty((M, n), device=dev, dtype=bf) for n in (I, 2 * I, R))
+            return nn.gemm(x, inp["w_gate_up"], sched, srt.offsets_E1, n=I, out=h, config=cfg, row_index=srt.token_M,
+                           lora_a_EDR=a1, z_MR=z1, store_z=True, lora_b_ERN=b1, lora_scale=s, bias_EN=b_gu,
+                           mode=gg.MODE_ACT_FWD, act=act, gu_M2I=gu, store_gu=True, limit=c.swiglu_limit)
+        return _tuned(nn, "gemm_act", ("gu", H, I, R, act), srt, x, launch)
+    if name == "down":
+        h = rows(I)
+
+        def launch(cfg, sched):
+            out, z2 = torch.empty((M, H), device=dev, dtype=bf), torch.empty((M, R), device=dev, dtype=bf)
+            return nn.gemm(h, inp["w_down"], sched, srt.offsets_E1, n=H, out=out, config=cfg, lora_a_EDR=a2, z_MR=z2,
+                           store_z=True, lora_b_ERN=b2, lora_scale=s, bias_EN=b_d, row_scale_M=w_sorted,
+                           out_rows_M=srt.flat_M)
+        return _tuned(nn, "gemm", ("down", I, H, R), srt, x, launch)
+    if name == "dh":
+        gu, dy = rows(2 * I), inp["dy"]
+
+        def launch(cfg, sched):
+            dgu, dz2 = torch.empty((M, 2 * I), device=dev, dtype=bf), torch.empty((M, R), device=dev, dtype=bf)
+            dots = torch.empty((M, gg.cdiv(I, cfg["BLOCK_N"])), device=dev, dtype=torch.float32)
+            return nn.gemm(dy, _t(inp["w_down"]), sched, srt.offsets_E1, n=I, out=dgu, config=cfg,
+                           row_index=srt.token_M, lora_a_EDR=_t(b2), z_MR=dz2, store_z=True, lora_b_ERN=_t(a2),
+                           z_scale=s, lora_scale=1.0, row_scale_M=w_sorted, mode=gg.MODE_ACT_BWD, act=act,
+                           gu_M2I=gu, dot_MT=dots, limit=c.swiglu_limit)
+        return _tuned(nn, "gemm", ("dh", H, I, R, act), srt, x, launch)
+    if name == "dx":
+        dgu = rows(2 * I)
+
+        def launch(cfg, sched):
+            dx, dz1 = torch.empty((M, H), device=dev, dtype=bf), torch.empty((M, R), device=dev, dtype=bf)
+            return nn.gemm(dgu, _t(inp["w_gate_up"]), sched, srt.offsets_E1, n=H, out=dx, config=cfg,
+                           lora_a_EDR=_t(b1), z_MR=dz1, store_z=True, lora_b_ERN=_t(a1), z_scale=s, lora_scale=1.0,
+                           out_rows_M=srt.flat_M)
+        return _tuned(nn, "gemm", ("dx", 2 * I, H, R), srt, x, launch)
+    raise ValueError(f"unknown pass {name!r}; expected one of {', '.join(PASSES)}")
+
+
+def _kernel_row(c: MoECase, impl: str):
+    """(step, base FLOPs) of a gemm_* or pass_* row."""
+    if impl in GEMM_IMPLS:
+        return gate_up_gemm_runner(c, impl.removeprefix("gemm_gate_up_")), pass_flops(c, "gate_up")
+    name, kernels = impl.removeprefix("pass_").rsplit("_", 1)
+    return pass_runner(c, name, kernels), pass_flops(c, name)
+
+
 def _jax_row(c: MoECase, backend: str) -> dict:
     """Run the JAX rows in their own process: JAX and torch must not share (or pre-grab) the GPU's memory."""
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
@@ -225,6 +370,12 @@ def run_case(c: MoECase, impls: list[str], *, iters: int) -> list[dict]:
                 row["error"] = "skipped: stock ragged_dot is dense on GPU and out of memory beyond T=4096"
             elif impl.startswith("jax_"):
                 row.update(_jax_row(c, impl.removeprefix("jax_")))
+            elif impl in GEMM_IMPLS or impl in PASS_IMPLS:
+                step, row["flops"] = _kernel_row(c, impl)
+                step()  # compile (and tune, when asked) outside the timed region
+                row["ms"] = time_cuda(step, warmup=3, iters=iters)
+                row["peak_extra_gib"] = peak_extra_bytes(step) / GiB
+                del step
             else:
                 inp = make_inputs(c)
                 held = 0
@@ -247,7 +398,10 @@ def run_case(c: MoECase, impls: list[str], *, iters: int) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - a failing row is reported, the sweep goes on
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         torch.cuda.empty_cache()
-        if "ms" in row:
+        if "ms" in row and "flops" in row:  # a kernel row: its own GEMM's FLOPs
+            row["tflops_base"] = row["flops"] / (row["ms"] * 1e-3) / 1e12
+            print(f"{row['ms']:9.3f} ms  {row['tflops_base']:6.1f} TFLOP/s (kernel)  +{row['peak_extra_gib']:.2f} GiB")
+        elif "ms" in row:
             row["tflops_base"] = base_flops(c) / (row["ms"] * 1e-3) / 1e12
             row["tflops_total"] = (base_flops(c) + lora_flops(c)) / (row["ms"] * 1e-3) / 1e12
             print(f"{row['ms']:9.3f} ms  {row['tflops_base']:6.1f} TFLOP/s  +{row['peak_extra_gib']:.2f} GiB")
@@ -256,7 +410,7 @@ def run_case(c: MoECase, impls: list[str], *, iters: int) -> list[dict]:
         rows.append(row)
     base = next((r for r in rows if r["impl"] == "hf_peft" and "ms" in r), None)
     for r in rows:
-        if base and "ms" in r:
+        if base and "ms" in r and "flops" not in r:
             r["speedup_vs_hf_peft"] = base["ms"] / r["ms"]
     return rows
 
@@ -314,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(line) for f in args.merge.split(",") for line in Path(f).read_text().splitlines() if line]
         base = {r["case"]: r["ms"] for r in rows if r["impl"] == "hf_peft" and "ms" in r}
         for r in rows:
-            if "ms" in r and r["case"] in base:
+            if "ms" in r and r["case"] in base and "flops" not in r:
                 r["speedup_vs_hf_peft"] = base[r["case"]] / r["ms"]
         order = {c.name: i for i, c in enumerate(CASES)}
         rows.sort(key=lambda r: (order.get(r["case"], 1e9), r["impl"] != "hf_peft"))
@@ -330,8 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     dense = dense_matmul_tflops()
     print(f"dense bf16 matmul: {dense:.0f} TFLOP/s")
     rows = []
+    impls = [i for name in args.impls.split(",") for i in IMPL_GROUPS.get(name, (name,))]
     for name in args.cases.split(","):
-        case_rows = run_case(get_case(name), args.impls.split(","), iters=args.iters)
+        case_rows = run_case(get_case(name), impls, iters=args.iters)
         for r in case_rows:
             r.update(meta, dense_tflops=dense)
         write_jsonl(args.out, case_rows)  # per case: a run cut short by a time limit keeps what it measured

@@ -11,8 +11,13 @@ processes that launch each candidate once and time nothing (SPLITMOE_TRITON_COMP
 cache; phase 2, in one process, only loads them and times.
 
     python benchmarks/triton_sweep.py --out OUT_DIR [--cases qwen3_30b_T1024,...] [--compile-procs 12]
+    python benchmarks/triton_sweep.py --backend triton_hopper --out OUT_DIR    # the Hopper kernels (issue 16)
 Writes OUT_DIR/{tuned_configs.json, timings.jsonl, steps.jsonl, steps.md, profile_<case>.txt}. Copy
-tuned_configs.json over torch_impl/kernels/tuned_configs.json to ship it (keys carry the device name).
+tuned_configs.json over torch_impl/kernels/tuned_configs.json to ship it (keys carry the device name); a
+triton_hopper sweep writes "hopper_gemm*" and "tn" keys, so merge its entries into the shipped table rather than
+replacing it. `--backend triton_hopper` defaults to HOPPER_CASES: Qwen3-30B-A3B, gpt-oss-20b, GLM-4.5 and
+GLM-4.7-Flash experts at r=16/32/64/128, T=1024 and 16384. Warp-specialised candidates join only with
+SPLITMOE_HOPPER_WS=1 (torch_impl/kernels/autotune.py says why).
 """
 
 from __future__ import annotations
@@ -29,23 +34,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 DEFAULT_CASES = ("qwen3_30b_T1024,qwen3_30b_T4096,qwen3_30b_T16384,qwen3_30b_T65536,qwen3_30b_r16_T1024,"
                  "qwen3_30b_r16_T16384,gpt_oss_20b_T1024,gpt_oss_20b_T16384,gpt_oss_20b_r16_T16384")
+HOPPER_CASES = ",".join(
+    f"{fam}_{'' if r == 64 else f'r{r}_'}T{t}" for fam in ("qwen3_30b", "gpt_oss_20b", "glm45", "glm47_flash")
+    for r in (16, 32, 64, 128) for t in (1024, 16384))
+BACKENDS = ("triton", "triton_hopper")
 
 
-def _step(case_name: str):
+def _step(case_name: str, backend: str):
     from benchmarks.moe_block import _split_step, make_inputs
     from shared_math.cases import get_case
 
     c = get_case(case_name)
-    return _split_step(c, make_inputs(c), "triton")
+    return _split_step(c, make_inputs(c), backend)
 
 
-def _child(cases: list[str]) -> int:
+def _child(cases: list[str], backend: str) -> int:
     """One process of phase 1 (compile shard) or 2 (tune): a step per case; the env decides what get_config does."""
     import torch
 
     for name in cases:
         t0 = time.time()
-        step = _step(name)
+        step = _step(name, backend)
         step()
         torch.cuda.synchronize()
         print(f"    [{os.environ.get('SPLITMOE_TRITON_COMPILE_SHARD', 'tune')}] {name}: {time.time() - t0:.0f} s",
@@ -55,7 +64,7 @@ def _child(cases: list[str]) -> int:
     return 0
 
 
-def _time_steps(cases: list[str], out: Path) -> list[dict]:
+def _time_steps(cases: list[str], out: Path, backend: str) -> list[dict]:
     """Whole forward+backward with the tuned configs (the tuner's cache) and with GPU_DEFAULTS, plus a profile."""
     import torch
 
@@ -67,8 +76,8 @@ def _time_steps(cases: list[str], out: Path) -> list[dict]:
     rows = []
     for name in cases:
         c = get_case(name)
-        step = _step(name)
-        row = dict(case=name)
+        step = _step(name, backend)
+        row = dict(case=name, backend=backend)
         for label, env in (("default", "0"), ("tuned", "1")):
             os.environ["SPLITMOE_TRITON_AUTOTUNE"] = env
             os.environ.pop("SPLITMOE_TRITON_AUTOTUNE_LOG", None)
@@ -99,21 +108,23 @@ def _time_steps(cases: list[str], out: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--cases", default=DEFAULT_CASES)
+    p.add_argument("--cases", default=None, help="default: DEFAULT_CASES, or HOPPER_CASES for triton_hopper")
+    p.add_argument("--backend", default="triton", choices=BACKENDS)
     p.add_argument("--compile-procs", type=int, default=12)
     p.add_argument("--space", default="sweep", choices=("sweep", "full"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    a.cases = a.cases or (HOPPER_CASES if a.backend == "triton_hopper" else DEFAULT_CASES)
     cases = a.cases.split(",")
     if a.child:
-        return _child(cases)
+        return _child(cases, a.backend)
     a.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, SPLITMOE_TRITON_AUTOTUNE="1", SPLITMOE_TRITON_AUTOTUNE_SPACE=a.space,
                SPLITMOE_TRITON_AUTOTUNE_CACHE=str(a.out / "tuned_configs.json"),
                SPLITMOE_TRITON_AUTOTUNE_LOG=str(a.out / "timings.jsonl"), PYTHONUNBUFFERED="1")
     for f in ("tuned_configs.json", "timings.jsonl"):
         (a.out / f).unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--out", str(a.out), "--cases", a.cases, "--child"]
+    cmd = [sys.executable, __file__, "--out", str(a.out), "--cases", a.cases, "--backend", a.backend, "--child"]
     t0 = time.time()
     print(f"phase 1: compile the candidates in {a.compile_procs} processes", flush=True)
     procs = [subprocess.Popen(cmd, env=dict(env, SPLITMOE_TRITON_COMPILE_SHARD=f"{i}/{a.compile_procs}"))
@@ -124,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(cmd, env=env, check=True)
     print(f"phase 2 done at {time.time() - t0:.0f} s; phase 3: whole steps, default vs tuned", flush=True)
     os.environ.update(SPLITMOE_TRITON_AUTOTUNE_CACHE=env["SPLITMOE_TRITON_AUTOTUNE_CACHE"])
-    rows = _time_steps(cases, a.out)
+    rows = _time_steps(cases, a.out, a.backend)
     with open(a.out / "steps.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

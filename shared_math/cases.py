@@ -61,6 +61,17 @@ CASES: tuple[MoECase, ...] = (
       for T in (1024, 4096, 16384, 65536)),
     *(MoECase(f"gpt_oss_20b_r16_T{T}", T, 2880, 2880, 32, 4, 16, ("bench",), "gpt-oss-20b experts, r=16",
               activation="swiglu_oai", biases=True) for T in (1024, 4096, 16384, 65536)),
+    # Ranks 32 and 128, and the GLM expert shapes (hf-moe-formats.md: GLM-4.5 H 5120, I 1536, E 160, K 8;
+    # GLM-4.7-Flash H 2048, I 1536, E 64, K 4) at r=16/32/64/128: the shapes of the Hopper kernels' tuning sweep
+    # (issue 16; benchmarks/triton_sweep.py --backend triton_hopper).
+    *(MoECase(f"qwen3_30b_r{R}_T{T}", T, 2048, 768, 128, 8, R, ("bench",), f"Qwen3-30B-A3B experts, r={R}")
+      for R in (32, 128) for T in (1024, 16384)),
+    *(MoECase(f"gpt_oss_20b_r{R}_T{T}", T, 2880, 2880, 32, 4, R, ("bench",), f"gpt-oss-20b experts, r={R}",
+              activation="swiglu_oai", biases=True) for R in (32, 128) for T in (1024, 16384)),
+    *(MoECase(f"glm45_{'' if R == 64 else f'r{R}_'}T{T}", T, 5120, 1536, 160, 8, R, ("bench",),
+              f"GLM-4.5 experts, r={R}") for R in (16, 32, 64, 128) for T in (1024, 16384)),
+    *(MoECase(f"glm47_flash_{'' if R == 64 else f'r{R}_'}T{T}", T, 2048, 1536, 64, 4, R, ("bench",),
+              f"GLM-4.7-Flash experts, r={R}") for R in (16, 32, 64, 128) for T in (1024, 16384)),
 )
 
 

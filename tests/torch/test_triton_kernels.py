@@ -92,8 +92,9 @@ def _rounded_inputs(case, seed: int, dtype) -> dict:
                 else (tuple(r(a) for a in v) if isinstance(v, tuple) else v)) for k, v in inp.items()}
 
 
-def _run(inp: dict, dtype, dy: np.ndarray, base_grad: bool = True, lora_dtype=None):
-    """Forward + backward through the kernels' `split_lora_experts`; grads shaped like the reference's dict."""
+def _run(inp: dict, dtype, dy: np.ndarray, base_grad: bool = True, lora_dtype=None, kernels: str = "triton"):
+    """Forward + backward through the kernels' `split_lora_experts` (NN kernel family `kernels`: "triton" or
+    "hopper", see tests/torch/test_hopper_kernels.py); grads shaped like the reference's dict."""
     def t(a, grad=True, dt=dtype):
         return torch.tensor(a, dtype=dt, device=DEVICE).requires_grad_(grad)
 
@@ -105,7 +106,7 @@ def _run(inp: dict, dtype, dy: np.ndarray, base_grad: bool = True, lora_dtype=No
     b = None if inp["biases"] is None else tuple(map(t, inp["biases"]))
     ids = torch.tensor(inp["expert_ids"], device=DEVICE)
     y = sl.split_lora_experts(x, ids, w, wgu, wd, lgu, ld, scale=inp["scale"], biases=b,
-                              activation=inp["activation"], swiglu_limit=inp["swiglu_limit"])
+                              activation=inp["activation"], swiglu_limit=inp["swiglu_limit"], kernels=kernels)
     y.backward(torch.tensor(dy, dtype=dtype, device=DEVICE))
     grads = {"x": x.grad, "expert_weights": w.grad, "lora_gate_up": (lgu[0].grad, lgu[1].grad),
              "lora_down": (ld[0].grad, ld[1].grad), "w_gate_up": wgu.grad, "w_down": wd.grad,
@@ -113,10 +114,10 @@ def _run(inp: dict, dtype, dy: np.ndarray, base_grad: bool = True, lora_dtype=No
     return y, grads
 
 
-def _check_against_reference(case, dtype, seed, base_grad: bool = True, lora_dtype=None):
+def _check_against_reference(case, dtype, seed, base_grad: bool = True, lora_dtype=None, kernels: str = "triton"):
     inp = _rounded_inputs(case, seed, dtype)
     dy = torch.tensor(np.random.default_rng(seed).standard_normal((case.T, case.H))).to(dtype).double().numpy()
-    y, grads = _run(inp, dtype, dy, base_grad=base_grad, lora_dtype=lora_dtype)
+    y, grads = _run(inp, dtype, dy, base_grad=base_grad, lora_dtype=lora_dtype, kernels=kernels)
     assert y.dtype == dtype and y.shape == (case.T, case.H)
     dn = _dname(dtype)
     assert_close(y, ref.split_lora_experts(**inp), dtype=dn, quantity="moe_block", name="triton y")
@@ -557,10 +558,12 @@ def test_bf16_gpu_precomputed_z_matches_reference(case, seed, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "triton_hopper"])
 @pytest.mark.parametrize("name", ["qwen3_30b_T1024", "qwen3_30b_r16_T4096", "gpt_oss_20b_T1024", "gpt_oss_20b_T16384"])
-def test_bf16_gpu_benchmark_shapes_agree_with_grouped_mm(name, seed):
+def test_bf16_gpu_benchmark_shapes_agree_with_grouped_mm(name, backend, seed):
     """At the real expert shapes, with the shipped tuned configs (torch_impl/kernels/tuned_configs.json: other tiles
-    and Z_PRE choices than the small cases above use), triton agrees with grouped_mm in bf16, forward and grads.
+    and Z_PRE choices than the small cases above use), triton (and triton_hopper, the persistent TMA kernels of
+    tests/torch/test_hopper_kernels.py) agrees with grouped_mm in bf16, forward and grads.
 
     gpt-oss shapes run with swiglu_limit=100 (biases and the (up+1)·g·sigmoid(alpha·g) form kept): with the real
     limit 7 and ~20M gate/up entries, bf16 rounding puts thousands of them on opposite sides of the clamp in two
@@ -569,8 +572,9 @@ def test_bf16_gpu_benchmark_shapes_agree_with_grouped_mm(name, seed):
     from torch_impl.backends import why_unavailable
     from torch_impl.moe import split_lora_experts
 
-    if why_unavailable("grouped_mm", "cuda", torch.bfloat16):
-        pytest.skip("grouped_mm unavailable")
+    for b in ("grouped_mm", backend):
+        if why := why_unavailable(b, "cuda", torch.bfloat16):
+            pytest.skip(f"{b} unavailable: {why}")
     c = get_case(name)
     g = torch.Generator("cuda").manual_seed(seed)
     bf = torch.bfloat16
@@ -586,11 +590,11 @@ def test_bf16_gpu_benchmark_shapes_agree_with_grouped_mm(name, seed):
     biases = (rnd(c.E, 2 * c.I), rnd(c.E, c.H)) if c.biases else None
     dy = rnd(c.T, c.H)
     results = []
-    for backend in ("triton", "grouped_mm"):
+    for impl in (backend, "grouped_mm"):
         leaves = [t.detach().clone().requires_grad_(True) for t in (base["x"], base["expert_weights"], *lora)]
         x, ew, a1, b1, a2, b2 = leaves
         y = split_lora_experts(x, ids, ew, base["w_gate_up"], base["w_down"], (a1, b1), (a2, b2), scale=2.0,
-                               biases=biases, activation=c.activation, swiglu_limit=100.0, backend=backend)
+                               biases=biases, activation=c.activation, swiglu_limit=100.0, backend=impl)
         y.backward(dy)
         results.append((y.detach(), [t.grad for t in leaves]))
     (y0, g0), (y1, g1) = results

@@ -17,14 +17,16 @@ from types import ModuleType
 import torch
 
 from shared_math.train_config import BackendUnavailable
-from torch_impl.backends import grouped_mm, native, triton
+from torch_impl.backends import grouped_mm, native, triton, triton_hopper
 
 ENV_VAR = "SPLITMOE_MOE_BACKEND"
-_MODULES: dict[str, ModuleType] = {"grouped_mm": grouped_mm, "native": native, "triton": triton}
+_MODULES: dict[str, ModuleType] = {"grouped_mm": grouped_mm, "native": native, "triton": triton,
+                                   "triton_hopper": triton_hopper}
 # Preference order for `auto`: the fused Triton kernels on CUDA in bf16/fp16 (tuned on the H200; fastest and leanest
 # there from T=4096 up, benchmarks/REPORT.md), then torch._grouped_mm, then the per-expert loop. On CPU `triton` runs
 # only in the interpreter (tests), so `auto` never picks it there, nor in fp32 (IEEE fp32 dots: for equivalence runs).
-BACKENDS: tuple[str, ...] = ("triton", "grouped_mm", "native")
+# `triton_hopper` (persistent TMA kernels, sm_90+, issue 16) is opt-in only: not in `_AUTO` until measured.
+BACKENDS: tuple[str, ...] = ("triton", "grouped_mm", "native", "triton_hopper")
 _AUTO: tuple[str, ...] = ("triton", "grouped_mm", "native")
 
 

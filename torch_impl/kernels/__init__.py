@@ -3,6 +3,8 @@
 - `grouped_gemm.py`: the two generic grouped-GEMM kernels (NN with fused gather / LoRA / bias / activation /
   routing weight / scatter epilogues, and the ragged-K TN kernel for weight-shaped gradients).
 - `split_lora.py`: `ExpertSort`, `SplitLoraExpertsFunction` and `split_lora_experts` (the backend entry point).
+- `hopper.py`: the persistent variant of the NN kernel for sm_90+ (weights by TMA tensor descriptors, a persistent
+  grid over the tiles), run by the `triton_hopper` backend (`split_lora_experts(..., kernels="hopper")`).
 - `autotune.py`: default block sizes and the opt-in autotuner with its on-disk cache.
 
 Kernels are decorated with `triton.jit` when `grouped_gemm` is imported, and Triton reads TRITON_INTERPRET at that

@@ -13,6 +13,9 @@
   tuning never lands inside a timed region. Bump `KERNEL_VERSION` whenever a kernel changes in a way that could move
   its best config. `SPLITMOE_TRITON_AUTOTUNE_SPACE=sweep` narrows the space to the short list the sweep script
   times; `SPLITMOE_TRITON_AUTOTUNE_LOG=path` appends every timing as a JSON line.
+- Kinds "hopper_gemm" / "hopper_gemm_act" are the persistent TMA kernel's (hopper.py): their space adds GROUP_M,
+  FLATTEN and PRE_GATHER, and warp specialisation only with `SPLITMOE_HOPPER_WS=1`; their GPU defaults are untuned
+  until `benchmarks/triton_sweep.py --backend triton_hopper` has run on the GPU.
 - `SPLITMOE_TRITON_COMPILE_SHARD=i/n` (used by the sweep script only): launch each candidate of shard i once, time
   nothing and store nothing, so n processes can fill Triton's on-disk compile cache in parallel before the timing
   process runs.
@@ -33,11 +36,15 @@ from shared_math.tuning import nearest_entry
 
 KERNEL_VERSION = 2  # 2: Z_PRE (precomputed LoRA z) joins the gemm configs
 
-# kind: "gemm" (plain / act-backward epilogue), "gemm_act" (gate_up with two accumulators), "tn" (ragged-K grads).
+# kind: "gemm" (plain / act-backward epilogue), "gemm_act" (gate_up with two accumulators), "tn" (ragged-K grads);
+# "hopper_gemm" / "hopper_gemm_act": the same passes on the persistent TMA kernel (hopper.py).
 INTERPRETER_CONFIGS: dict[str, dict] = {
     "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=32),
     "gemm_act": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32),
     "tn": dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32),
+    # GROUP_M=2 so the grouped tile order has several groups even on the tiny test shapes
+    "hopper_gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_D=32, GROUP_M=2),
+    "hopper_gemm_act": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=32, GROUP_M=2),
 }
 # UNTUNED defaults until measured on the H200. 128x128 output tiles with a 64-deep reduction step are the usual
 # Hopper starting point for bf16; the gate_up pass holds two accumulators plus the LoRA z tile, so it starts at
@@ -46,6 +53,13 @@ GPU_DEFAULTS: dict[str, dict] = {
     "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3),
     "gemm_act": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3),
     "tn": dict(BLOCK_M=64, BLOCK_P=128, BLOCK_Q=64, num_warps=8, num_stages=3),
+    # UNTUNED, from the H200 prototype of shared/reference/hopper-grouped-gemm.md section 5 (gate_up shape, W by
+    # TMA, gathered X): 128x256x64 / 3 stages / 8 warps ran at 564 TFLOP/s, which two 128x128 accumulators (gate and
+    # up) match in size; the plain and dh passes start at 128x128, 4 stages (442 in the prototype without warp
+    # specialisation) because the dh epilogue holds gate, up and the accumulator at once. FLATTEN and warp
+    # specialisation stay off until the sweep measures them.
+    "hopper_gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=4),
+    "hopper_gemm_act": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=3),
 }
 
 _memory_cache: dict[str, dict] = {}
@@ -80,6 +94,8 @@ def _candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_bytes: 
                 continue
             out.append(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps, num_stages=stages))
         return out
+    if kind.startswith("hopper_"):
+        return _hopper_candidates(kind, rows_per_expert, smem_bytes, elem_bytes, small)
     halves = 2 if kind == "gemm_act" else 1
     for bm, bn, bd, warps, stages, zpre in itertools.product(
             (64, 128), (64, 128, 256), (32, 64, 128) if not small else (64,), (4, 8),
@@ -93,6 +109,36 @@ def _candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_bytes: 
         if warps == 4 and halves * bm * bn > 128 * 128:  # 4 warps cannot hold that accumulator without spills
             continue
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages, Z_PRE=zpre))
+    return out
+
+
+def _hopper_candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_bytes: int,
+                       small: bool) -> list[dict]:
+    """The persistent TMA kernel's space: tiles, stages, warps, FLATTEN, PRE_GATHER (a no-op on passes without a
+    gather, which then time the same kernel twice), and warp specialisation only with SPLITMOE_HOPPER_WS=1 (a
+    compiler abort on sm_90 kills the tuning process instead of raising; see hopper.py)."""
+    halves = 2 if kind == "hopper_gemm_act" else 1
+    ws_options = (False, True) if os.environ.get("SPLITMOE_HOPPER_WS", "0") == "1" else (False,)
+    out = []
+    if small:  # the sweep's short list: 128-row tiles (64 where experts average < 64 rows), 64-deep steps, 8 warps
+        axes = ((128,) if rows_per_expert >= 64 else (64,), (64, 128) if halves == 2 else (128, 256), (64,), (8,),
+                (3, 4))
+    else:
+        axes = ((64, 128), (64, 128, 256), (64, 128), (4, 8), (2, 3, 4, 5))
+    for bm, bn, bd, warps, stages, flatten, pre, ws in itertools.product(*axes, (False, True), (False, True),
+                                                                         ws_options):
+        # pipelined A and W tiles, plus a 32 KB margin (an estimate, not measured) for the epilogue's layout
+        # conversions through shared memory
+        if stages * (bm * bd + halves * bd * bn) * elem_bytes + 32 * 1024 > smem_bytes:
+            continue
+        if bm > max(64, 2 * rows_per_expert):
+            continue
+        if halves * bm * bn > 2 * 128 * 128 or (warps == 4 and halves * bm * bn > 128 * 128):
+            continue  # fp32 accumulators past these sizes spill (same rule as the pointer kernel's space)
+        if ws and flatten:
+            continue  # Hopper warp specialisation rejects flatten (triton tutorial 09)
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP_M=8, num_warps=warps, num_stages=stages,
+                        FLATTEN=flatten, PRE_GATHER=pre, WS=ws))
     return out
 
 

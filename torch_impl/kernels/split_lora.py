@@ -44,6 +44,7 @@ class KernelSort:
         self.flat_M, self.token_M, self.offsets_E1 = flat_M, token_M, offsets_E1
         self.num_experts, self.T, self.K, self.M = offsets_E1.numel() - 1, T, K, T * K
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tile_counts: dict[int, torch.Tensor] = {}
 
     @classmethod
     def from_ids(cls, expert_ids_TK: torch.Tensor, num_experts: int) -> KernelSort:
@@ -79,19 +80,51 @@ class KernelSort:
             row = offs[ec] + (i - (tile_end[ec] - tiles[ec])) * block_m
             self._schedules[block_m] = (torch.where(valid, e, -1).to(torch.int32),
                                         torch.where(valid, row, 0).to(torch.int32))
+            self._tile_counts[block_m] = tile_end[-1:].to(torch.int32)
         return self._schedules[block_m]
+
+    def row_tile_count(self, block_m: int) -> torch.Tensor:
+        """The number of valid row tiles of `schedule(block_m)` (they come first), as a [1] int32 device tensor:
+        what the persistent Hopper kernel loops to, read on the device (no host sync)."""
+        self.schedule(block_m)
+        return self._tile_counts[block_m]
 
 
 def _bucket(m: int) -> int:
     return gg.next_pow2(max(m, 1))
 
 
-def _gemm(kind: str, key: tuple, srt: KernelSort, ref: torch.Tensor, launch):
+KERNELS = ("triton", "hopper")
+
+
+class _NN:
+    """The NN grouped-GEMM family that runs the four passes: "triton" (`grouped_gemm.grouped_gemm`, one program per
+    tile, any sm80+ GPU) or "hopper" (`hopper.grouped_gemm`, persistent with TMA weights, sm_90+). Both take the
+    same arguments; each has its own autotune kinds ("gemm" vs "hopper_gemm") and schedule form."""
+
+    def __init__(self, name: str):
+        if name not in KERNELS:
+            raise ValueError(f"unknown kernels {name!r}; expected one of {', '.join(KERNELS)}")
+        self.name = name
+        if name == "hopper":
+            from torch_impl.kernels import hopper
+
+            self.gemm, self.prefix = hopper.grouped_gemm, "hopper_"
+        else:
+            self.gemm, self.prefix = gg.grouped_gemm, ""
+
+    def schedule(self, srt: KernelSort, block_m: int) -> tuple:
+        if self.name == "hopper":
+            return srt.schedule(block_m) + (srt.row_tile_count(block_m),)
+        return srt.schedule(block_m)
+
+
+def _gemm(nn: _NN, kind: str, key: tuple, srt: KernelSort, ref: torch.Tensor, launch):
     """Pick a config (autotune.get_config) and run `launch(cfg, schedule)`, which allocates and returns its outputs."""
-    cfg = autotune.get_config(kind, (_bucket(srt.M),) + key, ref.dtype, ref.device,
-                              bench=lambda c: launch(c, srt.schedule(c["BLOCK_M"])),
+    cfg = autotune.get_config(nn.prefix + kind, (_bucket(srt.M),) + key, ref.dtype, ref.device,
+                              bench=lambda c: launch(c, nn.schedule(srt, c["BLOCK_M"])),
                               rows_per_expert=srt.M / srt.num_experts)
-    return launch(cfg, srt.schedule(cfg["BLOCK_M"]))
+    return launch(cfg, nn.schedule(srt, cfg["BLOCK_M"]))
 
 
 def _tn(key: tuple, srt: KernelSort, ref: torch.Tensor, **kw) -> torch.Tensor:
@@ -109,7 +142,7 @@ def _t(t: torch.Tensor | None) -> torch.Tensor | None:
 class SplitLoraExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt: KernelSort, scale, act,
-                limit, alpha):
+                limit, alpha, kernels="triton"):
         T, H = x.shape
         I2 = w_gate_up.shape[2]
         I, K = I2 // 2, srt.K
@@ -125,39 +158,40 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
         grad = any(ctx.needs_input_grad[:10])
         r1 = 0 if b1 is None else b1.shape[1]
         r2 = 0 if b2 is None else b2.shape[1]
+        nn = _NN(kernels)
 
         def gate_up(cfg, sched):
             h = torch.empty((M, I), device=x.device, dtype=dt)
             gu = torch.empty((M, I2), device=x.device, dtype=dt) if grad else None
             z1 = torch.empty((M, r1), device=x.device, dtype=dt) if grad and r1 else None
-            gg.grouped_gemm(x, w_gate_up, sched, srt.offsets_E1, n=I, out=h, config=cfg, row_index=srt.token_M,
-                            lora_a_EDR=a1, z_MR=z1, store_z=z1 is not None, lora_b_ERN=b1, lora_scale=scale,
-                            bias_EN=b_gu, mode=gg.MODE_ACT_FWD, act=act, gu_M2I=gu, store_gu=gu is not None,
-                            limit=limit, alpha=alpha)
+            nn.gemm(x, w_gate_up, sched, srt.offsets_E1, n=I, out=h, config=cfg, row_index=srt.token_M,
+                    lora_a_EDR=a1, z_MR=z1, store_z=z1 is not None, lora_b_ERN=b1, lora_scale=scale,
+                    bias_EN=b_gu, mode=gg.MODE_ACT_FWD, act=act, gu_M2I=gu, store_gu=gu is not None,
+                    limit=limit, alpha=alpha)
             return h, gu, z1
 
-        h, gu, z1 = _gemm("gemm_act", ("gu", H, I, r1, act), srt, x, gate_up)
+        h, gu, z1 = _gemm(nn, "gemm_act", ("gu", H, I, r1, act), srt, x, gate_up)
 
         def down(cfg, sched):
             out = torch.empty((M, H), device=x.device, dtype=dt)
             z2 = torch.empty((M, r2), device=x.device, dtype=dt) if grad and r2 else None
-            gg.grouped_gemm(h, w_down, sched, srt.offsets_E1, n=H, out=out, config=cfg, lora_a_EDR=a2, z_MR=z2,
-                            store_z=z2 is not None, lora_b_ERN=b2, lora_scale=scale, bias_EN=b_d,
-                            row_scale_M=w_sorted, out_rows_M=srt.flat_M)
+            nn.gemm(h, w_down, sched, srt.offsets_E1, n=H, out=out, config=cfg, lora_a_EDR=a2, z_MR=z2,
+                    store_z=z2 is not None, lora_b_ERN=b2, lora_scale=scale, bias_EN=b_d,
+                    row_scale_M=w_sorted, out_rows_M=srt.flat_M)
             return out, z2
 
-        out_MH, z2 = _gemm("gemm", ("down", I, H, r2), srt, x, down)
+        out_MH, z2 = _gemm(nn, "gemm", ("down", I, H, r2), srt, x, down)
         y = out_MH.view(T, K, H).sum(1)  # rows are in (token, slot) order: the sum over K is deterministic
 
         ctx.save_for_backward(x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, gu, z1, z2,
                               w_sorted)
-        ctx.srt, ctx.scale, ctx.act, ctx.limit, ctx.alpha = srt, scale, act, limit, alpha
+        ctx.srt, ctx.scale, ctx.act, ctx.limit, ctx.alpha, ctx.nn = srt, scale, act, limit, alpha, nn
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, ew, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, gu, z1, z2, w_sorted = ctx.saved_tensors
-        srt, s, act, limit, alpha = ctx.srt, ctx.scale, ctx.act, ctx.limit, ctx.alpha
+        srt, s, act, limit, alpha, nn = ctx.srt, ctx.scale, ctx.act, ctx.limit, ctx.alpha, ctx.nn
         g_x, g_w, g_wgu, g_wd, g_a1, g_b1, g_a2, g_b2, g_bgu, g_bd = ctx.needs_input_grad[:10]
         T, H = x.shape
         I2 = w_gate_up.shape[2]
@@ -173,14 +207,14 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
                 dgu = torch.empty((M, I2), device=x.device, dtype=dt)
                 dots = torch.empty((M, gg.cdiv(I, cfg["BLOCK_N"])), device=x.device, dtype=torch.float32)
                 dz2 = torch.empty((M, b2.shape[1]), device=x.device, dtype=dt) if g_a2 and lora2 else None
-                gg.grouped_gemm(dy, _t(w_down), sched, srt.offsets_E1, n=I, out=dgu, config=cfg,
-                                row_index=srt.token_M, lora_a_EDR=_t(b2), z_MR=dz2, store_z=dz2 is not None,
-                                lora_b_ERN=_t(a2), z_scale=s, lora_scale=1.0,
-                                row_scale_M=w_sorted, mode=gg.MODE_ACT_BWD,
-                                act=act, gu_M2I=gu, dot_MT=dots, limit=limit, alpha=alpha)
+                nn.gemm(dy, _t(w_down), sched, srt.offsets_E1, n=I, out=dgu, config=cfg,
+                        row_index=srt.token_M, lora_a_EDR=_t(b2), z_MR=dz2, store_z=dz2 is not None,
+                        lora_b_ERN=_t(a2), z_scale=s, lora_scale=1.0,
+                        row_scale_M=w_sorted, mode=gg.MODE_ACT_BWD,
+                        act=act, gu_M2I=gu, dot_MT=dots, limit=limit, alpha=alpha)
                 return dgu, dots, dz2
 
-            dgu, dots, dz2 = _gemm("gemm", ("dh", H, I, b2.shape[1] if lora2 else 0, act), srt, x, dh_pass)
+            dgu, dots, dz2 = _gemm(nn, "gemm", ("dh", H, I, b2.shape[1] if lora2 else 0, act), srt, x, dh_pass)
             if g_w:
                 dw = torch.empty(M, device=x.device, dtype=torch.float32)
                 dw_sorted = dots.sum(1)
@@ -213,21 +247,21 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
             def dx_pass(cfg, sched):
                 dx_MH = torch.empty((M, H), device=x.device, dtype=dt)
                 dz1 = torch.empty((M, b1.shape[1]), device=x.device, dtype=dt) if g_a1 and lora1 else None
-                gg.grouped_gemm(dgu, _t(w_gate_up), sched, srt.offsets_E1, n=H, out=dx_MH, config=cfg,
-                                lora_a_EDR=_t(b1), z_MR=dz1, store_z=dz1 is not None, lora_b_ERN=_t(a1),
-                                z_scale=s, lora_scale=1.0, out_rows_M=srt.flat_M)
+                nn.gemm(dgu, _t(w_gate_up), sched, srt.offsets_E1, n=H, out=dx_MH, config=cfg,
+                        lora_a_EDR=_t(b1), z_MR=dz1, store_z=dz1 is not None, lora_b_ERN=_t(a1),
+                        z_scale=s, lora_scale=1.0, out_rows_M=srt.flat_M)
                 return dx_MH, dz1
 
-            dx_MH, dz1 = _gemm("gemm", ("dx", I2, H, b1.shape[1] if lora1 else 0), srt, x, dx_pass)
+            dx_MH, dz1 = _gemm(nn, "gemm", ("dx", I2, H, b1.shape[1] if lora1 else 0), srt, x, dx_pass)
             grads["x"] = dx_MH.view(T, K, H).sum(1)
         elif g_a1 and lora1:
             # x needs no grad (rare): dZ1 alone is a skinny N=R pass instead of the whole dx GEMM.
             def dz1_pass(cfg, sched):
                 dz1 = torch.empty((M, b1.shape[1]), device=x.device, dtype=dt)
-                gg.grouped_gemm(dgu, _t(b1), sched, srt.offsets_E1, n=b1.shape[1], out=dz1, config=cfg)
+                nn.gemm(dgu, _t(b1), sched, srt.offsets_E1, n=b1.shape[1], out=dz1, config=cfg)
                 return dz1.mul_(s)
 
-            dz1 = _gemm("gemm", ("dz1", I2, b1.shape[1]), srt, x, dz1_pass)
+            dz1 = _gemm(nn, "gemm", ("dz1", I2, b1.shape[1]), srt, x, dz1_pass)
         if g_b1 and lora1:
             grads["b1"] = _tn(("dB1", b1.shape[1], I2), srt, x, left=z1, right=dgu, p=b1.shape[1], alpha=s)
         if g_a1 and lora1:
@@ -240,7 +274,7 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
         names = ("x", "w", "wgu", "wd", "a1", "b1", "a2", "b2", "bgu", "bd")
         out = [None if grads.get(n) is None else grads[n].to(dtype)
                for n, dtype in zip(names, ctx.param_dtypes)]
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor | None, expert_weights: torch.Tensor,
@@ -249,14 +283,19 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor | None, expert_
                        lora_down: tuple[torch.Tensor, torch.Tensor] | None = None, *, scale: float = 1.0,
                        biases: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
                        activation: str = "swiglu", swiglu_limit: float = 7.0,
-                       swiglu_alpha: float = 1.702, sort: KernelSort | None = None) -> torch.Tensor:
+                       swiglu_alpha: float = 1.702, sort: KernelSort | None = None,
+                       kernels: str = "triton") -> torch.Tensor:
     """Routed experts with split LoRA on the Triton kernels -> y [T, H] in x's dtype (differentiable).
 
     Same arguments and meaning as `shared_math.reference.split_lora_experts`; tensors on one device (CUDA, or CPU
     under TRITON_INTERPRET=1). x [T, H], expert_ids [T, K] (int), expert_weights [T, K], w_gate_up [E, H, 2I],
     w_down [E, I, H], LoRA pairs (A [E, in, R], B [E, R, out]), biases (b_gate_up [E, 2I], b_down [E, H]).
     `sort`: a `KernelSort` of expert_ids to reuse (built here otherwise; expert_ids may then be None).
+    `kernels`: the NN grouped-GEMM family, "triton" (any sm80+ GPU) or "hopper" (`hopper.py`: persistent, TMA
+    weights; sm_90+, opt-in until measured); the ragged-K gradient kernels are the same for both.
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(KERNELS)}")
     if x.ndim != 2 or w_gate_up.ndim != 3 or w_down.ndim != 3:
         raise ValueError(f"want x [T, H], w_gate_up [E, H, 2I], w_down [E, I, H]; got {tuple(x.shape)}, "
                          f"{tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
@@ -285,4 +324,4 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor | None, expert_
     srt = sort if sort is not None else KernelSort.from_ids(expert_ids, E)
     return SplitLoraExpertsFunction.apply(
         x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt, float(scale),
-        gg.act_code(activation), float(swiglu_limit), float(swiglu_alpha))
+        gg.act_code(activation), float(swiglu_limit), float(swiglu_alpha), kernels)
