@@ -24,8 +24,9 @@ def _model(path, seed, ckpt=None, **kw):
                        lora_seed=seed, **kw)
     with torch.no_grad():
         for name, p in _lora_params(model).items():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(seed + len(name)))
+            if "lora_B" in name:  # drawn on the CPU (one generator for every device), then copied
+                g = torch.Generator().manual_seed(seed + len(name))
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     if ckpt is not None:
         model.gradient_checkpointing_enable(offload_to_cpu=ckpt == "offload")
     return model.train()
