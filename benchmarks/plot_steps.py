@@ -75,7 +75,7 @@ def plot(rows: dict[tuple, dict], out: Path) -> None:
 
 
 def _variant(r: dict) -> str:
-    parts = [r["impl"]] + [name for name in ("cuda_graph", "compile", "offload") if r.get(name)]
+    parts = [r["impl"]] + [name for name in ("cuda_graph", "compile", "offload", "optim_in_backward") if r.get(name)]
     return " + ".join(parts)
 
 
