@@ -15,6 +15,8 @@ Resumable: a point that finished has `DIR/<name>/sweep_point.json` with status "
 point whose folder holds checkpoints resumes from the newest; a failed point is retried. A failing point is recorded
 (status "failed" and the error) and the sweep goes on. After each point `DIR/sweep.md`, `DIR/sweep.jsonl` and
 `DIR/sweep.png` are rewritten from the records of all points (pending ones included while the sweep runs).
+On a terminal a bar counts the points, with each point's training bar under it (shared_math.progress); the one-line
+record of each point is printed in any case.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import itertools
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared_math.progress import progress_bar, write_line
+from shared_math.tracking import check_loggers
 from shared_math.train_config import ConfigError, RunConfig, diff_configs, load_run_config, trajectory_dict
 from shared_math.training import check_optim_range, latest_checkpoint, read_meta
 
@@ -159,6 +162,7 @@ def plan_sweep(config: str | Path | None, out: str | Path, grid: list[str], over
         try:
             cfg = load_run_config(config, [*extra, *over, f"train.out_dir={out / name}"])
             check_optim_range(cfg)
+            check_loggers(cfg.train.loggers)  # a tracker's missing package fails the plan, not point 1
             if device and cfg.framework != "torch":
                 raise ConfigError("--device is a torch option (jax trains on its default device)")
             _check_backend(cfg, device)
@@ -277,8 +281,7 @@ def _run_point(point: SweepPoint, folder: Path, *, resume: bool, device: str | N
 
 
 def _log(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
+    write_line(text)  # above the sweep's bar when one is drawing
 
 
 def run_sweep(points: list[SweepPoint], out: str | Path, *, device: str | None = None, progress: bool = True,
@@ -288,12 +291,15 @@ def run_sweep(points: list[SweepPoint], out: str | Path, *, device: str | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = len(points)
+    # points done / all, under which each point's training bar runs (a terminal only: shared_math.progress)
+    bar = progress_bar(total=n, desc="sweep", unit="point", enabled=progress)
     try:
         for p in points:
             folder = out / p.name
             marker = read_marker(folder)
             if marker is not None and marker.get("status") == "done":
                 _log(f"point {p.index}/{n}: {p.label}: done already ({folder}), skipped")
+                bar.update(1)
                 continue
             ckpt = latest_checkpoint(folder)
             how = f"resuming from {ckpt.name}" if ckpt is not None else "training"
@@ -306,7 +312,9 @@ def run_sweep(points: list[SweepPoint], out: str | Path, *, device: str | None =
             else:
                 _log(f"point {p.index}/{n}: FAILED after {record['seconds']:.1f}s: {record['error']}")
             write_report(points, out, header=header)
+            bar.update(1)
     finally:
+        bar.close()
         rows = write_report(points, out, header=header)
     return rows
 

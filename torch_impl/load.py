@@ -15,6 +15,7 @@ from torch import nn
 
 from shared_math.checkpoint import read_checkpoint
 from shared_math.config import LoraConfig, ModelConfig
+from shared_math.progress import with_load_progress
 from torch_impl.backends import resolve_backend
 from torch_impl.lora import attach_lora
 from torch_impl.models.deepseek_v3 import DeepseekV3ForCausalLM, Glm4MoeLiteForCausalLM
@@ -58,6 +59,7 @@ def load_model(path: str | Path, *, lora: LoraConfig | None = None, dtype: torch
     params = dict(model.named_parameters())  # module paths are the canonical names
     expected = set(params)
     loaded: set[str] = set()
+    tensors = with_load_progress(tensors, f"loading {Path(path).name}")  # a bar per tensor read (on a terminal)
     with torch.no_grad():
         names = [n for n in tensors if not n.startswith("layers.")]
         groups = [("", lambda: {n: tensors[n] for n in names})] + [
