@@ -5,7 +5,9 @@ make-tiny  writes a small random HF-format checkpoint of one family (transformer
 demo       the embedded default job: builds the tiny Qwen3-MoE checkpoint, trains split LoRA on the synthetic tasks,
            evaluates held-out exact-match before and after, saves the PEFT adapter and the loss curve.
 inspect    reads a tiny checkpoint back and runs the float64 reference MoE block of every MoE layer on it (routing
-           loads, output scale), then prints the merged-vs-split cost plan.
+           loads, output scale), then prints the merged-vs-split cost plan. `inspect --routing --model DIR
+           [--adapter DIR] --data FILE.jsonl [--framework torch|jax] [--out DIR]`: the routing analytics of a
+           checkpoint over a data file (splitmoe/inspect_routing.py), a per-layer table (and routing.png).
 plan       the merged-vs-split LoRA cost model (FLOPs, bytes, memory, forward and backward) for a model's shapes;
            with --gpus N|auto, per-GPU memory and an estimated step time of full-size presets on H200s.
 bench      the benchmark scripts of a source checkout (benchmarks/), by name: `splitmoe bench block --cases ...`
@@ -60,13 +62,22 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    if args.routing:
+        from splitmoe.inspect_routing import inspect_routing
+
+        return inspect_routing(args)
+    routing_only = [f"--{k.replace('_', '-')}" for k in ("model", "adapter", "data", "max_records")
+                    if getattr(args, k) is not None]
+    if routing_only:
+        raise ValueError(f"{', '.join(routing_only)} belong to inspect --routing (the routing analytics of a "
+                         "checkpoint over a data file); add --routing")
     import numpy as np
 
     from shared_math import cost, reference
     from shared_math.checkpoint import read_checkpoint, write_tiny_checkpoint
 
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = Path(args.out or "runs/inspect")
     spec = load_model_yaml(args.config)
     ckpt = write_tiny_checkpoint(spec["family"], out / f"tiny-{spec['family']}", seed=spec["seed"],
                                  **spec["overrides"])
@@ -187,7 +198,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {
     "block": "moe_block",  # MoE block fwd+bwd vs HF v5 + PEFT (GPU)
-    "step": "step",  # one full-model LoRA step, any family: torch_impl vs HF v5 + PEFT vs Unsloth (GPU; tiny on CPU)
+    "step": "step",  # one full-model LoRA step, any family: torch_impl, jax_impl, HF v5 + PEFT, Unsloth (tiny on CPU)
     "sweep-triton": "triton_sweep",  # block-size tuning of the Triton kernels (GPU)
     "sweep-pallas": "pallas_sweep",  # block-size tuning of the Pallas kernels (GPU)
 }
@@ -225,12 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--framework", default="torch", choices=("torch", "jax"))
     j.set_defaults(func=_demo)
 
-    d = sub.add_parser("inspect", help="float64 reference MoE blocks on a tiny checkpoint + the cost plan")
-    d.add_argument("--out", default="runs/inspect")
+    d = sub.add_parser("inspect", help="float64 reference MoE blocks on a tiny checkpoint + the cost plan; with "
+                                       "--routing, the routing analytics of a checkpoint over a data file")
+    d.add_argument("--out", help="output folder (default runs/inspect; with --routing: routing.json and routing.png "
+                                 "there, nothing written without it)")
     d.add_argument("--config", default=str(DEFAULT_MODEL_YAML),
                    help="model YAML (default: the embedded tiny Qwen3-MoE)")
     d.add_argument("--seed", type=int, default=0, help="seed of the demo's hidden states")
     d.add_argument("--tokens", type=int, default=64)
+    from splitmoe.inspect_routing import add_routing_arguments
+
+    add_routing_arguments(d)
     d.set_defaults(func=_inspect)
 
     c = sub.add_parser("plan", help="merged vs split LoRA cost of one MoE layer (defaults: Qwen3-30B-A3B)")

@@ -27,8 +27,8 @@ from torch_impl.moe_op import custom_op_active, split_lora_experts_op, use_custo
 
 LoraPair = tuple[torch.Tensor, torch.Tensor]
 
-__all__ = ["ExpertSort", "Experts", "MoEBlock", "Router", "route", "sort_by_expert", "split_lora_experts",
-           "use_custom_op"]
+__all__ = ["ExpertSort", "Experts", "MoEBlock", "Router", "forward_routing_stats", "route", "sort_by_expert",
+           "split_lora_experts", "use_custom_op"]
 
 
 # ---- routing ---------------------------------------------------------------------------------------------------------
@@ -44,6 +44,14 @@ def route(logits: torch.Tensor, routing: RoutingConfig,
                   the top-2 per group; keep `topk_group` groups (others -inf); top-K; weights from the unbiased
                   scores, renormalised (+1e-20) iff norm_topk_prob, times routed_scaling_factor; stays fp32.
     """
+    ids_TK, weights_TK, _ = _route(logits, routing, correction_bias)
+    return ids_TK, weights_TK
+
+
+def _route(logits: torch.Tensor, routing: RoutingConfig, correction_bias: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`route`, plus the groups kept per token (bool [T, G]) for sigmoid_group routing (None for the others), which
+    the routing statistics count."""
     if logits.ndim != 2 or logits.shape[1] != routing.num_experts:
         raise ValueError(f"router logits must be [T, E={routing.num_experts}], got {tuple(logits.shape)}")
     K = routing.top_k
@@ -52,10 +60,10 @@ def route(logits: torch.Tensor, routing: RoutingConfig,
         weights_TK, ids_TK = torch.topk(probs_TE, K, dim=-1)
         if routing.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return ids_TK, weights_TK.to(logits.dtype)
+        return ids_TK, weights_TK.to(logits.dtype), None
     if routing.method == "topk_softmax":
         top_TK, ids_TK = torch.topk(logits, K, dim=-1)
-        return ids_TK, F.softmax(top_TK, dim=-1, dtype=top_TK.dtype)
+        return ids_TK, F.softmax(top_TK, dim=-1, dtype=top_TK.dtype), None
     if routing.method == "sigmoid_group":
         T, E = logits.shape
         G = routing.n_group
@@ -69,7 +77,7 @@ def route(logits: torch.Tensor, routing: RoutingConfig,
         weights_TK = scores_TE.gather(1, ids_TK)
         if routing.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        return ids_TK, weights_TK * routing.routed_scaling_factor
+        return ids_TK, weights_TK * routing.routed_scaling_factor, mask_TG
     raise ValueError(f"unknown routing method {routing.method!r}")
 
 
@@ -97,6 +105,55 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, check: bool = 
     offsets_E = torch.cumsum(group_sizes_E, dim=0, dtype=torch.int32)
     return ExpertSort(order_M=order_M, inverse_M=inverse_M, token_M=order_M // K, slot_M=order_M % K,
                       expert_M=expert_M, group_sizes_E=group_sizes_E, offsets_E=offsets_E, num_tokens=T, top_k=K)
+
+
+def forward_routing_stats(logits_TE: torch.Tensor, expert_ids_TK: torch.Tensor, routing: RoutingConfig, *,
+                          group_mask_TG: torch.Tensor | None = None, load_E: torch.Tensor | None = None,
+                          token_mask_T: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One forward pass's routing statistics of one MoE layer (`shared_math.routing_stats` defines them), computed
+    on the logits' device without a host sync and without autograd: {"load" [E] int64, "tokens" [] int64,
+    "entropy_sum" [] fp32, "aux_loss_sum" [] fp32 (softmax-routed families), "groups" [G] int64 (sigmoid_group)}.
+
+    `group_mask_TG`: the groups `_route` kept (sigmoid_group); `load_E`: the expert group sizes when already counted
+    (`sort_by_expert`'s, used only without a token mask); `token_mask_T`: 1 for the tokens to count, 0 for padding.
+    The distribution is formed in fp32 from the logits whatever their dtype, through log-softmax (of the logits, or
+    of log-sigmoid for the normalised sigmoid scores) so that p·ln p never meets ln 0."""
+    with torch.no_grad():
+        logits = logits_TE.detach().float()
+        T, E = logits.shape
+        K = expert_ids_TK.shape[1]
+        if routing.method == "sigmoid_group":
+            log_s_TE = F.logsigmoid(logits)
+            logp_TE = log_s_TE - torch.logsumexp(log_s_TE, dim=-1, keepdim=True)
+        else:
+            logp_TE = F.log_softmax(logits, dim=-1)
+        p_TE = logp_TE.exp()
+        entropy_T = -(p_TE * logp_TE).sum(dim=-1)
+        if token_mask_T is None:
+            tokens = torch.full((), T, dtype=torch.long, device=logits.device)
+            if load_E is None:
+                ones_M = torch.ones(T * K, dtype=torch.long, device=logits.device)
+                load_E = torch.zeros(E, dtype=torch.long, device=logits.device).index_add_(
+                    0, expert_ids_TK.reshape(-1), ones_M)
+            stats = {"load": load_E.long(), "tokens": tokens, "entropy_sum": entropy_T.sum()}
+            p_sum_E = p_TE.sum(dim=0)
+            group_counts = None if group_mask_TG is None else group_mask_TG.long().sum(dim=0)
+        else:
+            m_T = token_mask_T.reshape(-1).to(device=logits.device)
+            if m_T.shape[0] != T:
+                raise ValueError(f"token mask has {m_T.shape[0]} entries for {T} tokens")
+            m_long_T, m_float_T = (m_T != 0).long(), (m_T != 0).float()
+            load_E = torch.zeros(E, dtype=torch.long, device=logits.device).index_add_(
+                0, expert_ids_TK.reshape(-1), m_long_T.repeat_interleave(K))
+            stats = {"load": load_E, "tokens": m_long_T.sum(), "entropy_sum": (entropy_T * m_float_T).sum()}
+            p_sum_E = (p_TE * m_float_T[:, None]).sum(dim=0)
+            group_counts = None if group_mask_TG is None else (group_mask_TG.long() * m_long_T[:, None]).sum(dim=0)
+        if routing.method != "sigmoid_group":  # the families with HF's load-balancing loss
+            n = stats["tokens"].clamp(min=1).float()
+            stats["aux_loss_sum"] = E * (stats["load"].float() * p_sum_E).sum() / (n * n)
+        if group_counts is not None:
+            stats["groups"] = group_counts
+        return stats
 
 
 # ---- the routed experts ----------------------------------------------------------------------------------------------
@@ -246,13 +303,23 @@ class MoEBlock(nn.Module):
                                backend=backend, dtype=dtype, device=device)
         self.shared_experts = (DenseMLP(hidden_size, shared_intermediate_size, dtype=dtype, device=device)
                                if shared_intermediate_size else None)
+        # routing analytics (torch_impl.routing_stats switches them on): each forward then leaves its statistics in
+        # `routing_stats` (overwritten, never added to, so that a checkpointed layer's recompute in the backward
+        # cannot count a batch twice); `routing_token_mask` [T] excludes padding from them
+        self.collect_routing_stats = False
+        self.routing_stats: dict[str, torch.Tensor] | None = None
+        self.routing_token_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x_TH = x.reshape(-1, shape[-1])
         logits_TE = self.router(x_TH)
-        ids_TK, weights_TK = route(logits_TE, self.routing, self.router.e_score_correction_bias)
+        ids_TK, weights_TK, group_mask_TG = _route(logits_TE, self.routing, self.router.e_score_correction_bias)
         srt = sort_by_expert(ids_TK, self.routing.num_experts, check=False)
+        if self.collect_routing_stats:
+            self.routing_stats = forward_routing_stats(logits_TE, ids_TK, self.routing, group_mask_TG=group_mask_TG,
+                                                       load_E=srt.group_sizes_E,
+                                                       token_mask_T=self.routing_token_mask)
         y_TH = self.experts(x_TH, ids_TK, weights_TK, sort=srt)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
