@@ -9,7 +9,9 @@ known ones.
             seq_len, batch_size (rows per micro-batch), seed (shuffling)
     optim:  AdamW (lr, betas, eps, weight_decay), warmup + cosine to min_lr_ratio·lr, max_grad_norm
     train:  steps (optimizer steps), grad_accum, seed (LoRA init), eval_every, save_every, log_every,
-            max_new_tokens (greedy decoding for exact-match), keep_checkpoints, threads, out_dir
+            max_new_tokens (greedy decoding for exact-match), keep_checkpoints, threads, out_dir, routing_stats
+            (per-layer routing analytics in the metrics rows: shared_math/routing_stats.py),
+            loggers (tensorboard, trackio: shared_math/tracking.py), tracker_project
     parallel: data, fsdp, expert: how many devices each mesh axis spans (defaults 1; their product is the number of
             devices). torch runs it under torchrun (one process per device), JAX over its visible devices.
     framework: torch | jax
@@ -86,6 +88,18 @@ class TrainSection:
     # machine a tiny-model step took 0.26 s with 1 thread and 0.86 s with 2 (threads spin while others hold cores)
     threads: int = 1
     out_dir: str = "runs/default"
+    # per MoE layer, expert load, imbalance, router entropy, aux loss, group choices in every logged metrics row and
+    # routing.png (shared_math/routing_stats.py). On by default: per MoE layer a log-softmax and reductions over the
+    # [T, E] router logits, against the experts' O(T·K·H·I) GEMMs, summed on the device, read once per logged step
+    routing_stats: bool = True
+    # experiment trackers fed the rows of metrics.jsonl (shared_math/tracking.py): tensorboard, trackio; they need
+    # the `track` extra. tracker_project: trackio's project name
+    loggers: tuple[str, ...] = ()
+    tracker_project: str = "splitmoe"
+    # activation checkpointing per decoder layer: "recompute" keeps each layer's input and recomputes the layer in
+    # the backward, "offload" (torch only) keeps those inputs in host memory; memory, not numbers: the losses are
+    # those of "none" (tests/shared/train_suite.py). Not on/off: YAML reads those as booleans
+    gradient_checkpointing: Literal["none", "recompute", "offload"] = "none"
 
 
 @dataclass(frozen=True)
@@ -131,9 +145,13 @@ class RunConfig:
 NON_TRAJECTORY_KEYS = frozenset({"train.eval_every", "train.save_every", "train.log_every", "train.out_dir",
                                  "train.max_new_tokens", "train.eval_batch_size", "train.keep_checkpoints",
                                  "train.threads", "data.eval_path", "data.synthetic.num_eval",
+                                 # the routing statistics only read the router's outputs
+                                 "train.routing_stats",
+                                 # trackers only watch the rows: a run may resume with other loggers
+                                 "train.loggers", "train.tracker_project",
                                  # the mesh changes how a step is computed, not what: a run saved on N devices resumes
                                  # on M (equal to fp32 reduction-order tolerance, tests/*/test_parallel*.py)
-                                 "parallel.data", "parallel.fsdp", "parallel.expert"})
+                                 "parallel.data", "parallel.fsdp", "parallel.expert", "train.gradient_checkpointing"})
 
 
 def _validate(cfg: RunConfig) -> None:
@@ -158,6 +176,11 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("optim: need eps > 0, weight_decay >= 0, max_grad_norm >= 0, 0 <= min_lr_ratio <= 1")
     if cfg.model.path is None and cfg.model.tiny is None:
         raise ConfigError("model: set path (a HF checkpoint folder) or tiny (a configs/models/*.yaml preset)")
+    from shared_math.tracking import check_logger_names  # imported here: tracking imports this module
+
+    check_logger_names(cfg.train.loggers)
+    if not cfg.train.tracker_project.strip():
+        raise ConfigError("train.tracker_project must not be empty (trackio's project name, default splitmoe)")
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise ConfigError("data.source is jsonl but data.path is not set")
     par = cfg.parallel

@@ -3,7 +3,8 @@ only in the forward/backward and the optimizer call:
 
 - `prepare_run(cfg)`: the checkpoint (a tiny preset is built into `<out_dir>/model`), tokenizer, packed training
   data, held-out records; `init_lora_tensors`: the initial adapter drawn in numpy from `train.seed` (A ~ PEFT's
-  kaiming-uniform U(±1/sqrt(in)), B = 0), loaded into either framework so both start from the same adapter.
+  kaiming-uniform U(±1/sqrt(in)), B = 0), loaded into either framework so both start from the same adapter;
+  `read_model_config(cfg)`: the model's config without building anything (to refuse a device mesh before any work).
 - `lr_at(step)`: linear warmup then cosine decay, evaluated in Python for both frameworks.
 - `clip_coefficient(norm)`: global-norm clipping as torch's clip_grad_norm_ computes it, applied in both.
 - Divergence: `check_finite` (NaN/inf loss or grad norm, or a collapsed run: grad norm exactly 0 at loss ln V) and
@@ -16,7 +17,11 @@ only in the forward/backward and the optimizer call:
   as recorded), `check_resume` (verifies, and refuses a folder made by a different config). `run_training` resumes
   from the newest intact checkpoint, skipping damaged ones with a message. Checkpoints hold no pickles: torch writes
   safetensors + JSON, jax orbax's OCDBT / zarr + JSON (and reads an older npz without object arrays).
-- `MetricsLog` (JSONL), `Progress` (stderr bar: loss, tokens/s, memory), `plot_run` / `plot_compare` (PNG, Agg).
+- `MetricsLog` (JSONL, the source of truth; each row also goes to the run's experiment trackers, shared_math.tracking),
+  the progress bar (shared_math.progress.TrainingBar: tqdm on stderr, quiet off a terminal), `plot_run` /
+  `plot_compare` (PNG, Agg).
+- Routing analytics: at every logged step `pop_routing_stats(trainer)` adds the trainer's per-layer routing
+  statistics (shared_math.routing_stats, `train.routing_stats`) to the row as `routing`; routing.png at the end.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ import numpy as np
 from shared_math import data as data_mod
 from shared_math import tasks as tasks_mod
 from shared_math.config import LoraConfig, ModelConfig
+from shared_math.progress import TrainingBar
+from shared_math.routing_stats import plot_routing
+from shared_math.tracking import Trackers, check_loggers, open_trackers
 from shared_math.train_config import (
     ConfigError,
     RunConfig,
@@ -94,6 +102,20 @@ def build_model_checkpoint(cfg: RunConfig, out_dir: Path) -> Path:
     return dest
 
 
+def read_model_config(cfg: RunConfig) -> ModelConfig:
+    """The ModelConfig of `cfg`'s model without writing anything (`model.path`'s config.json, or the config the
+    `model.tiny` preset would be built with), so that a layout can be refused before any work."""
+    if cfg.model.path is not None:
+        p = resolve_path(cfg.model.path)
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.path {cfg.model.path}: no config.json there (a HF checkpoint folder)")
+        return ModelConfig.from_hf(p)
+    from shared_math.tiny import tiny_hf_config
+
+    spec = _load_model_yaml(resolve_path(cfg.model.tiny))
+    return ModelConfig.from_hf(tiny_hf_config(spec["family"], **spec["overrides"]))
+
+
 def _load_model_yaml(path: Path) -> dict[str, Any]:
     """A configs/models/*.yaml preset (`family`, `seed`, `overrides`), as `splitmoe make-tiny --config` reads it."""
     import yaml
@@ -110,6 +132,7 @@ def _load_model_yaml(path: Path) -> dict[str, Any]:
 def prepare_run(cfg: RunConfig, out_dir: str | Path | None = None) -> PreparedRun:
     """Build or find the checkpoint, the tokenizer and the datasets of `cfg` (errors name the bad input)."""
     check_optim_range(cfg)
+    check_loggers(cfg.train.loggers)  # a tracker whose package is missing is refused before any work
     out = Path(out_dir if out_dir is not None else cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = build_model_checkpoint(cfg, out)
@@ -384,10 +407,11 @@ def check_resume(ckpt: Path, cfg: RunConfig, framework: str) -> dict[str, Any]:
 
 class MetricsLog:
     """Append-only JSONL of training and eval rows; on resume, rows after the resumed step are dropped (the run
-    recomputes them)."""
+    recomputes them). Every row written also goes to `trackers` (TensorBoard, trackio: the same rows)."""
 
-    def __init__(self, path: Path, *, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, *, resume_step: int | None = None, trackers: Trackers | None = None) -> None:
         self.path = path
+        self.trackers = trackers if trackers is not None else Trackers()
         if resume_step is None:
             path.write_text("")
         elif path.is_file():
@@ -398,9 +422,24 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self.trackers.log(row)
+
+    def close(self) -> None:
+        """Flush and close the trackers (the JSONL file is complete after every `write`)."""
+        self.trackers.close()
 
     def rows(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+class _NoMetrics:
+    """The metrics log of a rank that writes nothing (see run_training)."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def peak_memory_mb() -> float:
@@ -408,29 +447,6 @@ def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-class Progress:
-    """One stderr line per `log_every` steps (rewritten in place on a terminal): step, loss, lr, tokens/s, memory."""
-
-    def __init__(self, total: int, *, enabled: bool = True, label: str = "") -> None:
-        self.total, self.enabled, self.label = total, enabled, label
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float, lr: float, tokens_per_s: float, mem_mb: float) -> None:
-        if not self.enabled:
-            return
-        width = 20
-        done = int(width * step / self.total)
-        line = (f"{self.label}[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {loss:.4f} "
-                f"lr {lr:.2e} {tokens_per_s / 1e3:.1f}k tok/s mem {mem_mb:.0f} MiB")
-        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
-        sys.stderr.flush()
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            sys.stderr.write(("\n" if self.tty else "") + text + "\n")
-            sys.stderr.flush()
 
 
 def plot_run(rows: Sequence[dict[str, Any]], png: Path, title: str = "") -> Path:
@@ -507,6 +523,7 @@ class TrainResult:
     plot: Path | None = None
     seconds: float = 0.0
     skipped_checkpoints: list[str] = field(default_factory=list)  # damaged checkpoints passed over on resume: why
+    routing_plot: Path | None = None  # routing.png (train.routing_stats), None without routing statistics
 
 
 def exact_match_eval(run: PreparedRun, logits_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -572,25 +589,32 @@ def run_training(tr: Any, *, resume: bool = False, stop_after: int | None = None
     `resume` restores the newest intact checkpoint; each damaged one passed over is reported on stderr (even with
     `progress` off), in `TrainResult.skipped_checkpoints` and as a {"step", "skipped_checkpoint"} row of
     metrics.jsonl.
+
+    A trainer whose `is_main` is False (a torchrun rank other than 0, torch_impl.parallel) takes part in every step,
+    evaluation and save (they are collective) but writes and prints nothing: no metrics, trackers, bar or plot.
     """
     t0 = time.perf_counter() if t0 is None else t0
     cfg, fw = tr.cfg, tr.framework
     out = tr.run.out_dir
-    clean_partial_checkpoints(out)
+    main = getattr(tr, "is_main", True)
+    if main:
+        clean_partial_checkpoints(out)
     skipped: list[str] = []
     if resume:
         _, skipped = restore_newest_intact(tr, out)
-        for line in skipped:  # always shown: the run silently going back further than asked would be a surprise
+        for line in skipped if main else ():  # always shown: the run silently going back further would surprise
             sys.stderr.write(f"{fw} warning: {line}\n")
             sys.stderr.flush()
     elif (last := latest_checkpoint(out)) is not None:
         raise ConfigError(f"{out} already holds checkpoints ({last.name}); pass --resume to continue that run, or "
                           "choose another train.out_dir")
     result = TrainResult(out_dir=out, start_step=tr.step, skipped_checkpoints=skipped)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=tr.step if resume else None)
+    resume_step = tr.step if resume else None
+    metrics = (MetricsLog(out / "metrics.jsonl", resume_step=resume_step,
+                          trackers=open_trackers(cfg, out, resume_step=resume_step)) if main else _NoMetrics())
     for line in skipped:
         metrics.write({"step": tr.step, "skipped_checkpoint": line})
-    bar = Progress(cfg.train.steps, enabled=progress, label=f"{fw} ")
+    bar = TrainingBar(cfg.train.steps, enabled=progress and main, label=fw, initial=tr.step)
     if tr.step == 0:
         row = tr.evaluate()
         metrics.write(row)
@@ -608,7 +632,10 @@ def run_training(tr: Any, *, resume: bool = False, stop_after: int | None = None
         row = {"step": tr.step, "loss": loss, "grad_norm": norm, "lr": lr}
         if tr.step % cfg.train.log_every == 0 or tr.step == end:
             row["tokens_per_s"], row["memory_mb"] = timer.rate(), peak_memory_mb()
-            bar.update(tr.step, loss, lr, row["tokens_per_s"], row["memory_mb"])
+            if (routing := pop_routing_stats(tr)) is not None:
+                row["routing"] = routing
+            bar.set_stats(loss, lr, row["tokens_per_s"], row["memory_mb"])
+        bar.update(tr.step)
         metrics.write(row)
         if cfg.train.eval_every and tr.step % cfg.train.eval_every == 0 and tr.step != cfg.train.steps:
             ev = tr.evaluate()
@@ -626,10 +653,22 @@ def run_training(tr: Any, *, resume: bool = False, stop_after: int | None = None
         result.evals.append(ev)
         bar.message(f"{fw} step {tr.step} eval: {_fmt_eval(ev)}")
         result.adapter_dir = tr.save_adapter(out / "adapter")
-        result.plot = plot_run(metrics.rows(), out / "loss.png", title=f"{fw}: {out}")
+        result.plot = plot_run(metrics.rows(), out / "loss.png", title=f"{fw}: {out}") if main else None
+        if main:
+            result.routing_plot = plot_routing(metrics.rows(), out / "routing.png", title=f"{fw} routing: {out}")
+    bar.close()
+    metrics.close()
     result.final_step = tr.step
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def pop_routing_stats(tr: Any) -> dict[str, Any] | None:
+    """The `routing` object of a logged metrics row: the trainer's routing statistics of the steps since the last
+    logged one (`Trainer.pop_routing_stats`, shared_math.routing_stats), None when the run has them off. Every rank
+    of a parallel run calls it at the same steps (the statistics are summed over the ranks)."""
+    pop = getattr(tr, "pop_routing_stats", None)
+    return None if pop is None else pop()
 
 
 def _fmt_eval(row: dict[str, Any]) -> str:

@@ -1,7 +1,9 @@
 """`splitmoe train` and `splitmoe compare`, and `run_default_job` (the embedded default job behind `splitmoe demo`).
 
 train    one run of a configs/runs/*.yaml (defaults: the embedded synthetic task on the tiny Qwen3-MoE) in torch or
-         jax, with `key=value` overrides; `--resume` continues the run folder's newest checkpoint.
+         jax, with `key=value` overrides; `--resume` continues the run folder's newest checkpoint. torch on several
+         devices: `torchrun --standalone --nproc-per-node N -m splitmoe train ... parallel.expert=2`
+         (torch_impl.parallel).
 compare  trains torch and jax side by side from the same checkpoint, initial adapter and batches for N steps and
          prints a step-by-step table (loss, grad-norm, relative differences); writes compare.png and
          compare.jsonl; exits 1 when a loss differs by more than the shared_math.numerics tolerance.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -61,13 +64,14 @@ def _train(args: argparse.Namespace) -> int:
     from shared_math.training import TrainingDiverged
 
     trainer = None
-    if args.device or args.cuda_graph:
+    if args.device or args.cuda_graph or args.compile:
         if cfg.framework != "torch":
-            print("splitmoe train: error: --device and --cuda-graph are torch options (jax trains on its default "
-                  "device, and its jitted step is one executable already)", file=sys.stderr)
+            print("splitmoe train: error: --device, --cuda-graph and --compile are torch options (jax trains on its "
+                  "default device, and its jitted step is one compiled executable already)", file=sys.stderr)
             return 2
         try:
-            trainer = mod.Trainer(cfg, device=args.device or "cpu", cuda_graph=args.cuda_graph)
+            trainer = mod.Trainer(cfg, device=args.device or "cpu", cuda_graph=args.cuda_graph,
+                                  compile=args.compile)
         except ValueError as e:
             print(f"splitmoe train: error: {e}", file=sys.stderr)
             return 2
@@ -76,8 +80,9 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"splitmoe train: error: {e}", file=sys.stderr)
         return 3
-    print(f"splitmoe train ({cfg.framework}): steps {result.start_step} -> {result.final_step} in "
-          f"{cfg.train.out_dir}\n{_summary(result)}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun (parallel runs) rank 0 alone reports
+        print(f"splitmoe train ({cfg.framework}): steps {result.start_step} -> {result.final_step} in "
+              f"{cfg.train.out_dir}\n{_summary(result)}")
     return 0
 
 
@@ -172,6 +177,9 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--cuda-graph", action="store_true",
                    help="torch on CUDA: capture each micro-step's forward + backward once and replay it "
                         "(torch_impl.cuda_graph; needs the triton MoE backend and batches of one shape)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch: torch.compile each decoder layer (torch_impl.compile; regional, compiled once for "
+                        "all layers; batches of varying shape allowed)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3 train.steps=100")
     t.set_defaults(func=_train)
 

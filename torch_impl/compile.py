@@ -22,7 +22,12 @@ __all__ = ["compile_decoder_layers"]
 def compile_decoder_layers(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
     """Compile each decoder layer of `model` (its `layers`) in place with `nn.Module.compile(**compile_kwargs)`
     (e.g. `fullgraph=True`, `mode="max-autotune"`, `dynamic=False`) and return `model`. Compilation happens at the
-    first forward; the state dict and the parameters are unchanged (no `_orig_mod.` prefixes)."""
+    first forward; the state dict and the parameters are unchanged (no `_orig_mod.` prefixes). A model sharded over
+    several devices (`torch_impl.parallel`) is refused (ValueError)."""
+    from torch_impl.parallel import refuse_sharded
+
+    # FSDP2's hooks around each layer and the expert all-to-all's host-side split sizes are not traced here
+    refuse_sharded(model, "torch.compile (compile_decoder_layers)")
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         raise ValueError(f"{type(model).__name__} has no decoder layers (`model.layers`) to compile")

@@ -160,12 +160,14 @@ def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
 
 
 def check_capturable(model: torch.nn.Module) -> None:
-    """Raise ValueError, before any work, when a MoE layer of `model` runs a backend a CUDA graph cannot hold, or
-    its checkpointing offloads to host memory: a failed capture inside activation checkpointing can leave autograd's
-    saved-tensor hooks behind in the process."""
+    """Raise ValueError, before any work, when a MoE layer of `model` runs a backend a CUDA graph cannot hold, its
+    checkpointing offloads to host memory (a failed capture inside activation checkpointing can leave autograd's
+    saved-tensor hooks behind in the process), or it is sharded over several devices (`torch_impl.parallel`)."""
     from torch_impl.backends import resolve_backend
     from torch_impl.moe import Experts
+    from torch_impl.parallel import refuse_sharded
 
+    refuse_sharded(model, "a CUDA graph (torch_impl.cuda_graph)")
     if getattr(model, "checkpoint_offload", False):
         # the offloaded checkpoint allocates pinned host buffers and runs a reentrant backward: neither is capturable
         raise ValueError("activation checkpointing with offload_to_cpu=True cannot run inside a CUDA graph; call "

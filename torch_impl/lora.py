@@ -126,6 +126,11 @@ def _lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Canonical LoRA name -> the model's parameter (sharded ones under `torch_impl.parallel`)."""
+    return _lora_params(model)
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
     """Every LoRA tensor of `model` as float32 numpy, under its canonical name (docs/CONTRACTS.md)."""
     return {n: p.detach().float().cpu().numpy() for n, p in _lora_params(model).items()}

@@ -273,3 +273,20 @@ def test_inductor_compiled_layer_fullgraph_equals_eager(seed):
 def test_compile_decoder_layers_refuses_a_model_without_layers():
     with pytest.raises(ValueError, match="no decoder layers"):
         compile_decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_trainer_compiles_its_decoder_layers_when_asked(tmp_path):
+    """Trainer(compile=True) (`splitmoe train --compile`) compiles each decoder layer (the numbers of a compiled
+    layer are test_compiled_decoder_layers_fullgraph_equal_eager's); with cuda_graph it is refused, and JAX (always
+    jitted) refuses the flag."""
+    from shared_math.train_config import load_run_config
+    from splitmoe.cli import main
+    from torch_impl.train import Trainer
+
+    cfg = load_run_config(None, [f"train.out_dir={tmp_path / 'run'}", "train.steps=1"])
+    tr = Trainer(cfg, compile=True)
+    assert all(layer._compiled_call_impl is not None for layer in tr.model.layers)
+    assert Trainer(cfg, run=tr.run).model.layers[0]._compiled_call_impl is None
+    with pytest.raises(ValueError, match="pick one"):
+        Trainer(cfg, run=tr.run, compile=True, cuda_graph=True)
+    assert main(["train", "--framework", "jax", "--compile", "--out", str(tmp_path / "jax")]) == 2
