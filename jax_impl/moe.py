@@ -43,6 +43,14 @@ def route(logits: jax.Array, routing: RoutingConfig,
                   weights, optional renormalise, times routed_scaling_factor; weights stay fp32 as in HF.
     Ties go to the lower expert index (lax.top_k is stable).
     """
+    ids_TK, weights_TK, _ = _route(logits, routing, correction_bias)
+    return ids_TK, weights_TK
+
+
+def _route(logits: jax.Array, routing: RoutingConfig, correction_bias: jax.Array | None = None
+           ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`route`, plus the groups kept per token (bool [T, G]) for sigmoid_group routing (None for the others), which
+    the routing statistics count."""
     K = routing.top_k
     if logits.shape[-1] != routing.num_experts:
         raise ValueError(f"router logits must be [T, E={routing.num_experts}], got {logits.shape}")
@@ -51,10 +59,10 @@ def route(logits: jax.Array, routing: RoutingConfig,
         weights_TK, ids_TK = jax.lax.top_k(probs_TE, K)
         if routing.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdims=True)
-        return ids_TK, weights_TK.astype(logits.dtype)
+        return ids_TK, weights_TK.astype(logits.dtype), None
     if routing.method == "topk_softmax":
         top_TK, ids_TK = jax.lax.top_k(logits, K)
-        return ids_TK, jax.nn.softmax(top_TK.astype(_F32), axis=-1).astype(logits.dtype)
+        return ids_TK, jax.nn.softmax(top_TK.astype(_F32), axis=-1).astype(logits.dtype), None
     if routing.method == "sigmoid_group":
         return _route_sigmoid_group(logits, routing, correction_bias)
     raise ValueError(f"unknown routing method {routing.method!r}")
@@ -75,7 +83,45 @@ def _route_sigmoid_group(logits_TE, routing: RoutingConfig, correction_bias_E):
     weights_TK = jnp.take_along_axis(scores_TE, ids_TK, axis=-1)
     if routing.norm_topk_prob:
         weights_TK = weights_TK / (weights_TK.sum(-1, keepdims=True) + 1e-20)
-    return ids_TK, weights_TK * routing.routed_scaling_factor
+    return ids_TK, weights_TK * routing.routed_scaling_factor, group_mask_TG
+
+
+def forward_routing_stats(logits_TE: jax.Array, expert_ids_TK: jax.Array, routing: RoutingConfig, *,
+                          group_mask_TG: jax.Array | None = None, token_mask_T: jax.Array | None = None
+                          ) -> dict[str, jax.Array]:
+    """One forward pass's routing statistics of one MoE layer (`shared_math.routing_stats` defines them), without
+    gradient: {"load" [E] int32, "tokens" [] int32, "entropy_sum" [] fp32, "aux_loss_sum" [] fp32 (softmax-routed
+    families), "groups" [G] int32 (sigmoid_group)}. Mirrors torch_impl.moe.forward_routing_stats.
+
+    `group_mask_TG`: the groups `_route` kept (sigmoid_group); `token_mask_T`: 1 for the tokens to count, 0 for
+    padding. The distribution is formed in fp32 through log-softmax (of the logits, or of log-sigmoid for the
+    normalised sigmoid scores), so that p·ln p never meets ln 0."""
+    logits = jax.lax.stop_gradient(logits_TE).astype(_F32)
+    T, E = logits.shape
+    K = expert_ids_TK.shape[1]
+    if routing.method == "sigmoid_group":
+        log_s_TE = jax.nn.log_sigmoid(logits)
+        logp_TE = log_s_TE - jax.nn.logsumexp(log_s_TE, axis=-1, keepdims=True)
+    else:
+        logp_TE = jax.nn.log_softmax(logits, axis=-1)
+    p_TE = jnp.exp(logp_TE)
+    entropy_T = -(p_TE * logp_TE).sum(-1)
+    if token_mask_T is None:
+        m_T = jnp.ones((T,), jnp.int32)
+    else:
+        if token_mask_T.size != T:
+            raise ValueError(f"token mask has {token_mask_T.size} entries for {T} tokens")
+        m_T = (token_mask_T.reshape(-1) != 0).astype(jnp.int32)
+    load_E = jnp.zeros((E,), jnp.int32).at[expert_ids_TK.reshape(-1)].add(jnp.repeat(m_T, K))
+    tokens = m_T.sum()
+    m_f_T = m_T.astype(_F32)
+    stats = {"load": load_E, "tokens": tokens, "entropy_sum": (entropy_T * m_f_T).sum()}
+    if routing.method != "sigmoid_group":  # the families with HF's load-balancing loss
+        n = jnp.maximum(tokens, 1).astype(_F32)
+        stats["aux_loss_sum"] = E * (load_E.astype(_F32) * (p_TE * m_f_T[:, None]).sum(0)).sum() / (n * n)
+    if group_mask_TG is not None:
+        stats["groups"] = (group_mask_TG.astype(jnp.int32) * m_T[:, None]).sum(0)
+    return stats
 
 
 # ---- the shared permutation ------------------------------------------------------------------------------------------
@@ -223,6 +269,8 @@ class Experts(nnx.Module):
         self.gate_up_lora_scale: float | None = None  # None: lora_scale (per-target alpha/rank can make them differ)
         self.activation, self.swiglu_limit, self.swiglu_alpha = activation, float(swiglu_limit), float(swiglu_alpha)
         self.backend = resolve_backend(backend)
+        # static: None on one device; jax_impl.parallel.shard_model sets its mesh dispatch (same arguments)
+        self.expert_parallel = None
 
     @property
     def num_experts(self) -> int:
@@ -241,11 +289,17 @@ class Experts(nnx.Module):
             # the backends take one LoRA scale: fold gate_up's own into its B here, where autodiff sees it (B is
             # small, [E, R, 2I]), so values and gradients are those of scale s_gu
             lora_gate_up = (lora_gate_up[0], lora_gate_up[1] * (s_gu / self.lora_scale))
-        return split_lora_experts(
+        run = split_lora_experts if self.expert_parallel is None else self.expert_parallel
+        return run(
             x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj[...], self.down_proj[...],
             lora_gate_up, pair(self.down_lora_A, self.down_lora_B),
             scale=self.lora_scale, biases=biases, activation=self.activation, swiglu_limit=self.swiglu_limit,
             swiglu_alpha=self.swiglu_alpha, backend=self.backend)
+
+
+class RoutingStats(nnx.Variable):
+    """Routing analytics state of one MoE block (`jax_impl.routing_stats`): the statistics of its last forward (a
+    dict of arrays, `forward_routing_stats`), or the token mask that the next forwards count by. Never trained."""
 
 
 class MoEBlock(nnx.Module):
@@ -261,11 +315,20 @@ class MoEBlock(nnx.Module):
         self.experts = experts
         self.routing = routing
         self.shared_experts = shared_experts
+        # routing analytics (jax_impl.routing_stats switches them on): a RoutingStats variable that each forward
+        # overwrites with its statistics, returned by a jitted step as part of its outputs; `routing_token_mask`, a
+        # RoutingStats holding [T], excludes padding from them
+        self.routing_stats = nnx.data(None)
+        self.routing_token_mask = nnx.data(None)
 
     def __call__(self, x_TH: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits_TE = self.router(x_TH)
         corr = self.router.e_score_correction_bias
-        ids_TK, weights_TK = route(logits_TE, self.routing, None if corr is None else corr[...])
+        ids_TK, weights_TK, group_mask_TG = _route(logits_TE, self.routing, None if corr is None else corr[...])
+        if self.routing_stats is not None:
+            mask = None if self.routing_token_mask is None else self.routing_token_mask.get_value()
+            self.routing_stats.set_value(forward_routing_stats(logits_TE, ids_TK, self.routing,
+                                                               group_mask_TG=group_mask_TG, token_mask_T=mask))
         # (ids come from route, so sort_by_expert's range check would be redundant; it is skipped under jit anyway)
         y_TH = self.experts(x_TH, ids_TK, weights_TK)
         if self.shared_experts is not None:
