@@ -12,6 +12,11 @@ non-reentrant activation checkpointing per decoder layer. Rows:
 - `torch_impl`: this project (`--backend` picks the MoE backend; `--cuda-graph` replays a captured forward + backward;
   `--compile` compiles each decoder layer; `--offload` keeps the checkpointed layer inputs in host memory);
   the loss through `torch_impl.loss` (no `[S, V]` logits) and torch's fused AdamW on CUDA;
+- `jax_impl`: this project in JAX (`benchmarks/step_jax.py`): one jitted step (forward with the loss without
+  logits, backward, optax AdamW) with the LoRA and optimizer buffers donated, `jax.checkpoint` per decoder layer with
+  the `--jax-remat` policy, `--jax-attn` attention (cuDNN flash attention on a GPU), `--jax-backend` experts; its
+  `peak_gib` is the allocator's peak on a GPU (lengths run in ascending order: JAX cannot reset it) and XLA's buffer
+  assignment on a CPU (`compiled_peak_gib` on both);
 - `hf_peft`: HF transformers v5 with PEFT (`target_parameters` on the experts), `--hf-attn` attention;
 - `unsloth`: Unsloth as its users run it (qwen3_moe and gpt_oss): the random model saved with save_pretrained (the
   expert tensors left out, so transformers draws them at load, which keeps a 30B save small), loaded with
@@ -48,8 +53,9 @@ import torch  # noqa: E402
 from benchmarks.common import versions, write_jsonl  # noqa: E402
 from shared_math.config import EXPERT_TARGETS, LoraConfig, ModelConfig  # noqa: E402
 from shared_math.presets import PRESETS, preset_hf_config, preset_names  # noqa: E402
+from shared_math.progress import progress_bar, write_line  # noqa: E402
 
-IMPLS = ("torch_impl", "hf_peft", "unsloth")
+IMPLS = ("torch_impl", "jax_impl", "hf_peft", "unsloth")
 # attention projections with LoRA per family (MLA families have no q/k/v_proj); the experts always get both tensors
 ATTENTION_TARGETS = {
     "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -388,6 +394,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--impls", default="torch_impl,hf_peft", help=f"comma-separated, of {', '.join(IMPLS)}")
     p.add_argument("--backend", default="auto", help="torch_impl MoE backend")
     p.add_argument("--hf-attn", default=None, help="HF attention implementation (default: sdpa; eager for gpt_oss)")
+    p.add_argument("--jax-backend", default="auto", help="jax_impl MoE backend")
+    p.add_argument("--jax-attn", default="auto", choices=["auto", "cudnn", "xla", "literal"],
+                   help="jax_impl attention: cuDNN flash attention, XLA's, or the literal softmax (auto: cudnn on a "
+                        "GPU, literal on a CPU)")
+    p.add_argument("--jax-remat", default="small_dots", choices=["small_dots", "nothing", "dots"],
+                   help="jax_impl: what a checkpointed decoder layer keeps for the backward (jax_impl.models.layers."
+                        "REMAT_POLICIES)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
@@ -421,6 +434,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _jax_error_text(e: BaseException) -> str:
+    msg = str(e)
+    oom = "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
+    return "OOM" if oom else f"{type(e).__name__}: {msg[:300]}"
+
+
+def _main_jax(a: argparse.Namespace) -> int:
+    """The jax_impl row (benchmarks/step_jax.py), in this process: build, then the lengths or the longest context,
+    emitting rows as main() does."""
+    from benchmarks.step_jax import JaxStep, configure_jax, jax_versions, measure_jax
+
+    env = configure_jax(a.device)  # before the first import of jax
+    hf = preset_hf_config(a.family, a.preset, a.layers)
+    vocab = hf["vocab_size"]
+    lora = LoraConfig(rank=a.rank, alpha=a.alpha, targets=ATTENTION_TARGETS[a.family] + EXPERT_TARGETS)
+    base = dict(impl="jax_impl", family=a.family, preset=a.preset, layers=hf["num_hidden_layers"], rank=a.rank,
+                alpha=a.alpha, grad_ckpt=a.grad_ckpt, jax_remat=a.jax_remat if a.grad_ckpt else None, jax_env=env)
+
+    def emit(row: dict) -> None:
+        write_line(json.dumps({k: row.get(k) for k in ("impl", "mode", "seq", "step_ms", "peak_gib", "first_step_s",
+                                                        "error", "max_context") if k in row}), file=sys.stdout)
+        if a.out:
+            write_jsonl(a.out, [row])
+
+    try:
+        base.update(jax_versions())
+        runner = JaxStep(hf, lora, backend=a.jax_backend, attn=None if a.jax_attn == "literal" else a.jax_attn,
+                         remat=a.jax_remat if a.grad_ckpt else None)
+        base.update(backend=runner.backend, jax_attn=runner.attn or "literal")
+    except Exception as e:  # noqa: BLE001 - a row that cannot even build is recorded, not dropped
+        emit({**base, "mode": "build", "seq": None, "step_ms": None, "peak_gib": None, "error": _jax_error_text(e)})
+        return 1
+
+    def try_step(S: int, warmup: int, iters: int) -> dict:
+        try:
+            return measure_jax(runner, S, vocab, warmup, iters)
+        except Exception as e:  # noqa: BLE001 - out of memory (XlaRuntimeError) or a refused shape: the row says so
+            return dict(step_ms=None, peak_gib=None, error=_jax_error_text(e))
+
+    if a.max_context:
+        def probe(S: int) -> dict:
+            row = {**base, "mode": "max_context_probe", "seq": S, **try_step(S, 0, 1)}
+            emit(row)
+            return row
+
+        best, _ = max_context(probe, a.seqs[0], a.max_seq, a.context_step)
+        emit({**base, "mode": "max_context", "seq": best, "max_context": best, "max_seq": a.max_seq,
+              "context_step": a.context_step})
+        return 0
+    seqs = sorted(a.seqs)  # the allocator's peak is a process maximum: ascending, each row's peak is its own
+    # untimed, as the torch rows: one-time work of the process stays out of the first row; it compiles the first
+    # length, so that row's first_step_s (compilation included) is this step's
+    first = try_step(seqs[0], 0, 1)
+    for S in progress_bar(seqs, desc="jax_impl rows", unit="row"):
+        row = try_step(S, a.warmup, a.iters)
+        if S == seqs[0] and not first.get("error"):
+            row.update(first_step_s=first["first_step_s"], compile_s=first["compile_s"])
+        emit({**base, "mode": "step", "seq": S, **row})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if len(a.impls) > 1:
@@ -431,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             rc |= subprocess.run([sys.executable, __file__, *args, "--impls", impl]).returncode
         return rc
     impl = a.impls[0]
+    if impl == "jax_impl":  # its own loop: JAX's allocator, compilation and buffer donation differ from torch's
+        return _main_jax(a)
     unsloth_error = None
     if impl == "unsloth":
         try:
@@ -452,8 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     max_seq = a.max_seq if a.max_context else max(a.seqs)
 
     def emit(row: dict) -> None:
-        print(json.dumps({k: row.get(k) for k in ("impl", "mode", "seq", "step_ms", "peak_gib", "first_step_s",
-                                                   "error", "max_context") if k in row}), flush=True)
+        # through tqdm: a row printed while the bar of the rows is drawing goes above it, not through it
+        write_line(json.dumps({k: row.get(k) for k in ("impl", "mode", "seq", "step_ms", "peak_gib", "first_step_s",
+                                                        "error", "max_context") if k in row}), file=sys.stdout)
         if a.out:
             write_jsonl(a.out, [row])
 
@@ -492,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     # after a one-step warm-up on the H200 (gpt-oss 1K: 1325 ms, then 536 ms in the same process)
     _try_step(model, loss_fn, min(a.seqs), vocab, argparse.Namespace(**{**vars(a), "warmup": 0, "iters": 1}),
               impl, None)
-    for S in a.seqs:
+    # a full-size row takes minutes (warm-up and timed steps at S tokens): a bar of the rows on a terminal
+    for S in progress_bar(a.seqs, desc=f"{impl} rows", unit="row"):
         emit({**base, "mode": "step", "seq": S, **_try_step(model, loss_fn, S, vocab, a, impl, ctx)})
     if a.profile:
         name = f"step_{a.family}_{a.preset}_L{hf['num_hidden_layers']}_{impl}_S{a.seqs[0]}.txt"

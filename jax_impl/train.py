@@ -11,6 +11,14 @@ eps outside the square root: torch.optim.AdamW's semantics) with the learning ra
 an update that would make a LoRA tensor non-finite is not kept (TrainingDiverged). Token ids are checked before
 every jitted call, as the eager model does: under jit an out-of-range id would gather NaN embeddings silently.
 
+Several devices (`parallel:` data / fsdp / expert, product > 1; jax_impl/parallel.py): one process over the devices
+jax sees (`devices=` picks them), a layout that does not match them or does not divide the routed experts refused
+before any weight is read. The weights are read into host memory and placed in their shards, the MoE layers dispatch
+over the mesh, batches are split by rows, and the same jitted functions run with the layout as a static argument
+that pins the gradients and the updated state to the placement of the LoRA tensors; the loss is the same mean over
+the batch's valid tokens as on one device. Checkpoints are the same orbax trees: each array is saved from its
+shards, and restored straight onto this trainer's placement, whatever layout wrote it (N devices -> M, 1 included).
+
 Training state: orbax-checkpoint's standard PyTree checkpoint (OCDBT + zarr, no pickle) of {"params": the LoRA
 `nnx.State`, "opt_state": the optax state with its injected hyper-parameters, "rng": the PRNG key's data, "step"},
 written into `<step folder>/state/` by a synchronous `ocp.Checkpointer(ocp.StandardCheckpointHandler())` (the
@@ -52,7 +60,8 @@ import sys
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +75,7 @@ from jax_impl.backends import resolve_backend
 from jax_impl.load import load_model
 from jax_impl.lora import load_lora_state_dict, save_adapter
 from jax_impl.models.layers import prepare_position_ids
+from jax_impl.routing_stats import RoutingStatsAccumulator, routing_stats_of
 from shared_math.train_config import ConfigError, RunConfig
 from shared_math.training import (
     CheckpointDamaged,
@@ -96,28 +106,45 @@ _TX = optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=0.9, b2=0.999,
 
 
 def _loss_fn(graphdef, params, rest, input_ids, labels, position_ids, scale):
-    """(loss · scale, loss): the gradient is taken of the scaled loss, as torch's (loss / accum).backward()."""
-    model = nnx.merge(graphdef, params, rest)
-    loss = model(input_ids, labels=labels, position_ids=position_ids).loss
-    return loss * scale, loss
+    """(loss · scale, (loss, routing statistics)): the gradient is taken of the scaled loss, as torch's
+    (loss / accum).backward(); the statistics are those the MoE blocks wrote in this forward ([] when off)."""
+    # a copy: the MoE blocks' routing statistics are variables written inside this trace (under value_and_grad,
+    # nnx refuses writes to the variables of a merge that shares them with the caller's state)
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    # the loss without [B, S, V] logits (jax_impl.loss): logits stay available to evaluation through _logits
+    loss = model(input_ids, labels=labels, position_ids=position_ids, return_logits=False).loss
+    return loss * scale, (loss, routing_stats_of(model))
 
 
-# graphdef (the model's structure) is static and hashable: models of the same structure share compilations
-_loss_and_grad = jax.jit(jax.value_and_grad(_loss_fn, argnums=1, has_aux=True), static_argnums=0)
+def _loss_and_grad_fn(graphdef, params, rest, input_ids, labels, position_ids, scale, layout=None):
+    """((loss · scale, loss), LoRA gradients, routing statistics); on a mesh (`layout`) the gradients are placed as
+    the LoRA tensors themselves (XLA reduces them over the devices that hold other rows)."""
+    (scaled, (loss, routing)), grads = jax.value_and_grad(_loss_fn, argnums=1, has_aux=True)(
+        graphdef, params, rest, input_ids, labels, position_ids, scale)
+    if layout is not None:
+        grads = layout.params.constrain(grads)
+    return (scaled, loss), grads, routing
+
+
+# graphdef (the model's structure) and the layout are static and hashable: models of the same structure (and mesh)
+# share compilations
+_loss_and_grad = jax.jit(_loss_and_grad_fn, static_argnums=0, static_argnames="layout")
 _loss = jax.jit(lambda graphdef, params, rest, ids, labels, pos: _loss_fn(graphdef, params, rest, ids, labels, pos,
-                                                                          1.0)[1], static_argnums=0)
+                                                                          1.0)[1][0], static_argnums=0)
 _logits = jax.jit(lambda graphdef, params, rest, ids, pos: nnx.merge(graphdef, params, rest)(
     ids, position_ids=pos).logits.astype(jnp.float32), static_argnums=0)
 
 
-@jax.jit
-def _apply(params, opt_state, grads, coef, lr):
+@partial(jax.jit, static_argnames="layout")
+def _apply(params, opt_state, grads, coef, lr, layout=None):
     """Scale the gradients by the clipping coefficient, one AdamW update at learning rate `lr` -> (params, opt_state,
-    whether every updated LoRA tensor is finite)."""
+    whether every updated LoRA tensor is finite). On a mesh (`layout`) the new state keeps the old one's placement."""
     grads = jax.tree.map(lambda g: g * coef, grads)
     opt_state.hyperparams["learning_rate"] = lr
     updates, opt_state = _TX.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
+    if layout is not None:
+        params, opt_state = layout.params.constrain(params), layout.opt_state.constrain(opt_state)
     finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
     return params, opt_state, finite
 
@@ -127,31 +154,74 @@ class Trainer:
 
     `Trainer(cfg)` builds the checkpoint (tiny preset) and data of `cfg`, loads the model, attaches LoRA and loads
     the shared numpy initial adapter. `train_step()`, `evaluate()`, `save_checkpoint()`, `restore(folder)`,
-    `save_adapter(folder)`.
+    `save_adapter(folder)`, `pop_routing_stats()` (the routing analytics since the last call).
     """
 
     framework = FRAMEWORK
 
-    def __init__(self, cfg: RunConfig, *, out_dir: str | Path | None = None, run: PreparedRun | None = None) -> None:
+    def __init__(self, cfg: RunConfig, *, out_dir: str | Path | None = None, run: PreparedRun | None = None,
+                 devices: Sequence[Any] | None = None) -> None:
+        """`devices`: the devices the mesh of `cfg.parallel` spans (default: all that jax sees); only for a
+        layout of more than one device (`parallel` all 1, the default, trains on jax's default device)."""
         if cfg.lora.train_router:
             raise ConfigError("lora.train_router is not supported by jax_impl yet (its attach_lora keeps routers "
                               "frozen); train it with --framework torch")
+        if cfg.train.gradient_checkpointing == "offload":
+            raise ConfigError("train.gradient_checkpointing=offload keeps layer inputs in host memory in torch_impl "
+                              "only; with --framework jax use train.gradient_checkpointing=recompute")
         self.cfg = cfg
         # a backend that cannot run here says why before the data and the checkpoint are built
         resolve_backend(cfg.model.moe_backend, dtype=_DTYPES[cfg.model.dtype])
+        self.mesh, self.layout = None, None
+        if cfg.parallel.devices > 1:  # a layout that does not match the devices is refused before any work
+            from jax_impl import parallel
+
+            self.mesh = parallel.make_mesh(cfg.parallel, devices)
+        elif devices is not None:
+            raise ConfigError(f"devices= is for a parallel layout of several devices; parallel "
+                              f"({cfg.parallel.describe()}) is one device (jax's default)")
         self.run = run if run is not None else prepare_run(cfg, out_dir)
+        if self.mesh is not None:  # before any weight is read
+            parallel.check_experts(cfg.parallel, self.run.model_cfg)
         if cfg.model.dtype == "float32":  # fp32 means fp32 (numerics policy): full-precision matmuls
             jax.config.update("jax_default_matmul_precision", "highest")
-        self.model = load_model(self.run.checkpoint, lora=cfg.lora, dtype=_DTYPES[cfg.model.dtype],
-                                moe_backend=cfg.model.moe_backend)
-        load_lora_state_dict(self.model, init_lora_tensors(cfg.lora, self.run.model_cfg, cfg.train.seed))
-        self.graphdef, self.params, self.rest = nnx.split(self.model, nnx.LoRAParam, ...)
-        o = cfg.optim
-        self.opt_state = _TX.init(self.params)
-        for k, v in {"b1": o.beta1, "b2": o.beta2, "eps": o.eps, "weight_decay": o.weight_decay}.items():
-            self.opt_state.hyperparams[k] = jnp.asarray(v, jnp.float32)
+        # on a mesh, the weights are read into host memory and then placed in their shards, so no one device ever
+        # holds the whole model
+        with jax.default_device(jax.devices("cpu")[0]) if self.mesh is not None else contextlib.nullcontext():
+            self.model = load_model(self.run.checkpoint, lora=cfg.lora, dtype=_DTYPES[cfg.model.dtype],
+                                    moe_backend=cfg.model.moe_backend)
+            load_lora_state_dict(self.model, init_lora_tensors(cfg.lora, self.run.model_cfg, cfg.train.seed))
+            if cfg.train.gradient_checkpointing == "recompute":  # layer inputs kept, layers recomputed (as torch)
+                self.model.gradient_checkpointing_enable("nothing")
+            # per-layer routing analytics (train.routing_stats): variables of the MoE blocks, so before the split
+            self.routing = RoutingStatsAccumulator(self.model) if cfg.train.routing_stats else None
+            if self.mesh is not None:
+                parallel.shard_model(self.model, self.mesh)  # the MoE layers dispatch over the mesh
+            self.graphdef, self.params, self.rest = nnx.split(self.model, nnx.LoRAParam, ...)
+            o = cfg.optim
+            self.opt_state = _TX.init(self.params)
+            for k, v in {"b1": o.beta1, "b2": o.beta2, "eps": o.eps, "weight_decay": o.weight_decay}.items():
+                self.opt_state.hyperparams[k] = jnp.asarray(v, jnp.float32)
+        if self.mesh is not None:
+            self.layout = parallel.layout_of(self.model, self.mesh, self.params, self.rest, self.opt_state)
+            self.rest = self.layout.rest.put(self.rest)
+            nnx.update(self.model, self.rest)  # the module view holds the shards too (no host copy kept alive)
+            self._place_state()
         self.rng = jax.random.key(cfg.train.seed)  # carried in the state for future stochastic layers (dropout)
         self.step = 0  # optimizer steps taken
+
+    def _place_state(self) -> None:
+        """On a mesh: the LoRA tensors and the optimizer state put on their shardings (after init or a restore
+        that produced them elsewhere); the module view updated."""
+        if self.layout is not None:
+            self.params = self.layout.params.put(self.params)
+            self.opt_state = self.layout.opt_state.put(self.opt_state)
+        nnx.update(self.model, self.params)
+
+    def _put(self, a: np.ndarray, fill: int | None = None) -> jax.Array:
+        """A batch array on the device(s): jax's default device, or rows split over the mesh (padded to a multiple
+        of the devices, `Layout.batch`: `fill`, or copies of the last row)."""
+        return jnp.asarray(a) if self.layout is None else self.layout.batch(a, fill)
 
     # ---- one step ------------------------------------------------------------------------------------------------
     def _check_ids(self, input_ids: np.ndarray, position_ids: np.ndarray | None) -> None:
@@ -159,15 +229,28 @@ class Trainer:
         arrays before a jitted call: inside jit the ids are tracers, which the model cannot check."""
         prepare_position_ids(input_ids, position_ids, self.model.config.vocab_size)
 
+    def loss_and_grads(self, batch: dict[str, np.ndarray], scale: float = 1.0) -> tuple[jax.Array, Any]:
+        """One micro-batch (a `PackedDataset.batch`): its loss (the mean over its valid tokens, on any mesh) and the
+        gradients of `scale · loss` with respect to the LoRA tensors (an nnx.State shaped as `params`)."""
+        self._check_ids(batch["input_ids"], batch["position_ids"])
+        (_, loss), grads, routing = _loss_and_grad(self.graphdef, self.params, self.rest,
+                                                   self._put(batch["input_ids"]), self._put(batch["labels"]),
+                                                   self._put(batch["position_ids"]), scale, layout=self.layout)
+        if self.routing is not None:  # into the routing statistics' window: an asynchronous device add
+            self.routing.add(routing)
+        return loss, grads
+
+    def pop_routing_stats(self) -> dict[str, Any] | None:
+        """The routing statistics of the micro-batches since the last call (the `routing` object of a metrics row:
+        shared_math.routing_stats), read from the device; None with train.routing_stats off."""
+        return None if self.routing is None else self.routing.pop()
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over `grad_accum` micro-batches -> (mean micro-batch loss, pre-clip grad norm)."""
         accum = self.cfg.train.grad_accum
         losses, grads = [], None
         for i in range(accum):
-            b = self.run.train_data.batch(self.step * accum + i)
-            self._check_ids(b["input_ids"], b["position_ids"])
-            (_, loss), g = _loss_and_grad(self.graphdef, self.params, self.rest, jnp.asarray(b["input_ids"]),
-                                          jnp.asarray(b["labels"]), jnp.asarray(b["position_ids"]), 1.0 / accum)
+            loss, g = self.loss_and_grads(self.run.train_data.batch(self.step * accum + i), 1.0 / accum)
             losses.append(float(loss))
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         loss = float(np.mean(losses))
@@ -175,7 +258,7 @@ class Trainer:
         check_finite(self.step, loss, norm, self.run.out_dir, vocab_size=self.run.model_cfg.vocab_size)
         coef = clip_coefficient(norm, self.cfg.optim.max_grad_norm)
         params, opt_state, finite = _apply(self.params, self.opt_state, grads, jnp.float32(coef),
-                                           jnp.float32(lr_at(self.step, self.cfg)))
+                                           jnp.float32(lr_at(self.step, self.cfg)), layout=self.layout)
         check_params_finite(self.step, bool(finite), self.run.out_dir)  # before adopting the update
         self.params, self.opt_state = params, opt_state
         nnx.update(self.model, self.params)  # keep the module view current (evaluate, save_adapter)
@@ -186,8 +269,8 @@ class Trainer:
     def logits(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Logits [B, S, V] as float32 numpy."""
         self._check_ids(input_ids, position_ids)
-        return np.asarray(_logits(self.graphdef, self.params, self.rest, jnp.asarray(input_ids),
-                                  jnp.asarray(position_ids)))
+        return np.asarray(_logits(self.graphdef, self.params, self.rest, self._put(input_ids),
+                                  self._put(position_ids)))[:len(input_ids)]  # (rows a mesh padded dropped)
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out loss (token-weighted over the eval rows) and exact-match (greedy decoding), where available."""
@@ -199,8 +282,8 @@ class Trainer:
                 b = ev.batch(k)
                 n = int((b["labels"][:, 1:] != -100).sum())
                 self._check_ids(b["input_ids"], b["position_ids"])
-                loss = _loss(self.graphdef, self.params, self.rest, jnp.asarray(b["input_ids"]),
-                             jnp.asarray(b["labels"]), jnp.asarray(b["position_ids"]))
+                loss = _loss(self.graphdef, self.params, self.rest, self._put(b["input_ids"]),
+                             self._put(b["labels"], fill=-100), self._put(b["position_ids"]))
                 total, count = total + float(loss) * n, count + n
             row["eval_loss"] = total / max(count, 1)
         em = exact_match_eval(self.run, self.logits)
@@ -241,7 +324,7 @@ class Trainer:
                 raise CheckpointDamaged(f"{folder / STATE_DIR} holds the state of step {int(state['step'])}, its "
                                         f"meta.json says step {meta['step']} (files from different saves)")
             self.params, self.opt_state = state["params"], state["opt_state"]
-            nnx.update(self.model, self.params)
+            nnx.update(self.model, self.params)  # (restored straight onto this trainer's shardings, see _read_state)
             self.rng = jax.random.wrap_key_data(jnp.asarray(state["rng"]))
         elif (folder / LEGACY_STATE_FILE).is_file():
             self._restore_legacy_npz(folder / LEGACY_STATE_FILE)
@@ -269,6 +352,7 @@ class Trainer:
         _, self.params, _ = nnx.split(self.model, nnx.LoRAParam, ...)
         self.opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a, dtype=jnp.asarray(b).dtype)
                                                       for a, b in zip(saved, leaves)])
+        self._place_state()
         self.rng = jax.random.wrap_key_data(jnp.asarray(arrays["rng"]))
 
     def save_adapter(self, folder: str | Path) -> Path:

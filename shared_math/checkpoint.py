@@ -239,12 +239,24 @@ class CheckpointTensors(Mapping[str, np.ndarray]):
         self.shapes: dict[str, Shape] = shapes
 
     def __getitem__(self, name: str) -> np.ndarray:
+        return self.read(name)
+
+    def read(self, name: str, *, bf16: np.dtype | None = None) -> np.ndarray:
+        """Canonical tensor `name` (as `self[name]`). With `bf16` (a numpy bfloat16 dtype, e.g. ml_dtypes') BF16
+        tensors stay bfloat16, exactly, at half the bytes (`SafetensorsFile.read`); a tensor stored in its canonical
+        layout is then a view of the mapped file, which `release(name)` drops from memory once it is copied."""
         recipe = self._recipes[name]
         try:
-            parts = [self._files[k].read(k) for k in recipe.keys]
+            parts = [self._files[k].read(k, bf16=bf16) for k in recipe.keys]
         except (SafetensorsError, OSError) as e:
             raise CheckpointError(f"reading {name} ({', '.join(recipe.keys[:2])}...): {e}") from e
         return np.ascontiguousarray(recipe.to_canon(parts))
+
+    def release(self, name: str) -> None:
+        """Drop the file pages canonical tensor `name` was read from out of this process's memory (see
+        `SafetensorsFile.release`): what a loader calls once the tensor is copied where it is going."""
+        for k in self._recipes[name].keys:
+            self._files[k].release(k)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._recipes)
@@ -322,8 +334,14 @@ class _BlockFP8Tensor:
     def info(self, key: str):
         return self._weight_file.info(key)
 
-    def read(self, key: str) -> np.ndarray:
+    def read(self, key: str, *, bf16: np.dtype | None = None) -> np.ndarray:
+        """The dequantised float32 weight (`bf16` is accepted for `SafetensorsFile.read`'s signature; F8 data is
+        never BF16)."""
         return dequantize_block_fp8(self._weight_file.read(key), self._scale_file.read(self._scale_key), self._block)
+
+    def release(self, key: str) -> None:
+        self._weight_file.release(key)
+        self._scale_file.release(self._scale_key)
 
 
 def _dequantising_sources(files: dict[str, SafetensorsFile], hf: Mapping[str, Any], root: Path) -> dict[str, Any]:

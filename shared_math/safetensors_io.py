@@ -8,6 +8,9 @@ region), then the raw little-endian data.
 match dtype x shape), so a truncated or corrupt file fails at once, naming the file, before any data is read.
 `read(name)` then decodes one tensor. BF16 is widened exactly to float32 (`uint16 << 16`) and F8_E4M3 / F8_E5M2 are
 decoded through a 256-entry table, because numpy has no such dtypes; other dtypes keep their numpy dtype.
+`read(name, bf16=dtype)` instead returns BF16 data as a view of the mapped file in a caller's numpy bfloat16 dtype
+(e.g. ml_dtypes'), no copy and no widening; `release(name)` drops that tensor's pages from the process (they stay in
+the page cache), so a loader that reads a checkpoint tensor by tensor holds about one tensor of it, not the file.
 
 `write_safetensors` writes float32, float16 and bfloat16 (round-to-nearest-even from float32), plus integer arrays
 unchanged.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,7 +106,7 @@ class SafetensorsFile:
         self._infos: dict[str, TensorInfo] = {}
         for name, entry in header.items():
             self._infos[name] = self._check_entry(name, entry, data_size)
-        self._mmap: np.memmap | None = None
+        self._mmap: mmap.mmap | None = None
 
     def _check_entry(self, name: str, entry: object, data_size: int) -> TensorInfo:
         try:
@@ -141,16 +145,21 @@ class SafetensorsFile:
         """The stored elements without decoding (BF16 and F8 as uint16 / uint8 bits), flat, read-only."""
         info = self.info(name)
         if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+            with open(self.path, "rb") as fh:
+                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         # frombuffer copes with offsets that are not a multiple of the itemsize (allowed by the format)
         return np.frombuffer(self._mmap, dtype=_STORAGE[info.dtype], count=math.prod(info.shape), offset=info.begin)
 
-    def read(self, name: str) -> np.ndarray:
-        """Decode one tensor into a fresh native-endian array (BF16 -> float32, F8 -> float32)."""
+    def read(self, name: str, *, bf16: np.dtype | None = None) -> np.ndarray:
+        """Decode one tensor into a fresh native-endian array (BF16 -> float32, F8 -> float32). With `bf16` (a numpy
+        bfloat16 dtype such as ml_dtypes.bfloat16), BF16 tensors come back as that dtype: a read-only view of the
+        mapped file, exact and at half the bytes of float32."""
         info = self.info(name)
         storage = _STORAGE[info.dtype]
         raw = self.read_raw(name)
-        if info.dtype == "BF16":
+        if info.dtype == "BF16" and bf16 is not None:
+            arr = raw.view(bf16)
+        elif info.dtype == "BF16":
             arr = (raw.astype(np.uint32) << 16).view(np.float32)
         elif info.dtype == "F8_E4M3":
             arr = F8_E4M3_TABLE[raw]
@@ -159,6 +168,18 @@ class SafetensorsFile:
         else:
             arr = raw.astype(storage.newbyteorder("="), copy=True)
         return arr.reshape(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s pages of the mapping from this process's memory (madvise DONTNEED; the data stays
+        readable: a later access reads it again from the page cache or the disk). Without it, every tensor read
+        stays resident and a whole checkpoint ends up counted in the process's memory. No-op where the platform has
+        no madvise."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.info(name)
+        start = info.begin - info.begin % mmap.PAGESIZE  # madvise wants a page-aligned start
+        if info.end > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, info.end - start)
 
     def close(self) -> None:
         self._mmap = None

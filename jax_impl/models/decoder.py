@@ -7,10 +7,14 @@ Shape legend: B batch · S sequence · T = B·S tokens · H hidden · E experts 
 `DecoderLayer`: `h + self_attn(input_layernorm(h))`, then `h + mlp(post_attention_layernorm(h))`, for whatever
 attention module, MLP / MoE module and norm class the family gives it; returns (hidden, router logits or None).
 
-`CausalLM`: embedding -> rotary tables -> attention mask (`layers.causal_mask`: packed documents, padding; always
-materialised [B, S, S]) -> the decoder layers (each through `LayerCheckpointing._run_layer`, `jax.checkpoint` per
-layer when enabled) collecting router logits -> final norm -> `layers.lm_output` (logits, loss, aux loss). A family
-subclasses it and supplies only what differs, through these hooks:
+`CausalLM`: embedding -> rotary tables -> attention mask (`layers.causal_mask`: packed documents, padding,
+materialised [B, S, S]; None, meaning plain causal, when neither position_ids nor attention_mask are given, so
+flash attention runs without a mask tensor) -> the decoder layers (each through `LayerCheckpointing._run_layer`,
+`jax.checkpoint` per layer when enabled, with its policy) collecting router logits -> final norm ->
+`layers.lm_output` (logits, loss, aux loss; the loss without logits with `return_logits=False`). Every attention
+module runs `models.attention.dot_product_attention` with the model's `attn_implementation` (None = the literal
+softmax, "xla", "cudnn"; `set_attn_implementation`). A family subclasses it and supplies only what differs, through
+these hooks:
 
 - `family`: the `ModelConfig.family` it builds; `check_config(cfg)`: that, and what else the family refuses;
 - `build_attention(cfg, layer, layer_idx, ...)`: its attention module (default: `layers.Attention`, GQA with q/k
@@ -21,9 +25,7 @@ subclasses it and supplies only what differs, through these hooks:
 
 What the config already says needs no hook: partial RoPE and MLA's rotary width (`cfg.rotary_dim`), tied embeddings
 (`lm_head` is None), and whether HF defines the load-balancing loss (`cfg.has_aux_loss`; then it is computed when
-config.json sets `output_router_logits`, HF's default false). Unlike torch_impl, `lm_output` has no
-`return_logits` yet (jax_impl's loss without logits is `jax_impl.loss`); when it gains one, `__call__` here is
-where it goes.
+config.json sets `output_router_logits`, HF's default false).
 
 Module paths are the canonical tensor names (`embed_tokens`, `layers[l].self_attn.*`, `layers[l].mlp.*`,
 `layers[l].input_layernorm`, `layers[l].post_attention_layernorm`, `norm`, `lm_head`).
@@ -39,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from jax_impl.lora import Frozen, LoRALinear
+from jax_impl.models.attention import resolve_attn_implementation
 from jax_impl.models.layers import (
     Attention,
     CausalLMOutput,
@@ -54,8 +57,12 @@ from jax_impl.models.layers import (
 from shared_math.config import ModelConfig
 
 
-def load_array(t: np.ndarray, dtype) -> jax.Array:
-    """A canonical (numpy, possibly lazily read) tensor as a jax array of `dtype`."""
+def load_array(t: np.ndarray | jax.Array, dtype) -> jax.Array:
+    """A canonical tensor as a jax array of `dtype`: a numpy one (possibly lazily read) is copied to the device, a
+    jax array already there (`jax_impl.load.DeviceTensors`, random benchmark weights) is cast in place, never
+    through host memory."""
+    if isinstance(t, jax.Array):
+        return t if t.dtype == jnp.dtype(dtype) else t.astype(dtype)
     return jnp.asarray(np.asarray(t), dtype=dtype)
 
 
@@ -95,7 +102,8 @@ class DecoderLayer(nnx.Module):
         self.returns_router_logits = self.is_moe and cfg.has_aux_loss
 
     def __call__(self, h_BSH, cos, sin, mask_BSS) -> tuple[jax.Array, jax.Array | None]:
-        """-> (hidden [B, S, H], router_logits [T, E], or None for a dense layer or a family without aux loss)."""
+        """-> (hidden [B, S, H], router_logits [T, E], or None for a dense layer or a family without aux loss);
+        `mask_BSS` [B, S, S] bool or None (plain causal)."""
         h_BSH = h_BSH + self.self_attn(self.input_layernorm(h_BSH), cos, sin, mask_BSS)
         x_BSH = self.post_attention_layernorm(h_BSH)
         if not self.is_moe:
@@ -108,16 +116,18 @@ class DecoderLayer(nnx.Module):
 class CausalLM(LayerCheckpointing, nnx.Module):
     """The whole model (subclassed per family, see the module docstring for the hooks); build with
     `jax_impl.load_model` (or from canonical tensors directly).
-    `__call__(input_ids [B, S], labels=None, position_ids=None, *, attention_mask=None) -> CausalLMOutput`.
+    `__call__(input_ids [B, S], labels=None, position_ids=None, return_logits=True, *, attention_mask=None)
+    -> CausalLMOutput`.
 
     With tied embeddings `lm_head` is None and the logits use `embed_tokens`ᵀ. `output_router_logits` (HF's config
-    field, default False, and only for families with an aux loss) decides whether `aux_loss` is computed at all."""
+    field, default False, and only for families with an aux loss) decides whether `aux_loss` is computed at all.
+    `attn_implementation` (None, "xla", "cudnn" or "auto"; `models.attention`) picks every layer's attention."""
 
     family: str = ""  # the ModelConfig.family this class builds
     norm_class: type[RMSNorm] = RMSNorm
 
     def __init__(self, cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
-                 moe_backend: str = "auto"):
+                 moe_backend: str = "auto", attn_implementation: str | None = None):
         self.check_config(cfg)
         self.config = cfg
         self.lora_config = None
@@ -132,6 +142,18 @@ class CausalLM(LayerCheckpointing, nnx.Module):
         self.norm = load_norm(tensors, "norm", cfg.rms_norm_eps, dtype, self.norm_class)
         self.lm_head = None if cfg.tie_word_embeddings else LoRALinear(load_array(tensors["lm_head.weight"], dtype))
         self.output_router_logits = cfg.has_aux_loss and bool(cfg.hf_config.get("output_router_logits", False))
+        self.attn_implementation: str | None = None
+        self.set_attn_implementation(attn_implementation)
+
+    def set_attn_implementation(self, implementation: str | None) -> None:
+        """Every layer's attention through `implementation` (None = the literal softmax, "xla", "cudnn", "auto";
+        HF's method name). Checked here, before any work: "cudnn" needs a GPU and a bf16/fp16 model. A model
+        split before (`nnx.split`) must be split again: the choice is part of its graph."""
+        resolved = resolve_attn_implementation(implementation, self.dtype)
+        for _, module in nnx.iter_modules(self):
+            if module is not self and hasattr(module, "attn_implementation"):
+                module.attn_implementation = resolved
+        self.attn_implementation = resolved
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
     def check_config(self, cfg: ModelConfig) -> None:
@@ -169,22 +191,26 @@ class CausalLM(LayerCheckpointing, nnx.Module):
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def __call__(self, input_ids: jax.Array, labels: jax.Array | None = None,
-                 position_ids: jax.Array | None = None, *, attention_mask: jax.Array | None = None
-                 ) -> CausalLMOutput:
+                 position_ids: jax.Array | None = None, return_logits: bool = True, *,
+                 attention_mask: jax.Array | None = None) -> CausalLMOutput:
         """input_ids [B, S] -> CausalLMOutput; position_ids [B, S] (restarting at 0 per packed sequence) or None
         (0..S-1, even with padding, as HF's forward). attention_mask [B, S] (HF's: 1 = token, 0 = padding) masks
         the attention of every layer, full and sliding (`causal_mask`), and the aux loss's router statistics; the
-        loss is masked by labels = -100 only, as HF's, so padded positions need labels -100."""
+        loss is masked by labels = -100 only, as HF's, so padded positions need labels -100. `return_logits=False`
+        with labels: the loss without the [B, S, V] logits (`lm_output`)."""
+        # neither given: one unpadded document per row, plain causal attention with no mask tensor (flash kernels
+        # then skip the masked half); under jit the values of given ones are unknown, so their mask is built
+        plain_causal = position_ids is None and attention_mask is None
         position_ids = prepare_position_ids(input_ids, position_ids, self.config.vocab_size)
         attention_mask = prepare_attention_mask(input_ids, attention_mask)
         h_BSH = jnp.take(self.embed_tokens[...], input_ids, axis=0)
         cos, sin = self.rotary_emb(position_ids, self.dtype)
         # causal within documents, over real tokens; a sliding window is the attention module's (gpt-oss)
-        mask_BSS = causal_mask(position_ids, attention_mask)
+        mask_BSS = None if plain_causal else causal_mask(position_ids, attention_mask)
         router_logits = []
         for layer in self.layers:
             h_BSH, logits_TE = self._run_layer(layer, h_BSH, cos, sin, mask_BSS)
             if logits_TE is not None:
                 router_logits.append(logits_TE)
         return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, router_logits, self.config,
-                         self.output_router_logits, attention_mask)
+                         self.output_router_logits, return_logits, attention_mask)

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_impl.models.attention import dot_product_attention
 from jax_impl.models.decoder import CausalLM, load_array, load_dense_mlp, load_linear, load_norm
-from jax_impl.models.layers import apply_rotary, apply_rotary_interleave, masked_softmax
+from jax_impl.models.layers import apply_rotary, apply_rotary_interleave
 from jax_impl.moe import Experts, MoEBlock, Router
 from shared_math.config import ModelConfig
 from shared_math.rope import mla_softmax_scale
@@ -36,8 +37,9 @@ class MLAttention(nnx.Module):
     q = q_b_proj(q_a_layernorm(q_a_proj(x))) (or q_proj(x)) -> per head [nope Dn | rope Dr];
     kv_a_proj_with_mqa(x) -> [latent C | k_rope Dr]; kv_b_proj(kv_a_layernorm(latent)) -> per head [k_nope | v];
     k_rope is shared by all heads; RoPE (interleaved when rope_interleave); softmax(q·kᵀ·scale)·v with scale =
-    (Dn + Dr)^-0.5 · YaRN mscale²; o_proj. Rounds where HF's eager attention rounds (scores in the model dtype,
-    softmax in fp32).
+    (Dn + Dr)^-0.5 · YaRN mscale²; o_proj. The softmax is `models.attention.dot_product_attention` (q/k head dim
+    Dn + Dr, v head dim Dv), with `attn_implementation`; its reference rounds where HF's eager attention rounds
+    (scores in the model dtype, softmax in fp32).
     """
 
     def __init__(self, cfg: ModelConfig, layer: Mapping[str, np.ndarray], *, dtype):
@@ -56,8 +58,9 @@ class MLAttention(nnx.Module):
                                                             cfg.qk_rope_head_dim, cfg.v_head_dim)
         self.kv_lora_rank, self.interleave = cfg.kv_lora_rank, cfg.rope_interleave
         self.scaling = mla_softmax_scale(cfg)
+        self.attn_implementation: str | None = None
 
-    def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask_BSS: jax.Array) -> jax.Array:
+    def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask_BSS: jax.Array | None) -> jax.Array:
         B, S, _ = x_BSH.shape
         N, Dn, Dr, Dv = self.num_heads, self.nope, self.rope, self.v_dim
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSH))) if self.has_q_lora else self.q_proj(x_BSH)
@@ -70,16 +73,14 @@ class MLAttention(nnx.Module):
         k_rot_BS1D = rotary(k_rot_BS1D, cos, sin)
         k_BSND = jnp.concatenate([kv_BSND[..., :Dn], jnp.broadcast_to(k_rot_BS1D, (B, S, N, Dr))], axis=-1)
         v_BSND = kv_BSND[..., Dn:]
-        cd = x_BSH.dtype
-        scores = jnp.einsum("bqnd,bknd->bnqk", q_BSND, k_BSND, preferred_element_type=_F32).astype(cd)
-        scores = scores * jnp.asarray(self.scaling, cd)
-        probs = masked_softmax(scores, mask_BSS[:, None], cd)
-        out_BSND = jnp.einsum("bnqk,bknd->bqnd", probs, v_BSND, preferred_element_type=_F32).astype(cd)
+        out_BSND = dot_product_attention(q_BSND, k_BSND, v_BSND, scale=self.scaling, mask_BSS=mask_BSS,
+                                         implementation=self.attn_implementation)
         return self.o_proj(out_BSND.reshape(B, S, N * Dv))
 
 
 class DeepseekV3ForCausalLM(CausalLM):
-    """DeepSeek-V3: `__call__(input_ids, labels=None, position_ids=None, *, attention_mask=None) -> CausalLMOutput`
+    """DeepSeek-V3: `__call__(input_ids, labels=None, position_ids=None, return_logits=True, *, attention_mask=None)
+    -> CausalLMOutput`
     (`models.decoder.CausalLM`; aux_loss always None). MLA attention (GQA for GLM-4.x configs), the MoE block with a
     shared expert; dense layers where `cfg.moe_layers` says so."""
 

@@ -13,7 +13,7 @@ from jax_impl.models.deepseek_v3 import DeepseekV3ForCausalLM
 
 
 class Glm4MoeForCausalLM(DeepseekV3ForCausalLM):
-    """GLM-4.x MoE: `__call__(input_ids, labels=None, position_ids=None, *, attention_mask=None) -> CausalLMOutput`
-    (no aux loss)."""
+    """GLM-4.x MoE: `__call__(input_ids, labels=None, position_ids=None, return_logits=True, *, attention_mask=None)
+    -> CausalLMOutput` (no aux loss)."""
 
     family = "glm4_moe"

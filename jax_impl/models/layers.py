@@ -8,19 +8,23 @@
   sequence starts wherever position_ids do not increase by exactly 1 (so wherever they restart at 0).
 - `causal_mask`: that, over real tokens only (`attention_mask`, HF's padding mask) and within an optional sliding
   window; `prepare_attention_mask` checks a [B, S] padding mask (HF's `attention_mask`: 1 = token, 0 = padding).
-- `Attention`: GQA with optional per-head q/k RMSNorm before RoPE (Qwen3), explicit softmax in fp32 as HF's eager path
-  (`masked_softmax`: 0 for a query with no key, a left-padding position, as torch's SDPA).
+- `Attention`: GQA with optional per-head q/k RMSNorm before RoPE (Qwen3), through `models.attention`'s
+  `dot_product_attention` (`attn_implementation`: None = the literal softmax in fp32 as HF's eager path, 0 for a
+  query with no key, a left-padding position, as torch's SDPA; "xla"; "cudnn" flash attention on the GPU).
 - `DenseMLP`: SwiGLU `down(silu(gate(x)) * up(x))` (dense layers and shared experts).
 - `Linear` (frozen, `x @ W (+ b)`) is `jax_impl.lora.LoRALinear` without factors attached.
 - `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses (the aux loss masked by
-  `attention_mask` as HF's `load_balancing_loss_func`; the LM loss masked by labels = -100 only, as HF's).
-- `LayerCheckpointing`: `gradient_checkpointing_enable()` (HF's and torch_impl's name) for the decoder-layer loop.
+  `attention_mask` as HF's `load_balancing_loss_func`; the LM loss masked by labels = -100 only, as HF's);
+  `lm_output(..., return_logits=False)` takes the loss from `jax_impl.loss` without the [B, S, V] logits.
+- `LayerCheckpointing`: `gradient_checkpointing_enable(policy=...)` (HF's and torch_impl's name) for the
+  decoder-layer loop, with a `jax.checkpoint` policy (`REMAT_POLICIES`: what the backward may keep).
 
 Shapes: B batch, S sequence, H hidden, N query heads, Nkv key/value heads, D head dim.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -28,25 +32,68 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_impl.lora import Frozen, LoRALinear
+from jax_impl.models.attention import dot_product_attention, masked_softmax  # noqa: F401 - masked_softmax re-exported
+from jax_impl.moe import RoutingStats
 from shared_math.config import ModelConfig
 from shared_math.rope import rope_inv_freq
 
 _F32 = jnp.float32
 
 
+# Per token, a dot whose output is at most this wide is kept for the backward by the "small_dots" policy: the LoRA
+# down-projections x·A (R = 64: 256 B in fp32) and the router logits (E <= 256), next to the layer input's H values.
+_SMALL_DOT_WIDTH = 256
+
+
+def save_small_dots(prim, *avals, **params) -> bool:
+    """A `jax.checkpoint` policy that keeps what is cheap to keep: the outputs of matmuls without batch dimensions
+    (projections) at most `_SMALL_DOT_WIDTH` wide per token (LoRA's x·A, router logits), so the backward does not
+    re-read a layer's activations to recompute them. Everything wider (q/k/v/o outputs, LoRA's fp32 B products,
+    the experts, the attention) is recomputed, as with nothing saved: on Qwen3-30B-A3B the kept values are about a
+    third of the layer input's bytes, where `dots_with_no_batch_dims_saveable` would keep ~10x them."""
+    if prim is not jax.lax.dot_general_p:
+        return False
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = params["dimension_numbers"]
+    if lhs_batch or rhs_batch:
+        return False
+
+    def free(aval, contract) -> int:
+        return math.prod(s for axis, s in enumerate(aval.shape) if axis not in contract)
+
+    # the narrower operand's free size is the per-token width (einsum may pass the weight as either operand)
+    return min(free(avals[0], lhs_contract), free(avals[1], rhs_contract)) <= _SMALL_DOT_WIDTH
+
+
+# what a checkpointed decoder layer keeps for its backward, by name (`gradient_checkpointing_enable(policy=...)`)
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,  # the layer input only (torch_impl's checkpointing)
+    "small_dots": save_small_dots,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every projection output (MaxText "minimal")
+}
+
+
 class LayerCheckpointing:
     """Mixin of the models (`models.decoder.CausalLM`), as torch_impl's: with `gradient_checkpointing_enable()`
-    each decoder layer keeps only its inputs for the backward and recomputes its forward there (`jax.checkpoint`).
-    JAX has no training flag: rematerialisation only changes what differentiation saves, so a forward without
-    gradients is unaffected."""
+    each decoder layer keeps only its inputs for the backward and recomputes its forward there (`jax.checkpoint`);
+    `policy` (a name of `REMAT_POLICIES` or any `jax.checkpoint_policies` callable) lets it keep more: "small_dots"
+    keeps what is cheap to keep (`save_small_dots`). JAX has no training flag: rematerialisation only changes what
+    differentiation saves, so a forward without gradients is unaffected."""
 
     gradient_checkpointing: bool = False
+    checkpoint_policy = None
 
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(self, policy=None) -> None:
+        if isinstance(policy, str):
+            if policy not in REMAT_POLICIES:
+                raise ValueError(f"unknown checkpoint policy {policy!r}; choose one of {', '.join(REMAT_POLICIES)} "
+                                 "or pass a jax.checkpoint_policies callable")
+            policy = REMAT_POLICIES[policy]
         self.gradient_checkpointing = True
+        self.checkpoint_policy = policy
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+        self.checkpoint_policy = None
 
     def _run_layer(self, layer: nnx.Module, *args):
         if not self.gradient_checkpointing:
@@ -54,7 +101,16 @@ class LayerCheckpointing:
         # functional form (split, then jax.checkpoint over merge-and-call): nnx.remat would write the layer's
         # variables back across trace levels, which the frozen base weights refuse inside an outer jit
         graphdef, state = nnx.split(layer)
-        return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, *args)
+
+        def run(st, *a):
+            m = nnx.merge(graphdef, st)
+            return m(*a), nnx.state(m, RoutingStats)
+
+        out, stats = jax.checkpoint(run, policy=self.checkpoint_policy)(state, *args)
+        # the routing statistics an MoE block wrote inside the checkpointed call (jax_impl.routing_stats) go back to
+        # the layer: they are the only variables a forward changes
+        nnx.update(layer, stats)
+        return out
 
 
 class RMSNorm(nnx.Module):
@@ -139,16 +195,10 @@ def causal_mask(position_ids_BS: jax.Array, attention_mask_BS: jax.Array | None 
     return allowed_BSS
 
 
-def masked_softmax(scores: jax.Array, mask: jax.Array, dtype) -> jax.Array:
-    """softmax over the last axis in fp32 of `scores` where `mask` (broadcast to it) allows, cast to `dtype`; a row
-    with nothing allowed (a left-padding query) gets all-zero weights, so its attention output is 0 (as torch's SDPA
-    and torch_impl's `sdpa_attention`; without it the dtype-min fill would average every key)."""
-    probs = jax.nn.softmax(jnp.where(mask, scores.astype(_F32), jnp.finfo(_F32).min), axis=-1)
-    return jnp.where(mask.any(-1, keepdims=True), probs, 0.0).astype(dtype)
-
-
 class Attention(nnx.Module):
-    """GQA self-attention `o_proj(softmax(q·kᵀ/√D + mask)·v)` with optional q/k RMSNorm before RoPE."""
+    """GQA self-attention `o_proj(softmax(q·kᵀ/√D + mask)·v)` with optional q/k RMSNorm before RoPE, through
+    `models.attention.dot_product_attention` (`attn_implementation`, set by `CausalLM.set_attn_implementation`).
+    `mask_BSS` None means plain causal attention."""
 
     def __init__(self, cfg: ModelConfig, q_proj: LoRALinear, k_proj: LoRALinear, v_proj: LoRALinear,
                  o_proj: LoRALinear, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
@@ -160,8 +210,9 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.scaling = cfg.head_dim ** -0.5
+        self.attn_implementation: str | None = None
 
-    def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask_BSS: jax.Array) -> jax.Array:
+    def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask_BSS: jax.Array | None) -> jax.Array:
         B, S, _ = x_BSH.shape
         N, Nkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         q_BSND = self.q_proj(x_BSH).reshape(B, S, N, D)
@@ -170,14 +221,9 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q_BSND, k_BSND = self.q_norm(q_BSND), self.k_norm(k_BSND)
         q_BSND, k_BSND = apply_rotary(q_BSND, cos, sin), apply_rotary(k_BSND, cos, sin)
-        cd = x_BSH.dtype
-        # query head n·G + g reads kv head n, as HF's repeat_kv
-        q_BSNGD = q_BSND.reshape(B, S, Nkv, N // Nkv, D)
-        scores = jnp.einsum("bqngd,bknd->bngqk", q_BSNGD, k_BSND, preferred_element_type=_F32).astype(cd)
-        scores = scores * jnp.asarray(self.scaling, cd)
-        probs = masked_softmax(scores, mask_BSS[:, None, None], cd)
-        out_BSNGD = jnp.einsum("bngqk,bknd->bqngd", probs, v_BSND, preferred_element_type=_F32).astype(cd)
-        return self.o_proj(out_BSNGD.reshape(B, S, N * D))
+        out_BSND = dot_product_attention(q_BSND, k_BSND, v_BSND, scale=self.scaling, mask_BSS=mask_BSS,
+                                         implementation=self.attn_implementation)
+        return self.o_proj(out_BSND.reshape(B, S, N * D))
 
 
 class DenseMLP(nnx.Module):
@@ -196,10 +242,11 @@ Linear = LoRALinear  # frozen unless attach_lora gives it factors
 
 
 class CausalLMOutput(NamedTuple):
-    """logits [B, S, V] in the model dtype; loss (fp32 scalar) when labels were given; aux_loss (fp32 scalar) when
-    the config asks for router logits (HF's `output_router_logits`), else None."""
+    """logits [B, S, V] in the model dtype (None when the forward was asked for the loss alone:
+    `return_logits=False`); loss (fp32 scalar) when labels were given; aux_loss (fp32 scalar) when the config asks
+    for router logits (HF's `output_router_logits`), else None."""
 
-    logits: jax.Array
+    logits: jax.Array | None
     loss: jax.Array | None = None
     aux_loss: jax.Array | None = None
 
@@ -267,23 +314,36 @@ def prepare_attention_mask(input_ids: jax.Array, attention_mask: jax.Array | Non
 
 def lm_output(h_BSH: jax.Array, embed_tokens_VH: jax.Array, lm_head, labels: jax.Array | None,
               router_logits: list[jax.Array], cfg: ModelConfig, output_router_logits: bool,
-              attention_mask: jax.Array | None = None) -> CausalLMOutput:
+              return_logits: bool = True, attention_mask: jax.Array | None = None) -> CausalLMOutput:
     """Normed hidden states -> logits (tied embeddings when lm_head is None, fp32 accumulation, one rounding),
     HF's causal-LM loss (labels = -100 masks it; attention_mask does not, as in HF), and the load-balancing aux loss
     when the config asks for router logits, over the real tokens of `attention_mask` [B, S] (added to the loss,
-    times router_aux_loss_coef, only when labels are given: HF's rule). Mirrors torch_impl."""
-    if lm_head is None:
-        logits_BSV = jnp.einsum("bsh,vh->bsv", h_BSH, embed_tokens_VH,
-                                preferred_element_type=_F32).astype(h_BSH.dtype)
+    times router_aux_loss_coef, only when labels are given: HF's rule). Mirrors torch_impl.
+
+    `return_logits=False` with labels: the loss comes from `jax_impl.loss.fused_linear_cross_entropy` (a scan over
+    row chunks, the same rounding points) and the `[B, S, V]` logits never exist (`logits` is None): what a
+    training step wants."""
+    if labels is not None and not return_logits:
+        from jax_impl.loss import fused_linear_cross_entropy
+
+        if lm_head is not None and lm_head.bias is not None:
+            raise NotImplementedError("the fused loss has no output bias; pass return_logits=True")
+        if lm_head is not None and lm_head.lora_A is not None:
+            raise NotImplementedError("the fused loss uses the frozen output weight; lm_head has LoRA attached: pass "
+                                      "return_logits=True")
+        weight, hv = (embed_tokens_VH, False) if lm_head is None else (lm_head.weight[...], True)
+        logits_BSV, loss = None, fused_linear_cross_entropy(h_BSH, weight.astype(h_BSH.dtype), labels,
+                                                            weight_is_HV=hv)
     else:
-        logits_BSV = lm_head(h_BSH)
+        if lm_head is None:
+            logits_BSV = jnp.einsum("bsh,vh->bsv", h_BSH, embed_tokens_VH,
+                                    preferred_element_type=_F32).astype(h_BSH.dtype)
+        else:
+            logits_BSV = lm_head(h_BSH)
+        loss = None if labels is None else causal_lm_loss(logits_BSV, labels)
     aux = None
     if output_router_logits and router_logits:
         aux = load_balancing_loss(router_logits, cfg.num_experts, cfg.num_experts_per_tok, attention_mask)
-    loss = None
-    if labels is not None:
-        loss = causal_lm_loss(logits_BSV, labels)
-        if aux is not None:
+        if loss is not None:
             loss = loss + cfg.router_aux_loss_coef * aux
     return CausalLMOutput(logits_BSV, loss, aux)
-

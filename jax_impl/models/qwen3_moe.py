@@ -25,8 +25,8 @@ from shared_math.config import ModelConfig
 
 
 class Qwen3MoeForCausalLM(CausalLM):
-    """Qwen3-MoE: `__call__(input_ids, labels=None, position_ids=None, *, attention_mask=None) -> CausalLMOutput`
-    (`models.decoder.CausalLM`)."""
+    """Qwen3-MoE: `__call__(input_ids, labels=None, position_ids=None, return_logits=True, *, attention_mask=None)
+    -> CausalLMOutput` (`models.decoder.CausalLM`)."""
 
     family = "qwen3_moe"
 

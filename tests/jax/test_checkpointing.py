@@ -1,6 +1,7 @@
 """jax_impl's `gradient_checkpointing_enable()` (jax.checkpoint per decoder layer) changes what the backward saves, not
 the numbers: for every family, loss and LoRA gradients equal those without it, and the traced gradient really
-contains a rematerialised region. Mirrors tests/torch/test_checkpointing.py."""
+contains a rematerialised region. Mirrors tests/torch/test_checkpointing.py. The "small_dots" policy keeps exactly
+the narrow projections."""
 
 from __future__ import annotations
 
@@ -58,3 +59,30 @@ def test_checkpointed_layers_give_the_same_loss_and_grads(family, tmp_path, seed
     assert plain["grads"].keys() == ck["grads"].keys() and plain["grads"]
     for name, g in plain["grads"].items():
         assert_close(ck["grads"][name], g, dtype="float32", quantity="lora_grad", name=f"d {name}")
+
+
+def test_small_dots_policy_keeps_only_narrow_projections():
+    """The "small_dots" policy (`layers.save_small_dots`) keeps a matmul's output for the backward only when it is a
+    projection (no batch dimensions) at most 256 wide per token, whichever operand is the weight: LoRA's x·A and
+    router logits are kept; q_proj-wide outputs and the attention's batched einsums are recomputed. Unknown policy
+    names are refused with the known ones."""
+    jnp = jax.numpy
+    from jax_impl.models.layers import REMAT_POLICIES, save_small_dots
+
+    T, H = 1024, 2048
+
+    def f(x, w_q, a, s_q, s_k):
+        return (x @ w_q, jnp.einsum("ti,ir->tr", x, a), jnp.einsum("ir,ti->tr", a, x),
+                jnp.einsum("bqnd,bknd->bnqk", s_q, s_k))
+
+    args = (jnp.zeros((T, H)), jnp.zeros((H, 4096)), jnp.zeros((H, 64)), jnp.zeros((1, 8, 2, 16)),
+            jnp.zeros((1, 8, 2, 16)))
+    dots = [e for e in jax.make_jaxpr(f)(*args).jaxpr.eqns if e.primitive.name == "dot_general"]
+    kept = [save_small_dots(e.primitive, *[v.aval for v in e.invars], **e.params) for e in dots]
+    assert kept == [False, True, True, False]
+    assert not save_small_dots(jax.lax.exp_p, args[0])
+    assert REMAT_POLICIES["small_dots"] is save_small_dots
+    from jax_impl.models.layers import LayerCheckpointing
+
+    with pytest.raises(ValueError, match="small_dots"):
+        LayerCheckpointing().gradient_checkpointing_enable(policy="save_everything")

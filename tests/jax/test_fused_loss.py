@@ -4,11 +4,16 @@ Unit level: the loss, dh and dW of the chunked custom-VJP scan equal a float64 n
 materialised logits (fp32 tolerance: JAX runs in fp32 at precision highest), for both weight layouts, chunk sizes
 that do and do not divide the rows, ignored positions and a row with no valid label; under `jit` too; no valid label
 at all gives NaN, as HF's mean does. The same function in torch and JAX gives the same loss and gradients.
+Model level: Qwen3-MoE (tied embeddings) and gpt-oss (lm_head, aux loss) forwards with `return_logits=False` give
+the loss and every LoRA gradient of the materialised forward in fp32, and no logits; that loss is HF's, recomputed
+in float64 from the materialised logits (labels shifted left, -100 ignored, mean over the valid positions, plus
+router_aux_loss_coef · aux_loss).
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -97,3 +102,66 @@ def test_same_numbers_as_torch_impl():
     tl.backward()
     assert_close(np.asarray(loss), tl.detach().numpy(), dtype="float32", quantity="loss", name="loss")
     assert_close(np.asarray(dh), th.grad.numpy(), dtype="float32", quantity="moe_grad", name="dh")
+
+
+# Both output-weight layouts (tied embeddings [V, H], lm_head [H, V]) and the aux loss, over the two families; one
+# decoder layer each (the loss sits after them; compiling a second layer's backward costs seconds per case on CPU).
+# gpt-oss's one layer is a sliding one, and the sequence (10) is longer than its window (8).
+FAMILIES = {
+    "qwen3_moe_tied": ("qwen3_moe", dict(num_hidden_layers=1, tie_word_embeddings=True)),
+    "gpt_oss_aux": ("gpt_oss", dict(num_hidden_layers=1, output_router_logits=True, router_aux_loss_coef=0.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_model_loss_without_logits_equals_materialised(case, tmp_path):
+    from flax import nnx
+
+    from jax_impl import load_model
+    from jax_impl.lora import load_lora_state_dict, lora_state_dict
+    from shared_math.config import EXPERT_TARGETS, LoraConfig
+    from shared_math.tiny import write_tiny_checkpoint
+
+    family, overrides = FAMILIES[case]
+    path = write_tiny_checkpoint(family, tmp_path / case, seed=3, **overrides)
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8, targets=("q_proj", "v_proj") + EXPERT_TARGETS),
+                       lora_seed=1)
+    rng = np.random.default_rng(0)
+    # B non-zero, so the LoRA path is part of the loss and every LoRA tensor gets a gradient
+    load_lora_state_dict(model, {n: rng.normal(0, 0.05, t.shape).astype(np.float32) if "lora_B" in n else t
+                                 for n, t in lora_state_dict(model).items()})
+    ids = jnp.asarray(rng.integers(0, 128, (2, 10)), jnp.int32)
+    labels = ids.at[:, :3].set(-100)
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss(lora, ids, labels, return_logits):
+        out = nnx.merge(graphdef, lora, rest)(ids, labels=labels, return_logits=return_logits)
+        return out.loss, out
+
+    @jax.jit  # ids as arguments: token ids are range-checked only when concrete (outside jit)
+    def both(lora, ids, labels):
+        return (jax.value_and_grad(partial(loss, return_logits=False), has_aux=True)(lora, ids, labels),
+                jax.value_and_grad(partial(loss, return_logits=True), has_aux=True)(lora, ids, labels))
+
+    with jax.default_matmul_precision("highest"):
+        ((fused_loss, fused), fused_grads), ((full_loss, full), full_grads) = both(lora, ids, labels)
+    assert fused.logits is None and full.logits is not None
+    assert_close(fused_loss, full_loss, dtype="float32", quantity="loss", name="loss")
+    assert (full.aux_loss is not None) == ("router_aux_loss_coef" in overrides)
+    if full.aux_loss is not None:
+        assert float(fused.aux_loss) == float(full.aux_loss)
+    got, want = jax.tree.leaves(fused_grads), jax.tree.leaves(full_grads)
+    assert len(got) == len(want) == 4 * 2  # (q, v, experts gate_up, experts down) x (A, B)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert float(jnp.abs(w).max()) > 0, i
+        assert_close(g, w, dtype="float32", quantity="lora_grad", name=f"LoRA grad {i}")
+    # HF's ForCausalLMLoss on the materialised logits, in float64, plus the aux loss by HF's rule
+    z = np.asarray(full.logits, np.float64)[:, :-1]
+    t = np.asarray(labels)[:, 1:]
+    valid = t != -100
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    picked = np.take_along_axis(z, np.where(valid, t, 0)[..., None], axis=-1)[..., 0]
+    hf = np.where(valid, lse - picked, 0.0).sum() / valid.sum()
+    if full.aux_loss is not None:
+        hf += overrides["router_aux_loss_coef"] * float(full.aux_loss)
+    assert_close(fused_loss, hf, dtype="float32", quantity="loss", name="loss vs HF's rule in float64")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from shared_math.config import ModelConfig
@@ -90,3 +91,53 @@ def test_in_backward_optimizer_rows_leave_no_hooks_behind(tmp_path):
     params = [p for p in built["model"].parameters() if p.requires_grad]
     assert params and all(not p._post_accumulate_grad_hooks for p in params)
     assert all(p.grad is None for p in params) and all(torch.isfinite(p).all() for p in params)
+
+
+def test_jax_row_trains_the_tiny_preset_on_cpu(tmp_path):
+    """--impls jax_impl on the CPU (one layer, one length: compiling the step takes ~8 s of a CPU): the row has its
+    step time, compile time and XLA's planned peak; the jitted step donates the LoRA and optimizer buffers (the old
+    ones are gone), updates every LoRA tensor and returns the loss of the model's own forward."""
+    pytest.importorskip("torch")  # benchmarks.step imports torch
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    import benchmarks.step as step
+    from benchmarks.step_jax import JaxStep
+
+    built = {}
+    real_init = JaxStep.__init__
+
+    def init_and_keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built["runner"] = self
+
+    out = tmp_path / "rows.jsonl"
+    JaxStep.__init__ = init_and_keep
+    try:
+        assert step.main(["--family", "gpt_oss", "--preset", "tiny", "--layers", "1", "--device", "cpu", "--seq",
+                          "16", "--iters", "2", "--warmup", "1", "--impls", "jax_impl", "--out", str(out)]) == 0
+    finally:
+        JaxStep.__init__ = real_init
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["seq"] for r in rows] == [16] and not any(r.get("error") for r in rows)
+    for r in rows:
+        assert r["impl"] == "jax_impl" and r["step_ms"] > 0 and r["compile_s"] > 0
+        assert r["first_step_s"] >= r["compile_s"] and r["peak_gib"] == r["compiled_peak_gib"] > 0
+        assert r["jax_attn"] == "literal" and r["jax_remat"] == "small_dots" and r["backend"] == "ragged_dot"
+    runner = built["runner"]
+    assert runner.model.gradient_checkpointing and runner.model.checkpoint_policy is not None
+    from flax import nnx
+
+    from shared_math.numerics import assert_close
+
+    ids = jax.numpy.asarray(np.arange(16, dtype=np.int32)[None] * 7 % 128)
+    before = runner.lora
+    # copies (np.asarray of a CPU array is a view, which would pin the buffer and stop its donation)
+    before_host = jax.tree.map(lambda x: np.array(x, copy=True), before)
+    want = jax.jit(lambda lora, frozen, ids: nnx.merge(runner.graphdef, lora, frozen, copy=True)(
+        ids, labels=ids).loss)(before, runner.frozen, ids)  # the materialised-logits loss of the same state
+    loss = runner.run(ids)
+    assert_close(loss, want, dtype="bfloat16", quantity="loss", name="the step's loss vs the model's forward")
+    assert all(x.is_deleted() for x in jax.tree.leaves(before))  # donated: the update reused the old buffers
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before_host),
+                                                                   jax.tree.leaves(runner.lora))]
+    assert all(changed) and runner.lora_params == rows[0]["lora_params"] > 0
