@@ -69,17 +69,17 @@ case $PART in
     timeout 110 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl \
       --profile "$R" --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
     grep -h "^{" "$R/step_qwen3.log" "$R/step_gpt_oss.log" | cut -c1-300 ;;
-  wholestep3)  # call 3: gpt-oss-20b Unsloth; the GPU tests of the loss and the in-backward optimizer; the longest
-    # Qwen3-30B-A3B context torch_impl trains (layer inputs offloaded, AdamW in backward)
+  wholestep3)  # call 3: the longest Qwen3-30B-A3B context torch_impl trains (layer inputs offloaded, AdamW in
+    # backward); the GPU tests of the loss, the in-backward optimizer and the Hopper kernels; gpt-oss-20b Unsloth
     wheels
-    timeout 170 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls unsloth \
-      --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
-    timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/torch/test_fused_loss.py \
-      tests/torch/test_optim_in_backward.py > "$R/gpu_tests.log" 2>&1
-    timeout 300 python3 benchmarks/step.py --family qwen3_moe --seq 65536 --max-context --max-seq 262144 \
-      --context-step 16384 --offload --optim-in-backward --impls torch_impl --out "$R/maxctx.jsonl" \
+    timeout 240 python3 benchmarks/step.py --family qwen3_moe --seq 131072 --max-context --max-seq 262144 \
+      --context-step 32768 --offload --optim-in-backward --impls torch_impl --out "$R/maxctx.jsonl" \
       > "$R/maxctx.log" 2>&1
-    tail -3 "$R/gpu_tests.log"; grep -h "^{" "$R/step_gpt_oss.log" "$R/maxctx.log" | cut -c1-300 ;;
+    timeout 140 python3 -m pytest -v -m gpu -n 4 -p no:cacheprovider -rfEX --tb=short tests/torch/test_fused_loss.py \
+      tests/torch/test_optim_in_backward.py tests/torch/test_hopper_kernels.py > "$R/gpu_tests.log" 2>&1
+    timeout 160 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls unsloth \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
+    tail -25 "$R/gpu_tests.log" | cut -c1-200; grep -h "^{" "$R/step_gpt_oss.log" "$R/maxctx.log" | cut -c1-300 ;;
   longctx)  # call 3 of 3: the longest Qwen3-30B-A3B and gpt-oss-20b contexts torch_impl trains (layer inputs
     # offloaded, AdamW in backward)
     timeout 330 python3 benchmarks/step.py --family qwen3_moe --seq 65536 --max-context --max-seq 262144 \
