@@ -135,6 +135,13 @@ _logits = jax.jit(lambda graphdef, params, rest, ids, pos: nnx.merge(graphdef, p
     ids, position_ids=pos).logits.astype(jnp.float32), static_argnums=0)
 
 
+# The pre-clip global norm as one program. Eagerly, optax.tree.norm dispatches one reduction per LoRA tensor; on a
+# mesh each is an SPMD program with an all-reduce, and on XLA:CPU host devices several such independent programs in
+# flight at once can take all of the client's threads with some devices' parts still queued: the all-reduce then
+# waits forever (XLA aborts after its 40 s rendezvous timeout; seen 2 runs in 3 under load on 2 cores).
+_grad_norm = jax.jit(optax.tree.norm)
+
+
 @partial(jax.jit, static_argnames="layout")
 def _apply(params, opt_state, grads, coef, lr, layout=None):
     """Scale the gradients by the clipping coefficient, one AdamW update at learning rate `lr` -> (params, opt_state,
@@ -254,7 +261,7 @@ class Trainer:
             losses.append(float(loss))
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         loss = float(np.mean(losses))
-        norm = float(optax.tree.norm(grads))
+        norm = float(_grad_norm(grads))
         check_finite(self.step, loss, norm, self.run.out_dir, vocab_size=self.run.model_cfg.vocab_size)
         coef = clip_coefficient(norm, self.cfg.optim.max_grad_norm)
         params, opt_state, finite = _apply(self.params, self.opt_state, grads, jnp.float32(coef),
