@@ -35,6 +35,13 @@ factor). GPU timings of either exchange are pending.
 Gradients flow through the same construction: the row moves are gathers whose backward is the inverse gather
 (`_move_rows`, as `moe.permute_rows`), the all-to-alls transpose to all-to-alls, and the expert tensors enter the
 manual region as varying over the token axes (`pcast`), whose transpose sums their gradients over data and fsdp.
+
+Limits, known: outside the MoE layer the models carry no sharding annotations, so how the dense layers are split is
+XLA's choice from the weights' and the batch's placement (FSDP in effect, not a per-layer all-gather schedule we
+set); for some shapes (e.g. an odd sequence length in evaluation) it logs "Involuntary full rematerialization" and
+replicates an activation, correct but slower. Activation constraints at the decoder-layer boundary
+(models/decoder.py) would pin them; GPU measurements of all of this are pending (the multi-GPU machines are not
+lent). The weights are read into host memory, then placed shard by shard (`TreeSharding.put`).
 """
 
 from __future__ import annotations

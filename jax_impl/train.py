@@ -135,10 +135,10 @@ _logits = jax.jit(lambda graphdef, params, rest, ids, pos: nnx.merge(graphdef, p
     ids, position_ids=pos).logits.astype(jnp.float32), static_argnums=0)
 
 
-# The pre-clip global norm as one program. Eagerly, optax.tree.norm dispatches one reduction per LoRA tensor; on a
-# mesh each is an SPMD program with an all-reduce, and on XLA:CPU host devices several such independent programs in
-# flight at once can take all of the client's threads with some devices' parts still queued: the all-reduce then
-# waits forever (XLA aborts after its 40 s rendezvous timeout; seen 2 runs in 3 under load on 2 cores).
+# The pre-clip global norm as one program. Eagerly, optax.tree.norm dispatches one reduction and one add per LoRA
+# tensor; on a mesh each is an SPMD program with an all-reduce, and on XLA:CPU host devices these many small
+# collective programs deadlocked (XLA aborts after its 40 s rendezvous timeout, Python stack in tree_norm): 8 of 9
+# 30-step 4-device runs on the loaded 2-core CI machine, 0 of 6 with this one jitted program.
 _grad_norm = jax.jit(optax.tree.norm)
 
 
@@ -168,8 +168,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, out_dir: str | Path | None = None, run: PreparedRun | None = None,
                  devices: Sequence[Any] | None = None) -> None:
-        """`devices`: the devices the mesh of `cfg.parallel` spans (default: all that jax sees); only for a
-        layout of more than one device (`parallel` all 1, the default, trains on jax's default device)."""
+        """`devices`: the devices the mesh of `cfg.parallel` spans (default: all that jax sees). Without it, a
+        layout of one device (`parallel` all 1, the default) trains on jax's default device, no mesh; with it, even
+        one device gets the mesh path (to check that path where only one device is at hand)."""
         if cfg.lora.train_router:
             raise ConfigError("lora.train_router is not supported by jax_impl yet (its attach_lora keeps routers "
                               "frozen); train it with --framework torch")
@@ -180,13 +181,10 @@ class Trainer:
         # a backend that cannot run here says why before the data and the checkpoint are built
         resolve_backend(cfg.model.moe_backend, dtype=_DTYPES[cfg.model.dtype])
         self.mesh, self.layout = None, None
-        if cfg.parallel.devices > 1:  # a layout that does not match the devices is refused before any work
-            from jax_impl import parallel
+        if cfg.parallel.devices > 1 or devices is not None:  # a layout that does not match the devices is
+            from jax_impl import parallel  # refused before any work
 
             self.mesh = parallel.make_mesh(cfg.parallel, devices)
-        elif devices is not None:
-            raise ConfigError(f"devices= is for a parallel layout of several devices; parallel "
-                              f"({cfg.parallel.describe()}) is one device (jax's default)")
         self.run = run if run is not None else prepare_run(cfg, out_dir)
         if self.mesh is not None:  # before any weight is read
             parallel.check_experts(cfg.parallel, self.run.model_cfg)
