@@ -55,7 +55,12 @@ class LoRALinear(nn.Module):
         # all-bf16 branch measured 2x HF's own bf16 error on MLA's chained q_a -> q_b LoRA (tiny DeepSeek-V3).
         a = self.lora_A
         delta = (x.to(a.dtype) @ a) @ self.lora_B.to(a.dtype)
-        return (y.to(delta.dtype) + self.scale * delta).to(x.dtype)
+        if y.dtype == delta.dtype:
+            return y + self.scale * delta
+        # y + s·delta in fp32, rounded once into y's storage: one kernel where the literal form takes four (y cast
+        # up, the scale, the add, the cast down), with the same result (TensorIterator computes a mixed-dtype
+        # in-place add in the promoted dtype, fp32, and casts once). y is free to overwrite: x @ W saves x, not y.
+        return y.add_(delta, alpha=self.scale)
 
 
 def _kaiming_a(shape: tuple[int, ...], fan_in: int, generator, dtype, device) -> torch.Tensor:
