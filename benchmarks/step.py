@@ -150,6 +150,22 @@ def make_adamw(params: list[torch.nn.Parameter], impl: str, in_backward: bool = 
     return torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
 
 
+def with_routing_stats(model, loss_fn):
+    """`--routing-stats`: every step a logged step, as the Trainer runs one with `train.routing_stats: true` and
+    `log_every: 1`: the routing statistics of each forward summed on the device (`RoutingStatsAccumulator.add`), then
+    read to the host with one transfer after the optimizer step (`pop`). -> (loss_fn, after_step)."""
+    from torch_impl.routing_stats import RoutingStatsAccumulator, routing_stats_of
+
+    acc = RoutingStatsAccumulator(model)
+
+    def loss_with_stats(ids):
+        loss = loss_fn(ids)
+        acc.add(routing_stats_of(model))
+        return loss
+
+    return loss_with_stats, acc.pop
+
+
 def _release(opt) -> None:
     """An in-backward optimizer's hooks must not outlive its measurement (the next one registers its own)."""
     if hasattr(opt, "remove"):
@@ -157,20 +173,21 @@ def _release(opt) -> None:
 
 
 def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters: int, graph_ctx=None,
-            impl: str = "torch_impl", in_backward: bool = False) -> dict:
+            impl: str = "torch_impl", in_backward: bool = False, after_step=None) -> dict:
     """Median step time and peak memory. `graph_ctx` (a context factory, see graph_context): forward + backward
     captured once in a CUDA graph (torch_impl.cuda_graph.GraphedLoss, its own warm-up included) and replayed per
-    step; AdamW runs eagerly after it in both modes. `first_step_s`: the first call's seconds (compilation,
+    step; AdamW runs eagerly after it in both modes. `after_step` (no arguments) runs at the end of every step (the
+    routing statistics' read-out, `with_routing_stats`). `first_step_s`: the first call's seconds (compilation,
     autotuning and allocation included), what a user waits for before the first loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adamw(params, impl, in_backward)
     try:
-        return _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx)
+        return _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx, after_step)
     finally:
         _release(opt)
 
 
-def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx) -> dict:
+def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx, after_step) -> dict:
     ids = torch.randint(0, vocab, (1, S), device=device)
     cuda = device.startswith("cuda")
     if graph_ctx is not None:
@@ -188,6 +205,8 @@ def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph
         fwd_bwd()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
 
     first_s = None
     # memory by component: the model with its adapters before any step, then AdamW's state after the first
@@ -244,7 +263,7 @@ def _profile(opt, loss_fn, S: int, vocab: int, device: str, path: Path) -> None:
     if cuda:
         torch.cuda.synchronize()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_fn(ids).backward()
@@ -261,6 +280,11 @@ def _profile(opt, loss_fn, S: int, vocab: int, device: str, path: Path) -> None:
         if cuda:
             f.write(ka.table(sort_by="self_device_time_total", row_limit=30) + "\n\n")
         f.write(ka.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+        if cuda:  # which tensors the glue kernels move: the operators again, split by their input shapes
+            f.write("\nby input shape (operators only, device time)\n")
+            f.write(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_device_time_total", row_limit=60, max_name_column_width=40,
+                max_shapes_column_width=90) + "\n")
     print(f"profile of S={S}: wall {wall:.1f} ms, device busy {busy:.1f} ms -> {path}", flush=True)
 
 
@@ -347,11 +371,11 @@ def _error_text(e: BaseException) -> str:
     return "OOM" if oom else f"{type(e).__name__}: {str(e)[:300]}"
 
 
-def _try_step(model, loss_fn, S: int, vocab: int, a: argparse.Namespace, impl: str, ctx) -> dict:
+def _try_step(model, loss_fn, S: int, vocab: int, a: argparse.Namespace, impl: str, ctx, after_step=None) -> dict:
     """One row's measurement; a failure becomes the row's `error` (the memory it held is released first)."""
     try:
         return measure(model, loss_fn, S, vocab, a.device, a.warmup, a.iters, ctx, impl=impl,
-                       in_backward=a.optim_in_backward)
+                       in_backward=a.optim_in_backward, after_step=after_step)
     except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError) as e:
         return dict(step_ms=None, peak_gib=None, error=_error_text(e))
     finally:
@@ -415,6 +439,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "at once")
     p.add_argument("--offload", action="store_true",
                    help="torch_impl: keep the checkpointed layer inputs in pinned host memory (long context)")
+    p.add_argument("--routing-stats", action="store_true",
+                   help="torch_impl: every step logs the routing analytics (what train.routing_stats costs)")
     p.add_argument("--max-context", action="store_true", help="find the longest S that trains, per implementation")
     p.add_argument("--max-seq", type=int, default=262144, help="--max-context: the largest S tried")
     p.add_argument("--context-step", type=int, default=4096, help="--max-context: bisection granularity")
@@ -523,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                 compile=a.compile and impl == "torch_impl",
                 cuda_graph=a.cuda_graph and impl == "torch_impl",
                 optim_in_backward=a.optim_in_backward and impl == "torch_impl",
+                routing_stats=a.routing_stats and impl == "torch_impl",
                 backend=a.backend if impl == "torch_impl" else None,
                 hf_attn=a.hf_attn if impl == "hf_peft" else None, **versions())
     max_seq = a.max_seq if a.max_context else max(a.seqs)
@@ -534,11 +561,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.out:
             write_jsonl(a.out, [row])
 
+    after_step = None
     try:
         if unsloth_error:
             raise ImportError(unsloth_error)
         if impl == "torch_impl":
             model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload, a.compile)
+            if a.routing_stats:
+                loss_fn, after_step = with_routing_stats(model, loss_fn)
         elif impl == "hf_peft":
             model, loss_fn = build_hf(hf, a.device, a.hf_attn, lora, a.grad_ckpt)
         else:
@@ -568,10 +598,10 @@ def main(argv: list[str] | None = None) -> int:
     # one untimed step at the shortest length first: the first length of a process still carried one-time work
     # after a one-step warm-up on the H200 (gpt-oss 1K: 1325 ms, then 536 ms in the same process)
     _try_step(model, loss_fn, min(a.seqs), vocab, argparse.Namespace(**{**vars(a), "warmup": 0, "iters": 1}),
-              impl, None)
+              impl, None, after_step)
     # a full-size row takes minutes (warm-up and timed steps at S tokens): a bar of the rows on a terminal
     for S in progress_bar(a.seqs, desc=f"{impl} rows", unit="row"):
-        emit({**base, "mode": "step", "seq": S, **_try_step(model, loss_fn, S, vocab, a, impl, ctx)})
+        emit({**base, "mode": "step", "seq": S, **_try_step(model, loss_fn, S, vocab, a, impl, ctx, after_step)})
     if a.profile:
         name = f"step_{a.family}_{a.preset}_L{hf['num_hidden_layers']}_{impl}_S{a.seqs[0]}.txt"
         profile_step(model, loss_fn, a.seqs[0], vocab, a.device, a.profile / name, impl, a.optim_in_backward)
