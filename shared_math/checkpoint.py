@@ -497,6 +497,10 @@ def write_checkpoint(path: str | Path, hf_config: Mapping[str, Any], tensors: Ma
     default), "fused" the v5 in-memory layout; gpt-oss has one layout, or "mxfp4" (the hub's: experts quantised by
     `shared_math.mxfp4.quantize_mxfp4`, with the hub's `quantization_config`). Every floating tensor is written in
     `dtype` ("float32", "bfloat16" rounded to nearest even, or "float16"), and config.json's `dtype` says so.
+
+    `tensors` is read once per name, in model order, and with `max_shard_bytes` each shard is written as soon as it
+    is full: a lazy mapping (e.g. `shared_math.tiny.lazy_random_canonical_tensors`) then keeps about one shard and
+    one tensor in memory, not the whole model. config.json comes last, so an interrupted write is no checkpoint.
     """
     if layout not in ("hub", "fused", "mxfp4"):
         raise ValueError(f"layout must be 'hub', 'fused' or 'mxfp4', got {layout!r}")
@@ -506,16 +510,27 @@ def write_checkpoint(path: str | Path, hf_config: Mapping[str, Any], tensors: Ma
     if layout == "mxfp4" and cfg.family != "gpt_oss":
         raise ValueError(f"layout 'mxfp4' is gpt-oss's hub format; {cfg.family} has no MXFP4 checkpoints")
     shapes = expected_shapes(cfg)
-    missing = [n for n in shapes if n not in tensors]
-    extra = [n for n in tensors if n not in shapes]
+    names = set(tensors)  # the keys only: `in` on a lazy mapping would read (or draw) the tensor
+    missing = [n for n in shapes if n not in names]
+    extra = [n for n in names if n not in shapes]
     if missing or extra:
         raise CheckpointError(f"tensors do not match the {cfg.family} config: missing {missing[:5]}, "
                               f"unexpected {extra[:5]}")
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
 
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
+    # shards are written under temporary names as they fill (their count is known only at the end), then renamed
+    shard: dict[str, np.ndarray] = {}
+    written: list[tuple[Path, list[str]]] = []
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        tmp = root / f".shard-{len(written):05d}.tmp"
+        write_safetensors(tmp, shard, dtype=dtype)
+        written.append((tmp, list(shard)))
+        shard, size = {}, 0
+
     for name, shape in shapes.items():
         arr = np.asarray(tensors[name])
         if arr.shape != shape:
@@ -523,31 +538,30 @@ def write_checkpoint(path: str | Path, hf_config: Mapping[str, Any], tensors: Ma
         recipe = hf_keys_for(cfg, name, shape, layout)
         for key, part in zip(recipe.keys, recipe.from_canon(arr)):
             nbytes = part.nbytes if part.dtype == np.uint8 else math.prod(part.shape) * _ITEMSIZE[dtype]
-            if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][key] = np.ascontiguousarray(part)
+            if max_shard_bytes is not None and shard and size + nbytes > max_shard_bytes:
+                flush()
+            shard[key] = np.ascontiguousarray(part)
             size += nbytes
+            total += nbytes
+        del arr  # a lazily drawn tensor is freed here; its parts live on in `shard` until it is written
 
     config = dict(hf_config)
     config["dtype"] = dtype
     if layout == "mxfp4" and cfg.family == "gpt_oss":  # what the hub's gpt-oss config.json says
         config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
             "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if max_shard_bytes is None:
-        write_safetensors(root / "model.safetensors", shards[0], dtype=dtype)
-        return root
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(root / fname, shard, dtype=dtype)
-        weight_map.update(dict.fromkeys(shard, fname))
-        total += sum(a.nbytes if a.dtype == np.uint8 else math.prod(a.shape) * _ITEMSIZE[dtype]
-                     for a in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_safetensors(root / "model.safetensors", shard, dtype=dtype)
+    else:
+        flush()
+        weight_map: dict[str, str] = {}
+        for i, (tmp, keys) in enumerate(written):
+            fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            tmp.replace(root / fname)
+            weight_map.update(dict.fromkeys(keys, fname))
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return root
 
 

@@ -3,13 +3,16 @@
 `tiny_hf_config(family)` is a complete config.json dict (vocab 128, H 64, 2 layers, 4 heads; hf-moe-formats.md §8)
 that transformers loads as is, with a dense first layer where the family has dense layers.
 `random_canonical_tensors(cfg, seed)` draws canonical tensors whose activations stay O(1) through the model, so a
-layout or norm bug changes the outputs visibly instead of hiding under near-zero signals.
+layout or norm bug changes the outputs visibly instead of hiding under near-zero signals;
+`lazy_random_canonical_tensors(cfg, seed)` draws the same distributions one tensor at a time, for full-size shapes.
 `write_tiny_checkpoint(family, dir)` writes both as a HF checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
+import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,18 +96,57 @@ def random_canonical_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.nd
     from shared_math.checkpoint import expected_shapes  # checkpoint.py re-exports this module's functions
 
     rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for name, shape in expected_shapes(cfg).items():
-        if name == "embed_tokens.weight" or name.endswith(".sinks"):
-            a = rng.standard_normal(shape)
-        elif name.endswith("norm.weight"):  # input/post_attention_layernorm, norm, q/k_norm, q_a/kv_a_layernorm
-            a = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith(("bias", "e_score_correction_bias")):
-            a = 0.1 * rng.standard_normal(shape)
-        else:  # [in, out] or [E, in, out] linear weights: fan_in is the second-to-last axis
-            a = rng.standard_normal(shape) / np.sqrt(shape[-2])
-        out[name] = a.astype(np.float32)
-    return out
+    # drawn in float64 from one generator in model order, then rounded: the tiny checkpoints the tests were
+    # written against
+    return {name: _random_tensor(name, shape, rng, np.float64).astype(np.float32)
+            for name, shape in expected_shapes(cfg).items()}
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, dtype: type) -> np.ndarray:
+    """One tensor of random_canonical_tensors' scheme, drawn in `dtype` (arithmetic in place: no second copy)."""
+    if name == "embed_tokens.weight" or name.endswith(".sinks"):
+        return rng.standard_normal(shape, dtype=dtype)
+    a = rng.standard_normal(shape, dtype=dtype)
+    if name.endswith("norm.weight"):  # input/post_attention_layernorm, norm, q/k_norm, q_a/kv_a_layernorm
+        a *= 0.1
+        a += 1.0
+    elif name.endswith(("bias", "e_score_correction_bias")):
+        a *= 0.1
+    else:  # [in, out] or [E, in, out] linear weights: fan_in is the second-to-last axis
+        a /= a.dtype.type(np.sqrt(shape[-2]))
+    return a
+
+
+class _LazyRandomTensors(Mapping[str, np.ndarray]):
+    """`name -> tensor` of random_canonical_tensors' scheme, drawn when asked for and not kept."""
+
+    def __init__(self, cfg: ModelConfig, seed: int) -> None:
+        from shared_math.checkpoint import expected_shapes
+
+        self.shapes = expected_shapes(cfg)
+        self.seed = seed
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        shape = self.shapes[name]  # KeyError for an unknown name, as a Mapping should
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        return _random_tensor(name, shape, rng, np.float32)
+
+    def __contains__(self, name: object) -> bool:  # without drawing (Mapping's default would call __getitem__)
+        return name in self.shapes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def lazy_random_canonical_tensors(cfg: ModelConfig, seed: int = 0) -> Mapping[str, np.ndarray]:
+    """random_canonical_tensors' distributions as a lazy mapping, for full-size models: each tensor is drawn in
+    float32 when it is asked for, from its own generator seeded by (seed, crc32(name)), so it does not depend on the
+    order of reads, and it is not kept. With `write_checkpoint(..., max_shard_bytes=...)` a multi-GB checkpoint is
+    written holding about one shard in memory. (Other values than random_canonical_tensors at the same seed.)"""
+    return _LazyRandomTensors(cfg, seed)
 
 
 def write_tiny_checkpoint(family: str, path: str | Path, *, seed: int = 0, dtype: str = "float32",

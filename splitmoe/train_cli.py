@@ -4,9 +4,10 @@ train    one run of a configs/runs/*.yaml (defaults: the embedded synthetic task
          jax, with `key=value` overrides; `--resume` continues the run folder's newest checkpoint. torch on several
          devices: `torchrun --standalone --nproc-per-node N -m splitmoe train ... parallel.expert=2`
          (torch_impl.parallel).
-compare  trains torch and jax side by side from the same checkpoint, initial adapter and batches for N steps and
-         prints a step-by-step table (loss, grad-norm, relative differences); writes compare.png and
-         compare.jsonl; exits 1 when a loss differs by more than the shared_math.numerics tolerance.
+compare  trains torch and jax side by side from the same checkpoint, initial adapter and batches for N steps (torch
+         on `--device`, default cpu; jax on its default device) and prints a step-by-step table (loss, grad-norm,
+         relative differences); writes compare.png and compare.jsonl; exits 1 when a loss differs by more than the
+         shared_math.numerics tolerance.
 """
 
 from __future__ import annotations
@@ -109,10 +110,16 @@ def run_default_job(out_dir: str | Path = "runs/demo", *, framework: str = "torc
 
 # ---- compare -------------------------------------------------------------------------------------------------------
 
-def compare(cfg: RunConfig, steps: int, *, out_dir: str | Path | None = None) -> dict[str, Any]:
+def compare(cfg: RunConfig, steps: int, *, out_dir: str | Path | None = None, device: str = "cpu"
+            ) -> dict[str, Any]:
     """Train torch and jax in lockstep for `steps` optimizer steps from one prepared run (same checkpoint, initial
-    adapter, batches, learning rates); returns per-step losses, grad norms and relative differences."""
+    adapter, batches, learning rates); returns per-step losses, grad norms, relative differences and each
+    framework's seconds for the step (`seconds_torch`, `seconds_jax`: the first includes compilation), and each
+    framework's seconds to build its trainer, checkpoint load included (`load_seconds`).
+
+    `device`: where torch trains (cpu, cuda, cuda:1); jax trains on its default device (its GPU where jax has one)."""
     from shared_math.numerics import tolerance
+    from shared_math.progress import progress_bar
     from shared_math.training import prepare_run
 
     cfg = with_overrides(cfg, f"train.steps={steps}")
@@ -120,30 +127,34 @@ def compare(cfg: RunConfig, steps: int, *, out_dir: str | Path | None = None) ->
     from jax_impl.train import Trainer as JaxTrainer
     from torch_impl.train import Trainer as TorchTrainer
 
-    trainers = {"torch": TorchTrainer(cfg, run=run), "jax": JaxTrainer(cfg, run=run)}
+    builders = {"torch": lambda: TorchTrainer(cfg, run=run, device=device), "jax": lambda: JaxTrainer(cfg, run=run)}
+    trainers, load_s = {}, {}
+    for k, build in builders.items():
+        t0 = time.perf_counter()
+        trainers[k] = build()
+        load_s[k] = time.perf_counter() - t0
     rows = []
-    for _ in range(steps):
-        (lt, gt), (lj, gj) = (trainers[k].train_step() for k in ("torch", "jax"))
+    for _ in progress_bar(range(steps), desc="compare torch vs jax", unit="step"):
+        out, secs = {}, {}
+        for k in ("torch", "jax"):  # train_step returns host floats: the framework's work is done when timed
+            t0 = time.perf_counter()
+            out[k] = trainers[k].train_step()
+            secs[k] = time.perf_counter() - t0
+        (lt, gt), (lj, gj) = out["torch"], out["jax"]
         rows.append({"step": len(rows) + 1, "loss_torch": lt, "loss_jax": lj, "loss_rel": abs(lt - lj) / abs(lt),
-                     "grad_norm_torch": gt, "grad_norm_jax": gj, "grad_norm_rel": abs(gt - gj) / max(abs(gt), 1e-30)})
+                     "grad_norm_torch": gt, "grad_norm_jax": gj, "grad_norm_rel": abs(gt - gj) / max(abs(gt), 1e-30),
+                     "seconds_torch": secs["torch"], "seconds_jax": secs["jax"]})
     tol = tolerance(cfg.model.dtype, "train_loss")
     return {"rows": rows, "rtol": tol.rtol, "why": tol.why, "out_dir": run.out_dir,
             "max_loss_rel": max(r["loss_rel"] for r in rows),
-            "max_grad_norm_rel": max(r["grad_norm_rel"] for r in rows)}
+            "max_grad_norm_rel": max(r["grad_norm_rel"] for r in rows), "load_seconds": load_s}
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from shared_math.training import TrainingDiverged, plot_compare
+def report_compare(res: dict[str, Any], dtype: str) -> bool:
+    """Print `compare`'s step-by-step table and verdict line, write compare.jsonl and compare.png into its
+    out_dir; True when every step's loss is within the `dtype` train_loss tolerance."""
+    from shared_math.training import plot_compare
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"train.out_dir={args.out}")
-    cfg = load_run_config(args.config, overrides)
-    try:
-        res = compare(cfg, args.steps)
-    except TrainingDiverged as e:  # the same exit as `train`'s: 3 for a run that diverged, 2 for bad input
-        print(f"splitmoe compare: error: {e}", file=sys.stderr)
-        return 3
     rows, tol = res["rows"], res["rtol"]
     print(f"{'step':>4}  {'loss torch':>12}  {'loss jax':>12}  {'rel diff':>9}  {'grad-norm torch':>15}  "
           f"{'grad-norm jax':>13}  {'rel diff':>9}")
@@ -160,8 +171,23 @@ def _compare(args: argparse.Namespace) -> int:
                        out / "compare.png", tol)
     ok = res["max_loss_rel"] <= tol
     print(f"max relative loss difference {res['max_loss_rel']:.2e}, grad-norm {res['max_grad_norm_rel']:.2e}; "
-          f"tolerance {tol:g} ({cfg.model.dtype}: {res['why']}) -> {'OK' if ok else 'FAIL'}; plot {png}")
-    return 0 if ok else 1
+          f"tolerance {tol:g} ({dtype}: {res['why']}) -> {'OK' if ok else 'FAIL'}; plot {png}")
+    return ok
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from shared_math.training import TrainingDiverged
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"train.out_dir={args.out}")
+    cfg = load_run_config(args.config, overrides)
+    try:
+        res = compare(cfg, args.steps, device=args.device)
+    except TrainingDiverged as e:  # the same exit as `train`'s: 3 for a run that diverged, 2 for bad input
+        print(f"splitmoe compare: error: {e}", file=sys.stderr)
+        return 3
+    return 0 if report_compare(res, cfg.model.dtype) else 1
 
 
 def add_train_parsers(sub: argparse._SubParsersAction) -> None:
@@ -187,6 +213,8 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--config", default=str(DEFAULT_RUN_YAML.parent / "compare_tiny.yaml"))
     c.add_argument("--steps", type=int, default=20)
     c.add_argument("--out", help="folder for compare.jsonl / compare.png (default: <train.out_dir>/compare)")
+    c.add_argument("--device", default="cpu", help="torch: where to train (cpu, cuda, cuda:1; default cpu); jax "
+                                                   "trains on its default device")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.dtype=bfloat16")
     c.set_defaults(func=_compare)
 

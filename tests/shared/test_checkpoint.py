@@ -242,6 +242,32 @@ def test_shapes_read_no_data_and_getitem_reads_only_its_sources(tmp_path, monkey
     assert all(r.startswith("model.layers.0.") for r in reads)
 
 
+def test_lazy_tensors_are_drawn_once_each_and_shards_written_as_they_fill(tmp_path, monkeypatch):
+    """write_checkpoint reads a lazy mapping once per tensor (no `in` draws) and writes each shard when it is full,
+    before the next tensors are drawn; what it wrote is the drawn tensors, rounded to bf16."""
+    from shared_math.tiny import lazy_random_canonical_tensors
+
+    hf = tiny_hf_config("qwen3_moe")
+    lazy = lazy_random_canonical_tensors(ModelConfig.from_hf(hf), seed=1)
+    drawn: list[str] = []
+    shards_at_draw: list[int] = []
+
+    class Spy(dict):  # records every read, and how many shards were on disk at the time
+        def __getitem__(self, name):
+            drawn.append(name)
+            shards_at_draw.append(len(list(tmp_path.glob("ckpt/.shard-*.tmp"))))
+            return lazy[name]
+
+    spy = Spy.fromkeys(lazy)
+    write_checkpoint(tmp_path / "ckpt", hf, spy, dtype="bfloat16", max_shard_bytes=40_000)
+    assert drawn == list(lazy)  # once each, in model order
+    assert shards_at_draw[-1] > 1  # earlier shards were on disk before the last tensor was drawn
+    assert not list((tmp_path / "ckpt").glob(".shard-*"))  # all renamed
+    _, back = read_checkpoint(tmp_path / "ckpt")
+    for k in lazy:
+        np.testing.assert_array_equal(back[k], sio.bf16_round(lazy[k]), err_msg=k)
+
+
 def test_corrupt_data_is_not_touched_until_asked(tmp_path):
     """Overwrite one tensor's bytes with NaNs: opening and `.shapes` still work, only that tensor is damaged."""
     path = write_tiny_checkpoint("deepseek_v3", tmp_path)
