@@ -24,18 +24,19 @@
 #                                             # plus liger-kernel's wheel)
 #   bash benchmarks/gpu_session.sh wholestep2 # torch_impl --compile on Qwen3; gpt-oss-20b steps of torch_impl and
 #                                             # Unsloth; the fused-loss GPU tests; attention variants
-#   bash benchmarks/gpu_session.sh glue       # (2026-12-05, session 3) gpu tests of the in-backward optimizer, the
-#                                             # Hopper kernels, JAX attention and the bf16 parity; the glue and
-#                                             # attention variants (glue_bench.py, attention_bench.py); Qwen3 steps of
-#                                             # the previous commit (.scratch/base), this one, and this one logging
-#                                             # the routing analytics every step
+#   bash benchmarks/gpu_session.sh glue       # (2026-12-05, session 3) gpu tests of the fused glue, the in-backward
+#                                             # optimizer, the Hopper kernels, JAX attention and the bf16 parity; the
+#                                             # glue variants (glue_bench.py); Qwen3 steps of the session's first
+#                                             # commit (.scratch/base), this one with eager glue, with fused glue
+#                                             # (profiled), and logging the routing analytics every step
+#   bash benchmarks/gpu_session.sh jaxstep    # jax_impl Qwen3-30B-A3B steps (4 layers, then 48) next to torch_impl
 #   bash benchmarks/gpu_session.sh longctx    # torch_impl's longest Qwen3-30B-A3B and gpt-oss-20b contexts
 #                                             # (step.py --max-context --offload --optim-in-backward)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|jaxstep|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -86,20 +87,29 @@ case $PART in
       --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
     tail -25 "$R/gpu_tests.log" | cut -c1-200; grep -h "^{" "$R/step_gpt_oss.log" "$R/maxctx.log" | cut -c1-300 ;;
   glue)
-    timeout 170 python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider -rfEX --tb=short \
+    timeout 150 python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider -rfEX --tb=short tests/torch/test_fused_glue.py \
       tests/torch/test_optim_in_backward.py tests/torch/test_hopper_kernels.py tests/jax/test_attention.py \
       tests/torch/test_qwen3_parity.py tests/torch/test_gpt_oss_parity.py tests/torch/test_cuda_graph.py \
       > "$R/gpu_tests.log" 2>&1
     timeout 70 python3 benchmarks/glue_bench.py --seq 4096,16384 --out "$R/glue.jsonl" > "$R/glue.log" 2>&1
-    timeout 70 python3 benchmarks/attention_bench.py --seq 4096,16384 --out "$R/attention.jsonl" \
-      > "$R/attention.log" 2>&1
-    [ -d .scratch/base ] && (cd .scratch/base && timeout 100 python3 benchmarks/step.py --family qwen3_moe \
-      --seq 4096,16384 --impls torch_impl --warmup 2 --iters 5 --out "$R/step_qwen3_base.jsonl") > "$R/step.log" 2>&1
-    timeout 100 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl --warmup 2 \
-      --iters 5 --profile "$R" --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
-    timeout 100 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl --warmup 2 \
-      --iters 5 --routing-stats --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
-    tail -25 "$R/gpu_tests.log" | cut -c1-200; cut -c1-200 "$R/glue.log" "$R/attention.log"; grep -h "^{" "$R/step.log" ;;
+    STEP="benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl --warmup 2 --iters 4"
+    [ -d .scratch/base ] && (cd .scratch/base && timeout 90 python3 $STEP --out "$R/step_qwen3_base.jsonl") \
+      > "$R/step.log" 2>&1
+    SPLITMOE_GLUE=eager timeout 90 python3 $STEP --out "$R/step_qwen3_eager_glue.jsonl" >> "$R/step.log" 2>&1
+    timeout 100 python3 $STEP --profile "$R" --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
+    timeout 90 python3 $STEP --routing-stats --out "$R/step_qwen3_routing.jsonl" >> "$R/step.log" 2>&1
+    tail -25 "$R/gpu_tests.log" | cut -c1-200; cut -c1-200 "$R/glue.log"; grep -h "^{" "$R/step.log" ;;
+  jaxstep)  # jax_impl's whole step at full width: 4 layers first (errors and compile time cheaply), then, if those
+    # rows trained, 48 layers next to torch_impl's eager rows in the same call
+    timeout 160 python3 benchmarks/step.py --family qwen3_moe --layers 4 --seq 4096,16384 --impls jax_impl,torch_impl \
+      --out "$R/step_qwen3_L4.jsonl" > "$R/step.log" 2>&1
+    if grep -q '"impl": "jax_impl", "mode": "step", "seq": 16384, "step_ms": [0-9]' "$R/step.log"; then
+      timeout 300 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls jax_impl \
+        --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
+      timeout 90 python3 benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl --warmup 2 \
+        --iters 4 --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
+    fi
+    grep -v "^ *$" "$R/step.log" | grep -v Warning | tail -30 | cut -c1-400 ;;
   longctx)  # call 3 of 3: the longest Qwen3-30B-A3B and gpt-oss-20b contexts torch_impl trains (layer inputs
     # offloaded, AdamW in backward)
     timeout 330 python3 benchmarks/step.py --family qwen3_moe --seq 65536 --max-context --max-seq 262144 \

@@ -40,7 +40,9 @@ _SINK_PAD = 8
 class GptOssRMSNorm(RMSNorm):
     """(weight · x_f32 · rsqrt(mean(x_f32²) + eps)).to(x.dtype): unlike Llama, the weight multiplies in fp32."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    rounding = "weight_fp32"
+
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * x32).to(x.dtype)

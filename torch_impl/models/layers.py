@@ -37,6 +37,8 @@ from torch import nn
 
 from shared_math.config import ModelConfig
 from shared_math.rope import rope_inv_freq
+from torch_impl.models import fused_glue
+from torch_impl.models.fused_glue import glue_mode
 
 
 class LayerCheckpointing:
@@ -133,7 +135,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _frozen(dim, dtype=dtype, device=device)
 
+    rounding = "llama"  # fused_glue.rms_norm's name for where this class rounds
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if glue_mode(x) == "fused":  # one Triton kernel each way on CUDA (models.fused_glue)
+            return fused_glue.rms_norm(x, self.weight, self.eps, self.rounding)
+        return self.eager(x)
+
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -166,6 +175,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, N, S, D], k [B, Nkv, S, D]; cos, sin [B, S, Dr]. NeoX rotation of the first Dr dims (partial RoPE,
     GLM-4.x: Dr < D); the rest passes through."""
+    if glue_mode(q) == "fused":  # one Triton kernel each way on CUDA, in place (models.fused_glue)
+        return fused_glue.rotary(q, k, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     r = cos.shape[-1]
     if r == q.shape[-1]:
