@@ -30,13 +30,15 @@
 #                                             # commit (.scratch/base), this one with eager glue, with fused glue
 #                                             # (profiled), and logging the routing analytics every step
 #   bash benchmarks/gpu_session.sh jaxstep    # jax_impl Qwen3-30B-A3B steps (4 layers, then 48) next to torch_impl
+#   bash benchmarks/gpu_session.sh attnhopper # attention variants, Hopper kernel rows, gpt-oss-20b torch_impl steps
+#   bash benchmarks/gpu_session.sh crossfull  # 20-step bf16 torch vs JAX on 4 full-width Qwen3 layers; gpt-oss JAX steps
 #   bash benchmarks/gpu_session.sh longctx    # torch_impl's longest Qwen3-30B-A3B and gpt-oss-20b contexts
 #                                             # (step.py --max-context --offload --optim-in-backward)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|jaxstep|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|jaxstep|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -110,6 +112,20 @@ case $PART in
         --iters 4 --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
     fi
     grep -v "^ *$" "$R/step.log" | grep -v Warning | tail -30 | cut -c1-400 ;;
+  attnhopper)  # attention variants (GQA without repeated K/V, FlexAttention); the Hopper kernels' block rows and
+    # per-pass rates; gpt-oss-20b torch_impl steps with the fused glue
+    timeout 80 python3 benchmarks/attention_bench.py --seq 4096,16384 --out "$R/attention.jsonl" > "$R/attention.log" 2>&1
+    timeout 230 python3 benchmarks/moe_block.py --iters 10 --cases qwen3_30b_T16384,gpt_oss_20b_T16384 \
+      --impls hf_peft,hopper_suite --out "$R/block_hopper.jsonl" > "$R/block_hopper.log" 2>&1
+    timeout 120 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl --warmup 2 --iters 4 --profile "$R" \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step.log" 2>&1
+    cut -c1-220 "$R/attention.log"; tail -30 "$R/block_hopper.log" | cut -c1-220; grep -h "^{" "$R/step.log" ;;
+  crossfull)  # the 20-step bf16 torch-vs-JAX run on a 4-layer Qwen3-30B-A3B-shaped checkpoint (#17); gpt-oss-20b
+    # jax_impl steps
+    timeout 330 python3 benchmarks/cross_full.py --out "$R/cross_full.jsonl" > "$R/cross_full.log" 2>&1
+    timeout 250 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls jax_impl \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step.log" 2>&1
+    tail -30 "$R/cross_full.log" | cut -c1-220; grep -v Warning "$R/step.log" | tail -8 | cut -c1-400 ;;
   longctx)  # call 3 of 3: the longest Qwen3-30B-A3B and gpt-oss-20b contexts torch_impl trains (layer inputs
     # offloaded, AdamW in backward)
     timeout 330 python3 benchmarks/step.py --family qwen3_moe --seq 65536 --max-context --max-seq 262144 \
