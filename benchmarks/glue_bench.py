@@ -88,12 +88,12 @@ def run_case(name: str, variants: dict, make_inputs, device: str, iters: int) ->
     rows, ref = [], None
     leaves, grads = make_inputs()
     for vname, fn in variants.items():
-        def fwd():
+        def fwd(fn=fn):
             xs = [t * 1 for t in leaves]  # not leaves: the in-place variants may write into them
             out = fn(*xs)
             return out if isinstance(out, tuple) else (out,)
 
-        def step():
+        def step(fwd=fwd):
             outs = fwd()
             torch.autograd.backward(outs, grads[:len(outs)])
             for t in leaves:
@@ -108,6 +108,37 @@ def run_case(name: str, variants: dict, make_inputs, device: str, iters: int) ->
         except Exception as e:  # noqa: BLE001 - a variant that fails is recorded, not dropped
             rows.append(dict(case=name, variant=vname, ms=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
     return rows
+
+
+def cases_at(S: int, dev: str, rnd) -> list[tuple[str, dict, object]]:
+    """(case, variants, make_inputs) at S tokens; `rnd(*shape, dtype=, scale=, grad=)` draws a tensor."""
+    bf = torch.bfloat16
+    cases = [
+        ("norm_hidden", norm_variants((S, 2048), dev), lambda: ([rnd(S, 2048)], [rnd(S, 2048, grad=False)])),
+        ("norm_qk", norm_variants((1, S, 32, 128), dev),
+         lambda: ([rnd(1, S, 32, 128)], [rnd(1, S, 32, 128, grad=False)])),
+    ]
+    pos = torch.arange(S, device=dev, dtype=torch.float32)
+    inv = 1.0 / (1e6 ** (torch.arange(0, 128, 2, device=dev, dtype=torch.float32) / 128))
+    emb = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)[None]
+    cos, sin = emb.cos().to(bf), emb.sin().to(bf)
+
+    def with_tables(f):
+        return lambda q, k: f(q, k, cos, sin)
+
+    cases.append(("rope", {k: with_tables(f) for k, f in rope_variants(dev).items()},
+                  lambda: ([rnd(1, 32, S, 128), rnd(1, 4, S, 128)],
+                           [rnd(1, 32, S, 128, grad=False), rnd(1, 4, S, 128, grad=False)])))
+    w = rnd(2048, 4096, scale=0.02, grad=False)
+    A = rnd(2048, 64, dtype=torch.float32, scale=0.02)
+    B = rnd(64, 4096, dtype=torch.float32, scale=0.01)
+
+    def with_weights(f):
+        return lambda x: f(x, w, A, B, 2.0)
+
+    cases.append(("lora_linear", {k: with_weights(f) for k, f in lora_variants().items()},
+                  lambda: ([rnd(S, 2048)], [rnd(S, 4096, grad=False)])))
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,25 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for S in [int(s) for s in a.seq.split(",")]:
-        cases = [
-            ("norm_hidden", norm_variants((S, 2048), dev), lambda: ([rnd(S, 2048)], [rnd(S, 2048, grad=False)])),
-            ("norm_qk", norm_variants((1, S, 32, 128), dev),
-             lambda: ([rnd(1, S, 32, 128)], [rnd(1, S, 32, 128, grad=False)])),
-        ]
-        pos = torch.arange(S, device=dev, dtype=torch.float32)
-        inv = 1.0 / (1e6 ** (torch.arange(0, 128, 2, device=dev, dtype=torch.float32) / 128))
-        emb = torch.cat([pos[:, None] * inv, pos[:, None] * inv], -1)[None]
-        cos, sin = emb.cos().to(bf), emb.sin().to(bf)
-        cases.append(("rope", {k: (lambda f: lambda q, kk: f(q, kk, cos, sin))(f)
-                               for k, f in rope_variants(dev).items()},
-                      lambda: ([rnd(1, 32, S, 128), rnd(1, 4, S, 128)],
-                               [rnd(1, 32, S, 128, grad=False), rnd(1, 4, S, 128, grad=False)])))
-        w = rnd(2048, 4096, scale=0.02, grad=False)
-        A = rnd(2048, 64, dtype=torch.float32, scale=0.02)
-        B = rnd(64, 4096, dtype=torch.float32, scale=0.01)
-        cases.append(("lora_linear", {k: (lambda f: lambda x: f(x, w, A, B, 2.0))(f)
-                                      for k, f in lora_variants().items()},
-                      lambda: ([rnd(S, 2048)], [rnd(S, 4096, grad=False)])))
+        cases = cases_at(S, dev, rnd)
         for name, variants, make in cases:
             for r in run_case(name, variants, make, dev, a.iters):
                 row = dict(seq=S, **r, device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", **versions())
