@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = cases_at(S, dev, rnd)
         for name, variants, make in cases:
             for r in run_case(name, variants, make, dev, a.iters):
-                row = dict(seq=S, **r, device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", **versions())
+                row = {**versions(), "seq": S, **r, "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
                 print(json.dumps({k: row.get(k) for k in ("seq", "case", "variant", "ms", "max_ulps_vs_first",
                                                            "error")}), flush=True)
                 rows.append(row)

@@ -88,19 +88,24 @@ case $PART in
     timeout 160 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls unsloth \
       --out "$R/step_gpt_oss.jsonl" > "$R/step_gpt_oss.log" 2>&1
     tail -25 "$R/gpu_tests.log" | cut -c1-200; grep -h "^{" "$R/step_gpt_oss.log" "$R/maxctx.log" | cut -c1-300 ;;
-  glue)
-    timeout 150 python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider -rfEX --tb=short tests/torch/test_fused_glue.py \
-      tests/torch/test_optim_in_backward.py tests/torch/test_hopper_kernels.py tests/jax/test_attention.py \
-      tests/torch/test_qwen3_parity.py tests/torch/test_gpt_oss_parity.py tests/torch/test_cuda_graph.py \
-      > "$R/gpu_tests.log" 2>&1
-    timeout 70 python3 benchmarks/glue_bench.py --seq 4096,16384 --out "$R/glue.jsonl" > "$R/glue.log" 2>&1
-    STEP="benchmarks/step.py --family qwen3_moe --seq 4096,16384 --impls torch_impl --warmup 2 --iters 4"
-    [ -d .scratch/base ] && (cd .scratch/base && timeout 90 python3 $STEP --out "$R/step_qwen3_base.jsonl") \
-      > "$R/step.log" 2>&1
-    SPLITMOE_GLUE=eager timeout 90 python3 $STEP --out "$R/step_qwen3_eager_glue.jsonl" >> "$R/step.log" 2>&1
-    timeout 100 python3 $STEP --profile "$R" --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
-    timeout 90 python3 $STEP --routing-stats --out "$R/step_qwen3_routing.jsonl" >> "$R/step.log" 2>&1
-    tail -25 "$R/gpu_tests.log" | cut -c1-200; cut -c1-200 "$R/glue.log"; grep -h "^{" "$R/step.log" ;;
+  glue)  # (as run third, on an H100: the first run's test list did not finish in 150 s and its 48-layer steps did
+    # not fit 80 GB; the second ran without liger-kernel's wheel. A Qwen3 step keeps 24 layers where the GPU has less
+    # than 100 GB; pytest gets SIGINT at its limit, so the failures so far are still reported)
+    wheels
+    timeout -s INT 130 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
+      tests/torch/test_fused_glue.py "tests/jax/test_attention.py::test_tiny_models_with_cudnn_match_the_literal_path" \
+      "tests/jax/test_attention.py::test_cudnn_matches_literal_in_bf16" > "$R/gpu_tests.log" 2>&1
+    timeout 60 python3 benchmarks/glue_bench.py --seq 4096,16384 --out "$R/glue.jsonl" > "$R/glue.log" 2>&1
+    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    STEP="benchmarks/step.py --family qwen3_moe --layers $L --seq 4096,16384 --impls torch_impl --warmup 2 --iters 4"
+    SPLITMOE_GLUE=eager timeout 75 python3 $STEP --out "$R/step_qwen3_eager_glue.jsonl" > "$R/step.log" 2>&1
+    timeout 75 python3 $STEP --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
+    timeout 75 python3 $STEP --routing-stats --out "$R/step_qwen3_routing.jsonl" >> "$R/step.log" 2>&1
+    timeout 100 python3 benchmarks/step.py --family qwen3_moe --layers 4 --seq 4096 --impls jax_impl \
+      --out "$R/step_qwen3_jax_L4.jsonl" >> "$R/step.log" 2>&1
+    grep -B2 -A25 "^___\|short test summary" "$R/gpu_tests.log" | cut -c1-250 | head -120
+    grep -E "passed|failed" "$R/gpu_tests.log" | tail -2; cut -c1-200 "$R/glue.log" | grep liger
+    grep -h "^{" "$R/step.log" ;;
   jaxstep)  # jax_impl's whole step at full width: 4 layers first (errors and compile time cheaply), then, if those
     # rows trained, 48 layers next to torch_impl's eager rows in the same call
     timeout 160 python3 benchmarks/step.py --family qwen3_moe --layers 4 --seq 4096,16384 --impls jax_impl,torch_impl \

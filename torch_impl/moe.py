@@ -107,6 +107,11 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, check: bool = 
                       expert_M=expert_M, group_sizes_E=group_sizes_E, offsets_E=offsets_E, num_tokens=T, top_k=K)
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where activation checkpointing recomputes a layer's forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def forward_routing_stats(logits_TE: torch.Tensor, expert_ids_TK: torch.Tensor, routing: RoutingConfig, *,
                           group_mask_TG: torch.Tensor | None = None, load_E: torch.Tensor | None = None,
                           token_mask_T: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -304,8 +309,9 @@ class MoEBlock(nn.Module):
         self.shared_experts = (DenseMLP(hidden_size, shared_intermediate_size, dtype=dtype, device=device)
                                if shared_intermediate_size else None)
         # routing analytics (torch_impl.routing_stats switches them on): each forward then leaves its statistics in
-        # `routing_stats` (overwritten, never added to, so that a checkpointed layer's recompute in the backward
-        # cannot count a batch twice); `routing_token_mask` [T] excludes padding from them
+        # `routing_stats` (overwritten, never added to); a checkpointed layer's recompute inside the backward skips
+        # them (`_in_backward`: the same routing again, and the kernels cost a logged step ~1% each time);
+        # `routing_token_mask` [T] excludes padding from them
         self.collect_routing_stats = False
         self.routing_stats: dict[str, torch.Tensor] | None = None
         self.routing_token_mask: torch.Tensor | None = None
@@ -316,7 +322,7 @@ class MoEBlock(nn.Module):
         logits_TE = self.router(x_TH)
         ids_TK, weights_TK, group_mask_TG = _route(logits_TE, self.routing, self.router.e_score_correction_bias)
         srt = sort_by_expert(ids_TK, self.routing.num_experts, check=False)
-        if self.collect_routing_stats:
+        if self.collect_routing_stats and not _in_backward():
             self.routing_stats = forward_routing_stats(logits_TE, ids_TK, self.routing, group_mask_TG=group_mask_TG,
                                                        load_E=srt.group_sizes_E,
                                                        token_mask_T=self.routing_token_mask)

