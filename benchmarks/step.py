@@ -460,6 +460,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _emitter(a: argparse.Namespace):
+    """-> emit(row): the row's headline fields as one JSON line on stdout (through tqdm: a line printed while a bar
+    is drawing goes above it, not through it), the whole row appended to `--out`."""
+    def emit(row: dict) -> None:
+        write_line(json.dumps({k: row.get(k) for k in ("impl", "mode", "seq", "step_ms", "peak_gib", "first_step_s",
+                                                        "error", "max_context") if k in row}), file=sys.stdout)
+        if a.out:
+            write_jsonl(a.out, [row])
+
+    return emit
+
+
+def _search_max_context(a: argparse.Namespace, base: dict, emit, one_step) -> None:
+    """`--max-context`: `one_step(S)` (one untimed step at S tokens -> its measurement or error) probed by
+    `max_context`, every probe and the result emitted as rows."""
+    def probe(S: int) -> dict:
+        row = {**base, "mode": "max_context_probe", "seq": S, **one_step(S)}
+        emit(row)
+        return row
+
+    best, _ = max_context(probe, a.seqs[0], a.max_seq, a.context_step)
+    emit({**base, "mode": "max_context", "seq": best, "max_context": best, "max_seq": a.max_seq,
+          "context_step": a.context_step})
+
+
 def _jax_error_text(e: BaseException) -> str:
     msg = str(e)
     oom = "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
@@ -478,12 +503,7 @@ def _main_jax(a: argparse.Namespace) -> int:
     base = dict(impl="jax_impl", family=a.family, preset=a.preset, layers=hf["num_hidden_layers"], rank=a.rank,
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, jax_remat=a.jax_remat if a.grad_ckpt else None, jax_env=env)
 
-    def emit(row: dict) -> None:
-        write_line(json.dumps({k: row.get(k) for k in ("impl", "mode", "seq", "step_ms", "peak_gib", "first_step_s",
-                                                        "error", "max_context") if k in row}), file=sys.stdout)
-        if a.out:
-            write_jsonl(a.out, [row])
-
+    emit = _emitter(a)
     try:
         base.update(jax_versions())
         runner = JaxStep(hf, lora, backend=a.jax_backend, attn=None if a.jax_attn == "literal" else a.jax_attn,
@@ -500,14 +520,7 @@ def _main_jax(a: argparse.Namespace) -> int:
             return dict(step_ms=None, peak_gib=None, error=_jax_error_text(e))
 
     if a.max_context:
-        def probe(S: int) -> dict:
-            row = {**base, "mode": "max_context_probe", "seq": S, **try_step(S, 0, 1)}
-            emit(row)
-            return row
-
-        best, _ = max_context(probe, a.seqs[0], a.max_seq, a.context_step)
-        emit({**base, "mode": "max_context", "seq": best, "max_context": best, "max_seq": a.max_seq,
-              "context_step": a.context_step})
+        _search_max_context(a, base, emit, lambda S: try_step(S, 0, 1))
         return 0
     seqs = sorted(a.seqs)  # the allocator's peak is a process maximum: ascending, each row's peak is its own
     # untimed, as the torch rows: one-time work of the process stays out of the first row; it compiles the first
@@ -554,12 +567,7 @@ def main(argv: list[str] | None = None) -> int:
                 hf_attn=a.hf_attn if impl == "hf_peft" else None, **versions())
     max_seq = a.max_seq if a.max_context else max(a.seqs)
 
-    def emit(row: dict) -> None:
-        # through tqdm: a row printed while the bar of the rows is drawing goes above it, not through it
-        write_line(json.dumps({k: row.get(k) for k in ("impl", "mode", "seq", "step_ms", "peak_gib", "first_step_s",
-                                                        "error", "max_context") if k in row}), file=sys.stdout)
-        if a.out:
-            write_jsonl(a.out, [row])
+    emit = _emitter(a)
 
     after_step = None
     try:
@@ -583,22 +591,13 @@ def main(argv: list[str] | None = None) -> int:
                          "graph with their learning rate frozen; time them separately")
     if ctx is not None and a.max_context:
         raise SystemExit("--max-context with --cuda-graph: a graph is captured per shape; time the lengths instead")
-    if a.max_context:
-        def probe(S: int) -> dict:
-            row = {**base, "mode": "max_context_probe", "seq": S,
-                   **_try_step(model, loss_fn, S, vocab, argparse.Namespace(**{**vars(a), "warmup": 0, "iters": 1}),
-                               impl, None)}  # one step: does it train at S (its time includes first-call work)
-            emit(row)
-            return row
-
-        best, _ = max_context(probe, a.seqs[0], a.max_seq, a.context_step)
-        emit({**base, "mode": "max_context", "seq": best, "max_context": best, "max_seq": a.max_seq,
-              "context_step": a.context_step})
+    one_step = argparse.Namespace(**{**vars(a), "warmup": 0, "iters": 1})
+    if a.max_context:  # one step: does it train at S (its time includes first-call work)
+        _search_max_context(a, base, emit, lambda S: _try_step(model, loss_fn, S, vocab, one_step, impl, None))
         return 0
     # one untimed step at the shortest length first: the first length of a process still carried one-time work
     # after a one-step warm-up on the H200 (gpt-oss 1K: 1325 ms, then 536 ms in the same process)
-    _try_step(model, loss_fn, min(a.seqs), vocab, argparse.Namespace(**{**vars(a), "warmup": 0, "iters": 1}),
-              impl, None, after_step)
+    _try_step(model, loss_fn, min(a.seqs), vocab, one_step, impl, None, after_step)
     # a full-size row takes minutes (warm-up and timed steps at S tokens): a bar of the rows on a terminal
     for S in progress_bar(a.seqs, desc=f"{impl} rows", unit="row"):
         emit({**base, "mode": "step", "seq": S, **_try_step(model, loss_fn, S, vocab, a, impl, ctx, after_step)})
