@@ -19,7 +19,8 @@ Masks: `mask_BSS` [B, S, S] bool (True = attend: causal, packed documents, paddi
 which means plain causal attention (one document per row, no padding: what the model passes when neither
 position_ids nor attention_mask are given, so cuDNN runs without a mask tensor). With a mask, cuDNN gets it as a
 bias (O(S²) bf16: JAX's public API has no packed-segment form), and odd lengths are padded to even ones (cuDNN's
-rule for a bias in training) with a trailing query and a masked key. `window` W (gpt-oss's sliding
+rule for a bias in training, which jax 0.11.2 also applied to the unmasked causal sink problem) with a trailing
+query and a key that is masked, or, causal without a mask, after every real query. `window` W (gpt-oss's sliding
 layers): key j is seen by query i iff i − W < j ≤ i.
 
 Sinks (gpt-oss: a learned logit per head that joins every softmax row, then is dropped) are one extra key, at index
@@ -163,14 +164,15 @@ def _zero_empty_rows(out_BSNE: jax.Array, mask_BSS: jax.Array | None) -> jax.Arr
 
 def _even_lengths(q, k, v, mask_B1TS):
     """cuDNN refuses a bias in training unless both lengths are even (and only says so when differentiating, too
-    late to fall back): append one query (zeros, dropped after) and / or one key (zeros) where a length is odd, the
-    key masked out for every query (with `is_causal` it also lies after every real query)."""
+    late to fall back), and in jax 0.11.2 it refused the unmasked causal [1025, 1025] sink problem with the same
+    message: append one query (zeros, dropped after) and / or one key (zeros) where a length is odd, the key masked
+    out for every query where there is a mask, and with `is_causal` after every real query (so unseen without one)."""
     T, S = q.shape[1], k.shape[1]
     dq, dk = T % 2, S % 2
     if not (dq or dk):
         return q, k, v, mask_B1TS
     pad_k = [(0, 0), (0, dk), (0, 0), (0, 0)]
-    mask = jnp.pad(mask_B1TS, [(0, 0), (0, 0), (0, dq), (0, dk)])  # False: the appended key is never seen
+    mask = None if mask_B1TS is None else jnp.pad(mask_B1TS, [(0, 0), (0, 0), (0, dq), (0, dk)])  # False: unseen
     return jnp.pad(q, [(0, 0), (0, dq), (0, 0), (0, 0)]), jnp.pad(k, pad_k), jnp.pad(v, pad_k), mask
 
 
@@ -186,7 +188,8 @@ def _dpa(q, k, v, mask_BSS, scale: float, window: int | None, implementation: st
     lws = None if window is None else (window - 1, 0)
     if implementation == "cudnn":
         try:
-            qe, ke, ve, me = (q, k, v, mask) if mask is None else _even_lengths(q, k, v, mask)
+            # causal with T == S: an appended key lies after every real query, so no mask is needed to hide it
+            qe, ke, ve, me = _even_lengths(q, k, v, mask)
             out = jax.nn.dot_product_attention(qe, ke, ve, mask=me, scale=scale, is_causal=True,
                                                local_window_size=lws, implementation="cudnn")
             return out[:, :S]

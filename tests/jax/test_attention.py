@@ -44,7 +44,9 @@ CASES = {
     "sinks_window_packed_padded": (2, 14, 4, 2, 16, 16, 5, True, "packed_padded"),
 }
 # only for the cuDNN stand-in: wider than cuDNN's 256
-STAND_IN_CASES = {"head_dim_264": (1, 6, 2, 1, 264, 264, None, False, "causal")}
+STAND_IN_CASES = {"head_dim_264": (1, 6, 2, 1, 264, 264, None, False, "causal"),
+                  # the unmasked full-attention sink problem is [S+1, S+1]: odd here, as gpt-oss's 1025 at S=1024
+                  "sinks_full_causal": (1, 10, 4, 2, 16, 16, None, True, "causal")}
 
 
 def _inputs(case: str, dtype=jnp.float32, seed: int = 0):
@@ -166,13 +168,14 @@ def test_bf16_within_the_attention_tolerance(case):
 
 @pytest.mark.parametrize("case, cudnn_runs", [("gqa_window_packed_padded", True), ("mla_dims", True),
                                               ("sinks_full", True), ("sinks_window_packed_padded", True),
-                                              ("head_dim_264", False)])
+                                              ("sinks_full_causal", True), ("head_dim_264", False)])
 def test_cudnn_path_bookkeeping_on_cpu(case, cudnn_runs, monkeypatch):
     """What the "cudnn" path hands cuDNN, checked on a CPU: a stand-in for jax.nn.dot_product_attention that
-    enforces cuDNN's shape rules (head dim a multiple of 8 and at most 256; with a mask, both lengths even) and then
-    computes with XLA. Head dims padded (MLA), odd lengths with a mask evened, the sink's dummy query and windows
-    must give the literal softmax's result (5-row sink blocks against 10 keys: the query length evened); a shape
-    cuDNN refuses (head dim 264) falls back to XLA with a warning."""
+    enforces cuDNN's shape rules (head dim a multiple of 8 and at most 256; both lengths even: jax 0.11.2 asks that
+    of a bias in training, and refused the unmasked causal [1025, 1025] sink problem on an H100 too) and then
+    computes with XLA. Head dims padded (MLA), odd lengths evened (with a mask or, causal, without), the sink's
+    dummy query and windows must give the literal softmax's result, forward and backward (5-row sink blocks against
+    10 keys: the query length evened); a shape cuDNN refuses (head dim 264) falls back to XLA with a warning."""
     import warnings
 
     real = jax.nn.dot_product_attention
@@ -181,21 +184,24 @@ def test_cudnn_path_bookkeeping_on_cpu(case, cudnn_runs, monkeypatch):
     def cudnn_stand_in(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
         if implementation == "cudnn":
             D, T, S = q.shape[-1], q.shape[1], k.shape[1]
-            if D % 8 or D > 256 or (mask is not None and (T % 2 or S % 2)):
-                raise NotImplementedError(f"stand-in cuDNN refuses D={D}, T={T}, S={S} with a mask")
+            if D % 8 or D > 256 or T % 2 or S % 2:
+                raise NotImplementedError(f"stand-in cuDNN refuses D={D}, T={T}, S={S}")
             used.append((q.shape, mask is not None))
         return real(q, k, v, bias, mask, implementation="xla", **kw)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_stand_in)
-    args, kw, _ = _inputs(case, jnp.bfloat16, seed=5)
+    args, kw, dy = _inputs(case, jnp.bfloat16, seed=5)
+    has_sinks = args[3] is not None
     up = tuple(None if a is None else a.astype(jnp.float32) for a in args)
-    truth = jax.jit(lambda q, k, v, s: literal_attention(q, k, v, sinks_N=s, **kw))(*up)
+    truth, truth_grads = jax.jit(lambda *a: _fwd_bwd(_fn(None, kw, has_sinks), a, dy.astype(jnp.float32),
+                                                     has_sinks))(*up)
     with warnings.catch_warnings(record=True) as caught:  # the choice is made while tracing
         warnings.simplefilter("always")
-        got = jax.jit(lambda q, k, v, s: dot_product_attention(q, k, v, sinks_N=s, implementation="cudnn",
-                                                               **kw))(*args)
+        got, grads = jax.jit(lambda *a: _fwd_bwd(_fn("cudnn", kw, has_sinks), a, dy, has_sinks))(*args)
     assert bool(used) == cudnn_runs and any("refused" in str(w.message) for w in caught) != cudnn_runs
     assert_close(got.astype(jnp.float32), truth, dtype="bfloat16", quantity="attention", name=case)
+    for name, g, w in zip("qkv", grads, truth_grads):
+        assert_close(g.astype(jnp.float32), w, dtype="bfloat16", quantity="attention_grad", name=f"{case} d{name}")
 
 
 def test_implementation_selection_on_cpu():
@@ -282,11 +288,9 @@ def _gpu_inputs(case):
     return (q, k, v, s), dict(scale=D ** -0.5, mask_BSS=m, window=window), dy
 
 
-# cuDNN (jax 0.11.2, H100, 2026-12-05) refuses the unmasked full-attention sink path at S=1024: the extra sink key
-# makes both lengths 1025 ("Unsupported sequence length Q 1025, KV 1025"), so the call falls back to xla with a
-# RuntimeWarning (right numbers, [S, S] logits in memory), which this test turns into a failure. Strict: when the
-# sink path pads that case as it pads the masked ones, this starts passing and the mark must go.
-_CUDNN_REFUSES = {"gpt_oss_full_sinks": "cuDNN refuses the 1025-long sink-key sequences; the path falls back to xla"}
+# cuDNN shapes it refuses would fall back to xla with a RuntimeWarning, which this test turns into a failure (the
+# unmasked sink problem at S=1024, [1025, 1025], did until odd lengths were evened without a mask too).
+_CUDNN_REFUSES: dict[str, str] = {}
 
 
 @pytest.mark.gpu
