@@ -29,6 +29,11 @@
 #                                             # glue variants (glue_bench.py); Qwen3 steps of the session's first
 #                                             # commit (.scratch/base), this one with eager glue, with fused glue
 #                                             # (profiled), and logging the routing analytics every step
+#   bash benchmarks/gpu_session.sh threeway   # Qwen3 (48 layers) torch_impl, HF + PEFT, Unsloth in one command;
+#                                             # torch_impl's step on the Hopper and _grouped_mm expert backends
+#   bash benchmarks/gpu_session.sh routing48  # Qwen3 48 layers at 4K: auto, auto + routing analytics, triton
+#   bash benchmarks/gpu_session.sh ossthree   # gpt-oss-20b torch_impl, HF + PEFT, Unsloth in one command; JAX attention
+#                                             # gpu tests
 #   bash benchmarks/gpu_session.sh jaxstep    # jax_impl Qwen3-30B-A3B steps (4 layers, then 48) next to torch_impl
 #   bash benchmarks/gpu_session.sh attnhopper # attention variants, Hopper kernel rows, gpt-oss-20b torch_impl steps
 #   bash benchmarks/gpu_session.sh crossfull  # 20-step bf16 torch vs JAX on 4 full-width Qwen3 layers; gpt-oss JAX steps
@@ -38,7 +43,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|jaxstep|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|routing48|ossthree|jaxstep|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -54,6 +59,15 @@ wheels() {  # Unsloth's and Liger's wheels (carried in .whl) into /tmp/site, on 
   [ -d .whl ] || return 0
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$R/wheels.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+}
+rows() {  # the short form of step.py's JSON rows: impl, options, seq, step time, peak memory or the error
+  python3 -c 'import json, sys
+for f in sys.argv[1:]:
+    for line in open(f):
+        r = json.loads(line)
+        opts = [k for k in ("compile", "cuda_graph", "optim_in_backward", "offload", "routing_stats") if r.get(k)]
+        print(r["impl"], r.get("layers"), "+".join(opts) or "-", r.get("seq"), r.get("step_ms"), r.get("peak_gib"),
+              r.get("first_step_s"), str(r.get("error", ""))[:200])' "$@"
 }
 case $PART in
   wholestep)  # call 1 of 3 (2026-12-05, session 2): the loss four ways; Qwen3-30B-A3B (48 layers) at 4K and 16K:
@@ -106,6 +120,42 @@ case $PART in
     grep -B2 -A25 "^___\|short test summary" "$R/gpu_tests.log" | cut -c1-250 | head -120
     grep -E "passed|failed" "$R/gpu_tests.log" | tail -2; cut -c1-200 "$R/glue.log" | grep liger
     grep -h "^{" "$R/step.log" ;;
+  threeway)  # (2026-12-05, session 4, one H200) Qwen3-30B-A3B, 48 layers: Unsloth, torch_impl and HF + PEFT in
+    # one command (the known baseline last, should the call run short); then torch_impl's step on the other expert
+    # backends (the Hopper TMA kernels, torch._grouped_mm) while the call has time, Qwen3 first, then gpt-oss-20b at
+    # 4K (half of its step is expert GEMMs)
+    # (48 layers need about 105 GiB: an 80 GB H100 runs 24 of them, all rows alike)
+    wheels
+    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    timeout 340 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
+      --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
+    for fam_seq_b in qwen3_moe:4096,16384:triton_hopper qwen3_moe:4096,16384:grouped_mm gpt_oss:4096:triton_hopper \
+                     gpt_oss:4096:grouped_mm gpt_oss:4096:auto; do
+      IFS=: read -r fam seq b <<< "$fam_seq_b"
+      [ "$SECONDS" -lt 470 ] || break
+      layers=$([ "$fam" = qwen3_moe ] && echo "--layers $L")
+      timeout $((530 - SECONDS)) python3 benchmarks/step.py --family "$fam" $layers --seq "$seq" --impls torch_impl \
+        --backend "$b" --warmup 2 --iters 3 --out "$R/step_backends.jsonl" >> "$R/step.log" 2>&1
+    done
+    rows "$R"/step_qwen3.jsonl "$R"/step_backends.jsonl ;;
+  routing48)  # (2026-12-05, session 4, the budget's last minutes) on the H200, Qwen3-30B-A3B 48 layers at 4K:
+    # torch_impl (auto: the Hopper kernels), the same logging the routing analytics every step, then the triton
+    # backend, while the call has time
+    wheels
+    for flags in "--backend auto" "--backend auto --routing-stats" "--backend triton"; do
+      [ "$SECONDS" -lt 120 ] || break
+      timeout $((170 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --seq 4096 --impls torch_impl $flags \
+        --warmup 2 --iters 4 --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
+    done
+    rows "$R/step_qwen3.jsonl" ;;
+  ossthree)  # (2026-12-05, session 4) gpt-oss-20b: torch_impl (profiled after its timed steps), HF + PEFT and
+    # Unsloth in one command; then the JAX attention gpu tests (the unmasked sink problem evened for cuDNN)
+    wheels
+    timeout 450 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl,hf_peft,unsloth \
+      --warmup 2 --iters 4 --profile "$R" --out "$R/step_gpt_oss.jsonl" > "$R/step.log" 2>&1
+    timeout -s INT 100 python3 -m pytest -v -m gpu -n 4 -p no:cacheprovider -rfEX --tb=short \
+      tests/jax/test_attention.py > "$R/gpu_tests.log" 2>&1
+    rows "$R/step_gpt_oss.jsonl"; grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -12 | cut -c1-250 ;;
   jaxstep)  # jax_impl's whole step at full width: 4 layers first (errors and compile time cheaply), then, if those
     # rows trained, 48 layers next to torch_impl's eager rows in the same call
     timeout 160 python3 benchmarks/step.py --family qwen3_moe --layers 4 --seq 4096,16384 --impls jax_impl,torch_impl \

@@ -384,7 +384,7 @@ def test_hopper_autotune_space(monkeypatch):
 
 # ---- the backend -----------------------------------------------------------------------------------------------------
 
-def test_triton_hopper_backend_is_opt_in_and_says_why_not(monkeypatch):
+def test_triton_hopper_backend_is_auto_on_hopper_only_and_says_why_not(monkeypatch):
     from torch_impl.backends import BACKENDS, resolve_backend
     from torch_impl.backends import triton_hopper as th
 
@@ -397,8 +397,21 @@ def test_triton_hopper_backend_is_opt_in_and_says_why_not(monkeypatch):
     assert th.available("cpu", torch.float32) is None
     assert "bf16" in th.available("cpu", torch.bfloat16)
     assert resolve_backend("auto", device="cpu", dtype=torch.float32) != "triton_hopper"
-    if CUDA:
-        assert resolve_backend("auto", device="cuda", dtype=torch.bfloat16) != "triton_hopper"
+    if CUDA:  # auto's first choice on sm_90+ in bf16 (measured faster in whole steps), else the triton kernels
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        assert resolve_backend("auto", device="cuda", dtype=torch.bfloat16) == ("triton_hopper" if hopper
+                                                                                 else "triton")
+    # the order itself, with both Triton backends made available: CUDA half precision only, hopper first
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from torch_impl.backends import triton as tr
+
+    monkeypatch.setattr(th, "available", lambda device=None, dtype=None: None)
+    monkeypatch.setattr(tr, "available", lambda device=None, dtype=None: None)
+    assert resolve_backend("auto", device="cuda", dtype=torch.bfloat16) == "triton_hopper"
+    assert resolve_backend("auto", device="cuda", dtype=torch.float32) not in ("triton_hopper", "triton")
+    assert resolve_backend("auto", device="cpu", dtype=torch.bfloat16) not in ("triton_hopper", "triton")
+    monkeypatch.setattr(th, "available", lambda device=None, dtype=None: "compute capability 8.0")
+    assert resolve_backend("auto", device="cuda", dtype=torch.bfloat16) == "triton"
     with pytest.raises(ValueError, match="unknown kernels"):
         sl.split_lora_experts(torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
                               torch.zeros(2, 4, 8), torch.zeros(2, 4, 4), kernels="blackwell")

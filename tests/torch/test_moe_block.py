@@ -151,7 +151,7 @@ def test_resolve_backend(monkeypatch):
     assert resolve_backend("auto") == "native"
     assert resolve_backend("grouped_mm", dtype=torch.float32) == "grouped_mm"  # an explicit name beats the env
     monkeypatch.setenv("SPLITMOE_MOE_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="SPLITMOE_MOE_BACKEND.*known: triton, grouped_mm, native"):
+    with pytest.raises(ValueError, match="SPLITMOE_MOE_BACKEND.*known: triton_hopper, triton, grouped_mm, native"):
         resolve_backend("auto")
     with pytest.raises(ValueError, match="unknown MoE backend 'cutlass'"):
         resolve_backend("cutlass")

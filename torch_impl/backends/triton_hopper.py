@@ -4,10 +4,10 @@ TMA kernel (`torch_impl/kernels/hopper.py`); the ragged-K gradient kernels are t
 Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per token, R LoRA rank, M = T·K routed rows.
 Same interface as the other backends: `available(device, dtype)` and `experts_forward(...) -> y [T, H]`.
 
-Opt-in (`moe_backend=triton_hopper` or SPLITMOE_MOE_BACKEND=triton_hopper): `auto` never picks it until the H200
-measurements of issue 16 say it is faster. Runs on CUDA sm_90+ (Hopper and newer: TMA tensor descriptors) with a
-Triton that has `tl.make_tensor_descriptor` (3.4+), and on CPU only through the Triton interpreter (tests; fp32 and
-fp16, as `triton`).
+`auto`'s first choice on a Hopper GPU in bf16/fp16 (faster than `triton` in whole steps on an H100,
+benchmarks/REPORT.md, 2026-12-05 session 4); `moe_backend=triton` keeps the older kernels. Runs on CUDA sm_90+
+(Hopper and newer: TMA tensor descriptors) with a Triton that has `tl.make_tensor_descriptor` (3.4+), and on CPU only
+through the Triton interpreter (tests; fp32 and fp16, as `triton`).
 """
 
 from __future__ import annotations
