@@ -29,8 +29,8 @@
 #                                             # glue variants (glue_bench.py); Qwen3 steps of the session's first
 #                                             # commit (.scratch/base), this one with eager glue, with fused glue
 #                                             # (profiled), and logging the routing analytics every step
-#   bash benchmarks/gpu_session.sh threeway   # Qwen3 (48 layers) torch_impl, HF + PEFT, Unsloth in one command;
-#                                             # torch_impl's step on the Hopper and _grouped_mm expert backends
+#   bash benchmarks/gpu_session.sh threeway   # Qwen3 (48 layers) Unsloth, torch_impl, HF + PEFT in one command;
+#                                             # torch_impl on `triton`, with routing analytics; gpt-oss 4K
 #   bash benchmarks/gpu_session.sh routing48  # Qwen3 48 layers at 4K: auto, auto + routing analytics, triton
 #   bash benchmarks/gpu_session.sh ossthree   # gpt-oss-20b torch_impl, HF + PEFT, Unsloth in one command; JAX attention
 #                                             # gpu tests
@@ -120,22 +120,22 @@ case $PART in
     grep -B2 -A25 "^___\|short test summary" "$R/gpu_tests.log" | cut -c1-250 | head -120
     grep -E "passed|failed" "$R/gpu_tests.log" | tail -2; cut -c1-200 "$R/glue.log" | grep liger
     grep -h "^{" "$R/step.log" ;;
-  threeway)  # (2026-12-05, session 4, one H200) Qwen3-30B-A3B, 48 layers: Unsloth, torch_impl and HF + PEFT in
-    # one command (the known baseline last, should the call run short); then torch_impl's step on the other expert
-    # backends (the Hopper TMA kernels, torch._grouped_mm) while the call has time, Qwen3 first, then gpt-oss-20b at
-    # 4K (half of its step is expert GEMMs)
-    # (48 layers need about 105 GiB: an 80 GB H100 runs 24 of them, all rows alike)
+  threeway)  # Qwen3-30B-A3B: Unsloth, torch_impl and HF + PEFT in one command (the known baseline last, should the
+    # call run short); then, while the call has time, torch_impl's step on the `triton` experts (auto on sm_90+ is
+    # `triton_hopper` since 2026-12-05 session 4), torch_impl logging the routing analytics every step (#20), and
+    # gpt-oss-20b at 4K on both Triton backends. 48 layers need about 105 GiB: an 80 GB H100 runs 24 of them, all
+    # rows alike. (As run in session 4, on an H100, the loop timed `triton_hopper`, `grouped_mm` and `auto` = triton.)
     wheels
     L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
     timeout 340 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
       --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
-    for fam_seq_b in qwen3_moe:4096,16384:triton_hopper qwen3_moe:4096,16384:grouped_mm gpt_oss:4096:triton_hopper \
-                     gpt_oss:4096:grouped_mm gpt_oss:4096:auto; do
-      IFS=: read -r fam seq b <<< "$fam_seq_b"
+    for row in "qwen3_moe 4096,16384 --backend triton" "qwen3_moe 4096,16384 --routing-stats" \
+               "gpt_oss 4096 --backend triton" "gpt_oss 4096 --backend auto"; do
+      read -r fam seq flags <<< "$row"
       [ "$SECONDS" -lt 470 ] || break
       layers=$([ "$fam" = qwen3_moe ] && echo "--layers $L")
       timeout $((530 - SECONDS)) python3 benchmarks/step.py --family "$fam" $layers --seq "$seq" --impls torch_impl \
-        --backend "$b" --warmup 2 --iters 3 --out "$R/step_backends.jsonl" >> "$R/step.log" 2>&1
+        $flags --warmup 2 --iters 3 --out "$R/step_backends.jsonl" >> "$R/step.log" 2>&1
     done
     rows "$R"/step_qwen3.jsonl "$R"/step_backends.jsonl ;;
   routing48)  # (2026-12-05, session 4, the budget's last minutes) on the H200, Qwen3-30B-A3B 48 layers at 4K:
