@@ -31,7 +31,6 @@
 #                                             # (profiled), and logging the routing analytics every step
 #   bash benchmarks/gpu_session.sh threeway   # Qwen3 (48 layers) Unsloth, torch_impl, HF + PEFT in one command;
 #                                             # torch_impl on `triton`, with routing analytics; gpt-oss 4K
-#   bash benchmarks/gpu_session.sh routing48  # Qwen3 48 layers at 4K: auto, auto + routing analytics, triton
 #   bash benchmarks/gpu_session.sh ossthree   # gpt-oss-20b torch_impl, HF + PEFT, Unsloth in one command; JAX attention
 #                                             # gpu tests
 #   bash benchmarks/gpu_session.sh jaxstep    # jax_impl Qwen3-30B-A3B steps (4 layers, then 48) next to torch_impl
@@ -43,7 +42,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|routing48|ossthree|jaxstep|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|jaxstep|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -138,16 +137,6 @@ case $PART in
         $flags --warmup 2 --iters 3 --out "$R/step_backends.jsonl" >> "$R/step.log" 2>&1
     done
     rows "$R"/step_qwen3.jsonl "$R"/step_backends.jsonl ;;
-  routing48)  # (2026-12-05, session 4, the budget's last minutes) on the H200, Qwen3-30B-A3B 48 layers at 4K:
-    # torch_impl (auto: the Hopper kernels), the same logging the routing analytics every step, then the triton
-    # backend, while the call has time
-    wheels
-    for flags in "--backend auto" "--backend auto --routing-stats" "--backend triton"; do
-      [ "$SECONDS" -lt 120 ] || break
-      timeout $((170 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --seq 4096 --impls torch_impl $flags \
-        --warmup 2 --iters 4 --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
-    done
-    rows "$R/step_qwen3.jsonl" ;;
   ossthree)  # (2026-12-05, session 4) gpt-oss-20b: torch_impl (profiled after its timed steps), HF + PEFT and
     # Unsloth in one command; then the JAX attention gpu tests (the unmasked sink problem evened for cuDNN)
     wheels

@@ -29,7 +29,6 @@ _MODULES: dict[str, ModuleType] = {"grouped_mm": grouped_mm, "native": native, "
 # On CPU the Triton backends run only in the interpreter (tests), so `auto` never picks them there, nor in fp32
 # (IEEE fp32 dots: for equivalence runs).
 BACKENDS: tuple[str, ...] = ("triton_hopper", "triton", "grouped_mm", "native")
-_AUTO: tuple[str, ...] = BACKENDS
 _CUDA_HALF_ONLY = ("triton", "triton_hopper")
 
 
@@ -65,7 +64,7 @@ def resolve_backend(name: str = "auto", *, device: torch.device | str | None = N
         if env and env != "auto":
             name, source = env, f"set by the environment variable {ENV_VAR}"
         else:
-            for candidate in _AUTO:
+            for candidate in BACKENDS:
                 if _auto_allows(candidate, device, dtype) and why_unavailable(candidate, device, dtype) is None:
                     return candidate
             raise BackendUnavailable(f"no MoE backend runs on {device or 'cpu'} in {dtype}")  # native always runs

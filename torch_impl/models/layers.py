@@ -38,7 +38,6 @@ from torch import nn
 from shared_math.config import ModelConfig
 from shared_math.rope import rope_inv_freq
 from torch_impl.models import fused_glue
-from torch_impl.models.fused_glue import glue_mode
 
 
 class LayerCheckpointing:
@@ -138,7 +137,7 @@ class RMSNorm(nn.Module):
     rounding = "llama"  # fused_glue.rms_norm's name for where this class rounds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if glue_mode(x) == "fused":  # one Triton kernel each way on CUDA (models.fused_glue)
+        if fused_glue.glue_mode(x) == "fused":  # one Triton kernel each way on CUDA (models.fused_glue)
             return fused_glue.rms_norm(x, self.weight, self.eps, self.rounding)
         return self.eager(x)
 
@@ -175,7 +174,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, N, S, D], k [B, Nkv, S, D]; cos, sin [B, S, Dr]. NeoX rotation of the first Dr dims (partial RoPE,
     GLM-4.x: Dr < D); the rest passes through."""
-    if glue_mode(q) == "fused":  # one Triton kernel each way on CUDA, in place (models.fused_glue)
+    if fused_glue.glue_mode(q) == "fused":  # one Triton kernel each way on CUDA, in place (models.fused_glue)
         return fused_glue.rotary(q, k, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     r = cos.shape[-1]
