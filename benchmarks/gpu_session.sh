@@ -35,6 +35,8 @@
 #                                             # gpu tests
 #   bash benchmarks/gpu_session.sh jaxstep    # jax_impl Qwen3-30B-A3B steps (4 layers, then 48) next to torch_impl
 #   bash benchmarks/gpu_session.sh attnhopper # attention variants, Hopper kernel rows, gpt-oss-20b torch_impl steps
+#   bash benchmarks/gpu_session.sh jaxfull    # jax_impl Qwen3 (48 layers) next to torch_impl; JAX's longest Qwen3 context
+#   bash benchmarks/gpu_session.sh jaxoss     # gpt-oss-20b jax_impl and torch_impl; JAX's longest gpt-oss context; cross_full
 #   bash benchmarks/gpu_session.sh crossfull  # 20-step bf16 torch vs JAX on 4 full-width Qwen3 layers; gpt-oss JAX steps
 #   bash benchmarks/gpu_session.sh longctx    # torch_impl's longest Qwen3-30B-A3B and gpt-oss-20b contexts
 #                                             # (step.py --max-context --offload --optim-in-backward)
@@ -42,7 +44,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|jaxstep|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|jaxstep|jaxfull|jaxoss|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -164,6 +166,31 @@ case $PART in
     timeout 120 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl --warmup 2 --iters 4 --profile "$R" \
       --out "$R/step_gpt_oss.jsonl" > "$R/step.log" 2>&1
     cut -c1-220 "$R/attention.log"; tail -30 "$R/block_hopper.log" | cut -c1-220; grep -h "^{" "$R/step.log" ;;
+  jaxfull)  # (2026-12-05, session 5) #17: jax_impl Qwen3-30B-A3B (48 layers; 24 on an 80 GB card) at 4K and 16K next
+    # to torch_impl's eager rows in one command; then, while the call has time, jax_impl's longest Qwen3 context
+    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    timeout 300 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 --impls jax_impl \
+      --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
+    timeout 130 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 --impls torch_impl \
+      --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
+    [ "$SECONDS" -lt 420 ] && timeout $((575 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --layers "$L" \
+      --seq 32768 --max-context --max-seq 131072 --context-step 16384 --impls jax_impl --out "$R/maxctx.jsonl" \
+      > "$R/maxctx.log" 2>&1
+    rows "$R"/step_qwen3.jsonl; [ -f "$R/maxctx.jsonl" ] && rows "$R/maxctx.jsonl"
+    grep -hi "error\|Traceback" "$R/step.log" | grep -v Warning | head -5 | cut -c1-300 ;;
+  jaxoss)  # #17: gpt-oss-20b jax_impl and torch_impl at 4K and 16K in one command, jax_impl's longest gpt-oss
+    # context; then the 20-step bf16 torch-vs-JAX run on 4 full-width Qwen3 layers
+    timeout 200 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls jax_impl --warmup 2 --iters 3 \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step.log" 2>&1
+    timeout 90 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl --warmup 2 --iters 3 \
+      --out "$R/step_gpt_oss.jsonl" >> "$R/step.log" 2>&1
+    timeout 130 python3 benchmarks/step.py --family gpt_oss --seq 65536 --max-context --max-seq 131072 \
+      --context-step 32768 --impls jax_impl --out "$R/maxctx.jsonl" > "$R/maxctx.log" 2>&1
+    [ "$SECONDS" -lt 400 ] && timeout $((575 - SECONDS)) python3 benchmarks/cross_full.py \
+      --out "$R/cross_full.jsonl" > "$R/cross_full.log" 2>&1
+    rows "$R/step_gpt_oss.jsonl"; [ -f "$R/maxctx.jsonl" ] && rows "$R/maxctx.jsonl"
+    tail -12 "$R/cross_full.log" | cut -c1-220
+    grep -hi "error\|Traceback" "$R/step.log" | grep -v Warning | head -5 | cut -c1-300 ;;
   crossfull)  # the 20-step bf16 torch-vs-JAX run on a 4-layer Qwen3-30B-A3B-shaped checkpoint (#17); gpt-oss-20b
     # jax_impl steps
     timeout 330 python3 benchmarks/cross_full.py --out "$R/cross_full.jsonl" > "$R/cross_full.log" 2>&1
