@@ -16,7 +16,8 @@ non-reentrant activation checkpointing per decoder layer. Rows:
   logits, backward, optax AdamW) with the LoRA and optimizer buffers donated, `jax.checkpoint` per decoder layer with
   the `--jax-remat` policy, `--jax-attn` attention (cuDNN flash attention on a GPU), `--jax-backend` experts; its
   `peak_gib` is the allocator's peak on a GPU (lengths run in ascending order: JAX cannot reset it) and XLA's buffer
-  assignment on a CPU (`compiled_peak_gib` on both);
+  assignment on a CPU (`compiled_peak_gib` on both); `first_step_s` is a cold compile unless `--jax-compile-cache
+  DIR` names JAX's persistent cache (a second run with the same shapes then shows what the trainer's cache saves);
 - `hf_peft`: HF transformers v5 with PEFT (`target_parameters` on the experts), `--hf-attn` attention;
 - `unsloth`: Unsloth as its users run it (qwen3_moe and gpt_oss): the random model saved with save_pretrained (the
   expert tensors left out, so transformers draws them at load, which keeps a 30B save small), loaded with
@@ -425,6 +426,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jax-remat", default="small_dots", choices=["small_dots", "nothing", "dots"],
                    help="jax_impl: what a checkpointed decoder layer keeps for the backward (jax_impl.models.layers."
                         "REMAT_POLICIES)")
+    p.add_argument("--jax-compile-cache", default="off",
+                   help="jax_impl: JAX's persistent compilation cache folder (jax_impl.compile_cache; default off, "
+                        "so first_step_s is a cold compile)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)
@@ -505,7 +509,9 @@ def _main_jax(a: argparse.Namespace) -> int:
 
     emit = _emitter(a)
     try:
-        base.update(jax_versions())
+        from jax_impl.compile_cache import enable_compile_cache
+
+        base.update(jax_versions(), jax_compile_cache=str(enable_compile_cache(a.jax_compile_cache) or "off"))
         runner = JaxStep(hf, lora, backend=a.jax_backend, attn=None if a.jax_attn == "literal" else a.jax_attn,
                          remat=a.jax_remat if a.grad_ckpt else None)
         base.update(backend=runner.backend, jax_attn=runner.attn or "literal")

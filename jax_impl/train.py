@@ -72,6 +72,7 @@ import optax
 from flax import nnx
 
 from jax_impl.backends import resolve_backend
+from jax_impl.compile_cache import enable_compile_cache
 from jax_impl.load import load_model
 from jax_impl.lora import load_lora_state_dict, save_adapter
 from jax_impl.models.layers import prepare_position_ids
@@ -180,6 +181,7 @@ class Trainer:
         self.cfg = cfg
         # a backend that cannot run here says why before the data and the checkpoint are built
         resolve_backend(cfg.model.moe_backend, dtype=_DTYPES[cfg.model.dtype])
+        self.compile_cache = enable_compile_cache(cfg.train.jax_compile_cache)  # before the first compile
         self.mesh, self.layout = None, None
         if cfg.parallel.devices > 1 or devices is not None:  # a layout that does not match the devices is
             from jax_impl import parallel  # refused before any work

@@ -100,6 +100,10 @@ class TrainSection:
     # the backward, "offload" (torch only) keeps those inputs in host memory; memory, not numbers: the losses are
     # those of "none" (tests/shared/train_suite.py). Not on/off: YAML reads those as booleans
     gradient_checkpointing: Literal["none", "recompute", "offload"] = "none"
+    # jax only: JAX's persistent compilation cache (jax_impl/compile_cache.py), so a run whose step has an earlier
+    # run's shapes loads it instead of compiling it (about a minute for a full-size step on a GPU). "auto": on for a
+    # GPU backend, in $JAX_COMPILATION_CACHE_DIR or ~/.cache/splitmoe/jax; "off"; or a folder (any backend)
+    jax_compile_cache: str = "auto"
 
 
 @dataclass(frozen=True)
