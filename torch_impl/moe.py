@@ -91,11 +91,8 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, check: bool = 
         raise ValueError(f"expert_ids must be [T, K], got shape {tuple(expert_ids.shape)}")
     T, K = expert_ids.shape
     flat_M = expert_ids.reshape(-1).long()
-    if check and flat_M.numel():
-        lo, hi = torch.aminmax(flat_M)
-        lo, hi = torch.stack([lo, hi]).tolist()  # one host sync for both bounds
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"expert ids must lie in [0, {num_experts}), got range [{lo}, {hi}]")
+    if check:
+        check_expert_ids(flat_M, num_experts)
     expert_M, order_M = torch.sort(flat_M, stable=True)
     inverse_M = torch.empty_like(order_M)
     inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
@@ -105,6 +102,15 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, check: bool = 
     offsets_E = torch.cumsum(group_sizes_E, dim=0, dtype=torch.int32)
     return ExpertSort(order_M=order_M, inverse_M=inverse_M, token_M=order_M // K, slot_M=order_M % K,
                       expert_M=expert_M, group_sizes_E=group_sizes_E, offsets_E=offsets_E, num_tokens=T, top_k=K)
+
+
+def check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:
+    """Raise ValueError unless every expert id lies in [0, num_experts): one host sync for both bounds."""
+    if expert_ids.numel():
+        lo, hi = torch.aminmax(expert_ids.reshape(-1))
+        lo, hi = torch.stack([lo, hi]).tolist()
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"expert ids must lie in [0, {num_experts}), got range [{lo}, {hi}]")
 
 
 def _in_backward() -> bool:
@@ -273,13 +279,13 @@ class Experts(nn.Module):
             lora_gate_up = (lora_gate_up[0], lora_gate_up[1] * (s_gu / self.lora_scale))
         a = self.activation
         if custom_op_active():
-            # one opaque op (torch_impl.moe_op): torch.compile traces the layer around it without a graph break.
-            # The op sorts the rows itself (an ExpertSort is no tensor), so `sort` goes unused; under compile the
-            # caller's sort is dead code and is dropped. Ids from a router (sort given) skip the range check, as below.
+            # one opaque op (torch_impl.moe_op): torch.compile traces the layer around it without a graph break,
+            # the caller's sort included (the op takes its tensors). Ids from a router (sort given) skip the range
+            # check, as below.
             return split_lora_experts_op(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
                                          lora_gate_up, lora_down, scale=self.lora_scale, biases=biases,
                                          activation=a.name, swiglu_limit=a.limit, swiglu_alpha=a.alpha,
-                                         backend=self.backend, check_ids=sort is None)
+                                         backend=self.backend, sort=sort, check_ids=sort is None)
         return split_lora_experts(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
                                   lora_gate_up, lora_down, scale=self.lora_scale, biases=biases, activation=a.name,
                                   swiglu_limit=a.limit, swiglu_alpha=a.alpha, backend=self.backend, sort=sort)

@@ -6,7 +6,8 @@ registration); the op's output and every gradient against the eager path's, per 
 matter here (odd dims, prime E, K=1, K=E, experts with no tokens, the clamped activation with biases), in fp32 with
 the tolerances of `shared_math.numerics`; when the op is used (eager default off, on under compile, the flag and the
 environment variable); and a tiny Qwen3 model whose decoder layers are compiled with `fullgraph=True`, which raises
-on any graph break, giving eager's loss and LoRA gradients.
+on any graph break, giving eager's loss and LoRA gradients, checkpointed: without recompiles, with eager's expert
+GEMMs per step (no recompute in the op's backward), and at a second sequence length (dynamic) without graph breaks.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from torch_impl.backends import why_unavailable  # noqa: E402
 from torch_impl.compile import compile_decoder_layers  # noqa: E402
 from torch_impl.load import build_model  # noqa: E402
 from torch_impl.lora import _lora_params, attach_lora  # noqa: E402
-from torch_impl.moe import split_lora_experts  # noqa: E402
+from torch_impl.moe import sort_by_expert, split_lora_experts  # noqa: E402
 
 CASES = ["odd_dims", "prime_e", "k1", "k_eq_e", "empty_experts", "oai_biases"]
 GRAD_NAMES = ("x", "expert_weights", "w_gate_up", "w_down", "a1", "b1", "a2", "b2", "b_gate_up", "b_down")
@@ -129,8 +130,9 @@ def _op_args(case_name: str, seed: int, backend: str, *, lora: bool = True, base
     a2, b2 = tt["lora_down"] if lora else (None, None)
     b_gu, b_d = tt["biases"] or (None, None)
     kw = tt["kw"]
+    sort = sort_by_expert(tt["expert_ids"], tt["w_gate_up"].shape[0]).tensors()
     return (tt["x"], tt["expert_ids"], tt["expert_weights"], tt["w_gate_up"], tt["w_down"], a1, b1, a2, b2, b_gu,
-            b_d, float(kw["scale"]), kw["activation"], float(kw["swiglu_limit"]), 1.702, backend, True)
+            b_d, sort, float(kw["scale"]), kw["activation"], float(kw["swiglu_limit"]), 1.702, backend, True)
 
 
 @pytest.mark.parametrize("case_name, backend, lora, base_grad", [
@@ -149,9 +151,14 @@ def test_opcheck_backward_op(seed):
     args = _op_args("k_eq_e", seed, "grouped_mm")
     x = args[0]
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    inputs = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:16]]  # less check_ids
+    tensors = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:11]]
+    sort, scalars = args[11], args[12:17]  # less check_ids
+    with torch.no_grad():
+        residuals = torch.ops.splitmoe.split_lora_experts.default(*args)[1:]  # grouped_mm's gu, z1, z2
+    assert len(residuals) == 3
     needs = [True, True, False, False, True, True, True, True, False, False]  # as for frozen base, no biases
-    torch.library.opcheck(torch.ops.splitmoe.split_lora_experts_backward.default, (dy, *inputs, needs))
+    torch.library.opcheck(torch.ops.splitmoe.split_lora_experts_backward.default,
+                          (dy, *tensors, sort, residuals, *scalars, needs))
 
 
 # ---- the op equals the eager path ------------------------------------------------------------------------------------
@@ -256,6 +263,55 @@ def test_compiled_decoder_layers_fullgraph_equal_eager(seed):
     _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled")
     model.gradient_checkpointing_enable()
     _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled + checkpointed")
+
+
+def _grouped_mm_calls(fn) -> int:
+    """How many grouped GEMMs `fn()` runs: the experts' work, forward and backward."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "aten::_grouped_mm" for e in prof.events())
+
+
+def test_compiled_checkpointed_step_does_eager_work_without_recompiles(seed):
+    """A checkpointed model with compiled layers, as the benchmark's --compile and the Trainer run it (fullgraph=True,
+    so that a graph break raises):
+    - two graphs in all (layer 0, whose input needs no grad, and one for layers 1 and 2: a single code object), and
+      none recompiled by a second step, across layers or by the checkpoint's recompute (error_on_recompile);
+    - the experts run as many grouped GEMMs per step as in eager mode: the op's backward takes the residuals of its
+      forward (it once recomputed the expert forward: three per layer and step against eager's two);
+    - loss and LoRA gradients equal eager's."""
+    _skip_unless_available("grouped_mm")
+    model = _tiny_qwen3("grouped_mm", num_hidden_layers=3)
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    eager_gemms = _grouped_mm_calls(lambda: _loss_and_grads(model, ids))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compile_decoder_layers(model, fullgraph=True, backend="aot_eager")
+    _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled step 1")
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        gemms = _grouped_mm_calls(lambda: _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref,
+                                                       "compiled step 2"))
+    assert gemms == eager_gemms, f"the compiled step ran {gemms} grouped GEMMs, eager {eager_gemms}"
+
+
+def test_compiled_layer_takes_a_second_length_without_graph_break(seed):
+    """A second sequence length in one process (the benchmark runs 4K, then 16K) recompiles the layer once, with a
+    dynamic length, still in one graph (fullgraph=True): SDPA's `is_causal` from the symbolic length once broke it
+    there, in every layer. Loss and LoRA gradients equal eager's at both lengths."""
+    _skip_unless_available("grouped_mm")
+    model = _tiny_qwen3("grouped_mm", num_hidden_layers=1)
+    model.gradient_checkpointing_enable()
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, model.config.vocab_size, (2, S), generator=gen) for S in (11, 13)]
+    refs = [_loss_and_grads(model, ids) for ids in batches]
+    torch._dynamo.reset()
+    compile_decoder_layers(model, fullgraph=True, backend="aot_eager")
+    for ids, (loss_ref, grads_ref) in zip(batches, refs):
+        _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, f"compiled, length {ids.shape[1]}")
 
 
 def test_inductor_compiled_layer_fullgraph_equals_eager(seed):

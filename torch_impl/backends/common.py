@@ -6,10 +6,19 @@ Shapes: T tokens, H hidden, I expert intermediate, E experts, K experts per toke
 backward all share (built once per layer by `torch_impl.moe.sort_by_expert`). `Activation` is the expert
 nonlinearity on the fused gate_up output `[M, 2I]` (gate in columns 0:I, up in I:2I) with its hand-written
 vector-Jacobian product, so a custom backward can recompute `h = act(gu)` instead of saving it.
+
+`op_residuals` is the channel through which the custom op (`torch_impl.moe_op`) takes what a backend's autograd
+Function saves for its backward (its residuals: gu, z1, z2 for grouped_mm and the Triton kernels) out of the forward
+and hands it back in the backward, so that the op's backward rebuilds the Function's graph without running the
+expert GEMMs a second time. A backend with such a Function declares their shapes (`residual_shapes`) and calls
+`replayed_residuals` / `capture_residuals` in its forward; outside `op_residuals` both do nothing.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +45,16 @@ class ExpertSort:
     @property
     def num_experts(self) -> int:
         return self.group_sizes_E.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors, in field order: how the custom op (`torch_impl.moe_op`) carries a sort."""
+        return [self.order_M, self.inverse_M, self.token_M, self.slot_M, self.expert_M, self.group_sizes_E,
+                self.offsets_E]
+
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor], num_tokens: int, top_k: int) -> ExpertSort:
+        """The inverse of `tensors()`."""
+        return cls(*tensors, num_tokens=num_tokens, top_k=top_k)
 
 
 @dataclass(frozen=True)
@@ -78,3 +97,48 @@ class Activation:
             dgate = torch.where(gate <= self.limit, dh * (u + 1) * sa * (1 + self.alpha * g * (1 - sa)), 0.0)
             dup = torch.where(up.abs() <= self.limit, dh * g * sa, 0.0)
         return torch.cat([dgate, dup], dim=-1).to(gu_M2I.dtype)
+
+
+_CHANNEL = threading.local()  # .state: (captured list, tensors to replay or None) inside op_residuals
+
+
+@contextmanager
+def op_residuals(replay: list[torch.Tensor] | None = None) -> Iterator[list[torch.Tensor]]:
+    """Around one expert forward (`torch_impl.moe.split_lora_experts`): without `replay`, the backend's Function
+    appends its residuals to the yielded list (capture: the op's forward returns them as outputs); with `replay`
+    (what a capture gave, in its order), the Function takes them instead of computing them and skips the GEMMs that
+    made them, returning a placeholder output whose value is never read: the op's backward needs only its graph."""
+    previous = getattr(_CHANNEL, "state", None)
+    captured: list[torch.Tensor] = []
+    _CHANNEL.state = (captured, replay)
+    try:
+        yield captured
+    finally:
+        _CHANNEL.state = previous
+
+
+def replayed_residuals() -> list[torch.Tensor] | None:
+    """The residuals a backend's forward must take instead of computing them (inside `op_residuals(replay)`), else
+    None: compute as usual."""
+    state = getattr(_CHANNEL, "state", None)
+    return None if state is None else state[1]
+
+
+def capturing_residuals() -> bool:
+    """Inside `op_residuals()` without replay: the forward must keep its residuals even without grad."""
+    state = getattr(_CHANNEL, "state", None)
+    return state is not None and state[1] is None
+
+
+def capture_residuals(*tensors: torch.Tensor | None) -> None:
+    """Hand the forward's residuals (None for an absent LoRA pair's, skipped) to the capturing op, if any."""
+    if capturing_residuals():
+        _CHANNEL.state[0].extend(t for t in tensors if t is not None)
+
+
+def gu_z1_z2(residuals: list[torch.Tensor], lora_gate_up: bool, lora_down: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Residuals as captured (gu, then z1 and z2 where that LoRA pair exists) -> (gu, z1 or None, z2 or None)."""
+    it = iter(residuals)
+    gu = next(it)
+    return gu, next(it) if lora_gate_up else None, next(it) if lora_down else None

@@ -36,7 +36,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from torch_impl.backends.common import Activation, ExpertSort
+from torch_impl.backends.common import Activation, ExpertSort, capture_residuals, gu_z1_z2, replayed_residuals
 
 NAME = "grouped_mm"
 
@@ -158,6 +158,12 @@ class _GroupedSplitLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt: ExpertSort,
                 scale: float, act: Activation):
+        ctx.srt, ctx.scale, ctx.act = srt, scale, act
+        replay = replayed_residuals()
+        if replay is not None:  # the custom op's backward (common.op_residuals): gu, z1, z2 of its forward
+            gu, z1, z2 = gu_z1_z2(replay, a1 is not None, a2 is not None)
+            ctx.save_for_backward(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_d, gu, z1, z2)
+            return x_TH.new_empty(srt.num_tokens, w_down.shape[2])  # a placeholder: only the graph is used
         offs = srt.offsets_E
         x_MH = x_TH[srt.token_M]
         gu = _gmm(x_MH, w_gate_up, offs)
@@ -177,7 +183,7 @@ class _GroupedSplitLoRA(torch.autograd.Function):
         if b_d is not None:
             _add_expert_bias_(o, b_d, srt.expert_M)
         ctx.save_for_backward(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_d, gu, z1, z2)
-        ctx.srt, ctx.scale, ctx.act = srt, scale, act
+        capture_residuals(gu, z1, z2)
         # weight, un-permute, sum over K: HF's grouped_mm order and rounding (o·w rounded, then an fp32-free sum)
         o.mul_(weights_TK.reshape(-1)[srt.order_M].unsqueeze(-1))
         return _unpermute_sum(o, srt, o.dtype)
@@ -258,6 +264,17 @@ def _pad_halves(t: torch.Tensor | None, I: int, Ip: int) -> torch.Tensor | None:
     if t is None or I == Ip:
         return t
     return torch.cat([_pad_dim(t[..., :I], -1, Ip), _pad_dim(t[..., I:], -1, Ip)], dim=-1)
+
+
+def residual_shapes(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, w_down: torch.Tensor,
+                    lora_gate_up_a: torch.Tensor | None, lora_down_a: torch.Tensor | None) -> list[tuple[int, ...]]:
+    """What `_GroupedSplitLoRA` saves beyond its inputs (`common.op_residuals`), as the custom op's fake gives it:
+    gu [M, 2I], z1 [M, R1] and z2 [M, R2] (each only with its LoRA pair), I and R padded as `experts_forward`
+    pads them, in x's dtype."""
+    align = 16 // x_TH.element_size()
+    M = expert_ids_TK.shape[0] * expert_ids_TK.shape[1]
+    return [(M, 2 * _round_up(w_down.shape[1], align))] + [
+        (M, _round_up(a.shape[-1], align)) for a in (lora_gate_up_a, lora_down_a) if a is not None]
 
 
 def experts_forward(x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_gate_up, lora_down, scale: float,

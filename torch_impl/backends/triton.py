@@ -50,6 +50,14 @@ def available(device: torch.device | str | None = None, dtype: torch.dtype | Non
     return f"no Triton support for device type {device.type!r}"
 
 
+def residual_shapes(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, w_down: torch.Tensor,
+                    lora_gate_up_a: torch.Tensor | None, lora_down_a: torch.Tensor | None) -> list[tuple[int, ...]]:
+    """What the kernels' Function saves beyond its inputs (`common.op_residuals`), as the custom op's fake gives
+    it: gu [M, 2I], z1 [M, R1] and z2 [M, R2] (each only with its LoRA pair), in x's dtype."""
+    M = expert_ids_TK.shape[0] * expert_ids_TK.shape[1]
+    return [(M, 2 * w_down.shape[1])] + [(M, a.shape[-1]) for a in (lora_gate_up_a, lora_down_a) if a is not None]
+
+
 def experts_forward(x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_gate_up, lora_down, scale: float,
                     biases, act: Activation) -> torch.Tensor:
     """Routed experts with split LoRA -> y [T, H], reusing the caller's sort (`torch_impl.moe.sort_by_expert`)."""

@@ -19,6 +19,7 @@ from torch_impl.backends.common import Activation, ExpertSort
 
 NAME = "triton_hopper"
 TAKES_FP32_LORA = True  # as `triton`: the Function casts fp32 LoRA masters itself
+residual_shapes = _triton.residual_shapes  # the same Function, so the same residuals (common.op_residuals)
 
 
 def available(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from torch_impl.backends.common import capture_residuals, capturing_residuals, gu_z1_z2, replayed_residuals
 from torch_impl.kernels import autotune
 from torch_impl.kernels import grouped_gemm as gg
 
@@ -155,33 +156,39 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
         a1, a2 = (None if t is None else gg.reduction_major(t, dt) for t in (a1, a2))
         M = srt.M
         w_sorted = expert_weights.reshape(-1)[srt.flat_M.long()].float()  # routing weight of each sorted row
-        grad = any(ctx.needs_input_grad[:10])
+        # the custom op keeps gu, z1, z2 even without grad (common.op_residuals), for its backward
+        grad = any(ctx.needs_input_grad[:10]) or capturing_residuals()
         r1 = 0 if b1 is None else b1.shape[1]
         r2 = 0 if b2 is None else b2.shape[1]
         nn = _NN(kernels)
+        replay = replayed_residuals()
+        if replay is not None:  # the custom op's backward: gu, z1, z2 of its forward, no GEMMs
+            gu, z1, z2 = gu_z1_z2(replay, r1 > 0, r2 > 0)
+            y = x.new_empty((T, H))  # a placeholder: only the graph is used
+        else:
+            def gate_up(cfg, sched):
+                h = torch.empty((M, I), device=x.device, dtype=dt)
+                gu = torch.empty((M, I2), device=x.device, dtype=dt) if grad else None
+                z1 = torch.empty((M, r1), device=x.device, dtype=dt) if grad and r1 else None
+                nn.gemm(x, w_gate_up, sched, srt.offsets_E1, n=I, out=h, config=cfg, row_index=srt.token_M,
+                        lora_a_EDR=a1, z_MR=z1, store_z=z1 is not None, lora_b_ERN=b1, lora_scale=scale,
+                        bias_EN=b_gu, mode=gg.MODE_ACT_FWD, act=act, gu_M2I=gu, store_gu=gu is not None,
+                        limit=limit, alpha=alpha)
+                return h, gu, z1
 
-        def gate_up(cfg, sched):
-            h = torch.empty((M, I), device=x.device, dtype=dt)
-            gu = torch.empty((M, I2), device=x.device, dtype=dt) if grad else None
-            z1 = torch.empty((M, r1), device=x.device, dtype=dt) if grad and r1 else None
-            nn.gemm(x, w_gate_up, sched, srt.offsets_E1, n=I, out=h, config=cfg, row_index=srt.token_M,
-                    lora_a_EDR=a1, z_MR=z1, store_z=z1 is not None, lora_b_ERN=b1, lora_scale=scale,
-                    bias_EN=b_gu, mode=gg.MODE_ACT_FWD, act=act, gu_M2I=gu, store_gu=gu is not None,
-                    limit=limit, alpha=alpha)
-            return h, gu, z1
+            h, gu, z1 = _gemm(nn, "gemm_act", ("gu", H, I, r1, act), srt, x, gate_up)
 
-        h, gu, z1 = _gemm(nn, "gemm_act", ("gu", H, I, r1, act), srt, x, gate_up)
+            def down(cfg, sched):
+                out = torch.empty((M, H), device=x.device, dtype=dt)
+                z2 = torch.empty((M, r2), device=x.device, dtype=dt) if grad and r2 else None
+                nn.gemm(h, w_down, sched, srt.offsets_E1, n=H, out=out, config=cfg, lora_a_EDR=a2, z_MR=z2,
+                        store_z=z2 is not None, lora_b_ERN=b2, lora_scale=scale, bias_EN=b_d,
+                        row_scale_M=w_sorted, out_rows_M=srt.flat_M)
+                return out, z2
 
-        def down(cfg, sched):
-            out = torch.empty((M, H), device=x.device, dtype=dt)
-            z2 = torch.empty((M, r2), device=x.device, dtype=dt) if grad and r2 else None
-            nn.gemm(h, w_down, sched, srt.offsets_E1, n=H, out=out, config=cfg, lora_a_EDR=a2, z_MR=z2,
-                    store_z=z2 is not None, lora_b_ERN=b2, lora_scale=scale, bias_EN=b_d,
-                    row_scale_M=w_sorted, out_rows_M=srt.flat_M)
-            return out, z2
-
-        out_MH, z2 = _gemm(nn, "gemm", ("down", I, H, r2), srt, x, down)
-        y = out_MH.view(T, K, H).sum(1)  # rows are in (token, slot) order: the sum over K is deterministic
+            out_MH, z2 = _gemm(nn, "gemm", ("down", I, H, r2), srt, x, down)
+            y = out_MH.view(T, K, H).sum(1)  # rows are in (token, slot) order: the sum over K is deterministic
+            capture_residuals(gu, z1, z2)
 
         ctx.save_for_backward(x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, gu, z1, z2,
                               w_sorted)

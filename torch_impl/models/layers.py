@@ -298,7 +298,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     an empty row has changed across torch versions (NaN before 2.5), and a NaN in a padding row would reach real
     tokens through 0 · NaN."""
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1, scale=scale)
+        # a branch, not the comparison itself: under torch.compile with a dynamic length (a compiled layer's second
+        # sequence length) the comparison is a SymBool, which SDPA rejects (a graph break in every layer); a branch
+        # makes it one guard and a constant
+        is_causal = True if q.shape[-2] > 1 else False
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
     has_key = mask.any(-1, keepdim=True)  # [B, 1, S, 1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key, scale=scale)
     return out.masked_fill(~has_key, 0)
