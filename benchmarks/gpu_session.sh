@@ -35,6 +35,7 @@
 #                                             # gpu tests
 #   bash benchmarks/gpu_session.sh jaxstep    # jax_impl Qwen3-30B-A3B steps (4 layers, then 48) next to torch_impl
 #   bash benchmarks/gpu_session.sh attnhopper # attention variants, Hopper kernel rows, gpt-oss-20b torch_impl steps
+#   bash benchmarks/gpu_session.sh compileprobe # eager vs compiled torch_impl steps, host-side counts (compile_probe.py)
 #   bash benchmarks/gpu_session.sh jaxfull    # jax_impl Qwen3 (48 layers) next to torch_impl; JAX's longest Qwen3 context
 #   bash benchmarks/gpu_session.sh jaxoss     # gpt-oss-20b jax_impl and torch_impl; JAX's longest gpt-oss context; cross_full
 #   bash benchmarks/gpu_session.sh crossfull  # 20-step bf16 torch vs JAX on 4 full-width Qwen3 layers; gpt-oss JAX steps
@@ -44,7 +45,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|jaxstep|jaxfull|jaxoss|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -122,16 +123,17 @@ case $PART in
     grep -E "passed|failed" "$R/gpu_tests.log" | tail -2; cut -c1-200 "$R/glue.log" | grep liger
     grep -h "^{" "$R/step.log" ;;
   threeway)  # Qwen3-30B-A3B: Unsloth, torch_impl and HF + PEFT in one command (the known baseline last, should the
-    # call run short); then, while the call has time, torch_impl's step on the `triton` experts (auto on sm_90+ is
-    # `triton_hopper` since 2026-12-05 session 4), torch_impl logging the routing analytics every step (#20), and
-    # gpt-oss-20b at 4K on both Triton backends. 48 layers need about 105 GiB: an 80 GB H100 runs 24 of them, all
-    # rows alike. (As run in session 4, on an H100, the loop timed `triton_hopper`, `grouped_mm` and `auto` = triton.)
+    # call run short); then, while the call has time, torch_impl compiled per decoder layer (the custom op replays
+    # its residuals since 2026-12-05 session 5), on the `triton` experts (auto on sm_90+ is `triton_hopper` since
+    # session 4), and gpt-oss-20b compiled and on `triton`. 48 layers need about 105 GiB: an 80 GB H100 runs 24 of
+    # them, all rows alike. (As run in session 4, on an H100, the loop timed `triton_hopper`, `grouped_mm` and
+    # `auto` = triton.)
     wheels
     L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
     timeout 340 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
       --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
-    for row in "qwen3_moe 4096,16384 --backend triton" "qwen3_moe 4096,16384 --routing-stats" \
-               "gpt_oss 4096 --backend triton" "gpt_oss 4096 --backend auto"; do
+    for row in "qwen3_moe 4096,16384 --compile" "qwen3_moe 4096,16384 --backend triton" \
+               "gpt_oss 4096,16384 --compile" "gpt_oss 4096 --backend triton"; do
       read -r fam seq flags <<< "$row"
       [ "$SECONDS" -lt 470 ] || break
       layers=$([ "$fam" = qwen3_moe ] && echo "--layers $L")
@@ -166,6 +168,15 @@ case $PART in
     timeout 120 python3 benchmarks/step.py --family gpt_oss --seq 4096,16384 --impls torch_impl --warmup 2 --iters 4 --profile "$R" \
       --out "$R/step_gpt_oss.jsonl" > "$R/step.log" 2>&1
     cut -c1-220 "$R/attention.log"; tail -30 "$R/block_hopper.log" | cut -c1-220; grep -h "^{" "$R/step.log" ;;
+  compileprobe)  # (2026-12-05, session 5) eager vs compiled torch_impl steps with host-side counts
+    # (benchmarks/compile_probe.py: queue time against step time, kernels launched, Dynamo graphs and recompiles),
+    # Qwen3-30B-A3B and gpt-oss-20b at 4 full-width layers, 4K then 16K in one process
+    timeout 250 python3 benchmarks/compile_probe.py --preset 30b-a3b --layers 4 --seq 4096,16384 \
+      > "$R/compile_probe.log" 2>&1
+    timeout 250 python3 benchmarks/compile_probe.py --family gpt_oss --preset 20b --layers 4 --seq 4096,16384 \
+      >> "$R/compile_probe.log" 2>&1
+    grep -h "^{" "$R/compile_probe.log" > "$R/compile_probe.jsonl"
+    grep -h "^{" "$R/compile_probe.log" | cut -c1-400 ;;
   jaxfull)  # (2026-12-05, session 5) #17: jax_impl Qwen3-30B-A3B (48 layers; 24 on an 80 GB card) at 4K and 16K next
     # to torch_impl's eager rows in one command; then, while the call has time, jax_impl's longest Qwen3 context
     L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
