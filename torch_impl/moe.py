@@ -22,7 +22,7 @@ from shared_math.config import RoutingConfig
 from shared_math.shapes import check_expert_args
 from torch_impl.backends import get_backend, resolve_backend
 from torch_impl.backends.common import Activation, ExpertSort
-from torch_impl.models.layers import DenseMLP
+from torch_impl.models.layers import DenseMLP, in_layer_recompute
 from torch_impl.moe_op import custom_op_active, split_lora_experts_op, use_custom_op
 
 LoraPair = tuple[torch.Tensor, torch.Tensor]
@@ -114,7 +114,15 @@ def check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where activation checkpointing recomputes a layer's forward)."""
+    """True while autograd runs a backward pass (where activation checkpointing recomputes a layer's forward).
+
+    In a layer being compiled, autograd's query (`torch._C._current_graph_task_id`, no tensor) would break the
+    graph; there the checkpointing's own mark is read instead (`models.layers.in_layer_recompute`, set by
+    `LayerCheckpointing._run_layer` around the recompute, offloaded or not): a global that Dynamo guards on, so the
+    forward and the recompute get one graph each, the recompute's without the statistics. Checkpointing of
+    one's own around a compiled layer would then recompute the statistics too: the same values again."""
+    if torch.compiler.is_compiling():
+        return in_layer_recompute()
     return torch._C._current_graph_task_id() != -1
 
 

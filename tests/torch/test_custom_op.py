@@ -7,7 +7,9 @@ matter here (odd dims, prime E, K=1, K=E, experts with no tokens, the clamped ac
 the tolerances of `shared_math.numerics`; when the op is used (eager default off, on under compile, the flag and the
 environment variable); and a tiny Qwen3 model whose decoder layers are compiled with `fullgraph=True`, which raises
 on any graph break, giving eager's loss and LoRA gradients, checkpointed: without recompiles, with eager's expert
-GEMMs per step (no recompute in the op's backward), and at a second sequence length (dynamic) without graph breaks.
+GEMMs per step (no recompute in the op's backward), and at a second sequence length (dynamic) without graph breaks;
+the same fullgraph compile for gpt-oss's layers (sink attention, sliding and full) and for Qwen3 with routing
+statistics on (eager's statistics, none computed by the checkpoint's recompute).
 """
 
 from __future__ import annotations
@@ -210,7 +212,11 @@ def test_op_reports_an_unavailable_backend_before_work():
 # ---- a whole model: eager, through the op, and with its decoder layers compiled --------------------------------------
 
 def _tiny_qwen3(backend: str, **overrides):
-    cfg = ModelConfig.from_hf(tiny_hf_config("qwen3_moe", **overrides))
+    return _tiny_model("qwen3_moe", backend, **overrides)
+
+
+def _tiny_model(family: str, backend: str, **overrides):
+    cfg = ModelConfig.from_hf(tiny_hf_config(family, **overrides))
     model = build_model(cfg, moe_backend=backend)
     tensors = random_canonical_tensors(cfg, seed=3)
     with torch.no_grad():
@@ -263,6 +269,64 @@ def test_compiled_decoder_layers_fullgraph_equal_eager(seed):
     _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled")
     model.gradient_checkpointing_enable()
     _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled + checkpointed")
+
+
+def test_compiled_gpt_oss_layers_fullgraph_equal_eager(seed):
+    """gpt-oss's decoder layers (a sliding one, in query blocks, and a full one, whose sink attention is causal over
+    S queries and S + 1 keys) compile with fullgraph=True: `causal_lower_right`, the eager full layer's mask, once
+    broke the graph in every full layer. Loss and LoRA gradients equal eager's, with and without checkpointing."""
+    model = _tiny_model("gpt_oss", "auto")
+    assert tuple(model.config.layer_types) == ("sliding_attention", "full_attention")
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    torch._dynamo.reset()
+    compile_decoder_layers(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled")
+    model.gradient_checkpointing_enable()
+    _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled + checkpointed")
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["checkpoint", "offloaded_checkpoint"])
+def test_compiled_layers_with_routing_stats_fullgraph_equal_eager(offload, seed):
+    """With routing statistics on (`enable_routing_stats`, what train.routing_stats does), a Qwen3 layer compiles
+    with fullgraph=True (the in-backward check once broke the graph in every MoE layer) and leaves eager's
+    statistics; checkpointed, the recompute in the backward computes none (the dict the forward left survives the
+    backward, as in eager mode; it is a graph of its own, guarded on `in_layer_recompute`), and a second step
+    recompiles nothing."""
+    from torch_impl.routing_stats import enable_routing_stats, routing_stats_of
+
+    model = _tiny_qwen3("auto")
+    blocks = enable_routing_stats(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    stats_ref = routing_stats_of(model)
+    assert all(s is not None for s in stats_ref)
+    for _, b in blocks:
+        b.routing_stats = None
+
+    def step(what):
+        _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, what)
+        for layer, (ref, got) in enumerate(zip(stats_ref, routing_stats_of(model))):
+            assert got is not None and got.keys() == ref.keys(), (what, layer)
+            for k in ref:
+                assert_close(got[k], ref[k], dtype="float32", quantity="routing_stats", name=f"{what} {layer} {k}")
+
+    torch._dynamo.reset()
+    compile_decoder_layers(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    step("compiled")
+    model.gradient_checkpointing_enable(offload_to_cpu=offload)
+    step("compiled + checkpointed")
+    # the whole recompute (no early stop): otherwise it ends once the backward has its tensors, before a compiled
+    # graph's attribute writes are replayed, and statistics it computed would go unseen here
+    for _ in range(2):  # the second step with no recompile
+        with torch._dynamo.config.patch(error_on_recompile=_ > 0), \
+                torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            for p in model.parameters():
+                p.grad = None
+            loss = model(ids, labels=ids).loss
+            left = [b.routing_stats for _, b in blocks]
+            loss.backward()  # recomputes each layer's forward
+            assert all(b.routing_stats is s for (_, b), s in zip(blocks, left)), "the recompute computed statistics"
 
 
 def _grouped_mm_calls(fn) -> int:

@@ -98,6 +98,22 @@ def _sliding_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     return out[..., :D].reshape(B, N, Sp, D)[:, :, :S]
 
 
+def _causal_with_sink_compiled(q_x: torch.Tensor, k_x: torch.Tensor, v_x: torch.Tensor, scale: float
+                               ) -> torch.Tensor:
+    """The full layers' causal attention with the sink key (`_with_sink`: S queries, S + 1 keys, lower-right causal)
+    in a form Dynamo traces, for compiled layers only: a zero query row is put before the S queries, so the problem
+    is square and plain `is_causal=True` (upper left = lower right) gives every real query the sink and keys 0..i;
+    the extra row (sees the sink alone) is dropped, so it gets no gradient. Still no mask tensor, and on CUDA still
+    the flash / memory-efficient kernels, for one more query row of work.
+
+    Why not everywhere: `causal_lower_right` builds a `CausalBias` tensor subclass, which Dynamo cannot construct
+    (a graph break in every compiled full layer). Eager mode keeps it: the flash kernel's own lower-right causal
+    mode on CUDA, numerics exactly as before. An explicit [S, S + 1] bool mask would trace too, but is O(S²) memory
+    and keeps the flash kernel off (on CUDA, SDPA's flash backend takes no mask)."""
+    q_sq = F.pad(q_x, [0, 0, 1, 0])  # [..., S + 1, D + 8], query row 0 all zero
+    return F.scaled_dot_product_attention(q_sq, k_x, v_x, is_causal=True, scale=scale)[..., 1:, :]
+
+
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                    mask: torch.Tensor | None, scale: float, window: int | None = None) -> torch.Tensor:
     """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q, k, v [B, N, S, D] (k, v repeated to N
@@ -110,7 +126,8 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     forward and backward, so on CUDA the flash / memory-efficient kernels do the work and no [S, S] probabilities
     are ever materialised:
     - full layers: a lower-right causal bias (`causal_lower_right`, no mask tensor; query i sees the sink and keys
-      0..i), which the flash kernel takes;
+      0..i), which the flash kernel takes; in a compiled layer the same through `is_causal`
+      (`_causal_with_sink_compiled`, which says why);
     - sliding layers: query blocks of `window` rows against their 2·window − 1 keys (`_sliding_blocks`): O(S·W);
     - packed documents or padding: a bool mask [B, 1, S, S+1] (O(S²) bits, never probabilities), window applied
       inside it (so a padded batch's sliding layers do not take the O(S·W) blocks).
@@ -119,6 +136,8 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     if mask is None and window is not None and window < S:
         return _sliding_blocks(q, k, v, sinks, window, scale)
     q_x, k_x, v_x = _with_sink(q, k, v, sinks, scale)
+    if mask is None and torch.compiler.is_compiling():
+        return _causal_with_sink_compiled(q_x, k_x, v_x, scale)[..., :D]
     if mask is None:
         bias = causal_lower_right(S, S + 1)
     else:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -67,8 +67,38 @@ class LayerCheckpointing:
                 return offloaded_checkpoint(layer, *args)
             # no RNG state to restore: nothing in these forwards draws random numbers (no dropout anywhere), and
             # saving it would read the CUDA generator, which a CUDA-graph capture forbids
-            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False)
+            return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False,
+                                                     context_fn=_recompute_contexts)
         return layer(*args)
+
+
+# True while a checkpointed decoder layer's forward is recomputed in the backward (`layer_recompute`). A plain
+# module global on purpose: a compiled layer that reads it (`in_layer_recompute`, the MoE block's routing
+# statistics) gets a Dynamo guard on its value, so the forward and the recompute each get their own graph, where
+# autograd's own "in a backward?" query (`torch._C._current_graph_task_id`) is a graph break.
+_RECOMPUTING = False
+
+
+@contextmanager
+def layer_recompute() -> Iterator[None]:
+    """Mark the forwards run inside as activation checkpointing's recompute (`in_layer_recompute()` is True)."""
+    global _RECOMPUTING
+    previous, _RECOMPUTING = _RECOMPUTING, True
+    try:
+        yield
+    finally:
+        _RECOMPUTING = previous
+
+
+def in_layer_recompute() -> bool:
+    """True inside `layer_recompute()`: a checkpointed layer's forward run again in the backward (traceable by
+    torch.compile: a guarded global, no graph break)."""
+    return _RECOMPUTING
+
+
+def _recompute_contexts():
+    """`torch.utils.checkpoint`'s context_fn: nothing around the forward, `layer_recompute()` around the recompute."""
+    return nullcontext(), layer_recompute()
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
@@ -90,7 +120,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x = ctx.x_host.to(ctx.device, non_blocking=True).requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), layer_recompute():
             out = ctx.layer(x, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and o.requires_grad]
