@@ -256,27 +256,17 @@ def test_model_through_the_op_equals_eager(seed):
     _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "custom op")
 
 
-def test_compiled_decoder_layers_fullgraph_equal_eager(seed):
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_compiled_decoder_layers_fullgraph_equal_eager(family, seed):
     """Regional compilation with fullgraph=True (a graph break raises) of both layers: loss and LoRA gradients as
     eager, with and without activation checkpointing around the compiled layers (the benchmark's --compile runs
     both). Dynamo and AOTAutograd are the parts that meet the op (its fake and its backward); the aot_eager backend
-    runs them without inductor's C++ compile (30 s cold for the two graphs here, layer 0's input needing no grad)."""
-    model = _tiny_qwen3("auto")
-    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
-    loss_ref, grads_ref = _loss_and_grads(model, ids)
-    torch._dynamo.reset()
-    compile_decoder_layers(model, fullgraph=True, dynamic=False, backend="aot_eager")
-    _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled")
-    model.gradient_checkpointing_enable()
-    _check_model(*_loss_and_grads(model, ids), loss_ref, grads_ref, "compiled + checkpointed")
-
-
-def test_compiled_gpt_oss_layers_fullgraph_equal_eager(seed):
-    """gpt-oss's decoder layers (a sliding one, in query blocks, and a full one, whose sink attention is causal over
-    S queries and S + 1 keys) compile with fullgraph=True: `causal_lower_right`, the eager full layer's mask, once
-    broke the graph in every full layer. Loss and LoRA gradients equal eager's, with and without checkpointing."""
-    model = _tiny_model("gpt_oss", "auto")
-    assert tuple(model.config.layer_types) == ("sliding_attention", "full_attention")
+    runs them without inductor's C++ compile (30 s cold for the two graphs here, layer 0's input needing no grad).
+    gpt-oss: a sliding layer (query blocks) and a full one, whose sink attention is causal over S queries and S + 1
+    keys: `causal_lower_right`, the eager full layer's mask, once broke the graph in every full layer."""
+    model = _tiny_model(family, "auto")
+    if family == "gpt_oss":
+        assert tuple(model.config.layer_types) == ("sliding_attention", "full_attention")
     ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
     loss_ref, grads_ref = _loss_and_grads(model, ids)
     torch._dynamo.reset()
