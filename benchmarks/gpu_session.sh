@@ -180,12 +180,15 @@ case $PART in
   jaxfull)  # (2026-12-05, session 5) #17: jax_impl Qwen3-30B-A3B (48 layers; 24 on an 80 GB card) at 4K and 16K next
     # to torch_impl's eager rows in one command; then, while the call has time, jax_impl's longest Qwen3 context
     L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
-    timeout 300 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 --impls jax_impl \
+    # (the longest-context search starts at the 64K the issue asks for where 48 layers fit: a 32K probe there would
+    # spend the call's time compiling a length that proves nothing)
+    S0=$([ "$L" = 48 ] && echo 65536 || echo 32768)
+    timeout 330 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 --impls jax_impl \
       --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
     timeout 130 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 --impls torch_impl \
       --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
-    [ "$SECONDS" -lt 420 ] && timeout $((575 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --layers "$L" \
-      --seq 32768 --max-context --max-seq 131072 --context-step 16384 --impls jax_impl --out "$R/maxctx.jsonl" \
+    [ "$SECONDS" -lt 440 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --layers "$L" \
+      --seq "$S0" --max-context --max-seq 131072 --context-step 16384 --impls jax_impl --out "$R/maxctx.jsonl" \
       > "$R/maxctx.log" 2>&1
     rows "$R"/step_qwen3.jsonl; [ -f "$R/maxctx.jsonl" ] && rows "$R/maxctx.jsonl"
     grep -hi "error\|Traceback" "$R/step.log" | grep -v Warning | head -5 | cut -c1-300 ;;
