@@ -33,6 +33,7 @@
 #                                             # torch_impl on `triton`, with routing analytics; gpt-oss 4K
 #   bash benchmarks/gpu_session.sh ossthree   # gpt-oss-20b torch_impl, HF + PEFT, Unsloth in one command; JAX attention
 #                                             # gpu tests
+#   bash benchmarks/gpu_session.sh hoppertune # host cost of the expert path; the Hopper kernels' first sweep, block rows
 #   bash benchmarks/gpu_session.sh jaxstep    # jax_impl Qwen3-30B-A3B steps (4 layers, then 48) next to torch_impl
 #   bash benchmarks/gpu_session.sh attnhopper # attention variants, Hopper kernel rows, gpt-oss-20b torch_impl steps
 #   bash benchmarks/gpu_session.sh compileprobe # eager vs compiled torch_impl steps, host-side counts (compile_probe.py)
@@ -45,7 +46,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|hoppertune|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -125,15 +126,16 @@ case $PART in
   threeway)  # Qwen3-30B-A3B: Unsloth, torch_impl and HF + PEFT in one command (the known baseline last, should the
     # call run short); then, while the call has time, torch_impl compiled per decoder layer (the custom op replays
     # its residuals since 2026-12-05 session 5), on the `triton` experts (auto on sm_90+ is `triton_hopper` since
-    # session 4), and gpt-oss-20b compiled and on `triton`. 48 layers need about 105 GiB: an 80 GB H100 runs 24 of
+    # session 4), and gpt-oss-20b compiled and on `triton`; replayed from a CUDA graph (a fixed shape's answer to the
+    # host-bound 4K step, 2026-12-05 session 6). 48 layers need about 105 GiB: an 80 GB H100 runs 24 of
     # them, all rows alike. (As run in session 4, on an H100, the loop timed `triton_hopper`, `grouped_mm` and
     # `auto` = triton.)
     wheels
     L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
     timeout 340 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
       --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
-    for row in "qwen3_moe 4096,16384 --compile" "qwen3_moe 4096,16384 --backend triton" \
-               "gpt_oss 4096,16384 --compile" "gpt_oss 4096 --backend triton"; do
+    for row in "qwen3_moe 4096,16384 --compile" "qwen3_moe 4096,16384 --cuda-graph" \
+               "gpt_oss 4096,16384 --compile" "gpt_oss 4096 --cuda-graph" "qwen3_moe 4096,16384 --backend triton"; do
       read -r fam seq flags <<< "$row"
       [ "$SECONDS" -lt 470 ] || break
       layers=$([ "$fam" = qwen3_moe ] && echo "--layers $L")
@@ -149,6 +151,28 @@ case $PART in
     timeout -s INT 100 python3 -m pytest -v -m gpu -n 4 -p no:cacheprovider -rfEX --tb=short \
       tests/jax/test_attention.py > "$R/gpu_tests.log" 2>&1
     rows "$R/step_gpt_oss.jsonl"; grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -12 | cut -c1-250 ;;
+  hoppertune)  # (2026-12-05, session 6) the host cost of the expert path per call (host_probe.py); the first sweep of
+    # the Hopper kernels (triton_sweep.py --backend triton_hopper: until now they ran untuned defaults) on Qwen3 and
+    # gpt-oss at 4K and 16K, merged into the shipped table of this copy; then the block rows with it (hopper_suite:
+    # per-pass TFLOP/s) next to HF + PEFT. $OUT/tuned_configs.json is the merged table to commit.
+    timeout 90 python3 benchmarks/host_probe.py --seq 256,4096 --out "$R/host_probe.jsonl" \
+      --profile-out "$R/host_probe_cprofile.txt" > "$R/host_probe.log" 2>&1
+    timeout 400 python3 benchmarks/triton_sweep.py --backend triton_hopper --out "$R/sweep" \
+      --cases qwen3_30b_T4096,qwen3_30b_T16384,gpt_oss_20b_T4096,gpt_oss_20b_T16384 > "$R/sweep.log" 2>&1
+    python3 - "$R/sweep/tuned_configs.json" <<'PY'
+import json, sys
+from pathlib import Path
+shipped = Path("torch_impl/kernels/tuned_configs.json")
+table, new = json.loads(shipped.read_text()), json.loads(Path(sys.argv[1]).read_text())
+table.update(new)
+shipped.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+print(f"merged {len(new)} tuned entries")
+PY
+    cp torch_impl/kernels/tuned_configs.json "$OUT/tuned_configs.json"
+    [ "$SECONDS" -lt 520 ] && timeout $((590 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
+      --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --impls hf_peft,hopper_suite --out "$R/block.jsonl" \
+      > "$R/block.log" 2>&1
+    grep -h "^{" "$R/host_probe.log" | cut -c1-400; tail -8 "$R/sweep.log"; tail -30 "$R/block.log" | cut -c1-200 ;;
   jaxstep)  # jax_impl's whole step at full width: 4 layers first (errors and compile time cheaply), then, if those
     # rows trained, 48 layers next to torch_impl's eager rows in the same call
     timeout 160 python3 benchmarks/step.py --family qwen3_moe --layers 4 --seq 4096,16384 --impls jax_impl,torch_impl \

@@ -120,8 +120,9 @@ def _hopper_candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_
     halves = 2 if kind == "hopper_gemm_act" else 1
     ws_options = (False, True) if os.environ.get("SPLITMOE_HOPPER_WS", "0") == "1" else (False,)
     out = []
-    if small:  # the sweep's short list: 128-row tiles (64 where experts average < 64 rows), 64-deep steps, 8 warps
-        axes = ((128,) if rows_per_expert >= 64 else (64,), (64, 128) if halves == 2 else (128, 256), (64,), (8,),
+    if small:  # the sweep's short list: 128-row tiles (64 where experts average < 64 rows), 64-deep steps, 8 warps;
+        # 64-wide column tiles for the plain passes too: the dh pass's epilogue holds gate, up and the accumulator
+        axes = ((128,) if rows_per_expert >= 64 else (64,), (64, 128) if halves == 2 else (64, 128, 256), (64,), (8,),
                 (3, 4))
     else:
         axes = ((64, 128), (64, 128, 256), (64, 128), (4, 8), (2, 3, 4, 5))
