@@ -189,7 +189,8 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
                        lora_down: LoraPair | None = None, *, scale: float = 1.0,
                        biases: tuple[torch.Tensor, torch.Tensor] | None = None, activation: str = "swiglu",
                        swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702, backend: str = "auto",
-                       sort: ExpertSort | None = None, check_ids: bool = True) -> torch.Tensor:
+                       sort: ExpertSort | None = None, check_ids: bool = True,
+                       output_unread: bool = False) -> torch.Tensor:
     """Routed experts with split LoRA -> y [T, H], in x's dtype.
 
     y[t] = Σ_k w[t,k] · expert_{ids[t,k]}(x[t]),
@@ -202,6 +203,11 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
     (`torch_impl.backends.resolve_backend`). `sort`: a precomputed `sort_by_expert(expert_ids, E)` to reuse.
     `check_ids=False` skips the range check of expert_ids, the one host sync of this call (on a GPU it stops the
     CPU from queueing work ahead); for ids a router produced, which are in range by construction, as `MoEBlock` does.
+    `output_unread=True` promises that nothing reads y, not even an op that saves it for its backward: activation
+    checkpointing's recompute of a decoder layer, where y only feeds the residual add (`Experts` passes
+    `in_layer_recompute()`). Backends with their own autograd Function (triton, triton_hopper, grouped_mm) then
+    compute only what their backward saves (gu, z1, z2), skipping the down GEMM, a third of the forward's FLOPs, and
+    return zeros; native ignores it. The gradients are those of the full forward (the recompute's saved values are).
     """
     _check_shapes(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     act = Activation(activation, swiglu_limit, swiglu_alpha)
@@ -216,7 +222,7 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
     lora_cast = (lambda pair: pair) if getattr(impl, "TAKES_FP32_LORA", False) else cast
     srt = sort if sort is not None else sort_by_expert(expert_ids, w_gate_up.shape[0], check=check_ids)
     return impl.experts_forward(x, expert_weights.to(dt), srt, w_gate_up, w_down, lora_cast(lora_gate_up),
-                                lora_cast(lora_down), float(scale), cast(biases), act)
+                                lora_cast(lora_down), float(scale), cast(biases), act, output_unread=output_unread)
 
 
 # ---- modules ---------------------------------------------------------------------------------------------------------
@@ -294,9 +300,12 @@ class Experts(nn.Module):
                                          lora_gate_up, lora_down, scale=self.lora_scale, biases=biases,
                                          activation=a.name, swiglu_limit=a.limit, swiglu_alpha=a.alpha,
                                          backend=self.backend, sort=sort, check_ids=sort is None)
+        # in a checkpointed layer's recompute y only feeds the residual add, which saves nothing: the backends skip
+        # the down GEMM there (the custom op reads the same mark when it runs)
         return split_lora_experts(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
                                   lora_gate_up, lora_down, scale=self.lora_scale, biases=biases, activation=a.name,
-                                  swiglu_limit=a.limit, swiglu_alpha=a.alpha, backend=self.backend, sort=sort)
+                                  swiglu_limit=a.limit, swiglu_alpha=a.alpha, backend=self.backend, sort=sort,
+                                  output_unread=in_layer_recompute())
 
 
 class MoEBlock(nn.Module):

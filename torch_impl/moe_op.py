@@ -105,14 +105,16 @@ def _pair(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor,
 
 def _eager(x, expert_ids, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, sort, scale, activation,
            swiglu_limit, swiglu_alpha, backend) -> torch.Tensor:
-    """The eager path on the op's flat arguments (`sort`: `ExpertSort.tensors()`)."""
+    """The eager path on the op's flat arguments (`sort`: `ExpertSort.tensors()`). In a checkpointed layer's
+    recompute (read here, when the op runs, not when it is traced) y is never read: `output_unread`, as eager."""
+    from torch_impl.models.layers import in_layer_recompute
     from torch_impl.moe import split_lora_experts  # deferred: torch_impl.moe imports this module
 
     T, K = expert_ids.shape
     return split_lora_experts(x, expert_ids, expert_weights, w_gate_up, w_down, _pair(a1, b1), _pair(a2, b2),
                               scale=scale, biases=_pair(b_gu, b_d), activation=activation,
                               swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, backend=backend,
-                              sort=ExpertSort.from_tensors(sort, T, K))
+                              sort=ExpertSort.from_tensors(sort, T, K), output_unread=in_layer_recompute())
 
 
 def _residual_shapes(backend: str, x: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor,

@@ -64,3 +64,33 @@ def test_checkpointed_layers_give_the_same_loss_and_grads(family, offload, tmp_p
     hook = model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
     model(ids, labels=ids).loss.backward()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["on_device", "offloaded"])
+def test_the_recompute_asks_the_experts_for_their_residuals_only(offload, tmp_path, seed, monkeypatch):
+    """In a checkpointed layer's recompute the expert output only feeds the residual add, so `Experts` passes
+    `output_unread` (the backend then skips the down GEMM; the gradients above stay bitwise equal): every MoE layer's
+    first forward computes y, its recompute does not."""
+    from torch_impl.backends import grouped_mm
+
+    flags = []
+    real = grouped_mm._GroupedSplitLoRA.forward
+
+    def spy(ctx, *args):
+        flags.append(args[-1])  # output_unread, the Function's last argument
+        return real(ctx, *args)
+
+    monkeypatch.setattr(grouped_mm._GroupedSplitLoRA, "forward", staticmethod(spy))
+    path = write_tiny_checkpoint("qwen3_moe", tmp_path / "qwen3_moe", seed=seed % 1000)
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS["qwen3_moe"]),
+                       moe_backend="grouped_mm", lora_seed=seed % 1000)
+    model.train()
+    model.gradient_checkpointing_enable(offload_to_cpu=offload)
+    ids = torch.randint(0, model.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(seed))
+    model(ids, labels=ids).loss.backward()
+    n = sum(bool(m) for m in model.config.moe_layers)
+    assert n and flags == [False] * n + [True] * n
+    flags.clear()
+    model.gradient_checkpointing_disable()
+    model(ids, labels=ids).loss.backward()
+    assert flags == [False] * n

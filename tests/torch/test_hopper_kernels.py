@@ -23,6 +23,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -68,6 +69,7 @@ from tests.torch.test_triton_kernels import (  # noqa: E402
     _dname,
     _per_row,
     _rounded_inputs,
+    _run,
     _setup,
 )
 from torch_impl.kernels import autotune, hopper  # noqa: E402
@@ -326,6 +328,32 @@ def test_hopper_function_matches_reference_fp32(case_name, seed, spy):
 @pytest.mark.parametrize("case_name", ["odd_dims", "empty_experts"])
 def test_hopper_function_matches_reference_fp16(case_name, seed):
     _check_against_reference(get_case(case_name), torch.float16, seed, kernels="hopper")
+
+
+@cpu_only
+@pytest.mark.parametrize("kernels", sl.KERNELS)
+@pytest.mark.parametrize("case_name", ["odd_dims", "empty_experts", "oai_biases"])
+def test_output_unread_skips_the_down_pass_and_keeps_every_gradient(case_name, kernels, seed, spy, monkeypatch):
+    """`output_unread` (a checkpointed layer's recompute, where y only feeds the residual add): y is zeros, the
+    forward runs no down pass (the pass that scatters its rows to y's order) and only z2 = h@A2 of it, and every
+    gradient, base weights and biases included, is bitwise that of the full forward (the interpreter computes z the
+    same way in its own launch as inside a pass: test_triton_kernels' Z_PRE test)."""
+    triton_spy = _Spy(gg._grouped_gemm_kernel)
+    monkeypatch.setattr(gg, "_grouped_gemm_kernel", triton_spy)
+    case = get_case(case_name)
+    inp = _rounded_inputs(case, seed, torch.float32)
+    dy = np.random.default_rng(seed).standard_normal((case.T, case.H)).astype(np.float32)
+    launches = spy.calls if kernels == "hopper" else triton_spy.calls
+    y_full, full = _run(inp, torch.float32, dy, kernels=kernels)
+    scatters_full = sum(bool(c["SCATTER_OUT"]) for c in launches)
+    launches.clear()
+    y, unread = _run(inp, torch.float32, dy, kernels=kernels, output_unread=True)
+    assert torch.count_nonzero(y_full) > 0 and torch.count_nonzero(y) == 0
+    # the full step scatters twice (down, dx), the unread one only in the backward's dx pass
+    assert scatters_full == 2 and sum(bool(c["SCATTER_OUT"]) for c in launches) == 1
+    for key, g in full.items():
+        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (g, unread[key]))):
+            assert (a is None and b is None) or torch.equal(a, b), f"d{key} differs with output_unread"
 
 
 @cpu_only

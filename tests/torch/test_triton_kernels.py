@@ -92,9 +92,11 @@ def _rounded_inputs(case, seed: int, dtype) -> dict:
                 else (tuple(r(a) for a in v) if isinstance(v, tuple) else v)) for k, v in inp.items()}
 
 
-def _run(inp: dict, dtype, dy: np.ndarray, base_grad: bool = True, lora_dtype=None, kernels: str = "triton"):
+def _run(inp: dict, dtype, dy: np.ndarray, base_grad: bool = True, lora_dtype=None, kernels: str = "triton",
+         output_unread: bool = False):
     """Forward + backward through the kernels' `split_lora_experts` (NN kernel family `kernels`: "triton" or
-    "hopper", see tests/torch/test_hopper_kernels.py); grads shaped like the reference's dict."""
+    "hopper", see tests/torch/test_hopper_kernels.py; `output_unread` passed on); grads shaped like the reference's
+    dict."""
     def t(a, grad=True, dt=dtype):
         return torch.tensor(a, dtype=dt, device=DEVICE).requires_grad_(grad)
 
@@ -106,7 +108,8 @@ def _run(inp: dict, dtype, dy: np.ndarray, base_grad: bool = True, lora_dtype=No
     b = None if inp["biases"] is None else tuple(map(t, inp["biases"]))
     ids = torch.tensor(inp["expert_ids"], device=DEVICE)
     y = sl.split_lora_experts(x, ids, w, wgu, wd, lgu, ld, scale=inp["scale"], biases=b,
-                              activation=inp["activation"], swiglu_limit=inp["swiglu_limit"], kernels=kernels)
+                              activation=inp["activation"], swiglu_limit=inp["swiglu_limit"], kernels=kernels,
+                              output_unread=output_unread)
     y.backward(torch.tensor(dy, dtype=dtype, device=DEVICE))
     grads = {"x": x.grad, "expert_weights": w.grad, "lora_gate_up": (lgu[0].grad, lgu[1].grad),
              "lora_down": (ld[0].grad, ld[1].grad), "w_gate_up": wgu.grad, "w_down": wd.grad,

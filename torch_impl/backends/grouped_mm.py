@@ -157,7 +157,7 @@ class _GroupedSplitLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt: ExpertSort,
-                scale: float, act: Activation):
+                scale: float, act: Activation, output_unread: bool = False):
         ctx.srt, ctx.scale, ctx.act = srt, scale, act
         replay = replayed_residuals()
         if replay is not None:  # the custom op's backward (common.op_residuals): gu, z1, z2 of its forward
@@ -175,6 +175,13 @@ class _GroupedSplitLoRA(torch.autograd.Function):
         if b_gu is not None:
             _add_expert_bias_(gu, b_gu, srt.expert_M)
         h = act(gu)
+        if output_unread:
+            # a checkpoint's recompute: the backward reads gu, z1, z2 and never y; skip the down GEMM (see
+            # torch_impl.moe.split_lora_experts)
+            z2 = _gmm(h, a2, offs) if a2 is not None else None
+            ctx.save_for_backward(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_d, gu, z1, z2)
+            capture_residuals(gu, z1, z2)
+            return x_TH.new_zeros(srt.num_tokens, w_down.shape[2])
         o = _gmm(h, w_down, offs)
         if a2 is not None:
             z2 = _gmm(h, a2, offs)
@@ -243,7 +250,7 @@ class _GroupedSplitLoRA(torch.autograd.Function):
             grads[8] = _seg_sum(dgu, offs)
         if need[0]:
             grads[0] = _unpermute_sum(dx_MH, srt, dx_MH.dtype)
-        return tuple(grads)
+        return (*grads, None)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -278,8 +285,9 @@ def residual_shapes(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, w_down: tor
 
 
 def experts_forward(x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_gate_up, lora_down, scale: float,
-                    biases, act: Activation) -> torch.Tensor:
-    """Routed experts with split LoRA -> y [T, H]; pads misaligned dims, then runs `_GroupedSplitLoRA`."""
+                    biases, act: Activation, output_unread: bool = False) -> torch.Tensor:
+    """Routed experts with split LoRA -> y [T, H]; pads misaligned dims, then runs `_GroupedSplitLoRA`.
+    `output_unread`: only the backward's residuals are needed, y is zeros (`torch_impl.moe.split_lora_experts`)."""
     H, I = x_TH.shape[1], w_down.shape[1]
     align = 16 // x_TH.element_size()
     Hp, Ip = _round_up(H, align), _round_up(I, align)
@@ -299,5 +307,6 @@ def experts_forward(x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_g
     if a2 is not None and a2.shape[-1] % align:
         R2 = _round_up(a2.shape[-1], align)
         a2, b2 = _pad_dim(a2, 2, R2), _pad_dim(b2, 1, R2)
-    y_TH = _GroupedSplitLoRA.apply(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt, scale, act)
+    y_TH = _GroupedSplitLoRA.apply(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt, scale, act,
+                                   output_unread)
     return y_TH[:, :H] if Hp != H else y_TH

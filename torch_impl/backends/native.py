@@ -39,8 +39,9 @@ def combine_rows(o_MH: torch.Tensor, weights_TK: torch.Tensor, srt: ExpertSort) 
 
 
 def experts_forward(x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_gate_up, lora_down, scale: float,
-                    biases, act: Activation) -> torch.Tensor:
-    """Routed experts with split LoRA -> y [T, H]; see the module docstring."""
+                    biases, act: Activation, output_unread: bool = False) -> torch.Tensor:
+    """Routed experts with split LoRA -> y [T, H]; see the module docstring. `output_unread` is ignored: plain
+    autograd saves what each op needs, and the down GEMM's graph is the way back to h, so nothing can be skipped."""
     x_MH = gather_rows(x_TH, srt)
     sizes = srt.group_sizes_E.tolist()  # the loop needs group sizes on the host: one sync per layer
     outs, start = [], 0

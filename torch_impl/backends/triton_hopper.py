@@ -42,11 +42,12 @@ def available(device: torch.device | str | None = None, dtype: torch.dtype | Non
 
 
 def experts_forward(x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_gate_up, lora_down, scale: float,
-                    biases, act: Activation) -> torch.Tensor:
-    """Routed experts with split LoRA -> y [T, H], reusing the caller's sort (`torch_impl.moe.sort_by_expert`)."""
+                    biases, act: Activation, output_unread: bool = False) -> torch.Tensor:
+    """Routed experts with split LoRA -> y [T, H], reusing the caller's sort (`torch_impl.moe.sort_by_expert`);
+    `output_unread`: only the backward's residuals are needed (`split_lora.split_lora_experts`)."""
     from torch_impl.kernels import split_lora  # deferred: kernels are decorated (and TRITON_INTERPRET read) here
 
     return split_lora.split_lora_experts(
         x_TH, None, weights_TK, w_gate_up, w_down, lora_gate_up, lora_down, scale=scale, biases=biases,
         activation=act.name, swiglu_limit=act.limit, swiglu_alpha=act.alpha,
-        sort=split_lora.KernelSort.from_expert_sort(srt), kernels="hopper")
+        sort=split_lora.KernelSort.from_expert_sort(srt), kernels="hopper", output_unread=output_unread)

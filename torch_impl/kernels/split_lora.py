@@ -128,6 +128,19 @@ def _gemm(nn: _NN, kind: str, key: tuple, srt: KernelSort, ref: torch.Tensor, la
     return launch(cfg, nn.schedule(srt, cfg["BLOCK_M"]))
 
 
+def _z_only(nn: _NN, key: tuple, srt: KernelSort, a_MD: torch.Tensor, lora_a: torch.Tensor, rank: int
+            ) -> torch.Tensor:
+    """z = a@A per expert [M, R] on its own: the LoRA z of the pass named by `key` without that pass's GEMM. The
+    config is the pass's (never tuned on this launch: no bench) with R-wide column tiles, as the pass's own z launch
+    runs it (Z_PRE; always on the Hopper kernels): the same values. A pass that computes z in its loop instead sums
+    the same products per BLOCK_D step in the same order; its tile shape may still round differently."""
+    cfg = autotune.get_config(nn.prefix + "gemm", (_bucket(srt.M),) + key, a_MD.dtype, a_MD.device)
+    cfg = dict(cfg, BLOCK_N=max(16, gg.next_pow2(rank)), Z_PRE=False, PRE_GATHER=False)
+    z = torch.empty((srt.M, rank), device=a_MD.device, dtype=a_MD.dtype)
+    nn.gemm(a_MD, lora_a, nn.schedule(srt, cfg["BLOCK_M"]), srt.offsets_E1, n=rank, out=z, config=cfg)
+    return z
+
+
 def _tn(key: tuple, srt: KernelSort, ref: torch.Tensor, **kw) -> torch.Tensor:
     def launch(c):
         return gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=c, **kw)
@@ -143,7 +156,7 @@ def _t(t: torch.Tensor | None) -> torch.Tensor | None:
 class SplitLoraExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt: KernelSort, scale, act,
-                limit, alpha, kernels="triton"):
+                limit, alpha, kernels="triton", output_unread=False):
         T, H = x.shape
         I2 = w_gate_up.shape[2]
         I, K = I2 // 2, srt.K
@@ -178,6 +191,12 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
 
             h, gu, z1 = _gemm(nn, "gemm_act", ("gu", H, I, r1, act), srt, x, gate_up)
 
+        if replay is None and output_unread and grad:
+            # activation checkpointing's recompute: the backward reads gu, z1, z2 and never y, so the down GEMM (a
+            # third of the forward's FLOPs) is skipped; z2 = h@A2 runs alone, as the down pass's own z launch would
+            z2 = _z_only(nn, ("down", I, H, r2), srt, h, a2, r2) if r2 else None
+            y = x.new_zeros((T, H))  # never read (see split_lora_experts); zeros, not garbage, all the same
+        elif replay is None:
             def down(cfg, sched):
                 out = torch.empty((M, H), device=x.device, dtype=dt)
                 z2 = torch.empty((M, r2), device=x.device, dtype=dt) if grad and r2 else None
@@ -188,6 +207,7 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
 
             out_MH, z2 = _gemm(nn, "gemm", ("down", I, H, r2), srt, x, down)
             y = out_MH.view(T, K, H).sum(1)  # rows are in (token, slot) order: the sum over K is deterministic
+        if replay is None:
             capture_residuals(gu, z1, z2)
 
         ctx.save_for_backward(x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, gu, z1, z2,
@@ -281,7 +301,7 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
         names = ("x", "w", "wgu", "wd", "a1", "b1", "a2", "b2", "bgu", "bd")
         out = [None if grads.get(n) is None else grads[n].to(dtype)
                for n, dtype in zip(names, ctx.param_dtypes)]
-        return (*out, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None)
 
 
 def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor | None, expert_weights: torch.Tensor,
@@ -291,7 +311,7 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor | None, expert_
                        biases: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
                        activation: str = "swiglu", swiglu_limit: float = 7.0,
                        swiglu_alpha: float = 1.702, sort: KernelSort | None = None,
-                       kernels: str = "triton") -> torch.Tensor:
+                       kernels: str = "triton", output_unread: bool = False) -> torch.Tensor:
     """Routed experts with split LoRA on the Triton kernels -> y [T, H] in x's dtype (differentiable).
 
     Same arguments and meaning as `shared_math.reference.split_lora_experts`; tensors on one device (CUDA, or CPU
@@ -300,6 +320,10 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor | None, expert_
     `sort`: a `KernelSort` of expert_ids to reuse (built here otherwise; expert_ids may then be None).
     `kernels`: the NN grouped-GEMM family, "triton" (any sm80+ GPU) or "hopper" (`hopper.py`: persistent, TMA
     weights; sm_90+, opt-in until measured); the ragged-K gradient kernels are the same for both.
+    `output_unread=True` promises that nothing reads y, not even through an op that saves it for its own backward:
+    activation checkpointing's recompute of a decoder layer (`torch_impl.moe.Experts` passes it there). The forward
+    then computes only what its backward saves (gu, z1, z2: the gate_up pass and z2 = h@A2) and returns zeros;
+    the gradients are those of the full forward.
     """
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(KERNELS)}")
@@ -331,4 +355,4 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor | None, expert_
     srt = sort if sort is not None else KernelSort.from_ids(expert_ids, E)
     return SplitLoraExpertsFunction.apply(
         x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt, float(scale),
-        gg.act_code(activation), float(swiglu_limit), float(swiglu_alpha), kernels)
+        gg.act_code(activation), float(swiglu_limit), float(swiglu_alpha), kernels, bool(output_unread))
