@@ -435,6 +435,18 @@ def test_schedule_covers_every_row_once():
         seen += list(range(r0, min(r0 + 2, end)))
     assert sorted(seen) == list(range(10))
     assert (tile_e < 0).sum().item() == len(tile_e) - 6  # tiles: 2 + 1 + 2 + 0 + 1 + 0
+    # the persistent Hopper kernel loops over the valid tiles only: they come first, and it reads their count
+    assert tile_e.dtype == tile_row.dtype == torch.int32 and (tile_e[:6] >= 0).all() and (tile_e[6:] < 0).all()
+    assert srt.row_tile_count(2).tolist() == [6]
+    # a layer's ExpertSort gives the same schedule (its int64 row indices are taken as they are)
+    from torch_impl.moe import sort_by_expert
+
+    srt64 = sl.KernelSort.from_expert_sort(sort_by_expert(ids, 6))
+    assert srt64.flat_M.tolist() == srt.flat_M.tolist() and srt64.token_M.tolist() == srt.token_M.tolist()
+    assert torch.equal(srt64.offsets_E1, srt.offsets_E1) and srt64.offsets_E1.dtype == torch.int32
+    e64, row64 = srt64.schedule(2)
+    valid = tile_e >= 0
+    assert torch.equal(e64, tile_e) and torch.equal(row64[valid], tile_row[valid])
 
 
 def test_autotune_candidates_are_pruned(tmp_path, monkeypatch):

@@ -299,9 +299,9 @@ def reduction_major(t_EDR: torch.Tensor, dtype: torch.dtype | None = None) -> to
     BLOCK_D run, the same layout as the transposed B factors the backward feeds to the same slot.
     """
     E, D, R = t_EDR.shape
-    out = torch.empty((E, R, D), device=t_EDR.device, dtype=dtype or t_EDR.dtype)
-    out.copy_(t_EDR.transpose(1, 2))
-    return out.transpose(1, 2)
+    # allocated with the [E, R, D] storage's strides, so the copy lands in place and no transpose views are made
+    out = torch.empty_strided((E, D, R), (R * D, 1, D), device=t_EDR.device, dtype=dtype or t_EDR.dtype)
+    return out.copy_(t_EDR)
 
 
 def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: torch.Tensor, *, n: int,

@@ -26,6 +26,7 @@ less memory than saving gu and h (3I) as a plain grouped_mm implementation does,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from torch_impl.backends.common import capture_residuals, capturing_residuals, gu_z1_z2, replayed_residuals
 from torch_impl.kernels import autotune
@@ -35,10 +36,11 @@ from torch_impl.kernels import grouped_gemm as gg
 class KernelSort:
     """The one stable sort of the T·K routed rows by expert, shared by every pass of forward and backward.
 
-    `flat_M[m]` (int32) is sorted row m's position t·K+k in the flattened routing, `token_M[m] = flat_M[m] // K`
-    (int32), expert e owns sorted rows `offsets_E1[e]:offsets_E1[e+1]` (int32, E+1 entries). Built from the
-    backends' `ExpertSort` (`from_expert_sort`, so a layer sorts once) or from the ids (`from_ids`); neither waits on
-    the GPU. Row-block schedules for the NN kernel are cached per BLOCK_M.
+    `flat_M[m]` is sorted row m's position t·K+k in the flattened routing, `token_M[m] = flat_M[m] // K`, expert e
+    owns sorted rows `offsets_E1[e]:offsets_E1[e+1]` (int32, E+1 entries). The kernels read the two row indices in
+    either integer width: `from_ids` makes them int32, `from_expert_sort` takes the backends' `ExpertSort` int64
+    tensors as they are (a layer sorts once, and every forward spends no casts on them). Neither waits on the GPU.
+    Row-block schedules for the NN kernel are cached per BLOCK_M.
     """
 
     def __init__(self, flat_M: torch.Tensor, token_M: torch.Tensor, offsets_E1: torch.Tensor, T: int, K: int):
@@ -59,29 +61,28 @@ class KernelSort:
 
     @classmethod
     def from_expert_sort(cls, srt) -> KernelSort:
-        """From `torch_impl.backends.common.ExpertSort` (order_M, token_M, offsets_E = cumulative group ends)."""
-        offsets_E1 = torch.cat([srt.offsets_E.new_zeros(1), srt.offsets_E]).to(torch.int32)
-        return cls(srt.order_M.to(torch.int32), srt.token_M.to(torch.int32), offsets_E1, srt.num_tokens, srt.top_k)
+        """From `torch_impl.backends.common.ExpertSort` (order_M, token_M, offsets_E = int32 cumulative group ends),
+        with one op: the leading 0 of the offsets."""
+        offsets_E1 = F.pad(srt.offsets_E, (1, 0))
+        return cls(srt.order_M, srt.token_M, offsets_E1, srt.num_tokens, srt.top_k)
 
     def schedule(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tile_expert, tile_row) for row blocks of `block_m` that never straddle two experts.
+        """(tile_expert, tile_row) for row blocks of `block_m` that never straddle two experts, int32.
 
-        The length is the upper bound cdiv(M, block_m) + E, known without a sync; surplus tiles get expert -1.
+        The length is the upper bound cdiv(M, block_m) + E, known without a sync; surplus tiles get expert -1 (and a
+        row the kernels never read). All int32, 16 small ops: the schedule is built in every layer's forward.
         """
         if block_m not in self._schedules:
-            E = self.num_experts
-            offs = self.offsets_E1.to(torch.int64)
-            sizes = offs[1:] - offs[:-1]
-            tiles = (sizes + block_m - 1) // block_m
-            tile_end = torch.cumsum(tiles, 0)
-            i = torch.arange(gg.cdiv(self.M, block_m) + E, device=offs.device)
-            e = torch.searchsorted(tile_end, i, right=True)
-            valid = e < E
-            ec = e.clamp(max=E - 1)
-            row = offs[ec] + (i - (tile_end[ec] - tiles[ec])) * block_m
-            self._schedules[block_m] = (torch.where(valid, e, -1).to(torch.int32),
-                                        torch.where(valid, row, 0).to(torch.int32))
-            self._tile_counts[block_m] = tile_end[-1:].to(torch.int32)
+            E, bm = self.num_experts, block_m
+            offs = self.offsets_E1.to(torch.int32)  # a no-op on the int32 offsets every constructor makes
+            tiles = (offs.diff() + (bm - 1)).div_(bm, rounding_mode="floor")
+            tile_end = tiles.cumsum(0, dtype=torch.int32)
+            i = torch.arange(gg.cdiv(self.M, bm) + E, device=offs.device, dtype=torch.int32)
+            e = torch.searchsorted(tile_end, i, right=True, out_int32=True)  # E for the surplus tiles
+            # tile i's first sorted row: offs[e] + (i - tile_start[e])·bm = base[e] + i·bm
+            base = F.pad(offs[:-1] - (tile_end - tiles) * bm, (0, 1))
+            self._schedules[block_m] = (e.masked_fill_(e == E, -1), base[e].add_(i, alpha=bm))
+            self._tile_counts[block_m] = tile_end[-1:]
         return self._schedules[block_m]
 
     def row_tile_count(self, block_m: int) -> torch.Tensor:
@@ -168,7 +169,7 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
         b1, b2, b_gu, b_d = (None if t is None else t.to(dt) for t in (b1, b2, b_gu, b_d))
         a1, a2 = (None if t is None else gg.reduction_major(t, dt) for t in (a1, a2))
         M = srt.M
-        w_sorted = expert_weights.reshape(-1)[srt.flat_M.long()].float()  # routing weight of each sorted row
+        w_sorted = expert_weights.reshape(-1)[srt.flat_M].float()  # routing weight of each sorted row
         # the custom op keeps gu, z1, z2 even without grad (common.op_residuals), for its backward
         grad = any(ctx.needs_input_grad[:10]) or capturing_residuals()
         r1 = 0 if b1 is None else b1.shape[1]
@@ -251,8 +252,8 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
                     # in bf16 on the H200 (Triton 3.6: gpu_oai's dz2' off by 7%), and it is tiny here.
                     expert_M = torch.searchsorted(srt.offsets_E1[1:], torch.arange(M, device=x.device,
                                                   dtype=torch.int32), right=True)
-                    dw_sorted += (dy.float() @ b_d.float().t())[srt.token_M.long(), expert_M]
-                dw[srt.flat_M.long()] = dw_sorted  # a permutation: unique indices, deterministic
+                    dw_sorted += (dy.float() @ b_d.float().t())[srt.token_M, expert_M]
+                dw[srt.flat_M] = dw_sorted  # a permutation: unique indices, deterministic
                 grads["w"] = dw.view(T, K)
 
         tok = srt.token_M
