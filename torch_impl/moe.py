@@ -256,7 +256,13 @@ class Experts(nn.Module):
     `gate_up_lora_A [E, H, R]`, `gate_up_lora_B [E, R, 2I]`, `down_lora_A [E, I, R]`, `down_lora_B [E, R, H]`
     with `lora_scale` (and `gate_up_lora_scale` where gate_up's differs; each pair may have its own R). Base weights
     are frozen.
+
+    `output_unread_in_recompute`: whether, in activation checkpointing's recompute of the layer, nothing reads this
+    module's output (true in every decoder layer here: it feeds the residual add); a subclass whose caller saves the
+    output for a backward (expert parallelism weights it after the all-to-all) sets it False.
     """
+
+    output_unread_in_recompute = True
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, bias: bool = False,
                  activation: str = "swiglu", swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702,
@@ -292,6 +298,8 @@ class Experts(nn.Module):
             # small, [E, R, 2I]), so values and gradients are those of scale s_gu
             lora_gate_up = (lora_gate_up[0], lora_gate_up[1] * (s_gu / self.lora_scale))
         a = self.activation
+        # in a checkpointed layer's recompute the output feeds only the residual add, which saves nothing: the
+        # backends then skip the down GEMM (`split_lora_experts`' output_unread)
         if custom_op_active():
             # one opaque op (torch_impl.moe_op): torch.compile traces the layer around it without a graph break,
             # the caller's sort included (the op takes its tensors). Ids from a router (sort given) skip the range
@@ -299,13 +307,12 @@ class Experts(nn.Module):
             return split_lora_experts_op(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
                                          lora_gate_up, lora_down, scale=self.lora_scale, biases=biases,
                                          activation=a.name, swiglu_limit=a.limit, swiglu_alpha=a.alpha,
-                                         backend=self.backend, sort=sort, check_ids=sort is None)
-        # in a checkpointed layer's recompute y only feeds the residual add, which saves nothing: the backends skip
-        # the down GEMM there (the custom op reads the same mark when it runs)
+                                         backend=self.backend, sort=sort, check_ids=sort is None,
+                                         unread_in_recompute=self.output_unread_in_recompute)
         return split_lora_experts(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
                                   lora_gate_up, lora_down, scale=self.lora_scale, biases=biases, activation=a.name,
                                   swiglu_limit=a.limit, swiglu_alpha=a.alpha, backend=self.backend, sort=sort,
-                                  output_unread=in_layer_recompute())
+                                  output_unread=self.output_unread_in_recompute and in_layer_recompute())
 
 
 class MoEBlock(nn.Module):

@@ -50,6 +50,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from torch_impl.backends.common import ExpertSort, op_residuals
+from torch_impl.models.layers import in_layer_recompute
 
 ENV_VAR = "SPLITMOE_MOE_CUSTOM_OP"
 _MODE: bool | None = None  # set by use_custom_op; None: the environment variable, then auto, decides
@@ -60,7 +61,7 @@ GRAD_INPUTS = ("x", "expert_weights", "w_gate_up", "w_down", "lora_gate_up_a", "
 # their positions among the forward op's arguments (expert_ids, position 1, has no gradient, nor has the sort)
 _GRAD_POSITIONS = (0, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 _NUM_TENSORS = 11  # x .. bias_down: the op's tensor arguments before the sort
-_NUM_ARGS = 18
+_NUM_ARGS = 19
 
 __all__ = ["ENV_VAR", "GRAD_INPUTS", "custom_op_active", "split_lora_experts_op", "use_custom_op"]
 
@@ -104,17 +105,15 @@ def _pair(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor,
 
 
 def _eager(x, expert_ids, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, sort, scale, activation,
-           swiglu_limit, swiglu_alpha, backend) -> torch.Tensor:
-    """The eager path on the op's flat arguments (`sort`: `ExpertSort.tensors()`). In a checkpointed layer's
-    recompute (read here, when the op runs, not when it is traced) y is never read: `output_unread`, as eager."""
-    from torch_impl.models.layers import in_layer_recompute
+           swiglu_limit, swiglu_alpha, backend, output_unread=False) -> torch.Tensor:
+    """The eager path on the op's flat arguments (`sort`: `ExpertSort.tensors()`)."""
     from torch_impl.moe import split_lora_experts  # deferred: torch_impl.moe imports this module
 
     T, K = expert_ids.shape
     return split_lora_experts(x, expert_ids, expert_weights, w_gate_up, w_down, _pair(a1, b1), _pair(a2, b2),
                               scale=scale, biases=_pair(b_gu, b_d), activation=activation,
                               swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, backend=backend,
-                              sort=ExpertSort.from_tensors(sort, T, K), output_unread=in_layer_recompute())
+                              sort=ExpertSort.from_tensors(sort, T, K), output_unread=output_unread)
 
 
 def _residual_shapes(backend: str, x: torch.Tensor, expert_ids: torch.Tensor, w_down: torch.Tensor,
@@ -134,17 +133,19 @@ def _split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weight
                         lora_down_b: torch.Tensor | None, bias_gate_up: torch.Tensor | None,
                         bias_down: torch.Tensor | None, sort: list[torch.Tensor], scale: float, activation: str,
                         swiglu_limit: float, swiglu_alpha: float, backend: str,
-                        check_ids: bool) -> list[torch.Tensor]:
+                        check_ids: bool, unread_in_recompute: bool) -> list[torch.Tensor]:
     if check_ids:
         from torch_impl.moe import check_expert_ids
 
         check_expert_ids(expert_ids, w_gate_up.shape[0])
     shapes = _residual_shapes(backend, x, expert_ids, w_down, lora_gate_up_a, lora_down_a)
+    # read when the op runs, not when it is traced: the forward and the checkpoint's recompute share one graph
+    output_unread = unread_in_recompute and in_layer_recompute()
     # no graph here: the backend's Function hands its residuals to `op_residuals` instead
     with torch.no_grad(), op_residuals() if shapes else nullcontext() as residuals:
         y_TH = _eager(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up_a, lora_gate_up_b,
                       lora_down_a, lora_down_b, bias_gate_up, bias_down, sort, scale, activation, swiglu_limit,
-                      swiglu_alpha, backend)
+                      swiglu_alpha, backend, output_unread)
     if shapes and not residuals:  # the backend never reached its Function (no tokens): stand-ins, never read
         residuals = [x.new_empty(shape) for shape in shapes]
     # grouped_mm returns a column slice for padded H; the fake promises a dense [T, H]
@@ -154,7 +155,7 @@ def _split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weight
 @_split_lora_experts.register_fake
 def _split_lora_experts_fake(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up_a, lora_gate_up_b,
                              lora_down_a, lora_down_b, bias_gate_up, bias_down, sort, scale, activation,
-                             swiglu_limit, swiglu_alpha, backend, check_ids):
+                             swiglu_limit, swiglu_alpha, backend, check_ids, unread_in_recompute):
     # y [T, H] in x's dtype, whatever the routing: no data-dependent size escapes; residuals [M, ·] in x's dtype
     shapes = _residual_shapes(backend, x, expert_ids, w_down, lora_gate_up_a, lora_down_a)
     return [x.new_empty(x.shape), *(x.new_empty(shape) for shape in shapes)]
@@ -200,7 +201,7 @@ def _setup_context(ctx, inputs, output) -> None:
     # the tensors (None for an absent LoRA pair or bias), the sort and the residuals
     ctx.save_for_backward(*inputs[:_NUM_TENSORS], *sort, *residuals)
     ctx.num_sort = len(sort)
-    ctx.scalars = inputs[_NUM_TENSORS + 1:_NUM_ARGS - 1]  # scale, activation, swiglu_limit, swiglu_alpha, backend
+    ctx.scalars = inputs[_NUM_TENSORS + 1:_NUM_ARGS - 2]  # scale, activation, swiglu_limit, swiglu_alpha, backend
     # residuals are saved values, not results: no gradient flows into them, and none is made up as zeros
     ctx.mark_non_differentiable(*residuals)
     ctx.set_materialize_grads(False)
@@ -242,10 +243,14 @@ def split_lora_experts_op(x: torch.Tensor, expert_ids: torch.Tensor, expert_weig
                           lora_down: tuple[torch.Tensor, torch.Tensor] | None = None, *, scale: float = 1.0,
                           biases: tuple[torch.Tensor, torch.Tensor] | None = None, activation: str = "swiglu",
                           swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702, backend: str = "auto",
-                          sort: ExpertSort | None = None, check_ids: bool = True) -> torch.Tensor:
+                          sort: ExpertSort | None = None, check_ids: bool = True,
+                          unread_in_recompute: bool = False) -> torch.Tensor:
     """`torch_impl.moe.split_lora_experts` through the custom op: the same arguments and the same y [T, H] and
     gradients (see the module docstring). `sort` (`MoEBlock`'s, traced into the graph under torch.compile) is made
-    here when not given; `check_ids` checks the ids inside the op (one host sync; the caller's sort is trusted).
+    here when not given; `check_ids` checks the ids inside the op (one host sync; the caller's sort is trusted);
+    `unread_in_recompute`: nothing reads y in activation checkpointing's recompute (`Experts`' attribute of that
+    name); the op then runs `torch_impl.moe.split_lora_experts` with output_unread there, reading the recompute's mark
+    (`models.layers.in_layer_recompute`) when it runs, so the forward and the recompute keep one graph.
 
     The backend is resolved here, before the op: in eager mode so that a backend that cannot run says why before any
     work, and under torch.compile while tracing (`_resolved_backend`), so that the op's fake knows the backend's
@@ -261,4 +266,4 @@ def split_lora_experts_op(x: torch.Tensor, expert_ids: torch.Tensor, expert_weig
     b_gu, b_d = biases if biases is not None else (None, None)
     return _split_lora_experts(x, expert_ids, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d,
                                sort.tensors(), float(scale), activation, float(swiglu_limit), float(swiglu_alpha),
-                               backend, bool(check_ids))[0]
+                               backend, bool(check_ids), bool(unread_in_recompute))[0]

@@ -256,6 +256,10 @@ class ExpertParallelExperts(Experts):
     all-to-all from every rank of the expert group. Same parameter names as `Experts` (each with E_loc rows), so
     LoRA names, FSDP units and the optimizer see the usual model; `global_experts` is E."""
 
+    # the local experts' output comes back by all-to-all and is weighted there (`combine_rows`), which saves it for
+    # the routing weights' gradient: the recompute must compute it
+    output_unread_in_recompute = False
+
     def __init__(self, experts: Experts, *, rank: int, size: int, group: dist.ProcessGroup) -> None:
         E = experts.num_experts
         if E % size:

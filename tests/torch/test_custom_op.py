@@ -134,7 +134,7 @@ def _op_args(case_name: str, seed: int, backend: str, *, lora: bool = True, base
     kw = tt["kw"]
     sort = sort_by_expert(tt["expert_ids"], tt["w_gate_up"].shape[0]).tensors()
     return (tt["x"], tt["expert_ids"], tt["expert_weights"], tt["w_gate_up"], tt["w_down"], a1, b1, a2, b2, b_gu,
-            b_d, sort, float(kw["scale"]), kw["activation"], float(kw["swiglu_limit"]), 1.702, backend, True)
+            b_d, sort, float(kw["scale"]), kw["activation"], float(kw["swiglu_limit"]), 1.702, backend, True, False)
 
 
 @pytest.mark.parametrize("case_name, backend, lora, base_grad", [
