@@ -88,7 +88,8 @@ def make_inputs(T: int, a: argparse.Namespace) -> dict:
     weights, ids = torch.topk(logits.softmax(-1), K, dim=-1)
     return dict(x=rnd(T, H, scale=1.0, grad=True), ids=ids.to(dev), w=weights.to(device=dev, dtype=dt),
                 w_gu=rnd(E, H, 2 * I), w_d=rnd(E, I, H),
-                lora_gu=(rnd(E, H, R, dtype=torch.float32, grad=True), rnd(E, R, 2 * I, dtype=torch.float32, grad=True)),
+                lora_gu=(rnd(E, H, R, dtype=torch.float32, grad=True),
+                         rnd(E, R, 2 * I, dtype=torch.float32, grad=True)),
                 lora_d=(rnd(E, I, R, dtype=torch.float32, grad=True), rnd(E, R, H, dtype=torch.float32, grad=True)),
                 dy=rnd(T, H, scale=1.0), num_experts=E)
 

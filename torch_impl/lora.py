@@ -47,14 +47,18 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(rank, self.out_features, dtype=lora_dtype, device=dev))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight
-        if self.bias is not None:
-            y = y + self.bias
         # PEFT's Linear: the LoRA branch runs in the factors' dtype (fp32) on x cast to it, is added to the rounded
         # base output, and the sum is rounded once to x's dtype (as jax_impl's LoRALinear). In bf16 the cheaper
         # all-bf16 branch measured 2x HF's own bf16 error on MLA's chained q_a -> q_b LoRA (tiny DeepSeek-V3).
-        a = self.lora_A
-        delta = (x.to(a.dtype) @ a) @ self.lora_B.to(a.dtype)
+        return self.forward_with_z(x, x.to(self.lora_A.dtype) @ self.lora_A)
+
+    def forward_with_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The forward given z = x @ lora_A in lora_A's dtype (`models.layers.project` computes it for several
+        projections of one x at once)."""
+        y = x @ self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        delta = z @ self.lora_B.to(z.dtype)
         if y.dtype == delta.dtype:
             return y + self.scale * delta
         # y + s·delta in fp32, rounded once into y's storage: one kernel where the literal form takes four (y cast

@@ -11,6 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 from shared_math.numerics import assert_close  # noqa: E402
 from torch_impl.models import fused_glue  # noqa: E402
 from torch_impl.models.fused_glue import glue_mode, set_glue_mode  # noqa: E402
@@ -111,3 +113,65 @@ def test_fused_rotary_matches_eager(heads, kv_heads, head_dim, rotary_dim):
                      rtol=2 ** -7, atol=2 ** -7)
     if rotary_dim < head_dim:  # the dims past the rotary width pass through unchanged
         assert torch.equal(q[..., rotary_dim:], q0.transpose(1, 2)[..., rotary_dim:].detach())
+
+
+# ---- projections that share their input (models.layers.project) ----------------------------------------------------
+
+class _CountCasts(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.casts += func.overloadpacket.__name__ == "_to_copy"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("with_plain", [False, True], ids=["qkv", "qkv_and_a_plain_linear"])
+def test_project_shares_the_lora_input_and_changes_no_number(with_plain, seed):
+    """q, k, v (and a frozen Linear among them) through `project`: the outputs and the gradients of x and of every
+    LoRA factor equal those of each projection called alone (bf16 activations, fp32 adapters, biases), while x is
+    cast to the adapters' dtype once instead of once per LoRA projection."""
+    from torch_impl.lora import LoRALinear
+    from torch_impl.models.layers import Linear, project
+
+    g = torch.Generator().manual_seed(seed)
+
+    def linear(n_in, n_out, rank, bias):
+        base = Linear(n_in, n_out, bias=bias, dtype=torch.bfloat16)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(n_in, n_out, generator=g) * 0.1)
+            if bias:
+                base.bias.copy_(torch.randn(n_out, generator=g))
+        if rank is None:
+            return base
+        m = LoRALinear(base, rank, 2.0, generator=g)
+        with torch.no_grad():
+            m.lora_B.normal_(0.0, 0.1, generator=g)
+        return m
+
+    projs = [linear(24, 32, 4, True), linear(24, 8, 3, False), linear(24, 8, 4, True)]
+    if with_plain:
+        projs.insert(1, linear(24, 16, None, True))
+    x = (torch.randn(2, 5, 24, generator=g)).to(torch.bfloat16).requires_grad_(True)
+    dys = [torch.randn(2, 5, p.out_features, generator=g).to(torch.bfloat16) for p in projs]
+    params = [t for p in projs if hasattr(p, "lora_A") for t in (p.lora_A, p.lora_B)]
+
+    def run(fn):
+        outs = fn()
+        grads = torch.autograd.grad(outs, [x, *params], dys)
+        return outs, grads
+
+    with _CountCasts() as counted:
+        fused, fused_grads = run(lambda: project(x, *projs))
+    alone, alone_grads = run(lambda: [p(x) for p in projs])
+    for a, b in zip([*fused, *fused_grads], [*alone, *alone_grads]):
+        # each z column is the same fp32 dot product over x's row; the wider GEMM may only sum it in another order
+        assert_close(a, b, dtype="float32" if a.dtype == torch.float32 else "bfloat16", quantity="moe_grad")
+    assert [o.dtype for o in fused] == [torch.bfloat16] * len(projs)
+    # forward: x once, each B factor as it is (fp32 no-op); backward: the one cast's gradient back to bf16
+    n_lora = len(params) // 2
+    alone_casts = _CountCasts()
+    with alone_casts:
+        run(lambda: [p(x) for p in projs])
+    assert counted.casts == alone_casts.casts - 2 * (n_lora - 1)

@@ -20,7 +20,14 @@ from torch import nn
 from shared_math.config import ModelConfig
 from shared_math.rope import mla_softmax_scale
 from torch_impl.models.decoder import CausalLM
-from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, apply_rotary_interleave, sdpa_attention
+from torch_impl.models.layers import (
+    Linear,
+    RMSNorm,
+    apply_rotary,
+    apply_rotary_interleave,
+    project,
+    sdpa_attention,
+)
 from torch_impl.moe import MoEBlock
 
 # HF builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not config.rms_norm_eps (GLM-4.7-Flash's
@@ -61,9 +68,10 @@ class MLAttention(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         N, Dn, Dr, Dv = self.num_heads, self.nope, self.rope, self.v_dim
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_in, kv_a = project(x, self.q_proj if hasattr(self, "q_proj") else self.q_a_proj, self.kv_a_proj_with_mqa)
+        q = q_in if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(q_in))
         q_nope, q_rot = q.view(B, S, N, Dn + Dr).transpose(1, 2).split([Dn, Dr], dim=-1)
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, Dr], dim=-1)
+        latent, k_rot = kv_a.split([self.kv_lora_rank, Dr], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, S, N, Dn + Dv).transpose(1, 2)
         k_nope, v = kv.split([Dn, Dv], dim=-1)
         k_rot = k_rot.view(B, 1, S, Dr)

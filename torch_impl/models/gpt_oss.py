@@ -30,7 +30,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from shared_math.config import ModelConfig
 from torch_impl.models.decoder import CausalLM
-from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, causal_mask
+from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, causal_mask, project
 from torch_impl.moe import MoEBlock
 
 # extra q/k coordinates that carry the sink logit; 8 keeps D + 8 a multiple of 8 for the fused SDPA kernels
@@ -167,9 +167,10 @@ class GptOssAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:  # HF's repeat_kv: each kv head serves `rep` consecutive query heads

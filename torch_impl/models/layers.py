@@ -356,6 +356,20 @@ def prepare_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor
     return real_BS
 
 
+def project(x: torch.Tensor, *projections: nn.Module) -> list[torch.Tensor]:
+    """[p(x) for p in projections] for projections that read the same x (q, k, v; gate and up), where those with
+    split LoRA (`torch_impl.lora.LoRALinear`, fp32 adapters) share their LoRA input: one copy of x in the adapters'
+    dtype and one GEMM x @ [A1 | A2 | ...] instead of one of each per projection, forward and backward (the
+    backward then casts one gradient of that copy back instead of several). Per projection the same math, each z
+    column still one dot product over x's row; the rest as `LoRALinear.forward_with_z`."""
+    lora = [i for i, p in enumerate(projections) if getattr(p, "lora_A", None) is not None]
+    if len(lora) < 2 or len({projections[i].lora_A.dtype for i in lora}) > 1:
+        return [p(x) for p in projections]
+    a_cat = torch.cat([projections[i].lora_A for i in lora], dim=1)
+    zs = iter((x.to(a_cat.dtype) @ a_cat).split([projections[i].lora_A.shape[1] for i in lora], dim=-1))
+    return [p.forward_with_z(x, next(zs)) if i in lora else p(x) for i, p in enumerate(projections)]
+
+
 class Attention(nn.Module):
     """GQA self-attention: q/k/v projections, optional per-head RMSNorm of q and k (before RoPE), RoPE, SDPA with
     scale D^-0.5, o projection. Module names are the canonical ones (`q_proj`, ..., `q_norm`, `k_norm`)."""
@@ -375,9 +389,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, S, self.num_heads, self.head_dim)
+        k = k.view(B, S, self.num_kv_heads, self.head_dim)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
@@ -400,7 +415,8 @@ class DenseMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ---- outputs and losses ------------------------------------------------------------------------------------------
