@@ -16,6 +16,13 @@ expert shapes and reports, per backend and length:
 - `launch_us`: the host time of one launch of the persistent Hopper GEMM alone (gate_up pass's arguments), and
   `aten_op_us` of one small aten op (an in-place add), as units.
 `--profile-out` writes cProfile's top functions by own time over the timed iterations of the first backend/length.
+
+`--host-only` (CPU): the Triton launches of the `triton` / `triton_hopper` paths become no-ops (under the
+interpreter, which this sets), so their host code (sorts, schedules, casts, allocations, autograd) is timed and
+counted on a machine without a GPU; the values computed are meaningless, the op counts and host times are not.
+
+    python benchmarks/host_probe.py --host-only --device cpu --dtype float16 --backends triton_hopper \
+        --seq 16 --experts 8 --hidden 32 --inter 16 --top-k 2 --rank 4 --iters 2000
 """
 
 from __future__ import annotations
@@ -193,6 +200,23 @@ def unit_costs(a: argparse.Namespace) -> dict:
     return out
 
 
+def _host_only() -> None:
+    """Make every Triton launch of the expert path a no-op that returns its (unwritten) output: see the docstring."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported: the backends' CPU availability check
+    from torch_impl.kernels import grouped_gemm as gg
+    from torch_impl.kernels import hopper
+
+    hopper._launch = lambda a, w, sched, offs, *, n, out, **kw: out
+    gg.grouped_gemm = lambda a, w, sched, offs, *, n, out, **kw: out
+
+    def tn(left, right, offsets_E1, *, num_experts, p, config, out_dtype=torch.float32, **kw):
+        return torch.empty((num_experts, p, right.shape[1]), device=right.device, dtype=out_dtype)
+
+    gg.grouped_gemm_tn = tn
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", default="256,4096", help="token counts T, comma-separated")
@@ -208,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="JSONL file to append rows to")
     p.add_argument("--profile-out", help="cProfile's top functions (first backend, first length) to this file")
+    p.add_argument("--host-only", action="store_true", help="CPU: Triton launches become no-ops (see above)")
     a = p.parse_args(argv)
+    if a.host_only:
+        _host_only()
     from torch_impl.backends import get_backend
 
     meta = dict(versions(), **unit_costs(a))

@@ -60,10 +60,22 @@ class LoRALinear(nnx.Module):
         y = y.astype(x.dtype)  # the base layer's output is rounded on its own, as nn.Linear's is
         if self.lora_A is None:
             return y
-        a, b = self.lora_A[...], self.lora_B[...]
+        a = self.lora_A[...]
         z = jnp.einsum("...i,ir->...r", x.astype(a.dtype), a, preferred_element_type=_F32).astype(a.dtype)
-        delta = jnp.einsum("...r,ro->...o", z, b, preferred_element_type=_F32)
-        return (y.astype(_F32) + self.lora_scale * delta).astype(x.dtype)
+        return self._add_lora(y, z)
+
+    def forward_with_z(self, x: jax.Array, z: jax.Array) -> jax.Array:
+        """The call given z = x·A in A's dtype (`models.layers.project` computes it for several projections of one
+        x at once), as torch_impl's `LoRALinear.forward_with_z`."""
+        w = self.weight[...]
+        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=_F32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(_F32)
+        return self._add_lora(y.astype(x.dtype), z)
+
+    def _add_lora(self, y: jax.Array, z: jax.Array) -> jax.Array:
+        delta = jnp.einsum("...r,ro->...o", z, self.lora_B[...], preferred_element_type=_F32)
+        return (y.astype(_F32) + self.lora_scale * delta).astype(y.dtype)
 
 
 # ---- walking a model -------------------------------------------------------------------------------------------------

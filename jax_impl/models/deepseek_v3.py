@@ -21,7 +21,7 @@ from flax import nnx
 
 from jax_impl.models.attention import dot_product_attention
 from jax_impl.models.decoder import CausalLM, load_array, load_dense_mlp, load_linear, load_norm
-from jax_impl.models.layers import apply_rotary, apply_rotary_interleave
+from jax_impl.models.layers import apply_rotary, apply_rotary_interleave, project
 from jax_impl.moe import Experts, MoEBlock, Router
 from shared_math.config import ModelConfig
 from shared_math.rope import mla_softmax_scale
@@ -63,9 +63,9 @@ class MLAttention(nnx.Module):
     def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask_BSS: jax.Array | None) -> jax.Array:
         B, S, _ = x_BSH.shape
         N, Dn, Dr, Dv = self.num_heads, self.nope, self.rope, self.v_dim
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSH))) if self.has_q_lora else self.q_proj(x_BSH)
+        q_in, ckv = project(x_BSH, self.q_a_proj if self.has_q_lora else self.q_proj, self.kv_a_proj_with_mqa)
+        q = self.q_b_proj(self.q_a_layernorm(q_in)) if self.has_q_lora else q_in
         q_BSND = q.reshape(B, S, N, Dn + Dr)
-        ckv = self.kv_a_proj_with_mqa(x_BSH)
         latent, k_rot_BS1D = ckv[..., :self.kv_lora_rank], ckv[..., self.kv_lora_rank:].reshape(B, S, 1, Dr)
         kv_BSND = self.kv_b_proj(self.kv_a_layernorm(latent)).reshape(B, S, N, Dn + Dv)
         rotary = apply_rotary_interleave if self.interleave else apply_rotary

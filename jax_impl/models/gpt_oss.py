@@ -29,7 +29,7 @@ from flax import nnx
 from jax_impl.lora import Frozen, LoRALinear
 from jax_impl.models.attention import dot_product_attention, sink_attention  # noqa: F401 - sink_attention re-exported
 from jax_impl.models.decoder import CausalLM, load_array, load_linear
-from jax_impl.models.layers import RMSNorm, apply_rotary, causal_mask
+from jax_impl.models.layers import RMSNorm, apply_rotary, causal_mask, project
 from jax_impl.moe import Experts, MoEBlock, Router
 from shared_math.config import ModelConfig
 
@@ -70,9 +70,10 @@ class GptOssAttention(nnx.Module):
     def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask_BSS: jax.Array | None) -> jax.Array:
         B, S, _ = x_BSH.shape
         N, Nkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = apply_rotary(self.q_proj(x_BSH).reshape(B, S, N, D), cos, sin)
-        k = apply_rotary(self.k_proj(x_BSH).reshape(B, S, Nkv, D), cos, sin)
-        v = self.v_proj(x_BSH).reshape(B, S, Nkv, D)
+        q, k, v = project(x_BSH, self.q_proj, self.k_proj, self.v_proj)
+        q = apply_rotary(q.reshape(B, S, N, D), cos, sin)
+        k = apply_rotary(k.reshape(B, S, Nkv, D), cos, sin)
+        v = v.reshape(B, S, Nkv, D)
         out = dot_product_attention(q, k, v, scale=D ** -0.5, mask_BSS=mask_BSS, window=self.sliding_window,
                                     sinks_N=self.sinks[...], implementation=self.attn_implementation)
         return self.o_proj(out.reshape(B, S, N * D))

@@ -24,6 +24,7 @@ Shapes: B batch, S sequence, H hidden, N query heads, Nkv key/value heads, D hea
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -41,8 +42,10 @@ _F32 = jnp.float32
 
 
 # Per token, a dot whose output is at most this wide is kept for the backward by the "small_dots" policy: the LoRA
-# down-projections x·A (R = 64: 256 B in fp32) and the router logits (E <= 256), next to the layer input's H values.
-_SMALL_DOT_WIDTH = 256
+# down-projections x·A, one product for the projections that share x (`project`: q, k, v together are 3R wide,
+# 192 at R = 64, 384 at R = 128: 1.5 KB in fp32), and the router logits (E <= 256), next to the layer input's H
+# values. The narrowest projection output it must not keep is k/v's (4 or 8 heads x 128 or 64 = 512).
+_SMALL_DOT_WIDTH = 384
 
 
 def save_small_dots(prim, *avals, **params) -> bool:
@@ -215,15 +218,29 @@ class Attention(nnx.Module):
     def __call__(self, x_BSH: jax.Array, cos: jax.Array, sin: jax.Array, mask_BSS: jax.Array | None) -> jax.Array:
         B, S, _ = x_BSH.shape
         N, Nkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BSND = self.q_proj(x_BSH).reshape(B, S, N, D)
-        k_BSND = self.k_proj(x_BSH).reshape(B, S, Nkv, D)
-        v_BSND = self.v_proj(x_BSH).reshape(B, S, Nkv, D)
+        q, k, v = project(x_BSH, self.q_proj, self.k_proj, self.v_proj)
+        q_BSND, k_BSND, v_BSND = q.reshape(B, S, N, D), k.reshape(B, S, Nkv, D), v.reshape(B, S, Nkv, D)
         if self.q_norm is not None:
             q_BSND, k_BSND = self.q_norm(q_BSND), self.k_norm(k_BSND)
         q_BSND, k_BSND = apply_rotary(q_BSND, cos, sin), apply_rotary(k_BSND, cos, sin)
         out_BSND = dot_product_attention(q_BSND, k_BSND, v_BSND, scale=self.scaling, mask_BSS=mask_BSS,
                                          implementation=self.attn_implementation)
         return self.o_proj(out_BSND.reshape(B, S, N * D))
+
+
+def project(x: jax.Array, *projections: LoRALinear) -> list[jax.Array]:
+    """[p(x) for p in projections] for projections that read the same x (q, k, v; gate and up), where those with
+    LoRA share their LoRA input: one cast of x to the adapters' dtype and one product x·[A1 | A2 | ...] instead of
+    one per projection; each z column is the same dot product, the rest as `LoRALinear.forward_with_z` (torch_impl's
+    `models.layers.project`)."""
+    lora = [i for i, p in enumerate(projections) if p.lora_A is not None]
+    if len(lora) < 2 or len({projections[i].lora_A[...].dtype for i in lora}) > 1:
+        return [p(x) for p in projections]
+    a_cat = jnp.concatenate([projections[i].lora_A[...] for i in lora], axis=1)
+    z = jnp.einsum("...i,ir->...r", x.astype(a_cat.dtype), a_cat, preferred_element_type=_F32).astype(a_cat.dtype)
+    bounds = list(itertools.accumulate(projections[i].lora_A[...].shape[1] for i in lora))[:-1]
+    zs = iter(jnp.split(z, bounds, axis=-1))
+    return [p.forward_with_z(x, next(zs)) if i in lora else p(x) for i, p in enumerate(projections)]
 
 
 class DenseMLP(nnx.Module):
@@ -233,9 +250,9 @@ class DenseMLP(nnx.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        g = self.gate_proj(x)
+        g, up = project(x, self.gate_proj, self.up_proj)
         g32 = g.astype(_F32)
-        return self.down_proj((g32 * jax.nn.sigmoid(g32)).astype(g.dtype) * self.up_proj(x))
+        return self.down_proj((g32 * jax.nn.sigmoid(g32)).astype(g.dtype) * up)
 
 
 Linear = LoRALinear  # frozen unless attach_lora gives it factors
