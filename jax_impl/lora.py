@@ -53,29 +53,24 @@ class LoRALinear(nnx.Module):
         return self.weight.shape[1]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.weight[...]
-        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=_F32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(_F32)
-        y = y.astype(x.dtype)  # the base layer's output is rounded on its own, as nn.Linear's is
         if self.lora_A is None:
-            return y
+            return self._base(x)
         a = self.lora_A[...]
-        z = jnp.einsum("...i,ir->...r", x.astype(a.dtype), a, preferred_element_type=_F32).astype(a.dtype)
-        return self._add_lora(y, z)
+        return self.forward_with_z(x, jnp.einsum("...i,ir->...r", x.astype(a.dtype), a,
+                                                 preferred_element_type=_F32).astype(a.dtype))
 
     def forward_with_z(self, x: jax.Array, z: jax.Array) -> jax.Array:
         """The call given z = x·A in A's dtype (`models.layers.project` computes it for several projections of one
         x at once), as torch_impl's `LoRALinear.forward_with_z`."""
-        w = self.weight[...]
-        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=_F32)
+        y = self._base(x)
+        delta = jnp.einsum("...r,ro->...o", z, self.lora_B[...], preferred_element_type=_F32)
+        return (y.astype(_F32) + self.lora_scale * delta).astype(x.dtype)
+
+    def _base(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.weight[...].astype(x.dtype), preferred_element_type=_F32)
         if self.bias is not None:
             y = y + self.bias[...].astype(_F32)
-        return self._add_lora(y.astype(x.dtype), z)
-
-    def _add_lora(self, y: jax.Array, z: jax.Array) -> jax.Array:
-        delta = jnp.einsum("...r,ro->...o", z, self.lora_B[...], preferred_element_type=_F32)
-        return (y.astype(_F32) + self.lora_scale * delta).astype(y.dtype)
+        return y.astype(x.dtype)  # the base layer's output is rounded on its own, as nn.Linear's is
 
 
 # ---- walking a model -------------------------------------------------------------------------------------------------
