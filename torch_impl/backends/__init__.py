@@ -6,7 +6,8 @@ defers to the `SPLITMOE_MOE_BACKEND` environment variable when it is set, and ot
 `BACKENDS` that is available for the device and dtype.
 
 Each backend module provides `available(device, dtype) -> str | None` (None, or why it cannot run) and
-`experts_forward(x_TH, weights_TK, srt, w_gate_up, w_down, lora_gate_up, lora_down, scale, biases, act) -> y_TH`.
+`experts_forward(x_TH, weights_TK, srt, w_gate_up, w_down, lora_gate_up, lora_down, scale, biases, act,
+output_unread=False) -> y_TH` (`output_unread`: see `torch_impl.moe.split_lora_experts`).
 A backend whose autograd Function saves residuals (grouped_mm, triton, triton_hopper) also gives their shapes,
 `residual_shapes(x_TH, expert_ids_TK, w_down, lora_gate_up_a, lora_down_a)`, so that the custom op keeps them for its
 backward instead of recomputing the forward (`common.op_residuals`, `torch_impl.moe_op`).
