@@ -33,6 +33,7 @@
 #                                             # torch_impl on `triton`, with routing analytics; gpt-oss 4K
 #   bash benchmarks/gpu_session.sh ossthree   # gpt-oss-20b torch_impl, HF + PEFT, Unsloth in one command; JAX attention
 #                                             # gpu tests
+#   bash benchmarks/gpu_session.sh session6   # session 6's changes before/after (carry .scratch/base6): gpu tests, host probe, steps
 #   bash benchmarks/gpu_session.sh hoppertune # host cost of the expert path; the Hopper kernels' first sweep, block rows
 #   bash benchmarks/gpu_session.sh jaxstep    # jax_impl Qwen3-30B-A3B steps (4 layers, then 48) next to torch_impl
 #   bash benchmarks/gpu_session.sh attnhopper # attention variants, Hopper kernel rows, gpt-oss-20b torch_impl steps
@@ -46,7 +47,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|hoppertune|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|hoppertune|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -151,6 +152,29 @@ case $PART in
     timeout -s INT 100 python3 -m pytest -v -m gpu -n 4 -p no:cacheprovider -rfEX --tb=short \
       tests/jax/test_attention.py > "$R/gpu_tests.log" 2>&1
     rows "$R/step_gpt_oss.jsonl"; grep -E "FAILED|ERROR|passed|failed" "$R/gpu_tests.log" | tail -12 | cut -c1-250 ;;
+  session6)  # (written 2026-12-05, session 6, which had no GPU) this session's changes on the GPU, before against
+    # after in one call: the gpu tests of what they touch; host_probe.py (host time per expert call, unprofiled, one
+    # Triton launch alone) and Qwen3 eager steps, each on the session's first commit (9caad7c, unpacked into
+    # .scratch/base6: `git archive 9caad7c | tar -x -C .scratch/base6`, carried) and on this one, alternated.
+    wheels
+    timeout -s INT 120 python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider -rfEX --tb=short \
+      tests/torch/test_hopper_kernels.py tests/torch/test_triton_kernels.py tests/torch/test_fused_glue.py \
+      tests/torch/test_qwen3_parity.py tests/torch/test_gpt_oss_parity.py tests/torch/test_cuda_graph.py \
+      > "$R/gpu_tests.log" 2>&1
+    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    STEP="benchmarks/step.py --family qwen3_moe --layers $L --seq 4096,16384 --impls torch_impl --warmup 2 --iters 3"
+    cp benchmarks/host_probe.py .scratch/base6/benchmarks/  # the probe is new: the base runs the same file
+    for round in 1 2; do  # the second round only while the call has time for it (about 230 s a round)
+      [ "$round" = 1 ] || [ "$SECONDS" -lt 350 ] || break
+      for tree in .scratch/base6 .; do
+        name=$([ "$tree" = . ] && echo head || echo base)
+        (cd "$tree" && PYTHONPATH=$PWD timeout 40 python3 benchmarks/host_probe.py --seq 256,4096 \
+          --backends triton_hopper --out "$R/host_probe_$name.jsonl" > /dev/null 2>&1)
+        (cd "$tree" && PYTHONPATH=$PWD timeout 75 python3 $STEP --out "$R/step_qwen3_$name.jsonl" >> "$R/step.log" 2>&1)
+      done
+    done
+    grep -E "passed|failed" "$R/gpu_tests.log" | tail -3
+    grep -h "^{" "$R"/host_probe_*.jsonl | cut -c1-160; rows "$R"/step_qwen3_base.jsonl "$R"/step_qwen3_head.jsonl ;;
   hoppertune)  # (2026-12-05, session 6) the host cost of the expert path per call (host_probe.py); the first sweep of
     # the Hopper kernels (triton_sweep.py --backend triton_hopper: until now they ran untuned defaults) on Qwen3 and
     # gpt-oss at 4K and 16K, merged into the shipped table of this copy; then the block rows with it (hopper_suite:
