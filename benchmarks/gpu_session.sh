@@ -168,9 +168,9 @@ case $PART in
       [ "$round" = 1 ] || [ "$SECONDS" -lt 350 ] || break
       for tree in .scratch/base6 .; do
         name=$([ "$tree" = . ] && echo head || echo base)
-        (cd "$tree" && PYTHONPATH=$PWD timeout 40 python3 benchmarks/host_probe.py --seq 256,4096 \
+        (cd "$tree" && PYTHONPATH=$PWD:/tmp/site timeout 40 python3 benchmarks/host_probe.py --seq 256,4096 \
           --backends triton_hopper --out "$R/host_probe_$name.jsonl" > /dev/null 2>&1)
-        (cd "$tree" && PYTHONPATH=$PWD timeout 75 python3 $STEP --out "$R/step_qwen3_$name.jsonl" >> "$R/step.log" 2>&1)
+        (cd "$tree" && PYTHONPATH=$PWD:/tmp/site timeout 75 python3 $STEP --out "$R/step_qwen3_$name.jsonl" >> "$R/step.log" 2>&1)
       done
     done
     grep -E "passed|failed" "$R/gpu_tests.log" | tail -3
