@@ -207,7 +207,8 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
     checkpointing's recompute of a decoder layer, where y only feeds the residual add (`Experts` passes
     `in_layer_recompute()`). Backends with their own autograd Function (triton, triton_hopper, grouped_mm) then
     compute only what their backward saves (gu, z1, z2), skipping the down GEMM, a third of the forward's FLOPs, and
-    return zeros; native ignores it. The gradients are those of the full forward (the recompute's saved values are).
+    return NaN, so that a broken promise shows as NaN gradients instead of quietly wrong ones; native ignores it.
+    The gradients are those of the full forward (the recompute's saved values are).
     """
     _check_shapes(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     act = Activation(activation, swiglu_limit, swiglu_alpha)

@@ -94,3 +94,37 @@ def test_the_recompute_asks_the_experts_for_their_residuals_only(offload, tmp_pa
     model.gradient_checkpointing_disable()
     model(ids, labels=ids).loss.backward()
     assert flags == [False] * n
+
+
+def test_a_caller_that_reads_the_unread_output_gets_nan_gradients(tmp_path, seed, monkeypatch):
+    """The promise behind output_unread, broken on purpose: with expert parallelism's experts treated as unread in
+    the recompute (they are not: their output is weighted after the all-to-all), the recomputed output is NaN and so
+    are the gradients, instead of quietly wrong ones. Single process: the module's weighting path without the
+    all-to-all is `combine_rows` on the experts' output, as in `ExpertParallelExperts`."""
+    from torch_impl.backends.native import combine_rows
+    from torch_impl.moe import Experts, sort_by_expert
+
+    path = write_tiny_checkpoint("qwen3_moe", tmp_path / "qwen3_moe", seed=seed % 1000)
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS["qwen3_moe"]),
+                       moe_backend="grouped_mm", lora_seed=seed % 1000)
+    real_forward = Experts.forward
+
+    def weighted_after(self, x_TH, ids_TK, weights_TK, sort=None):  # the output saved by a product, as EP does
+        srt = sort_by_expert(ids_TK, self.num_experts)
+        y = real_forward(self, x_TH, ids_TK, torch.ones_like(weights_TK), sort=srt)
+        T, K = ids_TK.shape
+        o_MH = y.unsqueeze(1).expand(T, K, -1).reshape(T * K, -1)[srt.order_M]  # any op that saves y
+        return combine_rows(o_MH, weights_TK, srt) / K
+
+    monkeypatch.setattr(Experts, "forward", weighted_after)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(seed))
+    loss, grads = _loss_and_grads(model, ids)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    model.gradient_checkpointing_enable()
+    _, grads_ck = _loss_and_grads(model, ids)
+    assert any(torch.isnan(g).any() for g in grads_ck.values()), "a read of the unread output went unnoticed"
+    monkeypatch.setattr(Experts, "output_unread_in_recompute", False)  # what such a module must declare
+    _, grads_ok = _loss_and_grads(model, ids)
+    for name in grads:
+        torch.testing.assert_close(grads_ok[name], grads[name], rtol=0, atol=0, msg=f"{name} differs")

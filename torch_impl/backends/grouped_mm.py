@@ -181,7 +181,7 @@ class _GroupedSplitLoRA(torch.autograd.Function):
             z2 = _gmm(h, a2, offs) if a2 is not None else None
             ctx.save_for_backward(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_d, gu, z1, z2)
             capture_residuals(gu, z1, z2)
-            return x_TH.new_zeros(srt.num_tokens, w_down.shape[2])
+            return x_TH.new_full((srt.num_tokens, w_down.shape[2]), float("nan"))  # never read: loud if it is
         o = _gmm(h, w_down, offs)
         if a2 is not None:
             z2 = _gmm(h, a2, offs)
@@ -287,7 +287,7 @@ def residual_shapes(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, w_down: tor
 def experts_forward(x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_gate_up, lora_down, scale: float,
                     biases, act: Activation, output_unread: bool = False) -> torch.Tensor:
     """Routed experts with split LoRA -> y [T, H]; pads misaligned dims, then runs `_GroupedSplitLoRA`.
-    `output_unread`: only the backward's residuals are needed, y is zeros (`torch_impl.moe.split_lora_experts`)."""
+    `output_unread`: only the backward's residuals are needed, y is NaN (`torch_impl.moe.split_lora_experts`)."""
     H, I = x_TH.shape[1], w_down.shape[1]
     align = 16 // x_TH.element_size()
     Hp, Ip = _round_up(H, align), _round_up(I, align)

@@ -196,7 +196,9 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
             # activation checkpointing's recompute: the backward reads gu, z1, z2 and never y, so the down GEMM (a
             # third of the forward's FLOPs) is skipped; z2 = h@A2 runs alone, as the down pass's own z launch would
             z2 = _z_only(nn, ("down", I, H, r2), srt, h, a2, r2) if r2 else None
-            y = x.new_zeros((T, H))  # never read (see split_lora_experts); zeros, not garbage, all the same
+            # never read (see split_lora_experts); NaN, so that a caller who breaks that promise gets NaN gradients,
+            # not quietly wrong ones
+            y = x.new_full((T, H), float("nan"))
         elif replay is None:
             def down(cfg, sched):
                 out = torch.empty((M, H), device=x.device, dtype=dt)
@@ -323,8 +325,8 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor | None, expert_
     weights; sm_90+, opt-in until measured); the ragged-K gradient kernels are the same for both.
     `output_unread=True` promises that nothing reads y, not even through an op that saves it for its own backward:
     activation checkpointing's recompute of a decoder layer (`torch_impl.moe.Experts` passes it there). The forward
-    then computes only what its backward saves (gu, z1, z2: the gate_up pass and z2 = h@A2) and returns zeros;
-    the gradients are those of the full forward.
+    then computes only what its backward saves (gu, z1, z2: the gate_up pass and z2 = h@A2) and returns NaN (loud
+    if read after all); the gradients are those of the full forward.
     """
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(KERNELS)}")
