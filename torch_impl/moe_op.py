@@ -13,7 +13,8 @@ compiles as one region.
 Two ops, both dispatching to the eager path (`torch_impl.moe.split_lora_experts`, and through it the very backend
 code eager mode runs; no math is duplicated here):
 - `splitmoe::split_lora_experts(x, expert_ids, expert_weights, w_gate_up, w_down, a1?, b1?, a2?, b2?, b_gate_up?,
-  b_down?, sort, scale, activation, swiglu_limit, swiglu_alpha, backend, check_ids) -> [y [T, H], *residuals]`:
+  b_down?, sort, scale, activation, swiglu_limit, swiglu_alpha, backend, check_ids, unread_in_recompute)
+  -> [y [T, H], *residuals]`:
   the eager forward without grad on the rows as `sort` (`ExpertSort.tensors()`, made in the graph) orders them,
   plus what the backend's autograd Function saves for its backward beyond its inputs (its residuals,
   `torch_impl.backends.common.op_residuals`: gu [M, 2I], z1 [M, R1], z2 [M, R2] for grouped_mm and the Triton

@@ -81,7 +81,8 @@ class KernelSort:
             e = torch.searchsorted(tile_end, i, right=True, out_int32=True)  # E for the surplus tiles
             # tile i's first sorted row: offs[e] + (i - tile_start[e])·bm = base[e] + i·bm
             base = F.pad(offs[:-1] - (tile_end - tiles) * bm, (0, 1))
-            self._schedules[block_m] = (e.masked_fill_(e == E, -1), base[e].add_(i, alpha=bm))
+            row = base[e].add_(i, alpha=bm)
+            self._schedules[block_m] = (e.masked_fill_(e == E, -1), row)
             self._tile_counts[block_m] = tile_end[-1:]
         return self._schedules[block_m]
 
