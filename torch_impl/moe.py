@@ -205,9 +205,10 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
     CPU from queueing work ahead); for ids a router produced, which are in range by construction, as `MoEBlock` does.
     `output_unread=True` promises that nothing reads y, not even an op that saves it for its backward: activation
     checkpointing's recompute of a decoder layer, where y only feeds the residual add (`Experts` passes
-    `in_layer_recompute()` unless its `output_unread_in_recompute` says otherwise). Backends with their own autograd Function (triton, triton_hopper, grouped_mm) then
-    compute only what their backward saves (gu, z1, z2), skipping the down GEMM, a third of the forward's FLOPs, and
-    return NaN, so that a broken promise shows as NaN gradients instead of quietly wrong ones; native ignores it.
+    `in_layer_recompute()` unless its `output_unread_in_recompute` says otherwise). Backends with their own
+    autograd Function (triton, triton_hopper, grouped_mm) then compute only what their backward saves (gu, z1, z2),
+    skipping the down GEMM, a third of the forward's FLOPs, and return NaN, so that a broken promise shows as NaN
+    gradients instead of quietly wrong ones; native ignores it.
     The gradients are those of the full forward (the recompute's saved values are).
     """
     _check_shapes(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
