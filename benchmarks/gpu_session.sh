@@ -35,6 +35,7 @@
 #                                             # gpu tests
 #   bash benchmarks/gpu_session.sh session6   # session 6's changes before/after (carry .scratch/base6): gpu tests, host probe, steps
 #   bash benchmarks/gpu_session.sh hoppertune # host cost of the expert path; the Hopper kernels' first sweep, block rows
+#   bash benchmarks/gpu_session.sh hoppertune2 # the Hopper sweep for GLM-4.5/4.7-Flash and r=16/32/128 shapes
 #   bash benchmarks/gpu_session.sh jaxstep    # jax_impl Qwen3-30B-A3B steps (4 layers, then 48) next to torch_impl
 #   bash benchmarks/gpu_session.sh attnhopper # attention variants, Hopper kernel rows, gpt-oss-20b torch_impl steps
 #   bash benchmarks/gpu_session.sh compileprobe # eager vs compiled torch_impl steps, host-side counts (compile_probe.py)
@@ -47,7 +48,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|hoppertune|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -63,6 +64,18 @@ wheels() {  # Unsloth's and Liger's wheels (carried in .whl) into /tmp/site, on 
   [ -d .whl ] || return 0
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$R/wheels.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+}
+merge_tuned() {  # a sweep's tuned_configs.json ($1) into this copy's shipped table, which goes to $OUT to be committed
+  python3 - "$1" <<'PY'
+import json, sys
+from pathlib import Path
+shipped = Path("torch_impl/kernels/tuned_configs.json")
+table, new = json.loads(shipped.read_text()), json.loads(Path(sys.argv[1]).read_text())
+table.update(new)
+shipped.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+print(f"merged {len(new)} tuned entries")
+PY
+  cp torch_impl/kernels/tuned_configs.json "$OUT/tuned_configs.json"
 }
 rows() {  # the short form of step.py's JSON rows: impl, options, seq, step time, peak memory or the error
   python3 -c 'import json, sys
@@ -183,20 +196,20 @@ case $PART in
       --profile-out "$R/host_probe_cprofile.txt" > "$R/host_probe.log" 2>&1
     timeout 400 python3 benchmarks/triton_sweep.py --backend triton_hopper --out "$R/sweep" \
       --cases qwen3_30b_T4096,qwen3_30b_T16384,gpt_oss_20b_T4096,gpt_oss_20b_T16384 > "$R/sweep.log" 2>&1
-    python3 - "$R/sweep/tuned_configs.json" <<'PY'
-import json, sys
-from pathlib import Path
-shipped = Path("torch_impl/kernels/tuned_configs.json")
-table, new = json.loads(shipped.read_text()), json.loads(Path(sys.argv[1]).read_text())
-table.update(new)
-shipped.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-print(f"merged {len(new)} tuned entries")
-PY
-    cp torch_impl/kernels/tuned_configs.json "$OUT/tuned_configs.json"
+    merge_tuned "$R/sweep/tuned_configs.json"
     [ "$SECONDS" -lt 520 ] && timeout $((590 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
       --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --impls hf_peft,hopper_suite --out "$R/block.jsonl" \
       > "$R/block.log" 2>&1
     grep -h "^{" "$R/host_probe.log" | cut -c1-400; tail -8 "$R/sweep.log"; tail -30 "$R/block.log" | cut -c1-200 ;;
+  hoppertune2)  # (after hoppertune, whose merged table must be committed first) the same sweep for the shapes #16
+    # also names: GLM-4.5 and GLM-4.7-Flash experts at r=64, Qwen3 at r=16/32/128 and gpt-oss at r=16, T=16384,
+    # merged into the shipped table ($OUT/tuned_configs.json again); the whole-step default-vs-tuned rows are in
+    # sweep/steps.md
+    timeout 540 python3 benchmarks/triton_sweep.py --backend triton_hopper --out "$R/sweep" \
+      --cases glm45_T16384,glm47_flash_T16384,qwen3_30b_r16_T16384,qwen3_30b_r32_T16384,qwen3_30b_r128_T16384,\
+gpt_oss_20b_r16_T16384 > "$R/sweep.log" 2>&1
+    merge_tuned "$R/sweep/tuned_configs.json"
+    tail -12 "$R/sweep.log" ;;
   jaxstep)  # jax_impl's whole step at full width: 4 layers first (errors and compile time cheaply), then, if those
     # rows trained, 48 layers next to torch_impl's eager rows in the same call
     timeout 160 python3 benchmarks/step.py --family qwen3_moe --layers 4 --seq 4096,16384 --impls jax_impl,torch_impl \
