@@ -361,7 +361,9 @@ def project(x: torch.Tensor, *projections: nn.Module) -> list[torch.Tensor]:
     split LoRA (`torch_impl.lora.LoRALinear`, fp32 adapters) share their LoRA input: one copy of x in the adapters'
     dtype and one GEMM x @ [A1 | A2 | ...] instead of one of each per projection, forward and backward (the
     backward then casts one gradient of that copy back instead of several). Per projection the same math, each z
-    column still one dot product over x's row; the rest as `LoRALinear.forward_with_z`."""
+    column still one dot product over x's row; the rest as `LoRALinear.forward_with_z`. It reads the factors
+    outside the projections' own forward, so a sharding unit must hold the whole block (as
+    `torch_impl.parallel.shard_model`'s per-layer FSDP units do), not each projection alone."""
     lora = [i for i, p in enumerate(projections) if getattr(p, "lora_A", None) is not None]
     if len(lora) < 2 or len({projections[i].lora_A.dtype for i in lora}) > 1:
         return [p(x) for p in projections]
