@@ -180,7 +180,9 @@ def unit_costs(a: argparse.Namespace) -> dict:
     inp = make_inputs(256, a)
     srt = KernelSort.from_ids(inp["ids"], a.experts)
     x = inp["x"].detach()
-    cfg = autotune.get_config("hopper_gemm_act", (256 * a.top_k, a.hidden, a.inter, 0, gg.ACT_SWIGLU), x.dtype, dev)
+    # the gate_up pass's own key (split_lora's `_gemm`), without LoRA: the config a layer's launch gets
+    cfg = autotune.get_config("hopper_gemm_act", (gg.next_pow2(srt.M), "gu", a.hidden, a.inter, 0, gg.ACT_SWIGLU),
+                              x.dtype, dev)
     sched = srt.schedule(cfg["BLOCK_M"]) + (srt.row_tile_count(cfg["BLOCK_M"]),)
     h = torch.empty((srt.M, a.inter), device=dev, dtype=x.dtype)
 
