@@ -145,7 +145,7 @@ def probe(T: int, backend: str, a: argparse.Namespace, profiler: cProfile.Profil
                     y = layer_forward(inp, backend)
             else:
                 y = layer_forward(inp, backend)
-                with _CountOps() as mode:  # the backward's ops run on this thread for a CPU-side autograd engine
+                with _CountOps() as mode:  # the autograd engine carries the mode to its device thread
                     y.backward(inp["dy"])
         counts[f"aten_ops_{phase}"] = sum(mode.counts.values())
         counts[f"top_ops_{phase}"] = dict(mode.counts.most_common(12))
