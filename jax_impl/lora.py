@@ -33,6 +33,12 @@ class Frozen(nnx.Variable):
     """A frozen base weight or buffer: state of the model, never a differentiated parameter."""
 
 
+def lora_z(x: jax.Array, a: jax.Array) -> jax.Array:
+    """z = x·A in A's dtype (fp32 adapters: x cast up, as PEFT's Linear runs its LoRA branch); A [in, R] or the
+    concatenated factors of projections that share x (`models.layers.project`)."""
+    return jnp.einsum("...i,ir->...r", x.astype(a.dtype), a, preferred_element_type=_F32).astype(a.dtype)
+
+
 class LoRALinear(nnx.Module):
     """`x·W (+ b) (+ scale·(x·A)·B)` with W [in, out] frozen and A [in, R], B [R, out] `LoRAParam`s (or None)."""
 
@@ -55,9 +61,7 @@ class LoRALinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.lora_A is None:
             return self._base(x)
-        a = self.lora_A[...]
-        return self.forward_with_z(x, jnp.einsum("...i,ir->...r", x.astype(a.dtype), a,
-                                                 preferred_element_type=_F32).astype(a.dtype))
+        return self.forward_with_z(x, lora_z(x, self.lora_A[...]))
 
     def forward_with_z(self, x: jax.Array, z: jax.Array) -> jax.Array:
         """The call given z = x·A in A's dtype (`models.layers.project` computes it for several projections of one

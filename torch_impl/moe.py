@@ -310,7 +310,7 @@ class Experts(nn.Module):
                                          lora_gate_up, lora_down, scale=self.lora_scale, biases=biases,
                                          activation=a.name, swiglu_limit=a.limit, swiglu_alpha=a.alpha,
                                          backend=self.backend, sort=sort, check_ids=sort is None,
-                                         unread_in_recompute=self.output_unread_in_recompute)
+                                         output_unread_in_recompute=self.output_unread_in_recompute)
         return split_lora_experts(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
                                   lora_gate_up, lora_down, scale=self.lora_scale, biases=biases, activation=a.name,
                                   swiglu_limit=a.limit, swiglu_alpha=a.alpha, backend=self.backend, sort=sort,

@@ -13,7 +13,7 @@ compiles as one region.
 Two ops, both dispatching to the eager path (`torch_impl.moe.split_lora_experts`, and through it the very backend
 code eager mode runs; no math is duplicated here):
 - `splitmoe::split_lora_experts(x, expert_ids, expert_weights, w_gate_up, w_down, a1?, b1?, a2?, b2?, b_gate_up?,
-  b_down?, sort, scale, activation, swiglu_limit, swiglu_alpha, backend, check_ids, unread_in_recompute)
+  b_down?, sort, scale, activation, swiglu_limit, swiglu_alpha, backend, check_ids, output_unread_in_recompute)
   -> [y [T, H], *residuals]`:
   the eager forward without grad on the rows as `sort` (`ExpertSort.tensors()`, made in the graph) orders them,
   plus what the backend's autograd Function saves for its backward beyond its inputs (its residuals,
@@ -134,14 +134,14 @@ def _split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weight
                         lora_down_b: torch.Tensor | None, bias_gate_up: torch.Tensor | None,
                         bias_down: torch.Tensor | None, sort: list[torch.Tensor], scale: float, activation: str,
                         swiglu_limit: float, swiglu_alpha: float, backend: str,
-                        check_ids: bool, unread_in_recompute: bool) -> list[torch.Tensor]:
+                        check_ids: bool, output_unread_in_recompute: bool) -> list[torch.Tensor]:
     if check_ids:
         from torch_impl.moe import check_expert_ids
 
         check_expert_ids(expert_ids, w_gate_up.shape[0])
     shapes = _residual_shapes(backend, x, expert_ids, w_down, lora_gate_up_a, lora_down_a)
     # read when the op runs, not when it is traced: the forward and the checkpoint's recompute share one graph
-    output_unread = unread_in_recompute and in_layer_recompute()
+    output_unread = output_unread_in_recompute and in_layer_recompute()
     # no graph here: the backend's Function hands its residuals to `op_residuals` instead
     with torch.no_grad(), op_residuals() if shapes else nullcontext() as residuals:
         y_TH = _eager(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up_a, lora_gate_up_b,
@@ -156,7 +156,7 @@ def _split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weight
 @_split_lora_experts.register_fake
 def _split_lora_experts_fake(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up_a, lora_gate_up_b,
                              lora_down_a, lora_down_b, bias_gate_up, bias_down, sort, scale, activation,
-                             swiglu_limit, swiglu_alpha, backend, check_ids, unread_in_recompute):
+                             swiglu_limit, swiglu_alpha, backend, check_ids, output_unread_in_recompute):
     # y [T, H] in x's dtype, whatever the routing: no data-dependent size escapes; residuals [M, ·] in x's dtype
     shapes = _residual_shapes(backend, x, expert_ids, w_down, lora_gate_up_a, lora_down_a)
     return [x.new_empty(x.shape), *(x.new_empty(shape) for shape in shapes)]
@@ -245,11 +245,11 @@ def split_lora_experts_op(x: torch.Tensor, expert_ids: torch.Tensor, expert_weig
                           biases: tuple[torch.Tensor, torch.Tensor] | None = None, activation: str = "swiglu",
                           swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702, backend: str = "auto",
                           sort: ExpertSort | None = None, check_ids: bool = True,
-                          unread_in_recompute: bool = False) -> torch.Tensor:
+                          output_unread_in_recompute: bool = False) -> torch.Tensor:
     """`torch_impl.moe.split_lora_experts` through the custom op: the same arguments and the same y [T, H] and
     gradients (see the module docstring). `sort` (`MoEBlock`'s, traced into the graph under torch.compile) is made
     here when not given; `check_ids` checks the ids inside the op (one host sync; the caller's sort is trusted);
-    `unread_in_recompute`: nothing reads y in activation checkpointing's recompute (`Experts`' attribute of that
+    `output_unread_in_recompute`: nothing reads y in activation checkpointing's recompute (`Experts`' attribute of that
     name); the op then runs `torch_impl.moe.split_lora_experts` with output_unread there, reading the recompute's mark
     (`models.layers.in_layer_recompute`) when it runs, so the forward and the recompute keep one graph.
 
@@ -267,4 +267,4 @@ def split_lora_experts_op(x: torch.Tensor, expert_ids: torch.Tensor, expert_weig
     b_gu, b_d = biases if biases is not None else (None, None)
     return _split_lora_experts(x, expert_ids, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d,
                                sort.tensors(), float(scale), activation, float(swiglu_limit), float(swiglu_alpha),
-                               backend, bool(check_ids), bool(unread_in_recompute))[0]
+                               backend, bool(check_ids), bool(output_unread_in_recompute))[0]

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_impl.lora import Frozen, LoRALinear
+from jax_impl.lora import Frozen, LoRALinear, lora_z
 from jax_impl.models.attention import dot_product_attention, masked_softmax  # noqa: F401 - masked_softmax re-exported
 from jax_impl.moe import RoutingStats
 from shared_math.config import ModelConfig
@@ -237,9 +237,8 @@ def project(x: jax.Array, *projections: LoRALinear) -> list[jax.Array]:
     if len(lora) < 2 or len({projections[i].lora_A[...].dtype for i in lora}) > 1:
         return [p(x) for p in projections]
     a_cat = jnp.concatenate([projections[i].lora_A[...] for i in lora], axis=1)
-    z = jnp.einsum("...i,ir->...r", x.astype(a_cat.dtype), a_cat, preferred_element_type=_F32).astype(a_cat.dtype)
     bounds = list(itertools.accumulate(projections[i].lora_A[...].shape[1] for i in lora))[:-1]
-    zs = iter(jnp.split(z, bounds, axis=-1))
+    zs = iter(jnp.split(lora_z(x, a_cat), bounds, axis=-1))
     return [p.forward_with_z(x, next(zs)) if i in lora else p(x) for i, p in enumerate(projections)]
 
 

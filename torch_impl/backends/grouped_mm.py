@@ -175,22 +175,20 @@ class _GroupedSplitLoRA(torch.autograd.Function):
         if b_gu is not None:
             _add_expert_bias_(gu, b_gu, srt.expert_M)
         h = act(gu)
+        if a2 is not None:
+            z2 = _gmm(h, a2, offs)
+        ctx.save_for_backward(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_d, gu, z1, z2)
+        capture_residuals(gu, z1, z2)
         if output_unread:
             # a checkpoint's recompute: the backward reads gu, z1, z2 and never y; skip the down GEMM (see
             # torch_impl.moe.split_lora_experts)
-            z2 = _gmm(h, a2, offs) if a2 is not None else None
-            ctx.save_for_backward(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_d, gu, z1, z2)
-            capture_residuals(gu, z1, z2)
             return x_TH.new_full((srt.num_tokens, w_down.shape[2]), float("nan"))  # never read: loud if it is
         o = _gmm(h, w_down, offs)
         if a2 is not None:
-            z2 = _gmm(h, a2, offs)
             o.add_(_gmm(z2, b2, offs), alpha=scale)
         del h
         if b_d is not None:
             _add_expert_bias_(o, b_d, srt.expert_M)
-        ctx.save_for_backward(x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_d, gu, z1, z2)
-        capture_residuals(gu, z1, z2)
         # weight, un-permute, sum over K: HF's grouped_mm order and rounding (o·w rounded, then an fp32-free sum)
         o.mul_(weights_TK.reshape(-1)[srt.order_M].unsqueeze(-1))
         return _unpermute_sum(o, srt, o.dtype)

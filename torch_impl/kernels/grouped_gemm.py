@@ -289,6 +289,13 @@ def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if t is None else tuple(t.stride())
 
 
+def z_config(config: dict, rank: int) -> dict:
+    """The config of a pass's LoRA z launch (z = x·A, output width R) from the pass's own: R-wide column tiles, the
+    rest as the pass (so the z of a separate launch sums like the pass's), no z pre-pass of its own, rows read as
+    given (both NN kernel families take the same dict)."""
+    return dict(config, BLOCK_N=max(16, next_pow2(rank)), Z_PRE=False, PRE_GATHER=False)
+
+
 def reduction_major(t_EDR: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The same [E, D, R] values stored as [E, R, D] (D contiguous), returned as the [E, D, R] view; one copy that
     also casts to `dtype`.
@@ -330,9 +337,8 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
         if z_MR is None:
             z_MR = torch.empty((a.shape[0] if row_index is None else row_index.shape[0], rank), device=a.device,
                                dtype=lora_b_ERN.dtype)
-        zcfg = dict(config, BLOCK_N=max(16, next_pow2(rank)), Z_PRE=False)
-        grouped_gemm(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=zcfg, row_index=row_index,
-                     out_scale=z_scale)
+        grouped_gemm(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=z_config(config, rank),
+                     row_index=row_index, out_scale=z_scale)
         return grouped_gemm(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=dict(config, Z_PRE=False),
                             row_index=row_index, z_MR=z_MR, lora_b_ERN=lora_b_ERN, lora_scale=lora_scale,
                             bias_EN=bias_EN, row_scale_M=row_scale_M, mode=mode, act=act, gu_M2I=gu_M2I,

@@ -302,9 +302,8 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
         if z_MR is None:
             z_MR = torch.empty((a.shape[0] if row_index is None else row_index.shape[0], rank), device=a.device,
                                dtype=lora_b_ERN.dtype)
-        zcfg = dict(config, BLOCK_N=max(16, gg.next_pow2(rank)), PRE_GATHER=False)
-        _launch(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=zcfg, row_index=row_index,
-                out_scale=z_scale)
+        _launch(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=gg.z_config(config, rank),
+                row_index=row_index, out_scale=z_scale)
     return _launch(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=config, row_index=row_index, z_MR=z_MR,
                    lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN, row_scale_M=row_scale_M,
                    mode=mode, act=act, gu_M2I=gu_M2I, store_gu=store_gu, out_rows_M=out_rows_M, dot_MT=dot_MT,

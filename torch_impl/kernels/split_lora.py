@@ -136,8 +136,8 @@ def _z_only(nn: _NN, key: tuple, srt: KernelSort, a_MD: torch.Tensor, lora_a: to
     config is the pass's (never tuned on this launch: no bench) with R-wide column tiles, as the pass's own z launch
     runs it (Z_PRE; always on the Hopper kernels): the same values. A pass that computes z in its loop instead sums
     the same products per BLOCK_D step in the same order; its tile shape may still round differently."""
-    cfg = autotune.get_config(nn.prefix + "gemm", (_bucket(srt.M),) + key, a_MD.dtype, a_MD.device)
-    cfg = dict(cfg, BLOCK_N=max(16, gg.next_pow2(rank)), Z_PRE=False, PRE_GATHER=False)
+    cfg = gg.z_config(autotune.get_config(nn.prefix + "gemm", (_bucket(srt.M),) + key, a_MD.dtype, a_MD.device),
+                      rank)
     z = torch.empty((srt.M, rank), device=a_MD.device, dtype=a_MD.dtype)
     nn.gemm(a_MD, lora_a, nn.schedule(srt, cfg["BLOCK_M"]), srt.offsets_E1, n=rank, out=z, config=cfg)
     return z
@@ -193,25 +193,24 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
 
             h, gu, z1 = _gemm(nn, "gemm_act", ("gu", H, I, r1, act), srt, x, gate_up)
 
-        if replay is None and output_unread and grad:
-            # activation checkpointing's recompute: the backward reads gu, z1, z2 and never y, so the down GEMM (a
-            # third of the forward's FLOPs) is skipped; z2 = h@A2 runs alone, as the down pass's own z launch would
-            z2 = _z_only(nn, ("down", I, H, r2), srt, h, a2, r2) if r2 else None
-            # never read (see split_lora_experts); NaN, so that a caller who breaks that promise gets NaN gradients,
-            # not quietly wrong ones
-            y = x.new_full((T, H), float("nan"))
-        elif replay is None:
-            def down(cfg, sched):
-                out = torch.empty((M, H), device=x.device, dtype=dt)
-                z2 = torch.empty((M, r2), device=x.device, dtype=dt) if grad and r2 else None
-                nn.gemm(h, w_down, sched, srt.offsets_E1, n=H, out=out, config=cfg, lora_a_EDR=a2, z_MR=z2,
-                        store_z=z2 is not None, lora_b_ERN=b2, lora_scale=scale, bias_EN=b_d,
-                        row_scale_M=w_sorted, out_rows_M=srt.flat_M)
-                return out, z2
+            if output_unread and grad:
+                # activation checkpointing's recompute: the backward reads gu, z1, z2 and never y, so the down GEMM
+                # (a third of the forward's FLOPs) is skipped; z2 = h@A2 runs alone, as the down pass's z launch would
+                z2 = _z_only(nn, ("down", I, H, r2), srt, h, a2, r2) if r2 else None
+                # never read (see split_lora_experts); NaN, so that a caller who breaks that promise gets NaN
+                # gradients, not quietly wrong ones
+                y = x.new_full((T, H), float("nan"))
+            else:
+                def down(cfg, sched):
+                    out = torch.empty((M, H), device=x.device, dtype=dt)
+                    z2 = torch.empty((M, r2), device=x.device, dtype=dt) if grad and r2 else None
+                    nn.gemm(h, w_down, sched, srt.offsets_E1, n=H, out=out, config=cfg, lora_a_EDR=a2, z_MR=z2,
+                            store_z=z2 is not None, lora_b_ERN=b2, lora_scale=scale, bias_EN=b_d,
+                            row_scale_M=w_sorted, out_rows_M=srt.flat_M)
+                    return out, z2
 
-            out_MH, z2 = _gemm(nn, "gemm", ("down", I, H, r2), srt, x, down)
-            y = out_MH.view(T, K, H).sum(1)  # rows are in (token, slot) order: the sum over K is deterministic
-        if replay is None:
+                out_MH, z2 = _gemm(nn, "gemm", ("down", I, H, r2), srt, x, down)
+                y = out_MH.view(T, K, H).sum(1)  # rows in (token, slot) order: the sum over K is deterministic
             capture_residuals(gu, z1, z2)
 
         ctx.save_for_backward(x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, gu, z1, z2,

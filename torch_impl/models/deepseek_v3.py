@@ -68,8 +68,9 @@ class MLAttention(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         N, Dn, Dr, Dv = self.num_heads, self.nope, self.rope, self.v_dim
-        q_in, kv_a = project(x, self.q_proj if hasattr(self, "q_proj") else self.q_a_proj, self.kv_a_proj_with_mqa)
-        q = q_in if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(q_in))
+        direct_q = hasattr(self, "q_proj")  # q_lora_rank None: q in one projection
+        q_in, kv_a = project(x, self.q_proj if direct_q else self.q_a_proj, self.kv_a_proj_with_mqa)
+        q = q_in if direct_q else self.q_b_proj(self.q_a_layernorm(q_in))
         q_nope, q_rot = q.view(B, S, N, Dn + Dr).transpose(1, 2).split([Dn, Dr], dim=-1)
         latent, k_rot = kv_a.split([self.kv_lora_rank, Dr], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(B, S, N, Dn + Dv).transpose(1, 2)
