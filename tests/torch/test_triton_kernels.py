@@ -419,6 +419,36 @@ def test_grouped_gemm_tn_variants(case, dtype, seed):
         assert torch.count_nonzero(da[e]) == 0 and torch.count_nonzero(dwd[e]) == 0
 
 
+@kernel_test
+# bf16 on the GPU only: the interpreter truncates fp32 -> bf16 casts (triton's interpreter ignores the rounding mode)
+@pytest.mark.parametrize("out_dtype", [*CPU_DTYPES, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)], ids=_dname)
+@pytest.mark.parametrize("shape", [(1, 3, 3), (5, 130, 65), (3, 64, 64), (2, 1, 1), (7, 200, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "transposed_view"])
+def test_reduction_major_kernel_is_a_bitwise_cast(shape, out_dtype, layout):
+    """`reduction_major`'s tiled cast + transpose kernel stores the same bits as `Tensor.copy_` (a cast rounds to
+    nearest even either way), in the [E, R, D] storage the NN kernels read: partial tiles on both axes (130 = 2·64
+    + 2, R = 65), single rows, prime E, and a source that is itself a strided view."""
+    E, D, R = shape
+    g = torch.Generator().manual_seed(E * 1000 + D + R)
+    src = torch.randn(shape, generator=g, dtype=torch.float32)
+    if layout == "transposed_view":  # [E, D, R] view of [E, R, D] storage, as a stored-transposed factor would be
+        src = src.transpose(1, 2).contiguous().transpose(1, 2)
+    src = src.to(DEVICE)
+    got = gg.reduction_major(src, out_dtype, kernel=True)
+    want = gg.reduction_major(src, out_dtype, kernel=False)
+    assert got.shape == shape and got.stride() == (R * D, 1, D) and got.dtype == out_dtype
+    assert torch.equal(got.cpu(), want.cpu()) and torch.equal(got.cpu(), src.cpu().to(out_dtype))
+
+
+def test_cast_transpose_rejects_a_wrong_destination():
+    """A destination that is not the [E, R, D]-storage view is refused with the strides it needs."""
+    from torch_impl.kernels.layout import cast_transpose_into
+
+    with pytest.raises(ValueError, match="strides"):
+        cast_transpose_into(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
+
+
 def test_schedule_covers_every_row_once():
     """Row blocks never straddle experts, cover each sorted row exactly once, and surplus tiles are marked -1."""
     ids = torch.tensor([[2, 0], [0, 2], [1, 0], [4, 2], [2, 1]])

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from torch_impl.kernels.layout import cast_transpose_into
+
 ACT_NONE, ACT_SWIGLU, ACT_SWIGLU_OAI = 0, 1, 2
 MODE_PLAIN, MODE_ACT_FWD, MODE_ACT_BWD = 0, 1, 2
 LORA_NONE, LORA_GIVEN_Z, LORA_FUSE_Z = 0, 1, 2
@@ -296,9 +298,11 @@ def z_config(config: dict, rank: int) -> dict:
     return dict(config, BLOCK_N=max(16, next_pow2(rank)), Z_PRE=False, PRE_GATHER=False)
 
 
-def reduction_major(t_EDR: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def reduction_major(t_EDR: torch.Tensor, dtype: torch.dtype | None = None, kernel: bool | None = None) -> torch.Tensor:
     """The same [E, D, R] values stored as [E, R, D] (D contiguous), returned as the [E, D, R] view; one copy that
-    also casts to `dtype`.
+    also casts to `dtype`: on a GPU (or with `kernel=True`, e.g. interpreted) by `layout.cast_transpose_into`, a
+    tiled kernel coalesced on both sides (`Tensor.copy_` between these layouts is a strided element-wise copy, see
+    layout.py); elsewhere by `copy_`.
 
     The in-loop LoRA-A operand is loaded as [BLOCK_D, BLOCK_R] tiles. With R contiguous, each of its rows is only
     R elements long (6 bytes at R=3 in bf16): poorly coalesced, and on the H200 with Triton 3.6 such a bf16 operand
@@ -308,6 +312,8 @@ def reduction_major(t_EDR: torch.Tensor, dtype: torch.dtype | None = None) -> to
     E, D, R = t_EDR.shape
     # allocated with the [E, R, D] storage's strides, so the copy lands in place and no transpose views are made
     out = torch.empty_strided((E, D, R), (R * D, 1, D), device=t_EDR.device, dtype=dtype or t_EDR.dtype)
+    if t_EDR.is_cuda if kernel is None else kernel:
+        return cast_transpose_into(t_EDR, out)
     return out.copy_(t_EDR)
 
 
