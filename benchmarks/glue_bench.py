@@ -7,7 +7,10 @@ calls `copy_`, `mul` and the elementwise kernels), at the Qwen3-30B-A3B shapes:
   (F.rms_norm: fused, but the weight is multiplied before the rounding, so not HF's numbers; for reference);
 - `rope` (q [1, 32, S, 128], k [1, 4, S, 128]): `eager` (layers.apply_rotary), `compiled`, `liger` (in place);
 - `lora_linear` (q_proj 2048 -> 4096 with r=64, fp32 LoRA branch): `literal` (the branch cast up, scaled, added,
-  cast down: four elementwise kernels) and `fused_add` (torch_impl.lora.LoRALinear: one mixed-dtype in-place add).
+  cast down: four elementwise kernels) and `fused_add` (torch_impl.lora.LoRALinear: one mixed-dtype in-place add);
+- `lora_a_cast` (once, not per S: an fp32 LoRA-A factor [E, D, R] of Qwen3-30B-A3B and gpt-oss-20b cast to bf16 and
+  stored reduction-major, as every expert call does with both A factors): `copy_` (`Tensor.copy_` between the
+  layouts) and `kernel` (torch_impl.kernels.layout); forward only, its `ms` per cast.
 
 Each row: median ms of forward + backward (CUDA events; the input is made by one multiply in every variant so that
 it is not a leaf), and the largest difference of the output from the eager row in units of the output's bf16
@@ -141,6 +144,27 @@ def cases_at(S: int, dev: str, rnd) -> list[tuple[str, dict, object]]:
     return cases
 
 
+def cast_rows(dev: str, iters: int) -> list[dict]:
+    """`lora_a_cast`: grouped_gemm.reduction_major by copy_ and by the kernel, at the A-factor shapes of a layer."""
+    from torch_impl.kernels import grouped_gemm as gg
+
+    rows = []
+    for E, D in ((128, 2048), (128, 768), (32, 2880)):  # Qwen3 A1, A2; gpt-oss A1 = A2
+        src = torch.randn(E, D, 64, device=dev)
+        outs = {}
+        for variant, kernel in (("copy_", False), ("kernel", True)):
+            try:
+                outs[variant] = gg.reduction_major(src, torch.bfloat16, kernel=kernel)
+                ms = time_cuda(lambda: gg.reduction_major(src, torch.bfloat16, kernel=kernel), warmup=3,
+                               iters=iters) if dev == "cuda" else float("nan")
+                same = None if variant == "copy_" else bool(torch.equal(outs[variant], outs["copy_"]))
+                rows.append(dict(case=f"lora_a_cast_{E}x{D}x64", variant=variant, ms=ms, bitwise_equal=same))
+            except Exception as e:  # noqa: BLE001 - a variant that fails is recorded, not dropped
+                rows.append(dict(case=f"lora_a_cast_{E}x{D}x64", variant=variant, ms=None,
+                                 error=f"{type(e).__name__}: {str(e)[:200]}"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", default="4096,16384")
@@ -156,14 +180,20 @@ def main(argv: list[str] | None = None) -> int:
             .requires_grad_(grad)
 
     rows = []
+    gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+
+    def emit(row: dict) -> None:
+        print(json.dumps({k: row[k] for k in ("seq", "case", "variant", "ms", "max_ulps_vs_first", "bitwise_equal",
+                                              "error") if k in row}), flush=True)
+        rows.append(row)
+
+    for r in cast_rows(dev, a.iters):
+        emit({**versions(), "seq": None, **r, "gpu": gpu})
     for S in [int(s) for s in a.seq.split(",")]:
         cases = cases_at(S, dev, rnd)
         for name, variants, make in cases:
             for r in run_case(name, variants, make, dev, a.iters):
-                row = {**versions(), "seq": S, **r, "gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
-                print(json.dumps({k: row.get(k) for k in ("seq", "case", "variant", "ms", "max_ulps_vs_first",
-                                                           "error")}), flush=True)
-                rows.append(row)
+                emit({**versions(), "seq": S, **r, "gpu": gpu})
     if a.out:
         write_jsonl(a.out, rows)
     return 0

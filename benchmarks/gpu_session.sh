@@ -174,6 +174,8 @@ case $PART in
       tests/torch/test_hopper_kernels.py tests/torch/test_triton_kernels.py tests/torch/test_fused_glue.py \
       tests/torch/test_qwen3_parity.py tests/torch/test_gpt_oss_parity.py tests/torch/test_cuda_graph.py \
       > "$R/gpu_tests.log" 2>&1
+    # the LoRA-A cast kernel against copy_ (and the glue rows at 4K, for the record)
+    timeout 60 python3 benchmarks/glue_bench.py --seq 4096 --out "$R/glue.jsonl" > "$R/glue.log" 2>&1
     L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
     STEP="benchmarks/step.py --family qwen3_moe --layers $L --seq 4096,16384 --impls torch_impl --warmup 2 --iters 3"
     cp benchmarks/host_probe.py .scratch/base6/benchmarks/  # the probe is new: the base runs the same file
@@ -186,7 +188,7 @@ case $PART in
         (cd "$tree" && PYTHONPATH=$PWD:/tmp/site timeout 75 python3 $STEP --out "$R/step_qwen3_$name.jsonl" >> "$R/step.log" 2>&1)
       done
     done
-    grep -E "passed|failed" "$R/gpu_tests.log" | tail -3
+    grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; grep lora_a_cast "$R/glue.log"
     grep -h "^{" "$R"/host_probe_*.jsonl | cut -c1-160; rows "$R"/step_qwen3_base.jsonl "$R"/step_qwen3_head.jsonl ;;
   hoppertune)  # (2026-12-05, session 6) the host cost of the expert path per call (host_probe.py); the first sweep of
     # the Hopper kernels (triton_sweep.py --backend triton_hopper: until now they ran untuned defaults) on Qwen3 and
