@@ -143,6 +143,21 @@ def test_sort_by_expert_is_stable_and_consistent():
         sort_by_expert(torch.tensor([[4, 0]]), 4)
 
 
+@pytest.mark.parametrize("num_experts", [1, 7, 256, 257, 40000])
+def test_sort_by_expert_narrow_keys_give_the_int64_order(num_experts):
+    """The sort runs on uint8 / int16 keys where the ids fit (fewer radix passes on a GPU): the same stable order,
+    expert ids (int64) and groups as sorting the int64 ids, at each width's edges (E = 256: id 255 in uint8; E = 257:
+    int16; E = 40000: int64)."""
+    g = torch.Generator().manual_seed(num_experts)
+    ids = torch.randint(0, num_experts, (301, 3), generator=g)
+    ids[0, 0], ids[-1, -1] = num_experts - 1, 0
+    srt = sort_by_expert(ids, num_experts)
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    assert torch.equal(srt.order_M, order) and srt.expert_M.dtype == torch.int64
+    assert torch.equal(srt.expert_M, ids.reshape(-1)[order])
+    assert torch.equal(srt.group_sizes_E, torch.bincount(ids.reshape(-1), minlength=num_experts))
+
+
 def test_resolve_backend(monkeypatch):
     monkeypatch.delenv("SPLITMOE_MOE_BACKEND", raising=False)
     assert resolve_backend("native") == "native"
