@@ -98,17 +98,14 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, check: bool = 
     # of the same values gives the same order whatever their width.
     key_dtype = torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 32768 else torch.int64
     keys_M, order_M = torch.sort(flat_M.to(key_dtype), stable=True)
-    expert_M = keys_M.long()
-    inverse_M = torch.empty_like(order_M)
-    inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
     # histc needs floats on CPU (HF does the same); float64 keeps its bin arithmetic id·E/(E-1) exact for any E
     # (in float32 it rounds ids into the neighbouring bin once id·E passes 2^24); MPS has no float64
     dev = keys_M.device.type
     hist_in = keys_M.double() if dev == "cpu" else keys_M.float() if dev == "mps" else keys_M.int()
     group_sizes_E = torch.histc(hist_in, bins=num_experts, min=0, max=num_experts - 1).long()
     offsets_E = torch.cumsum(group_sizes_E, dim=0, dtype=torch.int32)
-    return ExpertSort(order_M=order_M, inverse_M=inverse_M, token_M=order_M // K, slot_M=order_M % K,
-                      expert_M=expert_M, group_sizes_E=group_sizes_E, offsets_E=offsets_E, num_tokens=T, top_k=K)
+    # inverse_M, slot_M and expert_M are made when a backend first reads them (see ExpertSort)
+    return ExpertSort(order_M, order_M // K, group_sizes_E, offsets_E, T, K, keys_M=keys_M)
 
 
 def check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:

@@ -25,36 +25,72 @@ import torch
 import torch.nn.functional as F
 
 
-@dataclass(frozen=True)
 class ExpertSort:
     """Routed row m = t·K + k sits at sorted position `inverse_M[m]`; sorted row j came from flat row `order_M[j]`,
     i.e. token `token_M[j]`, slot `slot_M[j]`, and belongs to expert `expert_M[j]`. Expert e owns the sorted rows
     `offsets_E[e-1]:offsets_E[e]` (`offsets_E` are int32 cumulative group ends, the form `grouped_mm` takes).
+
+    `inverse_M`, `slot_M` and `expert_M` are derived from the others when first read (`expert_M` from `keys_M`,
+    the sorted ids in the sort's own key dtype): the Triton backends read none of them, and a layer's forward then
+    launches none of their five small ops, in the forward and again in the checkpoint's recompute.
     """
 
-    order_M: torch.Tensor  # int64 [M]
-    inverse_M: torch.Tensor  # int64 [M]
-    token_M: torch.Tensor  # int64 [M]
-    slot_M: torch.Tensor  # int64 [M]
-    expert_M: torch.Tensor  # int64 [M], non-decreasing
-    group_sizes_E: torch.Tensor  # int64 [E]
-    offsets_E: torch.Tensor  # int32 [E], cumulative ends
-    num_tokens: int  # T
-    top_k: int  # K
+    def __init__(self, order_M: torch.Tensor, token_M: torch.Tensor, group_sizes_E: torch.Tensor,
+                 offsets_E: torch.Tensor, num_tokens: int, top_k: int, *, keys_M: torch.Tensor | None = None,
+                 inverse_M: torch.Tensor | None = None, slot_M: torch.Tensor | None = None,
+                 expert_M: torch.Tensor | None = None) -> None:
+        if expert_M is None and keys_M is None:
+            raise ValueError("ExpertSort needs the sorted expert ids: expert_M or keys_M")
+        self.order_M = order_M  # int64 [M]
+        self.token_M = token_M  # int64 [M]
+        self.group_sizes_E = group_sizes_E  # int64 [E]
+        self.offsets_E = offsets_E  # int32 [E], cumulative ends
+        self.num_tokens, self.top_k = num_tokens, top_k  # T, K
+        self._keys_M, self._inverse_M, self._slot_M, self._expert_M = keys_M, inverse_M, slot_M, expert_M
+
+    @property
+    def inverse_M(self) -> torch.Tensor:
+        """int64 [M]: the sorted position of each flat routed row."""
+        if self._inverse_M is None:
+            inverse = torch.empty_like(self.order_M)
+            inverse[self.order_M] = torch.arange(self.order_M.numel(), device=self.order_M.device)
+            self._inverse_M = inverse
+        return self._inverse_M
+
+    @property
+    def slot_M(self) -> torch.Tensor:
+        """int64 [M]: the routing slot k of each sorted row."""
+        if self._slot_M is None:
+            self._slot_M = self.order_M % self.top_k
+        return self._slot_M
+
+    @property
+    def expert_M(self) -> torch.Tensor:
+        """int64 [M], non-decreasing: the expert of each sorted row."""
+        if self._expert_M is None:
+            self._expert_M = self._keys_M.long()
+        return self._expert_M
 
     @property
     def num_experts(self) -> int:
         return self.group_sizes_E.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
-        """The tensors, in field order: how the custom op (`torch_impl.moe_op`) carries a sort."""
+        """The tensors, in a fixed order (the derived ones made now): how the custom op (`torch_impl.moe_op`)
+        carries a sort."""
         return [self.order_M, self.inverse_M, self.token_M, self.slot_M, self.expert_M, self.group_sizes_E,
                 self.offsets_E]
 
     @classmethod
     def from_tensors(cls, tensors: list[torch.Tensor], num_tokens: int, top_k: int) -> ExpertSort:
         """The inverse of `tensors()`."""
-        return cls(*tensors, num_tokens=num_tokens, top_k=top_k)
+        order_M, inverse_M, token_M, slot_M, expert_M, group_sizes_E, offsets_E = tensors
+        return cls(order_M, token_M, group_sizes_E, offsets_E, num_tokens, top_k, inverse_M=inverse_M,
+                   slot_M=slot_M, expert_M=expert_M)
+
+    def __repr__(self) -> str:
+        return (f"ExpertSort(T={self.num_tokens}, K={self.top_k}, E={self.num_experts}, "
+                f"M={self.order_M.numel()}, device={self.order_M.device})")
 
 
 @dataclass(frozen=True)
