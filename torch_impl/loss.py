@@ -111,15 +111,27 @@ def liger_available() -> bool:
 
 
 def resolve_impl(impl: str, h: torch.Tensor) -> str:
-    """`auto` -> `liger` for a CUDA tensor of a 16-bit or fp32 dtype when liger-kernel is installed, else `chunked`."""
+    """`auto` -> `liger` for a CUDA tensor of a 16-bit or fp32 dtype when liger-kernel is installed, else `chunked`.
+
+    Inside `models.layers.static_batch` (a forward that a CUDA graph captures, `torch_impl.cuda_graph`) `auto` is
+    always `chunked`: Liger's forward reads its count of valid labels on the host (`.item()`, liger-kernel 0.8.5),
+    which stops a capture; the chunk loop keeps every value on the device. `liger` there is refused with that reason.
+    """
+    from torch_impl.models.layers import in_static_batch  # deferred: models.layers imports this module's loss
+
     if impl not in IMPLS:
         raise ValueError(f"loss impl {impl!r}: one of {', '.join(IMPLS)}")
     if impl == "auto":
-        ok = h.is_cuda and h.dtype in (torch.bfloat16, torch.float16, torch.float32) and liger_available()
+        ok = (h.is_cuda and h.dtype in (torch.bfloat16, torch.float16, torch.float32) and liger_available()
+              and not in_static_batch())
         return "liger" if ok else "chunked"
     if impl == "liger" and not liger_available():
         raise ValueError("loss impl 'liger' needs liger-kernel (pip install 'splitmoe[torch]', or liger-kernel); "
                          "impl='chunked' runs everywhere")
+    if impl == "liger" and in_static_batch():
+        raise ValueError("loss impl 'liger' cannot run in a CUDA-graph step (static_batch): Liger's loss reads the "
+                         "number of valid labels on the host, which a capture cannot contain; use impl='chunked' "
+                         "(or 'auto', which picks it there)")
     return impl
 
 

@@ -212,6 +212,24 @@ def test_liger_kernel_gives_the_chunk_loops_loss_and_gradient():
     assert none.strip() == "nan"
 
 
+def test_cuda_graph_steps_take_the_chunk_loop(monkeypatch):
+    """Inside static_batch (a CUDA-graph capture's forward) `auto` never picks Liger, whose forward syncs with the
+    host, and an explicit `liger` is refused with the reason; outside it `auto` still picks Liger on CUDA."""
+    import types
+
+    from torch_impl import loss as loss_mod
+    from torch_impl.models.layers import static_batch
+
+    monkeypatch.setattr(loss_mod, "liger_available", lambda: True)
+    h = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # what resolve_impl reads of a CUDA tensor
+    assert resolve_impl("auto", h) == "liger"
+    with static_batch(packed=False):
+        assert resolve_impl("auto", h) == "chunked"
+        with pytest.raises(ValueError, match="CUDA-graph step"):
+            resolve_impl("liger", h)
+    assert resolve_impl("auto", h) == "liger"
+
+
 def test_auto_picks_the_chunk_loop_off_cuda():
     h = torch.zeros(2, 3)
     assert resolve_impl("auto", h) == "chunked"
