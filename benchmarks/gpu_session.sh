@@ -35,6 +35,7 @@
 #                                             # gpu tests
 #   bash benchmarks/gpu_session.sh session6   # session 6's changes before/after (carry .scratch/base6): gpu tests, host probe, steps
 #   bash benchmarks/gpu_session.sh session7   # CUDA-graph tests with Liger; Qwen3 Unsloth / torch_impl / HF + PEFT; graph row
+#   bash benchmarks/gpu_session.sh graphcheck # the CUDA-graph tests with Liger on the path; one Qwen3 4K graph row
 #   bash benchmarks/gpu_session.sh hoppertune # host cost of the expert path; the Hopper kernels' first sweep, block rows
 #   bash benchmarks/gpu_session.sh hoppertune2 # the Hopper sweep for GLM-4.5/4.7-Flash and r=16/32/128 shapes
 #   bash benchmarks/gpu_session.sh jaxstep    # jax_impl Qwen3-30B-A3B steps (4 layers, then 48) next to torch_impl
@@ -49,7 +50,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -204,6 +205,15 @@ case $PART in
       --layers "$L" --seq 4096 --impls torch_impl --cuda-graph --warmup 2 --iters 3 \
       --out "$R/step_graph.jsonl" >> "$R/step.log" 2>&1
     rows "$R"/step_qwen3.jsonl "$R"/step_graph.jsonl ;;
+  graphcheck)  # (2026-12-05, session 7, its last 377 s of device time) the CUDA-graph gpu tests with Liger on the path
+    # (the loss's chunk loop inside a capture, commit 7f62c24), then one Qwen3 4K row replayed from a graph
+    wheels
+    timeout -s INT 50 python3 -m pytest -v -m gpu -n 4 -p no:cacheprovider -rfEX --tb=short \
+      tests/torch/test_cuda_graph.py > "$R/gpu_tests.log" 2>&1
+    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    timeout 100 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096 --impls torch_impl \
+      --cuda-graph --warmup 2 --iters 3 --out "$R/step_graph.jsonl" > "$R/step.log" 2>&1
+    rows "$R"/step_graph.jsonl ;;
   hoppertune)  # (2026-12-05, session 6) the host cost of the expert path per call (host_probe.py); the first sweep of
     # the Hopper kernels (triton_sweep.py --backend triton_hopper: until now they ran untuned defaults) on Qwen3 and
     # gpt-oss at 4K and 16K, merged into the shipped table of this copy; then the block rows with it (hopper_suite:
