@@ -9,6 +9,8 @@ profile of a 24-layer Qwen3-30B-A3B step (benchmarks/results/session5_2026-12-05
 144 launches, 13.2 ms, about 130 µs for one [128, 2048, 64] factor (0.8 TB/s), run for every layer in the forward,
 the recompute and, compiled, the backward. Here each program loads a [BLOCK_D, BLOCK_R] tile along R (coalesced) and
 stores it along D (coalesced); Triton moves the tile between the two register layouts through shared memory.
+Measured on an H100 (`benchmarks/glue_bench.py`, 2026-12-05, the same bits as `copy_`): Qwen3's [128, 2048, 64]
+factor 140.7 -> 59.7 µs, its [128, 768, 64] 60.9 -> 33.4 µs, gpt-oss's [32, 2880, 64] 59.6 -> 33.5 µs.
 """
 
 from __future__ import annotations
