@@ -218,17 +218,26 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
     _check_shapes(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     act = Activation(activation, swiglu_limit, swiglu_alpha)
     impl = get_backend(resolve_backend(backend, device=x.device, dtype=x.dtype))
+    srt = sort if sort is not None else sort_by_expert(expert_ids, w_gate_up.shape[0], check=check_ids)
+    weights, lora_gu, lora_d, bias_pair = backend_operands(impl, x, expert_weights, lora_gate_up, lora_down, biases)
+    return impl.experts_forward(x, weights, srt, w_gate_up, w_down, lora_gu, lora_d, float(scale), bias_pair, act,
+                                output_unread=output_unread)
+
+
+def backend_operands(impl, x: torch.Tensor, expert_weights: torch.Tensor, lora_gate_up: LoraPair | None,
+                     lora_down: LoraPair | None, biases: tuple[torch.Tensor, torch.Tensor] | None):
+    """(expert_weights, lora_gate_up, lora_down, biases) as backend `impl` takes them: routing weights, biases and
+    LoRA pairs cast to x's dtype, except the LoRA pairs of a backend that takes fp32 LoRA masters itself (triton: one
+    cast inside, fp32 gradients straight from its fp32 accumulators), which skips a bf16 round trip of every LoRA
+    gradient and its copies. Autograd's gradient of such a cast is the gradient cast back; the custom op's backward
+    (`torch_impl.moe_op`) calls this too and does the same."""
     dt = x.dtype
 
     def cast(pair):
         return None if pair is None else (pair[0].to(dt), pair[1].to(dt))
 
-    # A backend that takes fp32 LoRA masters itself (triton: one cast inside, fp32 gradients straight from its fp32
-    # accumulators) skips the cast here, and with it a bf16 round trip of every LoRA gradient and its copies.
     lora_cast = (lambda pair: pair) if getattr(impl, "TAKES_FP32_LORA", False) else cast
-    srt = sort if sort is not None else sort_by_expert(expert_ids, w_gate_up.shape[0], check=check_ids)
-    return impl.experts_forward(x, expert_weights.to(dt), srt, w_gate_up, w_down, lora_cast(lora_gate_up),
-                                lora_cast(lora_down), float(scale), cast(biases), act, output_unread=output_unread)
+    return expert_weights.to(dt), lora_cast(lora_gate_up), lora_cast(lora_down), cast(biases)
 
 
 # ---- modules ---------------------------------------------------------------------------------------------------------

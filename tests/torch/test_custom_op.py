@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,7 +41,8 @@ def _import_triton_interpreted() -> str | None:
         import triton.language as tl
 
         if type(tl.sigmoid).__name__ != "InterpretedFunction":
-            return "triton was imported compiled before this module (test_triton_kernels.py covers it)"
+            return ("triton was imported compiled before this module "
+                    "(test_triton_op_tests_in_a_fresh_interpreter_process runs these)")
         os.environ["TRITON_INTERPRET"] = "1"  # our kernels are decorated by this import
         import torch_impl.kernels.split_lora  # noqa: F401
     finally:
@@ -183,6 +186,59 @@ def test_op_matches_eager_triton_interpreter(case_name, seed, monkeypatch):
         pytest.skip(f"triton backend not in the interpreter here: {TRITON_SKIP}")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read again at launch
     _compare_op_with_eager(case_name, seed, "triton")
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "fp16_x_fp32_weights"])
+@pytest.mark.parametrize("case_name", ["odd_dims", "k1", "empty_experts", "oai_biases"])
+def test_op_backward_direct_equals_the_rebuilt_graph(case_name, mixed, seed, monkeypatch):
+    """The backward op's direct path (the Triton Function's backward on the residuals, `moe_op._direct_backward`)
+    gives the same bits as the generic path it replaces (the Function's graph rebuilt on fresh leaves and
+    differentiated), and is the path taken. `mixed`: x and the base weights in fp16 while the routing weights, LoRA
+    masters and biases stay fp32, so the casts of `moe.backend_operands` and their gradients' casts back are
+    exercised."""
+    if TRITON_SKIP is not None:
+        pytest.skip(f"triton backend not in the interpreter here: {TRITON_SKIP}")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read again at launch
+    calls = []
+    direct = moe_op._direct_backward
+
+    def counted(*args):
+        out = direct(*args)
+        calls.append(out is not None)
+        return out
+
+    def run(path):
+        monkeypatch.setattr(moe_op, "_direct_backward", counted if path == "direct" else lambda *a: None)
+        tt = _tensors(case_name, seed, base_grad=False)
+        if mixed:
+            for k in ("x", "w_gate_up", "w_down"):
+                tt[k] = tt[k].detach().half().requires_grad_(tt[k].requires_grad)
+        y = moe_op.split_lora_experts_op(tt["x"], tt["expert_ids"], tt["expert_weights"], tt["w_gate_up"],
+                                         tt["w_down"], tt["lora_gate_up"], tt["lora_down"], biases=tt["biases"],
+                                         backend="triton", **tt["kw"])
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype))
+        return [None if t is None else t.grad for t in _flat(tt)]
+
+    rebuilt, fast = run("rebuilt"), run("direct")
+    assert calls == [True], "the direct path was not taken"
+    for name, g, e in zip(GRAD_NAMES, fast, rebuilt):
+        assert (g is None) == (e is None), f"d{name}: {g is None} vs {e is None}"
+        if e is not None:
+            assert g.dtype == e.dtype and torch.equal(g, e), f"{case_name} d{name} differs from the rebuilt graph's"
+
+
+@pytest.mark.skipif(TRITON_SKIP is None or torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="only needed when triton was imported compiled before this module")
+def test_triton_op_tests_in_a_fresh_interpreter_process():
+    """The triton tests above in a new process that sets TRITON_INTERPRET=1 before triton is imported (under
+    pytest-xdist another module imports triton compiled first, and they would skip)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-x",
+                           "-p", "no:cacheprovider", "-k", "triton_interpreter or direct_equals"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-3000:]
 
 
 # ---- when the op is used ---------------------------------------------------------------------------------------------

@@ -68,3 +68,22 @@ def experts_forward(x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_g
         x_TH, None, weights_TK, w_gate_up, w_down, lora_gate_up, lora_down, scale=scale, biases=biases,
         activation=act.name, swiglu_limit=act.limit, swiglu_alpha=act.alpha,
         sort=split_lora.KernelSort.from_expert_sort(srt), output_unread=output_unread)
+
+
+def experts_backward(dy_TH, x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_gate_up, lora_down,
+                     scale: float, biases, act: Activation, residuals: list[torch.Tensor],
+                     needs_grad: list[bool], kernels: str = "triton") -> list[torch.Tensor | None]:
+    """The gradients of `experts_forward`'s differentiable inputs (x, weights, w_gate_up, w_down, A1, B1, A2, B2,
+    b_gate_up, b_down; None where `needs_grad` is False) from dy and the residuals its Function saved
+    (`common.op_residuals`), without its forward: the custom op's backward (`torch_impl.moe_op`). Needs T > 0.
+    `kernels`: the NN kernel family that ran the forward ("hopper" for the `triton_hopper` backend)."""
+    from torch_impl.kernels import split_lora
+
+    a1, b1 = lora_gate_up if lora_gate_up is not None else (None, None)
+    a2, b2 = lora_down if lora_down is not None else (None, None)
+    b_gu, b_d = biases if biases is not None else (None, None)
+    return split_lora.backward_from_residuals(
+        dy_TH, x_TH, weights_TK, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d,
+        split_lora.KernelSort.from_expert_sort(srt), residuals, scale, act.name, act.limit, act.alpha,
+        kernels, needs_input_grad=needs_grad)
+

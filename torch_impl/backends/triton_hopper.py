@@ -51,3 +51,11 @@ def experts_forward(x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_g
         x_TH, None, weights_TK, w_gate_up, w_down, lora_gate_up, lora_down, scale=scale, biases=biases,
         activation=act.name, swiglu_limit=act.limit, swiglu_alpha=act.alpha,
         sort=split_lora.KernelSort.from_expert_sort(srt), kernels="hopper", output_unread=output_unread)
+
+
+def experts_backward(dy_TH, x_TH, weights_TK, srt: ExpertSort, w_gate_up, w_down, lora_gate_up, lora_down,
+                     scale: float, biases, act: Activation, residuals: list[torch.Tensor],
+                     needs_grad: list[bool]) -> list[torch.Tensor | None]:
+    """`triton.experts_backward` on the Hopper kernels (the custom op's backward, `torch_impl.moe_op`)."""
+    return _triton.experts_backward(dy_TH, x_TH, weights_TK, srt, w_gate_up, w_down, lora_gate_up, lora_down, scale,
+                                    biases, act, residuals, needs_grad, kernels="hopper")

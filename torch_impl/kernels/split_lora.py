@@ -25,6 +25,8 @@ less memory than saving gu and h (3I) as a plain grouped_mm implementation does,
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn.functional as F
 
@@ -155,6 +157,18 @@ def _t(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.transpose(1, 2)
 
 
+def _kernel_operands(x, expert_weights, a1, b1, a2, b2, b_gu, b_d, srt: KernelSort):
+    """What the kernels read besides x and the base weights: the LoRA factors and biases in x's dtype (they may be
+    fp32 masters: tiny copies), the A factors stored reduction-major in the same copy (see gg.reduction_major for
+    why), and the routing weight of each sorted row in fp32. The forward and `backward_from_residuals` both build
+    them here, so both hand the backward the same values."""
+    dt = x.dtype
+    b1, b2, b_gu, b_d = (None if t is None else t.to(dt) for t in (b1, b2, b_gu, b_d))
+    a1, a2 = (None if t is None else gg.reduction_major(t, dt) for t in (a1, a2))
+    w_sorted = expert_weights.reshape(-1)[srt.flat_M].float()
+    return a1, b1, a2, b2, b_gu, b_d, w_sorted
+
+
 class SplitLoraExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, srt: KernelSort, scale, act,
@@ -165,12 +179,8 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
         dt = x.dtype
         ctx.param_dtypes = [None if t is None else t.dtype
                             for t in (x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d)]
-        # LoRA factors and biases may be fp32 master weights: the kernels run in the activation dtype (tiny copies).
-        # The A factors are stored reduction-major in the same copy (see gg.reduction_major for why).
-        b1, b2, b_gu, b_d = (None if t is None else t.to(dt) for t in (b1, b2, b_gu, b_d))
-        a1, a2 = (None if t is None else gg.reduction_major(t, dt) for t in (a1, a2))
+        a1, b1, a2, b2, b_gu, b_d, w_sorted = _kernel_operands(x, expert_weights, a1, b1, a2, b2, b_gu, b_d, srt)
         M = srt.M
-        w_sorted = expert_weights.reshape(-1)[srt.flat_M].float()  # routing weight of each sorted row
         # the custom op keeps gu, z1, z2 even without grad (common.op_residuals), for its backward
         grad = any(ctx.needs_input_grad[:10]) or capturing_residuals()
         r1 = 0 if b1 is None else b1.shape[1]
@@ -305,6 +315,28 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
         out = [None if grads.get(n) is None else grads[n].to(dtype)
                for n, dtype in zip(names, ctx.param_dtypes)]
         return (*out, None, None, None, None, None, None, None)
+
+
+def backward_from_residuals(dy: torch.Tensor, x: torch.Tensor, expert_weights: torch.Tensor,
+                            w_gate_up: torch.Tensor, w_down: torch.Tensor, a1, b1, a2, b2, b_gu, b_d,
+                            srt: KernelSort, residuals: list[torch.Tensor], scale: float, activation: str,
+                            swiglu_limit: float, swiglu_alpha: float, kernels: str,
+                            needs_input_grad: list[bool]) -> list[torch.Tensor | None]:
+    """`SplitLoraExpertsFunction`'s backward on the residuals of its forward (gu, z1, z2, as `op_residuals`
+    captured them), without running that forward again or going through autograd: the gradients of (x,
+    expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d) for those flagged in `needs_input_grad` (None for
+    the rest), in the dtypes of these arguments. The same backward code on the same values as the Function's own,
+    so the same bits; the custom op's backward (`torch_impl.moe_op`) calls it where it would otherwise rebuild the
+    Function's graph to differentiate it. Needs T > 0 (with no tokens the Function never runs)."""
+    a1c, b1c, a2c, b2c, bguc, bdc, w_sorted = _kernel_operands(x, expert_weights, a1, b1, a2, b2, b_gu, b_d, srt)
+    gu, z1, z2 = gu_z1_z2(residuals, b1 is not None, b2 is not None)
+    ctx = SimpleNamespace(
+        saved_tensors=(x, expert_weights, w_gate_up, w_down, a1c, b1c, a2c, b2c, bguc, bdc, gu, z1, z2, w_sorted),
+        srt=srt, scale=float(scale), act=gg.act_code(activation), limit=float(swiglu_limit),
+        alpha=float(swiglu_alpha), nn=_NN(kernels), needs_input_grad=tuple(bool(n) for n in needs_input_grad),
+        param_dtypes=[None if t is None else t.dtype
+                      for t in (x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d)])
+    return list(SplitLoraExpertsFunction.backward(ctx, dy)[:10])
 
 
 def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor | None, expert_weights: torch.Tensor,
