@@ -449,6 +449,26 @@ def test_cast_transpose_rejects_a_wrong_destination():
         cast_transpose_into(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
 
 
+@kernel_test
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+@pytest.mark.parametrize("sizes", [[5], [0, 3, 0, 17, 1, 0, 64], [0] * 6 + [200], [33] * 13, [0, 0, 0],
+                                   [3, 0] * 8],
+                         ids=["E1", "empty_experts", "one_full", "prime_E", "no_rows", "E16_no_padding_lane"])
+def test_schedule_kernel_equals_the_torch_ops(sizes, block_m):
+    """`kernels.schedule.row_block_schedule` (the GPU's one launch) gives exactly the torch ops' schedule and count:
+    one expert, empty experts between full ones, every row in the last expert, prime E, no rows at all, and E a
+    power of two (no padding lane in the kernel's expert vector)."""
+    from torch_impl.kernels.schedule import row_block_schedule
+
+    offsets = torch.tensor([0] + list(np.cumsum(sizes)), dtype=torch.int32)
+    srt = sl.KernelSort(torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), offsets,
+                        int(offsets[-1]), 1)  # only the offsets and M matter for the schedule
+    want_e, want_r = srt.schedule(block_m)
+    got_e, got_r, got_n = row_block_schedule(offsets.to(DEVICE), block_m, srt.M)
+    assert torch.equal(got_e.cpu(), want_e) and torch.equal(got_r.cpu(), want_r)
+    assert torch.equal(got_n.cpu(), srt.row_tile_count(block_m))
+
+
 def test_schedule_covers_every_row_once():
     """Row blocks never straddle experts, cover each sorted row exactly once, and surplus tiles are marked -1."""
     ids = torch.tensor([[2, 0], [0, 2], [1, 0], [4, 2], [2, 1]])

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch_impl.backends.common import capture_residuals, capturing_residuals, gu_z1_z2, replayed_residuals
 from torch_impl.kernels import autotune
 from torch_impl.kernels import grouped_gemm as gg
+from torch_impl.kernels.schedule import row_block_schedule
 
 
 class KernelSort:
@@ -72,8 +73,12 @@ class KernelSort:
         """(tile_expert, tile_row) for row blocks of `block_m` that never straddle two experts, int32.
 
         The length is the upper bound cdiv(M, block_m) + E, known without a sync; surplus tiles get expert -1 (and a
-        row the kernels never read). All int32, 16 small ops: the schedule is built in every layer's forward.
+        row the kernels never read). All int32: on a GPU one launch (`kernels.schedule.row_block_schedule`, the same
+        values), elsewhere 16 small torch ops; the schedule is built in every layer's forward.
         """
+        if block_m not in self._schedules and self.offsets_E1.is_cuda:
+            tile_expert, tile_row, count = row_block_schedule(self.offsets_E1.to(torch.int32), block_m, self.M)
+            self._schedules[block_m], self._tile_counts[block_m] = (tile_expert, tile_row), count
         if block_m not in self._schedules:
             E, bm = self.num_experts, block_m
             offs = self.offsets_E1.to(torch.int32)  # a no-op on the int32 offsets every constructor makes
