@@ -207,12 +207,15 @@ case $PART in
     rows "$R"/step_qwen3.jsonl "$R"/step_graph.jsonl ;;
   graphcheck)  # (2026-12-05, session 7, its last 377 s of device time) the CUDA-graph gpu tests with Liger on the path
     # (the loss's chunk loop inside a capture, commit 7f62c24), then one Qwen3 4K row replayed from a graph
+    # and the schedule kernel (kernels/schedule.py) with the whole Function on it, in bf16
     wheels
-    timeout -s INT 50 python3 -m pytest -v -m gpu -n 4 -p no:cacheprovider -rfEX --tb=short \
-      tests/torch/test_cuda_graph.py > "$R/gpu_tests.log" 2>&1
+    timeout -s INT 75 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
+      tests/torch/test_cuda_graph.py tests/torch/test_triton_kernels.py tests/torch/test_hopper_kernels.py \
+      -k "cuda or schedule or reduction_major or bf16_gpu_matches_reference or hopper_matches" \
+      > "$R/gpu_tests.log" 2>&1
     L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
-    timeout 100 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096 --impls torch_impl \
-      --cuda-graph --warmup 2 --iters 3 --out "$R/step_graph.jsonl" > "$R/step.log" 2>&1
+    [ "$SECONDS" -lt 100 ] && timeout 100 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096 \
+      --impls torch_impl --cuda-graph --warmup 2 --iters 3 --out "$R/step_graph.jsonl" > "$R/step.log" 2>&1
     rows "$R"/step_graph.jsonl ;;
   hoppertune)  # (2026-12-05, session 6) the host cost of the expert path per call (host_probe.py); the first sweep of
     # the Hopper kernels (triton_sweep.py --backend triton_hopper: until now they ran untuned defaults) on Qwen3 and
