@@ -188,14 +188,16 @@ def test_op_matches_eager_triton_interpreter(case_name, seed, monkeypatch):
     _compare_op_with_eager(case_name, seed, "triton")
 
 
-@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "fp16_x_fp32_weights"])
-@pytest.mark.parametrize("case_name", ["odd_dims", "k1", "empty_experts", "oai_biases"])
-def test_op_backward_direct_equals_the_rebuilt_graph(case_name, mixed, seed, monkeypatch):
+@pytest.mark.parametrize("backend, mixed, case_name", [
+    *[("triton", m, c) for m in (False, True) for c in ("odd_dims", "k1", "empty_experts", "oai_biases")],
+    ("triton_hopper", False, "odd_dims"), ("triton_hopper", True, "oai_biases")],
+    ids=lambda v: {False: "fp32", True: "fp16_x_fp32_weights"}.get(v, v) if isinstance(v, bool) else v)
+def test_op_backward_direct_equals_the_rebuilt_graph(backend, case_name, mixed, seed, monkeypatch):
     """The backward op's direct path (the Triton Function's backward on the residuals, `moe_op._direct_backward`)
     gives the same bits as the generic path it replaces (the Function's graph rebuilt on fresh leaves and
     differentiated), and is the path taken. `mixed`: x and the base weights in fp16 while the routing weights, LoRA
     masters and biases stay fp32, so the casts of `moe.backend_operands` and their gradients' casts back are
-    exercised."""
+    exercised. Both Triton backends (the Hopper kernels run in the interpreter too)."""
     if TRITON_SKIP is not None:
         pytest.skip(f"triton backend not in the interpreter here: {TRITON_SKIP}")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read again at launch
@@ -215,7 +217,7 @@ def test_op_backward_direct_equals_the_rebuilt_graph(case_name, mixed, seed, mon
                 tt[k] = tt[k].detach().half().requires_grad_(tt[k].requires_grad)
         y = moe_op.split_lora_experts_op(tt["x"], tt["expert_ids"], tt["expert_weights"], tt["w_gate_up"],
                                          tt["w_down"], tt["lora_gate_up"], tt["lora_down"], biases=tt["biases"],
-                                         backend="triton", **tt["kw"])
+                                         backend=backend, **tt["kw"])
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype))
         return [None if t is None else t.grad for t in _flat(tt)]
 
