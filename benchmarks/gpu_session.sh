@@ -211,6 +211,7 @@ case $PART in
     wheels
     timeout -s INT 75 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
       tests/torch/test_cuda_graph.py tests/torch/test_triton_kernels.py tests/torch/test_hopper_kernels.py \
+      tests/torch/test_custom_op.py \
       -k "cuda or schedule or reduction_major or bf16_gpu_matches_reference or hopper_matches" \
       > "$R/gpu_tests.log" 2>&1
     L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
