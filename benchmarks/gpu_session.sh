@@ -205,9 +205,10 @@ case $PART in
       --layers "$L" --seq 4096 --impls torch_impl --cuda-graph --warmup 2 --iters 3 \
       --out "$R/step_graph.jsonl" >> "$R/step.log" 2>&1
     rows "$R"/step_qwen3.jsonl "$R"/step_graph.jsonl ;;
-  graphcheck)  # (2026-12-05, session 7, its last 377 s of device time) the CUDA-graph gpu tests with Liger on the path
-    # (the loss's chunk loop inside a capture, commit 7f62c24), then one Qwen3 4K row replayed from a graph
-    # and the schedule kernel (kernels/schedule.py) with the whole Function on it, in bf16
+  graphcheck)  # (2026-12-05, session 7, for its last device time) the gpu tests of what landed after its calls: the
+    # CUDA-graph tests with Liger on the path (the loss's chunk loop inside a capture, commit 7f62c24), the schedule
+    # and cast kernels, the kernels' bf16 reference tests (the Function on the schedule kernel), the custom op
+    # against eager in bf16 (its direct backward); then, with time left, one Qwen3 4K row replayed from a graph
     wheels
     timeout -s INT 75 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
       tests/torch/test_cuda_graph.py tests/torch/test_triton_kernels.py tests/torch/test_hopper_kernels.py \
