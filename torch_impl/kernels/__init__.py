@@ -6,7 +6,8 @@
 - `hopper.py`: the persistent variant of the NN kernel for sm_90+ (weights by TMA tensor descriptors, a persistent
   grid over the tiles), run by the `triton_hopper` backend (`split_lora_experts(..., kernels="hopper")`).
 - `layout.py`: the cast + transpose of LoRA-A factors into the reduction-major layout the NN kernels read.
-- `schedule.py`: the NN kernels' row-block schedule (tiles that never straddle two experts) in one launch.
+- `schedule.py`: the NN kernels' row-block schedule (tiles that never straddle two experts) in one launch
+  (opt-in, SPLITMOE_SCHEDULE_KERNEL=1, until GPU-tested).
 - `autotune.py`: default block sizes and the opt-in autotuner with its on-disk cache.
 
 Kernels are decorated with `triton.jit` when `grouped_gemm` is imported, and Triton reads TRITON_INTERPRET at that

@@ -12,7 +12,8 @@ height `bm`, the kernels walk row tiles that never straddle two experts:
 
 `split_lora.KernelSort.schedule` computes this with 16 small torch ops per forward; on the GPU each is a host
 dispatch (about 6 µs on the H100 host of 2026-12-05) and a kernel. Here every program rebuilds the E-long prefix in
-registers (E is at most a few hundred) and fills BLOCK_I tiles: one launch, the same int32 values.
+registers (E is at most a few hundred) and fills BLOCK_I tiles: one launch, the same int32 values. Opt-in
+(SPLITMOE_SCHEDULE_KERNEL=1) until its gpu tests have run (`benchmarks/gpu_session.sh graphcheck`).
 """
 
 from __future__ import annotations
