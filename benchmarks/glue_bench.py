@@ -155,8 +155,10 @@ def cast_rows(dev: str, iters: int) -> list[dict]:
         for variant, kernel in (("copy_", False), ("kernel", True)):
             try:
                 outs[variant] = gg.reduction_major(src, torch.bfloat16, kernel=kernel)
-                ms = time_cuda(lambda: gg.reduction_major(src, torch.bfloat16, kernel=kernel), warmup=3,
-                               iters=iters) if dev == "cuda" else float("nan")
+                def cast(src=src, kernel=kernel):
+                    return gg.reduction_major(src, torch.bfloat16, kernel=kernel)
+
+                ms = time_cuda(cast, warmup=3, iters=iters) if dev == "cuda" else float("nan")
                 same = None if variant == "copy_" else bool(torch.equal(outs[variant], outs["copy_"]))
                 rows.append(dict(case=f"lora_a_cast_{E}x{D}x64", variant=variant, ms=ms, bitwise_equal=same))
             except Exception as e:  # noqa: BLE001 - a variant that fails is recorded, not dropped
