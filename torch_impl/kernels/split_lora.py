@@ -166,6 +166,11 @@ def _t(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.transpose(1, 2)
 
 
+def _dtypes(*tensors) -> list[torch.dtype | None]:
+    """The dtypes the backward returns its gradients in (None for an absent input)."""
+    return [None if t is None else t.dtype for t in tensors]
+
+
 def _kernel_operands(x, expert_weights, a1, b1, a2, b2, b_gu, b_d, srt: KernelSort):
     """What the kernels read besides x and the base weights: the LoRA factors and biases in x's dtype (they may be
     fp32 masters: tiny copies), the A factors stored reduction-major in the same copy (see gg.reduction_major for
@@ -186,8 +191,7 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
         I2 = w_gate_up.shape[2]
         I, K = I2 // 2, srt.K
         dt = x.dtype
-        ctx.param_dtypes = [None if t is None else t.dtype
-                            for t in (x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d)]
+        ctx.param_dtypes = _dtypes(x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d)
         a1, b1, a2, b2, b_gu, b_d, w_sorted = _kernel_operands(x, expert_weights, a1, b1, a2, b2, b_gu, b_d, srt)
         M = srt.M
         # the custom op keeps gu, z1, z2 even without grad (common.op_residuals), for its backward
@@ -343,8 +347,7 @@ def backward_from_residuals(dy: torch.Tensor, x: torch.Tensor, expert_weights: t
         saved_tensors=(x, expert_weights, w_gate_up, w_down, a1c, b1c, a2c, b2c, bguc, bdc, gu, z1, z2, w_sorted),
         srt=srt, scale=float(scale), act=gg.act_code(activation), limit=float(swiglu_limit),
         alpha=float(swiglu_alpha), nn=_NN(kernels), needs_input_grad=tuple(bool(n) for n in needs_input_grad),
-        param_dtypes=[None if t is None else t.dtype
-                      for t in (x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d)])
+        param_dtypes=_dtypes(x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d))
     return list(SplitLoraExpertsFunction.backward(ctx, dy)[:10])
 
 
