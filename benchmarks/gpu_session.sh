@@ -35,6 +35,7 @@
 #                                             # gpu tests
 #   bash benchmarks/gpu_session.sh session6   # session 6's changes before/after (carry .scratch/base6): gpu tests, host probe, steps
 #   bash benchmarks/gpu_session.sh session7   # Qwen3 Unsloth / torch_impl / HF + PEFT in one command
+#   bash benchmarks/gpu_session.sh session8   # gpu tests of sessions 7-8; Qwen3 Unsloth/torch_impl/HF+PEFT rows, launch paths
 #   bash benchmarks/gpu_session.sh graphcheck # the CUDA-graph tests with Liger on the path; one Qwen3 4K graph row
 #   bash benchmarks/gpu_session.sh hoppertune # host cost of the expert path; the Hopper kernels' first sweep, block rows
 #   bash benchmarks/gpu_session.sh hoppertune2 # the Hopper sweep for GLM-4.5/4.7-Flash and r=16/32/128 shapes
@@ -50,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -199,6 +200,30 @@ case $PART in
     timeout 540 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
       --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
     rows "$R"/step_qwen3.jsonl ;;
+  session8)  # (2026-12-06, session 8) the gpu tests of what landed in sessions 7-8 (CUDA graphs with Liger on the
+    # path, the schedule and cast kernels, the custom op's direct backward, the cached launch path), then Qwen3 steps
+    # in one call: Unsloth, torch_impl and HF + PEFT at 4K and 16K, then torch_impl at 4K through Triton's own launch
+    # path (SPLITMOE_FAST_LAUNCH=0: what the cached launches save), then a CUDA-graph row with the time left. The
+    # schedule kernel is on in the steps only if its gpu tests passed.
+    wheels
+    SPLITMOE_SCHEDULE_KERNEL=1 timeout -s INT 100 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX \
+      --tb=short tests/torch/test_cuda_graph.py tests/torch/test_triton_kernels.py tests/torch/test_hopper_kernels.py \
+      tests/torch/test_custom_op.py tests/torch/test_launch.py \
+      -k "cuda or schedule or reduction_major or bf16_gpu_matches_reference or hopper_matches or cached_launch" \
+      > "$R/gpu_tests.log" 2>&1
+    if ! grep -qE "^(FAILED|ERROR).*schedule" "$R/gpu_tests.log" && grep -qE "PASSED.*schedule|schedule.*PASSED" "$R/gpu_tests.log"; then
+      export SPLITMOE_SCHEDULE_KERNEL=1
+    fi
+    echo "schedule kernel in the steps: ${SPLITMOE_SCHEDULE_KERNEL:-0}" | tee "$R/schedule_kernel.txt"
+    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    timeout 380 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
+      --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
+    SPLITMOE_FAST_LAUNCH=0 timeout 90 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096 \
+      --impls torch_impl --warmup 2 --iters 3 --out "$R/step_qwen3_triton_launch.jsonl" > "$R/step_tl.log" 2>&1
+    [ "$SECONDS" -lt 480 ] && timeout $((570 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe \
+      --layers "$L" --seq 4096 --impls torch_impl --cuda-graph --warmup 2 --iters 3 --out "$R/step_graph.jsonl" \
+      > "$R/step_graph.log" 2>&1
+    rows "$R"/step_qwen3.jsonl "$R"/step_qwen3_triton_launch.jsonl "$R"/step_graph.jsonl 2>/dev/null ;;
   graphcheck)  # (2026-12-05, session 7, for its last device time) the gpu tests of what landed after its calls: the
     # CUDA-graph tests with Liger on the path (the loss's chunk loop inside a capture, commit 7f62c24), the schedule
     # and cast kernels, the kernels' bf16 reference tests (the Function on the schedule kernel, opt-in until these

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from torch_impl.kernels.launch import launch
 from torch_impl.kernels.layout import cast_transpose_into
 
 ACT_NONE, ACT_SWIGLU, ACT_SWIGLU_OAI = 0, 1, 2
@@ -358,7 +359,7 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_D"]
     grid = (tile_expert.numel(), cdiv(n, bn))
     dummy = offsets_E1
-    _grouped_gemm_kernel[grid](
+    launch(_grouped_gemm_kernel, grid, (
         a, *_strides2(a), row_index if row_index is not None else dummy,
         w_EDN, *_strides3(w_EDN),
         tile_expert, tile_row, offsets_E1,
@@ -371,13 +372,13 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
         out, *out.stride(), out_rows_M if out_rows_M is not None else dummy,
         dot_MT if dot_MT is not None else dummy, *_strides2(dot_MT),
         n, d, rank, n, float(z_scale), float(lora_scale), float(out_scale), float(limit), float(alpha),
+    ), dict(
         GATHER_A=row_index is not None, LORA=lora, STORE_Z=bool(store_z and lora == LORA_FUSE_Z),
         HAS_BIAS=bias_EN is not None, ROW_SCALE=row_scale_M is not None,
         MODE=mode, ACT=act, STORE_GU=bool(store_gu), SCATTER_OUT=out_rows_M is not None,
         DOT_PREC=_dot_prec(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         BLOCK_R=max(16, next_pow2(max(rank, 1))),
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
-    )
+    ), num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     return out
 
 
@@ -400,15 +401,15 @@ def grouped_gemm_tn(left: torch.Tensor | None, right: torch.Tensor, offsets_E1: 
     bm, bp, bq = config["BLOCK_M"], config["BLOCK_P"], config["BLOCK_Q"]
     grid = (num_experts, cdiv(p, bp) * cdiv(q, bq))
     dummy = offsets_E1
-    _grouped_gemm_tn_kernel[grid](
+    launch(_grouped_gemm_tn_kernel, grid, (
         lft, *lft.stride(), left_index if left_index is not None else dummy,
         right, *right.stride(), right_index if right_index is not None else dummy,
         row_scale_M if row_scale_M is not None else dummy, offsets_E1,
         out, *out.stride(),
         p, q, p, float(alpha), float(limit), float(act_alpha),
+    ), dict(
         GATHER_L=left_index is not None, GATHER_R=right_index is not None, LEFT=mode, ACT=left_act,
         ROW_SCALE=row_scale_M is not None, DOT_PREC=_dot_prec(right.dtype),
         BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq,
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
-    )
+    ), num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     return out

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from torch_impl.kernels import grouped_gemm as gg
 from torch_impl.kernels.grouped_gemm import _act_bwd, _act_fwd
+from torch_impl.kernels.launch import launch
 
 MODE_PLAIN, MODE_ACT_FWD, MODE_ACT_BWD = gg.MODE_PLAIN, gg.MODE_ACT_FWD, gg.MODE_ACT_BWD
 ACT_NONE = gg.ACT_NONE
@@ -332,7 +333,7 @@ def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z
     progs = num_programs(a.device)
     if a.device.type == "cuda":
         triton.set_allocator(_alloc)
-    _hopper_gemm_kernel[(progs,)](
+    launch(_hopper_gemm_kernel, (progs,), (
         a, *a.stride(), row_index if gather else dummy, a.shape[0],
         w_EDN, *w_EDN.stride(), w_n,
         tile_expert, tile_row, n_row_tiles, offsets_E1,
@@ -344,14 +345,14 @@ def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z
         out, *out.stride(), out_rows_M if out_rows_M is not None else dummy,
         dot_MT if dot_MT is not None else dummy, *gg._strides2(dot_MT),
         E, n, d, rank, n, float(lora_scale), float(out_scale), float(limit), float(alpha),
+    ), dict(
         GATHER_A=gather, A_DESC=plan["a_desc"], W_DESC=plan["w_desc"], W_KMAJOR=plan["w_kmajor"],
         GU_DESC=plan["gu_desc"], LORA=lora,
         HAS_BIAS=bias_EN is not None, ROW_SCALE=row_scale_M is not None, MODE=mode, ACT=act,
         STORE_GU=bool(store_gu), SCATTER_OUT=out_rows_M is not None, DOT_PREC=gg._dot_prec(a.dtype),
         EVEN_D=d % bd == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=max(16, gg.next_pow2(max(rank, 1))),
         GROUP_M=config.get("GROUP_M", 8), NUM_PROGS=progs, FLATTEN=flatten, WARP_SPECIALIZE=ws,
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2),
-    )
+    ), num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     return out
 
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from torch_impl.kernels.launch import launch
+
 BLOCK_D, BLOCK_R = 64, 64
 
 
@@ -43,5 +45,7 @@ def cast_transpose_into(t_EDR: torch.Tensor, out_EDR: torch.Tensor) -> torch.Ten
                          f"(strides {(R * D, 1, D)}); got shape {tuple(out_EDR.shape)}, strides {out_EDR.stride()}")
     if out_EDR.numel():
         grid = (triton.cdiv(D, BLOCK_D), triton.cdiv(R, BLOCK_R), E)
-        _cast_transpose_kernel[grid](t_EDR, out_EDR, D, R, *t_EDR.stride(), BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R)
+        # num_warps / num_stages: Triton's defaults on CUDA, stated because the cached launch keys on them
+        launch(_cast_transpose_kernel, grid, (t_EDR, out_EDR, D, R, *t_EDR.stride()),
+               dict(BLOCK_D=BLOCK_D, BLOCK_R=BLOCK_R), num_warps=4, num_stages=3)
     return out_EDR

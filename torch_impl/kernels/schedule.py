@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from torch_impl.kernels.launch import launch
+
 
 @triton.jit
 def _schedule_kernel(offsets_ptr, tile_expert_ptr, tile_row_ptr, count_ptr, E, N, BM: tl.constexpr,
@@ -59,6 +61,6 @@ def row_block_schedule(offsets_E1: torch.Tensor, block_m: int, num_rows: int
     count = torch.empty(1, device=dev, dtype=torch.int32)
     block_e = max(16, triton.next_power_of_2(max(E, 1)))
     block_i = max(16, 8192 // block_e)  # a [BLOCK_I, BLOCK_E] comparison per program
-    _schedule_kernel[(max(1, triton.cdiv(n, block_i)),)](offsets_E1, tile_expert, tile_row, count, E, n, BM=block_m,
-                                                         BLOCK_E=block_e, BLOCK_I=block_i)
+    launch(_schedule_kernel, (max(1, triton.cdiv(n, block_i)),), (offsets_E1, tile_expert, tile_row, count, E, n),
+           dict(BM=block_m, BLOCK_E=block_e, BLOCK_I=block_i), num_warps=4, num_stages=3)  # Triton's defaults
     return tile_expert, tile_row, count
