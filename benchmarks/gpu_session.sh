@@ -86,6 +86,7 @@ for f in sys.argv[1:]:
     for line in open(f):
         r = json.loads(line)
         opts = [k for k in ("compile", "cuda_graph", "optim_in_backward", "offload", "routing_stats") if r.get(k)]
+        opts += ["keep_" + r["checkpoint_policy"]] if r.get("checkpoint_policy") not in (None, "nothing") else []
         print(r["impl"], r.get("layers"), "+".join(opts) or "-", r.get("seq"), r.get("step_ms"), r.get("peak_gib"),
               r.get("first_step_s"), str(r.get("error", ""))[:200])' "$@"
 }
@@ -203,7 +204,8 @@ case $PART in
   session8)  # (2026-12-06, session 8) the gpu tests of what landed in sessions 7-8 (CUDA graphs with Liger on the
     # path, the schedule and cast kernels, the custom op's direct backward, the cached launch path), then Qwen3 steps
     # in one call: Unsloth, torch_impl and HF + PEFT at 4K and 16K, then torch_impl at 4K through Triton's own launch
-    # path (SPLITMOE_FAST_LAUNCH=0: what the cached launches save), then a CUDA-graph row with the time left. The
+    # path (SPLITMOE_FAST_LAUNCH=0: what the cached launches save), torch_impl at 4K and 16K keeping the attention
+    # outputs through the recompute (--checkpoint-policy attention), then a CUDA-graph row with the time left. The
     # schedule kernel is on in the steps only if its gpu tests passed.
     wheels
     SPLITMOE_SCHEDULE_KERNEL=1 timeout -s INT 100 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX \
@@ -216,14 +218,16 @@ case $PART in
     fi
     echo "schedule kernel in the steps: ${SPLITMOE_SCHEDULE_KERNEL:-0}" | tee "$R/schedule_kernel.txt"
     L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
-    timeout 380 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
+    timeout 330 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
       --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
-    SPLITMOE_FAST_LAUNCH=0 timeout 90 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096 \
+    timeout 100 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 --impls torch_impl \
+      --checkpoint-policy attention --warmup 2 --iters 3 --out "$R/step_qwen3_keep_attention.jsonl" > "$R/step_ka.log" 2>&1
+    SPLITMOE_FAST_LAUNCH=0 timeout 80 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096 \
       --impls torch_impl --warmup 2 --iters 3 --out "$R/step_qwen3_triton_launch.jsonl" > "$R/step_tl.log" 2>&1
-    [ "$SECONDS" -lt 480 ] && timeout $((570 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe \
+    [ "$SECONDS" -lt 490 ] && timeout $((575 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe \
       --layers "$L" --seq 4096 --impls torch_impl --cuda-graph --warmup 2 --iters 3 --out "$R/step_graph.jsonl" \
       > "$R/step_graph.log" 2>&1
-    rows "$R"/step_qwen3.jsonl "$R"/step_qwen3_triton_launch.jsonl "$R"/step_graph.jsonl 2>/dev/null ;;
+    rows "$R"/step_qwen3*.jsonl "$R"/step_graph.jsonl 2>/dev/null ;;
   graphcheck)  # (2026-12-05, session 7, for its last device time) the gpu tests of what landed after its calls: the
     # CUDA-graph tests with Liger on the path (the loss's chunk loop inside a capture, commit 7f62c24), the schedule
     # and cast kernels, the kernels' bf16 reference tests (the Function on the schedule kernel, opt-in until these

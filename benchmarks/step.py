@@ -92,7 +92,7 @@ def _lora_b_nonzero(model: torch.nn.Module) -> None:
 
 
 def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt: bool, offload: bool = False,
-               compile_layers: bool = False):
+               compile_layers: bool = False, policy: str = "nothing"):
     from torch_impl.load import build_model
     from torch_impl.lora import attach_lora
 
@@ -101,7 +101,7 @@ def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt:
     attach_lora(model, lora, seed=0)
     _lora_b_nonzero(model)
     if grad_ckpt:
-        model.gradient_checkpointing_enable(offload_to_cpu=offload)
+        model.gradient_checkpointing_enable(offload_to_cpu=offload, policy=policy)
     if compile_layers:  # regional compilation: each decoder layer through torch.compile (one code object, shared)
         from torch_impl.compile import compile_decoder_layers
 
@@ -441,6 +441,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optim-in-backward", action="store_true",
                    help="torch_impl: AdamW stepped per tensor inside backward (torch_impl.optim), gradients freed "
                         "at once")
+    p.add_argument("--checkpoint-policy", default="nothing", choices=["nothing", "attention"],
+                   help="torch_impl: what a checkpointed decoder layer keeps besides its input (torch_impl.models."
+                        "layers.CHECKPOINT_POLICIES; attention: the SDPA kernels' outputs, not recomputed)")
     p.add_argument("--offload", action="store_true",
                    help="torch_impl: keep the checkpointed layer inputs in pinned host memory (long context)")
     p.add_argument("--routing-stats", action="store_true",
@@ -566,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(impl=impl, family=a.family, preset=a.preset, layers=hf["num_hidden_layers"], rank=a.rank,
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, offload=a.offload and impl == "torch_impl",
                 compile=a.compile and impl == "torch_impl",
+                checkpoint_policy=a.checkpoint_policy if impl == "torch_impl" else None,
                 cuda_graph=a.cuda_graph and impl == "torch_impl",
                 optim_in_backward=a.optim_in_backward and impl == "torch_impl",
                 routing_stats=a.routing_stats and impl == "torch_impl",
@@ -580,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         if unsloth_error:
             raise ImportError(unsloth_error)
         if impl == "torch_impl":
-            model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload, a.compile)
+            model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload, a.compile,
+                                        a.checkpoint_policy)
             if a.routing_stats:
                 loss_fn, after_step = with_routing_stats(model, loss_fn)
         elif impl == "hf_peft":

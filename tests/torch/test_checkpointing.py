@@ -1,7 +1,8 @@
 """Activation checkpointing (`gradient_checkpointing_enable()`) changes memory, not numbers: for every family, the
 loss and every LoRA gradient equal those of the plain forward, and the layer forward really runs twice; the same with
-the kept layer inputs offloaded to host memory (`offload_to_cpu=True`), an aux loss (router logits carry gradient
-back through the recomputed layer) and a dense layer (whose router logits are None) included."""
+the kept layer inputs offloaded to host memory (`offload_to_cpu=True`) and with the "attention" policy (the SDPA
+kernels' outputs kept, the recompute skipping them), an aux loss (router logits carry gradient back through the
+recomputed layer) and a dense layer (whose router logits are None) included."""
 
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ OVERRIDES = {"qwen3_moe": dict(output_router_logits=True, router_aux_loss_coef=0
              "gpt_oss": dict(output_router_logits=True)}
 
 
-@pytest.mark.parametrize("offload", [False, True], ids=["on_device", "offloaded"])
+MODES = {"on_device": {}, "offloaded": {"offload_to_cpu": True}, "keep_attention": {"policy": "attention"}}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("family", sorted(TARGETS))
-def test_checkpointed_layers_give_the_same_loss_and_grads(family, offload, tmp_path, seed):
+def test_checkpointed_layers_give_the_same_loss_and_grads(family, mode, tmp_path, seed):
     path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000, **OVERRIDES.get(family, {}))
     model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), moe_backend="grouped_mm",
                        lora_seed=seed % 1000)
@@ -50,9 +54,17 @@ def test_checkpointed_layers_give_the_same_loss_and_grads(family, offload, tmp_p
 
     calls = []  # a pre-hook: the recompute stops early, once it has what the backward needs, before forward hooks
     hook = model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
-    model.gradient_checkpointing_enable(offload_to_cpu=offload)
-    loss_ck, grads_ck = _loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable(**MODES[mode])
+    attention_calls = _AttentionKernelCalls()
+    with attention_calls:
+        loss_ck, grads_ck = _loss_and_grads(model, ids)
     hook.remove()
+    # the attention kernels run in the forward, and again in the recompute unless the policy keeps their outputs
+    runs, base = (1 if mode == "keep_attention" else 2), _attention_kernels(model, ids)
+    assert attention_calls.n == runs * base
+    # on CPU, MLA's q and v head dims differ (deepseek_v3, glm4_moe_lite): SDPA takes its math path, decomposed into
+    # matmuls above the dispatcher, so those families have no kernel to keep here (on CUDA the memory-efficient one)
+    assert base or family in ("deepseek_v3", "glm4_moe_lite")
     assert len(calls) == 2, "the checkpointed layer should run its forward again in the backward"
     assert torch.equal(loss, loss_ck)
     assert grads.keys() == grads_ck.keys() and grads
@@ -64,6 +76,38 @@ def test_checkpointed_layers_give_the_same_loss_and_grads(family, offload, tmp_p
     hook = model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
     model(ids, labels=ids).loss.backward()
     assert len(calls) == 1
+
+
+class _AttentionKernelCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the SDPA kernel calls that reach the dispatcher (a kept output handed to the recompute never does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch_impl.models.layers import _attention_ops
+
+        self.n += func in _attention_ops()
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_kernels(model, ids) -> int:
+    """SDPA kernel calls of one forward without checkpointing."""
+    calls = _AttentionKernelCalls()
+    with calls, torch.no_grad():
+        model(ids)
+    return calls.n
+
+
+def test_checkpoint_policy_errors_say_what_to_use(tmp_path, seed):
+    path = write_tiny_checkpoint("qwen3_moe", tmp_path / "q", seed=seed % 1000)
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS["qwen3_moe"]))
+    with pytest.raises(ValueError, match="choose one of nothing, attention"):
+        model.gradient_checkpointing_enable(policy="everything")
+    with pytest.raises(ValueError, match="use one or the other"):
+        model.gradient_checkpointing_enable(offload_to_cpu=True, policy="attention")
+    assert not model.gradient_checkpointing  # a refused call changes nothing
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["on_device", "offloaded"])

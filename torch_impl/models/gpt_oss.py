@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
 
 from shared_math.config import ModelConfig
 from torch_impl.models.decoder import CausalLM
@@ -139,7 +140,11 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     if mask is None and torch.compiler.is_compiling():
         return _causal_with_sink_compiled(q_x, k_x, v_x, scale)[..., :D]
     if mask is None:
-        bias = causal_lower_right(S, S + 1)
+        # built outside any Python dispatch mode (the "attention" checkpoint policy's, a test's op counter): under
+        # one, constructing the CausalBias subclass fails ("raw Tensor object is already associated to a python
+        # object"); it holds no data, so no op of the layer is missed
+        with _disable_current_modes():
+            bias = causal_lower_right(S, S + 1)
     else:
         if window is not None and window < S:
             idx = torch.arange(S, device=q.device)

@@ -25,15 +25,18 @@ Linear weights are canonical `[in, out]`, applied as `x @ W` (HF stores `[out, i
 
 from __future__ import annotations
 
+import collections
+import functools
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from shared_math.config import ModelConfig
 from shared_math.rope import rope_inv_freq
@@ -48,18 +51,31 @@ class LayerCheckpointing:
 
     `gradient_checkpointing_enable(offload_to_cpu=True)` moves even the kept layer inputs to pinned host memory
     (`offloaded_checkpoint`; what Unsloth calls gradient offloading): at 128K tokens a Qwen3-30B-A3B layer input is
-    0.5 GiB, 24 GiB over 48 layers, and the copies overlap the layers' compute."""
+    0.5 GiB, 24 GiB over 48 layers, and the copies overlap the layers' compute.
+
+    `policy` (a name of `CHECKPOINT_POLICIES`, as jax_impl's `gradient_checkpointing_enable(policy=...)`) says what
+    else a layer keeps: "nothing" (the default) or "attention", which keeps the attention kernel's outputs (its
+    output and log-sum-exp) so that the recompute skips the attention forward (`keep_attention_contexts`)."""
 
     gradient_checkpointing: bool = False
     checkpoint_offload: bool = False
+    checkpoint_policy: str = "nothing"
 
-    def gradient_checkpointing_enable(self, offload_to_cpu: bool = False) -> None:
+    def gradient_checkpointing_enable(self, offload_to_cpu: bool = False, policy: str = "nothing") -> None:
+        if policy not in CHECKPOINT_POLICIES:
+            raise ValueError(f"unknown checkpoint policy {policy!r}; choose one of {', '.join(CHECKPOINT_POLICIES)}")
+        if offload_to_cpu and policy != "nothing":
+            # the offloaded checkpoint is reentrant (no context_fn) and exists to keep nothing on the GPU
+            raise ValueError(f"checkpoint policy {policy!r} keeps tensors on the GPU, which offload_to_cpu=True "
+                             "exists to avoid: use one or the other")
         self.gradient_checkpointing = True
         self.checkpoint_offload = bool(offload_to_cpu)
+        self.checkpoint_policy = policy
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
         self.checkpoint_offload = False
+        self.checkpoint_policy = "nothing"
 
     def _run_layer(self, layer: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -68,7 +84,7 @@ class LayerCheckpointing:
             # no RNG state to restore: nothing in these forwards draws random numbers (no dropout anywhere), and
             # saving it would read the CUDA generator, which a CUDA-graph capture forbids
             return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False,
-                                                     context_fn=_recompute_contexts)
+                                                     context_fn=CHECKPOINT_POLICIES[self.checkpoint_policy])
         return layer(*args)
 
 
@@ -99,6 +115,83 @@ def in_layer_recompute() -> bool:
 def _recompute_contexts():
     """`torch.utils.checkpoint`'s context_fn: nothing around the forward, `layer_recompute()` around the recompute."""
     return nullcontext(), layer_recompute()
+
+
+# SDPA's kernels as the dispatcher sees them below `F.scaled_dot_product_attention` (a composite op): each returns
+# the attention output and its log-sum-exp (and, for some, RNG state), all that its backward reads besides q, k, v
+_ATTENTION_OP_NAMES = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+                       "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+@functools.cache
+def _attention_ops() -> frozenset:
+    return frozenset(getattr(torch.ops.aten, n).default for n in _ATTENTION_OP_NAMES if hasattr(torch.ops.aten, n))
+
+
+class _KeepAttention(TorchDispatchMode):
+    """Below autograd, in a checkpointed layer's first forward: runs every op, and keeps (detached) what the SDPA
+    kernels return, in call order."""
+
+    def __init__(self, kept: collections.deque):
+        super().__init__()
+        self.kept = kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _attention_ops():
+            self.kept.append(tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in out))
+        return out
+
+
+class _ReuseAttention(TorchDispatchMode):
+    """Below autograd, in the layer's recompute: an SDPA kernel call returns what the forward's call at the same
+    position returned instead of running (autograd above still records its backward node, which saves q, k, v and
+    these outputs); every other op runs."""
+
+    def __init__(self, kept: collections.deque):
+        super().__init__()
+        self.kept = kept
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in _attention_ops():
+            return func(*args, **(kwargs or {}))
+        q = args[0]
+        if not self.kept or self.kept[0][0].shape[:-1] != q.shape[:-1] or self.kept[0][0].dtype != q.dtype:
+            # the recompute must replay the forward's attention calls in order: anything else is a bug, never a
+            # silently wrong gradient
+            raise RuntimeError(f"the recompute called {func} (query {tuple(q.shape)}, {q.dtype}) where the "
+                               "checkpointed forward kept no matching attention output; train with "
+                               "gradient_checkpointing_enable(policy='nothing') and report this")
+        return self.kept.popleft()
+
+
+def keep_attention_contexts():
+    """The "attention" policy's context_fn: the layer's forward keeps the outputs of its SDPA kernel calls (output,
+    log-sum-exp, RNG state where a kernel has one) and the recompute hands them back in the same order instead of
+    running the kernels (q, k, v are recomputed, as the backward needs them), inside `layer_recompute()` as the
+    plain policy's recompute. Not torch's selective checkpointing: that requires the recompute to dispatch exactly the
+    forward's ops, and this one does not (`Experts` skips the down GEMM there, `output_unread_in_recompute`).
+
+    Why: the recompute of a causal attention forward grows with S² while the rest of a layer grows with S; on a
+    24-layer Qwen3-30B-A3B step it is 0.26 ms per layer at 4K on an H100 (session 5's profile: 2% of the step) and
+    about 16x that at 16K. The cost: a layer keeps [B, S, N·D] activations and an fp32 [B, N, S] log-sum-exp until its
+    backward (128 MiB + 2 MiB per Qwen3 layer at 16K), and every aten op of the layer passes through a Python
+    dispatch mode (host time per op, which the host-bound short-sequence steps feel)."""
+    kept: collections.deque = collections.deque()
+    return _KeepAttention(kept), _entered(_ReuseAttention(kept), layer_recompute())
+
+
+@contextmanager
+def _entered(*managers) -> Iterator[None]:
+    with ExitStack() as stack:
+        for m in managers:
+            stack.enter_context(m)
+        yield
+
+
+# what a checkpointed decoder layer keeps besides its input, by name -> the checkpoint's context_fn (the names mirror
+# jax_impl.models.layers.REMAT_POLICIES where the two mean the same)
+CHECKPOINT_POLICIES = {"nothing": _recompute_contexts, "attention": keep_attention_contexts}
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
