@@ -199,7 +199,7 @@ class Trainer:
                                     moe_backend=cfg.model.moe_backend)
             load_lora_state_dict(self.model, init_lora_tensors(cfg.lora, self.run.model_cfg, cfg.train.seed))
             if cfg.train.gradient_checkpointing == "recompute":  # layer inputs kept, layers recomputed (as torch)
-                self.model.gradient_checkpointing_enable("nothing")
+                self.model.gradient_checkpointing_enable(cfg.train.checkpoint_policy)
             # per-layer routing analytics (train.routing_stats): variables of the MoE blocks, so before the split
             self.routing = RoutingStatsAccumulator(self.model) if cfg.train.routing_stats else None
             if self.mesh is not None:

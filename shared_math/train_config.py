@@ -100,6 +100,11 @@ class TrainSection:
     # the backward, "offload" (torch only) keeps those inputs in host memory; memory, not numbers: the losses are
     # those of "none" (tests/shared/train_suite.py). Not on/off: YAML reads those as booleans
     gradient_checkpointing: Literal["none", "recompute", "offload"] = "none"
+    # what a recomputed layer keeps besides its input (train.gradient_checkpointing=recompute), by the names of each
+    # implementation's policies: torch "nothing" | "attention" (the SDPA kernels' outputs: the recompute skips the
+    # attention forward; torch_impl.models.layers.CHECKPOINT_POLICIES); jax "nothing" | "small_dots" | "dots"
+    # (jax_impl.models.layers.REMAT_POLICIES). Memory and speed, not numbers
+    checkpoint_policy: Literal["nothing", "attention", "small_dots", "dots"] = "nothing"
     # jax only: JAX's persistent compilation cache (jax_impl/compile_cache.py), so a run whose step has an earlier
     # run's shapes loads it instead of compiling it (about a minute for a full-size step on a GPU). "auto": on for a
     # GPU backend, in $JAX_COMPILATION_CACHE_DIR or ~/.cache/splitmoe/jax; "off"; or a folder (any backend)
@@ -155,7 +160,13 @@ NON_TRAJECTORY_KEYS = frozenset({"train.eval_every", "train.save_every", "train.
                                  "train.loggers", "train.tracker_project",
                                  # the mesh changes how a step is computed, not what: a run saved on N devices resumes
                                  # on M (equal to fp32 reduction-order tolerance, tests/*/test_parallel*.py)
-                                 "parallel.data", "parallel.fsdp", "parallel.expert", "train.gradient_checkpointing"})
+                                 "parallel.data", "parallel.fsdp", "parallel.expert", "train.gradient_checkpointing",
+                                 "train.checkpoint_policy"})
+
+
+# train.checkpoint_policy per framework (torch_impl.models.layers.CHECKPOINT_POLICIES,
+# jax_impl.models.layers.REMAT_POLICIES; tests/shared/test_train_config.py checks they agree)
+CHECKPOINT_POLICIES = {"torch": ("nothing", "attention"), "jax": ("nothing", "small_dots", "dots")}
 
 
 def _validate(cfg: RunConfig) -> None:
@@ -166,6 +177,14 @@ def _validate(cfg: RunConfig) -> None:
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k} must be >= 1, got {v}")
+    policy, ckpt = cfg.train.checkpoint_policy, cfg.train.gradient_checkpointing
+    if policy != "nothing" and ckpt != "recompute":
+        raise ConfigError(f"train.checkpoint_policy={policy} says what a recomputed layer keeps: it needs "
+                          f"train.gradient_checkpointing=recompute (got {ckpt})")
+    allowed = CHECKPOINT_POLICIES[cfg.framework]
+    if policy not in allowed:
+        raise ConfigError(f"train.checkpoint_policy={policy} is not a {cfg.framework} policy; with --framework "
+                          f"{cfg.framework} use one of {', '.join(allowed)}")
     for k, v in {"train.eval_every": cfg.train.eval_every, "train.save_every": cfg.train.save_every,
                  "optim.warmup_steps": cfg.optim.warmup_steps, "train.threads": cfg.train.threads}.items():
         if v < 0:

@@ -130,7 +130,8 @@ class Trainer:
                                 moe_backend="native" if self.mesh else cfg.model.moe_backend)
         load_lora_state_dict(self.model, init_lora_tensors(cfg.lora, self.run.model_cfg, cfg.train.seed))
         if cfg.train.gradient_checkpointing != "none":  # per decoder layer; "offload": inputs kept in host memory
-            self.model.gradient_checkpointing_enable(offload_to_cpu=cfg.train.gradient_checkpointing == "offload")
+            self.model.gradient_checkpointing_enable(offload_to_cpu=cfg.train.gradient_checkpointing == "offload",
+                                                     policy=cfg.train.checkpoint_policy)
         # per-layer routing analytics (train.routing_stats): summed on the device per micro-batch, read at log steps
         self.routing = RoutingStatsAccumulator(self.model) if cfg.train.routing_stats else None
         self._expert_ids: set[int] = set()  # parameters holding only this rank's routed experts

@@ -9,6 +9,7 @@ import pytest
 
 from shared_math.config import LoraConfig
 from shared_math.train_config import (
+    CHECKPOINT_POLICIES,
     ConfigError,
     RunConfig,
     diff_configs,
@@ -58,6 +59,32 @@ def test_defaults_are_the_shipped_default_job():
 def test_bad_overrides_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.checkpoint_policy=attention"], "needs train.gradient_checkpointing=recompute \\(got none\\)"),
+    (["train.gradient_checkpointing=offload", "train.checkpoint_policy=attention"], r"recompute \(got offload\)"),
+    (["train.gradient_checkpointing=recompute", "train.checkpoint_policy=small_dots"],
+     "not a torch policy; with --framework torch use one of nothing, attention"),
+    (["framework=jax", "train.gradient_checkpointing=recompute", "train.checkpoint_policy=attention"],
+     "not a jax policy; with --framework jax use one of nothing, small_dots, dots"),
+    (["train.gradient_checkpointing=recompute", "train.checkpoint_policy=all"], "must be one of"),
+])
+def test_checkpoint_policy_is_checked_against_the_mode_and_the_framework(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, overrides)
+    ok = load_run_config(None, ["train.gradient_checkpointing=recompute", "train.checkpoint_policy=attention"])
+    assert ok.train.checkpoint_policy == "attention"
+
+
+def test_checkpoint_policy_names_are_the_implementations_policies():
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    from jax_impl.models.layers import REMAT_POLICIES
+    from torch_impl.models.layers import CHECKPOINT_POLICIES as TORCH_POLICIES
+
+    assert set(CHECKPOINT_POLICIES["torch"]) == set(TORCH_POLICIES)
+    assert set(CHECKPOINT_POLICIES["jax"]) == set(REMAT_POLICIES)
 
 
 def test_bad_yaml(tmp_path):
