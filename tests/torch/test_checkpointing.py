@@ -108,6 +108,12 @@ def test_checkpoint_policy_errors_say_what_to_use(tmp_path, seed):
     with pytest.raises(ValueError, match="use one or the other"):
         model.gradient_checkpointing_enable(offload_to_cpu=True, policy="attention")
     assert not model.gradient_checkpointing  # a refused call changes nothing
+    model.gradient_checkpointing_enable(policy="attention")
+    model.layers[0].compile()  # wraps the layer; nothing compiles before its first call
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(seed))
+    with pytest.raises(ValueError, match="eager decoder layers only.*policy='nothing'"):
+        model(ids, labels=ids)
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["on_device", "offloaded"])

@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from shared_math.config import ModelConfig
 from torch_impl.models.decoder import CausalLM
-from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, causal_mask, project
+from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, causal_mask, keeps_attention, project
 from torch_impl.moe import MoEBlock
 
 # extra q/k coordinates that carry the sink logit; 8 keeps D + 8 a multiple of 8 for the fused SDPA kernels
@@ -115,6 +115,7 @@ def _causal_with_sink_compiled(q_x: torch.Tensor, k_x: torch.Tensor, v_x: torch.
     return F.scaled_dot_product_attention(q_sq, k_x, v_x, is_causal=True, scale=scale)[..., 1:, :]
 
 
+@keeps_attention
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                    mask: torch.Tensor | None, scale: float, window: int | None = None) -> torch.Tensor:
     """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q, k, v [B, N, S, D] (k, v repeated to N

@@ -83,6 +83,11 @@ class LayerCheckpointing:
                 return offloaded_checkpoint(layer, *args)
             # no RNG state to restore: nothing in these forwards draws random numbers (no dropout anywhere), and
             # saving it would read the CUDA generator, which a CUDA-graph capture forbids
+            if self.checkpoint_policy != "nothing" and getattr(layer, "_compiled_call_impl", None) is not None:
+                # a dispatch mode entered inside a compiled layer would be a graph break, or silently not kept
+                raise ValueError(f"checkpoint policy {self.checkpoint_policy!r} runs in eager decoder layers only; "
+                                 "these are compiled (compile_decoder_layers, Trainer(compile=True)): use "
+                                 "gradient_checkpointing_enable(policy='nothing') with compiled layers")
             return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False,
                                                      context_fn=CHECKPOINT_POLICIES[self.checkpoint_policy])
         return layer(*args)
@@ -129,8 +134,8 @@ def _attention_ops() -> frozenset:
 
 
 class _KeepAttention(TorchDispatchMode):
-    """Below autograd, in a checkpointed layer's first forward: runs every op, and keeps (detached) what the SDPA
-    kernels return, in call order."""
+    """Below autograd, in a checkpointed layer's first forward, around its attention functions: runs every op, and
+    keeps (detached) what the SDPA kernels return, in call order."""
 
     def __init__(self, kept: collections.deque):
         super().__init__()
@@ -165,6 +170,41 @@ class _ReuseAttention(TorchDispatchMode):
         return self.kept.popleft()
 
 
+# The dispatch mode the attention call sites (`keeps_attention`) enter, per thread (a layer's recompute runs in
+# autograd's backward thread): set by the "attention" policy's contexts for the span of one checkpointed layer call.
+_ATTENTION = threading.local()
+
+
+@contextmanager
+def _attention_mode(mode: TorchDispatchMode) -> Iterator[None]:
+    previous = getattr(_ATTENTION, "mode", None)
+    _ATTENTION.mode = mode
+    try:
+        yield
+    finally:
+        _ATTENTION.mode = previous
+
+
+def keeps_attention(fn):
+    """Decorates an attention function (`sdpa_attention`, gpt-oss's `sink_attention`): inside a checkpointed layer
+    under the "attention" policy its ops run under that policy's dispatch mode, which keeps (forward) or hands back
+    (recompute) the SDPA kernels' outputs; elsewhere it is `fn` itself. Only these few ops pass through Python's
+    dispatch: a mode around the whole layer costs every aten op of it host time (about 19 µs an op on the 2-core CI
+    machine), which the host-bound short-sequence steps would feel."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():  # compiled layers never keep (refused in `_run_layer`); no trace of a
+            return fn(*args, **kwargs)     # thread-local read in their graphs
+        mode = getattr(_ATTENTION, "mode", None)
+        if mode is None:
+            return fn(*args, **kwargs)
+        with mode:
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def keep_attention_contexts():
     """The "attention" policy's context_fn: the layer's forward keeps the outputs of its SDPA kernel calls (output,
     log-sum-exp, RNG state where a kernel has one) and the recompute hands them back in the same order instead of
@@ -175,10 +215,9 @@ def keep_attention_contexts():
     Why: the recompute of a causal attention forward grows with S² while the rest of a layer grows with S; on a
     24-layer Qwen3-30B-A3B step it is 0.26 ms per layer at 4K on an H100 (session 5's profile: 2% of the step) and
     about 16x that at 16K. The cost: a layer keeps [B, S, N·D] activations and an fp32 [B, N, S] log-sum-exp until its
-    backward (128 MiB + 2 MiB per Qwen3 layer at 16K), and every aten op of the layer passes through a Python
-    dispatch mode (host time per op, which the host-bound short-sequence steps feel)."""
+    backward (128 MiB + 2 MiB per Qwen3 layer at 16K)."""
     kept: collections.deque = collections.deque()
-    return _KeepAttention(kept), _entered(_ReuseAttention(kept), layer_recompute())
+    return _attention_mode(_KeepAttention(kept)), _entered(_attention_mode(_ReuseAttention(kept)), layer_recompute())
 
 
 @contextmanager
@@ -411,6 +450,7 @@ def causal_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor | None 
     return allowed.unsqueeze(1)
 
 
+@keeps_attention
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
     """softmax(q·kᵀ·scale, masked)·v through `F.scaled_dot_product_attention`: q, k, v [B, N, S, D] (k, v repeated to
