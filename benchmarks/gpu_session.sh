@@ -210,8 +210,8 @@ case $PART in
     wheels
     SPLITMOE_SCHEDULE_KERNEL=1 timeout -s INT 100 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX \
       --tb=short tests/torch/test_cuda_graph.py tests/torch/test_triton_kernels.py tests/torch/test_hopper_kernels.py \
-      tests/torch/test_custom_op.py tests/torch/test_launch.py \
-      -k "cuda or schedule or reduction_major or bf16_gpu_matches_reference or hopper_matches or cached_launch" \
+      tests/torch/test_custom_op.py tests/torch/test_launch.py tests/torch/test_checkpointing.py \
+      -k "cuda or schedule or reduction_major or bf16_gpu_matches_reference or hopper_matches or cached_launch or keep_attention" \
       > "$R/gpu_tests.log" 2>&1
     if ! grep -qE "^(FAILED|ERROR).*schedule" "$R/gpu_tests.log" && grep -qE "PASSED.*schedule|schedule.*PASSED" "$R/gpu_tests.log"; then
       export SPLITMOE_SCHEDULE_KERNEL=1

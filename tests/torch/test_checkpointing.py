@@ -178,3 +178,36 @@ def test_a_caller_that_reads_the_unread_output_gets_nan_gradients(tmp_path, seed
     _, grads_ok = _loss_and_grads(model, ids)
     for name in grads:
         torch.testing.assert_close(grads_ok[name], grads[name], rtol=0, atol=0, msg=f"{name} differs")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_gpu_keep_attention_equals_recompute_bf16(family, tmp_path, seed):
+    """On CUDA in bf16, where SDPA runs its fused kernels (flash / cuDNN / memory-efficient, MLA's unequal head dims
+    included): the "attention" policy gives the plain policy's loss and LoRA gradients, and its recompute runs no
+    attention kernel."""
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000, **OVERRIDES.get(family, {}))
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), dtype=torch.bfloat16,
+                       device="cuda", lora_seed=seed % 1000)
+    with torch.no_grad():
+        for name, p in _lora_params(model).items():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(seed)).cuda()
+    model.gradient_checkpointing_enable()
+    loss, grads = _loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable(policy="attention")
+    calls = _AttentionKernelCalls()
+    with calls:
+        loss_k, grads_k = _loss_and_grads(model, ids)
+    base = _attention_kernels(model, ids)
+    assert base and calls.n == base
+    assert torch.equal(loss, loss_k)  # the forward is the same kernels on the same inputs
+    # the gradients within bf16 rounding, not bitwise: the fused attention backwards accumulate dq with atomics, so
+    # two runs of even the same policy may differ in the last bits
+    from shared_math.numerics import assert_close
+
+    for name in grads:
+        assert_close(grads_k[name], grads[name], dtype="bfloat16", quantity="moe_grad", name=f"{family} {name}")
