@@ -202,11 +202,11 @@ case $PART in
       --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
     rows "$R"/step_qwen3.jsonl ;;
   session8)  # (2026-12-06, session 8) the gpu tests of what landed in sessions 7-8 (CUDA graphs with Liger on the
-    # path, the schedule and cast kernels, the custom op's direct backward, the cached launch path), then Qwen3 steps
-    # in one call: Unsloth, torch_impl and HF + PEFT at 4K and 16K, then torch_impl at 4K through Triton's own launch
-    # path (SPLITMOE_FAST_LAUNCH=0: what the cached launches save), torch_impl at 4K and 16K keeping the attention
-    # outputs through the recompute (--checkpoint-policy attention), then a CUDA-graph row with the time left. The
-    # schedule kernel is on in the steps only if its gpu tests passed.
+    # path, the schedule and cast kernels, the custom op's direct backward, the cached launch path, the attention
+    # checkpoint policy), then Qwen3 steps in one call: torch_impl at 4K and 16K, the same keeping the attention
+    # outputs through the recompute (--checkpoint-policy attention), torch_impl at 4K through Triton's own launch path
+    # (SPLITMOE_FAST_LAUNCH=0: what the cached launches save), then Unsloth and HF + PEFT at 4K and 16K with the time
+    # left. The schedule kernel is on in the steps only if its gpu tests passed.
     wheels
     SPLITMOE_SCHEDULE_KERNEL=1 timeout -s INT 100 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX \
       --tb=short tests/torch/test_cuda_graph.py tests/torch/test_triton_kernels.py tests/torch/test_hopper_kernels.py \
@@ -218,15 +218,16 @@ case $PART in
     fi
     echo "schedule kernel in the steps: ${SPLITMOE_SCHEDULE_KERNEL:-0}" | tee "$R/schedule_kernel.txt"
     L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
-    timeout 330 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
-      --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
-    timeout 100 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 --impls torch_impl \
-      --checkpoint-policy attention --warmup 2 --iters 3 --out "$R/step_qwen3_keep_attention.jsonl" > "$R/step_ka.log" 2>&1
-    SPLITMOE_FAST_LAUNCH=0 timeout 80 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096 \
-      --impls torch_impl --warmup 2 --iters 3 --out "$R/step_qwen3_triton_launch.jsonl" > "$R/step_tl.log" 2>&1
-    [ "$SECONDS" -lt 490 ] && timeout $((575 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe \
-      --layers "$L" --seq 4096 --impls torch_impl --cuda-graph --warmup 2 --iters 3 --out "$R/step_graph.jsonl" \
-      > "$R/step_graph.log" 2>&1
+    S="--family qwen3_moe --layers $L --warmup 2 --iters 3"
+    # this session's changes against their off switches first (torch_impl only, short), then the other implementations
+    timeout 110 python3 benchmarks/step.py $S --seq 4096,16384 --impls torch_impl --out "$R/step_qwen3.jsonl" \
+      > "$R/step.log" 2>&1
+    timeout 110 python3 benchmarks/step.py $S --seq 4096,16384 --impls torch_impl --checkpoint-policy attention \
+      --out "$R/step_qwen3_keep_attention.jsonl" > "$R/step_ka.log" 2>&1
+    SPLITMOE_FAST_LAUNCH=0 timeout 70 python3 benchmarks/step.py $S --seq 4096 --impls torch_impl \
+      --out "$R/step_qwen3_triton_launch.jsonl" > "$R/step_tl.log" 2>&1
+    [ "$SECONDS" -lt 540 ] && timeout $((590 - SECONDS)) python3 benchmarks/step.py $S --seq 4096,16384 --impls unsloth,hf_peft \
+      --out "$R/step_qwen3.jsonl" > "$R/step_others.log" 2>&1
     rows "$R"/step_qwen3*.jsonl "$R"/step_graph.jsonl 2>/dev/null ;;
   graphcheck)  # (2026-12-05, session 7, for its last device time) the gpu tests of what landed after its calls: the
     # CUDA-graph tests with Liger on the path (the loss's chunk loop inside a capture, commit 7f62c24), the schedule
