@@ -138,6 +138,22 @@ def test_the_cache_is_bounded(monkeypatch):
     assert fn.log[-1][0] == "direct"
 
 
+class _OtherLauncher(_Compiled):
+    def run(self, *args):
+        raise TypeError("function takes exactly 9 arguments")
+
+
+def test_a_launcher_that_refuses_the_arguments_falls_back_for_good():
+    """A Triton whose launcher signature differs: the first direct launch raises TypeError before launching; the
+    call goes through Triton's path with a warning, and so does every later call of that kernel."""
+    fn, t = _JIT(returns=_OtherLauncher), torch.zeros(4)
+    _go(fn, (t, 1, 1.0))
+    with pytest.warns(RuntimeWarning, match="does not fit this Triton's launcher"):
+        _go(fn, (t, 1, 1.0))
+    _go(fn, (t, 1, 1.0))
+    assert [e[0] for e in fn.log] == ["triton", "triton", "triton"]
+
+
 def test_cpu_tensors_always_take_tritons_path():
     fn = _JIT()
     for _ in range(2):

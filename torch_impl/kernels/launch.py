@@ -17,6 +17,9 @@ pass. The key is finer than Triton's own, so a hit never picks a kernel Triton w
 - Floats are fp32 and bools i1 whatever their values: the key holds the type.
 - Constexprs and the launch options (num_warps, num_stages) are part of the key by value.
 
+A Triton whose launcher takes other arguments than 3.6's and 3.9's raises TypeError on the first direct launch
+(before anything runs): that kernel then takes Triton's own path for good, with a warning.
+
 Ints in the key by value mean one entry per distinct size (a new sequence length is one slow launch, then fast);
 the dict is cleared past `MAX_ENTRIES` so varying shapes cannot grow it without bound. Anything else (an argument
 of another type, a kernel still compiling asynchronously, the interpreter, `SPLITMOE_FAST_LAUNCH=0`) takes
@@ -30,6 +33,7 @@ it on every launch).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,6 +72,7 @@ class _Entry:
 
 
 _CACHES: dict[int, dict[tuple, _Entry]] = {}
+_REFUSED: set[int] = set()  # kernels whose direct launch this Triton refused (see cached_launch)
 
 
 def launch(fn: Any, grid: Sequence[int], args: Sequence[Any], constexprs: dict[str, Any], *, num_warps: int,
@@ -89,6 +94,9 @@ def cached_launch(fn: Any, grid: Sequence[int], args: Sequence[Any], constexprs:
                   num_stages: int, device: int, stream: int) -> None:
     """The cached path of `launch` on a given device and stream (separate so that its bookkeeping is testable
     without a GPU)."""
+    if id(fn) in _REFUSED:
+        fn[tuple(grid)](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
     try:
         key = (device, num_warps, num_stages, *constexprs.values(), *[_arg_key(a) for a in args])
     except _Unkeyed:
@@ -110,11 +118,21 @@ def cached_launch(fn: Any, grid: Sequence[int], args: Sequence[Any], constexprs:
     # what JITFunction.run passes: every parameter's value in signature order, constexprs included
     values = (*args, *[constexprs[n] for n in entry.tail_names])
     grid = tuple(grid)
-    kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, kernel.function,
-               kernel.packed_metadata, kernel.launch_metadata(grid, stream, *values),
-               knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
+    try:
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                   kernel.function, kernel.packed_metadata, kernel.launch_metadata(grid, stream, *values),
+                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
+    except TypeError as e:
+        # a Triton whose launcher takes other arguments (it parses them before launching anything): this kernel
+        # takes Triton's own path from now on, slower on the host and otherwise the same
+        _REFUSED.add(id(fn))
+        cache.clear()
+        warnings.warn(f"splitmoe's cached launch of {getattr(fn, '__name__', fn)} does not fit this Triton's "
+                      f"launcher ({e}); launching it through Triton's own path", RuntimeWarning, stacklevel=2)
+        fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
 def clear() -> None:
-    """Forget every cached kernel (tests; a process that reloads kernels)."""
+    """Forget every cached kernel and refusal (tests; a process that reloads kernels)."""
     _CACHES.clear()
+    _REFUSED.clear()
