@@ -17,7 +17,8 @@ Linear weights are canonical `[in, out]`, applied as `x @ W` (HF stores `[out, i
 - `DenseMLP`: `down(silu(gate(x)) * up(x))`.
 - `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses (the aux loss masked by
   `attention_mask` as HF's `load_balancing_loss_func`; the LM loss masked by labels = -100 only, as HF's).
-- `LayerCheckpointing`: HF's `gradient_checkpointing_enable()` switch for the decoder-layer loop.
+- `LayerCheckpointing`: HF's `gradient_checkpointing_enable()` switch for the decoder-layer loop, with what a layer
+  keeps (`CHECKPOINT_POLICIES`: nothing, or its attention kernels' outputs through `keeps_attention`).
 - `static_batch`, `is_packed`, `documents`: the host syncs of a forward (token-id range check, "are these packed
   documents?") and how `static_batch` removes them so the forward can be captured in a CUDA graph
   (`torch_impl.cuda_graph`).
