@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -201,6 +201,28 @@ case $PART in
     timeout 540 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
       --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
     rows "$R"/step_qwen3.jsonl ;;
+  session8short)  # (2026-12-06, session 8, with under 6 minutes of device time left) session8's gpu tests, then
+    # only its A/B rows, 24 layers on any card: torch_impl at 4K and 16K (cached launches, the schedule kernel if its
+    # tests passed), the same at 16K keeping the attention outputs, and at 4K through Triton's own launch path
+    wheels
+    export SPLITMOE_FAST_LAUNCH=1
+    SPLITMOE_SCHEDULE_KERNEL=1 timeout -s INT 90 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX \
+      --tb=short tests/torch/test_triton_kernels.py tests/torch/test_hopper_kernels.py tests/torch/test_launch.py \
+      tests/torch/test_checkpointing.py tests/torch/test_cuda_graph.py \
+      -k "schedule or cached_launch or keep_attention or hopper_matches or cuda_graph" > "$R/gpu_tests.log" 2>&1
+    if ! grep -qE "^(FAILED|ERROR).*schedule" "$R/gpu_tests.log" && grep -qE "PASSED.*schedule|schedule.*PASSED" \
+      "$R/gpu_tests.log"; then
+      export SPLITMOE_SCHEDULE_KERNEL=1
+    fi
+    echo "schedule kernel in the steps: ${SPLITMOE_SCHEDULE_KERNEL:-0}" | tee "$R/schedule_kernel.txt"
+    S="--family qwen3_moe --layers 24 --warmup 2 --iters 3"
+    timeout 90 python3 benchmarks/step.py $S --seq 4096,16384 --impls torch_impl --out "$R/step_qwen3.jsonl" \
+      > "$R/step.log" 2>&1
+    timeout 70 python3 benchmarks/step.py $S --seq 16384 --impls torch_impl --checkpoint-policy attention \
+      --out "$R/step_qwen3_keep_attention.jsonl" > "$R/step_ka.log" 2>&1
+    SPLITMOE_FAST_LAUNCH=0 timeout 60 python3 benchmarks/step.py $S --seq 4096 --impls torch_impl \
+      --out "$R/step_qwen3_triton_launch.jsonl" > "$R/step_tl.log" 2>&1
+    rows "$R"/step_qwen3*.jsonl 2>/dev/null ;;
   session8)  # (2026-12-06, session 8) the gpu tests of what landed in sessions 7-8 (CUDA graphs with Liger on the
     # path, the schedule and cast kernels, the custom op's direct backward, the cached launch path, the attention
     # checkpoint policy), then Qwen3 steps in one call: torch_impl at 4K and 16K, the same keeping the attention
