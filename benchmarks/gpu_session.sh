@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -201,6 +201,11 @@ case $PART in
     timeout 540 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
       --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
     rows "$R"/step_qwen3.jsonl ;;
+  session8tests)  # (2026-12-06, session 8, under 2 minutes of run time left) session8's gpu tests alone
+    export SPLITMOE_FAST_LAUNCH=1
+    SPLITMOE_SCHEDULE_KERNEL=1 timeout -s INT 85 python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider -rfEX \
+      --tb=short tests/torch/test_triton_kernels.py tests/torch/test_launch.py tests/torch/test_checkpointing.py \
+      -k "schedule or cached_launch or keep_attention" > "$R/gpu_tests.log" 2>&1 ;;
   session8short)  # (2026-12-06, session 8, with under 6 minutes of device time left) session8's gpu tests, then
     # only its A/B rows, 24 layers on any card: torch_impl at 4K and 16K (cached launches, the schedule kernel if its
     # tests passed), the same at 16K keeping the attention outputs, and at 4K through Triton's own launch path
