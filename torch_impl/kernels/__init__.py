@@ -7,9 +7,9 @@
   grid over the tiles), run by the `triton_hopper` backend (`split_lora_experts(..., kernels="hopper")`).
 - `layout.py`: the cast + transpose of LoRA-A factors into the reduction-major layout the NN kernels read.
 - `schedule.py`: the NN kernels' row-block schedule (tiles that never straddle two experts) in one launch
-  (opt-in, SPLITMOE_SCHEDULE_KERNEL=1, until GPU-tested).
+  (SPLITMOE_SCHEDULE_KERNEL=0 keeps the torch ops).
 - `launch.py`: the cached launch path of every kernel above on a GPU (Triton's per-call argument binding skipped
-  once a call's key was seen; opt-in, SPLITMOE_FAST_LAUNCH=1, until GPU-tested).
+  once a call's key was seen; SPLITMOE_FAST_LAUNCH=0 turns it off).
 - `autotune.py`: default block sizes and the opt-in autotuner with its on-disk cache.
 
 Kernels are decorated with `triton.jit` when `grouped_gemm` is imported, and Triton reads TRITON_INTERPRET at that

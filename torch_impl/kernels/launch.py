@@ -22,7 +22,7 @@ A Triton whose launcher takes other arguments than 3.6's and 3.9's raises TypeEr
 
 Ints in the key by value mean one entry per distinct size (a new sequence length is one slow launch, then fast);
 the dict is cleared past `MAX_ENTRIES` so varying shapes cannot grow it without bound. Anything else (an argument
-of another type, a kernel still compiling asynchronously, the interpreter, `SPLITMOE_FAST_LAUNCH` not 1) takes
+of another type, a kernel still compiling asynchronously, the interpreter, `SPLITMOE_FAST_LAUNCH=0`) takes
 Triton's path. Triton's global-value check (a kernel's globals changed since it compiled) is skipped on hits: the
 project's kernels read no mutable globals.
 
@@ -44,10 +44,9 @@ MAX_ENTRIES = 1024  # distinct call shapes kept per kernel before the cache is c
 
 
 def enabled() -> bool:
-    """Whether GPU launches take the cached path: opt-in (SPLITMOE_FAST_LAUNCH=1) until its gpu tests have run
-    (`tests/torch/test_launch.py -m gpu`, in `benchmarks/gpu_session.sh session8`): every kernel launch of the
-    Triton backends would take it."""
-    return os.environ.get("SPLITMOE_FAST_LAUNCH", "0") == "1"
+    """Whether GPU launches take the cached path (the default; SPLITMOE_FAST_LAUNCH=0 turns it off, e.g. to time
+    both)."""
+    return os.environ.get("SPLITMOE_FAST_LAUNCH", "1") != "0"
 
 
 class _Unkeyed(Exception):

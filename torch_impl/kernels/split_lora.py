@@ -75,12 +75,11 @@ class KernelSort:
 
         The length is the upper bound cdiv(M, block_m) + E, known without a sync; surplus tiles get expert -1 (and a
         row the kernels never read). All int32, 16 small torch ops; the schedule is built in every layer's forward.
-        With SPLITMOE_SCHEDULE_KERNEL=1, on a GPU, one launch instead (`kernels.schedule.row_block_schedule`, the
-        same values in the interpreter tests). It is opt-in until its gpu tests have run: it landed (2026-12-05)
-        after that session's device time was spent, and this path runs in every expert forward.
+        On a GPU one launch instead (`kernels.schedule.row_block_schedule`: the same values, in the interpreter
+        tests and compiled on an H100, 2026-12-06); SPLITMOE_SCHEDULE_KERNEL=0 keeps the torch ops.
         """
         if (block_m not in self._schedules and self.offsets_E1.is_cuda
-                and os.environ.get("SPLITMOE_SCHEDULE_KERNEL", "0") == "1"):
+                and os.environ.get("SPLITMOE_SCHEDULE_KERNEL", "1") != "0"):
             tile_expert, tile_row, count = row_block_schedule(self.offsets_E1.to(torch.int32), block_m, self.M)
             self._schedules[block_m], self._tile_counts[block_m] = (tile_expert, tile_row), count
         if block_m not in self._schedules:
