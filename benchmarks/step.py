@@ -443,7 +443,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "at once")
     p.add_argument("--checkpoint-policy", default="nothing", choices=["nothing", "attention"],
                    help="torch_impl: what a checkpointed decoder layer keeps besides its input (torch_impl.models."
-                        "layers.CHECKPOINT_POLICIES; attention: the SDPA kernels' outputs, not recomputed)")
+                        "layers.REMAT_POLICIES; attention: the SDPA kernels' outputs, not recomputed)")
     p.add_argument("--offload", action="store_true",
                    help="torch_impl: keep the checkpointed layer inputs in pinned host memory (long context)")
     p.add_argument("--routing-stats", action="store_true",

@@ -102,7 +102,7 @@ class TrainSection:
     gradient_checkpointing: Literal["none", "recompute", "offload"] = "none"
     # what a recomputed layer keeps besides its input (train.gradient_checkpointing=recompute), by the names of each
     # implementation's policies: torch "nothing" | "attention" (the SDPA kernels' outputs: the recompute skips the
-    # attention forward; torch_impl.models.layers.CHECKPOINT_POLICIES); jax "nothing" | "small_dots" | "dots"
+    # attention forward; torch_impl.models.layers.REMAT_POLICIES); jax "nothing" | "small_dots" | "dots"
     # (jax_impl.models.layers.REMAT_POLICIES). Memory and speed, not numbers
     checkpoint_policy: Literal["nothing", "attention", "small_dots", "dots"] = "nothing"
     # jax only: JAX's persistent compilation cache (jax_impl/compile_cache.py), so a run whose step has an earlier
@@ -164,8 +164,8 @@ NON_TRAJECTORY_KEYS = frozenset({"train.eval_every", "train.save_every", "train.
                                  "train.checkpoint_policy"})
 
 
-# train.checkpoint_policy per framework (torch_impl.models.layers.CHECKPOINT_POLICIES,
-# jax_impl.models.layers.REMAT_POLICIES; tests/shared/test_train_config.py checks they agree)
+# train.checkpoint_policy per framework (the names of each framework's models.layers.REMAT_POLICIES;
+# tests/shared/test_train_config.py checks they agree)
 CHECKPOINT_POLICIES = {"torch": ("nothing", "attention"), "jax": ("nothing", "small_dots", "dots")}
 
 

@@ -83,7 +83,7 @@ def launch(fn: Any, grid: Sequence[int], args: Sequence[Any], constexprs: dict[s
     parameters in signature order; `constexprs` name the rest, which must follow them in the signature."""
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     if first is None or first.device.type != "cuda" or not enabled():
-        fn[tuple(grid)](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        _via_triton(fn, grid, args, constexprs, num_warps, num_stages)
         return
     # Triton launches on the current device and stream, whatever device the tensors are on: so do we
     device = torch.cuda.current_device()
@@ -96,17 +96,17 @@ def cached_launch(fn: Any, grid: Sequence[int], args: Sequence[Any], constexprs:
     """The cached path of `launch` on a given device and stream (separate so that its bookkeeping is testable
     without a GPU)."""
     if id(fn) in _REFUSED:
-        fn[tuple(grid)](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        _via_triton(fn, grid, args, constexprs, num_warps, num_stages)
         return
     try:
         key = (device, num_warps, num_stages, *constexprs.values(), *[_arg_key(a) for a in args])
     except _Unkeyed:
-        fn[tuple(grid)](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        _via_triton(fn, grid, args, constexprs, num_warps, num_stages)
         return
     cache = _CACHES.setdefault(id(fn), {})
     entry = cache.get(key)
     if entry is None:
-        kernel = fn[tuple(grid)](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        kernel = _via_triton(fn, grid, args, constexprs, num_warps, num_stages)
         tail = tuple(fn.arg_names[len(args):])
         # cache only what a direct launch can reproduce: a finished CompiledKernel (an asynchronous compile returns
         # a future with `result`), every parameter after `args` a constexpr given by name
@@ -130,7 +130,13 @@ def cached_launch(fn: Any, grid: Sequence[int], args: Sequence[Any], constexprs:
         cache.clear()
         warnings.warn(f"splitmoe's cached launch of {getattr(fn, '__name__', fn)} does not fit this Triton's "
                       f"launcher ({e}); launching it through Triton's own path", RuntimeWarning, stacklevel=2)
-        fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        _via_triton(fn, grid, args, constexprs, num_warps, num_stages)
+
+
+def _via_triton(fn: Any, grid: Sequence[int], args: Sequence[Any], constexprs: dict[str, Any], num_warps: int,
+                num_stages: int) -> Any:
+    """Triton's own launch path (`JITFunction.run`); returns what it returns (the compiled kernel)."""
+    return fn[tuple(grid)](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
 def clear() -> None:

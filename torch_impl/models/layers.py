@@ -18,7 +18,7 @@ Linear weights are canonical `[in, out]`, applied as `x @ W` (HF stores `[out, i
 - `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses (the aux loss masked by
   `attention_mask` as HF's `load_balancing_loss_func`; the LM loss masked by labels = -100 only, as HF's).
 - `LayerCheckpointing`: HF's `gradient_checkpointing_enable()` switch for the decoder-layer loop, with what a layer
-  keeps (`CHECKPOINT_POLICIES`: nothing, or its attention kernels' outputs through `keeps_attention`).
+  keeps (`REMAT_POLICIES`: nothing, or its attention kernels' outputs through `keeps_attention`).
 - `static_batch`, `is_packed`, `documents`: the host syncs of a forward (token-id range check, "are these packed
   documents?") and how `static_batch` removes them so the forward can be captured in a CUDA graph
   (`torch_impl.cuda_graph`).
@@ -54,7 +54,7 @@ class LayerCheckpointing:
     (`offloaded_checkpoint`; what Unsloth calls gradient offloading): at 128K tokens a Qwen3-30B-A3B layer input is
     0.5 GiB, 24 GiB over 48 layers, and the copies overlap the layers' compute.
 
-    `policy` (a name of `CHECKPOINT_POLICIES`, as jax_impl's `gradient_checkpointing_enable(policy=...)`) says what
+    `policy` (a name of `REMAT_POLICIES`, as jax_impl's `gradient_checkpointing_enable(policy=...)`) says what
     else a layer keeps: "nothing" (the default) or "attention", which keeps the attention kernel's outputs (its
     output and log-sum-exp) so that the recompute skips the attention forward (`keep_attention_contexts`)."""
 
@@ -63,8 +63,8 @@ class LayerCheckpointing:
     checkpoint_policy: str = "nothing"
 
     def gradient_checkpointing_enable(self, offload_to_cpu: bool = False, policy: str = "nothing") -> None:
-        if policy not in CHECKPOINT_POLICIES:
-            raise ValueError(f"unknown checkpoint policy {policy!r}; choose one of {', '.join(CHECKPOINT_POLICIES)}")
+        if policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown checkpoint policy {policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
         if offload_to_cpu and policy != "nothing":
             # the offloaded checkpoint is reentrant (no context_fn) and exists to keep nothing on the GPU
             raise ValueError(f"checkpoint policy {policy!r} keeps tensors on the GPU, which offload_to_cpu=True "
@@ -90,7 +90,7 @@ class LayerCheckpointing:
                                  "these are compiled (compile_decoder_layers, Trainer(compile=True)): use "
                                  "gradient_checkpointing_enable(policy='nothing') with compiled layers")
             return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False,
-                                                     context_fn=CHECKPOINT_POLICIES[self.checkpoint_policy])
+                                                     context_fn=REMAT_POLICIES[self.checkpoint_policy])
         return layer(*args)
 
 
@@ -229,9 +229,9 @@ def _entered(*managers) -> Iterator[None]:
         yield
 
 
-# what a checkpointed decoder layer keeps besides its input, by name -> the checkpoint's context_fn (the names mirror
-# jax_impl.models.layers.REMAT_POLICIES where the two mean the same)
-CHECKPOINT_POLICIES = {"nothing": _recompute_contexts, "attention": keep_attention_contexts}
+# what a checkpointed decoder layer keeps besides its input, by name -> the checkpoint's context_fn (jax_impl's twin,
+# `jax_impl.models.layers.REMAT_POLICIES`, maps its names to jax.checkpoint policies; "nothing" means the same in both)
+REMAT_POLICIES = {"nothing": _recompute_contexts, "attention": keep_attention_contexts}
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
