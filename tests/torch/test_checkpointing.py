@@ -108,12 +108,51 @@ def test_checkpoint_policy_errors_say_what_to_use(tmp_path, seed):
     with pytest.raises(ValueError, match="use one or the other"):
         model.gradient_checkpointing_enable(offload_to_cpu=True, policy="attention")
     assert not model.gradient_checkpointing  # a refused call changes nothing
-    model.gradient_checkpointing_enable(policy="attention")
-    model.layers[0].compile()  # wraps the layer; nothing compiles before its first call
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_keep_attention_in_compiled_layers(family, tmp_path, seed, monkeypatch):
+    """Compiled decoder layers (`compile_decoder_layers`, as `--compile` and `Trainer(compile=True)` run them) under
+    the "attention" policy: the attention runs eagerly between each layer's two graphs, its forward keeps the SDPA
+    kernels' outputs and the compiled recompute takes them back (every kernel call of the forward) instead of running
+    the kernels. The loss equals the eager plain policy's bit for bit and every LoRA gradient to fp32 rounding:
+    the compiled plain policy's are bitwise equal too, but the graph break moves where the backward sums the
+    residual stream's two gradients (a few ulps: 8e-9 on these O(1e-2) gradients)."""
+    from torch_impl.compile import compile_decoder_layers
+    from torch_impl.models import layers
+
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000, num_hidden_layers=2)
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), moe_backend="grouped_mm",
+                       lora_seed=seed % 1000)
+    with torch.no_grad():
+        for name, p in _lora_params(model).items():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
     model.train()
-    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(seed))
-    with pytest.raises(ValueError, match="eager decoder layers only.*policy='nothing'"):
-        model(ids, labels=ids)
+    ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(seed))
+    model.gradient_checkpointing_enable()
+    loss, grads = _loss_and_grads(model, ids)
+
+    handed_back = []
+    reuse = layers._ReuseAttention.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        handed_back.append(func in layers._attention_ops())
+        return reuse(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(layers._ReuseAttention, "__torch_dispatch__", counting)
+    torch._dynamo.reset()
+    compile_decoder_layers(model, backend="aot_eager")
+    model.gradient_checkpointing_enable(policy="attention")
+    for step in range(2):  # the second step runs the cached graphs
+        handed_back.clear()
+        loss_ck, grads_ck = _loss_and_grads(model, ids)
+        assert sum(handed_back) == _attention_kernels(model, ids) > 0  # every kernel call of one forward
+        assert torch.equal(loss, loss_ck), f"step {step}"
+        assert grads.keys() == grads_ck.keys() and grads
+        for name in grads:
+            torch.testing.assert_close(grads_ck[name], grads[name], msg=f"{name} differs")  # fp32 defaults
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["on_device", "offloaded"])
@@ -211,3 +250,46 @@ def test_gpu_keep_attention_equals_recompute_bf16(family, tmp_path, seed):
 
     for name in grads:
         assert_close(grads_k[name], grads[name], dtype="bfloat16", quantity="moe_grad", name=f"{family} {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_gpu_keep_attention_in_inductor_layers_bf16(family, tmp_path, seed, monkeypatch):
+    """The benchmark's `--compile --checkpoint-policy attention` on CUDA in bf16: inductor-compiled layers, the
+    attention eager between their graphs; the recompute hands back every fused attention kernel call of the forward,
+    and loss and LoRA gradients equal the eager plain policy's within bf16 rounding (inductor fuses the norms and
+    RoPE, so not bitwise)."""
+    from shared_math.numerics import assert_close
+    from torch_impl.compile import compile_decoder_layers
+    from torch_impl.models import layers
+
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000, num_hidden_layers=2)
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), dtype=torch.bfloat16,
+                       device="cuda", lora_seed=seed % 1000)
+    with torch.no_grad():
+        for name, p in _lora_params(model).items():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(seed)).cuda()
+    model.gradient_checkpointing_enable()
+    loss, grads = _loss_and_grads(model, ids)
+    handed_back = []
+    reuse = layers._ReuseAttention.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        handed_back.append(func in layers._attention_ops())
+        return reuse(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(layers._ReuseAttention, "__torch_dispatch__", counting)
+    torch._dynamo.reset()
+    compile_decoder_layers(model)
+    model.gradient_checkpointing_enable(policy="attention")
+    loss_k, grads_k = _loss_and_grads(model, ids)
+    assert sum(handed_back) == _attention_kernels(model, ids) > 0
+    assert_close(loss_k, loss, dtype="bfloat16", quantity="loss", name=f"{family} loss")
+    for name in grads:
+        # lora_grad: a bf16 model's LoRA gradients through differently fused (and so differently rounded) kernels
+        assert_close(grads_k[name], grads[name], dtype="bfloat16", quantity="lora_grad", name=f"{family} {name}")
+    torch._dynamo.reset()

@@ -56,7 +56,9 @@ class LayerCheckpointing:
 
     `policy` (a name of `REMAT_POLICIES`, as jax_impl's `gradient_checkpointing_enable(policy=...)`) says what
     else a layer keeps: "nothing" (the default) or "attention", which keeps the attention kernel's outputs (its
-    output and log-sum-exp) so that the recompute skips the attention forward (`keep_attention_contexts`)."""
+    output and log-sum-exp) so that the recompute skips the attention forward (`keep_attention_contexts`). With
+    compiled layers (`compile_decoder_layers`) that policy breaks each layer's graph at its attention
+    (`keeps_attention`), so it does not combine with `fullgraph=True`."""
 
     gradient_checkpointing: bool = False
     checkpoint_offload: bool = False
@@ -84,11 +86,6 @@ class LayerCheckpointing:
                 return offloaded_checkpoint(layer, *args)
             # no RNG state to restore: nothing in these forwards draws random numbers (no dropout anywhere), and
             # saving it would read the CUDA generator, which a CUDA-graph capture forbids
-            if self.checkpoint_policy != "nothing" and getattr(layer, "_compiled_call_impl", None) is not None:
-                # a dispatch mode entered inside a compiled layer would be a graph break, or silently not kept
-                raise ValueError(f"checkpoint policy {self.checkpoint_policy!r} runs in eager decoder layers only; "
-                                 "these are compiled (compile_decoder_layers, Trainer(compile=True)): use "
-                                 "gradient_checkpointing_enable(policy='nothing') with compiled layers")
             return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False,
                                                      context_fn=REMAT_POLICIES[self.checkpoint_policy])
         return layer(*args)
@@ -174,16 +171,21 @@ class _ReuseAttention(TorchDispatchMode):
 # The dispatch mode the attention call sites (`keeps_attention`) enter, per thread (a layer's recompute runs in
 # autograd's backward thread): set by the "attention" policy's contexts for the span of one checkpointed layer call.
 _ATTENTION = threading.local()
+# True for that same span. A plain module global, as `_RECOMPUTING`: a compiled layer reads it at trace time and gets a
+# Dynamo guard on it, so its graph breaks around the attention only under the policy (a thread-local read does not
+# trace).
+_KEEPING = False
 
 
 @contextmanager
 def _attention_mode(mode: TorchDispatchMode) -> Iterator[None]:
-    previous = getattr(_ATTENTION, "mode", None)
-    _ATTENTION.mode = mode
+    global _KEEPING
+    previous, previous_keeping = getattr(_ATTENTION, "mode", None), _KEEPING
+    _ATTENTION.mode, _KEEPING = mode, True
     try:
         yield
     finally:
-        _ATTENTION.mode = previous
+        _ATTENTION.mode, _KEEPING = previous, previous_keeping
 
 
 def keeps_attention(fn):
@@ -191,17 +193,26 @@ def keeps_attention(fn):
     under the "attention" policy its ops run under that policy's dispatch mode, which keeps (forward) or hands back
     (recompute) the SDPA kernels' outputs; elsewhere it is `fn` itself. Only these few ops pass through Python's
     dispatch: a mode around the whole layer costs every aten op of it host time (about 19 µs an op on the 2-core CI
-    machine), which the host-bound short-sequence steps would feel."""
+    machine), which the host-bound short-sequence steps would feel.
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if torch.compiler.is_compiling():  # compiled layers never keep (refused in `_run_layer`); no trace of a
-            return fn(*args, **kwargs)     # thread-local read in their graphs
+    In a compiled layer (`compile_decoder_layers`) under the policy the attention is a graph break: it runs eagerly
+    between the layer's two graphs, where a dispatch mode works (one inside a graph would not be traced). Without
+    the policy the compiled layer traces `fn` whole, as before."""
+
+    def in_mode(*args, **kwargs):
         mode = getattr(_ATTENTION, "mode", None)
         if mode is None:
             return fn(*args, **kwargs)
         with mode:
             return fn(*args, **kwargs)
+
+    eager = torch._dynamo.disable(in_mode)  # the graph break: Dynamo calls it as Python, outside any graph
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return eager(*args, **kwargs) if _KEEPING else fn(*args, **kwargs)
+        return in_mode(*args, **kwargs)
 
     return wrapper
 
