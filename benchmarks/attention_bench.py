@@ -6,7 +6,10 @@ Qwen3-30B-A3B shape (32 query heads, 4 kv heads, head dim 128, causal):
 - `repeat_<backend>` / `gqa_<backend>`: the same with one SDPA backend forced (flash, cudnn, efficient);
 - `gqa_flex`: FlexAttention (compiled) with a causal block mask and GQA.
 gpt-oss-20b shape (64 / 8 heads, head dim 64, a learned sink per head; full layers and 128-token sliding layers):
-- `sink_sdpa`: torch_impl's `sink_attention` (the sink as an extra key through SDPA; sliding layers in blocks);
+- `sink_sdpa`: torch_impl's `sink_attention` (since 2026-12-06 the log-sum-exp rescale of the plain kernels at head
+  width 64, `torch_impl.models.lse_attention`: cuDNN on full layers, the flash kernel's window on sliding ones);
+- `sink_padded`: its earlier form, the sink as an extra key of head width 64 + 8 through SDPA (sliding layers in
+  query blocks), still what a masked batch runs;
 - `sink_flex`: FlexAttention with the window in the block mask and the sink by the log-sum-exp rescale
   `out · sigmoid(lse − sink)`.
 Each row: median ms of forward + backward (CUDA events), TFLOP/s over the causal (or windowed) FLOPs, peak extra
@@ -82,12 +85,17 @@ def qwen_variants():
 
 
 def gpt_oss_variants(window):
-    from torch_impl.models.gpt_oss import sink_attention
+    from torch_impl.models.gpt_oss import _sink_attention_padded, sink_attention
 
     def sdpa(q, k, v, sinks):
         rep = q.shape[1] // k.shape[1]
         return sink_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), sinks, None,
                               q.shape[-1] ** -0.5, window)
+
+    def padded(q, k, v, sinks):
+        rep = q.shape[1] // k.shape[1]
+        return _sink_attention_padded(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), sinks, None,
+                                      q.shape[-1] ** -0.5, window)
 
     def flex(q, k, v, sinks):
         from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
@@ -103,7 +111,7 @@ def gpt_oss_variants(window):
         # the sink joins each softmax row: out · Σexp(s) / (Σexp(s) + exp(sink)) = out · sigmoid(lse − sink)
         return out * torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
 
-    return {"sink_sdpa": sdpa, "sink_flex": flex}
+    return {"sink_sdpa": sdpa, "sink_padded": padded, "sink_flex": flex}
 
 
 def bench(model, fn, q, k, v, extra, iters, flops):
@@ -138,12 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", default="4096,16384")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--models", default="qwen3_30b,gpt_oss_20b_full,gpt_oss_20b_sliding",
+                   help="comma-separated subset of the shapes")
+    p.add_argument("--impls", default=None, help="comma-separated subset of the variants (default: all)")
     a = p.parse_args(argv)
     env = versions()
     g = torch.Generator(device="cuda").manual_seed(0)
     models = [dict(model="qwen3_30b", N=32, Nkv=4, D=128, window=None),
               dict(model="gpt_oss_20b_full", N=64, Nkv=8, D=64, window=None),
               dict(model="gpt_oss_20b_sliding", N=64, Nkv=8, D=64, window=128)]
+    wanted = set(a.models.split(","))
+    if unknown := wanted - {m["model"] for m in models}:
+        p.error(f"unknown --models {sorted(unknown)}; choose from {[m['model'] for m in models]}")
+    models = [m for m in models if m["model"] in wanted]
     for S in (int(s) for s in a.seq.split(",")):
         for m in models:
             q = torch.randn(1, m["N"], S, m["D"], device="cuda", generator=g, dtype=torch.bfloat16)
@@ -157,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 variants = gpt_oss_variants(m["window"])
                 extra = (torch.randn(m["N"], device="cuda", generator=g).to(torch.bfloat16),)
             for name, fn in variants.items():
+                if a.impls and name not in a.impls.split(","):
+                    continue
                 row = dict(model=m["model"], impl=name, seq=S, **env)
                 try:
                     row.update(bench(m, fn, q, k, v, extra, a.iters, flops))

@@ -225,6 +225,33 @@ case $PART in
     SPLITMOE_FAST_LAUNCH=0 timeout 60 python3 benchmarks/step.py $S --seq 4096 --impls torch_impl \
       --out "$R/step_qwen3_triton_launch.jsonl" > "$R/step_tl.log" 2>&1
     rows "$R"/step_qwen3*.jsonl 2>/dev/null ;;
+  session9)  # (2026-12-06, session 9) gpt-oss's sink attention through the log-sum-exp rescale at head width 64
+    # (torch_impl/models/lse_attention.py: cuDNN on full layers, the flash kernel's window on sliding ones) and the
+    # "attention" checkpoint policy in compiled layers: their gpu tests; the attention alone against the padded-head
+    # path it replaces; then gpt-oss steps (24 layers on an 80 GB card) compiled, with and without the policy, next
+    # to Unsloth's in the same call; Qwen3 compiled with the policy with the time left. If the sink tests fail, the
+    # steps run the padded path (SPLITMOE_SINK_LSE=0) and say so.
+    wheels
+    timeout -s INT 120 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
+      tests/torch/test_gpt_oss_parity.py tests/torch/test_checkpointing.py tests/torch/test_cuda_graph.py \
+      > "$R/gpu_tests.log" 2>&1
+    grep -qE "^(FAILED|ERROR).*(sink|gpt_oss)" "$R/gpu_tests.log" && export SPLITMOE_SINK_LSE=0
+    echo "sink lse path in the steps: ${SPLITMOE_SINK_LSE:-1}" | tee "$R/sink_lse.txt"
+    timeout 60 python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \
+      --impls sink_sdpa,sink_padded --out "$R/attention.jsonl" > "$R/attention.log" 2>&1
+    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    G="--family gpt_oss --layers $L --warmup 2 --iters 3 --seq 4096,16384"
+    timeout 110 python3 benchmarks/step.py $G --impls torch_impl --compile --out "$R/step_gpt_oss.jsonl" \
+      > "$R/step.log" 2>&1
+    timeout 110 python3 benchmarks/step.py $G --impls torch_impl --compile --checkpoint-policy attention \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_ka.log" 2>&1
+    [ "$SECONDS" -lt 450 ] && timeout $((580 - SECONDS)) python3 benchmarks/step.py $G --impls unsloth \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_unsloth.log" 2>&1
+    [ "$SECONDS" -lt 480 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --layers "$L" \
+      --warmup 2 --iters 3 --seq 4096,16384 --impls torch_impl --compile --checkpoint-policy attention \
+      --out "$R/step_qwen3.jsonl" > "$R/step_qwen3.log" 2>&1
+    grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; grep -h "^{" "$R/attention.log" | cut -c1-200
+    rows "$R"/step_*.jsonl ;;
   session8)  # (2026-12-06, session 8) the gpu tests of what landed in sessions 7-8 (CUDA graphs with Liger on the
     # path, the schedule and cast kernels, the custom op's direct backward, the cached launch path, the attention
     # checkpoint policy), then Qwen3 steps in one call: torch_impl at 4K and 16K, the same keeping the attention

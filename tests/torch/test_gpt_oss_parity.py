@@ -198,13 +198,16 @@ def test_sinks_and_window_matter(root):
 
 @pytest.mark.parametrize("S_, window", [(20, 8), (17, 3), (9, 4), (5, 1)])
 def test_sink_attention_paths_agree(S_, window):
-    """The blocked sliding-window path, the lower-right causal path and the explicit-mask path equal a literal
-    softmax over [scores | sink] (HF's eager form), forward and backward, in fp32."""
-    from torch_impl.models.gpt_oss import sink_attention
+    """Every sink path equals a literal softmax over [scores | sink] (HF's eager form), forward and backward (the
+    sinks' gradient included), in fp32: the log-sum-exp rescale (`lse_attention`, what CPU and bf16 CUDA run without
+    a mask), and the padded-head paths (the blocked sliding window, the lower-right causal bias, the explicit
+    mask)."""
+    from torch_impl.models.gpt_oss import _sink_attention_padded, sink_attention
+    from torch_impl.models.lse_attention import sink_attention_lse
 
     g = torch.Generator().manual_seed(S_ * 31 + window)
     q, k, v = (torch.randn(2, 3, S_, 16, generator=g, requires_grad=True) for _ in range(3))
-    sinks = torch.randn(3, generator=g)
+    sinks = torch.randn(3, generator=g).requires_grad_(True)
     scale = 16 ** -0.5
 
     def literal(w):
@@ -218,10 +221,44 @@ def test_sink_attention_paths_agree(S_, window):
     dy = torch.randn(2, 3, S_, 16, generator=g)
     for w in (window, None):
         want = literal(w)
-        gw = torch.autograd.grad(want, (q, k, v), dy)
+        gw = torch.autograd.grad(want, (q, k, v, sinks), dy)
+        causal = torch.ones(1, 1, S_, S_, dtype=torch.bool).tril()
         got = {"auto": sink_attention(q, k, v, sinks, None, scale, w),
-               "mask": sink_attention(q, k, v, sinks, torch.ones(1, 1, S_, S_, dtype=torch.bool).tril(), scale, w)}
+               "lse": sink_attention_lse(q, k, v, sinks, scale, w),
+               "padded": _sink_attention_padded(q, k, v, sinks, None, scale, w),
+               "mask": sink_attention(q, k, v, sinks, causal, scale, w)}
         for name, y in got.items():
             assert_close(y, want, dtype="float32", quantity="moe_block", name=f"{name} w={w}")
-            for a, b in zip(torch.autograd.grad(y, (q, k, v), dy), gw):
-                assert_close(a, b, dtype="float32", quantity="moe_grad", name=f"d {name} w={w}")
+            for a, b, x in zip(torch.autograd.grad(y, (q, k, v, sinks), dy), gw, "qkvs"):
+                assert_close(a, b, dtype="float32", quantity="moe_grad", name=f"d{x} {name} w={w}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [None, 128, 512], ids=["full", "sliding", "window_past_the_row"])
+def test_gpu_sink_attention_lse_bf16(window):
+    """The log-sum-exp sink path on CUDA in bf16 (cuDNN for causal layers, the flash kernel's window for sliding
+    ones; gpt-oss-20b's 64-wide heads, 300 tokens): output and the q, k, v and sink gradients equal a float64 literal
+    softmax over [scores | sink] within bf16 attention rounding, and equal the padded-head path it replaces."""
+    from torch_impl.models.gpt_oss import _sink_attention_padded
+    from torch_impl.models.lse_attention import sink_attention_lse
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    B, N, S, D = 2, 8, 300, 64
+    q, k, v = (torch.randn(B, N, S, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(True)
+               for _ in range(3))
+    sinks = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
+    scale = D ** -0.5
+    i = torch.arange(S, device="cuda")
+    ok = (i[None, :] <= i[:, None]) & ((i[None, :] > i[:, None] - window) if window else True)
+    s = ((q.double() @ k.double().transpose(-1, -2)) * scale).masked_fill(~ok, float("-inf"))
+    full = torch.cat([s, sinks.double().view(1, N, 1, 1).expand(B, N, S, 1)], dim=-1)
+    want = torch.softmax(full, dim=-1)[..., :-1] @ v.double()
+    dy = torch.randn(B, N, S, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    gw = torch.autograd.grad(want, (q, k, v, sinks), dy.double())
+    for name, fn in {"lse": sink_attention_lse, "padded": _sink_attention_padded}.items():
+        y = fn(q, k, v, sinks, scale, window) if name == "lse" else fn(q, k, v, sinks, None, scale, window)
+        assert_close(y, want, dtype="bfloat16", quantity="attention", name=f"{name} out w={window}")
+        for a, b, x in zip(torch.autograd.grad(y, (q, k, v, sinks), dy), gw, "qkvs"):
+            # the sink's gradient sums (1 − w)·(dout·out) over all B·S rows: bf16 inputs, fp32 sums
+            assert_close(a, b, dtype="bfloat16", quantity="attention_grad", name=f"d{x} {name} w={window}")

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from shared_math.config import ModelConfig
 from torch_impl.models.decoder import CausalLM
 from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, causal_mask, keeps_attention, project
+from torch_impl.models.lse_attention import sink_attention_lse, sink_attention_lse_supported
 from torch_impl.moe import MoEBlock
 
 # extra q/k coordinates that carry the sink logit; 8 keeps D + 8 a multiple of 8 for the fused SDPA kernels
@@ -122,11 +123,16 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     heads), sinks [N], mask [B, 1, S, S] bool (packed documents, padding: `layers.causal_mask`) or None (causal),
     `window` (sliding layers: keys with q_idx - window < kv_idx <= q_idx) -> [B, N, S, D].
 
-    The sink is realised as one extra key at index 0 with value 0 and a logit equal to the sink for every query
-    (`_with_sink`). Then `out = Σ_j p_j v_j` with p the softmax over [sink, keys] is exactly the log-sum-exp
-    correction `out_plain · sigmoid(lse − sink)`, and all of it runs through `F.scaled_dot_product_attention`,
-    forward and backward, so on CUDA the flash / memory-efficient kernels do the work and no [S, S] probabilities
-    are ever materialised:
+    Without a mask (causal, or causal within the window), wherever `lse_attention` has kernels (CPU; CUDA in bf16 /
+    fp16), the sink rescales the plain attention by its log-sum-exp at the model's head width
+    (`lse_attention.sink_attention_lse`: cuDNN for full layers, the flash kernel's window for sliding ones).
+
+    Otherwise (a mask, or an fp32 model on CUDA) the sink is realised as one extra key at index 0 with value 0 and a
+    logit equal to the sink for every query (`_with_sink`, head width D + 8, `_sink_attention_padded`). Then
+    `out = Σ_j p_j v_j` with p the softmax over [sink, keys] is exactly the log-sum-exp correction
+    `out_plain · sigmoid(lse − sink)`, and all of it runs through `F.scaled_dot_product_attention`, forward and
+    backward, so on CUDA the flash / memory-efficient kernels do the work and no [S, S] probabilities are ever
+    materialised:
     - full layers: a lower-right causal bias (`causal_lower_right`, no mask tensor; query i sees the sink and keys
       0..i), which the flash kernel takes; in a compiled layer the same through `is_causal`
       (`_causal_with_sink_compiled`, which says why);
@@ -134,6 +140,14 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     - packed documents or padding: a bool mask [B, 1, S, S+1] (O(S²) bits, never probabilities), window applied
       inside it (so a padded batch's sliding layers do not take the O(S·W) blocks).
     """
+    if mask is None and sink_attention_lse_supported(q):
+        return sink_attention_lse(q, k, v, sinks, scale, window)
+    return _sink_attention_padded(q, k, v, sinks, mask, scale, window)
+
+
+def _sink_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                           mask: torch.Tensor | None, scale: float, window: int | None) -> torch.Tensor:
+    """`sink_attention` with the sink as an extra key of head width D + 8 (`_with_sink`): its docstring's list."""
     B, N, S, D = q.shape
     if mask is None and window is not None and window < S:
         return _sliding_blocks(q, k, v, sinks, window, scale)

@@ -122,8 +122,11 @@ def _recompute_contexts():
 
 # SDPA's kernels as the dispatcher sees them below `F.scaled_dot_product_attention` (a composite op): each returns
 # the attention output and its log-sum-exp (and, for some, RNG state), all that its backward reads besides q, k, v
+# (and `_flash_attention_forward`, the flash kernel with a window argument, which `lse_attention` calls for gpt-oss's
+# sliding layers)
 _ATTENTION_OP_NAMES = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
-                       "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+                       "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                       "_flash_attention_forward")
 
 
 @functools.cache

@@ -1,0 +1,130 @@
+"""Attention with a per-head sink logit (gpt-oss) through the log-sum-exp rescale, at the model's own head width.
+
+gpt-oss adds one logit per head, `sink_n`, to every softmax row and drops its column afterwards. With `o, lse` the
+plain causal (or sliding-window) attention and its log-sum-exp, the sink only rescales each row:
+
+    out_i = o_i · w_i,   w_i = exp(lse_i) / (exp(lse_i) + exp(sink_n)) = sigmoid(lse_i − sink_n)
+
+and the backward is the plain attention kernel's own backward with two substitutions (derivation: the sink's
+softmax is p̃_ij = w_i·p_ij, so dS_ij = p̃_ij (dout_i·v_j − dout_i·out_i) = p_ij (dO_i·v_j − D_i) with dO = w·dout and
+D_i = dO_i·out_i, the quantity the flash-style kernels compute from their `out` argument; dV = Σ_i p_ij dO_i):
+
+    grad_out → w · dout,   out → out (the sink-rescaled output),   and dsink_n = −Σ_i (1 − w_i)(dout_i·out_i).
+
+So the fused kernels run at head width D (64 for gpt-oss) instead of `_with_sink`'s D + 8, which the cuDNN and
+flash kernels pad to their next tile width, and the sliding layers take the flash kernel's own window
+(`window_size_left`) instead of masked query blocks. Measured motivation (H100, torch 2.11, gpt-oss-20b shapes,
+16K tokens, fwd+bwd of one layer, benchmarks/attention_bench.py): the D + 8 path 45.6 ms on a full layer where
+Qwen3's same-FLOP D = 128 attention takes 14.4 ms.
+
+Kernels (`_Kernels`): on CUDA, cuDNN for causal layers (the fastest SDPA kernel on Hopper, benchmarks/REPORT.md)
+and flash (FA2, the one with a window argument) for sliding ones; on CPU, the flash-for-CPU kernel (window as a
+band mask: CPU runs are small). Each is called as the aten op that SDPA itself dispatches to, so the "attention"
+checkpoint policy (`layers.keeps_attention`) keeps and hands back their outputs like SDPA's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_ATEN = torch.ops.aten
+_SAVED = object()  # a kernel state's tensor, in ctx.saved_tensors
+# read once, at import: a compiled layer then sees a constant, not an environment lookup
+ENABLED = os.environ.get("SPLITMOE_SINK_LSE", "1") != "0"
+
+
+def sink_attention_lse_supported(q: torch.Tensor) -> bool:
+    """Whether `sink_attention_lse` has kernels for q's device and dtype: CPU (any float dtype) or CUDA in
+    bf16 / fp16 (the fused kernels' dtypes; an fp32 model on CUDA takes the padded-head path). SPLITMOE_SINK_LSE=0
+    sends every call to the padded-head path (to time one against the other)."""
+    if not ENABLED:
+        return False
+    if q.device.type == "cpu":
+        return q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def _band_bias(S: int, window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[S, S] additive bias in `dtype` (the CPU kernel's mask type): 0 where key j is visible to query i, that is
+    i − window < j <= i (the window includes self), −inf elsewhere."""
+    i = torch.arange(S, device=device)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    return torch.zeros(S, S, dtype=dtype, device=device).masked_fill_(~band, float("-inf"))
+
+
+def _forward(q, k, v, scale: float, window: int | None):
+    """(o [B, N, S, D], lse [B, N, S] fp32, state for `_backward`) of causal attention, within `window` if given."""
+    S = q.shape[-2]
+    if q.device.type == "cpu":
+        mask = None if window is None else _band_bias(S, window, q.dtype, q.device)
+        o, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, mask is None, attn_mask=mask,
+                                                                   scale=scale)
+        return o, lse, ("cpu", mask)
+    if window is None:
+        out = _ATEN._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+        o, lse = out[0], out[1]
+        return o, lse.view(lse.shape[:3]), ("cudnn", lse, *out[2:8])
+    # FA2 works on [B, S, N, D]; a transposed view of the heads-first layout is what it takes
+    o, lse, rng, unused, _ = _ATEN._flash_attention_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, S, S, 0.0, True, False, scale=scale,
+        window_size_left=window - 1, window_size_right=0)
+    return o.transpose(1, 2), lse, ("flash", rng, unused)
+
+
+def _backward(grad_o, q, k, v, o, lse, scale: float, window: int | None, state):
+    """dq, dk, dv of `_forward`'s attention for output gradient `grad_o` and output argument `o` (the kernels read
+    `o` only for D_i = grad_o_i·o_i, which is what the sink substitutes)."""
+    kind, S = state[0], q.shape[-2]
+    if kind == "cpu":
+        mask = state[1]
+        return _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_o, q, k, v, o, lse, 0.0, mask is None, attn_mask=mask, scale=scale)
+    if kind == "cudnn":
+        lse_raw, cum_q, cum_k, max_q, max_k, seed, offset = state[1:]
+        return _ATEN._scaled_dot_product_cudnn_attention_backward(
+            grad_o, q, k, v, o, lse_raw, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=scale)
+    rng, unused = state[1:]
+    dq, dk, dv = _ATEN._flash_attention_backward(
+        grad_o.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), o.transpose(1, 2), lse,
+        None, None, S, S, 0.0, True, rng, unused, scale=scale, window_size_left=window - 1, window_size_right=0)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+class _SinkAttention(torch.autograd.Function):
+    """out = attention(q, k, v) · sigmoid(lse − sink), forward and backward through the plain kernels (module
+    docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, scale: float, window: int | None):
+        o, lse, state = _forward(q, k, v, scale, window)
+        w = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # [B, N, S] fp32
+        out = (o.float() * w.unsqueeze(-1)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, w, *[t for t in state[1:] if isinstance(t, torch.Tensor)])
+        ctx.state = tuple(_SAVED if isinstance(t, torch.Tensor) else t for t in state)
+        ctx.scale, ctx.window = scale, window
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, w, *tensors = ctx.saved_tensors
+        it = iter(tensors)
+        state = tuple(next(it) if s is _SAVED else s for s in ctx.state)
+        d32 = dout.float()
+        grad_o = (d32 * w.unsqueeze(-1)).to(dout.dtype)
+        dq, dk, dv = _backward(grad_o, q, k, v, out, lse, ctx.scale, ctx.window, state)
+        dsinks = None
+        if ctx.needs_input_grad[3]:
+            dsinks = -((1 - w) * (d32 * out.float()).sum(-1)).sum(dim=(0, 2))
+        return dq, dk, dv, dsinks, None, None
+
+
+def sink_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, scale: float,
+                       window: int | None = None) -> torch.Tensor:
+    """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v, causal and within `window` keys back (self
+    included) when given: q, k, v [B, N, S, D] (k, v repeated to N heads), sinks [N] -> [B, N, S, D]. Needs
+    `sink_attention_lse_supported(q)`."""
+    if window is not None and window >= q.shape[-2]:
+        window = None  # every key is inside the window: plain causal
+    return _SinkAttention.apply(q, k, v, sinks, scale, window)
