@@ -252,6 +252,22 @@ case $PART in
       --out "$R/step_qwen3.jsonl" > "$R/step_qwen3.log" 2>&1
     grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; grep -h "^{" "$R/attention.log" | cut -c1-200
     rows "$R"/step_*.jsonl ;;
+  session9short)  # session9 for a call of under 400 s: its tests, the attention rows, gpt-oss compiled with the
+    # policy and Unsloth's gpt-oss rows
+    wheels
+    timeout -s INT 100 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
+      tests/torch/test_gpt_oss_parity.py tests/torch/test_checkpointing.py > "$R/gpu_tests.log" 2>&1
+    grep -qE "^(FAILED|ERROR).*(sink|gpt_oss)" "$R/gpu_tests.log" && export SPLITMOE_SINK_LSE=0
+    echo "sink lse path in the steps: ${SPLITMOE_SINK_LSE:-1}" | tee "$R/sink_lse.txt"
+    timeout 40 python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \
+      --impls sink_sdpa,sink_padded --out "$R/attention.jsonl" > "$R/attention.log" 2>&1
+    G="--family gpt_oss --warmup 2 --iters 3 --seq 4096,16384"
+    timeout 110 python3 benchmarks/step.py $G --impls torch_impl --compile --checkpoint-policy attention \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_ka.log" 2>&1
+    timeout $((375 - SECONDS)) python3 benchmarks/step.py $G --impls unsloth --out "$R/step_gpt_oss.jsonl" \
+      > "$R/step_unsloth.log" 2>&1
+    grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; grep -h "^{" "$R/attention.log" | cut -c1-200
+    rows "$R"/step_*.jsonl ;;
   session8)  # (2026-12-06, session 8) the gpu tests of what landed in sessions 7-8 (CUDA graphs with Liger on the
     # path, the schedule and cast kernels, the custom op's direct backward, the cached launch path, the attention
     # checkpoint policy), then Qwen3 steps in one call: torch_impl at 4K and 16K, the same keeping the attention
