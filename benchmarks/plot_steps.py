@@ -1,9 +1,10 @@
 """Plots of full-model step rows (benchmarks/step.py; older rows of gpt_oss_step.py / glm_flash_step.py too).
 
-Bars (default): one panel per model preset, one group of bars per context length, one bar per (implementation,
-eager or CUDA graph). `--lines`: step time and peak memory against context length, one line per implementation and
-variant, one column per model (`--max-context` probes included: their single-step times are marked hollow), a
-failed length (out of memory, error) as a cross. When several files hold the same row, the last one wins.
+Bars (default): one panel per model preset, one group of bars per context length, one bar per implementation and
+variant (CUDA graph, compile, offload, the checkpoint policy; `_variant`). `--lines`: step time and peak memory
+against context length, one line per implementation and variant, one column per model (`--max-context` probes
+included: their single-step times are marked hollow), a failed length (out of memory, error) as a cross. When
+several files hold the same row, the last one wins.
 
     python benchmarks/plot_steps.py --out benchmarks/results/steps_2026-11-28.png a.jsonl b.jsonl ...
     python benchmarks/plot_steps.py --lines --out benchmarks/results/step_lines.png step_*.jsonl
@@ -15,9 +16,12 @@ import argparse
 import json
 from pathlib import Path
 
-TITLES = {"20b": "gpt-oss-20b (random weights), r=64", "flash": "GLM-4.7-Flash-sized (random weights), r=64"}
-COLORS = {("torch_impl", False): "tab:blue", ("hf_peft", False): "tab:orange", ("torch_impl", True): "tab:green",
-          ("hf_peft", True): "tab:red"}
+TITLES = {"20b": "gpt-oss-20b (random weights), r=64", "flash": "GLM-4.7-Flash-sized (random weights), r=64",
+          "30b-a3b": "Qwen3-30B-A3B (random weights), r=64"}
+COLORS = {"torch_impl": "tab:blue", "hf_peft": "tab:orange", "unsloth": "tab:purple", "jax_impl": "tab:olive",
+          "torch_impl + cuda_graph": "tab:green", "hf_peft + cuda_graph": "tab:red", "torch_impl + compile": "tab:cyan",
+          "torch_impl + compile + keep attention": "tab:brown", "torch_impl + keep attention": "tab:pink",
+          "torch_impl + cuda_graph + keep attention": "tab:gray"}
 
 
 def _reason(r: dict) -> str:
@@ -31,7 +35,8 @@ def load(paths: list[Path]) -> dict[tuple, dict]:
         for line in p.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                rows[(r["preset"], r["seq"], r["impl"], bool(r.get("cuda_graph", False)))] = r
+                if r.get("mode", "step") == "step":
+                    rows[(r["preset"], r["seq"], _variant(r))] = r
     return rows
 
 
@@ -45,26 +50,25 @@ def plot(rows: dict[tuple, dict], out: Path) -> None:
     fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.5), squeeze=False)
     for ax, preset in zip(axes[0], presets):
         seqs = sorted({k[1] for k in rows if k[0] == preset})
-        series = sorted({(k[2], k[3]) for k, r in rows.items() if k[0] == preset and r.get("step_ms") is not None},
-                        key=lambda s: (s[1], s[0] != "torch_impl"))
-        missing = sorted({f"{k[2]}{' (CUDA graph)' if k[3] else ''} at {k[1]}: {_reason(r)}"
+        series = sorted({k[2] for k, r in rows.items() if k[0] == preset and r.get("step_ms") is not None},
+                        key=lambda v: (not v.startswith("torch_impl"), v))
+        missing = sorted({f"{k[2]} at {k[1]}: {_reason(r)}"
                           for k, r in rows.items() if k[0] == preset and r.get("step_ms") is None})
         width = 0.8 / max(len(series), 1)
-        for j, (impl, graph) in enumerate(series):
+        for j, variant in enumerate(series):
             xs, ys = [], []
             for i, s in enumerate(seqs):
-                r = rows.get((preset, s, impl, graph))
-                if r is None:
-                    continue
-                if r.get("step_ms") is None:
+                r = rows.get((preset, s, variant))
+                if r is None or r.get("step_ms") is None:
                     continue
                 xs.append(i + (j - (len(series) - 1) / 2) * width)
                 ys.append(r["step_ms"])
-            bars = ax.bar(xs, ys, width, label=f"{impl} ({'CUDA graph' if graph else 'eager'})",
-                          color=COLORS.get((impl, graph)))
+            bars = ax.bar(xs, ys, width, label=variant, color=COLORS.get(variant))
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks(range(len(seqs)), [str(s) for s in seqs])
-        ax.set(xlabel="context length (tokens)", ylabel="ms per LoRA training step", title=TITLES.get(preset, preset))
+        depths = sorted({str(r.get("layers")) for k, r in rows.items() if k[0] == preset and r.get("layers")})
+        title = TITLES.get(preset, preset) + (f", {'/'.join(depths)} layers" if depths else "")
+        ax.set(xlabel="context length (tokens)", ylabel="ms per LoRA training step", title=title)
         top = max((r["step_ms"] for k, r in rows.items() if k[0] == preset and r.get("step_ms")), default=1.0)
         ax.set_ylim(0, 1.3 * top)  # room for the legend above the bars
         ax.legend(fontsize=8, loc="upper left", ncol=2)
@@ -76,6 +80,8 @@ def plot(rows: dict[tuple, dict], out: Path) -> None:
 
 def _variant(r: dict) -> str:
     parts = [r["impl"]] + [name for name in ("cuda_graph", "compile", "offload", "optim_in_backward") if r.get(name)]
+    if r.get("checkpoint_policy") not in (None, "nothing"):
+        parts.append(f"keep {r['checkpoint_policy']}")
     return " + ".join(parts)
 
 
