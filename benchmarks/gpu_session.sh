@@ -227,14 +227,14 @@ case $PART in
     rows "$R"/step_qwen3*.jsonl 2>/dev/null ;;
   session9)  # (2026-12-06, session 9) gpt-oss's sink attention through the log-sum-exp rescale at head width 64
     # (torch_impl/models/lse_attention.py: cuDNN on full layers, the flash kernel's window on sliding ones) and the
-    # "attention" checkpoint policy in compiled layers: their gpu tests; the attention alone against the padded-head
+    # "attention" checkpoint policy in compiled layers, GQA attention without repeated K/V: their gpu tests; the attention alone against the padded-head
     # path it replaces; then gpt-oss steps (24 layers on an 80 GB card) compiled, with and without the policy, next
     # to Unsloth's in the same call; Qwen3 compiled with the policy with the time left. If the sink tests fail, the
     # steps run the padded path (SPLITMOE_SINK_LSE=0) and say so.
     wheels
     timeout -s INT 120 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
       tests/torch/test_gpt_oss_parity.py tests/torch/test_checkpointing.py tests/torch/test_cuda_graph.py \
-      > "$R/gpu_tests.log" 2>&1
+      tests/torch/test_qwen3_parity.py tests/torch/test_deepseek_glm_parity.py > "$R/gpu_tests.log" 2>&1
     grep -qE "^(FAILED|ERROR).*(sink|gpt_oss)" "$R/gpu_tests.log" && export SPLITMOE_SINK_LSE=0
     echo "sink lse path in the steps: ${SPLITMOE_SINK_LSE:-1}" | tee "$R/sink_lse.txt"
     timeout 60 python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \
@@ -256,7 +256,8 @@ case $PART in
     # policy and Unsloth's gpt-oss rows
     wheels
     timeout -s INT 100 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
-      tests/torch/test_gpt_oss_parity.py tests/torch/test_checkpointing.py > "$R/gpu_tests.log" 2>&1
+      tests/torch/test_gpt_oss_parity.py tests/torch/test_checkpointing.py tests/torch/test_qwen3_parity.py \
+      tests/torch/test_deepseek_glm_parity.py > "$R/gpu_tests.log" 2>&1
     grep -qE "^(FAILED|ERROR).*(sink|gpt_oss)" "$R/gpu_tests.log" && export SPLITMOE_SINK_LSE=0
     echo "sink lse path in the steps: ${SPLITMOE_SINK_LSE:-1}" | tee "$R/sink_lse.txt"
     timeout 40 python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \

@@ -468,8 +468,16 @@ def causal_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor | None 
 @keeps_attention
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    scale: float) -> torch.Tensor:
-    """softmax(q·kᵀ·scale, masked)·v through `F.scaled_dot_product_attention`: q, k, v [B, N, S, D] (k, v repeated to
-    N heads), mask [B, 1, S, S] bool from `causal_mask`, or None for causal attention (the `is_causal` kernels).
+    """softmax(q·kᵀ·scale, masked)·v through `F.scaled_dot_product_attention`: q [B, N, S, D], k, v [B, Nkv, S, D]
+    (each kv head serves N / Nkv consecutive query heads, HF's repeat_kv), mask [B, 1, S, S] bool from `causal_mask`,
+    or None for causal attention (the `is_causal` kernels).
+
+    Causal attention takes the kv heads as they are (`enable_gqa`): the cuDNN and CPU flash kernels read each kv head
+    for its query heads, with no repeated copy of K and V in the forward, the recompute and the backward's sum over
+    the copies (H100, Qwen3-30B-A3B shapes, fwd+bwd: 1.15 against 1.20 ms at 4K, 14.4 against 14.6 ms at 16K;
+    benchmarks/results/session9_2026-12-06/call2_attention.jsonl). A masked batch repeats them: SDPA's
+    memory-efficient kernel, the one that takes a mask, has no GQA, and without it SDPA would fall back to its
+    math path, which materialises the [S, S] probabilities.
 
     A query whose mask row is empty (left padding) gets 0, as torch's SDPA math gives for an empty row; here it is
     explicit (the row attends everywhere, then is zeroed, forward and backward), because what a kernel returns for
@@ -480,7 +488,11 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         # sequence length) the comparison is a SymBool, which SDPA rejects (a graph break in every layer); a branch
         # makes it one guard and a constant
         is_causal = True if q.shape[-2] > 1 else False
-        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+        gqa = True if k.shape[1] != q.shape[1] else False  # a branch for the same reason (heads are static anyway)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     has_key = mask.any(-1, keepdim=True)  # [B, 1, S, 1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key, scale=scale)
     return out.masked_fill(~has_key, 0)
@@ -546,10 +558,6 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        rep = self.num_heads // self.num_kv_heads
-        if rep > 1:  # HF's repeat_kv: each kv head serves `rep` consecutive query heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
         out = sdpa_attention(q, k, v, mask, self.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
