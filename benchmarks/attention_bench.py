@@ -7,9 +7,10 @@ Qwen3-30B-A3B shape (32 query heads, 4 kv heads, head dim 128, causal):
 - `gqa_flex`: FlexAttention (compiled) with a causal block mask and GQA.
 gpt-oss-20b shape (64 / 8 heads, head dim 64, a learned sink per head; full layers and 128-token sliding layers):
 - `sink_sdpa`: torch_impl's `sink_attention` (since 2026-12-06 the log-sum-exp rescale of the plain kernels at head
-  width 64, `torch_impl.models.lse_attention`: cuDNN on full layers, the flash kernel's window on sliding ones);
-- `sink_padded`: its earlier form, the sink as an extra key of head width 64 + 8 through SDPA (sliding layers in
-  query blocks), still what a masked batch runs;
+  width 64 with the 8 kv heads read as they are, `torch_impl.models.lse_attention`: cuDNN on full layers, the flash
+  kernel's window on sliding ones);
+- `sink_padded`: its earlier form, K and V repeated to 64 heads and the sink as an extra key of head width 64 + 8
+  through SDPA (sliding layers in query blocks), still what a masked batch runs;
 - `sink_flex`: FlexAttention with the window in the block mask and the sink by the log-sum-exp rescale
   `out · sigmoid(lse − sink)`.
 Each row: median ms of forward + backward (CUDA events), TFLOP/s over the causal (or windowed) FLOPs, peak extra
@@ -88,14 +89,10 @@ def gpt_oss_variants(window):
     from torch_impl.models.gpt_oss import _sink_attention_padded, sink_attention
 
     def sdpa(q, k, v, sinks):
-        rep = q.shape[1] // k.shape[1]
-        return sink_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), sinks, None,
-                              q.shape[-1] ** -0.5, window)
+        return sink_attention(q, k, v, sinks, None, q.shape[-1] ** -0.5, window)
 
     def padded(q, k, v, sinks):
-        rep = q.shape[1] // k.shape[1]
-        return _sink_attention_padded(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), sinks, None,
-                                      q.shape[-1] ** -0.5, window)
+        return _sink_attention_padded(q, k, v, sinks, None, q.shape[-1] ** -0.5, window)
 
     def flex(q, k, v, sinks):
         from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention

@@ -196,27 +196,29 @@ def test_sinks_and_window_matter(root):
     assert float((wide - base).abs().max()) > 1e-2 and float((nosink - base).abs().max()) > 1e-2
 
 
+@pytest.mark.parametrize("kv_heads", [3, 1], ids=["mha", "gqa"])
 @pytest.mark.parametrize("S_, window", [(20, 8), (17, 3), (9, 4), (5, 1)])
-def test_sink_attention_paths_agree(S_, window):
+def test_sink_attention_paths_agree(S_, window, kv_heads):
     """Every sink path equals a literal softmax over [scores | sink] (HF's eager form), forward and backward (the
     sinks' gradient included), in fp32: the log-sum-exp rescale (`lse_attention`, what CPU and bf16 CUDA run without
     a mask), and the padded-head paths (the blocked sliding window, the lower-right causal bias, the explicit
-    mask)."""
+    mask), with one kv head per query head and with one for all three (GQA: the kernels read it unrepeated)."""
     from torch_impl.models.gpt_oss import _sink_attention_padded, sink_attention
     from torch_impl.models.lse_attention import sink_attention_lse
 
     g = torch.Generator().manual_seed(S_ * 31 + window)
-    q, k, v = (torch.randn(2, 3, S_, 16, generator=g, requires_grad=True) for _ in range(3))
+    q = torch.randn(2, 3, S_, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, S_, 16, generator=g, requires_grad=True) for _ in range(2))
     sinks = torch.randn(3, generator=g).requires_grad_(True)
     scale = 16 ** -0.5
 
     def literal(w):
-        s = (q @ k.transpose(-1, -2)) * scale
+        s = (q @ k.repeat_interleave(3 // kv_heads, 1).transpose(-1, -2)) * scale
         i = torch.arange(S_)
         ok = (i[None, :] <= i[:, None]) & ((i[None, :] > i[:, None] - w) if w else True)
         s = s.masked_fill(~ok, float("-inf"))
         full = torch.cat([s, sinks.view(1, 3, 1, 1).expand(2, 3, S_, 1)], dim=-1)
-        return torch.softmax(full, dim=-1)[..., :-1] @ v
+        return torch.softmax(full, dim=-1)[..., :-1] @ v.repeat_interleave(3 // kv_heads, 1)
 
     dy = torch.randn(2, 3, S_, 16, generator=g)
     for w in (window, None):
@@ -244,16 +246,18 @@ def test_gpu_sink_attention_lse_bf16(window):
     from torch_impl.models.lse_attention import sink_attention_lse
 
     g = torch.Generator(device="cuda").manual_seed(7)
-    B, N, S, D = 2, 8, 300, 64
-    q, k, v = (torch.randn(B, N, S, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(True)
-               for _ in range(3))
+    B, N, Nkv, S, D = 2, 8, 2, 300, 64  # GQA as gpt-oss (64 / 8 heads): the kernels read the kv heads unrepeated
+    q = torch.randn(B, N, S, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(True)
+    k, v = (torch.randn(B, Nkv, S, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_(True)
+            for _ in range(2))
     sinks = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
     scale = D ** -0.5
     i = torch.arange(S, device="cuda")
     ok = (i[None, :] <= i[:, None]) & ((i[None, :] > i[:, None] - window) if window else True)
-    s = ((q.double() @ k.double().transpose(-1, -2)) * scale).masked_fill(~ok, float("-inf"))
+    kr, vr = (t.double().repeat_interleave(N // Nkv, 1) for t in (k, v))
+    s = ((q.double() @ kr.transpose(-1, -2)) * scale).masked_fill(~ok, float("-inf"))
     full = torch.cat([s, sinks.double().view(1, N, 1, 1).expand(B, N, S, 1)], dim=-1)
-    want = torch.softmax(full, dim=-1)[..., :-1] @ v.double()
+    want = torch.softmax(full, dim=-1)[..., :-1] @ vr
     dy = torch.randn(B, N, S, D, device="cuda", generator=g, dtype=torch.bfloat16)
     gw = torch.autograd.grad(want, (q, k, v, sinks), dy.double())
     for name, fn in {"lse": sink_attention_lse, "padded": _sink_attention_padded}.items():

@@ -119,13 +119,15 @@ def _causal_with_sink_compiled(q_x: torch.Tensor, k_x: torch.Tensor, v_x: torch.
 @keeps_attention
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                    mask: torch.Tensor | None, scale: float, window: int | None = None) -> torch.Tensor:
-    """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q, k, v [B, N, S, D] (k, v repeated to N
-    heads), sinks [N], mask [B, 1, S, S] bool (packed documents, padding: `layers.causal_mask`) or None (causal),
-    `window` (sliding layers: keys with q_idx - window < kv_idx <= q_idx) -> [B, N, S, D].
+    """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q [B, N, S, D], k, v [B, Nkv, S, D] (each kv
+    head serves N / Nkv consecutive query heads, HF's repeat_kv), sinks [N], mask [B, 1, S, S] bool (packed
+    documents, padding: `layers.causal_mask`) or None (causal), `window` (sliding layers: keys with
+    q_idx - window < kv_idx <= q_idx) -> [B, N, S, D].
 
     Without a mask (causal, or causal within the window), wherever `lse_attention` has kernels (CPU; CUDA in bf16 /
     fp16), the sink rescales the plain attention by its log-sum-exp at the model's head width
-    (`lse_attention.sink_attention_lse`: cuDNN for full layers, the flash kernel's window for sliding ones).
+    (`lse_attention.sink_attention_lse`: cuDNN for full layers, the flash kernel's window for sliding ones), and the
+    kernels read the kv heads as they are (GQA). The paths below repeat K and V to N heads first.
 
     Otherwise (a mask, or an fp32 model on CUDA) the sink is realised as one extra key at index 0 with value 0 and a
     logit equal to the sink for every query (`_with_sink`, head width D + 8, `_sink_attention_padded`). Then
@@ -149,6 +151,9 @@ def _sink_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, si
                            mask: torch.Tensor | None, scale: float, window: int | None) -> torch.Tensor:
     """`sink_attention` with the sink as an extra key of head width D + 8 (`_with_sink`): its docstring's list."""
     B, N, S, D = q.shape
+    if k.shape[1] != N:  # HF's repeat_kv: each kv head serves N / Nkv consecutive query heads
+        rep = N // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if mask is None and window is not None and window < S:
         return _sliding_blocks(q, k, v, sinks, window, scale)
     q_x, k_x, v_x = _with_sink(q, k, v, sinks, scale)
@@ -192,9 +197,6 @@ class GptOssAttention(nn.Module):
         k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
-        rep = self.num_heads // self.num_kv_heads
-        if rep > 1:  # HF's repeat_kv: each kv head serves `rep` consecutive query heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = sink_attention(q, k, v, self.sinks, mask, self.head_dim ** -0.5, self.sliding_window)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 

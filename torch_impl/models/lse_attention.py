@@ -123,8 +123,9 @@ class _SinkAttention(torch.autograd.Function):
 def sink_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, scale: float,
                        window: int | None = None) -> torch.Tensor:
     """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v, causal and within `window` keys back (self
-    included) when given: q, k, v [B, N, S, D] (k, v repeated to N heads), sinks [N] -> [B, N, S, D]. Needs
-    `sink_attention_lse_supported(q)`."""
+    included) when given: q [B, N, S, D], k, v [B, Nkv, S, D] (Nkv divides N; each kv head serves N / Nkv
+    consecutive query heads, which every kernel here reads without a repeated copy), sinks [N] -> [B, N, S, D].
+    Needs `sink_attention_lse_supported(q)`."""
     if window is not None and window >= q.shape[-2]:
         window = None  # every key is inside the window: plain causal
     return _SinkAttention.apply(q, k, v, sinks, scale, window)
