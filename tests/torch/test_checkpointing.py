@@ -258,8 +258,14 @@ def test_gpu_keep_attention_equals_recompute_bf16(family, tmp_path, seed):
 def test_gpu_keep_attention_in_inductor_layers_bf16(family, tmp_path, seed, monkeypatch):
     """The benchmark's `--compile --checkpoint-policy attention` on CUDA in bf16: inductor-compiled layers, the
     attention eager between their graphs; the recompute hands back every fused attention kernel call of the forward,
-    and loss and LoRA gradients equal the eager plain policy's within bf16 rounding (inductor fuses the norms and
-    RoPE, so not bitwise)."""
+    and loss and LoRA gradients equal those of the same compiled layers under the plain policy within bf16 rounding
+    (the graph break moves inductor's fusion boundaries at the attention, so not bitwise).
+
+    Compilation is held fixed on purpose. The first version of this test compared with the eager plain policy and
+    failed on an H100 (2026-12-06) at 5% rel. L2 on some LoRA gradients, for Qwen3 and gpt-oss alike, while the
+    eager policy test above passed: inductor's fused norms and RoPE round differently from eager's, and that
+    comparison could not tell their difference from the policy's. (On CPU in fp32, the aot_eager test above and an
+    inductor run agree with eager to 3e-8.)"""
     from shared_math.numerics import assert_close
     from torch_impl.compile import compile_decoder_layers
     from torch_impl.models import layers
@@ -273,6 +279,8 @@ def test_gpu_keep_attention_in_inductor_layers_bf16(family, tmp_path, seed, monk
                 p.normal_(0.0, 0.05)
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(seed)).cuda()
+    torch._dynamo.reset()
+    compile_decoder_layers(model)
     model.gradient_checkpointing_enable()
     loss, grads = _loss_and_grads(model, ids)
     handed_back = []
@@ -283,8 +291,6 @@ def test_gpu_keep_attention_in_inductor_layers_bf16(family, tmp_path, seed, monk
         return reuse(self, func, types, args, kwargs)
 
     monkeypatch.setattr(layers._ReuseAttention, "__torch_dispatch__", counting)
-    torch._dynamo.reset()
-    compile_decoder_layers(model)
     model.gradient_checkpointing_enable(policy="attention")
     loss_k, grads_k = _loss_and_grads(model, ids)
     assert sum(handed_back) == _attention_kernels(model, ids) > 0
