@@ -225,6 +225,39 @@ case $PART in
     SPLITMOE_FAST_LAUNCH=0 timeout 60 python3 benchmarks/step.py $S --seq 4096 --impls torch_impl \
       --out "$R/step_qwen3_triton_launch.jsonl" > "$R/step_tl.log" 2>&1
     rows "$R"/step_qwen3*.jsonl 2>/dev/null ;;
+  session10oss)  # (written 2026-12-06, session 9, for the next device time) what session 9 could not measure: the
+    # gpu tests of its changes (the inductor keep-attention test now holds compilation fixed); gpt-oss's attention on
+    # the log-sum-exp sink path against the padded one; gpt-oss steps compiled on that path with and without the
+    # "attention" policy, and Unsloth's, in one call (48-layer Qwen3 needs an H200: session10qwen)
+    wheels
+    timeout -s INT 100 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
+      tests/torch/test_gpt_oss_parity.py tests/torch/test_checkpointing.py > "$R/gpu_tests.log" 2>&1
+    grep -qE "^(FAILED|ERROR).*(test_gpu_sink_attention_lse|test_gpt_oss_parity.py::test_parity_bf16_cuda)" \
+      "$R/gpu_tests.log" && export SPLITMOE_SINK_LSE=0
+    echo "sink lse path in the steps: ${SPLITMOE_SINK_LSE:-1}" | tee "$R/sink_lse.txt"
+    timeout 40 python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \
+      --impls sink_sdpa,sink_padded --out "$R/attention.jsonl" > "$R/attention.log" 2>&1
+    G="--family gpt_oss --warmup 2 --iters 3 --seq 4096,16384"
+    timeout 110 python3 benchmarks/step.py $G --impls torch_impl --compile --out "$R/step_gpt_oss.jsonl" \
+      > "$R/step.log" 2>&1
+    timeout 110 python3 benchmarks/step.py $G --impls torch_impl --compile --checkpoint-policy attention \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_ka.log" 2>&1
+    [ "$SECONDS" -lt 450 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py $G --impls unsloth \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_unsloth.log" 2>&1
+    grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; grep -h "^{" "$R/attention.log" | cut -c1-200
+    rows "$R"/step_*.jsonl ;;
+  session10qwen)  # Qwen3 (48 layers on an H200, 24 on an H100) compiled with and without the "attention" policy
+    # (GQA through enable_gqa since session 9) and Unsloth's rows, 4K and 16K, in one call
+    wheels
+    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    Q="--family qwen3_moe --layers $L --warmup 2 --iters 3 --seq 4096,16384"
+    timeout 150 python3 benchmarks/step.py $Q --impls torch_impl --compile --out "$R/step_qwen3.jsonl" \
+      > "$R/step.log" 2>&1
+    timeout 150 python3 benchmarks/step.py $Q --impls torch_impl --compile --checkpoint-policy attention \
+      --out "$R/step_qwen3.jsonl" > "$R/step_ka.log" 2>&1
+    [ "$SECONDS" -lt 420 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py $Q --impls unsloth \
+      --out "$R/step_qwen3.jsonl" > "$R/step_unsloth.log" 2>&1
+    rows "$R"/step_*.jsonl ;;
   session9)  # (2026-12-06, session 9) gpt-oss's sink attention through the log-sum-exp rescale at head width 64
     # (torch_impl/models/lse_attention.py: cuDNN on full layers, the flash kernel's window on sliding ones) and the
     # "attention" checkpoint policy in compiled layers, GQA attention without repeated K/V: their gpu tests; the attention alone against the padded-head
