@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 from collections.abc import Callable
@@ -30,6 +31,10 @@ def versions() -> dict:
     except Exception:  # noqa: BLE001
         pass
     out["date"] = _dt.date.today().isoformat()
+    # the project's on/off switches (SPLITMOE_SINK_LSE=0, SPLITMOE_FAST_LAUNCH=0, ...): a row says which path it timed
+    switches = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPLITMOE_")}
+    if switches:
+        out["switches"] = switches
     return out
 
 
