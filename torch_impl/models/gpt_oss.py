@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from shared_math.config import ModelConfig
 from torch_impl.models.decoder import CausalLM
-from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, causal_mask, keeps_attention, project
+from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, causal_mask, keeps_attention, project, repeat_kv
 from torch_impl.models.lse_attention import sink_attention_lse, sink_attention_lse_supported
 from torch_impl.moe import MoEBlock
 
@@ -151,9 +151,7 @@ def _sink_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, si
                            mask: torch.Tensor | None, scale: float, window: int | None) -> torch.Tensor:
     """`sink_attention` with the sink as an extra key of head width D + 8 (`_with_sink`): its docstring's list."""
     B, N, S, D = q.shape
-    if k.shape[1] != N:  # HF's repeat_kv: each kv head serves N / Nkv consecutive query heads
-        rep = N // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    k, v = repeat_kv(k, v, N)
     if mask is None and window is not None and window < S:
         return _sliding_blocks(q, k, v, sinks, window, scale)
     q_x, k_x, v_x = _with_sink(q, k, v, sinks, scale)

@@ -475,9 +475,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     Causal attention takes the kv heads as they are (`enable_gqa`): the cuDNN and CPU flash kernels read each kv head
     for its query heads, with no repeated copy of K and V in the forward, the recompute and the backward's sum over
     the copies (H100, Qwen3-30B-A3B shapes, fwd+bwd: 1.15 against 1.20 ms at 4K, 14.4 against 14.6 ms at 16K;
-    benchmarks/results/session9_2026-12-06/call2_attention.jsonl). A masked batch repeats them: SDPA's
-    memory-efficient kernel, the one that takes a mask, has no GQA, and without it SDPA would fall back to its
-    math path, which materialises the [S, S] probabilities.
+    benchmarks/results/session9_2026-12-06/call2_attention.jsonl). A masked batch and an fp32 model on CUDA repeat
+    them (`_gqa_kernels`): SDPA's memory-efficient kernel, the one that takes a mask or fp32, has no GQA, and without
+    it SDPA would fall back to its math path, which materialises the [S, S] probabilities.
 
     A query whose mask row is empty (left padding) gets 0, as torch's SDPA math gives for an empty row; here it is
     explicit (the row attends everywhere, then is zeroed, forward and backward), because what a kernel returns for
@@ -488,14 +488,30 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         # sequence length) the comparison is a SymBool, which SDPA rejects (a graph break in every layer); a branch
         # makes it one guard and a constant
         is_causal = True if q.shape[-2] > 1 else False
-        gqa = True if k.shape[1] != q.shape[1] else False  # a branch for the same reason (heads are static anyway)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if k.shape[1] == q.shape[1] or _gqa_kernels(q):
+            gqa = True if k.shape[1] != q.shape[1] else False  # a branch, as above (heads are static anyway)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        k, v = repeat_kv(k, v, q.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+    k, v = repeat_kv(k, v, q.shape[1])
     has_key = mask.any(-1, keepdim=True)  # [B, 1, S, 1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key, scale=scale)
     return out.masked_fill(~has_key, 0)
+
+
+def _gqa_kernels(q: torch.Tensor) -> bool:
+    """Whether SDPA's causal kernels for q read unrepeated kv heads: CPU flash (any float dtype) and CUDA's cuDNN and
+    flash kernels (bf16 / fp16). An fp32 model on CUDA gets the memory-efficient kernel, which has no GQA: with
+    `enable_gqa` SDPA would fall back to its O(S²) math path there."""
+    return q.device.type == "cpu" or q.dtype in (torch.bfloat16, torch.float16)
+
+
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's repeat_kv: k, v [B, Nkv, S, D] -> [B, heads, S, D], kv head j serving query heads j·r .. j·r + r − 1."""
+    rep = heads // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
 
 def prepare_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
