@@ -87,6 +87,7 @@ for f in sys.argv[1:]:
         r = json.loads(line)
         opts = [k for k in ("compile", "cuda_graph", "optim_in_backward", "offload", "routing_stats") if r.get(k)]
         opts += ["keep_" + r["checkpoint_policy"]] if r.get("checkpoint_policy") not in (None, "nothing") else []
+        opts += [f"{k}={v}" for k, v in (r.get("switches") or {}).items()]
         print(r["impl"], r.get("layers"), "+".join(opts) or "-", r.get("seq"), r.get("step_ms"), r.get("peak_gib"),
               r.get("first_step_s"), str(r.get("error", ""))[:200])' "$@"
 }
@@ -258,6 +259,19 @@ case $PART in
     [ "$SECONDS" -lt 420 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py $Q --impls unsloth \
       --out "$R/step_qwen3.jsonl" > "$R/step_unsloth.log" 2>&1
     rows "$R"/step_*.jsonl ;;
+  session10jax)  # (written 2026-12-06, session 9) JAX's gpt-oss sink by the log-sum-exp rescale on its own cuDNN
+    # attention rules (jax_impl/models/lse_attention.py, opt-in SPLITMOE_JAX_SINK_LSE=1): its gpu test, then the
+    # jax_impl gpt-oss step at 4K and 16K without and with it, next to torch_impl's compiled rows. If the test
+    # passes, make it the default (ENABLED) and say so in the module docstring.
+    timeout -s INT 150 python3 -m pytest -v -m gpu -p no:cacheprovider -rfEX --tb=short tests/jax/test_attention.py \
+      -k "sink_lse or cudnn_matches_literal" > "$R/gpu_tests.log" 2>&1
+    J="--family gpt_oss --warmup 2 --iters 3 --seq 4096,16384"
+    timeout 160 python3 benchmarks/step.py $J --impls jax_impl --out "$R/step_gpt_oss.jsonl" > "$R/step.log" 2>&1
+    grep -qE "^(FAILED|ERROR).*sink_lse" "$R/gpu_tests.log" || SPLITMOE_JAX_SINK_LSE=1 timeout 160 python3 \
+      benchmarks/step.py $J --impls jax_impl --out "$R/step_gpt_oss.jsonl" > "$R/step_lse.log" 2>&1
+    [ "$SECONDS" -lt 470 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py $J --impls torch_impl --compile \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_torch.log" 2>&1
+    grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; rows "$R"/step_*.jsonl ;;
   session9)  # (2026-12-06, session 9) gpt-oss's sink attention through the log-sum-exp rescale at head width 64
     # (torch_impl/models/lse_attention.py: cuDNN on full layers, the flash kernel's window on sliding ones) and the
     # "attention" checkpoint policy in compiled layers, GQA attention without repeated K/V: their gpu tests; the attention alone against the padded-head

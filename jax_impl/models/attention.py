@@ -30,7 +30,9 @@ log-sum-exp rescale `out_plain · sigmoid(lse − sink)` exactly, and it differe
 backward. The rescale itself cannot be used with `jax.nn.dot_product_attention`: its `return_residual` lse is
 `stop_gradient`-ed in the xla path (and rounded to the input dtype) and its cuDNN VJP drops the residual's cotangent
 (jax 0.10.2; `tests/jax/test_attention.py` keeps a canary on it), so a rescale through it would lose the lse's
-gradient. Full layers with cuDNN prepend one dummy query so that the [S+1, S+1] problem is plainly causal (query
+gradient. (`lse_attention` does the rescale on the forward and backward rules of JAX's own cuDNN attention, whose
+backward can be handed the rescaled output: opt-in, SPLITMOE_JAX_SINK_LSE=1, until its gpu test has run.) Full
+layers with cuDNN prepend one dummy query so that the [S+1, S+1] problem is plainly causal (query
 i + 1 sees the sink and keys 0..i); sliding layers run in query blocks of one window against their 2W − 1 keys
 plus the sink with an explicit O(S·W) mask (`_sliding_blocks`), in every implementation.
 
@@ -45,6 +47,8 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+
+from jax_impl.models import lse_attention
 
 _F32 = jnp.float32
 # extra q/k coordinates that carry the sink logit; 8 keeps D + 8 a multiple of 8 for the fused kernels
@@ -268,6 +272,11 @@ def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, m
     dummy query, so that the [S+1, S+1] problem (sink key first) is plain causal: `is_causal` in the kernel, and a
     mask only where the model gave one (then [B, 1, S+1, S+1], with an even length for cuDNN)."""
     S = q.shape[1]
+    if implementation == "cudnn" and mask is None and lse_attention.ENABLED and q.shape[-1] == v.shape[-1]:
+        try:  # the log-sum-exp rescale at the model's head width (opt-in: `lse_attention`'s docstring)
+            return lse_attention.sink_attention_lse(q, k, v, sinks, scale, window, kernels="cudnn")
+        except NotImplementedError as e:  # a shape cuDNN's flash kernel does not take (raised while tracing)
+            _warn_fallback(e, q.shape)
     q, k, v, Dv = _same_head_dim(q, k, v, "xla")
     if window is not None and window < S:
         return _sliding_blocks(q, k, v, sinks, mask, window, scale, implementation)[..., :Dv]

@@ -144,6 +144,29 @@ def test_public_residual_lse_carries_no_gradient():
     assert float(jnp.abs(dq).max()) == 0.0
 
 
+@pytest.mark.parametrize("case", ["sinks_window", "sinks_full_causal"])
+def test_sink_lse_rescale_and_its_backward_match_literal(case):
+    """`lse_attention.sink_attention_lse` on its reference kernels (the cuDNN path's computations written out: the
+    plain attention and its log-sum-exp, the rescale by sigmoid(lse − sink), and the flash backward fed w·dout and
+    the rescaled output) against the literal softmax with a sink column, fp32, GQA, a window and an odd length:
+    output and the q, k, v and sink gradients. This is the derivation the cuDNN path relies on."""
+    from jax_impl.models.lse_attention import sink_attention_lse
+
+    args, kw, dy = _inputs(case)
+
+    @jax.jit
+    def both(*a):
+        want = _fwd_bwd(_fn(None, kw, True), a, dy, True)
+        f = lambda q, k, v, s: sink_attention_lse(q, k, v, s, kw["scale"], kw["window"], kernels="reference")  # noqa: E731
+        return want, _fwd_bwd(f, a, dy, True)
+
+    (want, want_grads), (got, got_grads) = both(*args)
+    assert_close(got, want, dtype="float32", quantity="attention", name=f"{case} out")
+    for name, g, w in zip("qkvs", got_grads, want_grads):
+        assert float(jnp.abs(w).max()) > 0, name
+        assert_close(g, w, dtype="float32", quantity="attention_grad", name=f"{case} d{name}")
+
+
 @pytest.mark.parametrize("case", ["sinks_window_packed_padded"])
 def test_bf16_within_the_attention_tolerance(case):
     """The bf16 tolerance the cuDNN test uses, met by the paths that run here (they round the probabilities and
@@ -343,3 +366,28 @@ def test_tiny_models_with_cudnn_match_the_literal_path(family, tmp_path):
     assert_close(got.logits.astype(jnp.float32), want.logits.astype(jnp.float32), dtype="bfloat16",
                  quantity="logits", name="logits")
     assert_close(got.loss, want.loss, dtype="bfloat16", quantity="loss", name="loss")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window, S", [(None, 300), (128, 300), (None, 301)], ids=["full", "sliding", "odd_length"])
+def test_cudnn_sink_lse_matches_literal_in_bf16(window, S):
+    """The log-sum-exp sink on JAX's cuDNN kernels (`lse_attention`, opt-in SPLITMOE_JAX_SINK_LSE=1 until this has
+    passed): gpt-oss's head width 64 and 8 / 2 GQA heads in bf16 against the literal softmax with a sink column in
+    fp32 of the same inputs, forward and the q, k, v and sink gradients, within the bf16 attention tolerance."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs JAX on a CUDA GPU")
+    from jax_impl.models.lse_attention import sink_attention_lse
+
+    rng = np.random.default_rng(3)
+    B, N, K, D = 2, 8, 2, 64
+    q, k, v = (jnp.asarray(rng.standard_normal(sh), jnp.bfloat16) for sh in ((B, S, N, D), (B, S, K, D), (B, S, K, D)))
+    s = jnp.asarray(rng.standard_normal(N), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((B, S, N, D)), jnp.bfloat16)
+    kw = dict(scale=D ** -0.5, mask_BSS=None, window=window)
+    up = tuple(a.astype(jnp.float32) for a in (q, k, v, s))
+    truth, truth_grads = jax.jit(lambda *a: _fwd_bwd(_fn(None, kw, True), a, dy.astype(jnp.float32), True))(*up)
+    f = lambda q, k, v, s: sink_attention_lse(q, k, v, s, kw["scale"], window, kernels="cudnn")  # noqa: E731
+    got, grads = jax.jit(lambda *a: _fwd_bwd(f, a, dy, True))(q, k, v, s)
+    assert_close(got.astype(jnp.float32), truth, dtype="bfloat16", quantity="attention", name="out")
+    for name, g, w in zip("qkvs", grads, truth_grads):
+        assert_close(g.astype(jnp.float32), w, dtype="bfloat16", quantity="attention_grad", name=f"d{name}")
