@@ -21,6 +21,9 @@ Kernels (`_Kernels`): on CUDA, cuDNN for causal layers (the fastest SDPA kernel 
 and flash (FA2, the one with a window argument) for sliding ones; on CPU, the flash-for-CPU kernel (window as a
 band mask: CPU runs are small). Each is called as the aten op that SDPA itself dispatches to, so the "attention"
 checkpoint policy (`layers.keeps_attention`) keeps and hands back their outputs like SDPA's.
+
+Tested against a literal softmax with the sink column: tests/torch/test_gpt_oss_parity.py, on CPU in fp32 and on
+CUDA in bf16 (passed on an H100 on 2026-12-06: cuDNN, the FA2 window and GQA, q, k, v and sink gradients).
 """
 
 from __future__ import annotations
