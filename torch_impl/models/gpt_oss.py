@@ -124,8 +124,8 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     documents, padding: `layers.causal_mask`) or None (causal), `window` (sliding layers: keys with
     q_idx - window < kv_idx <= q_idx) -> [B, N, S, D].
 
-    Without a mask (causal, or causal within the window), wherever `lse_attention` has kernels (CPU; CUDA in bf16 /
-    fp16), the sink rescales the plain attention by its log-sum-exp at the model's head width
+    Without a mask (causal, or causal within the window), wherever `lse_attention` takes it (CUDA in bf16 / fp16;
+    CPU for full layers), the sink rescales the plain attention by its log-sum-exp at the model's head width
     (`lse_attention.sink_attention_lse`: cuDNN for full layers, the flash kernel's window for sliding ones), and the
     kernels read the kv heads as they are (GQA). The paths below repeat K and V to N heads first.
 
@@ -142,7 +142,7 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     - packed documents or padding: a bool mask [B, 1, S, S+1] (O(S²) bits, never probabilities), window applied
       inside it (so a padded batch's sliding layers do not take the O(S·W) blocks).
     """
-    if mask is None and sink_attention_lse_supported(q):
+    if mask is None and sink_attention_lse_supported(q, window):
         return sink_attention_lse(q, k, v, sinks, scale, window)
     return _sink_attention_padded(q, k, v, sinks, mask, scale, window)
 

@@ -17,9 +17,10 @@ flash kernels pad to their next tile width, and the sliding layers take the flas
 16K tokens, fwd+bwd of one layer, benchmarks/attention_bench.py): the D + 8 path 45.6 ms on a full layer where
 Qwen3's same-FLOP D = 128 attention takes 14.4 ms.
 
-Kernels (`_Kernels`): on CUDA, cuDNN for causal layers (the fastest SDPA kernel on Hopper, benchmarks/REPORT.md)
-and flash (FA2, the one with a window argument) for sliding ones; on CPU, the flash-for-CPU kernel (window as a
-band mask: CPU runs are small). Each is called as the aten op that SDPA itself dispatches to, so the "attention"
+Kernels (`_forward`, `_backward`): on CUDA, cuDNN for causal layers (the fastest SDPA kernel on Hopper,
+benchmarks/REPORT.md) and flash (FA2, the one with a window argument) for sliding ones; on CPU, the flash-for-CPU
+kernel (a window as an [S, S] band bias, so the model's CPU sliding layers keep their padded O(S·W) blocks:
+`sink_attention_lse_supported`). Each is called as the aten op that SDPA itself dispatches to, so the "attention"
 checkpoint policy (`layers.keeps_attention`) keeps and hands back their outputs like SDPA's.
 
 Tested against a literal softmax with the sink column: tests/torch/test_gpt_oss_parity.py, on CPU in fp32 and on
@@ -38,14 +39,16 @@ _SAVED = object()  # a kernel state's tensor, in ctx.saved_tensors
 ENABLED = os.environ.get("SPLITMOE_SINK_LSE", "1") != "0"
 
 
-def sink_attention_lse_supported(q: torch.Tensor) -> bool:
-    """Whether `sink_attention_lse` has kernels for q's device and dtype: CPU (any float dtype) or CUDA in
-    bf16 / fp16 (the fused kernels' dtypes; an fp32 model on CUDA takes the padded-head path). SPLITMOE_SINK_LSE=0
-    sends every call to the padded-head path (to time one against the other)."""
+def sink_attention_lse_supported(q: torch.Tensor, window: int | None = None) -> bool:
+    """Whether `sink_attention_lse` is the path to take for q's device and dtype and this `window`: CUDA in bf16 /
+    fp16 (the fused kernels' dtypes; an fp32 model on CUDA takes the padded-head path), or CPU in any float dtype for
+    causal attention. A CPU window shorter than the row stays on the padded path's O(S·W) query blocks: the CPU
+    kernel would take it as an O(S²) bias (`sink_attention_lse` still computes it, for tests and short rows).
+    SPLITMOE_SINK_LSE=0 sends every call to the padded-head path (to time one against the other)."""
     if not ENABLED:
         return False
     if q.device.type == "cpu":
-        return q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return q.dtype in (torch.float32, torch.bfloat16, torch.float16) and (window is None or window >= q.shape[-2])
     return q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16)
 
 
