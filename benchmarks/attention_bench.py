@@ -13,6 +13,9 @@ gpt-oss-20b shape (64 / 8 heads, head dim 64, a learned sink per head; full laye
   through SDPA (sliding layers in query blocks), still what a masked batch runs;
 - `sink_flex`: FlexAttention with the window in the block mask and the sink by the log-sum-exp rescale
   `out · sigmoid(lse − sink)`.
+MLA shapes (`--models mla_deepseek_v3,mla_glm47_flash`: q/k width 192 or 256, v width 128 or 256, 128 or 20 heads):
+- `mla_sdpa` (what torch_impl runs), `mla_<backend>` forced, and `mla_v_padded[_<backend>]` with v zero-padded to the
+  q/k width (for a kernel that wants one head width; the output sliced back).
 Each row: median ms of forward + backward (CUDA events), TFLOP/s over the causal (or windowed) FLOPs, peak extra
 memory, and the relative L2 error of out and dq against a float32 literal softmax on a slice of the heads.
 
@@ -85,6 +88,28 @@ def qwen_variants():
     return out
 
 
+def mla_variants():
+    """MLA (DeepSeek-V3: q/k width 192, v width 128; GLM-4.7-Flash: 256 and 256), causal, one kv head per query head:
+    SDPA's own choice, each backend forced, and v zero-padded to the q/k width (a kernel that wants one head width;
+    the output sliced back)."""
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def padded(q, k, v):
+        Dv = v.shape[-1]
+        return F.scaled_dot_product_attention(q, k, F.pad(v, [0, q.shape[-1] - Dv]), is_causal=True)[..., :Dv]
+
+    out = {"mla_sdpa": sdpa, "mla_v_padded": padded}
+    for name, be in BACKENDS.items():
+        def forced(fn, be=be):
+            def run(q, k, v):
+                with sdpa_kernel(be):
+                    return fn(q, k, v)
+            return run
+        out[f"mla_{name}"], out[f"mla_v_padded_{name}"] = forced(sdpa), forced(padded)
+    return out
+
+
 def gpt_oss_variants(window):
     from torch_impl.models.gpt_oss import _sink_attention_padded, sink_attention
 
@@ -115,7 +140,7 @@ def bench(model, fn, q, k, v, extra, iters, flops):
     row = {}
     qq = q.clone().requires_grad_()
     kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
-    go = torch.randn_like(q)
+    go = torch.randn(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)  # MLA: Dv may differ from D
 
     def step():
         qq.grad = kk.grad = vv.grad = None
@@ -151,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     models = [dict(model="qwen3_30b", N=32, Nkv=4, D=128, window=None),
               dict(model="gpt_oss_20b_full", N=64, Nkv=8, D=64, window=None),
-              dict(model="gpt_oss_20b_sliding", N=64, Nkv=8, D=64, window=128)]
+              dict(model="gpt_oss_20b_sliding", N=64, Nkv=8, D=64, window=128),
+              dict(model="mla_deepseek_v3", N=128, Nkv=128, D=192, Dv=128, window=None),
+              dict(model="mla_glm47_flash", N=20, Nkv=20, D=256, Dv=256, window=None)]
     wanted = set(a.models.split(","))
     if unknown := wanted - {m["model"] for m in models}:
         p.error(f"unknown --models {sorted(unknown)}; choose from {[m['model'] for m in models]}")
@@ -160,11 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         for m in models:
             q = torch.randn(1, m["N"], S, m["D"], device="cuda", generator=g, dtype=torch.bfloat16)
             k = torch.randn(1, m["Nkv"], S, m["D"], device="cuda", generator=g, dtype=torch.bfloat16)
-            v = torch.randn(1, m["Nkv"], S, m["D"], device="cuda", generator=g, dtype=torch.bfloat16)
+            Dv = m.get("Dv", m["D"])
+            v = torch.randn(1, m["Nkv"], S, Dv, device="cuda", generator=g, dtype=torch.bfloat16)
             keys = S * (S + 1) / 2 if m["window"] is None else S * min(m["window"], S)
-            flops = 2 * 2 * m["N"] * m["D"] * keys * 3.5  # fwd QKᵀ + PV (2 GEMMs), bwd 2.5x the forward
+            flops = 2 * m["N"] * (m["D"] + Dv) * keys * 3.5  # fwd QKᵀ + PV (2 GEMMs), bwd 2.5x the forward
             if m["model"] == "qwen3_30b":
                 variants, extra = qwen_variants(), ()
+            elif m["model"].startswith("mla_"):
+                variants, extra = mla_variants(), ()
             else:
                 variants = gpt_oss_variants(m["window"])
                 extra = (torch.randn(m["N"], device="cuda", generator=g).to(torch.bfloat16),)
