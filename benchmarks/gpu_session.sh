@@ -256,9 +256,12 @@ case $PART in
       > "$R/step.log" 2>&1
     timeout 150 python3 benchmarks/step.py $Q --impls torch_impl --compile --checkpoint-policy attention \
       --out "$R/step_qwen3.jsonl" > "$R/step_ka.log" 2>&1
-    [ "$SECONDS" -lt 420 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py $Q --impls unsloth \
+    [ "$SECONDS" -lt 420 ] && timeout $((540 - SECONDS)) python3 benchmarks/step.py $Q --impls unsloth \
       --out "$R/step_qwen3.jsonl" > "$R/step_unsloth.log" 2>&1
-    rows "$R"/step_*.jsonl ;;
+    # MLA's head widths (issue 15 asks which kernel is fastest there), with what time is left
+    [ "$SECONDS" -lt 550 ] && timeout $((590 - SECONDS)) python3 benchmarks/attention_bench.py --seq 4096,16384 \
+      --models mla_deepseek_v3,mla_glm47_flash --iters 5 --out "$R/attention_mla.jsonl" > "$R/attention_mla.log" 2>&1
+    rows "$R"/step_*.jsonl; grep -h "^{" "$R/attention_mla.log" 2>/dev/null | cut -c1-200 ;;
   session10jax)  # (written 2026-12-06, session 9) JAX's gpt-oss sink by the log-sum-exp rescale on its own cuDNN
     # attention rules (jax_impl/models/lse_attention.py, opt-in SPLITMOE_JAX_SINK_LSE=1): its gpu test, then the
     # jax_impl gpt-oss step at 4K and 16K without and with it, next to torch_impl's compiled rows. If the test
