@@ -57,6 +57,14 @@ def literal(q, k, v, sinks=None, window=None):
     return torch.softmax(s, -1) @ v
 
 
+def _forced(fn, backend):
+    """`fn(q, k, v)` with SDPA restricted to one backend (an error row where that backend refuses the shape)."""
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return fn(q, k, v)
+    return run
+
+
 def qwen_variants():
     out = {}
 
@@ -70,12 +78,7 @@ def qwen_variants():
 
     out["repeat_sdpa"], out["gqa_sdpa"] = repeat, gqa
     for name, be in BACKENDS.items():
-        def forced(fn, be=be):
-            def run(q, k, v):
-                with sdpa_kernel(be):
-                    return fn(q, k, v)
-            return run
-        out[f"repeat_{name}"], out[f"gqa_{name}"] = forced(repeat), forced(gqa)
+        out[f"repeat_{name}"], out[f"gqa_{name}"] = _forced(repeat, be), _forced(gqa, be)
 
     def flex(q, k, v):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -101,12 +104,7 @@ def mla_variants():
 
     out = {"mla_sdpa": sdpa, "mla_v_padded": padded}
     for name, be in BACKENDS.items():
-        def forced(fn, be=be):
-            def run(q, k, v):
-                with sdpa_kernel(be):
-                    return fn(q, k, v)
-            return run
-        out[f"mla_{name}"], out[f"mla_v_padded_{name}"] = forced(sdpa), forced(padded)
+        out[f"mla_{name}"], out[f"mla_v_padded_{name}"] = _forced(sdpa, be), _forced(padded, be)
     return out
 
 

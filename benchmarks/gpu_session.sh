@@ -63,6 +63,24 @@ gpu_tests() {  # $1 log name, $2 timeout, rest: pytest args; -v so every result 
   local log=$1 t=$2; shift 2
   timeout "$t" python3 -m pytest -v -m gpu -n 8 -p no:cacheprovider -rfEX --tb=short "$@" > "$R/$log" 2>&1
 }
+card_layers() {  # Qwen3-30B-A3B's 48 layers where the card holds them (an H200), else 24 (an 80 GB H100)
+  python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)"
+}
+sink_gate() {  # after the gpu tests: the steps run the padded sink path (SPLITMOE_SINK_LSE=0) if a sink test failed
+  grep -qE "^(FAILED|ERROR).*(test_gpu_sink_attention_lse|test_gpt_oss_parity.py::test_parity_bf16_cuda)" \
+    "$R/gpu_tests.log" && export SPLITMOE_SINK_LSE=0
+  echo "sink lse path in the steps: ${SPLITMOE_SINK_LSE:-1}" | tee "$R/sink_lse.txt"
+}
+sink_attention_rows() {  # $1 timeout: gpt-oss's attention, the sink path in use against the padded one
+  timeout "$1" python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \
+    --impls sink_sdpa,sink_padded --out "$R/attention.jsonl" > "$R/attention.log" 2>&1
+}
+compiled_rows() {  # $1 step.py arguments, $2 output file, $3 timeout: torch_impl compiled, without and with the
+  # "attention" checkpoint policy
+  timeout "$3" python3 benchmarks/step.py $1 --impls torch_impl --compile --out "$2" > "$R/step.log" 2>&1
+  timeout "$3" python3 benchmarks/step.py $1 --impls torch_impl --compile --checkpoint-policy attention --out "$2" \
+    > "$R/step_ka.log" 2>&1
+}
 wheels() {  # Unsloth's and Liger's wheels (carried in .whl) into /tmp/site, on the path of every python3 below
   [ -d .whl ] || return 0
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -132,7 +150,7 @@ case $PART in
       tests/torch/test_fused_glue.py "tests/jax/test_attention.py::test_tiny_models_with_cudnn_match_the_literal_path" \
       "tests/jax/test_attention.py::test_cudnn_matches_literal_in_bf16" > "$R/gpu_tests.log" 2>&1
     timeout 60 python3 benchmarks/glue_bench.py --seq 4096,16384 --out "$R/glue.jsonl" > "$R/glue.log" 2>&1
-    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    L=$(card_layers)
     STEP="benchmarks/step.py --family qwen3_moe --layers $L --seq 4096,16384 --impls torch_impl --warmup 2 --iters 4"
     SPLITMOE_GLUE=eager timeout 75 python3 $STEP --out "$R/step_qwen3_eager_glue.jsonl" > "$R/step.log" 2>&1
     timeout 75 python3 $STEP --out "$R/step_qwen3.jsonl" >> "$R/step.log" 2>&1
@@ -150,7 +168,7 @@ case $PART in
     # them, all rows alike. (As run in session 4, on an H100, the loop timed `triton_hopper`, `grouped_mm` and
     # `auto` = triton.)
     wheels
-    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    L=$(card_layers)
     timeout 340 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
       --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
     for row in "qwen3_moe 4096,16384 --compile" "qwen3_moe 4096,16384 --cuda-graph" \
@@ -181,7 +199,7 @@ case $PART in
       > "$R/gpu_tests.log" 2>&1
     # the LoRA-A cast kernel against copy_ (and the glue rows at 4K, for the record)
     timeout 60 python3 benchmarks/glue_bench.py --seq 4096 --out "$R/glue.jsonl" > "$R/glue.log" 2>&1
-    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    L=$(card_layers)
     STEP="benchmarks/step.py --family qwen3_moe --layers $L --seq 4096,16384 --impls torch_impl --warmup 2 --iters 3"
     cp benchmarks/host_probe.py .scratch/base6/benchmarks/  # the probe is new: the base runs the same file
     for round in 1 2; do  # the second round only while the call has time for it (about 230 s a round)
@@ -198,7 +216,7 @@ case $PART in
   session7)  # (2026-12-05, session 7) Unsloth, torch_impl and HF + PEFT Qwen3 rows in one command, on the code of
     # this session (the CUDA-graph tests and a graph row are `graphcheck`'s)
     wheels
-    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    L=$(card_layers)
     timeout 540 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096,16384 \
       --impls unsloth,torch_impl,hf_peft --warmup 2 --iters 3 --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
     rows "$R"/step_qwen3.jsonl ;;
@@ -233,16 +251,10 @@ case $PART in
     wheels
     timeout -s INT 100 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
       tests/torch/test_gpt_oss_parity.py tests/torch/test_checkpointing.py > "$R/gpu_tests.log" 2>&1
-    grep -qE "^(FAILED|ERROR).*(test_gpu_sink_attention_lse|test_gpt_oss_parity.py::test_parity_bf16_cuda)" \
-      "$R/gpu_tests.log" && export SPLITMOE_SINK_LSE=0
-    echo "sink lse path in the steps: ${SPLITMOE_SINK_LSE:-1}" | tee "$R/sink_lse.txt"
-    timeout 40 python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \
-      --impls sink_sdpa,sink_padded --out "$R/attention.jsonl" > "$R/attention.log" 2>&1
+    sink_gate
+    sink_attention_rows 40
     G="--family gpt_oss --warmup 2 --iters 3 --seq 4096,16384"
-    timeout 110 python3 benchmarks/step.py $G --impls torch_impl --compile --out "$R/step_gpt_oss.jsonl" \
-      > "$R/step.log" 2>&1
-    timeout 110 python3 benchmarks/step.py $G --impls torch_impl --compile --checkpoint-policy attention \
-      --out "$R/step_gpt_oss.jsonl" > "$R/step_ka.log" 2>&1
+    compiled_rows "$G" "$R/step_gpt_oss.jsonl" 110
     [ "$SECONDS" -lt 450 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py $G --impls unsloth \
       --out "$R/step_gpt_oss.jsonl" > "$R/step_unsloth.log" 2>&1
     grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; grep -h "^{" "$R/attention.log" | cut -c1-200
@@ -250,12 +262,9 @@ case $PART in
   session10qwen)  # Qwen3 (48 layers on an H200, 24 on an H100) compiled with and without the "attention" policy
     # (GQA through enable_gqa since session 9) and Unsloth's rows, 4K and 16K, in one call
     wheels
-    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    L=$(card_layers)
     Q="--family qwen3_moe --layers $L --warmup 2 --iters 3 --seq 4096,16384"
-    timeout 150 python3 benchmarks/step.py $Q --impls torch_impl --compile --out "$R/step_qwen3.jsonl" \
-      > "$R/step.log" 2>&1
-    timeout 150 python3 benchmarks/step.py $Q --impls torch_impl --compile --checkpoint-policy attention \
-      --out "$R/step_qwen3.jsonl" > "$R/step_ka.log" 2>&1
+    compiled_rows "$Q" "$R/step_qwen3.jsonl" 150
     [ "$SECONDS" -lt 420 ] && timeout $((540 - SECONDS)) python3 benchmarks/step.py $Q --impls unsloth \
       --out "$R/step_qwen3.jsonl" > "$R/step_unsloth.log" 2>&1
     # MLA's head widths (issue 15 asks which kernel is fastest there), with what time is left
@@ -275,46 +284,17 @@ case $PART in
     [ "$SECONDS" -lt 470 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py $J --impls torch_impl --compile \
       --out "$R/step_gpt_oss.jsonl" > "$R/step_torch.log" 2>&1
     grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; rows "$R"/step_*.jsonl ;;
-  session9)  # (2026-12-06, session 9) gpt-oss's sink attention through the log-sum-exp rescale at head width 64
-    # (torch_impl/models/lse_attention.py: cuDNN on full layers, the flash kernel's window on sliding ones) and the
-    # "attention" checkpoint policy in compiled layers, GQA attention without repeated K/V: their gpu tests; the attention alone against the padded-head
-    # path it replaces; then gpt-oss steps (24 layers on an 80 GB card) compiled, with and without the policy, next
-    # to Unsloth's in the same call; Qwen3 compiled with the policy with the time left. If the sink tests fail, the
-    # steps run the padded path (SPLITMOE_SINK_LSE=0) and say so. (Its first run, session 9, matched any failed test
-    # with gpt_oss in its name, so an unrelated failure turned the path off in every row after the tests.)
-    wheels
-    timeout -s INT 120 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
-      tests/torch/test_gpt_oss_parity.py tests/torch/test_checkpointing.py tests/torch/test_cuda_graph.py \
-      tests/torch/test_qwen3_parity.py tests/torch/test_deepseek_glm_parity.py > "$R/gpu_tests.log" 2>&1
-    grep -qE "^(FAILED|ERROR).*(test_gpu_sink_attention_lse|test_gpt_oss_parity.py::test_parity_bf16_cuda)" \
-      "$R/gpu_tests.log" && export SPLITMOE_SINK_LSE=0
-    echo "sink lse path in the steps: ${SPLITMOE_SINK_LSE:-1}" | tee "$R/sink_lse.txt"
-    timeout 60 python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \
-      --impls sink_sdpa,sink_padded --out "$R/attention.jsonl" > "$R/attention.log" 2>&1
-    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
-    G="--family gpt_oss --layers $L --warmup 2 --iters 3 --seq 4096,16384"
-    timeout 110 python3 benchmarks/step.py $G --impls torch_impl --compile --out "$R/step_gpt_oss.jsonl" \
-      > "$R/step.log" 2>&1
-    timeout 110 python3 benchmarks/step.py $G --impls torch_impl --compile --checkpoint-policy attention \
-      --out "$R/step_gpt_oss.jsonl" > "$R/step_ka.log" 2>&1
-    [ "$SECONDS" -lt 450 ] && timeout $((580 - SECONDS)) python3 benchmarks/step.py $G --impls unsloth \
-      --out "$R/step_gpt_oss.jsonl" > "$R/step_unsloth.log" 2>&1
-    [ "$SECONDS" -lt 480 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --layers "$L" \
-      --warmup 2 --iters 3 --seq 4096,16384 --impls torch_impl --compile --checkpoint-policy attention \
-      --out "$R/step_qwen3.jsonl" > "$R/step_qwen3.log" 2>&1
-    grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; grep -h "^{" "$R/attention.log" | cut -c1-200
-    rows "$R"/step_*.jsonl ;;
-  session9short)  # session9 for a call of under 400 s: its tests, the attention rows, gpt-oss compiled with the
-    # policy and Unsloth's gpt-oss rows
+  session9short)  # (2026-12-06, session 9, ran as its call 7) gpt-oss's sink through the log-sum-exp rescale and
+    # the "attention" policy in compiled layers: their gpu tests, the attention rows, gpt-oss compiled with the policy
+    # and Unsloth's gpt-oss rows, in under 400 s. (session9, its longer form, never completed a call and is gone:
+    # session10oss and session10qwen run what it held.) Its first run matched any failed test with gpt_oss in its
+    # name, so an unrelated failure turned the sink path off for every row after the tests; sink_gate names them.
     wheels
     timeout -s INT 100 python3 -m pytest -v -m gpu -n 6 -p no:cacheprovider -rfEX --tb=short \
       tests/torch/test_gpt_oss_parity.py tests/torch/test_checkpointing.py tests/torch/test_qwen3_parity.py \
       tests/torch/test_deepseek_glm_parity.py > "$R/gpu_tests.log" 2>&1
-    grep -qE "^(FAILED|ERROR).*(test_gpu_sink_attention_lse|test_gpt_oss_parity.py::test_parity_bf16_cuda)" \
-      "$R/gpu_tests.log" && export SPLITMOE_SINK_LSE=0
-    echo "sink lse path in the steps: ${SPLITMOE_SINK_LSE:-1}" | tee "$R/sink_lse.txt"
-    timeout 40 python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \
-      --impls sink_sdpa,sink_padded --out "$R/attention.jsonl" > "$R/attention.log" 2>&1
+    sink_gate
+    sink_attention_rows 40
     G="--family gpt_oss --warmup 2 --iters 3 --seq 4096,16384"
     timeout 110 python3 benchmarks/step.py $G --impls torch_impl --compile --checkpoint-policy attention \
       --out "$R/step_gpt_oss.jsonl" > "$R/step_ka.log" 2>&1
@@ -338,7 +318,7 @@ case $PART in
     # the default since 2026-12-06; off in the steps if any of its tests failed here
     grep -qE "^(FAILED|ERROR).*schedule" "$R/gpu_tests.log" && export SPLITMOE_SCHEDULE_KERNEL=0
     echo "schedule kernel in the steps: ${SPLITMOE_SCHEDULE_KERNEL:-1}" | tee "$R/schedule_kernel.txt"
-    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    L=$(card_layers)
     S="--family qwen3_moe --layers $L --warmup 2 --iters 3"
     # this session's changes against their off switches first (torch_impl only, short), then the other implementations
     timeout 110 python3 benchmarks/step.py $S --seq 4096,16384 --impls torch_impl --out "$R/step_qwen3.jsonl" \
@@ -361,7 +341,7 @@ case $PART in
       tests/torch/test_custom_op.py \
       -k "cuda or schedule or reduction_major or bf16_gpu_matches_reference or hopper_matches" \
       > "$R/gpu_tests.log" 2>&1
-    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    L=$(card_layers)
     [ "$SECONDS" -lt 100 ] && timeout 100 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096 \
       --impls torch_impl --cuda-graph --warmup 2 --iters 3 --out "$R/step_graph.jsonl" > "$R/step.log" 2>&1
     rows "$R"/step_graph.jsonl ;;
@@ -417,7 +397,7 @@ gpt_oss_20b_r16_T16384 > "$R/sweep.log" 2>&1
     grep -h "^{" "$R/compile_probe.log" | cut -c1-400 ;;
   jaxfull)  # (2026-12-05, session 5) #17: jax_impl Qwen3-30B-A3B (48 layers; 24 on an 80 GB card) at 4K and 16K next
     # to torch_impl's eager rows in one command; then, while the call has time, jax_impl's longest Qwen3 context
-    L=$(python3 -c "import torch; print(48 if torch.cuda.get_device_properties(0).total_memory > 100e9 else 24)")
+    L=$(card_layers)
     # (the longest-context search starts at the 64K the issue asks for where 48 layers fit: a 32K probe there would
     # spend the call's time compiling a length that proves nothing)
     S0=$([ "$L" = 48 ] && echo 65536 || echo 32768)

@@ -71,7 +71,7 @@ def _reference_bwd(res, scale: float, out, grad_o):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _cudnn_static(q, scale: float, window: int | None):
+def _cudnn_static(scale: float, window: int | None):
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
     # the non-differentiable arguments of fa._dot_product_attention, as fa.dot_product_attention builds them for a
@@ -81,14 +81,14 @@ def _cudnn_static(q, scale: float, window: int | None):
 
 
 def _cudnn_fwd(q, k, v, scale: float, window: int | None):
-    fa, static = _cudnn_static(q, scale, window)
+    fa, static = _cudnn_static(scale, window)
     nu = jnp.zeros(0, q.dtype)
     (o, lse), res = fa._dot_product_attention_fwd_rule(q, k, v, nu, nu, nu, nu, nu, nu, nu, *static, True)
     return o, lse, res
 
 
 def _cudnn_bwd(res, scale: float, window: int | None, out, grad_o):
-    fa, static = _cudnn_static(res[0], scale, window)
+    fa, static = _cudnn_static(scale, window)
     res = (*res[:-1], out)  # the kernel's own output -> the rescaled one (module docstring)
     grads = fa._dot_product_attention_bwd_rule(*static, False, res, grad_o)
     return grads[0], grads[1], grads[2]

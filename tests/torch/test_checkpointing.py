@@ -31,6 +31,36 @@ def _loss_and_grads(model, ids):
     return loss.detach(), {n: p.grad.clone() for n, p in _lora_params(model).items()}
 
 
+def _trainable_model(family, tmp_path, seed, checkpoint_kw=None, **load_kw):
+    """A tiny `family` checkpoint with rank-4 LoRA on `TARGETS`, B drawn non-zero (it is zero at init: every LoRA
+    gradient non-trivial), in training mode."""
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000, **(checkpoint_kw or {}))
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), lora_seed=seed % 1000,
+                       **load_kw)
+    with torch.no_grad():
+        for name, p in _lora_params(model).items():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    model.train()
+    return model
+
+
+def _count_hand_backs(monkeypatch) -> list[bool]:
+    """Patches the "attention" policy's recompute mode to log, per op it sees, whether it was an attention kernel
+    call (handed back from the forward's outputs, not run): sum() of the returned list counts them."""
+    from torch_impl.models import layers
+
+    handed_back = []
+    reuse = layers._ReuseAttention.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        handed_back.append(func in layers._attention_ops())
+        return reuse(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(layers._ReuseAttention, "__torch_dispatch__", counting)
+    return handed_back
+
+
 OVERRIDES = {"qwen3_moe": dict(output_router_logits=True, router_aux_loss_coef=0.5, mlp_only_layers=[0]),
              "gpt_oss": dict(output_router_logits=True)}
 
@@ -41,14 +71,7 @@ MODES = {"on_device": {}, "offloaded": {"offload_to_cpu": True}, "keep_attention
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("family", sorted(TARGETS))
 def test_checkpointed_layers_give_the_same_loss_and_grads(family, mode, tmp_path, seed):
-    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000, **OVERRIDES.get(family, {}))
-    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), moe_backend="grouped_mm",
-                       lora_seed=seed % 1000)
-    with torch.no_grad():
-        for name, p in _lora_params(model).items():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)  # B is zero at init: make every LoRA gradient non-trivial
-    model.train()
+    model = _trainable_model(family, tmp_path, seed, OVERRIDES.get(family), moe_backend="grouped_mm")
     ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(seed))
     loss, grads = _loss_and_grads(model, ids)
 
@@ -119,28 +142,13 @@ def test_keep_attention_in_compiled_layers(family, tmp_path, seed, monkeypatch):
     the compiled plain policy's are bitwise equal too, but the graph break moves where the backward sums the
     residual stream's two gradients (a few ulps: 8e-9 on these O(1e-2) gradients)."""
     from torch_impl.compile import compile_decoder_layers
-    from torch_impl.models import layers
 
-    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000, num_hidden_layers=2)
-    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), moe_backend="grouped_mm",
-                       lora_seed=seed % 1000)
-    with torch.no_grad():
-        for name, p in _lora_params(model).items():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    model.train()
+    model = _trainable_model(family, tmp_path, seed, dict(num_hidden_layers=2), moe_backend="grouped_mm")
     ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(seed))
     model.gradient_checkpointing_enable()
     loss, grads = _loss_and_grads(model, ids)
 
-    handed_back = []
-    reuse = layers._ReuseAttention.__torch_dispatch__
-
-    def counting(self, func, types, args=(), kwargs=None):
-        handed_back.append(func in layers._attention_ops())
-        return reuse(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(layers._ReuseAttention, "__torch_dispatch__", counting)
+    handed_back = _count_hand_backs(monkeypatch)
     torch._dynamo.reset()
     compile_decoder_layers(model, backend="aot_eager")
     model.gradient_checkpointing_enable(policy="attention")
@@ -226,14 +234,7 @@ def test_gpu_keep_attention_equals_recompute_bf16(family, tmp_path, seed):
     """On CUDA in bf16, where SDPA runs its fused kernels (flash / cuDNN / memory-efficient, MLA's unequal head dims
     included): the "attention" policy gives the plain policy's loss and LoRA gradients, and its recompute runs no
     attention kernel."""
-    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000, **OVERRIDES.get(family, {}))
-    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), dtype=torch.bfloat16,
-                       device="cuda", lora_seed=seed % 1000)
-    with torch.no_grad():
-        for name, p in _lora_params(model).items():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    model.train()
+    model = _trainable_model(family, tmp_path, seed, OVERRIDES.get(family), dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(seed)).cuda()
     model.gradient_checkpointing_enable()
     loss, grads = _loss_and_grads(model, ids)
@@ -268,29 +269,14 @@ def test_gpu_keep_attention_in_inductor_layers_bf16(family, tmp_path, seed, monk
     inductor run agree with eager to 3e-8.)"""
     from shared_math.numerics import assert_close
     from torch_impl.compile import compile_decoder_layers
-    from torch_impl.models import layers
 
-    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000, num_hidden_layers=2)
-    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS[family]), dtype=torch.bfloat16,
-                       device="cuda", lora_seed=seed % 1000)
-    with torch.no_grad():
-        for name, p in _lora_params(model).items():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    model.train()
+    model = _trainable_model(family, tmp_path, seed, dict(num_hidden_layers=2), dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(seed)).cuda()
     torch._dynamo.reset()
     compile_decoder_layers(model)
     model.gradient_checkpointing_enable()
     loss, grads = _loss_and_grads(model, ids)
-    handed_back = []
-    reuse = layers._ReuseAttention.__torch_dispatch__
-
-    def counting(self, func, types, args=(), kwargs=None):
-        handed_back.append(func in layers._attention_ops())
-        return reuse(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(layers._ReuseAttention, "__torch_dispatch__", counting)
+    handed_back = _count_hand_backs(monkeypatch)
     model.gradient_checkpointing_enable(policy="attention")
     loss_k, grads_k = _loss_and_grads(model, ids)
     assert sum(handed_back) == _attention_kernels(model, ids) > 0
