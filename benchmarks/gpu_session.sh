@@ -257,6 +257,9 @@ case $PART in
     compiled_rows "$G" "$R/step_gpt_oss.jsonl" 110
     [ "$SECONDS" -lt 450 ] && timeout $((585 - SECONDS)) python3 benchmarks/step.py $G --impls unsloth \
       --out "$R/step_gpt_oss.jsonl" > "$R/step_unsloth.log" 2>&1
+    # eager on the sink path (the "eager at least as fast as Unsloth at 4K" target), with the time left
+    [ "$SECONDS" -lt 500 ] && timeout $((590 - SECONDS)) python3 benchmarks/step.py $G --impls torch_impl \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_eager.log" 2>&1
     grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; grep -h "^{" "$R/attention.log" | cut -c1-200
     rows "$R"/step_*.jsonl ;;
   session10qwen)  # Qwen3 (48 layers on an H200, 24 on an H100) compiled with and without the "attention" policy
