@@ -274,6 +274,18 @@ case $PART in
     [ "$SECONDS" -lt 550 ] && timeout $((590 - SECONDS)) python3 benchmarks/attention_bench.py --seq 4096,16384 \
       --models mla_deepseek_v3,mla_glm47_flash --iters 5 --out "$R/attention_mla.jsonl" > "$R/attention_mla.log" 2>&1
     rows "$R"/step_*.jsonl; grep -h "^{" "$R/attention_mla.log" 2>/dev/null | cut -c1-200 ;;
+  session10kern)  # (written 2026-12-06, session 10) issue 16's dh pass: the Hopper kernels' gpu tests (EPI_SPLIT=2,
+    # the epilogue by column halves, among the configs), the sweep of Qwen3 and gpt-oss at 4K and 16K with EPI_SPLIT
+    # in the space (BLOCK_N=256 dh tiles become holdable), merged into the shipped table ($OUT/tuned_configs.json to
+    # commit), then the block rows with it next to HF + PEFT (per-pass TFLOP/s)
+    gpu_tests gpu_tests.log 150 tests/torch/test_hopper_kernels.py
+    timeout 300 python3 benchmarks/triton_sweep.py --backend triton_hopper --out "$R/sweep" \
+      --cases qwen3_30b_T4096,qwen3_30b_T16384,gpt_oss_20b_T4096,gpt_oss_20b_T16384 > "$R/sweep.log" 2>&1
+    merge_tuned "$R/sweep/tuned_configs.json"
+    [ "$SECONDS" -lt 500 ] && timeout $((590 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
+      --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --impls hf_peft,hopper_suite --out "$R/block.jsonl" \
+      > "$R/block.log" 2>&1
+    grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; tail -12 "$R/sweep.log"; tail -30 "$R/block.log" | cut -c1-200 ;;
   session10jax)  # (written 2026-12-06, session 9) JAX's gpt-oss sink by the log-sum-exp rescale on its own cuDNN
     # attention rules (jax_impl/models/lse_attention.py, opt-in SPLITMOE_JAX_SINK_LSE=1): its gpu test, then the
     # jax_impl gpt-oss step at 4K and 16K without and with it, next to torch_impl's compiled rows. If the test

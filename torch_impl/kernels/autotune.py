@@ -14,8 +14,9 @@
   its best config. `SPLITMOE_TRITON_AUTOTUNE_SPACE=sweep` narrows the space to the short list the sweep script
   times; `SPLITMOE_TRITON_AUTOTUNE_LOG=path` appends every timing as a JSON line.
 - Kinds "hopper_gemm" / "hopper_gemm_act" are the persistent TMA kernel's (hopper.py): their space adds GROUP_M,
-  FLATTEN and PRE_GATHER, and warp specialisation only with `SPLITMOE_HOPPER_WS=1`; their GPU defaults are untuned
-  until `benchmarks/triton_sweep.py --backend triton_hopper` has run on the GPU.
+  FLATTEN, PRE_GATHER and EPI_SPLIT (the epilogue in column halves), and warp specialisation only with
+  `SPLITMOE_HOPPER_WS=1`; their GPU defaults are untuned until `benchmarks/triton_sweep.py --backend
+  triton_hopper` has run on the GPU.
 - `SPLITMOE_TRITON_COMPILE_SHARD=i/n` (used by the sweep script only): launch each candidate of shard i once, time
   nothing and store nothing, so n processes can fill Triton's on-disk compile cache in parallel before the timing
   process runs.
@@ -138,8 +139,11 @@ def _hopper_candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_
             continue  # fp32 accumulators past these sizes spill (same rule as the pointer kernel's space)
         if ws and flatten:
             continue  # Hopper warp specialisation rejects flatten (triton tutorial 09)
-        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP_M=8, num_warps=warps, num_stages=stages,
-                        FLATTEN=flatten, PRE_GATHER=pre, WS=ws))
+        # EPI_SPLIT=2 runs the epilogue on one column half at a time (gate, up and h of half a tile live at once):
+        # offered from 128-wide tiles up, where the activation epilogue's registers are what a 64-wide tile avoids
+        for epi in (1, 2) if bn >= 128 else (1,):
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP_M=8, num_warps=warps, num_stages=stages,
+                            FLATTEN=flatten, PRE_GATHER=pre, WS=ws, EPI_SPLIT=epi))
     return out
 
 

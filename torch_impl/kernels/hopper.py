@@ -27,6 +27,9 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
   allowed where every load of the loop is a descriptor load (sm_90 autoWS aborts the compiler on pointer-load dot
   loops, triton issue #9728), and only enters the tuning space with SPLITMOE_HOPPER_WS=1, because a compiler abort
   kills the process instead of raising.
+- `EPI_SPLIT=2` (a config choice) runs the epilogue on one column half of the tile at a time (`_epilogue` twice on
+  `tl.split` halves of the accumulators), so the activation math's gate, up and h live for half a tile: the dh
+  pass's epilogue holds those next to the accumulator, which is what kept its tiles 64-128 wide.
 - Outputs by masked pointer stores: a TMA store writes its whole box, which would overwrite the next expert's rows.
 
 Operands that TMA cannot address (a base or a leading stride not a multiple of 16 bytes, e.g. odd H in fp16, or a
@@ -89,6 +92,7 @@ def _hopper_gemm_kernel(
     DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_rt = tl.load(n_row_tiles_ptr)
@@ -111,7 +115,9 @@ def _hopper_gemm_kernel(
                                                block_shape=[1, BLOCK_D, BLOCK_N])
     if GU_DESC:
         gu_desc = tl.make_tensor_descriptor(gu_ptr, shape=[GU_ROWS, 2 * N_HALF], strides=[stride_gum, 1],
-                                            block_shape=[BLOCK_M, BLOCK_N])
+                                            block_shape=[BLOCK_M, BLOCK_N // EPI_SPLIT])
+    else:
+        gu_desc = gu_ptr  # never loaded through: the epilogue reads gate and up by pointer
 
     # The epilogue recomputes its tile from its own counter (as triton's tutorial 09 does): no value is carried from
     # the loads of a tile to its epilogue, which lets the flattened loop overlap them.
@@ -175,67 +181,110 @@ def _hopper_gemm_kernel(
         offs_mc = row0_c + tl.arange(0, BLOCK_M)
         mask_mc = offs_mc < tl.load(offsets_ptr + e_c + 1)
         rows64 = offs_mc.to(tl.int64)
-        offs_nc = cn_c * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_nc = offs_nc < N
-        mask_mn = mask_mc[:, None] & mask_nc[None, :]
+        z = tl.zeros([BLOCK_M, BLOCK_R], dtype=cdt)
         if LORA:
             z = tl.load(z_ptr + rows64[:, None] * stride_zm + offs_r[None, :] * stride_zr,
                         mask=mask_mc[:, None] & mask_r[None, :], other=0.0)
-            lb_rows = lb_ptr + e_c * stride_lbe + offs_r[:, None] * stride_lbr
-            lb = tl.load(lb_rows + offs_nc[None, :] * stride_lbn, mask=mask_r[:, None] & mask_nc[None, :], other=0.0)
-            acc += lora_scale * tl.dot(z, lb, input_precision=DOT_PREC)
-            if MODE == 1:
-                lb2 = tl.load(lb_rows + (offs_nc + N_HALF)[None, :] * stride_lbn,
-                              mask=mask_r[:, None] & mask_nc[None, :], other=0.0)
-                acc2 += lora_scale * tl.dot(z, lb2, input_precision=DOT_PREC)
-        if HAS_BIAS:
-            b_row = bias_ptr + e_c * stride_be
-            acc += tl.load(b_row + offs_nc * stride_bn, mask=mask_nc, other=0.0).to(tl.float32)[None, :]
-            if MODE == 1:
-                acc2 += tl.load(b_row + (offs_nc + N_HALF) * stride_bn, mask=mask_nc, other=0.0).to(tl.float32)[None, :]
-
-        if MODE == 1:
-            # gate/up rounded to the storage dtype before the activation: the rounding point of a separate-GEMM
-            # implementation, and the exact values the backward reloads from `gu`.
-            g = acc.to(cdt)
-            u = acc2.to(cdt)
-            if STORE_GU:
-                gu_rows = gu_ptr + rows64[:, None] * stride_gum
-                tl.store(gu_rows + offs_nc[None, :] * stride_gun, g, mask=mask_mn)
-                tl.store(gu_rows + (offs_nc + N_HALF)[None, :] * stride_gun, u, mask=mask_mn)
-            res = _act_fwd(g.to(tl.float32), u.to(tl.float32), ACT, limit, alpha)
-        elif MODE == 2:
-            if GU_DESC:
-                g = gu_desc.load([row0_c, cn_c * BLOCK_N]).to(tl.float32)
-                u = gu_desc.load([row0_c, N_HALF + cn_c * BLOCK_N]).to(tl.float32)
-            else:
-                gu_rows = gu_ptr + rows64[:, None] * stride_gum
-                g = tl.load(gu_rows + offs_nc[None, :] * stride_gun, mask=mask_mn, other=0.0).to(tl.float32)
-                u = tl.load(gu_rows + (offs_nc + N_HALF)[None, :] * stride_gun, mask=mask_mn, other=0.0).to(
-                    tl.float32)
-            # h recomputed from the saved pre-activation, exactly as the forward rounded it
-            h = _act_fwd(g, u, ACT, limit, alpha).to(cdt).to(tl.float32)
-            part = tl.sum(tl.where(mask_mn, h * acc, 0.0), axis=1)
-            tl.store(dot_ptr + rows64 * stride_dotm + cn_c * stride_dotn, part, mask=mask_mc)
-            res = acc
-        else:
-            res = acc * out_scale
-
+        rs = tl.zeros([BLOCK_M], dtype=tl.float32)
         if ROW_SCALE:
             rs = tl.load(row_scale_ptr + offs_mc, mask=mask_mc, other=0.0).to(tl.float32)
-            res = res * rs[:, None]
         if SCATTER_OUT:
             dst = tl.load(out_rows_ptr + offs_mc, mask=mask_mc, other=0).to(tl.int64)
         else:
             dst = rows64
         out_rows = out_ptr + dst[:, None] * stride_om
-        if MODE == 2:
-            dg, du = _act_bwd(g, u, res, ACT, limit, alpha)
-            tl.store(out_rows + offs_nc[None, :] * stride_on, dg.to(out_ptr.dtype.element_ty), mask=mask_mn)
-            tl.store(out_rows + (offs_nc + N_HALF)[None, :] * stride_on, du.to(out_ptr.dtype.element_ty),
-                     mask=mask_mn)
+        n0_c = cn_c * BLOCK_N
+        if EPI_SPLIT == 1:
+            part = _epilogue(acc, acc2, z, rs, rows64, mask_mc, row0_c, e_c, n0_c, out_rows, gu_desc,
+                             lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
+                             gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit,
+                             alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, BLOCK_N,
+                             BLOCK_R)
         else:
-            tl.store(out_rows + offs_nc[None, :] * stride_on, res.to(out_ptr.dtype.element_ty), mask=mask_mn)
+            # Two column halves one after the other: the activation math holds gate, up and h for half a tile at
+            # a time, so a wider tile (BLOCK_N=256) fits the registers (triton tutorial 09's EPILOGUE_SUBTILE).
+            half: tl.constexpr = BLOCK_N // 2
+            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, half]), [0, 2, 1]))
+            acc2_lo, acc2_hi = tl.split(tl.permute(tl.reshape(acc2, [BLOCK_M, 2, half]), [0, 2, 1]))
+            part = _epilogue(acc_lo, acc2_lo, z, rs, rows64, mask_mc, row0_c, e_c, n0_c, out_rows, gu_desc,
+                             lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
+                             gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit,
+                             alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, half, BLOCK_R)
+            part += _epilogue(acc_hi, acc2_hi, z, rs, rows64, mask_mc, row0_c, e_c, n0_c + half, out_rows, gu_desc,
+                              lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
+                              gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit,
+                              alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, half, BLOCK_R)
+        if MODE == 2:
+            # the tile's share of the routing-weight gradient: sum over its columns of h * dh
+            tl.store(dot_ptr + rows64 * stride_dotm + cn_c * stride_dotn, part, mask=mask_mc)
+
+
+@triton.jit
+def _epilogue(acc, acc2, z, rs, rows64, mask_mc, row0_c, e_c, n0, out_rows, gu_desc,
+              lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
+              gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit, alpha,
+              LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, MODE: tl.constexpr,
+              ACT: tl.constexpr, STORE_GU: tl.constexpr, GU_DESC: tl.constexpr, DOT_PREC: tl.constexpr,
+              SUB_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The epilogue of output columns [n0, n0 + SUB_N) of one tile (the whole tile, or one half with EPI_SPLIT=2):
+    LoRA, bias, activation forward / backward, routing weight, (scatter) store. Returns the rows' sum of h * dh over
+    these columns in MODE 2 (the routing-weight gradient's share), zeros otherwise."""
+    cdt = lb_ptr.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    offs_nc = n0 + tl.arange(0, SUB_N)
+    mask_nc = offs_nc < N
+    mask_mn = mask_mc[:, None] & mask_nc[None, :]
+    if LORA:
+        lb_rows = lb_ptr + e_c * stride_lbe + offs_r[:, None] * stride_lbr
+        lb = tl.load(lb_rows + offs_nc[None, :] * stride_lbn, mask=mask_r[:, None] & mask_nc[None, :], other=0.0)
+        acc += lora_scale * tl.dot(z, lb, input_precision=DOT_PREC)
+        if MODE == 1:
+            lb2 = tl.load(lb_rows + (offs_nc + N_HALF)[None, :] * stride_lbn,
+                          mask=mask_r[:, None] & mask_nc[None, :], other=0.0)
+            acc2 += lora_scale * tl.dot(z, lb2, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        b_row = bias_ptr + e_c * stride_be
+        acc += tl.load(b_row + offs_nc * stride_bn, mask=mask_nc, other=0.0).to(tl.float32)[None, :]
+        if MODE == 1:
+            acc2 += tl.load(b_row + (offs_nc + N_HALF) * stride_bn, mask=mask_nc, other=0.0).to(tl.float32)[None, :]
+
+    part = tl.zeros_like(rs)
+    if MODE == 1:
+        # gate/up rounded to the storage dtype before the activation: the rounding point of a separate-GEMM
+        # implementation, and the exact values the backward reloads from `gu`.
+        g = acc.to(cdt)
+        u = acc2.to(cdt)
+        if STORE_GU:
+            gu_rows = gu_ptr + rows64[:, None] * stride_gum
+            tl.store(gu_rows + offs_nc[None, :] * stride_gun, g, mask=mask_mn)
+            tl.store(gu_rows + (offs_nc + N_HALF)[None, :] * stride_gun, u, mask=mask_mn)
+        res = _act_fwd(g.to(tl.float32), u.to(tl.float32), ACT, limit, alpha)
+    elif MODE == 2:
+        if GU_DESC:
+            g = gu_desc.load([row0_c, n0]).to(tl.float32)
+            u = gu_desc.load([row0_c, N_HALF + n0]).to(tl.float32)
+        else:
+            gu_rows = gu_ptr + rows64[:, None] * stride_gum
+            g = tl.load(gu_rows + offs_nc[None, :] * stride_gun, mask=mask_mn, other=0.0).to(tl.float32)
+            u = tl.load(gu_rows + (offs_nc + N_HALF)[None, :] * stride_gun, mask=mask_mn, other=0.0).to(tl.float32)
+        # h recomputed from the saved pre-activation, exactly as the forward rounded it
+        h = _act_fwd(g, u, ACT, limit, alpha).to(cdt).to(tl.float32)
+        part = tl.sum(tl.where(mask_mn, h * acc, 0.0), axis=1)
+        res = acc
+    else:
+        res = acc * out_scale
+
+    if ROW_SCALE:
+        res = res * rs[:, None]
+    out_ty = out_rows.dtype.element_ty
+    if MODE == 2:
+        dg, du = _act_bwd(g, u, res, ACT, limit, alpha)
+        tl.store(out_rows + offs_nc[None, :] * stride_on, dg.to(out_ty), mask=mask_mn)
+        tl.store(out_rows + (offs_nc + N_HALF)[None, :] * stride_on, du.to(out_ty), mask=mask_mn)
+    else:
+        tl.store(out_rows + offs_nc[None, :] * stride_on, res.to(out_ty), mask=mask_mn)
+    return part
 
 
 # ---- host side -------------------------------------------------------------------------------------------------------
@@ -287,8 +336,9 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     `KernelSort.row_tile_count`; the count is computed here when absent). With LoRA A given, z = z_scale·A[rows]@LA
     runs first as its own skinny launch (into `z_MR` when given: the backward saves it), then the main pass adds
     lora_scale·z@LB. Config keys: BLOCK_M/N/D, GROUP_M, num_warps, num_stages, FLATTEN, WS (warp specialisation),
-    PRE_GATHER (copy gathered rows into expert order first, then load them by TMA), DESC (False: pointer loads
-    only). `store_z` is accepted for the signature's sake: a given `z_MR` is always written.
+    PRE_GATHER (copy gathered rows into expert order first, then load them by TMA), EPI_SPLIT (1, or 2: the
+    epilogue by column halves), DESC (False: pointer loads only). `store_z` is accepted for the signature's sake:
+    a given `z_MR` is always written.
     """
     if row_index is not None and config.get("PRE_GATHER", False):
         # One contiguous copy of the rows in expert order (M x D): every A load of this pass becomes a TMA load.
@@ -352,6 +402,7 @@ def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z
         STORE_GU=bool(store_gu), SCATTER_OUT=out_rows_M is not None, DOT_PREC=gg._dot_prec(a.dtype),
         EVEN_D=d % bd == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=max(16, gg.next_pow2(max(rank, 1))),
         GROUP_M=config.get("GROUP_M", 8), NUM_PROGS=progs, FLATTEN=flatten, WARP_SPECIALIZE=ws,
+        EPI_SPLIT=config.get("EPI_SPLIT", 1),
     ), num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     return out
 
