@@ -34,7 +34,6 @@ import os
 import torch
 
 _ATEN = torch.ops.aten
-_SAVED = object()  # a kernel state's tensor, in ctx.saved_tensors
 # read once, at import: a compiled layer then sees a constant, not an environment lookup
 ENABLED = os.environ.get("SPLITMOE_SINK_LSE", "1") != "0"
 
@@ -60,38 +59,50 @@ def _band_bias(S: int, window: int, dtype: torch.dtype, device: torch.device) ->
     return torch.zeros(S, S, dtype=dtype, device=device).masked_fill_(~band, float("-inf"))
 
 
+def _kernel(q: torch.Tensor, window: int | None) -> str:
+    """Which kernel pair `_forward` / `_backward` run: "cpu" (flash for CPU), "cudnn" (causal) or "flash" (FA2, for
+    its window)."""
+    return "cpu" if q.device.type == "cpu" else ("cudnn" if window is None else "flash")
+
+
 def _forward(q, k, v, scale: float, window: int | None):
-    """(o [B, N, S, D], lse [B, N, S] fp32, state for `_backward`) of causal attention, within `window` if given."""
+    """(o [B, N, S, D], lse [B, N, S] fp32, the kernel's tensors its backward reads) of causal attention, within
+    `window` if given. The backward's integers (the lengths) are q's and k's: only tensors cross to the backward,
+    so a compiled layer's autograd context holds nothing Dynamo must rebuild. (A sentinel `object()` kept there is
+    what Dynamo's error named, "NotImplementedError: ObjectVariable()", when compiled gpt-oss layers retraced at a
+    second sequence length on an H100, 2026-12-06.)"""
     S = q.shape[-2]
-    if q.device.type == "cpu":
+    kind = _kernel(q, window)
+    if kind == "cpu":
         mask = None if window is None else _band_bias(S, window, q.dtype, q.device)
         o, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, mask is None, attn_mask=mask,
                                                                    scale=scale)
-        return o, lse, ("cpu", mask)
-    if window is None:
+        return o, lse, ()
+    if kind == "cudnn":
         out = _ATEN._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
-        o, lse = out[0], out[1]
-        return o, lse.view(lse.shape[:3]), ("cudnn", lse, *out[2:8])
+        o, lse, cum_q, cum_k, _, _, seed, offset = out[:8]
+        return o, lse.view(lse.shape[:3]), (lse, cum_q, cum_k, seed, offset)
     # FA2 works on [B, S, N, D]; a transposed view of the heads-first layout is what it takes
     o, lse, rng, unused, _ = _ATEN._flash_attention_forward(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, S, S, 0.0, True, False, scale=scale,
         window_size_left=window - 1, window_size_right=0)
-    return o.transpose(1, 2), lse, ("flash", rng, unused)
+    return o.transpose(1, 2), lse, (rng, unused)
 
 
-def _backward(grad_o, q, k, v, o, lse, scale: float, window: int | None, state):
+def _backward(grad_o, q, k, v, o, lse, scale: float, window: int | None, tensors):
     """dq, dk, dv of `_forward`'s attention for output gradient `grad_o` and output argument `o` (the kernels read
-    `o` only for D_i = grad_o_i·o_i, which is what the sink substitutes)."""
-    kind, S = state[0], q.shape[-2]
+    `o` only for D_i = grad_o_i·o_i, which is what the sink substitutes); `tensors` is what `_forward` returned
+    third."""
+    kind, S = _kernel(q, window), q.shape[-2]
     if kind == "cpu":
-        mask = state[1]
+        mask = None if window is None else _band_bias(S, window, q.dtype, q.device)
         return _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_o, q, k, v, o, lse, 0.0, mask is None, attn_mask=mask, scale=scale)
     if kind == "cudnn":
-        lse_raw, cum_q, cum_k, max_q, max_k, seed, offset = state[1:]
+        lse_raw, cum_q, cum_k, seed, offset = tensors
         return _ATEN._scaled_dot_product_cudnn_attention_backward(
-            grad_o, q, k, v, o, lse_raw, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=scale)
-    rng, unused = state[1:]
+            grad_o, q, k, v, o, lse_raw, seed, offset, None, cum_q, cum_k, S, k.shape[-2], 0.0, True, scale=scale)
+    rng, unused = tensors
     dq, dk, dv = _ATEN._flash_attention_backward(
         grad_o.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), o.transpose(1, 2), lse,
         None, None, S, S, 0.0, True, rng, unused, scale=scale, window_size_left=window - 1, window_size_right=0)
@@ -104,22 +115,19 @@ class _SinkAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, scale: float, window: int | None):
-        o, lse, state = _forward(q, k, v, scale, window)
+        o, lse, tensors = _forward(q, k, v, scale, window)
         w = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # [B, N, S] fp32
         out = (o.float() * w.unsqueeze(-1)).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, w, *[t for t in state[1:] if isinstance(t, torch.Tensor)])
-        ctx.state = tuple(_SAVED if isinstance(t, torch.Tensor) else t for t in state)
+        ctx.save_for_backward(q, k, v, out, lse, w, *tensors)
         ctx.scale, ctx.window = scale, window
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, w, *tensors = ctx.saved_tensors
-        it = iter(tensors)
-        state = tuple(next(it) if s is _SAVED else s for s in ctx.state)
         d32 = dout.float()
         grad_o = (d32 * w.unsqueeze(-1)).to(dout.dtype)
-        dq, dk, dv = _backward(grad_o, q, k, v, out, lse, ctx.scale, ctx.window, state)
+        dq, dk, dv = _backward(grad_o, q, k, v, out, lse, ctx.scale, ctx.window, tensors)
         dsinks = None
         if ctx.needs_input_grad[3]:
             dsinks = -((1 - w) * (d32 * out.float()).sum(-1)).sum(dim=(0, 2))
