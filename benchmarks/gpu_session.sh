@@ -286,6 +286,19 @@ case $PART in
       --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --impls hf_peft,hopper_suite --out "$R/block.jsonl" \
       > "$R/block.log" 2>&1
     grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; tail -12 "$R/sweep.log"; tail -30 "$R/block.log" | cut -c1-200 ;;
+  session10b)  # (session 10, call 4) the gpu tests of calls 1-3's fixes (the inductor tests held to fp32 at K = E,
+    # a second length through compiled layers, the sink path without a sentinel in its autograd context, the
+    # EPI_SPLIT config at 64 rows), then gpt-oss compiled at 4K and 16K (16K failed in Dynamo in calls 1 and 3)
+    # and Unsloth's rows in the same call
+    wheels
+    gpu_tests gpu_tests.log 150 tests/torch/test_checkpointing.py tests/torch/test_gpt_oss_parity.py \
+      tests/torch/test_hopper_kernels.py -k "inductor or sink_attention_lse or parity_bf16_cuda or configs_agree"
+    G="--family gpt_oss --warmup 2 --iters 3 --seq 4096,16384"
+    timeout 120 python3 benchmarks/step.py $G --impls torch_impl --compile --out "$R/step_gpt_oss.jsonl" \
+      > "$R/step.log" 2>&1
+    [ "$SECONDS" -lt 300 ] && timeout $((440 - SECONDS)) python3 benchmarks/step.py $G --impls unsloth \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_unsloth.log" 2>&1
+    grep -E "passed|failed" "$R/gpu_tests.log" | tail -8; rows "$R"/step_*.jsonl ;;
   session10jax)  # (written 2026-12-06, session 9) JAX's gpt-oss sink by the log-sum-exp rescale on its own cuDNN
     # attention rules (jax_impl/models/lse_attention.py, opt-in SPLITMOE_JAX_SINK_LSE=1): its gpu test, then the
     # jax_impl gpt-oss step at 4K and 16K without and with it, next to torch_impl's compiled rows. If the test
