@@ -298,7 +298,7 @@ case $PART in
       > "$R/step.log" 2>&1
     [ "$SECONDS" -lt 300 ] && timeout $((440 - SECONDS)) python3 benchmarks/step.py $G --impls unsloth \
       --out "$R/step_gpt_oss.jsonl" > "$R/step_unsloth.log" 2>&1
-    grep -E "passed|failed" "$R/gpu_tests.log" | tail -8; rows "$R"/step_*.jsonl ;;
+    grep -iE "passed|failed" "$R/gpu_tests.log" | tail -8; rows "$R"/step_*.jsonl ;;
   session10jax)  # (written 2026-12-06, session 9) JAX's gpt-oss sink by the log-sum-exp rescale on its own cuDNN
     # attention rules (jax_impl/models/lse_attention.py, opt-in SPLITMOE_JAX_SINK_LSE=1): its gpu test, then the
     # jax_impl gpt-oss step at 4K and 16K without and with it, next to torch_impl's compiled rows. If the test
