@@ -31,7 +31,8 @@ backward. The rescale itself cannot be used with `jax.nn.dot_product_attention`:
 `stop_gradient`-ed in the xla path (and rounded to the input dtype) and its cuDNN VJP drops the residual's cotangent
 (jax 0.10.2; `tests/jax/test_attention.py` keeps a canary on it), so a rescale through it would lose the lse's
 gradient. (`lse_attention` does the rescale on the forward and backward rules of JAX's own cuDNN attention, whose
-backward can be handed the rescaled output: opt-in, SPLITMOE_JAX_SINK_LSE=1, until its gpu test has run.) Full
+backward can be handed the rescaled output: the default under "cudnn" without a mask; SPLITMOE_JAX_SINK_LSE=0
+turns it off, and then the rest of this paragraph applies there too.) Full
 layers with cuDNN prepend one dummy query so that the [S+1, S+1] problem is plainly causal (query
 i + 1 sees the sink and keys 0..i); sliding layers run in query blocks of one window against their 2W − 1 keys
 plus the sink with an explicit O(S·W) mask (`_sliding_blocks`), in every implementation.
@@ -273,7 +274,7 @@ def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, m
     mask only where the model gave one (then [B, 1, S+1, S+1], with an even length for cuDNN)."""
     S = q.shape[1]
     if implementation == "cudnn" and mask is None and lse_attention.ENABLED and q.shape[-1] == v.shape[-1]:
-        try:  # the log-sum-exp rescale at the model's head width (opt-in: `lse_attention`'s docstring)
+        try:  # the log-sum-exp rescale at the model's head width (`lse_attention`'s docstring)
             return lse_attention.sink_attention_lse(q, k, v, sinks, scale, window, kernels="cudnn")
         except NotImplementedError as e:  # a shape cuDNN's flash kernel does not take (raised while tracing)
             _warn_fallback(e, q.shape)
