@@ -31,11 +31,14 @@ def versions() -> dict:
     except Exception:  # noqa: BLE001
         pass
     out["date"] = _dt.date.today().isoformat()
-    # the project's on/off switches (SPLITMOE_SINK_LSE=0, SPLITMOE_FAST_LAUNCH=0, ...): a row says which path it timed
-    switches = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPLITMOE_")}
-    if switches:
-        out["switches"] = switches
-    return out
+    return out | switches()
+
+
+def switches() -> dict:
+    """{"switches": the project's on/off switches set in the environment (SPLITMOE_SINK_LSE=0,
+    SPLITMOE_JAX_SINK_LSE=0, SPLITMOE_FAST_LAUNCH=0, ...)}, or {} when none is: a row says which path it timed."""
+    found = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPLITMOE_")}
+    return {"switches": found} if found else {}
 
 
 def time_cuda(step: Callable[[], None], *, warmup: int = 3, iters: int = 20) -> float:

@@ -260,4 +260,6 @@ def jax_versions() -> dict:
     dev = jax.devices()[0]
     if dev.platform == "gpu":
         out["jax_device"] = dev.device_kind
-    return out
+    from benchmarks.common import switches  # torch-free: imports nothing of torch
+
+    return out | switches()

@@ -93,10 +93,11 @@ def test_in_backward_optimizer_rows_leave_no_hooks_behind(tmp_path):
     assert all(p.grad is None for p in params) and all(torch.isfinite(p).all() for p in params)
 
 
-def test_jax_row_trains_the_tiny_preset_on_cpu(tmp_path):
+def test_jax_row_trains_the_tiny_preset_on_cpu(tmp_path, monkeypatch):
     """--impls jax_impl on the CPU (one layer, one length: compiling the step takes ~8 s of a CPU): the row has its
-    step time, compile time and XLA's planned peak; the jitted step donates the LoRA and optimizer buffers (the old
-    ones are gone), updates every LoRA tensor and returns the loss of the model's own forward."""
+    step time, compile time, XLA's planned peak and the SPLITMOE_* switches it ran with; the jitted step donates the
+    LoRA and optimizer buffers (the old ones are gone), updates every LoRA tensor and returns the loss of the model's
+    own forward."""
     pytest.importorskip("torch")  # benchmarks.step imports torch
     jax = pytest.importorskip("jax")
     pytest.importorskip("optax")
@@ -111,6 +112,7 @@ def test_jax_row_trains_the_tiny_preset_on_cpu(tmp_path):
         built["runner"] = self
 
     out = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("SPLITMOE_JAX_SINK_LSE", "0")  # no effect on CPU (a cuDNN path): only recorded
     JaxStep.__init__ = init_and_keep
     try:
         assert step.main(["--family", "gpt_oss", "--preset", "tiny", "--layers", "1", "--device", "cpu", "--seq",
@@ -123,6 +125,7 @@ def test_jax_row_trains_the_tiny_preset_on_cpu(tmp_path):
         assert r["impl"] == "jax_impl" and r["step_ms"] > 0 and r["compile_s"] > 0
         assert r["first_step_s"] >= r["compile_s"] and r["peak_gib"] == r["compiled_peak_gib"] > 0
         assert r["jax_attn"] == "literal" and r["jax_remat"] == "small_dots" and r["backend"] == "ragged_dot"
+        assert r["switches"]["SPLITMOE_JAX_SINK_LSE"] == "0"
     runner = built["runner"]
     assert runner.model.gradient_checkpointing and runner.model.checkpoint_policy is not None
     from flax import nnx
