@@ -82,6 +82,10 @@ def _variant(r: dict) -> str:
     parts = [r["impl"]] + [name for name in ("cuda_graph", "compile", "offload", "optim_in_backward") if r.get(name)]
     if r.get("checkpoint_policy") not in (None, "nothing"):
         parts.append(f"keep {r['checkpoint_policy']}")
+    if r.get("expert_chunk"):
+        parts.append(f"experts in {r['expert_chunk']}-token chunks")
+    # the path switches a row ran with (SPLITMOE_SINK_LSE=0, ...): rows that differ only in them stay apart
+    parts += [f"{k}={v}" for k, v in sorted((r.get("switches") or {}).items())]
     return " + ".join(parts)
 
 

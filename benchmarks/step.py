@@ -92,7 +92,7 @@ def _lora_b_nonzero(model: torch.nn.Module) -> None:
 
 
 def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt: bool, offload: bool = False,
-               compile_layers: bool = False, policy: str = "nothing"):
+               compile_layers: bool = False, policy: str = "nothing", expert_chunk: int | None = None):
     from torch_impl.load import build_model
     from torch_impl.lora import attach_lora
 
@@ -102,6 +102,7 @@ def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt:
     _lora_b_nonzero(model)
     if grad_ckpt:
         model.gradient_checkpointing_enable(offload_to_cpu=offload, policy=policy)
+    model.tile_experts(expert_chunk)
     if compile_layers:  # regional compilation: each decoder layer through torch.compile (one code object, shared)
         from torch_impl.compile import compile_decoder_layers
 
@@ -444,6 +445,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-policy", default="nothing", choices=["nothing", "attention"],
                    help="torch_impl: what a checkpointed decoder layer keeps besides its input (torch_impl.models."
                         "layers.REMAT_POLICIES; attention: the SDPA kernels' outputs, not recomputed)")
+    p.add_argument("--expert-chunk", type=int, default=None, metavar="TOKENS",
+                   help="torch_impl, jax_impl: routed experts in chunks of TOKENS tokens, recomputed chunk by chunk "
+                        "in the backward (CausalLM.tile_experts: long context)")
     p.add_argument("--offload", action="store_true",
                    help="torch_impl: keep the checkpointed layer inputs in pinned host memory (long context)")
     p.add_argument("--routing-stats", action="store_true",
@@ -508,7 +512,8 @@ def _main_jax(a: argparse.Namespace) -> int:
     vocab = hf["vocab_size"]
     lora = LoraConfig(rank=a.rank, alpha=a.alpha, targets=ATTENTION_TARGETS[a.family] + EXPERT_TARGETS)
     base = dict(impl="jax_impl", family=a.family, preset=a.preset, layers=hf["num_hidden_layers"], rank=a.rank,
-                alpha=a.alpha, grad_ckpt=a.grad_ckpt, jax_remat=a.jax_remat if a.grad_ckpt else None, jax_env=env)
+                alpha=a.alpha, grad_ckpt=a.grad_ckpt, jax_remat=a.jax_remat if a.grad_ckpt else None, jax_env=env,
+                expert_chunk=a.expert_chunk)
 
     emit = _emitter(a)
     try:
@@ -516,7 +521,7 @@ def _main_jax(a: argparse.Namespace) -> int:
 
         base.update(jax_versions(), jax_compile_cache=str(enable_compile_cache(a.jax_compile_cache) or "off"))
         runner = JaxStep(hf, lora, backend=a.jax_backend, attn=None if a.jax_attn == "literal" else a.jax_attn,
-                         remat=a.jax_remat if a.grad_ckpt else None)
+                         remat=a.jax_remat if a.grad_ckpt else None, expert_chunk=a.expert_chunk)
         base.update(backend=runner.backend, jax_attn=runner.attn or "literal")
     except Exception as e:  # noqa: BLE001 - a row that cannot even build is recorded, not dropped
         emit({**base, "mode": "build", "seq": None, "step_ms": None, "peak_gib": None, "error": _jax_error_text(e)})
@@ -570,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, offload=a.offload and impl == "torch_impl",
                 compile=a.compile and impl == "torch_impl",
                 checkpoint_policy=a.checkpoint_policy if impl == "torch_impl" else None,
+                expert_chunk=a.expert_chunk if impl == "torch_impl" else None,
                 cuda_graph=a.cuda_graph and impl == "torch_impl",
                 optim_in_backward=a.optim_in_backward and impl == "torch_impl",
                 routing_stats=a.routing_stats and impl == "torch_impl",
@@ -585,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ImportError(unsloth_error)
         if impl == "torch_impl":
             model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload, a.compile,
-                                        a.checkpoint_policy)
+                                        a.checkpoint_policy, a.expert_chunk)
             if a.routing_stats:
                 loss_fn, after_step = with_routing_stats(model, loss_fn)
         elif impl == "hf_peft":

@@ -106,7 +106,8 @@ class JaxStep:
     """A jax_impl model with LoRA and its jitted training step; `run(ids)` returns the loss. `compile(S)` lowers and
     compiles the step for S tokens (timed into `first_step_s` by the caller)."""
 
-    def __init__(self, hf: dict, lora, *, backend: str, attn: str, remat: str | None, seed: int = 0):
+    def __init__(self, hf: dict, lora, *, backend: str, attn: str, remat: str | None, seed: int = 0,
+                 expert_chunk: int | None = None):
         import jax
         import jax.numpy as jnp
         import optax
@@ -125,6 +126,7 @@ class JaxStep:
         attach_lora(model, lora, seed=seed)
         if remat is not None:
             model.gradient_checkpointing_enable(policy=remat)
+        model.tile_experts(expert_chunk)
         self.model = model
         self.backend, self.attn = resolve_backend(backend, dtype=dtype), model.attn_implementation
         self.graphdef, lora_state, self.frozen = nnx.split(model, nnx.LoRAParam, ...)

@@ -253,6 +253,9 @@ class Experts(nnx.Module):
     Base weights are `Frozen` (never differentiated by nnx.grad); LoRA factors are `nnx.LoRAParam`, set by
     `jax_impl.lora.attach_lora`, with `lora_scale` = alpha/R (or alpha/sqrt(R)), and `gate_up_lora_scale` where
     gate_up's differs (per-target alpha/rank; each pair may have its own R).
+
+    `token_chunk`: None, or a number of tokens: calls with more tokens run `tiled_experts.tiled_split_lora_experts`
+    (chunk by chunk, recomputed chunk by chunk in the backward; set for a whole model with `CausalLM.tile_experts`).
     """
 
     def __init__(self, gate_up_proj: jax.Array, down_proj: jax.Array, gate_up_proj_bias: jax.Array | None = None,
@@ -271,6 +274,7 @@ class Experts(nnx.Module):
         self.backend = resolve_backend(backend)
         # static: None on one device; jax_impl.parallel.shard_model sets its mesh dispatch (same arguments)
         self.expert_parallel = None
+        self.token_chunk: int | None = None  # static (a Python int): a new value retraces
 
     @property
     def num_experts(self) -> int:
@@ -290,6 +294,12 @@ class Experts(nnx.Module):
             # small, [E, R, 2I]), so values and gradients are those of scale s_gu
             lora_gate_up = (lora_gate_up[0], lora_gate_up[1] * (s_gu / self.lora_scale))
         run = split_lora_experts if self.expert_parallel is None else self.expert_parallel
+        if self.token_chunk is not None and x_TH.shape[0] > self.token_chunk and self.expert_parallel is None:
+            from functools import partial
+
+            from jax_impl.tiled_experts import tiled_split_lora_experts
+
+            run = partial(tiled_split_lora_experts, chunk=self.token_chunk)
         return run(
             x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj[...], self.down_proj[...],
             lora_gate_up, pair(self.down_lora_A, self.down_lora_B),

@@ -204,6 +204,8 @@ class Trainer:
             self.routing = RoutingStatsAccumulator(self.model) if cfg.train.routing_stats else None
             if self.mesh is not None:
                 parallel.shard_model(self.model, self.mesh)  # the MoE layers dispatch over the mesh
+            if cfg.train.expert_chunk:  # after sharding: expert parallelism refuses the tiling (the config does too)
+                self.model.tile_experts(cfg.train.expert_chunk)
             self.graphdef, self.params, self.rest = nnx.split(self.model, nnx.LoRAParam, ...)
             o = cfg.optim
             self.opt_state = _TX.init(self.params)

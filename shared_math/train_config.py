@@ -105,6 +105,10 @@ class TrainSection:
     # attention forward; torch_impl.models.layers.REMAT_POLICIES); jax "nothing" | "small_dots" | "dots"
     # (jax_impl.models.layers.REMAT_POLICIES). Memory and speed, not numbers
     checkpoint_policy: Literal["nothing", "attention", "small_dots", "dots"] = "nothing"
+    # tokens per chunk of the routed experts (0: untiled): each MoE layer runs its experts chunk by chunk and the
+    # backward recomputes one chunk at a time, so the experts' activations are one chunk's (long contexts;
+    # torch_impl.tiled_experts, jax_impl.tiled_experts). Memory, not numbers (fp32 reduction order)
+    expert_chunk: int = 0
     # jax only: JAX's persistent compilation cache (jax_impl/compile_cache.py), so a run whose step has an earlier
     # run's shapes loads it instead of compiling it (about a minute for a full-size step on a GPU). "auto": on for a
     # GPU backend, in $JAX_COMPILATION_CACHE_DIR or ~/.cache/splitmoe/jax; "off"; or a folder (any backend)
@@ -161,7 +165,7 @@ NON_TRAJECTORY_KEYS = frozenset({"train.eval_every", "train.save_every", "train.
                                  # the mesh changes how a step is computed, not what: a run saved on N devices resumes
                                  # on M (equal to fp32 reduction-order tolerance, tests/*/test_parallel*.py)
                                  "parallel.data", "parallel.fsdp", "parallel.expert", "train.gradient_checkpointing",
-                                 "train.checkpoint_policy"})
+                                 "train.checkpoint_policy", "train.expert_chunk"})
 
 
 # train.checkpoint_policy per framework (the names of each framework's models.layers.REMAT_POLICIES;
@@ -181,12 +185,17 @@ def _validate(cfg: RunConfig) -> None:
     if policy != "nothing" and ckpt != "recompute":
         raise ConfigError(f"train.checkpoint_policy={policy} says what a recomputed layer keeps: it needs "
                           f"train.gradient_checkpointing=recompute (got {ckpt})")
+    if cfg.train.expert_chunk and cfg.parallel.expert > 1:
+        # expert parallelism exchanges each layer's tokens by all-to-all inside the experts' forward
+        raise ConfigError(f"train.expert_chunk={cfg.train.expert_chunk} tiles experts that one rank holds whole; with "
+                          f"parallel.expert={cfg.parallel.expert} leave it 0")
     allowed = CHECKPOINT_POLICIES[cfg.framework]
     if policy not in allowed:
         raise ConfigError(f"train.checkpoint_policy={policy} is not a {cfg.framework} policy; with --framework "
                           f"{cfg.framework} use one of {', '.join(allowed)}")
     for k, v in {"train.eval_every": cfg.train.eval_every, "train.save_every": cfg.train.save_every,
-                 "optim.warmup_steps": cfg.optim.warmup_steps, "train.threads": cfg.train.threads}.items():
+                 "optim.warmup_steps": cfg.optim.warmup_steps, "train.threads": cfg.train.threads,
+                 "train.expert_chunk": cfg.train.expert_chunk}.items():
         if v < 0:
             raise ConfigError(f"{k} must be >= 0, got {v}")
     o = cfg.optim

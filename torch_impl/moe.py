@@ -275,9 +275,14 @@ class Experts(nn.Module):
     `output_unread_in_recompute`: whether, in activation checkpointing's recompute of the layer, nothing reads this
     module's output (true in every decoder layer here: it feeds the residual add); a subclass whose caller saves the
     output for a backward (expert parallelism weights it after the all-to-all) sets it False.
+
+    `token_chunk`: None, or a number of tokens: calls with more tokens run `tiled_experts.tiled_split_lora_experts`
+    (chunk by chunk, recomputed chunk by chunk in the backward: the experts' activation memory of one chunk; set
+    for a whole model with `CausalLM.tile_experts`).
     """
 
     output_unread_in_recompute = True
+    token_chunk: int | None = None
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, bias: bool = False,
                  activation: str = "swiglu", swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702,
@@ -313,6 +318,9 @@ class Experts(nn.Module):
             # small, [E, R, 2I]), so values and gradients are those of scale s_gu
             lora_gate_up = (lora_gate_up[0], lora_gate_up[1] * (s_gu / self.lora_scale))
         a = self.activation
+        if self.token_chunk is not None and x_TH.shape[0] > self.token_chunk:
+            return self._tiled(x_TH, expert_ids_TK, expert_weights_TK, lora_gate_up, lora_down, biases,
+                               self.output_unread_in_recompute and in_layer_recompute())
         # in a checkpointed layer's recompute the output feeds only the residual add, which saves nothing: the
         # backends then skip the down GEMM (`split_lora_experts`' output_unread)
         if custom_op_active():
@@ -328,6 +336,17 @@ class Experts(nn.Module):
                                   lora_gate_up, lora_down, scale=self.lora_scale, biases=biases, activation=a.name,
                                   swiglu_limit=a.limit, swiglu_alpha=a.alpha, backend=self.backend, sort=sort,
                                   output_unread=self.output_unread_in_recompute and in_layer_recompute())
+
+    # a compiled layer runs the tiled experts eagerly (a graph break): their backward runs autograd itself
+    @torch._dynamo.disable
+    def _tiled(self, x_TH, expert_ids_TK, expert_weights_TK, lora_gate_up, lora_down, biases, unread: bool):
+        from torch_impl.tiled_experts import tiled_split_lora_experts
+
+        a = self.activation
+        return tiled_split_lora_experts(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
+                                        lora_gate_up, lora_down, chunk=self.token_chunk, biases=biases,
+                                        output_unread=unread, scale=self.lora_scale, activation=a.name,
+                                        swiglu_limit=a.limit, swiglu_alpha=a.alpha, backend=self.backend)
 
 
 class MoEBlock(nn.Module):

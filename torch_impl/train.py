@@ -138,6 +138,8 @@ class Trainer:
         if self.mesh:
             parallel.shard_model(self.model, self.mesh, moe_backend=cfg.model.moe_backend)
             self._expert_ids = parallel.expert_sharded(self.model)
+        if cfg.train.expert_chunk:  # after sharding: expert parallelism refuses the tiling (the config does too)
+            self.model.tile_experts(cfg.train.expert_chunk)
         if compile:  # after sharding, which compile_decoder_layers refuses with a clear error
             from torch_impl.compile import compile_decoder_layers
 

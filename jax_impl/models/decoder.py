@@ -155,6 +155,22 @@ class CausalLM(LayerCheckpointing, nnx.Module):
                 module.attn_implementation = resolved
         self.attn_implementation = resolved
 
+    def tile_experts(self, tokens: int | None) -> None:
+        """Run every MoE layer's routed experts over chunks of `tokens` tokens, recomputed chunk by chunk in the
+        backward (`jax_impl.tiled_experts`: their activation memory is one chunk's, for long contexts), or untiled
+        again with None; torch_impl's `CausalLM.tile_experts`. A model split before (`nnx.split`) must be split
+        again: the chunk is part of its graph."""
+        from jax_impl.moe import Experts
+
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"tile_experts takes a positive number of tokens per chunk or None, got {tokens!r}")
+        experts = [m for _, m in nnx.iter_modules(self) if isinstance(m, Experts)]
+        if tokens is not None and any(m.expert_parallel is not None for m in experts):
+            raise ValueError("tile_experts: this model's experts are sharded over ranks (expert parallelism), "
+                             "which does not tile; use parallel.expert=1 or leave the experts untiled")
+        for m in experts:
+            m.token_chunk = tokens
+
     # ---- hooks ---------------------------------------------------------------------------------------------------
     def check_config(self, cfg: ModelConfig) -> None:
         """Raise for a config this class cannot build (another family; families add what they refuse)."""

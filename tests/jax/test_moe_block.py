@@ -52,29 +52,30 @@ def _as_f64(j: dict) -> dict:
 _COMPILED: dict = {}
 
 
-def _value_and_grads(backend: str, static: tuple):
+def _value_and_grads(backend: str, static: tuple, experts=split_lora_experts):
     """jit(value_and_grad) of <y, dy> w.r.t. every differentiable input, one compiled function per static args
-    (jit's own cache then keys on shapes), so parametrisations of one shape reuse the compilation."""
-    key = (backend, static)
+    (jit's own cache then keys on shapes), so parametrisations of one shape reuse the compilation. `experts`:
+    `split_lora_experts` or a function with its signature."""
+    key = (backend, static, experts)
     if key not in _COMPILED:
         scale, activation, limit = static
 
         def f(diff, expert_ids, dy):
-            y = split_lora_experts(diff["x"], expert_ids, diff["expert_weights"], diff["w_gate_up"], diff["w_down"],
-                                   diff["lora_gate_up"], diff["lora_down"], scale=scale, biases=diff["biases"],
-                                   activation=activation, swiglu_limit=limit, backend=backend)
+            y = experts(diff["x"], expert_ids, diff["expert_weights"], diff["w_gate_up"], diff["w_down"],
+                        diff["lora_gate_up"], diff["lora_down"], scale=scale, biases=diff["biases"],
+                        activation=activation, swiglu_limit=limit, backend=backend)
             return jnp.sum(y.astype(jnp.float32) * dy), y
 
         _COMPILED[key] = jax.jit(jax.value_and_grad(f, has_aux=True))
     return _COMPILED[key]
 
 
-def _check_case(case, backend: str, dtype, dtype_name: str, seed: int) -> None:
+def _check_case(case, backend: str, dtype, dtype_name: str, seed: int, experts=split_lora_experts) -> None:
     inp = make_moe_inputs(case, seed=seed)
     j = moe_inputs_to_jax(inp, dtype)
     r = _as_f64(j)
     dy = np.random.default_rng(seed + 1).standard_normal((case.T, case.H))
-    fn = _value_and_grads(backend, tuple(inp[k] for k in _STATIC))
+    fn = _value_and_grads(backend, tuple(inp[k] for k in _STATIC), experts)
     (_, y), g = fn({k: j[k] for k in _DIFF}, j["expert_ids"], jnp.asarray(dy, jnp.float32))
 
     kw = dict(scale=inp["scale"], biases=r["biases"], activation=inp["activation"], swiglu_limit=inp["swiglu_limit"])

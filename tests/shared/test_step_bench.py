@@ -93,6 +93,34 @@ def test_in_backward_optimizer_rows_leave_no_hooks_behind(tmp_path):
     assert all(p.grad is None for p in params) and all(torch.isfinite(p).all() for p in params)
 
 
+def test_expert_chunk_rows_tile_the_experts(tmp_path):
+    """--expert-chunk N: the torch_impl row's experts run in N-token chunks (every MoE layer's `token_chunk`), and
+    the row says so."""
+    pytest.importorskip("torch")
+    import benchmarks.step as step
+    from torch_impl.moe import Experts
+
+    built = {}
+    real_build = step.build_ours
+
+    def build_and_keep(*args, **kwargs):
+        built["model"], loss_fn = real_build(*args, **kwargs)
+        return built["model"], loss_fn
+
+    out = tmp_path / "rows.jsonl"
+    step.build_ours = build_and_keep
+    try:
+        assert step.main(["--family", "gpt_oss", "--preset", "tiny", "--device", "cpu", "--seq", "24", "--iters",
+                          "1", "--warmup", "1", "--impls", "torch_impl", "--expert-chunk", "8",
+                          "--out", str(out)]) == 0
+    finally:
+        step.build_ours = real_build
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["expert_chunk"] == 8 and rows[0]["step_ms"] > 0
+    experts = [m for m in built["model"].modules() if isinstance(m, Experts)]
+    assert experts and all(m.token_chunk == 8 for m in experts)
+
+
 def test_jax_row_trains_the_tiny_preset_on_cpu(tmp_path, monkeypatch):
     """--impls jax_impl on the CPU (one layer, one length: compiling the step takes ~8 s of a CPU): the row has its
     step time, compile time, XLA's planned peak and the SPLITMOE_* switches it ran with; the jitted step donates the

@@ -55,6 +55,7 @@ def test_defaults_are_the_shipped_default_job():
     ("data.source=jsonl", "data.path is not set"),
     ("parallel.fsdp=0", r"parallel.fsdp must be >= 1, got 0 \(1 means the axis is not split\)"),
     ("parallel.expert=3", r"data.batch_size=32 does not split over the 3 devices .*multiple of 3"),
+    ("train.expert_chunk=-1", "train.expert_chunk must be >= 0, got -1"),
 ])
 def test_bad_overrides_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -75,6 +76,13 @@ def test_checkpoint_policy_is_checked_against_the_mode_and_the_framework(overrid
         load_run_config(None, overrides)
     ok = load_run_config(None, ["train.gradient_checkpointing=recompute", "train.checkpoint_policy=attention"])
     assert ok.train.checkpoint_policy == "attention"
+
+
+def test_expert_chunk_refuses_expert_parallelism():
+    with pytest.raises(ConfigError, match="train.expert_chunk=8 tiles experts that one rank holds whole; with "
+                                          "parallel.expert=2 leave it 0"):
+        load_run_config(None, ["parallel.expert=2", "train.expert_chunk=8"])
+    assert load_run_config(None, ["train.expert_chunk=8"]).train.expert_chunk == 8
 
 
 def test_checkpoint_policy_names_are_the_implementations_policies():

@@ -21,8 +21,10 @@ from torch_impl.backends import BACKENDS, resolve_backend, why_unavailable  # no
 from torch_impl.moe import sort_by_expert, split_lora_experts  # noqa: E402
 
 
-def _run(backend: str, inp: dict, dtype: torch.dtype, device: str, dy: np.ndarray, base_grad: bool):
-    """Forward + backward through `split_lora_experts`; returns (y, grads dict shaped like the reference's)."""
+def _run(backend: str, inp: dict, dtype: torch.dtype, device: str, dy: np.ndarray, base_grad: bool,
+         experts=split_lora_experts):
+    """Forward + backward through `experts` (`split_lora_experts` or a function with its signature); returns (y,
+    grads dict shaped like the reference's)."""
     def t(a, grad=True):
         return torch.tensor(a, dtype=dtype, device=device).requires_grad_(grad)
 
@@ -31,8 +33,8 @@ def _run(backend: str, inp: dict, dtype: torch.dtype, device: str, dy: np.ndarra
     lgu, ld = tuple(map(t, inp["lora_gate_up"])), tuple(map(t, inp["lora_down"]))
     b = None if inp["biases"] is None else tuple(map(t, inp["biases"]))
     ids = torch.tensor(inp["expert_ids"], device=device)
-    y = split_lora_experts(x, ids, w, wgu, wd, lgu, ld, scale=inp["scale"], biases=b, activation=inp["activation"],
-                           swiglu_limit=inp["swiglu_limit"], backend=backend)
+    y = experts(x, ids, w, wgu, wd, lgu, ld, scale=inp["scale"], biases=b, activation=inp["activation"],
+                swiglu_limit=inp["swiglu_limit"], backend=backend)
     y.backward(torch.tensor(dy, dtype=dtype, device=device))
     grads = {"x": x.grad, "expert_weights": w.grad, "lora_gate_up": (lgu[0].grad, lgu[1].grad),
              "lora_down": (ld[0].grad, ld[1].grad), "w_gate_up": wgu.grad, "w_down": wd.grad,
@@ -40,7 +42,7 @@ def _run(backend: str, inp: dict, dtype: torch.dtype, device: str, dy: np.ndarra
     return y, grads
 
 
-def _compare(backend, case, dtype, device, seed):
+def _compare(backend, case, dtype, device, seed, experts=split_lora_experts):
     if (why := why_unavailable(backend, device, dtype)) is not None:
         pytest.skip(f"{backend} unavailable on {device} {dtype}: {why}")
     inp = make_moe_inputs(case, seed=seed % 1000)
@@ -50,7 +52,7 @@ def _compare(backend, case, dtype, device, seed):
                    else (tuple(torch.tensor(a).to(dtype).double().numpy() for a in v) if isinstance(v, tuple) else v))
                for k, v in inp.items()}
     dy = torch.tensor(dy).to(dtype).double().numpy()
-    y, grads = _run(backend, rounded, dtype, device, dy, base_grad=True)
+    y, grads = _run(backend, rounded, dtype, device, dy, base_grad=True, experts=experts)
     dname = str(dtype).replace("torch.", "")
     assert_close(y, ref.split_lora_experts(**rounded), dtype=dname, quantity="moe_block", name=f"{backend} y")
     expected = ref.split_lora_experts_vjp(**rounded, dy=dy)

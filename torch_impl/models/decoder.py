@@ -134,6 +134,24 @@ class CausalLM(LayerCheckpointing, nn.Module):
         mlp = self.build_mlp(cfg, layer_idx, moe_backend=moe_backend, **kw)
         return DecoderLayer(cfg, layer_idx, self_attn, mlp, norm_class=self.norm_class, **kw)
 
+    # ---- memory ----------------------------------------------------------------------------------------------------
+    def tile_experts(self, tokens: int | None) -> None:
+        """Run every MoE layer's routed experts over chunks of `tokens` tokens, recomputed chunk by chunk in the
+        backward (`torch_impl.tiled_experts`: their activation memory is one chunk's, for long contexts), or untiled
+        again with None. Sequences of at most `tokens` tokens (batch · length) run untiled either way."""
+        from torch_impl.moe import Experts
+
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"tile_experts takes a positive number of tokens per chunk or None, got {tokens!r}")
+        experts = [m for m in self.modules() if isinstance(m, Experts)]
+        if tokens is not None and any(type(m).forward is not Experts.forward for m in experts):
+            # expert parallelism's experts exchange tokens by all-to-all inside their forward, which the chunks
+            # would cut into one exchange per chunk: not built
+            raise ValueError("tile_experts: this model's experts are sharded over ranks (expert parallelism), "
+                             "which does not tile; use parallel.expert=1 or leave the experts untiled")
+        for m in experts:
+            m.token_chunk = tokens
+
     # ---- forward -------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, return_logits: bool = True, *,

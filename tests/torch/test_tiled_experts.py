@@ -1,0 +1,127 @@
+"""Tiled routed experts (`torch_impl.tiled_experts`, `CausalLM.tile_experts`): the same function and gradients as
+the untiled experts, with no call of the expert kernels over more tokens than a chunk.
+
+- Function level: against the float64 oracle (forward and every gradient: x, routing weights, both LoRA pairs,
+  biases, base weights) on every CPU backend and the `ci` shape cases (odd shapes, prime E, K=1, K=E, experts
+  with no tokens), at chunk sizes that divide T, leave a remainder, or exceed it.
+- Model level: a checkpointed tiny model with tiled experts gives the untiled model's loss and LoRA gradients, the
+  layer recompute runs no expert kernel, and the backward recomputes each chunk once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from shared_math.cases import cases  # noqa: E402
+from shared_math.config import LoraConfig  # noqa: E402
+from shared_math.numerics import assert_close  # noqa: E402
+from shared_math.tiny import write_tiny_checkpoint  # noqa: E402
+from tests.torch.test_moe_block import _compare  # noqa: E402
+from torch_impl import load_model, moe  # noqa: E402
+from torch_impl.lora import _lora_params  # noqa: E402
+from torch_impl.tiled_experts import tiled_split_lora_experts  # noqa: E402
+
+CPU_BACKENDS = ["native", "grouped_mm"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", cases("ci"), ids=lambda c: c.name)
+@pytest.mark.parametrize("chunk", [1, 4, 1000], ids=["chunk1", "chunk4", "chunk_past_T"])
+def test_tiled_matches_reference_fp32(backend, case, chunk, seed):
+    _compare(backend, case, torch.float32, "cpu", seed,
+             experts=functools.partial(tiled_split_lora_experts, chunk=chunk))
+
+
+def test_tiled_output_unread_computes_nothing_and_keeps_the_gradients(seed):
+    """`output_unread=True` (a checkpointed layer's recompute): NaN out and no expert call in the forward; the
+    backward still gives the gradients of the full forward."""
+    case = cases("ci")[2]  # prime_e
+    from shared_math.cases import make_moe_inputs
+
+    inp = make_moe_inputs(case, seed=seed % 1000)
+    t = lambda a: torch.tensor(a, dtype=torch.float32).requires_grad_(True)  # noqa: E731
+    ids = torch.tensor(inp["expert_ids"])
+    args = lambda: (t(inp["x"]), ids, t(inp["expert_weights"]), torch.tensor(inp["w_gate_up"], dtype=torch.float32),  # noqa: E731
+                    torch.tensor(inp["w_down"], dtype=torch.float32), tuple(map(t, inp["lora_gate_up"])),
+                    tuple(map(t, inp["lora_down"])))
+    dy = torch.randn(case.T, case.H, generator=torch.Generator().manual_seed(seed))
+    grads = []
+    for unread in (False, True):
+        a = args()
+        calls = _count_expert_calls()
+        with calls:
+            y = tiled_split_lora_experts(*a, chunk=5, scale=inp["scale"], output_unread=unread)
+        assert (calls.n == 0) == unread and bool(y.isnan().all()) == unread
+        y.backward(dy)
+        grads.append([a[0].grad, a[2].grad, *(p.grad for p in (*a[5], *a[6]))])
+    for g, h in zip(*grads):
+        assert torch.equal(g, h)
+
+
+def test_tiled_experts_refuse_a_bad_chunk():
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        tiled_split_lora_experts(torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                                 torch.zeros(1, 4, 8), torch.zeros(1, 4, 4), chunk=0)
+
+
+class _count_expert_calls:
+    """Counts `moe.split_lora_experts` calls (as the tiled module sees it) and the tokens of the largest."""
+
+    def __enter__(self):
+        import torch_impl.tiled_experts as te
+
+        self.n, self.max_tokens, self._te = 0, 0, te
+        real = self._real = te.split_lora_experts
+
+        def counting(x, *args, **kwargs):
+            self.n += 1
+            self.max_tokens = max(self.max_tokens, x.shape[0])
+            return real(x, *args, **kwargs)
+
+        te.split_lora_experts = counting
+        return self
+
+    def __exit__(self, *exc):
+        self._te.split_lora_experts = self._real
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_tiled_model_equals_untiled_and_recomputes_each_chunk_once(family, tmp_path, seed):
+    """A checkpointed tiny model (B=2, S=13: 26 tokens) with experts tiled in chunks of 8 (4 chunks, the last of 2):
+    loss and LoRA gradients equal the untiled model's to fp32 reduction order; per MoE layer the forward runs the 4
+    chunks, the layer recompute none, the backward each chunk once; no call sees more than 8 tokens."""
+    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000)
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=("o_proj", "experts.gate_up_proj",
+                                                                          "experts.down_proj")))
+    with torch.no_grad():
+        for name, p in _lora_params(model).items():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(seed % 1000))
+    model.train()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(seed))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in _lora_params(model).items()}
+
+    loss, grads = loss_and_grads()
+    model.tile_experts(8)
+    with _count_expert_calls() as calls:
+        loss_t, grads_t = loss_and_grads()
+    moe_layers = sum(isinstance(m, moe.Experts) for m in model.modules())
+    assert calls.n == moe_layers * 4 * 2 and calls.max_tokens == 8
+    assert_close(loss_t, loss, dtype="float32", quantity="loss", name=f"{family} loss")
+    for name, g in grads.items():
+        assert float(g.abs().max()) > 0
+        assert_close(grads_t[name], g, dtype="float32", quantity="lora_grad", name=f"{family} {name}")
+    model.tile_experts(None)
+    assert all(m.token_chunk is None for m in model.modules() if isinstance(m, moe.Experts))
+    with pytest.raises(ValueError, match="positive number of tokens"):
+        model.tile_experts(0)
