@@ -10,7 +10,8 @@ alpha=128 (fp32 adapters and AdamW state) on the attention projections and both 
 non-reentrant activation checkpointing per decoder layer. Rows:
 
 - `torch_impl`: this project (`--backend` picks the MoE backend; `--cuda-graph` replays a captured forward + backward;
-  `--compile` compiles each decoder layer; `--offload` keeps the checkpointed layer inputs in host memory);
+  `--compile` compiles each decoder layer; `--offload` keeps the checkpointed layer inputs in host memory;
+  `--expert-chunk N`, also for `jax_impl`, runs the routed experts in N-token chunks, `CausalLM.tile_experts`);
   the loss through `torch_impl.loss` (no `[S, V]` logits) and torch's fused AdamW on CUDA;
 - `jax_impl`: this project in JAX (`benchmarks/step_jax.py`): one jitted step (forward with the loss without
   logits, backward, optax AdamW) with the LoRA and optimizer buffers donated, `jax.checkpoint` per decoder layer with
