@@ -127,7 +127,7 @@ def _losses(run: Path) -> tuple[list[float], list[float]]:
 
 def test_two_ranks_equal_one_device(models, tmp_path):
     """2 gloo ranks: the expert all-to-all module (a rank without rows, experts without tokens); one step's loss and
-    LoRA gradients for fsdp=2, expert=2 (a rank without valid labels), data=2; `torchrun -m splitmoe train`;
+    LoRA gradients for fsdp=2 (also with tiled experts in recomputed layers), expert=2 (a rank without valid labels), data=2; `torchrun -m splitmoe train`;
     a resumed run bit-equal to the uninterrupted one; a 1-rank checkpoint resumed on 2 ranks and a 2-rank one on 1."""
     from torch_impl.train import train
 
@@ -144,6 +144,10 @@ def test_two_ranks_equal_one_device(models, tmp_path):
     _run_ranks(2, out, [
         {"kind": "experts", "name": "experts"},
         _grads_check(out, "fsdp2", q, ["parallel.fsdp=2"]),
+        # FSDP2 around tiled experts in recomputed layers (the tiled backward runs autograd on the unsharded
+        # parameters that FSDP2 gathers for the layer's backward): 32 tokens per rank in 4 chunks of 8
+        _grads_check(out, "fsdp2_tiled", q, ["parallel.fsdp=2", "train.expert_chunk=8",
+                                             "train.gradient_checkpointing=recompute"]),
         # rows 2-3 are rank 1's: it has no valid label, yet runs its experts for rank 0 and gets zero gradients
         _grads_check(out, "expert2_blank", g, ["parallel.expert=2"], blank_rows=[2, 3]),
         _grads_check(out, "data2", q, ["parallel.data=2"]),
@@ -162,6 +166,7 @@ def test_two_ranks_equal_one_device(models, tmp_path):
             assert err <= 1e-6, (r["rank"], k, err)
     assert [r["rows_received"] for r in json.loads((out / "experts.json").read_text())["ranks"]] == [20, 0]
     _check_grads(out, "fsdp2", "ref_qwen")
+    _check_grads(out, "fsdp2_tiled", "ref_qwen")
     _check_grads(out, "expert2_blank", "ref_gpt_oss_blank")
     _check_grads(out, "data2", "ref_qwen")
 
