@@ -127,8 +127,9 @@ def _losses(run: Path) -> tuple[list[float], list[float]]:
 
 def test_two_ranks_equal_one_device(models, tmp_path):
     """2 gloo ranks: the expert all-to-all module (a rank without rows, experts without tokens); one step's loss and
-    LoRA gradients for fsdp=2 (also with tiled experts in recomputed layers), expert=2 (a rank without valid labels), data=2; `torchrun -m splitmoe train`;
-    a resumed run bit-equal to the uninterrupted one; a 1-rank checkpoint resumed on 2 ranks and a 2-rank one on 1."""
+    LoRA gradients for fsdp=2 (also with tiled experts in recomputed layers), expert=2 (a rank without valid
+    labels), data=2; `torchrun -m splitmoe train`; a resumed run bit-equal to the uninterrupted one; a 1-rank
+    checkpoint resumed on 2 ranks and a 2-rank one on 1."""
     from torch_impl.train import train
 
     out = tmp_path
