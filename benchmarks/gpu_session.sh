@@ -300,6 +300,18 @@ case $PART in
     [ "$SECONDS" -lt 300 ] && timeout $((440 - SECONDS)) python3 benchmarks/step.py $G --impls unsloth \
       --out "$R/step_gpt_oss.jsonl" > "$R/step_unsloth.log" 2>&1
     grep -iE "passed|failed" "$R/gpu_tests.log" | tail -8; rows "$R"/step_*.jsonl ;;
+  session11long)  # (written 2026-12-06, session 10, for the next device time) gpt-oss-20b's longest context: torch_impl
+    # with layer inputs offloaded, AdamW in backward and the experts tiled in 16K-token chunks (tile_experts), then
+    # Unsloth's, in one command (issue 15: >= 2x Unsloth's); then jax_impl's with the experts tiled (issue 17: >= 64K)
+    wheels
+    M="--family gpt_oss --max-context --max-seq 262144 --context-step 16384"
+    timeout 240 python3 benchmarks/step.py $M --seq 65536 --offload --optim-in-backward --expert-chunk 16384 \
+      --impls torch_impl --out "$R/maxctx.jsonl" > "$R/maxctx.log" 2>&1
+    timeout 180 python3 benchmarks/step.py $M --seq 32768 --impls unsloth --out "$R/maxctx.jsonl" \
+      > "$R/maxctx_unsloth.log" 2>&1
+    [ "$SECONDS" -lt 480 ] && timeout $((590 - SECONDS)) python3 benchmarks/step.py $M --seq 32768 \
+      --expert-chunk 16384 --impls jax_impl --out "$R/maxctx.jsonl" > "$R/maxctx_jax.log" 2>&1
+    rows "$R"/maxctx.jsonl ;;
   session10jax)  # (written 2026-12-06, session 9) JAX's gpt-oss sink by the log-sum-exp rescale on its own cuDNN
     # attention rules (jax_impl/models/lse_attention.py, opt-in SPLITMOE_JAX_SINK_LSE=1): its gpu test, then the
     # jax_impl gpt-oss step at 4K and 16K without and with it, next to torch_impl's compiled rows. If the test
