@@ -6,9 +6,10 @@ expert 0, so they add nothing and get no gradient), runs `moe.split_lora_experts
 checkpoints the chunk body with `nothing_saveable`: reverse mode then keeps only each chunk's inputs (slices of
 arrays that exist anyway) and recomputes one chunk's residuals at a time in the backward scan. Measured by XLA on
 the CPU (tests/jax/test_tiled_experts.py): the backward's temporaries at 2048 tokens, 256 a chunk, 6.1 MB against
-40.4 MB untiled. Inside a checkpointed decoder layer the layer recompute also runs the map forward, whose output
-nothing there reads; whether XLA removes it is not measured (torch_impl's twin skips it explicitly), so count on
-up to one more expert forward per layer than untiled.
+40.4 MB untiled. Inside a checkpointed decoder layer the layer recompute's forward of the map is never traced: its
+output feeds nothing the backward needs, and JAX's partial evaluation of the layer's remat drops it, so the
+gradient holds the untiled number of expert products (6 forward, 16 in the recomputing backward, per MoE layer with
+LoRA on both expert tensors; tests/jax/test_tiled_experts.py counts them), the backward's inside the chunk scan.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Tiled routed experts in JAX (`jax_impl.tiled_experts`, `CausalLM.tile_experts`): tests/torch/test_tiled_experts.py's
 twin. The same function and gradients as the untiled experts (float64 oracle over the `ci` cases: odd shapes, prime
 E, K=1, K=E, experts with no tokens; chunks that divide T, leave a remainder, or exceed it), the same loss and LoRA
-gradients in a checkpointed tiny model, and, measured by XLA on the CPU, a smaller working set for the backward.
+gradients in a checkpointed tiny model, as many expert GEMMs in the gradient as untiled (no extra forward), and,
+measured by XLA on the CPU, a smaller working set for the backward.
 """
 
 from __future__ import annotations
@@ -67,6 +68,42 @@ def test_tiled_experts_refuse_a_bad_chunk():
     with pytest.raises(ValueError, match="positive number of tokens"):
         tiled_split_lora_experts(jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1)),
                                  jnp.zeros((1, 4, 8)), jnp.zeros((1, 4, 4)), chunk=0)
+
+
+def _ragged_products(jaxpr, path=(), acc=None) -> dict:
+    """{path of enclosing primitives: number of ragged_dot_general equations} over a jaxpr and all sub-jaxprs."""
+    acc = {} if acc is None else acc
+    for e in jaxpr.eqns:
+        if e.primitive.name == "ragged_dot_general":
+            acc[path] = acc.get(path, 0) + 1
+        for p in e.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else (p,):
+                inner = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+                if hasattr(inner, "eqns"):
+                    _ragged_products(inner, path + (e.primitive.name,), acc)
+    return acc
+
+
+def test_tiled_gradient_has_the_untiled_expert_products(tmp_path):
+    """A checkpointed 1-layer Qwen3 step's gradient holds as many expert GEMMs tiled as untiled: the layer
+    recompute's forward of the chunk map is dropped (nothing in the backward reads its output), so the chunks'
+    recompute inside the backward scan replaces it rather than adding to it. Untiled: 6 products in the forward, 16
+    in the layer's remat (6 recomputed, 10 backward); tiled: the same inside scans."""
+    path = write_tiny_checkpoint("qwen3_moe", tmp_path / "q", seed=3, num_hidden_layers=1)
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("o_proj", "experts.gate_up_proj", "experts.down_proj"))
+    tensors = random_lora_tensors(ModelConfig.from_hf(path), lora, seed=3)
+    ids = np.random.default_rng(0).integers(0, 64, size=(2, 16))
+    counts = []
+    for chunk in (None, 8):
+        model = load_model(path, lora=lora, moe_backend="ragged_dot")
+        load_lora_state_dict(model, tensors)
+        model.gradient_checkpointing_enable()
+        model.tile_experts(chunk)
+        r = LoraRunner(model)
+        counts.append(_ragged_products(jax.make_jaxpr(r._fn)(r.lora_state, r.frozen_state, ids, ids, None).jaxpr))
+    untiled, tiled = counts
+    assert sorted(untiled.values()) == sorted(tiled.values()) == [6, 16], (untiled, tiled)
+    assert all("scan" in p for p in tiled) and not any("scan" in p for p in untiled)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
