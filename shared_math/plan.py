@@ -30,7 +30,9 @@ Memory (bytes per GPU):
                         and kv_b outputs]) for the outputs and their grads, + 4·S·nh (fp32 log-sum-exp),
                         + 2·2·S·r per attention LoRA target (z and dz)
                       + MoE: 2·M·(2I + I + 2I + H + 4r) (gate_up out, activation, d gate_up, dX rows, z/dz of both
-                        LoRA pairs: torch_impl/kernels/split_lora.py) + 12·S·E (router logits, probs, grads, fp32)
+                        LoRA pairs: torch_impl/kernels/split_lora.py), M = K·S, or K·min(S, C_e) with the experts
+                        tiled in C_e-token chunks (--expert-chunk, `tile_experts`: one chunk's rows at a time),
+                        + 12·S·E (router logits, probs, grads, fp32)
                         + shared experts 2·5·S·I_shared;  dense layers: 2·5·S·I_dense.
             The loss chunk and a layer's recompute never coexist (the loss runs between forward and backward).
   a2a       4·2·M·H when expert > 1                     dispatch + combine buffers, send + receive, bf16
@@ -330,8 +332,10 @@ class Memory:
         return self.weights + self.lora + max(self.gather + self.saved + self.work + self.a2a, self.opt_tmp)
 
 
-def _layer_work(cfg: ModelConfig, S: int, r: int, is_moe: bool, n_attn_targets: int) -> int:
-    """Bytes of one decoder layer's recompute + backward working set at S tokens (flash attention, split LoRA)."""
+def _layer_work(cfg: ModelConfig, S: int, r: int, is_moe: bool, n_attn_targets: int,
+                expert_chunk: int | None = None) -> int:
+    """Bytes of one decoder layer's recompute + backward working set at S tokens (flash attention, split LoRA;
+    the routed experts' rows one chunk's at a time with `expert_chunk`)."""
     H, nh, E, K, I = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts, cfg.num_experts_per_tok,
                       cfg.moe_intermediate_size)
     _, _, lin = _attention_params(cfg)
@@ -344,7 +348,7 @@ def _layer_work(cfg: ModelConfig, S: int, r: int, is_moe: bool, n_attn_targets: 
     attn = 2 * 2 * S * widths + 4 * S * nh + 2 * 2 * S * r * n_attn_targets
     resid = 2 * 8 * S * H
     if is_moe:
-        M = S * K
+        M = K * (S if expert_chunk is None else min(S, expert_chunk))
         mlp = 2 * M * (5 * I + H + 4 * r) + 12 * S * E + 2 * 5 * S * cfg.shared_intermediate_size
     else:
         mlp = 2 * 5 * S * cfg.intermediate_size
@@ -352,10 +356,12 @@ def _layer_work(cfg: ModelConfig, S: int, r: int, is_moe: bool, n_attn_targets: 
 
 
 def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: bool = False,
-           optimizer: Optimizer = "fused") -> Memory:
+           optimizer: Optimizer = "fused", expert_chunk: int | None = None) -> Memory:
     """Per-GPU memory of a split-LoRA step (module docstring: formulas and assumptions)."""
     if seq < 1:
         raise ValueError(f"seq must be >= 1, got {seq}")
+    if expert_chunk is not None and expert_chunk < 1:
+        raise ValueError(f"expert_chunk must be a positive number of tokens, got {expert_chunk}")
     if optimizer not in OPT_BYTES:
         raise ValueError(f"optimizer must be one of {', '.join(OPT_BYTES)}, got {optimizer!r}")
     check_layout(cfg, par)
@@ -375,7 +381,7 @@ def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: boo
     chunk_rows = max(64, (LOSS_CHUNK_ELEMENTS // V) // 64 * 64)
     loss_chunk = 4 * min(S, chunk_rows) * V
     n_t = len(attention_targets(cfg))
-    layer = max(_layer_work(cfg, S, rank, m, n_t) for m in set(cfg.moe_layers))
+    layer = max(_layer_work(cfg, S, rank, m, n_t, expert_chunk) for m in set(cfg.moe_layers))
     work = 2 * S * H + max(loss_chunk, layer)
     a2a = 4 * 2 * S * cfg.num_experts_per_tok * H if x > 1 else 0
     opt_tmp = 4 * lora_local if optimizer == "foreach" else 0
@@ -459,9 +465,10 @@ class Plan:
 
 
 def plan(cfg: ModelConfig, parallel: Parallel, seq: int, rank: int = 64, *, name: str = "", offload: bool = False,
-         optimizer: Optimizer = "fused", usable_gib: float = H200_USABLE_GIB) -> Plan:
-    """Memory and estimated step time of split-LoRA training of `cfg` on `parallel` (module docstring)."""
-    mem = memory(cfg, parallel, seq, rank, offload=offload, optimizer=optimizer)
+         optimizer: Optimizer = "fused", usable_gib: float = H200_USABLE_GIB, expert_chunk: int | None = None) -> Plan:
+    """Memory and estimated step time of split-LoRA training of `cfg` on `parallel` (module docstring). The time
+    is the same with `expert_chunk`: under checkpointing the tiled experts do the untiled FLOPs."""
+    mem = memory(cfg, parallel, seq, rank, offload=offload, optimizer=optimizer, expert_chunk=expert_chunk)
     lin, attn = flops(cfg, seq, rank)
     lora_local = mem.lora / 16
     return Plan(name or cfg.family, parallel, seq, mem, compute_s=lin / R_LIN + attn / R_ATTN,

@@ -134,7 +134,7 @@ def _gpu_plan(args: argparse.Namespace) -> int:
     seq = args.seq or 16384
     if seq < 1:
         raise ValueError(f"--seq must be >= 1, got {seq}")
-    kw = dict(offload=args.offload, optimizer=args.optimizer)
+    kw = dict(offload=args.offload, optimizer=args.optimizer, expert_chunk=args.expert_chunk)
     results = []
     for name in names:  # every name and layout checked before anything is printed
         family, _, preset = name.partition(":")
@@ -161,8 +161,9 @@ def _gpu_plan(args: argparse.Namespace) -> int:
         results.append((name, cfg, rows, fit))
     print(f"per-GPU memory (GiB) and estimated step time on H200s ({P.H200_USABLE_GIB:g} GiB usable): {seq} tokens "
           f"per GPU, LoRA r={args.rank} on attention + both expert tensors, {args.optimizer} AdamW"
-          f"{', layer inputs offloaded to host' if args.offload else ''}. Times are estimates (shared_math/plan.py "
-          "says how they are calibrated), not measurements.")
+          f"{', layer inputs offloaded to host' if args.offload else ''}"
+          f"{f', experts in {args.expert_chunk}-token chunks' if args.expert_chunk else ''}. Times are estimates "
+          "(shared_math/plan.py says how they are calibrated), not measurements.")
     for name, cfg, rows, fit in results:
         pc, lc = P.param_counts(cfg), P.lora_counts(cfg, args.rank)
         print(f"\n{name}: {pc.total / 1e9:.2f}B params ({pc.experts / 1e9:.2f}B in routed experts), "
@@ -182,7 +183,7 @@ def _plan(args: argparse.Namespace) -> int:
     from shared_math import cost
 
     gpu_options = (args.preset, args.seq, args.parallel)
-    if args.gpus is not None or any(o is not None for o in gpu_options) or args.offload:
+    if args.gpus is not None or any(o is not None for o in gpu_options) or args.offload or args.expert_chunk:
         if args.gpus is None:
             args.gpus = "auto"
         return _gpu_plan(args)
@@ -264,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel", help="data=D,fsdp=F,expert=X; one axis may be N or left out: it takes the "
                                       "GPUs the others leave (default data=1,fsdp=N,expert=1)")
     g.add_argument("--offload", action="store_true", help="checkpointed layer inputs in host memory")
+    g.add_argument("--expert-chunk", type=int, metavar="TOKENS",
+                   help="routed experts in chunks of TOKENS tokens, recomputed chunk by chunk (tile_experts)")
     g.add_argument("--optimizer", default="fused", choices=("fused", "foreach"),
                    help="AdamW implementation (foreach keeps a sqrt(v) temporary; torch_impl uses fused on CUDA)")
     c.set_defaults(func=_plan)

@@ -77,6 +77,23 @@ def test_memory_grows_with_context_and_shrinks_with_gpus(family, preset):
     assert m8.weights < m1.weights and m8.lora < m1.lora and m8.a2a > 0 == m1.a2a
 
 
+def test_tiled_experts_bound_the_moe_working_set():
+    """--expert-chunk: a layer's MoE rows are one chunk's, so the working set stops growing with S in its MoE part
+    (gpt-oss-20b, layer inputs offloaded: 78.1 -> 63.2 GiB at 128K with 16K-token chunks), the rest is untouched,
+    and a chunk at least as long as the sequence changes nothing."""
+    cfg, par = _cfg("gpt_oss", "20b"), P.Parallel()
+    for S in (65536, 131072, 262144):
+        plain = P.memory(cfg, par, S, 64, offload=True)
+        tiled = P.memory(cfg, par, S, 64, offload=True, expert_chunk=16384)
+        assert tiled.work < plain.work and (tiled.weights, tiled.lora, tiled.saved) == (plain.weights, plain.lora,
+                                                                                       plain.saved)
+        assert P.memory(cfg, par, S, 64, offload=True, expert_chunk=S) == plain
+    assert P.memory(cfg, par, 131072, 64, offload=True).total / GIB == pytest.approx(78.1, abs=0.05)
+    assert P.memory(cfg, par, 131072, 64, offload=True, expert_chunk=16384).total / GIB == pytest.approx(63.2, abs=0.05)
+    with pytest.raises(ValueError, match="expert_chunk must be a positive number of tokens, got 0"):
+        P.memory(cfg, par, 4096, 64, expert_chunk=0)
+
+
 def test_single_gpu_qwen3_4k_memory_matches_the_measured_peak():
     """torch_impl eager, Qwen3-30B-A3B, 4K, one H200: 104.8 GiB peak (h200-anchors.md). That run used foreach
     AdamW, whose sqrt(v) temporary (4 B per LoRA param) sets the peak at the optimizer step; with fused AdamW
@@ -154,6 +171,9 @@ def test_cli_prints_the_table(capsys):
     assert "smallest fit:" in out and "expert=8" in out
     assert main(["plan", "--gpus", "2", "--preset", "gpt_oss:120b"]) == 0  # does not fit: says where it would
     assert "does not fit; smallest fit with this layout: 4 GPUs" in capsys.readouterr().out
+    assert main(["plan", "--preset", "gpt_oss:20b", "--seq", "131072", "--offload", "--expert-chunk", "16384"]) == 0
+    out = capsys.readouterr().out
+    assert "experts in 16384-token chunks" in out and "| 63.2 | yes |" in out
 
 
 @pytest.mark.parametrize("args,msg", [
