@@ -297,7 +297,7 @@ class Experts(nnx.Module):
         if self.token_chunk is not None and x_TH.shape[0] > self.token_chunk and self.expert_parallel is None:
             from functools import partial
 
-            from jax_impl.tiled_experts import tiled_split_lora_experts
+            from jax_impl.tiled_experts import tiled_split_lora_experts  # here: it imports this module
 
             run = partial(tiled_split_lora_experts, chunk=self.token_chunk)
         return run(

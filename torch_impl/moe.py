@@ -340,7 +340,7 @@ class Experts(nn.Module):
     # a compiled layer runs the tiled experts eagerly (a graph break): their backward runs autograd itself
     @torch._dynamo.disable
     def _tiled(self, x_TH, expert_ids_TK, expert_weights_TK, lora_gate_up, lora_down, biases, unread: bool):
-        from torch_impl.tiled_experts import tiled_split_lora_experts
+        from torch_impl.tiled_experts import tiled_split_lora_experts  # here: it imports this module
 
         a = self.activation
         return tiled_split_lora_experts(x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj, self.down_proj,
