@@ -89,11 +89,13 @@ class _count_expert_calls:
         self._te.split_lora_experts = self._real
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
-def test_tiled_model_equals_untiled_and_recomputes_each_chunk_once(family, tmp_path, seed):
-    """A checkpointed tiny model (B=2, S=13: 26 tokens) with experts tiled in chunks of 8 (4 chunks, the last of 2):
-    loss and LoRA gradients equal the untiled model's to fp32 reduction order; per MoE layer the forward runs the 4
-    chunks, the layer recompute none, the backward each chunk once; no call sees more than 8 tokens."""
+@pytest.mark.parametrize("family,offload", [("qwen3_moe", False), ("gpt_oss", False), ("deepseek_v3", False),
+                                            ("gpt_oss", True)])
+def test_tiled_model_equals_untiled_and_recomputes_each_chunk_once(family, offload, tmp_path, seed):
+    """A checkpointed tiny model (B=2, S=13: 26 tokens) with experts tiled in chunks of 8 (4 chunks, the last of 2),
+    layer inputs kept on the device or offloaded to host memory: loss and LoRA gradients equal the untiled model's
+    to fp32 reduction order; per MoE layer the forward runs the 4 chunks, the layer recompute none, the backward
+    each chunk once; no call sees more than 8 tokens."""
     path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000)
     model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=("o_proj", "experts.gate_up_proj",
                                                                           "experts.down_proj")))
@@ -102,7 +104,7 @@ def test_tiled_model_equals_untiled_and_recomputes_each_chunk_once(family, tmp_p
             if "lora_B" in name:
                 p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(seed % 1000))
     model.train()
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(offload_to_cpu=offload)
     ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(seed))
 
     def loss_and_grads():
