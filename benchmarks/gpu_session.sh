@@ -312,6 +312,18 @@ case $PART in
     [ "$SECONDS" -lt 480 ] && timeout $((590 - SECONDS)) python3 benchmarks/step.py $M --seq 32768 \
       --expert-chunk 16384 --impls jax_impl --out "$R/maxctx.jsonl" > "$R/maxctx_jax.log" 2>&1
     rows "$R"/maxctx.jsonl ;;
+  session11kern)  # (written 2026-12-06, session 10) issue 16's remaining rows with the EPI_SPLIT table: the hopper
+    # gpu tests (the 64 x 256 EPI_SPLIT config at 2 stages), the T=1024 eager block (target >= 3x HF + PEFT on both
+    # shapes) and T=65536 gpt-oss (within the current memory), then JAX pallas against torch triton_hopper at 16K
+    # (target within 1.1x) in the same call
+    gpu_tests gpu_tests.log 150 tests/torch/test_hopper_kernels.py
+    timeout 200 python3 benchmarks/moe_block.py --iters 10 --impls hf_peft,torch_triton,torch_triton_hopper \
+      --cases qwen3_30b_T1024,gpt_oss_20b_T1024,gpt_oss_20b_T65536 --out "$R/block.jsonl" > "$R/block.log" 2>&1
+    [ "$SECONDS" -lt 420 ] && timeout $((590 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
+      --impls torch_triton_hopper,jax_pallas_fused --cases qwen3_30b_T16384,gpt_oss_20b_T16384 \
+      --out "$R/block_jax.jsonl" > "$R/block_jax.log" 2>&1
+    grep -iE "passed|failed" "$R/gpu_tests.log" | tail -4; tail -12 "$R/block.log" | cut -c1-200
+    tail -6 "$R/block_jax.log" | cut -c1-200 ;;
   session10jax)  # (written 2026-12-06, session 9) JAX's gpt-oss sink by the log-sum-exp rescale on its own cuDNN
     # attention rules (jax_impl/models/lse_attention.py, opt-in SPLITMOE_JAX_SINK_LSE=1): its gpu test, then the
     # jax_impl gpt-oss step at 4K and 16K without and with it, next to torch_impl's compiled rows. If the test
