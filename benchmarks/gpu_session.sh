@@ -324,6 +324,16 @@ case $PART in
       --out "$R/block_jax.jsonl" > "$R/block_jax.log" 2>&1
     grep -iE "passed|failed" "$R/gpu_tests.log" | tail -4; tail -12 "$R/block.log" | cut -c1-200
     tail -6 "$R/block_jax.log" | cut -c1-200 ;;
+  session11jax)  # (written 2026-12-06, session 10) where jax_impl's gpt-oss step loses to torch_impl's at 16K (1.36x
+    # against 1.29x at 4K): gpt-oss's attention in JAX three ways (attention_bench_jax.py: the lse path, the padded
+    # one, cuDNN's own window without a sink), then the jax_impl and torch_impl eager steps at 4K and 16K in one call
+    timeout 120 python3 benchmarks/attention_bench_jax.py --seq 4096,16384 --out "$R/attention_jax.jsonl" \
+      > "$R/attention_jax.log" 2>&1
+    J="--family gpt_oss --warmup 2 --iters 3 --seq 4096,16384"
+    timeout 180 python3 benchmarks/step.py $J --impls jax_impl --out "$R/step_gpt_oss.jsonl" > "$R/step_jax.log" 2>&1
+    [ "$SECONDS" -lt 480 ] && timeout $((590 - SECONDS)) python3 benchmarks/step.py $J --impls torch_impl \
+      --out "$R/step_gpt_oss.jsonl" > "$R/step_torch.log" 2>&1
+    grep -h "^{" "$R/attention_jax.log" | cut -c1-200; rows "$R"/step_gpt_oss.jsonl ;;
   session10jax)  # (written 2026-12-06, session 9) JAX's gpt-oss sink by the log-sum-exp rescale on its own cuDNN
     # attention rules (jax_impl/models/lse_attention.py, opt-in SPLITMOE_JAX_SINK_LSE=1): its gpu test, then the
     # jax_impl gpt-oss step at 4K and 16K without and with it, next to torch_impl's compiled rows. If the test

@@ -395,3 +395,18 @@ def test_cudnn_sink_lse_matches_literal_in_bf16(window, S):
     assert_close(got.astype(jnp.float32), truth, dtype="bfloat16", quantity="attention", name="out")
     for name, g, w in zip("qkvs", grads, truth_grads):
         assert_close(g.astype(jnp.float32), w, dtype="bfloat16", quantity="attention_grad", name=f"d{name}")
+
+
+def test_attention_bench_jax_rows_on_cpu(tmp_path):
+    """benchmarks/attention_bench_jax.py (the JAX side of gpt-oss's attention timings) runs its CPU rows: both
+    layer kinds, both CPU paths, a time each, appended to --out."""
+    import json
+
+    from benchmarks import attention_bench_jax
+
+    out = tmp_path / "rows.jsonl"
+    assert attention_bench_jax.main(["--device", "cpu", "--seq", "64", "--iters", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["model"], r["impl"]) for r in rows} == {(m, i) for m in ("gpt_oss_20b_full", "gpt_oss_20b_sliding")
+                                                       for i in ("sink_reference", "sink_xla")}
+    assert all(r["ms"] > 0 and "error" not in r for r in rows)
