@@ -17,6 +17,8 @@ scatter-add anywhere in the sort, as in MaxText's `_sort_activations`.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -294,9 +296,10 @@ class Experts(nnx.Module):
             # small, [E, R, 2I]), so values and gradients are those of scale s_gu
             lora_gate_up = (lora_gate_up[0], lora_gate_up[1] * (s_gu / self.lora_scale))
         run = split_lora_experts if self.expert_parallel is None else self.expert_parallel
-        if self.token_chunk is not None and x_TH.shape[0] > self.token_chunk and self.expert_parallel is None:
-            from functools import partial
-
+        if self.token_chunk is not None and self.expert_parallel is not None:
+            # on a mesh each device tiles its own tokens (jax_impl.parallel.split_lora_experts_sharded)
+            run = partial(self.expert_parallel, chunk=self.token_chunk)
+        elif self.token_chunk is not None and x_TH.shape[0] > self.token_chunk:
             from jax_impl.tiled_experts import tiled_split_lora_experts  # here: it imports this module
 
             run = partial(tiled_split_lora_experts, chunk=self.token_chunk)

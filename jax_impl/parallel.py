@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -60,6 +61,7 @@ from jax.sharding import PartitionSpec as P
 from jax_impl.backends import get_backend, resolve_backend
 from jax_impl.moe import Experts, _check, permute_rows, sort_by_expert
 from jax_impl.moe import split_lora_experts as _split_lora_experts_local
+from jax_impl.tiled_experts import tiled_split_lora_experts
 from shared_math.config import ModelConfig
 from shared_math.train_config import ConfigError, ParallelSection
 
@@ -305,16 +307,22 @@ def split_lora_experts_sharded(mesh: Mesh, x: jax.Array, expert_ids: jax.Array, 
                                w_gate_up: jax.Array, w_down: jax.Array, lora_gate_up=None, lora_down=None, *,
                                scale: float = 1.0, biases=None, activation: str = "swiglu",
                                swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702,
-                               backend: str = "auto") -> jax.Array:
+                               backend: str = "auto", chunk: int | None = None) -> jax.Array:
     """`moe.split_lora_experts` (same arguments and result, global shapes) computed over `mesh`: tokens split over
     every device, experts over the "expert" axis (see the module docstring). T need not divide the device count:
-    tokens are padded with zero-weight rows (K distinct experts each, so the padding obeys the same bounds)."""
+    tokens are padded with zero-weight rows (K distinct experts each, so the padding obeys the same bounds).
+    `chunk`: each device runs its own tokens through `tiled_experts.tiled_split_lora_experts` in chunks of that
+    many (`Experts.token_chunk`); only without an expert axis, whose all-to-all exchanges a layer's tokens whole."""
     _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     resolved = resolve_backend(backend)
     ep = mesh.shape["expert"]
     E, T, K = w_gate_up.shape[0], x.shape[0], expert_ids.shape[1]
     if E % ep:
         raise ValueError(f"{E} experts do not split over the mesh's expert axis of {ep}")
+    if chunk is not None and ep > 1:
+        raise ValueError(f"tiled experts (chunk={chunk}) need a mesh without an expert axis (it has {ep}): the "
+                         "all-to-all exchanges a layer's tokens whole")
+    local = _split_lora_experts_local if chunk is None else partial(tiled_split_lora_experts, chunk=chunk)
     pad = -T % mesh.size
     if pad:
         x = jnp.concatenate([x, jnp.zeros((pad, x.shape[1]), x.dtype)])
@@ -332,8 +340,7 @@ def split_lora_experts_sharded(mesh: Mesh, x: jax.Array, expert_ids: jax.Array, 
         # gradients are summed over those devices (pcast's transpose)
         experts = _varying(experts, ("data", "fsdp"))
         if ep == 1:  # every device holds every expert: no exchange, the single-device path on its own tokens
-            return _split_lora_experts_local(x_TH, ids_TK, weights_TK, *experts[:4], biases=experts[4],
-                                             backend=resolved, **opts)
+            return local(x_TH, ids_TK, weights_TK, *experts[:4], biases=experts[4], backend=resolved, **opts)
         return _dispatch_compute_combine(x_TH, ids_TK, weights_TK, *experts, ep=ep, backend=resolved, **opts)
 
     expert_specs = jax.tree.map(lambda _: P("expert"), experts)

@@ -10,6 +10,8 @@ the CPU (tests/jax/test_tiled_experts.py): the backward's temporaries at 2048 to
 output feeds nothing the backward needs, and JAX's partial evaluation of the layer's remat drops it, so the
 gradient holds the untiled number of expert products (6 forward, 16 in the recomputing backward, per MoE layer with
 LoRA on both expert tensors; tests/jax/test_tiled_experts.py counts them), the backward's inside the chunk scan.
+On a device mesh without an expert axis each device tiles its own tokens
+(`jax_impl.parallel.split_lora_experts_sharded(..., chunk=)`; tests/jax/test_parallel.py checks it on 4 devices).
 """
 
 from __future__ import annotations

@@ -165,7 +165,9 @@ class CausalLM(LayerCheckpointing, nnx.Module):
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
             raise ValueError(f"tile_experts takes a positive number of tokens per chunk or None, got {tokens!r}")
         experts = [m for _, m in nnx.iter_modules(self) if isinstance(m, Experts)]
-        if tokens is not None and any(m.expert_parallel is not None for m in experts):
+        if tokens is not None and any(m.expert_parallel is not None and m.expert_parallel.mesh.shape["expert"] > 1
+                                      for m in experts):
+            # a data / fsdp mesh tiles each device's tokens; an expert axis exchanges a layer's tokens whole
             raise ValueError("tile_experts: this model's experts are sharded over ranks (expert parallelism), "
                              "which does not tile; use parallel.expert=1 or leave the experts untiled")
         for m in experts:

@@ -114,10 +114,13 @@ def check_moe_block(out: dict[str, Any]) -> None:
 
     names = ["loss", "dx", "d_expert_weights", "dA_gate_up", "dB_gate_up", "dA_down", "dB_down"]
     ref = jax.tree.leaves(value_and_grads(split_lora_experts)(x, w, lora))
-    for layout in (ParallelSection(expert=4), ParallelSection(data=2, expert=2)):
+    # the last: every device tiles its own 4 tokens (13 padded to 16) in chunks of 3, the second one short
+    for layout, chunk in ((ParallelSection(expert=4), None), (ParallelSection(data=2, expert=2), None),
+                          (ParallelSection(data=2, fsdp=2), 3)):
         mesh = make_mesh(layout)
-        got = value_and_grads(lambda *a, mesh=mesh, **k: split_lora_experts_sharded(mesh, *a, **k))(x, w, lora)
-        out[f"moe_block {layout.describe()}"] = {
+        got = value_and_grads(lambda *a, mesh=mesh, chunk=chunk, **k: split_lora_experts_sharded(
+            mesh, *a, chunk=chunk, **k))(x, w, lora)
+        out[f"moe_block {layout.describe()}" + (f" chunk={chunk}" if chunk else "")] = {
             n: [float(np.abs(np.asarray(a) - np.asarray(b)).max()), float(np.abs(np.asarray(b)).max())]
             for n, a, b in zip(names, jax.tree.leaves(got), ref, strict=True)}
 

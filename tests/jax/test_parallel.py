@@ -67,10 +67,12 @@ def _within(diff: list[float], quantity: str, what: str) -> None:
     assert diff[0] <= bound, f"{what}: max|diff| {diff[0]:.3e} > {bound:.3e} ({quantity}: {tol.why})"
 
 
-@pytest.mark.parametrize("layout", ["data=1,fsdp=1,expert=4", "data=2,fsdp=1,expert=2"])
+@pytest.mark.parametrize("layout", ["data=1,fsdp=1,expert=4", "data=2,fsdp=1,expert=2",
+                                    "data=2,fsdp=2,expert=1 chunk=3"])
 def test_moe_layer_under_shard_map_equals_one_device(results, layout):
     """The MoE layer alone, T not a multiple of the devices, an expert rank with no token and idle experts next to
-    busy ones: value and every gradient (x, routing weights, both LoRA pairs)."""
+    busy ones: value and every gradient (x, routing weights, both LoRA pairs); without an expert axis also with
+    each device's tokens in chunks of 3 (`tiled_experts`)."""
     got = results[f"moe_block {layout}"]
     _within(got["loss"], "moe_block", f"{layout} value")
     for name, diff in got.items():
