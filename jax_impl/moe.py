@@ -257,7 +257,8 @@ class Experts(nnx.Module):
     gate_up's differs (per-target alpha/rank; each pair may have its own R).
 
     `token_chunk`: None, or a number of tokens: calls with more tokens run `tiled_experts.tiled_split_lora_experts`
-    (chunk by chunk, recomputed chunk by chunk in the backward; set for a whole model with `CausalLM.tile_experts`).
+    (chunk by chunk, recomputed chunk by chunk in the backward; set for a whole model with `CausalLM.tile_experts`);
+    on a mesh without an expert axis, each device's tokens (`parallel.split_lora_experts_sharded(chunk=)`).
     """
 
     def __init__(self, gate_up_proj: jax.Array, down_proj: jax.Array, gate_up_proj_bias: jax.Array | None = None,
