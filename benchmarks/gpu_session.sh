@@ -98,6 +98,16 @@ print(f"merged {len(new)} tuned entries")
 PY
   cp torch_impl/kernels/tuned_configs.json "$OUT/tuned_configs.json"
 }
+hopper_sweep_block() {  # $1 sweep timeout, $2 the last second the block rows may start: the Hopper kernels swept
+  # on Qwen3 and gpt-oss at 4K and 16K, merged into the shipped table ($OUT/tuned_configs.json), then the block rows
+  # with it (hopper_suite: per-pass TFLOP/s) next to HF + PEFT at 16K
+  timeout "$1" python3 benchmarks/triton_sweep.py --backend triton_hopper --out "$R/sweep" \
+    --cases qwen3_30b_T4096,qwen3_30b_T16384,gpt_oss_20b_T4096,gpt_oss_20b_T16384 > "$R/sweep.log" 2>&1
+  merge_tuned "$R/sweep/tuned_configs.json"
+  [ "$SECONDS" -lt "$2" ] && timeout $((590 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
+    --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --impls hf_peft,hopper_suite --out "$R/block.jsonl" \
+    > "$R/block.log" 2>&1
+}
 rows() {  # the short form of step.py's JSON rows: impl, options, seq, step time, peak memory or the error
   python3 -c 'import json, sys
 for f in sys.argv[1:]:
@@ -280,12 +290,7 @@ case $PART in
     # in the space (BLOCK_N=256 dh tiles become holdable), merged into the shipped table ($OUT/tuned_configs.json to
     # commit), then the block rows with it next to HF + PEFT (per-pass TFLOP/s)
     gpu_tests gpu_tests.log 150 tests/torch/test_hopper_kernels.py
-    timeout 300 python3 benchmarks/triton_sweep.py --backend triton_hopper --out "$R/sweep" \
-      --cases qwen3_30b_T4096,qwen3_30b_T16384,gpt_oss_20b_T4096,gpt_oss_20b_T16384 > "$R/sweep.log" 2>&1
-    merge_tuned "$R/sweep/tuned_configs.json"
-    [ "$SECONDS" -lt 500 ] && timeout $((590 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
-      --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --impls hf_peft,hopper_suite --out "$R/block.jsonl" \
-      > "$R/block.log" 2>&1
+    hopper_sweep_block 300 500
     grep -E "passed|failed" "$R/gpu_tests.log" | tail -3; tail -12 "$R/sweep.log"; tail -30 "$R/block.log" | cut -c1-200 ;;
   session10b)  # (session 10, call 4) the gpu tests of calls 1-3's fixes (the inductor tests held to fp32 at K = E,
     # a second length through compiled layers, the sink path without a sentinel in its autograd context, the
@@ -414,12 +419,7 @@ case $PART in
     # per-pass TFLOP/s) next to HF + PEFT. $OUT/tuned_configs.json is the merged table to commit.
     timeout 90 python3 benchmarks/host_probe.py --seq 256,4096 --out "$R/host_probe.jsonl" \
       --profile-out "$R/host_probe_cprofile.txt" > "$R/host_probe.log" 2>&1
-    timeout 400 python3 benchmarks/triton_sweep.py --backend triton_hopper --out "$R/sweep" \
-      --cases qwen3_30b_T4096,qwen3_30b_T16384,gpt_oss_20b_T4096,gpt_oss_20b_T16384 > "$R/sweep.log" 2>&1
-    merge_tuned "$R/sweep/tuned_configs.json"
-    [ "$SECONDS" -lt 520 ] && timeout $((590 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
-      --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --impls hf_peft,hopper_suite --out "$R/block.jsonl" \
-      > "$R/block.log" 2>&1
+    hopper_sweep_block 400 520
     grep -h "^{" "$R/host_probe.log" | cut -c1-400; tail -8 "$R/sweep.log"; tail -30 "$R/block.log" | cut -c1-200 ;;
   hoppertune2)  # (after hoppertune, whose merged table must be committed first) the same sweep for the shapes #16
     # also names: GLM-4.5 and GLM-4.7-Flash experts at r=64, Qwen3 at r=16/32/128 and gpt-oss at r=16, T=16384,

@@ -70,6 +70,15 @@ def test_tiled_experts_refuse_a_bad_chunk():
                                  jnp.zeros((1, 4, 8)), jnp.zeros((1, 4, 4)), chunk=0)
 
 
+def _runner(path, lora: LoraConfig, tensors, chunk: int | None) -> LoraRunner:
+    """A checkpointed jax_impl model of `path` with these LoRA tensors, its experts tiled in `chunk` tokens."""
+    model = load_model(path, lora=lora, moe_backend="ragged_dot")
+    load_lora_state_dict(model, tensors)
+    model.gradient_checkpointing_enable()
+    model.tile_experts(chunk)
+    return LoraRunner(model)
+
+
 def _ragged_products(jaxpr, path=(), acc=None) -> dict:
     """{path of enclosing primitives: number of ragged_dot_general equations} over a jaxpr and all sub-jaxprs."""
     acc = {} if acc is None else acc
@@ -95,11 +104,7 @@ def test_tiled_gradient_has_the_untiled_expert_products(tmp_path):
     ids = np.random.default_rng(0).integers(0, 64, size=(2, 16))
     counts = []
     for chunk in (None, 8):
-        model = load_model(path, lora=lora, moe_backend="ragged_dot")
-        load_lora_state_dict(model, tensors)
-        model.gradient_checkpointing_enable()
-        model.tile_experts(chunk)
-        r = LoraRunner(model)
+        r = _runner(path, lora, tensors, chunk)
         counts.append(_ragged_products(jax.make_jaxpr(r._fn)(r.lora_state, r.frozen_state, ids, ids, None).jaxpr))
     untiled, tiled = counts
     assert sorted(untiled.values()) == sorted(tiled.values()) == [6, 16], (untiled, tiled)
@@ -114,17 +119,10 @@ def test_tiled_model_equals_untiled(family, tmp_path, seed):
     lora = LoraConfig(rank=4, alpha=8.0, targets=("o_proj", "experts.gate_up_proj", "experts.down_proj"))
     tensors = random_lora_tensors(ModelConfig.from_hf(path), lora, seed=seed % 991)
     ids = np.random.default_rng(seed).integers(0, 64, size=(2, 13))
-    results = []
-    for chunk in (None, 8):
-        model = load_model(path, lora=lora, moe_backend="ragged_dot")
-        load_lora_state_dict(model, tensors)
-        model.gradient_checkpointing_enable()
-        model.tile_experts(chunk)
-        results.append(LoraRunner(model).run(ids, ids))
-    plain, tiled = results
+    plain, tiled = (_runner(path, lora, tensors, chunk).run(ids, ids) for chunk in (None, 8))
     assert_close(tiled["loss"], plain["loss"], dtype="float32", quantity="loss", name=f"{family} loss")
     for name, g in plain["grads"].items():
         assert float(np.abs(g).max()) > 0
         assert_close(tiled["grads"][name], g, dtype="float32", quantity="lora_grad", name=f"{family} {name}")
     with pytest.raises(ValueError, match="positive number of tokens"):
-        model.tile_experts(-3)
+        load_model(path, lora=lora, moe_backend="ragged_dot").tile_experts(-3)

@@ -65,30 +65,34 @@ def test_a_row_that_cannot_build_is_recorded(tmp_path):
     assert row["impl"] == "unsloth" and row["step_ms"] is None and "unsloth-wheels.sh" in row["error"]
 
 
-def test_in_backward_optimizer_rows_leave_no_hooks_behind(tmp_path):
-    """--optim-in-backward: each measurement registers its per-tensor hooks and removes them, so the second length
-    (and the untimed first step) do not update the LoRA tensors twice per backward."""
-    torch = pytest.importorskip("torch")
+def _torch_rows(tmp_path, args: list[str]):
+    """step.main(args + a torch_impl row to a file) -> (the rows, the model the row built)."""
     import benchmarks.step as step
 
     built = {}
     real_build = step.build_ours
 
-    def build_and_keep(*args, **kwargs):
-        built["model"], loss_fn = real_build(*args, **kwargs)
+    def build_and_keep(*a, **kw):
+        built["model"], loss_fn = real_build(*a, **kw)
         return built["model"], loss_fn
 
     out = tmp_path / "rows.jsonl"
     step.build_ours = build_and_keep
     try:
-        assert step.main(["--family", "qwen3_moe", "--preset", "tiny", "--device", "cpu", "--seq", "16,24",
-                          "--iters", "1", "--warmup", "1", "--impls", "torch_impl", "--optim-in-backward",
-                          "--out", str(out)]) == 0
+        assert step.main([*args, "--impls", "torch_impl", "--out", str(out)]) == 0
     finally:
         step.build_ours = real_build
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return [json.loads(line) for line in out.read_text().splitlines()], built["model"]
+
+
+def test_in_backward_optimizer_rows_leave_no_hooks_behind(tmp_path):
+    """--optim-in-backward: each measurement registers its per-tensor hooks and removes them, so the second length
+    (and the untimed first step) do not update the LoRA tensors twice per backward."""
+    torch = pytest.importorskip("torch")
+    rows, model = _torch_rows(tmp_path, ["--family", "qwen3_moe", "--preset", "tiny", "--device", "cpu", "--seq",
+                                         "16,24", "--iters", "1", "--warmup", "1", "--optim-in-backward"])
     assert [r["seq"] for r in rows] == [16, 24] and all(r["optim_in_backward"] and r["step_ms"] > 0 for r in rows)
-    params = [p for p in built["model"].parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(not p._post_accumulate_grad_hooks for p in params)
     assert all(p.grad is None for p in params) and all(torch.isfinite(p).all() for p in params)
 
@@ -97,27 +101,12 @@ def test_expert_chunk_rows_tile_the_experts(tmp_path):
     """--expert-chunk N: the torch_impl row's experts run in N-token chunks (every MoE layer's `token_chunk`), and
     the row says so."""
     pytest.importorskip("torch")
-    import benchmarks.step as step
     from torch_impl.moe import Experts
 
-    built = {}
-    real_build = step.build_ours
-
-    def build_and_keep(*args, **kwargs):
-        built["model"], loss_fn = real_build(*args, **kwargs)
-        return built["model"], loss_fn
-
-    out = tmp_path / "rows.jsonl"
-    step.build_ours = build_and_keep
-    try:
-        assert step.main(["--family", "gpt_oss", "--preset", "tiny", "--device", "cpu", "--seq", "24", "--iters",
-                          "1", "--warmup", "1", "--impls", "torch_impl", "--expert-chunk", "8",
-                          "--out", str(out)]) == 0
-    finally:
-        step.build_ours = real_build
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows, model = _torch_rows(tmp_path, ["--family", "gpt_oss", "--preset", "tiny", "--device", "cpu", "--seq", "24",
+                                         "--iters", "1", "--warmup", "1", "--expert-chunk", "8"])
     assert len(rows) == 1 and rows[0]["expert_chunk"] == 8 and rows[0]["step_ms"] > 0
-    experts = [m for m in built["model"].modules() if isinstance(m, Experts)]
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
     assert experts and all(m.token_chunk == 8 for m in experts)
 
 

@@ -17,12 +17,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from shared_math.cases import cases  # noqa: E402
-from shared_math.config import LoraConfig  # noqa: E402
 from shared_math.numerics import assert_close  # noqa: E402
-from shared_math.tiny import write_tiny_checkpoint  # noqa: E402
+from tests.torch.test_checkpointing import _loss_and_grads, _trainable_model  # noqa: E402
 from tests.torch.test_moe_block import _compare  # noqa: E402
-from torch_impl import load_model, moe  # noqa: E402
-from torch_impl.lora import _lora_params  # noqa: E402
+from torch_impl import moe  # noqa: E402
 from torch_impl.tiled_experts import tiled_split_lora_experts  # noqa: E402
 
 CPU_BACKENDS = ["native", "grouped_mm"]
@@ -96,27 +94,13 @@ def test_tiled_model_equals_untiled_and_recomputes_each_chunk_once(family, offlo
     layer inputs kept on the device or offloaded to host memory: loss and LoRA gradients equal the untiled model's
     to fp32 reduction order; per MoE layer the forward runs the 4 chunks, the layer recompute none, the backward
     each chunk once; no call sees more than 8 tokens."""
-    path = write_tiny_checkpoint(family, tmp_path / family, seed=seed % 1000)
-    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=("o_proj", "experts.gate_up_proj",
-                                                                          "experts.down_proj")))
-    with torch.no_grad():
-        for name, p in _lora_params(model).items():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(seed % 1000))
-    model.train()
+    model = _trainable_model(family, tmp_path, seed)
     model.gradient_checkpointing_enable(offload_to_cpu=offload)
     ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(seed))
-
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in _lora_params(model).items()}
-
-    loss, grads = loss_and_grads()
+    loss, grads = _loss_and_grads(model, ids)
     model.tile_experts(8)
     with _count_expert_calls() as calls:
-        loss_t, grads_t = loss_and_grads()
+        loss_t, grads_t = _loss_and_grads(model, ids)
     moe_layers = sum(isinstance(m, moe.Experts) for m in model.modules())
     assert calls.n == moe_layers * 4 * 2 and calls.max_tokens == 8
     assert_close(loss_t, loss, dtype="float32", quantity="loss", name=f"{family} loss")
@@ -135,32 +119,18 @@ def test_tiled_experts_inside_compiled_layers(tmp_path, seed):
     loss and LoRA gradients equal the untiled eager model's, at two sequence lengths (a dynamic-shape retrace)."""
     from torch_impl.compile import compile_decoder_layers
 
-    path = write_tiny_checkpoint("qwen3_moe", tmp_path / "q", seed=seed % 1000)
-    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=("o_proj", "experts.gate_up_proj",
-                                                                          "experts.down_proj")))
-    with torch.no_grad():
-        for name, p in _lora_params(model).items():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(seed % 1000))
-    model.train()
+    model = _trainable_model("qwen3_moe", tmp_path, seed)
     model.gradient_checkpointing_enable()
     gen = torch.Generator().manual_seed(seed)
     batches = [torch.randint(0, model.config.vocab_size, (2, S), generator=gen) for S in (13, 17)]
-
-    def loss_and_grads(ids):
-        model.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in _lora_params(model).items()}
-
-    refs = [loss_and_grads(ids) for ids in batches]
+    refs = [_loss_and_grads(model, ids) for ids in batches]
     torch._dynamo.reset()
     model.tile_experts(8)
     compile_decoder_layers(model, backend="aot_eager")
     try:
         for ids, (loss_ref, grads_ref) in zip(batches, refs):
             with _count_expert_calls() as calls:
-                loss, grads = loss_and_grads(ids)
+                loss, grads = _loss_and_grads(model, ids)
             assert calls.n > 0 and calls.max_tokens <= 8  # the tiled path ran, chunk-bounded
             assert_close(loss, loss_ref, dtype="float32", quantity="loss", name=f"S={ids.shape[1]} loss")
             for name, g in grads_ref.items():
