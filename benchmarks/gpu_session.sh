@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -305,18 +305,26 @@ case $PART in
     [ "$SECONDS" -lt 300 ] && timeout $((440 - SECONDS)) python3 benchmarks/step.py $G --impls unsloth \
       --out "$R/step_gpt_oss.jsonl" > "$R/step_unsloth.log" 2>&1
     grep -iE "passed|failed" "$R/gpu_tests.log" | tail -8; rows "$R"/step_*.jsonl ;;
-  session11long)  # (written 2026-12-06, session 10, for the next device time) gpt-oss-20b's longest context: torch_impl
-    # with layer inputs offloaded, AdamW in backward and the experts tiled in 16K-token chunks (tile_experts), then
-    # Unsloth's, in one command (issue 15: >= 2x Unsloth's); then jax_impl's with the experts tiled (issue 17: >= 64K)
+  session11long)  # (written 2026-12-06, session 10; split in session 11 to fit one call) gpt-oss-20b's longest
+    # context: the tiled experts' gpu tests first (their first GPU run: bf16 kernels, a CUDA graph), then torch_impl
+    # with layer inputs offloaded, AdamW in backward and the experts tiled in 16K-token chunks, then Unsloth's, in one
+    # command (issue 15: >= 2x Unsloth's)
     wheels
-    M="--family gpt_oss --max-context --max-seq 262144 --context-step 16384"
-    timeout 240 python3 benchmarks/step.py $M --seq 65536 --offload --optim-in-backward --expert-chunk 16384 \
-      --impls torch_impl --out "$R/maxctx.jsonl" > "$R/maxctx.log" 2>&1
-    timeout 180 python3 benchmarks/step.py $M --seq 32768 --impls unsloth --out "$R/maxctx.jsonl" \
-      > "$R/maxctx_unsloth.log" 2>&1
-    [ "$SECONDS" -lt 480 ] && timeout $((590 - SECONDS)) python3 benchmarks/step.py $M --seq 32768 \
-      --expert-chunk 16384 --impls jax_impl --out "$R/maxctx.jsonl" > "$R/maxctx_jax.log" 2>&1
-    rows "$R"/maxctx.jsonl ;;
+    gpu_tests gpu_tests.log 90 tests/torch/test_tiled_experts.py
+    M="--family gpt_oss --max-context --max-seq 262144"
+    timeout 300 python3 benchmarks/step.py $M --seq 65536 --context-step 32768 --offload --optim-in-backward \
+      --expert-chunk 16384 --impls torch_impl --out "$R/maxctx.jsonl" > "$R/maxctx.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py $M --seq 32768 --context-step 16384 --impls unsloth \
+      --out "$R/maxctx.jsonl" > "$R/maxctx_unsloth.log" 2>&1
+    grep -iE "passed|failed" "$R/gpu_tests.log" | tail -4; rows "$R"/maxctx.jsonl ;;
+  session11longjax)  # (session 11) jax_impl's longest gpt-oss context with the experts tiled (issue 17: >= 64K),
+    # then issue 16's T=1024 eager block rows (target >= 3x HF + PEFT on both shapes)
+    timeout 330 python3 benchmarks/step.py --family gpt_oss --max-context --max-seq 262144 --seq 65536 \
+      --context-step 32768 --expert-chunk 16384 --impls jax_impl --out "$R/maxctx_jax.jsonl" > "$R/maxctx_jax.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
+      --impls hf_peft,torch_triton,torch_triton_hopper --cases qwen3_30b_T1024,gpt_oss_20b_T1024 \
+      --out "$R/block.jsonl" > "$R/block.log" 2>&1
+    rows "$R"/maxctx_jax.jsonl; tail -12 "$R/block.log" | cut -c1-200 ;;
   session11kern)  # (written 2026-12-06, session 10) issue 16's remaining rows with the EPI_SPLIT table: the hopper
     # gpu tests (the 64 x 256 EPI_SPLIT config at 2 stages), the T=1024 eager block (target >= 3x HF + PEFT on both
     # shapes) and T=65536 gpt-oss (within the current memory), then JAX pallas against torch triton_hopper at 16K
