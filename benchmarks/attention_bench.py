@@ -57,6 +57,13 @@ def literal(q, k, v, sinks=None, window=None):
     return torch.softmax(s, -1) @ v
 
 
+def kv_heads_of(n: int, heads: int, kv_heads: int) -> list[int]:
+    """The kv head of each of the first `n` query heads, as grouped-query attention pairs them (query head i reads
+    kv head i // (heads // kv_heads)), listed once each: `literal` repeats them back to the n query heads."""
+    group = heads // kv_heads
+    return sorted({i // group for i in range(n)})
+
+
 def _forced(fn, backend):
     """`fn(q, k, v)` with SDPA restricted to one backend (an error row where that backend refuses the shape)."""
     def run(q, k, v):
@@ -146,10 +153,11 @@ def bench(model, fn, q, k, v, extra, iters, flops):
 
     out = fn(qq, kk, vv, *extra)
     (dq,) = torch.autograd.grad(out, (qq,), go)
-    # accuracy on 2 query heads (and their kv head): the literal softmax is O(S²) memory
+    # accuracy on 2 query heads (and their kv heads): the literal softmax is O(S²) memory
     h = slice(0, 2)
     ql = q[:, h].float().requires_grad_()
-    ref = literal(ql, k[:, :1], v[:, :1], *([extra[0][h]] if extra else []),
+    kv = kv_heads_of(2, q.shape[1], k.shape[1])
+    ref = literal(ql, k[:, kv], v[:, kv], *([extra[0][h]] if extra else []),
                   **({"window": model["window"]} if extra else {}))
     (rdq,) = torch.autograd.grad(ref, (ql,), go[:, h].float())
     row["out_rel_l2"] = float((out[:, h].float() - ref).norm() / ref.norm())

@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -325,6 +325,20 @@ case $PART in
       --impls hf_peft,torch_triton,torch_triton_hopper --cases qwen3_30b_T1024,gpt_oss_20b_T1024 \
       --out "$R/block.jsonl" > "$R/block.log" 2>&1
     rows "$R"/maxctx_jax.jsonl; tail -12 "$R/block.log" | cut -c1-200 ;;
+  session11c)  # (session 11, call 6) the fixed CUDA-graph test of the tiled experts (the capture now comes first) and
+    # jax_impl's layer-input offload on the GPU (its loss / gradient test, then gpt-oss's longest context with the
+    # offload and tiled experts: issue 17 asks >= 64K; call 2 ran out of memory at 64K without the offload)
+    gpu_tests gpu_tests.log 100 tests/torch/test_tiled_experts.py -k cuda_graph
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/jax/test_checkpointing.py -k offload \
+      > "$R/jax_offload_test.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --max-context --max-seq 262144 \
+      --seq 65536 --context-step 32768 --offload --expert-chunk 16384 --impls jax_impl --out "$R/maxctx_jax.jsonl" \
+      > "$R/maxctx_jax.log" 2>&1
+    grep -iE "passed|failed" "$R/gpu_tests.log" "$R/jax_offload_test.log" | tail -4; rows "$R"/maxctx_jax.jsonl
+    python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line); print(r.get("seq"), {k: round(v, 2) for k, v in r.items() if k.startswith("compiled_")})' \
+      "$R/maxctx_jax.jsonl" ;;
   session11kern)  # (written 2026-12-06, session 10) issue 16's remaining rows with the EPI_SPLIT table: the hopper
     # gpu tests (the 64 x 256 EPI_SPLIT config at 2 stages), the T=1024 eager block (target >= 3x HF + PEFT on both
     # shapes) and T=65536 gpt-oss (within the current memory), then JAX pallas against torch triton_hopper at 16K

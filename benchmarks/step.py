@@ -10,8 +10,9 @@ alpha=128 (fp32 adapters and AdamW state) on the attention projections and both 
 non-reentrant activation checkpointing per decoder layer. Rows:
 
 - `torch_impl`: this project (`--backend` picks the MoE backend; `--cuda-graph` replays a captured forward + backward;
-  `--compile` compiles each decoder layer; `--offload` keeps the checkpointed layer inputs in host memory;
-  `--expert-chunk N`, also for `jax_impl`, runs the routed experts in N-token chunks, `CausalLM.tile_experts`);
+  `--compile` compiles each decoder layer; `--offload`, also for `jax_impl`, keeps the checkpointed layer inputs
+  in host memory; `--expert-chunk N`, also for `jax_impl`, runs the routed experts in N-token chunks,
+  `CausalLM.tile_experts`);
   the loss through `torch_impl.loss` (no `[S, V]` logits) and torch's fused AdamW on CUDA;
 - `jax_impl`: this project in JAX (`benchmarks/step_jax.py`): one jitted step (forward with the loss without
   logits, backward, optax AdamW) with the LoRA and optimizer buffers donated, `jax.checkpoint` per decoder layer with
@@ -389,7 +390,8 @@ def _try_step(model, loss_fn, S: int, vocab: int, a: argparse.Namespace, impl: s
 
 def max_context(probe, start: int, cap: int, step: int) -> tuple[int | None, list[dict]]:
     """The longest S (a multiple of `step`) for which `probe(S)` returns a row without error: doubling from `start`
-    until a failure or `cap`, then bisecting between the last success and the first failure."""
+    until a failure or `cap` (halving, down to `step`, while `start` itself fails), then bisecting between the last
+    success and the first failure. None when not even `step` tokens train."""
     rows, ok, bad = [], None, None
     S = start
     while True:
@@ -402,6 +404,14 @@ def max_context(probe, start: int, cap: int, step: int) -> tuple[int | None, lis
         if S >= cap:
             return ok, rows
         S = min(2 * S, cap)
+    while ok is None and S > step:  # the start failed: halve until a length trains
+        S = max(step, S // 2 // step * step)
+        row = probe(S)
+        rows.append(row)
+        if row.get("error"):
+            bad = S
+        else:
+            ok = S
     while ok is not None and bad - ok > step:
         mid = (ok + bad) // 2 // step * step
         if mid <= ok:
@@ -450,7 +460,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch_impl, jax_impl: routed experts in chunks of TOKENS tokens, recomputed chunk by chunk "
                         "in the backward (CausalLM.tile_experts: long context)")
     p.add_argument("--offload", action="store_true",
-                   help="torch_impl: keep the checkpointed layer inputs in pinned host memory (long context)")
+                   help="torch_impl, jax_impl: keep the checkpointed layer inputs in pinned host memory (long "
+                        "context)")
     p.add_argument("--routing-stats", action="store_true",
                    help="torch_impl: every step logs the routing analytics (what train.routing_stats costs)")
     p.add_argument("--max-context", action="store_true", help="find the longest S that trains, per implementation")
@@ -506,7 +517,7 @@ def _jax_error_text(e: BaseException) -> str:
 def _main_jax(a: argparse.Namespace) -> int:
     """The jax_impl row (benchmarks/step_jax.py), in this process: build, then the lengths or the longest context,
     emitting rows as main() does."""
-    from benchmarks.step_jax import JaxStep, configure_jax, jax_versions, measure_jax
+    from benchmarks.step_jax import JaxStep, compiled_plan, configure_jax, jax_versions, measure_jax
 
     env = configure_jax(a.device)  # before the first import of jax
     hf = preset_hf_config(a.family, a.preset, a.layers)
@@ -514,7 +525,7 @@ def _main_jax(a: argparse.Namespace) -> int:
     lora = LoraConfig(rank=a.rank, alpha=a.alpha, targets=ATTENTION_TARGETS[a.family] + EXPERT_TARGETS)
     base = dict(impl="jax_impl", family=a.family, preset=a.preset, layers=hf["num_hidden_layers"], rank=a.rank,
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, jax_remat=a.jax_remat if a.grad_ckpt else None, jax_env=env,
-                expert_chunk=a.expert_chunk)
+                expert_chunk=a.expert_chunk, offload=a.offload)
 
     emit = _emitter(a)
     try:
@@ -522,7 +533,7 @@ def _main_jax(a: argparse.Namespace) -> int:
 
         base.update(jax_versions(), jax_compile_cache=str(enable_compile_cache(a.jax_compile_cache) or "off"))
         runner = JaxStep(hf, lora, backend=a.jax_backend, attn=None if a.jax_attn == "literal" else a.jax_attn,
-                         remat=a.jax_remat if a.grad_ckpt else None, expert_chunk=a.expert_chunk)
+                         remat=a.jax_remat if a.grad_ckpt else None, expert_chunk=a.expert_chunk, offload=a.offload)
         base.update(backend=runner.backend, jax_attn=runner.attn or "literal")
     except Exception as e:  # noqa: BLE001 - a row that cannot even build is recorded, not dropped
         emit({**base, "mode": "build", "seq": None, "step_ms": None, "peak_gib": None, "error": _jax_error_text(e)})
@@ -532,7 +543,8 @@ def _main_jax(a: argparse.Namespace) -> int:
         try:
             return measure_jax(runner, S, vocab, warmup, iters)
         except Exception as e:  # noqa: BLE001 - out of memory (XlaRuntimeError) or a refused shape: the row says so
-            return dict(step_ms=None, peak_gib=None, error=_jax_error_text(e))
+            # a length that compiled but did not fit keeps XLA's plan of it: what the step would have needed
+            return dict(step_ms=None, peak_gib=None, error=_jax_error_text(e), **compiled_plan(runner, S))
 
     if a.max_context:
         _search_max_context(a, base, emit, lambda S: try_step(S, 0, 1))

@@ -107,7 +107,7 @@ class JaxStep:
     compiles the step for S tokens (timed into `first_step_s` by the caller)."""
 
     def __init__(self, hf: dict, lora, *, backend: str, attn: str, remat: str | None, seed: int = 0,
-                 expert_chunk: int | None = None):
+                 expert_chunk: int | None = None, offload: bool = False):
         import jax
         import jax.numpy as jnp
         import optax
@@ -124,8 +124,10 @@ class JaxStep:
                                          moe_backend=resolve_backend(backend, dtype=dtype),
                                          attn_implementation=attn)
         attach_lora(model, lora, seed=seed)
-        if remat is not None:
-            model.gradient_checkpointing_enable(policy=remat)
+        if remat is not None:  # offload: the layer inputs in pinned host memory (`--offload`, as the torch rows)
+            model.gradient_checkpointing_enable(policy=remat, offload_to_cpu=offload)
+        elif offload:
+            raise ValueError("--offload moves the checkpointed layer inputs to host memory: it needs checkpointing")
         model.tile_experts(expert_chunk)
         self.model = model
         self.backend, self.attn = resolve_backend(backend, dtype=dtype), model.attn_implementation
@@ -206,6 +208,18 @@ def compiled_peak_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
 
 
+def compiled_plan(runner: JaxStep, S: int) -> dict:
+    """XLA's buffer assignment for the step compiled at S tokens, in GiB (empty if it did not compile): the whole
+    (`compiled_peak_gib`), its temporaries (activations, residuals kept for the backward, scratch) and arguments
+    (weights, LoRA, optimizer state). A length that compiles but runs out of memory is explained by these."""
+    compiled = getattr(runner, "_compiled", {}).get(S)
+    if compiled is None:
+        return {}
+    m = compiled.memory_analysis()
+    return dict(compiled_peak_gib=_gib(compiled_peak_bytes(compiled)), compiled_temp_gib=_gib(m.temp_size_in_bytes),
+                compiled_argument_gib=_gib(m.argument_size_in_bytes))
+
+
 def measure_jax(runner: JaxStep, S: int, vocab: int, warmup: int, iters: int, seed: int = 0) -> dict:
     """One length's row: first_step_s (compile + first step), median step_ms, peak_gib, compiled_peak_gib."""
     import jax
@@ -234,7 +248,7 @@ def measure_jax(runner: JaxStep, S: int, vocab: int, warmup: int, iters: int, se
     stats = device.memory_stats()
     peak = stats.get("peak_bytes_in_use") if stats else planned
     row = dict(step_ms=statistics.median(times) if times else None, peak_gib=_gib(peak), first_step_s=first_s,
-               compile_s=compile_s, compiled_peak_gib=_gib(planned),
+               compile_s=compile_s, **compiled_plan(runner, S),
                peak_source="memory_stats peak_bytes_in_use (process lifetime)" if stats else
                "compiled.memory_analysis (XLA buffer assignment)", lora_params=runner.lora_params)
     if stats:

@@ -43,9 +43,17 @@ def test_max_context_doubles_then_bisects_to_the_step(limit):
     assert tried[:2] == [4096, 8192] and len(tried) <= 4 + 6  # log2(cap/start) doublings + log2(range/step) halvings
 
 
-def test_max_context_when_even_the_first_length_fails():
-    best, tried, _ = _search(1000, start=4096, cap=65536, step=1024)
-    assert best is None and tried == [4096]
+@pytest.mark.parametrize("limit", [1000, 1024, 3000, 40000])
+def test_max_context_halves_when_the_first_length_fails(limit):
+    """A start that does not train: halving down to one step until a length does, then bisecting up to the step;
+    None when not even one step of tokens trains."""
+    best, tried, _ = _search(limit, start=65536 if limit == 40000 else 4096, cap=262144, step=1024)
+    expected = limit // 1024 * 1024 or None
+    assert best == expected
+    if limit == 1000:
+        assert tried == [4096, 2048, 1024]
+    if limit == 40000:
+        assert tried[:2] == [65536, 32768] and 32768 < max(S for S in tried if S <= limit) == 39936
 
 
 def test_a_row_that_cannot_build_is_recorded(tmp_path):
