@@ -28,9 +28,10 @@ non-reentrant activation checkpointing per decoder layer. Rows:
 
 Each implementation runs in its own process (peak memory is its own; Unsloth patches transformers at import). A row
 that fails (out of memory, an error) is recorded with its error, not dropped. `--max-context` finds the longest S
-that trains for each implementation: doubling from the first `--seq` until a step fails or `--max-seq` is reached,
-then bisecting to `--context-step` tokens. One JSON line per row (`step_ms`, `peak_gib`, `first_step_s`, versions)
-on stdout and appended to `--out`.
+that trains for each implementation: doubling from the first `--seq` until a step fails or `--max-seq` is reached
+(halving while the first fails), then bisecting to `--context-step` tokens; jax_impl's probes run in a process each
+(XLA's allocator after an out-of-memory step can fail a shorter one). One JSON line per row (`step_ms`,
+`peak_gib`, `first_step_s`, versions) on stdout and appended to `--out`.
 """
 
 from __future__ import annotations
@@ -464,7 +465,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "context)")
     p.add_argument("--routing-stats", action="store_true",
                    help="torch_impl: every step logs the routing analytics (what train.routing_stats costs)")
-    p.add_argument("--max-context", action="store_true", help="find the longest S that trains, per implementation")
+    p.add_argument("--max-context", action=argparse.BooleanOptionalAction, default=False,
+                   help="find the longest S that trains, per implementation")
     p.add_argument("--max-seq", type=int, default=262144, help="--max-context: the largest S tried")
     p.add_argument("--context-step", type=int, default=4096, help="--max-context: bisection granularity")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -473,6 +475,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="unsloth: where its random checkpoint is saved (default: /dev/shm or the temp folder)")
     p.add_argument("--out", type=Path, default=None, help="append one JSON line per row")
     a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # for the child processes (later flags override)
     a.preset = a.preset or preset_names(a.family)[0]
     a.hf_attn = a.hf_attn or DEFAULT_HF_ATTN.get(a.family, "sdpa")
     a.impls = a.impls.split(",")
@@ -514,6 +517,23 @@ def _jax_error_text(e: BaseException) -> str:
     return "OOM" if oom else f"{type(e).__name__}: {msg[:300]}"
 
 
+def _jax_probe_in_child(a: argparse.Namespace, S: int) -> dict:
+    """One jax_impl step at S tokens (`--max-context`'s probe), in a fresh process: after a length runs out of memory
+    the process's XLA allocator failed a length that needed less (on an H100, 2026-12-06: gpt-oss at 32K after 64K,
+    planned at 62 of 76 GiB), so each probe gets an allocator of its own. -> the child's row (versions, device,
+    measurement or error) without its mode and length."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "probe.jsonl"
+        argv = [*a.argv, "--no-max-context", "--seq", str(S), "--warmup", "0", "--iters", "1", "--impls",
+                "jax_impl", "--out", str(out)]
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], stdout=subprocess.DEVNULL)
+        rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    rows = [r for r in rows if r.get("seq") == S]
+    if not rows:
+        return dict(step_ms=None, peak_gib=None, error=f"the probe process exited with {done.returncode} and no row")
+    return {k: v for k, v in rows[-1].items() if k not in ("mode", "seq")}
+
+
 def _main_jax(a: argparse.Namespace) -> int:
     """The jax_impl row (benchmarks/step_jax.py), in this process: build, then the lengths or the longest context,
     emitting rows as main() does."""
@@ -528,6 +548,9 @@ def _main_jax(a: argparse.Namespace) -> int:
                 expert_chunk=a.expert_chunk, offload=a.offload)
 
     emit = _emitter(a)
+    if a.max_context:  # every probe in a child process; this one never touches the device
+        _search_max_context(a, base, emit, lambda S: _jax_probe_in_child(a, S))
+        return 0
     try:
         from jax_impl.compile_cache import enable_compile_cache
 
@@ -546,9 +569,6 @@ def _main_jax(a: argparse.Namespace) -> int:
             # a length that compiled but did not fit keeps XLA's plan of it: what the step would have needed
             return dict(step_ms=None, peak_gib=None, error=_jax_error_text(e), **compiled_plan(runner, S))
 
-    if a.max_context:
-        _search_max_context(a, base, emit, lambda S: try_step(S, 0, 1))
-        return 0
     seqs = sorted(a.seqs)  # the allocator's peak is a process maximum: ascending, each row's peak is its own
     # untimed, as the torch rows: one-time work of the process stays out of the first row; it compiles the first
     # length, so that row's first_step_s (compilation included) is this step's

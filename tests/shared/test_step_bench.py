@@ -169,3 +169,27 @@ def test_jax_row_trains_the_tiny_preset_on_cpu(tmp_path, monkeypatch):
     changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before_host),
                                                                    jax.tree.leaves(runner.lora))]
     assert all(changed) and runner.lora_params == rows[0]["lora_params"] > 0
+
+
+def test_jax_max_context_probes_each_length_in_its_own_process(tmp_path, monkeypatch):
+    """`--max-context --impls jax_impl` runs every probe in a fresh process (an allocator that ran out of memory at
+    one length failed a shorter one on the GPU): this process builds no JaxStep, and the probe rows carry the child's
+    measurement and XLA's plan."""
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    import benchmarks.step as step
+    from benchmarks.step_jax import JaxStep
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a probe ran in the searching process")
+
+    monkeypatch.setattr(JaxStep, "__init__", refuse)
+    out = tmp_path / "rows.jsonl"
+    assert step.main(["--family", "qwen3_moe", "--preset", "tiny", "--layers", "1", "--device", "cpu",
+                      "--max-context", "--seq", "16", "--max-seq", "32", "--context-step", "16", "--impls", "jax_impl",
+                      "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    probes = [r for r in rows if r["mode"] == "max_context_probe"]
+    assert [r["seq"] for r in probes] == [16, 32] and rows[-1]["max_context"] == 32
+    assert all(r["step_ms"] > 0 and r["compiled_temp_gib"] > 0 and not r.get("error") for r in probes)
