@@ -10,8 +10,8 @@ alpha=128 (fp32 adapters and AdamW state) on the attention projections and both 
 non-reentrant activation checkpointing per decoder layer. Rows:
 
 - `torch_impl`: this project (`--backend` picks the MoE backend; `--cuda-graph` replays a captured forward + backward;
-  `--compile` compiles each decoder layer; `--offload`, also for `jax_impl`, keeps the checkpointed layer inputs
-  in host memory; `--expert-chunk N`, also for `jax_impl`, runs the routed experts in N-token chunks,
+  `--compile` compiles each decoder layer; `--offload` keeps the checkpointed layer inputs in host memory;
+  `--expert-chunk N`, also for `jax_impl`, runs the routed experts in N-token chunks,
   `CausalLM.tile_experts`);
   the loss through `torch_impl.loss` (no `[S, V]` logits) and torch's fused AdamW on CUDA;
 - `jax_impl`: this project in JAX (`benchmarks/step_jax.py`): one jitted step (forward with the loss without
@@ -461,8 +461,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch_impl, jax_impl: routed experts in chunks of TOKENS tokens, recomputed chunk by chunk "
                         "in the backward (CausalLM.tile_experts: long context)")
     p.add_argument("--offload", action="store_true",
-                   help="torch_impl, jax_impl: keep the checkpointed layer inputs in pinned host memory (long "
-                        "context)")
+                   help="torch_impl rows: keep the checkpointed layer inputs in pinned host memory (long context; "
+                        "jax_impl rows run without it and record offload=false)")
     p.add_argument("--routing-stats", action="store_true",
                    help="torch_impl: every step logs the routing analytics (what train.routing_stats costs)")
     p.add_argument("--max-context", action=argparse.BooleanOptionalAction, default=False,
@@ -545,7 +545,7 @@ def _main_jax(a: argparse.Namespace) -> int:
     lora = LoraConfig(rank=a.rank, alpha=a.alpha, targets=ATTENTION_TARGETS[a.family] + EXPERT_TARGETS)
     base = dict(impl="jax_impl", family=a.family, preset=a.preset, layers=hf["num_hidden_layers"], rank=a.rank,
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, jax_remat=a.jax_remat if a.grad_ckpt else None, jax_env=env,
-                expert_chunk=a.expert_chunk, offload=a.offload)
+                expert_chunk=a.expert_chunk, offload=False)  # --offload is the torch rows' (the row says so)
 
     emit = _emitter(a)
     if a.max_context:  # every probe in a child process; this one never touches the device
@@ -556,7 +556,7 @@ def _main_jax(a: argparse.Namespace) -> int:
 
         base.update(jax_versions(), jax_compile_cache=str(enable_compile_cache(a.jax_compile_cache) or "off"))
         runner = JaxStep(hf, lora, backend=a.jax_backend, attn=None if a.jax_attn == "literal" else a.jax_attn,
-                         remat=a.jax_remat if a.grad_ckpt else None, expert_chunk=a.expert_chunk, offload=a.offload)
+                         remat=a.jax_remat if a.grad_ckpt else None, expert_chunk=a.expert_chunk)
         base.update(backend=runner.backend, jax_attn=runner.attn or "literal")
     except Exception as e:  # noqa: BLE001 - a row that cannot even build is recorded, not dropped
         emit({**base, "mode": "build", "seq": None, "step_ms": None, "peak_gib": None, "error": _jax_error_text(e)})

@@ -107,7 +107,7 @@ class JaxStep:
     compiles the step for S tokens (timed into `first_step_s` by the caller)."""
 
     def __init__(self, hf: dict, lora, *, backend: str, attn: str, remat: str | None, seed: int = 0,
-                 expert_chunk: int | None = None, offload: bool = False):
+                 expert_chunk: int | None = None):
         import jax
         import jax.numpy as jnp
         import optax
@@ -124,10 +124,8 @@ class JaxStep:
                                          moe_backend=resolve_backend(backend, dtype=dtype),
                                          attn_implementation=attn)
         attach_lora(model, lora, seed=seed)
-        if remat is not None:  # offload: the layer inputs in pinned host memory (`--offload`, as the torch rows)
-            model.gradient_checkpointing_enable(policy=remat, offload_to_cpu=offload)
-        elif offload:
-            raise ValueError("--offload moves the checkpointed layer inputs to host memory: it needs checkpointing")
+        if remat is not None:
+            model.gradient_checkpointing_enable(policy=remat)
         model.tile_experts(expert_chunk)
         self.model = model
         self.backend, self.attn = resolve_backend(backend, dtype=dtype), model.attn_implementation

@@ -175,6 +175,12 @@ class Trainer:
         if cfg.lora.train_router:
             raise ConfigError("lora.train_router is not supported by jax_impl yet (its attach_lora keeps routers "
                               "frozen); train it with --framework torch")
+        if cfg.train.gradient_checkpointing == "offload":
+            # tried (commit 477d606: the layer inputs as jax.checkpoint residuals offloaded to pinned_host): on an
+            # H100 with jax 0.11.2 XLA planned more device memory with it, not less (benchmarks/REPORT.md)
+            raise ConfigError("train.gradient_checkpointing=offload keeps layer inputs in host memory in torch_impl "
+                              "only; with --framework jax use train.gradient_checkpointing=recompute (and "
+                              "train.expert_chunk for long context)")
         self.cfg = cfg
         # a backend that cannot run here says why before the data and the checkpoint are built
         resolve_backend(cfg.model.moe_backend, dtype=_DTYPES[cfg.model.dtype])
@@ -195,10 +201,8 @@ class Trainer:
             self.model = load_model(self.run.checkpoint, lora=cfg.lora, dtype=_DTYPES[cfg.model.dtype],
                                     moe_backend=cfg.model.moe_backend)
             load_lora_state_dict(self.model, init_lora_tensors(cfg.lora, self.run.model_cfg, cfg.train.seed))
-            if cfg.train.gradient_checkpointing != "none":  # layers recomputed, inputs kept on the device or
-                # ("offload") in pinned host memory, as torch_impl
-                self.model.gradient_checkpointing_enable(
-                    cfg.train.checkpoint_policy, offload_to_cpu=cfg.train.gradient_checkpointing == "offload")
+            if cfg.train.gradient_checkpointing == "recompute":  # layer inputs kept, layers recomputed (as torch)
+                self.model.gradient_checkpointing_enable(cfg.train.checkpoint_policy)
             # per-layer routing analytics (train.routing_stats): variables of the MoE blocks, so before the split
             self.routing = RoutingStatsAccumulator(self.model) if cfg.train.routing_stats else None
             if self.mesh is not None:

@@ -16,9 +16,8 @@
 - `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses (the aux loss masked by
   `attention_mask` as HF's `load_balancing_loss_func`; the LM loss masked by labels = -100 only, as HF's);
   `lm_output(..., return_logits=False)` takes the loss from `jax_impl.loss` without the [B, S, V] logits.
-- `LayerCheckpointing`: `gradient_checkpointing_enable(policy=..., offload_to_cpu=...)` (HF's and torch_impl's
-  names) for the decoder-layer loop, with a `jax.checkpoint` policy (`REMAT_POLICIES`: what the backward may keep),
-  the layer inputs optionally kept in pinned host memory (`offload_layer_input`).
+- `LayerCheckpointing`: `gradient_checkpointing_enable(policy=...)` (HF's and torch_impl's name) for the
+  decoder-layer loop, with a `jax.checkpoint` policy (`REMAT_POLICIES`: what the backward may keep).
 
 Shapes: B batch, S sequence, H hidden, N query heads, Nkv key/value heads, D head dim.
 """
@@ -32,7 +31,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from jax_impl.lora import Frozen, LoRALinear, lora_z
 from jax_impl.models.attention import dot_product_attention, masked_softmax  # noqa: F401 - masked_softmax re-exported
@@ -77,56 +75,28 @@ REMAT_POLICIES = {
 }
 
 
-# the name under which a checkpointed decoder layer's hidden-state input is offloaded (`offload_layer_input`)
-LAYER_INPUT = "splitmoe_decoder_layer_input"
-
-
-def offload_layer_input(policy=None):
-    """A `jax.checkpoint` policy: `policy` (None: keep nothing) for everything, except the value named
-    `LAYER_INPUT`, which is saved to pinned host memory and brought back for the layer's backward instead of staying
-    on the device (torch_impl's `offload_to_cpu`). Across L layers that frees L·S·H activations of the device: 9 GiB
-    for gpt-oss-20b's 24 layers at 64K tokens in bf16."""
-    offload = jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT], offload_src="device",
-        offload_dst="pinned_host")
-    base = policy or jax.checkpoint_policies.nothing_saveable
-
-    def combined(prim, *avals, **params):
-        # jax's name primitive carries the name; matched by value (pjit also has a `name` parameter, never this one)
-        if params.get("name") == LAYER_INPUT:
-            return offload(prim, *avals, **params)
-        return base(prim, *avals, **params)
-
-    return combined
-
-
 class LayerCheckpointing:
     """Mixin of the models (`models.decoder.CausalLM`), as torch_impl's: with `gradient_checkpointing_enable()`
     each decoder layer keeps only its inputs for the backward and recomputes its forward there (`jax.checkpoint`);
     `policy` (a name of `REMAT_POLICIES` or any `jax.checkpoint_policies` callable) lets it keep more: "small_dots"
-    keeps what is cheap to keep (`save_small_dots`). `offload_to_cpu=True` keeps the layer inputs in pinned host
-    memory instead (`offload_layer_input`): the device holds one layer's input at a time in the backward. JAX has no
-    training flag: rematerialisation only changes what differentiation saves, so a forward without gradients is
-    unaffected."""
+    keeps what is cheap to keep (`save_small_dots`). JAX has no training flag: rematerialisation only changes what
+    differentiation saves, so a forward without gradients is unaffected."""
 
     gradient_checkpointing: bool = False
     checkpoint_policy = None
-    checkpoint_offload: bool = False
 
-    def gradient_checkpointing_enable(self, policy=None, offload_to_cpu: bool = False) -> None:
+    def gradient_checkpointing_enable(self, policy=None) -> None:
         if isinstance(policy, str):
             if policy not in REMAT_POLICIES:
                 raise ValueError(f"unknown checkpoint policy {policy!r}; choose one of {', '.join(REMAT_POLICIES)} "
                                  "or pass a jax.checkpoint_policies callable")
             policy = REMAT_POLICIES[policy]
         self.gradient_checkpointing = True
-        self.checkpoint_offload = bool(offload_to_cpu)
-        self.checkpoint_policy = offload_layer_input(policy) if offload_to_cpu else policy
+        self.checkpoint_policy = policy
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
         self.checkpoint_policy = None
-        self.checkpoint_offload = False
 
     def _run_layer(self, layer: nnx.Module, *args):
         if not self.gradient_checkpointing:
@@ -134,13 +104,10 @@ class LayerCheckpointing:
         # functional form (split, then jax.checkpoint over merge-and-call): nnx.remat would write the layer's
         # variables back across trace levels, which the frozen base weights refuse inside an outer jit
         graphdef, state = nnx.split(layer)
-        offload = self.checkpoint_offload
 
-        def run(st, h, *a):
+        def run(st, *a):
             m = nnx.merge(graphdef, st)
-            if offload:  # the recompute then reads the host copy, not the outer program's device array
-                h = checkpoint_name(h, LAYER_INPUT)
-            return m(h, *a), nnx.state(m, RoutingStats)
+            return m(*a), nnx.state(m, RoutingStats)
 
         out, stats = jax.checkpoint(run, policy=self.checkpoint_policy)(state, *args)
         # the routing statistics an MoE block wrote inside the checkpointed call (jax_impl.routing_stats) go back to

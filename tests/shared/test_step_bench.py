@@ -193,3 +193,18 @@ def test_jax_max_context_probes_each_length_in_its_own_process(tmp_path, monkeyp
     probes = [r for r in rows if r["mode"] == "max_context_probe"]
     assert [r["seq"] for r in probes] == [16, 32] and rows[-1]["max_context"] == 32
     assert all(r["step_ms"] > 0 and r["compiled_temp_gib"] > 0 and not r.get("error") for r in probes)
+
+
+
+def test_jax_row_records_that_offload_is_not_its_own(tmp_path):
+    """`--offload` is the torch rows': a jax_impl row of the same command runs without it and says offload=false."""
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    import benchmarks.step as step
+
+    out = tmp_path / "rows.jsonl"
+    assert step.main(["--family", "qwen3_moe", "--preset", "tiny", "--layers", "1", "--device", "cpu", "--seq", "16",
+                      "--iters", "1", "--warmup", "0", "--offload", "--impls", "jax_impl", "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["offload"] is False and row["step_ms"] > 0
