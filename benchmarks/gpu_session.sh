@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -339,6 +339,21 @@ case $PART in
 for line in open(sys.argv[1]):
     r = json.loads(line); print(r.get("seq"), {k: round(v, 2) for k, v in r.items() if k.startswith("compiled_")})' \
       "$R/maxctx_jax.jsonl" ;;
+  session12jaxlong)  # (written 2026-12-06, session 11, for the next device time) jax_impl's longest gpt-oss context
+    # (issue 17: >= 64K), each probe in a fresh process now: experts in 16K chunks with the default "small_dots"
+    # policy, then keeping nothing but the layer input ("nothing": 1.7 GiB less at 64K), then with XLA's
+    # cuda_malloc_async allocator (call 7 of session 11 planned 73.6 GiB at 64K and ran out in the BFC allocator)
+    J="--family gpt_oss --max-context --max-seq 131072 --seq 32768 --context-step 16384 --expert-chunk 16384"
+    timeout 200 python3 benchmarks/step.py $J --impls jax_impl --out "$R/maxctx_jax.jsonl" > "$R/maxctx_jax.log" 2>&1
+    timeout 180 python3 benchmarks/step.py $J --jax-remat nothing --impls jax_impl --out "$R/maxctx_jax_nothing.jsonl" \
+      > "$R/maxctx_jax_nothing.log" 2>&1
+    TF_GPU_ALLOCATOR=cuda_malloc_async timeout $((590 - SECONDS)) python3 benchmarks/step.py $J --jax-remat nothing \
+      --impls jax_impl --out "$R/maxctx_jax_async.jsonl" > "$R/maxctx_jax_async.log" 2>&1
+    for f in "$R"/maxctx_jax*.jsonl; do echo "$f"; python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(r.get("mode"), r.get("seq"), r.get("step_ms"), r.get("peak_gib"), r.get("error"),
+          {k: round(v, 2) for k, v in r.items() if k.startswith("compiled_") and v is not None})' "$f"; done ;;
   session11kern)  # (written 2026-12-06, session 10) issue 16's remaining rows with the EPI_SPLIT table: the hopper
     # gpu tests (the 64 x 256 EPI_SPLIT config at 2 stages), the T=1024 eager block (target >= 3x HF + PEFT on both
     # shapes) and T=65536 gpt-oss (within the current memory), then JAX pallas against torch triton_hopper at 16K
