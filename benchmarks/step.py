@@ -11,8 +11,7 @@ non-reentrant activation checkpointing per decoder layer. Rows:
 
 - `torch_impl`: this project (`--backend` picks the MoE backend; `--cuda-graph` replays a captured forward + backward;
   `--compile` compiles each decoder layer; `--offload` keeps the checkpointed layer inputs in host memory;
-  `--expert-chunk N`, also for `jax_impl`, runs the routed experts in N-token chunks,
-  `CausalLM.tile_experts`);
+  `--expert-chunk N`, also for `jax_impl`, runs the routed experts in N-token chunks, `CausalLM.tile_experts`);
   the loss through `torch_impl.loss` (no `[S, V]` logits) and torch's fused AdamW on CUDA;
 - `jax_impl`: this project in JAX (`benchmarks/step_jax.py`): one jitted step (forward with the loss without
   logits, backward, optax AdamW) with the LoRA and optimizer buffers donated, `jax.checkpoint` per decoder layer with
@@ -467,6 +466,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch_impl: every step logs the routing analytics (what train.routing_stats costs)")
     p.add_argument("--max-context", action=argparse.BooleanOptionalAction, default=False,
                    help="find the longest S that trains, per implementation")
+    p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # a --max-context child: one step
     p.add_argument("--max-seq", type=int, default=262144, help="--max-context: the largest S tried")
     p.add_argument("--context-step", type=int, default=4096, help="--max-context: bisection granularity")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -524,8 +524,7 @@ def _jax_probe_in_child(a: argparse.Namespace, S: int) -> dict:
     measurement or error) without its mode and length."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "probe.jsonl"
-        argv = [*a.argv, "--no-max-context", "--seq", str(S), "--warmup", "0", "--iters", "1", "--impls",
-                "jax_impl", "--out", str(out)]
+        argv = [*a.argv, "--no-max-context", "--probe", "--seq", str(S), "--impls", "jax_impl", "--out", str(out)]
         done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], stdout=subprocess.DEVNULL)
         rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     rows = [r for r in rows if r.get("seq") == S]
@@ -569,6 +568,9 @@ def _main_jax(a: argparse.Namespace) -> int:
             # a length that compiled but did not fit keeps XLA's plan of it: what the step would have needed
             return dict(step_ms=None, peak_gib=None, error=_jax_error_text(e), **compiled_plan(runner, S))
 
+    if a.probe:  # one step at the one length, as the searching process's probes did before they moved here
+        emit({**base, "mode": "step", "seq": a.seqs[0], **try_step(a.seqs[0], 0, 1)})
+        return 0
     seqs = sorted(a.seqs)  # the allocator's peak is a process maximum: ascending, each row's peak is its own
     # untimed, as the torch rows: one-time work of the process stays out of the first row; it compiles the first
     # length, so that row's first_step_s (compilation included) is this step's
