@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -354,6 +354,18 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     print(r.get("mode"), r.get("seq"), r.get("step_ms"), r.get("peak_gib"), r.get("error"),
           {k: round(v, 2) for k, v in r.items() if k.startswith("compiled_") and v is not None})' "$f"; done ;;
+  session12prof)  # (written 2026-12-06, session 11, for the next device time) issue 15's 4K targets (<= 0.6x Unsloth;
+    # now 0.89x Qwen3, 0.70x gpt-oss): where the compiled 4K step's time goes on today's code (the profile tables of
+    # one step after the timed rows, per model), next to Unsloth's rows in the same call
+    wheels
+    L=$(card_layers)
+    timeout 150 python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096 --warmup 2 --iters 3 \
+      --impls torch_impl --compile --profile "$R" --out "$R/step.jsonl" > "$R/step_qwen3.log" 2>&1
+    timeout 150 python3 benchmarks/step.py --family gpt_oss --seq 4096 --warmup 2 --iters 3 --impls torch_impl \
+      --compile --profile "$R" --out "$R/step.jsonl" > "$R/step_gpt_oss.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --layers "$L" --seq 4096 --warmup 2 \
+      --iters 3 --impls unsloth --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "device busy" "$R"/*.log ;;
   session11kern)  # (written 2026-12-06, session 10) issue 16's remaining rows with the EPI_SPLIT table: the hopper
     # gpu tests (the 64 x 256 EPI_SPLIT config at 2 stages), the T=1024 eager block (target >= 3x HF + PEFT on both
     # shapes) and T=65536 gpt-oss (within the current memory), then JAX pallas against torch triton_hopper at 16K
