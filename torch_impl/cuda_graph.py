@@ -74,10 +74,7 @@ class GraphedLoss:
             with context(), torch.cuda.graph(self.graph):
                 self._loss = run()
         except RuntimeError as e:
-            raise RuntimeError(
-                "capturing the forward + backward in a CUDA graph failed: something in it syncs with the host "
-                "(.item(), .tolist(), bool(tensor), bincount, nonzero, boolean indexing) or copies from pageable "
-                f"host memory; run it eagerly instead. Original error: {e}") from e
+            raise RuntimeError(capture_failure_message(e)) from e
         self._grads = [p.grad for p in self.params]
 
     def _drop_grads(self) -> None:
@@ -157,6 +154,23 @@ def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
 
     step.graphed = graphed  # the GraphedLoss (its graph, buffers and parameters), for inspection
     return step
+
+
+def capture_failure_message(e: BaseException) -> str:
+    """What a failed capture most likely means, for the error a user sees. The capture's own error is often the
+    generic "operation failed due to a previous error during capture"; the first error, chained as its context,
+    names the cause."""
+    errors = f"{e} {e.__context__ or ''}"
+    if "legacy stream" in errors or "cudaErrorStreamCaptureImplicit" in errors:
+        # measured on an H100 (2026-12-06): an eager step whose loss was still referenced kept the parameters'
+        # gradient-accumulation nodes on the default stream, and the captured backward had to wait on that stream
+        return ("capturing the forward + backward in a CUDA graph failed: the capture had to wait on the default "
+                "stream, most likely because the autograd graph of an earlier eager step is still alive (a loss or "
+                "output tensor kept from it holds the parameters' gradient-accumulation nodes): delete those "
+                f"references (`del loss`) before capturing, or capture before any eager step. Original error: {e}")
+    return ("capturing the forward + backward in a CUDA graph failed: something in it syncs with the host (.item(), "
+            ".tolist(), bool(tensor), bincount, nonzero, boolean indexing) or copies from pageable host memory; run "
+            f"it eagerly instead. Original error: {e}")
 
 
 def check_capturable(model: torch.nn.Module) -> None:

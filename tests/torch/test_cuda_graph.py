@@ -88,6 +88,27 @@ def test_check_capturable_names_the_backend(tmp_path):
         check_capturable(_model(tmp_path, "gpt_oss", backend="native"))
 
 
+def test_capture_failure_messages_name_the_likely_cause():
+    """A failed capture's error says what to do: a capture that had to wait on the default stream (seen when an eager
+    step's autograd graph was still alive, the original error chained as the capture error's context) asks to drop
+    that step's references; any other failure names the host syncs a graph cannot hold."""
+    from torch_impl.cuda_graph import capture_failure_message
+
+    generic = RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    try:
+        try:
+            raise RuntimeError("CUDA error: operation would make the legacy stream depend on a capturing blocking "
+                               "stream")
+        except RuntimeError:
+            raise generic  # noqa: B904 - chained implicitly, as torch.cuda.graph's __exit__ does
+    except RuntimeError as e:
+        stale = e
+    msg = capture_failure_message(stale)
+    assert "`del loss`" in msg and "syncs with the host" not in msg
+    plain = capture_failure_message(RuntimeError("CUDA error: operation not permitted when stream is capturing"))
+    assert "syncs with the host" in plain and "del loss" not in plain
+
+
 def test_off_cuda_errors_are_clear(tmp_path):
     model = _model(tmp_path, "qwen3_moe")
     ids, labels, _ = _batch(0, model.config.vocab_size, False)
