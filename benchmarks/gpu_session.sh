@@ -120,6 +120,13 @@ for f in sys.argv[1:]:
         print(r["impl"], r.get("layers"), "+".join(opts) or "-", r.get("seq"), r.get("step_ms"), r.get("peak_gib"),
               r.get("first_step_s"), str(r.get("error", ""))[:200])' "$@"
 }
+plans() {  # jax_impl rows with XLA's plan of each length (compiled_*: what a length that ran out of memory needed)
+  for f in "$@"; do echo "$f"; python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(r.get("mode"), r.get("seq"), r.get("step_ms"), r.get("peak_gib"), r.get("error"),
+          {k: round(v, 2) for k, v in r.items() if k.startswith("compiled_") and v is not None})' "$f"; done
+}
 case $PART in
   wholestep)  # call 1 of 3 (2026-12-05, session 2): the loss four ways; Qwen3-30B-A3B (48 layers) at 4K and 16K:
     # torch_impl eager (profiled), eager with AdamW in backward, and Unsloth, one process each
@@ -325,20 +332,17 @@ case $PART in
       --impls hf_peft,torch_triton,torch_triton_hopper --cases qwen3_30b_T1024,gpt_oss_20b_T1024 \
       --out "$R/block.jsonl" > "$R/block.log" 2>&1
     rows "$R"/maxctx_jax.jsonl; tail -12 "$R/block.log" | cut -c1-200 ;;
-  session11c)  # (session 11, call 6) the fixed CUDA-graph test of the tiled experts (the capture now comes first) and
-    # jax_impl's layer-input offload on the GPU (its loss / gradient test, then gpt-oss's longest context with the
-    # offload and tiled experts: issue 17 asks >= 64K; call 2 ran out of memory at 64K without the offload)
+  session11c)  # (session 11, call 6; ran on commit 477d606, whose jax_impl offload 4a16d64 took out again) the fixed
+    # CUDA-graph test of the tiled experts (the capture now comes first) and jax_impl's layer-input offload on the
+    # GPU (its loss / gradient test, then gpt-oss's longest context with the offload and tiled experts: issue 17 asks
+    # >= 64K; call 2 ran out of memory at 64K without the offload)
     gpu_tests gpu_tests.log 100 tests/torch/test_tiled_experts.py -k cuda_graph
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/jax/test_checkpointing.py -k offload \
       > "$R/jax_offload_test.log" 2>&1
     timeout $((590 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --max-context --max-seq 262144 \
       --seq 65536 --context-step 32768 --offload --expert-chunk 16384 --impls jax_impl --out "$R/maxctx_jax.jsonl" \
       > "$R/maxctx_jax.log" 2>&1
-    grep -iE "passed|failed" "$R/gpu_tests.log" "$R/jax_offload_test.log" | tail -4; rows "$R"/maxctx_jax.jsonl
-    python3 -c 'import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line); print(r.get("seq"), {k: round(v, 2) for k, v in r.items() if k.startswith("compiled_")})' \
-      "$R/maxctx_jax.jsonl" ;;
+    grep -iE "passed|failed" "$R/gpu_tests.log" "$R/jax_offload_test.log" | tail -4; plans "$R"/maxctx_jax.jsonl ;;
   session12jaxlong)  # (written 2026-12-06, session 11, for the next device time) jax_impl's longest gpt-oss context
     # (issue 17: >= 64K), each probe in a fresh process now: experts in 16K chunks with the default "small_dots"
     # policy, then keeping nothing but the layer input ("nothing": 1.7 GiB less at 64K), then with XLA's
@@ -349,11 +353,7 @@ for line in open(sys.argv[1]):
       > "$R/maxctx_jax_nothing.log" 2>&1
     TF_GPU_ALLOCATOR=cuda_malloc_async timeout $((590 - SECONDS)) python3 benchmarks/step.py $J --jax-remat nothing \
       --impls jax_impl --out "$R/maxctx_jax_async.jsonl" > "$R/maxctx_jax_async.log" 2>&1
-    for f in "$R"/maxctx_jax*.jsonl; do echo "$f"; python3 -c 'import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(r.get("mode"), r.get("seq"), r.get("step_ms"), r.get("peak_gib"), r.get("error"),
-          {k: round(v, 2) for k, v in r.items() if k.startswith("compiled_") and v is not None})' "$f"; done ;;
+    plans "$R"/maxctx_jax*.jsonl ;;
   session12prof)  # (written 2026-12-06, session 11, for the next device time) issue 15's 4K targets (<= 0.6x Unsloth;
     # now 0.89x Qwen3, 0.70x gpt-oss): where the compiled 4K step's time goes on today's code (the profile tables of
     # one step after the timed rows, per model), next to Unsloth's rows in the same call
