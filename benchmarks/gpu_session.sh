@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -354,6 +354,27 @@ case $PART in
     TF_GPU_ALLOCATOR=cuda_malloc_async timeout $((590 - SECONDS)) python3 benchmarks/step.py $J --jax-remat nothing \
       --impls jax_impl --out "$R/maxctx_jax_async.jsonl" > "$R/maxctx_jax_async.log" 2>&1
     plans "$R"/maxctx_jax*.jsonl ;;
+  session12h200a)  # (session 12, for an H200: issue 15's targets name 48 layers, which an 80 GB card cannot hold)
+    # Qwen3-30B-A3B at 48 layers: Unsloth's rows first (the baseline every ratio needs), then torch_impl compiled with
+    # and without the "attention" policy, 4K and 16K, in one call
+    wheels
+    L=$(card_layers)
+    Q="--family qwen3_moe --layers $L --warmup 2 --iters 3 --seq 4096,16384"
+    timeout 260 python3 benchmarks/step.py $Q --impls unsloth --out "$R/step_qwen3.jsonl" > "$R/step_unsloth.log" 2>&1
+    timeout $(((590 - SECONDS) / 2)) python3 benchmarks/step.py $Q --impls torch_impl --compile \
+      --out "$R/step_qwen3.jsonl" > "$R/step.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --impls torch_impl --compile --checkpoint-policy attention \
+      --out "$R/step_qwen3.jsonl" > "$R/step_ka.log" 2>&1
+    rows "$R/step_qwen3.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
+  session12jax64)  # (session 12, for an H200) issue 17's ">= 64K in JAX on both models": gpt-oss-20b and
+    # Qwen3-30B-A3B (48 layers where the card holds them) from 64K up, each probe in a fresh process
+    L=$(card_layers)
+    timeout 230 python3 benchmarks/step.py --family gpt_oss --max-context --max-seq 131072 --seq 65536 \
+      --context-step 32768 --expert-chunk 16384 --impls jax_impl --out "$R/maxctx_jax.jsonl" > "$R/maxctx_oss.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --layers "$L" --max-context \
+      --max-seq 131072 --seq 65536 --context-step 32768 --expert-chunk 16384 --impls jax_impl \
+      --out "$R/maxctx_jax.jsonl" > "$R/maxctx_qwen3.log" 2>&1
+    plans "$R/maxctx_jax.jsonl" ;;
   session12prof)  # (written 2026-12-06, session 11, for the next device time) issue 15's 4K targets (<= 0.6x Unsloth;
     # now 0.89x Qwen3, 0.70x gpt-oss): where the compiled 4K step's time goes on today's code (the profile tables of
     # one step after the timed rows, per model), next to Unsloth's rows in the same call
