@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -375,6 +375,20 @@ case $PART in
       --max-seq 131072 --seq 65536 --context-step 32768 --expert-chunk 16384 --impls jax_impl \
       --out "$R/maxctx_jax.jsonl" > "$R/maxctx_qwen3.log" 2>&1
     plans "$R/maxctx_jax.jsonl" ;;
+  session12prof2)  # (session 12, on an H100 when no H200 came) issue 15's Qwen3 4K target (<= 0.6x Unsloth; 0.89x
+    # in session 11): the compiled 4K step profiled; the same step without activation checkpointing and with AdamW in
+    # backward (the gradients freed at once), which says what the recompute costs and whether 24 layers' activations
+    # fit under Unsloth's peak; Unsloth's row in the same call
+    wheels
+    L=$(card_layers)
+    Q="--family qwen3_moe --layers $L --seq 4096 --warmup 2 --iters 3"
+    timeout 150 python3 benchmarks/step.py $Q --impls torch_impl --compile --profile "$R" --out "$R/step.jsonl" \
+      > "$R/step_qwen3.log" 2>&1
+    timeout 130 python3 benchmarks/step.py $Q --impls torch_impl --compile --no-grad-ckpt --optim-in-backward \
+      --out "$R/step.jsonl" > "$R/step_nockpt.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --impls unsloth --out "$R/step.jsonl" \
+      > "$R/step_unsloth.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "device busy" "$R"/*.log ;;
   session12prof)  # (written 2026-12-06, session 11, for the next device time) issue 15's 4K targets (<= 0.6x Unsloth;
     # now 0.89x Qwen3, 0.70x gpt-oss): where the compiled 4K step's time goes on today's code (the profile tables of
     # one step after the timed rows, per model), next to Unsloth's rows in the same call
