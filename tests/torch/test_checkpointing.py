@@ -2,7 +2,8 @@
 loss and every LoRA gradient equal those of the plain forward, and the layer forward really runs twice; the same with
 the kept layer inputs offloaded to host memory (`offload_to_cpu=True`) and with the "attention" policy (the SDPA
 kernels' outputs kept, the recompute skipping them), an aux loss (router logits carry gradient back through the
-recomputed layer) and a dense layer (whose router logits are None) included."""
+recomputed layer) and a dense layer (whose router logits are None) included. With `layers=N` only the first N layers
+run twice, with the same numbers."""
 
 from __future__ import annotations
 
@@ -121,6 +122,45 @@ def _attention_kernels(model, ids) -> int:
     with calls, torch.no_grad():
         model(ids)
     return calls.n
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("layers", [0, 1, 3, None], ids=["none", "first", "all", "default"])
+def test_checkpointing_the_first_layers_gives_the_same_loss_and_grads(layers, mode, tmp_path, seed):
+    """`gradient_checkpointing_enable(layers=N)` on a 3-layer model (a dense first layer, an aux loss): only the first
+    N layers run their forward again in the backward (on device, offloaded, keeping attention), the others once, and
+    the loss and every LoRA gradient equal the plain forward's bit for bit."""
+    model = _trainable_model("qwen3_moe", tmp_path, seed, {**OVERRIDES["qwen3_moe"], "num_hidden_layers": 3},
+                             moe_backend="grouped_mm")
+    ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(seed))
+    loss, grads = _loss_and_grads(model, ids)
+
+    calls = [0] * len(model.layers)  # forward pre-hooks, as above: one per run of a layer's forward
+    hooks = [layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(model.layers)]
+    model.gradient_checkpointing_enable(**MODES[mode], layers=layers)
+    loss_ck, grads_ck = _loss_and_grads(model, ids)
+    for h in hooks:
+        h.remove()
+    n = len(model.layers) if layers is None else layers
+    assert calls == [2] * n + [1] * (len(model.layers) - n)
+    assert torch.equal(loss, loss_ck)
+    assert grads.keys() == grads_ck.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads_ck[name], grads[name], rtol=0, atol=0, msg=f"{name} differs")
+    model.gradient_checkpointing_disable()
+    assert model.checkpoint_layers is None and not model.gradient_checkpointing
+
+
+def test_checkpoint_layers_errors_say_what_to_use(tmp_path, seed):
+    path = write_tiny_checkpoint("qwen3_moe", tmp_path / "q", seed=seed % 1000, num_hidden_layers=3)
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS["qwen3_moe"]))
+    for bad in (4, -1, True, 1.5, "1"):
+        with pytest.raises(ValueError, match=rf"layers={bad!r}\): layers is how many of the first decoder layers to "
+                                             r"checkpoint, an int from 0 to 3 \(this model has 3\); pass one of "
+                                             "those, or None to checkpoint every layer"):
+            model.gradient_checkpointing_enable(layers=bad)
+    assert not model.gradient_checkpointing and model.checkpoint_layers is None  # a refused call changes nothing
 
 
 def test_checkpoint_policy_errors_say_what_to_use(tmp_path, seed):

@@ -7,9 +7,9 @@ attention module, MLP / MoE module and norm class the family gives it; returns (
 
 `CausalLM`: embedding -> rotary tables -> attention mask (`layers.causal_mask`: packed documents, padding) ->
 the decoder layers (each through `LayerCheckpointing._run_layer`, so activation checkpointing, on device or
-offloaded, covers every family alike) collecting router logits -> final norm -> `layers.lm_output` (logits, or the
-loss without logits with `return_logits=False`; the aux loss). A family subclasses it and supplies only what
-differs, through these hooks:
+offloaded, of every layer or of the first N, covers every family alike) collecting router logits -> final norm ->
+`layers.lm_output` (logits, or the loss without logits with `return_logits=False`; the aux loss). A family
+subclasses it and supplies only what differs, through these hooks:
 
 - `family`: the `ModelConfig.family` it builds; `check_config(cfg)`: that, and what else the family refuses;
 - `build_attention(cfg, layer_idx, ...)`: its attention module (default: `layers.Attention`, GQA with optional q/k
@@ -168,8 +168,8 @@ class CausalLM(LayerCheckpointing, nn.Module):
         # None unless packed or padded (SDPA's causal path); a sliding window is the attention module's (gpt-oss)
         mask = causal_mask(position_ids, attention_mask)
         router_logits = []
-        for layer in self.layers:
-            x, logits = self._run_layer(layer, x, cos, sin, mask)
+        for layer_idx, layer in enumerate(self.layers):  # the index: `checkpoint_layers` counts from the first
+            x, logits = self._run_layer(layer_idx, layer, x, cos, sin, mask)
             if logits is not None:
                 router_logits.append(logits)
         return lm_output(self.norm(x), self.embed_tokens.weight, self.lm_head, labels, router_logits, self.config,

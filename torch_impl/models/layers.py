@@ -18,7 +18,8 @@ Linear weights are canonical `[in, out]`, applied as `x @ W` (HF stores `[out, i
 - `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses (the aux loss masked by
   `attention_mask` as HF's `load_balancing_loss_func`; the LM loss masked by labels = -100 only, as HF's).
 - `LayerCheckpointing`: HF's `gradient_checkpointing_enable()` switch for the decoder-layer loop, with what a layer
-  keeps (`REMAT_POLICIES`: nothing, or its attention kernels' outputs through `keeps_attention`).
+  keeps (`REMAT_POLICIES`: nothing, or its attention kernels' outputs through `keeps_attention`) and how many of the
+  first layers are checkpointed (`layers=N`: the rest keep their activations and skip the recompute).
 - `static_batch`, `is_packed`, `documents`: the host syncs of a forward (token-id range check, "are these packed
   documents?") and how `static_batch` removes them so the forward can be captured in a CUDA graph
   (`torch_impl.cuda_graph`).
@@ -58,30 +59,46 @@ class LayerCheckpointing:
     else a layer keeps: "nothing" (the default) or "attention", which keeps the attention kernel's outputs (its
     output and log-sum-exp) so that the recompute skips the attention forward (`keep_attention_contexts`). With
     compiled layers (`compile_decoder_layers`) that policy breaks each layer's graph at its attention
-    (`keeps_attention`), so it does not combine with `fullgraph=True`."""
+    (`keeps_attention`), so it does not combine with `fullgraph=True`.
+
+    `layers=N` checkpoints only the first N decoder layers (in forward order; on device or offloaded, with the
+    policy) and runs the others plainly, keeping their activations (Megatron's `recompute_num_layers`). None, the
+    default, checkpoints them all. Why: when a step has memory to spare (a Qwen3-30B-A3B step at 4K peaks GiBs below
+    Unsloth's), each layer left un-checkpointed saves its forward's recompute in the backward for one layer's
+    activations. The first N, as Megatron: the backward reaches the last layers first and frees their kept
+    activations before any recompute needs working memory."""
 
     gradient_checkpointing: bool = False
     checkpoint_offload: bool = False
     checkpoint_policy: str = "nothing"
+    checkpoint_layers: int | None = None  # how many of the first decoder layers are checkpointed; None: all
 
-    def gradient_checkpointing_enable(self, offload_to_cpu: bool = False, policy: str = "nothing") -> None:
+    def gradient_checkpointing_enable(self, offload_to_cpu: bool = False, policy: str = "nothing",
+                                      layers: int | None = None) -> None:
         if policy not in REMAT_POLICIES:
             raise ValueError(f"unknown checkpoint policy {policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
         if offload_to_cpu and policy != "nothing":
             # the offloaded checkpoint is reentrant (no context_fn) and exists to keep nothing on the GPU
             raise ValueError(f"checkpoint policy {policy!r} keeps tensors on the GPU, which offload_to_cpu=True "
                              "exists to avoid: use one or the other")
+        if layers is not None:
+            _check_checkpoint_layers(layers, len(self.layers))
         self.gradient_checkpointing = True
         self.checkpoint_offload = bool(offload_to_cpu)
         self.checkpoint_policy = policy
+        self.checkpoint_layers = layers
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
         self.checkpoint_offload = False
         self.checkpoint_policy = "nothing"
+        self.checkpoint_layers = None
 
-    def _run_layer(self, layer: nn.Module, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+    def _run_layer(self, layer_idx: int, layer: nn.Module, *args):
+        """Decoder layer `layer_idx` (its position in the forward) on `args`, checkpointed if it is one of the first
+        `checkpoint_layers` while training with grad enabled."""
+        checkpointed = self.checkpoint_layers is None or layer_idx < self.checkpoint_layers
+        if self.gradient_checkpointing and checkpointed and self.training and torch.is_grad_enabled():
             if self.checkpoint_offload:
                 return offloaded_checkpoint(layer, *args)
             # no RNG state to restore: nothing in these forwards draws random numbers (no dropout anywhere), and
@@ -89,6 +106,14 @@ class LayerCheckpointing:
             return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False,
                                                      context_fn=REMAT_POLICIES[self.checkpoint_policy])
         return layer(*args)
+
+
+def _check_checkpoint_layers(layers: int, num_layers: int) -> None:
+    """ValueError unless `layers` (`gradient_checkpointing_enable(layers=...)`) is an int in 0..num_layers."""
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= num_layers:
+        raise ValueError(f"gradient_checkpointing_enable(layers={layers!r}): layers is how many of the first decoder "
+                         f"layers to checkpoint, an int from 0 to {num_layers} (this model has {num_layers}); pass "
+                         "one of those, or None to checkpoint every layer")
 
 
 # True while a checkpointed decoder layer's forward is recomputed in the backward (`layer_recompute`). A plain
