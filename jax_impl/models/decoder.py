@@ -10,11 +10,11 @@ attention module, MLP / MoE module and norm class the family gives it; returns (
 `CausalLM`: embedding -> rotary tables -> attention mask (`layers.causal_mask`: packed documents, padding,
 materialised [B, S, S]; None, meaning plain causal, when neither position_ids nor attention_mask are given, so
 flash attention runs without a mask tensor) -> the decoder layers (each through `LayerCheckpointing._run_layer`,
-`jax.checkpoint` per layer when enabled, with its policy) collecting router logits -> final norm ->
-`layers.lm_output` (logits, loss, aux loss; the loss without logits with `return_logits=False`). Every attention
-module runs `models.attention.dot_product_attention` with the model's `attn_implementation` (None = the literal
-softmax, "xla", "cudnn"; `set_attn_implementation`). A family subclasses it and supplies only what differs, through
-these hooks:
+`jax.checkpoint` per layer when enabled, for every layer or the first N, with its policy) collecting router logits
+-> final norm -> `layers.lm_output` (logits, loss, aux loss; the loss without logits with `return_logits=False`).
+Every attention module runs `models.attention.dot_product_attention` with the model's `attn_implementation` (None =
+the literal softmax, "xla", "cudnn"; `set_attn_implementation`). A family subclasses it and supplies only what
+differs, through these hooks:
 
 - `family`: the `ModelConfig.family` it builds; `check_config(cfg)`: that, and what else the family refuses;
 - `build_attention(cfg, layer, layer_idx, ...)`: its attention module (default: `layers.Attention`, GQA with q/k
@@ -226,8 +226,8 @@ class CausalLM(LayerCheckpointing, nnx.Module):
         # causal within documents, over real tokens; a sliding window is the attention module's (gpt-oss)
         mask_BSS = None if plain_causal else causal_mask(position_ids, attention_mask)
         router_logits = []
-        for layer in self.layers:
-            h_BSH, logits_TE = self._run_layer(layer, h_BSH, cos, sin, mask_BSS)
+        for layer_idx, layer in enumerate(self.layers):  # the index: `checkpoint_layers` counts from the first
+            h_BSH, logits_TE = self._run_layer(layer_idx, layer, h_BSH, cos, sin, mask_BSS)
             if logits_TE is not None:
                 router_logits.append(logits_TE)
         return lm_output(self.norm(h_BSH), self.embed_tokens[...], self.lm_head, labels, router_logits, self.config,

@@ -16,8 +16,9 @@
 - `CausalLMOutput`, `causal_lm_loss`, `load_balancing_loss`: model outputs and HF's losses (the aux loss masked by
   `attention_mask` as HF's `load_balancing_loss_func`; the LM loss masked by labels = -100 only, as HF's);
   `lm_output(..., return_logits=False)` takes the loss from `jax_impl.loss` without the [B, S, V] logits.
-- `LayerCheckpointing`: `gradient_checkpointing_enable(policy=...)` (HF's and torch_impl's name) for the
-  decoder-layer loop, with a `jax.checkpoint` policy (`REMAT_POLICIES`: what the backward may keep).
+- `LayerCheckpointing`: `gradient_checkpointing_enable(policy=..., layers=...)` (HF's and torch_impl's name) for the
+  decoder-layer loop, with a `jax.checkpoint` policy (`REMAT_POLICIES`: what the backward may keep) and how many of
+  the first layers are checkpointed (`layers=N`: the rest keep their activations and skip the recompute).
 
 Shapes: B batch, S sequence, H hidden, N query heads, Nkv key/value heads, D head dim.
 """
@@ -80,26 +81,38 @@ class LayerCheckpointing:
     each decoder layer keeps only its inputs for the backward and recomputes its forward there (`jax.checkpoint`);
     `policy` (a name of `REMAT_POLICIES` or any `jax.checkpoint_policies` callable) lets it keep more: "small_dots"
     keeps what is cheap to keep (`save_small_dots`). JAX has no training flag: rematerialisation only changes what
-    differentiation saves, so a forward without gradients is unaffected."""
+    differentiation saves, so a forward without gradients is unaffected.
+
+    `layers=N`, as torch_impl's: only the first N decoder layers (in forward order) run under `jax.checkpoint`, the
+    others plainly, so the backward keeps their activations instead of recomputing them (Megatron's
+    `recompute_num_layers`: a step with memory to spare saves those layers' recompute). None, the default: all."""
 
     gradient_checkpointing: bool = False
     checkpoint_policy = None
+    checkpoint_layers: int | None = None  # how many of the first decoder layers are checkpointed; None: all
 
-    def gradient_checkpointing_enable(self, policy=None) -> None:
+    def gradient_checkpointing_enable(self, policy=None, layers: int | None = None) -> None:
         if isinstance(policy, str):
             if policy not in REMAT_POLICIES:
                 raise ValueError(f"unknown checkpoint policy {policy!r}; choose one of {', '.join(REMAT_POLICIES)} "
                                  "or pass a jax.checkpoint_policies callable")
             policy = REMAT_POLICIES[policy]
+        if layers is not None:
+            _check_checkpoint_layers(layers, len(self.layers))
         self.gradient_checkpointing = True
         self.checkpoint_policy = policy
+        self.checkpoint_layers = layers
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
         self.checkpoint_policy = None
+        self.checkpoint_layers = None
 
-    def _run_layer(self, layer: nnx.Module, *args):
-        if not self.gradient_checkpointing:
+    def _run_layer(self, layer_idx: int, layer: nnx.Module, *args):
+        """Decoder layer `layer_idx` (its position in the forward) on `args`, under `jax.checkpoint` if it is one of
+        the first `checkpoint_layers`."""
+        checkpointed = self.checkpoint_layers is None or layer_idx < self.checkpoint_layers
+        if not (self.gradient_checkpointing and checkpointed):
             return layer(*args)
         # functional form (split, then jax.checkpoint over merge-and-call): nnx.remat would write the layer's
         # variables back across trace levels, which the frozen base weights refuse inside an outer jit
@@ -114,6 +127,14 @@ class LayerCheckpointing:
         # the layer: they are the only variables a forward changes
         nnx.update(layer, stats)
         return out
+
+
+def _check_checkpoint_layers(layers: int, num_layers: int) -> None:
+    """ValueError unless `layers` (`gradient_checkpointing_enable(layers=...)`) is an int in 0..num_layers."""
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= num_layers:
+        raise ValueError(f"gradient_checkpointing_enable(layers={layers!r}): layers is how many of the first decoder "
+                         f"layers to checkpoint, an int from 0 to {num_layers} (this model has {num_layers}); pass "
+                         "one of those, or None to checkpoint every layer")
 
 
 class RMSNorm(nnx.Module):

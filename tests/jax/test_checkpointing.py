@@ -1,7 +1,7 @@
 """jax_impl's `gradient_checkpointing_enable()` (jax.checkpoint per decoder layer) changes what the backward saves, not
 the numbers: for every family, loss and LoRA gradients equal those without it, and the traced gradient really
-contains a rematerialised region. Mirrors tests/torch/test_checkpointing.py. The "small_dots" policy keeps exactly
-the narrow projections."""
+contains a rematerialised region (with `layers=N`, one for each of the first N layers only). Mirrors
+tests/torch/test_checkpointing.py. The "small_dots" policy keeps exactly the narrow projections."""
 
 from __future__ import annotations
 
@@ -59,6 +59,64 @@ def test_checkpointed_layers_give_the_same_loss_and_grads(family, tmp_path, seed
     assert plain["grads"].keys() == ck["grads"].keys() and plain["grads"]
     for name, g in plain["grads"].items():
         assert_close(ck["grads"][name], g, dtype="float32", quantity="lora_grad", name=f"d {name}")
+
+
+def _remat_regions(jaxpr) -> list[set[str]]:
+    """The primitives inside each rematerialised region (a `jax.checkpoint` call) of `jaxpr`, nested ones included."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith(("remat", "checkpoint")):
+            out.append(_primitives(eqn.params["jaxpr"]))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else (p,):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    out += _remat_regions(inner if hasattr(inner, "eqns") else inner.jaxpr)
+    return out
+
+
+@pytest.mark.parametrize("layers", [0, 1, 3, None], ids=["none", "first", "all", "default"])
+def test_checkpointing_the_first_layers_gives_the_same_loss_and_grads(layers, tmp_path, seed):
+    """`gradient_checkpointing_enable(layers=N)` on a 3-layer Qwen3 whose first layer is dense: the gradient's jaxpr
+    has exactly N rematerialised regions, the first one the dense layer's (no ragged_dot: the first layers are the
+    checkpointed ones), and loss and LoRA gradients equal those without checkpointing (fp32 tolerance, as above)."""
+    path = write_tiny_checkpoint("qwen3_moe", tmp_path / "q", seed=seed % 1000, num_hidden_layers=3,
+                                 mlp_only_layers=[0])
+    lora = LoraConfig(rank=4, alpha=8.0, targets=TARGETS["qwen3_moe"])
+    tensors = random_lora_tensors(ModelConfig.from_hf(path), lora, seed=seed % 991)
+    ids = np.random.default_rng(seed).integers(0, 64, size=(2, 19))
+    results, regions = [], []
+    for ckpt in (False, True):
+        model = load_model(path, lora=lora, moe_backend="ragged_dot")
+        load_lora_state_dict(model, tensors)
+        if ckpt:
+            model.gradient_checkpointing_enable(layers=layers)
+        runner = LoraRunner(model)
+        results.append(runner.run(ids, ids))
+        regions.append(_remat_regions(jax.make_jaxpr(runner._fn)(runner.lora_state, runner.frozen_state, ids, ids,
+                                                                 None).jaxpr))
+    n = 3 if layers is None else layers
+    assert not regions[0] and len(regions[1]) == n
+    moe = ["ragged_dot_general" in r for r in regions[1]]
+    assert sorted(moe) == [False] * (n > 0) + [True] * (n - 1)  # layer 0 dense, layers 1 and 2 MoE
+    plain, ck = results
+    assert_close(ck["loss"], plain["loss"], dtype="float32", quantity="loss", name="loss")
+    assert plain["grads"].keys() == ck["grads"].keys() and plain["grads"]
+    for name, g in plain["grads"].items():
+        assert_close(ck["grads"][name], g, dtype="float32", quantity="lora_grad", name=f"d {name}")
+    model.gradient_checkpointing_disable()
+    assert model.checkpoint_layers is None and not model.gradient_checkpointing
+
+
+def test_checkpoint_layers_errors_say_what_to_use(tmp_path, seed):
+    path = write_tiny_checkpoint("qwen3_moe", tmp_path / "q", seed=seed % 1000, num_hidden_layers=3)
+    model = load_model(path, lora=LoraConfig(rank=4, alpha=8.0, targets=TARGETS["qwen3_moe"]))
+    for bad in (4, -1, True, 1.5, "1"):
+        with pytest.raises(ValueError, match=rf"layers={bad!r}\): layers is how many of the first decoder layers to "
+                                             r"checkpoint, an int from 0 to 3 \(this model has 3\); pass one of "
+                                             "those, or None to checkpoint every layer"):
+            model.gradient_checkpointing_enable(layers=bad)
+    assert not model.gradient_checkpointing and model.checkpoint_layers is None  # a refused call changes nothing
 
 
 def test_small_dots_policy_keeps_only_narrow_projections():
