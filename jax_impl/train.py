@@ -77,7 +77,7 @@ from jax_impl.load import load_model
 from jax_impl.lora import load_lora_state_dict, save_adapter
 from jax_impl.models.layers import prepare_position_ids
 from jax_impl.routing_stats import RoutingStatsAccumulator, routing_stats_of
-from shared_math.train_config import ConfigError, RunConfig
+from shared_math.train_config import ConfigError, RunConfig, check_checkpoint_layers
 from shared_math.training import (
     CheckpointDamaged,
     PreparedRun,
@@ -191,6 +191,7 @@ class Trainer:
 
             self.mesh = parallel.make_mesh(cfg.parallel, devices)
         self.run = run if run is not None else prepare_run(cfg, out_dir)
+        check_checkpoint_layers(cfg, self.run.model_cfg.num_hidden_layers)  # before the weights are read
         if self.mesh is not None:  # before any weight is read
             parallel.check_experts(cfg.parallel, self.run.model_cfg)
         if cfg.model.dtype == "float32":  # fp32 means fp32 (numerics policy): full-precision matmuls
@@ -202,7 +203,8 @@ class Trainer:
                                     moe_backend=cfg.model.moe_backend)
             load_lora_state_dict(self.model, init_lora_tensors(cfg.lora, self.run.model_cfg, cfg.train.seed))
             if cfg.train.gradient_checkpointing == "recompute":  # layer inputs kept, layers recomputed (as torch)
-                self.model.gradient_checkpointing_enable(cfg.train.checkpoint_policy)
+                self.model.gradient_checkpointing_enable(cfg.train.checkpoint_policy,
+                                                         layers=cfg.train.checkpoint_layers)
             # per-layer routing analytics (train.routing_stats): variables of the MoE blocks, so before the split
             self.routing = RoutingStatsAccumulator(self.model) if cfg.train.routing_stats else None
             if self.mesh is not None:

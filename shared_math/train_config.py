@@ -105,6 +105,11 @@ class TrainSection:
     # attention forward; torch_impl.models.layers.REMAT_POLICIES); jax "nothing" | "small_dots" | "dots"
     # (jax_impl.models.layers.REMAT_POLICIES). Memory and speed, not numbers
     checkpoint_policy: Literal["nothing", "attention", "small_dots", "dots"] = "nothing"
+    # how many of the first decoder layers are checkpointed (train.gradient_checkpointing recompute or offload); the
+    # rest keep their activations and skip the recompute, for steps with memory to spare (Megatron's
+    # recompute_num_layers; each implementation's gradient_checkpointing_enable(layers=...)). null: every layer.
+    # Memory and speed, not numbers
+    checkpoint_layers: int | None = None
     # tokens per chunk of the routed experts (0: untiled): each MoE layer runs its experts chunk by chunk and the
     # backward recomputes one chunk at a time, so the experts' activations are one chunk's (long contexts;
     # torch_impl.tiled_experts, jax_impl.tiled_experts). Memory, not numbers (fp32 reduction order)
@@ -165,7 +170,7 @@ NON_TRAJECTORY_KEYS = frozenset({"train.eval_every", "train.save_every", "train.
                                  # the mesh changes how a step is computed, not what: a run saved on N devices resumes
                                  # on M (equal to fp32 reduction-order tolerance, tests/*/test_parallel*.py)
                                  "parallel.data", "parallel.fsdp", "parallel.expert", "train.gradient_checkpointing",
-                                 "train.checkpoint_policy", "train.expert_chunk"})
+                                 "train.checkpoint_policy", "train.checkpoint_layers", "train.expert_chunk"})
 
 
 # train.checkpoint_policy per framework (the names of each framework's models.layers.REMAT_POLICIES;
@@ -185,6 +190,13 @@ def _validate(cfg: RunConfig) -> None:
     if policy != "nothing" and ckpt != "recompute":
         raise ConfigError(f"train.checkpoint_policy={policy} says what a recomputed layer keeps: it needs "
                           f"train.gradient_checkpointing=recompute (got {ckpt})")
+    layers = cfg.train.checkpoint_layers
+    if layers is not None and layers < 0:
+        raise ConfigError(f"train.checkpoint_layers must be >= 0 (how many of the first decoder layers to checkpoint; "
+                          f"null for all of them), got {layers}")
+    if layers is not None and ckpt == "none":
+        raise ConfigError(f"train.checkpoint_layers={layers} says how many decoder layers are checkpointed: it needs "
+                          "train.gradient_checkpointing=recompute or offload (got none)")
     if cfg.train.expert_chunk and cfg.parallel.expert > 1:
         # expert parallelism exchanges each layer's tokens by all-to-all inside the experts' forward
         raise ConfigError(f"train.expert_chunk={cfg.train.expert_chunk} tiles experts that one rank holds whole; with "
@@ -223,6 +235,15 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split over the {par.batch_shards} devices "
                           f"of parallel ({par.describe()}): every device takes batch_size / devices rows; set "
                           f"data.batch_size to a multiple of {par.batch_shards}")
+
+
+def check_checkpoint_layers(cfg: RunConfig, num_layers: int) -> None:
+    """train.checkpoint_layers against the model's depth, which the config alone does not know: both trainers call
+    it once the checkpoint's config is read, before the weights are."""
+    layers = cfg.train.checkpoint_layers
+    if layers is not None and layers > num_layers:
+        raise ConfigError(f"train.checkpoint_layers={layers} is more than this model's {num_layers} decoder layers; "
+                          f"set it to at most {num_layers}, or null to checkpoint every layer")
 
 
 # ---- dict <-> dataclasses --------------------------------------------------------------------------------------------

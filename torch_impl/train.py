@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared_math.adapter import write_peft_adapter
-from shared_math.train_config import ConfigError, RunConfig
+from shared_math.train_config import ConfigError, RunConfig, check_checkpoint_layers
 from shared_math.training import (
     CHECKPOINT_DIR,
     CheckpointDamaged,
@@ -117,6 +117,7 @@ class Trainer:
             # under parallel, rank 0 builds the files (a tiny preset's checkpoint) before the others read them
             run = self.mesh.rank0_first(lambda: prepare_run(cfg, out_dir)) if self.mesh else prepare_run(cfg, out_dir)
         self.run = run
+        check_checkpoint_layers(cfg, run.model_cfg.num_hidden_layers)  # before the weights are read
         if self.device.type == "cpu" and cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if cfg.model.dtype == "float32":  # fp32 means fp32 (numerics policy): no TF32 on GPUs
@@ -131,7 +132,8 @@ class Trainer:
         load_lora_state_dict(self.model, init_lora_tensors(cfg.lora, self.run.model_cfg, cfg.train.seed))
         if cfg.train.gradient_checkpointing != "none":  # per decoder layer; "offload": inputs kept in host memory
             self.model.gradient_checkpointing_enable(offload_to_cpu=cfg.train.gradient_checkpointing == "offload",
-                                                     policy=cfg.train.checkpoint_policy)
+                                                     policy=cfg.train.checkpoint_policy,
+                                                     layers=cfg.train.checkpoint_layers)
         # per-layer routing analytics (train.routing_stats): summed on the device per micro-batch, read at log steps
         self.routing = RoutingStatsAccumulator(self.model) if cfg.train.routing_stats else None
         self._expert_ids: set[int] = set()  # parameters holding only this rank's routed experts

@@ -78,6 +78,36 @@ def test_checkpoint_policy_is_checked_against_the_mode_and_the_framework(overrid
     assert ok.train.checkpoint_policy == "attention"
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.checkpoint_layers=2"], r"train.checkpoint_layers=2 says how many decoder layers are checkpointed: it "
+                                    r"needs train.gradient_checkpointing=recompute or offload \(got none\)"),
+    (["train.gradient_checkpointing=recompute", "train.checkpoint_layers=-1"],
+     r"train.checkpoint_layers must be >= 0 \(how many of the first decoder layers to checkpoint; null for all of "
+     r"them\), got -1"),
+    (["train.gradient_checkpointing=recompute", "train.checkpoint_layers=all"], "must be an integer"),
+])
+def test_checkpoint_layers_needs_checkpointing_and_a_count(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, overrides)
+    for mode in ("recompute", "offload"):
+        ok = load_run_config(None, [f"train.gradient_checkpointing={mode}", "train.checkpoint_layers=0"])
+        assert ok.train.checkpoint_layers == 0
+    assert RunConfig().train.checkpoint_layers is None
+    assert load_run_config(None, ["train.gradient_checkpointing=recompute",
+                                  "train.checkpoint_layers=null"]).train.checkpoint_layers is None
+
+
+def test_checkpoint_layers_is_checked_against_the_model_depth():
+    from shared_math.train_config import check_checkpoint_layers
+
+    cfg = load_run_config(None, ["train.gradient_checkpointing=recompute", "train.checkpoint_layers=4"])
+    with pytest.raises(ConfigError, match="train.checkpoint_layers=4 is more than this model's 3 decoder layers; "
+                                          "set it to at most 3, or null to checkpoint every layer"):
+        check_checkpoint_layers(cfg, 3)
+    check_checkpoint_layers(cfg, 4)
+    check_checkpoint_layers(RunConfig(), 1)
+
+
 def test_expert_chunk_refuses_expert_parallelism():
     with pytest.raises(ConfigError, match="train.expert_chunk=8 tiles experts that one rank holds whole; with "
                                           "parallel.expert=2 leave it 0"):

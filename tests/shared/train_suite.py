@@ -143,6 +143,21 @@ def test_gradient_checkpointing_changes_memory_not_losses(impl, model_dir, refer
         np.testing.assert_allclose(res.losses, ref, rtol=1e-6, atol=0)
 
 
+def test_checkpoint_layers_reaches_the_model_and_is_checked_against_its_depth(impl, model_dir, tmp_path):
+    """train.checkpoint_layers: the trainer checkpoints that many of the first decoder layers (its model's
+    `checkpoint_layers`; the numbers are the models' tests/*/test_checkpointing.py), and a count above the tiny
+    model's 3 layers is refused when the trainer is built."""
+    cfg = tiny_cfg(tmp_path, impl.FRAMEWORK, f"model.path={model_dir}", "train.gradient_checkpointing=recompute",
+                   "train.checkpoint_layers=1")
+    model = impl.Trainer(cfg).model
+    assert model.gradient_checkpointing and model.checkpoint_layers == 1
+    cfg = tiny_cfg(tmp_path / "deep", impl.FRAMEWORK, f"model.path={model_dir}",
+                   "train.gradient_checkpointing=recompute", "train.checkpoint_layers=4")
+    with pytest.raises(ConfigError, match="train.checkpoint_layers=4 is more than this model's 3 decoder layers; "
+                                          "set it to at most 3, or null to checkpoint every layer"):
+        impl.Trainer(cfg)
+
+
 def test_expert_chunk_changes_memory_not_losses(impl, model_dir, reference_run, tmp_path):
     """train.expert_chunk: the first steps of the reference run again with every MoE layer's experts tiled in
     16-token chunks (a micro-batch of 4 rows of 64 tokens: 16 chunks), layers recomputed. Each chunk sorts and sums
