@@ -116,6 +116,7 @@ for f in sys.argv[1:]:
         opts = [k for k in ("compile", "cuda_graph", "optim_in_backward", "offload", "routing_stats") if r.get(k)]
         opts += ["keep_" + r["checkpoint_policy"]] if r.get("checkpoint_policy") not in (None, "nothing") else []
         opts += ["chunk=" + str(r["expert_chunk"])] if r.get("expert_chunk") else []
+        opts += ["ckpt_layers=" + str(r["checkpoint_layers"])] if r.get("checkpoint_layers") is not None else []
         opts += [f"{k}={v}" for k, v in (r.get("switches") or {}).items()]
         print(r["impl"], r.get("layers"), "+".join(opts) or "-", r.get("seq"), r.get("step_ms"), r.get("peak_gib"),
               r.get("first_step_s"), str(r.get("error", ""))[:200])' "$@"

@@ -11,7 +11,8 @@ non-reentrant activation checkpointing per decoder layer. Rows:
 
 - `torch_impl`: this project (`--backend` picks the MoE backend; `--cuda-graph` replays a captured forward + backward;
   `--compile` compiles each decoder layer; `--offload` keeps the checkpointed layer inputs in host memory;
-  `--expert-chunk N`, also for `jax_impl`, runs the routed experts in N-token chunks, `CausalLM.tile_experts`);
+  `--expert-chunk N`, also for `jax_impl`, runs the routed experts in N-token chunks, `CausalLM.tile_experts`;
+  `--checkpoint-layers N`, also for `jax_impl`, checkpoints only the first N decoder layers);
   the loss through `torch_impl.loss` (no `[S, V]` logits) and torch's fused AdamW on CUDA;
 - `jax_impl`: this project in JAX (`benchmarks/step_jax.py`): one jitted step (forward with the loss without
   logits, backward, optax AdamW) with the LoRA and optimizer buffers donated, `jax.checkpoint` per decoder layer with
@@ -94,7 +95,8 @@ def _lora_b_nonzero(model: torch.nn.Module) -> None:
 
 
 def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt: bool, offload: bool = False,
-               compile_layers: bool = False, policy: str = "nothing", expert_chunk: int | None = None):
+               compile_layers: bool = False, policy: str = "nothing", expert_chunk: int | None = None,
+               checkpoint_layers: int | None = None):
     from torch_impl.load import build_model
     from torch_impl.lora import attach_lora
 
@@ -103,7 +105,7 @@ def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt:
     attach_lora(model, lora, seed=0)
     _lora_b_nonzero(model)
     if grad_ckpt:
-        model.gradient_checkpointing_enable(offload_to_cpu=offload, policy=policy)
+        model.gradient_checkpointing_enable(offload_to_cpu=offload, policy=policy, layers=checkpoint_layers)
     model.tile_experts(expert_chunk)
     if compile_layers:  # regional compilation: each decoder layer through torch.compile (one code object, shared)
         from torch_impl.compile import compile_decoder_layers
@@ -456,6 +458,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-policy", default="nothing", choices=["nothing", "attention"],
                    help="torch_impl: what a checkpointed decoder layer keeps besides its input (torch_impl.models."
                         "layers.REMAT_POLICIES; attention: the SDPA kernels' outputs, not recomputed)")
+    p.add_argument("--checkpoint-layers", type=int, default=None, metavar="N",
+                   help="torch_impl, jax_impl: checkpoint only the first N decoder layers, the rest keep their "
+                        "activations and skip the recompute (gradient_checkpointing_enable(layers=N); default all)")
     p.add_argument("--expert-chunk", type=int, default=None, metavar="TOKENS",
                    help="torch_impl, jax_impl: routed experts in chunks of TOKENS tokens, recomputed chunk by chunk "
                         "in the backward (CausalLM.tile_experts: long context)")
@@ -483,6 +488,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLS)}")
     a.seqs = [int(s) for s in a.seq.split(",")]
+    if a.checkpoint_layers is not None and not a.grad_ckpt:
+        p.error(f"--checkpoint-layers {a.checkpoint_layers} says how many decoder layers are checkpointed, and "
+                "--no-grad-ckpt checkpoints none: drop one of them")
+    if a.checkpoint_layers is not None and a.checkpoint_layers < 0:
+        p.error(f"--checkpoint-layers must be >= 0 (how many of the first decoder layers to checkpoint), got "
+                f"{a.checkpoint_layers}")
     return a
 
 
@@ -544,7 +555,8 @@ def _main_jax(a: argparse.Namespace) -> int:
     lora = LoraConfig(rank=a.rank, alpha=a.alpha, targets=ATTENTION_TARGETS[a.family] + EXPERT_TARGETS)
     base = dict(impl="jax_impl", family=a.family, preset=a.preset, layers=hf["num_hidden_layers"], rank=a.rank,
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, jax_remat=a.jax_remat if a.grad_ckpt else None, jax_env=env,
-                expert_chunk=a.expert_chunk, offload=False)  # --offload is the torch rows' (the row says so)
+                checkpoint_layers=a.checkpoint_layers, expert_chunk=a.expert_chunk,
+                offload=False)  # --offload is the torch rows' (the row says so)
 
     emit = _emitter(a)
     if a.max_context:  # every probe in a child process; this one never touches the device
@@ -555,7 +567,8 @@ def _main_jax(a: argparse.Namespace) -> int:
 
         base.update(jax_versions(), jax_compile_cache=str(enable_compile_cache(a.jax_compile_cache) or "off"))
         runner = JaxStep(hf, lora, backend=a.jax_backend, attn=None if a.jax_attn == "literal" else a.jax_attn,
-                         remat=a.jax_remat if a.grad_ckpt else None, expert_chunk=a.expert_chunk)
+                         remat=a.jax_remat if a.grad_ckpt else None, expert_chunk=a.expert_chunk,
+                         checkpoint_layers=a.checkpoint_layers)
         base.update(backend=runner.backend, jax_attn=runner.attn or "literal")
     except Exception as e:  # noqa: BLE001 - a row that cannot even build is recorded, not dropped
         emit({**base, "mode": "build", "seq": None, "step_ms": None, "peak_gib": None, "error": _jax_error_text(e)})
@@ -610,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, offload=a.offload and impl == "torch_impl",
                 compile=a.compile and impl == "torch_impl",
                 checkpoint_policy=a.checkpoint_policy if impl == "torch_impl" else None,
+                checkpoint_layers=a.checkpoint_layers if impl == "torch_impl" else None,
                 expert_chunk=a.expert_chunk if impl == "torch_impl" else None,
                 cuda_graph=a.cuda_graph and impl == "torch_impl",
                 optim_in_backward=a.optim_in_backward and impl == "torch_impl",
@@ -626,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ImportError(unsloth_error)
         if impl == "torch_impl":
             model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload, a.compile,
-                                        a.checkpoint_policy, a.expert_chunk)
+                                        a.checkpoint_policy, a.expert_chunk, a.checkpoint_layers)
             if a.routing_stats:
                 loss_fn, after_step = with_routing_stats(model, loss_fn)
         elif impl == "hf_peft":

@@ -7,7 +7,8 @@ The step is one `jax.jit` of forward (the loss without logits, `return_logits=Fa
 and optax AdamW (fp32 moments), with the LoRA tensors and the optimizer state donated (their buffers are reused by
 the updated ones). The frozen bf16 weights are arguments, never constants baked into the program. Each decoder layer
 runs under `jax.checkpoint` with a policy (`--jax-remat`, `models.layers.REMAT_POLICIES`; default "small_dots": keep
-the narrow projections LoRA's x·A and the router logits, recompute everything else). Attention through
+the narrow projections LoRA's x·A and the router logits, recompute everything else); with `--checkpoint-layers N`
+only the first N layers do, the others keep their activations. Attention through
 `--jax-attn` ("auto": cuDNN flash attention on a GPU, the literal softmax on a CPU), MoE through `--jax-backend`.
 
 Reported per length: `step_ms` (median of `--iters` steps after `--warmup`), `first_step_s` (lowering, XLA
@@ -107,7 +108,7 @@ class JaxStep:
     compiles the step for S tokens (timed into `first_step_s` by the caller)."""
 
     def __init__(self, hf: dict, lora, *, backend: str, attn: str, remat: str | None, seed: int = 0,
-                 expert_chunk: int | None = None):
+                 expert_chunk: int | None = None, checkpoint_layers: int | None = None):
         import jax
         import jax.numpy as jnp
         import optax
@@ -125,7 +126,7 @@ class JaxStep:
                                          attn_implementation=attn)
         attach_lora(model, lora, seed=seed)
         if remat is not None:
-            model.gradient_checkpointing_enable(policy=remat)
+            model.gradient_checkpointing_enable(policy=remat, layers=checkpoint_layers)
         model.tile_experts(expert_chunk)
         self.model = model
         self.backend, self.attn = resolve_backend(backend, dtype=dtype), model.attn_implementation

@@ -118,6 +118,57 @@ def test_expert_chunk_rows_tile_the_experts(tmp_path):
     assert experts and all(m.token_chunk == 8 for m in experts)
 
 
+@pytest.mark.parametrize("impl", ["torch_impl", "jax_impl"])
+def test_checkpoint_layers_rows_checkpoint_the_first_layers(impl, tmp_path, monkeypatch):
+    """--checkpoint-layers N: the row's model checkpoints only its first N decoder layers, and the row says so."""
+    pytest.importorskip("torch")
+    if impl == "jax_impl":
+        pytest.importorskip("jax")
+        pytest.importorskip("optax")
+    import benchmarks.step as step
+
+    built = {}
+    if impl == "torch_impl":
+        real_build = step.build_ours
+
+        def build_and_keep(*a, **kw):
+            built["model"], loss_fn = real_build(*a, **kw)
+            return built["model"], loss_fn
+
+        monkeypatch.setattr(step, "build_ours", build_and_keep)
+    else:
+        from benchmarks.step_jax import JaxStep
+
+        real_init = JaxStep.__init__
+
+        def init_and_keep(self, *a, **kw):
+            real_init(self, *a, **kw)
+            built["model"] = self.model
+
+        monkeypatch.setattr(JaxStep, "__init__", init_and_keep)
+    out = tmp_path / "rows.jsonl"
+    assert step.main(["--family", "qwen3_moe", "--preset", "tiny", "--layers", "2", "--device", "cpu", "--seq", "16",
+                      "--iters", "1", "--warmup", "0", "--checkpoint-layers", "1", "--impls", impl,
+                      "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["checkpoint_layers"] == 1 and row["step_ms"] > 0 and not row.get("error")
+    assert built["model"].gradient_checkpointing and built["model"].checkpoint_layers == 1
+
+
+def test_checkpoint_layers_needs_checkpointing(capsys):
+    pytest.importorskip("torch")
+    from benchmarks.step import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--checkpoint-layers", "1", "--no-grad-ckpt"])
+    assert ("--checkpoint-layers 1 says how many decoder layers are checkpointed, and --no-grad-ckpt checkpoints "
+            "none: drop one of them") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--checkpoint-layers", "-1"])
+    assert "--checkpoint-layers must be >= 0" in capsys.readouterr().err
+    assert parse_args([]).checkpoint_layers is None
+
+
 def test_jax_row_trains_the_tiny_preset_on_cpu(tmp_path, monkeypatch):
     """--impls jax_impl on the CPU (one layer, one length: compiling the step takes ~8 s of a CPU): the row has its
     step time, compile time, XLA's planned peak and the SPLITMOE_* switches it ran with; the jitted step donates the
