@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -390,6 +390,22 @@ case $PART in
     timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --impls unsloth --out "$R/step.jsonl" \
       > "$R/step_unsloth.log" 2>&1
     rows "$R/step.jsonl"; grep -h "device busy" "$R"/*.log ;;
+  session12rows)  # (session 12, call 3) issue 15's Qwen3 rows with partial checkpointing (train.checkpoint_layers):
+    # AdamW in backward frees the 4.8 GiB of LoRA gradients, which lets layers keep their activations under Unsloth's
+    # peak. Call 1 measured 0.36 GiB of activations per layer at 4K (24 layers unchecked: 52.57 GiB against
+    # Unsloth's 53.04), about 1.45 at 16K, so 4K checkpoints no layer and 16K the first 20 of 24 (the "attention"
+    # policy in those); Unsloth's rows in the same call, 24 layers on either card
+    wheels
+    Q="--family qwen3_moe --layers 24 --warmup 2 --iters 3"
+    timeout 200 python3 benchmarks/step.py $Q --seq 4096,16384 --impls unsloth --out "$R/step.jsonl" \
+      > "$R/step_unsloth.log" 2>&1
+    timeout 110 python3 benchmarks/step.py $Q --seq 4096 --impls torch_impl --compile --optim-in-backward \
+      --checkpoint-layers 0 --out "$R/step.jsonl" > "$R/step_4k.log" 2>&1
+    timeout 130 python3 benchmarks/step.py $Q --seq 16384 --impls torch_impl --compile --optim-in-backward \
+      --checkpoint-policy attention --checkpoint-layers 20 --out "$R/step.jsonl" > "$R/step_16k.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --seq 16384 --impls torch_impl --compile \
+      --optim-in-backward --checkpoint-policy attention --out "$R/step.jsonl" > "$R/step_16k_all.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session12prof)  # (written 2026-12-06, session 11, for the next device time) issue 15's 4K targets (<= 0.6x Unsloth;
     # now 0.89x Qwen3, 0.70x gpt-oss): where the compiled 4K step's time goes on today's code (the profile tables of
     # one step after the timed rows, per model), next to Unsloth's rows in the same call
