@@ -8,6 +8,7 @@ several files hold the same row, the last one wins.
 
     python benchmarks/plot_steps.py --out benchmarks/results/steps_2026-11-28.png a.jsonl b.jsonl ...
     python benchmarks/plot_steps.py --lines --out benchmarks/results/step_lines.png step_*.jsonl
+    python benchmarks/plot_steps.py --spread --out spread.png step_*.jsonl   # each process's steps, per variant
 """
 
 from __future__ import annotations
@@ -82,6 +83,10 @@ def _variant(r: dict) -> str:
     parts = [r["impl"]] + [name for name in ("cuda_graph", "compile", "offload", "optim_in_backward") if r.get(name)]
     if r.get("checkpoint_policy") not in (None, "nothing"):
         parts.append(f"keep {r['checkpoint_policy']}")
+    if r.get("grad_ckpt") is False or r.get("checkpoint_layers") == 0:
+        parts.append("no checkpointing")
+    elif r.get("checkpoint_layers") is not None:
+        parts.append(f"first {r['checkpoint_layers']} of {r.get('layers', '?')} layers checkpointed")
     if r.get("expert_chunk"):
         parts.append(f"experts in {r['expert_chunk']}-token chunks")
     # the path switches a row ran with (SPLITMOE_SINK_LSE=0, ...): rows that differ only in them stay apart
@@ -130,14 +135,54 @@ def plot_lines(paths: list[Path], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def plot_spread(paths: list[Path], out: Path) -> None:
+    """Per variant, one column of points per process (row): its timed steps (`step_ms_runs`; the median alone for
+    rows from before they were recorded), with the row's peak memory in a second panel. For host-bound steps whose
+    time moves from one process to the next: every row of a variant is kept, not the last one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple, list[dict]] = {}
+    for p in paths:
+        for line in p.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("mode", "step") == "step" and r.get("step_ms") is not None:
+                model = (f"{r.get('family', '')} {r['preset']} L{r.get('layers', '')}".strip(), r["seq"])
+                groups.setdefault((model, _variant(r)), []).append(r)
+    models = sorted({m for m, _ in groups})  # by model, then length
+    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 7.5), squeeze=False)
+    for col, model in enumerate(models):
+        variants = sorted({v for m, v in groups if m == model}, key=lambda v: (not v.startswith("torch_impl"), v))
+        for i, variant in enumerate(variants):
+            rows = groups[(model, variant)]
+            color = COLORS.get(variant, f"C{i}")
+            for j, r in enumerate(rows):
+                x = i + (j - (len(rows) - 1) / 2) * 0.12  # the processes of a variant side by side
+                runs = r.get("step_ms_runs") or [r["step_ms"]]
+                axes[0, col].plot([x] * len(runs), runs, "o", ms=4, alpha=0.6, color=color)
+                axes[0, col].plot([x], [r["step_ms"]], "_", ms=14, color=color)
+                axes[1, col].plot([x], [r["peak_gib"]], "s", color=color)
+        for ax, label in zip(axes[:, col], ("ms per step (dash: a process's median)", "peak GiB")):
+            ax.set_xticks(range(len(variants)), [v.replace(" + ", "\n+ ") for v in variants], fontsize=7)
+            ax.set(ylabel=label, title=f"{model[0]}, {model[1] / 1024:g}K tokens")
+            ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--lines", action="store_true", help="time and memory against context length")
+    p.add_argument("--spread", action="store_true", help="every process's timed steps per variant and length")
     a = p.parse_args(argv)
     if a.lines:
         plot_lines(a.files, a.out)
+    elif a.spread:
+        plot_spread(a.files, a.out)
     else:
         plot(load(a.files), a.out)
     print(a.out)

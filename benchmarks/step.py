@@ -30,8 +30,8 @@ Each implementation runs in its own process (peak memory is its own; Unsloth pat
 that fails (out of memory, an error) is recorded with its error, not dropped. `--max-context` finds the longest S
 that trains for each implementation: doubling from the first `--seq` until a step fails or `--max-seq` is reached
 (halving while the first fails), then bisecting to `--context-step` tokens; jax_impl's probes run in a process each
-(XLA's allocator after an out-of-memory step can fail a shorter one). One JSON line per row (`step_ms`,
-`peak_gib`, `first_step_s`, versions) on stdout and appended to `--out`.
+(XLA's allocator after an out-of-memory step can fail a shorter one). One JSON line per row (`step_ms`, the median,
+with `step_ms_runs`, every timed step; `peak_gib`, `first_step_s`, versions) on stdout and appended to `--out`.
 """
 
 from __future__ import annotations
@@ -239,8 +239,10 @@ def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph
     memory = {}
     if cuda and warmup:  # weights + LoRA; AdamW state (and anything else a step keeps); a step's transient peak
         memory = dict(model_gib=model_gib, optimizer_gib=resident_gib - model_gib, step_extra_gib=peak - resident_gib)
-    return dict(step_ms=statistics.median(times), peak_gib=peak, first_step_s=first_s,
-                lora_params=sum(p.numel() for p in params), **memory)
+    # every timed step as well as the median: a host-bound step (Qwen3 at 4K) varied by a third from one process to
+    # the next on one H100 in session 12, so a row says how far its own steps spread
+    return dict(step_ms=statistics.median(times), step_ms_runs=[round(t, 2) for t in times], peak_gib=peak,
+                first_step_s=first_s, lora_params=sum(p.numel() for p in params), **memory)
 
 
 def profile_step(model, loss_fn, S: int, vocab: int, device: str, path: Path, impl: str = "torch_impl",

@@ -11,7 +11,7 @@ the narrow projections LoRA's x·A and the router logits, recompute everything e
 only the first N layers do, the others keep their activations. Attention through
 `--jax-attn` ("auto": cuDNN flash attention on a GPU, the literal softmax on a CPU), MoE through `--jax-backend`.
 
-Reported per length: `step_ms` (median of `--iters` steps after `--warmup`), `first_step_s` (lowering, XLA
+Reported per length: `step_ms` (median of `--iters` steps after `--warmup`; `step_ms_runs` has each), `first_step_s` (lowering, XLA
 compilation and the first step: what a notebook user waits for), `compiled_peak_gib` (XLA's buffer assignment for the
 step: arguments + temporaries + outputs not aliased to donated inputs; the same number on every device) and
 `peak_gib`: on a GPU the allocator's `peak_bytes_in_use`, which JAX cannot reset, so lengths run in ascending order
@@ -246,7 +246,8 @@ def measure_jax(runner: JaxStep, S: int, vocab: int, warmup: int, iters: int, se
     planned = compiled_peak_bytes(compiled)
     stats = device.memory_stats()
     peak = stats.get("peak_bytes_in_use") if stats else planned
-    row = dict(step_ms=statistics.median(times) if times else None, peak_gib=_gib(peak), first_step_s=first_s,
+    row = dict(step_ms=statistics.median(times) if times else None, step_ms_runs=[round(t, 2) for t in times],
+               peak_gib=_gib(peak), first_step_s=first_s,
                compile_s=compile_s, **compiled_plan(runner, S),
                peak_source="memory_stats peak_bytes_in_use (process lifetime)" if stats else
                "compiled.memory_analysis (XLA buffer assignment)", lora_params=runner.lora_params)

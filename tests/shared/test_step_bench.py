@@ -100,6 +100,8 @@ def test_in_backward_optimizer_rows_leave_no_hooks_behind(tmp_path):
     rows, model = _torch_rows(tmp_path, ["--family", "qwen3_moe", "--preset", "tiny", "--device", "cpu", "--seq",
                                          "16,24", "--iters", "1", "--warmup", "1", "--optim-in-backward"])
     assert [r["seq"] for r in rows] == [16, 24] and all(r["optim_in_backward"] and r["step_ms"] > 0 for r in rows)
+    assert all(len(r["step_ms_runs"]) == 1 and r["step_ms"] == pytest.approx(r["step_ms_runs"][0], abs=0.01)
+               for r in rows)  # every timed step is kept beside the median
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(not p._post_accumulate_grad_hooks for p in params)
     assert all(p.grad is None for p in params) and all(torch.isfinite(p).all() for p in params)
@@ -199,6 +201,7 @@ def test_jax_row_trains_the_tiny_preset_on_cpu(tmp_path, monkeypatch):
     assert [r["seq"] for r in rows] == [16] and not any(r.get("error") for r in rows)
     for r in rows:
         assert r["impl"] == "jax_impl" and r["step_ms"] > 0 and r["compile_s"] > 0
+        assert len(r["step_ms_runs"]) == 2 and min(r["step_ms_runs"]) <= r["step_ms"] <= max(r["step_ms_runs"])
         assert r["first_step_s"] >= r["compile_s"] and r["peak_gib"] == r["compiled_peak_gib"] > 0
         assert r["jax_attn"] == "literal" and r["jax_remat"] == "small_dots" and r["backend"] == "ragged_dot"
         assert r["switches"]["SPLITMOE_JAX_SINK_LSE"] == "0"
