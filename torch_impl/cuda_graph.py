@@ -16,14 +16,16 @@ launch.
   row). A padded batch (attention_mask) is captured on the explicit-mask path, which serves any padding.
 
 What a captured step needs: a CUDA device; MoE layers on the `triton` backend (`CAPTURABLE_BACKENDS`, checked
-first by `graph_model`); every step with the capture-time shapes and dtypes; parameters updated in
-place (optimizer.step), never replaced; nothing in the forward that syncs with the host or draws random numbers.
+first by `graph_model`, which moves layers left on "auto" there: `choose_capturable_backends`); every step with
+the capture-time shapes and dtypes; parameters updated in place (optimizer.step), never replaced; nothing in the
+forward that syncs with the host or draws random numbers.
 The first calls run eagerly on a side stream (`warmup`), so lazy initialisation, Triton compilation and any kernel
 autotuning happen before the capture, never inside it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -112,6 +114,7 @@ def graph_model(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
     documents, and raises if the ids are out of range or the packing differs from the example's (the attention path
     was fixed at capture). The model should be in training mode (`model.train()`), as it is captured.
     """
+    choose_capturable_backends(model)
     check_capturable(model)
     vocab = model.config.vocab_size
     prepare_position_ids(input_ids, position_ids, vocab)  # the example's ids and positions, checked eagerly once
@@ -171,6 +174,32 @@ def capture_failure_message(e: BaseException) -> str:
     return ("capturing the forward + backward in a CUDA graph failed: something in it syncs with the host (.item(), "
             ".tolist(), bool(tensor), bincount, nonzero, boolean indexing) or copies from pageable host memory; run "
             f"it eagerly instead. Original error: {e}")
+
+
+def choose_capturable_backends(model: torch.nn.Module) -> int:
+    """Move every MoE layer left on "auto" whose automatic choice a CUDA graph cannot hold to the first of
+    `CAPTURABLE_BACKENDS` that runs on its device and dtype; returns how many layers moved. On a Hopper GPU in bf16
+    "auto" picks `triton_hopper` (not yet in CAPTURABLE_BACKENDS), in fp32 `grouped_mm` or `native`, so without this
+    `--cuda-graph` with the default backend was refused on exactly the GPUs it is for. "auto" promises the fastest
+    backend that does the job, and under a graph only a capturable one does. A backend named explicitly (the model's
+    `moe_backend`, or the SPLITMOE_MOE_BACKEND variable) stays as named, and `check_capturable` refuses it."""
+    from torch_impl.backends import ENV_VAR, resolve_backend, why_unavailable
+    from torch_impl.moe import Experts
+
+    if os.environ.get(ENV_VAR, "").strip() not in ("", "auto"):
+        return 0
+    moved = 0
+    for m in model.modules():
+        if not isinstance(m, Experts) or m.backend not in (None, "", "auto"):
+            continue
+        device, dtype = m.gate_up_proj.device, m.gate_up_proj.dtype
+        if resolve_backend(m.backend, device=device, dtype=dtype) in CAPTURABLE_BACKENDS:
+            continue
+        for name in CAPTURABLE_BACKENDS:
+            if why_unavailable(name, device, dtype) is None:
+                m.backend, moved = name, moved + 1
+                break
+    return moved
 
 
 def check_capturable(model: torch.nn.Module) -> None:

@@ -162,6 +162,37 @@ def test_graphed_step_matches_eager_cuda(tmp_path, family):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="triton_hopper's TMA descriptors need compute capability >= 9.0")
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_graphed_hopper_step_matches_eager_bf16_cuda(tmp_path, family, monkeypatch):
+    """The persistent TMA kernels (`triton_hopper`, what "auto" picks on a Hopper GPU in bf16) inside a captured
+    step: session 9's `step.py --cuda-graph` rows captured them on an H100 without an error, but no replay had been
+    checked against the eager step. Admitted here for the test only; CAPTURABLE_BACKENDS gains triton_hopper once
+    this passes on the GPU. bf16 (the kernels are half-precision only): the same kernels on the same inputs, so the
+    replay differs from the eager step only where an atomic accumulation's order does; the bf16 gradient tolerance
+    is the bound, not the expectation."""
+    import torch_impl.cuda_graph as cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "CAPTURABLE_BACKENDS", ("triton", "triton_hopper"))
+    model = _model(tmp_path, family, "cuda", "triton_hopper", dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    model.train()
+    batches = [_batch(s, model.config.vocab_size, False, "cuda") for s in (0, 1)]
+    step = graph_model(model, *batches[0])
+    for i, b in enumerate(batches):
+        loss = step(*b).clone()
+        got = _grads(model)
+        for p in _lora_params(model).values():
+            p.grad = None
+        out = model(b[0], labels=b[1], position_ids=b[2])
+        out.loss.backward()
+        assert_close(loss, out.loss, dtype="bfloat16", quantity="moe_block", name=f"batch {i} loss")
+        for n, g in _grads(model).items():
+            assert_close(got[n], g, dtype="bfloat16", quantity="moe_grad", name=f"batch {i} d {n}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["grouped_mm", "native"])
 def test_uncapturable_backends_are_refused_before_any_work_cuda(tmp_path, backend):
     """H200, torch 2.11: capturing with grouped_mm failed inside torch._grouped_mm (a copy from pageable host memory),
@@ -206,3 +237,39 @@ def test_trainer_cuda_graph_follows_the_eager_run_cuda(tmp_path):
         runs[graphed] = [tr.train_step()[0] for _ in range(3)]
     assert_close(np.array(runs[True]), np.array(runs[False]), dtype="float32", quantity="train_loss",
                  name="losses of 3 steps")
+
+
+def test_auto_layers_move_to_a_capturable_backend(tmp_path, monkeypatch):
+    """On a Hopper GPU in bf16 "auto" is triton_hopper, which CAPTURABLE_BACKENDS does not list: graph_model moves
+    layers left on "auto" to triton (so `--cuda-graph` with the default backend is not refused there), leaves a
+    backend named explicitly, or by SPLITMOE_MOE_BACKEND, as named, and a layer whose auto choice is capturable alone.
+    The GPU's choices are stood in for on the CPU: resolve_backend answers as on an H100 in bf16."""
+    import torch_impl.backends as backends
+    from torch_impl.cuda_graph import CAPTURABLE_BACKENDS, check_capturable, choose_capturable_backends
+    from torch_impl.moe import Experts
+
+    def hopper_auto(name="auto", *, device=None, dtype=None):
+        return "triton_hopper" if name in (None, "", "auto") else name
+
+    monkeypatch.setattr(backends, "resolve_backend", hopper_auto)
+    monkeypatch.setattr(backends, "why_unavailable", lambda name, device=None, dtype=None: None)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+    def experts(model):
+        return [m for m in model.modules() if isinstance(m, Experts)]
+
+    model = _model(tmp_path, "qwen3_moe")
+    layers = experts(model)
+    assert layers and all(m.backend == "auto" for m in layers)
+    layers[0].backend = "grouped_mm"  # named explicitly: refused below, never swapped
+    assert choose_capturable_backends(model) == len(layers) - 1
+    assert layers[0].backend == "grouped_mm" and all(m.backend == CAPTURABLE_BACKENDS[0] for m in layers[1:])
+    with pytest.raises(ValueError, match="\\['grouped_mm'\\] cannot run inside a CUDA graph"):
+        check_capturable(model)
+    layers[0].backend = "auto"
+    assert choose_capturable_backends(model) == 1 and choose_capturable_backends(model) == 0  # settled once
+    check_capturable(model)
+
+    model = _model(tmp_path, "gpt_oss")
+    monkeypatch.setenv(backends.ENV_VAR, "triton_hopper")  # the variable names a backend: as named, then refused
+    assert choose_capturable_backends(model) == 0 and all(m.backend == "auto" for m in experts(model))
