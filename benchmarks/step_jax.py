@@ -41,7 +41,8 @@ def configure_jax(device: str) -> dict[str, str]:
         os.environ.setdefault(k, v)
     if device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    return {k: os.environ[k] for k in (*JAX_ENV, "JAX_PLATFORMS") if k in os.environ}
+    # TF_GPU_ALLOCATOR (cuda_malloc_async: XLA's other GPU allocator) is recorded when a caller set it
+    return {k: os.environ[k] for k in (*JAX_ENV, "JAX_PLATFORMS", "TF_GPU_ALLOCATOR") if k in os.environ}
 
 
 class RandomTensors(Mapping[str, Any]):
