@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13graph|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13ro|session13graph|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -116,6 +116,7 @@ for f in sys.argv[1:]:
         opts = [k for k in ("compile", "cuda_graph", "optim_in_backward", "offload", "routing_stats") if r.get(k)]
         opts += ["keep_" + r["checkpoint_policy"]] if r.get("checkpoint_policy") not in (None, "nothing") else []
         opts += ["chunk=" + str(r["expert_chunk"])] if r.get("expert_chunk") else []
+        opts += [r["compile_mode"]] if r.get("compile_mode") else []
         opts += ["ckpt_layers=" + str(r["checkpoint_layers"])] if r.get("checkpoint_layers") is not None else []
         opts += [f"{k}={v}" for k, v in (r.get("switches") or {}).items()]
         print(r["impl"], r.get("layers"), "+".join(opts) or "-", r.get("seq"), r.get("step_ms"), r.get("peak_gib"),
@@ -437,6 +438,20 @@ case $PART in
     XLA_PYTHON_CLIENT_PREALLOCATE=true timeout $((590 - SECONDS)) python3 benchmarks/step.py $J --jax-remat nothing \
       --out "$R/step_jax64.jsonl" >> "$R/jax64.log" 2>&1
     plans "$R/step_jax64.jsonl" ;;
+  session13ro)  # (written 2026-12-06, session 12) the host-bound compiled step with inductor's own CUDA graphs
+    # (torch.compile mode "reduce-overhead": each compiled layer recorded per shape and replayed, batch shapes free to
+    # vary, unlike --cuda-graph), Qwen3 at 4K and 16K (every layer checkpointed) and at 4K without checkpointing
+    # (AdamW in backward, as session 12's 52.57 GiB row), with Unsloth's rows in the same call
+    wheels
+    Q="--family qwen3_moe --layers 24 --warmup 3 --iters 10"
+    timeout 200 python3 benchmarks/step.py $Q --seq 4096,16384 --impls torch_impl --compile \
+      --compile-mode reduce-overhead --out "$R/step.jsonl" > "$R/step_ro.log" 2>&1
+    timeout 130 python3 benchmarks/step.py $Q --seq 4096 --impls torch_impl --compile --compile-mode reduce-overhead \
+      --optim-in-backward --checkpoint-layers 0 --out "$R/step.jsonl" > "$R/step_ro_nockpt.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --seq 4096,16384 --impls unsloth --out "$R/step.jsonl" \
+      > "$R/step_unsloth.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "Error\|error:\|skipping cudagraphs" "$R"/step*.log | sort | uniq -c | head -8 \
+      | cut -c1-300 ;;
   session12prof)  # (written 2026-12-06, session 11, for the next device time) issue 15's 4K targets (<= 0.6x Unsloth;
     # now 0.89x Qwen3, 0.70x gpt-oss): where the compiled 4K step's time goes on today's code (the profile tables of
     # one step after the timed rows, per model), next to Unsloth's rows in the same call

@@ -96,7 +96,7 @@ def _lora_b_nonzero(model: torch.nn.Module) -> None:
 
 def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt: bool, offload: bool = False,
                compile_layers: bool = False, policy: str = "nothing", expert_chunk: int | None = None,
-               checkpoint_layers: int | None = None):
+               checkpoint_layers: int | None = None, compile_mode: str | None = None):
     from torch_impl.load import build_model
     from torch_impl.lora import attach_lora
 
@@ -110,7 +110,7 @@ def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt:
     if compile_layers:  # regional compilation: each decoder layer through torch.compile (one code object, shared)
         from torch_impl.compile import compile_decoder_layers
 
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, **({"mode": compile_mode} if compile_mode else {}))
     model.train()
     # the training loss without logits (torch_impl.loss): what torch_impl's Trainer runs
     return model, lambda ids: model(ids, labels=ids, return_logits=False).loss
@@ -454,6 +454,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false",
                    help="keep every layer's activations (default: activation checkpointing per decoder layer)")
     p.add_argument("--compile", action="store_true", help="torch_impl: torch.compile each decoder layer")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch_impl with --compile: torch.compile's mode for the layers (reduce-overhead: inductor "
+                        "replays each compiled layer from CUDA graphs it records per shape, so the host no longer "
+                        "launches its kernels one by one, and batch shapes may still vary)")
     p.add_argument("--optim-in-backward", action="store_true",
                    help="torch_impl: AdamW stepped per tensor inside backward (torch_impl.optim), gradients freed "
                         "at once")
@@ -490,6 +495,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLS)}")
     a.seqs = [int(s) for s in a.seq.split(",")]
+    if a.compile_mode is not None and not a.compile:
+        p.error(f"--compile-mode {a.compile_mode} is torch.compile's mode: it needs --compile")
     if a.checkpoint_layers is not None and not a.grad_ckpt:
         p.error(f"--checkpoint-layers {a.checkpoint_layers} says how many decoder layers are checkpointed, and "
                 "--no-grad-ckpt checkpoints none: drop one of them")
@@ -624,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(impl=impl, family=a.family, preset=a.preset, layers=hf["num_hidden_layers"], rank=a.rank,
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, offload=a.offload and impl == "torch_impl",
                 compile=a.compile and impl == "torch_impl",
+                compile_mode=a.compile_mode if a.compile and impl == "torch_impl" else None,
                 checkpoint_policy=a.checkpoint_policy if impl == "torch_impl" else None,
                 checkpoint_layers=a.checkpoint_layers if impl == "torch_impl" else None,
                 expert_chunk=a.expert_chunk if impl == "torch_impl" else None,
@@ -642,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ImportError(unsloth_error)
         if impl == "torch_impl":
             model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload, a.compile,
-                                        a.checkpoint_policy, a.expert_chunk, a.checkpoint_layers)
+                                        a.checkpoint_policy, a.expert_chunk, a.checkpoint_layers, a.compile_mode)
             if a.routing_stats:
                 loss_fn, after_step = with_routing_stats(model, loss_fn)
         elif impl == "hf_peft":

@@ -157,6 +157,33 @@ def test_checkpoint_layers_rows_checkpoint_the_first_layers(impl, tmp_path, monk
     assert built["model"].gradient_checkpointing and built["model"].checkpoint_layers == 1
 
 
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, capsys):
+    """--compile-mode: the layers are compiled with that mode and the row records it (compilation stood in for: the
+    mode is all this checks); without --compile it is refused."""
+    pytest.importorskip("torch")
+    import benchmarks.step as step
+    import torch_impl.compile
+
+    seen = []
+
+    def record(model, **kwargs):
+        seen.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch_impl.compile, "compile_decoder_layers", record)
+    out = tmp_path / "rows.jsonl"
+    args = ["--family", "qwen3_moe", "--preset", "tiny", "--layers", "1", "--device", "cpu", "--seq", "16", "--iters",
+            "1", "--warmup", "0", "--impls", "torch_impl", "--out", str(out), "--compile"]
+    assert step.main([*args, "--compile-mode", "reduce-overhead"]) == 0
+    assert step.main(args) == 0
+    assert seen == [{"mode": "reduce-overhead"}, {}]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["compile_mode"] for r in rows] == ["reduce-overhead", None] and all(r["step_ms"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        step.parse_args(["--family", "qwen3_moe", "--compile-mode", "reduce-overhead"])
+    assert "it needs --compile" in capsys.readouterr().err
+
+
 def test_checkpoint_layers_needs_checkpointing(capsys):
     pytest.importorskip("torch")
     from benchmarks.step import parse_args
