@@ -11,14 +11,14 @@ the narrow projections LoRA's x·A and the router logits, recompute everything e
 only the first N layers do, the others keep their activations. Attention through
 `--jax-attn` ("auto": cuDNN flash attention on a GPU, the literal softmax on a CPU), MoE through `--jax-backend`.
 
-Reported per length: `step_ms` (median of `--iters` steps after `--warmup`; `step_ms_runs` has each), `first_step_s` (lowering, XLA
-compilation and the first step: what a notebook user waits for), `compiled_peak_gib` (XLA's buffer assignment for the
-step: arguments + temporaries + outputs not aliased to donated inputs; the same number on every device) and
-`peak_gib`: on a GPU the allocator's `peak_bytes_in_use`, which JAX cannot reset, so lengths run in ascending order
-and each row's peak is the largest so far (the untimed first step runs the shortest); on a CPU, where XLA keeps no
-allocator statistics, `compiled_peak_gib`. `XLA_PYTHON_CLIENT_PREALLOCATE=false` (set before JAX is imported, unless
-the caller set it) makes the allocator take memory as the step needs it instead of 75 % of the GPU up front, and
-`XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` lets a long context use nearly all of it.
+Reported per length: `step_ms` (median of `--iters` steps after `--warmup`; `step_ms_runs` has each), `first_step_s`
+(lowering, XLA compilation and the first step: what a notebook user waits for), `compiled_peak_gib` (XLA's buffer
+assignment for the step: arguments + temporaries + outputs not aliased to donated inputs; the same number on every
+device) and `peak_gib`: on a GPU the allocator's `peak_bytes_in_use`, which JAX cannot reset, so lengths run in
+ascending order and each row's peak is the largest so far (the untimed first step runs the shortest); on a CPU, where
+XLA keeps no allocator statistics, `compiled_peak_gib`. `XLA_PYTHON_CLIENT_PREALLOCATE=false` (set before JAX is
+imported, unless the caller set it) makes the allocator take memory as the step needs it instead of 75 % of the GPU up
+front, and `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` lets a long context use nearly all of it.
 """
 
 from __future__ import annotations
