@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13ro|session13graph|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -452,6 +452,19 @@ case $PART in
       > "$R/step_unsloth.log" 2>&1
     rows "$R/step.jsonl"; grep -h "Error\|error:\|skipping cudagraphs" "$R"/step*.log | sort | uniq -c | head -8 \
       | cut -c1-300 ;;
+  session13loss)  # (written 2026-12-06, session 12) the loss's own kernel (torch_impl.loss impl "triton", 832-row
+    # chunks) against Liger's 64-row chunks, which took 27.8 ms of the compiled Qwen3 4K step's 202 ms of kernels in
+    # session 12's profile: the loss gpu tests (bf16 against the materialised path), loss_bench at 4K-64K, then the
+    # compiled Qwen3 steps with Liger (auto) and with the kernel (SPLITMOE_LOSS_IMPL=triton), one process each
+    wheels
+    gpu_tests gpu_tests.log 120 tests/torch/test_fused_loss.py
+    timeout 150 python3 benchmarks/loss_bench.py --seq 4096,16384,65536 --impls splitmoe,splitmoe_triton,liger \
+      --out "$R/loss.jsonl" > "$R/loss.log" 2>&1
+    Q="--family qwen3_moe --layers 24 --seq 4096,16384 --warmup 3 --iters 6 --impls torch_impl --compile"
+    timeout 150 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_liger.log" 2>&1
+    SPLITMOE_LOSS_IMPL=triton timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --out "$R/step.jsonl" \
+      > "$R/step_triton.log" 2>&1
+    grep -h "^{" "$R/loss.log" | cut -c1-200; rows "$R/step.jsonl" ;;
   session12prof)  # (written 2026-12-06, session 11, for the next device time) issue 15's 4K targets (<= 0.6x Unsloth;
     # now 0.89x Qwen3, 0.70x gpt-oss): where the compiled 4K step's time goes on today's code (the profile tables of
     # one step after the timed rows, per model), next to Unsloth's rows in the same call

@@ -2,6 +2,7 @@
 
 - `materialised`: HF's path, `logits = h @ W` (bf16 [S, V]), `.float()`, F.cross_entropy (what torch_impl did);
 - `splitmoe`: `torch_impl.loss.fused_linear_cross_entropy` (chunked torch, no logits);
+- `splitmoe_triton`: the same chunk loop with its own loss kernel per chunk (`impl="triton"`);
 - `liger`: Liger-Kernel's `LigerFusedLinearCrossEntropyLoss` (Triton);
 - `cce`: Apple's cut-cross-entropy `linear_cross_entropy` (Triton; what Unsloth installs).
 
@@ -37,6 +38,10 @@ def _splitmoe(h, w_VH, labels):
     return fused_linear_cross_entropy(h, w_VH, labels, weight_is_HV=False)
 
 
+def _splitmoe_triton(h, w_VH, labels):
+    return fused_linear_cross_entropy(h, w_VH, labels, weight_is_HV=False, impl="triton")
+
+
 def _liger():
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -56,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", default="4096,16384,65536")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--impls", default="materialised,splitmoe,liger,cce")
+    p.add_argument("--impls", default="materialised,splitmoe,splitmoe_triton,liger,cce")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     env = versions()
-    makers = {"materialised": lambda: _materialised, "splitmoe": lambda: _splitmoe, "liger": _liger, "cce": _cce}
+    makers = {"materialised": lambda: _materialised, "splitmoe": lambda: _splitmoe,
+              "splitmoe_triton": lambda: _splitmoe_triton, "liger": _liger, "cce": _cce}
     g = torch.Generator(device="cuda").manual_seed(0)
     for S in (int(s) for s in a.seq.split(",")):
         h = (torch.randn(1, S, a.hidden, device="cuda", generator=g) * 2).to(torch.bfloat16)

@@ -25,6 +25,12 @@ logits 14.4 / 58.2 / 245 ms with 6.9 / 27.8 / 111 GiB. So `impl="auto"` takes Li
 liger-kernel is installed (the `torch` extra installs it): leaner at every length, twice as fast from 16K on, where
 the loss matters; the chunk loop stays for CPUs, float64 and where Liger is absent. Both give HF's loss and
 rounding points (the bf16 logits, fp32 softmax, the gradient rounded to bf16 before `dz @ Wᵀ`).
+
+Liger sizes its chunks from the token count: 64 rows at 4K tokens and V = 151,936, so its GEMMs run with M = 64 (27.8
+ms for the 4K loss of a Qwen3 step on an H100, 183 TFLOP/s; session 12's profile). `impl="triton"` is the chunk loop
+with each chunk's loss and gradient in one Triton kernel (`torch_impl.kernels.cross_entropy`) over the model-dtype
+logits, in place: 832-row chunks there, a 256 MiB block in bf16, no fp32 copy, and no host sync (a CUDA graph can
+hold it). Not yet timed on a GPU, so `auto` does not pick it; `SPLITMOE_LOSS_IMPL=triton` makes `auto` mean it.
 """
 
 from __future__ import annotations
@@ -43,9 +49,12 @@ def shift_labels(labels_BS: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> t
     return F.pad(labels_BS, (0, 1), value=ignore_index)[..., 1:]
 
 
-def default_chunk_rows(vocab: int) -> int:
-    """Rows per chunk so that one chunk's fp32 logits stay within `_CHUNK_ELEMENTS` (a multiple of 64, >= 64)."""
-    return max(64, (_CHUNK_ELEMENTS // max(vocab, 1)) // 64 * 64)
+def default_chunk_rows(vocab: int, impl: str = "chunked") -> int:
+    """Rows per chunk so that one chunk's fp32 logits stay within `_CHUNK_ELEMENTS` (a multiple of 64, >= 64); for
+    impl "triton", whose chunk is the model-dtype logits alone, updated in place, half that many elements: 832 rows at
+    V = 151,936, 256 MiB in bf16, as large a GEMM as the chunk loop's at a quarter of its memory."""
+    elements = _CHUNK_ELEMENTS // 2 if impl == "triton" else _CHUNK_ELEMENTS
+    return max(64, (elements // max(vocab, 1)) // 64 * 64)
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -53,7 +62,7 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_NH: torch.Tensor, weight: torch.Tensor, target_N: torch.Tensor, weight_is_HV: bool,
-                chunk_rows: int, ignore_index: int) -> torch.Tensor:
+                chunk_rows: int, ignore_index: int, kernel: bool = False) -> torch.Tensor:
         N = h_NH.shape[0]
         w_HV = weight if weight_is_HV else weight.t()
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -67,6 +76,17 @@ class _FusedLinearCE(torch.autograd.Function):
         for s in range(0, N, chunk_rows):
             h_c = h_NH[s:s + chunk_rows]
             t_c = target_N[s:s + chunk_rows]
+            if kernel:  # impl "triton": loss and dz of the chunk in one kernel, dz over the logits in place
+                from torch_impl.kernels.cross_entropy import cross_entropy_rows_
+
+                z_CV = h_c @ w_HV  # the model-dtype logits (HF's rounding point); the kernel reads them in fp32
+                total = total + cross_entropy_rows_(z_CV, t_c, n_valid, ignore_index, need_dh or need_dw).sum()
+                if need_dh:
+                    dh_NH[s:s + chunk_rows] = z_CV @ w_HV.t()
+                if need_dw:
+                    dw_HV.add_(h_c.t().to(z_CV.dtype) @ z_CV)
+                del z_CV
+                continue
             v_c = valid_N[s:s + chunk_rows]
             # the model-dtype logits, then fp32 (HF's rounding points); float64 stays float64 for the oracle tests
             z_CV = (h_c @ w_HV).to(acc)
@@ -97,10 +117,12 @@ class _FusedLinearCE(torch.autograd.Function):
         if dw_HV is not None:
             dw = dw_HV * grad_loss
             dw = (dw if ctx.weight_is_HV else dw.t()).to(ctx.weight_dtype)
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
-IMPLS = ("auto", "chunked", "liger")
+IMPLS = ("auto", "chunked", "liger", "triton")
+# `auto` is `SPLITMOE_LOSS_IMPL` when set (one of IMPLS but auto): how a benchmark row times another path unchanged
+ENV_VAR = "SPLITMOE_LOSS_IMPL"
 
 
 def liger_available() -> bool:
@@ -110,18 +132,39 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+def triton_runs_here(h: torch.Tensor) -> bool:
+    """The "triton" loss kernel can run on `h`: a CUDA tensor, or any with the Triton interpreter on
+    (TRITON_INTERPRET=1, how the CPU tests run it); fp32 or 16-bit (no float64 kernel)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None or h.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    return h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def resolve_impl(impl: str, h: torch.Tensor) -> str:
-    """`auto` -> `liger` for a CUDA tensor of a 16-bit or fp32 dtype when liger-kernel is installed, else `chunked`.
+    """`auto` -> `liger` for a CUDA tensor of a 16-bit or fp32 dtype when liger-kernel is installed, else `chunked`;
+    `SPLITMOE_LOSS_IMPL` (`ENV_VAR`), when set, is what `auto` means (a benchmark row timing another path).
 
     Inside `models.layers.static_batch` (a forward that a CUDA graph captures, `torch_impl.cuda_graph`) `auto` is
     always `chunked`: Liger's forward reads its count of valid labels on the host (`.item()`, liger-kernel 0.8.5),
     which stops a capture; the chunk loop keeps every value on the device. `liger` there is refused with that reason.
+    `triton` (`torch_impl.kernels.cross_entropy`: the chunk loop with one kernel per chunk for the loss and its
+    gradient, chunks as large as the chunk loop's) keeps its count on the device too, so a capture may name it.
     """
+    import os
+
     from torch_impl.models.layers import in_static_batch  # deferred: models.layers imports this module's loss
 
     if impl not in IMPLS:
         raise ValueError(f"loss impl {impl!r}: one of {', '.join(IMPLS)}")
     if impl == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            if env not in IMPLS:
+                raise ValueError(f"{ENV_VAR}={env!r}: one of {', '.join(IMPLS)}")
+            return resolve_impl(env, h)
         ok = (h.is_cuda and h.dtype in (torch.bfloat16, torch.float16, torch.float32) and liger_available()
               and not in_static_batch())
         return "liger" if ok else "chunked"
@@ -132,6 +175,9 @@ def resolve_impl(impl: str, h: torch.Tensor) -> str:
         raise ValueError("loss impl 'liger' cannot run in a CUDA-graph step (static_batch): Liger's loss reads the "
                          "number of valid labels on the host, which a capture cannot contain; use impl='chunked' "
                          "(or 'auto', which picks it there)")
+    if impl == "triton" and not triton_runs_here(h):
+        raise ValueError(f"loss impl 'triton' runs on a CUDA device (or under TRITON_INTERPRET=1) in fp32 or 16-bit; "
+                         f"these hidden states are {h.dtype} on {h.device}: use impl='chunked', which runs anywhere")
     return impl
 
 
@@ -152,16 +198,18 @@ def fused_linear_cross_entropy(h_BSH: torch.Tensor, weight: torch.Tensor, labels
     """HF's causal-LM loss of logits `h_BSH @ W` without materialising them: labels shifted left by one, positions
     labelled `ignore_index` skipped, mean over the rest (fp32 scalar). `weight` is the output projection as
     `[H, V]` (`weight_is_HV`, the canonical `lm_head.weight`) or `[V, H]` (tied input embeddings). `impl`: `auto`
-    (Liger-Kernel's fused kernel on CUDA when installed, else the chunk loop), `chunked`, `liger`."""
+    (Liger-Kernel's fused kernel on CUDA when installed, else the chunk loop), `chunked`, `liger`, `triton` (the
+    chunk loop with `torch_impl.kernels.cross_entropy` for each chunk's loss and gradient)."""
     if h_BSH.shape[:-1] != labels_BS.shape:
         raise ValueError(f"hidden states {tuple(h_BSH.shape)} and labels {tuple(labels_BS.shape)} disagree on [B, S]")
     vocab = weight.shape[1] if weight_is_HV else weight.shape[0]
-    rows = chunk_rows or default_chunk_rows(vocab)
     h_NH = h_BSH.reshape(-1, h_BSH.shape[-1])
     target_N = shift_labels(labels_BS, ignore_index).reshape(-1)
-    if resolve_impl(impl, h_NH) == "liger":
+    impl = resolve_impl(impl, h_NH)
+    rows = chunk_rows or default_chunk_rows(vocab, impl)
+    if impl == "liger":
         loss = _liger_loss(h_NH, weight, target_N, weight_is_HV, ignore_index)
         # HF's 0/0: no valid row gives NaN (Liger's 0 would hide a batch with nothing to learn from); a device-side
         # where, no host sync
         return torch.where((target_N != ignore_index).any(), loss.float(), torch.full_like(loss.float(), torch.nan))
-    return _FusedLinearCE.apply(h_NH, weight, target_N, weight_is_HV, rows, ignore_index)
+    return _FusedLinearCE.apply(h_NH, weight, target_N, weight_is_HV, rows, ignore_index, impl == "triton")

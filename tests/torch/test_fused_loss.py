@@ -144,11 +144,11 @@ def test_model_loss_without_logits_equals_materialised(case, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["chunked", "liger"])
+@pytest.mark.parametrize("impl", ["chunked", "liger", "triton"])
 @pytest.mark.parametrize("weight_is_HV", [True, False], ids=["lm_head", "tied"])
 def test_fused_loss_bf16_on_gpu_matches_materialised(weight_is_HV, impl):
     """A Qwen3-sized vocabulary in bf16 on the GPU, several chunks: loss and dh against the materialised path, for
-    the chunk loop and for Liger's kernel (what `auto` picks there)."""
+    the chunk loop, Liger's kernel (what `auto` picks there) and the chunk loop's own kernel (impl "triton")."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if impl == "liger" and not liger_available():
@@ -212,6 +212,105 @@ def test_liger_kernel_gives_the_chunk_loops_loss_and_gradient():
     assert none.strip() == "nan"
 
 
+# impl="triton" on CPU: the kernel in the Triton interpreter, in a fresh process for the same reason as Liger's. In fp32
+# against the float64 oracle (both layouts, chunks of 1 row, a prime and more than all rows, a vocabulary spanning
+# two 4096-wide blocks, ignored positions, a trainable weight's dW, a non-unit upstream gradient), in fp16 against the
+# chunk loop (the same rounding points: fp16 logits, fp16 dz), and NaN with nothing labelled.
+_TRITON_CHECK = r"""
+import torch
+import torch.nn.functional as F
+from torch_impl.loss import fused_linear_cross_entropy, shift_labels
+out = []
+g = torch.Generator().manual_seed(0)
+for weight_is_HV in (True, False):
+    for chunk in (1, 7, 1000):
+        B, S, H, V = 2, 9, 16, 4099
+        h = torch.randn(B, S, H, generator=g, requires_grad=True)
+        w = (torch.randn(*((H, V) if weight_is_HV else (V, H)), generator=g) * 0.3).requires_grad_(True)
+        labels = torch.randint(0, V, (B, S), generator=g)
+        labels[0, 2:5] = -100
+        labels[1, -3] = V - 1  # the last column, in the second block
+        loss = fused_linear_cross_entropy(h, w, labels, weight_is_HV=weight_is_HV, impl="triton", chunk_rows=chunk)
+        dh, dw = torch.autograd.grad(3.0 * loss, (h, w))
+        h64, w64 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+        logits = h64 @ w64 if weight_is_HV else h64 @ w64.t()
+        ref = F.cross_entropy(logits.reshape(-1, V), shift_labels(labels).reshape(-1))
+        rdh, rdw = torch.autograd.grad(3.0 * ref, (h64, w64))
+        rel = lambda a, b: float((a.double() - b).norm() / b.norm())
+        out.append(("fp32", weight_is_HV, chunk, rel(loss.detach(), ref.detach()), rel(dh, rdh), rel(dw, rdw)))
+h = torch.randn(1, 40, 16, generator=g).half().requires_grad_(True)
+w = (torch.randn(16, 4099, generator=g) * 0.3).half()
+labels = torch.randint(0, 4099, (1, 40), generator=g)
+l1 = fused_linear_cross_entropy(h, w, labels, impl="triton", chunk_rows=16)
+(d1,) = torch.autograd.grad(l1, (h,))
+l2 = fused_linear_cross_entropy(h, w, labels, impl="chunked", chunk_rows=16)
+(d2,) = torch.autograd.grad(l2, (h,))
+out.append(("fp16", float((l1 - l2).abs()), float((d1.float() - d2.float()).abs().max()), float(d2.abs().max())))
+none = fused_linear_cross_entropy(torch.randn(1, 4, 16), torch.randn(16, 97), torch.full((1, 4), -100),
+                                  impl="triton")
+print("RESULT", out, "NONE", float(none))
+"""
+
+
+def test_triton_loss_kernel_matches_the_oracle_in_the_interpreter():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    r = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result, none = r.stdout.split("RESULT", 1)[1].split("NONE")
+    rows = eval(result)
+    fp32 = [row for row in rows if row[0] == "fp32"]
+    assert len(fp32) == 6
+    for _, weight_is_HV, chunk, rel_loss, rel_dh, rel_dw in fp32:
+        # fp32 logits, fp32 log-sum-exp and softmax against float64: a few fp32 ulps (2^-24 = 6e-8) through sums of
+        # at most 4099 terms
+        assert rel_loss < 1e-6 and rel_dh < 1e-5 and rel_dw < 1e-5, (weight_is_HV, chunk, rel_loss, rel_dh, rel_dw)
+    (_, dloss, ddh, dmax), = [row for row in rows if row[0] == "fp16"]
+    # the same fp16 logits and fp16 dz on both sides, fp32 arithmetic between: the kernel's online sums differ from
+    # torch's logsumexp by fp32 ulps, which can move a dz across one fp16 rounding step (2^-11 relative)
+    assert dloss < 1e-5 and ddh <= 2 ** -10 * dmax
+    assert none.strip() == "nan"
+
+
+def test_loss_impl_switch_and_the_triton_kernels_place(monkeypatch):
+    """SPLITMOE_LOSS_IMPL is what `auto` means when set (a benchmark row timing another path), a bad value is named;
+    `triton` needs CUDA or the interpreter, and may run inside a CUDA-graph step (its count stays on the device)."""
+    import types
+
+    from torch_impl import loss as loss_mod
+    from torch_impl.models.layers import static_batch
+
+    cpu = torch.zeros(2, 3)
+    monkeypatch.setenv(loss_mod.ENV_VAR, "chunked")
+    assert resolve_impl("auto", cpu) == "chunked"
+    monkeypatch.setenv(loss_mod.ENV_VAR, "cce")
+    with pytest.raises(ValueError, match="SPLITMOE_LOSS_IMPL='cce'"):
+        resolve_impl("auto", cpu)
+    monkeypatch.setenv(loss_mod.ENV_VAR, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="loss impl 'triton' runs on a CUDA device"):
+        resolve_impl("auto", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_impl("auto", cpu) == "triton"
+    with pytest.raises(ValueError, match="runs on a CUDA device"):
+        resolve_impl("triton", cpu.double())
+    monkeypatch.delenv(loss_mod.ENV_VAR)
+    cuda = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # what resolve_impl reads of a CUDA tensor
+    with static_batch(packed=False):
+        assert resolve_impl("triton", cuda) == "triton"
+        assert resolve_impl("auto", cuda) == "chunked"
+
+
+def test_triton_chunks_are_half_the_chunk_loops():
+    # the kernel's chunk is the model-dtype logits alone: 2^27 elements, 832 rows at Qwen3's vocabulary
+    assert default_chunk_rows(151_936, "triton") == 832 and default_chunk_rows(151_936) == 1728
+    assert default_chunk_rows(10**9, "triton") == 64
+
+
 def test_cuda_graph_steps_take_the_chunk_loop(monkeypatch):
     """Inside static_batch (a CUDA-graph capture's forward) `auto` never picks Liger, whose forward syncs with the
     host, and an explicit `liger` is refused with the reason; outside it `auto` still picks Liger on CUDA."""
@@ -233,5 +332,5 @@ def test_cuda_graph_steps_take_the_chunk_loop(monkeypatch):
 def test_auto_picks_the_chunk_loop_off_cuda():
     h = torch.zeros(2, 3)
     assert resolve_impl("auto", h) == "chunked"
-    with pytest.raises(ValueError, match="one of auto, chunked, liger"):
+    with pytest.raises(ValueError, match="one of auto, chunked, liger, triton"):
         resolve_impl("cce", h)
