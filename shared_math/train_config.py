@@ -237,6 +237,15 @@ def _validate(cfg: RunConfig) -> None:
                           f"data.batch_size to a multiple of {par.batch_shards}")
 
 
+def validate_checkpoint_layers(layers: int, num_layers: int) -> None:
+    """ValueError unless `layers` (both frameworks' `gradient_checkpointing_enable(layers=...)`: how many of the first
+    decoder layers to checkpoint) is an int in 0..num_layers."""
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= num_layers:
+        raise ValueError(f"gradient_checkpointing_enable(layers={layers!r}): layers is how many of the first decoder "
+                         f"layers to checkpoint, an int from 0 to {num_layers} (this model has {num_layers}); pass "
+                         "one of those, or None to checkpoint every layer")
+
+
 def check_checkpoint_layers(cfg: RunConfig, num_layers: int) -> None:
     """train.checkpoint_layers against the model's depth, which the config alone does not know: both trainers call
     it once the checkpoint's config is read, before the weights are."""

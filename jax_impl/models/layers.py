@@ -38,6 +38,7 @@ from jax_impl.models.attention import dot_product_attention, masked_softmax  # n
 from jax_impl.moe import RoutingStats
 from shared_math.config import ModelConfig
 from shared_math.rope import rope_inv_freq
+from shared_math.train_config import validate_checkpoint_layers
 
 _F32 = jnp.float32
 
@@ -98,7 +99,7 @@ class LayerCheckpointing:
                                  "or pass a jax.checkpoint_policies callable")
             policy = REMAT_POLICIES[policy]
         if layers is not None:
-            _check_checkpoint_layers(layers, len(self.layers))
+            validate_checkpoint_layers(layers, len(self.layers))
         self.gradient_checkpointing = True
         self.checkpoint_policy = policy
         self.checkpoint_layers = layers
@@ -127,14 +128,6 @@ class LayerCheckpointing:
         # the layer: they are the only variables a forward changes
         nnx.update(layer, stats)
         return out
-
-
-def _check_checkpoint_layers(layers: int, num_layers: int) -> None:
-    """ValueError unless `layers` (`gradient_checkpointing_enable(layers=...)`) is an int in 0..num_layers."""
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= num_layers:
-        raise ValueError(f"gradient_checkpointing_enable(layers={layers!r}): layers is how many of the first decoder "
-                         f"layers to checkpoint, an int from 0 to {num_layers} (this model has {num_layers}); pass "
-                         "one of those, or None to checkpoint every layer")
 
 
 class RMSNorm(nnx.Module):

@@ -148,6 +148,11 @@ def test_graphed_step_matches_eager_cuda(tmp_path, family):
     model.train()
     packed = family == "qwen3_moe"  # one family through the packed-mask path inside the graph
     batches = [_batch(s, model.config.vocab_size, packed, "cuda") for s in (0, 1, 2)]
+    _replays_match_eager(model, batches, "float32", ("loss", "lora_grad"))
+
+
+def _replays_match_eager(model, batches, dtype: str, quantities: tuple[str, str]) -> None:
+    """Capture on the first batch, then per batch: the replayed loss and LoRA gradients against an eager step's."""
     step = graph_model(model, *batches[0])
     for i, b in enumerate(batches):
         loss = step(*b).clone()
@@ -156,9 +161,9 @@ def test_graphed_step_matches_eager_cuda(tmp_path, family):
             p.grad = None
         out = model(b[0], labels=b[1], position_ids=b[2])
         out.loss.backward()
-        assert_close(loss, out.loss, dtype="float32", quantity="loss", name=f"batch {i} loss")
+        assert_close(loss, out.loss, dtype=dtype, quantity=quantities[0], name=f"batch {i} loss")
         for n, g in _grads(model).items():
-            assert_close(got[n], g, dtype="float32", quantity="lora_grad", name=f"batch {i} d {n}")
+            assert_close(got[n], g, dtype=dtype, quantity=quantities[1], name=f"batch {i} d {n}")
 
 
 @pytest.mark.gpu
@@ -179,17 +184,7 @@ def test_graphed_hopper_step_matches_eager_bf16_cuda(tmp_path, family, monkeypat
     model.gradient_checkpointing_enable()
     model.train()
     batches = [_batch(s, model.config.vocab_size, False, "cuda") for s in (0, 1)]
-    step = graph_model(model, *batches[0])
-    for i, b in enumerate(batches):
-        loss = step(*b).clone()
-        got = _grads(model)
-        for p in _lora_params(model).values():
-            p.grad = None
-        out = model(b[0], labels=b[1], position_ids=b[2])
-        out.loss.backward()
-        assert_close(loss, out.loss, dtype="bfloat16", quantity="moe_block", name=f"batch {i} loss")
-        for n, g in _grads(model).items():
-            assert_close(got[n], g, dtype="bfloat16", quantity="moe_grad", name=f"batch {i} d {n}")
+    _replays_match_eager(model, batches, "bfloat16", ("moe_block", "moe_grad"))
 
 
 @pytest.mark.gpu

@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from shared_math.config import ModelConfig
 from shared_math.rope import rope_inv_freq
+from shared_math.train_config import validate_checkpoint_layers
 from torch_impl.models import fused_glue
 
 
@@ -82,7 +83,7 @@ class LayerCheckpointing:
             raise ValueError(f"checkpoint policy {policy!r} keeps tensors on the GPU, which offload_to_cpu=True "
                              "exists to avoid: use one or the other")
         if layers is not None:
-            _check_checkpoint_layers(layers, len(self.layers))
+            validate_checkpoint_layers(layers, len(self.layers))
         self.gradient_checkpointing = True
         self.checkpoint_offload = bool(offload_to_cpu)
         self.checkpoint_policy = policy
@@ -106,14 +107,6 @@ class LayerCheckpointing:
             return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=False,
                                                      context_fn=REMAT_POLICIES[self.checkpoint_policy])
         return layer(*args)
-
-
-def _check_checkpoint_layers(layers: int, num_layers: int) -> None:
-    """ValueError unless `layers` (`gradient_checkpointing_enable(layers=...)`) is an int in 0..num_layers."""
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= num_layers:
-        raise ValueError(f"gradient_checkpointing_enable(layers={layers!r}): layers is how many of the first decoder "
-                         f"layers to checkpoint, an int from 0 to {num_layers} (this model has {num_layers}); pass "
-                         "one of those, or None to checkpoint every layer")
 
 
 # True while a checkpointed decoder layer's forward is recomputed in the backward (`layer_recompute`). A plain
