@@ -22,10 +22,51 @@ Memory (bytes per GPU):
   lora      16·(Q_experts / (fsdp·expert) + Q_attn / fsdp)                  fp32 LoRA A and B (attention targets of
             benchmarks/step.py's ATTENTION_TARGETS, both expert tensors), fp32 grads, two fp32 AdamW moments.
             Q_attn = Σ r·(in + out) per attention target; Q_experts = E·r·(H + 2I) + E·r·(I + H) per MoE layer.
-  saved     2·L·S·H  (0 with --offload: the layer inputs live in pinned host memory)      checkpointed layer inputs
-  work      2·S·H (dh of the loss, kept for the backward)  +  max(loss chunk, one layer's recompute), where
+            12·Q with optim_in_backward (--optim-in-backward, torch_impl.optim): AdamW steps each tensor inside the
+            backward and frees its gradient at once, so no gradient outlives its layer's backward (see total).
+  saved     N·2·S·H  (0 with --offload: the layer inputs live in pinned host memory)   checkpointed layer inputs,
+            N = checkpoint_layers (the first N decoder layers are checkpointed; default all L); with the "attention"
+            policy (--checkpoint-policy attention) each of them also keeps its attention output and fp32 log-sum-exp,
+            + N·S·(2·nh·d_v + 4·nh) (layers.keep_attention_contexts; the policy refuses --offload, as torch_impl does)
+  kept      Σ over the L − N un-checkpointed layers of what each keeps from its forward for its backward (torch_impl's
+            ctx.save_for_backward, tensor by tensor), per token, bf16 = 2 B, fp32 = 4 B:
+              2·2·H + 8        the two norms' inputs (the layer input, the post-attention residual) and fp32 rstd
+              + 4·(the distinct inputs of the attention LoRA targets: H for those reading the normed input, q_lora_rank
+                and kv_lora_rank for MLA's q_b and kv_b, nh·d_v for o_proj)   LoRALinear's fp32 copy of x
+              + 4·r per attention target                                      z = x·A (fp32)
+              + GQA: 2·(q + 2·kv widths) (q, k rotated, v as the attention kernel reads them), with q/k norms
+                     2·(q + kv widths) + 4·(nh + nkv) (their inputs, the projection outputs, and rstd);
+                MLA: 2·(q_lora_rank + kv_a width) + rstd (q_a and kv_a outputs: the inputs of their norms)
+                     + 2·(2·nh·d_qk + kv_b width) (q and k concatenated per head; v, a view of kv_b's output)
+              + 2·nh·d_v + 4·nh (the attention output and its fp32 log-sum-exp) [+ 4·nh: gpt-oss's sink weights]
+              + MoE: 4·E + 14·K (router probabilities fp32; top-K ids int64, weights fp32 and bf16) + 2·H (the
+                     experts' input) + K·(2·(2I + 2r) + 4 + 40) per routed row: gu [2I], z1, z2 [r] in bf16, what
+                     SplitLoraExpertsFunction saves (torch_impl/kernels/split_lora.py: the gathered x rows, h and
+                     the down output are not saved; the triton backend re-gathers from x), its fp32 routing weight
+                     and the expert sort's int64 row indices (five [M] tensors compiled, 17 B a row eager; with an
+                     expert axis a rank's rows vary with the routing, K·S on average); + 2·3·I_shared (the shared
+                     experts' gate, silu(gate), up: no LoRA on them). With the experts tiled (--expert-chunk C_e < S,
+                     torch_impl/tiled_experts.py) the per-row term is 0: the tiled Function keeps only x, the ids and
+                     the weights, and its backward recomputes chunk by chunk (the one chunk's rows are in `work`).
+                dense layers: 2·3·I_dense (the MLP's gate, silu(gate), up: no LoRA on them)
+            plus, per MoE layer, not per token, in eager layers (not --compile): 2·(E/expert)·r·(2H + 3I), the bf16
+            copies of the four expert LoRA factors the kernels' Function saves (`_kernel_operands`); compiled layers
+            run the experts as a custom op (torch_impl/moe_op.py) that saves the fp32 factors themselves.
+            This is Liger's fused RMSNorm (torch_impl's eager default on CUDA with liger-kernel, the torch extra) and
+            the compiled layers' choice alike: the norms keep their bf16 inputs; eager norms without Liger keep an
+            fp32 copy instead (+2·H per decoder norm, +2·(q + kv widths) for q/k norms: not modelled). Left out:
+            the attention LoRA A factors' concatenation (`layers.project`: 4·H·3r, 1.5 MiB per Qwen3 layer), the
+            router logits an aux-loss family collects until the forward's end (2·S·E per layer, gone before the
+            backward). Checked on CPU (torch.autograd.graph.saved_tensors_hooks over one un-checkpointed Qwen3-shaped
+            layer, fp16, triton backend interpreted): the compiled layer's saved tensors are this count to the byte
+            but for the A concatenation, the sort's per-expert counts and the fp32 routing weight it does not keep;
+            the eager layer's likewise, with the CPU's fp32 norm copies, and its sort held outside save_for_backward.
+            Qwen3-30B-A3B at r=64: 93.4 KB per token compiled (0.36 GiB per layer at 4K, 1.43 at 16K), + 0.10 GiB
+            per layer eager.
+  work      2·S·H (dh of the loss, kept for the backward)  +  max(loss chunk, one layer's backward), where
             loss chunk = 4·min(S, C)·V with C = the rows of a 2^28-element fp32 block (torch_impl/loss.py), and
-            one layer = residual/norm tensors 2·8·S·H (four [S, H] tensors and their grads)
+            a checkpointed layer's backward is its recompute + backward working set:
+                        residual/norm tensors 2·8·S·H (four [S, H] tensors and their grads)
                       + attention (flash kernel: no [S, S] scores): 2·2·S·(q + k + v + o widths [MLA: + q_a, kv_a
                         and kv_b outputs]) for the outputs and their grads, + 4·S·nh (fp32 log-sum-exp),
                         + 2·2·S·r per attention LoRA target (z and dz)
@@ -33,13 +74,26 @@ Memory (bytes per GPU):
                         LoRA pairs: torch_impl/kernels/split_lora.py), M = K·S, or K·min(S, C_e) with the experts
                         tiled in C_e-token chunks (--expert-chunk, `tile_experts`: one chunk's rows at a time),
                         + 12·S·E (router logits, probs, grads, fp32)
-                        + shared experts 2·5·S·I_shared;  dense layers: 2·5·S·I_dense.
-            The loss chunk and a layer's recompute never coexist (the loss runs between forward and backward).
+                        + shared experts 2·5·S·I_shared;  dense layers: 2·5·S·I_dense,
+            and an un-checkpointed layer's backward is that less what it kept (already in `kept`).
+            With optim_in_backward, + one layer's LoRA gradients 4·Q_layer (+ foreach: one tensor's sqrt(v)).
   a2a       4·2·M·H when expert > 1                     dispatch + combine buffers, send + receive, bf16
   opt tmp   4·Q_local with foreach AdamW (its sqrt(v) temporary), 0 with fused AdamW (torch_impl's default on CUDA)
-  total     weights + lora + max(gather + saved + work + a2a, opt tmp)   (the optimizer runs after the backward
-            has freed activations and gathered units)
-  fits      total <= 139 GiB (an H200's 141 GB less the CUDA context and allocator slack)
+  total     the peak over the step's phases, each beside weights + 12·Q (LoRA params and AdamW moments):
+              the loss (the forward's end)  gather + a2a + saved + kept + 2·S·H + loss chunk   (no gradient yet)
+              layer l's backward, l = L−1 down to 0: gather + a2a + saved + the kept activations of the
+                un-checkpointed layers <= l + 2·S·H + layer l's backward + the LoRA gradients that exist: those of
+                layers >= l, or with optim_in_backward layer l's alone (its tensors are updated and freed as made)
+              the optimizer step after the backward: 4·Q (every gradient) + opt tmp (none with optim_in_backward)
+            All N saved inputs are counted through the whole backward (an upper bound: each dies with its layer's
+            backward; the calibration below keeps it), so near N = L, where the peak is the first layer's backward,
+            one more checkpointed layer can add its input to the total instead of taking its kept activations off.
+            One micro-batch per step, gradients set to None after the optimizer step (torch_impl's Trainer,
+            benchmarks/step.py); with grad_accum > 1 the gradients of the earlier micro-batches live through every
+            phase. With every layer checkpointed and fused AdamW this is weights + lora + saved + work (+ gather +
+            a2a) unless the loss chunk is the larger working set (short sequences: there the peak is still the first
+            layer's backward, which holds every gradient).
+  fits      total <= 139 GiB (an H200's 141 GB less the CUDA context and allocator slack), or --budget-gib
 
 Step time (seconds per GPU, batch 1 of S tokens on every GPU):
   linear FLOPs  6·A_base·S + 4·H·V·S + 8·A_lora·S, where A_base = weights one token multiplies through in the
@@ -58,6 +112,8 @@ Step time (seconds per GPU, batch 1 of S tokens on every GPU):
                 when the axis stays inside an 8-GPU node (mesh [data, fsdp, expert], expert innermost), else 45 GB/s
                 (400 Gb/s InfiniBand per GPU). These two are typical NCCL figures, NOT measured here.
   step          optimizer + max(linear/R_LIN + attn/R_ATTN, comm): communication assumed fully overlapped.
+                Every layer's recompute is counted whatever checkpoint_layers and the policy say: with layers left
+                un-checkpointed (or the attention kept) the estimate is high by the recompute they skip.
 
 Calibration (h200-anchors.md; `splitmoe plan --gpus 1 --optimizer foreach --preset qwen3_moe:30b-a3b`):
   R_ATTN = 495 TFLOP/s: the cuDNN flash attention of the torch_impl profile (12 Qwen3 layers at 4K: 15 ms for
@@ -73,12 +129,28 @@ Calibration (h200-anchors.md; `splitmoe plan --gpus 1 --optimizer foreach --pres
 
 Memory check: single-GPU Qwen3-30B-A3B at 4K with foreach AdamW gives 104.7 GiB against the measured 104.8 GiB
 (torch_impl eager row): the peak is the optimizer step, 57 GiB of weights + 38 GiB of LoRA state + foreach's
-9.6 GiB sqrt(v) temporary; with today's fused AdamW the plan says 96.9 GiB, the backward's peak (7.5% under the
+9.6 GiB sqrt(v) temporary; with today's fused AdamW the plan says 96.6 GiB, the backward's peak (7.8% under the
 row, for the reason just given). Out of sample, gpt-oss-20b at 1K with foreach: 52.7 GiB, measured 52.9 GiB.
 The measured 16K row (116.7 GiB) and the 32K / 64K out-of-memory asks (18.6 / 37.1 GiB = 4·S·V bytes, exactly
 [S, V] fp32 logits) come from the torch_impl of that day, which materialised the logits; its chunked loss
 (torch_impl/loss.py, landed the same day) is what this model assumes, so the plan's 16K figure (100.8 GiB) is
 below that row by design, not by error.
+
+Partial checkpointing check (session 12, one H100, benchmarks/results/session12_2026-12-06; Qwen3-30B-A3B truncated
+to 24 layers, r=64, bf16 weights, fp32 LoRA, fused AdamW, compiled layers, torch.cuda.max_memory_allocated;
+`memory(..., compiled=True)`; tests/shared/test_plan.py checks each within 2%):
+  4K,  every layer checkpointed, AdamW after the backward          measured 48.92 GiB   plan 49.20   ×1.006
+  4K,  no layer checkpointed (N = 0), AdamW in backward            measured 52.57 GiB   plan 52.92   ×1.007
+  16K, every layer checkpointed, "attention", AdamW in backward    measured 50.56 GiB   plan 50.79   ×1.005
+  16K, first 20 of 24 checkpointed, "attention", in backward       measured 54.26 GiB   plan 54.31   ×1.001
+The resident part is the rows' own: weights + LoRA params 33.80 GiB (measured 33.87: 0.06 GiB of buffers and
+workspaces the plan does not count) and AdamW's moments 9.57 GiB (measured 9.57). The two rows with un-checkpointed
+layers (24 at 4K; 4 at 16K beside 20 checkpointed ones), solved for a per-layer cost and a backward transient that
+both scale with S, give about 0.37 GiB per kept layer at 4K; the formula's is 0.36. At 4K with N = 0 the plan's
+peak is the loss phase, with the chunk loop's 1 GiB block; Liger's loss (torch_impl's `auto` on CUDA when
+installed) takes ~0.04 GiB there, and the plan's next phase, the last layer's backward, gives 52.44 GiB (×0.998):
+the row agrees either way. Eager layers (no --compile) are not measured without checkpointing; their formula adds
+the bf16 expert LoRA copies, 0.10 GiB per un-checkpointed layer here (55.27 GiB for the N = 0 row).
 """
 
 from __future__ import annotations
@@ -92,9 +164,10 @@ from shared_math.config import ModelConfig
 
 __all__ = ["GIB", "H200_USABLE_GIB", "R_LIN", "R_ATTN", "HBM_BW", "POWERS_OF_TWO", "Parallel", "ParamCounts",
            "Memory", "Plan", "LayoutError", "check_layout", "param_counts", "lora_counts", "attention_targets", "plan",
-           "auto_plan", "format_table"]
+           "auto_plan", "least_checkpointed", "format_table", "CHECKPOINT_POLICIES"]
 
 Optimizer = Literal["fused", "foreach"]
+CheckpointPolicy = Literal["nothing", "attention"]
 
 GIB = 1 << 30
 H200_USABLE_GIB = 139.0  # nvidia-smi shows 143,771 MiB (140.4 GiB); less the CUDA context and allocator slack
@@ -107,6 +180,7 @@ IB_BW = 45e9  # B/s per GPU across nodes, 400 Gb/s InfiniBand (typical, not meas
 GPUS_PER_NODE = 8
 POWERS_OF_TWO = (1, 2, 4, 8, 16, 32, 64)
 OPT_BYTES = {"fused": 28, "foreach": 84}  # bytes moved per LoRA param by one AdamW step (docstring)
+CHECKPOINT_POLICIES = ("nothing", "attention")  # torch_impl.models.layers.REMAT_POLICIES
 LOSS_CHUNK_ELEMENTS = 1 << 28  # torch_impl/loss.py's _CHUNK_ELEMENTS: one fp32 [C, V] block of at most 1 GiB
 FLASH_BWD_OVER_FWD = 2.5  # flash backward: dQ, dK, dV and the recomputed scores, 5 GEMMs to the forward's 2
 
@@ -313,7 +387,8 @@ def check_layout(cfg: ModelConfig, par: Parallel) -> None:
 # ---- memory -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Memory:
-    """Per-GPU bytes by component (see the module docstring for each formula)."""
+    """Per-GPU bytes by component (see the module docstring for each formula). The components are sizes, not all
+    alive at once: `total` is the step's peak, the largest of its phases (module docstring), computed by `memory`."""
 
     weights: int
     gather: int
@@ -322,14 +397,12 @@ class Memory:
     work: int
     a2a: int
     opt_tmp: int
+    kept: int  # the un-checkpointed layers' kept activations (checkpoint_layers); 0 when every layer is checkpointed
+    total: int
 
     @property
     def activations(self) -> int:
-        return self.saved + self.work
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.lora + max(self.gather + self.saved + self.work + self.a2a, self.opt_tmp)
+        return self.saved + self.kept + self.work
 
 
 def _layer_work(cfg: ModelConfig, S: int, r: int, is_moe: bool, n_attn_targets: int,
@@ -355,37 +428,134 @@ def _layer_work(cfg: ModelConfig, S: int, r: int, is_moe: bool, n_attn_targets: 
     return resid + attn + mlp
 
 
+# projections that read the layer's normed input: their LoRA branches share one fp32 copy of it (`layers.project`)
+_READS_X = frozenset({"q_proj", "k_proj", "v_proj", "q_a_proj", "kv_a_proj_with_mqa"})
+
+
+def _attention_kept_width(cfg: ModelConfig) -> int:
+    """Per-token bytes the "attention" checkpoint policy keeps in a checkpointed layer: the attention kernel's output
+    (bf16, nh·d_v) and its fp32 log-sum-exp (nh)."""
+    dv = cfg.v_head_dim if cfg.attention == "mla" else cfg.head_dim
+    return 2 * cfg.num_attention_heads * dv + 4 * cfg.num_attention_heads
+
+
+def _layer_kept(cfg: ModelConfig, S: int, r: int, is_moe: bool, *, expert: int = 1, expert_chunk: int | None = None,
+                compiled: bool = False) -> int:
+    """Bytes an un-checkpointed decoder layer keeps from its forward to its backward at S tokens (module docstring,
+    "kept"): what torch_impl's forward saves for backward, tensor by tensor."""
+    H, nh, E, K, I = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_experts, cfg.num_experts_per_tok,
+                      cfg.moe_intermediate_size)
+    _, _, lin = _attention_params(cfg)
+    targets = attention_targets(cfg)
+    tok = 2 * 2 * H + 2 * 4  # the two norms' inputs (layer input, post-attention residual) and their fp32 rstd
+    # LoRA: an fp32 copy of each distinct target input (one for the projections that read x), z = x·A fp32 per target
+    inputs = {("x" if t in _READS_X else t): lin[t][0] for t in targets}
+    tok += 4 * sum(inputs.values()) + 4 * r * len(targets)
+    if cfg.attention == "mla":
+        dqk, qr = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.q_lora_rank or 0
+        # q_a and kv_a outputs (the inputs of their norms, + fp32 rstd); q and k as attention reads them (each
+        # concatenated per head), v as a view of kv_b's output (its whole [S, nh·(d_nope + d_v)] storage)
+        tok += 2 * (qr + lin["kv_a_proj_with_mqa"][1]) + 4 * (2 if qr else 1)
+        tok += 2 * (2 * nh * dqk + lin["kv_b_proj"][1])
+    else:
+        q_w, kv_w = lin["q_proj"][1], lin["k_proj"][1]
+        tok += 2 * (q_w + 2 * kv_w)  # q and k (rotated) and v as attention reads them
+        if cfg.use_qk_norm:  # the per-head norms' inputs (the q and k projections' outputs) and their fp32 rstd
+            tok += 2 * (q_w + kv_w) + 4 * (nh + cfg.num_key_value_heads)
+    tok += _attention_kept_width(cfg)  # the attention output and its log-sum-exp
+    tok += 4 * nh if cfg.attention_sinks else 0  # gpt-oss: the sink's fp32 rescale weights (lse_attention)
+    fixed = 0
+    if is_moe:
+        tok += 4 * E + (8 + 4 + 2) * K  # router probabilities (fp32); top-K ids (int64), weights (fp32 and bf16)
+        tok += 2 * H  # the experts' input (the normed hidden state; the shared experts read the same tensor)
+        if expert_chunk is None or S <= expert_chunk:
+            # per routed row: gu [2I], z1, z2 [r] (bf16), its routing weight (fp32), the sort's int64 row indices
+            tok += K * (2 * (2 * I + 2 * r) + 4 + 40)
+            if not compiled:  # the kernels' Function keeps bf16 copies of the four expert LoRA factors
+                fixed = 2 * (E // expert) * r * (2 * H + 3 * I)
+        tok += 2 * 3 * cfg.shared_intermediate_size  # gate, silu(gate), up of the shared experts (no LoRA)
+    else:
+        tok += 2 * 3 * cfg.intermediate_size  # the dense MLP's gate, silu(gate), up (no LoRA)
+    return S * tok + fixed
+
+
 def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: bool = False,
-           optimizer: Optimizer = "fused", expert_chunk: int | None = None) -> Memory:
-    """Per-GPU memory of a split-LoRA step (module docstring: formulas and assumptions)."""
+           optimizer: Optimizer = "fused", expert_chunk: int | None = None, checkpoint_layers: int | None = None,
+           checkpoint_policy: CheckpointPolicy = "nothing", optim_in_backward: bool = False,
+           compiled: bool = False) -> Memory:
+    """Per-GPU memory of a split-LoRA step (module docstring: formulas and assumptions). `checkpoint_layers`: how
+    many of the first decoder layers are checkpointed (None: all; the rest keep their activations),
+    `checkpoint_policy`: what a checkpointed layer keeps besides its input ("attention": its attention output),
+    `optim_in_backward`: AdamW steps each LoRA tensor inside the backward and frees its gradient
+    (torch_impl.optim), `compiled`: torch.compile'd decoder layers (what an un-checkpointed layer keeps differs)."""
     if seq < 1:
         raise ValueError(f"seq must be >= 1, got {seq}")
     if expert_chunk is not None and expert_chunk < 1:
         raise ValueError(f"expert_chunk must be a positive number of tokens, got {expert_chunk}")
     if optimizer not in OPT_BYTES:
         raise ValueError(f"optimizer must be one of {', '.join(OPT_BYTES)}, got {optimizer!r}")
+    L = cfg.num_hidden_layers
+    if checkpoint_layers is not None and (isinstance(checkpoint_layers, bool) or not isinstance(checkpoint_layers, int)
+                                          or not 0 <= checkpoint_layers <= L):
+        raise ValueError(f"checkpoint_layers={checkpoint_layers!r}: how many of the first decoder layers are "
+                         f"checkpointed, an int from 0 to {L} (this model has {L} layers), or None for all of them")
+    if checkpoint_policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, got "
+                         f"{checkpoint_policy!r}")
+    if offload and checkpoint_policy != "nothing":
+        raise ValueError(f"checkpoint policy {checkpoint_policy!r} keeps tensors on the GPU, which offload exists to "
+                         "avoid (torch_impl refuses the pair): use one or the other")
     check_layout(cfg, par)
     pc, lc = param_counts(cfg), lora_counts(cfg, rank)
     f, x = par.fsdp, par.expert
     weights = 2 * (pc.experts / (f * x) + pc.rest / f)
     lora_local = sum(lc.layer_experts) / (f * x) + sum(lc.layer_attn) / f
-    lora = 16 * lora_local
+    lora = (12 if optim_in_backward else 16) * lora_local
     if f > 1:  # FSDP2 unit: a decoder layer (its experts only E/expert of them), or embeddings, or lm_head
         units = [2 * (pr + pe / x) + 8 * (la + le / x) for pr, pe, la, le in
                  zip(pc.layer_rest, pc.layer_experts, lc.layer_attn, lc.layer_experts)]
         gather = max(units + [2 * pc.embed, 2 * pc.lm_head])
     else:
         gather = 0
-    S, H, V, L = seq, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
-    saved = 0 if offload else 2 * L * S * H
+    S, H, V = seq, cfg.hidden_size, cfg.vocab_size
+    N = L if checkpoint_layers is None else checkpoint_layers
+    keep = S * _attention_kept_width(cfg) if checkpoint_policy == "attention" else 0
+    saved = N * ((0 if offload else 2 * S * H) + keep)
     chunk_rows = max(64, (LOSS_CHUNK_ELEMENTS // V) // 64 * 64)
     loss_chunk = 4 * min(S, chunk_rows) * V
     n_t = len(attention_targets(cfg))
-    layer = max(_layer_work(cfg, S, rank, m, n_t, expert_chunk) for m in set(cfg.moe_layers))
-    work = 2 * S * H + max(loss_chunk, layer)
+    moe = cfg.moe_layers
+    lw = {m: _layer_work(cfg, S, rank, m, n_t, expert_chunk) for m in set(moe)}
+    kp = {m: _layer_kept(cfg, S, rank, m, expert=x, expert_chunk=expert_chunk, compiled=compiled) for m in set(moe)}
+    # each layer's own LoRA gradients (local), made in its backward
+    grads = [4 * (la / f + le / (f * x)) for la, le in zip(lc.layer_attn, lc.layer_experts)]
+    # layer l's backward working set beyond what stays from its forward: the whole recompute + backward of a
+    # checkpointed layer, or that less the activations an un-checkpointed layer kept (held in `kept` until now)
+    own = [lw[m] if l < N else max(0, lw[m] - kp[m]) for l, m in enumerate(moe)]
+    kept = sum(kp[m] for m in moe[N:])
+    in_flight = 0
+    if optim_in_backward and optimizer == "foreach":  # one tensor's sqrt(v) temporary at a time
+        _, _, lin = _attention_params(cfg)
+        E_local, I = cfg.num_experts / (f * x), cfg.moe_intermediate_size
+        largest = max([rank * max(lin[t]) / f for t in attention_targets(cfg)]
+                      + ([E_local * rank * max(H, 2 * I)] if cfg.num_moe_layers else []))
+        in_flight = 4 * largest
+    work = 2 * S * H + max([loss_chunk] + own) + (max(grads) + in_flight if optim_in_backward else 0)
     a2a = 4 * 2 * S * cfg.num_experts_per_tok * H if x > 1 else 0
-    opt_tmp = 4 * lora_local if optimizer == "foreach" else 0
-    return Memory(*(int(math.ceil(v)) for v in (weights, gather, lora, saved, work, a2a, opt_tmp)))
+    opt_tmp = 4 * lora_local if optimizer == "foreach" and not optim_in_backward else 0
+    # the step's phases (module docstring), each beside the weights, the LoRA params and AdamW moments (12·Q)
+    base = gather + a2a + saved + 2 * S * H
+    phases = [base + kept + loss_chunk]  # the forward's end, the loss: no LoRA gradient made yet
+    live, made = kept, 0.0
+    for l in reversed(range(L)):  # the backward, last layer first: its working set and the gradients that exist
+        made = grads[l] + in_flight if optim_in_backward else made + grads[l]
+        phases.append(base + live + own[l] + made)
+        if l >= N:
+            live -= kp[moe[l]]  # an un-checkpointed layer's kept activations die with its backward
+    if not optim_in_backward:  # the optimizer step after the backward: every gradient, foreach's temporary
+        phases.append(4 * lora_local + opt_tmp)
+    total = weights + 12 * lora_local + max(phases)
+    return Memory(*(int(math.ceil(v)) for v in (weights, gather, lora, saved, work, a2a, opt_tmp, kept, total)))
 
 
 # ---- time -------------------------------------------------------------------------------------------------------
@@ -446,6 +616,7 @@ class Plan:
     optimizer_s: float
     usable_gib: float = H200_USABLE_GIB
     notes: tuple[str, ...] = field(default=())
+    checkpoint_layers: int | None = None  # the first N decoder layers checkpointed; None: all
 
     @property
     def gpus(self) -> int:
@@ -465,15 +636,37 @@ class Plan:
 
 
 def plan(cfg: ModelConfig, parallel: Parallel, seq: int, rank: int = 64, *, name: str = "", offload: bool = False,
-         optimizer: Optimizer = "fused", usable_gib: float = H200_USABLE_GIB, expert_chunk: int | None = None) -> Plan:
+         optimizer: Optimizer = "fused", usable_gib: float = H200_USABLE_GIB, expert_chunk: int | None = None,
+         checkpoint_layers: int | None = None, checkpoint_policy: CheckpointPolicy = "nothing",
+         optim_in_backward: bool = False, compiled: bool = False) -> Plan:
     """Memory and estimated step time of split-LoRA training of `cfg` on `parallel` (module docstring). The time
-    is the same with `expert_chunk`: under checkpointing the tiled experts do the untiled FLOPs."""
-    mem = memory(cfg, parallel, seq, rank, offload=offload, optimizer=optimizer, expert_chunk=expert_chunk)
+    is the same with `expert_chunk` (under checkpointing the tiled experts do the untiled FLOPs) and with
+    `checkpoint_layers`, `checkpoint_policy`: it counts every layer's recompute, so with layers left un-checkpointed
+    (or the attention kept) it is an overestimate by those layers' recompute."""
+    mem = memory(cfg, parallel, seq, rank, offload=offload, optimizer=optimizer, expert_chunk=expert_chunk,
+                 checkpoint_layers=checkpoint_layers, checkpoint_policy=checkpoint_policy,
+                 optim_in_backward=optim_in_backward, compiled=compiled)
     lin, attn = flops(cfg, seq, rank)
-    lora_local = mem.lora / 16
+    lc = lora_counts(cfg, rank)
+    lora_local = sum(lc.layer_experts) / (parallel.fsdp * parallel.expert) + sum(lc.layer_attn) / parallel.fsdp
     return Plan(name or cfg.family, parallel, seq, mem, compute_s=lin / R_LIN + attn / R_ATTN,
                 comm_s=comm_seconds(cfg, parallel, seq, rank),
-                optimizer_s=OPT_BYTES[optimizer] * lora_local / HBM_BW, usable_gib=usable_gib)
+                optimizer_s=OPT_BYTES[optimizer] * lora_local / HBM_BW, usable_gib=usable_gib,
+                checkpoint_layers=checkpoint_layers)
+
+
+def least_checkpointed(cfg: ModelConfig, parallel: Parallel, seq: int, rank: int = 64, **kw) -> Plan | None:
+    """The plan with the fewest checkpointed layers that fits its `usable_gib` (`plan`'s keywords in `kw`, the
+    budget among them): the first N of the decoder layers checkpointed, the smallest such N from 0 (none) to L (all),
+    so that as many layers as the budget allows keep their activations and skip the recompute; None when not even
+    N = L fits."""
+    if "checkpoint_layers" in kw:
+        raise ValueError("least_checkpointed chooses checkpoint_layers itself; leave it out")
+    for n in range(cfg.num_hidden_layers + 1):
+        p = plan(cfg, parallel, seq, rank, checkpoint_layers=n, **kw)
+        if p.fits:
+            return p
+    return None
 
 
 def auto_plan(cfg: ModelConfig, seq: int, rank: int = 64, spec: str | None = None, *,
@@ -505,13 +698,15 @@ def auto_plan(cfg: ModelConfig, seq: int, rank: int = 64, spec: str | None = Non
 
 
 def format_table(plans: Sequence[Plan]) -> str:
-    """Markdown table: GPUs, layout, per-GPU GiB by component, total, fits, step seconds, tokens/s."""
-    head = ("| GPUs | layout | weights | FSDP gather | LoRA+AdamW | saved acts | work | a2a | opt tmp | total GiB "
-            "| fits | compute s | comm s | step s (est.) | tokens/s (est.) |")
-    lines = [head, "| ---: | --- |" + " ---: |" * 7 + " ---: | :---: | ---: | ---: | ---: | ---: |"]
+    """Markdown table: GPUs, layout, per-GPU GiB by component (sizes; the total is the peak of the step's phases),
+    total, fits, step seconds, tokens/s."""
+    head = ("| GPUs | layout | weights | FSDP gather | LoRA+AdamW | saved acts | kept acts | work | a2a | opt tmp "
+            "| total GiB | fits | compute s | comm s | step s (est.) | tokens/s (est.) |")
+    lines = [head, "| ---: | --- |" + " ---: |" * 8 + " ---: | :---: | ---: | ---: | ---: | ---: |"]
     for p in plans:
         m = p.memory
-        g = [f"{v / GIB:.1f}" for v in (m.weights, m.gather, m.lora, m.saved, m.work, m.a2a, m.opt_tmp, m.total)]
+        g = [f"{v / GIB:.1f}" for v in (m.weights, m.gather, m.lora, m.saved, m.kept, m.work, m.a2a, m.opt_tmp,
+                                         m.total)]
         lines.append(f"| {p.gpus} | {p.parallel} | " + " | ".join(g) + f" | {'yes' if p.fits else 'no'} "
                      f"| {p.compute_s:.2f} | {p.comm_s:.2f} | {p.step_s:.2f} | {p.tokens_per_s:,.0f} |")
     return "\n".join(lines)
