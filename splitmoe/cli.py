@@ -9,7 +9,9 @@ inspect    reads a tiny checkpoint back and runs the float64 reference MoE block
            [--adapter DIR] --data FILE.jsonl [--framework torch|jax] [--out DIR]`: the routing analytics of a
            checkpoint over a data file (splitmoe/inspect_routing.py), a per-layer table (and routing.png).
 plan       the merged-vs-split LoRA cost model (FLOPs, bytes, memory, forward and backward) for a model's shapes;
-           with --gpus N|auto, per-GPU memory and an estimated step time of full-size presets on H200s.
+           with --gpus N|auto, per-GPU memory and an estimated step time of full-size presets on H200s;
+           --checkpoint-layers N prices checkpointing only the first N decoder layers (the rest keep their
+           activations), and `--checkpoint-layers auto --budget-gib X` finds the fewest that fit X GiB per GPU.
 bench      the benchmark scripts of a source checkout (benchmarks/), by name: `splitmoe bench block --cases ...`
            runs benchmarks/moe_block.py with those arguments (`splitmoe bench NAME --help` lists them).
 """
@@ -134,14 +136,33 @@ def _gpu_plan(args: argparse.Namespace) -> int:
     seq = args.seq or 16384
     if seq < 1:
         raise ValueError(f"--seq must be >= 1, got {seq}")
-    kw = dict(offload=args.offload, optimizer=args.optimizer, expert_chunk=args.expert_chunk)
+    if args.layers is not None and args.layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    ckpt = args.checkpoint_layers
+    auto_ckpt = ckpt is not None and str(ckpt).lower() == "auto"
+    if ckpt is not None and not auto_ckpt and not str(ckpt).isdigit():
+        raise ValueError(f"--checkpoint-layers must be a number of layers (0 or more) or auto, got {ckpt!r}")
+    budget = P.H200_USABLE_GIB if args.budget_gib is None else args.budget_gib
+    if budget <= 0:
+        raise ValueError(f"--budget-gib must be positive, got {args.budget_gib}")
+    if args.offload and args.checkpoint_policy != "nothing":
+        raise ValueError(f"--checkpoint-policy {args.checkpoint_policy} keeps tensors on the GPU, which --offload "
+                         "exists to avoid (torch_impl refuses the pair): use one or the other")
+    kw = dict(offload=args.offload, optimizer=args.optimizer, expert_chunk=args.expert_chunk,
+              checkpoint_policy=args.checkpoint_policy, optim_in_backward=args.optim_in_backward,
+              compiled=args.compile, usable_gib=budget)
+    if ckpt is not None and not auto_ckpt:
+        kw["checkpoint_layers"] = int(ckpt)
     results = []
     for name in names:  # every name and layout checked before anything is printed
         family, _, preset = name.partition(":")
         if family not in PRESETS or not preset:
             raise ValueError(f"--preset {name!r}: write FAMILY:PRESET, one of "
                              + ", ".join(f"{f}:{p}" for f in PRESETS for p in PRESETS[f]))
-        cfg = ModelConfig.from_hf(preset_hf_config(family, preset))
+        cfg = ModelConfig.from_hf(preset_hf_config(family, preset, layers=args.layers))
+        if "checkpoint_layers" in kw and kw["checkpoint_layers"] > cfg.num_hidden_layers:
+            raise ValueError(f"{name}: --checkpoint-layers {ckpt} is more than its {cfg.num_hidden_layers} decoder "
+                             "layers (it counts the first layers checkpointed: 0 to the number of layers)")
         try:
             if auto:
                 rows, fit = P.auto_plan(cfg, seq, args.rank, args.parallel, name=name, **kw)
@@ -158,16 +179,34 @@ def _gpu_plan(args: argparse.Namespace) -> int:
             where = (f"with fsdp only it fits on {_n_gpus(default_fit.gpus)}" if default_fit
                      else "it fits on no power of two <= 64 with fsdp only")
             raise ValueError(f"{name}: {e}; {where}") from None
-        results.append((name, cfg, rows, fit))
-    print(f"per-GPU memory (GiB) and estimated step time on H200s ({P.H200_USABLE_GIB:g} GiB usable): {seq} tokens "
-          f"per GPU, LoRA r={args.rank} on attention + both expert tensors, {args.optimizer} AdamW"
+        least = None
+        if auto_ckpt and fit is not None and (auto or fit is rows[0]):
+            # on the layout that fits with every layer checkpointed: the fewest checkpointed layers that still do
+            least = P.least_checkpointed(cfg, fit.parallel, seq, args.rank, name=name, **kw)
+        results.append((name, cfg, rows, fit, least))
+    ckpt_note = ("" if ckpt is None else ", the fewest checkpointed layers that fit" if auto_ckpt
+                 else ", no layer checkpointed" if int(ckpt) == 0
+                 else f", the first {int(ckpt)} decoder layers checkpointed (the rest keep their activations)")
+    print(f"per-GPU memory (GiB) and estimated step time against {budget:g} GiB per GPU"
+          f"{' (an H200, usable)' if args.budget_gib is None else ''}: {seq} tokens per GPU, LoRA r={args.rank} on "
+          f"attention + both expert tensors, {args.optimizer} AdamW"
+          f"{' in the backward' if args.optim_in_backward else ''}"
           f"{', layer inputs offloaded to host' if args.offload else ''}"
-          f"{f', experts in {args.expert_chunk}-token chunks' if args.expert_chunk else ''}. Times are estimates "
-          "(shared_math/plan.py says how they are calibrated), not measurements.")
-    for name, cfg, rows, fit in results:
+          f"{f', experts in {args.expert_chunk}-token chunks' if args.expert_chunk else ''}{ckpt_note}"
+          f"{', checkpointed layers keep their attention' if args.checkpoint_policy == 'attention' else ''}"
+          f"{', compiled layers' if args.compile else ''}. Times are estimates (shared_math/plan.py says how they are "
+          "calibrated), not measurements.")
+    for name, cfg, rows, fit, least in results:
         pc, lc = P.param_counts(cfg), P.lora_counts(cfg, args.rank)
-        print(f"\n{name}: {pc.total / 1e9:.2f}B params ({pc.experts / 1e9:.2f}B in routed experts), "
-              f"{lc.total / 1e9:.2f}B LoRA")
+        print(f"\n{name}: {cfg.num_hidden_layers} layers, {pc.total / 1e9:.2f}B params ({pc.experts / 1e9:.2f}B in "
+              f"routed experts), {lc.total / 1e9:.2f}B LoRA")
+        if auto_ckpt and least is not None:
+            L, n = cfg.num_hidden_layers, least.checkpoint_layers
+            print(P.format_table([least]))
+            print(f"-> --checkpoint-layers {n}: the first {n} of {L} layers checkpointed, {L - n} keep their "
+                  f"activations ({least.memory.total / P.GIB:.1f} of {budget:g} GiB on {_n_gpus(least.gpus)}, "
+                  f"{least.parallel})")
+            continue
         print(P.format_table(rows))
         if auto:
             print(f"-> smallest fit: {_n_gpus(fit.gpus)} ({fit.parallel})" if fit else
@@ -182,8 +221,10 @@ def _gpu_plan(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from shared_math import cost
 
-    gpu_options = (args.preset, args.seq, args.parallel)
-    if args.gpus is not None or any(o is not None for o in gpu_options) or args.offload or args.expert_chunk:
+    gpu_options = (args.preset, args.seq, args.parallel, args.expert_chunk, args.checkpoint_layers, args.budget_gib,
+                   args.layers)
+    gpu_flags = (args.offload, args.optim_in_backward, args.compile, args.checkpoint_policy != "nothing")
+    if args.gpus is not None or any(o is not None for o in gpu_options) or any(gpu_flags):
         if args.gpus is None:
             args.gpus = "auto"
         return _gpu_plan(args)
@@ -257,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int, default=8)
     c.add_argument("--tokens", default="1024,4096,16384,65536", help="comma-separated token counts")
     c.add_argument("--rank", type=int, default=64)
-    g = c.add_argument_group("GPU plan", "per-GPU memory and estimated step time of full-size presets on H200s")
+    g = c.add_argument_group("GPU plan", "per-GPU memory and estimated step time of full-size presets on H200s "
+                                         "(or against --budget-gib)")
     g.add_argument("--gpus", help="N, or auto: the smallest power of two up to 64 that fits")
     g.add_argument("--preset", action="append", metavar="FAMILY:PRESET",
                    help="e.g. qwen3_moe:30b-a3b (repeatable; default: every full-size preset)")
@@ -269,6 +311,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routed experts in chunks of TOKENS tokens, recomputed chunk by chunk (tile_experts)")
     g.add_argument("--optimizer", default="fused", choices=("fused", "foreach"),
                    help="AdamW implementation (foreach keeps a sqrt(v) temporary; torch_impl uses fused on CUDA)")
+    g.add_argument("--optim-in-backward", action="store_true",
+                   help="AdamW steps each LoRA tensor inside the backward and frees its gradient at once "
+                        "(torch_impl.optim.AdamWInBackward, step.py --optim-in-backward; the Trainer steps after "
+                        "the backward): no step holds every LoRA gradient")
+    g.add_argument("--checkpoint-layers", metavar="N|auto",
+                   help="checkpoint only the first N decoder layers (train.checkpoint_layers, step.py "
+                        "--checkpoint-layers); the others keep their activations and skip the recompute. auto: the "
+                        "smallest N that fits --budget-gib on the layout that fits with every layer checkpointed")
+    g.add_argument("--checkpoint-policy", default="nothing", choices=("nothing", "attention"),
+                   help="what a checkpointed layer keeps besides its input: attention keeps its attention output "
+                        "and log-sum-exp (train.checkpoint_policy)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile'd decoder layers (train --compile): an un-checkpointed MoE layer keeps no "
+                        "bf16 copies of its expert LoRA factors")
+    g.add_argument("--budget-gib", type=float, metavar="GIB",
+                   help="usable memory per GPU, what fits means (default 139: an H200's 140.4 less the CUDA context "
+                        "and allocator slack; an 80 GB H100 by the same margin about 78)")
+    g.add_argument("--layers", type=int, metavar="N",
+                   help="truncate each preset to its first N decoder layers (as benchmarks/step.py --layers)")
     c.set_defaults(func=_plan)
 
     b = sub.add_parser("bench", help="run a benchmark script of the source checkout by name (most need a GPU)",

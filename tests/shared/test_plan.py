@@ -269,6 +269,34 @@ def test_cli_prints_the_table(capsys):
     assert "experts in 16384-token chunks" in out and "| 63.2 | yes |" in out
 
 
+def test_cli_prices_partial_checkpointing(capsys):
+    q24 = ["plan", "--preset", "qwen3_moe:30b-a3b", "--layers", "24", "--optim-in-backward", "--compile"]
+    assert main([*q24, "--gpus", "1", "--seq", "4096", "--checkpoint-layers", "0", "--budget-gib", "78"]) == 0
+    out = capsys.readouterr().out
+    assert "no layer checkpointed" in out and "AdamW in the backward" in out and "against 78 GiB per GPU" in out
+    assert "| 0.0 | 8.6 | 1.2 | 0.0 | 0.0 | 52.9 | yes |" in out  # saved, kept, work, a2a, opt tmp, total
+    assert main([*q24, "--seq", "16384", "--checkpoint-policy", "attention", "--checkpoint-layers", "auto",
+                 "--budget-gib", "54.3"]) == 0
+    out = capsys.readouterr().out
+    assert "-> --checkpoint-layers 21: the first 21 of 24 layers checkpointed, 3 keep their activations" in out
+    # auto on a fixed GPU count that does not fit with every layer checkpointed: says where it would
+    assert main(["plan", "--preset", "qwen3_moe:30b-a3b", "--gpus", "1", "--seq", "4096", "--budget-gib", "80",
+                 "--checkpoint-layers", "auto"]) == 0
+    assert "does not fit; smallest fit with this layout: 2 GPUs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--checkpoint-layers", "49"], "--checkpoint-layers 49 is more than its 48 decoder layers"),
+    (["--checkpoint-layers", "some"], "--checkpoint-layers must be a number of layers (0 or more) or auto"),
+    (["--checkpoint-layers", "-1"], "--checkpoint-layers must be a number of layers"),
+    (["--offload", "--checkpoint-policy", "attention"], "which --offload exists to avoid"),
+    (["--budget-gib", "0"], "--budget-gib must be positive"),
+    (["--layers", "0"], "--layers must be >= 1"),
+])
+def test_cli_refuses_bad_checkpoint_options(args, msg, capsys):
+    assert main(["plan", "--preset", "qwen3_moe:30b-a3b", "--gpus", "1", *args]) == 2
+    assert msg in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("args,msg", [
     (["--gpus", "8", "--parallel", "data=3"], "not an integer"),
