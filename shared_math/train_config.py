@@ -7,7 +7,7 @@ known ones.
     lora:   shared_math.config.LoraConfig (rank, alpha, targets, rslora, train_router)
     data:   source synthetic | jsonl; path / eval_path (JSONL); synthetic (shared_math.tasks.TaskSpec);
             seq_len, batch_size (rows per micro-batch), seed (shuffling)
-    optim:  AdamW (lr, betas, eps, weight_decay), warmup + cosine to min_lr_ratio·lr, max_grad_norm
+    optim:  AdamW (lr, betas, eps, weight_decay), warmup + cosine to min_lr_ratio·lr, max_grad_norm, in_backward
     train:  steps (optimizer steps), grad_accum, seed (LoRA init), eval_every, save_every, log_every,
             max_new_tokens (greedy decoding for exact-match), keep_checkpoints, threads, out_dir, routing_stats
             (per-layer routing analytics in the metrics rows: shared_math/routing_stats.py),
@@ -71,6 +71,11 @@ class OptimSection:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.0  # cosine decays from lr to min_lr_ratio·lr at `train.steps`
     max_grad_norm: float = 1.0  # global-norm clipping; 0 disables
+    # torch: AdamW applied to each LoRA tensor inside the backward, the moment its gradient is complete, which then
+    # dies (torch_impl.optim.AdamWInBackward): the step never holds all gradients (4.8 GiB on a 24-layer
+    # Qwen3-30B-A3B at r=64), the same update bit for bit. Needs max_grad_norm=0 and grad_accum=1 (a global-norm clip
+    # and summed micro-batches both need every gradient first); one device; not in jax_impl
+    in_backward: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,9 @@ NON_TRAJECTORY_KEYS = frozenset({"train.eval_every", "train.save_every", "train.
                                  # the mesh changes how a step is computed, not what: a run saved on N devices resumes
                                  # on M (equal to fp32 reduction-order tolerance, tests/*/test_parallel*.py)
                                  "parallel.data", "parallel.fsdp", "parallel.expert", "train.gradient_checkpointing",
-                                 "train.checkpoint_policy", "train.checkpoint_layers", "train.expert_chunk"})
+                                 "train.checkpoint_policy", "train.checkpoint_layers", "train.expert_chunk",
+                                 # the same AdamW update inside the backward, bit for bit, in the same state layout
+                                 "optim.in_backward"})
 
 
 # train.checkpoint_policy per framework (the names of each framework's models.layers.REMAT_POLICIES;
@@ -190,6 +197,16 @@ def _validate(cfg: RunConfig) -> None:
     if policy != "nothing" and ckpt != "recompute":
         raise ConfigError(f"train.checkpoint_policy={policy} says what a recomputed layer keeps: it needs "
                           f"train.gradient_checkpointing=recompute (got {ckpt})")
+    if cfg.optim.in_backward:
+        if cfg.framework == "jax":
+            raise ConfigError("optim.in_backward is torch_impl's (AdamW stepped per tensor from autograd hooks); "
+                              "jax_impl's step is one jitted program whose buffers XLA schedules: set "
+                              "optim.in_backward=false with --framework jax")
+        if cfg.parallel.devices > 1:
+            raise ConfigError(f"optim.in_backward updates each tensor as its local gradient completes, before the "
+                              f"gradients are reduced over the {cfg.parallel.devices} devices of parallel "
+                              "(parallel.data/fsdp/expert): set optim.in_backward=false or train on one device")
+        check_in_backward(cfg.optim.max_grad_norm, cfg.train.grad_accum)
     layers = cfg.train.checkpoint_layers
     if layers is not None and layers < 0:
         raise ConfigError(f"train.checkpoint_layers must be >= 0 (how many of the first decoder layers to checkpoint; "
@@ -244,6 +261,20 @@ def validate_checkpoint_layers(layers: int, num_layers: int) -> None:
         raise ValueError(f"gradient_checkpointing_enable(layers={layers!r}): layers is how many of the first decoder "
                          f"layers to checkpoint, an int from 0 to {num_layers} (this model has {num_layers}); pass "
                          "one of those, or None to checkpoint every layer")
+
+
+def check_in_backward(max_grad_norm: float, grad_accum: int) -> None:
+    """ConfigError when an in-backward optimizer (optim.in_backward) cannot give the configured update."""
+    problems = []
+    if max_grad_norm > 0:
+        problems.append(f"optim.max_grad_norm={max_grad_norm} clips by the global norm, known only after backward "
+                        "(set optim.max_grad_norm=0)")
+    if grad_accum > 1:
+        problems.append(f"train.grad_accum={grad_accum} sums micro-batches before one update (set train.grad_accum=1 "
+                        "and a larger data.batch_size)")
+    if problems:
+        raise ConfigError("optim.in_backward updates each tensor during backward, so it cannot run with "
+                          + "; ".join(problems) + ", or set optim.in_backward=false")
 
 
 def check_checkpoint_layers(cfg: RunConfig, num_layers: int) -> None:

@@ -23,21 +23,10 @@ from typing import Any
 
 import torch
 
+# the config check (optim.in_backward with a clip or accumulation), framework-free so the run config applies it
+from shared_math.train_config import check_in_backward
+
 __all__ = ["AdamWInBackward", "check_in_backward"]
-
-
-def check_in_backward(max_grad_norm: float, grad_accum: int) -> None:
-    """Raise ValueError when an in-backward optimizer cannot give the configured update."""
-    problems = []
-    if max_grad_norm > 0:
-        problems.append(f"optim.max_grad_norm={max_grad_norm} clips by the global norm, known only after backward "
-                        "(set optim.max_grad_norm=0)")
-    if grad_accum > 1:
-        problems.append(f"train.grad_accum={grad_accum} sums micro-batches before one update (set train.grad_accum=1 "
-                        "and a larger data.batch_size)")
-    if problems:
-        raise ValueError("optim.in_backward updates each tensor during backward, so it cannot run with "
-                         + "; ".join(problems) + ", or set optim.in_backward=false")
 
 
 class AdamWInBackward:

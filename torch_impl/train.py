@@ -101,6 +101,9 @@ class Trainer:
                 raise ValueError(f"cuda_graph=True cannot run under parallel ({cfg.parallel.describe()}): a graph "
                                  "cannot hold the expert all-to-all's host-side split sizes nor FSDP2's hooks; train "
                                  "without --cuda-graph")
+        if cuda_graph and cfg.optim.in_backward:
+            raise ValueError("cuda_graph=True with optim.in_backward=true: the per-tensor updates would be captured "
+                             "into the graph with the first step's learning rate; use one or the other")
         if cuda_graph and torch.device(device).type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device; this trainer is on {device!r}: pass "
                              "device='cuda' or leave cuda_graph off")
@@ -150,8 +153,14 @@ class Trainer:
         o = cfg.optim
         # fused on CUDA: one kernel over every LoRA tensor instead of a foreach chain (14 ms of a 227 ms Qwen3 step
         # in the 2026-12-05 profile, h200-anchors.md); the same update rule, so CPU and GPU runs agree
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                           weight_decay=o.weight_decay, fused=self.device.type == "cuda" or None)
+        adamw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                     fused=self.device.type == "cuda" or None)
+        if o.in_backward:  # each tensor updated in the backward, its gradient freed there (torch_impl.optim)
+            from torch_impl.optim import AdamWInBackward
+
+            self.optimizer = AdamWInBackward(self.params, **adamw)
+        else:
+            self.optimizer = torch.optim.AdamW(self.params, **adamw)
         self.step = 0  # optimizer steps taken
         self.cuda_graph = cuda_graph
         self._graphed = None  # the captured micro-step (torch_impl.cuda_graph.graph_model), built at the first step
@@ -168,6 +177,8 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over `grad_accum` micro-batches -> (mean micro-batch loss, pre-clip grad norm)."""
+        if self.cfg.optim.in_backward:
+            return self._train_step_in_backward()
         loss = self._backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = self._grad_norm()
@@ -190,6 +201,24 @@ class Trainer:
             finite = parallel.all_finite(self.params, self.mesh)
         else:
             finite = bool(torch.stack(torch._foreach_norm(self.params, math.inf)).isfinite().all())
+        check_params_finite(self.step, finite, self.run.out_dir)
+        self.step += 1
+        return loss, norm
+
+    def _train_step_in_backward(self) -> tuple[float, float]:
+        """`train_step` with optim.in_backward: the learning rate set before the backward, which updates every
+        tensor as its gradient completes (no clip, one micro-batch: the config checks both). The checks come after
+        the update, so a non-finite loss or norm stops the run with this step already applied to the tensors in
+        memory; the checkpoints on disk, and the run folder's last good one, are untouched."""
+        self.optimizer.set_lr(lr_at(self.step, self.cfg))
+        try:
+            loss = self._backward()
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        norm = float(self.optimizer.grad_norm())
+        check_finite(self.step, loss, norm, self.run.out_dir, vocab_size=self.run.model_cfg.vocab_size)
+        finite = bool(torch.stack(torch._foreach_norm(self.params, math.inf)).isfinite().all())
         check_params_finite(self.step, finite, self.run.out_dir)
         self.step += 1
         return loss, norm
