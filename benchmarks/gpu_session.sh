@@ -117,6 +117,7 @@ for f in sys.argv[1:]:
         opts += ["keep_" + r["checkpoint_policy"]] if r.get("checkpoint_policy") not in (None, "nothing") else []
         opts += ["chunk=" + str(r["expert_chunk"])] if r.get("expert_chunk") else []
         opts += [r["compile_mode"]] if r.get("compile_mode") else []
+        opts += ["cpp_wrapper"] if r.get("compile_cpp_wrapper") else []
         opts += ["ckpt_layers=" + str(r["checkpoint_layers"])] if r.get("checkpoint_layers") is not None else []
         opts += [f"{k}={v}" for k, v in (r.get("switches") or {}).items()]
         print(r["impl"], r.get("layers"), "+".join(opts) or "-", r.get("seq"), r.get("step_ms"), r.get("peak_gib"),
@@ -441,13 +442,17 @@ case $PART in
   session13ro)  # (written 2026-12-06, session 12) the host-bound compiled step with inductor's own CUDA graphs
     # (torch.compile mode "reduce-overhead": each compiled layer recorded per shape and replayed, batch shapes free to
     # vary, unlike --cuda-graph), Qwen3 at 4K and 16K (every layer checkpointed) and at 4K without checkpointing
-    # (AdamW in backward, as session 12's 52.57 GiB row), with Unsloth's rows in the same call
+    # (AdamW in backward, as session 12's 52.57 GiB row); then inductor's C++ wrapper at 4K (the compiled layers'
+    # launches from C++, not generated Python: about 83 ms of the 4K step's host time in session 12's profile), with
+    # Unsloth's rows in the same call
     wheels
     Q="--family qwen3_moe --layers 24 --warmup 3 --iters 10"
-    timeout 200 python3 benchmarks/step.py $Q --seq 4096,16384 --impls torch_impl --compile \
+    timeout 180 python3 benchmarks/step.py $Q --seq 4096,16384 --impls torch_impl --compile \
       --compile-mode reduce-overhead --out "$R/step.jsonl" > "$R/step_ro.log" 2>&1
-    timeout 130 python3 benchmarks/step.py $Q --seq 4096 --impls torch_impl --compile --compile-mode reduce-overhead \
+    timeout 110 python3 benchmarks/step.py $Q --seq 4096 --impls torch_impl --compile --compile-mode reduce-overhead \
       --optim-in-backward --checkpoint-layers 0 --out "$R/step.jsonl" > "$R/step_ro_nockpt.log" 2>&1
+    timeout 110 python3 benchmarks/step.py $Q --seq 4096 --impls torch_impl --compile --compile-cpp-wrapper \
+      --optim-in-backward --checkpoint-layers 0 --out "$R/step.jsonl" > "$R/step_cpp.log" 2>&1
     timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --seq 4096,16384 --impls unsloth --out "$R/step.jsonl" \
       > "$R/step_unsloth.log" 2>&1
     rows "$R/step.jsonl"; grep -h "Error\|error:\|skipping cudagraphs" "$R"/step*.log | sort | uniq -c | head -8 \

@@ -83,6 +83,8 @@ def _variant(r: dict) -> str:
     parts = [r["impl"]] + [name for name in ("cuda_graph", "compile", "offload", "optim_in_backward") if r.get(name)]
     if r.get("compile_mode") not in (None, "default"):
         parts.append(r["compile_mode"])
+    if r.get("compile_cpp_wrapper"):
+        parts.append("cpp_wrapper")
     if r.get("checkpoint_policy") not in (None, "nothing"):
         parts.append(f"keep {r['checkpoint_policy']}")
     if r.get("grad_ckpt") is False or r.get("checkpoint_layers") == 0:

@@ -94,9 +94,17 @@ def _lora_b_nonzero(model: torch.nn.Module) -> None:
             p.normal_(0.0, 0.01)
 
 
+def compile_kwargs(a: argparse.Namespace) -> dict:
+    """torch.compile's arguments for the decoder layers from --compile-mode / --compile-cpp-wrapper (torch takes a
+    mode or options, not both; parse_args refuses both)."""
+    if a.compile_cpp_wrapper:
+        return {"options": {"cpp_wrapper": True}}
+    return {"mode": a.compile_mode} if a.compile_mode else {}
+
+
 def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt: bool, offload: bool = False,
                compile_layers: bool = False, policy: str = "nothing", expert_chunk: int | None = None,
-               checkpoint_layers: int | None = None, compile_mode: str | None = None):
+               checkpoint_layers: int | None = None, compile_kwargs: dict | None = None):
     from torch_impl.load import build_model
     from torch_impl.lora import attach_lora
 
@@ -110,7 +118,7 @@ def build_ours(hf: dict, device: str, backend: str, lora: LoraConfig, grad_ckpt:
     if compile_layers:  # regional compilation: each decoder layer through torch.compile (one code object, shared)
         from torch_impl.compile import compile_decoder_layers
 
-        compile_decoder_layers(model, **({"mode": compile_mode} if compile_mode else {}))
+        compile_decoder_layers(model, **(compile_kwargs or {}))
     model.train()
     # the training loss without logits (torch_impl.loss): what torch_impl's Trainer runs
     return model, lambda ids: model(ids, labels=ids, return_logits=False).loss
@@ -462,6 +470,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch_impl with --compile: torch.compile's mode for the layers (reduce-overhead: inductor "
                         "replays each compiled layer from CUDA graphs it records per shape, so the host no longer "
                         "launches its kernels one by one, and batch shapes may still vary)")
+    p.add_argument("--compile-cpp-wrapper", action="store_true",
+                   help="torch_impl with --compile: inductor's C++ wrapper (options={'cpp_wrapper': True}), which "
+                        "launches a compiled layer's kernels from C++ instead of generated Python: less host time a "
+                        "step, where the 4K step waits on its host")
     p.add_argument("--optim-in-backward", action="store_true",
                    help="torch_impl: AdamW stepped per tensor inside backward (torch_impl.optim), gradients freed "
                         "at once")
@@ -500,6 +512,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.seqs = [int(s) for s in a.seq.split(",")]
     if a.compile_mode is not None and not a.compile:
         p.error(f"--compile-mode {a.compile_mode} is torch.compile's mode: it needs --compile")
+    if a.compile_cpp_wrapper and (not a.compile or a.compile_mode is not None):
+        p.error("--compile-cpp-wrapper is an inductor option of --compile, which torch.compile takes instead of a "
+                "--compile-mode, not beside one: give --compile and no --compile-mode")
     if a.checkpoint_layers is not None and not a.grad_ckpt:
         p.error(f"--checkpoint-layers {a.checkpoint_layers} says how many decoder layers are checkpointed, and "
                 "--no-grad-ckpt checkpoints none: drop one of them")
@@ -635,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
                 alpha=a.alpha, grad_ckpt=a.grad_ckpt, offload=a.offload and impl == "torch_impl",
                 compile=a.compile and impl == "torch_impl",
                 compile_mode=a.compile_mode if a.compile and impl == "torch_impl" else None,
+                compile_cpp_wrapper=a.compile_cpp_wrapper and a.compile and impl == "torch_impl",
                 checkpoint_policy=a.checkpoint_policy if impl == "torch_impl" else None,
                 checkpoint_layers=a.checkpoint_layers if impl == "torch_impl" else None,
                 expert_chunk=a.expert_chunk if impl == "torch_impl" else None,
@@ -653,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ImportError(unsloth_error)
         if impl == "torch_impl":
             model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload, a.compile,
-                                        a.checkpoint_policy, a.expert_chunk, a.checkpoint_layers, a.compile_mode)
+                                        a.checkpoint_policy, a.expert_chunk, a.checkpoint_layers, compile_kwargs(a))
             if a.routing_stats:
                 loss_fn, after_step = with_routing_stats(model, loss_fn)
         elif impl == "hf_peft":

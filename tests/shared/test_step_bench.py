@@ -157,9 +157,10 @@ def test_checkpoint_layers_rows_checkpoint_the_first_layers(impl, tmp_path, monk
     assert built["model"].gradient_checkpointing and built["model"].checkpoint_layers == 1
 
 
-def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, capsys):
-    """--compile-mode: the layers are compiled with that mode and the row records it (compilation stood in for: the
-    mode is all this checks); without --compile it is refused."""
+def test_compile_arguments_reach_torch_compile(tmp_path, monkeypatch, capsys):
+    """--compile-mode / --compile-cpp-wrapper: the layers are compiled with that mode or inductor option and the row
+    records it (compilation stood in for: the arguments are all this checks); each is refused without --compile, and
+    the two together (torch.compile takes a mode or options)."""
     pytest.importorskip("torch")
     import benchmarks.step as step
     import torch_impl.compile
@@ -176,12 +177,17 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, capsys):
             "1", "--warmup", "0", "--impls", "torch_impl", "--out", str(out), "--compile"]
     assert step.main([*args, "--compile-mode", "reduce-overhead"]) == 0
     assert step.main(args) == 0
-    assert seen == [{"mode": "reduce-overhead"}, {}]
+    assert step.main([*args, "--compile-cpp-wrapper"]) == 0
+    assert seen == [{"mode": "reduce-overhead"}, {}, {"options": {"cpp_wrapper": True}}]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["compile_mode"] for r in rows] == ["reduce-overhead", None] and all(r["step_ms"] > 0 for r in rows)
-    with pytest.raises(SystemExit):
-        step.parse_args(["--family", "qwen3_moe", "--compile-mode", "reduce-overhead"])
-    assert "it needs --compile" in capsys.readouterr().err
+    assert [r["compile_mode"] for r in rows] == ["reduce-overhead", None, None] and all(r["step_ms"] > 0 for r in rows)
+    assert [r["compile_cpp_wrapper"] for r in rows] == [False, False, True]
+    for bad, why in ((["--compile-mode", "reduce-overhead"], "it needs --compile"),
+                     (["--compile-cpp-wrapper"], "give --compile and no --compile-mode"),
+                     (["--compile", "--compile-cpp-wrapper", "--compile-mode", "max-autotune"], "not beside one")):
+        with pytest.raises(SystemExit):
+            step.parse_args(["--family", "qwen3_moe", *bad])
+        assert why in capsys.readouterr().err
 
 
 def test_checkpoint_layers_needs_checkpointing(capsys):
