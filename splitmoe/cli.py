@@ -313,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW implementation (foreach keeps a sqrt(v) temporary; torch_impl uses fused on CUDA)")
     g.add_argument("--optim-in-backward", action="store_true",
                    help="AdamW steps each LoRA tensor inside the backward and frees its gradient at once "
-                        "(torch_impl.optim.AdamWInBackward, step.py --optim-in-backward; the Trainer steps after "
-                        "the backward): no step holds every LoRA gradient")
+                        "(torch_impl.optim.AdamWInBackward: optim.in_backward=true in the torch trainer, step.py "
+                        "--optim-in-backward): no step holds every LoRA gradient")
     g.add_argument("--checkpoint-layers", metavar="N|auto",
                    help="checkpoint only the first N decoder layers (train.checkpoint_layers, step.py "
                         "--checkpoint-layers); the others keep their activations and skip the recompute. auto: the "
