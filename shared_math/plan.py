@@ -161,6 +161,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shared_math.config import ModelConfig
+from shared_math.train_config import CHECKPOINT_POLICIES as TRAIN_CHECKPOINT_POLICIES
 
 __all__ = ["GIB", "H200_USABLE_GIB", "R_LIN", "R_ATTN", "HBM_BW", "POWERS_OF_TWO", "Parallel", "ParamCounts",
            "Memory", "Plan", "LayoutError", "check_layout", "param_counts", "lora_counts", "attention_targets", "plan",
@@ -180,7 +181,7 @@ IB_BW = 45e9  # B/s per GPU across nodes, 400 Gb/s InfiniBand (typical, not meas
 GPUS_PER_NODE = 8
 POWERS_OF_TWO = (1, 2, 4, 8, 16, 32, 64)
 OPT_BYTES = {"fused": 28, "foreach": 84}  # bytes moved per LoRA param by one AdamW step (docstring)
-CHECKPOINT_POLICIES = ("nothing", "attention")  # torch_impl.models.layers.REMAT_POLICIES
+CHECKPOINT_POLICIES = TRAIN_CHECKPOINT_POLICIES["torch"]  # torch_impl.models.layers.REMAT_POLICIES
 LOSS_CHUNK_ELEMENTS = 1 << 28  # torch_impl/loss.py's _CHUNK_ELEMENTS: one fp32 [C, V] block of at most 1 GiB
 FLASH_BWD_OVER_FWD = 2.5  # flash backward: dQ, dK, dV and the recomputed scores, 5 GEMMs to the forward's 2
 

@@ -35,6 +35,9 @@ hold it). Not yet timed on a GPU, so `auto` does not pick it; `SPLITMOE_LOSS_IMP
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -73,12 +76,12 @@ class _FusedLinearCE(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h_NH.device)
         dh_NH = torch.empty_like(h_NH) if need_dh else None
         dw_HV = torch.zeros(w_HV.shape, dtype=acc, device=w_HV.device) if need_dw else None
+        if kernel:  # impl "triton" (imported here: triton only where it is asked for)
+            from torch_impl.kernels.cross_entropy import cross_entropy_rows_
         for s in range(0, N, chunk_rows):
             h_c = h_NH[s:s + chunk_rows]
             t_c = target_N[s:s + chunk_rows]
-            if kernel:  # impl "triton": loss and dz of the chunk in one kernel, dz over the logits in place
-                from torch_impl.kernels.cross_entropy import cross_entropy_rows_
-
+            if kernel:  # loss and dz of the chunk in one kernel, dz over the logits in place
                 z_CV = h_c @ w_HV  # the model-dtype logits (HF's rounding point); the kernel reads them in fp32
                 total = total + cross_entropy_rows_(z_CV, t_c, n_valid, ignore_index, need_dh or need_dw).sum()
                 if need_dh:
@@ -127,17 +130,12 @@ ENV_VAR = "SPLITMOE_LOSS_IMPL"
 
 def liger_available() -> bool:
     """liger-kernel importable (it needs triton; its kernels run on CUDA, or in the Triton interpreter)."""
-    import importlib.util
-
     return importlib.util.find_spec("liger_kernel") is not None
 
 
 def triton_runs_here(h: torch.Tensor) -> bool:
     """The "triton" loss kernel can run on `h`: a CUDA tensor, or any with the Triton interpreter on
     (TRITON_INTERPRET=1, how the CPU tests run it); fp32 or 16-bit (no float64 kernel)."""
-    import importlib.util
-    import os
-
     if importlib.util.find_spec("triton") is None or h.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
     return h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -153,8 +151,6 @@ def resolve_impl(impl: str, h: torch.Tensor) -> str:
     `triton` (`torch_impl.kernels.cross_entropy`: the chunk loop with one kernel per chunk for the loss and its
     gradient, chunks as large as the chunk loop's) keeps its count on the device too, so a capture may name it.
     """
-    import os
-
     from torch_impl.models.layers import in_static_batch  # deferred: models.layers imports this module's loss
 
     if impl not in IMPLS:

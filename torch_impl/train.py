@@ -178,7 +178,21 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over `grad_accum` micro-batches -> (mean micro-batch loss, pre-clip grad norm)."""
         if self.cfg.optim.in_backward:
-            return self._train_step_in_backward()
+            loss, norm = self._backward_in_backward()
+        else:
+            loss, norm = self._backward_and_update()
+        # max |x| per tensor in one multi-tensor kernel: inf or NaN exactly when a tensor holds one (a sum of squares
+        # would overflow for huge but finite weights, which the loss check reports more precisely at the next step)
+        if self.mesh:
+            finite = parallel.all_finite(self.params, self.mesh)
+        else:
+            finite = bool(torch.stack(torch._foreach_norm(self.params, math.inf)).isfinite().all())
+        check_params_finite(self.step, finite, self.run.out_dir)
+        self.step += 1
+        return loss, norm
+
+    def _backward_and_update(self) -> tuple[float, float]:
+        """Backward, the checks, the clip and AdamW after it -> (loss, pre-clip grad norm)."""
         loss = self._backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = self._grad_norm()
@@ -195,20 +209,12 @@ class Trainer:
             group["lr"] = lr_at(self.step, self.cfg)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # max |x| per tensor in one multi-tensor kernel: inf or NaN exactly when a tensor holds one (a sum of squares
-        # would overflow for huge but finite weights, which the loss check reports more precisely at the next step)
-        if self.mesh:
-            finite = parallel.all_finite(self.params, self.mesh)
-        else:
-            finite = bool(torch.stack(torch._foreach_norm(self.params, math.inf)).isfinite().all())
-        check_params_finite(self.step, finite, self.run.out_dir)
-        self.step += 1
         return loss, norm
 
-    def _train_step_in_backward(self) -> tuple[float, float]:
-        """`train_step` with optim.in_backward: the learning rate set before the backward, which updates every
-        tensor as its gradient completes (no clip, one micro-batch: the config checks both). The checks come after
-        the update, so a non-finite loss or norm stops the run with this step already applied to the tensors in
+    def _backward_in_backward(self) -> tuple[float, float]:
+        """With optim.in_backward: the learning rate set before the backward, which updates every tensor as its
+        gradient completes (no clip, one micro-batch: the config checks both) -> (loss, grad norm). The checks come
+        after the update, so a non-finite loss or norm stops the run with this step already applied to the tensors in
         memory; the checkpoints on disk, and the run folder's last good one, are untouched."""
         self.optimizer.set_lr(lr_at(self.step, self.cfg))
         try:
@@ -218,9 +224,6 @@ class Trainer:
             raise
         norm = float(self.optimizer.grad_norm())
         check_finite(self.step, loss, norm, self.run.out_dir, vocab_size=self.run.model_cfg.vocab_size)
-        finite = bool(torch.stack(torch._foreach_norm(self.params, math.inf)).isfinite().all())
-        check_params_finite(self.step, finite, self.run.out_dir)
-        self.step += 1
         return loss, norm
 
     def _backward(self) -> float:
