@@ -8,7 +8,8 @@
 
 Per row: median ms (CUDA events) of loss + dh (the frozen output weight gets no gradient, as in every recipe here),
 peak extra memory over the inputs, and the loss and dh of each against the materialised path computed in fp32 from
-the same bf16 inputs (relative L2). An implementation that is not installed or fails gets a row with its error.
+the same bf16 inputs (relative L2; the chunk loop in fp32 where that does not fit, named in `reference`). An
+implementation that is not installed or fails gets a row with its error.
 
     python3 benchmarks/loss_bench.py --seq 4096,16384,65536 --hidden 2048 --vocab 151936 --out results/loss.jsonl
 """
@@ -56,6 +57,26 @@ def _cce():
     return lambda h, w_VH, labels: linear_cross_entropy(h, w_VH, labels, shift=True, reduction="mean")
 
 
+def _reference(h, w_VH, labels):
+    """-> (loss, dh, name): the fp32 loss and gradient from the same bf16 inputs, by the materialised path, or where
+    its [S, V] fp32 logits and their gradient do not fit (64K tokens: 37 GiB each at V = 151,936; it ran out of
+    memory on an H100 in session 13) by the chunk loop in fp32, which equals it to fp32 rounding (the float64 oracle
+    tests of tests/torch/test_fused_loss.py hold both to that)."""
+    for name in ("materialised_fp32", "chunked_fp32"):
+        h32 = h.float().requires_grad_()
+        try:
+            if name == "materialised_fp32":
+                ref = _materialised(h32, w_VH.float(), labels)
+            else:
+                ref = fused_linear_cross_entropy(h32, w_VH.float(), labels, weight_is_HV=False, impl="chunked")
+            (ref_dh,) = torch.autograd.grad(ref, (h32,))
+            return ref.detach(), ref_dh, name
+        except torch.OutOfMemoryError:
+            del h32
+            torch.cuda.empty_cache()
+    raise torch.OutOfMemoryError("neither fp32 reference fits on this device")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", default="4096,16384,65536")
@@ -74,13 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         w = (torch.randn(a.vocab, a.hidden, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
         labels = torch.randint(0, a.vocab, (1, S), device="cuda", generator=g)
         labels[:, :16] = -100
-        # the reference: the materialised path in fp32 from the same bf16 inputs
-        h32 = h.float().requires_grad_()
-        ref = _materialised(h32, w.float(), labels)
-        (ref_dh,) = torch.autograd.grad(ref, (h32,))
-        del h32
+        ref, ref_dh, reference = _reference(h, w, labels)
         for name in a.impls.split(","):
-            row = dict(impl=name, seq=S, hidden=a.hidden, vocab=a.vocab, **env)
+            row = dict(impl=name, seq=S, hidden=a.hidden, vocab=a.vocab, reference=reference, **env)
             try:
                 fn = makers[name]()
                 hh = h.clone().requires_grad_()

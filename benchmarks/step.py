@@ -94,6 +94,10 @@ def _lora_b_nonzero(model: torch.nn.Module) -> None:
             p.normal_(0.0, 0.01)
 
 
+# torch.compile modes that replay each compiled layer from CUDA graphs (inductor's cudagraph trees)
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 def compile_kwargs(a: argparse.Namespace) -> dict:
     """torch.compile's arguments for the decoder layers from --compile-mode / --compile-cpp-wrapper (torch takes a
     mode or options, not both; parse_args refuses both)."""
@@ -187,21 +191,31 @@ def _release(opt) -> None:
 
 
 def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters: int, graph_ctx=None,
-            impl: str = "torch_impl", in_backward: bool = False, after_step=None) -> dict:
+            impl: str = "torch_impl", in_backward: bool = False, after_step=None, graph_pool: bool = False) -> dict:
     """Median step time and peak memory. `graph_ctx` (a context factory, see graph_context): forward + backward
     captured once in a CUDA graph (torch_impl.cuda_graph.GraphedLoss, its own warm-up included) and replayed per
     step; AdamW runs eagerly after it in both modes. `after_step` (no arguments) runs at the end of every step (the
     routing statistics' read-out, `with_routing_stats`). `first_step_s`: the first call's seconds (compilation,
-    autotuning and allocation included), what a user waits for before the first loss."""
+    autotuning and allocation included), what a user waits for before the first loss.
+
+    `peak_gib` is the allocator's peak of allocated memory over the timed steps, except where the step replays CUDA
+    graphs (`graph_ctx`, or `graph_pool`: torch.compile's cudagraph modes): a replay allocates nothing, its
+    activations live in the graphs' private memory pool, reserved at capture and invisible to the allocated count
+    (session 13: every-layer and 14-layer checkpointing read the same 48.35 GiB). There `peak_gib` is the peak
+    reserved memory with the unused cache released first (`peak_measure: "reserved"`): the graph pool plus the
+    rest, what the process holds. `peak_reserved_gib` is on every CUDA row."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_adamw(params, impl, in_backward)
+    graph_pool = graph_pool or graph_ctx is not None
     try:
-        return _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx, after_step)
+        return _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx, after_step,
+                        graph_pool)
     finally:
         _release(opt)
 
 
-def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx, after_step) -> dict:
+def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx, after_step,
+             graph_pool) -> dict:
     ids = torch.randint(0, vocab, (1, S), device=device)
     cuda = device.startswith("cuda")
     if graph_ctx is not None:
@@ -235,6 +249,8 @@ def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph
     if cuda:
         torch.cuda.synchronize()
         resident_gib = torch.cuda.memory_allocated() / 2**30
+        if graph_pool:  # the warm-up's unused cache: reserved memory from here on is what the steps hold
+            torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(iters):
@@ -243,10 +259,14 @@ def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None  # no allocator statistics on a CPU
     memory = {}
+    peak = None  # no allocator statistics on a CPU
+    if cuda:
+        reserved = torch.cuda.max_memory_reserved() / 2**30
+        peak = reserved if graph_pool else torch.cuda.max_memory_allocated() / 2**30
+        memory = dict(peak_reserved_gib=reserved, peak_measure="reserved" if graph_pool else "allocated")
     if cuda and warmup:  # weights + LoRA; AdamW state (and anything else a step keeps); a step's transient peak
-        memory = dict(model_gib=model_gib, optimizer_gib=resident_gib - model_gib, step_extra_gib=peak - resident_gib)
+        memory.update(model_gib=model_gib, optimizer_gib=resident_gib - model_gib, step_extra_gib=peak - resident_gib)
     # every timed step as well as the median: a host-bound step (Qwen3 at 4K) varied by a third from one process to
     # the next on one H100 in session 12, so a row says how far its own steps spread
     return dict(step_ms=statistics.median(times), step_ms_runs=[round(t, 2) for t in times], peak_gib=peak,
@@ -394,7 +414,8 @@ def _try_step(model, loss_fn, S: int, vocab: int, a: argparse.Namespace, impl: s
     """One row's measurement; a failure becomes the row's `error` (the memory it held is released first)."""
     try:
         return measure(model, loss_fn, S, vocab, a.device, a.warmup, a.iters, ctx, impl=impl,
-                       in_backward=a.optim_in_backward, after_step=after_step)
+                       in_backward=a.optim_in_backward, after_step=after_step,
+                       graph_pool=impl == "torch_impl" and a.compile and a.compile_mode in CUDAGRAPH_COMPILE_MODES)
     except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError) as e:
         return dict(step_ms=None, peak_gib=None, error=_error_text(e))
     finally:
@@ -515,6 +536,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.compile_cpp_wrapper and (not a.compile or a.compile_mode is not None):
         p.error("--compile-cpp-wrapper is an inductor option of --compile, which torch.compile takes instead of a "
                 "--compile-mode, not beside one: give --compile and no --compile-mode")
+    checkpointed = a.grad_ckpt and a.checkpoint_layers != 0
+    if a.compile and a.compile_mode in CUDAGRAPH_COMPILE_MODES and checkpointed:
+        p.error(f"--compile-mode {a.compile_mode} records CUDA graphs per compiled layer, which fail inside "
+                "activation checkpointing's recompute (torch 2.11, pytorch/pytorch#154306: 'accessing tensor output "
+                "of CUDAGraphs that has been overwritten', session 13 on an H100): add --checkpoint-layers 0 (with "
+                "--optim-in-backward to make room), or use --cuda-graph, which captures the whole checkpointed step")
     if a.checkpoint_layers is not None and not a.grad_ckpt:
         p.error(f"--checkpoint-layers {a.checkpoint_layers} says how many decoder layers are checkpointed, and "
                 "--no-grad-ckpt checkpoints none: drop one of them")

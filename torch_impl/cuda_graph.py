@@ -15,7 +15,7 @@ launch.
   one host sync that checks what the graph cannot: token ids in range and the capture-time packing (documents per
   row). A padded batch (attention_mask) is captured on the explicit-mask path, which serves any padding.
 
-What a captured step needs: a CUDA device; MoE layers on the `triton` backend (`CAPTURABLE_BACKENDS`, checked
+What a captured step needs: a CUDA device; MoE layers on a Triton backend (`CAPTURABLE_BACKENDS`, checked
 first by `graph_model`, which moves layers left on "auto" there: `choose_capturable_backends`); every step with
 the capture-time shapes and dtypes; parameters updated in place (optimizer.step), never replaced; nothing in the
 forward that syncs with the host or draws random numbers.
@@ -41,8 +41,9 @@ from torch_impl.models.layers import (
 
 # MoE backends whose forward and backward a CUDA graph can hold. Not `grouped_mm`: torch._grouped_mm copies from
 # pageable host memory inside (torch 2.11 on the H200: "Cannot copy between CPU and CUDA tensors during CUDA graph
-# capture"); not `native`: it reads the group sizes on the host.
-CAPTURABLE_BACKENDS = ("triton",)
+# capture"); not `native`: it reads the group sizes on the host. `triton_hopper` since its replays matched the eager
+# steps of Qwen3 and gpt-oss in bf16 on an H100 (test_graphed_hopper_step_matches_eager_bf16_cuda, 2026-12-06).
+CAPTURABLE_BACKENDS = ("triton", "triton_hopper")
 
 
 class GraphedLoss:
@@ -178,9 +179,9 @@ def capture_failure_message(e: BaseException) -> str:
 
 def choose_capturable_backends(model: torch.nn.Module) -> int:
     """Move every MoE layer left on "auto" whose automatic choice a CUDA graph cannot hold to the first of
-    `CAPTURABLE_BACKENDS` that runs on its device and dtype; returns how many layers moved. On a Hopper GPU in bf16
-    "auto" picks `triton_hopper` (not yet in CAPTURABLE_BACKENDS), in fp32 `grouped_mm` or `native`, so without this
-    `--cuda-graph` with the default backend was refused on exactly the GPUs it is for. "auto" promises the fastest
+    `CAPTURABLE_BACKENDS` that runs on its device and dtype; returns how many layers moved. On a GPU in fp32 "auto"
+    picks `grouped_mm` or `native` (on a Hopper GPU in bf16 `triton_hopper`, capturable), so without this
+    `--cuda-graph` with the default backend would be refused there. "auto" promises the fastest
     backend that does the job, and under a graph only a capturable one does. A backend named explicitly (the model's
     `moe_backend`, or the SPLITMOE_MOE_BACKEND variable) stays as named, and `check_capturable` refuses it."""
     from torch_impl.backends import ENV_VAR, resolve_backend, why_unavailable

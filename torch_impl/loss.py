@@ -21,16 +21,19 @@ Cut-Cross-Entropy and Liger-Kernel's fused linear cross-entropy do the same in T
 (benchmarks/loss_bench.py, 2026-12-05, V = 151,936, H = 2048, bf16; REPORT.md): at 4K / 16K / 64K tokens this chunk
 loop takes 18.9 / 74.8 / 298 ms with 3.4 GiB of extra memory, Liger 22.7 / 38.3 / 140 ms with 0.02 / 0.07 / 0.29
 GiB, Cut-Cross-Entropy 25.7 / 102 / 407 ms (and 5x their gradient error: it keeps bf16 gradients), materialised
-logits 14.4 / 58.2 / 245 ms with 6.9 / 27.8 / 111 GiB. So `impl="auto"` takes Liger's kernel on CUDA when
-liger-kernel is installed (the `torch` extra installs it): leaner at every length, twice as fast from 16K on, where
-the loss matters; the chunk loop stays for CPUs, float64 and where Liger is absent. Both give HF's loss and
-rounding points (the bf16 logits, fp32 softmax, the gradient rounded to bf16 before `dz @ Wᵀ`).
+logits 14.4 / 58.2 / 245 ms with 6.9 / 27.8 / 111 GiB. Liger was `auto`'s pick on CUDA until session 13: leaner
+at every length, twice the chunk loop's speed from 16K on. Both give HF's loss and rounding points (the bf16 logits,
+fp32 softmax, the gradient rounded to bf16 before `dz @ Wᵀ`).
 
 Liger sizes its chunks from the token count: 64 rows at 4K tokens and V = 151,936, so its GEMMs run with M = 64 (27.8
 ms for the 4K loss of a Qwen3 step on an H100, 183 TFLOP/s; session 12's profile). `impl="triton"` is the chunk loop
 with each chunk's loss and gradient in one Triton kernel (`torch_impl.kernels.cross_entropy`) over the model-dtype
 logits, in place: 832-row chunks there, a 256 MiB block in bf16, no fp32 copy, and no host sync (a CUDA graph can
-hold it). Not yet timed on a GPU, so `auto` does not pick it; `SPLITMOE_LOSS_IMPL=triton` makes `auto` mean it.
+hold it). Timed on an H100 (2026-12-06, `gpu_session.sh session13loss`; benchmarks/results/session13_2026-12-06):
+4K tokens 9.7 ms against Liger's 32.3 (3.3x), 16K 41.9 against 42.1, the same gradient error against the float64
+oracle, 0.24 GiB of extra memory against Liger's 0.02-0.07; the compiled Qwen3 24-layer 4K step 262 ms against 279
+with Liger, the same peak. So `auto` is `triton` wherever the kernel runs (CUDA, 16/32-bit), CUDA-graph steps
+included, and the chunk loop elsewhere (CPUs, float64); `liger` stays selectable by name.
 """
 
 from __future__ import annotations
@@ -142,14 +145,14 @@ def triton_runs_here(h: torch.Tensor) -> bool:
 
 
 def resolve_impl(impl: str, h: torch.Tensor) -> str:
-    """`auto` -> `liger` for a CUDA tensor of a 16-bit or fp32 dtype when liger-kernel is installed, else `chunked`;
-    `SPLITMOE_LOSS_IMPL` (`ENV_VAR`), when set, is what `auto` means (a benchmark row timing another path).
+    """`auto` -> `triton` for a CUDA tensor of a 16-bit or fp32 dtype (`torch_impl.kernels.cross_entropy`: the chunk
+    loop with one kernel per chunk for the loss and its gradient; 3.3x Liger at 4K tokens on an H100, see the module
+    docstring), else `chunked`; `SPLITMOE_LOSS_IMPL` (`ENV_VAR`), when set, is what `auto` means (a benchmark row
+    timing another path).
 
-    Inside `models.layers.static_batch` (a forward that a CUDA graph captures, `torch_impl.cuda_graph`) `auto` is
-    always `chunked`: Liger's forward reads its count of valid labels on the host (`.item()`, liger-kernel 0.8.5),
-    which stops a capture; the chunk loop keeps every value on the device. `liger` there is refused with that reason.
-    `triton` (`torch_impl.kernels.cross_entropy`: the chunk loop with one kernel per chunk for the loss and its
-    gradient, chunks as large as the chunk loop's) keeps its count on the device too, so a capture may name it.
+    Inside `models.layers.static_batch` (a forward that a CUDA graph captures, `torch_impl.cuda_graph`) `liger` is
+    refused: Liger's forward reads its count of valid labels on the host (`.item()`, liger-kernel 0.8.5), which stops
+    a capture. `triton` and `chunked` keep every value on the device, so `auto` means the same there as outside.
     """
     from torch_impl.models.layers import in_static_batch  # deferred: models.layers imports this module's loss
 
@@ -161,9 +164,8 @@ def resolve_impl(impl: str, h: torch.Tensor) -> str:
             if env not in IMPLS:
                 raise ValueError(f"{ENV_VAR}={env!r}: one of {', '.join(IMPLS)}")
             return resolve_impl(env, h)
-        ok = (h.is_cuda and h.dtype in (torch.bfloat16, torch.float16, torch.float32) and liger_available()
-              and not in_static_batch())
-        return "liger" if ok else "chunked"
+        # the kernel, not the interpreter: under TRITON_INTERPRET=1 a CPU tensor still takes the chunk loop
+        return "triton" if h.is_cuda and triton_runs_here(h) else "chunked"
     if impl == "liger" and not liger_available():
         raise ValueError("loss impl 'liger' needs liger-kernel (pip install 'splitmoe[torch]', or liger-kernel); "
                          "impl='chunked' runs everywhere")
@@ -194,8 +196,8 @@ def fused_linear_cross_entropy(h_BSH: torch.Tensor, weight: torch.Tensor, labels
     """HF's causal-LM loss of logits `h_BSH @ W` without materialising them: labels shifted left by one, positions
     labelled `ignore_index` skipped, mean over the rest (fp32 scalar). `weight` is the output projection as
     `[H, V]` (`weight_is_HV`, the canonical `lm_head.weight`) or `[V, H]` (tied input embeddings). `impl`: `auto`
-    (Liger-Kernel's fused kernel on CUDA when installed, else the chunk loop), `chunked`, `liger`, `triton` (the
-    chunk loop with `torch_impl.kernels.cross_entropy` for each chunk's loss and gradient)."""
+    (`triton` on CUDA, else the chunk loop; `resolve_impl`), `chunked`, `liger` (Liger-Kernel's fused kernel),
+    `triton` (the chunk loop with `torch_impl.kernels.cross_entropy` for each chunk's loss and gradient)."""
     if h_BSH.shape[:-1] != labels_BS.shape:
         raise ValueError(f"hidden states {tuple(h_BSH.shape)} and labels {tuple(labels_BS.shape)} disagree on [B, S]")
     vocab = weight.shape[1] if weight_is_HV else weight.shape[0]

@@ -173,13 +173,10 @@ def _replays_match_eager(model, batches, dtype: str, quantities: tuple[str, str]
 def test_graphed_hopper_step_matches_eager_bf16_cuda(tmp_path, family, monkeypatch):
     """The persistent TMA kernels (`triton_hopper`, what "auto" picks on a Hopper GPU in bf16) inside a captured
     step: session 9's `step.py --cuda-graph` rows captured them on an H100 without an error, but no replay had been
-    checked against the eager step. Admitted here for the test only; CAPTURABLE_BACKENDS gains triton_hopper once
-    this passes on the GPU. bf16 (the kernels are half-precision only): the same kernels on the same inputs, so the
-    replay differs from the eager step only where an atomic accumulation's order does; the bf16 gradient tolerance
-    is the bound, not the expectation."""
-    import torch_impl.cuda_graph as cuda_graph
-
-    monkeypatch.setattr(cuda_graph, "CAPTURABLE_BACKENDS", ("triton", "triton_hopper"))
+    checked against the eager step. CAPTURABLE_BACKENDS has listed triton_hopper since this passed on an H100
+    (2026-12-06, Qwen3 and gpt-oss). bf16 (the kernels are half-precision only): the same kernels on the same
+    inputs, so the replay differs from the eager step only where an atomic accumulation's order does; the bf16
+    gradient tolerance is the bound, not the expectation."""
     model = _model(tmp_path, family, "cuda", "triton_hopper", dtype=torch.bfloat16)
     model.gradient_checkpointing_enable()
     model.train()
@@ -235,16 +232,19 @@ def test_trainer_cuda_graph_follows_the_eager_run_cuda(tmp_path):
 
 
 def test_auto_layers_move_to_a_capturable_backend(tmp_path, monkeypatch):
-    """On a Hopper GPU in bf16 "auto" is triton_hopper, which CAPTURABLE_BACKENDS does not list: graph_model moves
-    layers left on "auto" to triton (so `--cuda-graph` with the default backend is not refused there), leaves a
-    backend named explicitly, or by SPLITMOE_MOE_BACKEND, as named, and a layer whose auto choice is capturable alone.
-    The GPU's choices are stood in for on the CPU: resolve_backend answers as on an H100 in bf16."""
+    """On a GPU in fp32 "auto" is grouped_mm, which CAPTURABLE_BACKENDS does not list: graph_model moves layers left
+    on "auto" to triton (so `--cuda-graph` with the default backend is not refused there), leaves a backend named
+    explicitly, or by SPLITMOE_MOE_BACKEND, as named, and a layer whose auto choice is capturable (triton_hopper, on
+    a Hopper GPU in bf16) alone. The GPU's choices are stood in for on the CPU: resolve_backend answers as on a GPU
+    in fp32, then as on an H100 in bf16."""
     import torch_impl.backends as backends
     from torch_impl.cuda_graph import CAPTURABLE_BACKENDS, check_capturable, choose_capturable_backends
     from torch_impl.moe import Experts
 
+    auto_is = {"name": "grouped_mm"}
+
     def hopper_auto(name="auto", *, device=None, dtype=None):
-        return "triton_hopper" if name in (None, "", "auto") else name
+        return auto_is["name"] if name in (None, "", "auto") else name
 
     monkeypatch.setattr(backends, "resolve_backend", hopper_auto)
     monkeypatch.setattr(backends, "why_unavailable", lambda name, device=None, dtype=None: None)
@@ -266,5 +266,10 @@ def test_auto_layers_move_to_a_capturable_backend(tmp_path, monkeypatch):
     check_capturable(model)
 
     model = _model(tmp_path, "gpt_oss")
-    monkeypatch.setenv(backends.ENV_VAR, "triton_hopper")  # the variable names a backend: as named, then refused
+    monkeypatch.setenv(backends.ENV_VAR, "grouped_mm")  # the variable names a backend: as named, then refused
     assert choose_capturable_backends(model) == 0 and all(m.backend == "auto" for m in experts(model))
+
+    monkeypatch.delenv(backends.ENV_VAR)
+    auto_is["name"] = "triton_hopper"  # an H100 in bf16: auto's own choice is capturable, nothing moves
+    assert choose_capturable_backends(model) == 0 and all(m.backend == "auto" for m in experts(model))
+    check_capturable(model)
