@@ -156,7 +156,9 @@ def plot_spread(paths: list[Path], out: Path) -> None:
                 model = (f"{r.get('family', '')} {r['preset']} L{r.get('layers', '')}".strip(), r["seq"])
                 groups.setdefault((model, _variant(r)), []).append(r)
     models = sorted({m for m, _ in groups})  # by model, then length
-    fig, axes = plt.subplots(2, len(models), figsize=(7 * len(models), 7.5), squeeze=False)
+    most = max(len({v for m, v in groups if m == model}) for model in models)
+    width = max(7.0, 1.3 * most)  # a column of ten variants needs room for ten labels
+    fig, axes = plt.subplots(2, len(models), figsize=(width * len(models), 9), squeeze=False)
     for col, model in enumerate(models):
         variants = sorted({v for m, v in groups if m == model}, key=lambda v: (not v.startswith("torch_impl"), v))
         for i, variant in enumerate(variants):
@@ -167,9 +169,14 @@ def plot_spread(paths: list[Path], out: Path) -> None:
                 runs = r.get("step_ms_runs") or [r["step_ms"]]
                 axes[0, col].plot([x] * len(runs), runs, "o", ms=4, alpha=0.6, color=color)
                 axes[0, col].plot([x], [r["step_ms"]], "_", ms=14, color=color)
-                axes[1, col].plot([x], [r["peak_gib"]], "s", color=color)
-        for ax, label in zip(axes[:, col], ("ms per step (dash: a process's median)", "peak GiB")):
-            ax.set_xticks(range(len(variants)), [v.replace(" + ", "\n+ ") for v in variants], fontsize=7)
+                # a graph's peak is the reserved memory (step.py: its activations live in the graph's pool), which
+                # the allocated count does not see: drawn hollow, so the two measures are told apart
+                reserved = r.get("peak_measure") == "reserved"
+                axes[1, col].plot([x], [r["peak_gib"]], "s", color=color, mfc="none" if reserved else color)
+        for ax, label in zip(axes[:, col], ("ms per step (dash: a process's median)",
+                                            "peak GiB (hollow: reserved, a graph's pool counted)")):
+            ax.set_xticks(range(len(variants)), [v.replace(" + ", "\n+ ") for v in variants], fontsize=7,
+                          rotation=30 if len(variants) > 5 else 0, ha="right" if len(variants) > 5 else "center")
             ax.set(ylabel=label, title=f"{model[0]}, {model[1] / 1024:g}K tokens")
             ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

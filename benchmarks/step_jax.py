@@ -41,8 +41,11 @@ def configure_jax(device: str) -> dict[str, str]:
         os.environ.setdefault(k, v)
     if device == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    # TF_GPU_ALLOCATOR (cuda_malloc_async: XLA's other GPU allocator) is recorded when a caller set it
-    return {k: os.environ[k] for k in (*JAX_ENV, "JAX_PLATFORMS", "TF_GPU_ALLOCATOR") if k in os.environ}
+    # the allocator switches are recorded when a caller set them: XLA_PYTHON_CLIENT_ALLOCATOR (platform: cudaMalloc
+    # per buffer), TF_GPU_ALLOCATOR (which jax 0.11.2 did not honour on an H100, session 13: its log still named
+    # the BFC allocator)
+    keys = (*JAX_ENV, "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_ALLOCATOR", "TF_GPU_ALLOCATOR")
+    return {k: os.environ[k] for k in keys if k in os.environ}
 
 
 class RandomTensors(Mapping[str, Any]):
