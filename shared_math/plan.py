@@ -147,10 +147,11 @@ The resident part is the rows' own: weights + LoRA params 33.80 GiB (measured 33
 workspaces the plan does not count) and AdamW's moments 9.57 GiB (measured 9.57). The two rows with un-checkpointed
 layers (24 at 4K; 4 at 16K beside 20 checkpointed ones), solved for a per-layer cost and a backward transient that
 both scale with S, give about 0.37 GiB per kept layer at 4K; the formula's is 0.36. At 4K with N = 0 the plan's
-peak is the loss phase, with the chunk loop's 1 GiB block; Liger's loss (torch_impl's `auto` on CUDA when
-installed) takes ~0.04 GiB there, and the plan's next phase, the last layer's backward, gives 52.44 GiB (×0.998):
-the row agrees either way. Eager layers (no --compile) are not measured without checkpointing; their formula adds
-the bf16 expert LoRA copies, 0.10 GiB per un-checkpointed layer here (55.27 GiB for the N = 0 row).
+peak is the loss phase, with the chunk loop's 1 GiB block; the rows ran Liger's loss (~0.04 GiB there; torch_impl's
+`auto` on CUDA until session 13, now its own kernel, 0.24 GiB), and the plan's next phase, the last layer's backward,
+gives 52.44 GiB (×0.998): the row agrees either way, and the plan stays the upper bound of the three losses. Eager
+layers (no --compile) are not measured without checkpointing; their formula adds the bf16 expert LoRA copies, 0.10
+GiB per un-checkpointed layer here (55.27 GiB for the N = 0 row).
 """
 
 from __future__ import annotations

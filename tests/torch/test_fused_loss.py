@@ -148,7 +148,7 @@ def test_model_loss_without_logits_equals_materialised(case, tmp_path):
 @pytest.mark.parametrize("weight_is_HV", [True, False], ids=["lm_head", "tied"])
 def test_fused_loss_bf16_on_gpu_matches_materialised(weight_is_HV, impl):
     """A Qwen3-sized vocabulary in bf16 on the GPU, several chunks: loss and dh against the materialised path, for
-    the chunk loop, Liger's kernel (what `auto` picks there) and the chunk loop's own kernel (impl "triton")."""
+    the chunk loop, Liger's kernel and the chunk loop's own kernel (impl "triton", what `auto` picks there)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if impl == "liger" and not liger_available():
