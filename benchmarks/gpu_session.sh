@@ -412,8 +412,11 @@ case $PART in
   session14q)  # (written 2026-12-06, session 13, for the next device time) issue 15's Qwen3 16K target (<= 0.75x
     # Unsloth; 0.80x compiled with the attention policy in session 12): the whole step replayed from a CUDA graph at
     # 16K (session 13: 0.58x at 4K), every layer checkpointed with the attention policy, and the first 20 only
-    # (session 12: 54.26 GiB eager with AdamW in backward, which a graph cannot hold), Unsloth in the same call
+    # (session 12: 54.26 GiB eager with AdamW in backward, which a graph cannot hold), Unsloth in the same call;
+    # first the trainer's graphed runs against eager, with compiled layers too (Trainer(compile=True,
+    # cuda_graph=True), allowed since session 13; README's quickstart gains --compile once this passes)
     wheels
+    gpu_tests gpu_tests.log 90 tests/torch/test_cuda_graph.py -k trainer
     Q="--family qwen3_moe --layers 24 --seq 16384 --warmup 2 --iters 5"
     timeout 200 python3 benchmarks/step.py $Q --impls unsloth --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
     timeout 170 python3 benchmarks/step.py $Q --impls torch_impl --compile --cuda-graph --checkpoint-policy attention \

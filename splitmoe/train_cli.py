@@ -202,7 +202,8 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", help="torch: where to train (cpu, cuda, cuda:1; default cpu); jax uses its default")
     t.add_argument("--cuda-graph", action="store_true",
                    help="torch on CUDA: capture each micro-step's forward + backward once and replay it "
-                        "(torch_impl.cuda_graph; needs the triton MoE backend and batches of one shape)")
+                        "(torch_impl.cuda_graph; a Triton MoE backend and batches of one shape); with --compile the "
+                        "compiled layers are captured, the fastest short-context step")
     t.add_argument("--compile", action="store_true",
                    help="torch: torch.compile each decoder layer (torch_impl.compile; regional, compiled once for "
                         "all layers; batches of varying shape allowed)")

@@ -87,10 +87,9 @@ class Trainer:
         it after (`torch_impl.cuda_graph`; CUDA only, every batch of the run with the first one's shape and
         packing): removes the host's per-op cost, which dominates short-context steps on a GPU. `compile`:
         `torch.compile` each decoder layer (`torch_impl.compile.compile_decoder_layers`), for batches whose shapes
-        vary; not with `cuda_graph`, nor under `parallel`."""
-        if compile and cuda_graph:
-            raise ValueError("compile=True and cuda_graph=True: pick one (a graph replays one shape; compile is for "
-                             "batches whose shapes vary)")
+        vary; not under `parallel`. Both together capture the compiled layers in the graph (they compile in the
+        graph's eager warm-up): inductor's fused glue without its host cost, the fastest 4K steps measured
+        (Qwen3-30B-A3B at 0.58x Unsloth's step on an H100, gpt-oss-20b at 0.55x; benchmarks/REPORT.md, session 13)."""
         self.cfg = cfg
         self.mesh = None  # torch_impl.parallel.ParallelMesh when several processes train together
         sharded = cfg.parallel.devices > 1 or parallel.launched_world_size() is not None
