@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session14q|session14o|session14jax|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session14q|session14o|session14jax|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -435,6 +435,18 @@ case $PART in
     timeout $((580 - SECONDS)) python3 benchmarks/step.py $Q --impls torch_impl --compile --cuda-graph \
       --checkpoint-layers 20 --out "$R/step.jsonl" > "$R/step_graph20.log" 2>&1
     rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
+  session14ctx)  # (written 2026-12-06, session 13) issue 15's "Qwen3 longest context longer than Unsloth's in the
+    # same command": Qwen3-30B-A3B at the depth the card holds (24 layers on an 80 GB H100, 48 on an H200), torch_impl
+    # with layer inputs offloaded, AdamW in backward and 16K expert chunks (what gave gpt-oss 2.0x Unsloth's in session
+    # 11), then Unsloth's, each from 64K / 32K by doubling then bisecting
+    wheels
+    L=$(card_layers)
+    M="--family qwen3_moe --layers $L --max-context --max-seq 262144"
+    timeout 300 python3 benchmarks/step.py $M --seq 65536 --context-step 32768 --offload --optim-in-backward \
+      --expert-chunk 16384 --impls torch_impl --out "$R/maxctx.jsonl" > "$R/maxctx.log" 2>&1
+    timeout $((585 - SECONDS)) python3 benchmarks/step.py $M --seq 32768 --context-step 16384 --impls unsloth \
+      --out "$R/maxctx.jsonl" > "$R/maxctx_unsloth.log" 2>&1
+    rows "$R"/maxctx.jsonl ;;
   session14jax)  # (written 2026-12-06, session 13) issue 17's gpt-oss 64K in JAX on an 80 GB card. Session 13: XLA
     # plans 71.76 GiB ("nothing" remat: 47.22 of arguments, one 24.54 GiB temporary buffer) and the BFC allocator
     # could not place the 24.54 GiB block with a 0.99 cap, nor preallocated; TF_GPU_ALLOCATOR=cuda_malloc_async was
