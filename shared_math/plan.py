@@ -143,6 +143,11 @@ to 24 layers, r=64, bf16 weights, fp32 LoRA, fused AdamW, compiled layers, torch
   4K,  no layer checkpointed (N = 0), AdamW in backward            measured 52.57 GiB   plan 52.92   ×1.007
   16K, every layer checkpointed, "attention", AdamW in backward    measured 50.56 GiB   plan 50.79   ×1.005
   16K, first 20 of 24 checkpointed, "attention", in backward       measured 54.26 GiB   plan 54.31   ×1.001
+The same model replayed from a CUDA graph (session 13, `step.py --compile --cuda-graph --checkpoint-layers N`, AdamW
+after the backward), whose peak is the reserved memory (the graph's pool holds the activations; benchmarks/step.py):
+N = 14 / 8 / 4 / 0 measured 50.05 / 50.55 / 51.53 / 52.87 GiB, plan 49.05 / 50.20 / 51.56 / 52.92 (×0.980 to
+×1.001): the pool's segment rounding is in the reserved figure and not in the plan, which is why N = 14 reads 1 GiB
+over it.
 The resident part is the rows' own: weights + LoRA params 33.80 GiB (measured 33.87: 0.06 GiB of buffers and
 workspaces the plan does not count) and AdamW's moments 9.57 GiB (measured 9.57). The two rows with un-checkpointed
 layers (24 at 4K; 4 at 16K beside 20 checkpointed ones), solved for a per-layer cost and a backward transient that
