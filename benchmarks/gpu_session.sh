@@ -451,11 +451,14 @@ case $PART in
     # plans 71.76 GiB ("nothing" remat: 47.22 of arguments, one 24.54 GiB temporary buffer) and the BFC allocator
     # could not place the 24.54 GiB block with a 0.99 cap, nor preallocated; TF_GPU_ALLOCATOR=cuda_malloc_async was
     # not honoured (the log still names GPU_0_bfc). Here: the platform allocator (cudaMalloc per buffer, no pool to
-    # fragment: slow, but says whether the plan fits), then 8K expert chunks (a smaller temporary) on BFC
+    # fragment: slow, but says whether the plan fits), then 8K expert chunks (a smaller temporary) on BFC. The first
+    # run dumps XLA's memory-usage report of the step (what the 24.54 GiB temporary holds), kept as its 300 first lines
     J="--family gpt_oss --seq 65536 --warmup 1 --iters 1 --impls jax_impl --jax-remat nothing"
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.99
-    XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout 200 python3 benchmarks/step.py $J --expert-chunk 16384 \
+    XLA_FLAGS="--xla_dump_to=/tmp/xla_dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*step.*" \
+      XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout 200 python3 benchmarks/step.py $J --expert-chunk 16384 \
       --out "$R/step_jax64.jsonl" > "$R/jax64.log" 2>&1
+    for f in $(ls -S /tmp/xla_dump/*memory-usage-report* 2>/dev/null | head -1); do head -300 "$f" > "$R/memory_report.txt"; done
     timeout 180 python3 benchmarks/step.py $J --expert-chunk 8192 --out "$R/step_jax64.jsonl" >> "$R/jax64.log" 2>&1
     timeout $((580 - SECONDS)) python3 benchmarks/step.py ${J/nothing/small_dots} --expert-chunk 8192 \
       --out "$R/step_jax64.jsonl" >> "$R/jax64.log" 2>&1
