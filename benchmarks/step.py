@@ -214,6 +214,15 @@ def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters:
         _release(opt)
 
 
+def step_peak(graph_pool: bool) -> dict:
+    """The timed steps' peak from the allocator's statistics (reset before them): `peak_gib` is the allocated peak,
+    or for a step replayed from CUDA graphs (`graph_pool`) the reserved peak, which counts the graphs' private pool
+    (see `measure`); `peak_reserved_gib` either way, and `peak_measure` naming the one `peak_gib` is."""
+    reserved = torch.cuda.max_memory_reserved() / 2**30
+    peak = reserved if graph_pool else torch.cuda.max_memory_allocated() / 2**30
+    return dict(peak_gib=peak, peak_reserved_gib=reserved, peak_measure="reserved" if graph_pool else "allocated")
+
+
 def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx, after_step,
              graph_pool) -> dict:
     ids = torch.randint(0, vocab, (1, S), device=device)
@@ -269,9 +278,8 @@ def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph
     memory = {}
     peak = None  # no allocator statistics on a CPU
     if cuda:
-        reserved = torch.cuda.max_memory_reserved() / 2**30
-        peak = reserved if graph_pool else torch.cuda.max_memory_allocated() / 2**30
-        memory = dict(peak_reserved_gib=reserved, peak_measure="reserved" if graph_pool else "allocated")
+        memory = step_peak(graph_pool)
+        peak = memory.pop("peak_gib")
     if cuda and warmup:  # weights + LoRA; AdamW state (and anything else a step keeps); a step's transient peak
         memory.update(model_gib=model_gib, optimizer_gib=resident_gib - model_gib, step_extra_gib=peak - resident_gib)
     # every timed step as well as the median: a host-bound step (Qwen3 at 4K) varied by a third from one process to
