@@ -234,18 +234,6 @@ def test_trainer_cuda_graph_follows_the_eager_run_cuda(tmp_path, compiled):
                  name="losses of 3 steps")
 
 
-def test_trainer_takes_compile_with_cuda_graph(tmp_path):
-    """compile=True with cuda_graph=True is a configuration (the compiled layers captured in the graph), not a
-    conflict: on a CPU the only refusal left is the device's, with its fix."""
-    from shared_math.train_config import load_run_config
-    from torch_impl.train import Trainer
-
-    cfg = load_run_config(None, ["data.synthetic.num_train=8", "data.synthetic.num_eval=2",
-                                 f"train.out_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device.*pass device='cuda'"):
-        Trainer(cfg, device="cpu", compile=True, cuda_graph=True)
-
-
 def test_auto_layers_move_to_a_capturable_backend(tmp_path, monkeypatch):
     """On a GPU in fp32 "auto" is grouped_mm, which CAPTURABLE_BACKENDS does not list: graph_model moves layers left
     on "auto" to triton (so `--cuda-graph` with the default backend is not refused there), leaves a backend named
