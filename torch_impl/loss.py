@@ -31,9 +31,9 @@ with each chunk's loss and gradient in one Triton kernel (`torch_impl.kernels.cr
 logits, in place: 832-row chunks there, a 256 MiB block in bf16, no fp32 copy, and no host sync (a CUDA graph can
 hold it). Timed on an H100 (2026-12-06, `gpu_session.sh session13loss`; benchmarks/results/session13_2026-12-06):
 4K tokens 9.7 ms against Liger's 32.3 (3.3x), 16K 41.9 against 42.1, the same gradient error against the fp32
-materialised loss, 0.24 GiB of extra memory against Liger's 0.02-0.07; the compiled Qwen3 24-layer 4K step 262 ms against 279
-with Liger, the same peak. So `auto` is `triton` wherever the kernel runs (CUDA, 16/32-bit), CUDA-graph steps
-included, and the chunk loop elsewhere (CPUs, float64); `liger` stays selectable by name.
+materialised loss, 0.24 GiB of extra memory against Liger's 0.02-0.07; the compiled Qwen3 24-layer 4K step 262 ms
+against 279 with Liger, the same peak. So `auto` is `triton` wherever the kernel runs (CUDA, 16/32-bit), CUDA-graph
+steps included, and the chunk loop elsewhere (CPUs, float64); `liger` stays selectable by name.
 """
 
 from __future__ import annotations
