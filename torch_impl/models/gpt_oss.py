@@ -31,7 +31,15 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from shared_math.config import ModelConfig
 from torch_impl.models.decoder import CausalLM
-from torch_impl.models.layers import Linear, RMSNorm, apply_rotary, causal_mask, keeps_attention, project, repeat_kv
+from torch_impl.models.layers import (
+    Attention,
+    RMSNorm,
+    apply_rotary,
+    causal_mask,
+    keeps_attention,
+    project,
+    repeat_kv,
+)
 from torch_impl.models.lse_attention import sink_attention_lse, sink_attention_lse_supported
 from torch_impl.moe import MoEBlock
 
@@ -171,20 +179,15 @@ def _sink_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, si
     return F.scaled_dot_product_attention(q_x, k_x, v_x, attn_mask=bias, scale=scale)[..., :D]
 
 
-class GptOssAttention(nn.Module):
-    """GQA self-attention with biases, YaRN RoPE (tables from the model), sinks and an optional sliding window.
-    Module names are canonical: `q_proj`, `k_proj`, `v_proj`, `o_proj` (LoRA targets) and the `sinks` parameter."""
+class GptOssAttention(Attention):
+    """GQA self-attention with biases, YaRN RoPE (tables from the model), sinks and an optional sliding window: the
+    shared `Attention`'s projections (gpt-oss has no q/k norm) with its own forward. Module names are canonical:
+    `q_proj`, `k_proj`, `v_proj`, `o_proj` (LoRA targets) and the `sinks` parameter."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype=None, device=None) -> None:
-        super().__init__()
-        H, N, Nkv, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        kw = dict(dtype=dtype, device=device)
-        self.num_heads, self.num_kv_heads, self.head_dim = N, Nkv, D
-        self.q_proj = Linear(H, N * D, bias=cfg.attention_bias, **kw)
-        self.k_proj = Linear(H, Nkv * D, bias=cfg.attention_bias, **kw)
-        self.v_proj = Linear(H, Nkv * D, bias=cfg.attention_bias, **kw)
-        self.o_proj = Linear(N * D, H, bias=cfg.o_proj_bias, **kw)
-        self.sinks = nn.Parameter(torch.empty(N, **kw), requires_grad=False)
+        super().__init__(cfg, dtype=dtype, device=device)
+        self.sinks = nn.Parameter(torch.empty(cfg.num_attention_heads, dtype=dtype, device=device),
+                                  requires_grad=False)
         self.sliding_window = cfg.sliding_window if cfg.layer_types[layer_idx] == "sliding_attention" else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
