@@ -24,36 +24,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.torch.interpreter import import_interpreted  # noqa: E402
 
-def _import_triton_interpreted() -> str | None:
-    """Import triton and our kernels in the Triton interpreter while that is still possible; None if the triton
-    backend runs interpreted in this process, else why not. The interpreter is fixed when triton and the kernels are
-    first imported (test_triton_kernels.py says why), and torch.compile and opcheck import triton compiled, so this
-    runs at collection, before any test here; TRITON_INTERPRET is set again around the triton tests only."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if torch.cuda.is_available():
-        return "CUDA is present: the triton backend is tested compiled, in test_moe_block.py"
-    old = os.environ.get("TRITON_INTERPRET")
-    if "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-
-        if type(tl.sigmoid).__name__ != "InterpretedFunction":
-            return ("triton was imported compiled before this module "
-                    "(test_triton_op_tests_in_a_fresh_interpreter_process runs these)")
-        os.environ["TRITON_INTERPRET"] = "1"  # our kernels are decorated by this import
-        import torch_impl.kernels.split_lora  # noqa: F401
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return None
-
-
-TRITON_SKIP = _import_triton_interpreted()
+TRITON_SKIP = import_interpreted("torch_impl.kernels.split_lora")
 
 from shared_math.cases import get_case, make_moe_inputs  # noqa: E402
 from shared_math.config import LoraConfig, ModelConfig  # noqa: E402

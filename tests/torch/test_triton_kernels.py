@@ -29,32 +29,9 @@ torch = pytest.importorskip("torch")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
+from tests.torch.interpreter import import_interpreted  # noqa: E402
 
-def _import_kernels() -> bool:
-    """Import triton and the kernels, interpreted on CPU when still possible; True if the CPU tests can run here."""
-    if CUDA:
-        return False
-    fresh = "triton" not in sys.modules
-    old = os.environ.get("TRITON_INTERPRET")
-    if fresh:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton")
-        import triton.language as tl
-
-        interpreted = type(tl.sigmoid).__name__ == "InterpretedFunction"
-        if interpreted:
-            os.environ["TRITON_INTERPRET"] = "1"  # our kernels get decorated by this import
-            import torch_impl.kernels.split_lora  # noqa: F401
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return interpreted
-
-
-IN_PROCESS = _import_kernels()
+IN_PROCESS = import_interpreted("torch_impl.kernels.split_lora") is None
 pytest.importorskip("triton")
 
 from shared_math import reference as ref  # noqa: E402
