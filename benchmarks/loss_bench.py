@@ -72,8 +72,9 @@ def _reference(h, w_VH, labels):
             (ref_dh,) = torch.autograd.grad(ref, (h32,))
             return ref.detach(), ref_dh, name
         except torch.OutOfMemoryError:
-            del h32
-            torch.cuda.empty_cache()
+            pass  # the handled exception's traceback holds the failed attempt's tensors until the handler ends
+        del h32
+        torch.cuda.empty_cache()
     raise torch.OutOfMemoryError("neither fp32 reference fits on this device")
 
 
