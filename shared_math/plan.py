@@ -168,6 +168,7 @@ from typing import Literal
 
 from shared_math.config import ModelConfig
 from shared_math.train_config import CHECKPOINT_POLICIES as TRAIN_CHECKPOINT_POLICIES
+from shared_math.train_config import is_checkpoint_layers
 
 __all__ = ["GIB", "H200_USABLE_GIB", "R_LIN", "R_ATTN", "HBM_BW", "POWERS_OF_TWO", "Parallel", "ParamCounts",
            "Memory", "Plan", "LayoutError", "check_layout", "param_counts", "lora_counts", "attention_targets", "plan",
@@ -502,8 +503,7 @@ def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: boo
     if optimizer not in OPT_BYTES:
         raise ValueError(f"optimizer must be one of {', '.join(OPT_BYTES)}, got {optimizer!r}")
     L = cfg.num_hidden_layers
-    if checkpoint_layers is not None and (isinstance(checkpoint_layers, bool) or not isinstance(checkpoint_layers, int)
-                                          or not 0 <= checkpoint_layers <= L):
+    if checkpoint_layers is not None and not is_checkpoint_layers(checkpoint_layers, L):
         raise ValueError(f"checkpoint_layers={checkpoint_layers!r}: how many of the first decoder layers are "
                          f"checkpointed, an int from 0 to {L} (this model has {L} layers), or None for all of them")
     if checkpoint_policy not in CHECKPOINT_POLICIES:

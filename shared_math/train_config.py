@@ -254,10 +254,15 @@ def _validate(cfg: RunConfig) -> None:
                           f"data.batch_size to a multiple of {par.batch_shards}")
 
 
+def is_checkpoint_layers(layers: object, num_layers: int) -> bool:
+    """Whether `layers` is a valid count of checkpointed first decoder layers: an int (not a bool) in 0..num_layers."""
+    return not isinstance(layers, bool) and isinstance(layers, int) and 0 <= layers <= num_layers
+
+
 def validate_checkpoint_layers(layers: int, num_layers: int) -> None:
     """ValueError unless `layers` (both frameworks' `gradient_checkpointing_enable(layers=...)`: how many of the first
     decoder layers to checkpoint) is an int in 0..num_layers."""
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= num_layers:
+    if not is_checkpoint_layers(layers, num_layers):
         raise ValueError(f"gradient_checkpointing_enable(layers={layers!r}): layers is how many of the first decoder "
                          f"layers to checkpoint, an int from 0 to {num_layers} (this model has {num_layers}); pass "
                          "one of those, or None to checkpoint every layer")
