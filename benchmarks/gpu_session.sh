@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14o|session14jax|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14o|session14jax|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -431,6 +431,15 @@ case $PART in
     timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --impls torch_impl --compile --cuda-graph \
       --checkpoint-policy attention --out "$R/step.jsonl" > "$R/step_graph.log" 2>&1
     rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
+  session14prof)  # (written 2026-12-06, session 14) what the 16K steps spend their time on, which no profile has
+    # shown yet (issue 15's 16K targets: Qwen3 0.80x, gpt-oss 0.61x): Qwen3-30B-A3B (24 layers) compiled with the
+    # attention policy and AdamW in backward (the 0.80x row), and gpt-oss-20b compiled, each with one profiled step
+    Q="--warmup 2 --iters 2 --seq 16384 --impls torch_impl --compile"
+    timeout 280 python3 benchmarks/step.py --family qwen3_moe --layers 24 $Q --checkpoint-policy attention \
+      --optim-in-backward --profile "$R" --out "$R/step.jsonl" > "$R/step_qwen3.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py --family gpt_oss $Q --profile "$R" --out "$R/step.jsonl" \
+      > "$R/step_oss.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "device busy" "$R"/*.log ;;
   session14q)  # (written 2026-12-06, session 13, for the next device time) issue 15's Qwen3 16K target (<= 0.75x
     # Unsloth; 0.80x compiled with the attention policy in session 12): the whole step replayed from a CUDA graph at
     # 16K (session 13: 0.58x at 4K), every layer checkpointed with the attention policy, and the first 20 only
