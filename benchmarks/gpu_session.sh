@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14o|session14jax|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -85,6 +85,12 @@ wheels() {  # Unsloth's and Liger's wheels (carried in .whl) into /tmp/site, on 
   [ -d .whl ] || return 0
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$R/wheels.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+}
+tokamax_wheels() {  # tokamax and what it needs (.whl/tokamax: benchmarks/tokamax-wheels.sh) into /tmp/site_tk, on
+  # the path of every python3 below; a folder apart from Unsloth's (/tmp/site): the two pin different typeguards
+  [ -d .whl/tokamax ] || return 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_tk \
+    .whl/tokamax/*.whl > "$R/tokamax_wheels.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site_tk
 }
 merge_tuned() {  # a sweep's tuned_configs.json ($1) into this copy's shipped table, which goes to $OUT to be committed
   python3 - "$1" <<'PY'
@@ -440,6 +446,18 @@ case $PART in
     timeout $((590 - SECONDS)) python3 benchmarks/step.py --family gpt_oss $Q --profile "$R" --out "$R/step.jsonl" \
       > "$R/step_oss.log" 2>&1
     rows "$R/step.jsonl"; grep -h "device busy" "$R"/*.log ;;
+  session14tk)  # (written 2026-12-06, session 14) issue 16's "the JAX kernels measured next to tokamax.ragged_dot
+    # in the same command": backend `tokamax` (ragged_dot's custom VJP, every dot on tokamax; needs .whl/tokamax)
+    # through the jax block suite's gpu tests in bf16, then the T=16384 block rows of torch triton_hopper, jax pallas
+    # and tokamax (Mosaic GPU, then forced to its Triton kernels), one command each
+    tokamax_wheels
+    gpu_tests gpu_tests.log 200 tests/jax/test_moe_block.py -k "tokamax or gpu"
+    B="--iters 10 --cases qwen3_30b_T16384,gpt_oss_20b_T16384"
+    timeout 240 python3 benchmarks/moe_block.py $B --impls torch_triton_hopper,jax_pallas_fused,jax_tokamax \
+      --out "$R/block.jsonl" > "$R/block.log" 2>&1
+    SPLITMOE_TOKAMAX_IMPL=triton timeout $((590 - SECONDS)) python3 benchmarks/moe_block.py $B --impls jax_tokamax \
+      --out "$R/block_tokamax_triton.jsonl" > "$R/block_tokamax_triton.log" 2>&1
+    cat "$R"/block*.jsonl | cut -c1-400 ;;
   session14q)  # (written 2026-12-06, session 13, for the next device time) issue 15's Qwen3 16K target (<= 0.75x
     # Unsloth; 0.80x compiled with the attention policy in session 12): the whole step replayed from a CUDA graph at
     # 16K (session 13: 0.58x at 4K), every layer checkpointed with the attention policy, and the first 20 only

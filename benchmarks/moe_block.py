@@ -23,6 +23,8 @@ Implementations (rows):
   jax_pallas_triton_fused, jax_pallas_mosaic_fused, jax_pallas_fused
                      jax_impl's Pallas backends through their fused entry: every pass on Triton, the NN passes on
                      Mosaic GPU, or per pass the lowering the tuning tables measured faster (`auto`'s choice)
+  jax_tokamax        the ragged_dot backend's math on tokamax.ragged_dot (Google's Pallas kernels: Mosaic GPU on
+                     Hopper; SPLITMOE_TOKAMAX_IMPL=triton|xla forces another), the JAX user's off-the-shelf option
 
 Kernel rows (one GEMM launch chain timed alone, forward only; TFLOP/s from that launch's own FLOPs, next to the
 dense bf16 rate of the same run; no ratio against HF):

@@ -74,9 +74,15 @@ def main() -> int:
         jax.block_until_ready(grad(x, lora))
         times.append((time.perf_counter() - t0) * 1e3)
     stats = dev.memory_stats()
-    print(json.dumps({"ms": statistics.median(times),
-                      "peak_extra_gib": (stats.get("peak_bytes_in_use", 0) - before) / 2**30,
-                      "jax": jax.__version__}))
+    row = {"ms": statistics.median(times), "peak_extra_gib": (stats.get("peak_bytes_in_use", 0) - before) / 2**30,
+           "jax": jax.__version__}
+    if args.backend == "tokamax":  # which of tokamax's implementations the dots asked for, and its version
+        import tokamax
+
+        from jax_impl.backends.tokamax_ragged_dot import implementation
+
+        row.update(tokamax=getattr(tokamax, "__version__", "?"), tokamax_impl=implementation(bf))
+    print(json.dumps(row))
     return 0
 
 

@@ -28,6 +28,9 @@ BACKENDS: dict[str, str] = {
     "pallas_triton": "Pallas grouped GEMMs, Triton lowering (CUDA sm80+; interpret=True on CPU)",
     "pallas_mosaic": "NN passes on a Pallas Mosaic-GPU grouped GEMM, weight gradients on Triton (Hopper; bf16/fp16)",
     "ragged_dot": "jax.lax.ragged_dot under custom_vjp; the JAX reference (any device; dense and slow on GPU)",
+    # last: not measured against the others yet, so auto does not pick it (benchmarks/moe_block.py --impls jax_tokamax)
+    "tokamax": "ragged_dot's math on tokamax.ragged_dot (Mosaic-GPU grouped GEMM on Hopper, Triton on other CUDA, "
+               "XLA on CPU); needs the tokamax package",
 }
 
 
@@ -43,6 +46,10 @@ def _unavailable_reason(name: str, dtype=None) -> str | None:
         from jax_impl.backends.pallas_mosaic import unavailable_reason
 
         return unavailable_reason(dtype)
+    if name == "tokamax":
+        from jax_impl.backends.tokamax_ragged_dot import unavailable_reason
+
+        return unavailable_reason()
     return f"unknown MoE backend {name!r}; known: {', '.join(BACKENDS)} or 'auto'"
 
 
@@ -92,6 +99,10 @@ def get_backend(name: str) -> Callable:
         return expert_mlp_sorted
     if name == "pallas_mosaic":
         from jax_impl.backends.pallas_mosaic import expert_mlp_sorted
+
+        return expert_mlp_sorted
+    if name == "tokamax":
+        from jax_impl.backends.tokamax_ragged_dot import expert_mlp_sorted
 
         return expert_mlp_sorted
     raise RuntimeError(f"MoE backend {name!r} cannot run here: {_unavailable_reason(name) or 'not wired in'}")

@@ -22,10 +22,14 @@ path rounds each `grouped_mm` output. Gradients come back in each input's own dt
 
 On CPU, XLA lowers ragged_dot to a dense dot over a group-masked lhs (E times the FLOPs); on GPU the same, unless a
 library path claims it (see shared/reference/jax-moe-on-gpu.md). It is the JAX correctness reference, not fast.
+
+`build_expert_mlp(dot)` builds the same function (forward, custom VJP) on another implementation of the three ragged
+dot forms: backend `tokamax` (`jax_impl.backends.tokamax_ragged_dot`) is this math on tokamax's grouped GEMMs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -47,46 +51,36 @@ _PER_GROUP = lax.RaggedDotDimensionNumbers(
     dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
 
 
+# `dot(lhs, rhs, group_sizes_E, dims) -> fp32`: one ragged dot of the three forms above, operands in lhs's dtype
+Dot = Callable[[jax.Array, jax.Array, jax.Array, lax.RaggedDotDimensionNumbers], jax.Array]
+
+
 def _dot(lhs, rhs, group_sizes_E, dims):
     """One ragged dot with operands in lhs's dtype and fp32 accumulation/output."""
     return lax.ragged_dot_general(lhs, rhs.astype(lhs.dtype), group_sizes_E, dims, preferred_element_type=_F32)
 
 
-def _forward(x_MH, group_sizes_E, expert_M, w_gate_up_EH2I, w_down_EIH, lora_gate_up, lora_down, biases, scale,
-             activation, limit, alpha):
+def _forward(dot: Dot, x_MH, group_sizes_E, expert_M, w_gate_up_EH2I, w_down_EIH, lora_gate_up, lora_down, biases,
+             scale, activation, limit, alpha):
     """The forward of the module docstring; returns the output and what the backward reuses."""
     cd = x_MH.dtype
-    gu_M2I = _dot(x_MH, w_gate_up_EH2I, group_sizes_E, _ROWS)
+    gu_M2I = dot(x_MH, w_gate_up_EH2I, group_sizes_E, _ROWS)
     z1_MR = None
     if lora_gate_up is not None:
-        z1_MR = _dot(x_MH, lora_gate_up[0], group_sizes_E, _ROWS).astype(cd)
-        gu_M2I = gu_M2I + scale * _dot(z1_MR, lora_gate_up[1], group_sizes_E, _ROWS)
+        z1_MR = dot(x_MH, lora_gate_up[0], group_sizes_E, _ROWS).astype(cd)
+        gu_M2I = gu_M2I + scale * dot(z1_MR, lora_gate_up[1], group_sizes_E, _ROWS)
     if biases is not None:
         gu_M2I = gu_M2I + biases[0][expert_M].astype(_F32)
     gu_M2I = gu_M2I.astype(cd)
     h_MI = activation_fwd(gu_M2I, activation, limit, alpha)
-    o_MH = _dot(h_MI, w_down_EIH, group_sizes_E, _ROWS)
+    o_MH = dot(h_MI, w_down_EIH, group_sizes_E, _ROWS)
     z2_MR = None
     if lora_down is not None:
-        z2_MR = _dot(h_MI, lora_down[0], group_sizes_E, _ROWS).astype(cd)
-        o_MH = o_MH + scale * _dot(z2_MR, lora_down[1], group_sizes_E, _ROWS)
+        z2_MR = dot(h_MI, lora_down[0], group_sizes_E, _ROWS).astype(cd)
+        o_MH = o_MH + scale * dot(z2_MR, lora_down[1], group_sizes_E, _ROWS)
     if biases is not None:
         o_MH = o_MH + biases[1][expert_M].astype(_F32)
     return o_MH.astype(cd), (z1_MR, gu_M2I, z2_MR)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def expert_mlp_sorted(x_MH: jax.Array, group_sizes_E: jax.Array, expert_M: jax.Array, w_gate_up_EH2I: jax.Array,
-                      w_down_EIH: jax.Array, lora_gate_up: tuple[jax.Array, jax.Array] | None,
-                      lora_down: tuple[jax.Array, jax.Array] | None, biases: tuple[jax.Array, jax.Array] | None,
-                      scale: float, activation: str, swiglu_limit: float, swiglu_alpha: float) -> jax.Array:
-    """Expert MLPs with split LoRA on expert-sorted rows x [M, H] -> [M, H] (before routing weights).
-
-    `expert_M` is the expert id of each sorted row (only the biases need it). LoRA pairs are (A [E, in, R],
-    B [E, R, out]); biases (b_gate_up [E, 2I], b_down [E, H]) or None.
-    """
-    return _forward(x_MH, group_sizes_E, expert_M, w_gate_up_EH2I, w_down_EIH, lora_gate_up, lora_down, biases,
-                    scale, activation, swiglu_limit, swiglu_alpha)[0]
 
 
 def _value(p):
@@ -114,7 +108,7 @@ class _Wants:
     biases: bool
 
 
-def _fwd(x, group_sizes, expert_M, w_gu, w_d, lora_gu, lora_d, biases, scale, activation, limit, alpha):
+def _fwd(dot: Dot, x, group_sizes, expert_M, w_gu, w_d, lora_gu, lora_d, biases, scale, activation, limit, alpha):
     # symbolic_zeros=True: differentiable args arrive as CustomVJPPrimal(value, perturbed)
     wants = _Wants(x=x.perturbed, w_gate_up=w_gu.perturbed, w_down=w_d.perturbed,
                    lora_gate_up=_pair_perturbed(lora_gu), lora_down=_pair_perturbed(lora_d),
@@ -122,12 +116,13 @@ def _fwd(x, group_sizes, expert_M, w_gu, w_d, lora_gu, lora_d, biases, scale, ac
     x_MH, gs_E, e_M = x.value, group_sizes.value, expert_M.value
     wgu, wd = w_gu.value, w_d.value
     lgu, ld, b = _pair_value(lora_gu), _pair_value(lora_d), _pair_value(biases)
-    out_MH, (z1_MR, gu_M2I, z2_MR) = _forward(x_MH, gs_E, e_M, wgu, wd, lgu, ld, b, scale, activation, limit, alpha)
+    out_MH, (z1_MR, gu_M2I, z2_MR) = _forward(dot, x_MH, gs_E, e_M, wgu, wd, lgu, ld, b, scale, activation, limit,
+                                              alpha)
     # residuals: inputs plus the two skinny LoRA activations and gu; h is recomputed from gu (cheap, elementwise)
     return out_MH, (x_MH, gs_E, e_M, wgu, wd, lgu, ld, b, z1_MR, gu_M2I, z2_MR, wants)
 
 
-def _bwd(scale, activation, limit, alpha, res, do_MH):
+def _bwd(dot: Dot, scale, activation, limit, alpha, res, do_MH):
     x_MH, gs_E, e_M, wgu, wd, lgu, ld, b, z1_MR, gu_M2I, z2_MR, wants = res
     cd = x_MH.dtype
     E = wgu.shape[0]
@@ -137,33 +132,33 @@ def _bwd(scale, activation, limit, alpha, res, do_MH):
     h_MI = activation_fwd(gu_M2I, activation, limit, alpha)
 
     # down projection
-    dh_MI = _dot(do_MH, wd, gs_E, _ROWS_T)
+    dh_MI = dot(do_MH, wd, gs_E, _ROWS_T)
     d_lora_down = None
     if ld is not None:
-        dz2_MR = (scale * _dot(do_MH, ld[1], gs_E, _ROWS_T)).astype(cd)
+        dz2_MR = (scale * dot(do_MH, ld[1], gs_E, _ROWS_T)).astype(cd)
         if wants.lora_down:
-            d_lora_down = ((_dot(h_MI, dz2_MR, gs_E, _PER_GROUP)).astype(ld[0].dtype),
-                           (scale * _dot(z2_MR, do_MH, gs_E, _PER_GROUP)).astype(ld[1].dtype))
-        dh_MI = dh_MI + _dot(dz2_MR, ld[0], gs_E, _ROWS_T)
+            d_lora_down = ((dot(h_MI, dz2_MR, gs_E, _PER_GROUP)).astype(ld[0].dtype),
+                           (scale * dot(z2_MR, do_MH, gs_E, _PER_GROUP)).astype(ld[1].dtype))
+        dh_MI = dh_MI + dot(dz2_MR, ld[0], gs_E, _ROWS_T)
     dgu_M2I = activation_vjp(gu_M2I, dh_MI.astype(cd), activation, limit, alpha)
 
     # gate_up projection: the same pattern one layer down
     d_lora_gate_up, dz1_MR = None, None
     if lgu is not None and (wants.x or wants.lora_gate_up):
-        dz1_MR = (scale * _dot(dgu_M2I, lgu[1], gs_E, _ROWS_T)).astype(cd)
+        dz1_MR = (scale * dot(dgu_M2I, lgu[1], gs_E, _ROWS_T)).astype(cd)
         if wants.lora_gate_up:
-            d_lora_gate_up = ((_dot(x_MH, dz1_MR, gs_E, _PER_GROUP)).astype(lgu[0].dtype),
-                              (scale * _dot(z1_MR, dgu_M2I, gs_E, _PER_GROUP)).astype(lgu[1].dtype))
+            d_lora_gate_up = ((dot(x_MH, dz1_MR, gs_E, _PER_GROUP)).astype(lgu[0].dtype),
+                              (scale * dot(z1_MR, dgu_M2I, gs_E, _PER_GROUP)).astype(lgu[1].dtype))
     dx = None
     if wants.x:
-        dx_MH = _dot(dgu_M2I, wgu, gs_E, _ROWS_T)
+        dx_MH = dot(dgu_M2I, wgu, gs_E, _ROWS_T)
         if dz1_MR is not None:
-            dx_MH = dx_MH + _dot(dz1_MR, lgu[0], gs_E, _ROWS_T)
+            dx_MH = dx_MH + dot(dz1_MR, lgu[0], gs_E, _ROWS_T)
         dx = dx_MH.astype(cd)
 
     # base weights and biases: only when someone differentiates them (never in LoRA training)
-    d_wgu = _dot(x_MH, dgu_M2I, gs_E, _PER_GROUP).astype(wgu.dtype) if wants.w_gate_up else None
-    d_wd = _dot(h_MI, do_MH, gs_E, _PER_GROUP).astype(wd.dtype) if wants.w_down else None
+    d_wgu = dot(x_MH, dgu_M2I, gs_E, _PER_GROUP).astype(wgu.dtype) if wants.w_gate_up else None
+    d_wd = dot(h_MI, do_MH, gs_E, _PER_GROUP).astype(wd.dtype) if wants.w_down else None
     d_b = None
     if b is not None and wants.biases:
         seg = partial(jax.ops.segment_sum, segment_ids=e_M, num_segments=E, indices_are_sorted=True)
@@ -177,4 +172,24 @@ def _bwd(scale, activation, limit, alpha, res, do_MH):
     return dx, None, None, d_wgu, d_wd, d_lora_gate_up, d_lora_down, d_b
 
 
-expert_mlp_sorted.defvjp(_fwd, _bwd, symbolic_zeros=True)
+def build_expert_mlp(dot: Dot) -> Callable:
+    """`expert_mlp_sorted` (the module docstring's forward and VJP) with every ragged dot done by `dot`."""
+
+    @partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+    def expert_mlp_sorted(x_MH: jax.Array, group_sizes_E: jax.Array, expert_M: jax.Array, w_gate_up_EH2I: jax.Array,
+                          w_down_EIH: jax.Array, lora_gate_up: tuple[jax.Array, jax.Array] | None,
+                          lora_down: tuple[jax.Array, jax.Array] | None, biases: tuple[jax.Array, jax.Array] | None,
+                          scale: float, activation: str, swiglu_limit: float, swiglu_alpha: float) -> jax.Array:
+        """Expert MLPs with split LoRA on expert-sorted rows x [M, H] -> [M, H] (before routing weights).
+
+        `expert_M` is the expert id of each sorted row (only the biases need it). LoRA pairs are (A [E, in, R],
+        B [E, R, out]); biases (b_gate_up [E, 2I], b_down [E, H]) or None.
+        """
+        return _forward(dot, x_MH, group_sizes_E, expert_M, w_gate_up_EH2I, w_down_EIH, lora_gate_up, lora_down,
+                        biases, scale, activation, swiglu_limit, swiglu_alpha)[0]
+
+    expert_mlp_sorted.defvjp(partial(_fwd, dot), partial(_bwd, dot), symbolic_zeros=True)
+    return expert_mlp_sorted
+
+
+expert_mlp_sorted = build_expert_mlp(_dot)

@@ -215,6 +215,37 @@ def test_resolve_backend(monkeypatch):
     assert resolve_backend("auto") == "ragged_dot"
 
 
+def test_tokamax_backend_says_which_implementation_and_refuses_bad_input(monkeypatch):
+    """The `tokamax` backend asks tokamax for XLA on CPU and in fp32 (exact), for Mosaic then Triton on a GPU in 16
+    bits; SPLITMOE_TOKAMAX_IMPL forces one and a wrong value is refused with the choices; a missing package is
+    refused with the pip command, not an ImportError from inside a jitted step."""
+    import builtins
+
+    from jax_impl.backends import tokamax_ragged_dot as tk
+
+    monkeypatch.delenv(tk.IMPL_ENV_VAR, raising=False)
+    gpu = jax.default_backend() == "gpu"
+    assert tk.implementation(jnp.float32) == "xla"
+    assert tk.implementation(jnp.bfloat16) == (("mosaic", "triton") if gpu else "xla")
+    monkeypatch.setenv(tk.IMPL_ENV_VAR, "triton")
+    assert tk.implementation(jnp.bfloat16) == "triton"
+    monkeypatch.setenv(tk.IMPL_ENV_VAR, "cutlass")
+    with pytest.raises(RuntimeError, match="SPLITMOE_TOKAMAX_IMPL='cutlass' is not one of mosaic, triton, xla"):
+        resolve_backend("tokamax")
+    monkeypatch.delenv(tk.IMPL_ENV_VAR)
+
+    real_import = builtins.__import__
+
+    def no_tokamax(name, *args, **kwargs):
+        if name == "tokamax":
+            raise ImportError("No module named 'tokamax'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tokamax)
+    with pytest.raises(RuntimeError, match="pip install 'tokamax"):
+        resolve_backend("tokamax")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["qwen3_30b_T1024", "gpt_oss_20b_T1024", "gpt_oss_20b_T4096"])
 def test_pallas_benchmark_shapes_agree_with_ragged_dot_bf16_gpu(name, seed):

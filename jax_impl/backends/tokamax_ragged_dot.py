@@ -1,0 +1,71 @@
+"""Backend `tokamax`: the `ragged_dot` backend's split-LoRA math (same forward, same custom VJP, same roundings) with
+every grouped GEMM done by `tokamax.ragged_dot_general`, Google's Pallas kernel library for JAX: on Hopper a
+Mosaic-GPU grouped GEMM (its `mosaic` implementation), a Pallas-Triton one elsewhere on CUDA, XLA's `ragged_dot` on
+CPU. The JAX user's off-the-shelf alternative to this project's own Pallas kernels (issue 16 asks for the two side by
+side); `benchmarks/moe_block.py --impls jax_tokamax` times it.
+
+All three dot forms of `ragged_dot.py` go through tokamax: rows x W (its default dimension numbers), rows x Wᵀ
+(tokamax transposes the weight for the Mosaic kernel, a copy per call: part of what the benchmark measures) and the
+per-expert weight-shaped products of the LoRA gradients (its ragged-contracting kernel). Which implementation runs:
+- CUDA, bf16 / fp16: ("mosaic", "triton"), tokamax's order: Mosaic where it has a kernel, else Triton;
+- CUDA, fp32: "xla" (exact; the Mosaic kernels take 16-bit operands and a Triton dot in fp32 may round to TF32, so
+  the fp32 tests stay exact);
+- CPU: "xla" (`lax.ragged_dot_general`; the tests check the wiring against the float64 oracle there);
+- `SPLITMOE_TOKAMAX_IMPL=mosaic|triton|xla` forces one (to time each on the GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jax_impl.backends.ragged_dot import build_expert_mlp
+
+IMPL_ENV_VAR = "SPLITMOE_TOKAMAX_IMPL"
+_IMPLS = ("mosaic", "triton", "xla")
+
+
+def unavailable_reason() -> str | None:
+    """Why the backend cannot run in this process, or None."""
+    try:
+        import tokamax  # noqa: F401
+    except ImportError as e:
+        return f"tokamax is not installed ({e}); pip install 'tokamax>=0.0.12' (the jax extra installs it)"
+    forced = os.environ.get(IMPL_ENV_VAR, "").strip()
+    if forced and forced not in _IMPLS:
+        return f"${IMPL_ENV_VAR}={forced!r} is not one of {', '.join(_IMPLS)}"
+    return None
+
+
+def implementation(dtype) -> str | tuple[str, ...]:
+    """The tokamax implementation(s) a dot of operands in `dtype` asks for here (the module docstring's table)."""
+    forced = os.environ.get(IMPL_ENV_VAR, "").strip()
+    if forced:
+        return forced
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
+        return ("mosaic", "triton")
+    return "xla"
+
+
+def _absl_flags_parsed() -> None:
+    """tokamax keeps its options as absl flags and, on first reading one, parses `sys.argv` as absl flags if nobody
+    has: under pytest or `splitmoe train ...` that fails on the first option it does not know. Mark them parsed
+    (tokamax's defaults), as an absl program's `app.run` would have."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _dot(lhs, rhs, group_sizes_E, dims):
+    """One ragged dot on tokamax, operands in lhs's dtype, fp32 accumulation and output (as `ragged_dot._dot`)."""
+    import tokamax
+
+    _absl_flags_parsed()
+    return tokamax.ragged_dot_general(lhs, rhs.astype(lhs.dtype), group_sizes_E, dims,
+                                      preferred_element_type=jnp.float32, implementation=implementation(lhs.dtype))
+
+
+expert_mlp_sorted = build_expert_mlp(_dot)
