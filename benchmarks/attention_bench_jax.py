@@ -8,7 +8,10 @@ Shape: 64 query heads, 8 kv heads, head dim 64, a learned sink per head; full la
   layers in query blocks of one window (`_sliding_blocks`);
 - `plain_cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` without a sink, causal, with
   `local_window_size` on sliding layers: whether cuDNN's window skips the key blocks outside it shows as a sliding
-  row much faster than the full one at 16K (torch's flash kernel: 3.3 against 18.3 ms, session 10).
+  row much faster than the full one at 16K (torch's flash kernel: 3.3 against 18.3 ms, session 10);
+- `plain_tokamax`, `plain_tokamax_triton`: the same plain problem on `tokamax.dot_product_attention` (Google's
+  Pallas kernels: its Mosaic-GPU flash attention, or its Triton one), the alternative to cuDNN issue 17 asks to
+  measure (no sink: tokamax's public call returns no log-sum-exp to rescale by).
 On a CPU (`--device cpu`, for tests) the cuDNN rows are replaced by `sink_reference` (the rescale on its jnp
 reference kernels) and `sink_xla` (the padded path through XLA). Each row: median ms of forward + backward, TFLOP/s
 over the causal (or windowed) FLOPs, peak extra device memory.
@@ -29,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 N, K, D, WINDOW = 64, 8, 64, 128
-GPU_IMPLS = ("sink_lse", "sink_padded", "plain_cudnn")
+GPU_IMPLS = ("sink_lse", "sink_padded", "plain_cudnn", "plain_tokamax", "plain_tokamax_triton")
 CPU_IMPLS = ("sink_reference", "sink_xla")
 
 
@@ -59,6 +62,18 @@ def run(impl: str, S: int, window: int | None, iters: int) -> dict:
         def attn(q, k, v, sinks):
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=lws,
                                                 implementation="cudnn")
+    elif impl.startswith("plain_tokamax"):
+        import tokamax
+
+        from jax_impl.backends.tokamax_ragged_dot import mark_absl_flags_parsed
+
+        mark_absl_flags_parsed()
+        lws = None if window is None else (window - 1, 0)
+        which = "triton" if impl.endswith("_triton") else "mosaic"
+
+        def attn(q, k, v, sinks):
+            return tokamax.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=lws,
+                                                 implementation=which)
     elif impl == "sink_reference":
         def attn(q, k, v, sinks):
             return lse_attention.sink_attention_lse(q, k, v, sinks, scale, window, kernels="reference")

@@ -449,15 +449,18 @@ case $PART in
   session14tk)  # (written 2026-12-06, session 14) issue 16's "the JAX kernels measured next to tokamax.ragged_dot
     # in the same command": backend `tokamax` (ragged_dot's custom VJP, every dot on tokamax; needs .whl/tokamax)
     # through the jax block suite's gpu tests in bf16, then the T=16384 block rows of torch triton_hopper, jax pallas
-    # and tokamax (Mosaic GPU, then forced to its Triton kernels), one command each
+    # and tokamax (Mosaic GPU, then forced to its Triton kernels), one command each; then gpt-oss's plain attention on
+    # cuDNN against tokamax's flash kernels (issue 17's "cuDNN or tokamax's Mosaic-GPU attention: measure both")
     tokamax_wheels
     gpu_tests gpu_tests.log 200 tests/jax/test_moe_block.py -k "tokamax or gpu"
     B="--iters 10 --cases qwen3_30b_T16384,gpt_oss_20b_T16384"
     timeout 240 python3 benchmarks/moe_block.py $B --impls torch_triton_hopper,jax_pallas_fused,jax_tokamax \
       --out "$R/block.jsonl" > "$R/block.log" 2>&1
-    SPLITMOE_TOKAMAX_IMPL=triton timeout $((590 - SECONDS)) python3 benchmarks/moe_block.py $B --impls jax_tokamax \
+    SPLITMOE_TOKAMAX_IMPL=triton timeout 150 python3 benchmarks/moe_block.py $B --impls jax_tokamax \
       --out "$R/block_tokamax_triton.jsonl" > "$R/block_tokamax_triton.log" 2>&1
-    cat "$R"/block*.jsonl | cut -c1-400 ;;
+    timeout $((590 - SECONDS)) python3 benchmarks/attention_bench_jax.py --seq 16384 \
+      --impls plain_cudnn,plain_tokamax,plain_tokamax_triton --out "$R/attention_jax.jsonl" > "$R/attention.log" 2>&1
+    cat "$R"/block*.jsonl "$R/attention_jax.jsonl" | cut -c1-400 ;;
   session14q)  # (written 2026-12-06, session 13, for the next device time) issue 15's Qwen3 16K target (<= 0.75x
     # Unsloth; 0.80x compiled with the attention policy in session 12): the whole step replayed from a CUDA graph at
     # 16K (session 13: 0.58x at 4K), every layer checkpointed with the attention policy, and the first 20 only

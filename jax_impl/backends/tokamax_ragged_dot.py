@@ -49,7 +49,7 @@ def implementation(dtype) -> str | tuple[str, ...]:
     return "xla"
 
 
-def _absl_flags_parsed() -> None:
+def mark_absl_flags_parsed() -> None:
     """tokamax keeps its options as absl flags and, on first reading one, parses `sys.argv` as absl flags if nobody
     has: under pytest or `splitmoe train ...` that fails on the first option it does not know. Mark them parsed
     (tokamax's defaults), as an absl program's `app.run` would have."""
@@ -63,7 +63,7 @@ def _dot(lhs, rhs, group_sizes_E, dims):
     """One ragged dot on tokamax, operands in lhs's dtype, fp32 accumulation and output (as `ragged_dot._dot`)."""
     import tokamax
 
-    _absl_flags_parsed()
+    mark_absl_flags_parsed()
     return tokamax.ragged_dot_general(lhs, rhs.astype(lhs.dtype), group_sizes_E, dims,
                                       preferred_element_type=jnp.float32, implementation=implementation(lhs.dtype))
 
