@@ -156,15 +156,16 @@ def build_hf(hf: dict, device: str, attn: str, lora: LoraConfig, grad_ckpt: bool
     return pm, lambda ids: pm(input_ids=ids, labels=ids, use_cache=False).loss
 
 
-def make_adamw(params: list[torch.nn.Parameter], impl: str, in_backward: bool = False):
+def make_adamw(params: list[torch.nn.Parameter], impl: str, in_backward: bool = False, capturable: bool = False):
     """torch_impl: torch's fused AdamW on CUDA (one kernel over all LoRA tensors, what its Trainer uses), or with
     `in_backward` the same AdamW stepped per tensor inside backward (torch_impl.optim: no step ever holds all LoRA
-    gradients); the others: AdamW as their users construct it (torch's default, foreach)."""
+    gradients; `capturable`: in the form a CUDA graph holds, as the Trainer builds it with cuda_graph); the others:
+    AdamW as their users construct it (torch's default, foreach)."""
     fused = impl == "torch_impl" and params[0].is_cuda
     if in_backward and impl == "torch_impl":
         from torch_impl.optim import AdamWInBackward
 
-        return AdamWInBackward(params, lr=1e-4, fused=fused or None)
+        return AdamWInBackward(params, lr=1e-4, fused=fused or None, capturable=capturable)
     return torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
 
 
@@ -194,9 +195,10 @@ def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters:
             impl: str = "torch_impl", in_backward: bool = False, after_step=None, graph_pool: bool = False) -> dict:
     """Median step time and peak memory. `graph_ctx` (a context factory, see graph_context): forward + backward
     captured once in a CUDA graph (torch_impl.cuda_graph.GraphedLoss, its own warm-up included) and replayed per
-    step; AdamW runs eagerly after it in both modes. `after_step` (no arguments) runs at the end of every step (the
-    routing statistics' read-out, `with_routing_stats`). `first_step_s`: the first call's seconds (compilation,
-    autotuning and allocation included), what a user waits for before the first loss.
+    step; AdamW runs eagerly after it in both modes, except AdamW in backward (`in_backward`), whose per-tensor
+    updates the graph captures with the backward (torch_impl.cuda_graph.GraphedLoss). `after_step` (no arguments)
+    runs at the end of every step (the routing statistics' read-out, `with_routing_stats`). `first_step_s`: the first
+    call's seconds (compilation, autotuning and allocation included), what a user waits for before the first loss.
 
     `peak_gib` is the allocator's peak of allocated memory over the timed steps, except where the step replays CUDA
     graphs (`graph_ctx`, or `graph_pool`: torch.compile's cudagraph modes): a replay allocates nothing, its
@@ -205,7 +207,7 @@ def measure(model, loss_fn, S: int, vocab: int, device: str, warmup: int, iters:
     reserved memory with the unused cache released first (`peak_measure: "reserved"`): the graph pool plus the
     rest, what the process holds. `peak_reserved_gib` is on every CUDA row."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_adamw(params, impl, in_backward)
+    opt = make_adamw(params, impl, in_backward, capturable=graph_ctx is not None)
     graph_pool = graph_pool or graph_ctx is not None
     try:
         return _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph_ctx, after_step,
@@ -234,9 +236,11 @@ def _measure(model, params, opt, loss_fn, S, vocab, device, warmup, iters, graph
     capture_s = 0.0  # a graph's warm-up and capture come before its first step: the user waits for them too
     if graph_ctx is not None:
         from torch_impl.cuda_graph import GraphedLoss
+        from torch_impl.optim import AdamWInBackward
 
         t0 = time.perf_counter()
-        graphed = GraphedLoss(loss_fn, {"ids": ids}, params, context=graph_ctx)
+        in_backward = opt if isinstance(opt, AdamWInBackward) else None  # its updates go in the graph
+        graphed = GraphedLoss(loss_fn, {"ids": ids}, params, context=graph_ctx, optimizer_in_backward=in_backward)
         if cuda:
             torch.cuda.synchronize()
         capture_s = time.perf_counter() - t0
@@ -723,9 +727,6 @@ def main(argv: list[str] | None = None) -> int:
         emit({**base, "mode": "build", "seq": None, "step_ms": None, "peak_gib": None, "error": _error_text(e)})
         return 1
     ctx = graph_context(impl) if base["cuda_graph"] else None
-    if ctx is not None and base["optim_in_backward"]:
-        raise SystemExit("--optim-in-backward with --cuda-graph: the per-tensor updates would be captured into the "
-                         "graph with their learning rate frozen; time them separately")
     if ctx is not None and a.max_context:
         raise SystemExit("--max-context with --cuda-graph: a graph is captured per shape; time the lengths instead")
     one_step = argparse.Namespace(**{**vars(a), "warmup": 0, "iters": 1})

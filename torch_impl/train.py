@@ -100,9 +100,6 @@ class Trainer:
                 raise ValueError(f"cuda_graph=True cannot run under parallel ({cfg.parallel.describe()}): a graph "
                                  "cannot hold the expert all-to-all's host-side split sizes nor FSDP2's hooks; train "
                                  "without --cuda-graph")
-        if cuda_graph and cfg.optim.in_backward:
-            raise ValueError("cuda_graph=True with optim.in_backward=true: the per-tensor updates would be captured "
-                             "into the graph with the first step's learning rate; use one or the other")
         if cuda_graph and torch.device(device).type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device; this trainer is on {device!r}: pass "
                              "device='cuda' or leave cuda_graph off")
@@ -157,7 +154,9 @@ class Trainer:
         if o.in_backward:  # each tensor updated in the backward, its gradient freed there (torch_impl.optim)
             from torch_impl.optim import AdamWInBackward
 
-            self.optimizer = AdamWInBackward(self.params, **adamw)
+            # under a CUDA graph in the form a graph holds: the updates are captured with the backward, the learning
+            # rate read from a device tensor (torch_impl.optim)
+            self.optimizer = AdamWInBackward(self.params, **adamw, capturable=cuda_graph)
         else:
             self.optimizer = torch.optim.AdamW(self.params, **adamw)
         self.step = 0  # optimizer steps taken
@@ -300,8 +299,9 @@ class Trainer:
         from torch_impl.cuda_graph import graph_model
 
         if self._graphed is None:
+            in_backward = self.optimizer if self.cfg.optim.in_backward else None
             self._graphed = graph_model(self.model, b["input_ids"], b["labels"], b["position_ids"],
-                                        loss_scale=1.0 / accum)
+                                        loss_scale=1.0 / accum, optimizer_in_backward=in_backward)
         loss = float(self._graphed(b["input_ids"], b["labels"], b["position_ids"]))
         if accum > 1:
             # parameters the graph gives no gradient (unused by this model) stay without one

@@ -234,6 +234,29 @@ def test_trainer_cuda_graph_follows_the_eager_run_cuda(tmp_path, compiled):
                  name="losses of 3 steps")
 
 
+@pytest.mark.gpu
+def test_trainer_cuda_graph_with_adamw_in_backward_follows_the_eager_run_cuda(tmp_path):
+    """optim.in_backward under a CUDA graph (the capturable AdamWInBackward: the updates captured with the backward,
+    the learning rate from a device tensor, warm-up runs that update nothing): three steps of a warm-up + decay
+    schedule follow the eager in-backward trainer's losses and gradient norms (the learning rate reached the
+    graph: a frozen one would change the third step's loss), the warm-up did not train (the first loss is the
+    eager first loss), and no gradient outlives a step. fp32 (IEEE dots)."""
+    from shared_math.train_config import load_run_config
+    from torch_impl.train import Trainer
+
+    overrides = ["data.batch_size=4", "data.synthetic.num_train=64", "data.synthetic.num_eval=4", "lora.rank=4",
+                 "lora.alpha=8", "optim.warmup_steps=1", "optim.in_backward=true", "optim.max_grad_norm=0",
+                 "train.grad_accum=1", "model.moe_backend=triton"]
+    runs = {}
+    for graphed in (False, True):
+        cfg = load_run_config(None, [*overrides, f"train.out_dir={tmp_path / str(graphed)}"])
+        tr = Trainer(cfg, device="cuda", cuda_graph=graphed)
+        runs[graphed] = np.array([tr.train_step() for _ in range(3)])
+        assert all(p.grad is None for p in tr.params)
+    assert_close(runs[True][:, 0], runs[False][:, 0], dtype="float32", quantity="train_loss", name="losses")
+    assert_close(runs[True][:, 1], runs[False][:, 1], dtype="float32", quantity="train_loss", name="grad norms")
+
+
 def test_auto_layers_move_to_a_capturable_backend(tmp_path, monkeypatch):
     """On a GPU in fp32 "auto" is grouped_mm, which CAPTURABLE_BACKENDS does not list: graph_model moves layers left
     on "auto" to triton (so `--cuda-graph` with the default backend is not refused there), leaves a backend named

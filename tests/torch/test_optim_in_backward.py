@@ -1,6 +1,8 @@
 """`torch_impl.optim.AdamWInBackward` (AdamW stepped per tensor inside backward) gives exactly the update of
 `torch.optim.AdamW` over all LoRA tensors, frees every gradient as soon as it is used, reports the pre-update global
-gradient norm, works through (offloaded, reentrant) activation checkpointing, and shares AdamW's state layout."""
+gradient norm, works through (offloaded, reentrant) activation checkpointing, and shares AdamW's state layout; in
+its capturable form (what a CUDA graph holds: device learning rate, state created before the capture, warm-up runs
+that update nothing) the same, bit for bit, on the CPU's fused AdamW."""
 
 from __future__ import annotations
 
@@ -49,18 +51,38 @@ def test_equals_adamw_bit_for_bit(tiny, ckpt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("capturable", [False, True])
 @pytest.mark.parametrize("ckpt", [None, "offload"])
-def test_equals_fused_adamw_on_cuda_bf16(tiny, ckpt):
-    """What the Trainer and bench step run on the H200: bf16 weights, fp32 LoRA, torch's fused AdamW kernel."""
+def test_equals_fused_adamw_on_cuda_bf16(tiny, ckpt, capturable):
+    """What the Trainer and bench step run on the H200: bf16 weights, fp32 LoRA, torch's fused AdamW kernel; the
+    capturable form with its fp32 device learning rate (the CUDA kernel's math is fp32 either way)."""
     kw = dict(dtype=torch.bfloat16, device="cuda")
-    _check_equal(_model(tiny, 5, **kw), _model(tiny, 5, ckpt, **kw), fused=True, device="cuda")
+    _check_equal(_model(tiny, 5, **kw), _model(tiny, 5, ckpt, **kw), fused=True, device="cuda",
+                 capturable=capturable)
 
 
-def _check_equal(ref, ours, fused, device):
+@pytest.mark.parametrize("ckpt", [None, "recompute"])
+def test_capturable_form_equals_adamw_bit_for_bit(tiny, ckpt):
+    """As GraphedLoss drives it: the state created up front, then two warm-up backwards under `paused` (they free
+    the gradients and update nothing), then the steps, the learning rate through the shared device tensor."""
+    _check_equal(_model(tiny, 5), _model(tiny, 5, ckpt), fused=True, device="cpu", capturable=True)
+
+
+def _check_equal(ref, ours, fused, device, capturable=False):
     ref_params = [p for p in ref.parameters() if p.requires_grad]
     our_params = [p for p in ours.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(ref_params, lr=LRS[0], fused=fused, **HYPER)
-    inb = AdamWInBackward(our_params, lr=LRS[0], fused=fused, **HYPER)
+    inb = AdamWInBackward(our_params, lr=LRS[0], fused=fused, capturable=capturable, **HYPER)
+    if capturable:
+        before = [p.detach().clone() for p in our_params]
+        inb.init_state()
+        with inb.paused():
+            for ids in _batches(ours.config.vocab_size, 2, 99):
+                ids = ids.to(device)
+                ours(ids, labels=ids).loss.backward()
+        assert all(p.grad is None for p in our_params), "a warm-up gradient outlived its backward"
+        assert all(torch.equal(a, b) for a, b in zip(before, our_params)), "a paused backward updated a tensor"
+        assert float(inb.grad_norm()) == 0.0
     for lr, ids in zip(LRS, _batches(ref.config.vocab_size, len(LRS), 11)):
         ids = ids.to(device)
         for g in opt.param_groups:
@@ -116,6 +138,38 @@ def test_state_moves_to_and_from_adamw(tiny):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="holds 3 tensors"):
         inb2.load_state_dict({"state": {}, "param_groups": [{"params": [0, 1, 2]}]})
+
+
+def test_capturable_state_moves_to_and_from_adamw(tiny):
+    """The capturable form writes AdamW's layout (the learning rate a number) and, loading one, keeps its shared
+    device learning rate: a later set_lr still reaches every tensor."""
+    ids = [x % 1000 for x in _batches(1000, 3, 6)]
+    a, b = _model(tiny, 8), _model(tiny, 8)
+    pa = [p for p in a.parameters() if p.requires_grad]
+    pb = [p for p in b.parameters() if p.requires_grad]
+    inb = AdamWInBackward(pa, lr=1e-2, fused=True, capturable=True, **HYPER)
+    opt = torch.optim.AdamW(pb, lr=1e-2, fused=True, **HYPER)
+    x = ids[0] % a.config.vocab_size
+    a(x, labels=x).loss.backward()
+    b(x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    sd = inb.state_dict()
+    assert isinstance(sd["param_groups"][0]["lr"], float) and sd["param_groups"][0]["capturable"] is False
+    opt2 = torch.optim.AdamW(pa, lr=1e-2, fused=True, **HYPER)
+    opt2.load_state_dict(sd)
+    inb.remove()
+    inb2 = AdamWInBackward(pb, lr=1e-3, fused=True, capturable=True, **HYPER)
+    inb2.load_state_dict(opt.state_dict())
+    for g in opt2.param_groups:
+        g["lr"] = 5e-3
+    inb2.set_lr(5e-3)
+    x = ids[1] % a.config.vocab_size
+    a(x, labels=x).loss.backward()
+    opt2.step()
+    b(x, labels=x).loss.backward()
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
 
 
 def test_refuses_what_it_cannot_compute():
