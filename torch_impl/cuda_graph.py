@@ -59,13 +59,13 @@ class GraphedLoss:
                  params: list[torch.nn.Parameter], *, loss_scale: float = 1.0, warmup: int = 2,
                  context: Callable[[], AbstractContextManager] = nullcontext,
                  optimizer_in_backward: AdamWInBackward | None = None) -> None:
-        bad = {k: str(v.device) for k, v in inputs.items() if v.device.type != "cuda"}
-        if bad:
-            raise RuntimeError(f"CUDA graphs need CUDA tensors; these inputs are not on a CUDA device: {bad}")
         opt = optimizer_in_backward
         if opt is not None and not opt.capturable:
             raise ValueError("a CUDA graph holds the in-backward AdamW only in its capturable form: build it with "
                              "AdamWInBackward(..., capturable=True)")
+        bad = {k: str(v.device) for k, v in inputs.items() if v.device.type != "cuda"}
+        if bad:
+            raise RuntimeError(f"CUDA graphs need CUDA tensors; these inputs are not on a CUDA device: {bad}")
         self.params = list(params)
         self.static = {k: v.detach().clone() for k, v in inputs.items()}
         self._specs = {k: (v.shape, v.dtype) for k, v in self.static.items()}

@@ -114,6 +114,13 @@ def test_off_cuda_errors_are_clear(tmp_path):
     ids, labels, _ = _batch(0, model.config.vocab_size, False)
     with pytest.raises(RuntimeError, match="not on a CUDA device"):
         GraphedLoss(lambda ids: model(ids).logits.sum(), {"ids": ids}, list(model.parameters()))
+    from torch_impl.optim import AdamWInBackward
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    eager_only = AdamWInBackward(params, lr=1e-3)  # a float learning rate the graph would freeze: refused first
+    with pytest.raises(ValueError, match="capturable=True"):
+        GraphedLoss(lambda ids: model(ids).logits.sum(), {"ids": ids}, params, optimizer_in_backward=eager_only)
+    eager_only.remove()
     from shared_math.train_config import load_run_config
     from torch_impl.train import Trainer
 
