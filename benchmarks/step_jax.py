@@ -107,50 +107,71 @@ def _filled(shape: tuple[int, ...], dtype, value: float = 1.0):
     return jax.device_put(np.full(shape, value, np.dtype(dtype)))
 
 
+def build_model(cfg, lora, tensors: Mapping[str, Any], *, backend: str, attn: str | None, remat: str | None,
+                expert_chunk: int | None = None, checkpoint_layers: int | None = None, seed: int = 0):
+    """The step's bf16 jax_impl model of `cfg` from `tensors` (RandomTensors; `jax_memory_plan` passes zeros under
+    `nnx.eval_shape`, so nothing is allocated), with LoRA attached (A drawn, B zero), each decoder layer checkpointed
+    with the `remat` policy (None: no checkpointing; `checkpoint_layers`: the first N only) and the experts tiled in
+    `expert_chunk` tokens."""
+    import jax.numpy as jnp
+
+    from jax_impl.backends import resolve_backend
+    from jax_impl.load import _model_class
+    from jax_impl.lora import attach_lora
+
+    dtype = jnp.bfloat16
+    model = _model_class(cfg.family)(cfg, tensors, dtype=dtype, moe_backend=resolve_backend(backend, dtype=dtype),
+                                     attn_implementation=attn)
+    attach_lora(model, lora, seed=seed)
+    if remat is not None:
+        model.gradient_checkpointing_enable(policy=remat, layers=checkpoint_layers)
+    model.tile_experts(expert_chunk)
+    return model
+
+
+def train_step(graphdef, tx):
+    """The jitted training step `step(lora, opt_state, frozen, ids) -> (lora, opt_state, loss)`: forward with the loss
+    without logits, backward over the LoRA state, optax `tx`; the LoRA and optimizer buffers donated."""
+    import jax
+    import optax
+    from flax import nnx
+
+    def step(lora, opt_state, frozen, ids):
+        def loss_fn(lora):
+            model = nnx.merge(graphdef, lora, frozen, copy=True)
+            return model(ids, labels=ids, return_logits=False).loss
+
+        loss, grads = jax.value_and_grad(loss_fn)(lora)
+        updates, opt_state = tx.update(grads, opt_state, lora)
+        return optax.apply_updates(lora, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
 class JaxStep:
     """A jax_impl model with LoRA and its jitted training step; `run(ids)` returns the loss. `compile(S)` lowers and
     compiles the step for S tokens (timed into `first_step_s` by the caller)."""
 
-    def __init__(self, hf: dict, lora, *, backend: str, attn: str, remat: str | None, seed: int = 0,
+    def __init__(self, hf: dict, lora, *, backend: str, attn: str | None, remat: str | None, seed: int = 0,
                  expert_chunk: int | None = None, checkpoint_layers: int | None = None):
-        import jax
         import jax.numpy as jnp
         import optax
         from flax import nnx
 
         from jax_impl.backends import resolve_backend
-        from jax_impl.load import _model_class
-        from jax_impl.lora import attach_lora
         from shared_math.config import ModelConfig
 
         cfg = ModelConfig.from_hf(hf)
-        dtype = jnp.bfloat16
-        model = _model_class(cfg.family)(cfg, RandomTensors(cfg, dtype, seed), dtype=dtype,
-                                         moe_backend=resolve_backend(backend, dtype=dtype),
-                                         attn_implementation=attn)
-        attach_lora(model, lora, seed=seed)
-        if remat is not None:
-            model.gradient_checkpointing_enable(policy=remat, layers=checkpoint_layers)
-        model.tile_experts(expert_chunk)
+        model = build_model(cfg, lora, RandomTensors(cfg, jnp.bfloat16, seed), backend=backend, attn=attn,
+                            remat=remat, expert_chunk=expert_chunk, checkpoint_layers=checkpoint_layers, seed=seed)
         self.model = model
-        self.backend, self.attn = resolve_backend(backend, dtype=dtype), model.attn_implementation
+        self.backend, self.attn = resolve_backend(backend, dtype=jnp.bfloat16), model.attn_implementation
         self.graphdef, lora_state, self.frozen = nnx.split(model, nnx.LoRAParam, ...)
         self.tx = optax.adamw(1e-4)
         self.lora = self._random_lora(lora_state, seed, only_b=True)
         nnx.update(model, self.lora)  # the model holds these too, not attach_lora's zero B (GBs on a 30B model)
         self.opt_state = self.tx.init(self.lora)
-        graphdef, tx = self.graphdef, self.tx
-
-        def step(lora, opt_state, frozen, ids):
-            def loss_fn(lora):
-                model = nnx.merge(graphdef, lora, frozen, copy=True)
-                return model(ids, labels=ids, return_logits=False).loss
-
-            loss, grads = jax.value_and_grad(loss_fn)(lora)
-            updates, opt_state = tx.update(grads, opt_state, lora)
-            return optax.apply_updates(lora, updates), opt_state, loss
-
-        self._step = jax.jit(step, donate_argnums=(0, 1))
+        self._step = train_step(self.graphdef, self.tx)
         self._compiled: dict[int, Any] = {}
 
     @staticmethod
