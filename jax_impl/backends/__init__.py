@@ -49,7 +49,7 @@ def _unavailable_reason(name: str, dtype=None) -> str | None:
     if name == "tokamax":
         from jax_impl.backends.tokamax_ragged_dot import unavailable_reason
 
-        return unavailable_reason()
+        return unavailable_reason(dtype)
     return f"unknown MoE backend {name!r}; known: {', '.join(BACKENDS)} or 'auto'"
 
 

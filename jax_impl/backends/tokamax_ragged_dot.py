@@ -12,10 +12,17 @@ per-expert weight-shaped products of the LoRA gradients (its ragged-contracting 
   the fp32 tests stay exact);
 - CPU: "xla" (`lax.ragged_dot_general`; the tests check the wiring against the float64 oracle there);
 - `SPLITMOE_TOKAMAX_IMPL=mosaic|triton|xla` forces one (to time each on the GPU).
+
+On a GPU each kernel implementation is first traced once on a tiny problem (`_trace_error`, cached): only those that
+trace are asked for, and with none the backend is unavailable, saying why, before any work. Measured on an H100 with
+jax 0.11.2 (2026-12-06, session 14): tokamax 0.0.12's Mosaic kernel fails with "Mesh.__init__() got an unexpected
+keyword argument 'out_shape'" and its Triton kernel with "pl.dot was deprecated in JAX v0.11.0": neither runs on that
+stack, where a step would otherwise have died inside its trace.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -27,26 +34,60 @@ IMPL_ENV_VAR = "SPLITMOE_TOKAMAX_IMPL"
 _IMPLS = ("mosaic", "triton", "xla")
 
 
-def unavailable_reason() -> str | None:
-    """Why the backend cannot run in this process, or None."""
+def unavailable_reason(dtype=None) -> str | None:
+    """Why the backend cannot run in this process (in `dtype`, when given), or None."""
     try:
-        import tokamax  # noqa: F401
+        import tokamax
     except ImportError as e:
         return f"tokamax is not installed ({e}); pip install 'tokamax>=0.0.12' (the jax extra installs it)"
     forced = os.environ.get(IMPL_ENV_VAR, "").strip()
     if forced and forced not in _IMPLS:
         return f"${IMPL_ENV_VAR}={forced!r} is not one of {', '.join(_IMPLS)}"
+    dt = jnp.dtype(jnp.bfloat16 if dtype is None else dtype)
+    wanted = _wanted(dt)
+    errors = {impl: err for impl in wanted if (err := _trace_error(impl, dt.name))}
+    if len(errors) == len(wanted):
+        found = "; ".join(f"{impl}: {err}" for impl, err in errors.items())
+        return (f"tokamax {getattr(tokamax, '__version__', '?')}'s kernels do not trace with jax {jax.__version__} "
+                f"here ({found}); ${IMPL_ENV_VAR}=xla runs its XLA path (dense on a GPU, as backend ragged_dot)")
     return None
 
 
-def implementation(dtype) -> str | tuple[str, ...]:
-    """The tokamax implementation(s) a dot of operands in `dtype` asks for here (the module docstring's table)."""
+def _wanted(dtype) -> tuple[str, ...]:
     forced = os.environ.get(IMPL_ENV_VAR, "").strip()
     if forced:
-        return forced
+        return (forced,)
     if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
         return ("mosaic", "triton")
-    return "xla"
+    return ("xla",)
+
+
+def implementation(dtype) -> str | tuple[str, ...]:
+    """The tokamax implementation(s) a dot of operands in `dtype` asks for here (the module docstring's table), less
+    those that do not trace on this GPU."""
+    wanted = _wanted(dtype)
+    working = tuple(i for i in wanted if _trace_error(i, jnp.dtype(dtype).name) is None) or wanted
+    return working[0] if len(working) == 1 else working
+
+
+@functools.cache
+def _trace_error(impl: str, dtype_name: str) -> str | None:
+    """The error tracing tokamax's `impl` raises on a tiny grouped GEMM in `dtype_name` here (None: it traces).
+    XLA's path is jax's own ragged_dot: not probed."""
+    if impl == "xla":
+        return None
+    import tokamax
+
+    mark_absl_flags_parsed()
+    dt = jnp.dtype(dtype_name)
+    lhs, rhs = jax.ShapeDtypeStruct((128, 128), dt), jax.ShapeDtypeStruct((2, 128, 128), dt)
+    sizes = jax.ShapeDtypeStruct((2,), jnp.int32)
+    try:
+        jax.jit(lambda a, b, g: tokamax.ragged_dot(a, b, g, preferred_element_type=jnp.float32,
+                                                   implementation=impl)).lower(lhs, rhs, sizes)
+    except Exception as e:  # noqa: BLE001 - whatever the library raises while tracing is the reason it cannot run
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return None
 
 
 def mark_absl_flags_parsed() -> None:

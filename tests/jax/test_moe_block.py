@@ -246,6 +246,24 @@ def test_tokamax_backend_says_which_implementation_and_refuses_bad_input(monkeyp
         resolve_backend("tokamax")
 
 
+def test_tokamax_backend_asks_only_for_kernels_that_trace(monkeypatch):
+    """On a GPU the backend probes each of tokamax's kernels once and asks only for those that trace; with none (the
+    H100 with jax 0.11.2 and tokamax 0.0.12: both failed inside their trace) it is unavailable, naming each error and
+    the XLA path, instead of failing inside a step's trace. The GPU and the probe's answers are stood in for."""
+    from jax_impl.backends import tokamax_ragged_dot as tk
+
+    monkeypatch.delenv(tk.IMPL_ENV_VAR, raising=False)
+    monkeypatch.setattr(tk.jax, "default_backend", lambda: "gpu")
+    errors = {"mosaic": "TypeError: Mesh.__init__() got an unexpected keyword argument 'out_shape'", "triton": None}
+    monkeypatch.setattr(tk, "_trace_error", lambda impl, dtype_name: errors.get(impl))
+    assert tk.implementation(jnp.bfloat16) == "triton" and tk.unavailable_reason(jnp.bfloat16) is None
+    errors["triton"] = "AttributeError: pl.dot was deprecated in JAX v0.11.0"
+    reason = tk.unavailable_reason(jnp.bfloat16)
+    assert "mosaic: TypeError: Mesh" in reason and "triton: AttributeError: pl.dot" in reason
+    assert "SPLITMOE_TOKAMAX_IMPL=xla" in reason
+    assert tk.unavailable_reason(jnp.float32) is None  # fp32 asks for XLA's path, which is not probed
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["qwen3_30b_T1024", "gpt_oss_20b_T1024", "gpt_oss_20b_T4096"])
 def test_pallas_benchmark_shapes_agree_with_ragged_dot_bf16_gpu(name, seed):
