@@ -112,24 +112,33 @@ def test_gradients_are_freed_one_at_a_time(tiny):
     assert float(inb.grad_norm()) > 0 and float(inb.grad_norm()) == 0  # the second read sees a fresh accumulator
 
 
-def test_state_moves_to_and_from_adamw(tiny):
+@pytest.mark.parametrize("capturable", [False, True])
+def test_state_moves_to_and_from_adamw(tiny, capturable):
+    """AdamW's state into an in-backward optimizer and the reverse, then a step at a new learning rate each: the same
+    tensors. The capturable form writes AdamW's layout too (the learning rate a number) and, loading one, keeps its
+    shared device learning rate, so a later set_lr still reaches every tensor."""
     ids = _batches(1000, 3, 4)
     a, b = _model(tiny, 7), _model(tiny, 7)
     pa = [p for p in a.parameters() if p.requires_grad]
     pb = [p for p in b.parameters() if p.requires_grad]
-    inb = AdamWInBackward(pa, lr=1e-2, **HYPER)
-    opt = torch.optim.AdamW(pb, lr=1e-2, **HYPER)
+    kw = dict(HYPER, fused=True if capturable else None)  # the capturable form runs on the CPU's fused AdamW
+    inb = AdamWInBackward(pa, lr=1e-2, capturable=capturable, **kw)
+    opt = torch.optim.AdamW(pb, lr=1e-2, **kw)
     for x in ids[:2]:
         a(x % a.config.vocab_size, labels=x % a.config.vocab_size).loss.backward()
         b(x % b.config.vocab_size, labels=x % b.config.vocab_size).loss.backward()
         opt.step()
         opt.zero_grad()
-    # swap: AdamW's state into an in-backward optimizer and the reverse, then one more step each
-    inb2 = AdamWInBackward(pb, lr=1e-2, **HYPER)
+    sd = inb.state_dict()
+    assert isinstance(sd["param_groups"][0]["lr"], float) and not sd["param_groups"][0]["capturable"]
+    inb2 = AdamWInBackward(pb, lr=1e-3, capturable=capturable, **kw)
     inb2.load_state_dict(opt.state_dict())
-    opt2 = torch.optim.AdamW(pa, lr=1e-2, **HYPER)
-    opt2.load_state_dict(inb.state_dict())
+    opt2 = torch.optim.AdamW(pa, lr=1e-2, **kw)
+    opt2.load_state_dict(sd)
     inb.remove()
+    for g in opt2.param_groups:
+        g["lr"] = 5e-3
+    inb2.set_lr(5e-3)
     x = ids[2] % a.config.vocab_size
     a(x, labels=x).loss.backward()
     opt2.step()
@@ -138,38 +147,6 @@ def test_state_moves_to_and_from_adamw(tiny):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="holds 3 tensors"):
         inb2.load_state_dict({"state": {}, "param_groups": [{"params": [0, 1, 2]}]})
-
-
-def test_capturable_state_moves_to_and_from_adamw(tiny):
-    """The capturable form writes AdamW's layout (the learning rate a number) and, loading one, keeps its shared
-    device learning rate: a later set_lr still reaches every tensor."""
-    ids = [x % 1000 for x in _batches(1000, 3, 6)]
-    a, b = _model(tiny, 8), _model(tiny, 8)
-    pa = [p for p in a.parameters() if p.requires_grad]
-    pb = [p for p in b.parameters() if p.requires_grad]
-    inb = AdamWInBackward(pa, lr=1e-2, fused=True, capturable=True, **HYPER)
-    opt = torch.optim.AdamW(pb, lr=1e-2, fused=True, **HYPER)
-    x = ids[0] % a.config.vocab_size
-    a(x, labels=x).loss.backward()
-    b(x, labels=x).loss.backward()
-    opt.step()
-    opt.zero_grad()
-    sd = inb.state_dict()
-    assert isinstance(sd["param_groups"][0]["lr"], float) and sd["param_groups"][0]["capturable"] is False
-    opt2 = torch.optim.AdamW(pa, lr=1e-2, fused=True, **HYPER)
-    opt2.load_state_dict(sd)
-    inb.remove()
-    inb2 = AdamWInBackward(pb, lr=1e-3, fused=True, capturable=True, **HYPER)
-    inb2.load_state_dict(opt.state_dict())
-    for g in opt2.param_groups:
-        g["lr"] = 5e-3
-    inb2.set_lr(5e-3)
-    x = ids[1] % a.config.vocab_size
-    a(x, labels=x).loss.backward()
-    opt2.step()
-    b(x, labels=x).loss.backward()
-    for p, q in zip(pa, pb):
-        assert torch.equal(p, q)
 
 
 def test_refuses_what_it_cannot_compute():
