@@ -39,7 +39,7 @@ def unavailable_reason(dtype=None) -> str | None:
     try:
         import tokamax
     except ImportError as e:
-        return f"tokamax is not installed ({e}); pip install 'tokamax>=0.0.12' (the jax extra installs it)"
+        return f"tokamax is not installed ({e}); pip install 'splitmoe[tokamax]' (or 'tokamax>=0.0.12')"
     forced = os.environ.get(IMPL_ENV_VAR, "").strip()
     if forced and forced not in _IMPLS:
         return f"${IMPL_ENV_VAR}={forced!r} is not one of {', '.join(_IMPLS)}"

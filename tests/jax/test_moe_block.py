@@ -242,7 +242,7 @@ def test_tokamax_backend_says_which_implementation_and_refuses_bad_input(monkeyp
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tokamax)
-    with pytest.raises(RuntimeError, match="pip install 'tokamax"):
+    with pytest.raises(RuntimeError, match="pip install 'splitmoe\\[tokamax\\]'"):
         resolve_backend("tokamax")
 
 
