@@ -81,16 +81,18 @@ compiled_rows() {  # $1 step.py arguments, $2 output file, $3 timeout: torch_imp
   timeout "$3" python3 benchmarks/step.py $1 --impls torch_impl --compile --checkpoint-policy attention --out "$2" \
     > "$R/step_ka.log" 2>&1
 }
-wheels() {  # Unsloth's and Liger's wheels (carried in .whl) into /tmp/site, on the path of every python3 below
-  [ -d .whl ] || return 0
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$R/wheels.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+install_wheels() {  # $1 a folder of carried wheels, $2 the folder they go to (then on the path of every python3
+  # below), $3 the log's name
+  [ -d "$1" ] || return 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" "$1"/*.whl \
+    > "$R/$3" 2>&1 && export PYTHONPATH=$PYTHONPATH:$2
 }
-tokamax_wheels() {  # tokamax and what it needs (.whl/tokamax: benchmarks/tokamax-wheels.sh) into /tmp/site_tk, on
-  # the path of every python3 below; a folder apart from Unsloth's (/tmp/site): the two pin different typeguards
-  [ -d .whl/tokamax ] || return 0
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_tk \
-    .whl/tokamax/*.whl > "$R/tokamax_wheels.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site_tk
+wheels() {  # Unsloth's and Liger's wheels (carried in .whl) into /tmp/site
+  install_wheels .whl /tmp/site wheels.log
+}
+tokamax_wheels() {  # tokamax and what it needs (.whl/tokamax: benchmarks/tokamax-wheels.sh) into a folder apart
+  # from Unsloth's: the two pin different typeguards
+  install_wheels .whl/tokamax /tmp/site_tk tokamax_wheels.log
 }
 merge_tuned() {  # a sweep's tuned_configs.json ($1) into this copy's shipped table, which goes to $OUT to be committed
   python3 - "$1" <<'PY'

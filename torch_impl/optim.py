@@ -97,15 +97,15 @@ class AdamWInBackward:
         """Create AdamW's state (step 0, zero moments) for every tensor that has none, as its first step would, so
         that a CUDA-graph capture finds it allocated: created inside the capture it would be zeroed at every replay.
         Equal to the lazy initialisation: the first update afterwards is the first step's, bit for bit."""
+        # where and in which dtype torch's AdamW keeps its step count (`_init_group`): on the parameter's device when
+        # fused or capturable, else on the CPU; float32 when fused, else the default float dtype's width
+        fused = bool(self.defaults["fused"])
+        on_device = self.capturable or fused
+        step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not fused else torch.float32
         for p, opt in zip(self.params, self._opts):
             if opt.state[p]:
                 continue
-            # where and in which dtype torch's AdamW keeps its step count (`_init_group`): on the parameter's device
-            # when fused or capturable, else on the CPU; float32 when fused, else the default float dtype's width
-            fused = bool(self.defaults["fused"])
-            step_device = p.device if self.capturable or fused else "cpu"
-            step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not fused else torch.float32
-            opt.state[p] = {"step": torch.zeros((), dtype=step_dtype, device=step_device),
+            opt.state[p] = {"step": torch.zeros((), dtype=step_dtype, device=p.device if on_device else "cpu"),
                             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 

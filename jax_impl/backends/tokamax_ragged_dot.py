@@ -43,10 +43,8 @@ def unavailable_reason(dtype=None) -> str | None:
     forced = os.environ.get(IMPL_ENV_VAR, "").strip()
     if forced and forced not in _IMPLS:
         return f"${IMPL_ENV_VAR}={forced!r} is not one of {', '.join(_IMPLS)}"
-    dt = jnp.dtype(jnp.bfloat16 if dtype is None else dtype)
-    wanted = _wanted(dt)
-    errors = {impl: err for impl in wanted if (err := _trace_error(impl, dt.name))}
-    if len(errors) == len(wanted):
+    errors = _trace_errors(jnp.bfloat16 if dtype is None else dtype)
+    if all(errors.values()):
         found = "; ".join(f"{impl}: {err}" for impl, err in errors.items())
         return (f"tokamax {getattr(tokamax, '__version__', '?')}'s kernels do not trace with jax {jax.__version__} "
                 f"here ({found}); ${IMPL_ENV_VAR}=xla runs its XLA path (dense on a GPU, as backend ragged_dot)")
@@ -62,11 +60,16 @@ def _wanted(dtype) -> tuple[str, ...]:
     return ("xla",)
 
 
+def _trace_errors(dtype) -> dict[str, str | None]:
+    """{implementation wanted for `dtype` here: the error its trace raised, or None}."""
+    return {impl: _trace_error(impl, jnp.dtype(dtype).name) for impl in _wanted(dtype)}
+
+
 def implementation(dtype) -> str | tuple[str, ...]:
     """The tokamax implementation(s) a dot of operands in `dtype` asks for here (the module docstring's table), less
     those that do not trace on this GPU."""
-    wanted = _wanted(dtype)
-    working = tuple(i for i in wanted if _trace_error(i, jnp.dtype(dtype).name) is None) or wanted
+    errors = _trace_errors(dtype)
+    working = tuple(i for i, err in errors.items() if err is None) or tuple(errors)
     return working[0] if len(working) == 1 else working
 
 
