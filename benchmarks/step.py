@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import versions, write_jsonl  # noqa: E402
+from benchmarks.kernel_categories import format_summary, summarise  # noqa: E402
 from shared_math.config import EXPERT_TARGETS, LoraConfig, ModelConfig  # noqa: E402
 from shared_math.presets import PRESETS, preset_hf_config, preset_names  # noqa: E402
 from shared_math.progress import progress_bar, write_line  # noqa: E402
@@ -330,12 +331,15 @@ def _profile(opt, loss_fn, S: int, vocab: int, device: str, path: Path) -> None:
     # kernels only, as the table's "Self CUDA time total": operator rows carry their kernels' time too, and the GPU
     # ranges of user annotations (inductor's "## Call CompiledFxGraph", "Optimizer.step") span kernels already
     # counted (with them, session 12's 4K profile read 473 ms busy for 202 ms of kernels)
-    busy = sum(e.self_device_time_total for e in ka if e.device_type != DeviceType.CPU
-               and not getattr(e, "is_user_annotation", False)) / 1e3 if cuda else float("nan")
+    kernels = [(e.key, e.self_device_time_total / 1e3, e.count) for e in ka if e.device_type != DeviceType.CPU
+               and not getattr(e, "is_user_annotation", False) and e.self_device_time_total > 0]
+    summary = summarise(kernels) if cuda else None
+    busy = summary["total_ms"] if cuda else float("nan")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.write(f"S={S}: wall {wall:.1f} ms under the profiler; device busy {busy:.1f} ms (sum of kernel times)\n\n")
         if cuda:
+            f.write(format_summary(summary) + "\n")
             f.write(ka.table(sort_by="self_device_time_total", row_limit=30) + "\n\n")
         f.write(ka.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
         if cuda:  # which tensors the glue kernels move: the operators again, split by their input shapes
@@ -343,6 +347,10 @@ def _profile(opt, loss_fn, S: int, vocab: int, device: str, path: Path) -> None:
             f.write(prof.key_averages(group_by_input_shape=True).table(
                 sort_by="self_device_time_total", row_limit=60, max_name_column_width=40,
                 max_shapes_column_width=90) + "\n")
+    if cuda:  # every kernel (the tables stop at 30 rows) and the category totals, for plots and later diffs
+        with open(path.with_suffix(".kernels.json"), "w") as f:
+            json.dump(dict(S=S, wall_ms=wall, **summary,
+                           kernels=sorted(([n, ms, c] for n, ms, c in kernels), key=lambda r: -r[1])), f)
     print(f"profile of S={S}: wall {wall:.1f} ms, device busy {busy:.1f} ms -> {path}", flush=True)
 
 
