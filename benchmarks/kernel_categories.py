@@ -20,7 +20,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("attention", r"sdpa|flash|fmha|attention|compute_dot_do_o|cudnn_generated"),
     ("experts", r"_hopper_gemm_kernel|_grouped_gemm|_z_kernel|_schedule_kernel|split_lora"),
     ("loss", r"cross_entropy"),
-    ("optimizer", r"adam|multi_tensor_apply"),
+    ("optimizer", r"adam|multi_tensor"),
     ("dense_gemm", r"nvjet|gemm|cutlass|xmma|cublas|s1688|sm90_"),
     ("routing", r"topk|sort|radix|scan|histc|bincount|cumsum"),
     ("norm_rope", r"rms_norm|rope|rotary|swiglu|liger"),

@@ -165,7 +165,8 @@ def test_checkpoint_policy_errors_say_what_to_use(tmp_path, seed):
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_keep_attention_in_compiled_layers(family, tmp_path, seed, monkeypatch):
     """Compiled decoder layers (`compile_decoder_layers`, as `--compile` and `Trainer(compile=True)` run them) under
-    the "attention" policy: the attention runs eagerly between each layer's two graphs, its forward keeps the SDPA
+    the "attention" policy: SDPA's attention (Qwen3; gpt-oss's padded sink path, which the CPU's sliding layers take
+    here) runs eagerly between each layer's two graphs, its forward keeps the SDPA
     kernels' outputs and the compiled recompute takes them back (every kernel call of the forward) instead of running
     the kernels. The loss equals the eager plain policy's bit for bit and every LoRA gradient to fp32 rounding:
     the compiled plain policy's are bitwise equal too, but the graph break moves where the backward sums the
@@ -189,6 +190,37 @@ def test_keep_attention_in_compiled_layers(family, tmp_path, seed, monkeypatch):
         assert grads.keys() == grads_ck.keys() and grads
         for name in grads:
             torch.testing.assert_close(grads_ck[name], grads[name], msg=f"{name} differs")  # fp32 defaults
+    torch._dynamo.reset()
+
+
+def test_sink_attention_kept_inside_one_compiled_graph(tmp_path, seed, monkeypatch):
+    """gpt-oss on the log-sum-exp sink path everywhere (a window longer than the rows: the CPU's sliding layers
+    take it too) under the "attention" policy, compiled: the sink's kernels are a custom op that keeps and hands back
+    their outputs when it runs (`lse_attention._kernel_forward`), so no layer breaks its graph (each was two graphs
+    with the sink's rescale eager between them), the recompute runs none of the forward's kernel calls, and the
+    loss and gradients are the eager plain policy's (loss bitwise; gradients to fp32 rounding, as above)."""
+    from torch._dynamo.utils import counters
+
+    from torch_impl.compile import compile_decoder_layers
+
+    model = _trainable_model("gpt_oss", tmp_path, seed, dict(num_hidden_layers=2, sliding_window=64),
+                             moe_backend="grouped_mm")
+    ids = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(seed))
+    model.gradient_checkpointing_enable()
+    loss, grads = _loss_and_grads(model, ids)
+
+    handed_back = _count_hand_backs(monkeypatch)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoder_layers(model, backend="aot_eager")
+    model.gradient_checkpointing_enable(policy="attention")
+    loss_ck, grads_ck = _loss_and_grads(model, ids)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert sum(handed_back) == _attention_kernels(model, ids) == 2  # one kernel call per layer, each handed back
+    assert torch.equal(loss, loss_ck)
+    assert grads.keys() == grads_ck.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads_ck[name], grads[name], msg=f"{name} differs")  # fp32 defaults
     torch._dynamo.reset()
 
 

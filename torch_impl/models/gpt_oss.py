@@ -124,7 +124,6 @@ def _causal_with_sink_compiled(q_x: torch.Tensor, k_x: torch.Tensor, v_x: torch.
     return F.scaled_dot_product_attention(q_sq, k_x, v_x, is_causal=True, scale=scale)[..., 1:, :]
 
 
-@keeps_attention
 def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                    mask: torch.Tensor | None, scale: float, window: int | None = None) -> torch.Tensor:
     """softmax([q·kᵀ·scale | sink_n]) without the sink column, times v: q [B, N, S, D], k, v [B, Nkv, S, D] (each kv
@@ -150,11 +149,14 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     - packed documents or padding: a bool mask [B, 1, S, S+1] (O(S²) bits, never probabilities), window applied
       inside it (so a padded batch's sliding layers do not take the O(S·W) blocks).
     """
+    # under the "attention" checkpoint policy the log-sum-exp path keeps its kernels' outputs itself
+    # (`lse_attention._kernel_forward`: no graph break in a compiled layer); the padded path through `keeps_attention`
     if mask is None and sink_attention_lse_supported(q, window):
         return sink_attention_lse(q, k, v, sinks, scale, window)
     return _sink_attention_padded(q, k, v, sinks, mask, scale, window)
 
 
+@keeps_attention
 def _sink_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
                            mask: torch.Tensor | None, scale: float, window: int | None) -> torch.Tensor:
     """`sink_attention` with the sink as an extra key of head width D + 8 (`_with_sink`): its docstring's list."""

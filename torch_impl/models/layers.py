@@ -209,6 +209,14 @@ def _attention_mode(mode: TorchDispatchMode) -> Iterator[None]:
         _ATTENTION.mode, _KEEPING = previous, previous_keeping
 
 
+def attention_policy_mode() -> TorchDispatchMode | None:
+    """The "attention" policy's dispatch mode for this thread's current span (`_KeepAttention` in a checkpointed
+    layer's forward, `_ReuseAttention` in its recompute), None outside one. For attention code that enters it around
+    its kernel calls itself (`lse_attention`, whose kernels are a custom op inside compiled layers) instead of through
+    `keeps_attention`."""
+    return getattr(_ATTENTION, "mode", None)
+
+
 def keeps_attention(fn):
     """Decorates an attention function (`sdpa_attention`, gpt-oss's `sink_attention`): inside a checkpointed layer
     under the "attention" policy its ops run under that policy's dispatch mode, which keeps (forward) or hands back

@@ -30,8 +30,11 @@ CUDA in bf16 (passed on an H100 on 2026-12-06: cuDNN, the FA2 window and GQA, q,
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
+
+from torch_impl.models.layers import attention_policy_mode
 
 _ATEN = torch.ops.aten
 # read once, at import: a compiled layer then sees a constant, not an environment lookup
@@ -89,6 +92,58 @@ def _forward(q, k, v, scale: float, window: int | None):
     return o.transpose(1, 2), lse, (rng, unused)
 
 
+def _pack(kind: str, o: torch.Tensor, lse: torch.Tensor, tensors: tuple) -> list[torch.Tensor]:
+    """`_forward`'s result as the custom op's flat list of distinct tensors (cuDNN's lse view and its None
+    sequence-length tensors are rebuilt by `_unpack`)."""
+    if kind == "cudnn":
+        lse_raw, _, _, seed, offset = tensors
+        return [o, lse_raw, seed, offset]
+    return [o, lse, *tensors]
+
+
+def _unpack(kind: str, outs: list[torch.Tensor]):
+    """`_pack`'s inverse: (o, lse [B, N, S], the tensors `_backward` reads)."""
+    if kind == "cudnn":
+        o, lse_raw, seed, offset = outs
+        return o, lse_raw.view(lse_raw.shape[:3]), (lse_raw, None, None, seed, offset)
+    o, lse, *tensors = outs
+    return o, lse, tuple(tensors)
+
+
+@torch.library.custom_op("splitmoe::sink_attention_kernel", mutates_args=())
+def _kernel_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+               ) -> list[torch.Tensor]:
+    """`_forward` as one opaque op inside compiled layers (`_kernel_forward`), entering the "attention" checkpoint
+    policy's mode when it runs, not when it is traced: one graph serves the forward (which keeps the kernel's
+    outputs) and the recompute (which takes them back), as the experts' `output_unread` does."""
+    mode = attention_policy_mode()
+    with mode if mode is not None else nullcontext():
+        o, lse, tensors = _forward(q, k, v, scale, window)
+    return _pack(_kernel(q, window), o, lse, tensors)
+
+
+@_kernel_op.register_fake
+def _kernel_op_fake(q, k, v, scale, window):
+    # the aten kernels' own meta functions give every shape and dtype; no policy mode here (it would keep fakes)
+    o, lse, tensors = _forward(q, k, v, scale, window)
+    return _pack(_kernel(q, window), o, lse, tensors)
+
+
+def _kernel_forward(q, k, v, scale: float, window: int | None):
+    """`_forward` under the "attention" checkpoint policy (`layers.keep_attention_contexts`): inside a checkpointed
+    layer's forward the kernel's outputs are kept, in its recompute they are handed back instead of running it.
+
+    The policy's dispatch mode is entered around the kernel call alone. In a compiled layer the call is a custom op
+    (`_kernel_op`), so the layer stays one graph under the policy: the sink's rescale around the kernel (sigmoid,
+    products, casts; and their backward) is fused by inductor instead of running eagerly in a graph break, which is
+    where the policy's break put the whole of `sink_attention` before."""
+    if torch.compiler.is_compiling():
+        return _unpack(_kernel(q, window), _kernel_op(q, k, v, scale, window))
+    mode = attention_policy_mode()
+    with mode if mode is not None else nullcontext():
+        return _forward(q, k, v, scale, window)
+
+
 def _backward(grad_o, q, k, v, o, lse, scale: float, window: int | None, tensors):
     """dq, dk, dv of `_forward`'s attention for output gradient `grad_o` and output argument `o` (the kernels read
     `o` only for D_i = grad_o_i·o_i, which is what the sink substitutes); `tensors` is what `_forward` returned
@@ -115,7 +170,7 @@ class _SinkAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, scale: float, window: int | None):
-        o, lse, tensors = _forward(q, k, v, scale, window)
+        o, lse, tensors = _kernel_forward(q, k, v, scale, window)
         w = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # [B, N, S] fp32
         out = (o.float() * w.unsqueeze(-1)).to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, w, *tensors)
