@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session15fix|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -511,6 +511,14 @@ case $PART in
       --out "$R/step.jsonl" > "$R/step_prof_keep.log" 2>&1
     tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300
     grep -h -A16 "device time by kind" "$R"/*.txt ;;
+  session15fix)  # (written 2026-12-06, session 15) after session15o: the sink kernel's custom op under the "attention"
+    # policy gave wrong LoRA gradients in inductor layers on the H100 (inductor reused the memory of the outputs the
+    # policy had kept; CPU inductor reproduced it). The op now hands its graph copies. The inductor-layer gpu tests,
+    # then the compiled gpt-oss 16K step with the policy (its time with the copies; no Unsloth row fits this call)
+    gpu_tests gpu_tests.log 120 tests/torch/test_checkpointing.py -k "inductor"
+    timeout $((300 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 3 \
+      --impls torch_impl --compile --checkpoint-policy attention --out "$R/step.jsonl" > "$R/step_keep.log" 2>&1
+    tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session15q)  # (written 2026-12-06, session 15) issue 15's Qwen3 16K target (<= 0.75x Unsloth; 0.79x in session 14):
     # session 15's profile of that step puts 6 % of it in the fp32 attention LoRA around cuBLAS (x cast to fp32, z@B
     # written in fp32 [S, 4096] and added in another kernel), which inductor's Triton GEMM templates can fuse

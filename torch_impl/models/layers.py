@@ -217,6 +217,12 @@ def attention_policy_mode() -> TorchDispatchMode | None:
     return getattr(_ATTENTION, "mode", None)
 
 
+def keeps_outputs(mode: TorchDispatchMode | None) -> bool:
+    """Whether `mode` (an `attention_policy_mode()`) keeps the attention kernels' outputs: a checkpointed layer's
+    forward under the "attention" policy, not its recompute."""
+    return isinstance(mode, _KeepAttention)
+
+
 def keeps_attention(fn):
     """Decorates an attention function (`sdpa_attention`, gpt-oss's `sink_attention`): inside a checkpointed layer
     under the "attention" policy its ops run under that policy's dispatch mode, which keeps (forward) or hands back

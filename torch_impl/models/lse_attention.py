@@ -34,7 +34,7 @@ from contextlib import nullcontext
 
 import torch
 
-from torch_impl.models.layers import attention_policy_mode
+from torch_impl.models.layers import attention_policy_mode, keeps_outputs
 
 _ATEN = torch.ops.aten
 # read once, at import: a compiled layer then sees a constant, not an environment lookup
@@ -119,7 +119,13 @@ def _kernel_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     mode = attention_policy_mode()
     with mode if mode is not None else nullcontext():
         o, lse, tensors = _forward(q, k, v, scale, window)
-    return _pack(_kernel(q, window), o, lse, tensors)
+    outs = _pack(_kernel(q, window), o, lse, tensors)
+    if keeps_outputs(mode):
+        # the policy keeps these tensors for the recompute, but inductor owns a custom op's outputs: once the graph
+        # has read them it may hand their memory to a later buffer of the same size, overwriting what was kept
+        # (wrong gradients, found on an H100 and reproduced by CPU inductor). The graph gets copies.
+        outs = [t.clone() for t in outs]
+    return outs
 
 
 @_kernel_op.register_fake
