@@ -515,8 +515,8 @@ case $PART in
     # policy gave wrong LoRA gradients in inductor layers on the H100 (inductor reused the memory of the outputs the
     # policy had kept; CPU inductor reproduced it). The op now hands its graph copies. The inductor-layer gpu tests,
     # then the compiled gpt-oss 16K step with the policy (its time with the copies; no Unsloth row fits this call)
-    gpu_tests gpu_tests.log 120 tests/torch/test_checkpointing.py -k "inductor"
-    timeout $((300 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 3 \
+    gpu_tests gpu_tests.log 100 tests/torch/test_checkpointing.py -k "inductor"
+    timeout $((195 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 3 \
       --impls torch_impl --compile --checkpoint-policy attention --out "$R/step.jsonl" > "$R/step_keep.log" 2>&1
     tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session15q)  # (written 2026-12-06, session 15) issue 15's Qwen3 16K target (<= 0.75x Unsloth; 0.79x in session 14):
