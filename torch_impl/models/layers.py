@@ -224,9 +224,10 @@ def keeps_outputs(mode: TorchDispatchMode | None) -> bool:
 
 
 def keeps_attention(fn):
-    """Decorates an attention function (`sdpa_attention`, gpt-oss's `sink_attention`): inside a checkpointed layer
-    under the "attention" policy its ops run under that policy's dispatch mode, which keeps (forward) or hands back
-    (recompute) the SDPA kernels' outputs; elsewhere it is `fn` itself. Only these few ops pass through Python's
+    """Decorates an attention function (`sdpa_attention`, gpt-oss's `_sink_attention_padded`; its log-sum-exp path
+    enters the mode itself, `attention_policy_mode`): inside a checkpointed layer under the "attention" policy its
+    ops run under that policy's dispatch mode, which keeps (forward) or hands back (recompute) the SDPA kernels'
+    outputs; elsewhere it is `fn` itself. Only these few ops pass through Python's
     dispatch: a mode around the whole layer costs every aten op of it host time (about 19 µs an op on the 2-core CI
     machine), which the host-bound short-sequence steps would feel.
 

@@ -116,9 +116,7 @@ def _kernel_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     """`_forward` as one opaque op inside compiled layers (`_kernel_forward`), entering the "attention" checkpoint
     policy's mode when it runs, not when it is traced: one graph serves the forward (which keeps the kernel's
     outputs) and the recompute (which takes them back), as the experts' `output_unread` does."""
-    mode = attention_policy_mode()
-    with mode if mode is not None else nullcontext():
-        o, lse, tensors = _forward(q, k, v, scale, window)
+    (o, lse, tensors), mode = _forward_under_policy(q, k, v, scale, window)
     outs = _pack(_kernel(q, window), o, lse, tensors)
     if keeps_outputs(mode):
         # the policy keeps these tensors for the recompute, but inductor owns a custom op's outputs: once the graph
@@ -145,9 +143,14 @@ def _kernel_forward(q, k, v, scale: float, window: int | None):
     where the policy's break put the whole of `sink_attention` before."""
     if torch.compiler.is_compiling():
         return _unpack(_kernel(q, window), _kernel_op(q, k, v, scale, window))
+    return _forward_under_policy(q, k, v, scale, window)[0]
+
+
+def _forward_under_policy(q, k, v, scale: float, window: int | None):
+    """(`_forward`'s result, the policy mode it ran under or None): the mode entered around the kernel call alone."""
     mode = attention_policy_mode()
     with mode if mode is not None else nullcontext():
-        return _forward(q, k, v, scale, window)
+        return _forward(q, k, v, scale, window), mode
 
 
 def _backward(grad_o, q, k, v, o, lse, scale: float, window: int | None, tensors):
