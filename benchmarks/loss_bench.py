@@ -17,6 +17,7 @@ implementation that is not installed or fails gets a row with its error.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import peak_extra_bytes, time_cuda, versions, write_jsonl  # noqa: E402
-from torch_impl.loss import fused_linear_cross_entropy, shift_labels  # noqa: E402
+from torch_impl.loss import default_chunk_rows, fused_linear_cross_entropy, shift_labels  # noqa: E402
 
 
 def _materialised(h, w_VH, labels):
@@ -35,12 +36,16 @@ def _materialised(h, w_VH, labels):
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shift_labels(labels).reshape(-1))
 
 
-def _splitmoe(h, w_VH, labels):
-    return fused_linear_cross_entropy(h, w_VH, labels, weight_is_HV=False)
+def _splitmoe(h, w_VH, labels, chunk_rows=None):
+    return fused_linear_cross_entropy(h, w_VH, labels, weight_is_HV=False, chunk_rows=chunk_rows)
 
 
-def _splitmoe_triton(h, w_VH, labels):
-    return fused_linear_cross_entropy(h, w_VH, labels, weight_is_HV=False, impl="triton")
+def _splitmoe_triton(h, w_VH, labels, chunk_rows=None):
+    return fused_linear_cross_entropy(h, w_VH, labels, weight_is_HV=False, impl="triton", chunk_rows=chunk_rows)
+
+
+# the implementations whose chunk size --chunk-rows sets (the others have their own)
+CHUNKED = ("splitmoe", "splitmoe_triton")
 
 
 def _liger():
@@ -85,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--impls", default="materialised,splitmoe,splitmoe_triton,liger,cce")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--chunk-rows", default="0",
+                   help="comma-separated rows per chunk for the splitmoe implementations, a row each (0: the "
+                        "default, torch_impl.loss.default_chunk_rows): whether a larger chunk's GEMMs run faster")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    chunks = [int(c) for c in a.chunk_rows.split(",")]
     env = versions()
     makers = {"materialised": lambda: _materialised, "splitmoe": lambda: _splitmoe,
               "splitmoe_triton": lambda: _splitmoe_triton, "liger": _liger, "cce": _cce}
@@ -97,10 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.randint(0, a.vocab, (1, S), device="cuda", generator=g)
         labels[:, :16] = -100
         ref, ref_dh, reference = _reference(h, w, labels)
-        for name in a.impls.split(","):
+        runs = [(name, c) for name in a.impls.split(",") for c in (chunks if name in CHUNKED else [0])]
+        for name, chunk in runs:
             row = dict(impl=name, seq=S, hidden=a.hidden, vocab=a.vocab, reference=reference, **env)
+            if name in CHUNKED:
+                row["chunk_rows"] = chunk or default_chunk_rows(a.vocab, "triton" if name == "splitmoe_triton"
+                                                                 else "chunked")
             try:
                 fn = makers[name]()
+                if chunk:
+                    fn = functools.partial(fn, chunk_rows=chunk)
                 hh = h.clone().requires_grad_()
 
                 def step(fn=fn, hh=hh, w=w, labels=labels):
@@ -120,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["error"] = "OOM" if oom else f"{type(e).__name__}: {str(e)[:200]}"
             torch.cuda.empty_cache()
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                              if k in ("impl", "seq", "ms", "peak_extra_gib", "tflops", "loss_rel", "dh_rel_l2",
-                                       "error")}), flush=True)
+                              if k in ("impl", "seq", "chunk_rows", "ms", "peak_extra_gib", "tflops", "loss_rel",
+                                       "dh_rel_l2", "error")}), flush=True)
             if a.out:
                 write_jsonl(a.out, [row])
     return 0
