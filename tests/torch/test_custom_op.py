@@ -1,15 +1,15 @@
 """The expert path as the custom op `splitmoe::split_lora_experts` (`torch_impl.moe_op`) and regional compilation
 (`torch_impl.compile`).
 
-Checked: `torch.library.opcheck` on both ops (schema, fake implementation under dynamic shapes, autograd
-registration); the op's output and every gradient against the eager path's, per backend, over the shape cases that
-matter here (odd dims, prime E, K=1, K=E, experts with no tokens, the clamped activation with biases), in fp32 with
-the tolerances of `shared_math.numerics`; when the op is used (eager default off, on under compile, the flag and the
-environment variable); and a tiny Qwen3 model whose decoder layers are compiled with `fullgraph=True`, which raises
-on any graph break, giving eager's loss and LoRA gradients, checkpointed: without recompiles, with eager's expert
-GEMMs per step (no recompute in the op's backward), and at a second sequence length (dynamic) without graph breaks;
-the same fullgraph compile for gpt-oss's layers (sink attention, sliding and full) and for Qwen3 with routing
-statistics on (eager's statistics, none computed by the checkpoint's recompute).
+Checked: `torch.library.opcheck` on both ops and on gpt-oss's sink kernel op (schema, fake implementation under
+dynamic shapes, autograd registration); the op's output and every gradient against the eager path's, per backend,
+over the shape cases that matter here (odd dims, prime E, K=1, K=E, experts with no tokens, the clamped activation
+with biases), in fp32 with the tolerances of `shared_math.numerics`; when the op is used (eager default off, on
+under compile, the flag and the environment variable); and a tiny Qwen3 model whose decoder layers are compiled with
+`fullgraph=True`, which raises on any graph break, giving eager's loss and LoRA gradients, checkpointed: without
+recompiles, with eager's expert GEMMs per step (no recompute in the op's backward), and at a second sequence length
+(dynamic) without graph breaks; the same fullgraph compile for gpt-oss's layers (sink attention, sliding and full)
+and for Qwen3 with routing statistics on (eager's statistics, none computed by the checkpoint's recompute).
 """
 
 from __future__ import annotations
@@ -122,6 +122,17 @@ def test_opcheck_forward_op(case_name, backend, lora, base_grad, seed):
     _skip_unless_available(backend)
     args = _op_args(case_name, seed, backend, lora=lora, base_grad=base_grad)
     torch.library.opcheck(torch.ops.splitmoe.split_lora_experts.default, args)
+
+
+@pytest.mark.parametrize("window", [None, 32], ids=["causal", "window_past_the_row"])
+def test_opcheck_sink_attention_kernel(window, seed):
+    """gpt-oss's sink kernel op (`lse_attention._kernel_op`, what compiled layers call under the "attention" policy):
+    schema, fake implementation (the aten kernels' meta functions) under dynamic shapes; GQA heads, odd length."""
+    import torch_impl.models.lse_attention  # noqa: F401 - registers the op
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, 19, 8, generator=g) for h in (4, 2, 2))
+    torch.library.opcheck(torch.ops.splitmoe.sink_attention_kernel.default, (q, k, v, 0.35, window))
 
 
 def test_opcheck_backward_op(seed):
