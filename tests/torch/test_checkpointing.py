@@ -166,11 +166,11 @@ def test_checkpoint_policy_errors_say_what_to_use(tmp_path, seed):
 def test_keep_attention_in_compiled_layers(family, tmp_path, seed, monkeypatch):
     """Compiled decoder layers (`compile_decoder_layers`, as `--compile` and `Trainer(compile=True)` run them) under
     the "attention" policy: SDPA's attention (Qwen3; gpt-oss's padded sink path, which the CPU's sliding layers take
-    here) runs eagerly between each layer's two graphs, its forward keeps the SDPA
-    kernels' outputs and the compiled recompute takes them back (every kernel call of the forward) instead of running
-    the kernels. The loss equals the eager plain policy's bit for bit and every LoRA gradient to fp32 rounding:
-    the compiled plain policy's are bitwise equal too, but the graph break moves where the backward sums the
-    residual stream's two gradients (a few ulps: 8e-9 on these O(1e-2) gradients)."""
+    here) runs eagerly between each layer's two graphs, its forward keeps the SDPA kernels' outputs and the compiled
+    recompute takes them back (every kernel call of the forward) instead of running the kernels. The loss equals the
+    eager plain policy's bit for bit and every LoRA gradient to fp32 rounding: the compiled plain policy's are
+    bitwise equal too, but the graph break moves where the backward sums the residual stream's two gradients (a few
+    ulps: 8e-9 on these O(1e-2) gradients)."""
     from torch_impl.compile import compile_decoder_layers
 
     model = _trainable_model(family, tmp_path, seed, dict(num_hidden_layers=2), moe_backend="grouped_mm")
@@ -360,8 +360,9 @@ def _check_bf16_against_fp32(loss, grads, loss32, grads32, what: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_gpu_keep_attention_in_inductor_layers_bf16(family, tmp_path, seed, monkeypatch):
-    """The benchmark's `--compile --checkpoint-policy attention` on CUDA in bf16: inductor-compiled layers, the
-    attention eager between their graphs; the recompute hands back every fused attention kernel call of the forward.
+    """The benchmark's `--compile --checkpoint-policy attention` on CUDA in bf16: inductor-compiled layers (Qwen3's
+    attention eager between their graphs, gpt-oss's sink kernels a custom op inside one graph); the recompute hands
+    back every fused attention kernel call of the forward.
     Loss and LoRA gradients, with and without the policy, equal the fp32 model's within the bf16 model tolerance,
     and the policy's gradients are no further from fp32 than the plain policy's (at most 1.5x, over all LoRA
     tensors): two roundings of the same bf16 math sit at similar distances from fp32, while kept attention outputs
