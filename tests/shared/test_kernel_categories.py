@@ -51,3 +51,75 @@ def test_summary_totals_shares_and_other():
 def test_empty_profile():
     s = summarise([])
     assert s["total_ms"] == 0 and s["categories"] == {} and s["other_top"] == []
+
+
+# ---- older profiles' text tables -------------------------------------------------------------------------------------
+
+def _row(name: str, *cols: str) -> str:
+    """One row laid out as torch.profiler's table: the name right-aligned in 55 columns, then 10 cells of 12."""
+    return f"{name:>55}  " + "  ".join(f"{c:>12}" for c in cols) + "  "
+
+
+RULE = "-" * 55 + "  " + "  ".join("-" * 12 for _ in range(10)) + "  "
+TABLE = "\n".join([
+    "S=16384: wall 849.4 ms under the profiler; device busy 834.8 ms (sum of kernel times)",
+    "",
+    RULE,
+    _row("Name", "Self CPU %", "Self CPU", "CPU total %", "CPU total", "CPU time avg", "Self CUDA", "Self CUDA %",
+         "CUDA total", "CUDA time avg", "# of Calls"),
+    RULE,
+    # an operator (host time: its kernels are counted on their own rows), then kernels, an annotation's GPU range
+    _row("aten::_cudnn_attention_backward", "0.23%", "2.660ms", "0.50%", "5.701ms", "237.559us", "239.919ms",
+         "28.74%", "239.919ms", "9.997ms", "24"),
+    _row("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wg...", "0.00%", "0.000us", "0.00%", "0.000us",
+         "0.000us", "229.439ms", "27.48%", "229.439ms", "9.560ms", "24"),
+    _row("_hopper_gemm_kernel", "0.00%", "0.000us", "0.00%", "0.000us", "0.000us", "200.885ms", "24.06%",
+         "200.885ms", "760.928us", "264"),
+    _row("## Call CompiledFxGraph fflup45z6fjgj67dsqxilwchcpi2...", "0.00%", "0.000us", "0.00%", "0.000us",
+         "0.000us", "150.062ms", "17.98%", "150.062ms", "3.126ms", "48"),
+    _row("Optimizer.step#AdamW.step", "0.00%", "0.000us", "0.00%", "0.000us", "0.000us", "20.294ms", "2.43%",
+         "20.294ms", "70.465us", "288"),
+    _row("triton_poi_fused_add_1", "0.00%", "0.000us", "0.00%", "0.000us", "0.000us", "512.000us", "0.06%",
+         "512.000us", "10.667us", "48"),
+    RULE,
+    "Self CPU time total: 1.134s",
+])
+
+
+def test_kernel_rows_of_an_older_profiles_text():
+    from benchmarks.kernel_categories import kernels_from_table
+
+    rows, busy = kernels_from_table(TABLE)
+    assert busy == pytest.approx(834.8)
+    # kernels only: not the operator (host time), not the GPU ranges of annotations
+    assert rows == [("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wg...", pytest.approx(229.439), 24),
+                    ("_hopper_gemm_kernel", pytest.approx(200.885), 264),
+                    ("triton_poi_fused_add_1", pytest.approx(0.512), 48)]
+
+
+def test_command_prints_totals_and_plots(tmp_path, capsys):
+    import json
+
+    from benchmarks.kernel_categories import main
+
+    txt = tmp_path / "old_profile.txt"
+    txt.write_text(TABLE + "\n")
+    js = tmp_path / "new.kernels.json"
+    js.write_text(json.dumps({"total_ms": 30.0, "kernels": [["_hopper_gemm_kernel", 20.0, 4],
+                                                          ["cudnn_generated_fprop", 10.0, 2]]}))
+    png = tmp_path / "breakdown.png"
+    assert main([str(txt), str(js), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "old_profile" in out and "new" in out
+    assert "cover 52% of the profile's 834.8 ms" in out  # 430.8 of 834.8 ms in the table's kernel rows
+    assert png.stat().st_size > 0
+
+
+def test_command_refuses_what_is_no_profile(tmp_path):
+    from benchmarks.kernel_categories import main
+
+    bad = tmp_path / "notes.txt"
+    bad.write_text("no table here\n")
+    with pytest.raises(SystemExit) as e:
+        main([str(bad)])
+    assert e.value.code == 2
