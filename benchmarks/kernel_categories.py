@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -62,17 +61,17 @@ def category(kernel: str) -> str:
 def summarise(kernels: Iterable[tuple[str, float, int]], top_other: int = 8) -> dict:
     """Totals by category of (kernel name, device ms, calls) rows: {"total_ms", "categories": {name: {"ms",
     "share", "calls"}} largest first, "other_top": the largest uncategorised kernels}."""
-    rows = [(n, float(ms), int(c)) for n, ms, c in kernels if n not in NOT_KERNELS]
-    total = sum(ms for _, ms, _ in rows)
+    rows = [(n, float(ms), int(c), category(n)) for n, ms, c in kernels if n not in NOT_KERNELS]
+    total = sum(ms for _, ms, _, _ in rows)
     cats: dict[str, dict] = {}
-    for n, ms, c in rows:
-        entry = cats.setdefault(category(n), {"ms": 0.0, "calls": 0})
+    for _, ms, c, cat in rows:
+        entry = cats.setdefault(cat, {"ms": 0.0, "calls": 0})
         entry["ms"] += ms
         entry["calls"] += c
     for entry in cats.values():
         entry["share"] = entry["ms"] / total if total else 0.0
     ordered = dict(sorted(cats.items(), key=lambda kv: -kv[1]["ms"]))
-    other = sorted((r for r in rows if category(r[0]) == "other"), key=lambda r: -r[1])[:top_other]
+    other = sorted((r[:3] for r in rows if r[3] == "other"), key=lambda r: -r[1])[:top_other]
     return {"total_ms": total, "categories": ordered,
             "other_top": [{"kernel": n, "ms": ms, "calls": c} for n, ms, c in other]}
 
@@ -191,5 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     raise SystemExit(main())

@@ -44,8 +44,8 @@ def _splitmoe_triton(h, w_VH, labels, chunk_rows=None):
     return fused_linear_cross_entropy(h, w_VH, labels, weight_is_HV=False, impl="triton", chunk_rows=chunk_rows)
 
 
-# the implementations whose chunk size --chunk-rows sets (the others have their own)
-CHUNKED = ("splitmoe", "splitmoe_triton")
+# the implementations whose chunk size --chunk-rows sets (the others have their own) -> torch_impl.loss's impl name
+CHUNKED = {"splitmoe": "chunked", "splitmoe_triton": "triton"}
 
 
 def _liger():
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, chunk in runs:
             row = dict(impl=name, seq=S, hidden=a.hidden, vocab=a.vocab, reference=reference, **env)
             if name in CHUNKED:
-                row["chunk_rows"] = chunk or default_chunk_rows(a.vocab, "triton" if name == "splitmoe_triton"
-                                                                 else "chunked")
+                row["chunk_rows"] = chunk or default_chunk_rows(a.vocab, CHUNKED[name])
             try:
                 fn = makers[name]()
                 if chunk:
