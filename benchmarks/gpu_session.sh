@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session16o|session15fix|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -537,6 +537,26 @@ case $PART in
     timeout $((195 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 3 \
       --impls torch_impl --compile --checkpoint-policy attention --out "$R/step.jsonl" > "$R/step_keep.log" 2>&1
     tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
+  session16k)  # (written 2026-12-06, session 16) issue 16's slowest pass: where the Hopper dh pass loses its time,
+    # and whether DH_SPLIT (its activation backward as an elementwise pass after a plain-epilogue GEMM) wins.
+    # pass_probe.py times it with parts left out (LoRA, the activation epilogue) and knobs flipped, with register /
+    # spill counts; warp specialisation (PRE_GATHER so every loop load is TMA) in processes of its own, since an
+    # sm_90 autoWS abort kills the process; then Nsight Compute on one fused dh launch per model (stall reasons)
+    for c in qwen3_30b_T16384 gpt_oss_20b_T16384; do
+      timeout 140 python3 benchmarks/pass_probe.py --cases $c --out "$R/probe.jsonl" >> "$R/probe.log" 2>&1
+    done
+    for c in qwen3_30b_T16384 gpt_oss_20b_T16384; do
+      timeout 45 python3 benchmarks/pass_probe.py --cases $c --variants ws --out "$R/probe.jsonl" >> "$R/probe.log" 2>&1 \
+        || echo "$c ws: exit $?" >> "$R/probe.log"
+    done
+    for c in gpt_oss_20b_T16384 qwen3_30b_T16384; do  # launches: z, main per step; skip to the second step's main
+      timeout 90 ncu --clock-control none --kernel-name regex:_hopper_gemm_kernel --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section SchedulerStats \
+        python3 benchmarks/pass_probe.py --cases $c --variants fused --iters 1 > "$R/ncu_dh_$c.txt" 2>&1
+    done
+    cat "$R/probe.log"; grep -h -A3 "Warp Cycles Per Issued\|Registers Per\|Compute (SM) Throughput\|Stall" \
+      "$R"/ncu_dh_*.txt | head -60 ;;
   session15q)  # (written 2026-12-06, session 15) issue 15's Qwen3 16K target (<= 0.75x Unsloth; 0.79x in session 14):
     # session 15's profile of that step puts 6 % of it in the fp32 attention LoRA around cuBLAS (x cast to fp32, z@B
     # written in fp32 [S, 4096] and added in another kernel), which inductor's Triton GEMM templates can fuse

@@ -105,6 +105,10 @@ PASS_PARAMS = [
     pytest.param("oai_biases", {"PRE_GATHER": True, "FLATTEN": True}, 7, id="oai_biases-pregather-7prog"),
     pytest.param("empty_experts", {"EPI_SPLIT": 2}, 3, id="empty_experts-desc-episplit"),
     pytest.param("odd_dims", {"EPI_SPLIT": 2}, 3, id="odd_dims-pointer-episplit"),
+    # DH_SPLIT (the dh pass's activation backward as its own elementwise pass; a no-op on the other passes), with
+    # whole and halved epilogues; empty_experts' I=16 is narrower than one 32-wide column tile
+    pytest.param("oai_biases", {"DH_SPLIT": True}, 3, id="oai_biases-dhsplit"),
+    pytest.param("empty_experts", {"DH_SPLIT": True, "EPI_SPLIT": 2}, 3, id="empty_experts-dhsplit-episplit"),
 ]
 
 
@@ -236,7 +240,10 @@ def test_dh_pass_activation_backward(case_name, over, progs, dtype, seed, spy, m
     _assert_plan(spy, case_name, over)
     assert all(c["W_KMAJOR"] for c in spy.calls), "Wd^T and B2^T are transposed views: K-major descriptors"
     main = [c for c in spy.calls if c["MODE"] == gg.MODE_ACT_BWD]
-    assert len(main) == 1 and main[0]["GU_DESC"] == (case_name != "odd_dims" and over.get("DESC", True))
+    if over.get("DH_SPLIT"):  # the GEMM with a plain epilogue (after the z launch), the activation elsewhere
+        assert not main and [c["MODE"] for c in spy.calls] == [gg.MODE_PLAIN] * 2
+    else:
+        assert len(main) == 1 and main[0]["GU_DESC"] == (case_name != "odd_dims" and over.get("DESC", True))
 
 
 @kernel_test
@@ -337,8 +344,9 @@ def test_output_unread_skips_the_down_pass_and_keeps_every_gradient(case_name, k
 @cpu_only
 def test_config_switches_give_the_same_numbers(seed, monkeypatch):
     """PRE_GATHER, FLATTEN, WS (kept only where every load is a descriptor load), EPI_SPLIT (the epilogue in two
-    column halves) and DESC=False change how the same tiles are loaded, ordered and finished, never what they
-    compute: the default's gradients in the interpreter, bitwise except for DESC=False.
+    column halves), DH_SPLIT (the dh pass's activation backward as its own pass, dh' stored in fp32 here, so exactly)
+    and DESC=False change how the same tiles are loaded, ordered and finished, never what they compute: the
+    default's gradients in the interpreter, bitwise except for DESC=False.
 
     DESC=False hands the interpreter's numpy matmul a C-contiguous weight tile where the descriptor path hands it a
     transposed view, and the BLAS then sums the same fp32 products in another order: with numpy 2.4.6, dx differed
@@ -347,7 +355,8 @@ def test_config_switches_give_the_same_numbers(seed, monkeypatch):
     case = get_case("k_eq_e")
     base = _check_against_reference(case, torch.float32, seed, kernels="hopper")
     variants = [({"PRE_GATHER": True, "WS": True}, True), ({"FLATTEN": True, "GROUP_M": 1}, True),
-                ({"EPI_SPLIT": 2}, True), ({"EPI_SPLIT": 2, "FLATTEN": True}, True), ({"DESC": False}, False)]
+                ({"EPI_SPLIT": 2}, True), ({"EPI_SPLIT": 2, "FLATTEN": True}, True), ({"DH_SPLIT": True}, True),
+                ({"DH_SPLIT": True, "EPI_SPLIT": 2}, True), ({"DESC": False}, False)]
     for over, bitwise in variants:
         monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", {
             k: dict(v, **over) if k.startswith("hopper_") else v for k, v in autotune.INTERPRETER_CONFIGS.items()})
@@ -399,6 +408,10 @@ def test_hopper_autotune_space(monkeypatch):
         assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_D"] + halves * c["BLOCK_D"] * c["BLOCK_N"]) * 2
                    + 32 * 1024 <= 227 * 1024 for c in full)
         assert {c["FLATTEN"] for c in full} == {False, True} and {c["PRE_GATHER"] for c in full} == {False, True}
+    plain = autotune._candidates("hopper_gemm", 1000, 227 * 1024, 2, space="sweep")
+    dh = autotune._candidates("hopper_gemm", 1000, 227 * 1024, 2, space="sweep", dh=True)
+    assert "DH_SPLIT" not in plain[0] and dh == [dict(c, DH_SPLIT=v) for c in plain for v in (False, True)]
+    assert autotune._is_dh((131072, "dh", 2048, 768, 64, 1)) and not autotune._is_dh((131072, "dx", 1536, 2048, 64))
     monkeypatch.setenv("SPLITMOE_HOPPER_WS", "1")
     ws = [c for c in autotune._candidates("hopper_gemm", 1000, 227 * 1024, 2) if c["WS"]]
     assert ws and not any(c["FLATTEN"] for c in ws)
@@ -493,6 +506,7 @@ def test_bf16_gpu_hopper_matches_reference(case, seed):
                                   # 282,680 B of shared memory at 128 rows x 3 stages and 239,672 B at 64 x 3
                                   # (H100 limit 232,448; session 10), 18.5 KB over its stage buffers, so 2 stages
                                   # (147,456 B of them) fit by that count. Not yet run on a GPU at 2 stages.
+                                  {"DH_SPLIT": True}, {"DH_SPLIT": True, "EPI_SPLIT": 2, "BLOCK_N": 256},
                                   {"EPI_SPLIT": 2}, {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2,
                                                      "EPI_SPLIT": 2, "FLATTEN": True},
                                   # 4 stages: at 5, the gate_up pass (two B tiles) asked 245,848 B of shared memory

@@ -31,6 +31,14 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
   `tl.split` halves of the accumulators), so the activation math's gate, up and h live for half a tile: the dh
   pass's epilogue holds those next to the accumulator, which is what kept its tiles 64-128 wide.
 - Outputs by masked pointer stores: a TMA store writes its whole box, which would overwrite the next expert's rows.
+- `DH_SPLIT` (a config choice of the dh pass): the GEMM runs with a plain epilogue that stores dh' (LoRA included, no
+  row scale) into the up half of the dgu output, and `_act_bwd_rows_kernel`, an elementwise pass over those rows,
+  does the activation backward and the routing-weight partials in place. The fused epilogue reads gate and up and
+  writes both halves after every tile's main loop, which a persistent program without warp specialisation cannot
+  overlap with its MMAs (the dh pass ran at 29-39 % of the dense rate against 57-70 % for dx, the same GEMM shape
+  without that epilogue); split, the GEMM keeps a plain epilogue and the activation runs at memory speed. No extra
+  memory (dh' lives where du will be); dh' is rounded to the output dtype between the two, as a separate-GEMM
+  implementation rounds it (HF's down_proj backward), so in fp32 the two paths agree bitwise.
 
 Operands that TMA cannot address (a base or a leading stride not a multiple of 16 bytes, e.g. odd H in fp16, or a
 last dimension that is not contiguous) fall back, per operand and decided on the host, to pointer loads in the same
@@ -287,6 +295,41 @@ def _epilogue(acc, acc2, z, rs, rows64, mask_mc, row0_c, e_c, n0, out_rows, gu_d
     return part
 
 
+@triton.jit
+def _act_bwd_rows_kernel(gu_ptr, stride_gum, stride_gun, rs_ptr, out_ptr, stride_om, stride_on,
+                         dot_ptr, stride_dotm, stride_dotn, M, N, limit, alpha,
+                         ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr):
+    """DH_SPLIT's second half, in place over out = dgu [M, 2N]: columns [N, 2N) hold dh' on entry. Per (row block,
+    BLOCK_N column tile), in the fused epilogue's order (`_epilogue`, MODE 2, column halves when EPI_SPLIT=2): h from
+    the saved gate / up rounded as the forward rounded it, the partial <h, dh'> into dot[:, tile], then
+    (dgate, dup) = act'(g, u)·(rs·dh') into both halves. Each element of dh' is read before the same program
+    overwrites it with dup, and no other program touches it."""
+    pid_m = tl.program_id(0)
+    cn = tl.program_id(1)
+    cdt = gu_ptr.dtype.element_ty
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < M
+    rows64 = rows.to(tl.int64)
+    rs = tl.load(rs_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
+    part = tl.zeros([BLOCK_M], dtype=tl.float32)
+    SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
+    for half in tl.static_range(EPI_SPLIT):
+        cols = cn * BLOCK_N + half * SUB_N + tl.arange(0, SUB_N)
+        mask = mask_m[:, None] & (cols < N)[None, :]
+        gu_rows = gu_ptr + rows64[:, None] * stride_gum
+        g = tl.load(gu_rows + cols[None, :] * stride_gun, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_rows + (cols + N)[None, :] * stride_gun, mask=mask, other=0.0).to(tl.float32)
+        out_rows = out_ptr + rows64[:, None] * stride_om
+        dh = tl.load(out_rows + (cols + N)[None, :] * stride_on, mask=mask, other=0.0).to(tl.float32)
+        h = _act_fwd(g, u, ACT, limit, alpha).to(cdt).to(tl.float32)
+        part += tl.sum(tl.where(mask, h * dh, 0.0), axis=1)
+        dg, du = _act_bwd(g, u, dh * rs[:, None], ACT, limit, alpha)
+        out_ty = out_ptr.dtype.element_ty
+        tl.store(out_rows + cols[None, :] * stride_on, dg.to(out_ty), mask=mask)
+        tl.store(out_rows + (cols + N)[None, :] * stride_on, du.to(out_ty), mask=mask)
+    tl.store(dot_ptr + rows64 * stride_dotm + cn * stride_dotn, part, mask=mask_m)
+
+
 # ---- host side -------------------------------------------------------------------------------------------------------
 
 def _tma_ok(t: torch.Tensor, contiguous_dim: int) -> bool:
@@ -337,7 +380,8 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     runs first as its own skinny launch (into `z_MR` when given: the backward saves it), then the main pass adds
     lora_scale·z@LB. Config keys: BLOCK_M/N/D, GROUP_M, num_warps, num_stages, FLATTEN, WS (warp specialisation),
     PRE_GATHER (copy gathered rows into expert order first, then load them by TMA), EPI_SPLIT (1, or 2: the
-    epilogue by column halves), DESC (False: pointer loads only). `store_z` is accepted for the signature's sake:
+    epilogue by column halves), DESC (False: pointer loads only), DH_SPLIT (the dh pass's activation backward as
+    its own elementwise pass: `_split_dh`). `store_z` is accepted for the signature's sake:
     a given `z_MR` is always written.
     """
     if row_index is not None and config.get("PRE_GATHER", False):
@@ -355,10 +399,31 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
                                dtype=lora_b_ERN.dtype)
         _launch(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=gg.z_config(config, rank),
                 row_index=row_index, out_scale=z_scale)
+    if mode == MODE_ACT_BWD and config.get("DH_SPLIT", False):
+        return _split_dh(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=config, row_index=row_index, z_MR=z_MR,
+                         lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN, row_scale_M=row_scale_M,
+                         act=act, gu_M2I=gu_M2I, dot_MT=dot_MT, limit=limit, alpha=alpha)
     return _launch(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=config, row_index=row_index, z_MR=z_MR,
                    lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN, row_scale_M=row_scale_M,
                    mode=mode, act=act, gu_M2I=gu_M2I, store_gu=store_gu, out_rows_M=out_rows_M, dot_MT=dot_MT,
                    limit=limit, alpha=alpha, out_scale=out_scale)
+
+
+def _split_dh(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index, z_MR, lora_b_ERN, lora_scale, bias_EN,
+              row_scale_M, act, gu_M2I, dot_MT, limit, alpha):
+    """The dh pass as DH_SPLIT runs it (module docstring): the GEMM with a plain epilogue into the up half of
+    `out`, then `_act_bwd_rows_kernel` in place."""
+    if row_scale_M is None or gu_M2I is None or dot_MT is None:
+        raise ValueError("the dh pass (MODE_ACT_BWD) needs row_scale_M, gu_M2I and dot_MT")
+    _launch(a, w_EDN, schedule, offsets_E1, n=n, out=out[:, n:], config=config, row_index=row_index, z_MR=z_MR,
+            lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN)
+    m, bn = out.shape[0], config["BLOCK_N"]
+    bm = max(16, 8192 // bn)  # about 8K elements per column half and operand: memory-bound, few registers
+    launch(_act_bwd_rows_kernel, (gg.cdiv(m, bm), gg.cdiv(n, bn)), (
+        gu_M2I, *gu_M2I.stride(), row_scale_M, out, *out.stride(), dot_MT, *dot_MT.stride(), m, n, float(limit),
+        float(alpha),
+    ), dict(ACT=act, BLOCK_M=bm, BLOCK_N=bn, EPI_SPLIT=config.get("EPI_SPLIT", 1)), num_warps=4, num_stages=1)
+    return out
 
 
 def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z_MR=None, lora_b_ERN=None,
