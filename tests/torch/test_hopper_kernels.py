@@ -372,6 +372,18 @@ def test_config_switches_give_the_same_numbers(seed, monkeypatch):
                                                msg=lambda m, k=key, o=over: f"d{k} with {o}: {m}")
 
 
+def test_dh_split_follows_the_config_unless_the_environment_forces_it(monkeypatch):
+    monkeypatch.delenv("SPLITMOE_DH_SPLIT", raising=False)
+    assert hopper.dh_split({"DH_SPLIT": True}) and not hopper.dh_split({})
+    monkeypatch.setenv("SPLITMOE_DH_SPLIT", "0")
+    assert not hopper.dh_split({"DH_SPLIT": True})
+    monkeypatch.setenv("SPLITMOE_DH_SPLIT", "1")
+    assert hopper.dh_split({})
+    monkeypatch.setenv("SPLITMOE_DH_SPLIT", "yes")
+    with pytest.raises(ValueError, match="SPLITMOE_DH_SPLIT='yes'"):
+        hopper.dh_split({})
+
+
 def test_launch_plan_picks_tma_only_where_it_can():
     """TMA needs a contiguous last dimension and 16-byte aligned base and leading strides; transposed weight views
     are read K-major; warp specialisation only where every loop load is a descriptor load."""

@@ -38,7 +38,8 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
   overlap with its MMAs (the dh pass ran at 29-39 % of the dense rate against 57-70 % for dx, the same GEMM shape
   without that epilogue); split, the GEMM keeps a plain epilogue and the activation runs at memory speed. No extra
   memory (dh' lives where du will be); dh' is rounded to the output dtype between the two, as a separate-GEMM
-  implementation rounds it (HF's down_proj backward), so in fp32 the two paths agree bitwise.
+  implementation rounds it (HF's down_proj backward), so in fp32 the two paths agree bitwise. SPLITMOE_DH_SPLIT=0|1
+  overrides the config for every dh pass (`dh_split`), to time whole steps both ways.
 
 Operands that TMA cannot address (a base or a leading stride not a multiple of 16 bytes, e.g. odd H in fp16, or a
 last dimension that is not contiguous) fall back, per operand and decided on the host, to pointer loads in the same
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 
 import torch
 import triton
@@ -399,7 +401,7 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
                                dtype=lora_b_ERN.dtype)
         _launch(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=gg.z_config(config, rank),
                 row_index=row_index, out_scale=z_scale)
-    if mode == MODE_ACT_BWD and config.get("DH_SPLIT", False):
+    if mode == MODE_ACT_BWD and dh_split(config):
         return _split_dh(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=config, row_index=row_index, z_MR=z_MR,
                          lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN, row_scale_M=row_scale_M,
                          act=act, gu_M2I=gu_M2I, dot_MT=dot_MT, limit=limit, alpha=alpha)
@@ -407,6 +409,15 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
                    lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN, row_scale_M=row_scale_M,
                    mode=mode, act=act, gu_M2I=gu_M2I, store_gu=store_gu, out_rows_M=out_rows_M, dot_MT=dot_MT,
                    limit=limit, alpha=alpha, out_scale=out_scale)
+
+
+def dh_split(config: dict) -> bool:
+    """Whether the dh pass runs split (`_split_dh`): the config's DH_SPLIT, unless SPLITMOE_DH_SPLIT=0 or 1 says
+    otherwise for every dh pass (to time a whole step both ways before the tuned table holds the choice)."""
+    forced = os.environ.get("SPLITMOE_DH_SPLIT", "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"SPLITMOE_DH_SPLIT={forced!r}: use 0 (fused epilogue), 1 (split) or leave it unset")
+    return forced == "1" if forced else bool(config.get("DH_SPLIT", False))
 
 
 def _split_dh(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index, z_MR, lora_b_ERN, lora_scale, bias_EN,
