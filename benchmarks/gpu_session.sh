@@ -540,7 +540,8 @@ case $PART in
     # and whether DH_SPLIT (its activation backward as an elementwise pass after a plain-epilogue GEMM) wins.
     # pass_probe.py times it with parts left out (LoRA, the activation epilogue) and knobs flipped, with register /
     # spill counts; warp specialisation (PRE_GATHER so every loop load is TMA) in processes of its own, since an
-    # sm_90 autoWS abort kills the process; then Nsight Compute on one fused dh launch per model (stall reasons)
+    # sm_90 autoWS abort kills the process; then Nsight Compute on one fused gpt-oss dh launch (stall reasons), and
+    # the loss over chunk sizes
     for c in qwen3_30b_T16384 gpt_oss_20b_T16384; do
       timeout 140 python3 benchmarks/pass_probe.py --cases $c --out "$R/probe.jsonl" >> "$R/probe.log" 2>&1
     done
@@ -548,13 +549,15 @@ case $PART in
       timeout 45 python3 benchmarks/pass_probe.py --cases $c --variants ws --out "$R/probe.jsonl" >> "$R/probe.log" 2>&1 \
         || echo "$c ws: exit $?" >> "$R/probe.log"
     done
-    for c in gpt_oss_20b_T16384 qwen3_30b_T16384; do  # launches: z, main per step; skip to the second step's main
-      timeout 90 ncu --clock-control none --kernel-name regex:_hopper_gemm_kernel --launch-skip 3 --launch-count 1 \
-        --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
-        --section MemoryWorkloadAnalysis --section SchedulerStats \
-        python3 benchmarks/pass_probe.py --cases $c --variants fused --iters 1 > "$R/ncu_dh_$c.txt" 2>&1
-    done
-    cat "$R/probe.log"; grep -h -A3 "Warp Cycles Per Issued\|Registers Per\|Compute (SM) Throughput\|Stall" \
+    c=gpt_oss_20b_T16384  # launches: z, main per step; skip to the second step's main
+    timeout 90 ncu --clock-control none --kernel-name regex:_hopper_gemm_kernel --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section SchedulerStats \
+      python3 benchmarks/pass_probe.py --cases $c --variants fused --iters 1 > "$R/ncu_dh_$c.txt" 2>&1
+    # gpt-oss's loss at 16K over chunk sizes: its dh GEMM ran split-K at 546 TFLOP/s on 640-row chunks (session 15)
+    timeout $((585 - SECONDS)) python3 benchmarks/loss_bench.py --seq 16384 --hidden 2880 --vocab 201088 \
+      --impls splitmoe_triton --chunk-rows 0,1280,1920,2560 --out "$R/loss.jsonl" > "$R/loss.log" 2>&1
+    cat "$R/probe.log"; cut -c1-200 "$R/loss.jsonl"; grep -h -A3 "Warp Cycles Per Issued\|Registers Per\|Compute (SM) Throughput\|Stall" \
       "$R"/ncu_dh_*.txt | head -60 ;;
   session15q)  # (written 2026-12-06, session 15) issue 15's Qwen3 16K target (<= 0.75x Unsloth; 0.79x in session 14):
     # session 15's profile of that step puts 6 % of it in the fp32 attention LoRA around cuBLAS (x cast to fp32, z@B
