@@ -48,10 +48,11 @@ class Usage:
     spill_stores: int  # bytes per thread ptxas spills to local memory and reads back
     spill_loads: int
     smem: int  # bytes of dynamic shared memory Triton asks for at launch
+    warp_specialized: bool  # the PTX splits producer and consumer warps (setmaxnreg), as WS asks
 
     def __str__(self) -> str:
         spills = f", spills {self.spill_stores} B stored / {self.spill_loads} B loaded" if self.spill_stores else ""
-        return f"{self.regs} regs{spills}, {self.smem} B smem"
+        return f"{self.regs} regs{spills}, {self.smem} B smem{', warp-specialised' if self.warp_specialized else ''}"
 
 
 def pass_constexprs(pass_name: str, config: dict, *, rank: int = 64, act: int = 1, gathered: bool = True) -> dict:
@@ -117,14 +118,15 @@ def _ptxas_report(ptx: str) -> str:
 
 
 def usage(kernel) -> Usage:
-    """Registers, stack frame and spill bytes per thread (ptxas -v), shared memory from Triton's metadata."""
+    """Registers, stack frame and spill bytes per thread (ptxas -v), shared memory from Triton's metadata, and
+    whether the PTX is warp-specialised (its register reallocation between producer and consumer warps)."""
     text = _ptxas_report(kernel.asm["ptx"])
     regs = re.search(r"Used (\d+) registers", text)
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if regs is None or frame is None:
         raise RuntimeError(f"unexpected ptxas report: {text[-400:]}")
     return Usage(regs=int(regs[1]), stack=int(frame[1]), spill_stores=int(frame[2]), spill_loads=int(frame[3]),
-                 smem=int(kernel.metadata.shared))
+                 smem=int(kernel.metadata.shared), warp_specialized="setmaxnreg" in kernel.asm["ptx"])
 
 
 def pass_usage(pass_name: str, config: dict, **kw) -> Usage:

@@ -23,7 +23,9 @@ the H100 where the dx pass, the same GEMM shape without that epilogue, ran at 57
   bn64           fused with 64-wide column tiles, EPI_SPLIT=1
   warps4         fused with 4 warps
   ws             fused with PRE_GATHER and warp specialisation (every loop load a descriptor): run it in its own
-                 process (`--variants ws`), since an sm_90 autoWS compiler abort kills the process
+                 process (`--variants ws`), since an sm_90 autoWS compiler abort kills the process. Triton 3.6 and
+                 3.9 compile this kernel with WS=True into the same PTX as without (no producer / consumer split;
+                 benchmarks/kernel_resources.py reports it), so the variant times the fused pass again there
 
     python3 benchmarks/pass_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --out probe.jsonl
 Prints one line per variant (ms, base TFLOP/s, registers, spills, shared memory) and appends JSON rows to --out.

@@ -26,7 +26,9 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
   epilogue) and `WARP_SPECIALIZE` (tl.range(warp_specialize=True)) as config choices. Warp specialisation is only
   allowed where every load of the loop is a descriptor load (sm_90 autoWS aborts the compiler on pointer-load dot
   loops, triton issue #9728), and only enters the tuning space with SPLITMOE_HOPPER_WS=1, because a compiler abort
-  kills the process instead of raising.
+  kills the process instead of raising. Compiled for sm_90 by Triton 3.6 and 3.9, this kernel with
+  WARP_SPECIALIZE=True gives the same PTX as without (no setmaxnreg, the same TMA and wgmma instructions: the
+  Hopper autoWS pass leaves its loop alone; `benchmarks/kernel_resources.py`, 2026-12-06).
 - `EPI_SPLIT=2` (a config choice) runs the epilogue on one column half of the tile at a time (`_epilogue` twice on
   `tl.split` halves of the accumulators), so the activation math's gate, up and h live for half a tile: the dh
   pass's epilogue holds those next to the accumulator, which is what kept its tiles 64-128 wide.
