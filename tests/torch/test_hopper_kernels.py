@@ -310,8 +310,14 @@ def test_hopper_function_matches_reference_fp32(case_name, seed, spy):
 
 
 @cpu_only
+@pytest.mark.parametrize("dh_split", [False, True], ids=["fused_dh", "split_dh"])
 @pytest.mark.parametrize("case_name", ["odd_dims", "empty_experts"])
-def test_hopper_function_matches_reference_fp16(case_name, seed):
+def test_hopper_function_matches_reference_fp16(case_name, dh_split, seed, monkeypatch):
+    """In fp16, where DH_SPLIT rounds dh' to the storage dtype between its GEMM and the activation backward (the
+    fused epilogue keeps it in fp32), both paths stay within the fp16 tolerance of the float64 reference. Not
+    oai_biases: its clamp at limit 1.0 is a step in the gradient, and an fp16-rounded gate on the other side of it
+    than the float64 one moves dx by O(1) on some seeds, on the `triton` kernels as on these (fp32 covers it)."""
+    monkeypatch.setenv("SPLITMOE_DH_SPLIT", "1" if dh_split else "0")
     _check_against_reference(get_case(case_name), torch.float16, seed, kernels="hopper")
 
 
