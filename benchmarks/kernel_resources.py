@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PASSES = ("gate_up", "down", "dh", "dh_split", "dx")
 # the pointer operands' element types (compute dtype bf16; fp32 routing weights and partial dots; int32 indices)
-_POINTERS = dict(a_ptr="*bf16", row_index_ptr="*i32", w_ptr="*bf16", tile_expert_ptr="*i32", tile_row_ptr="*i32",
-                 n_row_tiles_ptr="*i32", offsets_ptr="*i32", z_ptr="*bf16", lb_ptr="*bf16", bias_ptr="*bf16",
-                 row_scale_ptr="*fp32", gu_ptr="*bf16", out_ptr="*bf16", out_rows_ptr="*i32", dot_ptr="*fp32")
+_POINTERS = dict(a_ptr="*bf16", a_out_ptr="*bf16", row_index_ptr="*i32", w_ptr="*bf16", tile_expert_ptr="*i32",
+                 tile_row_ptr="*i32", n_row_tiles_ptr="*i32", offsets_ptr="*i32", z_ptr="*bf16", lb_ptr="*bf16",
+                 bias_ptr="*bf16", row_scale_ptr="*fp32", gu_ptr="*bf16", out_ptr="*bf16", out_rows_ptr="*i32",
+                 dot_ptr="*fp32")
 _FLOATS = ("lora_scale", "out_scale", "limit", "alpha")
 # strides of contiguous last dimensions: Triton specialises an int argument equal to 1 into a constant
 _UNIT_STRIDES = ("stride_ad", "stride_zr", "stride_lbn", "stride_bn", "stride_gun", "stride_on")
@@ -72,7 +73,7 @@ def pass_constexprs(pass_name: str, config: dict, *, rank: int = 64, act: int = 
                 EVEN_D=True, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"],
                 BLOCK_R=max(16, gg.next_pow2(rank)), GROUP_M=config.get("GROUP_M", 8), NUM_PROGS=132,
                 FLATTEN=bool(config.get("FLATTEN", False)), WARP_SPECIALIZE=bool(config.get("WS", False)),
-                EPI_SPLIT=config.get("EPI_SPLIT", 1))
+                EPI_SPLIT=config.get("EPI_SPLIT", 1), STORE_A=False)
 
 
 def compile_sm90(constexprs: dict, num_warps: int, num_stages: int):

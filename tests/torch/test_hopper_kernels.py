@@ -134,6 +134,13 @@ def _assert_plan(spy: _Spy, case_name: str, over: dict) -> None:
     want_desc = case_name != "odd_dims" and over.get("DESC", True)
     assert all(c["W_DESC"] == want_desc for c in spy.calls), [c["W_DESC"] for c in spy.calls]
     assert all(c["grid"] == (hopper.num_programs(torch.device(DEVICE)),) for c in spy.calls)
+    # PRE_GATHER with LoRA: the z launch gathers the rows and writes the sorted copy (STORE_A), and the pass's own
+    # launch reads that copy by TMA; every other launch stores nothing but its outputs
+    gathered_z = [c for c in spy.calls if c["GATHER_A"] and c["LORA"] is False and c["MODE"] == gg.MODE_PLAIN]
+    if over.get("PRE_GATHER") and gathered_z:
+        assert all(c["STORE_A"] for c in gathered_z) and spy.calls[-1]["A_DESC"] and not spy.calls[-1]["STORE_A"]
+    else:
+        assert not any(c["STORE_A"] for c in spy.calls)
 
 
 @kernel_test

@@ -19,7 +19,9 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
   rows of the next expert that a tile's box covers only feed output rows that the masked stores drop.
 - Gathered rows (x[token] in gate_up, dy[token] in dh) by ordinary pointer loads, which the pipeliner turns into
   cp.async: TMA gather (`desc.gather`) is sm_100+ only and does not compile for sm_90 (measured, the reference's
-  section 5). `PRE_GATHER` (a config choice) instead copies the rows into expert order first and loads them by TMA.
+  section 5). `PRE_GATHER` (a config choice) instead copies the rows into expert order first and loads them by TMA;
+  with LoRA the pass's z launch, which gathers every row once anyway, writes that copy as it goes (`STORE_A`), so the
+  copy costs its write and not a separate gather's read and write.
 - LoRA: z = z_scale·A[rows]@LA is precomputed by a skinny launch of this same kernel (output width R) and added as
   lora_scale·z@LB[e] in the epilogue (the Z_PRE design the H200 sweep chose for 33 of 36 keys).
 - `num_stages` software pipelining; `FLATTEN` (tl.range(flatten=True): the next tile's loads overlap this tile's
@@ -87,7 +89,7 @@ def _tile_coords(tile, n_rt, n_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _hopper_gemm_kernel(
-    a_ptr, stride_am, stride_ad, row_index_ptr, A_ROWS,
+    a_ptr, stride_am, stride_ad, row_index_ptr, A_ROWS, a_out_ptr, stride_aom,
     w_ptr, stride_we, stride_wd, stride_wn, W_N,
     tile_expert_ptr, tile_row_ptr, n_row_tiles_ptr, offsets_ptr,
     z_ptr, stride_zm, stride_zr,
@@ -104,7 +106,7 @@ def _hopper_gemm_kernel(
     DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    EPI_SPLIT: tl.constexpr,
+    EPI_SPLIT: tl.constexpr, STORE_A: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_rt = tl.load(n_row_tiles_ptr)
@@ -165,6 +167,9 @@ def _hopper_gemm_kernel(
             else:
                 a = tl.load(a_ptr + src[:, None] * stride_am + dd[None, :] * stride_ad,
                             mask=mask_m[:, None] & (dd < D)[None, :], other=0.0)
+            if STORE_A:  # the gathered rows, written in expert order (a one-column-tile z launch: each row once)
+                tl.store(a_out_ptr + offs_m.to(tl.int64)[:, None] * stride_aom + dd[None, :], a,
+                         mask=mask_m[:, None] & (dd < D)[None, :])
             if W_DESC:
                 if W_KMAJOR:
                     w = tl.trans(tl.reshape(w_desc.load([e, n0, d0]), [BLOCK_N, BLOCK_D]))
@@ -388,21 +393,26 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     its own elementwise pass: `_split_dh`). `store_z` is accepted for the signature's sake:
     a given `z_MR` is always written.
     """
-    if row_index is not None and config.get("PRE_GATHER", False):
-        # One contiguous copy of the rows in expert order (M x D): every A load of this pass becomes a TMA load.
-        a = a.index_select(0, row_index.long())
-        row_index = None
+    # PRE_GATHER: one contiguous copy of the rows in expert order (M x D), so every A load of the pass is a TMA load.
+    # With LoRA the z launch, which reads every gathered row once anyway, writes that copy on the way (STORE_A);
+    # without, a plain index_select does.
+    pre_gather = row_index is not None and config.get("PRE_GATHER", False)
     if lora_a_EDR is not None:
         if lora_b_ERN is None:
             raise ValueError("lora_a_EDR without lora_b_ERN: the z-only product is a plain pass with w_EDN=A")
         if lora_a_EDR.stride(1) != 1:
             lora_a_EDR = gg.reduction_major(lora_a_EDR)  # D contiguous: a TMA-addressable K-major operand
         rank = lora_b_ERN.shape[1]
+        rows = a.shape[0] if row_index is None else row_index.shape[0]
         if z_MR is None:
-            z_MR = torch.empty((a.shape[0] if row_index is None else row_index.shape[0], rank), device=a.device,
-                               dtype=lora_b_ERN.dtype)
+            z_MR = torch.empty((rows, rank), device=a.device, dtype=lora_b_ERN.dtype)
+        a_sorted = torch.empty((rows, a.shape[1]), device=a.device, dtype=a.dtype) if pre_gather else None
         _launch(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=gg.z_config(config, rank),
-                row_index=row_index, out_scale=z_scale)
+                row_index=row_index, out_scale=z_scale, a_out=a_sorted)
+        if pre_gather:
+            a, row_index = a_sorted, None
+    elif pre_gather:
+        a, row_index = a.index_select(0, row_index.long()), None
     if mode == MODE_ACT_BWD and dh_split(config):
         return _split_dh(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=config, row_index=row_index, z_MR=z_MR,
                          lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN, row_scale_M=row_scale_M,
@@ -441,8 +451,9 @@ def _split_dh(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index, z_MR
 
 def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z_MR=None, lora_b_ERN=None,
             lora_scale=1.0, bias_EN=None, row_scale_M=None, mode=MODE_PLAIN, act=ACT_NONE, gu_M2I=None,
-            store_gu=False, out_rows_M=None, dot_MT=None, limit=7.0, alpha=1.702, out_scale=1.0):
-    """One launch of `_hopper_gemm_kernel`; picks descriptor or pointer loads per operand."""
+            store_gu=False, out_rows_M=None, dot_MT=None, limit=7.0, alpha=1.702, out_scale=1.0, a_out=None):
+    """One launch of `_hopper_gemm_kernel`; picks descriptor or pointer loads per operand. `a_out` [M, D]: also
+    write the gathered rows there in sorted order (one column tile only: each row is loaded, so stored, once)."""
     if len(schedule) == 3:
         tile_expert, tile_row, n_row_tiles = schedule
     else:
@@ -452,6 +463,9 @@ def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z
     bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_D"]
     gather = row_index is not None
     plan = launch_plan(a, w_EDN, config, gathered=gather, gu_M2I=gu_M2I if mode == MODE_ACT_BWD else None)
+    if a_out is not None and (not gather or plan["a_desc"] or n > bn or a_out.stride(1) != 1):
+        raise ValueError("a_out needs gathered rows read by pointer loads, one column tile (n <= BLOCK_N) and a "
+                         "contiguous last dimension")
     ws = plan["ws"]
     flatten = bool(config.get("FLATTEN", False)) and not ws  # Hopper warp specialisation rejects flatten
     lora = lora_b_ERN is not None
@@ -462,7 +476,8 @@ def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z
     if a.device.type == "cuda":
         triton.set_allocator(_alloc)
     launch(_hopper_gemm_kernel, (progs,), (
-        a, *a.stride(), row_index if gather else dummy, a.shape[0],
+        a, *a.stride(), row_index if gather else dummy, a.shape[0], a_out if a_out is not None else a,
+        a_out.stride(0) if a_out is not None else 0,
         w_EDN, *w_EDN.stride(), w_n,
         tile_expert, tile_row, n_row_tiles, offsets_E1,
         z_MR if lora else lb, *gg._strides2(z_MR if lora else None),
@@ -480,7 +495,7 @@ def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z
         STORE_GU=bool(store_gu), SCATTER_OUT=out_rows_M is not None, DOT_PREC=gg._dot_prec(a.dtype),
         EVEN_D=d % bd == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=max(16, gg.next_pow2(max(rank, 1))),
         GROUP_M=config.get("GROUP_M", 8), NUM_PROGS=progs, FLATTEN=flatten, WARP_SPECIALIZE=ws,
-        EPI_SPLIT=config.get("EPI_SPLIT", 1),
+        EPI_SPLIT=config.get("EPI_SPLIT", 1), STORE_A=a_out is not None,
     ), num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     return out
 
