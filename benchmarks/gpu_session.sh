@@ -514,18 +514,20 @@ case $PART in
   session16o)  # (written 2026-12-06, sessions 15-16) issue 15's gpt-oss 16K target (<= 0.6x Unsloth: 997 ms against
     # session 15's Unsloth row). First the gpu tests of the fixed sink custom op (its inductor test failed in session
     # 15's call 3: the kept outputs were overwritten; it now hands its graph copies) and of DH_SPLIT (the dh pass's
-    # activation backward as its own pass, new in session 16, every dh pass forced through it by SPLITMOE_DH_SPLIT=1
-    # until the tuned table holds the choice); then the compiled step with the attention kept (session 15, on the bug:
-    # 1030.3 ms, 55.44 GiB) with DH_SPLIT, Unsloth, and the same step with the fused dh epilogue
+    # activation backward as its own pass) and Z_GATHER (the pre-gathered rows written by the LoRA z launch), both new
+    # in session 16 and forced on by SPLITMOE_DH_SPLIT=1 / SPLITMOE_Z_GATHER=1 until the tuned table holds them; then
+    # the compiled step with the attention kept (session 15, on the bug: 1030.3 ms, 55.44 GiB) with both, Unsloth,
+    # and the same step with both off
     wheels
     gpu_tests gpu_tests.log 100 tests/torch/test_checkpointing.py -k "inductor or keep"
-    gpu_tests gpu_tests_hopper.log 60 tests/torch/test_hopper_kernels.py -k "DH_SPLIT"
+    gpu_tests gpu_tests_hopper.log 60 tests/torch/test_hopper_kernels.py -k "DH_SPLIT or Z_GATHER"
     Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
-    SPLITMOE_DH_SPLIT=1 timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_keep_split.log" 2>&1
+    SPLITMOE_DH_SPLIT=1 SPLITMOE_Z_GATHER=1 timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" \
+      > "$R/step_keep_new.log" 2>&1
     timeout 250 python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls unsloth \
       --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
-    SPLITMOE_DH_SPLIT=0 timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --out "$R/step.jsonl" \
-      > "$R/step_keep_fused.log" 2>&1
+    SPLITMOE_DH_SPLIT=0 SPLITMOE_Z_GATHER=0 timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q \
+      --out "$R/step.jsonl" > "$R/step_keep_old.log" 2>&1
     tail -3 "$R/gpu_tests.log" "$R/gpu_tests_hopper.log"; rows "$R/step.jsonl"
     grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session15fix)  # (written 2026-12-06, session 15) after session15o: the sink kernel's custom op under the "attention"

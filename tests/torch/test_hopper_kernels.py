@@ -103,6 +103,8 @@ PASS_PARAMS = [
     pytest.param("empty_experts", {}, 3, id="empty_experts-desc"),
     pytest.param("empty_experts", {"DESC": False}, 1, id="empty_experts-nodesc-1prog"),
     pytest.param("oai_biases", {"PRE_GATHER": True, "FLATTEN": True}, 7, id="oai_biases-pregather-7prog"),
+    # the pre-gathered copy written by the LoRA z launch (Z_GATHER) instead of an index_select
+    pytest.param("empty_experts", {"PRE_GATHER": True, "Z_GATHER": True}, 3, id="empty_experts-pregather-zgather"),
     pytest.param("empty_experts", {"EPI_SPLIT": 2}, 3, id="empty_experts-desc-episplit"),
     pytest.param("odd_dims", {"EPI_SPLIT": 2}, 3, id="odd_dims-pointer-episplit"),
     # DH_SPLIT (the dh pass's activation backward as its own elementwise pass; a no-op on the other passes), with
@@ -128,17 +130,19 @@ def _both(launch, kind: str, dtype, over: dict, srt) -> tuple:
     return h, t
 
 
-def _assert_plan(spy: _Spy, case_name: str, over: dict) -> None:
-    """The load path really taken: descriptors for the weights exactly where TMA can address them."""
+def _assert_plan(spy: _Spy, case_name: str, over: dict, gathered: bool = False) -> None:
+    """The load path really taken: descriptors for the weights exactly where TMA can address them; `gathered`: the
+    pass reads its rows through the sort's index (gate_up, dh)."""
     assert spy.calls, "the hopper kernel was not launched"
     want_desc = case_name != "odd_dims" and over.get("DESC", True)
     assert all(c["W_DESC"] == want_desc for c in spy.calls), [c["W_DESC"] for c in spy.calls]
     assert all(c["grid"] == (hopper.num_programs(torch.device(DEVICE)),) for c in spy.calls)
-    # PRE_GATHER with LoRA: the z launch gathers the rows and writes the sorted copy (STORE_A), and the pass's own
-    # launch reads that copy by TMA; every other launch stores nothing but its outputs
-    gathered_z = [c for c in spy.calls if c["GATHER_A"] and c["LORA"] is False and c["MODE"] == gg.MODE_PLAIN]
-    if over.get("PRE_GATHER") and gathered_z:
-        assert all(c["STORE_A"] for c in gathered_z) and spy.calls[-1]["A_DESC"] and not spy.calls[-1]["STORE_A"]
+    # PRE_GATHER + Z_GATHER with LoRA: the z launch gathers the rows and writes the sorted copy (STORE_A), and the
+    # pass's own launch reads that copy by TMA; every other launch stores nothing but its outputs
+    if gathered and over.get("PRE_GATHER") and over.get("Z_GATHER"):
+        z_launch, main = spy.calls[0], spy.calls[-1]
+        assert len(spy.calls) == 2 and z_launch["GATHER_A"] and z_launch["STORE_A"], spy.calls
+        assert not main["GATHER_A"] and main["A_DESC"] and not main["STORE_A"]
     else:
         assert not any(c["STORE_A"] for c in spy.calls)
 
@@ -172,7 +176,7 @@ def test_gate_up_pass_gather_lora_activation(case_name, over, progs, dtype, seed
                                     (h, _act_ref(gu_ref, case), h_t, "h")):
         _close(got, ref_t, f"hopper {name}", dtype)  # NaN-filled outputs: every row must have been written
         _close(got, other.double().cpu(), f"hopper vs triton {name}", dtype)
-    _assert_plan(spy, case_name, over)
+    _assert_plan(spy, case_name, over, gathered=True)
 
 
 @kernel_test
@@ -244,7 +248,7 @@ def test_dh_pass_activation_backward(case_name, over, progs, dtype, seed, spy, m
     _close(dgu, dgu_ref, "hopper dgu", dtype)
     _close(dgu, dgu_t.double().cpu(), "hopper vs triton dgu", dtype)
     _close(dot, dot_t.double().cpu(), "hopper vs triton <h, dh'>", dtype)
-    _assert_plan(spy, case_name, over)
+    _assert_plan(spy, case_name, over, gathered=True)
     assert all(c["W_KMAJOR"] for c in spy.calls), "Wd^T and B2^T are transposed views: K-major descriptors"
     main = [c for c in spy.calls if c["MODE"] == gg.MODE_ACT_BWD]
     if over.get("DH_SPLIT"):  # the GEMM with a plain epilogue (after the z launch), the activation elsewhere
@@ -357,9 +361,10 @@ def test_output_unread_skips_the_down_pass_and_keeps_every_gradient(case_name, k
 @cpu_only
 def test_config_switches_give_the_same_numbers(seed, monkeypatch):
     """PRE_GATHER, FLATTEN, WS (kept only where every load is a descriptor load), EPI_SPLIT (the epilogue in two
-    column halves), DH_SPLIT (the dh pass's activation backward as its own pass, dh' stored in fp32 here, so exactly)
-    and DESC=False change how the same tiles are loaded, ordered and finished, never what they compute: the
-    default's gradients in the interpreter, bitwise except for DESC=False.
+    column halves), DH_SPLIT (the dh pass's activation backward as its own pass, dh' stored in fp32 here, so exactly),
+    Z_GATHER (the pre-gathered rows written by the z launch) and DESC=False change how the same tiles are loaded,
+    ordered and finished, never what they compute: the default's gradients in the interpreter, bitwise except for
+    DESC=False.
 
     DESC=False hands the interpreter's numpy matmul a C-contiguous weight tile where the descriptor path hands it a
     transposed view, and the BLAS then sums the same fp32 products in another order: with numpy 2.4.6, dx differed
@@ -369,7 +374,8 @@ def test_config_switches_give_the_same_numbers(seed, monkeypatch):
     base = _check_against_reference(case, torch.float32, seed, kernels="hopper")
     variants = [({"PRE_GATHER": True, "WS": True}, True), ({"FLATTEN": True, "GROUP_M": 1}, True),
                 ({"EPI_SPLIT": 2}, True), ({"EPI_SPLIT": 2, "FLATTEN": True}, True), ({"DH_SPLIT": True}, True),
-                ({"DH_SPLIT": True, "EPI_SPLIT": 2}, True), ({"DESC": False}, False)]
+                ({"DH_SPLIT": True, "EPI_SPLIT": 2}, True), ({"PRE_GATHER": True, "Z_GATHER": True}, True),
+                ({"DESC": False}, False)]
     for over, bitwise in variants:
         monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", {
             k: dict(v, **over) if k.startswith("hopper_") else v for k, v in autotune.INTERPRETER_CONFIGS.items()})
@@ -385,16 +391,18 @@ def test_config_switches_give_the_same_numbers(seed, monkeypatch):
                                                msg=lambda m, k=key, o=over: f"d{k} with {o}: {m}")
 
 
-def test_dh_split_follows_the_config_unless_the_environment_forces_it(monkeypatch):
-    monkeypatch.delenv("SPLITMOE_DH_SPLIT", raising=False)
-    assert hopper.dh_split({"DH_SPLIT": True}) and not hopper.dh_split({})
-    monkeypatch.setenv("SPLITMOE_DH_SPLIT", "0")
-    assert not hopper.dh_split({"DH_SPLIT": True})
-    monkeypatch.setenv("SPLITMOE_DH_SPLIT", "1")
-    assert hopper.dh_split({})
-    monkeypatch.setenv("SPLITMOE_DH_SPLIT", "yes")
-    with pytest.raises(ValueError, match="SPLITMOE_DH_SPLIT='yes'"):
-        hopper.dh_split({})
+@pytest.mark.parametrize("fn,key,env", [(hopper.dh_split, "DH_SPLIT", "SPLITMOE_DH_SPLIT"),
+                                         (hopper.z_gather, "Z_GATHER", "SPLITMOE_Z_GATHER")])
+def test_path_switches_follow_the_config_unless_the_environment_forces_them(fn, key, env, monkeypatch):
+    monkeypatch.delenv(env, raising=False)
+    assert fn({key: True}) and not fn({})
+    monkeypatch.setenv(env, "0")
+    assert not fn({key: True})
+    monkeypatch.setenv(env, "1")
+    assert fn({})
+    monkeypatch.setenv(env, "yes")
+    with pytest.raises(ValueError, match=f"{env}='yes'"):
+        fn({})
 
 
 def test_launch_plan_picks_tma_only_where_it_can():
@@ -532,6 +540,7 @@ def test_bf16_gpu_hopper_matches_reference(case, seed):
                                   # (H100 limit 232,448; session 10), 18.5 KB over its stage buffers, so 2 stages
                                   # (147,456 B of them) fit by that count. Not yet run on a GPU at 2 stages.
                                   {"DH_SPLIT": True}, {"DH_SPLIT": True, "EPI_SPLIT": 2, "BLOCK_N": 256},
+                                  {"PRE_GATHER": True, "Z_GATHER": True},
                                   {"EPI_SPLIT": 2}, {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2,
                                                      "EPI_SPLIT": 2, "FLATTEN": True},
                                   # 4 stages: at 5, the gate_up pass (two B tiles) asked 245,848 B of shared memory

@@ -20,8 +20,8 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
 - Gathered rows (x[token] in gate_up, dy[token] in dh) by ordinary pointer loads, which the pipeliner turns into
   cp.async: TMA gather (`desc.gather`) is sm_100+ only and does not compile for sm_90 (measured, the reference's
   section 5). `PRE_GATHER` (a config choice) instead copies the rows into expert order first and loads them by TMA;
-  with LoRA the pass's z launch, which gathers every row once anyway, writes that copy as it goes (`STORE_A`), so the
-  copy costs its write and not a separate gather's read and write.
+  with LoRA and Z_GATHER (a config key; `z_gather`) the pass's z launch, which gathers every row once anyway, writes
+  that copy as it goes (`STORE_A`), so the copy costs its write and not a separate gather's read and write.
 - LoRA: z = z_scale·A[rows]@LA is precomputed by a skinny launch of this same kernel (output width R) and added as
   lora_scale·z@LB[e] in the epilogue (the Z_PRE design the H200 sweep chose for 33 of 36 keys).
 - `num_stages` software pipelining; `FLATTEN` (tl.range(flatten=True): the next tile's loads overlap this tile's
@@ -394,9 +394,11 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     a given `z_MR` is always written.
     """
     # PRE_GATHER: one contiguous copy of the rows in expert order (M x D), so every A load of the pass is a TMA load.
-    # With LoRA the z launch, which reads every gathered row once anyway, writes that copy on the way (STORE_A);
-    # without, a plain index_select does.
+    # With LoRA and `z_gather(config)` the z launch, which reads every gathered row once anyway, writes that copy on
+    # the way (STORE_A); otherwise a plain index_select does.
     pre_gather = row_index is not None and config.get("PRE_GATHER", False)
+    if pre_gather and not (lora_a_EDR is not None and z_gather(config)):
+        a, row_index = a.index_select(0, row_index.long()), None
     if lora_a_EDR is not None:
         if lora_b_ERN is None:
             raise ValueError("lora_a_EDR without lora_b_ERN: the z-only product is a plain pass with w_EDN=A")
@@ -406,13 +408,13 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
         rows = a.shape[0] if row_index is None else row_index.shape[0]
         if z_MR is None:
             z_MR = torch.empty((rows, rank), device=a.device, dtype=lora_b_ERN.dtype)
-        a_sorted = torch.empty((rows, a.shape[1]), device=a.device, dtype=a.dtype) if pre_gather else None
+        # still gathered here only when the z launch is to write the copy
+        a_sorted = torch.empty((rows, a.shape[1]), device=a.device, dtype=a.dtype) if pre_gather and row_index \
+            is not None else None
         _launch(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=gg.z_config(config, rank),
                 row_index=row_index, out_scale=z_scale, a_out=a_sorted)
-        if pre_gather:
+        if a_sorted is not None:
             a, row_index = a_sorted, None
-    elif pre_gather:
-        a, row_index = a.index_select(0, row_index.long()), None
     if mode == MODE_ACT_BWD and dh_split(config):
         return _split_dh(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=config, row_index=row_index, z_MR=z_MR,
                          lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN, row_scale_M=row_scale_M,
@@ -423,13 +425,27 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
                    limit=limit, alpha=alpha, out_scale=out_scale)
 
 
+def z_gather(config: dict) -> bool:
+    """Whether a PRE_GATHER pass with LoRA has its z launch write the sorted copy of the rows (STORE_A) instead of
+    an index_select: the config's Z_GATHER, unless SPLITMOE_Z_GATHER=0 or 1 says otherwise. No shipped config sets it
+    until the gpu tests have run it on an H100 / H200 (the interpreter tests pass either way)."""
+    forced = _switch("SPLITMOE_Z_GATHER", "0 (index_select) or 1 (the z launch writes the copy)")
+    return bool(config.get("Z_GATHER", False)) if forced is None else forced
+
+
+def _switch(name: str, meaning: str) -> bool | None:
+    """An on/off environment switch: True for 1, False for 0, None when unset; anything else is refused."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name}={value!r}: use {meaning}, or leave it unset")
+    return None if value == "" else value == "1"
+
+
 def dh_split(config: dict) -> bool:
     """Whether the dh pass runs split (`_split_dh`): the config's DH_SPLIT, unless SPLITMOE_DH_SPLIT=0 or 1 says
     otherwise for every dh pass (to time a whole step both ways before the tuned table holds the choice)."""
-    forced = os.environ.get("SPLITMOE_DH_SPLIT", "")
-    if forced not in ("", "0", "1"):
-        raise ValueError(f"SPLITMOE_DH_SPLIT={forced!r}: use 0 (fused epilogue), 1 (split) or leave it unset")
-    return forced == "1" if forced else bool(config.get("DH_SPLIT", False))
+    forced = _switch("SPLITMOE_DH_SPLIT", "0 (fused epilogue) or 1 (split)")
+    return bool(config.get("DH_SPLIT", False)) if forced is None else forced
 
 
 def _split_dh(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index, z_MR, lora_b_ERN, lora_scale, bias_EN,
