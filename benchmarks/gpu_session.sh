@@ -515,20 +515,20 @@ case $PART in
     # session 15's Unsloth row). First the gpu tests of the fixed sink custom op (its inductor test failed in session
     # 15's call 3: the kept outputs were overwritten; it now hands its graph copies) and of DH_SPLIT (the dh pass's
     # activation backward as its own pass) and Z_GATHER (the pre-gathered rows written by the LoRA z launch), both new
-    # in session 16 and forced on by SPLITMOE_DH_SPLIT=1 / SPLITMOE_Z_GATHER=1 until the tuned table holds them; then
-    # the compiled step with the attention kept (session 15, on the bug: 1030.3 ms, 55.44 GiB) with both, Unsloth,
-    # and the same step with both off
+    # in session 16 and forced on by SPLITMOE_DH_SPLIT=1 / SPLITMOE_Z_GATHER=1 until the tuned table holds them; the
+    # gpt-oss dh pass fused against split (pass_probe.py); then the compiled step with the attention kept (session 15,
+    # on the bug: 1030.3 ms, 55.44 GiB) with both, and Unsloth
     wheels
-    gpu_tests gpu_tests.log 100 tests/torch/test_checkpointing.py -k "inductor or keep"
-    gpu_tests gpu_tests_hopper.log 60 tests/torch/test_hopper_kernels.py -k "DH_SPLIT or Z_GATHER"
+    gpu_tests gpu_tests.log 90 tests/torch/test_checkpointing.py -k "inductor or keep"
+    gpu_tests gpu_tests_hopper.log 50 tests/torch/test_hopper_kernels.py -k "DH_SPLIT or Z_GATHER"
+    timeout 70 python3 benchmarks/pass_probe.py --cases gpt_oss_20b_T16384 \
+      --variants fused,split,split_zgather,plain,fused_nolora --out "$R/probe.jsonl" > "$R/probe.log" 2>&1
     Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
     SPLITMOE_DH_SPLIT=1 SPLITMOE_Z_GATHER=1 timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" \
       > "$R/step_keep_new.log" 2>&1
-    timeout 250 python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls unsloth \
-      --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
-    SPLITMOE_DH_SPLIT=0 SPLITMOE_Z_GATHER=0 timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q \
-      --out "$R/step.jsonl" > "$R/step_keep_old.log" 2>&1
-    tail -3 "$R/gpu_tests.log" "$R/gpu_tests_hopper.log"; rows "$R/step.jsonl"
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 \
+      --impls unsloth --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
+    tail -3 "$R/gpu_tests.log" "$R/gpu_tests_hopper.log"; cat "$R/probe.log"; rows "$R/step.jsonl"
     grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session15fix)  # (written 2026-12-06, session 15) after session15o: the sink kernel's custom op under the "attention"
     # policy gave wrong LoRA gradients in inductor layers on the H100 (inductor reused the memory of the outputs the
