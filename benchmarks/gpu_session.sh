@@ -511,13 +511,11 @@ case $PART in
       --out "$R/step.jsonl" > "$R/step_prof_keep.log" 2>&1
     tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300
     grep -h -A16 "device time by kind" "$R"/*.txt ;;
-  session16o)  # (written 2026-12-06, sessions 15-16) issue 15's gpt-oss 16K target (<= 0.6x Unsloth: 997 ms against
-    # session 15's Unsloth row). First the gpu tests of the fixed sink custom op (its inductor test failed in session
-    # 15's call 3: the kept outputs were overwritten; it now hands its graph copies) and of DH_SPLIT (the dh pass's
-    # activation backward as its own pass) and Z_GATHER (the pre-gathered rows written by the LoRA z launch), both new
-    # in session 16 and forced on by SPLITMOE_DH_SPLIT=1 / SPLITMOE_Z_GATHER=1 until the tuned table holds them; the
-    # gpt-oss dh pass fused against split (pass_probe.py); then the compiled step with the attention kept (session 15,
-    # on the bug: 1030.3 ms, 55.44 GiB) with both, and Unsloth
+  session16o)  # (written and run 2026-12-06, session 16: results/session16_2026-12-06/; DH_SPLIT lost there and was
+    # removed, so SPLITMOE_DH_SPLIT below is ignored now) issue 15's gpt-oss 16K target (<= 0.6x Unsloth). The gpu tests
+    # of the fixed sink custom op (session 15's call 3 caught inductor overwriting its kept outputs) and of the dh /
+    # pre-gather variants; the gpt-oss dh pass fused against split (pass_probe.py); the compiled step with the
+    # attention kept and both variants on, and Unsloth
     wheels
     gpu_tests gpu_tests.log 90 tests/torch/test_checkpointing.py -k "inductor or keep"
     gpu_tests gpu_tests_hopper.log 50 tests/torch/test_hopper_kernels.py -k "DH_SPLIT or Z_GATHER"

@@ -9,7 +9,7 @@ is not).
 
 The pass is compiled as `hopper.grouped_gemm` launches it in the split-LoRA Function (bf16, LoRA, row scale, TMA
 weights as K-major views where the pass reads a transposed weight): gate_up (act_fwd, two accumulators), down,
-dh (act_bwd epilogue, or its DH_SPLIT GEMM: a plain epilogue) and dx, with the rows gathered by pointer loads or, with
+dh (act_bwd epilogue) and dx, with the rows gathered by pointer loads or, with
 PRE_GATHER, read by TMA.
 
     python3 benchmarks/kernel_resources.py --model gpt_oss_20b --passes dh --configs shipped
@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PASSES = ("gate_up", "down", "dh", "dh_split", "dx")
+PASSES = ("gate_up", "down", "dh", "dx")
 # the pointer operands' element types (compute dtype bf16; fp32 routing weights and partial dots; int32 indices)
 _POINTERS = dict(a_ptr="*bf16", a_out_ptr="*bf16", row_index_ptr="*i32", w_ptr="*bf16", tile_expert_ptr="*i32",
                  tile_row_ptr="*i32", n_row_tiles_ptr="*i32", offsets_ptr="*i32", z_ptr="*bf16", lb_ptr="*bf16",
@@ -64,9 +64,9 @@ def pass_constexprs(pass_name: str, config: dict, *, rank: int = 64, act: int = 
 
     if pass_name not in PASSES:
         raise ValueError(f"unknown pass {pass_name!r}; choose from {', '.join(PASSES)}")
-    gather = gathered and pass_name in ("gate_up", "dh", "dh_split") and not config.get("PRE_GATHER", False)
+    gather = gathered and pass_name in ("gate_up", "dh") and not config.get("PRE_GATHER", False)
     mode = {"gate_up": gg.MODE_ACT_FWD, "dh": gg.MODE_ACT_BWD}.get(pass_name, gg.MODE_PLAIN)
-    return dict(GATHER_A=gather, A_DESC=not gather, W_DESC=True, W_KMAJOR=pass_name in ("dh", "dh_split", "dx"),
+    return dict(GATHER_A=gather, A_DESC=not gather, W_DESC=True, W_KMAJOR=pass_name in ("dh", "dx"),
                 GU_DESC=mode == gg.MODE_ACT_BWD, LORA=True, HAS_BIAS=False,
                 ROW_SCALE=pass_name in ("down", "dh"), MODE=mode, ACT=act if mode != gg.MODE_PLAIN else gg.ACT_NONE,
                 STORE_GU=mode == gg.MODE_ACT_FWD, SCATTER_OUT=pass_name in ("down", "dx"), DOT_PREC="tf32",
@@ -138,7 +138,7 @@ def pass_usage(pass_name: str, config: dict, **kw) -> Usage:
 # the split-LoRA Function's autotune key of each pass (split_lora.py), without the row bucket
 def _shape_key(pass_name: str, H: int, I: int, R: int, act: int) -> tuple[str, tuple]:
     return {"gate_up": ("hopper_gemm_act", ("gu", H, I, R, act)), "down": ("hopper_gemm", ("down", I, H, R)),
-            "dh": ("hopper_gemm", ("dh", H, I, R, act)), "dh_split": ("hopper_gemm", ("dh", H, I, R, act)),
+            "dh": ("hopper_gemm", ("dh", H, I, R, act)),
             "dx": ("hopper_gemm", ("dx", 2 * I, H, R))}[pass_name]
 
 
@@ -172,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     for pass_name in a.passes.split(","):
         if a.configs == "shipped":
             configs = shipped_configs(a.model, pass_name)
-            if pass_name == "dh_split":
-                configs = {k: dict(v, DH_SPLIT=True) for k, v in configs.items()}
         else:
             given = json.loads(a.configs)
             configs = {f"given {i}": cfg for i, cfg in enumerate(given if isinstance(given, list) else [given])}

@@ -8,12 +8,9 @@ written) and the routing-weight partials sum(h·dh). It ran at 29 % (Qwen3) and 
 the H100 where the dx pass, the same GEMM shape without that epilogue, ran at 57-70 % (benchmarks/REPORT.md, session
 10). Variants, each with the shipped (tuned) config unless it names a change:
 
-  fused          the pass as the Function runs it (z pre-pass + main launch), the fused epilogue unless the
-                 shipped config says DH_SPLIT
-  split          DH_SPLIT on: the GEMM with a plain epilogue into dgu's up half, then the elementwise activation
-                 backward (hopper.py)
-  split_bn256    the same with 256-wide column tiles (EPI_SPLIT=2, 3 stages: the dx pass's shipped tile)
-  split_zgather  split, with Z_GATHER: a PRE_GATHER config's sorted rows written by the z launch (hopper.py)
+  fused          the pass as the Function runs it (z pre-pass + main launch)
+  index_select   fused, a PRE_GATHER config's sorted rows copied by an index_select instead of written by the z
+                 launch (SPLITMOE_Z_GATHER=0; the same kernels otherwise)
   fused_nolora   no LoRA: no z pre-pass, no z / LB loads and no z@LB dot in the epilogue
   plain          the same GEMM with a plain epilogue (row scale, LoRA, bf16 store of dh [M, I]): no gu read, no
                  activation backward, no routing partials, half the bytes written
@@ -36,26 +33,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("fused", "split", "split_bn256", "split_zgather", "plain", "fused_nolora", "plain_nolora", "z_only",
-            "pregather", "flatten", "bn64", "warps4", "ws")
+VARIANTS = ("fused", "index_select", "plain", "fused_nolora", "plain_nolora", "z_only", "pregather", "flatten",
+            "bn64", "warps4", "ws")
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "ws")
 
 
 def config_for(variant: str, tuned: dict) -> dict:
     """The tuned config with the variant's change."""
     cfg = dict(tuned)
-    if variant == "split":
-        cfg["DH_SPLIT"] = True
-    elif variant == "split_zgather":  # split, and (with PRE_GATHER) the rows' sorted copy written by the z launch
-        cfg.update(DH_SPLIT=True, Z_GATHER=True)
-    elif variant == "split_bn256":  # the plain GEMM's tile (the dx pass's shipped one), the split epilogue
-        cfg.update(DH_SPLIT=True, BLOCK_N=256, EPI_SPLIT=2, num_stages=3)
-    elif variant == "pregather":
+    if variant == "pregather":
         cfg["PRE_GATHER"] = not cfg.get("PRE_GATHER", False)
     elif variant == "flatten":
         cfg["FLATTEN"] = not cfg.get("FLATTEN", False)
@@ -113,8 +105,7 @@ def probe_case(case_name: str, variants: list[str], iters: int) -> list[dict]:
     rows = []
     for variant in variants:
         cfg = config_for(variant, tuned)
-        if variant not in ("fused", "split", "split_bn256", "split_zgather"):
-            cfg["DH_SPLIT"] = False  # the other variants change one thing of the fused pass
+        os.environ["SPLITMOE_Z_GATHER"] = "0" if variant == "index_select" else "1"  # read at each launch
         sched = nn.schedule(srt, cfg["BLOCK_M"])
         lora = variant not in ("fused_nolora", "plain_nolora")
         plain = variant.startswith("plain")

@@ -28,14 +28,22 @@ def _run(*args: str) -> str:
     return r.stdout
 
 
-def test_dh_pass_compiles_for_sm90_and_its_split_gemm_needs_fewer_registers():
-    """The fused dh epilogue holds gate, up and the accumulator at once; DH_SPLIT's GEMM stores the accumulator
-    instead, so at the same tiles it must use fewer registers (the reason DH_SPLIT exists)."""
-    out = _run("--model", "gpt_oss_20b", "--passes", "dh,dh_split", "--configs", json.dumps(SMALL))
+def test_passes_compile_for_sm90_and_report_their_resources():
+    out = _run("--model", "gpt_oss_20b", "--passes", "dh,dx", "--configs", json.dumps(SMALL))
     regs = {m[1]: int(m[2]) for m in re.finditer(r"gpt_oss_20b (\w+)\s+\[given 0\].*?: (\d+) regs", out)}
-    assert set(regs) == {"dh", "dh_split"}, out
-    assert 0 < regs["dh_split"] < regs["dh"] <= 255, out
-    assert re.search(r"\d+ B smem", out), out
+    assert set(regs) == {"dh", "dx"} and all(0 < r <= 255 for r in regs.values()), out
+    assert len(re.findall(r"\d+ B smem", out)) == 2, out
+
+
+def test_shipped_configs_are_found_per_pass():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.kernel_resources import shipped_configs
+
+    # the shipped table holds H100 entries of every NN pass of both models (sessions 7-12 sweeps)
+    for model in ("qwen3_30b", "gpt_oss_20b"):
+        for pass_name in ("gate_up", "down", "dh", "dx"):
+            found = shipped_configs(model, pass_name)
+            assert found and all("BLOCK_M" in c for c in found.values()), (model, pass_name)
 
 
 def test_unknown_pass_is_refused():

@@ -103,19 +103,18 @@ PASS_PARAMS = [
     pytest.param("empty_experts", {}, 3, id="empty_experts-desc"),
     pytest.param("empty_experts", {"DESC": False}, 1, id="empty_experts-nodesc-1prog"),
     pytest.param("oai_biases", {"PRE_GATHER": True, "FLATTEN": True}, 7, id="oai_biases-pregather-7prog"),
-    # the pre-gathered copy written by the LoRA z launch (Z_GATHER) instead of an index_select
-    pytest.param("empty_experts", {"PRE_GATHER": True, "Z_GATHER": True}, 3, id="empty_experts-pregather-zgather"),
+    # PRE_GATHER's sorted copy made by an index_select (SPLITMOE_Z_GATHER=0) instead of by the LoRA z launch
+    pytest.param("empty_experts", {"PRE_GATHER": True, "SPLITMOE_Z_GATHER": "0"}, 3, id="empty_experts-pregather-noz"),
     pytest.param("empty_experts", {"EPI_SPLIT": 2}, 3, id="empty_experts-desc-episplit"),
     pytest.param("odd_dims", {"EPI_SPLIT": 2}, 3, id="odd_dims-pointer-episplit"),
-    # DH_SPLIT (the dh pass's activation backward as its own elementwise pass; a no-op on the other passes), with
-    # whole and halved epilogues; empty_experts' I=16 is narrower than one 32-wide column tile
-    pytest.param("oai_biases", {"DH_SPLIT": True}, 3, id="oai_biases-dhsplit"),
-    pytest.param("empty_experts", {"DH_SPLIT": True, "EPI_SPLIT": 2}, 3, id="empty_experts-dhsplit-episplit"),
 ]
 
 
-def _pass_setup(case_name, dtype, seed, progs, monkeypatch):
+def _pass_setup(case_name, dtype, seed, progs, monkeypatch, over):
     monkeypatch.setattr(hopper, "INTERPRETER_PROGRAMS", progs)
+    for k, v in over.items():  # the overrides that are environment switches, not config keys
+        if k.startswith("SPLITMOE_"):
+            monkeypatch.setenv(k, v)
     case = get_case(case_name)
     srt, expert_M, rnd = _setup(case, seed, dtype)
     return case, srt, expert_M, rnd
@@ -137,9 +136,9 @@ def _assert_plan(spy: _Spy, case_name: str, over: dict, gathered: bool = False) 
     want_desc = case_name != "odd_dims" and over.get("DESC", True)
     assert all(c["W_DESC"] == want_desc for c in spy.calls), [c["W_DESC"] for c in spy.calls]
     assert all(c["grid"] == (hopper.num_programs(torch.device(DEVICE)),) for c in spy.calls)
-    # PRE_GATHER + Z_GATHER with LoRA: the z launch gathers the rows and writes the sorted copy (STORE_A), and the
-    # pass's own launch reads that copy by TMA; every other launch stores nothing but its outputs
-    if gathered and over.get("PRE_GATHER") and over.get("Z_GATHER"):
+    # PRE_GATHER with LoRA: the z launch gathers the rows and writes the sorted copy (STORE_A), unless
+    # SPLITMOE_Z_GATHER=0, and the pass's own launch reads that copy by TMA; no other launch stores the rows
+    if gathered and over.get("PRE_GATHER") and over.get("SPLITMOE_Z_GATHER") != "0":
         z_launch, main = spy.calls[0], spy.calls[-1]
         assert len(spy.calls) == 2 and z_launch["GATHER_A"] and z_launch["STORE_A"], spy.calls
         assert not main["GATHER_A"] and main["A_DESC"] and not main["STORE_A"]
@@ -153,7 +152,7 @@ def _assert_plan(spy: _Spy, case_name: str, over: dict, gathered: bool = False) 
 @pytest.mark.parametrize("case_name,over,progs", PASS_PARAMS)
 def test_gate_up_pass_gather_lora_activation(case_name, over, progs, dtype, seed, spy, monkeypatch):
     """h = act(x[token]@Wgu + s·(x[token]@A)@B + b), gu and z = x[token]@A stored: as float64 and as `triton`."""
-    case, srt, expert_M, rnd = _pass_setup(case_name, dtype, seed, progs, monkeypatch)
+    case, srt, expert_M, rnd = _pass_setup(case_name, dtype, seed, progs, monkeypatch, over)
     x = rnd(case.T, case.H)
     W, A, B = rnd(case.E, case.H, 2 * case.I, scale=0.2), rnd(case.E, case.H, case.R, scale=0.2), rnd(
         case.E, case.R, 2 * case.I)
@@ -185,7 +184,7 @@ def test_gate_up_pass_gather_lora_activation(case_name, over, progs, dtype, seed
 @pytest.mark.parametrize("case_name,over,progs", PASS_PARAMS)
 def test_down_pass_lora_bias_rowscale_scatter(case_name, over, progs, dtype, seed, spy, monkeypatch):
     """out[flat[m]] = w[m]·(h[m]@Wd + s·(h[m]@A2)@B2 + b): contiguous rows (TMA-loaded where aligned), z stored."""
-    case, srt, expert_M, rnd = _pass_setup(case_name, dtype, seed, progs, monkeypatch)
+    case, srt, expert_M, rnd = _pass_setup(case_name, dtype, seed, progs, monkeypatch, over)
     h = rnd(srt.M, case.I)
     W, A, B = rnd(case.E, case.I, case.H, scale=0.2), rnd(case.E, case.I, case.R, scale=0.2), rnd(
         case.E, case.R, case.H)
@@ -220,7 +219,7 @@ def test_down_pass_lora_bias_rowscale_scatter(case_name, over, progs, dtype, see
 def test_dh_pass_activation_backward(case_name, over, progs, dtype, seed, spy, monkeypatch):
     """dh' = dy[token]@Wd^T + (s·dy[token]@B2^T)@A2^T over transposed (K-major) weight views; the partial dots sum
     to <h, dh'>; dgu = act'(gu)·(w·dh')."""
-    case, srt, expert_M, rnd = _pass_setup(case_name, dtype, seed, progs, monkeypatch)
+    case, srt, expert_M, rnd = _pass_setup(case_name, dtype, seed, progs, monkeypatch, over)
     dy, gu = rnd(case.T, case.H), rnd(srt.M, 2 * case.I, scale=2.0)
     Wd, A2, B2 = rnd(case.E, case.I, case.H, scale=0.2), rnd(case.E, case.I, case.R), rnd(case.E, case.R, case.H)
     ws = rnd(srt.M).abs() + 0.1
@@ -251,10 +250,7 @@ def test_dh_pass_activation_backward(case_name, over, progs, dtype, seed, spy, m
     _assert_plan(spy, case_name, over, gathered=True)
     assert all(c["W_KMAJOR"] for c in spy.calls), "Wd^T and B2^T are transposed views: K-major descriptors"
     main = [c for c in spy.calls if c["MODE"] == gg.MODE_ACT_BWD]
-    if over.get("DH_SPLIT"):  # the GEMM with a plain epilogue (after the z launch), the activation elsewhere
-        assert not main and [c["MODE"] for c in spy.calls] == [gg.MODE_PLAIN] * 2
-    else:
-        assert len(main) == 1 and main[0]["GU_DESC"] == (case_name != "odd_dims" and over.get("DESC", True))
+    assert len(main) == 1 and main[0]["GU_DESC"] == (case_name != "odd_dims" and over.get("DESC", True))
 
 
 @kernel_test
@@ -263,7 +259,7 @@ def test_dh_pass_activation_backward(case_name, over, progs, dtype, seed, spy, m
 @pytest.mark.parametrize("case_name,over,progs", PASS_PARAMS)
 def test_dx_pass_transposed_weights_scatter(case_name, over, progs, dtype, seed, spy, monkeypatch):
     """dx rows = dgu@Wgu^T + (s·dgu@B1^T)@A1^T scattered to flat[m]; dz1 stored."""
-    case, srt, expert_M, rnd = _pass_setup(case_name, dtype, seed, progs, monkeypatch)
+    case, srt, expert_M, rnd = _pass_setup(case_name, dtype, seed, progs, monkeypatch, over)
     dgu = rnd(srt.M, 2 * case.I)
     W, A1, B1 = rnd(case.E, case.H, 2 * case.I, scale=0.2), rnd(case.E, case.H, case.R), rnd(case.E, case.R,
                                                                                              2 * case.I)
@@ -296,7 +292,7 @@ def test_dx_pass_transposed_weights_scatter(case_name, over, progs, dtype, seed,
 def test_base_only_gate_up(pre_gather, dtype, seed, monkeypatch):
     """The base-only mode (no LoRA, no activation: x[token]@Wgu -> [M, 2I]), what the benchmark times against
     torch._grouped_mm, on a case with empty experts."""
-    case, srt, expert_M, rnd = _pass_setup("empty_experts", dtype, seed, 3, monkeypatch)
+    case, srt, expert_M, rnd = _pass_setup("empty_experts", dtype, seed, 3, monkeypatch, {})
     x, W = rnd(case.T, case.H), rnd(case.E, case.H, 2 * case.I, scale=0.2)
     cfg = _cfg("hopper_gemm", dtype, PRE_GATHER=pre_gather)
     out = torch.full((srt.M, 2 * case.I), float("nan"), device=DEVICE, dtype=dtype)
@@ -321,14 +317,10 @@ def test_hopper_function_matches_reference_fp32(case_name, seed, spy):
 
 
 @cpu_only
-@pytest.mark.parametrize("dh_split", [False, True], ids=["fused_dh", "split_dh"])
 @pytest.mark.parametrize("case_name", ["odd_dims", "empty_experts"])
-def test_hopper_function_matches_reference_fp16(case_name, dh_split, seed, monkeypatch):
-    """In fp16, where DH_SPLIT rounds dh' to the storage dtype between its GEMM and the activation backward (the
-    fused epilogue keeps it in fp32), both paths stay within the fp16 tolerance of the float64 reference. Not
-    oai_biases: its clamp at limit 1.0 is a step in the gradient, and an fp16-rounded gate on the other side of it
-    than the float64 one moves dx by O(1) on some seeds, on the `triton` kernels as on these (fp32 covers it)."""
-    monkeypatch.setenv("SPLITMOE_DH_SPLIT", "1" if dh_split else "0")
+def test_hopper_function_matches_reference_fp16(case_name, seed):
+    """Not oai_biases: its clamp at limit 1.0 is a step in the gradient, and an fp16-rounded gate on the other side of
+    it than the float64 one moves dx by O(1) on some seeds, on the `triton` kernels as on these (fp32 covers it)."""
     _check_against_reference(get_case(case_name), torch.float16, seed, kernels="hopper")
 
 
@@ -361,10 +353,9 @@ def test_output_unread_skips_the_down_pass_and_keeps_every_gradient(case_name, k
 @cpu_only
 def test_config_switches_give_the_same_numbers(seed, monkeypatch):
     """PRE_GATHER, FLATTEN, WS (kept only where every load is a descriptor load), EPI_SPLIT (the epilogue in two
-    column halves), DH_SPLIT (the dh pass's activation backward as its own pass, dh' stored in fp32 here, so exactly),
-    Z_GATHER (the pre-gathered rows written by the z launch) and DESC=False change how the same tiles are loaded,
-    ordered and finished, never what they compute: the default's gradients in the interpreter, bitwise except for
-    DESC=False.
+    column halves) and DESC=False change how the same tiles are loaded, ordered and finished, never what they
+    compute: the default's gradients in the interpreter, bitwise except for DESC=False. (PRE_GATHER's sorted rows
+    are written by the LoRA z launches, `hopper.z_gather`.)
 
     DESC=False hands the interpreter's numpy matmul a C-contiguous weight tile where the descriptor path hands it a
     transposed view, and the BLAS then sums the same fp32 products in another order: with numpy 2.4.6, dx differed
@@ -373,9 +364,7 @@ def test_config_switches_give_the_same_numbers(seed, monkeypatch):
     case = get_case("k_eq_e")
     base = _check_against_reference(case, torch.float32, seed, kernels="hopper")
     variants = [({"PRE_GATHER": True, "WS": True}, True), ({"FLATTEN": True, "GROUP_M": 1}, True),
-                ({"EPI_SPLIT": 2}, True), ({"EPI_SPLIT": 2, "FLATTEN": True}, True), ({"DH_SPLIT": True}, True),
-                ({"DH_SPLIT": True, "EPI_SPLIT": 2}, True), ({"PRE_GATHER": True, "Z_GATHER": True}, True),
-                ({"DESC": False}, False)]
+                ({"EPI_SPLIT": 2}, True), ({"EPI_SPLIT": 2, "FLATTEN": True}, True), ({"DESC": False}, False)]
     for over, bitwise in variants:
         monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", {
             k: dict(v, **over) if k.startswith("hopper_") else v for k, v in autotune.INTERPRETER_CONFIGS.items()})
@@ -391,18 +380,14 @@ def test_config_switches_give_the_same_numbers(seed, monkeypatch):
                                                msg=lambda m, k=key, o=over: f"d{k} with {o}: {m}")
 
 
-@pytest.mark.parametrize("fn,key,env", [(hopper.dh_split, "DH_SPLIT", "SPLITMOE_DH_SPLIT"),
-                                         (hopper.z_gather, "Z_GATHER", "SPLITMOE_Z_GATHER")])
-def test_path_switches_follow_the_config_unless_the_environment_forces_them(fn, key, env, monkeypatch):
-    monkeypatch.delenv(env, raising=False)
-    assert fn({key: True}) and not fn({})
-    monkeypatch.setenv(env, "0")
-    assert not fn({key: True})
-    monkeypatch.setenv(env, "1")
-    assert fn({})
-    monkeypatch.setenv(env, "yes")
-    with pytest.raises(ValueError, match=f"{env}='yes'"):
-        fn({})
+def test_z_gather_is_on_unless_switched_off(monkeypatch):
+    monkeypatch.delenv("SPLITMOE_Z_GATHER", raising=False)
+    assert hopper.z_gather()
+    monkeypatch.setenv("SPLITMOE_Z_GATHER", "0")
+    assert not hopper.z_gather()
+    monkeypatch.setenv("SPLITMOE_Z_GATHER", "yes")
+    with pytest.raises(ValueError, match="SPLITMOE_Z_GATHER='yes'"):
+        hopper.z_gather()
 
 
 def test_launch_plan_picks_tma_only_where_it_can():
@@ -441,10 +426,6 @@ def test_hopper_autotune_space(monkeypatch):
         assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_D"] + halves * c["BLOCK_D"] * c["BLOCK_N"]) * 2
                    + 32 * 1024 <= 227 * 1024 for c in full)
         assert {c["FLATTEN"] for c in full} == {False, True} and {c["PRE_GATHER"] for c in full} == {False, True}
-    plain = autotune._candidates("hopper_gemm", 1000, 227 * 1024, 2, space="sweep")
-    dh = autotune._candidates("hopper_gemm", 1000, 227 * 1024, 2, space="sweep", dh=True)
-    assert "DH_SPLIT" not in plain[0] and dh == [dict(c, DH_SPLIT=v) for c in plain for v in (False, True)]
-    assert autotune._is_dh((131072, "dh", 2048, 768, 64, 1)) and not autotune._is_dh((131072, "dx", 1536, 2048, 64))
     monkeypatch.setenv("SPLITMOE_HOPPER_WS", "1")
     ws = [c for c in autotune._candidates("hopper_gemm", 1000, 227 * 1024, 2) if c["WS"]]
     assert ws and not any(c["FLATTEN"] for c in ws)
@@ -539,8 +520,6 @@ def test_bf16_gpu_hopper_matches_reference(case, seed):
                                   # 282,680 B of shared memory at 128 rows x 3 stages and 239,672 B at 64 x 3
                                   # (H100 limit 232,448; session 10), 18.5 KB over its stage buffers, so 2 stages
                                   # (147,456 B of them) fit by that count. Not yet run on a GPU at 2 stages.
-                                  {"DH_SPLIT": True}, {"DH_SPLIT": True, "EPI_SPLIT": 2, "BLOCK_N": 256},
-                                  {"PRE_GATHER": True, "Z_GATHER": True},
                                   {"EPI_SPLIT": 2}, {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2,
                                                      "EPI_SPLIT": 2, "FLATTEN": True},
                                   # 4 stages: at 5, the gate_up pass (two B tiles) asked 245,848 B of shared memory

@@ -14,8 +14,7 @@
   its best config. `SPLITMOE_TRITON_AUTOTUNE_SPACE=sweep` narrows the space to the short list the sweep script
   times; `SPLITMOE_TRITON_AUTOTUNE_LOG=path` appends every timing as a JSON line.
 - Kinds "hopper_gemm" / "hopper_gemm_act" are the persistent TMA kernel's (hopper.py): their space adds GROUP_M,
-  FLATTEN, PRE_GATHER and EPI_SPLIT (the epilogue in column halves), DH_SPLIT on the dh pass (its activation
-  backward as its own elementwise pass), and warp specialisation only with
+  FLATTEN, PRE_GATHER and EPI_SPLIT (the epilogue in column halves), and warp specialisation only with
   `SPLITMOE_HOPPER_WS=1`; their GPU defaults are untuned until `benchmarks/triton_sweep.py --backend
   triton_hopper` has run on the GPU.
 - `SPLITMOE_TRITON_COMPILE_SHARD=i/n` (used by the sweep script only): launch each candidate of shard i once, time
@@ -82,11 +81,10 @@ def cache_path() -> Path:
 
 
 def _candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_bytes: int,
-                space: str = "full", dh: bool = False) -> list[dict]:
+                space: str = "full") -> list[dict]:
     """The pruned search space: drop configs whose pipelined tiles overflow shared memory, and row blocks far taller
     than an average expert group (they would mostly compute masked rows). `space="sweep"`: the short list that
-    `benchmarks/triton_sweep.py` times (64-deep reduction steps, 3-4 stages). `dh`: the space is the dh pass's, where
-    the Hopper kernels offer every config with and without DH_SPLIT (hopper.py)."""
+    `benchmarks/triton_sweep.py` times (64-deep reduction steps, 3-4 stages)."""
     out = []
     small = space == "sweep"
     if kind == "tn":
@@ -98,8 +96,7 @@ def _candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_bytes: 
             out.append(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps, num_stages=stages))
         return out
     if kind.startswith("hopper_"):
-        out = _hopper_candidates(kind, rows_per_expert, smem_bytes, elem_bytes, small)
-        return [dict(c, DH_SPLIT=split) for c in out for split in (False, True)] if dh else out
+        return _hopper_candidates(kind, rows_per_expert, smem_bytes, elem_bytes, small)
     halves = 2 if kind == "gemm_act" else 1
     for bm, bn, bd, warps, stages, zpre in itertools.product(
             (64, 128), (64, 128, 256), (32, 64, 128) if not small else (64,), (4, 8),
@@ -194,7 +191,7 @@ def get_config(kind: str, shape_key: tuple, dtype: torch.dtype, device: torch.de
     key = cache_key(kind, shape_key, dtype, _device_name(device))
     shard = os.environ.get("SPLITMOE_TRITON_COMPILE_SHARD")
     if shard and bench is not None:
-        _compile_shard(kind, shard, rows_per_expert, dtype, device, bench, _is_dh(shape_key))
+        _compile_shard(kind, shard, rows_per_expert, dtype, device, bench)
         return dict(GPU_DEFAULTS[kind])
     if not autotune_enabled() or bench is None:
         if key not in _memory_cache:
@@ -211,7 +208,7 @@ def get_config(kind: str, shape_key: tuple, dtype: torch.dtype, device: torch.de
 
     log = os.environ.get("SPLITMOE_TRITON_AUTOTUNE_LOG")
     best, best_ms = dict(GPU_DEFAULTS[kind]), float("inf")
-    for cfg in _space(kind, rows_per_expert, dtype, device, _is_dh(shape_key)):
+    for cfg in _space(kind, rows_per_expert, dtype, device):
         try:
             ms = triton.testing.do_bench(lambda cfg=cfg: bench(cfg), warmup=5, rep=20)
         except Exception as e:  # noqa: BLE001 - a config that fails to compile (resources) is not a candidate
@@ -233,24 +230,17 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def _is_dh(shape_key: tuple) -> bool:
-    """Whether a shape key is the dh pass's (split_lora keys it (bucket, "dh", H, I, R, act))."""
-    return len(shape_key) > 1 and shape_key[1] == "dh"
-
-
-def _space(kind: str, rows_per_expert: float, dtype: torch.dtype, device: torch.device, dh: bool = False
-           ) -> list[dict]:
+def _space(kind: str, rows_per_expert: float, dtype: torch.dtype, device: torch.device) -> list[dict]:
     props = torch.cuda.get_device_properties(device)
     smem = getattr(props, "shared_memory_per_block_optin", 163 * 1024)
     elem = torch.tensor([], dtype=dtype).element_size()
-    return _candidates(kind, rows_per_expert, smem, elem, os.environ.get("SPLITMOE_TRITON_AUTOTUNE_SPACE", "full"),
-                       dh)
+    return _candidates(kind, rows_per_expert, smem, elem, os.environ.get("SPLITMOE_TRITON_AUTOTUNE_SPACE", "full"))
 
 
 def _compile_shard(kind: str, shard: str, rows_per_expert: float, dtype: torch.dtype, device: torch.device,
-                   bench: Callable[[dict], None], dh: bool = False) -> None:
+                   bench: Callable[[dict], None]) -> None:
     i, n = (int(v) for v in shard.split("/"))
-    for j, cfg in enumerate(_space(kind, rows_per_expert, dtype, device, dh)):
+    for j, cfg in enumerate(_space(kind, rows_per_expert, dtype, device)):
         if j % n == i:
             try:
                 bench(cfg)

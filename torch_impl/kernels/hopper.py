@@ -20,8 +20,8 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
 - Gathered rows (x[token] in gate_up, dy[token] in dh) by ordinary pointer loads, which the pipeliner turns into
   cp.async: TMA gather (`desc.gather`) is sm_100+ only and does not compile for sm_90 (measured, the reference's
   section 5). `PRE_GATHER` (a config choice) instead copies the rows into expert order first and loads them by TMA;
-  with LoRA and Z_GATHER (a config key; `z_gather`) the pass's z launch, which gathers every row once anyway, writes
-  that copy as it goes (`STORE_A`), so the copy costs its write and not a separate gather's read and write.
+  with LoRA the pass's z launch, which gathers every row once anyway, writes that copy as it goes (`STORE_A`,
+  `z_gather`), so the copy costs its write and not a separate gather's read and write.
 - LoRA: z = z_scale·A[rows]@LA is precomputed by a skinny launch of this same kernel (output width R) and added as
   lora_scale·z@LB[e] in the epilogue (the Z_PRE design the H200 sweep chose for 33 of 36 keys).
 - `num_stages` software pipelining; `FLATTEN` (tl.range(flatten=True): the next tile's loads overlap this tile's
@@ -35,15 +35,6 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
   `tl.split` halves of the accumulators), so the activation math's gate, up and h live for half a tile: the dh
   pass's epilogue holds those next to the accumulator, which is what kept its tiles 64-128 wide.
 - Outputs by masked pointer stores: a TMA store writes its whole box, which would overwrite the next expert's rows.
-- `DH_SPLIT` (a config choice of the dh pass): the GEMM runs with a plain epilogue that stores dh' (LoRA included, no
-  row scale) into the up half of the dgu output, and `_act_bwd_rows_kernel`, an elementwise pass over those rows,
-  does the activation backward and the routing-weight partials in place. The fused epilogue reads gate and up and
-  writes both halves after every tile's main loop, which a persistent program without warp specialisation cannot
-  overlap with its MMAs (the dh pass ran at 29-39 % of the dense rate against 57-70 % for dx, the same GEMM shape
-  without that epilogue); split, the GEMM keeps a plain epilogue and the activation runs at memory speed. No extra
-  memory (dh' lives where du will be); dh' is rounded to the output dtype between the two, as a separate-GEMM
-  implementation rounds it (HF's down_proj backward), so in fp32 the two paths agree bitwise. SPLITMOE_DH_SPLIT=0|1
-  overrides the config for every dh pass (`dh_split`), to time whole steps both ways.
 
 Operands that TMA cannot address (a base or a leading stride not a multiple of 16 bytes, e.g. odd H in fp16, or a
 last dimension that is not contiguous) fall back, per operand and decided on the host, to pointer loads in the same
@@ -304,41 +295,6 @@ def _epilogue(acc, acc2, z, rs, rows64, mask_mc, row0_c, e_c, n0, out_rows, gu_d
     return part
 
 
-@triton.jit
-def _act_bwd_rows_kernel(gu_ptr, stride_gum, stride_gun, rs_ptr, out_ptr, stride_om, stride_on,
-                         dot_ptr, stride_dotm, stride_dotn, M, N, limit, alpha,
-                         ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr):
-    """DH_SPLIT's second half, in place over out = dgu [M, 2N]: columns [N, 2N) hold dh' on entry. Per (row block,
-    BLOCK_N column tile), in the fused epilogue's order (`_epilogue`, MODE 2, column halves when EPI_SPLIT=2): h from
-    the saved gate / up rounded as the forward rounded it, the partial <h, dh'> into dot[:, tile], then
-    (dgate, dup) = act'(g, u)·(rs·dh') into both halves. Each element of dh' is read before the same program
-    overwrites it with dup, and no other program touches it."""
-    pid_m = tl.program_id(0)
-    cn = tl.program_id(1)
-    cdt = gu_ptr.dtype.element_ty
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = rows < M
-    rows64 = rows.to(tl.int64)
-    rs = tl.load(rs_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
-    part = tl.zeros([BLOCK_M], dtype=tl.float32)
-    SUB_N: tl.constexpr = BLOCK_N // EPI_SPLIT
-    for half in tl.static_range(EPI_SPLIT):
-        cols = cn * BLOCK_N + half * SUB_N + tl.arange(0, SUB_N)
-        mask = mask_m[:, None] & (cols < N)[None, :]
-        gu_rows = gu_ptr + rows64[:, None] * stride_gum
-        g = tl.load(gu_rows + cols[None, :] * stride_gun, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(gu_rows + (cols + N)[None, :] * stride_gun, mask=mask, other=0.0).to(tl.float32)
-        out_rows = out_ptr + rows64[:, None] * stride_om
-        dh = tl.load(out_rows + (cols + N)[None, :] * stride_on, mask=mask, other=0.0).to(tl.float32)
-        h = _act_fwd(g, u, ACT, limit, alpha).to(cdt).to(tl.float32)
-        part += tl.sum(tl.where(mask, h * dh, 0.0), axis=1)
-        dg, du = _act_bwd(g, u, dh * rs[:, None], ACT, limit, alpha)
-        out_ty = out_ptr.dtype.element_ty
-        tl.store(out_rows + cols[None, :] * stride_on, dg.to(out_ty), mask=mask)
-        tl.store(out_rows + (cols + N)[None, :] * stride_on, du.to(out_ty), mask=mask)
-    tl.store(dot_ptr + rows64 * stride_dotm + cn * stride_dotn, part, mask=mask_m)
-
-
 # ---- host side -------------------------------------------------------------------------------------------------------
 
 def _tma_ok(t: torch.Tensor, contiguous_dim: int) -> bool:
@@ -389,15 +345,14 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     runs first as its own skinny launch (into `z_MR` when given: the backward saves it), then the main pass adds
     lora_scale·z@LB. Config keys: BLOCK_M/N/D, GROUP_M, num_warps, num_stages, FLATTEN, WS (warp specialisation),
     PRE_GATHER (copy gathered rows into expert order first, then load them by TMA), EPI_SPLIT (1, or 2: the
-    epilogue by column halves), DESC (False: pointer loads only), DH_SPLIT (the dh pass's activation backward as
-    its own elementwise pass: `_split_dh`). `store_z` is accepted for the signature's sake:
+    epilogue by column halves), DESC (False: pointer loads only). `store_z` is accepted for the signature's sake:
     a given `z_MR` is always written.
     """
     # PRE_GATHER: one contiguous copy of the rows in expert order (M x D), so every A load of the pass is a TMA load.
-    # With LoRA and `z_gather(config)` the z launch, which reads every gathered row once anyway, writes that copy on
+    # With LoRA and `z_gather()` the z launch, which reads every gathered row once anyway, writes that copy on
     # the way (STORE_A); otherwise a plain index_select does.
     pre_gather = row_index is not None and config.get("PRE_GATHER", False)
-    if pre_gather and not (lora_a_EDR is not None and z_gather(config)):
+    if pre_gather and not (lora_a_EDR is not None and z_gather()):
         a, row_index = a.index_select(0, row_index.long()), None
     if lora_a_EDR is not None:
         if lora_b_ERN is None:
@@ -415,22 +370,18 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
                 row_index=row_index, out_scale=z_scale, a_out=a_sorted)
         if a_sorted is not None:
             a, row_index = a_sorted, None
-    if mode == MODE_ACT_BWD and dh_split(config):
-        return _split_dh(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=config, row_index=row_index, z_MR=z_MR,
-                         lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN, row_scale_M=row_scale_M,
-                         act=act, gu_M2I=gu_M2I, dot_MT=dot_MT, limit=limit, alpha=alpha)
     return _launch(a, w_EDN, schedule, offsets_E1, n=n, out=out, config=config, row_index=row_index, z_MR=z_MR,
                    lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN, row_scale_M=row_scale_M,
                    mode=mode, act=act, gu_M2I=gu_M2I, store_gu=store_gu, out_rows_M=out_rows_M, dot_MT=dot_MT,
                    limit=limit, alpha=alpha, out_scale=out_scale)
 
 
-def z_gather(config: dict) -> bool:
-    """Whether a PRE_GATHER pass with LoRA has its z launch write the sorted copy of the rows (STORE_A) instead of
-    an index_select: the config's Z_GATHER, unless SPLITMOE_Z_GATHER=0 or 1 says otherwise. No shipped config sets it
-    until the gpu tests have run it on an H100 / H200 (the interpreter tests pass either way)."""
-    forced = _switch("SPLITMOE_Z_GATHER", "0 (index_select) or 1 (the z launch writes the copy)")
-    return bool(config.get("Z_GATHER", False)) if forced is None else forced
+def z_gather() -> bool:
+    """Whether a PRE_GATHER pass with LoRA has its z launch write the sorted copy of the rows (STORE_A) instead of an
+    index_select: yes unless SPLITMOE_Z_GATHER=0 (to time both). On an H100 it took 8-10 ms off a 16K gpt-oss step
+    (benchmarks/REPORT.md, session 16)."""
+    return _switch("SPLITMOE_Z_GATHER", "1 (the z launch writes the copy; the default) or 0 (index_select)") \
+        is not False
 
 
 def _switch(name: str, meaning: str) -> bool | None:
@@ -439,30 +390,6 @@ def _switch(name: str, meaning: str) -> bool | None:
     if value not in ("", "0", "1"):
         raise ValueError(f"{name}={value!r}: use {meaning}, or leave it unset")
     return None if value == "" else value == "1"
-
-
-def dh_split(config: dict) -> bool:
-    """Whether the dh pass runs split (`_split_dh`): the config's DH_SPLIT, unless SPLITMOE_DH_SPLIT=0 or 1 says
-    otherwise for every dh pass (to time a whole step both ways before the tuned table holds the choice)."""
-    forced = _switch("SPLITMOE_DH_SPLIT", "0 (fused epilogue) or 1 (split)")
-    return bool(config.get("DH_SPLIT", False)) if forced is None else forced
-
-
-def _split_dh(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index, z_MR, lora_b_ERN, lora_scale, bias_EN,
-              row_scale_M, act, gu_M2I, dot_MT, limit, alpha):
-    """The dh pass as DH_SPLIT runs it (module docstring): the GEMM with a plain epilogue into the up half of
-    `out`, then `_act_bwd_rows_kernel` in place."""
-    if row_scale_M is None or gu_M2I is None or dot_MT is None:
-        raise ValueError("the dh pass (MODE_ACT_BWD) needs row_scale_M, gu_M2I and dot_MT")
-    _launch(a, w_EDN, schedule, offsets_E1, n=n, out=out[:, n:], config=config, row_index=row_index, z_MR=z_MR,
-            lora_b_ERN=lora_b_ERN, lora_scale=lora_scale, bias_EN=bias_EN)
-    m, bn = out.shape[0], config["BLOCK_N"]
-    bm = max(16, 8192 // bn)  # about 8K elements per column half and operand: memory-bound, few registers
-    launch(_act_bwd_rows_kernel, (gg.cdiv(m, bm), gg.cdiv(n, bn)), (
-        gu_M2I, *gu_M2I.stride(), row_scale_M, out, *out.stride(), dot_MT, *dot_MT.stride(), m, n, float(limit),
-        float(alpha),
-    ), dict(ACT=act, BLOCK_M=bm, BLOCK_N=bn, EPI_SPLIT=config.get("EPI_SPLIT", 1)), num_warps=4, num_stages=1)
-    return out
 
 
 def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z_MR=None, lora_b_ERN=None,
