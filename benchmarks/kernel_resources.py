@@ -12,7 +12,7 @@ weights as K-major views where the pass reads a transposed weight): gate_up (act
 dh (act_bwd epilogue) and dx, with the rows gathered by pointer loads or, with
 PRE_GATHER, read by TMA.
 
-    python3 benchmarks/kernel_resources.py --model gpt_oss_20b --passes dh --configs shipped
+    python3 benchmarks/kernel_resources.py --model gpt_oss_20b --passes dh --configs shipped [--lora-acc]
     python3 benchmarks/kernel_resources.py --model qwen3_30b --passes gate_up,dh \
         --configs '{"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 4}'
 Prints one line per (pass, config): registers, stack bytes (spills), shared memory.
@@ -56,10 +56,12 @@ class Usage:
         return f"{self.regs} regs{spills}, {self.smem} B smem{', warp-specialised' if self.warp_specialized else ''}"
 
 
-def pass_constexprs(pass_name: str, config: dict, *, rank: int = 64, act: int = 1, gathered: bool = True) -> dict:
+def pass_constexprs(pass_name: str, config: dict, *, rank: int = 64, act: int = 1, gathered: bool = True,
+                    lora_acc: bool = False) -> dict:
     """The constexpr switches `hopper._launch` passes for one NN pass of the split-LoRA Function (bf16, LoRA on,
     TMA-addressable operands); `gathered`: the pass reads its rows through the sort's index (gate_up and dh) and
-    the config does not PRE_GATHER them."""
+    the config does not PRE_GATHER them; `lora_acc`: the LoRA term accumulated into the base accumulator
+    (`hopper.lora_acc`)."""
     from torch_impl.kernels import grouped_gemm as gg
 
     if pass_name not in PASSES:
@@ -67,7 +69,7 @@ def pass_constexprs(pass_name: str, config: dict, *, rank: int = 64, act: int = 
     gather = gathered and pass_name in ("gate_up", "dh") and not config.get("PRE_GATHER", False)
     mode = {"gate_up": gg.MODE_ACT_FWD, "dh": gg.MODE_ACT_BWD}.get(pass_name, gg.MODE_PLAIN)
     return dict(GATHER_A=gather, A_DESC=not gather, W_DESC=True, W_KMAJOR=pass_name in ("dh", "dx"),
-                GU_DESC=mode == gg.MODE_ACT_BWD, LORA=True, HAS_BIAS=False,
+                GU_DESC=mode == gg.MODE_ACT_BWD, LORA=2 if lora_acc else 1, HAS_BIAS=False,
                 ROW_SCALE=pass_name in ("down", "dh"), MODE=mode, ACT=act if mode != gg.MODE_PLAIN else gg.ACT_NONE,
                 STORE_GU=mode == gg.MODE_ACT_FWD, SCATTER_OUT=pass_name in ("down", "dx"), DOT_PREC="tf32",
                 EVEN_D=True, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"],
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="qwen3_30b", help="a case family of shared_math.cases (qwen3_30b, gpt_oss_20b, "
                    "glm45, glm47_flash)")
     p.add_argument("--passes", default=",".join(PASSES))
+    p.add_argument("--lora-acc", action="store_true", help="the LoRA term accumulated into the base accumulator "
+                   "(SPLITMOE_LORA_ACC=1, hopper.lora_acc)")
     p.add_argument("--configs", default="shipped",
                    help="'shipped' (the table's H100 entries for each pass) or a JSON config / list of configs")
     a = p.parse_args(argv)
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if not configs:
             print(f"{a.model} {pass_name}: no shipped entry")
         for label, cfg in configs.items():
-            u = pass_usage(pass_name, cfg, rank=c.R, act=act)
+            u = pass_usage(pass_name, cfg, rank=c.R, act=act, lora_acc=a.lora_acc)
             print(f"{a.model} {pass_name:8s} [{label}] {json.dumps(cfg, sort_keys=True)}: {u}", flush=True)
     return 0
 

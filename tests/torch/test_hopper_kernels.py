@@ -106,6 +106,10 @@ PASS_PARAMS = [
     # PRE_GATHER's sorted copy made by an index_select (SPLITMOE_Z_GATHER=0) instead of by the LoRA z launch
     pytest.param("empty_experts", {"PRE_GATHER": True, "SPLITMOE_Z_GATHER": "0"}, 3, id="empty_experts-pregather-noz"),
     pytest.param("empty_experts", {"EPI_SPLIT": 2}, 3, id="empty_experts-desc-episplit"),
+    # the LoRA term accumulated into the base accumulator (SPLITMOE_LORA_ACC=1; these tests' scales are powers of
+    # two), whole and halved epilogues
+    pytest.param("oai_biases", {"SPLITMOE_LORA_ACC": "1"}, 3, id="oai_biases-lora-acc"),
+    pytest.param("odd_dims", {"SPLITMOE_LORA_ACC": "1", "EPI_SPLIT": 2}, 3, id="odd_dims-lora-acc-episplit"),
     pytest.param("odd_dims", {"EPI_SPLIT": 2}, 3, id="odd_dims-pointer-episplit"),
 ]
 
@@ -144,6 +148,9 @@ def _assert_plan(spy: _Spy, case_name: str, over: dict, gathered: bool = False) 
         assert not main["GATHER_A"] and main["A_DESC"] and not main["STORE_A"]
     else:
         assert not any(c["STORE_A"] for c in spy.calls)
+    # the epilogue's LoRA form: 2 (accumulated into the base accumulator) only with SPLITMOE_LORA_ACC=1
+    lora_forms = {c["LORA"] for c in spy.calls if c["LORA"]}
+    assert lora_forms == ({2} if over.get("SPLITMOE_LORA_ACC") == "1" else {1}), lora_forms
 
 
 @kernel_test
@@ -380,6 +387,25 @@ def test_config_switches_give_the_same_numbers(seed, monkeypatch):
                                                msg=lambda m, k=key, o=over: f"d{k} with {o}: {m}")
 
 
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dname)
+@pytest.mark.parametrize("case_name", ["odd_dims", "prime_e", "k_eq_e", "empty_experts"])
+def test_hopper_function_with_lora_accumulated_matches_reference(case_name, dtype, seed, spy, monkeypatch):
+    """SPLITMOE_LORA_ACC=1: every NN pass adds its LoRA term by accumulating z·s @ LB into the base accumulator (the
+    forward's s is the case's 0.5, the backward's 1): forward and every gradient within the dtype's tolerance."""
+    monkeypatch.setenv("SPLITMOE_LORA_ACC", "1")
+    _check_against_reference(get_case(case_name), dtype, seed, kernels="hopper")
+    assert {c["LORA"] for c in spy.calls if c["LORA"]} == {2}
+
+
+def test_lora_acc_needs_the_switch_and_a_power_of_two_scale(monkeypatch):
+    monkeypatch.delenv("SPLITMOE_LORA_ACC", raising=False)
+    assert not hopper.lora_acc(2.0)
+    monkeypatch.setenv("SPLITMOE_LORA_ACC", "1")
+    assert all(hopper.lora_acc(s) for s in (1.0, 2.0, 0.5, 0.125, 4096.0))
+    assert not any(hopper.lora_acc(s) for s in (1.5, 0.3, 3.0, 0.0, -2.0))
+
+
 def test_z_gather_is_on_unless_switched_off(monkeypatch):
     monkeypatch.delenv("SPLITMOE_Z_GATHER", raising=False)
     assert hopper.z_gather()
@@ -524,7 +550,9 @@ def test_bf16_gpu_hopper_matches_reference(case, seed):
                                                      "EPI_SPLIT": 2, "FLATTEN": True},
                                   # 4 stages: at 5, the gate_up pass (two B tiles) asked 245,848 B of shared memory
                                   # on the H200 (limit 232,448), a config `_hopper_candidates` never offers
-                                  {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4}],
+                                  {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4},
+                                  # the LoRA term accumulated into the base accumulator (an environment switch)
+                                  {"SPLITMOE_LORA_ACC": "1"}, {"SPLITMOE_LORA_ACC": "1", "PRE_GATHER": True}],
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_bf16_gpu_hopper_configs_agree_with_triton_and_are_deterministic(over, seed, monkeypatch):
     """Every config family the tuner may pick, compiled: the hopper Function agrees with the `triton` backend in
@@ -532,6 +560,9 @@ def test_bf16_gpu_hopper_configs_agree_with_triton_and_are_deterministic(over, s
     from shared_math.numerics import assert_close
     from torch_impl.moe import split_lora_experts
 
+    over = dict(over)  # the parameter itself stays as given
+    for k in [k for k in over if k.startswith("SPLITMOE_")]:
+        monkeypatch.setenv(k, over.pop(k))
     monkeypatch.delenv("SPLITMOE_TRITON_AUTOTUNE", raising=False)
     monkeypatch.setattr(autotune, "_memory_cache", {})
     monkeypatch.setattr(autotune, "TUNED_TABLE", Path("/nonexistent"))

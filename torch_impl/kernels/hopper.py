@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 
 import torch
@@ -193,6 +194,8 @@ def _hopper_gemm_kernel(
         if LORA:
             z = tl.load(z_ptr + rows64[:, None] * stride_zm + offs_r[None, :] * stride_zr,
                         mask=mask_mc[:, None] & mask_r[None, :], other=0.0)
+            if LORA == 2:  # lora_scale is a power of two (the host checks): z·s is exact in z's dtype
+                z = (z.to(tl.float32) * lora_scale).to(cdt)
         rs = tl.zeros([BLOCK_M], dtype=tl.float32)
         if ROW_SCALE:
             rs = tl.load(row_scale_ptr + offs_mc, mask=mask_mc, other=0.0).to(tl.float32)
@@ -246,11 +249,17 @@ def _epilogue(acc, acc2, z, rs, rows64, mask_mc, row0_c, e_c, n0, out_rows, gu_d
     if LORA:
         lb_rows = lb_ptr + e_c * stride_lbe + offs_r[:, None] * stride_lbr
         lb = tl.load(lb_rows + offs_nc[None, :] * stride_lbn, mask=mask_r[:, None] & mask_nc[None, :], other=0.0)
-        acc += lora_scale * tl.dot(z, lb, input_precision=DOT_PREC)
+        if LORA == 2:  # into the accumulator: no second [BLOCK_M, SUB_N] fp32 tile of registers (z is pre-scaled)
+            acc = tl.dot(z, lb, acc, input_precision=DOT_PREC)
+        else:
+            acc += lora_scale * tl.dot(z, lb, input_precision=DOT_PREC)
         if MODE == 1:
             lb2 = tl.load(lb_rows + (offs_nc + N_HALF)[None, :] * stride_lbn,
                           mask=mask_r[:, None] & mask_nc[None, :], other=0.0)
-            acc2 += lora_scale * tl.dot(z, lb2, input_precision=DOT_PREC)
+            if LORA == 2:
+                acc2 = tl.dot(z, lb2, acc2, input_precision=DOT_PREC)
+            else:
+                acc2 += lora_scale * tl.dot(z, lb2, input_precision=DOT_PREC)
     if HAS_BIAS:
         b_row = bias_ptr + e_c * stride_be
         acc += tl.load(b_row + offs_nc * stride_bn, mask=mask_nc, other=0.0).to(tl.float32)[None, :]
@@ -384,6 +393,17 @@ def z_gather() -> bool:
         is not False
 
 
+def lora_acc(lora_scale: float) -> bool:
+    """Whether the epilogue adds the LoRA term by accumulating z·s @ LB into the base accumulator (one MMA, no
+    second fp32 tile of registers; `LORA == 2` in the kernel) rather than as s·(z @ LB) added to it: with
+    SPLITMOE_LORA_ACC=1, where s is a power of two, so z·s is exact in z's dtype (up to overflow, as z @ LB·s has).
+    The sums round in another order, so the two are not bitwise equal. Off until the gpu tests and a block timing
+    have run it: benchmarks/kernel_resources.py shows it taking the dh and gate_up passes off their register
+    ceiling."""
+    on = _switch("SPLITMOE_LORA_ACC", "1 (accumulate) or 0 (add; the default)") is True
+    return on and lora_scale > 0 and math.frexp(lora_scale)[0] == 0.5
+
+
 def _switch(name: str, meaning: str) -> bool | None:
     """An on/off environment switch: True for 1, False for 0, None when unset; anything else is refused."""
     value = os.environ.get(name, "")
@@ -433,7 +453,7 @@ def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z
         E, n, d, rank, n, float(lora_scale), float(out_scale), float(limit), float(alpha),
     ), dict(
         GATHER_A=gather, A_DESC=plan["a_desc"], W_DESC=plan["w_desc"], W_KMAJOR=plan["w_kmajor"],
-        GU_DESC=plan["gu_desc"], LORA=lora,
+        GU_DESC=plan["gu_desc"], LORA=(2 if lora_acc(lora_scale) else 1) if lora else 0,
         HAS_BIAS=bias_EN is not None, ROW_SCALE=row_scale_M is not None, MODE=mode, ACT=act,
         STORE_GU=bool(store_gu), SCATTER_OUT=out_rows_M is not None, DOT_PREC=gg._dot_prec(a.dtype),
         EVEN_D=d % bd == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_R=max(16, gg.next_pow2(max(rank, 1))),
