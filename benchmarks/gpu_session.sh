@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session17k|session17o|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -511,6 +511,28 @@ case $PART in
       --out "$R/step.jsonl" > "$R/step_prof_keep.log" 2>&1
     tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300
     grep -h -A16 "device time by kind" "$R"/*.txt ;;
+  session17k)  # (written 2026-12-06, session 16, for the next session) issue 16: SPLITMOE_LORA_ACC=1 (the LoRA term
+    # accumulated into the base accumulator; compiled for sm_90 on the CPU it takes the shipped passes off their
+    # register spills, benchmarks/kernel_resources.py). Its gpu tests, then the block and its four NN passes at T=16384
+    # without and with it, one process each, the same call
+    gpu_tests gpu_tests.log 80 tests/torch/test_hopper_kernels.py -k "LORA_ACC or defaults or PRE_GATHER"
+    I="--iters 10 --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --impls torch_triton_hopper,pass_gate_up_hopper,\
+pass_down_hopper,pass_dh_hopper,pass_dx_hopper"
+    SPLITMOE_LORA_ACC=0 timeout 230 python3 benchmarks/moe_block.py $I --out "$R/block.jsonl" > "$R/block_add.log" 2>&1
+    SPLITMOE_LORA_ACC=1 timeout $((585 - SECONDS)) python3 benchmarks/moe_block.py $I --out "$R/block.jsonl" \
+      > "$R/block_acc.log" 2>&1
+    tail -3 "$R/gpu_tests.log"; grep -h "|" "$R"/block_*.log | head -40 ;;
+  session17o)  # (written 2026-12-06, session 16, for the next session, after session17k if its tests passed) issue
+    # 15's gpt-oss 16K target: the compiled step with the attention kept with SPLITMOE_LORA_ACC=1, Unsloth, and the
+    # same step with it off (session 16: 1039.6 / 1041.7 ms against Unsloth's 1679.9, 0.62x)
+    wheels
+    Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
+    SPLITMOE_LORA_ACC=1 timeout 150 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_acc.log" 2>&1
+    timeout 250 python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls unsloth \
+      --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
+    SPLITMOE_LORA_ACC=0 timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --out "$R/step.jsonl" \
+      > "$R/step_add.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session16o)  # (written and run 2026-12-06, session 16: results/session16_2026-12-06/; DH_SPLIT lost there and was
     # removed, so SPLITMOE_DH_SPLIT below is ignored now) issue 15's gpt-oss 16K target (<= 0.6x Unsloth). The gpu tests
     # of the fixed sink custom op (session 15's call 3 caught inductor overwriting its kept outputs) and of the dh /
