@@ -23,7 +23,9 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
   with LoRA the pass's z launch, which gathers every row once anyway, writes that copy as it goes (`STORE_A`,
   `z_gather`), so the copy costs its write and not a separate gather's read and write.
 - LoRA: z = z_scale·A[rows]@LA is precomputed by a skinny launch of this same kernel (output width R) and added as
-  lora_scale·z@LB[e] in the epilogue (the Z_PRE design the H200 sweep chose for 33 of 36 keys).
+  lora_scale·z@LB[e] in the epilogue (the Z_PRE design the H200 sweep chose for 33 of 36 keys); with
+  SPLITMOE_LORA_ACC=1 (`lora_acc`) as (lora_scale·z)@LB[e] accumulated into the base accumulator instead, which spares
+  the epilogue a second fp32 tile of registers.
 - `num_stages` software pipelining; `FLATTEN` (tl.range(flatten=True): the next tile's loads overlap this tile's
   epilogue) and `WARP_SPECIALIZE` (tl.range(warp_specialize=True)) as config choices. Warp specialisation is only
   allowed where every load of the loop is a descriptor load (sm_90 autoWS aborts the compiler on pointer-load dot
