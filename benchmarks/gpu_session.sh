@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session17k|session17o|session17q|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -545,6 +545,19 @@ pass_down_hopper,pass_dh_hopper,pass_dx_hopper"
     SPLITMOE_LORA_ACC=0 timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --impls torch_impl $G \
       --out "$R/step.jsonl" > "$R/step_add.log" 2>&1
     rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
+  session17j)  # (written 2026-12-06, session 16, for the next session) issue 16's "JAX pallas within 1.1x of torch":
+    # SPLITMOE_JAX_LORA_ACC=1 (the JAX kernels' LoRA term accumulated into the base tile, the twin of torch's
+    # SPLITMOE_LORA_ACC): its gpu test, then the T=16384 blocks of torch triton_hopper and jax pallas without and with
+    # it, the same call
+    gpu_tests gpu_tests.log 90 tests/jax/test_mosaic_kernels.py -k "benchmark_shape"
+    C="--iters 10 --cases qwen3_30b_T16384,gpt_oss_20b_T16384"
+    timeout 150 python3 benchmarks/moe_block.py $C --impls torch_triton_hopper --out "$R/block.jsonl" \
+      > "$R/block_torch.log" 2>&1
+    SPLITMOE_JAX_LORA_ACC=0 timeout 160 python3 benchmarks/moe_block.py $C --impls jax_pallas_fused \
+      --out "$R/block.jsonl" > "$R/block_jax_add.log" 2>&1
+    SPLITMOE_JAX_LORA_ACC=1 timeout $((585 - SECONDS)) python3 benchmarks/moe_block.py $C --impls jax_pallas_fused \
+      --out "$R/block.jsonl" > "$R/block_jax_acc.log" 2>&1
+    tail -3 "$R/gpu_tests.log"; grep -h "|" "$R"/block_*.log | head -30 ;;
   session16o)  # (written and run 2026-12-06, session 16: results/session16_2026-12-06/; DH_SPLIT lost there and was
     # removed, so SPLITMOE_DH_SPLIT below is ignored now) issue 15's gpt-oss 16K target (<= 0.6x Unsloth). The gpu tests
     # of the fixed sink custom op (session 15's call 3 caught inductor overwriting its kept outputs) and of the dh /

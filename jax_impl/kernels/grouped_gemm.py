@@ -8,7 +8,8 @@ torch_impl/kernels/grouped_gemm.py (same passes, same flags), so one design serv
 `grouped_gemm` (NN; one program per [block_m rows of one expert] x [block_n columns] output tile):
     acc[m, n] = Σ_d A[src(m), d] · W[e, d, n]               src(m) = row_index[m] (gather fused in the load) or m
     LoRA:      z[m] = z_scale · Σ_d A[src(m), d] · LA[e, d, :R] in the same d-loop (one read of A; the program
-               of n-tile 0 stores z); then acc += lora_scale · z @ LB[e, :R, n]
+               of n-tile 0 stores z); then acc += lora_scale · z @ LB[e, :R, n] (with SPLITMOE_JAX_LORA_ACC=1:
+               acc += (lora_scale · z) @ LB, one accumulating dot; `lora_acc`)
     given z:   z [M, R] (sorted rows, already scaled and rounded) is an input instead of LA: only the epilogue
                acc += lora_scale · z @ LB remains. `cfg.z_pre` makes the launcher compute z this way first, by a
                skinny launch of this same kernel in plain mode (W = LA, N = R, out_scale = z_scale): the in-loop
@@ -41,6 +42,8 @@ cdiv(M, block_m) + E row tiles, so shapes are static under jit: no recompilation
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import jax
@@ -146,6 +149,7 @@ class _NNSpec:
     scatter: bool
     z_scale: float
     lora_scale: float
+    lora_acc: bool  # the LoRA term as (lora_scale·z) @ LB accumulated into acc (`lora_acc`)
     out_scale: float
     limit: float
     alpha: float
@@ -232,7 +236,14 @@ def _nn_kernel(*refs, s: _NNSpec):
                 z_rows = jnp.where(pid_n == 0, row_end, row0)
                 plgpu.store(z_out_ref.at[rows[:, None], rr[None, :]], z,
                             mask=(rows < z_rows)[:, None] & mask_r[None, :])
-        if s.lora:
+        if s.lora and s.lora_acc:
+            # z·s exact (s a power of two); acc + dot folds into one accumulating dot (Triton's dot-add combine):
+            # no second fp32 tile of registers, as torch_impl/kernels/hopper.py's LORA == 2
+            zs = (z.astype(_F32) * s.lora_scale).astype(z.dtype)
+            acc += mm(zs, w_tile(lb_ref, rr, mask_r, cols, s.lb_t, mask_n), s.lb_t)
+            if two:
+                acc2 += mm(zs, w_tile(lb_ref, rr, mask_r, cols + s.N, s.lb_t, mask_n), s.lb_t)
+        elif s.lora:
             acc += s.lora_scale * mm(z, w_tile(lb_ref, rr, mask_r, cols, s.lb_t, mask_n), s.lb_t)
             if two:
                 acc2 += s.lora_scale * mm(z, w_tile(lb_ref, rr, mask_r, cols + s.N, s.lb_t, mask_n), s.lb_t)
@@ -290,6 +301,18 @@ def check_nn_args(lora_a, z, lora_b, mode: str, activation: str | None, out_scal
         raise ValueError("out_scale applies to the plain mode only")
 
 
+def lora_acc(lora_scale: float) -> bool:
+    """Whether the NN kernels (these and mosaic_gemm.py's) add the LoRA term as (lora_scale·z) @ LB accumulated into
+    the base accumulator rather than as lora_scale·(z @ LB) from a second fp32 tile: with SPLITMOE_JAX_LORA_ACC=1
+    (read when a step is traced), where lora_scale is a power of two so that z·s is exact in z's dtype. The sums
+    round in another order. torch_impl's twin is `torch_impl.kernels.hopper.lora_acc` (SPLITMOE_LORA_ACC)."""
+    value = os.environ.get("SPLITMOE_JAX_LORA_ACC", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"SPLITMOE_JAX_LORA_ACC={value!r}: use 1 (accumulate) or 0 (add; the default), or leave it "
+                         "unset")
+    return value == "1" and lora_scale > 0 and math.frexp(lora_scale)[0] == 0.5
+
+
 def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, cfg: BlockConfig, interpret: bool,
                  w_t: bool = False, row_index: jax.Array | None = None, out_rows_total: int | None = None,
                  lora_a: jax.Array | None = None, la_t: bool = False, z: jax.Array | None = None,
@@ -323,7 +346,8 @@ def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, c
                 z_in=z is not None, store_z=bool(store_z and lora and z is None), bias=bias is not None,
                 row_scale=row_scale is not None, mode=mode, activation=activation,
                 store_gu=bool(store_gu and mode == "act_fwd"), scatter=out_rows is not None,
-                z_scale=float(z_scale), lora_scale=float(lora_scale), out_scale=float(out_scale),
+                z_scale=float(z_scale), lora_scale=float(lora_scale), lora_acc=lora and lora_acc(lora_scale),
+                out_scale=float(out_scale),
                 limit=float(limit), alpha=float(alpha), cfg=cfg, cdt=jnp.dtype(cdt).name)
     tile_expert, tile_row = tile_schedule(offsets_E1, M, cfg.block_m)
     n_tiles = pl.cdiv(n, cfg.block_n)

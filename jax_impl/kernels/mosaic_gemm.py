@@ -8,7 +8,8 @@ block_m (at most E - 1 + cdiv(M, block_m) blocks of block_m rows; `PaddedRows`),
 expert and every load and store is a whole aligned TMA tile. Persistent programs (one per SM) walk the
 (row block, column block) tiles; per tile:
     acc = A[rows] @ W[e]           (D in BLOCK_D steps through `plgpu.emit_pipeline`, fp32 accumulator)
-    acc += lora_scale · (Z[rows] @ LB[e])   (a second accumulator over R, the LoRA epilogue of grouped_gemm.py)
+    acc += lora_scale · (Z[rows] @ LB[e])   (a second accumulator over R, the LoRA epilogue of grouped_gemm.py; with
+                                             SPLITMOE_JAX_LORA_ACC=1 (lora_scale·Z) @ LB into the same one)
 and acc is stored in the requested dtype. W and LB may come transposed ([E, N, D], [E, N, R]: the backward contracts
 the weights' output axis), read through a transposed SMEM view on the GPU; tiles of padding rows only (expert -1)
 are never written. Tile sizes are `MosaicTiles`, named by the tuning table. Hopper TMA cannot gather rows, hence
@@ -154,8 +155,13 @@ def block_gemm(a_P: jax.Array, w: jax.Array, block_expert: jax.Array, *, w_t: bo
     a_P = _pad_to(a_P, 1, BLOCK_D)
     Dp, Np = a_P.shape[1], (w.shape[1] if w_t else w.shape[2])
     bn = _block_n(Np, tiles.block_n)
+    # gg.lora_acc: (lora_scale·z) @ LB accumulated into the base tile (z·s exact: s a power of two), not a second
+    # accumulator added in registers
+    acc_lora = lora and gg.lora_acc(lora_scale)
     if lora:
         lb, lb_t = prep(lb, lb_t)
+        if acc_lora:
+            z_P = (z_P.astype(_F32) * lora_scale).astype(z_P.dtype)
         z_P = _pad_to(z_P, 1, BLOCK_D)
         Rp = z_P.shape[1]
     nb, nn = P // bm, Np // bn
@@ -193,10 +199,15 @@ def block_gemm(a_P: jax.Array, w: jax.Array, block_expert: jax.Array, *, w_t: bo
             def _():
                 def main(acc_ref):
                     pipeline(acc_ref, a_ref, w_ref.at[e], w_t, Dp // BLOCK_D, mi, ni)
+                    if acc_lora:  # z_P arrives times lora_scale: the LoRA steps accumulate into the same tile
+                        # the base pipeline's last wgmma may still read its SMEM buffers, which the LoRA pipeline's
+                        # scope may reuse: let it finish first
+                        plgpu.wgmma_wait(0)
+                        pipeline(acc_ref, z_ref, lb_ref.at[e], lb_t, Rp // BLOCK_D, mi, ni)
                     return acc_ref[...]
 
                 acc = pl.run_scoped(main, plgpu.ACC((bm, bn)))
-                if lora:
+                if lora and not acc_lora:
                     def lora_part(acc_ref):
                         pipeline(acc_ref, z_ref, lb_ref.at[e], lb_t, Rp // BLOCK_D, mi, ni)
                         return acc_ref[...]

@@ -88,6 +88,38 @@ def test_nn_pass_matches_the_triton_kernel(name, cfg):
         assert_close(g, e, dtype="float32", quantity="moe_block", name=f"{name} output {i}")
 
 
+@pytest.mark.parametrize("name", ["gate_up", "down", "dh", "dx"])
+def test_lora_accumulated_into_the_base_tile_matches(name, monkeypatch):
+    """SPLITMOE_JAX_LORA_ACC=1 (gg.lora_acc; these passes' LoRA scales are 2 and 1): both kernels add the LoRA term as
+    (s·z) @ LB into the base accumulator, against the Triton kernel's default s·(z @ LB): fp32 rounding apart."""
+    a, w, off, kw = _pass_args(name)
+    monkeypatch.delenv("SPLITMOE_JAX_LORA_ACC", raising=False)
+    want = gg.grouped_gemm(a, w, off, cfg=autotune.INTERPRET_CONFIGS["gemm"], interpret=True, **kw)
+    monkeypatch.setenv("SPLITMOE_JAX_LORA_ACC", "1")
+    assert gg.lora_acc(kw.get("lora_scale", 1.0))
+    for label, got in (("triton", gg.grouped_gemm(a, w, off, cfg=autotune.INTERPRET_CONFIGS["gemm"], interpret=True,
+                                                  **kw)),
+                       ("mosaic", mg.grouped_gemm(a, w, off, cfg=None, interpret=True, **kw))):
+        if label == "mosaic" and kw.get("mode") == "act_bwd":  # the Triton kernel's partial dots per column tile
+            got = (*got[:-1], got[-1])
+            want_i = (*want[:-1], want[-1].sum(axis=1, keepdims=True))
+        else:
+            want_i = want
+        for i, (g, e) in enumerate(zip(got, want_i)):
+            assert_close(g, e, dtype="float32", quantity="moe_block", name=f"{label} {name} output {i}")
+
+
+def test_lora_acc_needs_the_switch_and_a_power_of_two_scale(monkeypatch):
+    monkeypatch.delenv("SPLITMOE_JAX_LORA_ACC", raising=False)
+    assert not gg.lora_acc(2.0)
+    monkeypatch.setenv("SPLITMOE_JAX_LORA_ACC", "1")
+    assert all(gg.lora_acc(v) for v in (1.0, 2.0, 0.5, 0.125))
+    assert not any(gg.lora_acc(v) for v in (1.5, 0.3, 3.0, 0.0, -2.0))
+    monkeypatch.setenv("SPLITMOE_JAX_LORA_ACC", "on")
+    with pytest.raises(ValueError, match="SPLITMOE_JAX_LORA_ACC='on'"):
+        gg.lora_acc(2.0)
+
+
 def test_tiles_from_the_tuning_table():
     assert mg.tiles_of(None) == mg.DEFAULT_TILES
     assert mg.tiles_of(autotune.GPU_DEFAULTS["gemm"]) == mg.DEFAULT_TILES  # a Triton tile names no Mosaic tiles
@@ -182,11 +214,16 @@ def test_tuning_table_carries_the_lowering(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _ON_GPU, reason="needs jax with a CUDA GPU")
-def test_benchmark_shape_agrees_with_pallas_triton_bf16_gpu(seed):
-    """Qwen3-30B-A3B expert shapes at T=1024, bf16, LoRA training gradients: pallas_mosaic against pallas_triton."""
+@pytest.mark.parametrize("lora_acc", ["0", "1"], ids=["lora_add", "LORA_ACC"])
+def test_benchmark_shape_agrees_with_pallas_triton_bf16_gpu(lora_acc, seed, monkeypatch):
+    """Qwen3-30B-A3B expert shapes at T=1024, bf16, LoRA training gradients: pallas_mosaic against pallas_triton, with
+    the LoRA term added from its own tile (the default) and accumulated into the base one (SPLITMOE_JAX_LORA_ACC=1,
+    both kernels)."""
     if pm.unavailable_reason(jnp.bfloat16):
         pytest.skip(pm.unavailable_reason(jnp.bfloat16))
     from tests.jax.test_pallas_kernels import _LORA_TRAINING, _assert_outputs_close
+
+    monkeypatch.setenv("SPLITMOE_JAX_LORA_ACC", lora_acc)
 
     _, j, static, dy = _inputs(get_case("qwen3_30b_T1024"), seed, jnp.bfloat16)
     y, g = _value_and_grads("pallas_mosaic", _LORA_TRAINING, static, j)(j, dy)

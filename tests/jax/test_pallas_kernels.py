@@ -12,6 +12,7 @@ checks in bf16 over `cases("gpu")`, compiled by the Triton lowering, no interpre
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -65,8 +66,10 @@ _COMPILED: dict = {}
 def _value_and_grads(entry: str, wrt: tuple[str, ...], static: tuple, j: dict):
     """Compiled value_and_grad of <y, dy> w.r.t. `wrt`, cached per (entry point, wrt, static args, shapes)."""
     shapes = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), j)
-    # configs are read at trace time: a different config table is a different executable
-    key = (entry, wrt, static, str(shapes), tuple(sorted(autotune.INTERPRET_CONFIGS.items())))
+    # configs and the SPLITMOE_JAX_* switches are read at trace time: a different table or switch is a different
+    # executable
+    switches = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("SPLITMOE_JAX_")))
+    key = (entry, wrt, static, str(shapes), tuple(sorted(autotune.INTERPRET_CONFIGS.items())), switches)
     if key not in _COMPILED:
         scale, activation, limit = static
 
