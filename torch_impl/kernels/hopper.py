@@ -400,8 +400,8 @@ def lora_acc(lora_scale: float) -> bool:
     second fp32 tile of registers; `LORA == 2` in the kernel) rather than as s·(z @ LB) added to it: with
     SPLITMOE_LORA_ACC=1, where s is a power of two, so z·s is exact in z's dtype (up to overflow, as z @ LB·s has).
     The sums round in another order, so the two are not bitwise equal. Off until the gpu tests and a block timing
-    have run it: benchmarks/kernel_resources.py shows it taking the dh and gate_up passes off their register
-    ceiling."""
+    have run it. Compiled for sm_90 (benchmarks/kernel_resources.py --lora-acc) it removes the register spills of
+    every shipped Qwen3 and gpt-oss pass but gpt-oss's dh under Triton 3.6, where they halve."""
     on = _switch("SPLITMOE_LORA_ACC", "1 (accumulate) or 0 (add; the default)") is True
     return on and lora_scale > 0 and math.frexp(lora_scale)[0] == 0.5
 
