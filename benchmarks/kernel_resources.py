@@ -15,7 +15,7 @@ PRE_GATHER, read by TMA.
     python3 benchmarks/kernel_resources.py --model gpt_oss_20b --passes dh --configs shipped [--lora-acc]
     python3 benchmarks/kernel_resources.py --model qwen3_30b --passes gate_up,dh \
         --configs '{"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 4}'
-Prints one line per (pass, config): registers, stack bytes (spills), shared memory.
+Prints one line per (pass, config): registers, spill bytes, shared memory.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ _UNIT_STRIDES = ("stride_ad", "stride_zr", "stride_lbn", "stride_bn", "stride_gu
 @dataclass(frozen=True)
 class Usage:
     regs: int
-    stack: int  # bytes of stack frame per thread
     spill_stores: int  # bytes per thread ptxas spills to local memory and reads back
     spill_loads: int
     smem: int  # bytes of dynamic shared memory Triton asks for at launch
@@ -121,14 +120,14 @@ def _ptxas_report(ptx: str) -> str:
 
 
 def usage(kernel) -> Usage:
-    """Registers, stack frame and spill bytes per thread (ptxas -v), shared memory from Triton's metadata, and
+    """Registers and spill bytes per thread (ptxas -v), shared memory from Triton's metadata, and
     whether the PTX is warp-specialised (its register reallocation between producer and consumer warps)."""
     text = _ptxas_report(kernel.asm["ptx"])
     regs = re.search(r"Used (\d+) registers", text)
-    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    frame = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if regs is None or frame is None:
         raise RuntimeError(f"unexpected ptxas report: {text[-400:]}")
-    return Usage(regs=int(regs[1]), stack=int(frame[1]), spill_stores=int(frame[2]), spill_loads=int(frame[3]),
+    return Usage(regs=int(regs[1]), spill_stores=int(frame[1]), spill_loads=int(frame[2]),
                  smem=int(kernel.metadata.shared), warp_specialized="setmaxnreg" in kernel.asm["ptx"])
 
 
@@ -152,9 +151,11 @@ def shipped_configs(model: str, pass_name: str, device_name: str = "NVIDIA H100 
 
     c = get_case(f"{model}_T16384")
     kind, key = _shape_key(pass_name, c.H, c.I, c.R, gg.act_code(c.activation))
+    import torch
+
     table = json.loads(autotune.TUNED_TABLE.read_text())
-    prefix = f"v{autotune.KERNEL_VERSION}|{device_name}|bfloat16|{kind}|"
-    tail = "," + ",".join(map(str, key))
+    # the table's keys are autotune.cache_key's, with the row bucket first in the shape key: split one around it
+    prefix, tail = autotune.cache_key(kind, ("\0",) + key, torch.bfloat16, device_name).split("\0")
     return {k[len(prefix):-len(tail)]: v for k, v in table.items() if k.startswith(prefix) and k.endswith(tail)}
 
 

@@ -8,6 +8,7 @@ the whole row or tensor, so the max-norm of the expected tensor is the right yar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +91,13 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("bfloat16", "mla_model_lora_grad"): Tolerance(5e-1, 1e-4, "bf16 MLA attention LoRA vs the fp32 model: chained "
                                                    "low-rank projections (HF's own: up to 0.47·max)"),
 }
+
+
+def scales_exactly(s: float) -> bool:
+    """Whether x·s is exact for every binary floating-point x (up to overflow and underflow): s is a positive power of
+    two. The kernels' LoRA-accumulate form (torch_impl.kernels.hopper.lora_acc, jax_impl.kernels.grouped_gemm.lora_acc)
+    pre-scales z by the LoRA scale only when this holds."""
+    return s > 0 and math.frexp(s)[0] == 0.5
 
 
 def tolerance(dtype: str, quantity: str) -> Tolerance:

@@ -42,7 +42,6 @@ cdiv(M, block_m) + E row tiles, so shapes are static under jit: no recompilation
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -53,6 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from jax_impl.kernels.autotune import BlockConfig
+from shared_math.numerics import scales_exactly
 
 _F32 = jnp.float32
 ACTIVATIONS = ("swiglu", "swiglu_oai")
@@ -310,7 +310,7 @@ def lora_acc(lora_scale: float) -> bool:
     if value not in ("", "0", "1"):
         raise ValueError(f"SPLITMOE_JAX_LORA_ACC={value!r}: use 1 (accumulate) or 0 (add; the default), or leave it "
                          "unset")
-    return value == "1" and lora_scale > 0 and math.frexp(lora_scale)[0] == 0.5
+    return value == "1" and scales_exactly(lora_scale)
 
 
 def grouped_gemm(a: jax.Array, w: jax.Array, offsets_E1: jax.Array, *, n: int, cfg: BlockConfig, interpret: bool,

@@ -114,11 +114,17 @@ PASS_PARAMS = [
 ]
 
 
-def _pass_setup(case_name, dtype, seed, progs, monkeypatch, over):
-    monkeypatch.setattr(hopper, "INTERPRETER_PROGRAMS", progs)
-    for k, v in over.items():  # the overrides that are environment switches, not config keys
+def _config_over(over: dict, monkeypatch) -> dict:
+    """`over` less its environment switches (SPLITMOE_* keys), which are set instead: the config overrides."""
+    for k, v in over.items():
         if k.startswith("SPLITMOE_"):
             monkeypatch.setenv(k, v)
+    return {k: v for k, v in over.items() if not k.startswith("SPLITMOE_")}
+
+
+def _pass_setup(case_name, dtype, seed, progs, monkeypatch, over):
+    monkeypatch.setattr(hopper, "INTERPRETER_PROGRAMS", progs)
+    _config_over(over, monkeypatch)
     case = get_case(case_name)
     srt, expert_M, rnd = _setup(case, seed, dtype)
     return case, srt, expert_M, rnd
@@ -560,9 +566,7 @@ def test_bf16_gpu_hopper_configs_agree_with_triton_and_are_deterministic(over, s
     from shared_math.numerics import assert_close
     from torch_impl.moe import split_lora_experts
 
-    over = dict(over)  # the parameter itself stays as given
-    for k in [k for k in over if k.startswith("SPLITMOE_")]:
-        monkeypatch.setenv(k, over.pop(k))
+    over = _config_over(over, monkeypatch)
     monkeypatch.delenv("SPLITMOE_TRITON_AUTOTUNE", raising=False)
     monkeypatch.setattr(autotune, "_memory_cache", {})
     monkeypatch.setattr(autotune, "TUNED_TABLE", Path("/nonexistent"))

@@ -52,13 +52,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from shared_math.numerics import scales_exactly
 from torch_impl.kernels import grouped_gemm as gg
 from torch_impl.kernels.grouped_gemm import _act_bwd, _act_fwd
 from torch_impl.kernels.launch import launch
@@ -363,7 +363,8 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     # With LoRA and `z_gather()` the z launch, which reads every gathered row once anyway, writes that copy on
     # the way (STORE_A); otherwise a plain index_select does.
     pre_gather = row_index is not None and config.get("PRE_GATHER", False)
-    if pre_gather and not (lora_a_EDR is not None and z_gather()):
+    z_gathers = pre_gather and lora_a_EDR is not None and z_gather()
+    if pre_gather and not z_gathers:
         a, row_index = a.index_select(0, row_index.long()), None
     if lora_a_EDR is not None:
         if lora_b_ERN is None:
@@ -374,9 +375,7 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
         rows = a.shape[0] if row_index is None else row_index.shape[0]
         if z_MR is None:
             z_MR = torch.empty((rows, rank), device=a.device, dtype=lora_b_ERN.dtype)
-        # still gathered here only when the z launch is to write the copy
-        a_sorted = torch.empty((rows, a.shape[1]), device=a.device, dtype=a.dtype) if pre_gather and row_index \
-            is not None else None
+        a_sorted = torch.empty((rows, a.shape[1]), device=a.device, dtype=a.dtype) if z_gathers else None
         _launch(a, lora_a_EDR, schedule, offsets_E1, n=rank, out=z_MR, config=gg.z_config(config, rank),
                 row_index=row_index, out_scale=z_scale, a_out=a_sorted)
         if a_sorted is not None:
@@ -402,8 +401,8 @@ def lora_acc(lora_scale: float) -> bool:
     The sums round in another order, so the two are not bitwise equal. Off until the gpu tests and a block timing
     have run it. Compiled for sm_90 (benchmarks/kernel_resources.py --lora-acc) it removes the register spills of
     every shipped Qwen3 and gpt-oss pass but gpt-oss's dh under Triton 3.6, where they halve."""
-    on = _switch("SPLITMOE_LORA_ACC", "1 (accumulate) or 0 (add; the default)") is True
-    return on and lora_scale > 0 and math.frexp(lora_scale)[0] == 0.5
+    return _switch("SPLITMOE_LORA_ACC", "1 (accumulate) or 0 (add; the default)") is True and \
+        scales_exactly(lora_scale)
 
 
 def _switch(name: str, meaning: str) -> bool | None:
