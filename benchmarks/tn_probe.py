@@ -12,6 +12,8 @@ written once.
 Variants:
   shipped   as the backward runs it (`split_lora._tn`'s config: the shipped table's entry)
   sorted    the gathered operand (dy or x by token) given already in expert order: what the gather costs
+  scale_left  the shipped config with its SCALE_LEFT flipped (which operand the routing weight multiplies: the
+            launches with a row scale, dB2 and dA2, only)
   cublas    torch.mm of the same products over all M rows at once, ignoring the expert boundaries, on sorted
             operands (act(gu) precomputed, untimed): the same FLOPs and bytes in one dense GEMM, a yardstick for the
             card's rate at this shape, not a result the kernel must equal
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LAUNCHES = ("dB2", "dA2", "dB1", "dA1")
-VARIANTS = ("shipped", "sorted", "cublas", "grouped_mm")
+KERNEL_VARIANTS = ("shipped", "sorted", "scale_left")
+VARIANTS = ("shipped", "sorted", "scale_left", "cublas", "grouped_mm")
 
 
 def _operands(c, device: str, seed: int = 0) -> dict:
@@ -132,14 +135,15 @@ def probe_case(case_name: str, variants: list[str], iters: int, device: str) -> 
         cfg = autotune.get_config("tn", (_bucket(c.M),) + key, op["dt"], torch.device(device))
         ref = _reference(name, op, c)
         for variant in variants:
-            row = dict(case=case_name, launch=name, variant=variant, config=cfg if variant in ("shipped", "sorted")
+            vcfg = dict(cfg, SCALE_LEFT=not cfg.get("SCALE_LEFT", False)) if variant == "scale_left" else cfg
+            row = dict(case=case_name, launch=name, variant=variant, config=vcfg if variant in KERNEL_VARIANTS
                        else None)
-            step = _variant_step(variant, name, op, c, kw, cfg)
+            step = _variant_step(variant, name, op, c, kw, vcfg)
             if step is None:
                 continue
             try:
                 out = step()
-                if variant in ("shipped", "sorted"):  # the kernel's own values, against the reference
+                if variant in KERNEL_VARIANTS:  # the kernel's own values, against the reference
                     row["err"] = float((out.to(ref.dtype) - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
                 if device == "cuda":
                     from benchmarks.common import time_cuda
@@ -168,7 +172,9 @@ def _variant_step(variant: str, name: str, op: dict, c, kw: dict, cfg: dict):
     from torch_impl.kernels import grouped_gemm as gg
 
     srt = op["srt"]
-    if variant == "shipped":
+    if variant == "scale_left" and "row_scale_M" not in kw:
+        return None  # no row scale: the same launch as shipped
+    if variant in ("shipped", "scale_left"):
         return lambda: gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=cfg, **kw)
     if variant == "sorted":
         _, kws = _launch_args(name, op, c, sorted_rows=True)
