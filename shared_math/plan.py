@@ -3,7 +3,8 @@
 `plan(cfg, parallel, seq, rank)` returns a `Plan`; `auto_plan` finds the smallest power of two up to 64 that
 fits; `format_table` renders the rows `splitmoe plan --gpus` prints. Everything is counted from the model's config
 (`ModelConfig`), tensor by tensor, never from a table of sizes. Memory is a model of what torch_impl allocates;
-the step time is an ESTIMATE from FLOP counts at two calibrated rates, good to a stated factor, not a measurement.
+the step time is an ESTIMATE from FLOP counts at calibrated rates (attention; the linear part of eager or of compiled
+layers), good to a stated factor, not a measurement.
 
 Layout. N = data × fsdp × expert GPUs. Every GPU trains on its own sequence of S tokens (batch 1 per GPU, as in the
 h200-anchors.md rows), so a step consumes N·S tokens; `data` replicates parameters (HSDP replicas), `fsdp` shards
@@ -96,26 +97,36 @@ Memory (bytes per GPU):
   fits      total <= 139 GiB (an H200's 141 GB less the CUDA context and allocator slack), or --budget-gib
 
 Step time (seconds per GPU, batch 1 of S tokens on every GPU):
-  linear FLOPs  6·A_base·S + 4·H·V·S + 8·A_lora·S, where A_base = weights one token multiplies through in the
-                decoder (attention projections, router, K of E experts, shared experts, dense MLPs) and A_lora the
-                LoRA params it touches (attention LoRA + K/E of the expert LoRA). The base is frozen: forward 2,
-                recompute 2 and dX 2 FLOPs per weight, no weight gradient (6, not the 8 of full training); LoRA
-                also gets dA, dB (8); lm_head runs once, logits and dh (4). With the 8·N·T rule of full training
-                the rate below would read 8/6 higher and the times would be the same.
-  attn FLOPs    Σ_layers 4.5 · 2·P·nh·(d_qk + d_v): causal pairs P = S(S+1)/2 (a flash kernel skips the masked
-                half), S·W − W(W−1)/2 on gpt-oss's sliding layers (window W); forward 1 + recompute 1 + backward 2.5
-                (dQ, dK, dV and the scores again).
+  linear FLOPs  Σ_l c_l·A_base,l·S + 4·H·V·S + Σ_l (c_l + 2)·A_lora,l·S, where A_base,l = weights one token
+                multiplies through in decoder layer l (attention projections, router, K of E experts, shared experts,
+                dense MLPs) and A_lora,l the LoRA params it touches there (attention LoRA + K/E of the expert LoRA).
+                The base is frozen: forward 2, recompute 2 and dX 2 FLOPs per weight, no weight gradient (c_l = 6,
+                not the 8 of full training); LoRA also gets dA, dB (8). A layer that is not checkpointed (l >= N, N =
+                checkpoint_layers; None checkpoints all) keeps its activations and skips the recompute: c_l = 4, LoRA
+                6; with its experts tiled (expert_chunk < S) its backward still recomputes them chunk by chunk, so
+                their K·3·H·I weights and LoRA keep 6 and 8. lm_head runs once, logits and dh (4), however the layers
+                are checkpointed. With every layer checkpointed this is 6·A_base·S + 4·H·V·S + 8·A_lora·S. With the
+                8·N·T rule of full training the rates below would read 8/6 higher and the times would be the same.
+                Not modelled: the experts' recompute (a checkpointed layer's, or the tiled backward's) skips their
+                down GEMM (`output_unread`, torch_impl since 2026-12-05: a third of it); the compiled rate below,
+                measured with it, absorbs it, the eager rate predates it.
+  attn FLOPs    Σ_l a_l · 2·P·nh·(d_qk + d_v): causal pairs P = S(S+1)/2 (a flash kernel skips the masked half),
+                S·W − W(W−1)/2 on gpt-oss's sliding layers (window W); a_l = forward 1 + backward 2.5 (dQ, dK, dV
+                and the scores again) + recompute 1 = 4.5 in a checkpointed layer, 3.5 where the kernel is not rerun:
+                a layer that is not checkpointed, or any layer under checkpoint_policy "attention" (it keeps the
+                attention output and log-sum-exp; its recompute still reruns the linear parts, c_l = 6).
   optimizer     bytes_per_param·Q_local / 3.75 TB/s  (fused AdamW 28 B: read p, g, m, v, write p, m, v; foreach 84 B)
   comm          fsdp: 2 all-gathers (forward, backward) of the bf16 unit weights + fp32 LoRA, 1 reduce-scatter of
                 fp32 LoRA grads; data: all-reduce of the local LoRA grads; expert: 6 all-to-alls of M·H bf16 rows per
-                MoE layer (dispatch + combine in forward, recompute, backward). Bus bandwidth 360 GB/s on NVLink
-                when the axis stays inside an 8-GPU node (mesh [data, fsdp, expert], expert innermost), else 45 GB/s
-                (400 Gb/s InfiniBand per GPU). These two are typical NCCL figures, NOT measured here.
-  step          optimizer + max(linear/R_LIN + attn/R_ATTN, comm): communication assumed fully overlapped.
-                Every layer's recompute is counted whatever checkpoint_layers and the policy say: with layers left
-                un-checkpointed (or the attention kept) the estimate is high by the recompute they skip.
+                checkpointed MoE layer (dispatch + combine in forward, recompute, backward), 4 per one that is not.
+                Bus bandwidth 360 GB/s on NVLink when the axis stays inside an 8-GPU node (mesh [data, fsdp, expert],
+                expert innermost), else 45 GB/s (400 Gb/s InfiniBand per GPU). These two are typical NCCL figures,
+                NOT measured here.
+  step          optimizer + max(linear/R + attn/R_ATTN, comm), R = R_LIN for eager layers, R_LIN_COMPILED with
+                compiled=True (--compile): communication assumed fully overlapped.
 
-Calibration (h200-anchors.md; `splitmoe plan --gpus 1 --optimizer foreach --preset qwen3_moe:30b-a3b`):
+Calibration. Eager layers (h200-anchors.md; `splitmoe plan --gpus 1 --optimizer foreach --preset
+qwen3_moe:30b-a3b`), rows with every layer checkpointed and policy "nothing", so the count above is the one they had:
   R_ATTN = 495 TFLOP/s: the cuDNN flash attention of the torch_impl profile (12 Qwen3 layers at 4K: 15 ms for
            forward + recompute + backward = 7.42 TFLOP by the count above).
   R_LIN  = 155 TFLOP/s: from the torch_impl eager rows of Qwen3-30B-A3B on one H200 (699.7 ms at 4K, 2752 ms at
@@ -124,8 +135,40 @@ Calibration (h200-anchors.md; `splitmoe plan --gpus 1 --optimizer foreach --pres
            155 is the rate that balances the two errors. The plan gives 628 ms at 4K (×0.90 the measurement) and
            3.06 s at 16K (×1.11): within the stated factor of 1.25, which tests/shared/test_plan.py checks. Out of
            sample, gpt-oss-20b: 0.60 s at 4K (measured 0.531, ×1.13) and 2.53 s at 16K (measured 2.264, ×1.12).
-           Other models, lengths and every multi-GPU figure are extrapolations of this one calibration.
   3.75 TB/s: AdamW foreach in the same profile, 14.4 ms for 0.64B LoRA params at 84 B each.
+Compiled layers (compiled=True: torch.compile of the decoder layers, the project's fast path). Rows on ONE NVIDIA H100
+80GB HBM3 (benchmarks/results/session10..16_2026-12-06; torch 2.11, batch 1, r=64 alpha 128 on q/k/v/o and both
+expert tensors, bf16 weights, fp32 LoRA + fused AdamW; Qwen3-30B-A3B truncated to its first 24 of 48 layers, what
+an 80 GB card holds, gpt-oss-20b whole at 24). The card is an H100, not the H200 the plan speaks of: the same 132
+SMs and bf16 dense rate, 3.35 against 4.8 TB/s of memory bandwidth, so the GEMMs and attention should run alike and
+the bandwidth-bound glue faster on an H200, where these estimates lean high (not measured). The eager R_LIN would put
+them 2.4× high (gpt-oss 16K, attention kept: 2.46 s against 1.04).
+  R_ATTN   kept at 495: compiled layers run the same attention kernels (cuDNN, FA2, the sink op; inductor does not
+           fuse into them). The H100 profiles at 16K with the attention kept (session 15) agree as a pool: Qwen3
+           (head dim 128; cuDNN forward 645, backward 575 TFLOP/s) 184.7 TFLOP in 311.2 ms, 594 TFLOP/s; gpt-oss
+           (head dim 64, sinks, its sliding layers on FA2) 93.8 TFLOP in 252.5 ms, 371; together 278.5 TFLOP in
+           563.7 ms, 494. One rate puts Qwen3's attention 62 ms high and gpt-oss's 63 ms low at 16K.
+  R_LIN_COMPILED = 395 TFLOP/s: after attention at R_ATTN and the optimizer, the linear part of the 16K rows runs at
+             gpt-oss-20b, --compile --checkpoint-policy attention (session 16)     1039.6 ms  416 TFLOP/s  plan ×1.043
+             gpt-oss-20b, --compile (session 10; session 15: 1090-1110 ms)         1098.4 ms  414 TFLOP/s  plan ×1.037
+             Qwen3 24 L, --compile --cuda-graph --optim-in-backward --checkpoint-policy attention
+               --checkpoint-layers 22 (session 14)                                   835.4 ms  363 TFLOP/s  plan ×0.956
+           and 395 balances gpt-oss's rows against Qwen3's, all three within 1.05. Part of the two models' gap is the
+           attention's (with their profiled attention times the linear parts run at about 450 and 320 TFLOP/s: at 16K
+           a gpt-oss expert, H = I = 2880, gets 2048 rows, a Qwen3 one, H = 2048 and I = 768, 1024), and the one
+           R_ATTN's errors above offset much of it. The same sessions' other 16K rows: Qwen3 --compile 937.6 ms
+           (×0.977), the Qwen3 row above with every layer checkpointed 844.2 ms (×0.958), gpt-oss --compile
+           --cuda-graph --optim-in-backward 1102.3 ms, 1080.7 with 22 layers checkpointed (×1.033, ×1.029).
+           Out of sample at 4K (the graphed rows of session 13: without a CUDA graph the 4K step is host-bound)
+           the plan is low: Qwen3 24 L --compile --cuda-graph --checkpoint-layers 0, 147.9 ms, plan 109.0 (×0.737);
+           gpt-oss --checkpoint-layers 18, 252.3 ms, plan 226.6 (×0.898). With 256 rows per Qwen3 expert and a step
+           under a fifth as long, what does not scale with FLOPs (the router's top-k, the LoRA casts, the launches,
+           AdamW at the H100's bandwidth) weighs more, as the eager rate's 136 at 4K against 182 at 16K said: the
+           stated factor is 1.05 at 16K and 1.4 at 4K (tests/shared/test_plan.py checks every row above). The
+           recompute's own share holds at either length: Qwen3 4K from 14 checkpointed layers to none measured
+           −22.2 ms (plan −21.7), gpt-oss 4K from 18 to 12 −14.9 ms (plan −17.2), gpt-oss 16K from 24 to 22
+           −21.6 ms (plan −26.3), Qwen3 16K (attention kept) −8.8 ms (plan −10.2).
+Other models, lengths and every multi-GPU figure are extrapolations of these calibrations.
 
 Memory check: single-GPU Qwen3-30B-A3B at 4K with foreach AdamW gives 104.7 GiB against the measured 104.8 GiB
 (torch_impl eager row): the peak is the optimizer step, 57 GiB of weights + 38 GiB of LoRA state + foreach's
@@ -170,9 +213,9 @@ from shared_math.config import ModelConfig
 from shared_math.train_config import CHECKPOINT_POLICIES as TRAIN_CHECKPOINT_POLICIES
 from shared_math.train_config import is_checkpoint_layers
 
-__all__ = ["GIB", "H200_USABLE_GIB", "R_LIN", "R_ATTN", "HBM_BW", "POWERS_OF_TWO", "Parallel", "ParamCounts",
-           "Memory", "Plan", "LayoutError", "check_layout", "param_counts", "lora_counts", "attention_targets", "plan",
-           "auto_plan", "least_checkpointed", "format_table", "CHECKPOINT_POLICIES"]
+__all__ = ["GIB", "H200_USABLE_GIB", "R_LIN", "R_LIN_COMPILED", "R_ATTN", "HBM_BW", "POWERS_OF_TWO", "Parallel",
+           "ParamCounts", "Memory", "Plan", "LayoutError", "check_layout", "param_counts", "lora_counts",
+           "attention_targets", "plan", "auto_plan", "least_checkpointed", "format_table", "CHECKPOINT_POLICIES"]
 
 Optimizer = Literal["fused", "foreach"]
 CheckpointPolicy = Literal["nothing", "attention"]
@@ -180,8 +223,10 @@ CheckpointPolicy = Literal["nothing", "attention"]
 GIB = 1 << 30
 H200_USABLE_GIB = 139.0  # nvidia-smi shows 143,771 MiB (140.4 GiB); less the CUDA context and allocator slack
 # Calibrated rates and bandwidths: see the module docstring for the measurement behind each.
-R_ATTN = 495e12  # FLOP/s, cuDNN flash attention, torch_impl profile (12 layers, 4K: 15 ms)
+R_ATTN = 495e12  # FLOP/s, cuDNN flash attention, torch_impl profile (12 layers, 4K: 15 ms); the H100 16K profiles
+# of Qwen3 and gpt-oss pooled give 494, so compiled layers (the same attention kernels) keep it
 R_LIN = 155e12  # FLOP/s, Qwen3-30B-A3B torch_impl eager 4K / 16K rows: the rate that balances both ratios
+R_LIN_COMPILED = 395e12  # FLOP/s, compiled layers (compiled=True): the H100 16K rows of gpt-oss-20b and Qwen3 (24 L)
 HBM_BW = 3.75e12  # B/s, AdamW foreach in the same profile (14.4 ms, 0.64B params × 84 B)
 NVLINK_BW = 360e9  # B/s NCCL bus bandwidth inside an 8-GPU H200 node (typical, not measured here)
 IB_BW = 45e9  # B/s per GPU across nodes, 400 Gb/s InfiniBand (typical, not measured here)
@@ -214,7 +259,13 @@ class ParamCounts:
     final_norm: int
     layer_rest: tuple[int, ...]  # attention, norms, router, shared experts, dense MLP: sharded over fsdp only
     layer_experts: tuple[int, ...]  # routed experts (weights and biases): sharded over fsdp × expert
-    active_per_token: int  # matmul weights one token passes through in the decoder (not embeddings, not lm_head)
+    layer_active: tuple[int, ...]  # matmul weights one token passes through in each decoder layer
+    layer_active_experts: tuple[int, ...]  # the routed experts' share of it: K·3·H·I in a MoE layer, else 0
+
+    @property
+    def active_per_token(self) -> int:
+        """Matmul weights one token passes through in the decoder (not embeddings, not lm_head)."""
+        return sum(self.layer_active)
 
     @property
     def experts(self) -> int:
@@ -268,24 +319,27 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     attn_all, attn_mm, _ = _attention_params(cfg)
     rest: list[int] = []
     experts: list[int] = []
-    active = 0
+    active: list[int] = []
+    active_experts: list[int] = []
     for is_moe in cfg.moe_layers:
         r = attn_all + 2 * H  # attention + input and post-attention norms
-        active += attn_mm
         if is_moe:
             r += H * E + (E if cfg.router_bias else 0) + (E if cfg.routing.method == "sigmoid_group" else 0)
             ex = E * (H * 2 * I + I * H) + (E * (2 * I + H) if cfg.expert_bias else 0)
             shared = 3 * H * cfg.shared_intermediate_size
             r += shared
-            active += H * E + K * (3 * H * I) + shared
+            routed = K * (3 * H * I)
+            active.append(attn_mm + H * E + routed + shared)
         else:
-            ex = 0
+            ex = routed = 0
             r += 3 * H * cfg.intermediate_size
-            active += 3 * H * cfg.intermediate_size
+            active.append(attn_mm + 3 * H * cfg.intermediate_size)
         rest.append(r)
         experts.append(ex)
+        active_experts.append(routed)
     return ParamCounts(embed=V * H, lm_head=0 if cfg.tie_word_embeddings else H * V, final_norm=H,
-                       layer_rest=tuple(rest), layer_experts=tuple(experts), active_per_token=active)
+                       layer_rest=tuple(rest), layer_experts=tuple(experts), layer_active=tuple(active),
+                       layer_active_experts=tuple(active_experts))
 
 
 @dataclass(frozen=True)
@@ -294,11 +348,16 @@ class LoraCounts:
 
     layer_attn: tuple[int, ...]
     layer_experts: tuple[int, ...]
-    active_per_token: int
+    layer_active_experts: tuple[int, ...]  # the expert LoRA one token touches in each layer: K of its E experts'
 
     @property
     def total(self) -> int:
         return sum(self.layer_attn) + sum(self.layer_experts)
+
+    @property
+    def active_per_token(self) -> int:
+        """LoRA params one token touches: every attention target, K of E experts' factors per MoE layer."""
+        return sum(self.layer_attn) + sum(self.layer_active_experts)
 
 
 def lora_counts(cfg: ModelConfig, rank: int, targets: Sequence[str] | None = None) -> LoraCounts:
@@ -314,8 +373,8 @@ def lora_counts(cfg: ModelConfig, rank: int, targets: Sequence[str] | None = Non
     H, E, K, I = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     per_expert = rank * (H + 2 * I) + rank * (I + H)  # gate_up A [H, r], B [r, 2I]; down A [I, r], B [r, H]
     ex = tuple(E * per_expert if m else 0 for m in cfg.moe_layers)
-    active = attn * cfg.num_hidden_layers + K * per_expert * cfg.num_moe_layers
-    return LoraCounts(layer_attn=(attn,) * cfg.num_hidden_layers, layer_experts=ex, active_per_token=active)
+    active = tuple(K * per_expert if m else 0 for m in cfg.moe_layers)
+    return LoraCounts(layer_attn=(attn,) * cfg.num_hidden_layers, layer_experts=ex, layer_active_experts=active)
 
 
 # ---- the parallel layout ----------------------------------------------------------------------------------------
@@ -487,6 +546,17 @@ def _layer_kept(cfg: ModelConfig, S: int, r: int, is_moe: bool, *, expert: int =
     return S * tok + fixed
 
 
+def _check_checkpointing(cfg: ModelConfig, checkpoint_layers: int | None, checkpoint_policy: str) -> None:
+    """Refuse a checkpoint_layers that is not None or an int from 0 to L, and an unknown checkpoint_policy."""
+    L = cfg.num_hidden_layers
+    if checkpoint_layers is not None and not is_checkpoint_layers(checkpoint_layers, L):
+        raise ValueError(f"checkpoint_layers={checkpoint_layers!r}: how many of the first decoder layers are "
+                         f"checkpointed, an int from 0 to {L} (this model has {L} layers), or None for all of them")
+    if checkpoint_policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, got "
+                         f"{checkpoint_policy!r}")
+
+
 def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: bool = False,
            optimizer: Optimizer = "fused", expert_chunk: int | None = None, checkpoint_layers: int | None = None,
            checkpoint_policy: CheckpointPolicy = "nothing", optim_in_backward: bool = False,
@@ -503,12 +573,7 @@ def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: boo
     if optimizer not in OPT_BYTES:
         raise ValueError(f"optimizer must be one of {', '.join(OPT_BYTES)}, got {optimizer!r}")
     L = cfg.num_hidden_layers
-    if checkpoint_layers is not None and not is_checkpoint_layers(checkpoint_layers, L):
-        raise ValueError(f"checkpoint_layers={checkpoint_layers!r}: how many of the first decoder layers are "
-                         f"checkpointed, an int from 0 to {L} (this model has {L} layers), or None for all of them")
-    if checkpoint_policy not in CHECKPOINT_POLICIES:
-        raise ValueError(f"checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, got "
-                         f"{checkpoint_policy!r}")
+    _check_checkpointing(cfg, checkpoint_layers, checkpoint_policy)
     if offload and checkpoint_policy != "nothing":
         raise ValueError(f"checkpoint policy {checkpoint_policy!r} keeps tensors on the GPU, which offload exists to "
                          "avoid (torch_impl refuses the pair): use one or the other")
@@ -566,23 +631,42 @@ def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: boo
 
 
 # ---- time -------------------------------------------------------------------------------------------------------
-def flops(cfg: ModelConfig, seq: int, rank: int) -> tuple[float, float]:
-    """(linear FLOPs, attention FLOPs) of one GPU's step on `seq` tokens (module docstring)."""
-    S = seq
+def flops(cfg: ModelConfig, seq: int, rank: int, *, checkpoint_layers: int | None = None,
+          checkpoint_policy: CheckpointPolicy = "nothing", expert_chunk: int | None = None) -> tuple[float, float]:
+    """(linear FLOPs, attention FLOPs) of one GPU's step on `seq` tokens (module docstring, "Step time"): every
+    layer's forward and backward, and the recompute of what checkpointing drops. `checkpoint_layers`: how many of
+    the first decoder layers are checkpointed (None: all); the others recompute nothing, but for their routed experts
+    when `expert_chunk` tiles them (the tiled backward recomputes them chunk by chunk). `checkpoint_policy`
+    "attention": a checkpointed layer keeps its attention output, so its recompute skips the attention kernel."""
+    _check_checkpointing(cfg, checkpoint_layers, checkpoint_policy)
+    S, L = seq, cfg.num_hidden_layers
+    N = L if checkpoint_layers is None else checkpoint_layers
+    tiled = expert_chunk is not None and expert_chunk < S
     pc, lc = param_counts(cfg), lora_counts(cfg, rank)
-    linear = 6 * pc.active_per_token * S + 4 * cfg.hidden_size * cfg.vocab_size * S + 8 * lc.active_per_token * S
+    # per token: base weights 2 forward + 2 dX (+ 2 recompute), LoRA params also dA, dB (8, or 6 without recompute);
+    # integers until the end, so that every layer checkpointed gives 6·A_base·S + 8·A_lora·S to the last FLOP
+    linear = 4 * cfg.hidden_size * cfg.vocab_size * S  # lm_head, once: logits and dh
+    for l in range(L):
+        base, lora = pc.layer_active[l], lc.layer_attn[l] + lc.layer_active_experts[l]
+        if l < N:
+            linear += (6 * base + 8 * lora) * S
+        else:  # no layer recompute; tiled experts still recompute theirs
+            linear += (4 * base + 6 * lora) * S
+            if tiled:
+                linear += (2 * pc.layer_active_experts[l] + 2 * lc.layer_active_experts[l]) * S
     if cfg.attention == "mla":
         dqk, dv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
     else:
         dqk = dv = cfg.head_dim
     attn = 0.0
-    for l in range(cfg.num_hidden_layers):
+    for l in range(L):
         W = cfg.sliding_window if cfg.layer_types and cfg.layer_types[l] == "sliding_attention" else None
         if W is not None and W < S:
             pairs = S * W - W * (W - 1) / 2
         else:
             pairs = S * (S + 1) / 2
-        attn += (2 + FLASH_BWD_OVER_FWD) * 2 * pairs * cfg.num_attention_heads * (dqk + dv)
+        recompute = 1 if l < N and checkpoint_policy == "nothing" else 0
+        attn += (1 + recompute + FLASH_BWD_OVER_FWD) * 2 * pairs * cfg.num_attention_heads * (dqk + dv)
     return float(linear), attn
 
 
@@ -592,8 +676,10 @@ def _bw(par: Parallel, axis: str) -> float:
     return NVLINK_BW if span <= GPUS_PER_NODE else IB_BW
 
 
-def comm_seconds(cfg: ModelConfig, par: Parallel, seq: int, rank: int) -> float:
-    """Seconds of communication per step per GPU, before overlap (module docstring)."""
+def comm_seconds(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *,
+                 checkpoint_layers: int | None = None) -> float:
+    """Seconds of communication per step per GPU, before overlap (module docstring); a MoE layer past
+    `checkpoint_layers` (None: all checkpointed) has no recompute, so two all-to-alls fewer."""
     pc, lc = param_counts(cfg), lora_counts(cfg, rank)
     f, x, d = par.fsdp, par.expert, par.data
     t = 0.0
@@ -606,7 +692,9 @@ def comm_seconds(cfg: ModelConfig, par: Parallel, seq: int, rank: int) -> float:
         t += 2 * (d - 1) / d * local / _bw(par, "data")
     if x > 1:
         rows = 2 * seq * cfg.num_experts_per_tok * cfg.hidden_size
-        t += 6 * cfg.num_moe_layers * (x - 1) / x * rows / _bw(par, "expert")
+        N = cfg.num_hidden_layers if checkpoint_layers is None else checkpoint_layers
+        a2a = sum(6 if l < N else 4 for l, m in enumerate(cfg.moe_layers) if m)
+        t += a2a * (x - 1) / x * rows / _bw(par, "expert")
     return t
 
 
@@ -647,17 +735,20 @@ def plan(cfg: ModelConfig, parallel: Parallel, seq: int, rank: int = 64, *, name
          checkpoint_layers: int | None = None, checkpoint_policy: CheckpointPolicy = "nothing",
          optim_in_backward: bool = False, compiled: bool = False) -> Plan:
     """Memory and estimated step time of split-LoRA training of `cfg` on `parallel` (module docstring). The time
-    is the same with `expert_chunk` (under checkpointing the tiled experts do the untiled FLOPs) and with
-    `checkpoint_layers`, `checkpoint_policy`: it counts every layer's recompute, so with layers left un-checkpointed
-    (or the attention kept) it is an overestimate by those layers' recompute."""
+    counts the recompute that `checkpoint_layers` and `checkpoint_policy` leave (`flops`), and runs the linear part
+    at R_LIN_COMPILED with `compiled` (torch.compile'd decoder layers), else at the eager R_LIN. Under checkpointing
+    `expert_chunk` changes no FLOP (the tiled experts do the untiled ones); in an un-checkpointed layer it adds the
+    routed experts' recompute."""
     mem = memory(cfg, parallel, seq, rank, offload=offload, optimizer=optimizer, expert_chunk=expert_chunk,
                  checkpoint_layers=checkpoint_layers, checkpoint_policy=checkpoint_policy,
                  optim_in_backward=optim_in_backward, compiled=compiled)
-    lin, attn = flops(cfg, seq, rank)
+    lin, attn = flops(cfg, seq, rank, checkpoint_layers=checkpoint_layers, checkpoint_policy=checkpoint_policy,
+                      expert_chunk=expert_chunk)
     lc = lora_counts(cfg, rank)
     lora_local = sum(lc.layer_experts) / (parallel.fsdp * parallel.expert) + sum(lc.layer_attn) / parallel.fsdp
-    return Plan(name or cfg.family, parallel, seq, mem, compute_s=lin / R_LIN + attn / R_ATTN,
-                comm_s=comm_seconds(cfg, parallel, seq, rank),
+    r_lin = R_LIN_COMPILED if compiled else R_LIN
+    return Plan(name or cfg.family, parallel, seq, mem, compute_s=lin / r_lin + attn / R_ATTN,
+                comm_s=comm_seconds(cfg, parallel, seq, rank, checkpoint_layers=checkpoint_layers),
                 optimizer_s=OPT_BYTES[optimizer] * lora_local / HBM_BW, usable_gib=usable_gib,
                 checkpoint_layers=checkpoint_layers)
 

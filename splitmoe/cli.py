@@ -195,7 +195,7 @@ def _gpu_plan(args: argparse.Namespace) -> int:
           f"{f', experts in {args.expert_chunk}-token chunks' if args.expert_chunk else ''}{ckpt_note}"
           f"{', checkpointed layers keep their attention' if args.checkpoint_policy == 'attention' else ''}"
           f"{', compiled layers' if args.compile else ''}. Times are estimates (shared_math/plan.py says how they are "
-          "calibrated), not measurements.")
+          "calibrated: eager layers on one H200, compiled layers on one H100), not measurements.")
     for name, cfg, rows, fit, least in results:
         pc, lc = P.param_counts(cfg), P.lora_counts(cfg, args.rank)
         print(f"\n{name}: {cfg.num_hidden_layers} layers, {pc.total / 1e9:.2f}B params ({pc.experts / 1e9:.2f}B in "
@@ -321,10 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "smallest N that fits --budget-gib on the layout that fits with every layer checkpointed")
     g.add_argument("--checkpoint-policy", default="nothing", choices=("nothing", "attention"),
                    help="what a checkpointed layer keeps besides its input: attention keeps its attention output "
-                        "and log-sum-exp (train.checkpoint_policy)")
+                        "and log-sum-exp, and its recompute skips the attention kernel (train.checkpoint_policy)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile'd decoder layers (train --compile): an un-checkpointed MoE layer keeps no "
-                        "bf16 copies of its expert LoRA factors")
+                        "bf16 copies of its expert LoRA factors, and the step time takes the compiled layers' "
+                        "linear rate (shared_math/plan.py's R_LIN_COMPILED)")
     g.add_argument("--budget-gib", type=float, metavar="GIB",
                    help="usable memory per GPU, what fits means (default 139: an H200's 140.4 less the CUDA context "
                         "and allocator slack; an 80 GB H100 by the same margin about 78)")
