@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session17a|session17t|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session17p|session17u|session17a|session17t|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -511,6 +511,25 @@ case $PART in
       --out "$R/step.jsonl" > "$R/step_prof_keep.log" 2>&1
     tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300
     grep -h -A16 "device time by kind" "$R"/*.txt ;;
+  session17p)  # (written 2026-12-06, session 17) issue 15's gpt-oss 16K (0.61x, 20 ms short of 0.6x): a profile of
+    # the compiled step with the attention kept, by kernel and by operator input shape; and issue 16: which NN pass
+    # SPLITMOE_LORA_ACC=1 slowed (session17a: the step 1279 ms with it against 1021 without), one process each
+    timeout 200 python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 2 --impls torch_impl \
+      --compile --checkpoint-policy attention --profile "$R/prof" --out "$R/step.jsonl" > "$R/step.log" 2>&1
+    I="--iters 10 --cases gpt_oss_20b_T16384 --impls pass_gate_up_hopper,pass_down_hopper,pass_dh_hopper,\
+pass_dx_hopper"
+    SPLITMOE_LORA_ACC=0 timeout 150 python3 benchmarks/moe_block.py $I --out "$R/block.jsonl" > "$R/block_add.log" 2>&1
+    SPLITMOE_LORA_ACC=1 timeout $((585 - SECONDS)) python3 benchmarks/moe_block.py $I --out "$R/block.jsonl" \
+      > "$R/block_acc.log" 2>&1
+    rows "$R/step.jsonl"; head -30 "$R"/prof/* | cut -c1-160; grep -h "|" "$R"/block_*.log | head -20 ;;
+  session17u)  # (written and run 2026-12-06, session 17, after session17a's Unsloth row ran past its 230 s) issue 15's
+    # gpt-oss 16K target: Unsloth with more time, then the compiled step with the attention kept
+    wheels
+    timeout 330 python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls unsloth \
+      --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 \
+      --impls torch_impl --compile --checkpoint-policy attention --out "$R/step.jsonl" > "$R/step.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session17a)  # (written 2026-12-06, session 17: one call for the likeliest gain when machines are scarce) issue 15's
     # gpt-oss 16K target: SPLITMOE_LORA_ACC=1's gpu tests; the compiled step with the attention kept with it (only if
     # they passed), Unsloth, then the same step without it, in the time left
