@@ -12,8 +12,6 @@ written once.
 Variants:
   shipped   as the backward runs it (`split_lora._tn`'s config: the shipped table's entry)
   sorted    the gathered operand (dy or x by token) given already in expert order: what the gather costs
-  scale_left  the shipped config with its SCALE_LEFT flipped (which operand the routing weight multiplies: the
-            launches with a row scale, dB2 and dA2, only)
   cublas    torch.mm of the same products over all M rows at once, ignoring the expert boundaries, on sorted
             operands (act(gu) precomputed, untimed): the same FLOPs and bytes in one dense GEMM, a yardstick for the
             card's rate at this shape, not a result the kernel must equal
@@ -38,8 +36,8 @@ if TYPE_CHECKING:
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LAUNCHES = ("dB2", "dA2", "dB1", "dA1")
-KERNEL_VARIANTS = ("shipped", "sorted", "scale_left")
-VARIANTS = ("shipped", "sorted", "scale_left", "cublas", "grouped_mm")
+KERNEL_VARIANTS = ("shipped", "sorted")
+VARIANTS = ("shipped", "sorted", "cublas", "grouped_mm")
 
 
 def _operands(c, device: str, seed: int = 0) -> dict:
@@ -135,10 +133,9 @@ def probe_case(case_name: str, variants: list[str], iters: int, device: str) -> 
         cfg = autotune.get_config("tn", (_bucket(c.M),) + key, op["dt"], torch.device(device))
         ref = _reference(name, op, c)
         for variant in variants:
-            vcfg = dict(cfg, SCALE_LEFT=not cfg.get("SCALE_LEFT", False)) if variant == "scale_left" else cfg
-            row = dict(case=case_name, launch=name, variant=variant, config=vcfg if variant in KERNEL_VARIANTS
+            row = dict(case=case_name, launch=name, variant=variant, config=cfg if variant in KERNEL_VARIANTS
                        else None)
-            step = _variant_step(variant, name, op, c, kw, vcfg)
+            step = _variant_step(variant, name, op, c, kw, cfg)
             if step is None:
                 continue
             try:
@@ -172,9 +169,7 @@ def _variant_step(variant: str, name: str, op: dict, c, kw: dict, cfg: dict):
     from torch_impl.kernels import grouped_gemm as gg
 
     srt = op["srt"]
-    if variant == "scale_left" and "row_scale_M" not in kw:
-        return None  # no row scale: the same launch as shipped
-    if variant in ("shipped", "scale_left"):
+    if variant == "shipped":
         return lambda: gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=cfg, **kw)
     if variant == "sorted":
         _, kws = _launch_args(name, op, c, sorted_rows=True)

@@ -217,7 +217,7 @@ def _grouped_gemm_tn_kernel(
     out_ptr, stride_oe, stride_op, stride_oq,
     P, Q, P_HALF, alpha, limit, act_alpha,
     GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, LEFT: tl.constexpr, ACT: tl.constexpr,
-    ROW_SCALE: tl.constexpr, SCALE_LEFT: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROW_SCALE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     e = tl.program_id(0).to(tl.int64)
@@ -242,8 +242,7 @@ def _grouped_gemm_tn_kernel(
                     mask=mask_m[:, None] & mask_q[None, :], other=0.0)
         if ROW_SCALE:
             rs = tl.load(row_scale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-            if not SCALE_LEFT:
-                r = (r.to(tl.float32) * rs[:, None]).to(cdt)
+            r = (r.to(tl.float32) * rs[:, None]).to(cdt)
         if LEFT == 0:
             if GATHER_L:
                 l_src = tl.load(l_index_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -261,9 +260,6 @@ def _grouped_gemm_tn_kernel(
         else:
             # A column of ones (p = 0 only): the column sum rides through the same dot (bias grads; tiny).
             lt = tl.where(mask_m[:, None] & (offs_p == 0)[None, :], 1.0, 0.0).to(cdt)
-        if ROW_SCALE:
-            if SCALE_LEFT:
-                lt = (lt.to(tl.float32) * rs[:, None]).to(cdt)
         acc = tl.dot(tl.trans(lt), r, acc, input_precision=DOT_PREC)
     acc = acc * alpha
     tl.store(out_ptr + e * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
@@ -395,11 +391,6 @@ def grouped_gemm_tn(left: torch.Tensor | None, right: torch.Tensor, offsets_E1: 
 
     left=None: a column of ones (p must be 1). left_act != ACT_NONE: `left` is gu [M, 2I] and Lrows = act(gu),
     p = I. Accumulates in fp32; `out_dtype` float32 by default (LoRA grads feed fp32 master weights).
-
-    config["SCALE_LEFT"]: the row scale multiplies the left tile (diag(w)·Lrows) instead of the right one, the same
-    product with its one bf16 rounding on the other operand. Scaling the right tile sends it from shared memory
-    through registers and back before the dot; dB2's right is the wide dy tile, and compiled for sm_90 (Triton 3.6)
-    that launch holds 240 registers against 165 when its narrow z2 tile is the one scaled.
     """
     q = right.shape[1]
     out = torch.empty((num_experts, p, q), device=right.device, dtype=out_dtype)
@@ -418,7 +409,7 @@ def grouped_gemm_tn(left: torch.Tensor | None, right: torch.Tensor, offsets_E1: 
         p, q, p, float(alpha), float(limit), float(act_alpha),
     ), dict(
         GATHER_L=left_index is not None, GATHER_R=right_index is not None, LEFT=mode, ACT=left_act,
-        ROW_SCALE=row_scale_M is not None, SCALE_LEFT=bool(config.get("SCALE_LEFT", False)),
-        DOT_PREC=_dot_prec(right.dtype), BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq,
+        ROW_SCALE=row_scale_M is not None, DOT_PREC=_dot_prec(right.dtype),
+        BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq,
     ), num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     return out
