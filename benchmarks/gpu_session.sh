@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session17p|session17u|session17a|session17t|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -550,6 +550,12 @@ pass_dx_hopper"
     timeout 150 python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --out "$R/tn.jsonl" \
       > "$R/tn.log" 2>&1
     cat "$R/tn.log" | cut -c1-200 ;;
+  session17s)  # (written 2026-12-06, session 17, after session17t) the same launches at routing skews 0, 1 and 2: the
+    # step's profile had them at 1.9 ms a layer on Qwen3 against 0.78 uniform, and one program loops over all of an
+    # expert's rows, so a crowded expert sets the launch's time
+    timeout 200 python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --skew 0,1,2 \
+      --variants shipped,grouped_mm --out "$R/tn.jsonl" > "$R/tn.log" 2>&1
+    grep "rows per expert\|all four" "$R/tn.log" ;;
   session17k)  # (written 2026-12-06, session 16, for the next session) issue 16: SPLITMOE_LORA_ACC=1 (the LoRA term
     # accumulated into the base accumulator; compiled for sm_90 on the CPU it takes the shipped passes off their
     # register spills, benchmarks/kernel_resources.py). Its gpu tests, then the block and its four NN passes at T=16384

@@ -17,7 +17,7 @@ Variants:
             card's rate at this shape, not a result the kernel must equal
   grouped_mm  torch._grouped_mm with the ragged K (2-D x 2-D with offsets -> [E, p, q]), where this torch has it
 
-    python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --out tn.jsonl
+    python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 [--skew 0,1,1.5] --out tn.jsonl
 On the CPU (`--device cpu`, under TRITON_INTERPRET=1) it runs the small test cases and checks each launch against
 float64; on the GPU it checks them against float32 torch (printed as `err`, the max error over the max magnitude).
 """
@@ -114,7 +114,10 @@ def _reference(name: str, op: dict, c) -> torch.Tensor:
     return torch.stack([scale * left[a:b].t() @ right[a:b] for a, b in zip(offs[:-1], offs[1:])])
 
 
-def probe_case(case_name: str, variants: list[str], iters: int, device: str) -> list[dict]:
+def probe_case(case_name: str, variants: list[str], iters: int, device: str, skew: float | None = None
+               ) -> list[dict]:
+    import dataclasses
+
     import torch
 
     from shared_math.cases import get_case
@@ -122,8 +125,12 @@ def probe_case(case_name: str, variants: list[str], iters: int, device: str) -> 
     from torch_impl.kernels.split_lora import _bucket
 
     c = get_case(case_name)
+    if skew is not None:
+        c = dataclasses.replace(c, skew=skew)
     op = _operands(c, device)
     srt = op["srt"]
+    load = srt.offsets_E1.diff().float()
+    print(f"{case_name} skew {c.skew}: rows per expert max {load.max():.0f}, mean {load.mean():.0f}", flush=True)
     tok = srt.token_M.long()
     op["dy_sorted"], op["x_sorted"] = op["dy"].index_select(0, tok), op["x"].index_select(0, tok)
     elem = op["dt"].itemsize
@@ -133,8 +140,8 @@ def probe_case(case_name: str, variants: list[str], iters: int, device: str) -> 
         cfg = autotune.get_config("tn", (_bucket(c.M),) + key, op["dt"], torch.device(device))
         ref = _reference(name, op, c)
         for variant in variants:
-            row = dict(case=case_name, launch=name, variant=variant, config=cfg if variant in KERNEL_VARIANTS
-                       else None)
+            row = dict(case=case_name, skew=c.skew, launch=name, variant=variant,
+                       config=cfg if variant in KERNEL_VARIANTS else None)
             step = _variant_step(variant, name, op, c, kw, cfg)
             if step is None:
                 continue
@@ -157,7 +164,7 @@ def probe_case(case_name: str, variants: list[str], iters: int, device: str) -> 
         for variant in variants:
             ms = [r["ms"] for r in rows if r["variant"] == variant and "ms" in r]
             if len(ms) == len(LAUNCHES):
-                print(f"{case_name} all four {variant:10s} {sum(ms):.3f} ms a layer", flush=True)
+                print(f"{case_name} skew {c.skew} all four {variant:10s} {sum(ms):.3f} ms a layer", flush=True)
     return rows
 
 
@@ -201,13 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--skew", default=None,
+                   help="comma-separated routing skews to run each case at (shared_math.cases: 0 uniform, >0 Zipf-like "
+                        "towards low expert ids); default: the case's own")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     variants = a.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    rows = [r for case in a.cases.split(",") for r in probe_case(case, variants, a.iters, a.device)]
+    skews = [None] if a.skew is None else [float(x) for x in a.skew.split(",")]
+    rows = [r for case in a.cases.split(",") for sk in skews for r in probe_case(case, variants, a.iters, a.device, sk)]
     if a.out:
         with a.out.open("a") as f:
             for r in rows:

@@ -36,3 +36,18 @@ def test_unknown_variant_is_refused():
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tn_probe.py"), "--variants", "shipped,fast"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown variant(s) fast" in r.stderr
+
+
+def test_skews_rerun_each_case_with_its_own_routing(tmp_path):
+    out = tmp_path / "tn.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tn_probe.py"), "--device", "cpu", "--cases",
+                        "skewed", "--skew", "0,1.5", "--variants", "shipped", "--out", str(out)],
+                       cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["skew"] for x in rows] == [0.0] * 4 + [1.5] * 4
+    assert all(x["err"] < 1e-5 for x in rows), rows
+    # the skewed routing does load one expert more: the probe says by how much
+    loads = [line for line in r.stdout.splitlines() if "rows per expert" in line]
+    assert len(loads) == 2 and loads[0] != loads[1]
