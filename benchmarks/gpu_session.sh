@@ -512,20 +512,24 @@ case $PART in
     tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300
     grep -h -A16 "device time by kind" "$R"/*.txt ;;
   session17p)  # (written 2026-12-06, session 17) issue 15's gpt-oss 16K (0.61x, 19 ms short of 0.6x) and issue 16: the
-    # LoRA-gradient launches at routing skews 0, 1 and 2 (session17s); a profile of the compiled step with the
-    # attention kept, by kernel and by operator input shape; then which NN pass SPLITMOE_LORA_ACC=1 slowed
-    # (session17a: the step 1279 ms with it against 1021 without), one process each, in the time left
+    # LoRA-gradient launches at routing skews 0, 1 and 2 (session17s); the loss over chunk sizes; a profile of the
+    # compiled step with the attention kept, by kernel and by operator input shape; then which NN pass
+    # SPLITMOE_LORA_ACC=1 slowed (session17a: the step 1279 ms with it against 1021 without), one process each, in
+    # the time left
     timeout 120 python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --skew 0,1,2 \
       --variants shipped,grouped_mm --out "$R/tn.jsonl" > "$R/tn.log" 2>&1
+    # gpt-oss's loss over chunk sizes: its dh GEMM ran split-K at 526 TFLOP/s on 640-row chunks (session 15)
+    timeout 60 python3 benchmarks/loss_bench.py --seq 16384 --hidden 2880 --vocab 201088 --impls splitmoe_triton \
+      --chunk-rows 0,1280,1920 --out "$R/loss.jsonl" > "$R/loss.log" 2>&1
     timeout 200 python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 2 --impls torch_impl \
       --compile --checkpoint-policy attention --profile "$R/prof" --out "$R/step.jsonl" > "$R/step.log" 2>&1
-    I="--iters 10 --cases gpt_oss_20b_T16384 --impls pass_gate_up_hopper,pass_dh_hopper,pass_down_hopper,\
-pass_dx_hopper"
+    I="--iters 10 --cases gpt_oss_20b_T16384 --impls pass_dh_hopper,pass_gate_up_hopper"
     SPLITMOE_LORA_ACC=0 timeout $(((470 - SECONDS) / 2)) python3 benchmarks/moe_block.py $I --out "$R/block.jsonl" \
       > "$R/block_add.log" 2>&1
     SPLITMOE_LORA_ACC=1 timeout $((470 - SECONDS)) python3 benchmarks/moe_block.py $I --out "$R/block.jsonl" \
       > "$R/block_acc.log" 2>&1
-    grep "rows per expert\|all four" "$R/tn.log"; rows "$R/step.jsonl"; head -30 "$R"/prof/*.txt | cut -c1-160
+    grep "rows per expert\|all four" "$R/tn.log"; cut -c1-200 "$R/loss.jsonl"; rows "$R/step.jsonl"
+    head -30 "$R"/prof/*.txt | cut -c1-160
     grep -h "|" "$R"/block_*.log | head -20 ;;
   session17u)  # (written and run 2026-12-06, session 17, after session17a's Unsloth row ran past its 230 s) issue 15's
     # gpt-oss 16K target: Unsloth with more time, then the compiled step with the attention kept
