@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -511,6 +511,28 @@ case $PART in
       --out "$R/step.jsonl" > "$R/step_prof_keep.log" 2>&1
     tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300
     grep -h -A16 "device time by kind" "$R"/*.txt ;;
+  session17f)  # (written 2026-12-06, session 17, for its last device time) issue 15's gpt-oss 16K (0.612x, 19 ms short
+    # of 0.6x): the LoRA-gradient launches now dispatch the heaviest expert first (the step's random router loads
+    # its busiest expert 1.5-2.4x the mean); they at skews 0 and 2 with and without it; the loss over chunk sizes
+    # (its dh GEMM ran split-K at 526 TFLOP/s on 640-row chunks); Unsloth; the compiled step with the attention kept
+    # at the fastest loss chunk, then at the default one
+    wheels
+    timeout 90 python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --skew 0,2 \
+      --variants shipped,in_order --out "$R/tn.jsonl" > "$R/tn.log" 2>&1
+    timeout 60 python3 benchmarks/loss_bench.py --seq 16384 --hidden 2880 --vocab 201088 --impls splitmoe_triton \
+      --chunk-rows 0,1280,1920 --out "$R/loss.jsonl" > "$R/loss.log" 2>&1
+    BEST=$(python3 -c 'import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if "\"ms\"" in l]
+print(min(rows, key=lambda r: r["ms"])["chunk_rows"] if rows else "")' "$R/loss.jsonl" 2>/dev/null)
+    echo "fastest loss chunk: $BEST rows" | tee "$R/best_chunk.txt"
+    timeout 300 python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls unsloth \
+      --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
+    Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
+    SPLITMOE_LOSS_CHUNK_ROWS=$BEST timeout 140 python3 benchmarks/step.py $Q --out "$R/step.jsonl" \
+      > "$R/step_chunk.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step.log" 2>&1
+    grep "rows per expert\|all four" "$R/tn.log"; cut -c1-200 "$R/loss.jsonl"; rows "$R/step.jsonl"
+    grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session17p)  # (written 2026-12-06, session 17) issue 15's gpt-oss 16K (0.61x, 19 ms short of 0.6x) and issue 16: the
     # LoRA-gradient launches at routing skews 0, 1 and 2 (session17s); the loss over chunk sizes; a profile of the
     # compiled step with the attention kept, by kernel and by operator input shape; then which NN pass

@@ -63,6 +63,19 @@ def default_chunk_rows(vocab: int, impl: str = "chunked") -> int:
     return max(64, (elements // max(vocab, 1)) // 64 * 64)
 
 
+def _env_chunk_rows() -> int | None:
+    """SPLITMOE_LOSS_CHUNK_ROWS=N: rows per chunk for every fused loss that is not given `chunk_rows`, so a step
+    benchmark can time chunk sizes without a new option through every model (its rows record the variable); unset
+    or empty: `default_chunk_rows`."""
+    raw = os.environ.get("SPLITMOE_LOSS_CHUNK_ROWS", "")
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"SPLITMOE_LOSS_CHUNK_ROWS={raw!r}: expected a positive number of rows per loss chunk "
+                         "(e.g. 1280), or leave it unset for the default")
+    return int(raw)
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """loss = mean over valid rows of CE(h @ W, target); W given as [H, V] (`weight_is_HV`) or [V, H]."""
 
@@ -204,7 +217,7 @@ def fused_linear_cross_entropy(h_BSH: torch.Tensor, weight: torch.Tensor, labels
     h_NH = h_BSH.reshape(-1, h_BSH.shape[-1])
     target_N = shift_labels(labels_BS, ignore_index).reshape(-1)
     impl = resolve_impl(impl, h_NH)
-    rows = chunk_rows or default_chunk_rows(vocab, impl)
+    rows = chunk_rows or _env_chunk_rows() or default_chunk_rows(vocab, impl)
     if impl == "liger":
         loss = _liger_loss(h_NH, weight, target_N, weight_is_HV, ignore_index)
         # HF's 0/0: no valid row gives NaN (Liger's 0 would hide a batch with nothing to learn from); a device-side

@@ -94,6 +94,29 @@ def test_bfloat16_rounds_where_hf_rounds():
     assert_close(dh.float(), rdh.float(), dtype="bfloat16", quantity="moe_grad", name="dh")
 
 
+def test_env_chunk_rows_sets_the_chunk_and_bad_values_are_refused(monkeypatch):
+    import torch_impl.loss as L
+
+    seen = []
+    real = L._FusedLinearCE.apply
+    monkeypatch.setattr(L._FusedLinearCE, "apply", lambda *a: seen.append(a[4]) or real(*a))
+    h, w = torch.randn(1, 9, 8, dtype=torch.float64), torch.randn(8, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (1, 9))
+    monkeypatch.setenv("SPLITMOE_LOSS_CHUNK_ROWS", "3")
+    three = fused_linear_cross_entropy(h, w, labels)
+    monkeypatch.delenv("SPLITMOE_LOSS_CHUNK_ROWS")
+    default = fused_linear_cross_entropy(h, w, labels)
+    assert seen == [3, default_chunk_rows(11)] and torch.allclose(three, default, rtol=1e-12)
+    fused_linear_cross_entropy(h, w, labels, chunk_rows=5)  # an explicit chunk wins over the variable
+    monkeypatch.setenv("SPLITMOE_LOSS_CHUNK_ROWS", "4")
+    fused_linear_cross_entropy(h, w, labels, chunk_rows=5)
+    assert seen[2:] == [5, 5]
+    for bad in ("0", "-1", "1.5", "many"):
+        monkeypatch.setenv("SPLITMOE_LOSS_CHUNK_ROWS", bad)
+        with pytest.raises(ValueError, match="SPLITMOE_LOSS_CHUNK_ROWS"):
+            fused_linear_cross_entropy(h, w, labels)
+
+
 def test_chunk_rows_bound_the_logits_block():
     assert default_chunk_rows(151_936) * 151_936 <= 1 << 28
     assert default_chunk_rows(151_936) % 64 == 0 and default_chunk_rows(10**9) == 64
