@@ -10,9 +10,7 @@ written once.
   dB2 = s·Z2^T (w·dy[token])      dA2 = act(gu)^T (w·dZ2')      dB1 = s·Z1^T dgu      dA1 = x[token]^T dZ1
 
 Variants:
-  shipped   as the backward runs it (`split_lora._tn`'s config: the shipped table's entry; the programs dispatched
-            heaviest expert first, `KernelSort.heaviest_first`)
-  in_order  the same with the programs dispatched in expert order 0..E-1 (what the kernel did before 2026-12-06)
+  shipped   as the backward runs it (`split_lora._tn`'s config: the shipped table's entry)
   sorted    the gathered operand (dy or x by token) given already in expert order: what the gather costs
   cublas    torch.mm of the same products over all M rows at once, ignoring the expert boundaries, on sorted
             operands (act(gu) precomputed, untimed): the same FLOPs and bytes in one dense GEMM, a yardstick for the
@@ -38,8 +36,8 @@ if TYPE_CHECKING:
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LAUNCHES = ("dB2", "dA2", "dB1", "dA1")
-KERNEL_VARIANTS = ("shipped", "in_order", "sorted")
-VARIANTS = ("shipped", "in_order", "sorted", "cublas", "grouped_mm")
+KERNEL_VARIANTS = ("shipped", "sorted")
+VARIANTS = ("shipped", "sorted", "cublas", "grouped_mm")
 
 
 def _operands(c, device: str, seed: int = 0) -> dict:
@@ -178,14 +176,11 @@ def _variant_step(variant: str, name: str, op: dict, c, kw: dict, cfg: dict):
     from torch_impl.kernels import grouped_gemm as gg
 
     srt = op["srt"]
-    common = dict(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=cfg)
     if variant == "shipped":
-        return lambda: gg.grouped_gemm_tn(**common, expert_order_E=srt.heaviest_first(), **kw)
-    if variant == "in_order":
-        return lambda: gg.grouped_gemm_tn(**common, **kw)
+        return lambda: gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=cfg, **kw)
     if variant == "sorted":
         _, kws = _launch_args(name, op, c, sorted_rows=True)
-        return lambda: gg.grouped_gemm_tn(**common, expert_order_E=srt.heaviest_first(), **kws)
+        return lambda: gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=cfg, **kws)
     if op["dt"] != torch.bfloat16:
         return None  # the yardsticks time cuBLAS's bf16 path: GPU only
     left = {"dB2": op["z2"], "dB1": op["z1"], "dA1": op["x_sorted"],

@@ -397,28 +397,6 @@ def test_grouped_gemm_tn_variants(case, dtype, seed):
 
 
 @kernel_test
-@pytest.mark.parametrize("case", [get_case("skewed"), get_case("empty_experts"), get_case("prime_e")],
-                         ids=lambda c: c.name)
-def test_grouped_gemm_tn_heaviest_first_changes_only_the_dispatch_order(case, seed):
-    """The ragged-K launch with its programs dispatched heaviest expert first (`heaviest_first`, what the Function
-    passes) gives the in-order launch's values bit for bit: one program owns each expert's output either way."""
-    srt, _, rnd = _setup(case, seed)
-    order = gg.heaviest_first(srt.offsets_E1)
-    counts = srt.offsets_E1.diff()[order.long()]
-    assert sorted(order.tolist()) == list(range(case.E)) and bool((counts[:-1] >= counts[1:]).all())
-    x, dz, gu, dy = rnd(case.T, case.H), rnd(srt.M, case.R), rnd(srt.M, 2 * case.I), rnd(case.T, case.H)
-    ws = rnd(srt.M).abs() + 0.1
-    common = dict(offsets_E1=srt.offsets_E1, num_experts=case.E, config=sl.autotune.get_config("tn", (), x.dtype,
-                                                                                              x.device))
-    for kw in (dict(left=x, right=dz, p=case.H, left_index=srt.token_M),
-               dict(left=gu, right=dy, p=case.I, left_act=gg.act_code(case.activation), right_index=srt.token_M,
-                    row_scale_M=ws)):
-        plain = gg.grouped_gemm_tn(**kw, **common)
-        ordered = gg.grouped_gemm_tn(**kw, **common, expert_order_E=order)
-        assert torch.equal(plain, ordered)
-
-
-@kernel_test
 # bf16 on the GPU only: the interpreter truncates fp32 -> bf16 casts (triton's interpreter ignores the rounding mode)
 @pytest.mark.parametrize("out_dtype", [*CPU_DTYPES, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)], ids=_dname)
 @pytest.mark.parametrize("shape", [(1, 3, 3), (5, 130, 65), (3, 64, 64), (2, 1, 1), (7, 200, 16)],

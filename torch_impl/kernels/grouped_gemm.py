@@ -22,8 +22,7 @@ rows (sorted by expert; expert e owns sorted rows offsets[e]:offsets[e+1]). Belo
     out[e, p, q] = alpha · Σ_{m in rows(e)} Lrow(m)[p] · row_scale[m] · Rrow(m)[q]
     Lrow(m) = L[l_index[m] or m] | act(gu[m]) (h recomputed on load from the saved pre-activation) | 1 (bias grads:
     only p = 0 is one, a column sum through the same dot); Rrow likewise gathered or direct. fp32 accumulation,
-    one program per (expert, p-tile, q-tile): deterministic, and empty experts write zeros. Each program walks all of
-    its expert's rows, so with a given `expert_order` (`heaviest_first`) the most loaded experts' programs go first.
+    one program per (expert, p-tile, q-tile): deterministic, and empty experts write zeros.
 
 Every operand is passed with explicit strides, so transposed views (W^T, LoRA factors transposed in the backward)
 cost no copy. Row indices are widened to int64 before they meet a stride (M·H passes 2^31 at real sizes).
@@ -214,24 +213,16 @@ def _grouped_gemm_kernel(
 def _grouped_gemm_tn_kernel(
     l_ptr, stride_lm, stride_lp, l_index_ptr,
     r_ptr, stride_rm, stride_rq, r_index_ptr,
-    row_scale_ptr, offsets_ptr, expert_order_ptr,
+    row_scale_ptr, offsets_ptr,
     out_ptr, stride_oe, stride_op, stride_oq,
     P, Q, P_HALF, alpha, limit, act_alpha,
     GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, LEFT: tl.constexpr, ACT: tl.constexpr,
-    ROW_SCALE: tl.constexpr, ORDERED: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROW_SCALE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    # A 1-D grid, expert-major: program i serves the (i // tiles)-th expert of `expert_order` (ORDERED) or of 0..E-1.
-    # Every program walks all of its expert's rows, so the most loaded experts' programs set the launch's end unless
-    # they are dispatched first (heaviest first: the lighter ones then fill the card behind them).
+    e = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
     n_q = tl.cdiv(Q, BLOCK_Q)
-    n_tiles = tl.cdiv(P, BLOCK_P) * n_q
-    rank = tl.program_id(0) // n_tiles
-    pid = tl.program_id(0) % n_tiles
-    if ORDERED:
-        e = tl.load(expert_order_ptr + rank).to(tl.int64)
-    else:
-        e = rank.to(tl.int64)
     offs_p = (pid // n_q) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = (pid % n_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_p = offs_p < P
@@ -299,12 +290,6 @@ def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
 
 def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if t is None else tuple(t.stride())
-
-
-def heaviest_first(offsets_E1: torch.Tensor) -> torch.Tensor:
-    """The experts by descending row count (ties by id), int32: `grouped_gemm_tn`'s dispatch order. On the device,
-    no host sync (a CUDA graph captures it)."""
-    return torch.argsort(offsets_E1.diff(), descending=True, stable=True).to(torch.int32)
 
 
 def z_config(config: dict, rank: int) -> dict:
@@ -401,14 +386,11 @@ def grouped_gemm_tn(left: torch.Tensor | None, right: torch.Tensor, offsets_E1: 
                     p: int, config: dict, left_index: torch.Tensor | None = None,
                     right_index: torch.Tensor | None = None, row_scale_M: torch.Tensor | None = None,
                     left_act: int = ACT_NONE, alpha: float = 1.0, limit: float = 7.0, act_alpha: float = 1.702,
-                    out_dtype: torch.dtype = torch.float32, expert_order_E: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-expert `alpha·Lrows^T diag(row_scale) Rrows` -> [E, p, Q] (see the module docstring).
 
     left=None: a column of ones (p must be 1). left_act != ACT_NONE: `left` is gu [M, 2I] and Lrows = act(gu),
     p = I. Accumulates in fp32; `out_dtype` float32 by default (LoRA grads feed fp32 master weights).
-    `expert_order_E` (int32, a permutation of the experts): the order their programs are dispatched in
-    (`heaviest_first`); the values are the same in any order, bit for bit (each expert's output is one program's).
     """
     q = right.shape[1]
     out = torch.empty((num_experts, p, q), device=right.device, dtype=out_dtype)
@@ -417,18 +399,17 @@ def grouped_gemm_tn(left: torch.Tensor | None, right: torch.Tensor, offsets_E1: 
     else:
         mode, lft = (LEFT_ACT if left_act != ACT_NONE else LEFT_ROWS), left
     bm, bp, bq = config["BLOCK_M"], config["BLOCK_P"], config["BLOCK_Q"]
-    grid = (num_experts * cdiv(p, bp) * cdiv(q, bq),)
+    grid = (num_experts, cdiv(p, bp) * cdiv(q, bq))
     dummy = offsets_E1
     launch(_grouped_gemm_tn_kernel, grid, (
         lft, *lft.stride(), left_index if left_index is not None else dummy,
         right, *right.stride(), right_index if right_index is not None else dummy,
         row_scale_M if row_scale_M is not None else dummy, offsets_E1,
-        expert_order_E if expert_order_E is not None else dummy,
         out, *out.stride(),
         p, q, p, float(alpha), float(limit), float(act_alpha),
     ), dict(
         GATHER_L=left_index is not None, GATHER_R=right_index is not None, LEFT=mode, ACT=left_act,
-        ROW_SCALE=row_scale_M is not None, ORDERED=expert_order_E is not None, DOT_PREC=_dot_prec(right.dtype),
+        ROW_SCALE=row_scale_M is not None, DOT_PREC=_dot_prec(right.dtype),
         BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq,
     ), num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
     return out

@@ -52,7 +52,6 @@ class KernelSort:
         self.num_experts, self.T, self.K, self.M = offsets_E1.numel() - 1, T, K, T * K
         self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._tile_counts: dict[int, torch.Tensor] = {}
-        self._order: torch.Tensor | None = None
 
     @classmethod
     def from_ids(cls, expert_ids_TK: torch.Tensor, num_experts: int) -> KernelSort:
@@ -96,14 +95,6 @@ class KernelSort:
             self._schedules[block_m] = (e.masked_fill_(e == E, -1), row)
             self._tile_counts[block_m] = tile_end[-1:]
         return self._schedules[block_m]
-
-    def heaviest_first(self) -> torch.Tensor:
-        """The experts by descending row count (`grouped_gemm.heaviest_first`), once per sort: the dispatch order of
-        the ragged-K launches, whose programs each walk all of one expert's rows (a random-weight gpt-oss-20b routes
-        2.4x the mean to its busiest expert by its third layer; benchmarks/results/session17_2026-12-06)."""
-        if self._order is None:
-            self._order = gg.heaviest_first(self.offsets_E1)
-        return self._order
 
     def row_tile_count(self, block_m: int) -> torch.Tensor:
         """The number of valid row tiles of `schedule(block_m)` (they come first), as a [1] int32 device tensor:
@@ -164,8 +155,7 @@ def _z_only(nn: _NN, key: tuple, srt: KernelSort, a_MD: torch.Tensor, lora_a: to
 
 def _tn(key: tuple, srt: KernelSort, ref: torch.Tensor, **kw) -> torch.Tensor:
     def launch(c):
-        return gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=c,
-                                  expert_order_E=srt.heaviest_first(), **kw)
+        return gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=c, **kw)
     cfg = autotune.get_config("tn", (_bucket(srt.M),) + key, ref.dtype, ref.device, bench=launch)
     return launch(cfg)
 
