@@ -305,7 +305,9 @@ def lora_acc(lora_scale: float) -> bool:
     """Whether the NN kernels (these and mosaic_gemm.py's) add the LoRA term as (lora_scale·z) @ LB accumulated into
     the base accumulator rather than as lora_scale·(z @ LB) from a second fp32 tile: with SPLITMOE_JAX_LORA_ACC=1
     (read when a step is traced), where lora_scale is a power of two so that z·s is exact in z's dtype. The sums
-    round in another order. torch_impl's twin is `torch_impl.kernels.hopper.lora_acc` (SPLITMOE_LORA_ACC)."""
+    round in another order. torch_impl's twin is `torch_impl.kernels.hopper.lora_acc` (SPLITMOE_LORA_ACC), which made
+    the gpt-oss 16K step 25 % slower on the H100 (session 17); this one is not timed yet (`gpu_session.sh
+    session17j`)."""
     value = os.environ.get("SPLITMOE_JAX_LORA_ACC", "")
     if value not in ("", "0", "1"):
         raise ValueError(f"SPLITMOE_JAX_LORA_ACC={value!r}: use 1 (accumulate) or 0 (add; the default), or leave it "

@@ -398,9 +398,11 @@ def lora_acc(lora_scale: float) -> bool:
     """Whether the epilogue adds the LoRA term by accumulating z·s @ LB into the base accumulator (one MMA, no
     second fp32 tile of registers; `LORA == 2` in the kernel) rather than as s·(z @ LB) added to it: with
     SPLITMOE_LORA_ACC=1, where s is a power of two, so z·s is exact in z's dtype (up to overflow, as z @ LB·s has).
-    The sums round in another order, so the two are not bitwise equal. Off until the gpu tests and a block timing
-    have run it. Compiled for sm_90 (benchmarks/kernel_resources.py --lora-acc) it removes the register spills of
-    every shipped Qwen3 and gpt-oss pass but gpt-oss's dh under Triton 3.6, where they halve."""
+    The sums round in another order, so the two are not bitwise equal. Compiled for sm_90
+    (benchmarks/kernel_resources.py --lora-acc) it removes the register spills of every shipped Qwen3 and gpt-oss
+    pass but gpt-oss's dh under Triton 3.6, where they halve; yet on the H100 (session 17) it passed its gpu tests and
+    made gpt-oss's 16K step 25 % slower (1279 against 1021 ms). Off by default; `gpu_session.sh session17p` times
+    the passes one by one to find where the time goes before it is kept or removed."""
     return _switch("SPLITMOE_LORA_ACC", "1 (accumulate) or 0 (add; the default)") is True and \
         scales_exactly(lora_scale)
 
