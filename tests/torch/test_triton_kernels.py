@@ -263,10 +263,12 @@ KERNEL_CASES = [get_case(n) for n in ("odd_dims", "empty_experts", "oai_biases")
 KERNEL_DTYPES = [torch.float32] + ([torch.bfloat16] if CUDA else [])
 
 
-def _setup(case, seed, dtype=torch.float32):
+def _setup(case, seed, dtype=torch.float32, repeat: int = 1):
+    """(sort, expert of each sorted row, random-tensor maker) for `case`'s routing; `repeat` > 1 stacks that routing
+    `repeat` times over (T·repeat tokens: every expert's rows times `repeat`, empty experts still empty)."""
     g = torch.Generator().manual_seed(seed)
     inp = make_moe_inputs(case, seed=seed % 1000)
-    ids = torch.tensor(inp["expert_ids"], device=DEVICE)
+    ids = torch.tensor(np.tile(inp["expert_ids"], (repeat, 1)), device=DEVICE)
     srt = sl.KernelSort.from_ids(ids, case.E)
     offs = srt.offsets_E1.long().cpu()
     expert_M = torch.repeat_interleave(torch.arange(case.E), offs[1:] - offs[:-1])
@@ -396,6 +398,138 @@ def test_grouped_gemm_tn_variants(case, dtype, seed):
         assert torch.count_nonzero(da[e]) == 0 and torch.count_nonzero(dwd[e]) == 0
 
 
+SPLIT_CASES = [get_case(n) for n in ("skewed", "empty_experts", "prime_e", "oai_biases", "odd_dims")]
+
+
+def _tn_split_config(dtype, device, multiple: int) -> dict:
+    """The "tn" config with 16-row blocks on either side (the interpreter's; on CUDA too, so that the small cases
+    split into as many chunks as on CPU) and SPLIT_ROWS = `multiple` blocks."""
+    cfg = dict(sl.autotune.get_config("tn", (), dtype, device), BLOCK_M=16)
+    return dict(cfg, SPLIT_ROWS=multiple * cfg["BLOCK_M"])
+
+
+def _seg(expert_M, num_experts, lhs, rhs):
+    """float64 per-expert lhs^T rhs over the sorted rows."""
+    out = torch.zeros(num_experts, lhs.shape[1], rhs.shape[1], dtype=torch.float64)
+    out.index_add_(0, expert_M, torch.einsum("mp,mq->mpq", lhs.double().cpu(), rhs.double().cpu()))
+    return out
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=_dname)
+@pytest.mark.parametrize("multiple", [1, 2], ids=["split1blk", "split2blk"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.name)
+def test_grouped_gemm_tn_split_rows_matches_reference(case, multiple, dtype, seed):
+    """Split mode (SPLIT_ROWS = one or two 16-row blocks; the routing stacked 4x so that every case has experts of
+    several chunks): gathered left, act(gu) left with a gathered right and row scale, ones left, plain rows, alpha
+    and a narrower out_dtype, against float64; experts with no rows give exact zeros."""
+    srt, expert_M, rnd = _setup(case, seed, dtype, repeat=4)
+    cfg = _tn_split_config(dtype, torch.device(DEVICE), multiple)
+    n = cfg["SPLIT_ROWS"]
+    rows_E = srt.offsets_E1.diff().cpu()
+    assert int(rows_E.max()) > n, "the premise: some expert spans several chunks"
+    T, M, E = srt.T, srt.M, case.E
+    x, dz, gu, dy = rnd(T, case.H), rnd(M, case.R), rnd(M, 2 * case.I, scale=2.0), rnd(T, case.H)
+    z, dgu, ws = rnd(M, case.R), rnd(M, 2 * case.I), rnd(M).abs() + 0.1
+    common = dict(offsets_E1=srt.offsets_E1, num_experts=E, config=cfg)
+    tok = srt.token_M.long().cpu()
+    wcol = ws.double().cpu()[:, None]
+
+    da = gg.grouped_gemm_tn(x, dz, p=case.H, left_index=srt.token_M, alpha=0.5, **common)
+    _close(da, 0.5 * _seg(expert_M, E, x.cpu()[tok], dz), "split x_rows^T dz", dtype)
+    dwd = gg.grouped_gemm_tn(gu, dy, p=case.I, left_act=gg.act_code(case.activation), right_index=srt.token_M,
+                             row_scale_M=ws, limit=case.swiglu_limit, **common)
+    _close(dwd, _seg(expert_M, E, _act_ref(gu.double().cpu(), case), dy.cpu()[tok] * wcol), "split h^T (w dy)",
+           dtype)
+    db = gg.grouped_gemm_tn(None, dy, p=1, right_index=srt.token_M, row_scale_M=ws, alpha=2.0, **common)
+    _close(db[:, 0], 2.0 * _seg(expert_M, E, torch.ones(M, 1), dy.cpu()[tok] * wcol)[:, 0], "split bias grad", dtype)
+    db1 = gg.grouped_gemm_tn(z, dgu, p=case.R, alpha=0.5, **common)
+    _close(db1, 0.5 * _seg(expert_M, E, z, dgu), "split z^T dgu", dtype)
+    # out_dtype: both passes store alpha·sum rounded once, as the fp32 result's cast
+    da16 = gg.grouped_gemm_tn(x, dz, p=case.H, left_index=srt.token_M, alpha=0.5, out_dtype=torch.float16, **common)
+    assert da16.dtype == torch.float16 and torch.equal(da16.cpu(), da.cpu().to(torch.float16))
+    for e in case.empty_experts:
+        for out in (da, dwd, db, db1, da16):
+            assert torch.count_nonzero(out[e]) == 0, f"expert {e} has no rows: its gradient must be exactly 0"
+
+
+@kernel_test
+@pytest.mark.parametrize("case", [get_case("skewed"), get_case("empty_experts")], ids=lambda c: c.name)
+def test_grouped_gemm_tn_split_rows_is_deterministic(case, seed):
+    """Split mode gives the same bits on every call, with the schedule given (as the Function passes its sort's) or
+    built by the launcher; experts whose rows fit in one chunk get the unsplit kernel's bits (same row blocks, same
+    order), and with chunks longer than any expert the whole output is the unsplit kernel's."""
+    srt, _, rnd = _setup(case, seed, repeat=4)
+    x, dz, gu, dy = rnd(srt.T, case.H), rnd(srt.M, case.R), rnd(srt.M, 2 * case.I), rnd(srt.T, case.H)
+    ws = rnd(srt.M).abs() + 0.1
+    rows_E = srt.offsets_E1.diff().cpu()
+    for kw in (dict(left=x, right=dz, p=case.H, left_index=srt.token_M, alpha=0.5),
+               dict(left=gu, right=dy, p=case.I, left_act=gg.act_code(case.activation), right_index=srt.token_M,
+                    row_scale_M=ws, limit=case.swiglu_limit)):
+        for multiple in (2, 1000):
+            cfg = _tn_split_config(torch.float32, x.device, multiple)
+            common = dict(offsets_E1=srt.offsets_E1, num_experts=case.E, **kw)
+            first = gg.grouped_gemm_tn(config=cfg, **common)
+            again = gg.grouped_gemm_tn(config=cfg, **common)
+            given = gg.grouped_gemm_tn(config=cfg, schedule=srt.schedule(cfg["SPLIT_ROWS"]), **common)
+            assert torch.equal(first, again) and torch.equal(first, given), "split mode is not deterministic"
+            unsplit = gg.grouped_gemm_tn(config=dict(cfg, SPLIT_ROWS=0), **common)
+            one_chunk = rows_E <= cfg["SPLIT_ROWS"]
+            assert torch.equal(first[one_chunk.to(first.device)], unsplit[one_chunk.to(first.device)])
+            if multiple == 1000:
+                assert bool(one_chunk.all()) and torch.equal(first, unsplit)
+            else:
+                assert not bool(one_chunk.all()), "the premise: some expert spans several chunks"
+
+
+@kernel_test
+@pytest.mark.parametrize("split", [24, -16])
+def test_grouped_gemm_tn_split_rows_must_be_a_multiple_of_block_m(split, seed):
+    srt, _, rnd = _setup(get_case("odd_dims"), seed)
+    cfg = dict(_tn_split_config(torch.float32, torch.device(DEVICE), 1), SPLIT_ROWS=split)
+    with pytest.raises(ValueError, match="SPLIT_ROWS=.*multiple of BLOCK_M=16"):
+        gg.grouped_gemm_tn(rnd(srt.M, 4), rnd(srt.M, 3), srt.offsets_E1, num_experts=srt.num_experts, p=4,
+                           config=cfg)
+
+
+@pytest.mark.parametrize("value", ["24", "-32", "abc", "1.5e3"])
+def test_tn_split_rows_env_refuses_bad_values(value, monkeypatch):
+    """SPLITMOE_TN_SPLIT_ROWS must be 0 or a positive multiple of the launch's BLOCK_M: anything else is a
+    ValueError that names the variable, the value and the block size."""
+    monkeypatch.setenv("SPLITMOE_TN_SPLIT_ROWS", value)
+    with pytest.raises(ValueError, match=rf"SPLITMOE_TN_SPLIT_ROWS='{value}'.*multiple.*BLOCK_M \(16 "):
+        sl.tn_split_rows(dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32))
+
+
+def test_tn_split_rows_env_sets_or_clears_the_config(monkeypatch):
+    cfg = dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32)
+    monkeypatch.delenv("SPLITMOE_TN_SPLIT_ROWS", raising=False)
+    assert sl.tn_split_rows(cfg) == cfg  # unset: the config's own (the shipped table has none: off)
+    monkeypatch.setenv("SPLITMOE_TN_SPLIT_ROWS", "32")
+    assert sl.tn_split_rows(cfg) == dict(cfg, SPLIT_ROWS=32)
+    monkeypatch.setenv("SPLITMOE_TN_SPLIT_ROWS", "0")
+    assert sl.tn_split_rows(dict(cfg, SPLIT_ROWS=512)) == dict(cfg, SPLIT_ROWS=0)
+
+
+@cpu_only
+@pytest.mark.parametrize("case", [get_case("skewed"), get_case("empty_experts")], ids=lambda c: c.name)
+def test_split_lora_experts_backward_with_tn_split_rows(case, seed, monkeypatch):
+    """SPLITMOE_TN_SPLIT_ROWS=16 reaches every ragged-K launch of the Function's backward (the four LoRA grads,
+    both base-weight grads, the bias grads where there are biases), each with its sort's chunk schedule, and every
+    gradient still matches the float64 reference."""
+    monkeypatch.setenv("SPLITMOE_TN_SPLIT_ROWS", "16")
+    seen = []
+    real = gg.grouped_gemm_tn
+
+    def spy(*args, **kw):
+        seen.append((kw["config"].get("SPLIT_ROWS"), kw.get("schedule") is not None))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(gg, "grouped_gemm_tn", spy)
+    _check_against_reference(case, torch.float32, seed)
+    assert len(seen) == 6 + 2 * case.biases and set(seen) == {(16, True)}
+
+
 @kernel_test
 # bf16 on the GPU only: the interpreter truncates fp32 -> bf16 casts (triton's interpreter ignores the rounding mode)
 @pytest.mark.parametrize("out_dtype", [*CPU_DTYPES, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)], ids=_dname)
@@ -486,6 +620,22 @@ def test_autotune_candidates_are_pruned(tmp_path, monkeypatch):
     monkeypatch.setenv("SPLITMOE_TRITON_AUTOTUNE_CACHE", str(tmp_path / "cache.json"))
     autotune._store_disk("k", {"BLOCK_M": 64})
     assert autotune._load_disk() == {"k": {"BLOCK_M": 64}}
+
+
+def test_autotune_tn_space_offers_split_rows_where_experts_are_large():
+    """The "tn" space offers SPLIT_ROWS (multiples of every BLOCK_M) only where an expert may hold more rows than a
+    chunk: none at 64 rows per expert, 512 from 256, 2048 too from 1024; the sweep's short list takes 2048 alone,
+    at most doubling its size."""
+    from torch_impl.kernels import autotune
+
+    def splits(rpe, space="full"):
+        cands = autotune._candidates("tn", rpe, 228 * 1024, 2, space)
+        assert all(c.get("SPLIT_ROWS", 0) % c["BLOCK_M"] == 0 for c in cands)
+        return cands, {c.get("SPLIT_ROWS", 0) for c in cands}
+
+    assert splits(64)[1] == {0} and splits(256)[1] == {0, 512} and splits(1024)[1] == {0, 512, 2048}
+    base, small = splits(64, "sweep"), splits(1024, "sweep")
+    assert base[1] == {0} and small[1] == {0, 2048} and len(small[0]) == 2 * len(base[0])
 
 
 def test_shipped_table_lookup_exact_then_nearest_bucket():

@@ -88,12 +88,18 @@ def _candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_bytes: 
     out = []
     small = space == "sweep"
     if kind == "tn":
-        for bm, bp, bq, warps, stages in itertools.product(
+        # SPLIT_ROWS (grouped_gemm_tn's split mode, untimed on the GPU so far): N rows per chunk of an expert, offered
+        # only where an expert may hold more than N rows (N < 4x the mean: the step's random router loads its busiest
+        # expert 1.5-2.4x the mean, session 17). The sweep's short list takes 2048 alone (twice Qwen3-30B's mean at
+        # T=16384: uniform routing splits nothing and pays no partials), which at most doubles its "tn" space.
+        splits = (0,) + tuple(n for n in ((2048,) if small else (512, 2048)) if n < 4 * rows_per_expert)
+        for bm, bp, bq, warps, stages, split in itertools.product(
                 (32, 64, 128), (64, 128), (32, 64, 128) if not small else (64, 128), (4, 8),
-                (2, 3, 4) if not small else (3,)):
+                (2, 3, 4) if not small else (3,), splits):
             if stages * bm * (bp + bq) * elem_bytes > smem_bytes:
                 continue
-            out.append(dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps, num_stages=stages))
+            cfg = dict(BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps, num_stages=stages)
+            out.append(dict(cfg, SPLIT_ROWS=split) if split else cfg)
         return out
     if kind.startswith("hopper_"):
         return _hopper_candidates(kind, rows_per_expert, smem_bytes, elem_bytes, small)

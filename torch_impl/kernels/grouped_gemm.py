@@ -23,6 +23,26 @@ rows (sorted by expert; expert e owns sorted rows offsets[e]:offsets[e+1]). Belo
     Lrow(m) = L[l_index[m] or m] | act(gu[m]) (h recomputed on load from the saved pre-activation) | 1 (bias grads:
     only p = 0 is one, a column sum through the same dot); Rrow likewise gathered or direct. fp32 accumulation,
     one program per (expert, p-tile, q-tile): deterministic, and empty experts write zeros.
+    Split mode, config["SPLIT_ROWS"] = N > 0 (a multiple of BLOCK_M; 0 or absent: the above, unchanged). Each
+    program above walks all of its expert's rows, so one crowded expert sets the launch's length. Measured on the
+    GPU, session 17 (benchmarks/results/session17_2026-12-06, benchmarks/tn_probe.py): the four launches of a
+    Qwen3-30B layer (T=16384, K=8, E=128, H=2048, I=768, R=64) took 0.83 ms with uniform routing, near cuBLAS, and
+    1.56 ms with one expert at 16x the mean rows (--skew 2); the training step's profile (random-weight router,
+    busiest expert 1.5-2.4x the mean) had them at 1.9 ms. Dispatching the heaviest expert's programs first gave
+    nothing (presumably, at skew 2, because one of its programs alone runs longer than the rest of the launch
+    wherever it starts). So split mode cuts each expert's rows into chunks of N, in expert order (schedule
+    chunk -> (expert, first row): the row-block schedule for block N, static length cdiv(M, N) + E, surplus chunks
+    expert -1, built on the device), in two launches and no atomics:
+      pass 1, one program per (chunk, p-tile, q-tile): the chunk's rows reduced as above into an fp32 partial
+        [cdiv(M, N) + E, p, q] (dA1 at Qwen3-30B, T=16384: 192 MiB at N=512, 128 MiB at N=1024); an expert whose
+        rows fit in one chunk is finished here instead (alpha applied, out_dtype; the same row blocks in the same
+        order as the unsplit kernel: the same bits), so only experts of two or more chunks write and read partials
+        (2·p·q·4 bytes of traffic per chunk).
+      pass 2 (`_grouped_gemm_tn_sum_kernel`), one program per (expert, p-tile, q-tile): alpha · the sum of the
+        expert's partials in chunk order (fixed: deterministic; its first chunk is the exclusive prefix sum of
+        cdiv(rows, N), rebuilt in registers from the offsets), zeros for experts with no rows.
+    Off by default (the shipped tuned table has no SPLIT_ROWS) until it is timed on the GPU:
+    `SPLITMOE_TN_SPLIT_ROWS` (split_lora.tn_split_rows), `benchmarks/tn_probe.py --split-rows`.
 
 Every operand is passed with explicit strides, so transposed views (W^T, LoRA factors transposed in the backward)
 cost no copy. Row indices are widened to int64 before they meet a stride (M·H passes 2^31 at real sizes).
@@ -36,6 +56,7 @@ import triton.language as tl
 
 from torch_impl.kernels.launch import launch
 from torch_impl.kernels.layout import cast_transpose_into
+from torch_impl.kernels.schedule import row_block_schedule
 
 ACT_NONE, ACT_SWIGLU, ACT_SWIGLU_OAI = 0, 1, 2
 MODE_PLAIN, MODE_ACT_FWD, MODE_ACT_BWD = 0, 1, 2
@@ -213,22 +234,34 @@ def _grouped_gemm_kernel(
 def _grouped_gemm_tn_kernel(
     l_ptr, stride_lm, stride_lp, l_index_ptr,
     r_ptr, stride_rm, stride_rq, r_index_ptr,
-    row_scale_ptr, offsets_ptr,
+    row_scale_ptr, offsets_ptr, chunk_expert_ptr, chunk_row_ptr,
     out_ptr, stride_oe, stride_op, stride_oq,
-    P, Q, P_HALF, alpha, limit, act_alpha,
+    part_ptr, stride_pc, stride_pp, stride_pq,
+    P, Q, P_HALF, alpha, limit, act_alpha, split_rows,
     GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, LEFT: tl.constexpr, ACT: tl.constexpr,
-    ROW_SCALE: tl.constexpr, DOT_PREC: tl.constexpr,
+    ROW_SCALE: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    e = tl.program_id(0).to(tl.int64)
     pid = tl.program_id(1)
     n_q = tl.cdiv(Q, BLOCK_Q)
     offs_p = (pid // n_q) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = (pid % n_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_p = offs_p < P
     mask_q = offs_q < Q
-    start = tl.load(offsets_ptr + e)
-    end = tl.load(offsets_ptr + e + 1)
+    if SPLIT:
+        # Program (chunk c, tile): rows chunk_row[c] : +split_rows of expert chunk_expert[c], cut short at the
+        # expert's end. Surplus chunks (expert -1) get no rows: no reduction steps, and both stores masked off.
+        c = tl.program_id(0)
+        e_raw = tl.load(chunk_expert_ptr + c)
+        e = tl.maximum(e_raw, 0).to(tl.int64)
+        start = tl.load(chunk_row_ptr + c)
+        e_start = tl.load(offsets_ptr + e)
+        e_end = tl.load(offsets_ptr + e + 1)
+        end = tl.where(e_raw >= 0, tl.minimum(e_end, start + split_rows), start)
+    else:
+        e = tl.program_id(0).to(tl.int64)
+        start = tl.load(offsets_ptr + e)
+        end = tl.load(offsets_ptr + e + 1)
     cdt = r_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
@@ -261,9 +294,59 @@ def _grouped_gemm_tn_kernel(
             # A column of ones (p = 0 only): the column sum rides through the same dot (bias grads; tiny).
             lt = tl.where(mask_m[:, None] & (offs_p == 0)[None, :], 1.0, 0.0).to(cdt)
         acc = tl.dot(tl.trans(lt), r, acc, input_precision=DOT_PREC)
+    mask_pq = mask_p[:, None] & mask_q[None, :]
+    out_tile = out_ptr + e * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
+    if SPLIT:
+        # An expert whose rows fit in one chunk is finished here, as the unsplit kernel would (the same row blocks
+        # in the same order: the same bits), and the chunk sum skips it: only crowded experts pay for partials.
+        # (the conditions become p bounds of the masks: a scalar bool ANDed into a mask is refused by the
+        # interpreter)
+        whole = (e_raw >= 0) & (start == e_start) & (e_end - start <= split_rows)
+        p_out = tl.where(whole, P, 0)
+        p_part = tl.where(e_raw >= 0, P, 0) - p_out
+        tl.store(out_tile, (acc * alpha).to(out_ptr.dtype.element_ty),
+                 mask=(offs_p < p_out)[:, None] & mask_q[None, :])
+        tl.store(part_ptr + c.to(tl.int64) * stride_pc + offs_p[:, None] * stride_pp + offs_q[None, :] * stride_pq,
+                 acc, mask=(offs_p < p_part)[:, None] & mask_q[None, :])
+    else:
+        acc = acc * alpha
+        tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=mask_pq)
+
+
+@triton.jit
+def _grouped_gemm_tn_sum_kernel(
+    part_ptr, stride_pc, stride_pp, stride_pq, offsets_ptr,
+    out_ptr, stride_oe, stride_op, stride_oq,
+    P, Q, E, alpha, split_rows,
+    BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """Pass 2 of `grouped_gemm_tn`'s split mode: out[e] = alpha·Σ partials of e's chunks, in chunk order (fixed:
+    deterministic), for experts of two chunks or more; zeros for experts with no rows; one-chunk experts were
+    stored by pass 1. Expert e's chunks are contiguous in the schedule from the exclusive prefix sum of
+    cdiv(rows, split_rows), rebuilt here in registers from the E+1 offsets (E is at most a few hundred)."""
+    e = tl.program_id(0)
+    pid = tl.program_id(1)
+    n_q = tl.cdiv(Q, BLOCK_Q)
+    offs_p = (pid // n_q) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = (pid % n_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_pq = (offs_p < P)[:, None] & (offs_q < Q)[None, :]
+    lanes = tl.arange(0, BLOCK_E)
+    in_e = lanes < E
+    lo = tl.load(offsets_ptr + lanes, mask=in_e, other=0)
+    hi = tl.load(offsets_ptr + lanes + 1, mask=in_e, other=0)
+    chunks = (hi - lo + (split_rows - 1)) // split_rows  # 0 past E
+    first = tl.sum(tl.where(lanes < e, chunks, 0), 0)
+    n = tl.sum(tl.where(lanes == e, chunks, 0), 0)
+    acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    ptrs = part_ptr + first.to(tl.int64) * stride_pc + offs_p[:, None] * stride_pp + offs_q[None, :] * stride_pq
+    # one-chunk experts were finished by pass 1 (their partial was never written): no loads, and no store below
+    for _ in range(0, tl.where(n > 1, n, 0)):
+        acc += tl.load(ptrs, mask=mask_pq, other=0.0)
+        ptrs += stride_pc  # pointer arithmetic: no int32 chunk·stride product
     acc = acc * alpha
-    tl.store(out_ptr + e * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+    p_out = tl.where(n != 1, P, 0)  # one-chunk experts: pass 1 stored them
+    tl.store(out_ptr + e.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
+             acc.to(out_ptr.dtype.element_ty), mask=(offs_p < p_out)[:, None] & (offs_q < Q)[None, :])
 
 
 # ---- host side -------------------------------------------------------------------------------------------------------
@@ -386,11 +469,27 @@ def grouped_gemm_tn(left: torch.Tensor | None, right: torch.Tensor, offsets_E1: 
                     p: int, config: dict, left_index: torch.Tensor | None = None,
                     right_index: torch.Tensor | None = None, row_scale_M: torch.Tensor | None = None,
                     left_act: int = ACT_NONE, alpha: float = 1.0, limit: float = 7.0, act_alpha: float = 1.702,
-                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    out_dtype: torch.dtype = torch.float32,
+                    schedule: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Per-expert `alpha·Lrows^T diag(row_scale) Rrows` -> [E, p, Q] (see the module docstring).
 
     left=None: a column of ones (p must be 1). left_act != ACT_NONE: `left` is gu [M, 2I] and Lrows = act(gu),
     p = I. Accumulates in fp32; `out_dtype` float32 by default (LoRA grads feed fp32 master weights).
+
+    config["SPLIT_ROWS"] = N > 0 (a multiple of BLOCK_M; 0 or absent: one program per expert and tile, as always):
+    an expert's rows are reduced in chunks of N by separate programs, then summed per expert in chunk order by a
+    second launch (deterministic, no atomics). Each program of the unsplit kernel walks all of its expert's rows, so
+    one crowded expert sets the launch's length: on the GPU in session 17 (benchmarks/results/session17_2026-12-06,
+    benchmarks/tn_probe.py) the four launches of a Qwen3-30B layer at T=16384 took 0.83 ms with uniform routing
+    (near cuBLAS) and 1.56 ms when one expert got 16x the mean rows (--skew 2), and the training step's profile had
+    them at 1.9 ms (random-weight router, busiest expert 1.5-2.4x the mean); dispatching the heaviest expert first
+    gave nothing. Off by default (the shipped table has no SPLIT_ROWS) until the GPU has timed it
+    (`split_lora._tn`'s SPLITMOE_TN_SPLIT_ROWS, tn_probe.py --split-rows).
+    `schedule` = (chunk_expert, chunk_row) of the split, the row-block schedule for block N
+    (`split_lora.KernelSort.schedule(N)`: the Function passes its sort's, built once per layer and shared by the
+    four launches, instead of each launch rebuilding it); None: built here by `schedule.row_block_schedule` (one
+    launch, the same values as the sort's; not a second copy of its torch ops), so direct callers need no sort
+    object. Unused when not splitting.
     """
     q = right.shape[1]
     out = torch.empty((num_experts, p, q), device=right.device, dtype=out_dtype)
@@ -399,17 +498,39 @@ def grouped_gemm_tn(left: torch.Tensor | None, right: torch.Tensor, offsets_E1: 
     else:
         mode, lft = (LEFT_ACT if left_act != ACT_NONE else LEFT_ROWS), left
     bm, bp, bq = config["BLOCK_M"], config["BLOCK_P"], config["BLOCK_Q"]
-    grid = (num_experts, cdiv(p, bp) * cdiv(q, bq))
+    split = int(config.get("SPLIT_ROWS", 0) or 0)
+    if split < 0 or split % bm:
+        raise ValueError(f"config SPLIT_ROWS={split}: want 0 (off) or a positive multiple of BLOCK_M={bm}")
+    tiles = cdiv(p, bp) * cdiv(q, bq)
     dummy = offsets_E1
+    part = None
+    if split:
+        if schedule is None:
+            rows = (right_index if right_index is not None else right).shape[0]
+            schedule = row_block_schedule(offsets_E1.to(torch.int32), split, rows)[:2]
+        chunk_expert, chunk_row = schedule
+        # partials of every chunk the schedule can hold (its static upper length cdiv(M, N) + E: no host sync);
+        # only the chunks of experts with two or more are written and read
+        part = torch.empty((chunk_expert.numel(), p, q), device=right.device, dtype=torch.float32)
+        grid = (chunk_expert.numel(), tiles)
+    else:
+        chunk_expert = chunk_row = dummy
+        grid = (num_experts, tiles)
     launch(_grouped_gemm_tn_kernel, grid, (
         lft, *lft.stride(), left_index if left_index is not None else dummy,
         right, *right.stride(), right_index if right_index is not None else dummy,
-        row_scale_M if row_scale_M is not None else dummy, offsets_E1,
+        row_scale_M if row_scale_M is not None else dummy, offsets_E1, chunk_expert, chunk_row,
         out, *out.stride(),
-        p, q, p, float(alpha), float(limit), float(act_alpha),
+        part if part is not None else out, *_strides3(part),
+        p, q, p, float(alpha), float(limit), float(act_alpha), split,
     ), dict(
         GATHER_L=left_index is not None, GATHER_R=right_index is not None, LEFT=mode, ACT=left_act,
-        ROW_SCALE=row_scale_M is not None, DOT_PREC=_dot_prec(right.dtype),
+        ROW_SCALE=row_scale_M is not None, DOT_PREC=_dot_prec(right.dtype), SPLIT=bool(split),
         BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq,
     ), num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+    if split:
+        launch(_grouped_gemm_tn_sum_kernel, (num_experts, tiles), (
+            part, *part.stride(), offsets_E1, out, *out.stride(), p, q, num_experts, float(alpha), split,
+        ), dict(BLOCK_E=max(16, next_pow2(num_experts)), BLOCK_P=bp, BLOCK_Q=bq),
+            num_warps=4, num_stages=2)  # untuned: a small memory-bound sum, Triton's default warps
     return out

@@ -18,6 +18,7 @@ Backward (dy [T, H]; dh' and dZ2' are per unit routing weight):
      summed over K.
   Ragged-K products (`grouped_gemm_tn`, fp32): dB2 = s·Z2^T(w·dy), dA2 = h^T(w·dZ2'), dB1 = s·Z1^T dgu,
      dA1 = x_rows^T dZ1; only when asked (needs_input_grad): dWd = h^T(w·dy), dWgu = x_rows^T dgu, bias grads.
+     A crowded expert's rows may be split over several programs (SPLIT_ROWS; SPLITMOE_TN_SPLIT_ROWS, `tn_split_rows`).
 Why save gu rather than h or recompute the gate_up GEMM: gu [M, 2I] is everything the backward needs (h = act(gu) is
 recomputed elementwise inside the kernels that read it), one GEMM's worth of FLOPs cheaper than recomputing gu, and
 less memory than saving gu and h (3I) as a plain grouped_mm implementation does, plus its x[perm] and o copies.
@@ -153,11 +154,38 @@ def _z_only(nn: _NN, key: tuple, srt: KernelSort, a_MD: torch.Tensor, lora_a: to
     return z
 
 
+TN_SPLIT_ROWS_ENV = "SPLITMOE_TN_SPLIT_ROWS"
+
+
+def tn_split_rows(config: dict) -> dict:
+    """`config` of a ragged-K launch with SPLITMOE_TN_SPLIT_ROWS applied: N > 0 sets SPLIT_ROWS=N (grouped_gemm_tn's
+    split mode: a crowded expert's rows over several programs), 0 turns it off, unset keeps the config's own (the
+    shipped table has none: off). Lets the GPU step benchmark time split sizes before any are in the table (its
+    rows record the SPLITMOE_* variables). N must be a multiple of the config's BLOCK_M (chunks start on the row
+    blocks the kernel walks): ValueError otherwise, naming the variable."""
+    raw = os.environ.get(TN_SPLIT_ROWS_ENV, "").strip()
+    if not raw:
+        return config
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0 or n % config["BLOCK_M"]:
+        raise ValueError(f"{TN_SPLIT_ROWS_ENV}={raw!r}: want 0 (off) or a positive multiple of the ragged-K "
+                         f"kernel's BLOCK_M ({config['BLOCK_M']} for this launch), e.g. 512 or 1024")
+    return dict(config, SPLIT_ROWS=n)
+
+
 def _tn(key: tuple, srt: KernelSort, ref: torch.Tensor, **kw) -> torch.Tensor:
     def launch(c):
-        return gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=c, **kw)
-    cfg = autotune.get_config("tn", (_bucket(srt.M),) + key, ref.dtype, ref.device, bench=launch)
-    return launch(cfg)
+        n = c.get("SPLIT_ROWS", 0)
+        # a split's chunk schedule is the sort's row-block schedule for block n: cached per sort, so the four
+        # launches of a layer build it once (one launch on the GPU)
+        return gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=c,
+                                  schedule=srt.schedule(n) if n else None, **kw)
+    cfg = autotune.get_config("tn", (_bucket(srt.M),) + key, ref.dtype, ref.device, bench=launch,
+                              rows_per_expert=srt.M / srt.num_experts)
+    return launch(tn_split_rows(cfg))
 
 
 def _t(t: torch.Tensor | None) -> torch.Tensor | None:
