@@ -12,12 +12,16 @@ written once.
 Variants:
   shipped   as the backward runs it (`split_lora._tn`'s config: the shipped table's entry)
   sorted    the gathered operand (dy or x by token) given already in expert order: what the gather costs
+  split     with --split-rows N: the shipped config with SPLIT_ROWS=N (grouped_gemm_tn's split mode: a crowded
+            expert's rows over several programs, then a per-expert chunk sum), with the sort's chunk schedule as
+            the backward passes it (built once per layer, outside the timed launches)
   cublas    torch.mm of the same products over all M rows at once, ignoring the expert boundaries, on sorted
             operands (act(gu) precomputed, untimed): the same FLOPs and bytes in one dense GEMM, a yardstick for the
             card's rate at this shape, not a result the kernel must equal
   grouped_mm  torch._grouped_mm with the ragged K (2-D x 2-D with offsets -> [E, p, q]), where this torch has it
 
-    python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 [--skew 0,1,1.5] --out tn.jsonl
+    python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 [--skew 0,1,1.5] \
+        [--split-rows 1024] --out tn.jsonl
 On the CPU (`--device cpu`, under TRITON_INTERPRET=1) it runs the small test cases and checks each launch against
 float64; on the GPU it checks them against float32 torch (printed as `err`, the max error over the max magnitude).
 """
@@ -36,8 +40,8 @@ if TYPE_CHECKING:
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 LAUNCHES = ("dB2", "dA2", "dB1", "dA1")
-KERNEL_VARIANTS = ("shipped", "sorted")
-VARIANTS = ("shipped", "sorted", "cublas", "grouped_mm")
+KERNEL_VARIANTS = ("shipped", "sorted", "split")
+VARIANTS = ("shipped", "sorted", "cublas", "grouped_mm")  # the default set; "split" joins with --split-rows
 
 
 def _operands(c, device: str, seed: int = 0) -> dict:
@@ -114,8 +118,8 @@ def _reference(name: str, op: dict, c) -> torch.Tensor:
     return torch.stack([scale * left[a:b].t() @ right[a:b] for a, b in zip(offs[:-1], offs[1:])])
 
 
-def probe_case(case_name: str, variants: list[str], iters: int, device: str, skew: float | None = None
-               ) -> list[dict]:
+def probe_case(case_name: str, variants: list[str], iters: int, device: str, skew: float | None = None,
+               split_rows: int = 0) -> list[dict]:
     import dataclasses
 
     import torch
@@ -140,9 +144,10 @@ def probe_case(case_name: str, variants: list[str], iters: int, device: str, ske
         cfg = autotune.get_config("tn", (_bucket(c.M),) + key, op["dt"], torch.device(device))
         ref = _reference(name, op, c)
         for variant in variants:
+            vcfg = dict(cfg, SPLIT_ROWS=split_rows) if variant == "split" else cfg
             row = dict(case=case_name, skew=c.skew, launch=name, variant=variant,
-                       config=cfg if variant in KERNEL_VARIANTS else None)
-            step = _variant_step(variant, name, op, c, kw, cfg)
+                       config=vcfg if variant in KERNEL_VARIANTS else None)
+            step = _variant_step(variant, name, op, c, kw, vcfg)
             if step is None:
                 continue
             try:
@@ -178,6 +183,10 @@ def _variant_step(variant: str, name: str, op: dict, c, kw: dict, cfg: dict):
     srt = op["srt"]
     if variant == "shipped":
         return lambda: gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=cfg, **kw)
+    if variant == "split":
+        sched = srt.schedule(cfg["SPLIT_ROWS"])
+        return lambda: gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=cfg,
+                                          schedule=sched, **kw)
     if variant == "sorted":
         _, kws = _launch_args(name, op, c, sorted_rows=True)
         return lambda: gg.grouped_gemm_tn(offsets_E1=srt.offsets_E1, num_experts=srt.num_experts, config=cfg, **kws)
@@ -211,14 +220,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skew", default=None,
                    help="comma-separated routing skews to run each case at (shared_math.cases: 0 uniform, >0 Zipf-like "
                         "towards low expert ids); default: the case's own")
+    p.add_argument("--split-rows", type=int, default=0,
+                   help="rows per chunk N > 0: adds the variant 'split' (the shipped config with SPLIT_ROWS=N; N a "
+                        "multiple of every launch's BLOCK_M, e.g. 512 or 1024 on the GPU, 16 in the interpreter)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     variants = a.variants.split(",")
-    unknown = sorted(set(variants) - set(VARIANTS))
+    known = (*VARIANTS, "split")
+    unknown = sorted(set(variants) - set(known))
     if unknown:
-        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    if a.split_rows < 0:
+        p.error("--split-rows must be positive (0: no split variant)")
+    if "split" in variants and not a.split_rows:
+        p.error("the variant 'split' needs --split-rows N")
+    if a.split_rows and "split" not in variants:
+        variants.insert(variants.index("shipped") + 1 if "shipped" in variants else 0, "split")
     skews = [None] if a.skew is None else [float(x) for x in a.skew.split(",")]
-    rows = [r for case in a.cases.split(",") for sk in skews for r in probe_case(case, variants, a.iters, a.device, sk)]
+    rows = [r for case in a.cases.split(",") for sk in skews
+            for r in probe_case(case, variants, a.iters, a.device, sk, a.split_rows)]
     if a.out:
         with a.out.open("a") as f:
             for r in rows:
