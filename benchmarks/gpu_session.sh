@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -511,6 +511,33 @@ case $PART in
       --out "$R/step.jsonl" > "$R/step_prof_keep.log" 2>&1
     tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300
     grep -h -A16 "device time by kind" "$R"/*.txt ;;
+  session18t)  # (written 2026-12-06, session 17, for the next session) issues 15/16: grouped_gemm_tn's split mode
+    # (SPLIT_ROWS: a crowded expert's rows over several programs; the step benchmark's random routers send Qwen3's
+    # busiest expert 16x the mean, benchmarks/route_load.py) on the launches at skews 0 and 2, chunks of 512 and
+    # 1024 rows; then Qwen3's 16K step (session 14's best options) with and without it, Unsloth in the same call
+    wheels
+    for n in 512 1024; do
+      timeout 75 python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --skew 0,2 \
+        --variants shipped --split-rows $n --out "$R/tn.jsonl" > "$R/tn_$n.log" 2>&1
+    done
+    Q="--family qwen3_moe --layers 24 --seq 16384 --warmup 2 --iters 4"
+    G="--compile --cuda-graph --optim-in-backward --checkpoint-policy attention --checkpoint-layers 22"
+    timeout 200 python3 benchmarks/step.py $Q --impls unsloth --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
+    SPLITMOE_TN_SPLIT_ROWS=1024 timeout 120 python3 benchmarks/step.py $Q --impls torch_impl $G --out "$R/step.jsonl" \
+      > "$R/step_split.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --impls torch_impl $G --out "$R/step.jsonl" \
+      > "$R/step.log" 2>&1
+    grep -h "rows per expert\|all four" "$R"/tn_*.log; rows "$R/step.jsonl"
+    grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
+  session18o)  # (written 2026-12-06, session 17, for the next session, after session18t) issue 15's gpt-oss 16K:
+    # the compiled step with the attention kept with grouped_gemm_tn's split mode and without, Unsloth in the same call
+    wheels
+    timeout 300 python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls unsloth \
+      --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
+    Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
+    SPLITMOE_TN_SPLIT_ROWS=1024 timeout 140 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_split.log" 2>&1
+    timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session17f)  # (written 2026-12-06, session 17, for its last device time) issue 15's gpt-oss 16K (0.612x, 19 ms short
     # of 0.6x): the LoRA-gradient launches now dispatch the heaviest expert first (the step's random router loads
     # its busiest expert 1.5-2.4x the mean); they at skews 0 and 2 with and without it; the loss over chunk sizes
