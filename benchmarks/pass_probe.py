@@ -32,12 +32,13 @@ Prints one line per variant (ms, base TFLOP/s, registers, spills, shared memory)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import write_jsonl  # noqa: E402
 
 VARIANTS = ("fused", "index_select", "plain", "fused_nolora", "plain_nolora", "z_only", "pregather", "flatten",
             "bn64", "warps4", "ws")
@@ -150,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         config_for(v, {})  # unknown names fail before any GPU work
     rows = [r for case in a.cases.split(",") for r in probe_case(case, variants, a.iters)]
     if a.out:
-        with a.out.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(a.out, rows)
     return 0
 
 

@@ -15,11 +15,12 @@ Prints per layer: the busiest experts' rows over the mean, and how many experts 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import write_jsonl  # noqa: E402
 
 
 def expert_loads(family: str, preset: str, layers: int | None, seq: int, device: str, seed: int = 0
@@ -80,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a.family} {a.preset} layer {layer}: busiest experts {s['busiest_over_mean']} x the mean "
               f"({s['mean']:.0f} rows), {s['empty']} empty", flush=True)
     if a.out:
-        with a.out.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(a.out, rows)
     return 0
 
 

@@ -29,7 +29,6 @@ float64; on the GPU it checks them against float32 torch (printed as `err`, the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +37,8 @@ if TYPE_CHECKING:
     import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import write_jsonl  # noqa: E402
 
 LAUNCHES = ("dB2", "dA2", "dB1", "dA1")
 KERNEL_VARIANTS = ("shipped", "sorted", "split")
@@ -240,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for case in a.cases.split(",") for sk in skews
             for r in probe_case(case, variants, a.iters, a.device, sk, a.split_rows)]
     if a.out:
-        with a.out.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        write_jsonl(a.out, rows)
     return 0
 
 
