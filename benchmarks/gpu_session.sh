@@ -513,13 +513,13 @@ case $PART in
     grep -h -A16 "device time by kind" "$R"/*.txt ;;
   session18t)  # (written 2026-12-06, session 17, for the next session) issues 15/16: grouped_gemm_tn's split mode
     # (SPLIT_ROWS: a crowded expert's rows over several programs; the step benchmark's random routers send Qwen3's
-    # busiest expert 16x the mean, benchmarks/route_load.py) on the launches at skews 0 and 2, chunks of 512 and
-    # 1024 rows; then Qwen3's 16K step (session 14's best options) with and without it, Unsloth in the same call
+    # busiest expert 16x the mean, benchmarks/route_load.py) on the launches at skews 0 and 2, chunks of 1024 rows
+    # (and 512 on Qwen3 at skew 2); then Qwen3's 16K step (session 14's best options) with and without it, Unsloth in the same call
     wheels
-    for n in 512 1024; do
-      timeout 75 python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --skew 0,2 \
-        --variants shipped --split-rows $n --out "$R/tn.jsonl" > "$R/tn_$n.log" 2>&1
-    done
+    timeout 100 python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --skew 0,2 \
+      --variants shipped --split-rows 1024 --out "$R/tn.jsonl" > "$R/tn_1024.log" 2>&1
+    timeout 40 python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384 --skew 2 --variants shipped --split-rows 512 \
+      --out "$R/tn.jsonl" > "$R/tn_512.log" 2>&1
     Q="--family qwen3_moe --layers 24 --seq 16384 --warmup 2 --iters 4"
     G="--compile --cuda-graph --optim-in-backward --checkpoint-policy attention --checkpoint-layers 22"
     timeout 200 python3 benchmarks/step.py $Q --impls unsloth --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1

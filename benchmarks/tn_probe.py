@@ -238,10 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.split_rows and "split" not in variants:
         variants.insert(variants.index("shipped") + 1 if "shipped" in variants else 0, "split")
     skews = [None] if a.skew is None else [float(x) for x in a.skew.split(",")]
-    rows = [r for case in a.cases.split(",") for sk in skews
-            for r in probe_case(case, variants, a.iters, a.device, sk, a.split_rows)]
-    if a.out:
-        write_jsonl(a.out, rows)
+    for case in a.cases.split(","):
+        for sk in skews:
+            rows = probe_case(case, variants, a.iters, a.device, sk, a.split_rows)
+            if a.out:  # case by case: a run cut short by a time limit keeps what finished
+                write_jsonl(a.out, rows)
     return 0
 
 
