@@ -32,6 +32,21 @@ torch_impl/kernels/grouped_gemm.py (same passes, same flags), so one design serv
     out[e, p, q] = alpha · Σ_{m in rows(e)} L(m)[p] · row_scale[m] · R(m)[q]         (fp32 accumulation and output)
     L(m) = L[l_index[m] or m] | act(gu[m]) (h recomputed on load from the saved pre-activation) | 1 (only p = 0:
     bias gradients as a column sum through the same dot). Empty experts write zeros.
+    Split mode, split_rows = N > 0 (a multiple of block_m; 0: the above, unchanged): the twin of torch_impl's
+    SPLIT_ROWS (torch_impl/kernels/grouped_gemm.py, which has the motivation: each program above walks all of its
+    expert's rows, so one crowded expert sets the launch's length; on the GPU in session 17 a Qwen3-30B layer's four
+    launches went from 0.83 to 1.56 ms with one expert at 16x the mean rows). Each expert's rows are cut into chunks
+    of N, in expert order: chunk -> (expert, first row) is `tile_schedule` for block N (static length
+    cdiv(M, N) + E, surplus chunks expert -1), two launches, no atomics:
+      pass 1 (`_tn_kernel`), one program per (chunk, P tile, Q tile): the chunk's rows reduced as above into an fp32
+        partial [cdiv(M, N) + E, P, Q]; an expert whose rows fit in one chunk is finished here instead (scale,
+        out_dtype; the same row blocks in the same order as the unsplit kernel: the same bits), so only experts of
+        two or more chunks write and read partials.
+      pass 2 (`_tn_sum_kernel`), one program per (expert, P tile, Q tile): scale · the sum of the expert's partials
+        in chunk order (fixed: deterministic; its first chunk and chunk count are built with jnp before the call),
+        zeros for experts with no rows; one-chunk experts keep pass 1's tile (the output is aliased through).
+    Off by default and untimed on the GPU: SPLITMOE_JAX_TN_SPLIT_ROWS (`tn_split_rows`) sets it for the backward's
+    launches when a step is traced.
 
 Both kernels see whole arrays in memory (no BlockSpecs: the row offsets are data-dependent) and index them with
 int-array indexers built from `start + iota`, which is what both the Triton lowering (contiguous pointer offsets,
@@ -44,6 +59,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -400,10 +416,12 @@ class _TNSpec:
     alpha: float
     cfg: BlockConfig
     cdt: str
+    split_rows: int = 0  # > 0: pass 1 of the split mode (one program per chunk of split_rows rows of one expert)
 
 
 def _tn_kernel(*refs, s: _TNSpec):
     it = iter(refs)
+    chunk_expert_ref, chunk_row_ref = (next(it), next(it)) if s.split_rows else (None, None)
     offsets_ref = next(it)
     l_ref = next(it) if s.left != "ones" else None
     l_index_ref = next(it) if s.gather_l else None
@@ -411,66 +429,166 @@ def _tn_kernel(*refs, s: _TNSpec):
     r_index_ref = next(it) if s.gather_r else None
     row_scale_ref = next(it) if s.row_scale else None
     out_ref = next(it)
+    part_ref = next(it) if s.split_rows else None
 
     BM, BP, BQ = s.cfg.block_m, s.cfg.block_n, s.cfg.block_d
     cdt = jnp.dtype(s.cdt)
     prec = _precision(cdt)
-    e = pl.program_id(0)
     pp = pl.program_id(1) * BP + _iota(BP)
     qq = pl.program_id(2) * BQ + _iota(BQ)
     mask_p, mask_q = pp < s.P, qq < s.Q
-    start, end = offsets_ref[e], offsets_ref[e + 1]
+    mask_pq = mask_p[:, None] & mask_q[None, :]
 
-    def body(i, acc):
-        rows = start + i * BM + _iota(BM)
-        mask_m = rows < end
-        r_src = _load(r_index_ref, rows, mask_m) if s.gather_r else rows
-        r = _load(r_ref, (r_src[:, None], qq[None, :]), mask_m[:, None] & mask_q[None, :])
-        if s.row_scale:
-            rs = _load(row_scale_ref, rows, mask_m).astype(_F32)
-            r = (r.astype(_F32) * rs[:, None]).astype(cdt)
-        mask_mp = mask_m[:, None] & mask_p[None, :]
-        if s.left == "rows":
-            l_src = _load(l_index_ref, rows, mask_m) if s.gather_l else rows
-            lt = _load(l_ref, (l_src[:, None], pp[None, :]), mask_mp)
-        elif s.left == "act":
-            # h = act(gu) recomputed on load from the saved pre-activation: h [M, I] is never stored
-            g = _load(l_ref, (rows[:, None], pp[None, :]), mask_mp).astype(_F32)
-            u = _load(l_ref, (rows[:, None], (pp + s.P)[None, :]), mask_mp).astype(_F32)
-            lt = jnp.where(mask_mp, act_fwd(g, u, s.activation, s.limit, s.alpha), 0.0).astype(cdt)
-        else:
-            lt = jnp.where(mask_m[:, None] & (pp == 0)[None, :], 1.0, 0.0).astype(cdt)
-        return acc + _dot(lt, r, prec, ((0,), (0,)))
+    def reduce(start, end):
+        def body(i, acc):
+            rows = start + i * BM + _iota(BM)
+            mask_m = rows < end
+            r_src = _load(r_index_ref, rows, mask_m) if s.gather_r else rows
+            r = _load(r_ref, (r_src[:, None], qq[None, :]), mask_m[:, None] & mask_q[None, :])
+            if s.row_scale:
+                rs = _load(row_scale_ref, rows, mask_m).astype(_F32)
+                r = (r.astype(_F32) * rs[:, None]).astype(cdt)
+            mask_mp = mask_m[:, None] & mask_p[None, :]
+            if s.left == "rows":
+                l_src = _load(l_index_ref, rows, mask_m) if s.gather_l else rows
+                lt = _load(l_ref, (l_src[:, None], pp[None, :]), mask_mp)
+            elif s.left == "act":
+                # h = act(gu) recomputed on load from the saved pre-activation: h [M, I] is never stored
+                g = _load(l_ref, (rows[:, None], pp[None, :]), mask_mp).astype(_F32)
+                u = _load(l_ref, (rows[:, None], (pp + s.P)[None, :]), mask_mp).astype(_F32)
+                lt = jnp.where(mask_mp, act_fwd(g, u, s.activation, s.limit, s.alpha), 0.0).astype(cdt)
+            else:
+                lt = jnp.where(mask_m[:, None] & (pp == 0)[None, :], 1.0, 0.0).astype(cdt)
+            return acc + _dot(lt, r, prec, ((0,), (0,)))
 
-    acc = lax.fori_loop(0, pl.cdiv(end - start, BM), body, jnp.zeros((BP, BQ), _F32))
-    plgpu.store(out_ref.at[e, pp[:, None], qq[None, :]], (acc * s.scale).astype(out_ref.dtype),
-                mask=mask_p[:, None] & mask_q[None, :])
+        return lax.fori_loop(0, pl.cdiv(end - start, BM), body, jnp.zeros((BP, BQ), _F32))
+
+    def store_out(e, acc):
+        plgpu.store(out_ref.at[e, pp[:, None], qq[None, :]], (acc * s.scale).astype(out_ref.dtype), mask=mask_pq)
+
+    if not s.split_rows:
+        e = pl.program_id(0)
+        store_out(e, reduce(offsets_ref[e], offsets_ref[e + 1]))
+        return
+
+    # pass 1 of the split mode: program (chunk c, tile) reduces rows chunk_row[c] : +split_rows of expert
+    # chunk_expert[c], cut short at the expert's end; surplus chunks (expert -1) do nothing
+    c = pl.program_id(0)
+    e_raw = chunk_expert_ref[c]
+
+    @pl.when(e_raw >= 0)
+    def _chunk():
+        e = e_raw
+        start = chunk_row_ref[c]
+        e_start, e_end = offsets_ref[e], offsets_ref[e + 1]
+        acc = reduce(start, jnp.minimum(e_end, start + s.split_rows))
+        # an expert whose rows fit in one chunk is finished here, as the unsplit kernel would (the same row blocks in
+        # the same order: the same bits), and pass 2 leaves it alone: only crowded experts pay for partials
+        whole = (start == e_start) & (e_end - start <= s.split_rows)
+
+        @pl.when(whole)
+        def _finish():
+            store_out(e, acc)
+
+        @pl.when(jnp.logical_not(whole))
+        def _partial():
+            plgpu.store(part_ref.at[c, pp[:, None], qq[None, :]], acc, mask=mask_pq)
+
+
+def _tn_sum_kernel(chunk_first_ref, chunk_count_ref, part_ref, out_in_ref, out_ref, *, P: int, Q: int,
+                   block_p: int, block_q: int, scale: float):
+    """Pass 2 of `grouped_gemm_tn`'s split mode: out[e] = scale·Σ partials of e's chunks, in chunk order (fixed:
+    deterministic), for experts of two chunks or more; zeros for experts with no rows; one-chunk experts keep the
+    tile pass 1 stored (out_in_ref is the same buffer as out_ref, aliased, and never read here)."""
+    del out_in_ref
+    e = pl.program_id(0)
+    pp = pl.program_id(1) * block_p + _iota(block_p)
+    qq = pl.program_id(2) * block_q + _iota(block_q)
+    mask_pq = (pp < P)[:, None] & (qq < Q)[None, :]
+    first, n = chunk_first_ref[e], chunk_count_ref[e]
+
+    @pl.when(n != 1)
+    def _sum():
+        def body(i, acc):
+            return acc + _load(part_ref, (first + i, pp[:, None], qq[None, :]), mask_pq)
+
+        acc = lax.fori_loop(0, n, body, jnp.zeros((block_p, block_q), _F32))
+        plgpu.store(out_ref.at[e, pp[:, None], qq[None, :]], (acc * scale).astype(out_ref.dtype), mask=mask_pq)
+
+
+TN_SPLIT_ROWS_ENV = "SPLITMOE_JAX_TN_SPLIT_ROWS"
+
+
+def tn_split_rows(cfg: BlockConfig) -> int:
+    """`split_rows` of a backward ragged-K launch with config `cfg`: SPLITMOE_JAX_TN_SPLIT_ROWS=N (read when a step
+    is traced) > 0 turns `grouped_gemm_tn`'s split mode on with chunks of N rows, 0 or unset leaves it off (the
+    default; BlockConfig has no split field and the tuned tables none). torch_impl's twin is
+    `torch_impl.kernels.split_lora.tn_split_rows` (SPLITMOE_TN_SPLIT_ROWS). Untimed on the GPU. N must be a multiple
+    of cfg.block_m (chunks start on the row blocks the kernel walks): ValueError otherwise, naming the variable."""
+    raw = os.environ.get(TN_SPLIT_ROWS_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0 or n % cfg.block_m:
+        raise ValueError(f"{TN_SPLIT_ROWS_ENV}={raw!r}: want 0 (off) or a positive multiple of the ragged-K "
+                         f"kernel's block_m ({cfg.block_m} for this launch), e.g. 512 or 1024")
+    return n
 
 
 def grouped_gemm_tn(left: jax.Array | None, right: jax.Array, offsets_E1: jax.Array, *, p: int, cfg: BlockConfig,
                     interpret: bool, left_index: jax.Array | None = None, right_index: jax.Array | None = None,
                     row_scale: jax.Array | None = None, left_act: str | None = None, scale: float = 1.0,
-                    limit: float = 7.0, alpha: float = 1.702, out_dtype=_F32, name: str = "grouped_gemm_tn"):
+                    limit: float = 7.0, alpha: float = 1.702, out_dtype=_F32, split_rows: int = 0,
+                    name: str = "grouped_gemm_tn"):
     """Per-expert `scale · Lrowsᵀ diag(row_scale) Rrows` -> [E, p, Q] (module docstring), fp32 by default.
 
     left=None: a column of ones (p must be 1). left_act: `left` is gu [M, 2I] and Lrows = act(gu), p = I.
+    split_rows = N > 0 (a multiple of cfg.block_m; 0: one program per expert and tile, as always): each expert's
+    rows reduced in chunks of N by separate programs into fp32 partials, then summed per expert in chunk order by a
+    second launch (`{name}_sum`; deterministic, no atomics); experts of one chunk get the unsplit kernel's bits.
+    The twin of torch_impl's config SPLIT_ROWS, off by default and untimed on the GPU (`tn_split_rows`).
     """
     E = offsets_E1.shape[0] - 1
     Q = right.shape[1]
     cdt = right.dtype
+    split = int(split_rows)
+    if split < 0 or split % cfg.block_m:
+        raise ValueError(f"split_rows={split_rows}: want 0 (off) or a positive multiple of block_m={cfg.block_m}")
     left_mode = "ones" if left is None else ("act" if left_act is not None else "rows")
     s = _TNSpec(P=p, Q=Q, left=left_mode, gather_l=left_index is not None, gather_r=right_index is not None,
                 row_scale=row_scale is not None, activation=left_act, scale=float(scale), limit=float(limit),
-                alpha=float(alpha), cfg=cfg, cdt=jnp.dtype(cdt).name)
+                alpha=float(alpha), cfg=cfg, cdt=jnp.dtype(cdt).name, split_rows=split)
     ins = [offsets_E1]
     ins += [left.astype(cdt)] if left is not None else []
     ins += [left_index] if left_index is not None else []
     ins += [right]
     ins += [right_index] if right_index is not None else []
     ins += [row_scale] if row_scale is not None else []
-    grid = (E, pl.cdiv(p, cfg.block_n), pl.cdiv(Q, cfg.block_d))
+    tiles = (pl.cdiv(p, cfg.block_n), pl.cdiv(Q, cfg.block_d))
+    params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    out_shape = jax.ShapeDtypeStruct((E, p, Q), out_dtype)
+    if not split:
+        return pl.pallas_call(
+            lambda *refs: _tn_kernel(*refs, s=s), out_shape=out_shape, grid=(E, *tiles),
+            interpret=interpret, name=name, compiler_params=params,
+        )(*ins)
+    M = (right_index if right_index is not None else right).shape[0]
+    # chunk -> (expert, first row): the row-tile schedule for block N, static length cdiv(M, N) + E (no recompile
+    # per routing); partials for every chunk it can hold, written and read only for experts of two or more chunks
+    chunk_expert, chunk_row = tile_schedule(offsets_E1, M, split)
+    n_chunks = chunk_expert.shape[0]
+    out, part = pl.pallas_call(
+        lambda *refs: _tn_kernel(*refs, s=s),
+        out_shape=[out_shape, jax.ShapeDtypeStruct((n_chunks, p, Q), _F32)], grid=(n_chunks, *tiles),
+        interpret=interpret, name=name, compiler_params=params,
+    )(chunk_expert, chunk_row, *ins)
+    count = (offsets_E1[1:] - offsets_E1[:-1] + (split - 1)) // split
+    first = (jnp.cumsum(count) - count).astype(jnp.int32)
     return pl.pallas_call(
-        lambda *refs: _tn_kernel(*refs, s=s), out_shape=jax.ShapeDtypeStruct((E, p, Q), out_dtype), grid=grid,
-        interpret=interpret, name=name,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-    )(*ins)
+        partial(_tn_sum_kernel, P=p, Q=Q, block_p=cfg.block_n, block_q=cfg.block_d, scale=float(scale)),
+        out_shape=out_shape, grid=(E, *tiles), input_output_aliases={3: 0}, interpret=interpret,
+        name=f"{name}_sum", compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),  # untuned: a small sum
+    )(first, count.astype(jnp.int32), part, out)

@@ -19,6 +19,8 @@ Backward (dy [T, H]; dh' and dZ2' are per unit routing weight):
   4. dx pass (NN): dZ1 = s·dgu@B1ᵀ in-loop; dx rows = dgu@Wguᵀ + dZ1@A1ᵀ stored to flat[m], summed over K.
   TN (fp32): dB2 = s·Z2ᵀ(w·dy[token]), dA2 = hᵀ(w·dZ2'), dB1 = s·Z1ᵀdgu, dA1 = x[token]ᵀdZ1; and only when those
   inputs are differentiated (`symbolic_zeros` tells us): dWd = hᵀ(w·dy[token]), dWgu = x[token]ᵀdgu, bias grads.
+  A crowded expert's rows may be split over several programs (grouped_gemm_tn's split_rows; set by
+  SPLITMOE_JAX_TN_SPLIT_ROWS, `grouped_gemm.tn_split_rows`).
 In-loop z (steps 1-4): every n-tile program of a pass recomputes the same z; a config with `z_pre` (autotune.py)
 computes it first by one skinny launch per pass instead (grouped_gemm.py), with the same values.
 Block configs: autotune.get_config per pass, keyed by kind and (M bucket, reduction width, output width, R) for the NN
@@ -190,6 +192,9 @@ def _bwd(opts, res, dy):
     def tn(left, right, offsets, *, p, **kw):
         mode = "ones" if left is None else ("act" if kw.get("left_act") else "rows")
         cfg = _cfg("tn", (_bucket(M), p, right.shape[1], mode), dt, opts)
+        split = gg.tn_split_rows(cfg)  # SPLITMOE_JAX_TN_SPLIT_ROWS: the split mode, off unless set (untimed)
+        if split:  # passed only when on, so a Passes.tn without the argument keeps working with it off
+            kw["split_rows"] = split
         return opts.passes.tn(left, right, offsets, p=p, cfg=cfg, **kw)
 
     need_dgu = wants.x or wants.lora_gate_up or wants.w_gate_up or (wants.biases and b is not None)

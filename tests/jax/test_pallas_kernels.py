@@ -257,7 +257,12 @@ def _kernel_names(wrt: tuple[str, ...]) -> list[str]:
                                      a["lora_gate_up"], a["lora_down"], scale=0.5, biases=a["biases"],
                                      activation="swiglu_oai", swiglu_limit=1.0).sum()
 
-    jaxpr = jax.make_jaxpr(jax.grad(loss))({k: j[k] for k in wrt}, {k: j[k] for k in _DIFF if k not in wrt})
+    return _pallas_call_names(jax.make_jaxpr(jax.grad(loss))({k: j[k] for k in wrt},
+                                                              {k: j[k] for k in _DIFF if k not in wrt}))
+
+
+def _pallas_call_names(closed_jaxpr) -> list[str]:
+    """The name of every pallas_call in a (closed) jaxpr, nested jaxprs included, in program order."""
     names = []
 
     def walk(jx):
@@ -273,7 +278,7 @@ def _kernel_names(wrt: tuple[str, ...]) -> list[str]:
                     elif hasattr(sub, "eqns"):
                         walk(sub)
 
-    walk(jaxpr.jaxpr)
+    walk(closed_jaxpr.jaxpr)
     return names
 
 
@@ -311,6 +316,195 @@ def test_tile_schedule_covers_each_row_once():
 
 def pl_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# ---- grouped_gemm_tn's split mode (split_rows; SPLITMOE_JAX_TN_SPLIT_ROWS) ------------------------------------------
+
+_TN_SPLIT_CASES = [get_case(n) for n in ("skewed", "empty_experts", "prime_e", "oai_biases", "odd_dims")]
+_TN_LAUNCHES: dict = {}
+
+
+def _tn_setup(case, seed: int, repeat: int = 4):
+    """(sort, operands) for `case`'s routing stacked `repeat` times (T·repeat tokens: every expert's rows times
+    `repeat`, empty experts still empty; as the torch twin's `_setup(repeat=)`), so that 16-row chunks split the
+    small cases' experts into several."""
+    from jax_impl.kernels import split_lora as sl
+    ids = np.tile(make_moe_inputs(case, seed=seed % 1000)["expert_ids"], (repeat, 1))
+    srt = sl.sort_rows(jnp.asarray(ids, jnp.int32), case.E)
+    T, M = ids.shape[0], ids.size
+    rng = np.random.default_rng(seed)
+
+    def rnd(*shape, scale=1.0):
+        return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
+    o = dict(x=rnd(T, case.H), dz=rnd(M, case.R), gu=rnd(M, 2 * case.I, scale=2.0), dy=rnd(T, case.H),
+             z=rnd(M, case.R), dgu=rnd(M, 2 * case.I))
+    o["ws"] = jnp.abs(rnd(M)) + 0.1
+    return srt, o
+
+
+def _tn_launches(case, split_rows: int):
+    """A jitted (offsets, token_M, operands) -> {launch: out} of five `grouped_gemm_tn` launches with `split_rows`,
+    as the backward makes them: gathered rows left (dA1), act(gu) left with gathered right and row scale (dWd), a
+    ones left (bias grads), plain rows (dB1), and the first again in float16 (out_dtype); one executable per case
+    and split (XLA's CPU optimisations off, as `_value_and_grads`)."""
+    key = (case, split_rows)
+    if key not in _TN_LAUNCHES:
+        cfg = autotune.INTERPRET_CONFIGS["tn"]
+
+        def f(off, tok, o):
+            kw = dict(cfg=cfg, interpret=True, split_rows=split_rows)
+            tn = gg.grouped_gemm_tn
+            return dict(
+                rows_gather=tn(o["x"], o["dz"], off, p=case.H, left_index=tok, scale=0.5, **kw),
+                act=tn(o["gu"], o["dy"], off, p=case.I, left_act=case.activation, right_index=tok, row_scale=o["ws"],
+                       limit=case.swiglu_limit, **kw),
+                ones=tn(None, o["dy"], off, p=1, right_index=tok, row_scale=o["ws"], scale=2.0, **kw),
+                rows=tn(o["z"], o["dgu"], off, p=case.R, scale=0.5, **kw),
+                rows_f16=tn(o["x"], o["dz"], off, p=case.H, left_index=tok, scale=0.5, out_dtype=jnp.float16, **kw))
+
+        _TN_LAUNCHES[key] = f, jax.jit(f, compiler_options=None if _ON_GPU else _FAST_COMPILE)
+    f, jitted = _TN_LAUNCHES[key]
+    return lambda srt, o: {k: np.asarray(v) for k, v in jitted(srt.offsets_E1, srt.token_M, o).items()}
+
+
+def _tn_reference(case, srt, o) -> dict:
+    """float64 per-expert scale · Lrowsᵀ Rrows of the launches of `_tn_launches` (not the float16 one)."""
+    off, tok = np.asarray(srt.offsets_E1), np.asarray(srt.token_M)
+    f = {k: np.asarray(v, np.float64) for k, v in o.items()}
+    h = ref._activation(case.activation, case.swiglu_limit, 1.702)[0](f["gu"])
+    wdy = f["dy"][tok] * f["ws"][:, None]
+    pairs = dict(rows_gather=(0.5, f["x"][tok], f["dz"]), act=(1.0, h, wdy), ones=(2.0, np.ones((len(tok), 1)), wdy),
+                 rows=(0.5, f["z"], f["dgu"]))
+    return {k: np.stack([s * (lt[off[e]:off[e + 1]].T @ r[off[e]:off[e + 1]]) for e in range(case.E)])
+            for k, (s, lt, r) in pairs.items()}
+
+
+# chunks of two 16-row blocks on every case, of one block (a partial per reduction step) on two: each is a compile
+_TN_SPLIT_PARAMS = [pytest.param(c, 32, id=f"{c.name}-split2blk") for c in _TN_SPLIT_CASES] + [
+    pytest.param(get_case(n), 16, id=f"{n}-split1blk") for n in ("skewed", "empty_experts")]
+
+
+@pytest.mark.parametrize(("case", "split_rows"), _TN_SPLIT_PARAMS)
+def test_grouped_gemm_tn_split_rows_matches_reference(case, split_rows, seed):
+    """Split mode (chunks of one or two 16-row blocks; the routing stacked 4x so that every case has experts of
+    several chunks), every left mode, gathers, row scale, scale and a float16 out_dtype, against float64; experts
+    with no rows give exact zeros; one executable serves a second routing of the same shapes (static grids)."""
+    run = _tn_launches(case, split_rows)
+    for routing_seed in (seed, seed + 7):
+        srt, o = _tn_setup(case, routing_seed)
+        rows_E = np.diff(np.asarray(srt.offsets_E1))
+        assert rows_E.max() > split_rows, "the premise: some expert spans several chunks"
+        got, want = run(srt, o), _tn_reference(case, srt, o)
+        for name, exp in want.items():
+            assert got[name].dtype == np.float32
+            assert_close(got[name], exp, dtype="float32", quantity="moe_grad", name=f"split {name}")
+        # float16: both passes store scale·sum rounded once, as the fp32 result's cast
+        assert got["rows_f16"].dtype == np.float16
+        np.testing.assert_array_equal(got["rows_f16"], got["rows_gather"].astype(np.float16))
+        for e in np.flatnonzero(rows_E == 0):
+            for name, out in got.items():
+                assert not np.any(out[e]), f"expert {e} has no rows: its {name} must be exactly 0"
+        assert set(case.empty_experts) <= set(np.flatnonzero(rows_E == 0))
+
+
+@pytest.mark.parametrize("case", [get_case("skewed"), get_case("empty_experts")], ids=lambda c: c.name)
+def test_grouped_gemm_tn_split_rows_is_deterministic_and_one_chunk_experts_keep_their_bits(case, seed):
+    """Split mode gives the same bits on every call; experts whose rows fit in one chunk get the unsplit kernel's
+    bits (same row blocks, same order), and with chunks longer than any expert the whole output is the unsplit
+    kernel's. A split launch is two pallas_calls (pass 1, then `_sum`), the unsplit one one."""
+    srt, o = _tn_setup(case, seed)
+    rows_E = np.diff(np.asarray(srt.offsets_E1))
+    unsplit = _tn_launches(case, 0)(srt, o)
+    for split_rows in (32, 1024):
+        run = _tn_launches(case, split_rows)
+        first, again = run(srt, o), run(srt, o)
+        one_chunk = rows_E <= split_rows
+        for name in first:
+            np.testing.assert_array_equal(first[name], again[name], err_msg=f"{name}: split mode is not deterministic")
+            np.testing.assert_array_equal(first[name][one_chunk], unsplit[name][one_chunk], err_msg=name)
+        if split_rows == 1024:
+            assert one_chunk.all()
+        else:
+            assert not one_chunk.all(), "the premise: some expert spans several chunks"
+    for split_rows, per_launch in ((0, ["grouped_gemm_tn"]), (32, ["grouped_gemm_tn", "grouped_gemm_tn_sum"])):
+        f = _TN_LAUNCHES[(case, split_rows)][0]
+        assert _pallas_call_names(jax.make_jaxpr(f)(srt.offsets_E1, srt.token_M, o)) == per_launch * 5
+
+
+def test_grouped_gemm_tn_split_rows_lowers_to_triton():
+    """Both passes go through Pallas' Triton lowering (Triton IR built on the CPU for the cuda platform, with the GPU
+    default config and bf16; no PTX, no GPU run): pass 1 with its two outputs, then the sum with the output aliased
+    through, one kernel per launch unsplit."""
+    cfg = autotune.GPU_DEFAULTS["tn"]
+    E, T, K, H, I, R = 8, 256, 2, 256, 128, 16
+    M = T * K
+    args = (jnp.zeros((T, H), jnp.bfloat16), jnp.zeros((M, R), jnp.bfloat16), jnp.zeros((M, 2 * I), jnp.bfloat16),
+            jnp.zeros((T, H), jnp.bfloat16), jnp.ones((M,), jnp.float32),
+            jnp.linspace(0, M, E + 1).astype(jnp.int32), jnp.arange(M, dtype=jnp.int32) // K)
+    for split_rows, kernels, aliased in ((0, 3, 0), (2 * cfg.block_m, 6, 3)):
+        def f(x, dz, gu, dy, ws, off, tok, split_rows=split_rows):
+            kw = dict(cfg=cfg, interpret=False, split_rows=split_rows)
+            return (gg.grouped_gemm_tn(x, dz, off, p=H, left_index=tok, scale=0.5, **kw),
+                    gg.grouped_gemm_tn(gu, dy, off, p=I, left_act="swiglu_oai", right_index=tok, row_scale=ws, **kw),
+                    gg.grouped_gemm_tn(None, dy, off, p=1, right_index=tok, row_scale=ws, **kw))
+
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("custom_call @__gpu$xla.gpu.triton") == kernels, split_rows
+        assert text.count("output_operand_aliases") == aliased, split_rows
+
+
+@pytest.mark.parametrize("split_rows", [24, -16, 8])
+def test_grouped_gemm_tn_split_rows_must_be_a_multiple_of_block_m(split_rows):
+    off = jnp.asarray([0, 3, 5], jnp.int32)
+    with pytest.raises(ValueError, match=rf"split_rows={split_rows}: .*multiple of block_m=16"):
+        gg.grouped_gemm_tn(jnp.ones((5, 4)), jnp.ones((5, 3)), off, p=4, cfg=autotune.INTERPRET_CONFIGS["tn"],
+                           interpret=True, split_rows=split_rows)
+
+
+@pytest.mark.parametrize("value", ["24", "-32", "abc", "1.5e3"])
+def test_tn_split_rows_env_refuses_bad_values(value, monkeypatch):
+    """SPLITMOE_JAX_TN_SPLIT_ROWS must be 0 or a positive multiple of the launch's block_m: anything else is a
+    ValueError that names the variable, the value and the block size."""
+    monkeypatch.setenv(gg.TN_SPLIT_ROWS_ENV, value)
+    with pytest.raises(ValueError, match=rf"SPLITMOE_JAX_TN_SPLIT_ROWS='{value}'.*multiple.*block_m \(16 "):
+        gg.tn_split_rows(autotune.INTERPRET_CONFIGS["tn"])
+
+
+def test_tn_split_rows_env_sets_or_clears_the_split(monkeypatch):
+    cfg = autotune.INTERPRET_CONFIGS["tn"]
+    assert gg.TN_SPLIT_ROWS_ENV == "SPLITMOE_JAX_TN_SPLIT_ROWS"
+    monkeypatch.delenv(gg.TN_SPLIT_ROWS_ENV, raising=False)
+    assert gg.tn_split_rows(cfg) == 0  # unset: off (BlockConfig and the tuned tables have no split)
+    for value, want in (("32", 32), (" 512 ", 512), ("0", 0), ("", 0)):
+        monkeypatch.setenv(gg.TN_SPLIT_ROWS_ENV, value)
+        assert gg.tn_split_rows(cfg) == want, value
+
+
+def test_tn_split_rows_env_reaches_every_ragged_k_launch(interpret, monkeypatch):
+    """Read when the step is traced: every ragged-K launch of the backward becomes pass 1 + `_sum`, the NN passes
+    stay as they are, and a bad value fails the trace naming the variable."""
+    monkeypatch.setenv(gg.TN_SPLIT_ROWS_ENV, "16")
+    names = _kernel_names(_DIFF)
+    tn = ["moe_dA2", "moe_dB2", "moe_dWd", "moe_dA1", "moe_dB1", "moe_dWgu", "moe_db_gate_up", "moe_db_down"]
+    nn = ["moe_gate_up", "moe_down", "moe_dh", "moe_dx"]
+    assert sorted(names) == sorted(nn + tn + [f"{n}_sum" for n in tn]), names
+    monkeypatch.setenv(gg.TN_SPLIT_ROWS_ENV, "24")
+    with pytest.raises(ValueError, match="SPLITMOE_JAX_TN_SPLIT_ROWS='24'"):
+        _kernel_names(_LORA_TRAINING)
+
+
+def test_fused_backward_with_tn_split_rows(seed, interpret, monkeypatch):
+    """SPLITMOE_JAX_TN_SPLIT_ROWS=16 through the custom_vjp: forward and every gradient (base weights included, so
+    the six ragged-K launches of a bias-free case split) against the float64 reference, on the skewed routing, whose
+    busiest expert spans several chunks. (The bias launches split too: test_tn_split_rows_env_reaches_every_ragged_k_
+    launch; the ones left against float64: test_grouped_gemm_tn_split_rows_matches_reference.)"""
+    case = get_case("skewed")
+    monkeypatch.setenv(gg.TN_SPLIT_ROWS_ENV, "16")
+    _, j, static, dy = _inputs(case, seed, jnp.float32)
+    assert np.bincount(np.asarray(j["expert_ids"]).ravel()).max() > 16, "the premise: some expert is split"
+    y, g = _value_and_grads("fused", _DIFF, static, j)(j, dy)
+    _check_against_reference(case, j, static, dy, y, g, _DIFF, "float32")
 
 
 # ---- availability and tuning -----------------------------------------------------------------------------------------
