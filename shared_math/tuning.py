@@ -7,6 +7,7 @@ count serves other row counts of the same pass and shape, the nearest bucket on 
 from __future__ import annotations
 
 import math
+import os
 
 
 def nearest_entry(table: dict, key: str) -> dict | None:
@@ -36,3 +37,21 @@ def nearest_entry(table: dict, key: str) -> dict | None:
         if d < best_d or (d == best_d and best is not None and km > best[0]):
             best, best_d = (km, entry), d
     return None if best is None else best[1]
+
+
+def env_split_rows(name: str, block_m: int, block_name: str) -> int | None:
+    """The ragged-K kernels' split size from environment variable `name` (torch_impl's SPLITMOE_TN_SPLIT_ROWS and
+    jax_impl's SPLITMOE_JAX_TN_SPLIT_ROWS): None when unset or blank, 0 for off, else N > 0, which must be a multiple
+    of the launch's row block (chunks start on the row blocks the kernel walks); anything else is a ValueError naming
+    the variable and the block (`block_name`: how the framework's config spells it)."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0 or n % block_m:
+        raise ValueError(f"{name}={raw!r}: want 0 (off) or a positive multiple of the ragged-K kernel's "
+                         f"{block_name} ({block_m} for this launch), e.g. 512 or 1024")
+    return n

@@ -69,6 +69,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jax_impl.kernels.autotune import BlockConfig
 from shared_math.numerics import scales_exactly
+from shared_math.tuning import env_split_rows
 
 _F32 = jnp.float32
 ACTIVATIONS = ("swiglu", "swiglu_oai")
@@ -525,17 +526,7 @@ def tn_split_rows(cfg: BlockConfig) -> int:
     default; BlockConfig has no split field and the tuned tables none). torch_impl's twin is
     `torch_impl.kernels.split_lora.tn_split_rows` (SPLITMOE_TN_SPLIT_ROWS). Untimed on the GPU. N must be a multiple
     of cfg.block_m (chunks start on the row blocks the kernel walks): ValueError otherwise, naming the variable."""
-    raw = os.environ.get(TN_SPLIT_ROWS_ENV, "").strip()
-    if not raw:
-        return 0
-    try:
-        n = int(raw)
-    except ValueError:
-        n = -1
-    if n < 0 or n % cfg.block_m:
-        raise ValueError(f"{TN_SPLIT_ROWS_ENV}={raw!r}: want 0 (off) or a positive multiple of the ragged-K "
-                         f"kernel's block_m ({cfg.block_m} for this launch), e.g. 512 or 1024")
-    return n
+    return env_split_rows(TN_SPLIT_ROWS_ENV, cfg.block_m, "block_m") or 0
 
 
 def grouped_gemm_tn(left: jax.Array | None, right: jax.Array, offsets_E1: jax.Array, *, p: int, cfg: BlockConfig,

@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from shared_math.tuning import env_split_rows
 from torch_impl.backends.common import capture_residuals, capturing_residuals, gu_z1_z2, replayed_residuals
 from torch_impl.kernels import autotune
 from torch_impl.kernels import grouped_gemm as gg
@@ -163,16 +164,9 @@ def tn_split_rows(config: dict) -> dict:
     shipped table has none: off). Lets the GPU step benchmark time split sizes before any are in the table (its
     rows record the SPLITMOE_* variables). N must be a multiple of the config's BLOCK_M (chunks start on the row
     blocks the kernel walks): ValueError otherwise, naming the variable."""
-    raw = os.environ.get(TN_SPLIT_ROWS_ENV, "").strip()
-    if not raw:
+    n = env_split_rows(TN_SPLIT_ROWS_ENV, config["BLOCK_M"], "BLOCK_M")
+    if n is None:
         return config
-    try:
-        n = int(raw)
-    except ValueError:
-        n = -1
-    if n < 0 or n % config["BLOCK_M"]:
-        raise ValueError(f"{TN_SPLIT_ROWS_ENV}={raw!r}: want 0 (off) or a positive multiple of the ragged-K "
-                         f"kernel's BLOCK_M ({config['BLOCK_M']} for this launch), e.g. 512 or 1024")
     return dict(config, SPLIT_ROWS=n)
 
 
