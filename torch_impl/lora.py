@@ -18,6 +18,7 @@ Names: `lora_state_dict` and `load_lora_state_dict` use the canonical LoRA names
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,11 @@ class LoRALinear(nn.Module):
         y = x @ self.weight
         if self.bias is not None:
             y = y + self.bias
+        if fused_lora_add(y, z, self.lora_B):
+            from torch_impl.kernels import lora_linear  # imports triton: only where it is asked for
+
+            # the same sum in one Triton kernel, the fp32 z @ B never written (`kernels.lora_linear`)
+            return lora_linear.lora_add(y, z, self.lora_B, self.scale)
         delta = z @ self.lora_B.to(z.dtype)
         if y.dtype == delta.dtype:
             return y + self.scale * delta
@@ -65,6 +71,32 @@ class LoRALinear(nn.Module):
         # up, the scale, the add, the cast down), with the same result (TensorIterator computes a mixed-dtype
         # in-place add in the promoted dtype, fp32, and casts once). y is free to overwrite: x @ W saves x, not y.
         return y.add_(delta, alpha=self.scale)
+
+
+LORA_LINEAR_ENV = "SPLITMOE_LORA_LINEAR"
+_LORA_LINEAR_CHOICES = ("torch", "triton")
+
+
+def lora_linear_mode() -> str:
+    """`SPLITMOE_LORA_LINEAR`: "torch" (unset; the unfused ops) or "triton" (`torch_impl.kernels.lora_linear`);
+    anything else is refused with the choices."""
+    value = os.environ.get(LORA_LINEAR_ENV, "") or "torch"
+    if value not in _LORA_LINEAR_CHOICES:
+        raise ValueError(f"{LORA_LINEAR_ENV}={value!r}: use one of {', '.join(_LORA_LINEAR_CHOICES)} (or leave it "
+                         "unset: torch)")
+    return value
+
+
+def fused_lora_add(y: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether `LoRALinear` adds its LoRA term through `kernels.lora_linear.lora_add`: asked for
+    (`lora_linear_mode()`), a low-precision y with fp32 factors (the mixed case the kernel fuses; equal dtypes add
+    in torch as before), and a device its kernels run on (CUDA, or the CPU under the Triton interpreter, for
+    tests)."""
+    if lora_linear_mode() != "triton":
+        return False
+    if y.dtype not in (torch.bfloat16, torch.float16) or z.dtype != torch.float32 or lora_b.dtype != torch.float32:
+        return False
+    return y.device.type == "cuda" or (y.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _kaiming_a(shape: tuple[int, ...], fan_in: int, generator, dtype, device) -> torch.Tensor:
