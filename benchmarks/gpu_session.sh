@@ -512,10 +512,10 @@ case $PART in
     tail -3 "$R/gpu_tests.log"; rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300
     grep -h -A16 "device time by kind" "$R"/*.txt ;;
   session19q)  # (written 2026-12-06, session 18, which had no device time) issue 15's Qwen3 16K (0.79x; needs 0.75x):
-    # the attention projections' fused LoRA term (SPLITMOE_LORA_LINEAR=triton, torch_impl.kernels.lora_linear: the
-    # fp32 z @ B never written, dy never copied to fp32) and grouped_gemm_tn's split mode, both untimed so far: their
-    # gpu tests, the attention LoRA alone at both models' widths (lora_linear_bench.py), then Unsloth and session
-    # 14's best Qwen3 row without either, with both, with the fused LoRA term alone
+    # the attention projections' fused LoRA branch (SPLITMOE_LORA_LINEAR=triton, torch_impl.kernels.lora_linear: no
+    # fp32 copy of x, of z @ B, of dy or of dx) and grouped_gemm_tn's split mode, both untimed so far: their gpu
+    # tests, the attention LoRA alone at both models' widths (lora_linear_bench.py), then Unsloth and session 14's
+    # best Qwen3 row without either, with both, with the fused LoRA branch alone
     wheels
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \

@@ -51,7 +51,17 @@ class LoRALinear(nn.Module):
         # PEFT's Linear: the LoRA branch runs in the factors' dtype (fp32) on x cast to it, is added to the rounded
         # base output, and the sum is rounded once to x's dtype (as jax_impl's LoRALinear). In bf16 the cheaper
         # all-bf16 branch measured 2x HF's own bf16 error on MLA's chained q_a -> q_b LoRA (tiny DeepSeek-V3).
-        return self.forward_with_z(x, x.to(self.lora_A.dtype) @ self.lora_A)
+        return self.forward_with_z(x, self.lora_input(x, self.lora_A))
+
+    @staticmethod
+    def lora_input(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+        """z = x @ A in A's dtype, on x cast to it (PEFT's), or fused without the cast's copy where
+        `fused_lora_linear` says so (`kernels.lora_linear.lora_z`: the same sums)."""
+        if fused_lora_linear(x, lora_a):
+            from torch_impl.kernels import lora_linear  # imports triton: only where it is asked for
+
+            return lora_linear.lora_z(x, lora_a)
+        return x.to(lora_a.dtype) @ lora_a
 
     def forward_with_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The forward given z = x @ lora_A in lora_A's dtype (`models.layers.project` computes it for several
@@ -59,8 +69,8 @@ class LoRALinear(nn.Module):
         y = x @ self.weight
         if self.bias is not None:
             y = y + self.bias
-        if fused_lora_add(y, z, self.lora_B):
-            from torch_impl.kernels import lora_linear  # imports triton: only where it is asked for
+        if z.dtype == self.lora_B.dtype and fused_lora_linear(y, self.lora_B):
+            from torch_impl.kernels import lora_linear
 
             # the same sum in one Triton kernel, the fp32 z @ B never written (`kernels.lora_linear`)
             return lora_linear.lora_add(y, z, self.lora_B, self.scale)
@@ -87,16 +97,16 @@ def lora_linear_mode() -> str:
     return value
 
 
-def fused_lora_add(y: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor) -> bool:
-    """Whether `LoRALinear` adds its LoRA term through `kernels.lora_linear.lora_add`: asked for
-    (`lora_linear_mode()`), a low-precision y with fp32 factors (the mixed case the kernel fuses; equal dtypes add
-    in torch as before), and a device its kernels run on (CUDA, or the CPU under the Triton interpreter, for
-    tests)."""
+def fused_lora_linear(act: torch.Tensor, factor: torch.Tensor) -> bool:
+    """Whether a LoRA Linear's branch runs through `kernels.lora_linear` (`lora_z`, `lora_add`): asked for
+    (`lora_linear_mode()`), low-precision activations `act` (x or y) with fp32 factors (the mixed case those kernels
+    fuse; equal dtypes run the torch ops as before), and a device the kernels run on (CUDA, or the CPU under the
+    Triton interpreter, for tests)."""
     if lora_linear_mode() != "triton":
         return False
-    if y.dtype not in (torch.bfloat16, torch.float16) or z.dtype != torch.float32 or lora_b.dtype != torch.float32:
+    if act.dtype not in (torch.bfloat16, torch.float16) or factor.dtype != torch.float32:
         return False
-    return y.device.type == "cuda" or (y.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return act.device.type == "cuda" or (act.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _kaiming_a(shape: tuple[int, ...], fan_in: int, generator, dtype, device) -> torch.Tensor:

@@ -1,13 +1,14 @@
-"""A Linear's fused LoRA term (`torch_impl.kernels.lora_linear`, `splitmoe::lora_add`): round(y + s·(z @ B)) and its
-backward against float64, the custom op's registration, `LoRALinear` and a whole model with the switch on against
-the torch ops, the switch itself, and the kernels compiled for sm_90.
+"""A Linear's fused LoRA branch (`torch_impl.kernels.lora_linear`: `splitmoe::lora_z`, z = x @ A, and
+`splitmoe::lora_add`, round(y + s·(z @ B))): each product and its backward against float64, the custom ops'
+registration, `LoRALinear` and whole models with the switch on against the torch ops (and under activation
+checkpointing, and compiled), the switch itself, and the kernels compiled for sm_90.
 
-On CPU the kernels run in the Triton interpreter with IEEE fp32 dots and y in fp16 or fp32: the interpreter rounds
-fp32 to bf16 toward zero (measured: 48 % of 1,024 random values differ from torch's round-to-nearest-even, each
-equal to the truncated value), so bf16 outputs are checked for rounding only on the GPU, and the CPU's bf16 model test
-checks the wiring at the model's bf16 tolerance. The `gpu` test compares on CUDA in bf16 with TF32 dots, as
-`benchmarks/step.py` runs them. Interpreter mode is fixed at triton's first import, so this module imports the
-kernels interpreted where it can (`tests.torch.interpreter`), else a fresh process runs its CPU tests.
+On CPU the kernels run in the Triton interpreter with IEEE fp32 dots and activations in fp16 or fp32: the interpreter
+rounds fp32 to bf16 toward zero (measured: 48 % of 1,024 random values differ from torch's round-to-nearest-even,
+each equal to the truncated value), so bf16 outputs are checked only on the GPU, and the CPU's model tests run in
+fp16. The `gpu` test compares on CUDA in bf16 with TF32 dots, as `benchmarks/step.py` runs them. Interpreter mode is
+fixed at triton's first import, so this module imports the kernels interpreted where it can
+(`tests.torch.interpreter`), else a fresh process runs its CPU tests.
 """
 
 from __future__ import annotations
@@ -118,6 +119,33 @@ def test_backward_is_fp32_against_float64(shape, dtype):
     assert torch.equal(only_dz, dz) and torch.equal(only_db, db)
 
 
+# (M rows, K input features, R rank): odd sizes, one rank, two rank tiles (70 > 64), K under one tile, several dA chunks
+Z_SHAPES = [(37, 130, 5), (64, 128, 64), (300, 72, 1), (5, 16, 70), (600, 48, 8), (0, 32, 4)]
+
+
+@cpu_only
+@pytest.mark.parametrize("shape", Z_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lora_z_and_its_backward_against_float64(shape):
+    """z = x @ A in fp32 from fp16 x (upcast exactly), dx = dz @ Aᵀ rounded once to fp16, dA = xᵀ @ dz in fp32."""
+    M, K, R = shape
+    g = torch.Generator().manual_seed(M + 3 * K + R)
+    x = torch.randn(M, K, generator=g).to(torch.float16)
+    a = torch.randn(K, R, generator=g) * 0.3
+    dz = torch.randn(M, R, generator=g)
+    z = ll.lora_z_forward(x, a)
+    assert z.dtype == torch.float32 and z.shape == (M, R)
+    assert_close(z, x.double() @ a.double(), dtype="float32", quantity="moe_block", name="z")
+    dx, da = ll.lora_z_backward(dz, x, a)
+    assert dx.dtype == torch.float16 and dx.shape == x.shape and da.dtype == torch.float32 and da.shape == a.shape
+    if M:
+        bound = (R + 1) * 2.0 ** -24 * (dz.double().abs() @ a.double().abs().T)
+        _within_one_rounding(dx, dz.double() @ a.double().T, bound)
+    assert_close(da, x.double().T @ dz.double(), dtype="float32", quantity="moe_grad", name="dA")
+    only_dx, none = ll.lora_z_backward(dz, x, a, need_da=False)
+    none2, only_da = ll.lora_z_backward(dz, x, a, need_dx=False)
+    assert none is None and none2 is None and torch.equal(only_dx, dx) and torch.equal(only_da, da)
+
+
 @cpu_only
 def test_db_chunks_sum_in_a_fixed_order():
     """dB over several row chunks: the partials are added in chunk order, so two runs agree bit for bit, and the
@@ -164,14 +192,17 @@ def test_bad_shapes_are_refused_with_what_they_were():
 
 @cpu_only
 def test_custom_op_registration():
-    """torch.library's checks of `splitmoe::lora_add`: the schema, the fake implementation against the real one, and
-    the autograd registration (what torch.compile and AOT autograd rely on)."""
+    """torch.library's checks of `splitmoe::lora_add` and `splitmoe::lora_z`: the schema, the fake implementation
+    against the real one, and the autograd registration (what torch.compile and AOT autograd rely on)."""
     g = torch.Generator().manual_seed(1)
     y = torch.randn(6, 20, generator=g).to(torch.float16).requires_grad_(True)
     z = torch.randn(6, 4, generator=g).requires_grad_(True)
     b = torch.randn(4, 20, generator=g).requires_grad_(True)
-    torch.library.opcheck(ll.lora_add, (y, z, b, 0.5),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(ll.lora_add, (y, z, b, 0.5), test_utils=checks)
+    x = torch.randn(6, 16, generator=g).to(torch.float16).requires_grad_(True)
+    a = torch.randn(16, 4, generator=g).requires_grad_(True)
+    torch.library.opcheck(ll.lora_z, (x, a), test_utils=checks)
 
 
 @cpu_only
@@ -197,24 +228,47 @@ def test_op_gradients_and_the_torch_path_it_replaces():
         assert_close(a, e, dtype="float32", quantity="moe_grad", name=name)
 
 
+@cpu_only
+def test_lora_z_op_gradients_and_the_torch_path_it_replaces():
+    """`lora_z` through autograd against `x.to(fp32) @ A` (the torch path): z and dA equal to fp32 round-off, dx the
+    same fp32 sum rounded once to x's dtype."""
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(2, 9, 40, generator=g).to(torch.float16)
+    a0 = torch.randn(40, 12, generator=g) * 0.2
+    dz = torch.randn(2, 9, 12, generator=g)
+
+    def grads(fn):
+        x, a = (t.clone().requires_grad_(True) for t in (x0, a0))
+        z = fn(x, a)
+        return (z, *torch.autograd.grad(z, (x, a), dz))
+
+    fused = grads(ll.lora_z)
+    plain = grads(lambda x, a: x.to(torch.float32) @ a)
+    assert fused[1].dtype == plain[1].dtype == torch.float16
+    assert_close(fused[0], plain[0], dtype="float32", quantity="moe_block", name="z")
+    bound = 13 * 2.0 ** -24 * (dz.double().abs() @ a0.double().abs().T)
+    _within_one_rounding(fused[1], dz.double() @ a0.double().T, bound)
+    assert_close(fused[2], plain[2], dtype="float32", quantity="moe_grad", name="dA")
+
+
 def test_switch_defaults_to_torch_and_names_bad_values(monkeypatch):
-    y, z, b = torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(2, 3), torch.zeros(3, 4)
+    x, a = torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(4, 3)
     monkeypatch.delenv(lora_mod.LORA_LINEAR_ENV, raising=False)
-    assert lora_mod.lora_linear_mode() == "torch" and not lora_mod.fused_lora_add(y, z, b)
+    assert lora_mod.lora_linear_mode() == "torch" and not lora_mod.fused_lora_linear(x, a)
     monkeypatch.setenv(lora_mod.LORA_LINEAR_ENV, "fused")
     with pytest.raises(ValueError, match="SPLITMOE_LORA_LINEAR='fused': use one of torch, triton"):
-        lora_mod.fused_lora_add(y, z, b)
+        lora_mod.fused_lora_linear(x, a)
     monkeypatch.setenv(lora_mod.LORA_LINEAR_ENV, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert lora_mod.fused_lora_add(y, z, b)
-    # fp32 activations (equal dtypes add in torch as before) and bf16 factors are not the case it fuses
-    assert not lora_mod.fused_lora_add(y.float(), z, b)
-    assert not lora_mod.fused_lora_add(y, z.bfloat16(), b)
+    assert lora_mod.fused_lora_linear(x, a) and lora_mod.fused_lora_linear(x.half(), a)
+    # fp32 activations (equal dtypes run the torch ops as before) and bf16 factors are not the case it fuses
+    assert not lora_mod.fused_lora_linear(x.float(), a)
+    assert not lora_mod.fused_lora_linear(x, a.bfloat16())
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert lora_mod.fused_lora_add(y, z, b) == (y.device.type == "cuda")  # a CPU tensor without the interpreter
+    assert lora_mod.fused_lora_linear(x, a) == (x.device.type == "cuda")  # a CPU tensor without the interpreter
 
 
-def _tiny_model(tmp_path, family: str):
+def _tiny_model(tmp_path, family: str, dtype=torch.float16):
     from shared_math.checkpoint import write_tiny_checkpoint
     from shared_math.config import ModelConfig
     from tests.shared.sigmoid_families import attn_expert_lora
@@ -223,9 +277,9 @@ def _tiny_model(tmp_path, family: str):
     # K = E: every token through every expert, so a rounding difference cannot flip a routing choice (which moves
     # the expert gradients by whole tokens' contributions, as tests/torch/test_qwen3_parity.py explains)
     k_eq_e = dict(num_experts_per_tok=8, topk_group=4) if family == "deepseek_v3" else dict(num_experts_per_tok=8)
-    path = write_tiny_checkpoint(family, tmp_path / family, dtype="bfloat16", **k_eq_e)
+    path = write_tiny_checkpoint(family, tmp_path / family, dtype="float32", **k_eq_e)
     lora = attn_expert_lora(ModelConfig.from_hf(path))  # every attention projection and both expert tensors
-    model = load_model(path, lora=lora, dtype=torch.bfloat16, lora_seed=0)
+    model = load_model(path, lora=lora, dtype=dtype, lora_seed=0)
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():  # B starts at zero, which would make every LoRA term vanish
         for name, p in model.named_parameters():
@@ -237,18 +291,17 @@ def _tiny_model(tmp_path, family: str):
 @cpu_only
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_a_model_with_the_switch_on_matches_the_torch_ops(tmp_path, monkeypatch, family):
-    """A tiny bf16 model (fp32 adapters on q/k/v/o, or on MLA's chained low-rank projections) with
-    SPLITMOE_LORA_LINEAR=triton against the same model with the torch ops: the loss and every LoRA gradient agree
-    at the bf16 model's tolerance, and the kernels did run. The tolerance is the bf16 model's against the fp32
-    model's because the interpreter rounds the kernel's bf16 outputs toward zero (module docstring), up to one bf16
-    step per element where torch rounds to nearest, and the rest of the bf16 forward carries that on; the rounding
-    itself is checked in fp16 above and in bf16 by the gpu test. What this test is for is the wiring: a dropped
-    scale, a wrong factor or a missing gradient moves these by far more."""
+    """A tiny fp16 model (fp32 adapters on q/k/v/o, or on MLA's chained low-rank projections) with
+    SPLITMOE_LORA_LINEAR=triton against the same model with the torch ops: the same sums in another order, so the
+    loss and every LoRA gradient agree to fp16 rounding flips (numerics "same_math_grad"), and both kernels ran. In
+    fp16 because the interpreter rounds bf16 toward zero (module docstring), which would need the bf16 model's loose
+    tolerance; a 1 % error in z shows here as 1.3e-2 of the largest gradient."""
     model = _tiny_model(tmp_path, family)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     calls = []
-    real = ll.lora_add_forward
-    monkeypatch.setattr(ll, "lora_add_forward", lambda *a: calls.append(1) or real(*a))
+    for name in ("lora_add_forward", "lora_z_forward"):
+        real = getattr(ll, name)
+        monkeypatch.setattr(ll, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
 
     def run(mode):
         monkeypatch.setenv(lora_mod.LORA_LINEAR_ENV, mode)
@@ -260,11 +313,10 @@ def test_a_model_with_the_switch_on_matches_the_torch_ops(tmp_path, monkeypatch,
     loss_t, grads_t = run("torch")
     assert not calls
     loss_f, grads_f = run("triton")
-    assert calls  # every LoRA Linear of the model went through the kernels
-    assert_close(loss_f, loss_t, dtype="bfloat16", quantity="loss")
-    quantity = "mla_model_lora_grad" if family == "deepseek_v3" else "model_lora_grad"
+    assert {"lora_add_forward", "lora_z_forward"} <= set(calls)  # the model's LoRA Linears ran through the kernels
+    assert_close(loss_f, loss_t, dtype="float16", quantity="same_math_grad", name="loss")
     for name, grad in grads_t.items():
-        assert_close(grads_f[name], grad, dtype="bfloat16", quantity=quantity, name=name)
+        assert_close(grads_f[name], grad, dtype="float16", quantity="same_math_grad", name=name)
 
 
 @cpu_only
@@ -330,18 +382,26 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from torch_impl.kernels import lora_linear as ll
-ints = ("stride_ym", "stride_zm", "stride_zr", "stride_br", "stride_om", "stride_dym", "stride_dzm", "stride_pc",
-        "stride_pr", "M", "N", "R", "chunk_rows")
-for kernel, ptrs in ((ll._lora_add_kernel, dict(y_ptr="*bf16", z_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16")),
-                     (ll._lora_dz_kernel, dict(dy_ptr="*bf16", b_ptr="*fp32", dz_ptr="*fp32")),
-                     (ll._lora_db_kernel, dict(z_ptr="*fp32", dy_ptr="*bf16", part_ptr="*fp32"))):
-    for prec in ("tf32", "ieee"):
-        const = dict(DOT_PREC=prec, BLOCK_M=64, BLOCK_N=128 if kernel is not ll._lora_dz_kernel else 64, BLOCK_R=64)
-        sig = {n: (ptrs.get(n) or ("fp32" if n == "scale" else "constexpr" if n in const else "i32"))
-               for n in kernel.arg_names}
-        out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": 4, "num_stages": 2})
-        assert out.asm.get("cubin"), (kernel, prec)
+# the operand dtypes each launch passes: bf16 activations (x, y, dy, dx), fp32 factors, z and partials
+ptr_types = {ll._mm_add_kernel: [dict(y_ptr="*bf16", a_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16"),  # z @ B + y
+                                 dict(y_ptr="*bf16", a_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16")],  # dz @ Aᵀ
+             ll._mm_nt_kernel: [dict(a_ptr="*bf16", b_ptr="*fp32", out_ptr="*fp32")],  # x @ A, dy @ Bᵀ
+             ll._mm_tn_kernel: [dict(a_ptr="*fp32", b_ptr="*bf16", part_ptr="*fp32"),  # zᵀ @ dy
+                                dict(a_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32")]}  # xᵀ @ dz
+blocks = {ll._mm_add_kernel: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+          ll._mm_nt_kernel: dict(BLOCK_M=64, BLOCK_K=64, BLOCK_R=64),
+          ll._mm_tn_kernel: dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=128)}
+for kernel, variants in ptr_types.items():
+    for i, ptrs in enumerate(variants):
+        for prec in ("tf32", "ieee"):
+            const = dict(blocks[kernel], DOT_PREC=prec)
+            if kernel is ll._mm_add_kernel:
+                const["HAS_Y"] = i == 0
+            sig = {n: (ptrs.get(n) or ("fp32" if n == "scale" else "constexpr" if n in const else "i32"))
+                   for n in kernel.arg_names}
+            out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
+                                 target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+            assert out.asm.get("cubin"), (kernel, prec)
 print("COMPILED")
 """
 

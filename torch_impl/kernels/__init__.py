@@ -5,8 +5,9 @@
 - `split_lora.py`: `ExpertSort`, `SplitLoraExpertsFunction` and `split_lora_experts` (the backend entry point).
 - `hopper.py`: the persistent variant of the NN kernel for sm_90+ (weights by TMA tensor descriptors, a persistent
   grid over the tiles), run by the `triton_hopper` backend (`split_lora_experts(..., kernels="hopper")`).
-- `lora_linear.py`: a Linear's LoRA term in PEFT's precision, `round(y + s·(z @ B))` with fp32 z and B, and its
-  backward, fused (`splitmoe::lora_add`; `torch_impl.lora.LoRALinear` with SPLITMOE_LORA_LINEAR=triton).
+- `lora_linear.py`: a Linear's LoRA branch in PEFT's precision (`z = x @ A`, `round(y + s·(z @ B))`, fp32 factors on
+  bf16 activations) and its backward without fp32 copies (`splitmoe::lora_z`, `splitmoe::lora_add`;
+  `torch_impl.lora.LoRALinear` with SPLITMOE_LORA_LINEAR=triton).
 - `layout.py`: the cast + transpose of LoRA-A factors into the reduction-major layout the NN kernels read.
 - `schedule.py`: the NN kernels' row-block schedule (tiles that never straddle two experts) in one launch
   (SPLITMOE_SCHEDULE_KERNEL=0 keeps the torch ops).
