@@ -401,8 +401,12 @@ def lora_acc(lora_scale: float) -> bool:
     The sums round in another order, so the two are not bitwise equal. Compiled for sm_90
     (benchmarks/kernel_resources.py --lora-acc) it removes the register spills of every shipped Qwen3 and gpt-oss
     pass but gpt-oss's dh under Triton 3.6, where they halve; yet on the H100 (session 17) it passed its gpu tests and
-    made gpt-oss's 16K step 25 % slower (1279 against 1021 ms). Off by default; `gpu_session.sh session17p` times
-    the passes one by one to find where the time goes before it is kept or removed."""
+    made gpt-oss's 16K step 25 % slower (1279 against 1021 ms). Compiled for sm_90 under Triton 3.6 (gpt-oss's
+    shipped dh and gate_up configs, session 18), the two forms' TTGIR differ only in how the LoRA dot reads z: from
+    registers after a swizzled shared-memory round trip (z·s is computed in registers) instead of straight from
+    NVMMA shared memory; the wgmma count, the TMA loads and the pipelining are the same. So the static code does not
+    explain the step's 25 %. Off by default; `gpu_session.sh session17p` times the passes one by one to find where
+    the time goes before it is kept or removed."""
     return _switch("SPLITMOE_LORA_ACC", "1 (accumulate) or 0 (add; the default)") is True and \
         scales_exactly(lora_scale)
 
