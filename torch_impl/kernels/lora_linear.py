@@ -19,6 +19,9 @@ its stored dtype and upcast in registers (bf16 / fp16 -> fp32 is exact), and eve
   rounded once. Backward: the gradient of y is the output's; dz = s·dy @ Bᵀ by row tiles walking N, dB = s·zᵀ @ dy
   over row chunks.
 
+Block sizes and warps were picked on the CPU by register count (sm_90, Triton 3.6's ptxas, TF32 dots: no spills,
+96-188 registers a thread; at 4 warps the first choices sat at 255 with spills), not yet by time on a GPU.
+
 Three kernels do all six products: `_mm_add_kernel` (out = round([y +] s·a @ b), a short inner dimension),
 `_mm_nt_kernel` (out = s·a @ bᵀ-shaped, row tiles walking a long inner dimension) and `_mm_tn_kernel` (s·aᵀ @ b
 reduced over row chunks into fp32 partials [C, P, Q] that one torch sum adds in chunk order: deterministic, no
@@ -161,7 +164,7 @@ def mm_add(a: torch.Tensor, b_KN: torch.Tensor, scale: float, out_dtype: torch.d
                 out, out.stride(0), M, N, K, float(scale)),
                dict(HAS_Y=y is not None, DOT_PREC=_dot_prec(a.device), BLOCK_M=bm, BLOCK_N=bn,
                     BLOCK_K=_narrow_block(K)),
-               num_warps=4, num_stages=2)
+               num_warps=8, num_stages=2)
     return out
 
 
@@ -171,10 +174,10 @@ def mm_nt(a: torch.Tensor, b_RK: torch.Tensor, scale: float) -> torch.Tensor:
     R = b_RK.shape[0]
     out = torch.empty((M, R), device=a.device, dtype=torch.float32)
     if M and R:
-        bm, bk, br = 64, 64, _narrow_block(R)
+        bm, bk, br = 64, 32, _narrow_block(R)
         launch(_mm_nt_kernel, (triton.cdiv(M, bm) * triton.cdiv(R, br),),
                (a, a.stride(0), b_RK, *b_RK.stride(), out, out.stride(0), M, K, R, float(scale)),
-               dict(DOT_PREC=_dot_prec(a.device), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br), num_warps=4, num_stages=2)
+               dict(DOT_PREC=_dot_prec(a.device), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br), num_warps=4, num_stages=3)
     return out
 
 
@@ -201,7 +204,7 @@ def mm_tn(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     if P and Q:
         launch(_mm_tn_kernel, (chunks, tiles),
                (a, *a.stride(), b, b.stride(0), part, part.stride(0), part.stride(1), M, P, Q, rows, float(scale)),
-               dict(DOT_PREC=_dot_prec(a.device), BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq), num_warps=4, num_stages=2)
+               dict(DOT_PREC=_dot_prec(a.device), BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq), num_warps=8, num_stages=2)
     return part[0] if chunks == 1 else part.sum(0)  # chunk order is fixed: the same sum every run
 
 
