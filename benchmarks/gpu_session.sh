@@ -520,7 +520,7 @@ case $PART in
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
       >> "$R/gpu_tests.log" 2>&1
-    timeout 60 python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss --seq 4096,16384 \
+    timeout 70 python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss --seq 4096,16384 --ops \
       --out "$R/lora_linear.jsonl" > "$R/lora_linear.log" 2>&1
     Q="--family qwen3_moe --layers 24 --seq 16384 --warmup 2 --iters 4"
     G="--compile --cuda-graph --optim-in-backward --checkpoint-policy attention --checkpoint-layers 22"
@@ -530,7 +530,7 @@ case $PART in
       --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_both.log" 2>&1
     SPLITMOE_LORA_LINEAR=triton timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --impls torch_impl $G \
       --out "$R/step.jsonl" > "$R/step_lora_linear.log" 2>&1
-    grep -h "passed\|failed" "$R/gpu_tests.log"; grep -h "x torch" "$R/lora_linear.log"; rows "$R/step.jsonl"
+    grep -h "passed\|failed" "$R/gpu_tests.log"; grep -h " ms" "$R/lora_linear.log"; rows "$R/step.jsonl"
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
   session19o)  # (written 2026-12-06, session 18, for after session19q) issue 15's gpt-oss 16K (0.612x on an H100, 0.661x
     # on an H200; needs 0.6x): Unsloth, then the compiled step with the attention kept, with the fused attention LoRA

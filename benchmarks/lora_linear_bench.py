@@ -6,8 +6,9 @@ to fp32, z @ B written in fp32, added and rounded in another kernel; the backwar
 Qwen3-30B-A3B's 16K step. This times what the fused path changes, projection GEMMs included, so the difference is
 what a layer's forward + backward gains (a checkpointed step runs the forward twice: add one more forward's share).
 
-    python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss --seq 4096,16384 --out lora_linear.jsonl
-Prints one line per (family, seq, mode): ms, peak extra memory, and the ratio to the torch ops. On the CPU
+    python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss --seq 4096,16384 [--ops] --out ll.jsonl
+Prints one line per (family, seq, mode): ms, peak extra memory, and the ratio to the torch ops; with --ops, each
+piece of one projection's branch alone as well. On the CPU
 (`--device cpu --preset tiny`, under TRITON_INTERPRET=1) it checks the two modes against each other instead of timing.
 """
 
@@ -113,6 +114,50 @@ def run(family: str, seq: int, preset: str, device: str, rank: int, alpha: float
     return rows
 
 
+def op_rows(family: str, seq: int, preset: str, device: str, rank: int, alpha: float, warmup: int, iters: int
+            ) -> list[dict]:
+    """The four pieces of one projection's LoRA branch (q_proj's widths) timed alone, the torch ops against the
+    kernels: z = x @ A, y + s·z @ B, its backward (dz, dB) and lora_z's (dx, dA). What to tune if the layer rows
+    disappoint. On the CPU each piece runs once both ways and is compared instead."""
+    import torch
+
+    from benchmarks.common import time_cuda
+    from shared_math.numerics import assert_close
+    from shared_math.presets import preset_hf_config
+    from torch_impl.kernels import lora_linear as ll
+
+    hf = preset_hf_config(family, preset)
+    H = hf["hidden_size"]
+    N = hf["num_attention_heads"] * (hf.get("head_dim") or H // hf["num_attention_heads"])
+    g = torch.Generator(device=device).manual_seed(2)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device=device) * scale
+
+    x, y, dy = rand(seq, H).to(torch.bfloat16), rand(seq, N).to(torch.bfloat16), rand(seq, N).to(torch.bfloat16)
+    a, b, z = rand(H, rank, scale=H ** -0.5), rand(rank, N, scale=0.02), rand(seq, rank)
+    s = alpha / rank
+    pieces = {
+        "z = x @ A": (lambda: x.to(torch.float32) @ a, lambda: ll.lora_z_forward(x, a)),
+        "y + s z @ B": (lambda: y.add(z @ b, alpha=s), lambda: ll.lora_add_forward(y, z, b, s)),
+        "dz, dB": (lambda: ((dy.float() * s) @ b.T, z.T @ (dy.float() * s)), lambda: ll.lora_add_backward(dy, z, b, s)),
+        "dx, dA": (lambda: ((z @ a.T).to(torch.bfloat16), x.float().T @ z), lambda: ll.lora_z_backward(z, x, a)),
+    }
+    rows = []
+    for name, (plain, fused) in pieces.items():
+        if device != "cuda":
+            for want, got in zip(*((f(),) if name.startswith(("z", "y")) else f() for f in (plain, fused))):
+                assert_close(got, want, dtype="bfloat16", quantity="moe_block", name=name)
+            print(f"{family} seq={seq} {name:12s} agrees", flush=True)
+            continue
+        ms = [time_cuda(fn, warmup=warmup, iters=iters) for fn in (plain, fused)]
+        rows.append(dict(family=family, preset=preset, seq=seq, rank=rank, piece=name, torch_ms=ms[0],
+                         triton_ms=ms[1], **versions()))
+        print(f"{family} seq={seq} {name:12s} torch {ms[0]:.3f} ms, triton {ms[1]:.3f} ms ({ms[1] / ms[0]:.2f}x)",
+              flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="qwen3_moe,gpt_oss")
@@ -123,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=128.0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--ops", action="store_true", help="also time the branch's four pieces alone (q_proj's widths), "
+                   "the torch ops against the kernels (on the CPU: compare them)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     import torch
@@ -136,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     for family in a.family.split(","):
         for seq in (int(s) for s in a.seq.split(",")):
             rows += run(family, seq, a.preset or PRESET[family], a.device, a.rank, a.alpha, a.warmup, a.iters)
+            if a.ops:
+                rows += op_rows(family, seq, a.preset or PRESET[family], a.device, a.rank, a.alpha, a.warmup,
+                                a.iters)
     if a.out:
         write_jsonl(a.out, rows)
     print(f"done in {time.time() - t0:.0f} s")

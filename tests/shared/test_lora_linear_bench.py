@@ -1,5 +1,6 @@
 """benchmarks/lora_linear_bench.py on the CPU (Triton interpreter, tiny widths): both modes run one layer's attention
-LoRA forward + backward and agree (the script asserts it), and the rows say which mode ran. Runs in a fresh
+LoRA forward + backward and agree (the script asserts it), the rows say which mode ran, and with --ops each piece of
+one projection's branch agrees between the torch ops and the kernels. Runs in a fresh
 process: TRITON_INTERPRET must be set before Triton is imported."""
 
 import json
@@ -20,10 +21,11 @@ def test_both_modes_run_and_agree_on_tiny_widths(tmp_path):
     out = tmp_path / "ll.jsonl"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora_linear_bench.py"), "--device", "cpu",
                         "--preset", "tiny", "--family", "qwen3_moe,gpt_oss", "--seq", "37", "--rank", "4",
-                        "--alpha", "8", "--out", str(out)],
+                        "--alpha", "8", "--ops", "--out", str(out)],
                        cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("agrees") == 2 * 4  # --ops: each piece of the branch, both ways, per family
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(x["family"], x["mode"]) for x in rows] == [("qwen3_moe", "torch"), ("qwen3_moe", "triton"),
                                                        ("gpt_oss", "torch"), ("gpt_oss", "triton")]
