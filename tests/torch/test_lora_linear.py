@@ -382,28 +382,26 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from torch_impl.kernels import lora_linear as ll
-# the operand dtypes each launch passes: bf16 activations (x, y, dy, dx), fp32 factors, z and partials
-ptr_types = {ll._mm_add_kernel: [dict(y_ptr="*bf16", a_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16"),  # z @ B + y
-                                 dict(y_ptr="*bf16", a_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16")],  # dz @ Aᵀ
-             ll._mm_nt_kernel: [dict(a_ptr="*bf16", b_ptr="*fp32", out_ptr="*fp32")],  # x @ A, dy @ Bᵀ
-             ll._mm_tn_kernel: [dict(a_ptr="*fp32", b_ptr="*bf16", part_ptr="*fp32"),  # zᵀ @ dy
-                                dict(a_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32")]}  # xᵀ @ dz
-# the blocks, warps and stages of the launches (lora_linear.mm_add / mm_nt / mm_tn)
-blocks = {ll._mm_add_kernel: (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 8, 2),
-          ll._mm_nt_kernel: (dict(BLOCK_M=64, BLOCK_K=32, BLOCK_R=64), 4, 3),
-          ll._mm_tn_kernel: (dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=128), 8, 2)}
-for kernel, variants in ptr_types.items():
-    for i, ptrs in enumerate(variants):
-        for prec in ("tf32", "ieee"):
-            block, warps, stages = blocks[kernel]
-            const = dict(block, DOT_PREC=prec)
-            if kernel is ll._mm_add_kernel:
-                const["HAS_Y"] = i == 0
-            sig = {n: (ptrs.get(n) or ("fp32" if n == "scale" else "constexpr" if n in const else "i32"))
-                   for n in kernel.arg_names}
-            out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
-                                 target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-            assert out.asm.get("cubin"), (kernel, prec)
+# each launch as lora_linear configures it (mm: narrow or wide output; mm_tn): operand dtypes, constexprs, warps, stages
+NARROW, WIDE = (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 3), (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 8, 2)
+TN = (dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=128), 8, 2)
+launches = [
+    (ll._mm_kernel, dict(a_ptr="*bf16", b_ptr="*fp32", out_ptr="*fp32", y_ptr="*fp32"), NARROW, False),  # x@A, dy@Bᵀ
+    (ll._mm_kernel, dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16", y_ptr="*bf16"), WIDE, True),  # y + s·z@B
+    (ll._mm_kernel, dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16", y_ptr="*bf16"), WIDE, False),  # dz @ Aᵀ
+    (ll._mm_tn_kernel, dict(a_ptr="*fp32", b_ptr="*bf16", part_ptr="*fp32"), TN, None),  # zᵀ @ dy
+    (ll._mm_tn_kernel, dict(a_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32"), TN, None),  # xᵀ @ dz
+]
+for kernel, ptrs, (block, warps, stages), has_y in launches:
+    for prec in ("tf32", "ieee"):
+        const = dict(block, DOT_PREC=prec)
+        if has_y is not None:
+            const["HAS_Y"] = has_y
+        sig = {n: (ptrs.get(n) or ("fp32" if n == "scale" else "constexpr" if n in const else "i32"))
+               for n in kernel.arg_names}
+        out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
+                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        assert out.asm.get("cubin"), (kernel, ptrs, prec)
 print("COMPILED")
 """
 

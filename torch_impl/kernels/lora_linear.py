@@ -19,13 +19,12 @@ its stored dtype and upcast in registers (bf16 / fp16 -> fp32 is exact), and eve
   rounded once. Backward: the gradient of y is the output's; dz = s·dy @ Bᵀ by row tiles walking N, dB = s·zᵀ @ dy
   over row chunks.
 
-Block sizes and warps were picked on the CPU by register count (sm_90, Triton 3.6's ptxas, TF32 dots: no spills,
-96-188 registers a thread; at 4 warps the first choices sat at 255 with spills), not yet by time on a GPU.
-
-Three kernels do all six products: `_mm_add_kernel` (out = round([y +] s·a @ b), a short inner dimension),
-`_mm_nt_kernel` (out = s·a @ bᵀ-shaped, row tiles walking a long inner dimension) and `_mm_tn_kernel` (s·aᵀ @ b
-reduced over row chunks into fp32 partials [C, P, Q] that one torch sum adds in chunk order: deterministic, no
-atomics). Strides are passed for every operand, so Aᵀ and the column slices of one z (`layers.project`) need no copy.
+Two kernels do all six products: `_mm_kernel` (out = round([y +] s·a @ b) over row and column tiles, walking the
+inner dimension, for x @ A, y + s·z @ B, dy @ Bᵀ and dz @ Aᵀ: strides for every operand, so Aᵀ, Bᵀ and the column
+slices of one z (`layers.project`) need no copy) and `_mm_tn_kernel` (s·aᵀ @ b reduced over row chunks into fp32
+partials [C, P, Q] that one torch sum adds in chunk order: deterministic, no atomics; for dB and dA). Block sizes
+and warps were picked on the CPU by register count (sm_90, Triton 3.6's ptxas, TF32 dots: no spills, 96-188
+registers a thread, where the first choices at 4 warps sat at 255 with spills), not yet by time on a GPU.
 
 The dots take fp32 values at the precision torch's own fp32 GEMMs would use: TF32 where
 `torch.backends.cuda.matmul.allow_tf32` is on (as `benchmarks/step.py` sets for every implementation), IEEE fp32
@@ -51,7 +50,7 @@ _TARGET_PROGRAMS = 264
 
 
 @triton.jit
-def _mm_add_kernel(y_ptr, stride_ym, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, out_ptr, stride_om,
+def _mm_kernel(y_ptr, stride_ym, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, out_ptr, stride_om,
                    M, N, K, scale,
                    HAS_Y: tl.constexpr, DOT_PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -78,31 +77,6 @@ def _mm_add_kernel(y_ptr, stride_ym, a_ptr, stride_am, stride_ak, b_ptr, stride_
     if HAS_Y:
         out += tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _mm_nt_kernel(a_ptr, stride_am, b_ptr, stride_br, stride_bk, out_ptr, stride_om, M, K, R, scale,
-                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """out[m, r] = scale·Σ_k a[m, k]·b[r, k] for a long K and a narrow R: one program per (row tile, R tile), each
-    reading its rows of `a` once (a's last dimension contiguous)."""
-    n_r = tl.cdiv(R, BLOCK_R)
-    pid_m = tl.program_id(0) // n_r
-    pid_r = tl.program_id(0) % n_r
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)
-        b_t = tl.load(b_ptr + offs_r[None, :] * stride_br + offs_k[:, None] * stride_bk,
-                      mask=mask_r[None, :] & mask_k[:, None], other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_R]
-        acc = tl.dot(a, b_t, acc, input_precision=DOT_PREC)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :], (scale * acc).to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
@@ -151,33 +125,23 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def mm_add(a: torch.Tensor, b_KN: torch.Tensor, scale: float, out_dtype: torch.dtype,
-           y: torch.Tensor | None = None) -> torch.Tensor:
-    """round_{out_dtype}([y +] scale·(a @ b)) for a [M, K] (any strides), b [K, N] with a short K: [M, N]."""
+def mm(a: torch.Tensor, b_KN: torch.Tensor, scale: float, out_dtype: torch.dtype,
+       y: torch.Tensor | None = None) -> torch.Tensor:
+    """round_{out_dtype}([y +] scale·(a @ b)) for a [M, K] and b [K, N] (any strides; y [M, N] with a unit last
+    stride): [M, N]."""
     M, K = a.shape
     N = b_KN.shape[1]
     out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     if M and N:
-        bm, bn = 64, 128
-        launch(_mm_add_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn),),
+        if K > N:  # a narrow output over a long inner dimension (x @ A, dy @ Bᵀ): row tiles walking K
+            bm, bn, bk, warps, stages = 64, _narrow_block(N), 32, 4, 3
+        else:  # a wide output over a short inner dimension (z @ B, dz @ Aᵀ): K fits a tile or a few
+            bm, bn, bk, warps, stages = 64, 128, _narrow_block(K), 8, 2
+        launch(_mm_kernel, (triton.cdiv(M, bm) * triton.cdiv(N, bn),),
                (y if y is not None else out, y.stride(0) if y is not None else 0, a, *a.stride(), b_KN, *b_KN.stride(),
                 out, out.stride(0), M, N, K, float(scale)),
-               dict(HAS_Y=y is not None, DOT_PREC=_dot_prec(a.device), BLOCK_M=bm, BLOCK_N=bn,
-                    BLOCK_K=_narrow_block(K)),
-               num_warps=8, num_stages=2)
-    return out
-
-
-def mm_nt(a: torch.Tensor, b_RK: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale·(a @ bᵀ) in fp32 for a [M, K] with a unit last stride and b [R, K] (any strides), R narrow: [M, R]."""
-    M, K = a.shape
-    R = b_RK.shape[0]
-    out = torch.empty((M, R), device=a.device, dtype=torch.float32)
-    if M and R:
-        bm, bk, br = 64, 32, _narrow_block(R)
-        launch(_mm_nt_kernel, (triton.cdiv(M, bm) * triton.cdiv(R, br),),
-               (a, a.stride(0), b_RK, *b_RK.stride(), out, out.stride(0), M, K, R, float(scale)),
-               dict(DOT_PREC=_dot_prec(a.device), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br), num_warps=4, num_stages=3)
+               dict(HAS_Y=y is not None, DOT_PREC=_dot_prec(a.device), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk),
+               num_warps=warps, num_stages=stages)
     return out
 
 
@@ -218,7 +182,7 @@ def lora_z_forward(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     if lora_a.dim() != 2 or x.shape[-1] != lora_a.shape[0]:
         raise ValueError(f"lora_z: x {tuple(x.shape)} and A {tuple(lora_a.shape)} do not fit x [..., K], A [K, R]")
     _check_same_device(x, lora_a)
-    return mm_nt(_rows(x), lora_a.t(), 1.0).view(*x.shape[:-1], lora_a.shape[1])
+    return mm(_rows(x), lora_a, 1.0, torch.float32).view(*x.shape[:-1], lora_a.shape[1])
 
 
 def lora_z_backward(dz: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, need_dx: bool = True,
@@ -226,7 +190,7 @@ def lora_z_backward(dz: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, nee
     """(dx, dA) of `lora_z_forward` for dz [..., R]: dx = round_{x.dtype}(dz @ Aᵀ) shaped like x, dA = xᵀ @ dz in A's
     dtype."""
     dz2 = _rows(dz)
-    dx = mm_add(dz2, lora_a.t(), 1.0, x.dtype).view(x.shape) if need_dx else None
+    dx = mm(dz2, lora_a.t(), 1.0, x.dtype).view(x.shape) if need_dx else None
     da = mm_tn(_rows(x), dz2, 1.0).to(lora_a.dtype) if need_da else None
     return dx, da
 
@@ -243,7 +207,7 @@ def _check_add(y: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor) -> None:
 def lora_add_forward(y: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """round_{y.dtype}(y + scale·(z @ B)), the sum in fp32, as a new tensor shaped like y."""
     _check_add(y, z, lora_b)
-    return mm_add(z.reshape(-1, z.shape[-1]), lora_b, scale, y.dtype, y=_rows(y)).view(y.shape)
+    return mm(z.reshape(-1, z.shape[-1]), lora_b, scale, y.dtype, y=_rows(y)).view(y.shape)
 
 
 def lora_add_backward(dy: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor, scale: float,
@@ -252,7 +216,7 @@ def lora_add_backward(dy: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor, s
     scale·zᵀ @ dy in B's dtype. The gradient of y is dy."""
     _check_add(dy, z, lora_b)
     dy2 = _rows(dy)
-    dz = mm_nt(dy2, lora_b, scale).view(z.shape) if need_dz else None
+    dz = mm(dy2, lora_b.t(), scale, torch.float32).view(z.shape) if need_dz else None
     db = mm_tn(z.reshape(-1, z.shape[-1]), dy2, scale).to(lora_b.dtype) if need_db else None
     return dz, db
 
