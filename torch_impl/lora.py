@@ -33,6 +33,17 @@ from torch_impl.moe import Experts, MoEBlock
 _EXPERT_PARAMS = {"gate_up_proj": ("gate_up_lora_A", "gate_up_lora_B"), "down_proj": ("down_lora_A", "down_lora_B")}
 
 
+def lora_z(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """z = x @ A in A's dtype, on x cast to it (PEFT's Linear runs its LoRA branch so), or fused without the cast's
+    copy where `fused_lora_linear` says so (`kernels.lora_linear.lora_z`: the same sums); A [in, R] or the
+    concatenated factors of projections that share x (`models.layers.project`). jax_impl.lora.lora_z's twin."""
+    if fused_lora_linear(x, lora_a):
+        from torch_impl.kernels import lora_linear  # imports triton: only where it is asked for
+
+        return lora_linear.lora_z(x, lora_a)
+    return x.to(lora_a.dtype) @ lora_a
+
+
 class LoRALinear(nn.Module):
     """`x @ weight (+ bias) + scale · (x @ lora_A) @ lora_B`; weight [in, out] and bias frozen, lora_A [in, R],
     lora_B [R, out] trainable. Built from a `Linear` (sharing its weight and bias tensors)."""
@@ -51,17 +62,7 @@ class LoRALinear(nn.Module):
         # PEFT's Linear: the LoRA branch runs in the factors' dtype (fp32) on x cast to it, is added to the rounded
         # base output, and the sum is rounded once to x's dtype (as jax_impl's LoRALinear). In bf16 the cheaper
         # all-bf16 branch measured 2x HF's own bf16 error on MLA's chained q_a -> q_b LoRA (tiny DeepSeek-V3).
-        return self.forward_with_z(x, self.lora_input(x, self.lora_A))
-
-    @staticmethod
-    def lora_input(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-        """z = x @ A in A's dtype, on x cast to it (PEFT's), or fused without the cast's copy where
-        `fused_lora_linear` says so (`kernels.lora_linear.lora_z`: the same sums)."""
-        if fused_lora_linear(x, lora_a):
-            from torch_impl.kernels import lora_linear  # imports triton: only where it is asked for
-
-            return lora_linear.lora_z(x, lora_a)
-        return x.to(lora_a.dtype) @ lora_a
+        return self.forward_with_z(x, lora_z(x, self.lora_A))
 
     def forward_with_z(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The forward given z = x @ lora_A in lora_A's dtype (`models.layers.project` computes it for several

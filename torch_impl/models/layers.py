@@ -576,9 +576,10 @@ def project(x: torch.Tensor, *projections: nn.Module) -> list[torch.Tensor]:
     lora = [i for i, p in enumerate(projections) if getattr(p, "lora_A", None) is not None]
     if len(lora) < 2 or len({projections[i].lora_A.dtype for i in lora}) > 1:
         return [p(x) for p in projections]
+    from torch_impl.lora import lora_z  # torch_impl.lora imports this module
+
     a_cat = torch.cat([projections[i].lora_A for i in lora], dim=1)
-    z = projections[lora[0]].lora_input(x, a_cat)  # x @ [A1 | A2 | ...] in the factors' dtype
-    zs = iter(z.split([projections[i].lora_A.shape[1] for i in lora], dim=-1))
+    zs = iter(lora_z(x, a_cat).split([projections[i].lora_A.shape[1] for i in lora], dim=-1))
     return [p.forward_with_z(x, next(zs)) if i in lora else p(x) for i, p in enumerate(projections)]
 
 
