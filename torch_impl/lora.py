@@ -8,8 +8,9 @@ the fused gate_up and on down (`torch_impl.moe.Experts`). R and s are per target
 
 LoRA parameters are fp32 whatever the model dtype (PEFT keeps adapter weights in fp32 too). Expert LoRA factors are
 cast to the activation dtype where they are used (the experts' LoRA GEMMs run in the model's dtype); a Linear's LoRA
-branch runs in fp32 and is rounded once with the base output, as PEFT's Linear does. Only LoRA parameters require
-grad; `LoraConfig.train_router` also unfreezes the router weights.
+branch runs in fp32 and is rounded once with the base output, as PEFT's Linear does (with SPLITMOE_LORA_LINEAR=triton
+through `kernels.lora_linear`: the same sums, without the fp32 copies of x, z @ B, dy and dx; `fused_lora_linear`).
+Only LoRA parameters require grad; `LoraConfig.train_router` also unfreezes the router weights.
 
 Names: `lora_state_dict` and `load_lora_state_dict` use the canonical LoRA names of docs/CONTRACTS.md;
 `save_adapter` / `load_adapter` write and read PEFT's format through `shared_math.adapter`.
