@@ -382,26 +382,30 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from torch_impl.kernels import lora_linear as ll
-# each launch as lora_linear configures it (mm: narrow or wide output; mm_tn): operand dtypes, constexprs, warps, stages
+# each launch as lora_linear makes it (mm: narrow or wide output; mm_tn): operand dtypes, blocks, warps, stages, and
+# what Triton specialises at run time: unit strides as constants, other ints and pointers divisible by 16
 NARROW, WIDE = (dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4, 3), (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 8, 2)
 TN = (dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=128), 8, 2)
+MM_IN, MM_OUT = dict(a_ptr="*bf16", b_ptr="*fp32", out_ptr="*fp32", y_ptr="*fp32"), \
+    dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16", y_ptr="*bf16")
 launches = [
-    (ll._mm_kernel, dict(a_ptr="*bf16", b_ptr="*fp32", out_ptr="*fp32", y_ptr="*fp32"), NARROW, False),  # x@A, dy@Bᵀ
-    (ll._mm_kernel, dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16", y_ptr="*bf16"), WIDE, True),  # y + s·z@B
-    (ll._mm_kernel, dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16", y_ptr="*bf16"), WIDE, False),  # dz @ Aᵀ
-    (ll._mm_tn_kernel, dict(a_ptr="*fp32", b_ptr="*bf16", part_ptr="*fp32"), TN, None),  # zᵀ @ dy
-    (ll._mm_tn_kernel, dict(a_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32"), TN, None),  # xᵀ @ dz
+    (ll._mm_kernel, MM_IN, NARROW, dict(HAS_Y=False, stride_ak=1, stride_bn=1)),  # x @ A
+    (ll._mm_kernel, MM_IN, NARROW, dict(HAS_Y=False, stride_ak=1, stride_bk=1)),  # dy @ Bᵀ
+    (ll._mm_kernel, MM_OUT, WIDE, dict(HAS_Y=True, stride_ak=1, stride_bn=1)),  # y + s·z @ B
+    (ll._mm_kernel, MM_OUT, WIDE, dict(HAS_Y=False, stride_ak=1, stride_bk=1)),  # dz @ Aᵀ
+    (ll._mm_tn_kernel, dict(a_ptr="*fp32", b_ptr="*bf16", part_ptr="*fp32"), TN, dict(stride_ap=1)),  # zᵀ @ dy
+    (ll._mm_tn_kernel, dict(a_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32"), TN, dict(stride_ap=1)),  # xᵀ @ dz
 ]
-for kernel, ptrs, (block, warps, stages), has_y in launches:
+for kernel, ptrs, (block, warps, stages), fixed in launches:
     for prec in ("tf32", "ieee"):
-        const = dict(block, DOT_PREC=prec)
-        if has_y is not None:
-            const["HAS_Y"] = has_y
+        const = dict(block, DOT_PREC=prec, **fixed)
         sig = {n: (ptrs.get(n) or ("fp32" if n == "scale" else "constexpr" if n in const else "i32"))
                for n in kernel.arg_names}
-        out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const),
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+                 if sig[n] != "constexpr" and n != "scale"}
+        out = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs),
                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-        assert out.asm.get("cubin"), (kernel, ptrs, prec)
+        assert out.asm.get("cubin"), (kernel, fixed, prec)
 print("COMPILED")
 """
 

@@ -22,9 +22,13 @@ its stored dtype and upcast in registers (bf16 / fp16 -> fp32 is exact), and eve
 Two kernels do all six products: `_mm_kernel` (out = round([y +] s·a @ b) over row and column tiles, walking the
 inner dimension, for x @ A, y + s·z @ B, dy @ Bᵀ and dz @ Aᵀ: strides for every operand, so Aᵀ, Bᵀ and the column
 slices of one z (`layers.project`) need no copy) and `_mm_tn_kernel` (s·aᵀ @ b reduced over row chunks into fp32
-partials [C, P, Q] that one torch sum adds in chunk order: deterministic, no atomics; for dB and dA). Block sizes
-and warps were picked on the CPU by register count (sm_90, Triton 3.6's ptxas, TF32 dots: no spills, 96-188
-registers a thread, where the first choices at 4 warps sat at 255 with spills), not yet by time on a GPU.
+partials [C, P, Q] that one torch sum adds in chunk order: deterministic, no atomics; for dB and dA).
+
+Block sizes and warps are first choices, not yet timed on a GPU. Compiled for sm_90 on the CPU (Triton 3.6's ptxas,
+TF32, each launch with the unit strides and divisibilities Triton specialises at run time), they take 72-100
+registers a thread and spill nothing. The PTX shows where to look first if a piece lags: TF32 wgmma reads both
+operands K-major from shared memory, so an fp32 operand stored the other way (A [K, R] and B [R, N] as stored, z and
+dz in the two reductions) is copied in 4-byte pieces (`cp.async` of 4 bytes against 16 for the others).
 
 The dots take fp32 values at the precision torch's own fp32 GEMMs would use: TF32 where
 `torch.backends.cuda.matmul.allow_tf32` is on (as `benchmarks/step.py` sets for every implementation), IEEE fp32
