@@ -389,9 +389,8 @@ TN = (dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=128), 8, 2)
 MM_IN, MM_OUT = dict(a_ptr="*bf16", b_ptr="*fp32", out_ptr="*fp32", y_ptr="*fp32"), \
     dict(a_ptr="*fp32", b_ptr="*fp32", out_ptr="*bf16", y_ptr="*bf16")
 launches = [
-    (ll._mm_kernel, MM_IN, NARROW, dict(HAS_Y=False, stride_ak=1, stride_bn=1)),  # x @ A
-    (ll._mm_kernel, MM_IN, NARROW, dict(HAS_Y=False, stride_ak=1, stride_bk=1)),  # dy @ Bᵀ
-    (ll._mm_kernel, MM_OUT, WIDE, dict(HAS_Y=True, stride_ak=1, stride_bn=1)),  # y + s·z @ B
+    (ll._mm_kernel, MM_IN, NARROW, dict(HAS_Y=False, stride_ak=1, stride_bk=1)),  # x @ A, dy @ Bᵀ (K-major)
+    (ll._mm_kernel, MM_OUT, WIDE, dict(HAS_Y=True, stride_ak=1, stride_bk=1)),  # y + s·z @ B
     (ll._mm_kernel, MM_OUT, WIDE, dict(HAS_Y=False, stride_ak=1, stride_bk=1)),  # dz @ Aᵀ
     (ll._mm_tn_kernel, dict(a_ptr="*fp32", b_ptr="*bf16", part_ptr="*fp32"), TN, dict(stride_ap=1)),  # zᵀ @ dy
     (ll._mm_tn_kernel, dict(a_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32"), TN, dict(stride_ap=1)),  # xᵀ @ dz

@@ -26,9 +26,10 @@ partials [C, P, Q] that one torch sum adds in chunk order: deterministic, no ato
 
 Block sizes and warps are first choices, not yet timed on a GPU. Compiled for sm_90 on the CPU (Triton 3.6's ptxas,
 TF32, each launch with the unit strides and divisibilities Triton specialises at run time), they take 72-100
-registers a thread and spill nothing. The PTX shows where to look first if a piece lags: TF32 wgmma reads both
-operands K-major from shared memory, so an fp32 operand stored the other way (A [K, R] and B [R, N] as stored, z and
-dz in the two reductions) is copied in 4-byte pieces (`cp.async` of 4 bytes against 16 for the others).
+registers a thread and spill nothing. TF32 wgmma reads both operands K-major from shared memory, and the PTX shows
+an fp32 operand stored the other way reaching it in 4-byte `cp.async` copies against 16-byte ones: so the factors
+go in as K-major copies (`_k_major`: A and B are small), while z and dz, streamed by the two reductions, still go
+in 4 bytes at a time (the first place to look if dA or dB lags).
 
 The dots take fp32 values at the precision torch's own fp32 GEMMs would use: TF32 where
 `torch.backends.cuda.matmul.allow_tf32` is on (as `benchmarks/step.py` sets for every implementation), IEEE fp32
@@ -129,6 +130,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
+def _k_major(b_KN: torch.Tensor) -> torch.Tensor:
+    """b [K, N] with K contiguous (a transposed copy where it is not): TF32 wgmma reads its operands K-major, and an
+    N-major fp32 operand reaches shared memory in 4-byte copies (16-byte ones K-major). The factors are small (A:
+    [2880, 192] fp32 is 2.2 MB), so the copy costs less than the narrow copies would."""
+    return b_KN if b_KN.stride(0) == 1 else b_KN.t().contiguous().t()
+
+
 def mm(a: torch.Tensor, b_KN: torch.Tensor, scale: float, out_dtype: torch.dtype,
        y: torch.Tensor | None = None) -> torch.Tensor:
     """round_{out_dtype}([y +] scale·(a @ b)) for a [M, K] and b [K, N] (any strides; y [M, N] with a unit last
@@ -186,7 +194,7 @@ def lora_z_forward(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     if lora_a.dim() != 2 or x.shape[-1] != lora_a.shape[0]:
         raise ValueError(f"lora_z: x {tuple(x.shape)} and A {tuple(lora_a.shape)} do not fit x [..., K], A [K, R]")
     _check_same_device(x, lora_a)
-    return mm(_rows(x), lora_a, 1.0, torch.float32).view(*x.shape[:-1], lora_a.shape[1])
+    return mm(_rows(x), _k_major(lora_a), 1.0, torch.float32).view(*x.shape[:-1], lora_a.shape[1])
 
 
 def lora_z_backward(dz: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, need_dx: bool = True,
@@ -211,7 +219,7 @@ def _check_add(y: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor) -> None:
 def lora_add_forward(y: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """round_{y.dtype}(y + scale·(z @ B)), the sum in fp32, as a new tensor shaped like y."""
     _check_add(y, z, lora_b)
-    return mm(z.reshape(-1, z.shape[-1]), lora_b, scale, y.dtype, y=_rows(y)).view(y.shape)
+    return mm(z.reshape(-1, z.shape[-1]), _k_major(lora_b), scale, y.dtype, y=_rows(y)).view(y.shape)
 
 
 def lora_add_backward(dy: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor, scale: float,
