@@ -392,8 +392,8 @@ launches = [
     (ll._mm_kernel, MM_IN, NARROW, dict(HAS_Y=False, stride_ak=1, stride_bk=1)),  # x @ A, dy @ Bᵀ (K-major)
     (ll._mm_kernel, MM_OUT, WIDE, dict(HAS_Y=True, stride_ak=1, stride_bk=1)),  # y + s·z @ B
     (ll._mm_kernel, MM_OUT, WIDE, dict(HAS_Y=False, stride_ak=1, stride_bk=1)),  # dz @ Aᵀ
-    (ll._mm_tn_kernel, dict(a_ptr="*fp32", b_ptr="*bf16", part_ptr="*fp32"), TN, dict(stride_ap=1)),  # zᵀ @ dy
-    (ll._mm_tn_kernel, dict(a_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32"), TN, dict(stride_ap=1)),  # xᵀ @ dz
+    (ll._mm_tn_kernel, dict(a_ptr="*fp32", b_ptr="*bf16", part_ptr="*fp32"), TN, dict(stride_am=1, stride_bq=1)),  # dB
+    (ll._mm_tn_kernel, dict(a_ptr="*bf16", b_ptr="*fp32", part_ptr="*fp32"), TN, dict(stride_ap=1, stride_bm=1)),  # dA
 ]
 for kernel, ptrs, (block, warps, stages), fixed in launches:
     for prec in ("tf32", "ieee"):

@@ -25,11 +25,10 @@ slices of one z (`layers.project`) need no copy) and `_mm_tn_kernel` (s·aᵀ @ 
 partials [C, P, Q] that one torch sum adds in chunk order: deterministic, no atomics; for dB and dA).
 
 Block sizes and warps are first choices, not yet timed on a GPU. Compiled for sm_90 on the CPU (Triton 3.6's ptxas,
-TF32, each launch with the unit strides and divisibilities Triton specialises at run time), they take 72-100
+TF32, each launch with the unit strides and divisibilities Triton specialises at run time), they take 80-108
 registers a thread and spill nothing. TF32 wgmma reads both operands K-major from shared memory, and the PTX shows
-an fp32 operand stored the other way reaching it in 4-byte `cp.async` copies against 16-byte ones: so the factors
-go in as K-major copies (`_k_major`: A and B are small), while z and dz, streamed by the two reductions, still go
-in 4 bytes at a time (the first place to look if dA or dB lags).
+an fp32 operand stored the other way reaching it in 4-byte `cp.async` copies against 16-byte ones: so every fp32
+operand goes in K-major (`_k_major`: a transposed copy of A, B, z or dz where needed, each a few MB at most).
 
 The dots take fp32 values at the precision torch's own fp32 GEMMs would use: TF32 where
 `torch.backends.cuda.matmul.allow_tf32` is on (as `benchmarks/step.py` sets for every implementation), IEEE fp32
@@ -85,11 +84,11 @@ def _mm_kernel(y_ptr, stride_ym, a_ptr, stride_am, stride_ak, b_ptr, stride_bk, 
 
 
 @triton.jit
-def _mm_tn_kernel(a_ptr, stride_am, stride_ap, b_ptr, stride_bm, part_ptr, stride_pc, stride_pp,
+def _mm_tn_kernel(a_ptr, stride_am, stride_ap, b_ptr, stride_bm, stride_bq, part_ptr, stride_pc, stride_pp,
                   M, P, Q, chunk_rows, scale,
                   DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """part[c, p, q] = scale·Σ_{m in chunk c} a[m, p]·b[m, q]: one program per (chunk, P tile, Q tile); b's last
-    dimension contiguous, as is each partial's."""
+    """part[c, p, q] = scale·Σ_{m in chunk c} a[m, p]·b[m, q]: one program per (chunk, P tile, Q tile); each
+    partial's last dimension contiguous."""
     c = tl.program_id(0)
     n_q = tl.cdiv(Q, BLOCK_Q)
     offs_p = (tl.program_id(1) // n_q) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -104,8 +103,8 @@ def _mm_tn_kernel(a_ptr, stride_am, stride_ap, b_ptr, stride_bm, part_ptr, strid
         mask_m = offs_m < end
         a_t = tl.load(a_ptr + offs_p[:, None] * stride_ap + offs_m[None, :] * stride_am,
                       mask=mask_p[:, None] & mask_m[None, :], other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_M]: aᵀ
-        b = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_q[None, :], mask=mask_m[:, None] & mask_q[None, :],
-                    other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_q[None, :] * stride_bq,
+                    mask=mask_m[:, None] & mask_q[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(a_t, b, acc, input_precision=DOT_PREC)
     tl.store(part_ptr + c.to(tl.int64) * stride_pc + offs_p[:, None] * stride_pp + offs_q[None, :], scale * acc,
              mask=mask_p[:, None] & mask_q[None, :])
@@ -130,11 +129,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def _k_major(b_KN: torch.Tensor) -> torch.Tensor:
-    """b [K, N] with K contiguous (a transposed copy where it is not): TF32 wgmma reads its operands K-major, and an
-    N-major fp32 operand reaches shared memory in 4-byte copies (16-byte ones K-major). The factors are small (A:
-    [2880, 192] fp32 is 2.2 MB), so the copy costs less than the narrow copies would."""
-    return b_KN if b_KN.stride(0) == 1 else b_KN.t().contiguous().t()
+def _k_major(t_KN: torch.Tensor) -> torch.Tensor:
+    """t [K, N] with K (the dot's reduction) contiguous, by a transposed copy where it is not. TF32 wgmma reads its
+    operands K-major, and in the PTX an fp32 operand stored N-major reaches shared memory in 4-byte copies, K-major
+    in 16-byte ones. For the fp32 operands only (the factors, 1-2 MB; z and dz in the two reductions, 4-13 MB at 16K
+    tokens): bf16 ones are converted in registers on their way to the dot, so their layout does not matter."""
+    return t_KN if t_KN.stride(0) == 1 else t_KN.t().contiguous().t()
 
 
 def mm(a: torch.Tensor, b_KN: torch.Tensor, scale: float, out_dtype: torch.dtype,
@@ -167,8 +167,8 @@ def chunk_rows(M: int, n_tiles: int, block_m: int) -> int:
 
 
 def mm_tn(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale·(aᵀ @ b) in fp32 for a [M, P] (any strides) and b [M, Q] with a unit last stride: [P, Q], reduced over
-    row chunks in a fixed order."""
+    """scale·(aᵀ @ b) in fp32 for a [M, P] and b [M, Q] (any strides): [P, Q], reduced over row chunks in a fixed
+    order. An fp32 operand is best given M-contiguous (`_k_major`: M is the dots' K here)."""
     M, P = a.shape
     Q = b.shape[1]
     bm, bq = 64, 128
@@ -179,7 +179,7 @@ def mm_tn(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     part = torch.empty((chunks, P, Q), device=a.device, dtype=torch.float32)
     if P and Q:
         launch(_mm_tn_kernel, (chunks, tiles),
-               (a, *a.stride(), b, b.stride(0), part, part.stride(0), part.stride(1), M, P, Q, rows, float(scale)),
+               (a, *a.stride(), b, *b.stride(), part, part.stride(0), part.stride(1), M, P, Q, rows, float(scale)),
                dict(DOT_PREC=_dot_prec(a.device), BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq), num_warps=8, num_stages=2)
     return part[0] if chunks == 1 else part.sum(0)  # chunk order is fixed: the same sum every run
 
@@ -203,7 +203,7 @@ def lora_z_backward(dz: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, nee
     dtype."""
     dz2 = _rows(dz)
     dx = mm(dz2, lora_a.t(), 1.0, x.dtype).view(x.shape) if need_dx else None
-    da = mm_tn(_rows(x), dz2, 1.0).to(lora_a.dtype) if need_da else None
+    da = mm_tn(_rows(x), _k_major(dz2), 1.0).to(lora_a.dtype) if need_da else None
     return dx, da
 
 
@@ -229,7 +229,7 @@ def lora_add_backward(dy: torch.Tensor, z: torch.Tensor, lora_b: torch.Tensor, s
     _check_add(dy, z, lora_b)
     dy2 = _rows(dy)
     dz = mm(dy2, lora_b.t(), scale, torch.float32).view(z.shape) if need_dz else None
-    db = mm_tn(z.reshape(-1, z.shape[-1]), dy2, scale).to(lora_b.dtype) if need_db else None
+    db = mm_tn(_k_major(z.reshape(-1, z.shape[-1])), dy2, scale).to(lora_b.dtype) if need_db else None
     return dz, db
 
 
