@@ -517,7 +517,7 @@ case $PART in
     # tests, the attention LoRA alone at both models' widths (lora_linear_bench.py), then Unsloth and session 14's
     # best Qwen3 row without either, with both, with the fused LoRA branch alone
     wheels
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
       >> "$R/gpu_tests.log" 2>&1
     timeout 70 python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss --seq 4096,16384 --ops \
