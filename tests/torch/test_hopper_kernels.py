@@ -367,17 +367,21 @@ def test_output_unread_skips_the_down_pass_and_keeps_every_gradient(case_name, k
 def test_config_switches_give_the_same_numbers(seed, monkeypatch):
     """PRE_GATHER, FLATTEN, WS (kept only where every load is a descriptor load), EPI_SPLIT (the epilogue in two
     column halves) and DESC=False change how the same tiles are loaded, ordered and finished, never what they
-    compute: the default's gradients in the interpreter, bitwise except for DESC=False. (PRE_GATHER's sorted rows
-    are written by the LoRA z launches, `hopper.z_gather`.)
+    compute: the default's gradients in the interpreter, bitwise except for DESC=False and EPI_SPLIT=2 (below).
+    (PRE_GATHER's sorted rows are written by the LoRA z launches, `hopper.z_gather`.)
 
-    DESC=False hands the interpreter's numpy matmul a C-contiguous weight tile where the descriptor path hands it a
-    transposed view, and the BLAS then sums the same fp32 products in another order: with numpy 2.4.6, dx differed
-    by at most 4.2e-7 (294 of 352 elements, gradients of order 1). So that variant is held to 1e-5 of each
-    gradient's largest element, rounding-level: a wrong tile (rows of another expert, a dropped row) is O(1) off."""
+    Two variants reach the interpreter's numpy matmul (OpenBLAS) as differently laid-out or shaped calls, and the
+    BLAS may then sum the same fp32 products in another order, depending on the CPU it dispatches for:
+    - DESC=False hands it a C-contiguous weight tile where the descriptor path hands a transposed view: with numpy
+      2.4.6, dx differed by at most 4.2e-7 (294 of 352 elements, gradients of order 1);
+    - EPI_SPLIT=2 takes the LoRA term z @ LB[e] as two half-width products: bitwise in the CI runs up to 2026-12-06,
+      but on the AMD EPYC of 2026-12-07 (numpy 2.4.6, OpenBLAS 0.3.31, DYNAMIC_ARCH) dx differed by 1.79e-7.
+    So those variants are held to 1e-5 of each gradient's largest element, rounding-level: a wrong tile (rows of
+    another expert, a dropped row, a column half at the wrong offset) is O(1) off."""
     case = get_case("k_eq_e")
     base = _check_against_reference(case, torch.float32, seed, kernels="hopper")
     variants = [({"PRE_GATHER": True, "WS": True}, True), ({"FLATTEN": True, "GROUP_M": 1}, True),
-                ({"EPI_SPLIT": 2}, True), ({"EPI_SPLIT": 2, "FLATTEN": True}, True), ({"DESC": False}, False)]
+                ({"EPI_SPLIT": 2}, False), ({"EPI_SPLIT": 2, "FLATTEN": True}, False), ({"DESC": False}, False)]
     for over, bitwise in variants:
         monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", {
             k: dict(v, **over) if k.startswith("hopper_") else v for k, v in autotune.INTERPRETER_CONFIGS.items()})
