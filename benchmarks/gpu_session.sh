@@ -51,7 +51,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \
@@ -532,6 +532,26 @@ case $PART in
       --out "$R/step.jsonl" > "$R/step_lora_linear.log" 2>&1
     grep -h "passed\|failed" "$R/gpu_tests.log"; grep -h " ms" "$R/lora_linear.log"; rows "$R/step.jsonl"
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
+  session19g)  # (written 2026-12-07, session 19, after four starts failed and 1,139 device seconds were left) the
+    # fused attention LoRA branch on the GPU in one call: its gpu tests and the split mode's, then gpt-oss 16K (the
+    # larger of session 15's fp32 LoRA GEMM times, 47.0 ms) compiled with the attention kept: without either
+    # change, with both, with the fused branch alone. Unsloth's row follows on the same warm machine (session19u)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
+    timeout 50 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
+      >> "$R/gpu_tests.log" 2>&1
+    Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
+    timeout 150 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step.log" 2>&1
+    SPLITMOE_LORA_LINEAR=triton SPLITMOE_TN_SPLIT_ROWS=1024 timeout 150 python3 benchmarks/step.py $Q \
+      --out "$R/step.jsonl" > "$R/step_both.log" 2>&1
+    SPLITMOE_LORA_LINEAR=triton timeout $((590 - SECONDS)) python3 benchmarks/step.py $Q --out "$R/step.jsonl" \
+      > "$R/step_lora_linear.log" 2>&1
+    grep -h "passed\|failed" "$R/gpu_tests.log"; rows "$R/step.jsonl"
+    grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
+  session19u)  # (written 2026-12-07, session 19) Unsloth's gpt-oss 16K row on the machine session19g just used
+    wheels
+    timeout 580 python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls unsloth \
+      --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session19o)  # (written 2026-12-06, session 18, for after session19q) issue 15's gpt-oss 16K (0.612x on an H100, 0.661x
     # on an H200; needs 0.6x): Unsloth, then the compiled step with the attention kept, with the fused attention LoRA
     # term and grouped_gemm_tn's split mode, and without them
