@@ -7,7 +7,8 @@ weight, dh with the activation backward, dx, and the base-only gate_up GEMM) aga
 `grouped_gemm.grouped_gemm` on the same inputs, on both load paths (descriptors where TMA can address the operand,
 pointer loads where it cannot or DESC=False), with several persistent-grid sizes; then the whole autograd Function
 with kernels="hopper" against the oracle over odd shapes, prime E, K=1, K=E and experts with no tokens, and the
-config switches (PRE_GATHER, FLATTEN, WS, DESC) giving bitwise the same numbers. Tests marked `gpu` run the compiled
+config switches (PRE_GATHER, FLATTEN, WS, EPI_SPLIT, DESC) giving the same numbers (bitwise where the interpreter's
+BLAS sees the same products). Tests marked `gpu` run the compiled
 kernels in bf16 on the H200 (warp specialisation in a subprocess: a compiler abort must not take pytest down).
 
 The interpreter must be chosen before triton is first imported (tests/torch/test_triton_kernels.py explains the
