@@ -53,9 +53,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFL
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
-# What has finished is copied to $OUT/$PART.partial every 20 s: a call stopped at the device's limit (device time
-# running out shortens it) returns what is under $OUT, and the .tgz below is written only when the part ends.
-(while sleep 20; do mkdir -p "$OUT/$PART.partial" && cp -r "$R/." "$OUT/$PART.partial/" 2>/dev/null; done) &
+# What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
+# limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
+# the part ends.
+(while sleep "${SNAPSHOT_EVERY:-20}"; do mkdir -p "$OUT/$PART.partial" && cp -r "$R/." "$OUT/$PART.partial/" 2>/dev/null
+ done) &
 SNAPSHOT=$!
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$R/env.txt"
 python3 -c "import torch, triton, transformers, peft, jax; print(torch.__version__, triton.__version__, \

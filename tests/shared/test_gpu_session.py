@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,44 @@ def test_every_step_command_passes_steps_own_checks():
             assert known, f"gpu_session.sh {part}: step.py {' '.join(args)}\n  -> {why}"
             refused.add((part, known[0]))
     assert refused == REFUSED_ON_RECORD  # the record still holds what it says
+
+
+
+def test_a_part_cut_short_still_leaves_what_it_finished(tmp_path):
+    """A call stopped at the device's limit returns only what is under $OUT, and the part's .tgz is written when the
+    part ends: the snapshot copier must have put the finished files there, and a part that ends leaves only its .tgz
+    and no copier running. (The script's preamble imports torch and jax, so the cut comes once the first file has
+    reached $OUT, however long that takes, not after a fixed time.)"""
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    text = SCRIPT.read_text()
+    assert "case $PART in\n" in text
+    tag = f"fake{os.getpid()}"  # the script works in /tmp/<part>: a name no other run uses
+    fake = (f'case $PART in\n  {tag}cut) echo first > "$R/first.txt"; sleep 120; echo second > "$R/second.txt" ;;\n'
+            f'  {tag}whole) echo first > "$R/first.txt" ;;\n')
+    script = tmp_path / "gpu_session.sh"
+    script.write_text(text.replace("case $PART in\n", fake, 1))
+    env = {**os.environ, "SNAPSHOT_EVERY": "1"}
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    try:
+        proc = subprocess.Popen(["bash", str(script), f"{tag}cut"], cwd=tmp_path, env={**env, "OUT": str(cut)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        first = cut / f"{tag}cut.partial" / "first.txt"
+        deadline = time.monotonic() + 120
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the device's cut: nothing of the script runs after it
+        proc.wait()
+        assert first.read_text() == "first\n"
+        assert not (cut / f"{tag}cut.partial" / "second.txt").exists() and not (cut / f"{tag}cut.tgz").exists()
+        log = tmp_path / "whole.log"  # a file, not a pipe: a copier left running would hold a pipe open
+        with log.open("w") as f:
+            done = subprocess.run(["bash", str(script), f"{tag}whole"], cwd=tmp_path, stdout=f, stderr=f,
+                                  env={**env, "OUT": str(whole)}, timeout=300)
+        assert done.returncode == 0, log.read_text()
+        assert sorted(p.name for p in whole.iterdir()) == [f"{tag}whole.tgz"]
+        time.sleep(1.5)  # a copier still running would recreate the .partial folder within SNAPSHOT_EVERY
+        assert sorted(p.name for p in whole.iterdir()) == [f"{tag}whole.tgz"]
+    finally:
+        for part in ("cut", "whole"):
+            shutil.rmtree(f"/tmp/{tag}{part}", ignore_errors=True)
