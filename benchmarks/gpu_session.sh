@@ -557,7 +557,9 @@ case $PART in
   session19g)  # (written 2026-12-07, session 19, after four starts failed and 1,139 device seconds were left) the
     # fused attention LoRA branch on the GPU in one call: its gpu tests and the split mode's, then gpt-oss 16K (the
     # larger of session 15's fp32 LoRA GEMM times, 47.0 ms) compiled with the attention kept: without either
-    # change, with both, with the fused branch alone. Unsloth's row follows on the same warm machine (session19u)
+    # change, with both, with the fused branch alone. Unsloth's row follows on the same warm machine (session19u).
+    # Carry .whl: Liger's RMSNorm / RoPE kernels are the step's glue, as in every earlier gpt-oss row
+    wheels
     timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
     timeout 50 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
       >> "$R/gpu_tests.log" 2>&1
