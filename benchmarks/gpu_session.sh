@@ -81,6 +81,12 @@ sink_attention_rows() {  # $1 timeout: gpt-oss's attention, the sink path in use
   timeout "$1" python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \
     --impls sink_sdpa,sink_padded --out "$R/attention.jsonl" > "$R/attention.log" 2>&1
 }
+session19_gpu_tests() {  # $1 the split mode's timeout: the gpu tests of session 18's two untimed changes (the
+  # fused attention LoRA branch, grouped_gemm_tn's split mode) into gpu_tests.log
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
+    >> "$R/gpu_tests.log" 2>&1
+}
 compiled_rows() {  # $1 step.py arguments, $2 output file, $3 timeout: torch_impl compiled, without and with the
   # "attention" checkpoint policy
   timeout "$3" python3 benchmarks/step.py $1 --impls torch_impl --compile --out "$2" > "$R/step.log" 2>&1
@@ -526,9 +532,7 @@ case $PART in
     # fused branch alone
     L=${LIMIT:-590}
     wheels
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
-    timeout 50 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
-      >> "$R/gpu_tests.log" 2>&1
+    session19_gpu_tests 50
     Q="--family qwen3_moe --layers 24 --seq 16384 --warmup 2 --iters 4"
     G="--compile --cuda-graph --optim-in-backward --checkpoint-policy attention --checkpoint-layers 22"
     timeout 110 python3 benchmarks/step.py $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step.log" 2>&1
@@ -546,9 +550,7 @@ case $PART in
     # of a call) the two untimed changes at the kernel level, with their gpu tests: the fused attention LoRA branch
     # against the torch ops (lora_linear_bench.py --ops, both models' widths at 16K) and grouped_gemm_tn's split
     # mode on crowded experts (tn_probe.py --skew 2, 1024-row chunks)
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
-    timeout 40 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
-      >> "$R/gpu_tests.log" 2>&1
+    session19_gpu_tests 40
     timeout 60 python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss --seq 16384 --ops \
       --out "$R/lora_linear.jsonl" > "$R/lora_linear.log" 2>&1
     timeout $((${LIMIT:-250} - 5 - SECONDS)) python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 \
@@ -560,9 +562,7 @@ case $PART in
     # change, with both, with the fused branch alone. Unsloth's row follows on the same warm machine (session19u).
     # Carry .whl: Liger's RMSNorm / RoPE kernels are the step's glue, as in every earlier gpt-oss row
     wheels
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
-    timeout 50 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
-      >> "$R/gpu_tests.log" 2>&1
+    session19_gpu_tests 50
     Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
     timeout 150 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step.log" 2>&1
     SPLITMOE_LORA_LINEAR=triton SPLITMOE_TN_SPLIT_ROWS=1024 timeout 150 python3 benchmarks/step.py $Q \
