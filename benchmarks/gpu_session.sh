@@ -84,8 +84,11 @@ sink_attention_rows() {  # $1 timeout: gpt-oss's attention, the sink path in use
 session19_gpu_tests() {  # $1 the split mode's timeout: the gpu tests of session 18's two untimed changes (the
   # fused attention LoRA branch, grouped_gemm_tn's split mode) into gpu_tests.log
   timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
-  timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k "split_rows or slot_sum" \
     >> "$R/gpu_tests.log" 2>&1
+  # session 20's K-sum kernel (SPLITMOE_SLOT_SUM=triton) against torch's reduce at both models' shapes (seconds)
+  timeout 40 python3 benchmarks/glue_bench.py --seq 4096,16384 --cases slot_sum --out "$R/slot_sum.jsonl" \
+    > "$R/slot_sum.log" 2>&1
 }
 compiled_rows() {  # $1 step.py arguments, $2 output file, $3 timeout: torch_impl compiled, without and with the
   # "attention" checkpoint policy
@@ -536,15 +539,16 @@ case $PART in
     Q="--family qwen3_moe --layers 24 --seq 16384 --warmup 2 --iters 4"
     G="--compile --cuda-graph --optim-in-backward --checkpoint-policy attention --checkpoint-layers 22"
     timeout 110 python3 benchmarks/step.py $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step.log" 2>&1
-    SPLITMOE_LORA_LINEAR=triton SPLITMOE_TN_SPLIT_ROWS=1024 timeout 110 python3 benchmarks/step.py $Q \
-      --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_both.log" 2>&1
+    SPLITMOE_LORA_LINEAR=triton SPLITMOE_TN_SPLIT_ROWS=1024 SPLITMOE_SLOT_SUM=triton timeout 110 python3 \
+      benchmarks/step.py $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_both.log" 2>&1
     [ $((L - SECONDS)) -gt 130 ] && timeout $((L - 5 - SECONDS)) python3 benchmarks/step.py $Q --impls unsloth \
       --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
     [ $((L - SECONDS)) -gt 60 ] && timeout 50 python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss \
       --seq 4096,16384 --ops --out "$R/lora_linear.jsonl" > "$R/lora_linear.log" 2>&1
     [ $((L - SECONDS)) -gt 100 ] && SPLITMOE_LORA_LINEAR=triton timeout $((L - 5 - SECONDS)) python3 benchmarks/step.py \
       $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_lora_linear.log" 2>&1
-    grep -h "passed\|failed" "$R/gpu_tests.log"; grep -h " ms" "$R/lora_linear.log"; rows "$R/step.jsonl"
+    grep -h "passed\|failed" "$R/gpu_tests.log"; cat "$R/slot_sum.log"; grep -h " ms" "$R/lora_linear.log"
+    rows "$R/step.jsonl"
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
   session19k)  # (written 2026-12-07, session 19, with 389 device seconds left after six failed starts: about 250 s
     # of a call) the two untimed changes at the kernel level, with their gpu tests: the fused attention LoRA branch

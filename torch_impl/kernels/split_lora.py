@@ -37,6 +37,7 @@ from torch_impl.backends.common import capture_residuals, capturing_residuals, g
 from torch_impl.kernels import autotune
 from torch_impl.kernels import grouped_gemm as gg
 from torch_impl.kernels.schedule import row_block_schedule
+from torch_impl.kernels.slot_sum import sum_slots
 
 
 class KernelSort:
@@ -254,7 +255,7 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
                     return out, z2
 
                 out_MH, z2 = _gemm(nn, "gemm", ("down", I, H, r2), srt, x, down)
-                y = out_MH.view(T, K, H).sum(1)  # rows in (token, slot) order: the sum over K is deterministic
+                y = sum_slots(out_MH, T, K)  # rows in (token, slot) order: the sum over K is deterministic
             capture_residuals(gu, z1, z2)
 
         ctx.save_for_backward(x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, gu, z1, z2,
@@ -327,7 +328,7 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
                 return dx_MH, dz1
 
             dx_MH, dz1 = _gemm(nn, "gemm", ("dx", I2, H, b1.shape[1] if lora1 else 0), srt, x, dx_pass)
-            grads["x"] = dx_MH.view(T, K, H).sum(1)
+            grads["x"] = sum_slots(dx_MH, T, K)
         elif g_a1 and lora1:
             # x needs no grad (rare): dZ1 alone is a skinny N=R pass instead of the whole dx GEMM.
             def dz1_pass(cfg, sched):
