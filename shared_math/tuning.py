@@ -1,7 +1,9 @@
 """Lookup in a table of tuned kernel configs, shared by the Triton and Pallas autotuners (framework-free).
 
 Keys look like `v{version}|{device}|{dtype}|{kind}|{M bucket},{rest of the shape key}`: a config tuned at one row
-count serves other row counts of the same pass and shape, the nearest bucket on a log scale.
+count serves other row counts of the same pass and shape, the nearest bucket on a log scale. A card with no entry for
+a pass and shape takes the entry tuned on a sibling card (`SIBLING_DEVICES`: the same streaming multiprocessor, so
+the same registers, shared memory and tensor-core instructions), before the autotuners' untuned defaults.
 """
 
 from __future__ import annotations
@@ -10,7 +12,49 @@ import math
 import os
 
 
-def nearest_entry(table: dict, key: str) -> dict | None:
+# Cards whose streaming multiprocessors are the same (compute capability, SM count, registers and shared memory per
+# SM), by the names torch (`torch.cuda.get_device_name`) and jax_impl (`device_kind`, lower-case with underscores)
+# give them. The H100 SXM and the H200 are both sm_90 with 132 SMs and 228 KiB of shared memory per SM; the H200
+# differs in its memory (141 GB at 4.8 TB/s against 80 GB at 3.35). So a block config tuned on one fits the other's
+# resources, and is a better first choice there than an untuned default: the shipped torch table holds the
+# persistent Hopper kernels' entries for the H100 only, and until this fallback an H200 ran those kernels on
+# `GPU_DEFAULTS` (session 17's H200 step rows, 2026-12-06), without the EPI_SPLIT / 256-wide tiles / PRE_GATHER the
+# H100 sweeps picked (1.06-1.13x on the block, benchmarks/REPORT.md session 10). SPLITMOE_TUNED_SIBLINGS=0 turns the
+# fallback off, to time both.
+SIBLING_DEVICES: dict[str, tuple[str, ...]] = {
+    "NVIDIA H100 80GB HBM3": ("NVIDIA H200",),
+    "NVIDIA H200": ("NVIDIA H100 80GB HBM3",),
+    "nvidia_h100_80gb_hbm3": ("nvidia_h200",),
+    "nvidia_h200": ("nvidia_h100_80gb_hbm3",),
+}
+
+
+def siblings_enabled() -> bool:
+    """Whether a lookup may fall back to a sibling card's entry (SPLITMOE_TUNED_SIBLINGS, default 1)."""
+    raw = os.environ.get("SPLITMOE_TUNED_SIBLINGS", "1").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"SPLITMOE_TUNED_SIBLINGS={raw!r}: want 1 (a card without tuned entries takes a sibling "
+                         "card's, the default) or 0 (it takes the untuned defaults)")
+    return raw == "1"
+
+
+def nearest_entry(table: dict, key: str, siblings: bool | None = None) -> dict | None:
+    """The entry for `key` on its own card (`_nearest_bucket`), else, when `siblings` (default: SPLITMOE_TUNED_SIBLINGS)
+    allows, the same lookup on each sibling card of `SIBLING_DEVICES` in turn; None if none has one."""
+    found = _nearest_bucket(table, key)
+    if found is not None or not (siblings_enabled() if siblings is None else siblings):
+        return found
+    parts = key.split("|")
+    if len(parts) < 3:
+        return None
+    for sibling in SIBLING_DEVICES.get(parts[1], ()):
+        found = _nearest_bucket(table, "|".join([parts[0], sibling, *parts[2:]]))
+        if found is not None:
+            return found
+    return None
+
+
+def _nearest_bucket(table: dict, key: str) -> dict | None:
     """`table[key]`, else the entry whose key differs only in the leading M bucket (same version, device, dtype, kind
     and rest of the shape key) with the bucket nearest on a log scale (ties: the larger bucket); None if none."""
     if key in table:

@@ -7,7 +7,8 @@ arguments of a jitted kernel, so it must be a plain value known at trace time):
 - GPU, first match wins: (1) the user's tuning cache (`cache_path()`, written by `record`/`sweep`) at the exact key
   (kind, shape, dtype, device kind, KERNEL_VERSION); (2) the shipped table `tuned_configs.json` next to this file
   (same format; benchmarks/pallas_sweep.py writes one) at the exact key, else its entry with the same version, device
-  kind, dtype, kind and shape key apart from the leading M bucket whose bucket is nearest on a log scale; (3)
+  kind, dtype, kind and shape key apart from the leading M bucket whose bucket is nearest on a log scale, else the
+  same lookup for a sibling card (`shared_math.tuning.SIBLING_DEVICES`: the H100 for the H200 and back); (3)
   `GPU_DEFAULTS`, UNTUNED starting points.
 
 Kinds: "gemm" (plain NN passes: down, dx, and the skinny dZ1 pass), "gemm_act" (the gate_up pass: two fp32

@@ -5,7 +5,8 @@
   on the small test shapes, which is what the masking tests need.
 - CUDA, tuning off (the default): the entry of the shipped table `tuned_configs.json` (winners of
   `benchmarks/triton_sweep.py` on the GPU named in the key) for this key, or for the same pass and shape at the
-  nearest row-count bucket; else `GPU_DEFAULTS`.
+  nearest row-count bucket; else the same lookup for a sibling card (`shared_math.tuning.SIBLING_DEVICES`: the
+  H100's entries serve an H200 and back; SPLITMOE_TUNED_SIBLINGS=0 turns that off); else `GPU_DEFAULTS`.
 - CUDA with `SPLITMOE_TRITON_AUTOTUNE=1`: the first call for a key times a pruned config space with
   `triton.testing.do_bench` on the real arguments (every kernel here is a pure function of its inputs, so re-running
   it is harmless) and stores the winner in a JSON cache keyed by kernel kind, shape, dtype, device name and
@@ -158,8 +159,8 @@ def cache_key(kind: str, shape_key: tuple, dtype: torch.dtype, device_name: str)
 
 
 def shipped_config(key: str, table: dict | None = None) -> dict | None:
-    """The shipped table's entry for `key`, or for the same pass and shape at the nearest row-count bucket
-    (`shared_math.tuning.nearest_entry`); None when there is none."""
+    """The shipped table's entry for `key`, or for the same pass and shape at the nearest row-count bucket, on this
+    card or else a sibling card (`shared_math.tuning.nearest_entry`); None when there is none."""
     if table is None:
         try:
             table = json.loads(TUNED_TABLE.read_text())
