@@ -85,11 +85,14 @@ sink_attention_rows() {  # $1 timeout: gpt-oss's attention, the sink path in use
   timeout "$1" python3 benchmarks/attention_bench.py --seq 4096,16384 --models gpt_oss_20b_full,gpt_oss_20b_sliding \
     --impls sink_sdpa,sink_padded --out "$R/attention.jsonl" > "$R/attention.log" 2>&1
 }
-session19_gpu_tests() {  # $1 the split mode's timeout: the gpu tests of session 18's two untimed changes (the
-  # fused attention LoRA branch, grouped_gemm_tn's split mode) into gpu_tests.log
+session19_gpu_tests() {  # $1 the split mode's timeout: the gpu tests of the untimed changes of sessions 18-20 (the
+  # fused attention LoRA branch, grouped_gemm_tn's split mode, the K-sum kernel, EPI_SPLIT=4) into gpu_tests.log
   timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/torch/test_lora_linear.py > "$R/gpu_tests.log" 2>&1
   timeout "$1" python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k "split_rows or slot_sum" \
     >> "$R/gpu_tests.log" 2>&1
+  local t=tests/torch/test_hopper_kernels.py::test_bf16_gpu_hopper_configs_agree_with_triton_and_are_deterministic
+  timeout 40 python3 -m pytest -q -p no:cacheprovider "$t[EPI_SPLIT=4]" \
+    "$t[BLOCK_M=64,BLOCK_N=256,num_warps=8,num_stages=2,EPI_SPLIT=4]" >> "$R/gpu_tests.log" 2>&1
   # session 20's K-sum kernel (SPLITMOE_SLOT_SUM=triton) against torch's reduce at both models' shapes (seconds)
   timeout 40 python3 benchmarks/glue_bench.py --seq 4096,16384 --cases slot_sum --out "$R/slot_sum.jsonl" \
     > "$R/slot_sum.log" 2>&1
@@ -579,10 +582,14 @@ case $PART in
       benchmarks/step.py $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_new.log" 2>&1
     [ $((L - SECONDS)) -gt 130 ] && timeout $((L - 40 - SECONDS)) python3 benchmarks/step.py $Q --impls unsloth \
       --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
+    # the dh pass's epilogue by column quarters (EPI_SPLIT=4, no spills when compiled on the CPU), and 256-wide
+    [ $((L - SECONDS)) -gt 45 ] && timeout $((L - 40 - SECONDS)) python3 benchmarks/pass_probe.py \
+      --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --variants fused,es4,bn256,bn256es4 --out "$R/pass_probe.jsonl" \
+      > "$R/pass_probe.log" 2>&1
     [ $((L - SECONDS)) -gt 35 ] && timeout $((L - 5 - SECONDS)) python3 benchmarks/lora_linear_bench.py \
       --family qwen3_moe,gpt_oss --seq 16384 --ops --out "$R/lora_linear.jsonl" > "$R/lora_linear.log" 2>&1
     grep -h "passed\|failed" "$R/gpu_tests.log"; cat "$R/slot_sum.log"; grep -h "|" "$R"/block_*.log 2>/dev/null
-    grep -h " ms" "$R/lora_linear.log"; rows "$R/step.jsonl"
+    cat "$R/pass_probe.log"; grep -h " ms" "$R/lora_linear.log"; rows "$R/step.jsonl"
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
   session20g)  # (written 2026-12-07, session 20) issue 15's gpt-oss 16K target (0.612x on an H100, 0.661x on an
     # H200; needs 0.6x): the compiled step with the attention kept before (the old config lookup, no opt-in) and

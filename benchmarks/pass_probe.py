@@ -20,6 +20,10 @@ the H100 where the dx pass, the same GEMM shape without that epilogue, ran at 57
   flatten        fused with FLATTEN flipped
   bn64           fused with 64-wide column tiles, EPI_SPLIT=1
   warps4         fused with 4 warps
+  es4            fused with the epilogue by column quarters (EPI_SPLIT=4: no register spills on the shipped tile,
+                 compiled for sm_90 on the CPU)
+  bn256          fused with 256-wide column tiles (the dx pass's), halves, 3 stages
+  bn256es4       the same by quarters
   ws             fused with PRE_GATHER and warp specialisation (every loop load a descriptor): run it in its own
                  process (`--variants ws`), since an sm_90 autoWS compiler abort kills the process. Triton 3.6 and
                  3.9 compile this kernel with WS=True into the same PTX as without (no producer / consumer split;
@@ -41,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import write_jsonl  # noqa: E402
 
 VARIANTS = ("fused", "index_select", "plain", "fused_nolora", "plain_nolora", "z_only", "pregather", "flatten",
-            "bn64", "warps4", "ws")
+            "bn64", "warps4", "es4", "bn256", "bn256es4", "ws")
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v != "ws")
 
 
@@ -56,6 +60,10 @@ def config_for(variant: str, tuned: dict) -> dict:
         cfg.update(BLOCK_N=64, EPI_SPLIT=1)
     elif variant == "warps4":
         cfg["num_warps"] = 4
+    elif variant == "es4":
+        cfg["EPI_SPLIT"] = 4
+    elif variant in ("bn256", "bn256es4"):
+        cfg.update(BLOCK_N=256, EPI_SPLIT=4 if variant == "bn256es4" else 2, num_stages=3)
     elif variant == "ws":
         cfg.update(PRE_GATHER=True, WS=True, FLATTEN=False)
     elif variant not in VARIANTS:

@@ -112,6 +112,11 @@ PASS_PARAMS = [
     pytest.param("oai_biases", {"SPLITMOE_LORA_ACC": "1"}, 3, id="oai_biases-lora-acc"),
     pytest.param("odd_dims", {"SPLITMOE_LORA_ACC": "1", "EPI_SPLIT": 2}, 3, id="odd_dims-lora-acc-episplit"),
     pytest.param("odd_dims", {"EPI_SPLIT": 2}, 3, id="odd_dims-pointer-episplit"),
+    # by column quarters (EPI_SPLIT=4; 64-wide tiles, so each quarter is the 16 columns a dot needs), both load paths
+    pytest.param("empty_experts", {"EPI_SPLIT": 4, "BLOCK_N": 64}, 3, id="empty_experts-desc-episplit4"),
+    pytest.param("oai_biases", {"EPI_SPLIT": 4, "BLOCK_N": 64, "PRE_GATHER": True}, 3,
+                 id="oai_biases-pregather-episplit4"),
+    pytest.param("odd_dims", {"EPI_SPLIT": 4, "BLOCK_N": 64}, 3, id="odd_dims-pointer-episplit4"),
 ]
 
 
@@ -376,13 +381,16 @@ def test_config_switches_give_the_same_numbers(seed, monkeypatch):
     - DESC=False hands it a C-contiguous weight tile where the descriptor path hands a transposed view: with numpy
       2.4.6, dx differed by at most 4.2e-7 (294 of 352 elements, gradients of order 1);
     - EPI_SPLIT=2 takes the LoRA term z @ LB[e] as two half-width products: bitwise in the CI runs up to 2026-12-06,
-      but on the AMD EPYC of 2026-12-07 (numpy 2.4.6, OpenBLAS 0.3.31, DYNAMIC_ARCH) dx differed by 1.79e-7.
+      but on the AMD EPYC of 2026-12-07 (numpy 2.4.6, OpenBLAS 0.3.31, DYNAMIC_ARCH) dx differed by 1.79e-7;
+      EPI_SPLIT=4 (quarters, on 64-wide tiles where the default's are 32 wide) likewise, and its wider tiles also
+      change the main loop's matmul shapes.
     So those variants are held to 1e-5 of each gradient's largest element, rounding-level: a wrong tile (rows of
     another expert, a dropped row, a column half at the wrong offset) is O(1) off."""
     case = get_case("k_eq_e")
     base = _check_against_reference(case, torch.float32, seed, kernels="hopper")
     variants = [({"PRE_GATHER": True, "WS": True}, True), ({"FLATTEN": True, "GROUP_M": 1}, True),
-                ({"EPI_SPLIT": 2}, False), ({"EPI_SPLIT": 2, "FLATTEN": True}, False), ({"DESC": False}, False)]
+                ({"EPI_SPLIT": 2}, False), ({"EPI_SPLIT": 2, "FLATTEN": True}, False), ({"DESC": False}, False),
+                ({"EPI_SPLIT": 4, "BLOCK_N": 64}, False)]
     for over, bitwise in variants:
         monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", {
             k: dict(v, **over) if k.startswith("hopper_") else v for k, v in autotune.INTERPRETER_CONFIGS.items()})
@@ -427,6 +435,16 @@ def test_z_gather_is_on_unless_switched_off(monkeypatch):
         hopper.z_gather()
 
 
+@cpu_only
+@pytest.mark.parametrize("over", [{"EPI_SPLIT": 3}, {"EPI_SPLIT": 4, "BLOCK_N": 16}])
+def test_epilogue_split_refuses_what_it_cannot_split(over, seed, monkeypatch):
+    """EPI_SPLIT outside 1 / 2 / 4, or parts narrower than 8 columns, is refused before launch."""
+    monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", {
+        k: dict(v, **over) if k.startswith("hopper_") else v for k, v in autotune.INTERPRETER_CONFIGS.items()})
+    with pytest.raises(ValueError, match="EPI_SPLIT="):
+        _check_against_reference(get_case("k_eq_e"), torch.float32, seed, kernels="hopper")
+
+
 def test_launch_plan_picks_tma_only_where_it_can():
     """TMA needs a contiguous last dimension and 16-byte aligned base and leading strides; transposed weight views
     are read K-major; warp specialisation only where every loop load is a descriptor load."""
@@ -459,6 +477,8 @@ def test_hopper_autotune_space(monkeypatch):
         assert sweep and all(c in full for c in sweep) and len(sweep) == (24 if halves == 2 else 40)
         assert all(c["EPI_SPLIT"] == 1 for c in full if c["BLOCK_N"] < 128)
         assert {c["EPI_SPLIT"] for c in sweep if c["BLOCK_N"] >= 128} == {1, 2}
+        # quarters: the full space only, on the plain kernel's passes (the sweep's short list is unchanged)
+        assert {c["EPI_SPLIT"] for c in full if c["BLOCK_N"] >= 128} == ({1, 2} if halves == 2 else {1, 2, 4})
         assert not any(c["WS"] for c in full)
         assert all(c["num_stages"] * (c["BLOCK_M"] * c["BLOCK_D"] + halves * c["BLOCK_D"] * c["BLOCK_N"]) * 2
                    + 32 * 1024 <= 227 * 1024 for c in full)
@@ -559,6 +579,10 @@ def test_bf16_gpu_hopper_matches_reference(case, seed):
                                   # (147,456 B of them) fit by that count. Not yet run on a GPU at 2 stages.
                                   {"EPI_SPLIT": 2}, {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2,
                                                      "EPI_SPLIT": 2, "FLATTEN": True},
+                                  # quarters at the shipped dh tile, and at the dx pass's 256-wide one
+                                  # (2 stages at 256: see above)
+                                  {"EPI_SPLIT": 4}, {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2,
+                                                     "EPI_SPLIT": 4},
                                   # 4 stages: at 5, the gate_up pass (two B tiles) asked 245,848 B of shared memory
                                   # on the H200 (limit 232,448), a config `_hopper_candidates` never offers
                                   {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 128, "num_warps": 4, "num_stages": 4},

@@ -147,8 +147,9 @@ def _hopper_candidates(kind: str, rows_per_expert: float, smem_bytes: int, elem_
         if ws and flatten:
             continue  # Hopper warp specialisation rejects flatten (triton tutorial 09)
         # EPI_SPLIT=2 runs the epilogue on one column half at a time (gate, up and h of half a tile live at once):
-        # offered from 128-wide tiles up, where the activation epilogue's registers are what a 64-wide tile avoids
-        for epi in (1, 2) if bn >= 128 else (1,):
+        # offered from 128-wide tiles up, where the activation epilogue's registers are what a 64-wide tile avoids;
+        # quarters (4) in the full space only, for the plain kernel's passes (dh's epilogue is the one that spills)
+        for epi in ((1, 2, 4) if bn >= 128 and not small and halves == 1 else (1, 2) if bn >= 128 else (1,)):
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, GROUP_M=8, num_warps=warps, num_stages=stages,
                             FLATTEN=flatten, PRE_GATHER=pre, WS=ws, EPI_SPLIT=epi))
     return out

@@ -378,8 +378,9 @@ def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
 def z_config(config: dict, rank: int) -> dict:
     """The config of a pass's LoRA z launch (z = x·A, output width R) from the pass's own: R-wide column tiles, the
     rest as the pass (so the z of a separate launch sums like the pass's), no z pre-pass of its own, rows read as
-    given (both NN kernel families take the same dict)."""
-    return dict(config, BLOCK_N=max(16, next_pow2(rank)), Z_PRE=False, PRE_GATHER=False)
+    given (both NN kernel families take the same dict), and the epilogue whole: an R-wide tile with a plain store
+    has nothing to split (EPI_SPLIT is the Hopper kernel's, for wide tiles with heavy epilogues)."""
+    return dict(config, BLOCK_N=max(16, next_pow2(rank)), Z_PRE=False, PRE_GATHER=False, EPI_SPLIT=1)
 
 
 def reduction_major(t_EDR: torch.Tensor, dtype: torch.dtype | None = None, kernel: bool | None = None) -> torch.Tensor:

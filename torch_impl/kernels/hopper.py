@@ -35,7 +35,11 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
   Hopper autoWS pass leaves its loop alone; `benchmarks/kernel_resources.py`, 2026-12-06).
 - `EPI_SPLIT=2` (a config choice) runs the epilogue on one column half of the tile at a time (`_epilogue` twice on
   `tl.split` halves of the accumulators), so the activation math's gate, up and h live for half a tile: the dh
-  pass's epilogue holds those next to the accumulator, which is what kept its tiles 64-128 wide.
+  pass's epilogue holds those next to the accumulator, which is what kept its tiles 64-128 wide. `EPI_SPLIT=4` runs
+  it by quarters. Compiled for sm_90 by Triton 3.6 on the CPU (`benchmarks/kernel_resources.py`, 2026-12-07), the
+  dh pass at gpt-oss-20b's shape spills 292 B a thread at the shipped 128 x 128 tile with halves and none with
+  quarters; at 128 x 256 (the tile of the dx pass, 555 TFLOP/s on the H100 where dh's 128 x 128 ran 310) it spills
+  2,600 B with halves and 952 B with quarters (Qwen3-30B-A3B: 448 B). Untimed: `pass_probe.py`'s es4 variants.
 - Outputs by masked pointer stores: a TMA store writes its whole box, which would overwrite the next expert's rows.
 
 Operands that TMA cannot address (a base or a leading stride not a multiple of 16 bytes, e.g. odd H in fp16, or a
@@ -214,22 +218,53 @@ def _hopper_gemm_kernel(
                              alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, BLOCK_N,
                              BLOCK_R)
         else:
-            # Two column halves one after the other: the activation math holds gate, up and h for half a tile at
-            # a time, so a wider tile (BLOCK_N=256) fits the registers (triton tutorial 09's EPILOGUE_SUBTILE).
+            # Column halves (EPI_SPLIT=2) or quarters (4) one after the other: the activation math holds gate, up and
+            # h for that part of the tile at a time, so a wider tile (BLOCK_N=256) fits the registers (triton
+            # tutorial 09's EPILOGUE_SUBTILE).
             half: tl.constexpr = BLOCK_N // 2
-            acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, half]), [0, 2, 1]))
-            acc2_lo, acc2_hi = tl.split(tl.permute(tl.reshape(acc2, [BLOCK_M, 2, half]), [0, 2, 1]))
-            part = _epilogue(acc_lo, acc2_lo, z, rs, rows64, mask_mc, row0_c, e_c, n0_c, out_rows, gu_desc,
-                             lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
-                             gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit,
-                             alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, half, BLOCK_R)
-            part += _epilogue(acc_hi, acc2_hi, z, rs, rows64, mask_mc, row0_c, e_c, n0_c + half, out_rows, gu_desc,
-                              lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
-                              gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit,
-                              alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, half, BLOCK_R)
+            acc_lo, acc_hi = _column_halves(acc, BLOCK_M, half)
+            acc2_lo, acc2_hi = _column_halves(acc2, BLOCK_M, half)
+            if EPI_SPLIT == 2:
+                part = _epilogue(acc_lo, acc2_lo, z, rs, rows64, mask_mc, row0_c, e_c, n0_c, out_rows, gu_desc,
+                                 lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
+                                 gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale,
+                                 limit, alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC,
+                                 half, BLOCK_R)
+                part += _epilogue(acc_hi, acc2_hi, z, rs, rows64, mask_mc, row0_c, e_c, n0_c + half, out_rows,
+                                  gu_desc, lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be,
+                                  stride_bn, gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale,
+                                  out_scale, limit, alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC,
+                                  DOT_PREC, half, BLOCK_R)
+            else:
+                quarter: tl.constexpr = half // 2
+                part = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for hi in tl.static_range(2):
+                    if hi == 0:
+                        q_lo, q_hi = _column_halves(acc_lo, BLOCK_M, quarter)
+                        q2_lo, q2_hi = _column_halves(acc2_lo, BLOCK_M, quarter)
+                    else:
+                        q_lo, q_hi = _column_halves(acc_hi, BLOCK_M, quarter)
+                        q2_lo, q2_hi = _column_halves(acc2_hi, BLOCK_M, quarter)
+                    n_q = n0_c + hi * half
+                    part += _epilogue(q_lo, q2_lo, z, rs, rows64, mask_mc, row0_c, e_c, n_q, out_rows, gu_desc,
+                                      lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
+                                      gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale,
+                                      out_scale, limit, alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU,
+                                      GU_DESC, DOT_PREC, quarter, BLOCK_R)
+                    part += _epilogue(q_hi, q2_hi, z, rs, rows64, mask_mc, row0_c, e_c, n_q + quarter, out_rows,
+                                      gu_desc, lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be,
+                                      stride_bn, gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF,
+                                      lora_scale, out_scale, limit, alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT,
+                                      STORE_GU, GU_DESC, DOT_PREC, quarter, BLOCK_R)
         if MODE == 2:
             # the tile's share of the routing-weight gradient: sum over its columns of h * dh
             tl.store(dot_ptr + rows64 * stride_dotm + cn_c * stride_dotn, part, mask=mask_mc)
+
+
+@triton.jit
+def _column_halves(t, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
+    """[BLOCK_M, 2·HALF] -> its columns [0, HALF) and [HALF, 2·HALF)."""
+    return tl.split(tl.permute(tl.reshape(t, [BLOCK_M, 2, HALF]), [0, 2, 1]))
 
 
 @triton.jit
@@ -355,8 +390,8 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     `KernelSort.row_tile_count`; the count is computed here when absent). With LoRA A given, z = z_scale·A[rows]@LA
     runs first as its own skinny launch (into `z_MR` when given: the backward saves it), then the main pass adds
     lora_scale·z@LB. Config keys: BLOCK_M/N/D, GROUP_M, num_warps, num_stages, FLATTEN, WS (warp specialisation),
-    PRE_GATHER (copy gathered rows into expert order first, then load them by TMA), EPI_SPLIT (1, or 2: the
-    epilogue by column halves), DESC (False: pointer loads only). `store_z` is accepted for the signature's sake:
+    PRE_GATHER (copy gathered rows into expert order first, then load them by TMA), EPI_SPLIT (1, 2 or 4: the
+    epilogue by column halves or quarters), DESC (False: pointer loads only). `store_z` is accepted for the signature's sake:
     a given `z_MR` is always written.
     """
     # PRE_GATHER: one contiguous copy of the rows in expert order (M x D), so every A load of the pass is a TMA load.
@@ -431,6 +466,11 @@ def _launch(a, w_EDN, schedule, offsets_E1, *, n, out, config, row_index=None, z
         n_row_tiles = _row_tile_count(tile_expert)
     E, d, w_n = w_EDN.shape
     bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_D"]
+    epi = config.get("EPI_SPLIT", 1)
+    if epi not in (1, 2, 4) or bn % epi or bn // epi < 8:
+        raise ValueError(f"EPI_SPLIT={epi} with BLOCK_N={bn}: the epilogue splits a tile into 1, 2 or 4 column "
+                         "parts of at least 8 columns (16 where a compiled LoRA term's dot runs on them), e.g. "
+                         "EPI_SPLIT=4 from BLOCK_N=64")
     gather = row_index is not None
     plan = launch_plan(a, w_EDN, config, gathered=gather, gu_M2I=gu_M2I if mode == MODE_ACT_BWD else None)
     if a_out is not None and (not gather or plan["a_desc"] or n > bn or a_out.stride(1) != 1):
