@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 
-
 # Cards whose streaming multiprocessors are the same (compute capability, SM count, registers and shared memory per
 # SM), by the names torch (`torch.cuda.get_device_name`) and jax_impl (`device_kind`, lower-case with underscores)
 # give them. The H100 SXM and the H200 are both sm_90 with 132 SMs and 228 KiB of shared memory per SM; the H200

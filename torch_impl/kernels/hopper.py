@@ -391,8 +391,8 @@ def grouped_gemm(a: torch.Tensor, w_EDN: torch.Tensor, schedule, offsets_E1: tor
     runs first as its own skinny launch (into `z_MR` when given: the backward saves it), then the main pass adds
     lora_scale·z@LB. Config keys: BLOCK_M/N/D, GROUP_M, num_warps, num_stages, FLATTEN, WS (warp specialisation),
     PRE_GATHER (copy gathered rows into expert order first, then load them by TMA), EPI_SPLIT (1, 2 or 4: the
-    epilogue by column halves or quarters), DESC (False: pointer loads only). `store_z` is accepted for the signature's sake:
-    a given `z_MR` is always written.
+    epilogue by column halves or quarters), DESC (False: pointer loads only). `store_z` is accepted for the
+    signature's sake: a given `z_MR` is always written.
     """
     # PRE_GATHER: one contiguous copy of the rows in expert order (M x D), so every A load of the pass is a TMA load.
     # With LoRA and `z_gather()` the z launch, which reads every gathered row once anyway, writes that copy on
