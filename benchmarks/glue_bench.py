@@ -11,9 +11,6 @@ calls `copy_`, `mul` and the elementwise kernels), at the Qwen3-30B-A3B shapes:
 - `lora_a_cast` (once, not per S: an fp32 LoRA-A factor [E, D, R] of Qwen3-30B-A3B and gpt-oss-20b cast to bf16 and
   stored reduction-major, as every expert call does with both A factors): `copy_` (`Tensor.copy_` between the
   layouts) and `kernel` (torch_impl.kernels.layout); forward only, its `ms` per cast.
-- `slot_sum` (per S: the routed-experts path's sum over a token's K slot rows, [S·K, H] -> [S, H] in bf16, at
-  Qwen3-30B-A3B's K=8, H=2048 and gpt-oss-20b's K=4, H=2880; twice a layer, forward y and backward dx): `torch`
-  (`view(S, K, H).sum(1)`) and `kernel` (torch_impl.kernels.slot_sum); forward only, with the bytes moved per ms.
 
 Each row: median ms of forward + backward (CUDA events; the input is made by one multiply in every variant so that
 it is not a leaf), and the largest difference of the output from the eager row in units of the output's bf16
@@ -170,27 +167,6 @@ def cast_rows(dev: str, iters: int) -> list[dict]:
     return rows
 
 
-def slot_sum_rows(S: int, dev: str, iters: int) -> list[dict]:
-    """`slot_sum`: the K-sum of the expert rows by torch's reduce and by the kernel (module docstring)."""
-    from torch_impl.kernels.slot_sum import slot_sum
-
-    rows = []
-    for model, K, H in (("qwen3", 8, 2048), ("gpt_oss", 4, 2880)):
-        out = torch.randn(S * K, H, device=dev).to(torch.bfloat16)
-        gbytes = (S * K * H + S * H) * 2 / 1e9
-        ref = out.view(S, K, H).sum(1)
-        for variant, fn in (("torch", lambda out=out, K=K, H=H: out.view(S, K, H).sum(1)),
-                            ("kernel", lambda out=out, K=K: slot_sum(out, K))):
-            case = f"slot_sum_{model}_K{K}_H{H}"
-            try:
-                same = None if variant == "torch" else bool(torch.equal(fn(), ref))
-                ms = time_cuda(fn, warmup=3, iters=iters) if dev == "cuda" else float("nan")
-                rows.append(dict(case=case, variant=variant, ms=ms, gb_per_s=gbytes / ms * 1e3, bitwise_equal=same))
-            except Exception as e:  # noqa: BLE001 - a variant that fails is recorded, not dropped
-                rows.append(dict(case=case, variant=variant, ms=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", default="4096,16384")
@@ -198,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cases", default=None,
-                   help="comma-separated case names to run (lora_a_cast, slot_sum, norm_hidden, norm_qk, rope, "
-                        "lora_linear); default: all")
+                   help="comma-separated case names to run (lora_a_cast, norm_hidden, norm_qk, rope, lora_linear); "
+                        "default: all")
     a = p.parse_args(argv)
     wanted = None if a.cases is None else set(a.cases.split(","))
 
-    def chosen(case: str) -> bool:  # slot_sum and lora_a_cast rows carry their shapes after the case name
+    def chosen(case: str) -> bool:  # lora_a_cast rows carry their shapes after the case name
         return wanted is None or case in wanted or any(case.startswith(w + "_") for w in wanted)
 
     dev, bf = a.device, torch.bfloat16
@@ -217,17 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
 
     def emit(row: dict) -> None:
-        print(json.dumps({k: row[k] for k in ("seq", "case", "variant", "ms", "gb_per_s", "max_ulps_vs_first",
-                                              "bitwise_equal", "error") if k in row}), flush=True)
+        print(json.dumps({k: row[k] for k in ("seq", "case", "variant", "ms", "max_ulps_vs_first", "bitwise_equal",
+                                              "error") if k in row}), flush=True)
         rows.append(row)
 
     if chosen("lora_a_cast"):
         for r in cast_rows(dev, a.iters):
             emit({**versions(), "seq": None, **r, "gpu": gpu})
     for S in [int(s) for s in a.seq.split(",")]:
-        if chosen("slot_sum"):
-            for r in slot_sum_rows(S, dev, a.iters):
-                emit({**versions(), "seq": S, **r, "gpu": gpu})
         for name, variants, make in [c for c in cases_at(S, dev, rnd) if chosen(c[0])]:
             for r in run_case(name, variants, make, dev, a.iters):
                 emit({**versions(), "seq": S, **r, "gpu": gpu})

@@ -8,8 +8,9 @@ the fused gate_up and on down (`torch_impl.moe.Experts`). R and s are per target
 
 LoRA parameters are fp32 whatever the model dtype (PEFT keeps adapter weights in fp32 too). Expert LoRA factors are
 cast to the activation dtype where they are used (the experts' LoRA GEMMs run in the model's dtype); a Linear's LoRA
-branch runs in fp32 and is rounded once with the base output, as PEFT's Linear does (with SPLITMOE_LORA_LINEAR=triton
-through `kernels.lora_linear`: the same sums, without the fp32 copies of x, z @ B, dy and dx; `fused_lora_linear`).
+branch runs in fp32 and is rounded once with the base output, as PEFT's Linear does (on CUDA through
+`kernels.lora_linear`: the same sums, without the fp32 copies of x, z @ B, dy and dx; `fused_lora_linear`;
+SPLITMOE_LORA_LINEAR=torch keeps the unfused ops).
 Only LoRA parameters require grad; `LoraConfig.train_router` also unfreezes the router weights.
 
 Names: `lora_state_dict` and `load_lora_state_dict` use the canonical LoRA names of docs/CONTRACTS.md;
@@ -86,29 +87,33 @@ class LoRALinear(nn.Module):
 
 
 LORA_LINEAR_ENV = "SPLITMOE_LORA_LINEAR"
-_LORA_LINEAR_CHOICES = ("torch", "triton")
+_LORA_LINEAR_CHOICES = ("auto", "torch", "triton")
 
 
 def lora_linear_mode() -> str:
-    """`SPLITMOE_LORA_LINEAR`: "torch" (unset; the unfused ops) or "triton" (`torch_impl.kernels.lora_linear`);
-    anything else is refused with the choices."""
-    value = os.environ.get(LORA_LINEAR_ENV, "") or "torch"
+    """`SPLITMOE_LORA_LINEAR`: "auto" (unset: the fused kernels on CUDA, the torch ops elsewhere), "torch" (the
+    unfused ops everywhere) or "triton" (`torch_impl.kernels.lora_linear` on CUDA, and on the CPU under the Triton
+    interpreter, for tests); anything else is refused with the choices."""
+    value = os.environ.get(LORA_LINEAR_ENV, "") or "auto"
     if value not in _LORA_LINEAR_CHOICES:
         raise ValueError(f"{LORA_LINEAR_ENV}={value!r}: use one of {', '.join(_LORA_LINEAR_CHOICES)} (or leave it "
-                         "unset: torch)")
+                         "unset: auto)")
     return value
 
 
 def fused_lora_linear(act: torch.Tensor, factor: torch.Tensor) -> bool:
-    """Whether a LoRA Linear's branch runs through `kernels.lora_linear` (`lora_z`, `lora_add`): asked for
+    """Whether a LoRA Linear's branch runs through `kernels.lora_linear` (`lora_z`, `lora_add`): not switched off
     (`lora_linear_mode()`), low-precision activations `act` (x or y) with fp32 factors (the mixed case those kernels
-    fuse; equal dtypes run the torch ops as before), and a device the kernels run on (CUDA, or the CPU under the
-    Triton interpreter, for tests)."""
-    if lora_linear_mode() != "triton":
+    fuse; equal dtypes run the torch ops as before), and a device the kernels run on: CUDA, or, when "triton" is asked
+    for, the CPU under the Triton interpreter. The default since 2026-12-07: with grouped_gemm_tn's split mode it took
+    Qwen3-30B-A3B's 16K step (24 layers, H100) from 831.8 to 795.2 ms (benchmarks/REPORT.md, session 20)."""
+    mode = lora_linear_mode()
+    if mode == "torch":
         return False
     if act.dtype not in (torch.bfloat16, torch.float16) or factor.dtype != torch.float32:
         return False
-    return act.device.type == "cuda" or (act.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return act.device.type == "cuda" or (mode == "triton" and act.device.type == "cpu"
+                                         and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _kaiming_a(shape: tuple[int, ...], fan_in: int, generator, dtype, device) -> torch.Tensor:

@@ -250,15 +250,19 @@ def test_lora_z_op_gradients_and_the_torch_path_it_replaces():
     assert_close(fused[2], plain[2], dtype="float32", quantity="moe_grad", name="dA")
 
 
-def test_switch_defaults_to_torch_and_names_bad_values(monkeypatch):
+def test_switch_defaults_to_auto_and_names_bad_values(monkeypatch):
+    """Unset is "auto": the kernels on CUDA (the gpu tests run them so), the torch ops on the CPU even under the
+    interpreter, which runs them only when "triton" asks; "torch" turns them off; other values are refused."""
     x, a = torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(4, 3)
     monkeypatch.delenv(lora_mod.LORA_LINEAR_ENV, raising=False)
-    assert lora_mod.lora_linear_mode() == "torch" and not lora_mod.fused_lora_linear(x, a)
-    monkeypatch.setenv(lora_mod.LORA_LINEAR_ENV, "fused")
-    with pytest.raises(ValueError, match="SPLITMOE_LORA_LINEAR='fused': use one of torch, triton"):
-        lora_mod.fused_lora_linear(x, a)
-    monkeypatch.setenv(lora_mod.LORA_LINEAR_ENV, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert lora_mod.lora_linear_mode() == "auto" and not lora_mod.fused_lora_linear(x, a)
+    monkeypatch.setenv(lora_mod.LORA_LINEAR_ENV, "fused")
+    with pytest.raises(ValueError, match="SPLITMOE_LORA_LINEAR='fused': use one of auto, torch, triton"):
+        lora_mod.fused_lora_linear(x, a)
+    monkeypatch.setenv(lora_mod.LORA_LINEAR_ENV, "torch")
+    assert not lora_mod.fused_lora_linear(x, a)
+    monkeypatch.setenv(lora_mod.LORA_LINEAR_ENV, "triton")
     assert lora_mod.fused_lora_linear(x, a) and lora_mod.fused_lora_linear(x.half(), a)
     # fp32 activations (equal dtypes run the torch ops as before) and bf16 factors are not the case it fuses
     assert not lora_mod.fused_lora_linear(x.float(), a)

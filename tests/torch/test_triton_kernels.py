@@ -502,13 +502,19 @@ def test_tn_split_rows_env_refuses_bad_values(value, monkeypatch):
 
 
 def test_tn_split_rows_env_sets_or_clears_the_config(monkeypatch):
+    """Unset: the config's own split, else on CUDA the measured default (1024 rows, where BLOCK_M divides it), else
+    off (the interpreter's launches unchanged); the variable overrides both ways."""
     cfg = dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("SPLITMOE_TN_SPLIT_ROWS", raising=False)
-    assert sl.tn_split_rows(cfg) == cfg  # unset: the config's own (the shipped table has none: off)
+    assert sl.tn_split_rows(cfg) == cfg and sl.tn_split_rows(cfg, cpu) == cfg
+    assert sl.tn_split_rows(cfg, cuda) == dict(cfg, SPLIT_ROWS=sl.DEFAULT_TN_SPLIT_ROWS) == dict(cfg, SPLIT_ROWS=1024)
+    assert sl.tn_split_rows(dict(cfg, SPLIT_ROWS=0), cuda) == dict(cfg, SPLIT_ROWS=0)  # a config's own choice stands
+    assert sl.tn_split_rows(dict(cfg, BLOCK_M=96), cuda) == dict(cfg, BLOCK_M=96)  # 1024 is no multiple of 96: off
     monkeypatch.setenv("SPLITMOE_TN_SPLIT_ROWS", "32")
-    assert sl.tn_split_rows(cfg) == dict(cfg, SPLIT_ROWS=32)
+    assert sl.tn_split_rows(cfg) == dict(cfg, SPLIT_ROWS=32) == sl.tn_split_rows(cfg, cuda)
     monkeypatch.setenv("SPLITMOE_TN_SPLIT_ROWS", "0")
-    assert sl.tn_split_rows(dict(cfg, SPLIT_ROWS=512)) == dict(cfg, SPLIT_ROWS=0)
+    assert sl.tn_split_rows(dict(cfg, SPLIT_ROWS=512)) == dict(cfg, SPLIT_ROWS=0) == sl.tn_split_rows(cfg, cuda)
 
 
 @cpu_only
@@ -528,70 +534,6 @@ def test_split_lora_experts_backward_with_tn_split_rows(case, seed, monkeypatch)
     monkeypatch.setattr(gg, "grouped_gemm_tn", spy)
     _check_against_reference(case, torch.float32, seed)
     assert len(seen) == 6 + 2 * case.biases and set(seen) == {(16, True)}
-
-
-# ---- the K-sum over a token's expert slots (`slot_sum`) -----------------------------------------------------------
-
-@kernel_test
-@pytest.mark.parametrize("dtype", [*CPU_DTYPES, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)], ids=_dname)
-@pytest.mark.parametrize("K", [1, 3, 4, 8])
-@pytest.mark.parametrize("T,H", [(1, 1), (13, 7), (9, 1000), (0, 64)], ids=lambda v: str(v))
-def test_slot_sum_is_the_rounded_float64_sum(T, H, K, dtype):
-    """`slot_sum` gives y[t] = Σ_k out[t·K + k]: the float64 sum rounded once to the dtype, up to the error of an
-    fp32 sum of K terms, over partial tiles on both axes (13 tokens, H = 7 and 1000 = 512 + 488), K = 1 and a prime K,
-    no tokens at all; bit for bit the same on a second run; and within one rounding of torch's own reduce."""
-    from torch_impl.kernels.slot_sum import slot_sum
-
-    g = torch.Generator().manual_seed(T * 7919 + H * 31 + K)
-    out = (torch.randn((T * K, H), generator=g) * 4).to(dtype).to(DEVICE)
-    y = slot_sum(out, K)
-    assert y.shape == (T, H) and y.dtype == dtype
-    exact = out.double().view(T, K, H).sum(1).cpu()
-    ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)  # one unit at |exact| (>= ulp)
-    # an fp32 sum of K terms errs by at most (K - 1)·2^-24 of the sum of their magnitudes
-    fp32_err = (K - 1) * 2.0 ** -24 * out.double().abs().view(T, K, H).sum(1).cpu()
-    err = (y.double().cpu() - exact).abs()
-    assert bool((err <= ulp + fp32_err).all()), f"max error {err.max().item():.3g} past one rounding"
-    assert torch.equal(slot_sum(out, K), y)
-    torch_sum = out.view(T, K, H).sum(1).double().cpu()
-    assert bool(((y.double().cpu() - torch_sum).abs() <= 2 * ulp + fp32_err).all())
-
-
-def test_slot_sum_refuses_what_it_cannot_sum(monkeypatch):
-    """Rows that are not whole tokens, a non-contiguous input, and an unknown SPLITMOE_SLOT_SUM each get an error
-    that says what is wrong."""
-    from torch_impl.kernels import slot_sum as ss
-
-    with pytest.raises(ValueError, match="whole number of tokens"):
-        ss.slot_sum(torch.zeros(10, 4), 3)
-    with pytest.raises(ValueError, match="contiguous"):
-        ss.slot_sum(torch.zeros(4, 6).t(), 2)
-    monkeypatch.setenv("SPLITMOE_SLOT_SUM", "cuda")
-    with pytest.raises(ValueError, match="SPLITMOE_SLOT_SUM='cuda'"):
-        ss.enabled()
-    monkeypatch.setenv("SPLITMOE_SLOT_SUM", "torch")
-    assert not ss.enabled()
-
-
-@cpu_only
-@pytest.mark.parametrize("case", [get_case(n) for n in ("odd_dims", "k1", "empty_experts", "oai_biases")],
-                         ids=lambda c: c.name)
-def test_split_lora_experts_with_the_slot_sum_kernel(case, seed, monkeypatch):
-    """SPLITMOE_SLOT_SUM=triton sends both K-sums of the Function (the forward's y, the backward's dx) through
-    `slot_sum`, and every output and gradient still matches the float64 reference."""
-    from torch_impl.kernels import slot_sum as ss
-
-    monkeypatch.setenv("SPLITMOE_SLOT_SUM", "triton")
-    calls = []
-    real = ss.slot_sum
-
-    def spy(out, K):
-        calls.append(K)
-        return real(out, K)
-
-    monkeypatch.setattr(ss, "slot_sum", spy)
-    _check_against_reference(case, torch.float32, seed)
-    assert calls == [case.K, case.K]
 
 
 @kernel_test

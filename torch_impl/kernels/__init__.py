@@ -7,7 +7,7 @@
   grid over the tiles), run by the `triton_hopper` backend (`split_lora_experts(..., kernels="hopper")`).
 - `lora_linear.py`: a Linear's LoRA branch in PEFT's precision (`z = x @ A`, `round(y + s·(z @ B))`, fp32 factors on
   bf16 activations) and its backward without fp32 copies (`splitmoe::lora_z`, `splitmoe::lora_add`;
-  `torch_impl.lora.LoRALinear` with SPLITMOE_LORA_LINEAR=triton).
+  `torch_impl.lora.LoRALinear` on CUDA; SPLITMOE_LORA_LINEAR=torch turns it off).
 - `layout.py`: the cast + transpose of LoRA-A factors into the reduction-major layout the NN kernels read.
 - `schedule.py`: the NN kernels' row-block schedule (tiles that never straddle two experts) in one launch
   (SPLITMOE_SCHEDULE_KERNEL=0 keeps the torch ops).

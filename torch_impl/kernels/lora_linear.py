@@ -35,9 +35,9 @@ The dots take fp32 values at the precision torch's own fp32 GEMMs would use: TF3
 otherwise and under the interpreter. So the results are the torch path's up to the order of the fp32 additions.
 
 `splitmoe::lora_z` and `splitmoe::lora_add` are torch custom ops (fake and autograd registered), so a compiled decoder
-layer stays one graph. `torch_impl.lora` uses them where `torch_impl.lora.fused_lora_linear` says so
-(`SPLITMOE_LORA_LINEAR=triton`); the default, `torch`, keeps the unfused ops: this path has not been timed on a GPU
-yet (`benchmarks/lora_linear_bench.py`; `benchmarks/gpu_session.sh session19q` / `session19o` time it).
+layer stays one graph. `torch_impl.lora` uses them where `torch_impl.lora.fused_lora_linear` says so: on CUDA by
+default since 2026-12-07 (`SPLITMOE_LORA_LINEAR=torch` keeps the unfused ops), after the 16K steps of session 20
+(benchmarks/REPORT.md; `benchmarks/lora_linear_bench.py` times the branch alone).
 """
 
 from __future__ import annotations

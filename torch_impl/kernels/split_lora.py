@@ -37,7 +37,6 @@ from torch_impl.backends.common import capture_residuals, capturing_residuals, g
 from torch_impl.kernels import autotune
 from torch_impl.kernels import grouped_gemm as gg
 from torch_impl.kernels.schedule import row_block_schedule
-from torch_impl.kernels.slot_sum import sum_slots
 
 
 class KernelSort:
@@ -159,15 +158,26 @@ def _z_only(nn: _NN, key: tuple, srt: KernelSort, a_MD: torch.Tensor, lora_a: to
 TN_SPLIT_ROWS_ENV = "SPLITMOE_TN_SPLIT_ROWS"
 
 
-def tn_split_rows(config: dict) -> dict:
+# grouped_gemm_tn's split size on CUDA where the config names none (the shipped table names none). With the fused
+# attention LoRA branch it took Qwen3-30B-A3B's 16K step (24 layers, H100) from 831.8 to 795.2 ms and gpt-oss-20b's
+# from 1020.8 to 1017.1 (benchmarks/REPORT.md, session 20): the step benchmark's random routers crowd a few experts.
+# An expert of at most this many rows runs as in the unsplit kernel (the same bits); only crowded ones split.
+DEFAULT_TN_SPLIT_ROWS = 1024
+
+
+def tn_split_rows(config: dict, device: torch.device | None = None) -> dict:
     """`config` of a ragged-K launch with SPLITMOE_TN_SPLIT_ROWS applied: N > 0 sets SPLIT_ROWS=N (grouped_gemm_tn's
-    split mode: a crowded expert's rows over several programs), 0 turns it off, unset keeps the config's own (the
-    shipped table has none: off). Lets the GPU step benchmark time split sizes before any are in the table (its
-    rows record the SPLITMOE_* variables). N must be a multiple of the config's BLOCK_M (chunks start on the row
-    blocks the kernel walks): ValueError otherwise, naming the variable."""
+    split mode: a crowded expert's rows over several programs), 0 turns it off; unset keeps the config's own, else
+    on CUDA `DEFAULT_TN_SPLIT_ROWS` where it is a multiple of BLOCK_M (off elsewhere: the interpreter's tests keep
+    their launches). Lets the GPU step benchmark time split sizes (its rows record the SPLITMOE_* variables). N must
+    be a multiple of the config's BLOCK_M (chunks start on the row blocks the kernel walks): ValueError otherwise,
+    naming the variable."""
     n = env_split_rows(TN_SPLIT_ROWS_ENV, config["BLOCK_M"], "BLOCK_M")
     if n is None:
-        return config
+        if "SPLIT_ROWS" in config or device is None or device.type != "cuda" \
+                or DEFAULT_TN_SPLIT_ROWS % config["BLOCK_M"]:
+            return config
+        n = DEFAULT_TN_SPLIT_ROWS
     return dict(config, SPLIT_ROWS=n)
 
 
@@ -180,7 +190,7 @@ def _tn(key: tuple, srt: KernelSort, ref: torch.Tensor, **kw) -> torch.Tensor:
                                   schedule=srt.schedule(n) if n else None, **kw)
     cfg = autotune.get_config("tn", (_bucket(srt.M),) + key, ref.dtype, ref.device, bench=launch,
                               rows_per_expert=srt.M / srt.num_experts)
-    return launch(tn_split_rows(cfg))
+    return launch(tn_split_rows(cfg, ref.device))
 
 
 def _t(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -255,7 +265,7 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
                     return out, z2
 
                 out_MH, z2 = _gemm(nn, "gemm", ("down", I, H, r2), srt, x, down)
-                y = sum_slots(out_MH, T, K)  # rows in (token, slot) order: the sum over K is deterministic
+                y = out_MH.view(T, K, H).sum(1)  # rows in (token, slot) order: the sum over K is deterministic
             capture_residuals(gu, z1, z2)
 
         ctx.save_for_backward(x, expert_weights, w_gate_up, w_down, a1, b1, a2, b2, b_gu, b_d, gu, z1, z2,
@@ -328,7 +338,7 @@ class SplitLoraExpertsFunction(torch.autograd.Function):
                 return dx_MH, dz1
 
             dx_MH, dz1 = _gemm(nn, "gemm", ("dx", I2, H, b1.shape[1] if lora1 else 0), srt, x, dx_pass)
-            grads["x"] = sum_slots(dx_MH, T, K)
+            grads["x"] = dx_MH.view(T, K, H).sum(1)
         elif g_a1 and lora1:
             # x needs no grad (rare): dZ1 alone is a skinny N=R pass instead of the whole dx GEMM.
             def dz1_pass(cfg, sched):
