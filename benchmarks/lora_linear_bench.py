@@ -91,7 +91,9 @@ def run(family: str, seq: int, preset: str, device: str, rank: int, alpha: float
             p.grad = None
         layer_step(projs, x, attn_in, grads)
         results[mode] = [p.grad.clone() for p in params]
-        row = dict(family=family, preset=preset, seq=seq, rank=rank, mode=mode, device=device, **versions())
+        # versions() names the GPU as "device" on CUDA: the run's device type is "on" (a repeated keyword argument
+        # stopped this script on its first GPU run, session 20)
+        row = dict(family=family, preset=preset, seq=seq, rank=rank, mode=mode, on=device) | versions()
         if device == "cuda":
             def step():
                 for p in params:
