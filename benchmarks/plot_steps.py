@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 TITLES = {"20b": "gpt-oss-20b (random weights), r=64", "flash": "GLM-4.7-Flash-sized (random weights), r=64",
@@ -48,7 +49,8 @@ def plot(rows: dict[tuple, dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     presets = sorted({k[0] for k in rows})
-    fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.5), squeeze=False)
+    n_series = max(len({k[2] for k in rows if k[0] == p}) for p in presets)
+    fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.5 + 0.35 * n_series), squeeze=False)
     for ax, preset in zip(axes[0], presets):
         seqs = sorted({k[1] for k in rows if k[0] == preset})
         series = sorted({k[2] for k, r in rows.items() if k[0] == preset and r.get("step_ms") is not None},
@@ -64,17 +66,18 @@ def plot(rows: dict[tuple, dict], out: Path) -> None:
                     continue
                 xs.append(i + (j - (len(series) - 1) / 2) * width)
                 ys.append(r["step_ms"])
-            bars = ax.bar(xs, ys, width, label=variant, color=COLORS.get(variant))
+            # long variants (switches, checkpointing) wrap, so the legend below the bars shows every one whole
+            bars = ax.bar(xs, ys, width, label=textwrap.fill(variant, 70), color=COLORS.get(variant))
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks(range(len(seqs)), [str(s) for s in seqs])
         depths = sorted({str(r.get("layers")) for k, r in rows.items() if k[0] == preset and r.get("layers")})
         title = TITLES.get(preset, preset) + (f", {'/'.join(depths)} layers" if depths else "")
         ax.set(xlabel="context length (tokens)", ylabel="ms per LoRA training step", title=title)
         top = max((r["step_ms"] for k, r in rows.items() if k[0] == preset and r.get("step_ms")), default=1.0)
-        ax.set_ylim(0, 1.3 * top)  # room for the legend above the bars
-        ax.legend(fontsize=8, loc="upper left", ncol=2)
+        ax.set_ylim(0, 1.15 * top)
         if missing:
             ax.set_xlabel("context length (tokens)\n" + "\n".join(f"no time: {m}" for m in missing), fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.04 * len(missing)), ncol=1)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
