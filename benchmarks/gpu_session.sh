@@ -51,11 +51,13 @@
 #                                             # block with and without the H100's tuned entries; Qwen3 16K before and
 #                                             # after everything since session 17, Unsloth in the same call
 #   bash benchmarks/gpu_session.sh session20g # the same for gpt-oss-20b 16K (the step only)
+#   bash benchmarks/gpu_session.sh session21g # why gpt-oss's 16K step barely moved: the attention LoRA branch's rows,
+#                                             # the step with it off and on, the step profiled
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -552,6 +554,31 @@ case $PART in
     [ $((L - SECONDS)) -gt 100 ] && SPLITMOE_LORA_LINEAR=triton timeout $((L - 5 - SECONDS)) python3 benchmarks/step.py \
       $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_lora_linear.log" 2>&1
     grep -h "passed\|failed" "$R/gpu_tests.log"; grep -h " ms" "$R/lora_linear.log"; rows "$R/step.jsonl"
+    grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
+  session21g)  # (written 2026-12-07, session 20, for the next device time) why the fused attention LoRA branch and
+    # the TN split mode, defaults since session 20, took 36.6 ms off Qwen3's 16K step but 3.7 off gpt-oss's, against
+    # the ~40 ms session 18 estimated from gpt-oss's fp32 LoRA GEMMs (47.0 ms of session 15's profile): the branch
+    # alone at both models' widths, each piece against the torch ops (lora_linear_bench --ops); gpt-oss 16K compiled
+    # with the attention kept, with the branch off (SPLITMOE_LORA_LINEAR=torch) and with the defaults; then the
+    # defaults' step profiled (kernel time by category, against session 15's call 3). On an H200 the lookup of the
+    # H100's tuned kernels is on too (a sibling card): the block with it off and on comes first there
+    L=${LIMIT:-590}
+    wheels
+    if [ "$(card_layers)" = 48 ]; then
+      SPLITMOE_TUNED_SIBLINGS=0 timeout 60 python3 benchmarks/moe_block.py --iters 10 --cases gpt_oss_20b_T16384 \
+        --impls torch_triton_hopper --out "$R/block_old.jsonl" > "$R/block_old.log" 2>&1
+      timeout 60 python3 benchmarks/moe_block.py --iters 10 --cases gpt_oss_20b_T16384 \
+        --impls torch_triton_hopper --out "$R/block_new.jsonl" > "$R/block_new.log" 2>&1
+    fi
+    timeout 60 python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss --seq 16384 --ops \
+      --out "$R/lora_linear.jsonl" > "$R/lora_linear.log" 2>&1
+    Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
+    SPLITMOE_LORA_LINEAR=torch timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_torch.log" 2>&1
+    timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step.log" 2>&1
+    timeout $((L - 5 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 2 \
+      --impls torch_impl --compile --checkpoint-policy attention --profile "$R/profile" > "$R/step_profile.log" 2>&1
+    grep -h " ms" "$R/lora_linear.log"; grep -h "|" "$R"/block_*.log 2>/dev/null; rows "$R/step.jsonl"
+    head -20 "$R"/profile/*.txt 2>/dev/null | cut -c1-160
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
   session20q)  # (written 2026-12-07, session 20) issue 15's Qwen3 16K target (0.79x; needs 0.75x), before and after
     # everything built since session 17 and never timed: the fused attention LoRA branch (SPLITMOE_LORA_LINEAR=triton),
