@@ -561,7 +561,9 @@ case $PART in
     # alone at both models' widths, each piece against the torch ops (lora_linear_bench --ops); gpt-oss 16K compiled
     # with the attention kept, with the branch off (SPLITMOE_LORA_LINEAR=torch) and with the defaults; then the
     # defaults' step profiled (kernel time by category, against session 15's call 3). On an H200 the lookup of the
-    # H100's tuned kernels is on too (a sibling card): the block with it off and on comes first there
+    # H100's tuned kernels is on too (a sibling card): the block with it off and on comes first there. Run once at
+    # 3202b03, cut short by the device time left (results/session20_2026-12-07, call 3: the branch off and on, with
+    # the pieces at q_proj's widths only); since then the pieces run at every projection's widths (--ops-proj)
     L=${LIMIT:-590}
     wheels
     if [ "$(card_layers)" = 48 ]; then
@@ -570,8 +572,8 @@ case $PART in
       timeout 60 python3 benchmarks/moe_block.py --iters 10 --cases gpt_oss_20b_T16384 \
         --impls torch_triton_hopper --out "$R/block_new.jsonl" > "$R/block_new.log" 2>&1
     fi
-    timeout 60 python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss --seq 16384 --ops \
-      --out "$R/lora_linear.jsonl" > "$R/lora_linear.log" 2>&1
+    timeout 90 python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss --seq 16384 --ops \
+      --ops-proj q,k,v,o --out "$R/lora_linear.jsonl" > "$R/lora_linear.log" 2>&1
     Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
     SPLITMOE_LORA_LINEAR=torch timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_torch.log" 2>&1
     timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step.log" 2>&1

@@ -8,7 +8,7 @@ what a layer's forward + backward gains (a checkpointed step runs the forward tw
 
     python3 benchmarks/lora_linear_bench.py --family qwen3_moe,gpt_oss --seq 4096,16384 [--ops] --out ll.jsonl
 Prints one line per (family, seq, mode): ms, peak extra memory, and the ratio to the torch ops; with --ops, each
-piece of one projection's branch alone as well. On the CPU
+piece of one projection's branch alone as well (q_proj's widths; `--ops-proj q,k,v,o` for each projection's). On the CPU
 (`--device cpu --preset tiny`, under TRITON_INTERPRET=1) it checks the two modes against each other instead of timing.
 """
 
@@ -116,11 +116,25 @@ def run(family: str, seq: int, preset: str, device: str, rank: int, alpha: float
     return rows
 
 
-def op_rows(family: str, seq: int, preset: str, device: str, rank: int, alpha: float, warmup: int, iters: int
-            ) -> list[dict]:
-    """The four pieces of one projection's LoRA branch (q_proj's widths) timed alone, the torch ops against the
+PROJECTIONS = ("q", "k", "v", "o")
+
+
+def projection_widths(hf: dict, proj: str) -> tuple[int, int]:
+    """(in, out) features of one attention projection of an HF config: q/k/v read the hidden state, o writes it."""
+    H = hf["hidden_size"]
+    head_dim = hf.get("head_dim") or H // hf["num_attention_heads"]
+    n_q = hf["num_attention_heads"] * head_dim
+    n_kv = hf.get("num_key_value_heads", hf["num_attention_heads"]) * head_dim
+    return {"q": (H, n_q), "k": (H, n_kv), "v": (H, n_kv), "o": (n_q, H)}[proj]
+
+
+def op_rows(family: str, seq: int, preset: str, device: str, rank: int, alpha: float, warmup: int, iters: int,
+            proj: str = "q") -> list[dict]:
+    """The four pieces of one projection's LoRA branch (`proj`'s widths) timed alone, the torch ops against the
     kernels: z = x @ A, y + s·z @ B, its backward (dz, dB) and lora_z's (dx, dA). What to tune if the layer rows
-    disappoint. On the CPU each piece runs once both ways and is compared instead."""
+    disappoint: session 20 found each piece at q_proj's widths 0.37-0.58x the torch ops' time on the H100 while the
+    whole layer ran at 1.04x on Qwen3-30B-A3B, so the other projections' widths are the suspects. On the CPU each
+    piece runs once both ways and is compared instead."""
     import torch
 
     from benchmarks.common import time_cuda
@@ -129,8 +143,7 @@ def op_rows(family: str, seq: int, preset: str, device: str, rank: int, alpha: f
     from torch_impl.kernels import lora_linear as ll
 
     hf = preset_hf_config(family, preset)
-    H = hf["hidden_size"]
-    N = hf["num_attention_heads"] * (hf.get("head_dim") or H // hf["num_attention_heads"])
+    H, N = projection_widths(hf, proj)  # H: the branch's input width here, N its output width
     g = torch.Generator(device=device).manual_seed(2)
 
     def rand(*shape, scale=1.0):
@@ -150,13 +163,13 @@ def op_rows(family: str, seq: int, preset: str, device: str, rank: int, alpha: f
         if device != "cuda":
             for want, got in zip(*((f(),) if name.startswith(("z", "y")) else f() for f in (plain, fused))):
                 assert_close(got, want, dtype="bfloat16", quantity="moe_block", name=name)
-            print(f"{family} seq={seq} {name:12s} agrees", flush=True)
+            print(f"{family} seq={seq} {proj}_proj {name:12s} agrees", flush=True)
             continue
         ms = [time_cuda(fn, warmup=warmup, iters=iters) for fn in (plain, fused)]
-        rows.append(dict(family=family, preset=preset, seq=seq, rank=rank, piece=name, torch_ms=ms[0],
-                         triton_ms=ms[1], **versions()))
-        print(f"{family} seq={seq} {name:12s} torch {ms[0]:.3f} ms, triton {ms[1]:.3f} ms ({ms[1] / ms[0]:.2f}x)",
-              flush=True)
+        rows.append(dict(family=family, preset=preset, seq=seq, rank=rank, proj=proj, in_features=H,
+                         out_features=N, piece=name, torch_ms=ms[0], triton_ms=ms[1], **versions()))
+        print(f"{family} seq={seq} {proj}_proj ({H} -> {N}) {name:12s} torch {ms[0]:.3f} ms, triton {ms[1]:.3f} ms "
+              f"({ms[1] / ms[0]:.2f}x)", flush=True)
     return rows
 
 
@@ -170,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=128.0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--ops", action="store_true", help="also time the branch's four pieces alone (q_proj's widths), "
-                   "the torch ops against the kernels (on the CPU: compare them)")
+    p.add_argument("--ops", action="store_true", help="also time the branch's four pieces alone (at the widths of "
+                   "--ops-proj), the torch ops against the kernels (on the CPU: compare them)")
+    p.add_argument("--ops-proj", default="q", help="comma-separated projections for --ops: q, k, v, o (default q)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     import torch
@@ -180,14 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # as benchmarks/step.py runs every implementation
     elif os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--device cpu runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1")
+    projs = a.ops_proj.split(",")
+    if any(pr not in PROJECTIONS for pr in projs):
+        p.error(f"--ops-proj {a.ops_proj!r}: choose from {', '.join(PROJECTIONS)}")
     rows = []
     t0 = time.time()
     for family in a.family.split(","):
         for seq in (int(s) for s in a.seq.split(",")):
             rows += run(family, seq, a.preset or PRESET[family], a.device, a.rank, a.alpha, a.warmup, a.iters)
-            if a.ops:
+            for proj in projs if a.ops else ():
                 rows += op_rows(family, seq, a.preset or PRESET[family], a.device, a.rank, a.alpha, a.warmup,
-                                a.iters)
+                                a.iters, proj)
     if a.out:
         write_jsonl(a.out, rows)
     print(f"done in {time.time() - t0:.0f} s")
