@@ -563,9 +563,13 @@ case $PART in
     # defaults' step profiled (kernel time by category, against session 15's call 3). On an H200 the lookup of the
     # H100's tuned kernels is on too (a sibling card): the block with it off and on comes first there. Run once at
     # 3202b03, cut short by the device time left (results/session20_2026-12-07, call 3: the branch off and on, with
-    # the pieces at q_proj's widths only); since then the pieces run at every projection's widths (--ops-proj)
+    # the pieces at q_proj's widths only); since then the pieces run at every projection's widths (--ops-proj), and
+    # first the gpu test of the 128 x 256 quarters config that ran Qwen3's dh pass 6 % faster (pass_probe bn256es4)
     L=${LIMIT:-590}
     wheels
+    timeout 60 python3 -m pytest -q -p no:cacheprovider "tests/torch/test_hopper_kernels.py::\
+test_bf16_gpu_hopper_configs_agree_with_triton_and_are_deterministic[ONLY=hopper_gemm,BLOCK_N=256,num_stages=3,\
+EPI_SPLIT=4]" > "$R/gpu_tests.log" 2>&1
     if [ "$(card_layers)" = 48 ]; then
       SPLITMOE_TUNED_SIBLINGS=0 timeout 60 python3 benchmarks/moe_block.py --iters 10 --cases gpt_oss_20b_T16384 \
         --impls torch_triton_hopper --out "$R/block_old.jsonl" > "$R/block_old.log" 2>&1
@@ -579,8 +583,8 @@ case $PART in
     timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step.log" 2>&1
     timeout $((L - 5 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 2 \
       --impls torch_impl --compile --checkpoint-policy attention --profile "$R/profile" > "$R/step_profile.log" 2>&1
-    grep -h " ms" "$R/lora_linear.log"; grep -h "|" "$R"/block_*.log 2>/dev/null; rows "$R/step.jsonl"
-    head -20 "$R"/profile/*.txt 2>/dev/null | cut -c1-160
+    tail -1 "$R/gpu_tests.log"; grep -h " ms" "$R/lora_linear.log"; grep -h "|" "$R"/block_*.log 2>/dev/null
+    rows "$R/step.jsonl"; head -20 "$R"/profile/*.txt 2>/dev/null | cut -c1-160
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
   session20q)  # (written 2026-12-07, session 20) issue 15's Qwen3 16K target (0.79x; needs 0.75x), before and after
     # everything built since session 17 and never timed: the fused attention LoRA branch (SPLITMOE_LORA_LINEAR=triton),
