@@ -39,7 +39,9 @@ routing-weight row scale and scatter stores), with the memory path rebuilt for H
   it by quarters. Compiled for sm_90 by Triton 3.6 on the CPU (`benchmarks/kernel_resources.py`, 2026-12-07), the
   dh pass at gpt-oss-20b's shape spills 292 B a thread at the shipped 128 x 128 tile with halves and none with
   quarters; at 128 x 256 (the tile of the dx pass, 555 TFLOP/s on the H100 where dh's 128 x 128 ran 310) it spills
-  2,600 B with halves and 952 B with quarters (Qwen3-30B-A3B: 448 B). Untimed: `pass_probe.py`'s es4 variants.
+  2,600 B with halves and 952 B with quarters (Qwen3-30B-A3B: 448 B). Timed on an H100 (`pass_probe.py`, session
+  20, T=16384): spill-free quarters at 128 x 128 are slower (Qwen3's dh 1.824 -> 2.050 ms, gpt-oss's 3.458 -> 3.691);
+  at 128 x 256 they run Qwen3's dh 6 % faster (1.711 ms) and gpt-oss's 6 % slower. Not in the shipped table.
 - Outputs by masked pointer stores: a TMA store writes its whole box, which would overwrite the next expert's rows.
 
 Operands that TMA cannot address (a base or a leading stride not a multiple of 16 bytes, e.g. odd H in fp16, or a
