@@ -173,15 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--cases", default=None,
-                   help="comma-separated case names to run (lora_a_cast, norm_hidden, norm_qk, rope, lora_linear); "
-                        "default: all")
     a = p.parse_args(argv)
-    wanted = None if a.cases is None else set(a.cases.split(","))
-
-    def chosen(case: str) -> bool:  # lora_a_cast rows carry their shapes after the case name
-        return wanted is None or case in wanted or any(case.startswith(w + "_") for w in wanted)
-
     dev, bf = a.device, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
 
@@ -197,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                                               "error") if k in row}), flush=True)
         rows.append(row)
 
-    if chosen("lora_a_cast"):
-        for r in cast_rows(dev, a.iters):
-            emit({**versions(), "seq": None, **r, "gpu": gpu})
+    for r in cast_rows(dev, a.iters):
+        emit({**versions(), "seq": None, **r, "gpu": gpu})
     for S in [int(s) for s in a.seq.split(",")]:
-        for name, variants, make in [c for c in cases_at(S, dev, rnd) if chosen(c[0])]:
+        cases = cases_at(S, dev, rnd)
+        for name, variants, make in cases:
             for r in run_case(name, variants, make, dev, a.iters):
                 emit({**versions(), "seq": S, **r, "gpu": gpu})
     if a.out:

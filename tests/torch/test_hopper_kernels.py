@@ -128,6 +128,11 @@ def _config_over(over: dict, monkeypatch) -> dict:
     return {k: v for k, v in over.items() if not k.startswith("SPLITMOE_")}
 
 
+def _hopper_over(table: dict, over: dict, only: str | None = None) -> dict:
+    """`table` (kind -> config) with `over` applied to the Hopper kernel's kinds, or to kind `only` alone."""
+    return {k: dict(v, **over) if (k == only if only else k.startswith("hopper_")) else v for k, v in table.items()}
+
+
 def _pass_setup(case_name, dtype, seed, progs, monkeypatch, over):
     monkeypatch.setattr(hopper, "INTERPRETER_PROGRAMS", progs)
     _config_over(over, monkeypatch)
@@ -392,8 +397,7 @@ def test_config_switches_give_the_same_numbers(seed, monkeypatch):
                 ({"EPI_SPLIT": 2}, False), ({"EPI_SPLIT": 2, "FLATTEN": True}, False), ({"DESC": False}, False),
                 ({"EPI_SPLIT": 4, "BLOCK_N": 64}, False)]
     for over, bitwise in variants:
-        monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", {
-            k: dict(v, **over) if k.startswith("hopper_") else v for k, v in autotune.INTERPRETER_CONFIGS.items()})
+        monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", _hopper_over(autotune.INTERPRETER_CONFIGS, over))
         grads = _check_against_reference(case, torch.float32, seed, kernels="hopper")
         for key, g in base.items():
             for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in (g, grads[key]))):
@@ -439,8 +443,7 @@ def test_z_gather_is_on_unless_switched_off(monkeypatch):
 @pytest.mark.parametrize("over", [{"EPI_SPLIT": 3}, {"EPI_SPLIT": 4, "BLOCK_N": 16}])
 def test_epilogue_split_refuses_what_it_cannot_split(over, seed, monkeypatch):
     """EPI_SPLIT outside 1 / 2 / 4, or parts narrower than 8 columns, is refused before launch."""
-    monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", {
-        k: dict(v, **over) if k.startswith("hopper_") else v for k, v in autotune.INTERPRETER_CONFIGS.items()})
+    monkeypatch.setattr(autotune, "INTERPRETER_CONFIGS", _hopper_over(autotune.INTERPRETER_CONFIGS, over))
     with pytest.raises(ValueError, match="EPI_SPLIT="):
         _check_against_reference(get_case("k_eq_e"), torch.float32, seed, kernels="hopper")
 
@@ -604,9 +607,7 @@ def test_bf16_gpu_hopper_configs_agree_with_triton_and_are_deterministic(over, s
     monkeypatch.delenv("SPLITMOE_TRITON_AUTOTUNE", raising=False)
     monkeypatch.setattr(autotune, "_memory_cache", {})
     monkeypatch.setattr(autotune, "TUNED_TABLE", Path("/nonexistent"))
-    monkeypatch.setattr(autotune, "GPU_DEFAULTS", {
-        k: dict(v, **over) if (k == only if only else k.startswith("hopper_")) else v
-        for k, v in autotune.GPU_DEFAULTS.items()})
+    monkeypatch.setattr(autotune, "GPU_DEFAULTS", _hopper_over(autotune.GPU_DEFAULTS, over, only))
     case = get_case("gpu_medium")
     dtype = torch.bfloat16
     inp = _rounded_inputs(case, seed, dtype)
