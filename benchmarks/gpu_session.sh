@@ -593,9 +593,9 @@ case $PART in
       --impls hf_peft,torch_triton,torch_triton_hopper,jax_pallas_fused --out "$R/block.jsonl" > "$R/block.log" 2>&1
     grep -iE "passed|failed" "$R/gpu_tests.log" | tail -4; grep -h "|" "$R"/block16k.log "$R"/block.log | cut -c1-200 ;;
   session21o)  # (written 2026-12-07, session 21) issue 15's gpt-oss 16K (0.613x on an H100, needs 0.6x: 22 ms) by
-    # recomputing less: AdamW in backward (no [LoRA] gradient buffers held to the end: the plan's LoRA + AdamW column
-    # 11.0 -> 8.3 GiB) makes room under Unsloth's 56.28 GiB (torch_impl measured 55.21) for the last one or two layers
-    # to keep their activations (--checkpoint-layers 23 / 22: each spares a layer's recompute, about 10 ms by the
+    # recomputing less: AdamW in backward (no LoRA gradient buffers held to the end: the plan's LoRA + AdamW column
+    # 11.0 -> 8.3 GiB) may make room under Unsloth's 56.28 GiB (torch_impl measured 55.21) for the last one or two
+    # layers to keep their activations (it may not: see session21ou) (--checkpoint-layers 23 / 22: each spares a layer's recompute, about 10 ms by the
     # plan). The planned rows, with the policy that keeps attention: cl 24 58.7 GiB (measured 55.2), oib 56.1, oib cl
     # 23 55.8, oib cl 22 57.3, oib cl 21 58.8. Rows: the shipped command first (the same-run baseline), then oib with
     # 22, 23, 24 and 21 layers checkpointed, as the time allows; Unsloth is session21u
