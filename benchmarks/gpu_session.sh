@@ -51,6 +51,7 @@
 #                                             # block with and without the H100's tuned entries; Qwen3 16K before and
 #                                             # after everything since session 17, Unsloth in the same call
 #   bash benchmarks/gpu_session.sh session20g # the same for gpt-oss-20b 16K (the step only)
+#   bash benchmarks/gpu_session.sh session22l # 1920-row loss chunks against the default: Qwen3 16K graphed, gpt-oss 4K
 #   bash benchmarks/gpu_session.sh session21ou # session21o's two likeliest rows and Unsloth in one call
 #   bash benchmarks/gpu_session.sh session21k # issue 16 in one call: hopper gpu tests, the block with every baseline
 #   bash benchmarks/gpu_session.sh session21o # gpt-oss 16K with AdamW in backward and the last layers unchecked
@@ -61,7 +62,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session21ou|session21k|session21o|session21u|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session22l|session21ou|session21k|session21o|session21u|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -562,6 +563,23 @@ case $PART in
       $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_lora_linear.log" 2>&1
     grep -h "passed\|failed" "$R/gpu_tests.log"; grep -h " ms" "$R/lora_linear.log"; rows "$R/step.jsonl"
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
+  session22l)  # (written 2026-12-07, session 21, for the next device time) whether 1920-row loss chunks can be the
+    # default: they took 7 ms off gpt-oss's 16K step at the same peak (session 21, H100; 6 ms on an H200 in session
+    # 17), but make the loss block 0.72 GiB at gpt-oss's vocabulary (0.54 at Qwen3's) against 0.25, and Qwen3's
+    # graphed 16K step (0.747x) sits 0.56 GiB under Unsloth's peak. Qwen3 16K with the default then with 1920 rows;
+    # gpt-oss 4K likewise (a 4K step has three chunks of 1920 rows against seven of 640)
+    L=${LIMIT:-590}
+    QW="--family qwen3_moe --layers 24 --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile"
+    G="--cuda-graph --optim-in-backward --checkpoint-policy attention --checkpoint-layers 22"
+    timeout 150 python3 benchmarks/step.py $QW $G --out "$R/step.jsonl" > "$R/step_qwen3.log" 2>&1
+    SPLITMOE_LOSS_CHUNK_ROWS=1920 timeout 150 python3 benchmarks/step.py $QW $G --out "$R/step.jsonl" \
+      > "$R/step_qwen3_1920.log" 2>&1
+    O="--family gpt_oss --seq 4096 --warmup 2 --iters 4 --impls torch_impl --compile --cuda-graph --checkpoint-layers 18"
+    [ $((L - SECONDS)) -gt 130 ] && timeout 120 python3 benchmarks/step.py $O --out "$R/step.jsonl" \
+      > "$R/step_oss4k.log" 2>&1
+    [ $((L - SECONDS)) -gt 10 ] && SPLITMOE_LOSS_CHUNK_ROWS=1920 timeout $((L - 5 - SECONDS)) python3 \
+      benchmarks/step.py $O --out "$R/step.jsonl" > "$R/step_oss4k_1920.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session21ou)  # (session 21, when under 900 device seconds were left: one call instead of session21o + 21u) the
     # two likeliest rows of session21o, AdamW in backward with 23 and with 22 of 24 layers checkpointed, then
     # Unsloth's row in the time left, so the ratio is of one call. 23 first: the peak of the shipped row (55.21 GiB
