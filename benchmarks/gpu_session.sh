@@ -52,17 +52,15 @@
 #                                             # after everything since session 17, Unsloth in the same call
 #   bash benchmarks/gpu_session.sh session20g # the same for gpt-oss-20b 16K (the step only)
 #   bash benchmarks/gpu_session.sh session22l # 1920-row loss chunks against the default: Qwen3 16K graphed, gpt-oss 4K
-#   bash benchmarks/gpu_session.sh session21ou # session21o's two likeliest rows and Unsloth in one call
+#   bash benchmarks/gpu_session.sh session21ou # gpt-oss 16K with the last one or two layers unchecked, Unsloth
 #   bash benchmarks/gpu_session.sh session21k # issue 16 in one call: hopper gpu tests, the block with every baseline
-#   bash benchmarks/gpu_session.sh session21o # gpt-oss 16K with AdamW in backward and the last layers unchecked
-#   bash benchmarks/gpu_session.sh session21u # Unsloth's gpt-oss 16K row, then session21o's best again (OSS_BEST)
 #   bash benchmarks/gpu_session.sh session21g # why gpt-oss's 16K step barely moved: the attention LoRA branch's rows,
 #                                             # the step with it off and on, the step profiled
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session22l|session21ou|session21k|session21o|session21u|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -580,11 +578,11 @@ case $PART in
     [ $((L - SECONDS)) -gt 10 ] && SPLITMOE_LOSS_CHUNK_ROWS=1920 timeout $((L - 5 - SECONDS)) python3 \
       benchmarks/step.py $O --out "$R/step.jsonl" > "$R/step_oss4k_1920.log" 2>&1
     rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
-  session21ou)  # (session 21, when under 900 device seconds were left: one call instead of session21o + 21u) the
-    # two likeliest rows of session21o, AdamW in backward with 23 and with 22 of 24 layers checkpointed, then
-    # Unsloth's row in the time left, so the ratio is of one call. 23 first: the peak of the shipped row (55.21 GiB
-    # against the plan's 58.7) is at the last layer's backward, before most gradients exist, so AdamW in backward may
-    # lower it little; the last layer's kept activations are live there anyway, the one before it's are not
+  session21ou)  # (written and run 2026-12-07, session 21: results/session21_2026-12-07, call 1) gpt-oss 16K by
+    # recomputing less: AdamW in backward with 23, then 22, of 24 layers checkpointed, then Unsloth's row in the time
+    # left, so the ratio is of one call. 23 first: the shipped row's peak (55.21 GiB against the plan's 58.7) is at
+    # the last layer's backward, before most gradients exist, so AdamW in backward may lower it little; the last
+    # layer's kept activations are live there anyway, the one before it's are not
     L=${LIMIT:-590}
     wheels
     Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
@@ -610,32 +608,6 @@ case $PART in
       --cases qwen3_30b_T1024,gpt_oss_20b_T1024,gpt_oss_20b_T65536 \
       --impls hf_peft,torch_triton,torch_triton_hopper,jax_pallas_fused --out "$R/block.jsonl" > "$R/block.log" 2>&1
     grep -iE "passed|failed" "$R/gpu_tests.log" | tail -4; grep -h "|" "$R"/block16k.log "$R"/block.log | cut -c1-200 ;;
-  session21o)  # (written 2026-12-07, session 21) issue 15's gpt-oss 16K (0.613x on an H100, needs 0.6x: 22 ms) by
-    # recomputing less: AdamW in backward (no LoRA gradient buffers held to the end: the plan's LoRA + AdamW column
-    # 11.0 -> 8.3 GiB) may make room under Unsloth's 56.28 GiB (torch_impl measured 55.21) for the last one or two
-    # layers to keep their activations (it may not: see session21ou) (--checkpoint-layers 23 / 22: each spares a layer's recompute, about 10 ms by the
-    # plan). The planned rows, with the policy that keeps attention: cl 24 58.7 GiB (measured 55.2), oib 56.1, oib cl
-    # 23 55.8, oib cl 22 57.3, oib cl 21 58.8. Rows: the shipped command first (the same-run baseline), then oib with
-    # 22, 23, 24 and 21 layers checkpointed, as the time allows; Unsloth is session21u
-    L=${LIMIT:-590}
-    Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
-    timeout 125 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_base.log" 2>&1
-    for n in 22 23 24 21; do
-      [ $((L - SECONDS)) -gt 100 ] || break
-      timeout $((L - 5 - SECONDS)) python3 benchmarks/step.py $Q --optim-in-backward --checkpoint-layers $n \
-        --out "$R/step.jsonl" > "$R/step_oib_cl$n.log" 2>&1
-    done
-    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
-  session21u)  # (session 21, after session21o on the same machine) Unsloth's gpt-oss 16K row, then session21o's
-    # fastest row again (OSS_BEST: its step.py flags after the shipped command's), so the ratio is of one machine
-    L=${LIMIT:-590}
-    wheels
-    timeout 340 python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls unsloth \
-      --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
-    [ $((L - SECONDS)) -gt 100 ] && timeout $((L - 5 - SECONDS)) python3 benchmarks/step.py --family gpt_oss \
-      --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention ${OSS_BEST:-} \
-      --out "$R/step.jsonl" > "$R/step_best.log" 2>&1
-    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
   session21g)  # (written 2026-12-07, session 20, for the next device time) why the fused attention LoRA branch and
     # the TN split mode, defaults since session 20, took 36.6 ms off Qwen3's 16K step but 3.7 off gpt-oss's, against
     # the ~40 ms session 18 estimated from gpt-oss's fp32 LoRA GEMMs (47.0 ms of session 15's profile): the branch

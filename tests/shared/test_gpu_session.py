@@ -53,19 +53,16 @@ def _step_commands(text: str) -> list[tuple[str, list[str]]]:
             continue  # built from a shell loop's variables
 
         def fill(m: re.Match, assigned: dict = assigned) -> str:
-            name, op = m.group(1) or m.group(3), m.group(2)
-            if op and op.startswith(":-"):  # ${VAR:-default}: the part's assignment, else the default
-                return assigned.get(name, op[2:])
-            value = assigned.get(name, "24")
-            if op:  # ${VAR/old/new}
-                old, new = op.split("/", 1)
+            value = assigned.get(m.group(1) or m.group(3), "24")
+            if m.group(2):  # ${VAR/old/new}
+                old, new = m.group(2).split("/", 1)
                 value = value.replace(old, new)
             return value
 
         cmd = re.sub(r'"\$R[^"]*"|\$R/\S*', "/tmp/out", cmd)
         cmd = re.sub(r"\$\(\([^)]*\)\)|\$\([^)]*\)", "24", cmd)
         for _ in range(2):  # twice: an assigned value may name another variable (Q="--layers $L ...")
-            cmd = re.sub(r"\$\{([A-Z][A-Z0-9_]*)(?:/|(?=:-))?([^}]*)\}|\$([A-Z][A-Z0-9_]*)", fill, cmd)
+            cmd = re.sub(r"\$\{([A-Z][A-Z0-9_]*)/?([^}]*)\}|\$([A-Z][A-Z0-9_]*)", fill, cmd)
         commands.append((part, shlex.split(cmd)))
     return commands
 
