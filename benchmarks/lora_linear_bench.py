@@ -26,11 +26,21 @@ from benchmarks.common import versions, write_jsonl  # noqa: E402
 
 PRESET = {"qwen3_moe": "30b-a3b", "gpt_oss": "20b"}
 MODES = ("torch", "triton")
+PROJECTIONS = ("q", "k", "v", "o")
+
+
+def projection_widths(hf: dict, proj: str) -> tuple[int, int]:
+    """(in, out) features of one attention projection of an HF config: q/k/v read the hidden state, o writes it."""
+    H = hf["hidden_size"]
+    head_dim = hf.get("head_dim") or H // hf["num_attention_heads"]
+    n_q = hf["num_attention_heads"] * head_dim
+    n_kv = hf.get("num_key_value_heads", hf["num_attention_heads"]) * head_dim
+    return {"q": (H, n_q), "k": (H, n_kv), "v": (H, n_kv), "o": (n_q, H)}[proj]
 
 
 def attention_projections(family: str, preset: str, rank: int, alpha: float, device: str):
     """q, k, v, o LoRALinears at the preset's widths (bf16 weights, fp32 factors, B random so the LoRA term is live)
-    and the widths (H, q out, kv out, o in)."""
+    and the widths (H, q out, kv out)."""
     import torch
 
     from shared_math.presets import preset_hf_config
@@ -38,8 +48,7 @@ def attention_projections(family: str, preset: str, rank: int, alpha: float, dev
     from torch_impl.models.layers import Linear
 
     hf = preset_hf_config(family, preset)
-    H, D = hf["hidden_size"], hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    nq, nkv = hf["num_attention_heads"] * D, hf["num_key_value_heads"] * D
+    widths = [projection_widths(hf, proj) for proj in PROJECTIONS]
     g = torch.Generator(device=device).manual_seed(0)
 
     def lora_linear(n_in, n_out):
@@ -53,7 +62,8 @@ def attention_projections(family: str, preset: str, rank: int, alpha: float, dev
             m.lora_B.normal_(0.0, 0.02, generator=g)
         return m
 
-    return [lora_linear(H, nq), lora_linear(H, nkv), lora_linear(H, nkv), lora_linear(nq, H)], (H, nq, nkv)
+    (H, nq), (_, nkv) = widths[0], widths[1]
+    return [lora_linear(n_in, n_out) for n_in, n_out in widths], (H, nq, nkv)
 
 
 def layer_step(projs, x, attn_in, grads):
@@ -114,18 +124,6 @@ def run(family: str, seq: int, preset: str, device: str, rank: int, alpha: float
         quantity = "moe_grad" if e.dtype == torch.float32 else "moe_block"
         assert_close(a, e, dtype=dtype if e.dtype == torch.float32 else "bfloat16", quantity=quantity, name=name)
     return rows
-
-
-PROJECTIONS = ("q", "k", "v", "o")
-
-
-def projection_widths(hf: dict, proj: str) -> tuple[int, int]:
-    """(in, out) features of one attention projection of an HF config: q/k/v read the hidden state, o writes it."""
-    H = hf["hidden_size"]
-    head_dim = hf.get("head_dim") or H // hf["num_attention_heads"]
-    n_q = hf["num_attention_heads"] * head_dim
-    n_kv = hf.get("num_key_value_heads", hf["num_attention_heads"]) * head_dim
-    return {"q": (H, n_q), "k": (H, n_kv), "v": (H, n_kv), "o": (n_q, H)}[proj]
 
 
 def op_rows(family: str, seq: int, preset: str, device: str, rank: int, alpha: float, warmup: int, iters: int,
