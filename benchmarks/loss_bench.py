@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, chunk in runs:
             row = dict(impl=name, seq=S, hidden=a.hidden, vocab=a.vocab, reference=reference, **env)
             if name in CHUNKED:
-                row["chunk_rows"] = chunk or default_chunk_rows(a.vocab, CHUNKED[name])
+                row["chunk_rows"] = chunk or default_chunk_rows(a.vocab, CHUNKED[name], S)
             try:
                 fn = makers[name]()
                 if chunk:

@@ -28,12 +28,13 @@ fp32 softmax, the gradient rounded to bf16 before `dz @ Wᵀ`).
 Liger sizes its chunks from the token count: 64 rows at 4K tokens and V = 151,936, so its GEMMs run with M = 64 (27.8
 ms for the 4K loss of a Qwen3 step on an H100, 183 TFLOP/s; session 12's profile). `impl="triton"` is the chunk loop
 with each chunk's loss and gradient in one Triton kernel (`torch_impl.kernels.cross_entropy`) over the model-dtype
-logits, in place: 832-row chunks there, a 256 MiB block in bf16, no fp32 copy, and no host sync (a CUDA graph can
-hold it). Timed on an H100 (2026-12-06, `gpu_session.sh session13loss`; benchmarks/results/session13_2026-12-06):
-4K tokens 9.7 ms against Liger's 32.3 (3.3x), 16K 41.9 against 42.1, the same gradient error against the fp32
-materialised loss, 0.24 GiB of extra memory against Liger's 0.02-0.07; the compiled Qwen3 24-layer 4K step 262 ms
-against 279 with Liger, the same peak. So `auto` is `triton` wherever the kernel runs (CUDA, 16/32-bit), CUDA-graph
-steps included, and the chunk loop elsewhere (CPUs, float64); `liger` stays selectable by name.
+logits, in place: 832-row chunks there (1920 from 8K tokens on), a 256 MiB block in bf16, no fp32 copy, and no host
+sync (a CUDA graph can hold it). Timed on an H100 (2026-12-06, `gpu_session.sh session13loss`;
+benchmarks/results/session13_2026-12-06): 4K tokens 9.7 ms against Liger's 32.3 (3.3x), 16K 41.9 against 42.1, the
+same gradient error against the fp32 materialised loss, 0.24 GiB of extra memory against Liger's 0.02-0.07; the
+compiled Qwen3 24-layer 4K step 262 ms against 279 with Liger, the same peak. So `auto` is `triton` wherever the
+kernel runs (CUDA, 16/32-bit), CUDA-graph steps included, and the chunk loop elsewhere (CPUs, float64); `liger` stays
+selectable by name.
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ IGNORE_INDEX = -100
 # One chunk's fp32 logits block is at most this many elements (2^28 = 1 GiB): at V = 151,936 that is 1,766 rows,
 # large enough that the chunk's GEMMs run at the dense rate, small enough to be noise next to a 30B model's weights.
 _CHUNK_ELEMENTS = 1 << 28
+# The loss kernel's chunk on long sequences. Each chunk costs a few launches and a pass over W whatever its size, so
+# a 16K-token step pays for 26 chunks of 640 rows at gpt-oss's vocabulary: 1920-row chunks took 7 ms off gpt-oss's
+# compiled 16K step (1012.9 -> 1005.8 ms, the same 55.21 GiB peak; session 21, H100) and 6 ms off Qwen3's graphed
+# 16K step, whose peak fell (52.60 -> 52.12 GiB; session 22, H100). At 4K the step time did not move (gpt-oss 252.2
+# -> 251.7 ms) and the peak rose 0.125 GiB, and Qwen3's 4K step peaks 0.17 GiB under Unsloth's, so shorter losses
+# keep the 2^27-element chunk. The block is at most 2^29 elements (1 GiB in bf16) at any vocabulary.
+_LONG_ROWS = 8192
+_LONG_CHUNK_ROWS = 1920
+_LONG_CHUNK_ELEMENTS = 1 << 29
 
 
 def shift_labels(labels_BS: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -55,12 +65,17 @@ def shift_labels(labels_BS: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> t
     return F.pad(labels_BS, (0, 1), value=ignore_index)[..., 1:]
 
 
-def default_chunk_rows(vocab: int, impl: str = "chunked") -> int:
+def default_chunk_rows(vocab: int, impl: str = "chunked", rows: int | None = None) -> int:
     """Rows per chunk so that one chunk's fp32 logits stay within `_CHUNK_ELEMENTS` (a multiple of 64, >= 64); for
     impl "triton", whose chunk is the model-dtype logits alone, updated in place, half that many elements: 832 rows at
-    V = 151,936, 256 MiB in bf16, as large a GEMM as the chunk loop's at a quarter of its memory."""
+    V = 151,936, 256 MiB in bf16, as large a GEMM as the chunk loop's at a quarter of its memory. A "triton" loss over
+    at least `_LONG_ROWS` token rows (`rows`) takes `_LONG_CHUNK_ROWS`-row chunks instead (fewer, larger launches; at
+    most `_LONG_CHUNK_ELEMENTS`)."""
     elements = _CHUNK_ELEMENTS // 2 if impl == "triton" else _CHUNK_ELEMENTS
-    return max(64, (elements // max(vocab, 1)) // 64 * 64)
+    base = max(64, (elements // max(vocab, 1)) // 64 * 64)
+    if impl == "triton" and rows is not None and rows >= _LONG_ROWS:
+        return max(base, min(_LONG_CHUNK_ROWS, (_LONG_CHUNK_ELEMENTS // max(vocab, 1)) // 64 * 64))
+    return base
 
 
 def _env_chunk_rows() -> int | None:
@@ -217,7 +232,7 @@ def fused_linear_cross_entropy(h_BSH: torch.Tensor, weight: torch.Tensor, labels
     h_NH = h_BSH.reshape(-1, h_BSH.shape[-1])
     target_N = shift_labels(labels_BS, ignore_index).reshape(-1)
     impl = resolve_impl(impl, h_NH)
-    rows = chunk_rows or _env_chunk_rows() or default_chunk_rows(vocab, impl)
+    rows = chunk_rows or _env_chunk_rows() or default_chunk_rows(vocab, impl, h_NH.shape[0])
     if impl == "liger":
         loss = _liger_loss(h_NH, weight, target_N, weight_is_HV, ignore_index)
         # HF's 0/0: no valid row gives NaN (Liger's 0 would hide a batch with nothing to learn from); a device-side
