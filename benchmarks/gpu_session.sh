@@ -51,6 +51,7 @@
 #                                             # block with and without the H100's tuned entries; Qwen3 16K before and
 #                                             # after everything since session 17, Unsloth in the same call
 #   bash benchmarks/gpu_session.sh session20g # the same for gpt-oss-20b 16K (the step only)
+#   bash benchmarks/gpu_session.sh session23ctx # Qwen3's longest context, torch_impl and Unsloth in one step.py run
 #   bash benchmarks/gpu_session.sh session22l # 1920-row loss chunks against the default: Qwen3 16K graphed, gpt-oss 4K
 #   bash benchmarks/gpu_session.sh session21ou # gpt-oss 16K with the last one or two layers unchecked, Unsloth
 #   bash benchmarks/gpu_session.sh session21k # issue 16 in one call: hopper gpu tests, the block with every baseline
@@ -60,7 +61,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -561,6 +562,16 @@ case $PART in
       $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_lora_linear.log" 2>&1
     grep -h "passed\|failed" "$R/gpu_tests.log"; grep -h " ms" "$R/lora_linear.log"; rows "$R/step.jsonl"
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
+  session23ctx)  # (written 2026-12-07, session 22) issue 15's "Qwen3 longest context past Unsloth's in the same
+    # command". Session 22 (H100, 24 layers) got it over three calls: torch_impl trained 196,608 tokens (262,144 OOM),
+    # Unsloth 163,840 (196,608 OOM); session14ctx's single command ran out of time bisecting. Here one step.py run
+    # with both rows, each from 163,840 in 32K steps up to 229,376: at most three probes per implementation
+    wheels
+    L=$(card_layers)
+    timeout $((585 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --layers $L --max-context --seq 163840 \
+      --context-step 32768 --max-seq 229376 --impls torch_impl,unsloth --offload --optim-in-backward \
+      --expert-chunk 16384 --out "$R/maxctx.jsonl" > "$R/maxctx.log" 2>&1
+    rows "$R"/maxctx.jsonl ;;
   session22l)  # (written 2026-12-07, session 21, for the next device time) whether 1920-row loss chunks can be the
     # default: they took 7 ms off gpt-oss's 16K step at the same peak (session 21, H100; 6 ms on an H200 in session
     # 17), but make the loss block 0.72 GiB at gpt-oss's vocabulary (0.54 at Qwen3's) against 0.25, and Qwen3's
