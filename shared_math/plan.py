@@ -82,18 +82,19 @@ Memory (bytes per GPU):
   opt tmp   4·Q_local with foreach AdamW (its sqrt(v) temporary), 0 with fused AdamW (torch_impl's default on CUDA)
   total     the peak over the step's phases, each beside weights + 12·Q (LoRA params and AdamW moments):
               the loss (the forward's end)  gather + a2a + saved + kept + 2·S·H + loss chunk   (no gradient yet)
-              layer l's backward, l = L−1 down to 0: gather + a2a + saved + the kept activations of the
-                un-checkpointed layers <= l + 2·S·H + layer l's backward + the LoRA gradients that exist: those of
-                layers >= l, or with optim_in_backward layer l's alone (its tensors are updated and freed as made)
+              layer l's backward, l = L−1 down to 0: gather + a2a + the saved tensors of the checkpointed layers
+                <= l + the kept activations of the un-checkpointed layers <= l + 2·S·H + layer l's backward + the
+                LoRA gradients that exist: those of layers >= l, or with optim_in_backward layer l's alone (its
+                tensors are updated and freed as made)
               the optimizer step after the backward: 4·Q (every gradient) + opt tmp (none with optim_in_backward)
-            All N saved inputs are counted through the whole backward (an upper bound: each dies with its layer's
-            backward; the calibration below keeps it), so near N = L, where the peak is the first layer's backward,
-            one more checkpointed layer can add its input to the total instead of taking its kept activations off.
+            A checkpointed layer's saved input (and kept attention) dies with its backward, so the gradients that
+            pile up in the backward take the place of inputs already freed. Until session 22 every saved input was
+            counted through the whole backward; that put gpt-oss-20b's 16K step (24 layers, compiled, "attention"
+            policy, H100) at 58.70 GiB, where it measured 55.21, as it did with AdamW in backward: the peak is the
+            last layer's backward, before most gradients exist (now 56.06; tests/shared/test_plan.py).
             One micro-batch per step, gradients set to None after the optimizer step (torch_impl's Trainer,
             benchmarks/step.py); with grad_accum > 1 the gradients of the earlier micro-batches live through every
-            phase. With every layer checkpointed and fused AdamW this is weights + lora + saved + work (+ gather +
-            a2a) unless the loss chunk is the larger working set (short sequences: there the peak is still the first
-            layer's backward, which holds every gradient).
+            phase.
   fits      total <= 139 GiB (an H200's 141 GB less the CUDA context and allocator slack), or --budget-gib
 
 Step time (seconds per GPU, batch 1 of S tokens on every GPU):
@@ -592,7 +593,8 @@ def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: boo
     S, H, V = seq, cfg.hidden_size, cfg.vocab_size
     N = L if checkpoint_layers is None else checkpoint_layers
     keep = S * _attention_kept_width(cfg) if checkpoint_policy == "attention" else 0
-    saved = N * ((0 if offload else 2 * S * H) + keep)
+    saved_layer = (0 if offload else 2 * S * H) + keep  # what each checkpointed layer holds until its backward
+    saved = N * saved_layer
     chunk_rows = max(64, (LOSS_CHUNK_ELEMENTS // V) // 64 * 64)
     loss_chunk = 4 * min(S, chunk_rows) * V
     n_t = len(attention_targets(cfg))
@@ -616,12 +618,13 @@ def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: boo
     a2a = 4 * 2 * S * cfg.num_experts_per_tok * H if x > 1 else 0
     opt_tmp = 4 * lora_local if optimizer == "foreach" and not optim_in_backward else 0
     # the step's phases (module docstring), each beside the weights, the LoRA params and AdamW moments (12·Q)
-    base = gather + a2a + saved + 2 * S * H
-    phases = [base + kept + loss_chunk]  # the forward's end, the loss: no LoRA gradient made yet
+    base = gather + a2a + 2 * S * H
+    phases = [base + saved + kept + loss_chunk]  # the forward's end, the loss: no LoRA gradient made yet
     live, made = kept, 0.0
     for l in reversed(range(L)):  # the backward, last layer first: its working set and the gradients that exist
         made = grads[l] + in_flight if optim_in_backward else made + grads[l]
-        phases.append(base + live + own[l] + made)
+        # the checkpointed layers' inputs (and kept attention) of layers l' > l died with their backward
+        phases.append(base + min(l + 1, N) * saved_layer + live + own[l] + made)
         if l >= N:
             live -= kp[moe[l]]  # an un-checkpointed layer's kept activations die with its backward
     if not optim_in_backward:  # the optimizer step after the backward: every gradient, foreach's temporary
