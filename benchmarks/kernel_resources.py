@@ -15,12 +15,14 @@ PRE_GATHER, read by TMA.
     python3 benchmarks/kernel_resources.py --model gpt_oss_20b --passes dh --configs shipped [--lora-acc]
     python3 benchmarks/kernel_resources.py --model qwen3_30b --passes gate_up,dh \
         --configs '{"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "num_warps": 8, "num_stages": 4}'
-Prints one line per (pass, config): registers, spill bytes, shared memory.
+Prints one line per (pass, config): registers, spill bytes, shared memory, and a digest of the PTX that
+changes only when the compiled code does (`ptx_digest`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import subprocess
@@ -49,10 +51,12 @@ class Usage:
     spill_loads: int
     smem: int  # bytes of dynamic shared memory Triton asks for at launch
     warp_specialized: bool  # the PTX splits producer and consumer warps (setmaxnreg), as WS asks
+    digest: str  # `ptx_digest` of the kernel's PTX: equal digests, the same code (a refactor's check)
 
     def __str__(self) -> str:
         spills = f", spills {self.spill_stores} B stored / {self.spill_loads} B loaded" if self.spill_stores else ""
-        return f"{self.regs} regs{spills}, {self.smem} B smem{', warp-specialised' if self.warp_specialized else ''}"
+        ws = ", warp-specialised" if self.warp_specialized else ""
+        return f"{self.regs} regs{spills}, {self.smem} B smem{ws}, ptx {self.digest}"
 
 
 def pass_constexprs(pass_name: str, config: dict, *, rank: int = 64, act: int = 1, gathered: bool = True,
@@ -119,6 +123,17 @@ def _ptxas_report(ptx: str) -> str:
     raise RuntimeError("no bundled ptxas assembled the kernel: " + "; ".join(errors))
 
 
+def ptx_digest(ptx: str) -> str:
+    """The first 12 hex digits of the sha1 of the PTX without its debug information (the `.loc` / `.file` lines, the
+    `$L__tmp` / `$L__func` labels, the `.debug_*` sections), which names source lines: a change that moves code
+    without changing what it compiles to keeps the digest. Session 22 checked the EPI_SPLIT helper this way: every
+    shipped config's PTX the same before and after."""
+    cut = ptx.find(".section\t.debug")
+    lines = [line for line in (ptx if cut < 0 else ptx[:cut]).splitlines()
+             if not re.match(r"\s*(\.loc|\.file|\$L__tmp|\$L__func)", line) and "debug" not in line]
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
+
+
 def usage(kernel) -> Usage:
     """Registers and spill bytes per thread (ptxas -v), shared memory from Triton's metadata, and
     whether the PTX is warp-specialised (its register reallocation between producer and consumer warps)."""
@@ -128,7 +143,8 @@ def usage(kernel) -> Usage:
     if regs is None or frame is None:
         raise RuntimeError(f"unexpected ptxas report: {text[-400:]}")
     return Usage(regs=int(regs[1]), spill_stores=int(frame[1]), spill_loads=int(frame[2]),
-                 smem=int(kernel.metadata.shared), warp_specialized="setmaxnreg" in kernel.asm["ptx"])
+                 smem=int(kernel.metadata.shared), warp_specialized="setmaxnreg" in kernel.asm["ptx"],
+                 digest=ptx_digest(kernel.asm["ptx"]))
 
 
 def pass_usage(pass_name: str, config: dict, **kw) -> Usage:

@@ -52,3 +52,19 @@ def test_unknown_pass_is_refused():
 
     with pytest.raises(ValueError, match="unknown pass 'up'"):
         pass_constexprs("up", SMALL)
+
+
+def test_ptx_digest_ignores_debug_lines_and_tells_configs_apart():
+    """The digest of a config's PTX is the same on a second compile and differs for another epilogue split; source
+    lines (`.loc`, debug labels and sections) do not enter it, so moving code keeps it."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.kernel_resources import ptx_digest
+
+    body = "\tld.global.u32 %r1, [%rd1];\n\tst.global.u32 [%rd2], %r1;\n"
+    moved = "\t.loc\t1 120 7\n$L__tmp3:\n" + body + ".section\t.debug_info\n{ .b8 1 }\n"
+    assert ptx_digest(body) == ptx_digest("\t.loc\t1 80 3\n" + moved)
+    assert ptx_digest(body) != ptx_digest(body.replace("%r1", "%r2"))
+    out = _run("--model", "qwen3_30b", "--passes", "down",
+               "--configs", json.dumps([SMALL, SMALL, dict(SMALL, EPI_SPLIT=2)]))
+    digests = re.findall(r"ptx ([0-9a-f]{12})", out)
+    assert len(digests) == 3 and digests[0] == digests[1] != digests[2], out
