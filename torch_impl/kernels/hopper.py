@@ -224,40 +224,27 @@ def _hopper_gemm_kernel(
             # h for that part of the tile at a time, so a wider tile (BLOCK_N=256) fits the registers (triton
             # tutorial 09's EPILOGUE_SUBTILE).
             half: tl.constexpr = BLOCK_N // 2
-            acc_lo, acc_hi = _column_halves(acc, BLOCK_M, half)
-            acc2_lo, acc2_hi = _column_halves(acc2, BLOCK_M, half)
             if EPI_SPLIT == 2:
-                part = _epilogue(acc_lo, acc2_lo, z, rs, rows64, mask_mc, row0_c, e_c, n0_c, out_rows, gu_desc,
-                                 lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
-                                 gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale,
-                                 limit, alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC,
-                                 half, BLOCK_R)
-                part += _epilogue(acc_hi, acc2_hi, z, rs, rows64, mask_mc, row0_c, e_c, n0_c + half, out_rows,
-                                  gu_desc, lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be,
-                                  stride_bn, gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale,
-                                  out_scale, limit, alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC,
-                                  DOT_PREC, half, BLOCK_R)
+                part = _epilogue_halves(acc, acc2, z, rs, rows64, mask_mc, row0_c, e_c, n0_c, out_rows, gu_desc,
+                                        lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
+                                        gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale,
+                                        out_scale, limit, alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU,
+                                        GU_DESC, DOT_PREC, BLOCK_M, half, BLOCK_R)
             else:
                 quarter: tl.constexpr = half // 2
+                acc_lo, acc_hi = _column_halves(acc, BLOCK_M, half)
+                acc2_lo, acc2_hi = _column_halves(acc2, BLOCK_M, half)
                 part = tl.zeros([BLOCK_M], dtype=tl.float32)
                 for hi in tl.static_range(2):
                     if hi == 0:
-                        q_lo, q_hi = _column_halves(acc_lo, BLOCK_M, quarter)
-                        q2_lo, q2_hi = _column_halves(acc2_lo, BLOCK_M, quarter)
+                        a_h, a2_h = acc_lo, acc2_lo
                     else:
-                        q_lo, q_hi = _column_halves(acc_hi, BLOCK_M, quarter)
-                        q2_lo, q2_hi = _column_halves(acc2_hi, BLOCK_M, quarter)
-                    n_q = n0_c + hi * half
-                    part += _epilogue(q_lo, q2_lo, z, rs, rows64, mask_mc, row0_c, e_c, n_q, out_rows, gu_desc,
-                                      lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
-                                      gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale,
-                                      out_scale, limit, alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU,
-                                      GU_DESC, DOT_PREC, quarter, BLOCK_R)
-                    part += _epilogue(q_hi, q2_hi, z, rs, rows64, mask_mc, row0_c, e_c, n_q + quarter, out_rows,
-                                      gu_desc, lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be,
-                                      stride_bn, gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF,
-                                      lora_scale, out_scale, limit, alpha, LORA, HAS_BIAS, ROW_SCALE, MODE, ACT,
-                                      STORE_GU, GU_DESC, DOT_PREC, quarter, BLOCK_R)
+                        a_h, a2_h = acc_hi, acc2_hi
+                    part += _epilogue_halves(a_h, a2_h, z, rs, rows64, mask_mc, row0_c, e_c, n0_c + hi * half,
+                                             out_rows, gu_desc, lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr,
+                                             stride_be, stride_bn, gu_ptr, stride_gum, stride_gun, stride_on, N, R,
+                                             N_HALF, lora_scale, out_scale, limit, alpha, LORA, HAS_BIAS, ROW_SCALE,
+                                             MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, BLOCK_M, quarter, BLOCK_R)
         if MODE == 2:
             # the tile's share of the routing-weight gradient: sum over its columns of h * dh
             tl.store(dot_ptr + rows64 * stride_dotm + cn_c * stride_dotn, part, mask=mask_mc)
@@ -270,13 +257,35 @@ def _column_halves(t, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
+def _epilogue_halves(acc, acc2, z, rs, rows64, mask_mc, row0_c, e_c, n0, out_rows, gu_desc,
+                     lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
+                     gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit, alpha,
+                     LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, MODE: tl.constexpr,
+                     ACT: tl.constexpr, STORE_GU: tl.constexpr, GU_DESC: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
+    """`_epilogue` on columns [n0, n0 + HALF) of `acc` / `acc2` ([BLOCK_M, 2·HALF]), then on [n0 + HALF, n0 + 2·HALF):
+    returns the sum of the two parts' MODE-2 dots."""
+    acc_lo, acc_hi = _column_halves(acc, BLOCK_M, HALF)
+    acc2_lo, acc2_hi = _column_halves(acc2, BLOCK_M, HALF)
+    part = _epilogue(acc_lo, acc2_lo, z, rs, rows64, mask_mc, row0_c, e_c, n0, out_rows, gu_desc,
+                     lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
+                     gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit, alpha,
+                     LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, HALF, BLOCK_R)
+    part += _epilogue(acc_hi, acc2_hi, z, rs, rows64, mask_mc, row0_c, e_c, n0 + HALF, out_rows, gu_desc,
+                      lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
+                      gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit, alpha,
+                      LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, HALF, BLOCK_R)
+    return part
+
+
+@triton.jit
 def _epilogue(acc, acc2, z, rs, rows64, mask_mc, row0_c, e_c, n0, out_rows, gu_desc,
               lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
               gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit, alpha,
               LORA: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, MODE: tl.constexpr,
               ACT: tl.constexpr, STORE_GU: tl.constexpr, GU_DESC: tl.constexpr, DOT_PREC: tl.constexpr,
               SUB_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The epilogue of output columns [n0, n0 + SUB_N) of one tile (the whole tile, or one half with EPI_SPLIT=2):
+    """The epilogue of output columns [n0, n0 + SUB_N) of one tile (the whole tile, or a half or quarter of it):
     LoRA, bias, activation forward / backward, routing weight, (scatter) store. Returns the rows' sum of h * dh over
     these columns in MODE 2 (the routing-weight gradient's share), zeros otherwise."""
     cdt = lb_ptr.dtype.element_ty
