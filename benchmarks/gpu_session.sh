@@ -115,9 +115,9 @@ install_wheels() {  # $1 a folder of carried wheels, $2 the folder they go to (t
 wheels() {  # Unsloth's and Liger's wheels (carried in .whl) into /tmp/site
   install_wheels .whl /tmp/site wheels.log
 }
-tokamax_wheels() {  # tokamax and what it needs (.whl/tokamax: benchmarks/tokamax-wheels.sh) into a folder apart
+tokamax_wheels() {  # tokamax and what it needs (.whl-tokamax: benchmarks/tokamax-wheels.sh) into a folder apart
   # from Unsloth's: the two pin different typeguards
-  install_wheels .whl/tokamax /tmp/site_tk tokamax_wheels.log
+  install_wheels .whl-tokamax /tmp/site_tk tokamax_wheels.log
 }
 merge_tuned() {  # a sweep's tuned_configs.json ($1) into this copy's shipped table, which goes to $OUT to be committed
   python3 - "$1" <<'PY'
@@ -477,7 +477,7 @@ case $PART in
       > "$R/step_oss.log" 2>&1
     rows "$R/step.jsonl"; grep -h "device busy" "$R"/*.log ;;
   session14tk)  # (written 2026-12-06, session 14) issue 16's "the JAX kernels measured next to tokamax.ragged_dot
-    # in the same command": backend `tokamax` (ragged_dot's custom VJP, every dot on tokamax; needs .whl/tokamax)
+    # in the same command": backend `tokamax` (ragged_dot's custom VJP, every dot on tokamax; carry .whl-tokamax)
     # through the jax block suite's gpu tests in bf16, then the T=16384 block rows of torch triton_hopper, jax pallas
     # and tokamax (Mosaic GPU, then forced to its Triton kernels), one command each; then gpt-oss's plain attention on
     # cuDNN against tokamax's flash kernels (issue 17's "cuDNN or tokamax's Mosaic-GPU attention: measure both")
@@ -609,7 +609,7 @@ case $PART in
     # name an H200, which has no block rows yet): the hopper gpu tests; at T=16384 the block with every baseline in
     # one command (HF + PEFT, torch triton and triton_hopper, the base-only gate_up rows against _grouped_mm, each
     # pass's TFLOP/s, JAX pallas and tokamax: the issue's "JAX within 1.1x of torch triton" names the triton row);
-    # then T=1024 eager and gpt-oss T=65536 against HF + PEFT. Needs .whl/tokamax (benchmarks/tokamax-wheels.sh)
+    # then T=1024 eager and gpt-oss T=65536 against HF + PEFT. Carry .whl-tokamax (benchmarks/tokamax-wheels.sh)
     L=${LIMIT:-590}
     tokamax_wheels
     gpu_tests gpu_tests.log 150 tests/torch/test_hopper_kernels.py

@@ -17,7 +17,11 @@ On a GPU each kernel implementation is first traced once on a tiny problem (`_tr
 trace are asked for, and with none the backend is unavailable, saying why, before any work. Measured on an H100 with
 jax 0.11.2 (2026-12-06, session 14): tokamax 0.0.12's Mosaic kernel fails with "Mesh.__init__() got an unexpected
 keyword argument 'out_shape'" and its Triton kernel with "pl.dot was deprecated in JAX v0.11.0": neither runs on that
-stack, where a step would otherwise have died inside its trace.
+stack, where a step would otherwise have died inside its trace. tokamax 0.0.14, which `benchmarks/tokamax-wheels.sh`
+now brings, lowers both for CUDA with jax 0.11.2 (checked on a CPU with `jax.export`, the device stood in for by an
+H100, where 0.0.12 fails with the same two errors; not yet run on a GPU). From 0.0.15 tokamax's Triton kernel needs
+jax-triton 0.4 and triton >= 3.7, which that machine lacks (torch's triton 3.6.0): there "triton" is an unknown
+implementation, which the probe reports like a failed trace, and only Mosaic runs.
 """
 
 from __future__ import annotations
