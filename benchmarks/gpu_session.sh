@@ -51,6 +51,7 @@
 #                                             # block with and without the H100's tuned entries; Qwen3 16K before and
 #                                             # after everything since session 17, Unsloth in the same call
 #   bash benchmarks/gpu_session.sh session20g # the same for gpt-oss-20b 16K (the step only)
+#   bash benchmarks/gpu_session.sh session23tn # the TN split mode alone: launches at three skews, the block at 0/1024/2048
 #   bash benchmarks/gpu_session.sh session23ctx # Qwen3's longest context, torch_impl and Unsloth in one step.py run
 #   bash benchmarks/gpu_session.sh session22l # 1920-row loss chunks against the default: Qwen3 16K graphed, gpt-oss 4K
 #   bash benchmarks/gpu_session.sh session21ou # gpt-oss 16K with the last one or two layers unchecked, Unsloth
@@ -61,7 +62,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -562,6 +563,26 @@ case $PART in
       $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_lora_linear.log" 2>&1
     grep -h "passed\|failed" "$R/gpu_tests.log"; grep -h " ms" "$R/lora_linear.log"; rows "$R/step.jsonl"
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
+  session23tn)  # (written 2026-12-07, session 22) issue 16: what the TN split mode (default 1024-row chunks since
+    # session 20, timed only inside Qwen3's 16K step, never alone) costs where the routing is even. Session 22's
+    # Qwen3 block (moe_block's even top-K routing: ~1024 rows per expert, so about half the experts split into a
+    # full chunk and a sliver, and every launch gains the chunk-sum launch) left 1.96 ms of its 8.70 outside the NN
+    # passes, against 1.51 of 8.16 in session 10. The four launches at skews 0, 1, 2 unsplit / 1024 / 2048; then the
+    # block with SPLITMOE_TN_SPLIT_ROWS=0, the default and 2048
+    L=${LIMIT:-590}
+    C="--cases qwen3_30b_T16384,gpt_oss_20b_T16384"
+    timeout 120 python3 benchmarks/tn_probe.py $C --skew 0,1,2 --variants shipped --split-rows 1024 \
+      --out "$R/tn.jsonl" > "$R/tn_1024.log" 2>&1
+    timeout 90 python3 benchmarks/tn_probe.py $C --skew 0,1,2 --variants shipped --split-rows 2048 \
+      --out "$R/tn.jsonl" > "$R/tn_2048.log" 2>&1
+    for split in 0 default 2048; do
+      [ $((L - SECONDS)) -gt 70 ] || break
+      if [ "$split" = default ]; then unset SPLITMOE_TN_SPLIT_ROWS; else export SPLITMOE_TN_SPLIT_ROWS=$split; fi
+      timeout 100 python3 benchmarks/moe_block.py --iters 10 $C --impls torch_triton_hopper \
+        --out "$R/block.jsonl" > "$R/block_$split.log" 2>&1
+    done
+    unset SPLITMOE_TN_SPLIT_ROWS
+    grep -h "rows per expert\|all four" "$R"/tn_*.log; grep -h "|" "$R"/block_*.log | cut -c1-160 ;;
   session23ctx)  # (written 2026-12-07, session 22) issue 15's "Qwen3 longest context past Unsloth's in the same
     # command". Session 22 (H100, 24 layers) got it over three calls: torch_impl trained 196,608 tokens (262,144 OOM),
     # Unsloth 163,840 (196,608 OOM); session14ctx's single command ran out of time bisecting. Here one step.py run
