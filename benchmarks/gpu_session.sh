@@ -568,7 +568,7 @@ case $PART in
     # Qwen3 block (moe_block's even top-K routing: ~1024 rows per expert, so about half the experts split into a
     # full chunk and a sliver, and every launch gains the chunk-sum launch) left 1.96 ms of its 8.70 outside the NN
     # passes, against 1.51 of 8.16 in session 10. The four launches at skews 0, 1, 2 unsplit / 1024 / 2048; then the
-    # block with SPLITMOE_TN_SPLIT_ROWS=0, the default and 2048
+    # block with SPLITMOE_TN_SPLIT_ROWS=0, the default and 2048; then JAX pallas with its split off and at 1024
     L=${LIMIT:-590}
     C="--cases qwen3_30b_T16384,gpt_oss_20b_T16384"
     timeout 120 python3 benchmarks/tn_probe.py $C --skew 0,1,2 --variants shipped --split-rows 1024 \
@@ -582,6 +582,12 @@ case $PART in
         --out "$R/block.jsonl" > "$R/block_$split.log" 2>&1
     done
     unset SPLITMOE_TN_SPLIT_ROWS
+    # jax_impl's twin (SPLITMOE_JAX_TN_SPLIT_ROWS, off by default, never timed) on the same block, if time is left
+    for split in 0 1024; do
+      [ $((L - SECONDS)) -gt 100 ] || break
+      SPLITMOE_JAX_TN_SPLIT_ROWS=$split timeout $((L - 5 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 $C \
+        --impls jax_pallas_fused --out "$R/block.jsonl" > "$R/block_jax_$split.log" 2>&1
+    done
     grep -h "rows per expert\|all four" "$R"/tn_*.log; grep -h "|" "$R"/block_*.log | cut -c1-160 ;;
   session23ctx)  # (written 2026-12-07, session 22) issue 15's "Qwen3 longest context past Unsloth's in the same
     # command". Session 22 (H100, 24 layers) got it over three calls: torch_impl trained 196,608 tokens (262,144 OOM),
