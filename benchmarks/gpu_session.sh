@@ -51,6 +51,7 @@
 #                                             # block with and without the H100's tuned entries; Qwen3 16K before and
 #                                             # after everything since session 17, Unsloth in the same call
 #   bash benchmarks/gpu_session.sh session20g # the same for gpt-oss-20b 16K (the step only)
+#   bash benchmarks/gpu_session.sh adhoc CMD...  # any command with the wheels on the path (warm-machine follow-ups)
 #   bash benchmarks/gpu_session.sh session23tn # the TN split mode alone: launches at three skews, the block at 0/1024/2048
 #   bash benchmarks/gpu_session.sh session23ctx # Qwen3's longest context, torch_impl and Unsloth in one step.py run
 #   bash benchmarks/gpu_session.sh session22l # 1920-row loss chunks against the default: Qwen3 16K graphed, gpt-oss 4K
@@ -62,7 +63,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|adhoc|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -1377,6 +1378,14 @@ gpt_oss_20b_r16_T16384 > "$R/sweep.log" 2>&1
     timeout 240 python3 benchmarks/mosaic_probe.py --out "$R/mosaic_probe.jsonl" > "$R/mosaic_probe.log" 2>&1
     grep -E "^(OK|FAIL)" "$R/mosaic_probe.log" | cut -c1-400
     gpu_tests gpu_tests_mosaic.log 200 tests/jax/test_mosaic_kernels.py tests/jax/test_moe_block.py -k "mosaic or pallas" ;;
+  adhoc)  # any command, run with Unsloth's and Liger's wheels (.whl) on the path, its output in adhoc.log: for
+    # short follow-ups on a warm machine (session 22's hand-typed call lost its Unsloth row to a missing path); files
+    # the command writes under /tmp/adhoc come back in adhoc.tgz
+    wheels
+    shift
+    "$@" > "$R/adhoc.log" 2>&1
+    echo "exit $?" >> "$R/adhoc.log"
+    tail -20 "$R/adhoc.log" | cut -c1-300 ;;
   *) echo "unknown part $PART: the usage line (bash benchmarks/gpu_session.sh with no argument) lists them" >&2
      pkill -P "$SNAPSHOT"; kill "$SNAPSHOT"; exit 2 ;;
 esac
