@@ -116,7 +116,7 @@ def plot_lines(paths: list[Path], out: Path) -> None:
                 model = f"{r.get('family', '')} {r['preset']} L{r.get('layers', '')}".strip()
                 rows[(model, _variant(r), r["seq"])] = r
     models = sorted({k[0] for k in rows})
-    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8.5), squeeze=False)
     for col, model in enumerate(models):
         for variant in sorted({k[1] for k in rows if k[0] == model}):
             pts = sorted((k[2], r) for k, r in rows.items() if k[0] == model and k[1] == variant)
@@ -132,12 +132,14 @@ def plot_lines(paths: list[Path], out: Path) -> None:
         seqs = sorted({k[2] for k in rows if k[0] == model})
         for ax, label in zip(axes[:, col], ("ms per LoRA training step", "peak GiB allocated")):
             ax.set(xscale="log", xlabel="context length (tokens); x: failed (out of memory)", ylabel=label)
-            ax.set_xticks(seqs, [f"{s / 1024:g}K" for s in seqs])
+            # close lengths on the log axis (160K, 192K) would run their labels together
+            ax.set_xticks(seqs, [f"{s / 1024:g}K" for s in seqs], rotation=45)
             ax.minorticks_off()
             ax.set_title(model, fontsize=10)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
         axes[0, col].set_yscale("log")
+        # one legend, under the memory panel: inside a panel it hid the longest lengths' points
+        axes[1, col].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=1)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
