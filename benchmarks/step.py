@@ -451,6 +451,9 @@ def _try_step(model, loss_fn, S: int, vocab: int, a: argparse.Namespace, impl: s
             torch.cuda.empty_cache()
 
 
+MAX_CONTEXT_WARMUP_TOKENS = 4096  # the in-process search's warm-up step (`main`)
+
+
 def max_context(probe, start: int, cap: int, step: int) -> tuple[int | None, list[dict]]:
     """The longest S (a multiple of `step`) for which `probe(S)` returns a row without error: doubling from `start`
     until a failure or `cap` (halving, down to `step`, while `start` itself fails), then bisecting between the last
@@ -738,7 +741,11 @@ def main(argv: list[str] | None = None) -> int:
     if ctx is not None and a.max_context:
         raise SystemExit("--max-context with --cuda-graph: a graph is captured per shape; time the lengths instead")
     one_step = argparse.Namespace(**{**vars(a), "warmup": 0, "iters": 1})
-    if a.max_context:  # one step: does it train at S (its time includes first-call work)
+    if a.max_context:  # one step: does it train at S (its time includes first-call work at S's shapes)
+        # one untimed step at a short length first, so that the process's one-time work is not in the first probe:
+        # on an H100 (session 22) torch_impl's first step of a fresh process at 196,608 tokens peaked 67.39 GiB, and
+        # the same length probed after earlier steps 62.03, a difference that can fail a length that trains
+        _try_step(model, loss_fn, min(a.seqs[0], MAX_CONTEXT_WARMUP_TOKENS), vocab, one_step, impl, None)
         _search_max_context(a, base, emit, lambda S: _try_step(model, loss_fn, S, vocab, one_step, impl, None))
         return 0
     # one untimed step at the shortest length first: the first length of a process still carried one-time work

@@ -93,6 +93,28 @@ def _torch_rows(tmp_path, args: list[str]):
     return [json.loads(line) for line in out.read_text().splitlines()], built["model"]
 
 
+def test_torch_max_context_warms_up_before_the_first_probe(tmp_path, monkeypatch):
+    """An in-process search runs one untimed step at min(start, 4096) tokens before its first probe (a fresh
+    process's first step carries one-time work: 5.4 GiB more at 196,608 tokens on an H100), and emits only probes
+    and the result."""
+    pytest.importorskip("torch")
+    import benchmarks.step as step
+
+    seen = []
+    real = step._try_step
+    monkeypatch.setattr(step, "_try_step", lambda model, loss_fn, S, *a, **kw: seen.append(S)
+                        or real(model, loss_fn, S, *a, **kw))
+    monkeypatch.setattr(step, "MAX_CONTEXT_WARMUP_TOKENS", 16)
+    out = tmp_path / "rows.jsonl"
+    assert step.main(["--family", "qwen3_moe", "--preset", "tiny", "--layers", "1", "--device", "cpu",
+                      "--max-context", "--seq", "32", "--max-seq", "64", "--context-step", "16",
+                      "--impls", "torch_impl", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert seen == [16, 32, 64]  # the warm-up at min(32, 16), then the probes
+    assert [r["mode"] for r in rows] == ["max_context_probe", "max_context_probe", "max_context"]
+    assert rows[-1]["max_context"] == 64
+
+
 def test_in_backward_optimizer_rows_leave_no_hooks_behind(tmp_path):
     """--optim-in-backward: each measurement registers its per-tensor hooks and removes them, so the second length
     (and the untimed first step) do not update the LoRA tensors twice per backward."""
