@@ -28,8 +28,8 @@ fp32 softmax, the gradient rounded to bf16 before `dz @ Wᵀ`).
 Liger sizes its chunks from the token count: 64 rows at 4K tokens and V = 151,936, so its GEMMs run with M = 64 (27.8
 ms for the 4K loss of a Qwen3 step on an H100, 183 TFLOP/s; session 12's profile). `impl="triton"` is the chunk loop
 with each chunk's loss and gradient in one Triton kernel (`torch_impl.kernels.cross_entropy`) over the model-dtype
-logits, in place: 832-row chunks there (1920 from 8K tokens on), a 256 MiB block in bf16, no fp32 copy, and no host
-sync (a CUDA graph can hold it). Timed on an H100 (2026-12-06, `gpu_session.sh session13loss`;
+logits, in place: 832-row chunks there, a 256 MiB block in bf16 (from 8K tokens on 1920 rows, 0.54 GiB), no fp32
+copy, and no host sync (a CUDA graph can hold it). Timed on an H100 (2026-12-06, `gpu_session.sh session13loss`;
 benchmarks/results/session13_2026-12-06): 4K tokens 9.7 ms against Liger's 32.3 (3.3x), 16K 41.9 against 42.1, the
 same gradient error against the fp32 materialised loss, 0.24 GiB of extra memory against Liger's 0.02-0.07; the
 compiled Qwen3 24-layer 4K step 262 ms against 279 with Liger, the same peak. So `auto` is `triton` wherever the
