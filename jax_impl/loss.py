@@ -23,9 +23,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from shared_math import loss_chunks
+
 IGNORE_INDEX = -100
-# As torch_impl.loss: one chunk's fp32 logits block is at most 2^28 elements (1 GiB; 1,766 rows at V = 151,936).
-_CHUNK_ELEMENTS = 1 << 28
 
 
 def shift_labels(labels_BS: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
@@ -35,8 +35,8 @@ def shift_labels(labels_BS: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.
 
 
 def default_chunk_rows(vocab: int) -> int:
-    """Rows per chunk so that one chunk's fp32 logits stay within `_CHUNK_ELEMENTS` (a multiple of 64, >= 64)."""
-    return max(64, (_CHUNK_ELEMENTS // max(vocab, 1)) // 64 * 64)
+    """Rows per chunk of this loss's chunk loop (fp32 logits): `shared_math.loss_chunks.default_chunk_rows`'s."""
+    return loss_chunks.default_chunk_rows(vocab)
 
 
 def _acc(dtype) -> jnp.dtype:

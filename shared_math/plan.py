@@ -65,7 +65,7 @@ Memory (bytes per GPU):
             Qwen3-30B-A3B at r=64: 93.4 KB per token compiled (0.36 GiB per layer at 4K, 1.43 at 16K), + 0.10 GiB
             per layer eager.
   work      2·S·H (dh of the loss, kept for the backward)  +  max(loss chunk, one layer's backward), where
-            loss chunk = 4·min(S, C)·V with C = the rows of a 2^28-element fp32 block (torch_impl/loss.py), and
+            loss chunk = 4·min(S, C)·V with C = the rows of a 2^28-element fp32 block (shared_math/loss_chunks.py), and
             a checkpointed layer's backward is its recompute + backward working set:
                         residual/norm tensors 2·8·S·H (four [S, H] tensors and their grads)
                       + attention (flash kernel: no [S, S] scores): 2·2·S·(q + k + v + o widths [MLA: + q_a, kv_a
@@ -211,6 +211,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shared_math.config import ModelConfig
+from shared_math.loss_chunks import default_chunk_rows
 from shared_math.train_config import CHECKPOINT_POLICIES as TRAIN_CHECKPOINT_POLICIES
 from shared_math.train_config import is_checkpoint_layers
 
@@ -235,7 +236,6 @@ GPUS_PER_NODE = 8
 POWERS_OF_TWO = (1, 2, 4, 8, 16, 32, 64)
 OPT_BYTES = {"fused": 28, "foreach": 84}  # bytes moved per LoRA param by one AdamW step (docstring)
 CHECKPOINT_POLICIES = TRAIN_CHECKPOINT_POLICIES["torch"]  # torch_impl.models.layers.REMAT_POLICIES
-LOSS_CHUNK_ELEMENTS = 1 << 28  # torch_impl/loss.py's _CHUNK_ELEMENTS: one fp32 [C, V] block of at most 1 GiB
 FLASH_BWD_OVER_FWD = 2.5  # flash backward: dQ, dK, dV and the recomputed scores, 5 GEMMs to the forward's 2
 
 # Attention LoRA targets per family: benchmarks/step.py's ATTENTION_TARGETS (the recipe of the anchor rows)
@@ -595,7 +595,7 @@ def memory(cfg: ModelConfig, par: Parallel, seq: int, rank: int, *, offload: boo
     keep = S * _attention_kept_width(cfg) if checkpoint_policy == "attention" else 0
     saved_layer = (0 if offload else 2 * S * H) + keep  # what each checkpointed layer holds until its backward
     saved = N * saved_layer
-    chunk_rows = max(64, (LOSS_CHUNK_ELEMENTS // V) // 64 * 64)
+    chunk_rows = default_chunk_rows(V)  # the chunk loop's fp32 block (the plan's loss phase: an upper bound)
     loss_chunk = 4 * min(S, chunk_rows) * V
     n_t = len(attention_targets(cfg))
     moe = cfg.moe_layers

@@ -45,37 +45,14 @@ import os
 import torch
 import torch.nn.functional as F
 
+from shared_math.loss_chunks import default_chunk_rows  # the chunk rule, shared with jax_impl and the plan
+
 IGNORE_INDEX = -100
-# One chunk's fp32 logits block is at most this many elements (2^28 = 1 GiB): at V = 151,936 that is 1,766 rows,
-# large enough that the chunk's GEMMs run at the dense rate, small enough to be noise next to a 30B model's weights.
-_CHUNK_ELEMENTS = 1 << 28
-# The loss kernel's chunk on long sequences. Each chunk costs a few launches and a pass over W whatever its size, so
-# a 16K-token step pays for 26 chunks of 640 rows at gpt-oss's vocabulary: 1920-row chunks took 7 ms off gpt-oss's
-# compiled 16K step (1012.9 -> 1005.8 ms, the same 55.21 GiB peak; session 21, H100) and 6 ms off Qwen3's graphed
-# 16K step, whose peak fell (52.60 -> 52.12 GiB; session 22, H100). At 4K the step time did not move (gpt-oss 252.2
-# -> 251.7 ms) and the peak rose 0.125 GiB, and Qwen3's 4K step peaks 0.17 GiB under Unsloth's, so shorter losses
-# keep the 2^27-element chunk. The block is at most 2^29 elements (1 GiB in bf16) at any vocabulary.
-_LONG_ROWS = 8192
-_LONG_CHUNK_ROWS = 1920
-_LONG_CHUNK_ELEMENTS = 1 << 29
 
 
 def shift_labels(labels_BS: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """HF's label shift: position t is scored against labels[t + 1]; the last position of each row is ignored."""
     return F.pad(labels_BS, (0, 1), value=ignore_index)[..., 1:]
-
-
-def default_chunk_rows(vocab: int, impl: str = "chunked", rows: int | None = None) -> int:
-    """Rows per chunk so that one chunk's fp32 logits stay within `_CHUNK_ELEMENTS` (a multiple of 64, >= 64); for
-    impl "triton", whose chunk is the model-dtype logits alone, updated in place, half that many elements: 832 rows at
-    V = 151,936, 256 MiB in bf16, as large a GEMM as the chunk loop's at a quarter of its memory. A "triton" loss over
-    at least `_LONG_ROWS` token rows (`rows`) takes `_LONG_CHUNK_ROWS`-row chunks instead (fewer, larger launches; at
-    most `_LONG_CHUNK_ELEMENTS`)."""
-    elements = _CHUNK_ELEMENTS // 2 if impl == "triton" else _CHUNK_ELEMENTS
-    base = max(64, (elements // max(vocab, 1)) // 64 * 64)
-    if impl == "triton" and rows is not None and rows >= _LONG_ROWS:
-        return max(base, min(_LONG_CHUNK_ROWS, (_LONG_CHUNK_ELEMENTS // max(vocab, 1)) // 64 * 64))
-    return base
 
 
 def _env_chunk_rows() -> int | None:

@@ -12,8 +12,8 @@ every chunk (cast, logsumexp, exp, scatter, scale, cast back), and Liger's fused
 its chunk from the token count: 64 rows at 4K tokens and V = 151,936, so its two GEMMs per chunk run with M = 64.
 The profile of a compiled Qwen3-30B-A3B step at 4K on an H100 (benchmarks/results/session12_2026-12-06) spends 27.8 ms
 in those 128 GEMMs (183 TFLOP/s for 5.1 TFLOP) out of the step's 202 ms of kernels. Here the caller picks the chunk
-(`torch_impl.loss.default_chunk_rows`: the rows whose logits fit 2^27 elements, 832 at that vocabulary, and 1920 rows
-from 8K tokens on), so the GEMMs are large and the loss kernel reads each logit twice and writes it once.
+(`shared_math.loss_chunks.default_chunk_rows`: the rows whose logits fit 2^27 elements, 832 at that vocabulary, and
+1920 rows from 8K tokens on), so the GEMMs are large and the loss kernel reads each logit twice and writes it once.
 """
 
 from __future__ import annotations
