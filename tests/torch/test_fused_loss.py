@@ -117,11 +117,6 @@ def test_env_chunk_rows_sets_the_chunk_and_bad_values_are_refused(monkeypatch):
             fused_linear_cross_entropy(h, w, labels)
 
 
-def test_chunk_rows_bound_the_logits_block():
-    assert default_chunk_rows(151_936) * 151_936 <= 1 << 28
-    assert default_chunk_rows(151_936) % 64 == 0 and default_chunk_rows(10**9) == 64
-
-
 FAMILIES = {
     "qwen3_moe": {},
     "qwen3_moe_tied_aux": dict(tie_word_embeddings=True, output_router_logits=True, router_aux_loss_coef=0.5),
@@ -366,25 +361,10 @@ def test_loss_impl_switch_and_the_triton_kernels_place(monkeypatch):
         assert resolve_impl("triton", cuda) == "triton"
 
 
-def test_triton_chunks_are_half_the_chunk_loops():
-    # the kernel's chunk is the model-dtype logits alone: 2^27 elements, 832 rows at Qwen3's vocabulary
-    assert default_chunk_rows(151_936, "triton") == 832 and default_chunk_rows(151_936) == 1728
-    assert default_chunk_rows(10**9, "triton") == 64
-
-
-def test_triton_chunks_grow_to_1920_rows_on_long_losses(monkeypatch):
-    """From 8K token rows the kernel's chunk is 1920 rows (measured in the step at 16K: 6-7 ms faster, no higher peak;
-    torch_impl.loss), capped at 2^29 elements for large vocabularies, never below the short-loss chunk; the chunk
-    loop's chunk does not depend on the rows; and the fused loss passes its row count."""
+def test_the_fused_loss_passes_its_row_count_to_the_chunk_rule(monkeypatch):
+    """The chunk rule (shared_math.loss_chunks, tests/shared/test_loss_chunks.py) sees the loss's token rows, B·S."""
     import torch_impl.loss as L
 
-    for V in (151_936, 201_088):
-        assert default_chunk_rows(V, "triton", 16_384) == default_chunk_rows(V, "triton", 8192) == 1920
-        assert default_chunk_rows(V, "triton", 8191) == default_chunk_rows(V, "triton") < 1920
-        assert default_chunk_rows(V, "chunked", 16_384) == default_chunk_rows(V)
-    assert default_chunk_rows(10**6, "triton", 16_384) == 512  # 2^29 // 10^6 = 536, down to a multiple of 64
-    assert default_chunk_rows(10**9, "triton", 16_384) == 64
-    assert default_chunk_rows(100, "triton", 16_384) == default_chunk_rows(100, "triton")  # small V: base is larger
     seen = []
     monkeypatch.setattr(L, "default_chunk_rows", lambda *a: seen.append(a) or 4)
     h, w = torch.randn(2, 9, 8, dtype=torch.float64), torch.randn(8, 11, dtype=torch.float64)
