@@ -52,6 +52,8 @@
 #                                             # after everything since session 17, Unsloth in the same call
 #   bash benchmarks/gpu_session.sh session20g # the same for gpt-oss-20b 16K (the step only)
 #   bash benchmarks/gpu_session.sh adhoc CMD...  # any command with the wheels on the path (warm-machine follow-ups)
+#   bash benchmarks/gpu_session.sh session23q3a # Qwen3 4K: Unsloth, torch_impl, HF + PEFT in one step.py run (q3b: 16K)
+#   bash benchmarks/gpu_session.sh session23o3 # the same for gpt-oss-20b, 4K then 16K
 #   bash benchmarks/gpu_session.sh session23tn # the TN split mode alone: launches at three skews, the block at 0/1024/2048
 #   bash benchmarks/gpu_session.sh session23ctx # Qwen3's longest context, torch_impl and Unsloth in one step.py run
 #   bash benchmarks/gpu_session.sh session22l # 1920-row loss chunks against the default: Qwen3 16K graphed, gpt-oss 4K
@@ -63,7 +65,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|adhoc|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -564,6 +566,38 @@ case $PART in
       $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_lora_linear.log" 2>&1
     grep -h "passed\|failed" "$R/gpu_tests.log"; grep -h " ms" "$R/lora_linear.log"; rows "$R/step.jsonl"
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
+  session23q3a)  # (written 2026-12-07, session 22) issue 15's "HF v5 + PEFT rows in the same command": Qwen3-30B-A3B
+    # at 4K with Unsloth, torch_impl and HF + PEFT in one step.py run (each its own process, the same recipe), at the
+    # depth the card holds; torch_impl with its best 4K options (graphed, compiled; 8 of 48 layers checkpointed on an
+    # H200: plan 101.0 GiB against Unsloth's 104.9; none of 24 on an H100: 0.58x, 52.87 GiB, session 13)
+    wheels
+    L=$(card_layers)
+    if [ "$L" = 48 ]; then N="8"; else N="0"; fi
+    timeout $((585 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --layers $L --seq 4096 --warmup 2 \
+      --iters 3 --impls unsloth,torch_impl,hf_peft --compile --cuda-graph --checkpoint-layers $N \
+      --out "$R/step.jsonl" > "$R/step.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R/step.log" | head -5 | cut -c1-300 ;;
+  session23q3b)  # (written 2026-12-07, session 22) the same at 16K: torch_impl with the options of its 0.747x row
+    # (AdamW in backward inside the graph, attention kept; 44 of 48 layers checkpointed on an H200, plan 101.1 GiB;
+    # 22 of 24 on an H100); one warm-up step and two timed, so that three 16K rows fit one call
+    wheels
+    L=$(card_layers)
+    if [ "$L" = 48 ]; then N="44"; else N="22"; fi
+    timeout $((585 - SECONDS)) python3 benchmarks/step.py --family qwen3_moe --layers $L --seq 16384 --warmup 1 \
+      --iters 2 --impls unsloth,torch_impl,hf_peft --compile --cuda-graph --optim-in-backward \
+      --checkpoint-policy attention --checkpoint-layers $N --out "$R/step.jsonl" > "$R/step.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R/step.log" | head -5 | cut -c1-300 ;;
+  session23o3)  # (written 2026-12-07, session 22) the same for gpt-oss-20b: 4K with its 0.55x options (graphed, 18
+    # of 24 layers checkpointed), then 16K with its 0.610x options (compiled, attention kept), each one step.py run
+    # of Unsloth, torch_impl and HF + PEFT
+    wheels
+    timeout 290 python3 benchmarks/step.py --family gpt_oss --seq 4096 --warmup 2 --iters 3 \
+      --impls unsloth,torch_impl,hf_peft --compile --cuda-graph --checkpoint-layers 18 \
+      --out "$R/step.jsonl" > "$R/step_4k.log" 2>&1
+    timeout $((585 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 1 --iters 2 \
+      --impls unsloth,torch_impl,hf_peft --compile --checkpoint-policy attention \
+      --out "$R/step.jsonl" > "$R/step_16k.log" 2>&1
+    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step_*.log | head -5 | cut -c1-300 ;;
   session23tn)  # (written 2026-12-07, session 22) issue 16: what the TN split mode (default 1024-row chunks since
     # session 20, timed only inside Qwen3's 16K step, never alone) costs where the routing is even. Session 22's
     # Qwen3 block (moe_block's even top-K routing: ~1024 rows per expert, so about half the experts split into a
