@@ -741,16 +741,16 @@ def main(argv: list[str] | None = None) -> int:
     if ctx is not None and a.max_context:
         raise SystemExit("--max-context with --cuda-graph: a graph is captured per shape; time the lengths instead")
     one_step = argparse.Namespace(**{**vars(a), "warmup": 0, "iters": 1})
+    # one untimed step first, so that the process's one-time work is in no measured step: the first length of a
+    # process still carried it after a one-step warm-up on the H200 (gpt-oss 1K: 1325 ms, then 536 ms), and on an
+    # H100 (session 22) a fresh process's first step at 196,608 tokens peaked 67.39 GiB where the same length probed
+    # after earlier steps took 62.03, enough to fail a length that trains. Rows warm up at their shortest length, a
+    # --max-context search at its start or MAX_CONTEXT_WARMUP_TOKENS, whichever is shorter
+    warm = min(a.seqs[0], MAX_CONTEXT_WARMUP_TOKENS) if a.max_context else min(a.seqs)
+    _try_step(model, loss_fn, warm, vocab, one_step, impl, None, None if a.max_context else after_step)
     if a.max_context:  # one step: does it train at S (its time includes first-call work at S's shapes)
-        # one untimed step at a short length first, so that the process's one-time work is not in the first probe:
-        # on an H100 (session 22) torch_impl's first step of a fresh process at 196,608 tokens peaked 67.39 GiB, and
-        # the same length probed after earlier steps 62.03, a difference that can fail a length that trains
-        _try_step(model, loss_fn, min(a.seqs[0], MAX_CONTEXT_WARMUP_TOKENS), vocab, one_step, impl, None)
         _search_max_context(a, base, emit, lambda S: _try_step(model, loss_fn, S, vocab, one_step, impl, None))
         return 0
-    # one untimed step at the shortest length first: the first length of a process still carried one-time work
-    # after a one-step warm-up on the H200 (gpt-oss 1K: 1325 ms, then 536 ms in the same process)
-    _try_step(model, loss_fn, min(a.seqs), vocab, one_step, impl, None, after_step)
     # a full-size row takes minutes (warm-up and timed steps at S tokens): a bar of the rows on a terminal
     for S in progress_bar(a.seqs, desc=f"{impl} rows", unit="row"):
         emit({**base, "mode": "step", "seq": S, **_try_step(model, loss_fn, S, vocab, a, impl, ctx, after_step)})

@@ -23,7 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from shared_math import loss_chunks
+from shared_math.loss_chunks import default_chunk_rows  # the chunk rule, shared with torch_impl and the plan
 
 IGNORE_INDEX = -100
 
@@ -32,11 +32,6 @@ def shift_labels(labels_BS: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.
     """HF's label shift: position t is scored against labels[t + 1]; the last position of each row is ignored."""
     pad = jnp.full(labels_BS.shape[:-1] + (1,), ignore_index, labels_BS.dtype)
     return jnp.concatenate([labels_BS[..., 1:], pad], axis=-1)
-
-
-def default_chunk_rows(vocab: int) -> int:
-    """Rows per chunk of this loss's chunk loop (fp32 logits): `shared_math.loss_chunks.default_chunk_rows`'s."""
-    return loss_chunks.default_chunk_rows(vocab)
 
 
 def _acc(dtype) -> jnp.dtype:
