@@ -26,6 +26,22 @@ COLORS = {"torch_impl": "tab:blue", "hf_peft": "tab:orange", "unsloth": "tab:pur
           "torch_impl + cuda_graph + keep attention": "tab:gray"}
 
 
+# variants COLORS does not name take these in turn: never a named implementation's colour, so an unnamed torch_impl
+# variant cannot share HF + PEFT's orange or Unsloth's purple
+SPARE_COLORS = [c for c in ("tab:blue", "tab:green", "tab:red", "tab:brown", "tab:pink", "tab:gray", "tab:cyan",
+                            "tab:olive", "black", "gold", "navy", "teal", "magenta", "sienna", "darkgreen",
+                            "slateblue") if c not in COLORS.values()]
+
+
+def _color(variant: str, unnamed: list[str]) -> str:
+    """`variant`'s colour: COLORS' own, else the next spare colour for each new unnamed variant (in `unnamed`)."""
+    if variant in COLORS:
+        return COLORS[variant]
+    if variant not in unnamed:
+        unnamed.append(variant)
+    return SPARE_COLORS[unnamed.index(variant) % len(SPARE_COLORS)]
+
+
 def _reason(r: dict) -> str:
     e = str(r.get("error", ""))
     return "out of memory" if e.startswith("OOM") else ("capture failed" if "CUDA graph" in e else e[:40])
@@ -51,6 +67,7 @@ def plot(rows: dict[tuple, dict], out: Path) -> None:
     presets = sorted({k[0] for k in rows})
     n_series = max(len({k[2] for k in rows if k[0] == p}) for p in presets)
     fig, axes = plt.subplots(1, len(presets), figsize=(6.5 * len(presets), 4.5 + 0.35 * n_series), squeeze=False)
+    unnamed: list[str] = []  # one colour per variant across the panels
     for ax, preset in zip(axes[0], presets):
         seqs = sorted({k[1] for k in rows if k[0] == preset})
         series = sorted({k[2] for k, r in rows.items() if k[0] == preset and r.get("step_ms") is not None},
@@ -67,7 +84,7 @@ def plot(rows: dict[tuple, dict], out: Path) -> None:
                 xs.append(i + (j - (len(series) - 1) / 2) * width)
                 ys.append(r["step_ms"])
             # long variants (switches, checkpointing) wrap, so the legend below the bars shows every one whole
-            bars = ax.bar(xs, ys, width, label=textwrap.fill(variant, 70), color=COLORS.get(variant))
+            bars = ax.bar(xs, ys, width, label=textwrap.fill(variant, 70), color=_color(variant, unnamed))
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks(range(len(seqs)), [str(s) for s in seqs])
         depths = sorted({str(r.get("layers")) for k, r in rows.items() if k[0] == preset and r.get("layers")})
@@ -117,12 +134,14 @@ def plot_lines(paths: list[Path], out: Path) -> None:
                 rows[(model, _variant(r), r["seq"])] = r
     models = sorted({k[0] for k in rows})
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8.5), squeeze=False)
+    unnamed: list[str] = []
     for col, model in enumerate(models):
         for variant in sorted({k[1] for k in rows if k[0] == model}):
             pts = sorted((k[2], r) for k, r in rows.items() if k[0] == model and k[1] == variant)
             for ax, key in zip(axes[:, col], ("step_ms", "peak_gib")):
                 ok = [(s, r[key]) for s, r in pts if r.get(key) is not None]
-                line = ax.plot([s for s, _ in ok], [v for _, v in ok], "o-", label=variant)[0]
+                line = ax.plot([s for s, _ in ok], [v for _, v in ok], "o-", label=variant,
+                               color=_color(variant, unnamed))[0]
                 probes = [(s, r[key]) for s, r in pts if r.get(key) is not None and r.get("mode") != "step"]
                 ax.plot([s for s, _ in probes], [v for _, v in probes], "o", mfc="white", color=line.get_color())
                 failed = [s for s, r in pts if r.get("error")]
@@ -164,11 +183,12 @@ def plot_spread(paths: list[Path], out: Path) -> None:
     most = max(len({v for m, v in groups if m == model}) for model in models)
     width = max(7.0, 1.3 * most)  # a column of ten variants needs room for ten labels
     fig, axes = plt.subplots(2, len(models), figsize=(width * len(models), 9), squeeze=False)
+    unnamed: list[str] = []
     for col, model in enumerate(models):
         variants = sorted({v for m, v in groups if m == model}, key=lambda v: (not v.startswith("torch_impl"), v))
         for i, variant in enumerate(variants):
             rows = groups[(model, variant)]
-            color = COLORS.get(variant, f"C{i}")
+            color = _color(variant, unnamed)
             for j, r in enumerate(rows):
                 x = i + (j - (len(rows) - 1) / 2) * 0.12  # the processes of a variant side by side
                 runs = r.get("step_ms_runs") or [r["step_ms"]]

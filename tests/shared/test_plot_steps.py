@@ -45,3 +45,16 @@ def test_spread_keeps_every_process_of_a_variant(tmp_path, monkeypatch):
     # both torch_impl processes (three timed steps of one, the median of the other) and Unsloth's, each with its
     # median dash; the failed row draws nothing
     assert times == sorted([205.0, 210.0, 230.0, 210.0, 270.0, 270.0, 200.0, 200.0])
+
+
+def test_unnamed_variants_never_take_a_named_implementations_colour():
+    from benchmarks.plot_steps import COLORS, _color
+
+    unnamed: list[str] = []
+    variants = [f"torch_impl + cuda_graph + compile + first {n} of 24 layers checkpointed" for n in range(12)]
+    colours = [_color(v, unnamed) for v in variants]
+    # session 23's plot drew such a variant in HF + PEFT's orange: matplotlib's cycle knows nothing of COLORS
+    assert not set(colours) & set(COLORS.values())
+    assert _color(variants[3], unnamed) == colours[3]  # the same variant keeps its colour from panel to panel
+    assert len(set(colours[:4])) == 4
+    assert _color("hf_peft", unnamed) == COLORS["hf_peft"]
