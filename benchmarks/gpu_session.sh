@@ -65,7 +65,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24ts|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -598,6 +598,47 @@ case $PART in
       --impls unsloth,torch_impl,hf_peft --compile --checkpoint-policy attention \
       --out "$R/step.jsonl" > "$R/step_16k.log" 2>&1
     rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step_*.log | head -5 | cut -c1-300 ;;
+  session24ts)  # (written 2026-12-07, session 23) which TN split size the 16K steps want: session 23's probe
+    # (results/session23_2026-12-07) ran the backward's four LoRA-gradient launches faster with 2048-row chunks than
+    # with the 1024 default on Qwen3 at every routing skew (even routing: 0.891 against 1.078 ms a layer) and on
+    # gpt-oss at even routing; the default stays until a step agrees. Each model's best 16K command with the default
+    # and with 2048, one process each, then the default again (this host's drift between processes)
+    wheels
+    L=$(card_layers)
+    if [ "$L" = 48 ]; then N="44"; else N="22"; fi
+    Q="--family qwen3_moe --layers $L --seq 16384 --warmup 2 --iters 3 --impls torch_impl --compile --cuda-graph"
+    QO="--optim-in-backward --checkpoint-policy attention --checkpoint-layers $N"
+    O="--family gpt_oss --seq 16384 --warmup 2 --iters 3 --impls torch_impl --compile --checkpoint-policy attention"
+    for run in default 2048 default2; do
+      [ $((585 - SECONDS)) -gt 150 ] || break
+      if [ "$run" = 2048 ]; then export SPLITMOE_TN_SPLIT_ROWS=2048; else unset SPLITMOE_TN_SPLIT_ROWS; fi
+      timeout 140 python3 benchmarks/step.py $Q $QO --out "$R/step.jsonl" > "$R/step_qwen3_$run.log" 2>&1
+      timeout 140 python3 benchmarks/step.py $O --out "$R/step.jsonl" > "$R/step_oss_$run.log" 2>&1
+    done
+    unset SPLITMOE_TN_SPLIT_ROWS
+    rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
+  session24tn)  # (written 2026-12-07, session 23) what the limit cut from session 23's run of session23tn: gpt-oss
+    # at 2048-row chunks with skewed routing, both models at 4096, then the even-routed block with the split off, at
+    # the 1024 default and at 2048, then JAX pallas with its split off and at 1024
+    L=${LIMIT:-590}
+    timeout 75 python3 benchmarks/tn_probe.py --cases gpt_oss_20b_T16384 --skew 0,1,2 --variants shipped \
+      --split-rows 2048 --out "$R/tn.jsonl" > "$R/tn_oss_2048.log" 2>&1
+    timeout 125 python3 benchmarks/tn_probe.py --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --skew 0,1,2 \
+      --variants shipped --split-rows 4096 --out "$R/tn.jsonl" > "$R/tn_4096.log" 2>&1
+    for split in 0 default 2048; do
+      [ $((L - SECONDS)) -gt 70 ] || break
+      if [ "$split" = default ]; then unset SPLITMOE_TN_SPLIT_ROWS; else export SPLITMOE_TN_SPLIT_ROWS=$split; fi
+      timeout 90 python3 benchmarks/moe_block.py --iters 10 --cases qwen3_30b_T16384,gpt_oss_20b_T16384 \
+        --impls torch_triton_hopper --out "$R/block.jsonl" > "$R/block_$split.log" 2>&1
+    done
+    unset SPLITMOE_TN_SPLIT_ROWS
+    for split in 0 1024; do
+      [ $((L - SECONDS)) -gt 100 ] || break
+      SPLITMOE_JAX_TN_SPLIT_ROWS=$split timeout $((L - 5 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
+        --cases qwen3_30b_T16384,gpt_oss_20b_T16384 --impls jax_pallas_fused --out "$R/block.jsonl" \
+        > "$R/block_jax_$split.log" 2>&1
+    done
+    grep -h "rows per expert\|all four" "$R"/tn_*.log; grep -h "|" "$R"/block_*.log | cut -c1-160 ;;
   session23tn)  # (written 2026-12-07, session 22) issue 16: what the TN split mode (default 1024-row chunks since
     # session 20, timed only inside Qwen3's 16K step, never alone) costs where the routing is even. Session 22's
     # Qwen3 block (moe_block's even top-K routing: ~1024 rows per expert, so about half the experts split into a
