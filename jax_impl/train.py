@@ -317,8 +317,9 @@ class Trainer:
         def write(tmp: Path) -> None:
             # synchronous: when save returns, orbax has written every file and renamed its own temporary folder to
             # state/, so the manifest and the fsyncs that follow (write_checkpoint_atomic) see the final files
+            # absolute: orbax refuses a relative path, and train.out_dir may be one ("runs/demo")
             with _orbax_checkpointer() as ckptr:
-                ckptr.save(tmp / STATE_DIR, self._state_tree())
+                ckptr.save((tmp / STATE_DIR).absolute(), self._state_tree())
 
         meta = checkpoint_meta(self.cfg, self.step, FRAMEWORK)
         return write_checkpoint_atomic(self.run.out_dir, self.step, meta, write, keep=self.cfg.train.keep_checkpoints)
@@ -396,6 +397,8 @@ def _read_state(path: Path, current: dict[str, Any]) -> dict[str, Any]:
     and put back uncommitted, because jit caches on committedness: committed copies recompiled the train step and
     the evaluation on every resume (the train suite's kill-and-resume test took 10.6 s instead of 2.2 s on CPU)."""
     import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()  # orbax refuses a relative path (a relative train.out_dir or --resume folder)
 
     def placed(x: Any) -> bool:
         return isinstance(x, jax.Array) and x.committed

@@ -165,6 +165,17 @@ def test_restore_into_a_fresh_trainer_is_exact(trainer, fresh, tmp_path, monkeyp
     assert (jt._loss_and_grad._cache_size(), jt._apply._cache_size()) == compiled
 
 
+def test_a_relative_run_folder_saves_and_restores(trainer, fresh, tmp_path, monkeypatch):
+    """`train.out_dir = "runs/demo"` (the demo's, and the shipped configs' kind): orbax refuses a relative path
+    ("Checkpoint path should be absolute"), so `splitmoe demo --framework jax` failed at its first save (session 23)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer.run, "out_dir", Path("runs") / "demo")
+    ckpt = trainer.save_checkpoint()
+    assert (tmp_path / ckpt / jt.STATE_DIR).is_dir()
+    fresh.restore(ckpt)  # a relative folder to restore from, as `--resume runs/demo/...` gives
+    _assert_same_state(fresh, trainer)
+
+
 def test_a_state_of_another_adapter_layout_is_a_config_error(base_run, model_dir, tmp_path, monkeypatch):
     """Restore goes into the abstract target of this trainer: a checkpoint whose arrays differ (here rank 4 into a
     rank-2 trainer, past check_resume as code that changed under an equal config would be) is refused, naming the

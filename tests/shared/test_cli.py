@@ -41,6 +41,26 @@ def test_default_yaml_has_a_dense_layer(tmp_path):
     assert True in cfg.moe_layers and False in cfg.moe_layers
 
 
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_demo_job_runs_in_a_relative_folder(framework, tmp_path, monkeypatch):
+    """`make demo`'s job (`splitmoe demo [--framework jax]`: run_default_job), cut to 4 steps with a save at step 2,
+    in its default relative folder runs/demo: the JAX demo failed at its first save in session 23 (orbax refuses a
+    relative path), which no test had run."""
+    if framework == "jax":
+        pytest.importorskip("jax")
+        pytest.importorskip("orbax.checkpoint")
+    from splitmoe.train_cli import run_default_job
+
+    monkeypatch.chdir(tmp_path)
+    summary = run_default_job("runs/demo", framework=framework, progress=False,
+                              overrides=["train.steps=4", "train.save_every=2", "train.eval_every=2"])
+    run = tmp_path / "runs" / "demo"
+    assert summary["steps"] == 4 and summary["before"] is not None and summary["after"] is not None
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "summary.json").read_text())["framework"] == framework
+
+
 def test_inspect_runs_and_writes_a_summary(tmp_path):
     p = run_cli("inspect", "--out", str(tmp_path))
     assert p.returncode == 0, p.stderr
