@@ -511,7 +511,8 @@ def plot_compare(steps: Sequence[int], series: dict[str, tuple[Sequence[float], 
 
 @dataclass
 class TrainResult:
-    """What a run produced: per-step losses and grad norms (this process's steps), eval rows, where files went."""
+    """What a run produced: per-step losses and grad norms (this process's steps), eval rows (the whole run's,
+    those before a resume read back from metrics.jsonl), where files went."""
 
     out_dir: Path
     losses: list[float] = field(default_factory=list)
@@ -612,6 +613,10 @@ def run_training(tr: Any, *, resume: bool = False, stop_after: int | None = None
     resume_step = tr.step if resume else None
     metrics = (MetricsLog(out / "metrics.jsonl", resume_step=resume_step,
                           trackers=open_trackers(cfg, out, resume_step=resume_step)) if main else _NoMetrics())
+    if resume and main:
+        # the evaluations the run made before the resumed step (metrics.jsonl keeps them): a resumed run's summary
+        # then reads from its step-0 evaluation, not from its last one ("step 20 0.000 -> step 20 0.000")
+        result.evals = [r for r in metrics.rows() if "eval_loss" in r or "exact_match" in r]
     for line in skipped:
         metrics.write({"step": tr.step, "skipped_checkpoint": line})
     bar = TrainingBar(cfg.train.steps, enabled=progress and main, label=fw, initial=tr.step)

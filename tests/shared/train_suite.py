@@ -116,6 +116,10 @@ def test_stop_and_resume_equals_uninterrupted(impl, model_dir, reference_run, tm
                                             "train.grad_accum=2", "optim.weight_decay=0.01", "train.eval_every=3"]),
                      resume=True, progress=False)
     np.testing.assert_array_equal(first.losses + res.losses, ref.losses)
+    # the resumed run's evaluations are the whole run's: its summary reads from step 0 (the first process's), not
+    # from the final evaluation twice
+    assert res.evals[0] == first.evals[0] and res.evals[0]["step"] == 0 and res.evals[-1]["step"] == 6
+    assert [r["step"] for r in res.evals] == sorted({r["step"] for r in res.evals})
 
 
 @pytest.mark.parametrize("mode", ["recompute", "offload", "recompute_keeping"])
