@@ -65,7 +65,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24ts|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24base|session24ts|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -598,6 +598,13 @@ case $PART in
       --impls unsloth,torch_impl,hf_peft --compile --checkpoint-policy attention \
       --out "$R/step.jsonl" > "$R/step_16k.log" 2>&1
     rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step_*.log | head -5 | cut -c1-300 ;;
+  session24base)  # (written 2026-12-07, session 23) issue 16's "base-only gate_up at or above _grouped_mm's rate":
+    # the base-only rows so far ran an untuned default (no shipped entry for their keys; 128x128x64, where the H200
+    # prototype ran 442 TFLOP/s against 564 at 128x256x64). Tuned on this card, then default and tuned timed next
+    # to torch._grouped_mm in one process (triton_sweep.py --backend hopper_base: Qwen3 and gpt-oss at T=16384)
+    timeout $((585 - SECONDS)) python3 benchmarks/triton_sweep.py --backend hopper_base --compile-procs 14 \
+      --out "$R/base" > "$R/base.log" 2>&1
+    grep -h "TFLOP/s\|total\|Error" "$R/base.log" | cut -c1-300 ;;
   session24ts)  # (written 2026-12-07, session 23) which TN split size the 16K steps want: session 23's probe
     # (results/session23_2026-12-07) ran the backward's four LoRA-gradient launches faster with 2048-row chunks than
     # with the 1024 default on Qwen3 at every routing skew (even routing: 0.891 against 1.078 ms a layer) and on

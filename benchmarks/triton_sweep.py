@@ -12,12 +12,22 @@ cache; phase 2, in one process, only loads them and times.
 
     python benchmarks/triton_sweep.py --out OUT_DIR [--cases qwen3_30b_T1024,...] [--compile-procs 12]
     python benchmarks/triton_sweep.py --backend triton_hopper --out OUT_DIR    # the Hopper kernels (issue 16)
-Writes OUT_DIR/{tuned_configs.json, timings.jsonl, steps.jsonl, steps.md, profile_<case>.txt}. Copy
+    python benchmarks/triton_sweep.py --backend hopper_base --out OUT_DIR      # base-only gate_up vs _grouped_mm
+Writes OUT_DIR/{tuned_configs.json, timings.jsonl, steps.jsonl, steps.md, profile_<case>.txt} (hopper_base:
+base_only.jsonl in place of the steps and profiles). Copy
 tuned_configs.json over torch_impl/kernels/tuned_configs.json to ship it (keys carry the device name); a
 triton_hopper sweep writes "hopper_gemm*" and "tn" keys, so merge its entries into the shipped table rather than
 replacing it. `--backend triton_hopper` defaults to HOPPER_CASES: Qwen3-30B-A3B, gpt-oss-20b, GLM-4.5 and
 GLM-4.7-Flash experts at r=16/32/64/128, T=1024 and 16384. Warp-specialised candidates join only with
 SPLITMOE_HOPPER_WS=1 (torch_impl/kernels/autotune.py says why).
+
+`--backend hopper_base` tunes the Hopper kernel's base-only gate_up GEMM (no LoRA, no activation; moe_block's
+`gemm_gate_up_hopper` rows gathered in the load, `gemm_gate_up_hopper_sorted` on pre-sorted rows: config keys
+"base_gu" and "base_gu_sorted") on BASE_CASES, and phase 3 times both, default against tuned, next to
+`torch._grouped_mm` on the same sorted rows in the same process: issue 16's "base-only gate_up at or above
+`_grouped_mm`'s rate". Those keys have no shipped entry, so the rows so far ran the untuned 128x128x64 / 4-stage
+default (Qwen3 427 TFLOP/s against `_grouped_mm`'s 639 on an H100, session 22), where the H200 prototype of
+shared/reference/hopper-grouped-gemm.md ran 442 at that tile and 564 at 128x256x64 / 3 stages.
 """
 
 from __future__ import annotations
@@ -37,15 +47,63 @@ DEFAULT_CASES = ("qwen3_30b_T1024,qwen3_30b_T4096,qwen3_30b_T16384,qwen3_30b_T65
 HOPPER_CASES = ",".join(
     f"{fam}_{'' if r == 64 else f'r{r}_'}T{t}" for fam in ("qwen3_30b", "gpt_oss_20b", "glm45", "glm47_flash")
     for r in (16, 32, 64, 128) for t in (1024, 16384))
-BACKENDS = ("triton", "triton_hopper")
+BASE_CASES = "qwen3_30b_T16384,gpt_oss_20b_T16384"
+BACKENDS = ("triton", "triton_hopper", "hopper_base")
+BASE_IMPLS = ("hopper", "hopper_sorted")  # moe_block.gate_up_gemm_runner's Hopper variants
 
 
 def _step(case_name: str, backend: str):
-    from benchmarks.moe_block import _split_step, make_inputs
+    from benchmarks.moe_block import _split_step, gate_up_gemm_runner, make_inputs
     from shared_math.cases import get_case
 
     c = get_case(case_name)
+    if backend == "hopper_base":
+        # each runner's construction looks its config up (and with the autotuner on, tunes or compiles its key)
+        runs = [gate_up_gemm_runner(c, impl) for impl in BASE_IMPLS]
+        return lambda: [run() for run in runs]
     return _split_step(c, make_inputs(c), backend)
+
+
+def _time_base_only(cases: list[str]) -> list[dict]:
+    """Phase 3 of `--backend hopper_base`: per case, `torch._grouped_mm` and each base-only Hopper variant with the
+    untuned default and with the tuned config (the tuner's cache), ms and TFLOP/s of the gate_up GEMM, and the
+    config the tuner chose."""
+    import torch
+
+    from benchmarks.common import time_cuda
+    from benchmarks.moe_block import gate_up_gemm_runner, pass_flops
+    from shared_math.cases import get_case
+    from torch_impl.kernels import autotune
+
+    rows = []
+    for name in cases:
+        c = get_case(name)
+        flops = pass_flops(c, "gate_up")
+        gmm_ms = time_cuda(gate_up_gemm_runner(c, "grouped_mm"), warmup=3, iters=15)
+        row = dict(case=name, backend="hopper_base", grouped_mm_ms=gmm_ms, grouped_mm_tflops=flops / gmm_ms / 1e9)
+        for impl in BASE_IMPLS:
+            for label, env in (("default", "0"), ("tuned", "1")):
+                os.environ["SPLITMOE_TRITON_AUTOTUNE"] = env
+                os.environ.pop("SPLITMOE_TRITON_AUTOTUNE_LOG", None)
+                autotune._memory_cache.clear()
+                saved = autotune.TUNED_TABLE
+                if env == "0":  # the untuned defaults, not the shipped table
+                    autotune.TUNED_TABLE = Path("/nonexistent")
+                try:
+                    ms = time_cuda(gate_up_gemm_runner(c, impl), warmup=3, iters=15)
+                finally:
+                    autotune.TUNED_TABLE = saved
+                row[f"{impl}_{label}_ms"] = ms
+                row[f"{impl}_{label}_tflops"] = flops / ms / 1e9
+                if env == "1":
+                    row[f"{impl}_config"] = next((v for k, v in autotune._memory_cache.items()
+                                                  if k.startswith("tuned|")), None)
+        print(f"  {name}: _grouped_mm {row['grouped_mm_tflops']:.0f} TFLOP/s; " + "; ".join(
+            f"{impl} {row[f'{impl}_default_tflops']:.0f} -> {row[f'{impl}_tuned_tflops']:.0f} tuned "
+            f"({row[f'{impl}_tuned_tflops'] / row['grouped_mm_tflops']:.0%} of it)" for impl in BASE_IMPLS), flush=True)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
 
 
 def _child(cases: list[str], backend: str) -> int:
@@ -120,13 +178,14 @@ def _time_steps(cases: list[str], out: Path, backend: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--cases", default=None, help="default: DEFAULT_CASES, or HOPPER_CASES for triton_hopper")
+    p.add_argument("--cases", default=None, help="default: DEFAULT_CASES, HOPPER_CASES for triton_hopper, "
+                                                   "BASE_CASES for hopper_base")
     p.add_argument("--backend", default="triton", choices=BACKENDS)
     p.add_argument("--compile-procs", type=int, default=12)
     p.add_argument("--space", default="sweep", choices=("sweep", "full"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    a.cases = a.cases or (HOPPER_CASES if a.backend == "triton_hopper" else DEFAULT_CASES)
+    a.cases = a.cases or {"triton_hopper": HOPPER_CASES, "hopper_base": BASE_CASES}.get(a.backend, DEFAULT_CASES)
     cases = a.cases.split(",")
     if a.child:
         return _child(cases, a.backend)
@@ -147,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(cmd, env=env, check=True)
     print(f"phase 2 done at {time.time() - t0:.0f} s; phase 3: whole steps, default vs tuned", flush=True)
     os.environ.update(SPLITMOE_TRITON_AUTOTUNE_CACHE=env["SPLITMOE_TRITON_AUTOTUNE_CACHE"])
+    if a.backend == "hopper_base":
+        rows = _time_base_only(cases)
+        with open(a.out / "base_only.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"total {time.time() - t0:.0f} s", flush=True)
+        return 0
     rows = _time_steps(cases, a.out, a.backend)
     with open(a.out / "steps.jsonl", "w") as f:
         for r in rows:
