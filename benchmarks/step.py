@@ -697,8 +697,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _import_unsloth()  # first, before anything imports transformers
         except ImportError as e:
-            unsloth_error = (f"unsloth is not importable ({e}); shared/tools/unsloth-wheels.sh collects its wheels "
-                             "for an offline machine")
+            unsloth_error = (f"unsloth is not importable ({e}); install it (pip install unsloth), or on an offline "
+                             "machine put its wheels on the path (benchmarks/gpu_session.sh's `wheels` step does, "
+                             "from a .whl folder built by the workspace's shared/tools/unsloth-wheels.sh)")
     torch.backends.cuda.matmul.allow_tf32 = True
     hf = preset_hf_config(a.family, a.preset, a.layers)
     vocab = hf["vocab_size"]

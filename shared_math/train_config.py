@@ -244,6 +244,11 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("train.tracker_project must not be empty (trackio's project name, default splitmoe)")
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise ConfigError("data.source is jsonl but data.path is not set")
+    if cfg.data.source == "synthetic" and (cfg.data.path or cfg.data.eval_path):
+        # a file named here would otherwise be ignored in silence: the run would train on the synthetic tasks
+        named = "data.path" if cfg.data.path else "data.eval_path"
+        raise ConfigError(f"{named} is set but data.source is synthetic, which reads no file: add data.source=jsonl "
+                          f"to train on {cfg.data.path or cfg.data.eval_path}, or drop {named}")
     par = cfg.parallel
     for k in ("data", "fsdp", "expert"):
         if getattr(par, k) < 1:
@@ -272,14 +277,14 @@ def check_in_backward(max_grad_norm: float, grad_accum: int) -> None:
     """ConfigError when an in-backward optimizer (optim.in_backward) cannot give the configured update."""
     problems = []
     if max_grad_norm > 0:
-        problems.append(f"optim.max_grad_norm={max_grad_norm} clips by the global norm, known only after backward "
-                        "(set optim.max_grad_norm=0)")
+        problems.append(f"optim.max_grad_norm={max_grad_norm}, which clips by the global norm, known only after "
+                        "the backward (set optim.max_grad_norm=0)")
     if grad_accum > 1:
-        problems.append(f"train.grad_accum={grad_accum} sums micro-batches before one update (set train.grad_accum=1 "
-                        "and a larger data.batch_size)")
+        problems.append(f"train.grad_accum={grad_accum}, which sums micro-batches before one update (set "
+                        "train.grad_accum=1 and a larger data.batch_size)")
     if problems:
-        raise ConfigError("optim.in_backward updates each tensor during backward, so it cannot run with "
-                          + "; ".join(problems) + ", or set optim.in_backward=false")
+        raise ConfigError("optim.in_backward updates each tensor during the backward, so it cannot run with "
+                          + "; nor with ".join(problems) + ". Or set optim.in_backward=false")
 
 
 def check_checkpoint_layers(cfg: RunConfig, num_layers: int) -> None:
@@ -408,6 +413,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"run config {path} is a folder: give a YAML file, e.g. configs/runs/default.yaml")
         if not path.is_file():
             raise ConfigError(f"run config {path} does not exist")
         try:

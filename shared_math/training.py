@@ -86,8 +86,15 @@ class PreparedRun:
     eval_data: data_mod.PackedDataset | None = None
 
 
+TINY_SPEC_FILE = "splitmoe_tiny.json"  # beside a tiny preset's checkpoint: the preset it was built from
+
+
 def build_model_checkpoint(cfg: RunConfig, out_dir: Path) -> Path:
-    """`model.path`, or the `model.tiny` preset written to `<out_dir>/model` (rewritten only if absent)."""
+    """`model.path`, or the `model.tiny` preset written to `<out_dir>/model`.
+
+    A `model/` already there is reused only if it was built from the same preset (family, seed, overrides: its
+    TINY_SPEC_FILE; a folder from before that file, by its model config). Another preset's model is rebuilt when the
+    run folder holds no checkpoint, and refused when it does: those checkpoints were trained on it."""
     if cfg.model.path is not None:
         p = resolve_path(cfg.model.path)
         if not (p / "config.json").is_file():
@@ -97,9 +104,28 @@ def build_model_checkpoint(cfg: RunConfig, out_dir: Path) -> Path:
 
     spec = _load_model_yaml(resolve_path(cfg.model.tiny))
     dest = out_dir / "model"
-    if not (dest / "config.json").is_file():
-        write_tiny_checkpoint(spec["family"], dest, seed=spec["seed"], **spec["overrides"])
+    if (dest / "config.json").is_file():
+        if _built_from(dest, spec):
+            return dest
+        if (last := latest_checkpoint(out_dir)) is not None:
+            raise ConfigError(f"{dest} holds a model built from another preset than model.tiny={cfg.model.tiny} "
+                              f"({spec['family']}, seed {spec['seed']}), and {out_dir} holds checkpoints trained on "
+                              f"it ({last.name}): choose another train.out_dir (--out) for this model")
+        shutil.rmtree(dest)  # no checkpoint depends on it: this run's preset replaces it
+    write_tiny_checkpoint(spec["family"], dest, seed=spec["seed"], **spec["overrides"])
+    (dest / TINY_SPEC_FILE).write_text(json.dumps(spec, sort_keys=True))
     return dest
+
+
+def _built_from(dest: Path, spec: dict[str, Any]) -> bool:
+    """Whether the tiny checkpoint in `dest` is the one `spec` builds."""
+    marker = dest / TINY_SPEC_FILE
+    if marker.is_file():
+        return json.loads(marker.read_text()) == json.loads(json.dumps(spec, sort_keys=True))
+    # written before the marker existed: the model config is what can still be compared (not the seed)
+    from shared_math.tiny import tiny_hf_config
+
+    return ModelConfig.from_hf(dest) == ModelConfig.from_hf(tiny_hf_config(spec["family"], **spec["overrides"]))
 
 
 def read_model_config(cfg: RunConfig) -> ModelConfig:
@@ -134,6 +160,8 @@ def prepare_run(cfg: RunConfig, out_dir: str | Path | None = None) -> PreparedRu
     check_optim_range(cfg)
     check_loggers(cfg.train.loggers)  # a tracker whose package is missing is refused before any work
     out = Path(out_dir if out_dir is not None else cfg.train.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.out_dir {out} is a file: the run folder must be a folder (pass --out DIR)")
     out.mkdir(parents=True, exist_ok=True)
     ckpt = build_model_checkpoint(cfg, out)
     model_cfg = ModelConfig.from_hf(ckpt)
@@ -431,11 +459,23 @@ class MetricsLog:
     def rows(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def drop_evals_at(self, step: int) -> None:
+        """Remove the evaluation rows of `step` (one that is about to be evaluated again)."""
+        keep = [r for r in self.rows() if not (r.get("step") == step and _is_eval_row(r))]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _is_eval_row(row: dict[str, Any]) -> bool:
+    return "eval_loss" in row or "exact_match" in row
+
 
 class _NoMetrics:
     """The metrics log of a rank that writes nothing (see run_training)."""
 
     def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def drop_evals_at(self, step: int) -> None:
         pass
 
     def close(self) -> None:
@@ -457,7 +497,7 @@ def plot_run(rows: Sequence[dict[str, Any]], png: Path, title: str = "") -> Path
     import matplotlib.pyplot as plt
 
     train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_loss" in r or "exact_match" in r]
+    evals = [r for r in rows if _is_eval_row(r)]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
     if any("eval_loss" in r for r in evals):
@@ -613,10 +653,14 @@ def run_training(tr: Any, *, resume: bool = False, stop_after: int | None = None
     resume_step = tr.step if resume else None
     metrics = (MetricsLog(out / "metrics.jsonl", resume_step=resume_step,
                           trackers=open_trackers(cfg, out, resume_step=resume_step)) if main else _NoMetrics())
+    if resume and tr.step == cfg.train.steps:
+        # a finished run resumed: its final evaluation runs again below (on every rank: it is collective under
+        # torchrun), so its earlier row goes rather than appearing twice
+        metrics.drop_evals_at(tr.step)
     if resume and main:
         # the evaluations the run made before the resumed step (metrics.jsonl keeps them): a resumed run's summary
         # then reads from its step-0 evaluation, not from its last one ("step 20 0.000 -> step 20 0.000")
-        result.evals = [r for r in metrics.rows() if "eval_loss" in r or "exact_match" in r]
+        result.evals = [r for r in metrics.rows() if _is_eval_row(r)]
     for line in skipped:
         metrics.write({"step": tr.step, "skipped_checkpoint": line})
     bar = TrainingBar(cfg.train.steps, enabled=progress and main, label=fw, initial=tr.step)

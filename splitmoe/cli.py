@@ -71,8 +71,9 @@ def _inspect(args: argparse.Namespace) -> int:
     routing_only = [f"--{k.replace('_', '-')}" for k in ("model", "adapter", "data", "max_records")
                     if getattr(args, k) is not None]
     if routing_only:
-        raise ValueError(f"{', '.join(routing_only)} belong to inspect --routing (the routing analytics of a "
-                         "checkpoint over a data file); add --routing")
+        raise ValueError(f"{', '.join(routing_only)} {'is an option' if len(routing_only) == 1 else 'are options'} "
+                         "of inspect --routing (the routing analytics of a checkpoint over a data file); add "
+                         "--routing")
     import numpy as np
 
     from shared_math import cost, reference
@@ -218,6 +219,25 @@ def _gpu_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated ints >= 1, e.g. 1024,4096."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated token counts such as 1024,4096")
+    return tuple(_positive_int(p) for p in parts)
+
+
 def _plan(args: argparse.Namespace) -> int:
     from shared_math import cost
 
@@ -228,8 +248,8 @@ def _plan(args: argparse.Namespace) -> int:
         if args.gpus is None:
             args.gpus = "auto"
         return _gpu_plan(args)
-    tokens = tuple(int(t) for t in str(args.tokens).split(","))
-    print(cost.summary_table("MoE layer", args.hidden, args.intermediate, args.experts, args.top_k, args.rank, tokens))
+    print(cost.summary_table("MoE layer", args.hidden, args.intermediate, args.experts, args.top_k, args.rank,
+                             args.tokens))
     H, I, E, K, r = args.hidden, args.intermediate, args.experts, args.top_k, args.rank
     crossover = cost.crossover_tokens(H, 2 * I, E, K, r)
     bound = min(cost.backward_rank_bound(H, 2 * I), cost.backward_rank_bound(I, H))
@@ -292,12 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_inspect)
 
     c = sub.add_parser("plan", help="merged vs split LoRA cost of one MoE layer (defaults: Qwen3-30B-A3B)")
-    c.add_argument("--hidden", type=int, default=2048)
-    c.add_argument("--intermediate", type=int, default=768)
-    c.add_argument("--experts", type=int, default=128)
-    c.add_argument("--top-k", type=int, default=8)
-    c.add_argument("--tokens", default="1024,4096,16384,65536", help="comma-separated token counts")
-    c.add_argument("--rank", type=int, default=64)
+    c.add_argument("--hidden", type=_positive_int, default=2048)
+    c.add_argument("--intermediate", type=_positive_int, default=768)
+    c.add_argument("--experts", type=_positive_int, default=128)
+    c.add_argument("--top-k", type=_positive_int, default=8)
+    c.add_argument("--tokens", type=_positive_ints, default=(1024, 4096, 16384, 65536),
+                   help="comma-separated token counts")
+    c.add_argument("--rank", type=_positive_int, default=64)
     g = c.add_argument_group("GPU plan", "per-GPU memory and estimated step time of full-size presets on H200s "
                                          "(or against --budget-gib)")
     g.add_argument("--gpus", help="N, or auto: the smallest power of two up to 64 that fits")
@@ -355,4 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"splitmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the command could not write or read (an --out that is a file, no permission)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"splitmoe {args.command}: error: {e.strerror or e}{where} (check the paths given, e.g. --out must "
+              "be a folder)", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared_math.train_config import RunConfig, load_run_config, with_overrides
+from shared_math.train_config import ConfigError, RunConfig, load_run_config, with_overrides
 
 DEFAULT_RUN_YAML = Path(__file__).resolve().parent.parent / "configs" / "runs" / "default.yaml"
 
@@ -54,12 +54,31 @@ def _summary(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _cli_overrides(overrides: list[str], out: str | None, framework: str | None) -> list[str]:
+    """The user's `key=value` overrides plus --out (train.out_dir) and --framework. A flag and an override that set
+    one key to two values (`--out a train.out_dir=b`) are a ConfigError: the flag would win in silence. Among the
+    overrides themselves the last one wins, as in the train suite's `*TINY, "train.steps=6"`."""
+    flags = [(key, str(value), flag) for key, value, flag in
+             (("train.out_dir", out, "--out"), ("framework", framework, "--framework")) if value]
+    given = {k.strip(): (v.strip(), f"{k.strip()}={v.strip()}")
+             for k, _, v in (o.partition("=") for o in overrides)}
+    for key, value, flag in flags:
+        if key in given and given[key][0] != value:
+            raise ConfigError(f"{key} is given twice, as {given[key][1]} and as {flag} {value}: give it once")
+    return list(overrides) + [f"{key}={value}" for key, value, _ in flags]
+
+
+def _newest_checkpoint_hint(out_dir: str | Path) -> str:
+    from shared_math.training import latest_checkpoint
+
+    last = latest_checkpoint(Path(out_dir))
+    if last is None:
+        return f"no checkpoint was saved in {out_dir} yet: run the command again (without --resume) to start over"
+    return f"the newest checkpoint is {last}: run the same command with --resume to continue from it"
+
+
 def _train(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"train.out_dir={args.out}")
-    if args.framework:
-        overrides.append(f"framework={args.framework}")
+    overrides = _cli_overrides(list(args.overrides), args.out, args.framework)
     cfg = load_run_config(args.config, overrides)
     mod = _trainer_module(cfg.framework)
     from shared_math.training import TrainingDiverged
@@ -81,6 +100,9 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"splitmoe train: error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # Ctrl-C: one line on where the run stands, not a traceback
+        print(f"\nsplitmoe train: interrupted; {_newest_checkpoint_hint(cfg.train.out_dir)}", file=sys.stderr)
+        return 130
     if os.environ.get("RANK", "0") == "0":  # under torchrun (parallel runs) rank 0 alone reports
         print(f"splitmoe train ({cfg.framework}): steps {result.start_step} -> {result.final_step} in "
               f"{cfg.train.out_dir}\n{_summary(result)}")
@@ -94,9 +116,10 @@ def run_default_job(out_dir: str | Path = "runs/demo", *, framework: str = "torc
     adapter, metrics and loss curve under `out_dir`. Replaces an earlier run's outputs in `out_dir`.
     Returns {"before": exact-match, "after": exact-match, "seconds", "adapter", "plot"}."""
     out = Path(out_dir)
+    cfg = load_run_config(DEFAULT_RUN_YAML, [f"train.out_dir={out}", f"framework={framework}", *(overrides or [])])
+    _refuse_another_runs_folder(out, cfg)
     for name in ("checkpoints", "adapter"):
         shutil.rmtree(out / name, ignore_errors=True)
-    cfg = load_run_config(DEFAULT_RUN_YAML, [f"train.out_dir={out}", f"framework={framework}", *(overrides or [])])
     t0 = time.perf_counter()
     result = _trainer_module(framework).train(cfg, progress=progress)
     summary = {"before": result.evals[0].get("exact_match"), "after": result.evals[-1].get("exact_match"),
@@ -106,6 +129,25 @@ def run_default_job(out_dir: str | Path = "runs/demo", *, framework: str = "torc
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"embedded default job ({framework}, {cfg.train.steps} steps):\n{_summary(result)}")
     return summary
+
+
+def _refuse_another_runs_folder(out: Path, cfg: RunConfig) -> None:
+    """The demo replaces its own earlier outputs in `out` (either framework's: both default to runs/demo); a folder
+    whose checkpoints another config wrote is refused, not emptied."""
+    from shared_math.train_config import diff_configs, trajectory_dict
+    from shared_math.training import latest_checkpoint
+
+    last = latest_checkpoint(out)
+    if last is None:
+        return
+    try:
+        saved = json.loads((last / "meta.json").read_text()).get("trajectory", {})
+        diffs = [d for d in diff_configs(saved, trajectory_dict(cfg)) if not d.startswith("framework:")]
+    except (OSError, ValueError, AttributeError):
+        diffs = ["its meta.json is unreadable"]
+    if diffs:
+        raise ConfigError(f"{out} holds checkpoints of another run ({last.name}: " + "; ".join(diffs[:3])
+                          + "); the demo replaces only its own earlier outputs, so it leaves them: pass --out NEW_DIR")
 
 
 # ---- compare -------------------------------------------------------------------------------------------------------
@@ -178,12 +220,11 @@ def report_compare(res: dict[str, Any], dtype: str) -> bool:
 def _compare(args: argparse.Namespace) -> int:
     from shared_math.training import TrainingDiverged
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"train.out_dir={args.out}")
-    cfg = load_run_config(args.config, overrides)
+    cfg = load_run_config(args.config, list(args.overrides))
     try:
-        res = compare(cfg, args.steps, device=args.device)
+        # --out is the folder of compare.jsonl / compare.png itself (its help's promise), not a train.out_dir that
+        # compare() would put a compare/ folder under
+        res = compare(cfg, args.steps, out_dir=args.out, device=args.device)
     except TrainingDiverged as e:  # the same exit as `train`'s: 3 for a run that diverged, 2 for bad input
         print(f"splitmoe compare: error: {e}", file=sys.stderr)
         return 3

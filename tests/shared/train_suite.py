@@ -181,8 +181,8 @@ def test_adamw_in_backward_changes_memory_not_losses(impl, model_dir, tmp_path):
     np.testing.assert_allclose(first.grad_norms + rest.grad_norms, plain.grad_norms, rtol=1e-6, atol=0)
     for name, t in _adapter_tensors(plain.adapter_dir).items():
         np.testing.assert_array_equal(_adapter_tensors(rest.adapter_dir)[name], t, err_msg=name)
-    for bad, why in (("optim.max_grad_norm=1.0", "optim.max_grad_norm=1.0 clips by the global norm"),
-                     ("train.grad_accum=2", "train.grad_accum=2 sums micro-batches"),
+    for bad, why in (("optim.max_grad_norm=1.0", "optim.max_grad_norm=1.0, which clips by the global norm"),
+                     ("train.grad_accum=2", "train.grad_accum=2, which sums micro-batches"),
                      ("parallel.data=2", "before the gradients are reduced over the 2 devices")):
         with pytest.raises(ConfigError, match=why):
             tiny_cfg(tmp_path / "bad", "torch", *common, "optim.in_backward=true", bad)
