@@ -80,8 +80,12 @@ def _newest_checkpoint_hint(out_dir: str | Path) -> str:
 def _train(args: argparse.Namespace) -> int:
     overrides = _cli_overrides(list(args.overrides), args.out, args.framework)
     cfg = load_run_config(args.config, overrides)
+    from shared_math.training import CHECKPOINT_DIR, TrainingDiverged, checkpoints
+
+    if args.resume and not checkpoints(Path(cfg.train.out_dir)):  # before a model is built into a new folder
+        raise ConfigError(f"nothing to resume: no checkpoint under {Path(cfg.train.out_dir) / CHECKPOINT_DIR}; run "
+                          "without --resume to start this run")
     mod = _trainer_module(cfg.framework)
-    from shared_math.training import TrainingDiverged
 
     trainer = None
     if args.device or args.cuda_graph or args.compile:

@@ -135,3 +135,11 @@ def test_plan_numbers_name_their_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         main(["plan", *argv])
     assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_resume_of_a_folder_without_checkpoints_writes_nothing(tmp_path, capsys):
+    from splitmoe.cli import main
+
+    out = tmp_path / "never_trained"
+    assert main(["train", "--resume", "--out", str(out)]) == 2
+    assert "nothing to resume" in capsys.readouterr().err and not out.exists()
