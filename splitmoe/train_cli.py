@@ -117,7 +117,8 @@ def run_default_job(out_dir: str | Path = "runs/demo", *, framework: str = "torc
                     overrides: list[str] | None = None) -> dict[str, Any]:
     """The embedded default end to end: build the tiny Qwen3-MoE checkpoint, train split LoRA on the synthetic
     copy/reverse tasks (configs/runs/default.yaml), evaluate held-out exact-match before and after, save the PEFT
-    adapter, metrics and loss curve under `out_dir`. Replaces an earlier run's outputs in `out_dir`.
+    adapter, metrics and loss curve under `out_dir`. Replaces an earlier demo's outputs in `out_dir` (either
+    framework's); a folder holding another run's checkpoints is refused (ConfigError), not emptied.
     Returns {"before": exact-match, "after": exact-match, "seconds", "adapter", "plot"}."""
     out = Path(out_dir)
     cfg = load_run_config(DEFAULT_RUN_YAML, [f"train.out_dir={out}", f"framework={framework}", *(overrides or [])])
@@ -136,13 +137,14 @@ def run_default_job(out_dir: str | Path = "runs/demo", *, framework: str = "torc
 
 
 def _refuse_another_runs_folder(out: Path, cfg: RunConfig) -> None:
-    """The demo replaces its own earlier outputs in `out` (either framework's: both default to runs/demo); a folder
-    whose checkpoints another config wrote is refused, not emptied."""
+    """The demo replaces its own earlier outputs in `out` (either framework's: both default to runs/demo), known by
+    the summary.json a finished demo writes (whatever version of the config wrote it) or, for an interrupted one,
+    by its checkpoints' config; a folder whose checkpoints another config wrote is refused, not emptied."""
     from shared_math.train_config import diff_configs, trajectory_dict
     from shared_math.training import latest_checkpoint
 
     last = latest_checkpoint(out)
-    if last is None:
+    if last is None or _is_demo_summary(out / "summary.json"):
         return
     try:
         saved = json.loads((last / "meta.json").read_text()).get("trajectory", {})
@@ -152,6 +154,15 @@ def _refuse_another_runs_folder(out: Path, cfg: RunConfig) -> None:
     if diffs:
         raise ConfigError(f"{out} holds checkpoints of another run ({last.name}: " + "; ".join(diffs[:3])
                           + "); the demo replaces only its own earlier outputs, so it leaves them: pass --out NEW_DIR")
+
+
+def _is_demo_summary(path: Path) -> bool:
+    """Whether `path` is the summary.json a finished demo wrote (run_default_job's keys)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and {"before", "after", "framework", "steps"} <= summary.keys()
 
 
 # ---- compare -------------------------------------------------------------------------------------------------------

@@ -67,6 +67,11 @@ def test_demo_refuses_a_folder_of_another_runs_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="holds checkpoints of another run .*pass --out NEW_DIR"):
         run_default_job(out, progress=False, overrides=["train.steps=2"])
     assert ckpt.is_dir()
+    # a finished demo's folder is the demo's own whatever config wrote its checkpoints (an older version's): replaced
+    (out / "summary.json").write_text(json.dumps({"before": {}, "after": {}, "framework": "torch", "steps": 400}))
+    run_default_job(out, progress=False, overrides=["train.steps=2", "train.save_every=2", "train.eval_every=2"])
+    meta = json.loads((ckpt / "meta.json").read_text())  # the demo's own step-2 checkpoint now
+    assert meta["trajectory"]["model.tiny"] != GPT_OSS_TINY and meta["step"] == 2
 
 
 def test_a_data_file_with_the_synthetic_source_is_refused(tmp_path):
