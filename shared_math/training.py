@@ -92,9 +92,12 @@ TINY_SPEC_FILE = "splitmoe_tiny.json"  # beside a tiny preset's checkpoint: the 
 def build_model_checkpoint(cfg: RunConfig, out_dir: Path) -> Path:
     """`model.path`, or the `model.tiny` preset written to `<out_dir>/model`.
 
-    A `model/` already there is reused only if it was built from the same preset (family, seed, overrides: its
-    TINY_SPEC_FILE; a folder from before that file, by its model config). Another preset's model is rebuilt when the
-    run folder holds no checkpoint, and refused when it does: those checkpoints were trained on it."""
+    A `model/` already there is reused if it was built from the same preset (family, seed, overrides: its
+    TINY_SPEC_FILE; a folder from before that file, by its model config), or if the run folder holds checkpoints:
+    they were trained on it, and only a resume can use them (a fresh run is refused there, and a resume under another
+    model.tiny by its config check; one whose preset file changed since resumes on the model it trained). Otherwise
+    another preset's model is rebuilt: it was left by a run that saved nothing (interrupted, or train.save_every=0),
+    and reusing it trained the wrong model in silence."""
     if cfg.model.path is not None:
         p = resolve_path(cfg.model.path)
         if not (p / "config.json").is_file():
@@ -105,12 +108,8 @@ def build_model_checkpoint(cfg: RunConfig, out_dir: Path) -> Path:
     spec = _load_model_yaml(resolve_path(cfg.model.tiny))
     dest = out_dir / "model"
     if (dest / "config.json").is_file():
-        if _built_from(dest, spec):
+        if latest_checkpoint(out_dir) is not None or _built_from(dest, spec):
             return dest
-        if (last := latest_checkpoint(out_dir)) is not None:
-            raise ConfigError(f"{dest} holds a model built from another preset than model.tiny={cfg.model.tiny} "
-                              f"({spec['family']}, seed {spec['seed']}), and {out_dir} holds checkpoints trained on "
-                              f"it ({last.name}): choose another train.out_dir (--out) for this model")
         shutil.rmtree(dest)  # no checkpoint depends on it: this run's preset replaces it
     write_tiny_checkpoint(spec["family"], dest, seed=spec["seed"], **spec["overrides"])
     (dest / TINY_SPEC_FILE).write_text(json.dumps(spec, sort_keys=True))

@@ -1,8 +1,8 @@
 """What a user meets around a run, outside the training math: found by walking the README's commands on the CPU
 (session 23) and kept here so they stay fixed.
 
-- A run folder's `model/` is the tiny preset it was built from: another preset rebuilds it when no checkpoint was
-  trained on it, and is refused when one was (it was silently reused: a gpt-oss run trained the old Qwen3 model).
+- A run folder's `model/` left by a run that saved nothing is rebuilt for another preset (it was reused in silence:
+  a gpt-oss run trained the old Qwen3 model); one that checkpoints were trained on stays for their resume.
 - `demo` replaces its own earlier outputs only: another run's checkpoints in its folder are refused, not deleted.
 - `data.path` with the synthetic source is an error (the file was ignored in silence).
 - A finished run resumed evaluates again without a second row for its last step in metrics.jsonl.
@@ -50,11 +50,23 @@ def test_a_run_folder_model_of_another_preset_is_rebuilt_or_refused(tmp_path):
     # a folder written before the preset marker: compared by its model config
     (first / "splitmoe_tiny.json").unlink()
     assert _family(build_model_checkpoint(oss, out)) == "gpt_oss"
-    # checkpoints were trained on it: refused, and the model and checkpoint stay
+    # checkpoints were trained on it: kept for a resume, which alone can use them (a fresh run into the folder is
+    # refused by run_training, a resume under another model.tiny by check_resume)
     ckpt = _fake_checkpoint(out)
-    with pytest.raises(ConfigError, match="holds checkpoints trained on it"):
-        build_model_checkpoint(qwen, out)
-    assert _family(out / "model") == "gpt_oss" and ckpt.is_dir()
+    assert _family(build_model_checkpoint(qwen, out)) == "gpt_oss" and ckpt.is_dir()
+
+
+def test_a_fresh_run_into_a_folder_of_another_models_checkpoints_is_refused(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from splitmoe.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--quiet", "--out", str(out), "train.steps=2", "train.save_every=2"]) == 0
+    assert main(["train", "--quiet", "--out", str(out), f"model.tiny={GPT_OSS_TINY}", "train.steps=2"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(["train", "--quiet", "--resume", "--out", str(out), f"model.tiny={GPT_OSS_TINY}",
+                 "train.steps=2", "train.save_every=2"]) == 2
+    assert "written by a different config" in capsys.readouterr().err and _family(out / "model") == "qwen3_moe"
 
 
 def test_demo_refuses_a_folder_of_another_runs_checkpoints(tmp_path):
