@@ -47,6 +47,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -680,6 +681,30 @@ def _main_jax(a: argparse.Namespace) -> int:
     return 0
 
 
+def available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none: not Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(hf: dict[str, Any], family: str, preset: str, available: int | None = None) -> None:
+    """MemoryError naming the numbers when the model's bf16 weights alone exceed this host's available memory: a
+    full-size preset on a CPU machine (Qwen3-30B-A3B: 61 GB) was killed by the kernel with no row and no message."""
+    from shared_math.plan import param_counts
+
+    available = available_host_bytes() if available is None else available
+    need = 2 * param_counts(ModelConfig.from_hf(hf)).total
+    if available is not None and need > available:
+        raise MemoryError(f"{family} {preset} at {hf['num_hidden_layers']} layers holds {need / 2**30:.1f} GiB of bf16 "
+                          f"weights, more than this host's {available / 2**30:.1f} GiB available: run it on a GPU "
+                          "(--device cuda), or here with --preset tiny or fewer --layers")
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if len(a.impls) > 1:
@@ -725,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if unsloth_error:
             raise ImportError(unsloth_error)
+        if not a.device.startswith("cuda"):
+            check_host_memory(hf, a.family, a.preset)
         if impl == "torch_impl":
             model, loss_fn = build_ours(hf, a.device, a.backend, lora, a.grad_ckpt, a.offload, a.compile,
                                         a.checkpoint_policy, a.expert_chunk, a.checkpoint_layers, compile_kwargs(a))

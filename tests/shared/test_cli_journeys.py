@@ -160,3 +160,24 @@ def test_resume_of_a_folder_without_checkpoints_writes_nothing(tmp_path, capsys)
     out = tmp_path / "never_trained"
     assert main(["train", "--resume", "--out", str(out)]) == 2
     assert "nothing to resume" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_full_size_step_row_on_a_small_host_is_a_recorded_refusal(tmp_path):
+    """`bench step --preset 30b-a3b --device cpu` was killed by the kernel on this 23 GiB machine: no row, no
+    message. Now the row records why before any weight is allocated (available memory given, so the test does not
+    depend on the host's)."""
+    pytest.importorskip("torch")
+    from benchmarks.step import check_host_memory, main
+    from shared_math.presets import preset_hf_config
+
+    hf = preset_hf_config("qwen3_moe", "30b-a3b")
+    with pytest.raises(MemoryError, match=r"qwen3_moe 30b-a3b at 48 layers holds 5\d\.\d GiB of bf16 weights, more "
+                                          r"than this host's 16\.0 GiB"):
+        check_host_memory(hf, "qwen3_moe", "30b-a3b", available=16 * 2**30)
+    check_host_memory(preset_hf_config("qwen3_moe", "tiny"), "qwen3_moe", "tiny", available=16 * 2**30)
+    out = tmp_path / "rows.jsonl"
+    # the real host has far less than the 4.2 TB of bf16 weights of a 2,000-layer Qwen3
+    assert main(["--family", "qwen3_moe", "--preset", "30b-a3b", "--layers", "2000", "--device", "cpu",
+                 "--seq", "64", "--impls", "torch_impl", "--out", str(out)]) == 1
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["mode"] == "build" and "GiB of bf16 weights" in row["error"]
