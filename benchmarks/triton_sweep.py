@@ -33,6 +33,7 @@ shared/reference/hopper-grouped-gemm.md ran 442 at that tile and 564 at 128x256x
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -82,20 +83,12 @@ def _time_base_only(cases: list[str]) -> list[dict]:
         gmm_ms = time_cuda(gate_up_gemm_runner(c, "grouped_mm"), warmup=3, iters=15)
         row = dict(case=name, backend="hopper_base", grouped_mm_ms=gmm_ms, grouped_mm_tflops=flops / gmm_ms / 1e9)
         for impl in BASE_IMPLS:
-            for label, env in (("default", "0"), ("tuned", "1")):
-                os.environ["SPLITMOE_TRITON_AUTOTUNE"] = env
-                os.environ.pop("SPLITMOE_TRITON_AUTOTUNE_LOG", None)
-                autotune._memory_cache.clear()
-                saved = autotune.TUNED_TABLE
-                if env == "0":  # the untuned defaults, not the shipped table
-                    autotune.TUNED_TABLE = Path("/nonexistent")
-                try:
+            for label in ("default", "tuned"):
+                with _config_regime(label):
                     ms = time_cuda(gate_up_gemm_runner(c, impl), warmup=3, iters=15)
-                finally:
-                    autotune.TUNED_TABLE = saved
                 row[f"{impl}_{label}_ms"] = ms
                 row[f"{impl}_{label}_tflops"] = flops / ms / 1e9
-                if env == "1":
+                if label == "tuned":
                     row[f"{impl}_config"] = next((v for k, v in autotune._memory_cache.items()
                                                   if k.startswith("tuned|")), None)
         print(f"  {name}: _grouped_mm {row['grouped_mm_tflops']:.0f} TFLOP/s; " + "; ".join(
@@ -134,6 +127,24 @@ def _child(cases: list[str], backend: str) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _config_regime(label: str):
+    """Launches inside look their configs up as `label` says: "default", the untuned GPU_DEFAULTS (the shipped table
+    hidden: it may hold an older sweep); "tuned", the tuner's cache of this sweep. The table is restored after."""
+    from torch_impl.kernels import autotune
+
+    os.environ["SPLITMOE_TRITON_AUTOTUNE"] = "1" if label == "tuned" else "0"
+    os.environ.pop("SPLITMOE_TRITON_AUTOTUNE_LOG", None)
+    autotune._memory_cache.clear()
+    saved = autotune.TUNED_TABLE
+    if label == "default":
+        autotune.TUNED_TABLE = Path("/nonexistent")
+    try:
+        yield
+    finally:
+        autotune.TUNED_TABLE = saved
+
+
 def _time_steps(cases: list[str], out: Path, backend: str) -> list[dict]:
     """Whole forward+backward with the tuned configs (the tuner's cache) and with GPU_DEFAULTS, plus a profile."""
     import torch
@@ -141,24 +152,17 @@ def _time_steps(cases: list[str], out: Path, backend: str) -> list[dict]:
     from benchmarks.common import peak_extra_bytes, time_cuda
     from benchmarks.moe_block import base_flops
     from shared_math.cases import get_case
-    from torch_impl.kernels import autotune
 
     rows = []
     for name in cases:
         c = get_case(name)
         step = _step(name, backend)
         row = dict(case=name, backend=backend)
-        for label, env in (("default", "0"), ("tuned", "1")):
-            os.environ["SPLITMOE_TRITON_AUTOTUNE"] = env
-            os.environ.pop("SPLITMOE_TRITON_AUTOTUNE_LOG", None)
-            autotune._memory_cache.clear()
-            if env == "0":  # the untuned defaults, not the shipped table (which may hold an older sweep)
-                saved, autotune.TUNED_TABLE = autotune.TUNED_TABLE, Path("/nonexistent")
-            step()
-            row[f"{label}_ms"] = time_cuda(step, warmup=3, iters=15)
-            row[f"{label}_peak_gib"] = peak_extra_bytes(step) / 2**30
-            if env == "0":
-                autotune.TUNED_TABLE = saved
+        for label in ("default", "tuned"):
+            with _config_regime(label):
+                step()
+                row[f"{label}_ms"] = time_cuda(step, warmup=3, iters=15)
+                row[f"{label}_peak_gib"] = peak_extra_bytes(step) / 2**30
         row["tuned_tflops_base"] = base_flops(c) / (row["tuned_ms"] * 1e-3) / 1e12
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -141,15 +141,15 @@ def _refuse_another_runs_folder(out: Path, cfg: RunConfig) -> None:
     the summary.json a finished demo writes (whatever version of the config wrote it) or, for an interrupted one,
     by its checkpoints' config; a folder whose checkpoints another config wrote is refused, not emptied."""
     from shared_math.train_config import diff_configs, trajectory_dict
-    from shared_math.training import latest_checkpoint
+    from shared_math.training import CheckpointDamaged, latest_checkpoint, read_meta
 
     last = latest_checkpoint(out)
     if last is None or _is_demo_summary(out / "summary.json"):
         return
     try:
-        saved = json.loads((last / "meta.json").read_text()).get("trajectory", {})
+        saved = read_meta(last).get("trajectory", {})
         diffs = [d for d in diff_configs(saved, trajectory_dict(cfg)) if not d.startswith("framework:")]
-    except (OSError, ValueError, AttributeError):
+    except CheckpointDamaged:
         diffs = ["its meta.json is unreadable"]
     if diffs:
         raise ConfigError(f"{out} holds checkpoints of another run ({last.name}: " + "; ".join(diffs[:3])
