@@ -54,6 +54,7 @@
 #   bash benchmarks/gpu_session.sh adhoc CMD...  # any command with the wheels on the path (warm-machine follow-ups)
 #   bash benchmarks/gpu_session.sh session23q3a # Qwen3 4K: Unsloth, torch_impl, HF + PEFT in one step.py run (q3b: 16K)
 #   bash benchmarks/gpu_session.sh session23o3 # the same for gpt-oss-20b, 4K then 16K
+#   bash benchmarks/gpu_session.sh session24sp # the TN split's remainder in the last chunk: probe old vs new, block
 #   bash benchmarks/gpu_session.sh session23tn # the TN split mode alone: launches at three skews, the block at 0/1024/2048
 #   bash benchmarks/gpu_session.sh session23ctx # Qwen3's longest context, torch_impl and Unsloth in one step.py run
 #   bash benchmarks/gpu_session.sh session22l # 1920-row loss chunks against the default: Qwen3 16K graphed, gpt-oss 4K
@@ -65,7 +66,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24base|session24ts|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24base|session24ts|session24sp|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -624,6 +625,29 @@ case $PART in
     done
     unset SPLITMOE_TN_SPLIT_ROWS
     rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
+  session24sp)  # (written 2026-12-07, session 24) the TN split mode's remainder now rides in the last chunk
+    # (shared_math.tuning.split_chunks): session 23's probe put the even-routed cost of 1024-row chunks on slivers
+    # (Qwen3's experts of 1,024-1,116 rows each split into a chunk and a sliver: 1.078 ms a layer against 0.850
+    # unsplit). The four launches with the old rule (session 24's start, .scratch/base24: `git archive 98ddc27`,
+    # carried) and the new at 1024, then the new at 2048 and 4096, each at skews 0, 1, 2; then the even-routed Qwen3
+    # block, new and old, with HF + PEFT in the new one's command
+    L=${LIMIT:-590}
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
+      > "$R/gpu_tests.log" 2>&1  # the split tests on CUDA (bf16 among their dtypes)
+    C="--cases qwen3_30b_T16384,gpt_oss_20b_T16384 --skew 0,1,2 --variants shipped"
+    [ -d .scratch/base24 ] && (cd .scratch/base24 && timeout 125 python3 benchmarks/tn_probe.py $C --split-rows 1024 \
+      --out "$R/tn_base.jsonl") > "$R/tn_base_1024.log" 2>&1
+    for n in 1024 2048 4096; do
+      [ $((L - SECONDS)) -gt 130 ] || break
+      timeout 125 python3 benchmarks/tn_probe.py $C --split-rows $n --out "$R/tn.jsonl" > "$R/tn_$n.log" 2>&1
+    done
+    [ $((L - SECONDS)) -gt 60 ] && timeout $((L - 40 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
+      --cases qwen3_30b_T16384 --impls hf_peft,torch_triton_hopper --out "$R/block.jsonl" > "$R/block.log" 2>&1
+    [ -d .scratch/base24 ] && [ $((L - SECONDS)) -gt 30 ] && (cd .scratch/base24 && timeout $((L - 5 - SECONDS)) \
+      python3 benchmarks/moe_block.py --iters 10 --cases qwen3_30b_T16384 --impls torch_triton_hopper \
+      --out "$R/block_base.jsonl") > "$R/block_base.log" 2>&1
+    tail -1 "$R/gpu_tests.log"; grep -h "rows per expert\|all four" "$R"/tn_*.log
+    grep -h "|" "$R"/block*.log | cut -c1-160 ;;
   session24tn)  # (written 2026-12-07, session 23) what the limit cut from session 23's run of session23tn: gpt-oss
     # at 2048-row chunks with skewed routing, both models at 4096, then the even-routed block with the split off, at
     # the 1024 default and at 2048, then JAX pallas with its split off and at 1024

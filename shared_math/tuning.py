@@ -82,6 +82,22 @@ def _nearest_bucket(table: dict, key: str) -> dict | None:
     return None if best is None else best[1]
 
 
+def split_chunks(rows: int, split_rows: int) -> list[tuple[int, int]]:
+    """The chunks [start, end) that the ragged-K kernels' split mode reduces an expert of `rows` rows in, with
+    `split_rows` = N > 0: chunks of N rows from the expert's first row, where the last one also takes the remainder
+    (fewer than N rows) instead of leaving it to a chunk of its own. So every chunk holds N to 2N - 1 rows, an expert
+    of fewer than 2N rows is one chunk (finished without partials, with the unsplit kernel's bits) and there are
+    rows // N chunks (one for 0 < rows < N; none for an empty expert).
+
+    Why: with the remainder as its own chunk (session 20's rule), evenly routed experts of just over N rows (Qwen3 at
+    T=16384 has 1,024-1,116 rows an expert against N = 1024) each split into a full chunk and a sliver, and every
+    split expert pays a program per sliver and fp32 partials: the four launches of a layer then took 1.078 ms
+    against 0.850 unsplit (H100, benchmarks/results/session23_2026-12-07). The kernels walk the schedule of
+    cdiv(rows, N) slots per expert (the row-block schedule for block N); a remainder's slot gets no rows."""
+    n = max(rows // split_rows, min(rows, 1))
+    return [(k * split_rows, rows if k == n - 1 else (k + 1) * split_rows) for k in range(n)]
+
+
 def env_split_rows(name: str, block_m: int, block_name: str) -> int | None:
     """The ragged-K kernels' split size from environment variable `name` (torch_impl's SPLITMOE_TN_SPLIT_ROWS and
     jax_impl's SPLITMOE_JAX_TN_SPLIT_ROWS): None when unset or blank, 0 for off, else N > 0, which must be a multiple

@@ -36,14 +36,16 @@ torch_impl/kernels/grouped_gemm.py (same passes, same flags), so one design serv
     SPLIT_ROWS (torch_impl/kernels/grouped_gemm.py, which has the motivation: each program above walks all of its
     expert's rows, so one crowded expert sets the launch's length; on the GPU in session 17 a Qwen3-30B layer's four
     launches went from 0.83 to 1.56 ms with one expert at 16x the mean rows). Each expert's rows are cut into chunks
-    of N, in expert order: chunk -> (expert, first row) is `tile_schedule` for block N (static length
-    cdiv(M, N) + E, surplus chunks expert -1), two launches, no atomics:
-      pass 1 (`_tn_kernel`), one program per (chunk, P tile, Q tile): the chunk's rows reduced as above into an fp32
-        partial [cdiv(M, N) + E, P, Q]; an expert whose rows fit in one chunk is finished here instead (scale,
-        out_dtype; the same row blocks in the same order as the unsplit kernel: the same bits), so only experts of
-        two or more chunks write and read partials.
+    of N, in expert order, the last chunk taking the remainder too (`shared_math.tuning.split_chunks`: N to 2N - 1
+    rows a chunk; an expert of fewer than 2N rows is one chunk). Slots: slot -> (expert, first row) is
+    `tile_schedule` for block N (static length cdiv(M, N) + E, surplus slots expert -1), where a remainder's slot
+    gets no rows. Two launches, no atomics:
+      pass 1 (`_tn_kernel`), one program per (slot, P tile, Q tile): the chunk's rows reduced as above into an fp32
+        partial [cdiv(M, N) + E, P, Q]; an expert of one chunk is finished here instead (scale, out_dtype; the same
+        row blocks in the same order as the unsplit kernel: the same bits), so only experts of two or more chunks
+        write and read partials.
       pass 2 (`_tn_sum_kernel`), one program per (expert, P tile, Q tile): scale · the sum of the expert's partials
-        in chunk order (fixed: deterministic; its first chunk and chunk count are built with jnp before the call),
+        in chunk order (fixed: deterministic; its first slot and chunk count are built with jnp before the call),
         zeros for experts with no rows; one-chunk experts keep pass 1's tile (the output is aliased through).
     Off by default and untimed on the GPU: SPLITMOE_JAX_TN_SPLIT_ROWS (`tn_split_rows`) sets it for the backward's
     launches when a step is traced.
@@ -472,8 +474,9 @@ def _tn_kernel(*refs, s: _TNSpec):
         store_out(e, reduce(offsets_ref[e], offsets_ref[e + 1]))
         return
 
-    # pass 1 of the split mode: program (chunk c, tile) reduces rows chunk_row[c] : +split_rows of expert
-    # chunk_expert[c], cut short at the expert's end; surplus chunks (expert -1) do nothing
+    # pass 1 of the split mode: program (slot c, tile) reduces rows chunk_row[c] : +split_rows of expert
+    # chunk_expert[c], where the expert's last full chunk also takes the remainder up to the expert's end and the
+    # remainder's own slot does nothing (shared_math.tuning.split_chunks); surplus slots (expert -1) do nothing
     c = pl.program_id(0)
     e_raw = chunk_expert_ref[c]
 
@@ -482,16 +485,18 @@ def _tn_kernel(*refs, s: _TNSpec):
         e = e_raw
         start = chunk_row_ref[c]
         e_start, e_end = offsets_ref[e], offsets_ref[e + 1]
-        acc = reduce(start, jnp.minimum(e_end, start + s.split_rows))
-        # an expert whose rows fit in one chunk is finished here, as the unsplit kernel would (the same row blocks in
-        # the same order: the same bits), and pass 2 leaves it alone: only crowded experts pay for partials
-        whole = (start == e_start) & (e_end - start <= s.split_rows)
+        last = e_start + jnp.maximum((e_end - e_start) // s.split_rows - 1, 0) * s.split_rows
+        acc = reduce(start, jnp.where(start < last, start + s.split_rows, jnp.where(start == last, e_end, start)))
+        # an expert of one chunk (fewer than 2·split_rows rows) is finished here, as the unsplit kernel would (the
+        # same row blocks in the same order: the same bits), and pass 2 leaves it alone: only crowded experts pay
+        # for partials
+        whole = (start == e_start) & (e_end - e_start < 2 * s.split_rows)
 
         @pl.when(whole)
         def _finish():
             store_out(e, acc)
 
-        @pl.when(jnp.logical_not(whole))
+        @pl.when(jnp.logical_not(whole) & (start <= last))
         def _partial():
             plgpu.store(part_ref.at[c, pp[:, None], qq[None, :]], acc, mask=mask_pq)
 
@@ -499,8 +504,9 @@ def _tn_kernel(*refs, s: _TNSpec):
 def _tn_sum_kernel(chunk_first_ref, chunk_count_ref, part_ref, out_in_ref, out_ref, *, P: int, Q: int,
                    block_p: int, block_q: int, scale: float):
     """Pass 2 of `grouped_gemm_tn`'s split mode: out[e] = scale·Σ partials of e's chunks, in chunk order (fixed:
-    deterministic), for experts of two chunks or more; zeros for experts with no rows; one-chunk experts keep the
-    tile pass 1 stored (out_in_ref is the same buffer as out_ref, aliased, and never read here)."""
+    deterministic), for experts of two chunks or more (`chunk_count`, from their first slot `chunk_first`); zeros for
+    experts with no rows (count 0); one-chunk experts (count 1) keep the tile pass 1 stored (out_in_ref is the same
+    buffer as out_ref, aliased, and never read here)."""
     del out_in_ref
     e = pl.program_id(0)
     pp = pl.program_id(1) * block_p + _iota(block_p)
@@ -538,8 +544,9 @@ def grouped_gemm_tn(left: jax.Array | None, right: jax.Array, offsets_E1: jax.Ar
 
     left=None: a column of ones (p must be 1). left_act: `left` is gu [M, 2I] and Lrows = act(gu), p = I.
     split_rows = N > 0 (a multiple of cfg.block_m; 0: one program per expert and tile, as always): each expert's
-    rows reduced in chunks of N by separate programs into fp32 partials, then summed per expert in chunk order by a
-    second launch (`{name}_sum`; deterministic, no atomics); experts of one chunk get the unsplit kernel's bits.
+    rows reduced in chunks of N to 2N - 1 rows (`shared_math.tuning.split_chunks`) by separate programs into fp32
+    partials, then summed per expert in chunk order by a second launch (`{name}_sum`; deterministic, no atomics);
+    experts of one chunk get the unsplit kernel's bits.
     The twin of torch_impl's config SPLIT_ROWS, off by default and untimed on the GPU (`tn_split_rows`).
     """
     E = offsets_E1.shape[0] - 1
@@ -576,8 +583,10 @@ def grouped_gemm_tn(left: jax.Array | None, right: jax.Array, offsets_E1: jax.Ar
         out_shape=[out_shape, jax.ShapeDtypeStruct((n_chunks, p, Q), _F32)], grid=(n_chunks, *tiles),
         interpret=interpret, name=name, compiler_params=params,
     )(chunk_expert, chunk_row, *ins)
-    count = (offsets_E1[1:] - offsets_E1[:-1] + (split - 1)) // split
-    first = (jnp.cumsum(count) - count).astype(jnp.int32)
+    rows = offsets_E1[1:] - offsets_E1[:-1]
+    slots = (rows + (split - 1)) // split
+    first = (jnp.cumsum(slots) - slots).astype(jnp.int32)
+    count = jnp.maximum(rows // split, jnp.minimum(rows, 1))  # chunks: shared_math.tuning.split_chunks
     return pl.pallas_call(
         partial(_tn_sum_kernel, P=p, Q=Q, block_p=cfg.block_n, block_q=cfg.block_d, scale=float(scale)),
         out_shape=out_shape, grid=(E, *tiles), input_output_aliases={3: 0}, interpret=interpret,

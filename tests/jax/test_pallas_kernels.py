@@ -30,6 +30,7 @@ from jax_impl.moe import split_lora_experts as moe_split_lora_experts  # noqa: E
 from shared_math import reference as ref  # noqa: E402
 from shared_math.cases import cases, get_case, make_moe_inputs  # noqa: E402
 from shared_math.numerics import assert_close  # noqa: E402
+from shared_math.tuning import split_chunks  # noqa: E402
 from tests.jax.jax_helpers import DIFF_ARGS, moe_inputs_to_jax  # noqa: E402
 
 _DIFF = DIFF_ARGS
@@ -324,7 +325,7 @@ _TN_SPLIT_CASES = [get_case(n) for n in ("skewed", "empty_experts", "prime_e", "
 _TN_LAUNCHES: dict = {}
 
 
-def _tn_setup(case, seed: int, repeat: int = 4):
+def _tn_setup(case, seed: int, repeat: int = 8):
     """(sort, operands) for `case`'s routing stacked `repeat` times (T·repeat tokens: every expert's rows times
     `repeat`, empty experts still empty; as the torch twin's `_setup(repeat=)`), so that 16-row chunks split the
     small cases' experts into several."""
@@ -387,14 +388,15 @@ _TN_SPLIT_PARAMS = [pytest.param(c, 32, id=f"{c.name}-split2blk") for c in _TN_S
 
 @pytest.mark.parametrize(("case", "split_rows"), _TN_SPLIT_PARAMS)
 def test_grouped_gemm_tn_split_rows_matches_reference(case, split_rows, seed):
-    """Split mode (chunks of one or two 16-row blocks; the routing stacked 4x so that every case has experts of
-    several chunks), every left mode, gathers, row scale, scale and a float16 out_dtype, against float64; experts
-    with no rows give exact zeros; one executable serves a second routing of the same shapes (static grids)."""
+    """Split mode (chunks of one or two 16-row blocks; the routing stacked 8x so that every case has experts of
+    several chunks, at least 2·split_rows rows), every left mode, gathers, row scale, scale and a float16 out_dtype,
+    against float64; experts with no rows give exact zeros; one executable serves a second routing of the same
+    shapes (static grids)."""
     run = _tn_launches(case, split_rows)
     for routing_seed in (seed, seed + 7):
         srt, o = _tn_setup(case, routing_seed)
         rows_E = np.diff(np.asarray(srt.offsets_E1))
-        assert rows_E.max() > split_rows, "the premise: some expert spans several chunks"
+        assert rows_E.max() >= 2 * split_rows, "the premise: some expert spans several chunks"
         got, want = run(srt, o), _tn_reference(case, srt, o)
         for name, exp in want.items():
             assert got[name].dtype == np.float32
@@ -410,24 +412,26 @@ def test_grouped_gemm_tn_split_rows_matches_reference(case, split_rows, seed):
 
 @pytest.mark.parametrize("case", [get_case("skewed"), get_case("empty_experts")], ids=lambda c: c.name)
 def test_grouped_gemm_tn_split_rows_is_deterministic_and_one_chunk_experts_keep_their_bits(case, seed):
-    """Split mode gives the same bits on every call; experts whose rows fit in one chunk get the unsplit kernel's
-    bits (same row blocks, same order), and with chunks longer than any expert the whole output is the unsplit
-    kernel's. A split launch is two pallas_calls (pass 1, then `_sum`), the unsplit one one."""
-    srt, o = _tn_setup(case, seed)
+    """Split mode gives the same bits on every call; experts of one chunk (fewer than 2·split_rows rows, those
+    between one and two chunks' worth included: the remainder rides in the last chunk, `split_chunks`) get the
+    unsplit kernel's bits (same row blocks, same order), and with chunks longer than any expert the whole output is
+    the unsplit kernel's. A split launch is two pallas_calls (pass 1, then `_sum`), the unsplit one one."""
+    srt, o = _tn_setup(case, seed, repeat=4)  # rows in multiples of 4: some between 16 and 32
     rows_E = np.diff(np.asarray(srt.offsets_E1))
     unsplit = _tn_launches(case, 0)(srt, o)
-    for split_rows in (32, 1024):
+    for split_rows in (16, 1024):
         run = _tn_launches(case, split_rows)
         first, again = run(srt, o), run(srt, o)
-        one_chunk = rows_E <= split_rows
+        one_chunk = np.array([len(split_chunks(int(r), split_rows)) <= 1 for r in rows_E])
         for name in first:
             np.testing.assert_array_equal(first[name], again[name], err_msg=f"{name}: split mode is not deterministic")
             np.testing.assert_array_equal(first[name][one_chunk], unsplit[name][one_chunk], err_msg=name)
         if split_rows == 1024:
             assert one_chunk.all()
-        else:
-            assert not one_chunk.all(), "the premise: some expert spans several chunks"
-    for split_rows, per_launch in ((0, ["grouped_gemm_tn"]), (32, ["grouped_gemm_tn", "grouped_gemm_tn_sum"])):
+        else:  # the premises: an expert of one chunk and a remainder, and one of several chunks and a remainder
+            assert ((rows_E > split_rows) & one_chunk).any(), "no expert of between one and two chunks' rows"
+            assert ((rows_E % split_rows > 0) & ~one_chunk).any(), "no expert of several chunks with a remainder"
+    for split_rows, per_launch in ((0, ["grouped_gemm_tn"]), (16, ["grouped_gemm_tn", "grouped_gemm_tn_sum"])):
         f = _TN_LAUNCHES[(case, split_rows)][0]
         assert _pallas_call_names(jax.make_jaxpr(f)(srt.offsets_E1, srt.token_M, o)) == per_launch * 5
 

@@ -69,3 +69,21 @@ def test_the_h200_runs_the_hopper_kernels_on_the_h100s_tuned_entries(rest, kind,
     assert h200 is not None and h200 == tuning.nearest_entry(table, _key(H100, m, rest, kind))
     assert not any(k.split("|")[1] == H200 and k.split("|")[3] == kind for k in table), \
         "the H200 has hopper entries of its own now: this test's premise (and the fallback's reason) changed"
+
+
+@pytest.mark.parametrize("split", [16, 64, 1024])
+def test_split_chunks_cover_the_rows_with_no_sliver(split):
+    """The ragged-K split mode's chunks of an expert: contiguous from row 0 to its last row, in order; rows // N of
+    them (one below N rows, none for an empty expert); every chunk N to 2N - 1 rows long, except an expert's only
+    chunk, which may be shorter. So evenly routed experts of just over N rows (Qwen3 at T=16384: 1,024-1,116 rows
+    against N = 1024) are one chunk each, not a chunk and a sliver."""
+    for rows in [0, 1, split - 1, split, split + 1, 2 * split - 1, 2 * split, 2 * split + 1, 5 * split + 7,
+                 16 * split - 1, 1116 * split // 1024]:
+        chunks = tuning.split_chunks(rows, split)
+        assert len(chunks) == max(rows // split, min(rows, 1)), rows
+        assert [c[0] for c in chunks] == [k * split for k in range(len(chunks))], rows
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])) and (chunks[-1][1] if chunks else 0) == rows
+        if len(chunks) > 1:
+            assert all(split <= end - start < 2 * split for start, end in chunks), (rows, chunks)
+    assert tuning.split_chunks(1116, 1024) == [(0, 1116)]
+    assert tuning.split_chunks(3000, 1024) == [(0, 1024), (1024, 3000)]

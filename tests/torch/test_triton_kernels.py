@@ -37,6 +37,7 @@ pytest.importorskip("triton")
 from shared_math import reference as ref  # noqa: E402
 from shared_math.cases import cases, get_case, make_moe_inputs  # noqa: E402
 from shared_math.numerics import assert_close  # noqa: E402
+from shared_math.tuning import split_chunks  # noqa: E402
 from torch_impl.kernels import grouped_gemm as gg  # noqa: E402
 from torch_impl.kernels import split_lora as sl  # noqa: E402
 
@@ -420,14 +421,14 @@ def _seg(expert_M, num_experts, lhs, rhs):
 @pytest.mark.parametrize("multiple", [1, 2], ids=["split1blk", "split2blk"])
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.name)
 def test_grouped_gemm_tn_split_rows_matches_reference(case, multiple, dtype, seed):
-    """Split mode (SPLIT_ROWS = one or two 16-row blocks; the routing stacked 4x so that every case has experts of
-    several chunks): gathered left, act(gu) left with a gathered right and row scale, ones left, plain rows, alpha
-    and a narrower out_dtype, against float64; experts with no rows give exact zeros."""
-    srt, expert_M, rnd = _setup(case, seed, dtype, repeat=4)
+    """Split mode (SPLIT_ROWS = one or two 16-row blocks; the routing stacked 8x so that every case has experts of
+    several chunks, at least 2·SPLIT_ROWS rows): gathered left, act(gu) left with a gathered right and row scale,
+    ones left, plain rows, alpha and a narrower out_dtype, against float64; experts with no rows give exact zeros."""
+    srt, expert_M, rnd = _setup(case, seed, dtype, repeat=8)
     cfg = _tn_split_config(dtype, torch.device(DEVICE), multiple)
     n = cfg["SPLIT_ROWS"]
     rows_E = srt.offsets_E1.diff().cpu()
-    assert int(rows_E.max()) > n, "the premise: some expert spans several chunks"
+    assert int(rows_E.max()) >= 2 * n, "the premise: some expert spans several chunks"
     T, M, E = srt.T, srt.M, case.E
     x, dz, gu, dy = rnd(T, case.H), rnd(M, case.R), rnd(M, 2 * case.I, scale=2.0), rnd(T, case.H)
     z, dgu, ws = rnd(M, case.R), rnd(M, 2 * case.I), rnd(M).abs() + 0.1
@@ -457,8 +458,9 @@ def test_grouped_gemm_tn_split_rows_matches_reference(case, multiple, dtype, see
 @pytest.mark.parametrize("case", [get_case("skewed"), get_case("empty_experts")], ids=lambda c: c.name)
 def test_grouped_gemm_tn_split_rows_is_deterministic(case, seed):
     """Split mode gives the same bits on every call, with the schedule given (as the Function passes its sort's) or
-    built by the launcher; experts whose rows fit in one chunk get the unsplit kernel's bits (same row blocks, same
-    order), and with chunks longer than any expert the whole output is the unsplit kernel's."""
+    built by the launcher; experts of one chunk (fewer than 2·SPLIT_ROWS rows, those between one and two chunks'
+    worth included: the remainder rides in the last chunk, `split_chunks`) get the unsplit kernel's bits (same row
+    blocks, same order), and with chunks longer than any expert the whole output is the unsplit kernel's."""
     srt, _, rnd = _setup(case, seed, repeat=4)
     x, dz, gu, dy = rnd(srt.T, case.H), rnd(srt.M, case.R), rnd(srt.M, 2 * case.I), rnd(srt.T, case.H)
     ws = rnd(srt.M).abs() + 0.1
@@ -466,20 +468,22 @@ def test_grouped_gemm_tn_split_rows_is_deterministic(case, seed):
     for kw in (dict(left=x, right=dz, p=case.H, left_index=srt.token_M, alpha=0.5),
                dict(left=gu, right=dy, p=case.I, left_act=gg.act_code(case.activation), right_index=srt.token_M,
                     row_scale_M=ws, limit=case.swiglu_limit)):
-        for multiple in (2, 1000):
+        for multiple in (1, 1000):
             cfg = _tn_split_config(torch.float32, x.device, multiple)
+            n = cfg["SPLIT_ROWS"]
             common = dict(offsets_E1=srt.offsets_E1, num_experts=case.E, **kw)
             first = gg.grouped_gemm_tn(config=cfg, **common)
             again = gg.grouped_gemm_tn(config=cfg, **common)
-            given = gg.grouped_gemm_tn(config=cfg, schedule=srt.schedule(cfg["SPLIT_ROWS"]), **common)
+            given = gg.grouped_gemm_tn(config=cfg, schedule=srt.schedule(n), **common)
             assert torch.equal(first, again) and torch.equal(first, given), "split mode is not deterministic"
             unsplit = gg.grouped_gemm_tn(config=dict(cfg, SPLIT_ROWS=0), **common)
-            one_chunk = rows_E <= cfg["SPLIT_ROWS"]
+            one_chunk = torch.tensor([len(split_chunks(int(r), n)) <= 1 for r in rows_E])
             assert torch.equal(first[one_chunk.to(first.device)], unsplit[one_chunk.to(first.device)])
             if multiple == 1000:
                 assert bool(one_chunk.all()) and torch.equal(first, unsplit)
-            else:
-                assert not bool(one_chunk.all()), "the premise: some expert spans several chunks"
+            else:  # the premises: an expert of one chunk and a remainder, and one of several chunks and a remainder
+                assert bool(((rows_E > n) & one_chunk).any()), "no expert of between one and two chunks' rows"
+                assert bool(((rows_E % n > 0) & ~one_chunk).any()), "no expert of several chunks with a remainder"
 
 
 @kernel_test

@@ -30,19 +30,24 @@ rows (sorted by expert; expert e owns sorted rows offsets[e]:offsets[e+1]). Belo
     1.56 ms with one expert at 16x the mean rows (--skew 2); the training step's profile (random-weight router,
     busiest expert 1.5-2.4x the mean) had them at 1.9 ms. Dispatching the heaviest expert's programs first gave
     nothing (presumably, at skew 2, because one of its programs alone runs longer than the rest of the launch
-    wherever it starts). So split mode cuts each expert's rows into chunks of N, in expert order (schedule
-    chunk -> (expert, first row): the row-block schedule for block N, static length cdiv(M, N) + E, surplus chunks
-    expert -1, built on the device), in two launches and no atomics:
-      pass 1, one program per (chunk, p-tile, q-tile): the chunk's rows reduced as above into an fp32 partial
-        [cdiv(M, N) + E, p, q] (dA1 at Qwen3-30B, T=16384: 192 MiB at N=512, 128 MiB at N=1024); an expert whose
-        rows fit in one chunk is finished here instead (alpha applied, out_dtype; the same row blocks in the same
-        order as the unsplit kernel: the same bits), so only experts of two or more chunks write and read partials
-        (2·p·q·4 bytes of traffic per chunk).
+    wherever it starts). So split mode cuts each expert's rows into chunks of N, in expert order, the last chunk
+    taking the remainder too (`shared_math.tuning.split_chunks`: N to 2N - 1 rows a chunk, rows // N chunks; an
+    expert of fewer than 2N rows is one chunk). Slots: the row-block schedule for block N (slot -> (expert, first
+    row), static length cdiv(M, N) + E, surplus slots expert -1, built on the device), where a remainder's slot gets
+    no rows. Two launches, no atomics:
+      pass 1, one program per (slot, p-tile, q-tile): the chunk's rows reduced as above into an fp32 partial
+        [cdiv(M, N) + E, p, q] (dA1 at Qwen3-30B, T=16384: 192 MiB at N=512, 128 MiB at N=1024); an expert of one
+        chunk is finished here instead (alpha applied, out_dtype; the same row blocks in the same order as the
+        unsplit kernel: the same bits), so only experts of two or more chunks write and read partials (2·p·q·4
+        bytes of traffic per chunk).
       pass 2 (`_grouped_gemm_tn_sum_kernel`), one program per (expert, p-tile, q-tile): alpha · the sum of the
-        expert's partials in chunk order (fixed: deterministic; its first chunk is the exclusive prefix sum of
+        expert's partials in chunk order (fixed: deterministic; its first slot is the exclusive prefix sum of
         cdiv(rows, N), rebuilt in registers from the offsets), zeros for experts with no rows.
-    Off by default (the shipped tuned table has no SPLIT_ROWS) until it is timed on the GPU:
-    `SPLITMOE_TN_SPLIT_ROWS` (split_lora.tn_split_rows), `benchmarks/tn_probe.py --split-rows`.
+    The remainder rides in the last chunk since session 24: as its own chunk, evenly routed experts of just over N
+    rows each split into a chunk and a sliver (H100, session 23: a Qwen3 layer's four launches 1.078 ms against
+    0.850 unsplit).
+    The shipped tuned table has no SPLIT_ROWS: `split_lora.tn_split_rows` sets it on CUDA (DEFAULT_TN_SPLIT_ROWS,
+    or `SPLITMOE_TN_SPLIT_ROWS`), off in the interpreter; `benchmarks/tn_probe.py --split-rows` times it alone.
 
 Every operand is passed with explicit strides, so transposed views (W^T, LoRA factors transposed in the backward)
 cost no copy. Row indices are widened to int64 before they meet a stride (M·H passes 2^31 at real sizes).
@@ -249,15 +254,19 @@ def _grouped_gemm_tn_kernel(
     mask_p = offs_p < P
     mask_q = offs_q < Q
     if SPLIT:
-        # Program (chunk c, tile): rows chunk_row[c] : +split_rows of expert chunk_expert[c], cut short at the
-        # expert's end. Surplus chunks (expert -1) get no rows: no reduction steps, and both stores masked off.
+        # Program (slot c, tile): rows chunk_row[c] : +split_rows of expert chunk_expert[c], where the expert's last
+        # full chunk also takes the remainder (fewer than split_rows rows) up to the expert's end and the remainder's
+        # own slot gets no rows (shared_math.tuning.split_chunks). Surplus slots (expert -1) get no rows either: no
+        # reduction steps, and both stores masked off.
         c = tl.program_id(0)
         e_raw = tl.load(chunk_expert_ptr + c)
         e = tl.maximum(e_raw, 0).to(tl.int64)
         start = tl.load(chunk_row_ptr + c)
         e_start = tl.load(offsets_ptr + e)
         e_end = tl.load(offsets_ptr + e + 1)
-        end = tl.where(e_raw >= 0, tl.minimum(e_end, start + split_rows), start)
+        last = e_start + tl.maximum((e_end - e_start) // split_rows - 1, 0) * split_rows
+        end = tl.where(start < last, start + split_rows, tl.where(start == last, e_end, start))
+        end = tl.where(e_raw >= 0, end, start)
     else:
         e = tl.program_id(0).to(tl.int64)
         start = tl.load(offsets_ptr + e)
@@ -297,13 +306,13 @@ def _grouped_gemm_tn_kernel(
     mask_pq = mask_p[:, None] & mask_q[None, :]
     out_tile = out_ptr + e * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
     if SPLIT:
-        # An expert whose rows fit in one chunk is finished here, as the unsplit kernel would (the same row blocks
-        # in the same order: the same bits), and the chunk sum skips it: only crowded experts pay for partials.
-        # (the conditions become p bounds of the masks: a scalar bool ANDed into a mask is refused by the
-        # interpreter)
-        whole = (e_raw >= 0) & (start == e_start) & (e_end - start <= split_rows)
+        # An expert of one chunk (fewer than 2·split_rows rows) is finished here, as the unsplit kernel would (the
+        # same row blocks in the same order: the same bits), and the chunk sum skips it: only crowded experts pay
+        # for partials; a remainder's empty slot stores nothing. (the conditions become p bounds of the masks: a
+        # scalar bool ANDed into a mask is refused by the interpreter)
+        whole = (e_raw >= 0) & (start == e_start) & (e_end - e_start < 2 * split_rows)
         p_out = tl.where(whole, P, 0)
-        p_part = tl.where(e_raw >= 0, P, 0) - p_out
+        p_part = tl.where((e_raw >= 0) & (start <= last), P, 0) - p_out
         tl.store(out_tile, (acc * alpha).to(out_ptr.dtype.element_ty),
                  mask=(offs_p < p_out)[:, None] & mask_q[None, :])
         tl.store(part_ptr + c.to(tl.int64) * stride_pc + offs_p[:, None] * stride_pp + offs_q[None, :] * stride_pq,
@@ -321,9 +330,10 @@ def _grouped_gemm_tn_sum_kernel(
     BLOCK_E: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     """Pass 2 of `grouped_gemm_tn`'s split mode: out[e] = alpha·Σ partials of e's chunks, in chunk order (fixed:
-    deterministic), for experts of two chunks or more; zeros for experts with no rows; one-chunk experts were
-    stored by pass 1. Expert e's chunks are contiguous in the schedule from the exclusive prefix sum of
-    cdiv(rows, split_rows), rebuilt here in registers from the E+1 offsets (E is at most a few hundred)."""
+    deterministic), for experts of two chunks or more (rows // split_rows of them: shared_math.tuning.split_chunks);
+    zeros for experts with no rows; one-chunk experts were stored by pass 1. Expert e's slots are contiguous in the
+    schedule from the exclusive prefix sum of cdiv(rows, split_rows), rebuilt here in registers from the E+1 offsets
+    (E is at most a few hundred); its chunks are the first rows // split_rows of them."""
     e = tl.program_id(0)
     pid = tl.program_id(1)
     n_q = tl.cdiv(Q, BLOCK_Q)
@@ -334,9 +344,10 @@ def _grouped_gemm_tn_sum_kernel(
     in_e = lanes < E
     lo = tl.load(offsets_ptr + lanes, mask=in_e, other=0)
     hi = tl.load(offsets_ptr + lanes + 1, mask=in_e, other=0)
-    chunks = (hi - lo + (split_rows - 1)) // split_rows  # 0 past E
-    first = tl.sum(tl.where(lanes < e, chunks, 0), 0)
-    n = tl.sum(tl.where(lanes == e, chunks, 0), 0)
+    slots = (hi - lo + (split_rows - 1)) // split_rows  # 0 past E
+    first = tl.sum(tl.where(lanes < e, slots, 0), 0)
+    rows = tl.sum(tl.where(lanes == e, hi - lo, 0), 0)
+    n = rows // split_rows  # partials to sum where >= 2 (a remainder rides in the last chunk)
     acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
     ptrs = part_ptr + first.to(tl.int64) * stride_pc + offs_p[:, None] * stride_pp + offs_q[None, :] * stride_pq
     # one-chunk experts were finished by pass 1 (their partial was never written): no loads, and no store below
@@ -344,7 +355,7 @@ def _grouped_gemm_tn_sum_kernel(
         acc += tl.load(ptrs, mask=mask_pq, other=0.0)
         ptrs += stride_pc  # pointer arithmetic: no int32 chunk·stride product
     acc = acc * alpha
-    p_out = tl.where(n != 1, P, 0)  # one-chunk experts: pass 1 stored them
+    p_out = tl.where((n > 1) | (rows == 0), P, 0)  # one-chunk experts: pass 1 stored them
     tl.store(out_ptr + e.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
              acc.to(out_ptr.dtype.element_ty), mask=(offs_p < p_out)[:, None] & (offs_q < Q)[None, :])
 
@@ -478,14 +489,14 @@ def grouped_gemm_tn(left: torch.Tensor | None, right: torch.Tensor, offsets_E1: 
     p = I. Accumulates in fp32; `out_dtype` float32 by default (LoRA grads feed fp32 master weights).
 
     config["SPLIT_ROWS"] = N > 0 (a multiple of BLOCK_M; 0 or absent: one program per expert and tile, as always):
-    an expert's rows are reduced in chunks of N by separate programs, then summed per expert in chunk order by a
-    second launch (deterministic, no atomics). Each program of the unsplit kernel walks all of its expert's rows, so
-    one crowded expert sets the launch's length: on the GPU in session 17 (benchmarks/results/session17_2026-12-06,
-    benchmarks/tn_probe.py) the four launches of a Qwen3-30B layer at T=16384 took 0.83 ms with uniform routing
-    (near cuBLAS) and 1.56 ms when one expert got 16x the mean rows (--skew 2), and the training step's profile had
-    them at 1.9 ms (random-weight router, busiest expert 1.5-2.4x the mean); dispatching the heaviest expert first
-    gave nothing. Off by default (the shipped table has no SPLIT_ROWS) until the GPU has timed it
-    (`split_lora._tn`'s SPLITMOE_TN_SPLIT_ROWS, tn_probe.py --split-rows).
+    an expert's rows are reduced in chunks of N to 2N - 1 rows (`shared_math.tuning.split_chunks`) by separate
+    programs, then summed per expert in chunk order by a second launch (deterministic, no atomics). Each program of
+    the unsplit kernel walks all of its expert's rows, so one crowded expert sets the launch's length: on the GPU in
+    session 17 (benchmarks/results/session17_2026-12-06, benchmarks/tn_probe.py) the four launches of a Qwen3-30B
+    layer at T=16384 took 0.83 ms with uniform routing (near cuBLAS) and 1.56 ms when one expert got 16x the mean
+    rows (--skew 2), and the training step's profile had them at 1.9 ms (random-weight router, busiest expert
+    1.5-2.4x the mean); dispatching the heaviest expert first gave nothing. The shipped table has no SPLIT_ROWS;
+    `split_lora.tn_split_rows` sets it on CUDA (its default, or SPLITMOE_TN_SPLIT_ROWS; tn_probe.py --split-rows).
     `schedule` = (chunk_expert, chunk_row) of the split, the row-block schedule for block N
     (`split_lora.KernelSort.schedule(N)`: the Function passes its sort's, built once per layer and shared by the
     four launches, instead of each launch rebuilding it); None: built here by `schedule.row_block_schedule` (one

@@ -161,7 +161,8 @@ TN_SPLIT_ROWS_ENV = "SPLITMOE_TN_SPLIT_ROWS"
 # grouped_gemm_tn's split size on CUDA where the config names none (the shipped table names none). With the fused
 # attention LoRA branch it took Qwen3-30B-A3B's 16K step (24 layers, H100) from 831.8 to 795.2 ms and gpt-oss-20b's
 # from 1020.8 to 1017.1 (benchmarks/REPORT.md, session 20): the step benchmark's random routers crowd a few experts.
-# An expert of at most this many rows runs as in the unsplit kernel (the same bits); only crowded ones split.
+# An expert of fewer than twice this many rows runs as in the unsplit kernel (the same bits); only crowded ones
+# split, into chunks of this many rows with the remainder in the last (shared_math.tuning.split_chunks).
 DEFAULT_TN_SPLIT_ROWS = 1024
 
 
