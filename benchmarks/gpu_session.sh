@@ -647,6 +647,8 @@ case $PART in
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
       > "$R/gpu_tests.log" 2>&1  # the split tests on CUDA (bf16 among their dtypes)
     C="--cases qwen3_30b_T16384,gpt_oss_20b_T16384 --skew 0,1,2 --variants shipped"
+    # the probe itself is this tree's in both (session 24 draws its operands faster), the kernels the tree's own
+    [ -d .scratch/base24 ] && cp benchmarks/tn_probe.py .scratch/base24/benchmarks/
     [ -d .scratch/base24 ] && (cd .scratch/base24 && timeout 125 python3 benchmarks/tn_probe.py $C --split-rows 1024 \
       --out "$R/tn_base.jsonl") > "$R/tn_base_1024.log" 2>&1
     for n in 1024 2048 4096; do

@@ -48,23 +48,27 @@ VARIANTS = ("shipped", "sorted", "cublas", "grouped_mm")  # the default set; "sp
 def _operands(c, device: str, seed: int = 0) -> dict:
     """Random operands of the four launches at case `c`'s shapes, and the expert sort (compute dtype: bf16 on the
     GPU, fp32 under the interpreter, whose bf16 dots are not exact)."""
+    import numpy as np
     import torch
 
-    from shared_math.cases import make_moe_inputs
+    from shared_math.cases import routing_for
     from torch_impl.kernels.split_lora import KernelSort
 
     dt = torch.bfloat16 if device == "cuda" else torch.float32
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    # drawn on the device: at gpt-oss T=16384 the CPU's draws of gu and dgu alone take seconds a case
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+        return torch.randn(*shape, generator=g, device=device).to(dt)
 
-    ids = torch.as_tensor(make_moe_inputs(c, seed)["expert_ids"]).to(device)
+    # make_moe_inputs(c, seed)'s routing (its first draws) without its float64 weights (35 s on the CPU at gpt-oss
+    # T=16384, for every case and skew)
+    ids = torch.as_tensor(routing_for(c, np.random.default_rng(seed))[0]).to(device)
     srt = KernelSort.from_ids(ids, c.E)
     M, H, I, R = c.M, c.H, c.I, c.R
     return dict(srt=srt, dt=dt, x=rnd(c.T, H), dy=rnd(c.T, H), gu=rnd(M, 2 * I), dgu=rnd(M, 2 * I),
                 z1=rnd(M, R), z2=rnd(M, R), dz1=rnd(M, R), dz2=rnd(M, R),
-                w=torch.rand(M, generator=g).to(device), s=2.0)
+                w=torch.rand(M, generator=g, device=device), s=2.0)
 
 
 def _launch_args(name: str, op: dict, c, sorted_rows: bool) -> tuple[tuple, dict]:
