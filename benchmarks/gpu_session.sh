@@ -640,28 +640,37 @@ case $PART in
   session24sp)  # (written 2026-12-07, session 24) the TN split mode's remainder now rides in the last chunk
     # (shared_math.tuning.split_chunks): session 23's probe put the even-routed cost of 1024-row chunks on slivers
     # (Qwen3's experts of 1,024-1,116 rows each split into a chunk and a sliver: 1.078 ms a layer against 0.850
-    # unsplit). The four launches with the old rule (session 24's start, .scratch/base24: `git archive 98ddc27`,
-    # carried) and the new at 1024, then the new at 2048 and 4096, each at skews 0, 1, 2; then the even-routed Qwen3
-    # block, new and old, with HF + PEFT in the new one's command
+    # unsplit); and Qwen3's dh entry (H100, T=16384, r=64) is now session 20's 128 x 256 quarters, 3 stages (1.711
+    # against 1.824 ms in pass_probe; its gpu test passed in session 23). Old (session 24's start, .scratch/base24:
+    # `git archive 98ddc27`, carried) against new in one call: the four TN launches at 1024 (skews 0, 1, 2), the new
+    # at 2048; Qwen3's dh pass; the even-routed Qwen3 block, with HF + PEFT in the new one's command; the new TN
+    # launches at 4096 last
     L=${LIMIT:-590}
+    B=.scratch/base24
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/torch/test_triton_kernels.py -k split_rows \
       > "$R/gpu_tests.log" 2>&1  # the split tests on CUDA (bf16 among their dtypes)
     C="--cases qwen3_30b_T16384,gpt_oss_20b_T16384 --skew 0,1,2 --variants shipped"
     # the probe itself is this tree's in both (session 24 draws its operands faster), the kernels the tree's own
-    [ -d .scratch/base24 ] && cp benchmarks/tn_probe.py .scratch/base24/benchmarks/
-    [ -d .scratch/base24 ] && (cd .scratch/base24 && timeout 125 python3 benchmarks/tn_probe.py $C --split-rows 1024 \
+    [ -d $B ] && cp benchmarks/tn_probe.py $B/benchmarks/
+    [ -d $B ] && (cd $B && timeout 125 python3 benchmarks/tn_probe.py $C --split-rows 1024 \
       --out "$R/tn_base.jsonl") > "$R/tn_base_1024.log" 2>&1
-    for n in 1024 2048 4096; do
+    for n in 1024 2048; do
       [ $((L - SECONDS)) -gt 130 ] || break
       timeout 125 python3 benchmarks/tn_probe.py $C --split-rows $n --out "$R/tn.jsonl" > "$R/tn_$n.log" 2>&1
     done
-    [ $((L - SECONDS)) -gt 60 ] && timeout $((L - 40 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
+    P="--cases qwen3_30b_T16384 --variants fused"
+    [ -d $B ] && [ $((L - SECONDS)) -gt 100 ] && (cd $B && timeout 60 python3 benchmarks/pass_probe.py $P \
+      --out "$R/pass_base.jsonl") > "$R/pass_base.log" 2>&1
+    [ $((L - SECONDS)) -gt 100 ] && timeout 60 python3 benchmarks/pass_probe.py $P --out "$R/pass.jsonl" \
+      > "$R/pass.log" 2>&1
+    [ $((L - SECONDS)) -gt 90 ] && timeout 90 python3 benchmarks/moe_block.py --iters 10 \
       --cases qwen3_30b_T16384 --impls hf_peft,torch_triton_hopper --out "$R/block.jsonl" > "$R/block.log" 2>&1
-    [ -d .scratch/base24 ] && [ $((L - SECONDS)) -gt 30 ] && (cd .scratch/base24 && timeout $((L - 5 - SECONDS)) \
-      python3 benchmarks/moe_block.py --iters 10 --cases qwen3_30b_T16384 --impls torch_triton_hopper \
-      --out "$R/block_base.jsonl") > "$R/block_base.log" 2>&1
+    [ -d $B ] && [ $((L - SECONDS)) -gt 70 ] && (cd $B && timeout 70 python3 benchmarks/moe_block.py --iters 10 \
+      --cases qwen3_30b_T16384 --impls torch_triton_hopper --out "$R/block_base.jsonl") > "$R/block_base.log" 2>&1
+    [ $((L - SECONDS)) -gt 60 ] && timeout $((L - 5 - SECONDS)) python3 benchmarks/tn_probe.py $C --split-rows 4096 \
+      --out "$R/tn.jsonl" > "$R/tn_4096.log" 2>&1
     tail -1 "$R/gpu_tests.log"; grep -h "rows per expert\|all four" "$R"/tn_*.log
-    grep -h "|" "$R"/block*.log | cut -c1-160 ;;
+    grep -h " ms" "$R"/pass*.log | cut -c1-160; grep -h "|" "$R"/block*.log | cut -c1-160 ;;
   session24tn)  # (written 2026-12-07, session 23) what the limit cut from session 23's run of session23tn: gpt-oss
     # at 2048-row chunks with skewed routing, both models at 4096, then the even-routed block with the split off, at
     # the 1024 default and at 2048, then JAX pallas with its split off and at 1024
