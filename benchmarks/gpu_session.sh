@@ -640,8 +640,9 @@ case $PART in
   session24sp)  # (written 2026-12-07, session 24) the TN split mode's remainder now rides in the last chunk
     # (shared_math.tuning.split_chunks): session 23's probe put the even-routed cost of 1024-row chunks on slivers
     # (Qwen3's experts of 1,024-1,116 rows each split into a chunk and a sliver: 1.078 ms a layer against 0.850
-    # unsplit); and Qwen3's dh entry (H100, T=16384, r=64) is now session 20's 128 x 256 quarters, 3 stages (1.711
-    # against 1.824 ms in pass_probe; its gpu test passed in session 23). Old (session 24's start, .scratch/base24:
+    # unsplit); and Qwen3's dh entry (H100, T=16384, r=64) was then session 20's 128 x 256 quarters, 3 stages (1.711
+    # against 1.824 ms in pass_probe; its gpu test passed in session 23; run 2026-12-07: 1.823 against 1.825 ms, so
+    # the entry went back to the 128 x 128 halves and the pass_probe rows now time the same config twice). Old (session 24's start, .scratch/base24:
     # `git archive 98ddc27`, carried) against new in one call: the four TN launches at 1024 (skews 0, 1, 2), the new
     # at 2048; Qwen3's dh pass; the even-routed Qwen3 block, with HF + PEFT in the new one's command; the new TN
     # launches at 4096 last
