@@ -92,8 +92,10 @@ def split_chunks(rows: int, split_rows: int) -> list[tuple[int, int]]:
     Why: with the remainder as its own chunk (session 20's rule), evenly routed experts of just over N rows (Qwen3 at
     T=16384 has 1,024-1,116 rows an expert against N = 1024) each split into a full chunk and a sliver, and every
     split expert pays a program per sliver and fp32 partials: the four launches of a layer then took 1.078 ms
-    against 0.850 unsplit (H100, benchmarks/results/session23_2026-12-07). The kernels walk the schedule of
-    cdiv(rows, N) slots per expert (the row-block schedule for block N); a remainder's slot gets no rows."""
+    against 0.850 unsplit (H100, benchmarks/results/session23_2026-12-07). With this rule, in one call (H100,
+    results/session24_2026-12-07): 0.935 ms against 0.799 unsplit, where the old rule's process ran 1.203 against
+    0.899; skewed routing within the spread between processes. The kernels walk the schedule of cdiv(rows, N) slots
+    per expert (the row-block schedule for block N); a remainder's slot gets no rows."""
     n = max(rows // split_rows, min(rows, 1))
     return [(k * split_rows, rows if k == n - 1 else (k + 1) * split_rows) for k in range(n)]
 
