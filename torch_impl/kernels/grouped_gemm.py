@@ -43,9 +43,7 @@ rows (sorted by expert; expert e owns sorted rows offsets[e]:offsets[e+1]). Belo
       pass 2 (`_grouped_gemm_tn_sum_kernel`), one program per (expert, p-tile, q-tile): alpha · the sum of the
         expert's partials in chunk order (fixed: deterministic; its first slot is the exclusive prefix sum of
         cdiv(rows, N), rebuilt in registers from the offsets), zeros for experts with no rows.
-    The remainder rides in the last chunk since session 24: as its own chunk, evenly routed experts of just over N
-    rows each split into a chunk and a sliver (H100, session 23: a Qwen3 layer's four launches 1.078 ms against
-    0.850 unsplit; session 24, one call: 1.203 with the old rule, 0.935 with this one, against 0.80-0.90 unsplit).
+    (Why the remainder rides in the last chunk, and what that measured: `split_chunks`' docstring.)
     The shipped tuned table has no SPLIT_ROWS: `split_lora.tn_split_rows` sets it on CUDA (DEFAULT_TN_SPLIT_ROWS,
     or `SPLITMOE_TN_SPLIT_ROWS`), off in the interpreter; `benchmarks/tn_probe.py --split-rows` times it alone.
 
