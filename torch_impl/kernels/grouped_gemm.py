@@ -106,6 +106,22 @@ def _act_bwd(g, u, dh, ACT: tl.constexpr, limit, alpha):
 
 
 @triton.jit
+def _gate_up_act(acc, acc2, gu_ptr, rows64, stride_gum, stride_gun, offs_n, N_HALF, mask_mn, limit, alpha,
+                 cdt: tl.constexpr, ACT: tl.constexpr, STORE_GU: tl.constexpr):
+    """The gate_up pass's activation epilogue (both NN kernels, columns `offs_n` of gate and N_HALF + `offs_n` of up):
+    gate and up rounded to the storage dtype `cdt` first (the rounding point of a separate-GEMM implementation, and
+    the exact values the backward reloads from `gu`), stored to gu's rows `rows64` where STORE_GU, then act(gate, up)
+    in fp32."""
+    g = acc.to(cdt)
+    u = acc2.to(cdt)
+    if STORE_GU:
+        gu_rows = gu_ptr + rows64[:, None] * stride_gum
+        tl.store(gu_rows + offs_n[None, :] * stride_gun, g, mask=mask_mn)
+        tl.store(gu_rows + (offs_n + N_HALF)[None, :] * stride_gun, u, mask=mask_mn)
+    return _act_fwd(g.to(tl.float32), u.to(tl.float32), ACT, limit, alpha)
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, stride_am, stride_ad, row_index_ptr,
     w_ptr, stride_we, stride_wd, stride_wn,
@@ -196,15 +212,8 @@ def _grouped_gemm_kernel(
 
     mask_mn = mask_m[:, None] & mask_n[None, :]
     if MODE == 1:
-        # Round gate/up to the storage dtype before the activation: the same rounding point as a
-        # separate-GEMM implementation, and the exact values the backward reloads from `gu`.
-        g = acc.to(cdt)
-        u = acc2.to(cdt)
-        if STORE_GU:
-            gu_rows = gu_ptr + rows64[:, None] * stride_gum
-            tl.store(gu_rows + offs_n[None, :] * stride_gun, g, mask=mask_mn)
-            tl.store(gu_rows + (offs_n + N_HALF)[None, :] * stride_gun, u, mask=mask_mn)
-        res = _act_fwd(g.to(tl.float32), u.to(tl.float32), ACT, limit, alpha)
+        res = _gate_up_act(acc, acc2, gu_ptr, rows64, stride_gum, stride_gun, offs_n, N_HALF, mask_mn, limit, alpha,
+                           cdt, ACT, STORE_GU)
     elif MODE == 2:
         gu_rows = gu_ptr + rows64[:, None] * stride_gum
         g = tl.load(gu_rows + offs_n[None, :] * stride_gun, mask=mask_mn, other=0.0).to(tl.float32)

@@ -66,7 +66,7 @@ import triton.language as tl
 
 from shared_math.numerics import scales_exactly
 from torch_impl.kernels import grouped_gemm as gg
-from torch_impl.kernels.grouped_gemm import _act_bwd, _act_fwd
+from torch_impl.kernels.grouped_gemm import _act_bwd, _act_fwd, _gate_up_act
 from torch_impl.kernels.launch import launch
 
 MODE_PLAIN, MODE_ACT_FWD, MODE_ACT_BWD = gg.MODE_PLAIN, gg.MODE_ACT_FWD, gg.MODE_ACT_BWD
@@ -316,15 +316,8 @@ def _epilogue(acc, acc2, z, rs, rows64, mask_mc, row0_c, e_c, n0, out_rows, gu_d
 
     part = tl.zeros_like(rs)
     if MODE == 1:
-        # gate/up rounded to the storage dtype before the activation: the rounding point of a separate-GEMM
-        # implementation, and the exact values the backward reloads from `gu`.
-        g = acc.to(cdt)
-        u = acc2.to(cdt)
-        if STORE_GU:
-            gu_rows = gu_ptr + rows64[:, None] * stride_gum
-            tl.store(gu_rows + offs_nc[None, :] * stride_gun, g, mask=mask_mn)
-            tl.store(gu_rows + (offs_nc + N_HALF)[None, :] * stride_gun, u, mask=mask_mn)
-        res = _act_fwd(g.to(tl.float32), u.to(tl.float32), ACT, limit, alpha)
+        res = _gate_up_act(acc, acc2, gu_ptr, rows64, stride_gum, stride_gun, offs_nc, N_HALF, mask_mn, limit, alpha,
+                           cdt, ACT, STORE_GU)
     elif MODE == 2:
         if GU_DESC:
             g = gu_desc.load([row0_c, n0]).to(tl.float32)
