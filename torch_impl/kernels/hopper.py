@@ -267,14 +267,19 @@ def _epilogue_halves(acc, acc2, z, rs, rows64, mask_mc, row0_c, e_c, n0, out_row
     returns the sum of the two parts' MODE-2 dots."""
     acc_lo, acc_hi = _column_halves(acc, BLOCK_M, HALF)
     acc2_lo, acc2_hi = _column_halves(acc2, BLOCK_M, HALF)
-    part = _epilogue(acc_lo, acc2_lo, z, rs, rows64, mask_mc, row0_c, e_c, n0, out_rows, gu_desc,
-                     lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
-                     gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit, alpha,
-                     LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, HALF, BLOCK_R)
-    part += _epilogue(acc_hi, acc2_hi, z, rs, rows64, mask_mc, row0_c, e_c, n0 + HALF, out_rows, gu_desc,
+    for hi in tl.static_range(2):  # unrolled: `hi` is a compile-time constant, so the ifs below are resolved there
+        if hi == 0:
+            a_h, a2_h = acc_lo, acc2_lo
+        else:
+            a_h, a2_h = acc_hi, acc2_hi
+        p = _epilogue(a_h, a2_h, z, rs, rows64, mask_mc, row0_c, e_c, n0 + hi * HALF, out_rows, gu_desc,
                       lb_ptr, stride_lbe, stride_lbr, stride_lbn, bias_ptr, stride_be, stride_bn,
                       gu_ptr, stride_gum, stride_gun, stride_on, N, R, N_HALF, lora_scale, out_scale, limit, alpha,
                       LORA, HAS_BIAS, ROW_SCALE, MODE, ACT, STORE_GU, GU_DESC, DOT_PREC, HALF, BLOCK_R)
+        if hi == 0:  # the first half's dot as it is, not 0 + it: the same fp32 adds as two plain calls
+            part = p
+        else:
+            part += p
     return part
 
 
