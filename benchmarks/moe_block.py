@@ -357,7 +357,10 @@ def _jax_row(c: MoECase, backend: str) -> dict:
     return json.loads(lines[-1])
 
 
-def run_case(c: MoECase, impls: list[str], *, iters: int) -> list[dict]:
+def run_case(c: MoECase, impls: list[str], *, iters: int, on_row=None) -> list[dict]:
+    """Time each implementation on case `c`; `on_row(row)` gets every row as soon as it is measured (or has
+    failed), so that a run cut short by a time limit keeps every row it finished (session 26 lost two finished
+    rows of a case to a later row that outlasted the call)."""
     import torch
 
     rows = []
@@ -410,10 +413,14 @@ def run_case(c: MoECase, impls: list[str], *, iters: int) -> list[dict]:
         else:
             print(row.get("error"))
         rows.append(row)
-    base = next((r for r in rows if r["impl"] == "hf_peft" and "ms" in r), None)
-    for r in rows:
-        if base and "ms" in r and "flops" not in r:
-            r["speedup_vs_hf_peft"] = base["ms"] / r["ms"]
+        # the ratio goes on every row measured once hf_peft has run (first in the default --impls); rows
+        # timed before it get theirs here in memory, and --merge recomputes them all from the file
+        base = next((r for r in rows if r["impl"] == "hf_peft" and "ms" in r), None)
+        for r in rows:
+            if base and "ms" in r and "flops" not in r:
+                r["speedup_vs_hf_peft"] = base["ms"] / r["ms"]
+        if on_row is not None:
+            on_row(row)
     return rows
 
 
@@ -487,12 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense bf16 matmul: {dense:.0f} TFLOP/s")
     rows = []
     impls = [i for name in args.impls.split(",") for i in IMPL_GROUPS.get(name, (name,))]
+
+    def keep(row: dict) -> None:
+        row.update(meta, dense_tflops=dense)
+        write_jsonl(args.out, [row])
+
     for name in args.cases.split(","):
-        case_rows = run_case(get_case(name), impls, iters=args.iters)
-        for r in case_rows:
-            r.update(meta, dense_tflops=dense)
-        write_jsonl(args.out, case_rows)  # per case: a run cut short by a time limit keeps what it measured
-        rows += case_rows
+        rows += run_case(get_case(name), impls, iters=args.iters, on_row=keep)
     return _report(rows, dense, args)
 
 
