@@ -19,9 +19,10 @@ jax 0.11.2 (2026-12-06, session 14): tokamax 0.0.12's Mosaic kernel fails with "
 keyword argument 'out_shape'" and its Triton kernel with "pl.dot was deprecated in JAX v0.11.0": neither runs on that
 stack, where a step would otherwise have died inside its trace. tokamax 0.0.14, which `benchmarks/tokamax-wheels.sh`
 now brings, lowers both for CUDA with jax 0.11.2 (checked on a CPU with `jax.export`, the device stood in for by an
-H100, where 0.0.12 fails with the same two errors; not yet run on a GPU). From 0.0.15 tokamax's Triton kernel needs
-jax-triton 0.4 and triton >= 3.7, which that machine lacks (torch's triton 3.6.0): there "triton" is an unknown
-implementation, which the probe reports like a failed trace, and only Mosaic runs.
+H100, where 0.0.12 fails with the same two errors). On the H100 (session 26) its Mosaic kernels then refused
+operands that are not whole 128-byte tiles, so those are padded (`_pad_for_mosaic`). From 0.0.15 tokamax's Triton
+kernel needs jax-triton 0.4 and triton >= 3.7, which that machine lacks (torch's triton 3.6.0): there "triton" is an
+unknown implementation, which the probe reports like a failed trace, and only Mosaic runs.
 """
 
 from __future__ import annotations
@@ -107,13 +108,56 @@ def mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+# tokamax's Mosaic GPU kernels read their operands through swizzled shared-memory tiles of 128 bytes (64 bf16
+# elements) and copy with 16-byte strides, and refuse other shapes while lowering: "dimension 1 must have size
+# smaller or a multiple of its tiling 64, but got 4000" (the weight-gradient kernel with T·K = 1000·4 rows: every bf16
+# gpu test failed on it, H100, tokamax 0.0.14, jax 0.11.2, session 26), "... tiling 8, but got 10", "async_copy
+# requires all GMEM strides except the last one to be a multiple of 16 bytes" (lowered for CUDA on the CPU). So for
+# Mosaic every axis but the group axis is zero-padded to a whole number of tiles and the result sliced back: zero rows
+# and zero columns add nothing to any product, and padded rows join the last group. Full-size shapes (T·K, H, I and
+# R=64 all multiples of 64) are not copied. Powers of two below a tile (r=16, 32) are left as they are: the kernel
+# takes them with a narrower swizzle.
+_TILE_BYTES = 128
+
+
+def _padded(size: int, tile: int) -> int:
+    """`size` rounded up to whole `tile`s, unless a power of two below the tile of at least 16 bytes (tile // 8)."""
+    if size % tile == 0 or (tile // 8 <= size < tile and size & (size - 1) == 0):
+        return size
+    return -(-size // tile) * tile
+
+
+def _pad_for_mosaic(lhs, rhs, group_sizes_E, dims):
+    """(lhs, rhs, group_sizes_E) padded as the comment above says, and the slices that cut the result back."""
+    tile = _TILE_BYTES // jnp.dtype(lhs.dtype).itemsize
+    out = jax.eval_shape(lambda a, b, g: jax.lax.ragged_dot_general(a, b, g, dims), lhs, rhs, group_sizes_E).shape
+    (lc, rc), _ = dims.dot_dimension_numbers
+    m_axis = dims.lhs_ragged_dimensions[0]
+    rhs_m_axis = rc[list(lc).index(m_axis)] if m_axis in lc else None  # the per-group form contracts the rows
+    m = _padded(lhs.shape[m_axis], tile)
+    lhs_to = [m if ax == m_axis else _padded(d, tile) for ax, d in enumerate(lhs.shape)]
+    rhs_to = [d if ax in dims.rhs_group_dimensions else m if ax == rhs_m_axis else _padded(d, tile)
+              for ax, d in enumerate(rhs.shape)]
+    if lhs_to == list(lhs.shape) and rhs_to == list(rhs.shape):
+        return lhs, rhs, group_sizes_E, None
+    group_sizes_E = group_sizes_E.at[-1].add(m - lhs.shape[m_axis])
+    lhs = jnp.pad(lhs, [(0, t - d) for t, d in zip(lhs_to, lhs.shape)])
+    rhs = jnp.pad(rhs, [(0, t - d) for t, d in zip(rhs_to, rhs.shape)])
+    return lhs, rhs, group_sizes_E, tuple(slice(0, d) for d in out)
+
+
 def _dot(lhs, rhs, group_sizes_E, dims):
     """One ragged dot on tokamax, operands in lhs's dtype, fp32 accumulation and output (as `ragged_dot._dot`)."""
     import tokamax
 
     mark_absl_flags_parsed()
-    return tokamax.ragged_dot_general(lhs, rhs.astype(lhs.dtype), group_sizes_E, dims,
-                                      preferred_element_type=jnp.float32, implementation=implementation(lhs.dtype))
+    impl = implementation(lhs.dtype)
+    rhs, cut = rhs.astype(lhs.dtype), None
+    if "mosaic" in ((impl,) if isinstance(impl, str) else impl):
+        lhs, rhs, group_sizes_E, cut = _pad_for_mosaic(lhs, rhs, group_sizes_E, dims)
+    y = tokamax.ragged_dot_general(lhs, rhs, group_sizes_E, dims, preferred_element_type=jnp.float32,
+                                   implementation=impl)
+    return y if cut is None else y[cut]
 
 
 expert_mlp_sorted = build_expert_mlp(_dot)
