@@ -50,6 +50,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -348,11 +349,28 @@ def _jax_row(c: MoECase, backend: str) -> dict:
     """Run the JAX rows in their own process: JAX and torch must not share (or pre-grab) the GPU's memory."""
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     cmd = [sys.executable, str(Path(__file__).with_name("moe_block_jax.py")), "--case", c.name, "--backend", backend]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    err: list[str] = []
+
+    def relay() -> None:  # the child's stage lines reach the log as they come (a killed run still shows its stage)
+        for line in p.stderr:
+            err.append(line)
+            if line.lstrip().startswith("["):
+                print(line, end="", file=sys.stderr, flush=True)
+
+    t = threading.Thread(target=relay, daemon=True)
+    t.start()
+    try:
+        out = p.stdout.read()
+        p.wait(timeout=900)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        t.join(timeout=5)
+    lines = [l for l in out.splitlines() if l.startswith("{")]
     if p.returncode or not lines:
-        out = (p.stderr or p.stdout).strip().splitlines()
-        errors = [l for l in out if "Error" in l or "error" in l] or out[-1:]
+        text = ("".join(err) or out).strip().splitlines()
+        errors = [l for l in text if "Error" in l or "error" in l] or text[-1:] or [f"exit status {p.returncode}"]
         return {"error": errors[-1].strip()[:300]}
     return json.loads(lines[-1])
 

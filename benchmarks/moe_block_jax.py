@@ -17,6 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def say(msg: str) -> None:
+    print(f"    [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--case", required=True)
@@ -64,18 +68,28 @@ def main() -> int:
                                activation=c.activation, swiglu_limit=c.swiglu_limit, backend=args.backend)
         return jnp.vdot(y.astype(jnp.float32), dy.astype(jnp.float32))
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    # each stage is announced on stderr (moe_block.py passes it through), so a row cut by a time limit says which
+    # stage it was in: session 26's tokamax row at T=16384 outlasted 240 s and left no trace of where
+    t0 = time.perf_counter()
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, lora)
+    say(f"{args.backend}: lowered in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    grad = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    say(f"{args.backend}: compiled in {compile_s:.1f} s")
     dev = jax.devices()[0]
-    jax.block_until_ready(grad(x, lora))  # compile
-    before = dev.memory_stats().get("bytes_in_use", 0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(grad(x, lora))
+    say(f"{args.backend}: first run {time.perf_counter() - t0:.2f} s")
+    before = (dev.memory_stats() or {}).get("bytes_in_use", 0)  # None on a CPU
     times = []
     for _ in range(args.iters):
         t0 = time.perf_counter()
         jax.block_until_ready(grad(x, lora))
         times.append((time.perf_counter() - t0) * 1e3)
-    stats = dev.memory_stats()
+    stats = dev.memory_stats() or {}
     row = {"ms": statistics.median(times), "peak_extra_gib": (stats.get("peak_bytes_in_use", 0) - before) / 2**30,
-           "jax": jax.__version__}
+           "compile_s": compile_s, "jax": jax.__version__}
     if args.backend == "tokamax":  # which of tokamax's implementations the dots asked for, and its version
         import tokamax
 

@@ -80,29 +80,3 @@ def test_base_only_phase_times_default_and_tuned_configs_next_to_grouped_mm(monk
     assert [(i, t, str(tab) == "/nonexistent") for i, t, tab in seen_tables] == [
         ("hopper", "0", True), ("hopper", "1", False), ("hopper_sorted", "0", True), ("hopper_sorted", "1", False)]
     assert autotune.TUNED_TABLE == shipped
-
-
-def test_block_benchmark_hands_over_each_row_as_soon_as_it_is_measured(monkeypatch):
-    """moe_block.py writes every row when it is done, not at the end of its case: in session 26 a JAX row that
-    outlasted the call's time limit took two finished rows of the same case with it. Here the second row's process
-    is 'killed' (an exception no row handler catches); the first row must already have been handed over, error rows
-    too."""
-    import benchmarks.moe_block as moe_block
-    from shared_math.cases import get_case
-
-    def jax_row(c, backend):
-        if backend == "killed":
-            raise KeyboardInterrupt  # stands in for the call's timeout killing the run
-        if backend == "broken":
-            raise RuntimeError("no kernel for this shape")
-        return {"ms": 3.0, "peak_extra_gib": 0.5}
-
-    monkeypatch.setattr(moe_block, "_jax_row", jax_row)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    kept = []
-    with pytest.raises(KeyboardInterrupt):
-        moe_block.run_case(get_case("qwen3_30b_T1024"), ["jax_pallas", "jax_broken", "jax_killed"], iters=1,
-                           on_row=kept.append)
-    assert [r["impl"] for r in kept] == ["jax_pallas", "jax_broken"]
-    assert kept[0]["ms"] == 3.0 and kept[0]["tflops_base"] > 0
-    assert kept[1]["error"] == "RuntimeError: no kernel for this shape"
