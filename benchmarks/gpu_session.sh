@@ -67,7 +67,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24base|session24ts|session24o|session24sp|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session26tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24base|session24ts|session24o|session24sp|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -482,6 +482,16 @@ case $PART in
     timeout $((590 - SECONDS)) python3 benchmarks/step.py --family gpt_oss $Q --profile "$R" --out "$R/step.jsonl" \
       > "$R/step_oss.log" 2>&1
     rows "$R/step.jsonl"; grep -h "device busy" "$R"/*.log ;;
+  session26tk)  # (written 2026-12-07, session 26) tokamax after the tile padding (session 26's session14tk: every
+    # tokamax bf16 gpu test failed lowering "dimension 1 must have size smaller or a multiple of its tiling 64, but
+    # got 4000"; the T=16384 block rows outlasted 240 and 150 s without a sign of where): the tokamax gpu tests, then
+    # its block rows next to JAX pallas at T=1024 and T=16384, each row's stages (lowered, compiled, first run) logged
+    tokamax_wheels
+    gpu_tests gpu_tests.log 120 tests/jax/test_moe_block.py -k "tokamax"
+    timeout $((585 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 --impls jax_pallas_fused,jax_tokamax \
+      --cases qwen3_30b_T1024,qwen3_30b_T16384,gpt_oss_20b_T16384 --out "$R/block.jsonl" > "$R/block.log" 2>&1
+    grep -h "passed\|failed\|^FAILED\|^E " "$R/gpu_tests.log" | head -12 | cut -c1-300
+    grep -h "\[..:..:..\]\|ms " "$R/block.log" | cut -c1-200 ;;
   session14tk)  # (written 2026-12-06, session 14) issue 16's "the JAX kernels measured next to tokamax.ragged_dot
     # in the same command": backend `tokamax` (ragged_dot's custom VJP, every dot on tokamax; carry .whl-tokamax)
     # through the jax block suite's gpu tests in bf16, then the T=16384 block rows of torch triton_hopper, jax pallas
