@@ -345,31 +345,38 @@ def _kernel_row(c: MoECase, impl: str):
     return pass_runner(c, name, kernels), pass_flops(c, name)
 
 
-def _jax_row(c: MoECase, backend: str) -> dict:
-    """Run the JAX rows in their own process: JAX and torch must not share (or pre-grab) the GPU's memory."""
+def _jax_row(c: MoECase, backend: str, timeout: float = 900) -> dict:
+    """Run the JAX rows in their own process: JAX and torch must not share (or pre-grab) the GPU's memory. The child's
+    stage lines ("[hh:mm:ss] lowered / compiled / first run") reach this log as they come, so a row cut by a time
+    limit still shows which stage it was in."""
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     cmd = [sys.executable, str(Path(__file__).with_name("moe_block_jax.py")), "--case", c.name, "--backend", backend]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     err: list[str] = []
+    out: list[str] = []
 
-    def relay() -> None:  # the child's stage lines reach the log as they come (a killed run still shows its stage)
+    def relay() -> None:
         for line in p.stderr:
             err.append(line)
             if line.lstrip().startswith("["):
                 print(line, end="", file=sys.stderr, flush=True)
 
-    t = threading.Thread(target=relay, daemon=True)
-    t.start()
+    readers = [threading.Thread(target=relay, daemon=True),
+               threading.Thread(target=lambda: out.append(p.stdout.read()), daemon=True)]
+    for t in readers:
+        t.start()
     try:
-        out = p.stdout.read()
-        p.wait(timeout=900)
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        return {"error": f"timed out after {timeout:g} s"}
     finally:
-        if p.poll() is None:
-            p.kill()
-        t.join(timeout=5)
-    lines = [l for l in out.splitlines() if l.startswith("{")]
+        for t in readers:
+            t.join(timeout=5)
+    lines = [l for l in "".join(out).splitlines() if l.startswith("{")]
     if p.returncode or not lines:
-        text = ("".join(err) or out).strip().splitlines()
+        text = ("".join(err) or "".join(out)).strip().splitlines()
         errors = [l for l in text if "Error" in l or "error" in l] or text[-1:] or [f"exit status {p.returncode}"]
         return {"error": errors[-1].strip()[:300]}
     return json.loads(lines[-1])

@@ -45,3 +45,4 @@ def test_block_benchmark_jax_row_relays_its_stages_and_reports_errors(capsys):
     assert "ragged_dot: lowered in" in err and "ragged_dot: compiled in" in err and "first run" in err
     bad = moe_block._jax_row(get_case("tiny"), "no_such_backend")
     assert "no_such_backend" in bad["error"] and "ms" not in bad
+    assert moe_block._jax_row(get_case("tiny"), "ragged_dot", timeout=0.5) == {"error": "timed out after 0.5 s"}
