@@ -115,8 +115,9 @@ def mark_absl_flags_parsed() -> None:
 # requires all GMEM strides except the last one to be a multiple of 16 bytes" (lowered for CUDA on the CPU). So for
 # Mosaic every axis but the group axis is zero-padded to a whole number of tiles and the result sliced back: zero rows
 # and zero columns add nothing to any product, and padded rows join the last group. Full-size shapes (T·K, H, I and
-# R=64 all multiples of 64) are not copied. Powers of two below a tile (r=16, 32) are left as they are: the kernel
-# takes them with a narrower swizzle.
+# R=64 all multiples of 64) are not copied. Powers of two below a tile (r=16, 32) are left as they are: 0.0.14
+# takes them with a narrower swizzle (0.0.12 refuses them next to a 128-byte one, "WGMMA rhs swizzle must match lhs
+# swizzle", but 0.0.12 does not trace with jax 0.11.2 at all).
 _TILE_BYTES = 128
 
 
