@@ -5,7 +5,7 @@ Canonical: `<module path>.lora_A [in, R]`, `.lora_B [R, out]` for Linear modules
 columns de-interleaved (gate 0:I, up I:2I) for every family; `y = x @ W + scale · (x @ A) @ B`. R and scale are
 per target (`LoraConfig.rank_of` / `scale_of`).
 
-PEFT 0.21 (`adapter_model.safetensors`, keys `base_model.model.model.<module path>.lora_{A,B}.weight`):
+PEFT 0.21 and 0.22 (`adapter_model.safetensors`, keys `base_model.model.model.<module path>.lora_{A,B}.weight`):
 - Linear: A `[R, in]`, B `[out, R]`, whether PEFT wraps the module (`target_modules`) or its weight
   (`target_parameters: ["gate_proj.weight"]`, a ParamWrapper of a 2-D parameter).
 - Experts (`target_parameters`, `ParamWrapper`): A `[R·E, in]`, expert e in rows e·R:(e+1)·R; B `[out, R·E]`,
@@ -21,11 +21,14 @@ PEFT 0.21 (`adapter_model.safetensors`, keys `base_model.model.model.<module pat
   `model.layers.0.mlp.gate_proj.weight`); the first key with `re.match(rf"(.*\.)?({key})$", name)` wins.
 - transformers v5 families whose v4 experts were `gate_proj`/`up_proj`/`down_proj` Linears (PEFT_REWRITES_MLP_TARGETS)
   get their adapter config rewritten by PEFT before it adapts anything (`_convert_peft_config_moe`, meant for v4
-  adapters): those three names leave `target_modules` and become the expert parameters, gate_proj + up_proj fused
-  into `gate_up_proj` at rank 2r and alpha 2α (`rank_pattern`/`alpha_pattern` `.*\.gate_up_proj`). So
-  `target_modules` can never reach the dense MLPs or shared experts there; PEFT saves the rewritten config.
-  The reader applies the same rewrite; the writer names the dense/shared Linears by their weights in
-  `target_parameters` (`gate_proj.weight`, ...), which PEFT leaves alone and applies to exactly those modules.
+  adapters): those three names also target the expert parameters, gate_proj + up_proj fused into `gate_up_proj` at
+  rank 2r and alpha 2α (`rank_pattern`/`alpha_pattern` `.*\.gate_up_proj`); PEFT saves the rewritten config.
+  - PEFT 0.21 moves the names out of `target_modules`, so they never reach the dense MLPs or shared experts there.
+  - PEFT 0.22 keeps a name in `target_modules` too where the model has Linears of that name (dense MLPs, shared
+    experts): LoRA on those Linears and on the experts. 0.21 silently dropped such an adapter's dense tensors.
+  The reader applies 0.22's rewrite, which reads every config 0.21 saved the same way (0.21 never saves these names
+  in `target_modules`). The writer names the dense/shared Linears by their weights in `target_parameters`
+  (`gate_proj.weight`, ...), which both versions leave alone and apply to exactly those modules.
 """
 
 from __future__ import annotations
@@ -59,9 +62,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model.model."
 _LINEAR_TARGETS = frozenset(ATTENTION_TARGETS_GQA + ATTENTION_TARGETS_MLA + DENSE_MLP_TARGETS)
 
-# transformers v5 families that `transformers.conversion_mapping` maps to the "qwen2_moe" recipe, for which PEFT 0.21
-# (`peft/utils/transformers_weight_conversion.py`) turns target_modules gate_proj/up_proj/down_proj into the expert
-# parameters (pinned against PEFT in tests/shared/test_peft_remap.py).
+# transformers v5 families that `transformers.conversion_mapping` maps to the "qwen2_moe" recipe, for which PEFT
+# (`peft/utils/transformers_weight_conversion.py`, 0.21 and 0.22) turns target_modules gate_proj/up_proj/down_proj into
+# the expert parameters as well (pinned against the installed PEFT in tests/shared/test_peft_remap.py).
 PEFT_REWRITES_MLP_TARGETS = ("qwen3_moe", "deepseek_v3", "glm4_moe", "glm4_moe_lite")
 
 __all__ = ["AdapterError", "PEFT_REWRITES_MLP_TARGETS", "expected_lora_shapes", "read_peft_adapter",
@@ -154,8 +157,8 @@ def write_peft_adapter(path: str | Path, lora: LoraConfig, tensors: Mapping[str,
     targets with the same numbers. Tensors are written as float32.
 
     Attention Linears go in `target_modules`; the experts and the dense-MLP / shared-expert Linears in
-    `target_parameters` (`mlp.experts.gate_up_proj`, `gate_proj.weight`, ...): PEFT would move target_modules
-    `gate_proj`/`up_proj`/`down_proj` onto the experts (module docstring). Per-target ranks and alphas become
+    `target_parameters` (`mlp.experts.gate_up_proj`, `gate_proj.weight`, ...): PEFT points target_modules
+    `gate_proj`/`up_proj`/`down_proj` at the experts (module docstring). Per-target ranks and alphas become
     `rank_pattern`/`alpha_pattern` keys that match only that target's modules.
     """
     if lora.train_router:
@@ -219,31 +222,33 @@ _PEFT_V5_RENAMES = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "dow
 
 
 def _peft_v5_rewrite(family: str, modules: list[str], params: list[str], r: int, alpha: float,
-                     rank_pattern: dict[str, Any], alpha_pattern: dict[str, Any],
+                     rank_pattern: dict[str, Any], alpha_pattern: dict[str, Any], linears: set[str],
                      where: Path) -> tuple[list[str], list[str], list[str]]:
-    """PEFT 0.21's rewrite of an adapter config for transformers v5 MoE families (`_convert_peft_config_moe`), which
+    """PEFT 0.22's rewrite of an adapter config for transformers v5 MoE families (`_convert_peft_config_moe`), which
     it applies to every adapter it loads: target_modules gate_proj/up_proj/down_proj (or names ending in
-    `.gate_proj`, ...) become the expert parameters, gate + up fused at rank 2r and alpha 2α. Updates the patterns in
-    place; returns (target_modules, target_parameters, the moved target_modules)."""
+    `.gate_proj`, ...) also target the expert parameters, gate + up fused at rank 2r and alpha 2α; a name stays in
+    target_modules where the model has Linears of that name (`linears`: its dense MLPs and shared experts), else it
+    leaves them (PEFT 0.21 always moved it). Updates the patterns in place; returns (target_modules,
+    target_parameters, the target_modules that target the experts)."""
     if family not in PEFT_REWRITES_MLP_TARGETS:
         return modules, params, []
-    keep, moved = [], {}
+    keep, mapped = [], {}
     for t in modules:
         old = next((o for o in _PEFT_V5_RENAMES if t == o or t.endswith("." + o)), None)
-        if old is None:
+        if old is None or old in linears:
             keep.append(t)
-        else:
-            moved[old] = t
-    fused = {"gate_proj", "up_proj"} & set(moved)
+        if old is not None:
+            mapped[old] = t
+    fused = {"gate_proj", "up_proj"} & set(mapped)
     if len(fused) == 1:
-        raise AdapterError(f"{where}: target_modules {sorted(moved.values())} cannot be loaded on {family}: PEFT "
-                           f"0.21 fuses gate_proj and up_proj into the experts' gate_up_proj and refuses one without "
-                           f"the other. For the dense MLP / shared-expert Linears, list them in target_parameters "
-                           f"as gate_proj.weight / up_proj.weight / down_proj.weight")
+        raise AdapterError(f"{where}: target_modules {sorted(mapped.values())} cannot be loaded on {family}: PEFT "
+                           f"fuses gate_proj and up_proj into the experts' gate_up_proj and refuses one without "
+                           f"the other. For the dense MLP / shared-expert Linears alone, list them in "
+                           f"target_parameters as gate_proj.weight / up_proj.weight / down_proj.weight")
     if len(fused) == 2:  # a dict assignment, as in PEFT: an existing key keeps its place (first match wins)
         rank_pattern[r".*\.gate_up_proj"], alpha_pattern[r".*\.gate_up_proj"] = 2 * r, 2 * alpha
-    params = params + [n for n in ("gate_up_proj", "down_proj") if n in {_PEFT_V5_RENAMES[o] for o in moved}]
-    return keep, params, sorted(moved.values())
+    experts = [n for n in ("gate_up_proj", "down_proj") if n in {_PEFT_V5_RENAMES[o] for o in mapped}]
+    return keep, params + [n for n in experts if n not in params], sorted(mapped.values())
 
 
 def _parameter_target(entry: str) -> str | None:
@@ -271,7 +276,7 @@ def _pattern_value(patterns: Mapping[str, Any], name: str, where: Path, field: s
 
 def _lora_config(cfg: Mapping[str, Any], where: Path, model: ModelConfig) -> tuple[LoraConfig, list[str]]:
     """The LoraConfig that PEFT would apply to `model` from adapter_config.json `cfg`, and the target_modules that
-    PEFT's v5 rewrite moved onto the experts (for error messages)."""
+    PEFT's v5 rewrite points at the experts (for error messages)."""
     if cfg.get("peft_type") != "LORA":
         raise AdapterError(f"{where}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters are supported")
     for field, (ok, why) in _UNSUPPORTED.items():
@@ -291,8 +296,9 @@ def _lora_config(cfg: Mapping[str, Any], where: Path, model: ModelConfig) -> tup
         r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{where}: r / lora_alpha missing or not numbers: {e}") from e
-    modules, params, moved = _peft_v5_rewrite(model.family, list(modules), list(params), r, alpha, rank_pattern,
-                                              alpha_pattern, where)
+    linears = set(available_targets(model)) & set(DENSE_MLP_TARGETS)
+    modules, params, rewritten = _peft_v5_rewrite(model.family, list(modules), list(params), r, alpha,
+                                                  rank_pattern, alpha_pattern, linears, where)
 
     # target -> whether PEFT adapts it as a parameter (that decides the names rank_pattern keys are matched against)
     as_param: dict[str, bool] = {}
@@ -343,11 +349,11 @@ def _lora_config(cfg: Mapping[str, Any], where: Path, model: ModelConfig) -> tup
     except ValueError as e:
         raise AdapterError(f"{where}: {e}") from e
     # PEFT saves targets as sets (any order); report them in one fixed order so equal adapters compare equal
-    return replace(lora, targets=tuple(t for t in ALL_TARGETS if t in lora.targets)), moved
+    return replace(lora, targets=tuple(t for t in ALL_TARGETS if t in lora.targets)), rewritten
 
 
 def read_peft_adapter(path: str | Path, model: ModelConfig) -> tuple[LoraConfig, dict[str, np.ndarray]]:
-    """Read a PEFT LoRA adapter folder for `model` into (LoraConfig, canonical float32 LoRA tensors), as PEFT 0.21
+    """Read a PEFT LoRA adapter folder for `model` into (LoraConfig, canonical float32 LoRA tensors), as PEFT 0.22
     would apply it to the HF model: its transformers-v5 rewrite of gate_proj/up_proj/down_proj targets included,
     rank_pattern / alpha_pattern as per-target ranks and alphas.
 
@@ -364,7 +370,7 @@ def read_peft_adapter(path: str | Path, model: ModelConfig) -> tuple[LoraConfig,
             root / "adapter_model.bin").is_file() else ""
         raise AdapterError(f"{root}: no {ADAPTER_WEIGHTS}{hint}")
     try:
-        lora, moved = _lora_config(json.loads(cfg_path.read_text()), cfg_path, model)
+        lora, rewritten = _lora_config(json.loads(cfg_path.read_text()), cfg_path, model)
     except json.JSONDecodeError as e:
         raise AdapterError(f"{cfg_path}: not valid JSON: {e}") from e
     try:
@@ -405,12 +411,6 @@ def read_peft_adapter(path: str | Path, model: ModelConfig) -> tuple[LoraConfig,
                 if re.search(r"\.experts\.\d+\.", stem):
                     hint = (" (a per-expert adapter from transformers v4; load it with PEFT on transformers v5 and "
                             "save it again)")
-                elif moved and stem.rsplit(".", 1)[-1] in DENSE_MLP_TARGETS:
-                    hint = (f" (PEFT 0.21 on transformers v5 moves target_modules {moved} of a {model.family} model "
-                            "onto the experts and would not load this dense-MLP / shared-expert tensor; the file was "
-                            "written for transformers v4 or by an older splitmoe. To load it as the dense Linears "
-                            "it names, move those names in adapter_config.json from target_modules to "
-                            "target_parameters as gate_proj.weight, up_proj.weight, down_proj.weight)")
                 raise AdapterError(f"{w_path}: {ab['lora_A']} names module {stem}, which is not a LoRA target of "
                                    f"this {model.family} model with targets {list(lora.targets)}{hint}")
             A_s, B_s = shapes[stem + ".lora_A"], shapes[stem + ".lora_B"]
@@ -425,8 +425,15 @@ def read_peft_adapter(path: str | Path, model: ModelConfig) -> tuple[LoraConfig,
         out[stem + ".lora_B"] = np.ascontiguousarray(B, dtype=np.float32)
     missing = [n for n in shapes if n not in out]
     if missing:
+        hint = ""
+        if rewritten and all(_is_expert(n.rsplit(".", 1)[0]) for n in missing):
+            hint = (f" (PEFT on transformers v5 makes target_modules {rewritten} of a {model.family} model target "
+                    "the experts as well, and this file has no expert tensors: it was written for transformers v4 "
+                    "or by an older splitmoe. To load only the dense Linears it names, move those names in "
+                    "adapter_config.json from target_modules to target_parameters as gate_proj.weight, "
+                    "up_proj.weight, down_proj.weight)")
         raise AdapterError(f"{w_path}: missing LoRA tensors for {len(missing) // 2} target(s) of the adapter "
-                           f"config, e.g. {missing[0]} {list(shapes[missing[0]])}")
+                           f"config, e.g. {missing[0]} {list(shapes[missing[0]])}{hint}")
     return lora, {n: out[n] for n in shapes}
 
 

@@ -159,7 +159,8 @@ def peft_lora_config(lora: LoraConfig) -> Any:
     """The `peft.LoraConfig` equivalent to splitmoe's LoraConfig (dropout 0, as PEFT's expert LoRA requires).
 
     Dense-MLP / shared-expert Linears are named by their weights in target_parameters (`gate_proj.weight`): PEFT
-    0.21 moves target_modules gate_proj/up_proj/down_proj onto the experts of transformers v5 MoE models. A
+    points target_modules gate_proj/up_proj/down_proj at the experts of transformers v5 MoE models (0.21 onto the
+    experts alone, 0.22 at the experts as well as those Linears; shared_math/adapter.py). A
     per-target rank or alpha becomes a rank_pattern / alpha_pattern key spelled as the target is (it matches PEFT's
     names of that target's modules as a dotted suffix, and no others)."""
     import peft

@@ -1,11 +1,15 @@
-"""PEFT 0.21's rewrite of gate_proj/up_proj/down_proj targets on transformers v5 MoE models, and adapters both ways.
+"""PEFT's rewrite of gate_proj/up_proj/down_proj targets on transformers v5 MoE models, and adapters both ways.
 
-What PEFT does when target_modules name gate_proj/up_proj/down_proj (pinned by `test_what_peft_does`):
+What PEFT does when target_modules name gate_proj/up_proj/down_proj (pinned by `test_what_peft_does`, against the
+installed PEFT):
 
-- qwen3_moe, deepseek_v3, glm4_moe, glm4_moe_lite: the names leave target_modules and become the expert parameters;
-  LoRA goes on the experts only (gate_up at rank 2r and alpha 2α, B dense rather than block-diagonal; down at r),
-  never on the dense MLPs or shared experts. Saved: target_parameters [gate_up_proj, down_proj], rank_pattern and
-  alpha_pattern {".*\\.gate_up_proj": 2r / 2α}. With rsLoRA, gate_up's scale is then √2 times down's.
+- qwen3_moe, deepseek_v3, glm4_moe, glm4_moe_lite: the names become the expert parameters too; LoRA goes on the
+  experts (gate_up at rank 2r and alpha 2α, B dense rather than block-diagonal; down at r). Saved:
+  target_parameters [gate_up_proj, down_proj], rank_pattern and alpha_pattern {".*\\.gate_up_proj": 2r / 2α}.
+  With rsLoRA, gate_up's scale is then √2 times down's.
+  - PEFT 0.21 also takes the names out of target_modules: never LoRA on the dense MLPs or shared experts.
+  - PEFT 0.22 keeps them where the model has such Linears (every tiny preset here has a dense layer or shared
+    experts), so those get LoRA at r as well.
 - gpt_oss: nothing is adapted for them (it has no such modules); target_modules are saved unchanged.
 
 (a) An adapter PEFT made that way (random non-zero A and B) loads into torch_impl and jax_impl as PEFT applies it:
@@ -44,6 +48,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_keeps_mlp_linears() -> bool:
+    """Whether the installed PEFT keeps target_modules gate_proj/up_proj/down_proj on a v5 MoE model's dense MLPs and
+    shared experts next to the experts (0.22 on) rather than moving them onto the experts alone (0.21)."""
+    import peft
+
+    return tuple(int(p) for p in peft.__version__.split(".")[:2]) >= (0, 22)
 # a dense first layer for Qwen3-MoE too (the other families with dense MLPs have one in the tiny presets)
 OVERRIDES = {"qwen3_moe": {"mlp_only_layers": [0]}}
 IDS = np.array([[3, 17, 99, 5, 64, 2, 127, 40, 8, 11, 90, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
@@ -134,12 +146,14 @@ def test_what_peft_does(tmp_path, tiny, family):
     pm = peft.get_peft_model(load_hf_model(path), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"] + MLP))
     pc = pm.peft_config["default"]
     layers = _peft_layers(pm)
-    assert not set(layers) & set(MLP)  # never the dense MLPs or shared experts
     if family in PEFT_REWRITES_MLP_TARGETS:
-        assert set(pc.target_modules) == {"o_proj"} and set(pc.target_parameters) == {"gate_up_proj", "down_proj"}
+        # the dense MLPs / shared experts: from 0.22 on PEFT keeps their names (every tiny preset has one of them)
+        linears = set(MLP) if _peft_keeps_mlp_linears() else set()
+        assert set(pc.target_modules) == {"o_proj"} | linears
+        assert set(pc.target_parameters) == {"gate_up_proj", "down_proj"}
         assert pc.rank_pattern == {r".*\.gate_up_proj": 4} and pc.alpha_pattern == {r".*\.gate_up_proj": 8}
         assert layers == {"o_proj": {(2, 4, 2.0)}, "experts.gate_up_proj": {(4, 8, 2.0)},
-                          "experts.down_proj": {(2, 4, 2.0)}}
+                          "experts.down_proj": {(2, 4, 2.0)}} | {t: {(2, 4, 2.0)} for t in linears}
     else:
         assert set(pc.target_modules) == {"o_proj"} | set(MLP) and not pc.target_parameters
         assert layers == {"o_proj": {(2, 4, 2.0)}}
@@ -177,7 +191,8 @@ def test_peft_made_adapter_loads_as_peft_applies_it(tmp_path, tiny, family, rslo
     else:
         lora, tensors = read_peft_adapter(tmp_path, cfg)
     if family in PEFT_REWRITES_MLP_TARGETS:
-        assert set(lora.targets) == set(_attention(cfg)) | {"experts.gate_up_proj", "experts.down_proj"}
+        linears = set(MLP) & set(available_targets(cfg)) if _peft_keeps_mlp_linears() else set()
+        assert set(lora.targets) == set(_attention(cfg)) | {"experts.gate_up_proj", "experts.down_proj"} | linears
         assert (lora.rank, lora.alpha, lora.rslora) == (2, 4.0, rslora)
         assert dict(lora.target_ranks) == {"experts.gate_up_proj": 4}
         assert dict(lora.target_alphas) == {"experts.gate_up_proj": 8.0}
@@ -269,11 +284,12 @@ def test_reader_errors_for_what_peft_would_read_differently(tmp_path):
     cfg = ModelConfig.from_hf(tiny_hf_config("glm4_moe"))
     lora = LoraConfig(rank=2, alpha=4.0, targets=("q_proj",) + DENSE_MLP_TARGETS)
     write_peft_adapter(tmp_path, lora, random_lora_tensors(cfg, lora), cfg)
-    # dense tensors under target_modules (transformers v4 / older splitmoe): PEFT would put them on the experts
+    # dense tensors under target_modules (transformers v4 / older splitmoe): PEFT points those names at the experts
+    # too, for which the file has nothing
     _edit(tmp_path, target_modules=["q_proj"] + MLP, target_parameters=None)
-    with pytest.raises(AdapterError, match=r"names module layers\.0\.mlp\.(gate|up|down)_proj.*moves target_modules "
-                                           r"\['down_proj', 'gate_proj', 'up_proj'\] of a glm4_moe model onto the "
-                                           r"experts.*target_parameters as gate_proj\.weight"):
+    with pytest.raises(AdapterError, match=r"missing LoRA tensors for 2 target.*mlp\.experts\..*makes target_modules "
+                                           r"\['down_proj', 'gate_proj', 'up_proj'\] of a glm4_moe model target the "
+                                           r"experts as well.*target_parameters as gate_proj\.weight"):
         read_peft_adapter(tmp_path, cfg)
     _edit(tmp_path, target_modules=["q_proj", "gate_proj"])  # PEFT itself refuses gate without up
     with pytest.raises(AdapterError, match="fuses gate_proj and up_proj"):
@@ -289,3 +305,24 @@ def test_reader_errors_for_what_peft_would_read_differently(tmp_path):
     _edit(tmp_path, rank_pattern={}, target_parameters=["gate_proj.weight", "up_proj.weight", "mlp.down_proj.bias"])
     with pytest.raises(AdapterError, match=r"target_parameters entry 'mlp\.down_proj\.bias' is not supported"):
         read_peft_adapter(tmp_path, cfg)
+
+
+def test_reader_takes_peft_0_22_saved_mlp_names_as_dense_linears_and_experts(tmp_path):
+    """The config PEFT 0.22 saves for target_modules [q_proj, gate_proj, up_proj, down_proj] on a v5 MoE model with
+    dense MLPs / shared experts: the three names stay in target_modules (those Linears, at r) and the experts are
+    target_parameters (gate_up at 2r / 2α). It reads as LoRA on both, with the file's tensors (numpy only: the
+    same whatever PEFT is installed; `test_what_peft_does` pins the saved form against PEFT itself)."""
+    from tests.shared.hf_helpers import random_lora_tensors
+
+    cfg = ModelConfig.from_hf(tiny_hf_config("glm4_moe"))
+    targets = ("q_proj",) + DENSE_MLP_TARGETS + ("experts.gate_up_proj", "experts.down_proj")
+    lora = LoraConfig(rank=2, alpha=4.0, targets=targets, target_ranks={"experts.gate_up_proj": 4},
+                      target_alphas={"experts.gate_up_proj": 8.0})
+    tensors = random_lora_tensors(cfg, lora, seed=5)
+    write_peft_adapter(tmp_path, lora, tensors, cfg)
+    _edit(tmp_path, target_modules=["q_proj"] + MLP, target_parameters=["gate_up_proj", "down_proj"],
+          rank_pattern={r".*\.gate_up_proj": 4}, alpha_pattern={r".*\.gate_up_proj": 8.0})
+    got, back = read_peft_adapter(tmp_path, cfg)
+    assert set(got.targets) == set(targets) and replace(got, targets=lora.targets) == lora
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(back[name], t, err_msg=name)
