@@ -39,8 +39,8 @@ ATTN_EXPERTS = ("q_proj", "k_proj", "v_proj", "o_proj", "experts.gate_up_proj", 
 CONFIGS = {
     "k1_no_norm": (dict(num_experts=16, num_experts_per_tok=1, norm_topk_prob=False), ATTN_EXPERTS, True),
     "k_eq_e": (dict(num_experts=4, num_experts_per_tok=4, norm_topk_prob=True), ATTN_EXPERTS, True),
-    # a dense (mlp_only) first layer. No LoRA on its gate/up/down_proj: PEFT 0.21 rewrites gate_proj/up_proj targets
-    # on MoE models into a fused gate_up rank pattern (its v4-adapter conversion) and then fails to load them.
+    # a dense (mlp_only) first layer. No LoRA on its gate/up/down_proj: PEFT rewrites gate_proj/up_proj targets on
+    # MoE models into the experts' fused gate_up (its v4-adapter conversion; 0.21 then fails to load them).
     "dense_layer_norm": (dict(norm_topk_prob=True, mlp_only_layers=[0]), ATTN_EXPERTS, False),
 }
 MEASURED: dict[str, float] = {}  # max relative diffs, printed at the end of the module (pytest -s)

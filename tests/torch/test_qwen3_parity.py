@@ -31,9 +31,10 @@ CASES = {
     "norm_topk": dict(overrides={}),
     "no_norm_topk": dict(overrides=dict(norm_topk_prob=False)),
     "k1": dict(overrides=dict(num_experts_per_tok=1)),
-    # LoRA stays off the dense MLP: PEFT 0.21.2 rewrites target_modules gate_proj/up_proj/down_proj of a v5
-    # Qwen3-MoE model into the experts' target_parameters (transformers_weight_conversion), so PEFT cannot put
-    # LoRA on a dense layer's MLP at all. The dense layer's forward and backward are still compared.
+    # LoRA stays off the dense MLP: PEFT rewrites target_modules gate_proj/up_proj/down_proj of a v5 Qwen3-MoE
+    # model into the experts' target_parameters (transformers_weight_conversion; 0.21 onto the experts alone, 0.22
+    # onto both), so these names cannot mean the dense MLP alone (tests/shared/test_peft_remap.py covers LoRA on it
+    # through target_parameters). The dense layer's forward and backward are still compared.
     "dense_layer": dict(overrides=dict(mlp_only_layers=[0])),
     "tied": dict(overrides=dict(tie_word_embeddings=True)),
     "aux_loss": dict(overrides=dict(output_router_logits=True, router_aux_loss_coef=0.5)),
