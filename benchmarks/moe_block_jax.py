@@ -1,8 +1,9 @@
 """JAX rows of the MoE block benchmark, one case per process (moe_block.py starts it with preallocation off).
 
 Times `jax.grad` of the split-LoRA expert block (w.r.t. x and the LoRA weights; fp32 LoRA master weights cast to
-bf16 inside, as the torch rows do) under `jax.jit`, median of timed runs after a warm-up that holds the
-compilation. Prints one JSON line: ms and peak extra device memory.
+bf16 inside, as the torch rows do), lowered and compiled ahead of time by `jax.jit(...).lower(...).compile()`, median
+of timed runs after one warm-up run. Each stage is announced on stderr as it ends. Prints one JSON line: ms, the
+compile time and peak extra device memory.
 """
 
 from __future__ import annotations
