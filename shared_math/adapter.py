@@ -296,9 +296,10 @@ def _lora_config(cfg: Mapping[str, Any], where: Path, model: ModelConfig) -> tup
         r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
     except (KeyError, TypeError, ValueError) as e:
         raise AdapterError(f"{where}: r / lora_alpha missing or not numbers: {e}") from e
-    linears = set(available_targets(model)) & set(DENSE_MLP_TARGETS)
+    present = set(available_targets(model))
     modules, params, rewritten = _peft_v5_rewrite(model.family, list(modules), list(params), r, alpha,
-                                                  rank_pattern, alpha_pattern, linears, where)
+                                                  rank_pattern, alpha_pattern, present & set(DENSE_MLP_TARGETS),
+                                                  where)
 
     # target -> whether PEFT adapts it as a parameter (that decides the names rank_pattern keys are matched against)
     as_param: dict[str, bool] = {}
@@ -314,7 +315,6 @@ def _lora_config(cfg: Mapping[str, Any], where: Path, model: ModelConfig) -> tup
             raise AdapterError(f"{where}: {t} is in both target_modules and target_parameters ({entry!r})")
         as_param[t] = True
     # PEFT skips a target that matches nothing (gate_proj on gpt-oss, which has no dense MLP) if another one matches
-    present = set(available_targets(model))
     absent = [t for t in ALL_TARGETS if t in as_param and t not in present]  # one order: PEFT saves sets
     if absent and len(absent) < len(as_param):
         warnings.warn(f"{where}: LoRA targets {absent} match no module of this {model.family} model and are "
