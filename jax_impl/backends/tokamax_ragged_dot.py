@@ -20,9 +20,10 @@ keyword argument 'out_shape'" and its Triton kernel with "pl.dot was deprecated 
 stack, where a step would otherwise have died inside its trace. tokamax 0.0.14, which `benchmarks/tokamax-wheels.sh`
 now brings, lowers both for CUDA with jax 0.11.2 (checked on a CPU with `jax.export`, the device stood in for by an
 H100, where 0.0.12 fails with the same two errors). On the H100 (session 26) its Mosaic kernels then refused
-operands that are not whole 128-byte tiles, so those are padded (`_pad_for_mosaic`). From 0.0.15 tokamax's Triton
-kernel needs jax-triton 0.4 and triton >= 3.7, which that machine lacks (torch's triton 3.6.0): there "triton" is an
-unknown implementation, which the probe reports like a failed trace, and only Mosaic runs.
+operands that are not whole 128-byte tiles, so those are padded (`_pad_for_mosaic`; `benchmarks/tokamax_lower.py`
+lowers every case for CUDA on a CPU, which checks that without a GPU). From 0.0.15 tokamax's Triton kernel needs
+jax-triton 0.4 and triton >= 3.7, which that machine lacks (torch's triton 3.6.0): there "triton" is an unknown
+implementation, which the probe reports like a failed trace, and only Mosaic runs.
 """
 
 from __future__ import annotations
