@@ -22,6 +22,7 @@ One JSON line per case: {"case", "ok", "trace_s", "lower_s", "mosaic_kernels"} o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default="gpu,qwen3_30b_T16384,gpt_oss_20b_T16384",
                    help="comma-separated case names or tags (ci, gpu, bench) of shared_math.cases")
     args = p.parse_args(argv)
+    if importlib.util.find_spec("tokamax") is None:
+        print("tokamax is not installed: pip install 'splitmoe[tokamax]', or put benchmarks/tokamax-wheels.sh's "
+              "wheels on PYTHONPATH (see this script's docstring)", file=sys.stderr)
+        return 2
     os.environ["SPLITMOE_TOKAMAX_IMPL"] = "mosaic"  # the kernel the GPU takes for bf16 on Hopper
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from shared_math.cases import CASES
