@@ -32,15 +32,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-STAND_IN = {"platform": "gpu", "device_kind": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "id": 0}
 
+class StandInH100:
+    """What tokamax reads of its default device to choose a kernel: an H100's platform, kind and capability. A class,
+    not a SimpleNamespace: tokamax keys caches by the device, so it must be hashable."""
 
-class _StandInDevice:
-    """What tokamax reads of its default device to choose a kernel: an H100's platform, kind and capability."""
-
-    def __init__(self) -> None:
-        for k, v in STAND_IN.items():
-            setattr(self, k, v)
+    platform, device_kind, compute_capability, id = "gpu", "NVIDIA H100 80GB HBM3", "9.0", 0
 
 
 def stand_in_h100() -> None:
@@ -51,9 +48,8 @@ def stand_in_h100() -> None:
     import jax_impl.backends as backends
     import jax_impl.backends.tokamax_ragged_dot as tk
 
-    dev = _StandInDevice()
-    gpu_utils.backend.get_default_device = lambda *a, **k: dev
-    api.backend.get_default_device = lambda *a, **k: dev
+    gpu_utils.backend.get_default_device = lambda *a, **k: StandInH100
+    api.backend.get_default_device = lambda *a, **k: StandInH100
     tk._trace_error = lambda impl, dtype: None
     backends.why_unavailable = lambda *a, **k: None
 
