@@ -820,8 +820,9 @@ EPI_SPLIT=4]" > "$R/gpu_tests.log" 2>&1
     Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
     SPLITMOE_LORA_LINEAR=torch timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_torch.log" 2>&1
     timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step.log" 2>&1
-    timeout $((L - 5 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 2 \
-      --impls torch_impl --compile --checkpoint-policy attention --profile "$R/profile" > "$R/step_profile.log" 2>&1
+    # `timeout 0` would mean no limit: the profile runs only with a minute left
+    [ $((L - SECONDS)) -gt 60 ] && timeout $((L - 5 - SECONDS)) python3 benchmarks/step.py --family gpt_oss \
+      --seq 16384 --warmup 2 --iters 2 --impls torch_impl --compile --checkpoint-policy attention --profile "$R/profile" > "$R/step_profile.log" 2>&1
     tail -1 "$R/gpu_tests.log"; grep -h " ms" "$R/lora_linear.log"; grep -h "|" "$R"/block_*.log 2>/dev/null
     rows "$R/step.jsonl"; head -20 "$R"/profile/*.txt 2>/dev/null | cut -c1-160
     grep -h "Error\|error:" "$R"/step*.log "$R/lora_linear.log" | head -5 | cut -c1-300 ;;
@@ -847,10 +848,10 @@ EPI_SPLIT=4]" > "$R/gpu_tests.log" 2>&1
     fi
     Q="--family qwen3_moe --layers 24 --seq 16384 --warmup 2 --iters 4"
     G="--compile --cuda-graph --optim-in-backward --checkpoint-policy attention --checkpoint-layers 22"
-    SPLITMOE_TUNED_SIBLINGS=0 timeout 110 python3 benchmarks/step.py $Q --impls torch_impl $G --out "$R/step.jsonl" \
-      > "$R/step_old.log" 2>&1
-    SPLITMOE_LORA_LINEAR=triton SPLITMOE_TN_SPLIT_ROWS=1024 SPLITMOE_SLOT_SUM=triton timeout 110 python3 \
-      benchmarks/step.py $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_new.log" 2>&1
+    # "before" turns off by name what became the default since session 20; "after" is the defaults
+    SPLITMOE_TUNED_SIBLINGS=0 SPLITMOE_LORA_LINEAR=torch SPLITMOE_TN_SPLIT_ROWS=0 timeout 110 python3 \
+      benchmarks/step.py $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_old.log" 2>&1
+    timeout 110 python3 benchmarks/step.py $Q --impls torch_impl $G --out "$R/step.jsonl" > "$R/step_new.log" 2>&1
     [ $((L - SECONDS)) -gt 130 ] && timeout $((L - 40 - SECONDS)) python3 benchmarks/step.py $Q --impls unsloth \
       --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
     # the dh pass's epilogue by column quarters (EPI_SPLIT=4, no spills when compiled on the CPU), and 256-wide
@@ -868,9 +869,11 @@ EPI_SPLIT=4]" > "$R/gpu_tests.log" 2>&1
     L=${LIMIT:-590}
     wheels
     Q="--family gpt_oss --seq 16384 --warmup 2 --iters 4 --impls torch_impl --compile --checkpoint-policy attention"
-    SPLITMOE_TUNED_SIBLINGS=0 timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_old.log" 2>&1
-    SPLITMOE_LORA_LINEAR=triton SPLITMOE_TN_SPLIT_ROWS=1024 SPLITMOE_SLOT_SUM=triton timeout 130 python3 \
-      benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_new.log" 2>&1
+    # "before" turns off by name what became the default since session 20 (the fused attention LoRA branch, the TN
+    # split mode); "after" is the defaults
+    SPLITMOE_TUNED_SIBLINGS=0 SPLITMOE_LORA_LINEAR=torch SPLITMOE_TN_SPLIT_ROWS=0 timeout 130 python3 \
+      benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_old.log" 2>&1
+    timeout 130 python3 benchmarks/step.py $Q --out "$R/step.jsonl" > "$R/step_new.log" 2>&1
     timeout $((L - 5 - SECONDS)) python3 benchmarks/step.py --family gpt_oss --seq 16384 --warmup 2 --iters 4 \
       --impls unsloth --out "$R/step.jsonl" > "$R/step_unsloth.log" 2>&1
     rows "$R/step.jsonl"; grep -h "Error\|error:" "$R"/step*.log | head -5 | cut -c1-300 ;;
