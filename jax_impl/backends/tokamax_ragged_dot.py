@@ -6,7 +6,8 @@ side); `benchmarks/moe_block.py --impls jax_tokamax` times it.
 
 All three dot forms of `ragged_dot.py` go through tokamax: rows x W (its default dimension numbers), rows x Wᵀ
 (tokamax transposes the weight for the Mosaic kernel, a copy per call: part of what the benchmark measures) and the
-per-expert weight-shaped products of the LoRA gradients (its ragged-contracting kernel). Which implementation runs:
+per-expert weight-shaped products of the LoRA gradients (its ragged-contracting kernel; on a GPU not Mosaic's, which
+gave wrong products on the H100: see `_per_group_implementation`). Which implementation runs:
 - CUDA, bf16 / fp16: ("mosaic", "triton"), tokamax's order: Mosaic where it has a kernel, else Triton;
 - CUDA, fp32: "xla" (exact; the Mosaic kernels take 16-bit operands and a Triton dot in fp32 may round to TF32, so
   the fp32 tests stay exact);
@@ -148,12 +149,35 @@ def _pad_for_mosaic(lhs, rhs, group_sizes_E, dims):
     return lhs, rhs, group_sizes_E, tuple(slice(0, d) for d in out)
 
 
+# tokamax 0.0.14's Mosaic kernel for the per-group form (the ragged rows contracted: every LoRA and weight gradient,
+# `ragged_contracting_dim_dot_sm90`) gave wrong products on the H100 with jax 0.11.2 (session 28, `gpu_session.sh
+# session26tk`): in the bf16 gpu tests the forward, dx and the routing weights' gradient matched the float64 oracle,
+# dW did not (15.7 % and 16.4 % of its elements within tolerance, gpu_medium and gpu_oai: 4000 and 3108 rows, groups
+# of about 250 and 390), while every case whose groups each fit in one of the kernel's 128-row K blocks passed.
+# tokamax's own vjp test has groups of exactly 128 rows. The padding above is not the cause: the same padded
+# operands through lax.ragged_dot_general match the oracle at both cases (test_moe_block.py). So, unless
+# SPLITMOE_TOKAMAX_IMPL forces one, that form asks for tokamax's other kernels that trace here, else XLA's path.
+def _per_group_implementation(impl: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    """`impl` (what `implementation` chose) for a dot of the per-group form: without Mosaic, unless forced."""
+    if os.environ.get(IMPL_ENV_VAR, "").strip():
+        return impl
+    rest = tuple(i for i in ((impl,) if isinstance(impl, str) else impl) if i != "mosaic")
+    return rest[0] if len(rest) == 1 else rest or "xla"
+
+
+def _is_per_group(dims) -> bool:
+    """True when the ragged (row) axis is contracted: out[g] = lhs[rows of g]ᵀ · rhs[rows of g]."""
+    return dims.lhs_ragged_dimensions[0] in dims.dot_dimension_numbers[0][0]
+
+
 def _dot(lhs, rhs, group_sizes_E, dims):
     """One ragged dot on tokamax, operands in lhs's dtype, fp32 accumulation and output (as `ragged_dot._dot`)."""
     import tokamax
 
     mark_absl_flags_parsed()
     impl = implementation(lhs.dtype)
+    if _is_per_group(dims):
+        impl = _per_group_implementation(impl)
     rhs, cut = rhs.astype(lhs.dtype), None
     if "mosaic" in ((impl,) if isinstance(impl, str) else impl):
         lhs, rhs, group_sizes_E, cut = _pad_for_mosaic(lhs, rhs, group_sizes_E, dims)
