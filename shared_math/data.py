@@ -94,10 +94,20 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tok
 
         path = Path(path)
-        self._tok = _Tok.from_file(str(path))
+        try:
+            self._tok = _Tok.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise DataError(f"{path} is not a tokenizer the `tokenizers` package can load ({e}); replace it with the "
+                            "model's own tokenizer.json, or remove it to use the byte-level tokenizer") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         cfg_path = path.parent / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        try:
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{cfg_path} is not valid JSON ({e}); replace it with the model's own") from None
+        if not isinstance(cfg, dict):
+            raise DataError(f"{cfg_path} must be a JSON object (the tokenizer's special tokens), got "
+                            f"{type(cfg).__name__}")
 
         def special(key: str, fallbacks: Sequence[str]) -> int | None:
             tok = cfg.get(key)
@@ -145,11 +155,18 @@ class Records(list):
 def read_jsonl(path: str | Path) -> Records:
     """Every non-blank line of a JSONL file as a dict; a line that is not a JSON object is an error naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"dataset {path} is a folder: give a JSONL file")
     if not path.is_file():
         raise DataError(f"dataset {path} does not exist")
     records, names = [], []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:  # decoded line by line, so that the error names the line
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "a JSONL dataset is UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -15,8 +15,10 @@ greedy completion (up to EOS) with the answer, per task and overall.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,10 +52,43 @@ class TaskSpec:
             raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if not self.alphabet:
+            raise ValueError("alphabet is empty: give the letters the copy / rev strings are drawn from, e.g. abcdef")
+        if self.add_max < 1:
+            raise ValueError(f"add_max must be >= 1 (the add task draws 0 <= x, y < add_max), got {self.add_max}")
+        if self.num_train < 1 or self.num_eval < 0:
+            raise ValueError(f"need num_train >= 1 and num_eval >= 0, got {self.num_train}, {self.num_eval}")
+        for task in self.tasks:
+            # a held-out set larger than the task's space of prompts would be drawn for, in vain, hundreds of millions
+            # of times (minutes) before generate() gave up: refused here, with the number that fits
+            have = _heldout_prompts(task, "".join(sorted(set(self.alphabet))), self.min_len, self.max_len,
+                                    self.add_max, self.heldout_fraction)
+            if have is not None and self.num_eval > have:
+                raise ValueError(f"num_eval={self.num_eval} held-out examples per task, but task {task} has only "
+                                 f"{have} distinct held-out prompts with this alphabet / lengths / add_max: lower "
+                                 f"num_eval to at most {have} or widen the space")
 
 
 def _is_heldout(prompt: str, fraction: float) -> bool:
     return (zlib.crc32(prompt.encode()) % 10_000) < fraction * 10_000
+
+
+_ENUMERABLE = 200_000  # prompt spaces up to this size are counted exactly (tens of ms); larger ones are not
+
+
+@functools.lru_cache(maxsize=64)
+def _heldout_prompts(task: str, letters: str, min_len: int, max_len: int, add_max: int, fraction: float) -> int | None:
+    """How many distinct prompts of `task` are held out, or None when the space is too large to count."""
+    if task == "add":
+        if add_max * add_max > _ENUMERABLE:
+            return None
+        prompts: Iterator[str] = (f"{_TAG[task]}{x}+{y}" for x in range(add_max) for y in range(add_max))
+    else:
+        if sum(len(letters) ** n for n in range(min_len, max_len + 1)) > _ENUMERABLE:
+            return None
+        prompts = (_TAG[task] + "".join(t) for n in range(min_len, max_len + 1)
+                   for t in itertools.product(letters, repeat=n))
+    return sum(_is_heldout(p, fraction) for p in prompts)
 
 
 def _draw(task: str, spec: TaskSpec, rng: np.random.Generator) -> tuple[str, str]:

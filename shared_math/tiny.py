@@ -86,6 +86,62 @@ def tiny_hf_config(family: str, **overrides: Any) -> dict[str, Any]:
     return hf
 
 
+# config.json keys a model YAML's `overrides` may set besides the preset's own keys and the audited ones
+# (shared_math.config.MATH_FIELDS): the builders' alternative spellings, and HF fields that change nothing splitmoe
+# computes (config.py's audit lists them). Any other key is a typo that tiny_hf_config would write in silence.
+_OVERRIDE_ALIASES = frozenset({"num_experts", "num_local_experts", "experts_per_token", "num_nextn_predict_layers",
+                               "num_mtp_layers", "rope_scaling", "rope_theta", "bos_token_id", "eos_token_id",
+                               "pad_token_id", "dtype", "torch_dtype", "max_window_layers", "aux_loss_alpha",
+                               "seq_aux", "ep_size", "pretraining_tp", "num_key_value_heads", "head_dim"})
+
+
+def check_override_keys(family: str, overrides: Mapping[str, Any], where: str) -> None:
+    """ValueError naming every key of `overrides` that no `family` config.json field has (with the nearest known
+    key): a misspelt key would otherwise be written into config.json and ignored, building the preset unchanged."""
+    import difflib
+
+    from shared_math.config import MATH_FIELDS
+
+    known = (set(_COMMON) | set(_FAMILY[family]) | {"model_type"} | _OVERRIDE_ALIASES
+             | {name.split(".")[0] for name in MATH_FIELDS[family]})
+    unknown = [k for k in overrides if k not in known]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), known, 1)) else "")
+                 for k in unknown]
+        raise ValueError(f"{where}: overrides sets {', '.join(hints)}, not a config.json field of {family}; known "
+                         f"fields: {', '.join(sorted(known))}")
+
+
+def read_model_yaml(path: str | Path) -> dict[str, Any]:
+    """A configs/models/*.yaml preset -> {"family", "seed", "overrides"}; ValueError (FileNotFoundError for a
+    missing file) naming the file and the key for anything wrong, before a checkpoint is written."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model YAML {path} does not exist (a configs/models/*.yaml preset)")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a model YAML is a mapping of family, seed, overrides; got {spec!r}")
+    unknown = set(spec) - {"family", "seed", "overrides"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(map(str, unknown))}; a model YAML has family, seed, overrides")
+    if spec.get("family") not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{path}: family must be one of {', '.join(SUPPORTED_MODEL_TYPES)}, "
+                         f"got {spec.get('family')!r}")
+    seed = spec.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{path}: seed must be an integer >= 0, got {seed!r}")
+    overrides = spec.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{path}: overrides must be a mapping of config.json fields, got {overrides!r}")
+    check_override_keys(spec["family"], overrides, str(path))
+    return {"family": spec["family"], "seed": seed, "overrides": overrides}
+
+
 def random_canonical_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """float32 canonical tensors for `cfg` (names and shapes of `expected_shapes`).
 

@@ -143,15 +143,14 @@ def read_model_config(cfg: RunConfig) -> ModelConfig:
 
 def _load_model_yaml(path: Path) -> dict[str, Any]:
     """A configs/models/*.yaml preset (`family`, `seed`, `overrides`), as `splitmoe make-tiny --config` reads it."""
-    import yaml
+    from shared_math.tiny import read_model_yaml
 
     if not path.is_file():
         raise ConfigError(f"model.tiny {path} does not exist (a configs/models/*.yaml preset)")
-    spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"family", "seed", "overrides"}
-    if unknown or "family" not in spec:
-        raise ConfigError(f"{path}: a model preset has family, seed, overrides (unknown: {sorted(unknown)})")
-    return {"family": spec["family"], "seed": int(spec.get("seed", 0)), "overrides": spec.get("overrides") or {}}
+    try:
+        return read_model_yaml(path)
+    except ValueError as e:
+        raise ConfigError(f"model.tiny: {e}") from None
 
 
 def prepare_run(cfg: RunConfig, out_dir: str | Path | None = None) -> PreparedRun:
@@ -648,6 +647,11 @@ def run_training(tr: Any, *, resume: bool = False, stop_after: int | None = None
     elif (last := latest_checkpoint(out)) is not None:
         raise ConfigError(f"{out} already holds checkpoints ({last.name}); pass --resume to continue that run, or "
                           "choose another train.out_dir")
+    elif (out / "adapter").exists():
+        # a finished run with train.save_every=0 leaves its adapter and no checkpoint: this run would empty its
+        # metrics.jsonl now and replace the adapter at the end
+        raise ConfigError(f"{out} already holds a trained adapter ({out / 'adapter'}) from an earlier run; choose "
+                          "another train.out_dir, or remove that folder to train there again")
     result = TrainResult(out_dir=out, start_step=tr.step, skipped_checkpoints=skipped)
     resume_step = tr.step if resume else None
     metrics = (MetricsLog(out / "metrics.jsonl", resume_step=resume_step,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,18 +32,22 @@ DEFAULT_MODEL_YAML = Path(__file__).resolve().parent.parent / "configs" / "model
 
 def load_model_yaml(path: str | Path) -> dict:
     """A configs/models/*.yaml file: `family` (a tiny preset), optional `seed` and `overrides` (config.json fields)."""
-    import yaml
+    from shared_math.tiny import read_model_yaml
 
-    spec = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(spec) - {"family", "seed", "overrides"}
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; a model YAML has family, seed, overrides")
-    if spec.get("family") not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{path}: family must be one of {', '.join(SUPPORTED_MODEL_TYPES)}, "
-                         f"got {spec.get('family')!r}")
-    if not isinstance(spec.get("overrides", {}), dict):
-        raise ValueError(f"{path}: overrides must be a mapping of config.json fields")
-    return {"family": spec["family"], "seed": int(spec.get("seed", 0)), "overrides": spec.get("overrides") or {}}
+    return read_model_yaml(path)
+
+
+MAKE_TINY_MARKER = "splitmoe_make_tiny.json"  # written beside a checkpoint make-tiny wrote: it may be replaced
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    """make-tiny overwrites config.json and model.safetensors: an --out folder that holds anything but an earlier
+    make-tiny checkpoint (a downloaded model, a run folder: a mistyped path) is refused, not overwritten."""
+    if out.is_dir() and any(out.iterdir()) and not (out / MAKE_TINY_MARKER).is_file():
+        names = sorted(p.name for p in out.iterdir())
+        held = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise ValueError(f"--out {out} is a folder that make-tiny did not write (it holds {held}); its files would be "
+                         "overwritten: give a new or empty folder")
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -57,8 +62,11 @@ def _make_tiny(args: argparse.Namespace) -> int:
     else:
         raise ValueError("make-tiny needs --family or --config")
     seed = spec["seed"] if args.seed is None else args.seed
+    _refuse_foreign_folder(Path(args.out))
     path = write_tiny_checkpoint(spec["family"], args.out, seed=seed, dtype=args.dtype, layout=args.layout,
                                  **spec["overrides"])
+    (path / MAKE_TINY_MARKER).write_text(json.dumps({**spec, "seed": seed, "dtype": args.dtype,
+                                                     "layout": args.layout}, sort_keys=True))
     print(f"wrote tiny {spec['family']} checkpoint ({args.dtype}, {args.layout} layout, seed {seed}) to {path}")
     return 0
 
@@ -144,8 +152,8 @@ def _gpu_plan(args: argparse.Namespace) -> int:
     if ckpt is not None and not auto_ckpt and not str(ckpt).isdigit():
         raise ValueError(f"--checkpoint-layers must be a number of layers (0 or more) or auto, got {ckpt!r}")
     budget = P.H200_USABLE_GIB if args.budget_gib is None else args.budget_gib
-    if budget <= 0:
-        raise ValueError(f"--budget-gib must be positive, got {args.budget_gib}")
+    if not (math.isfinite(budget) and budget > 0):  # nan compares false: it "fit" nowhere, with no error
+        raise ValueError(f"--budget-gib must be positive (a finite number of GiB), got {args.budget_gib}")
     if args.offload and args.checkpoint_policy != "nothing":
         raise ValueError(f"--checkpoint-policy {args.checkpoint_policy} keeps tensors on the GPU, which --offload "
                          "exists to avoid (torch_impl refuses the pair): use one or the other")
@@ -230,6 +238,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an int >= 0 (a seed: numpy refuses negative ones with a message that names no flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
 def _positive_ints(text: str) -> tuple[int, ...]:
     """argparse type: comma-separated ints >= 1, e.g. 1024,4096."""
     parts = [p.strip() for p in str(text).split(",")]
@@ -287,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--family", choices=SUPPORTED_MODEL_TYPES)
     t.add_argument("--config", help="a configs/models/*.yaml file (family + overrides) instead of --family")
     t.add_argument("--out", required=True, help="folder to write (config.json + model.safetensors)")
-    t.add_argument("--seed", type=int, default=None, help="default: the YAML's seed, else 0")
+    t.add_argument("--seed", type=_non_negative_int, default=None, help="default: the YAML's seed, else 0")
     t.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     t.add_argument("--layout", default="hub", choices=("hub", "fused"),
                    help="hub: per-expert tensors as on the Hub; fused: transformers v5's stacked experts")
@@ -304,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "there, nothing written without it)")
     d.add_argument("--config", default=str(DEFAULT_MODEL_YAML),
                    help="model YAML (default: the embedded tiny Qwen3-MoE)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the demo's hidden states")
-    d.add_argument("--tokens", type=int, default=64)
+    d.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the demo's hidden states")
+    d.add_argument("--tokens", type=_positive_int, default=64)
     from splitmoe.inspect_routing import add_routing_arguments
 
     add_routing_arguments(d)
@@ -370,8 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. `key=value` overrides may come before, between and after the options
+    (`train train.steps=2 --out X optim.lr=1e-3`): argparse takes the first run of them as the positional and
+    leaves later ones over, which it would report as "unrecognized arguments" although they are valid."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all(
+                "=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]  # command-line order kept: the last of one key still wins
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

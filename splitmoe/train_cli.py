@@ -144,7 +144,14 @@ def _refuse_another_runs_folder(out: Path, cfg: RunConfig) -> None:
     from shared_math.training import CheckpointDamaged, latest_checkpoint, read_meta
 
     last = latest_checkpoint(out)
-    if last is None or _is_demo_summary(out / "summary.json"):
+    if _is_demo_summary(out / "summary.json"):
+        return
+    if last is None:
+        # a run with train.save_every=0 leaves its adapter and no checkpoint: without a demo's summary.json it is
+        # another run's trained adapter, which the demo would delete below
+        if (out / "adapter").exists():
+            raise ConfigError(f"{out} holds another run's adapter ({out / 'adapter'}) and no demo summary.json; the "
+                              "demo replaces only its own earlier outputs, so it leaves it: pass --out NEW_DIR")
         return
     try:
         saved = read_meta(last).get("trajectory", {})

@@ -59,7 +59,7 @@ from shared_math.training import (
     write_checkpoint_atomic,
 )
 from torch_impl import parallel
-from torch_impl.backends import resolve_backend
+from torch_impl.backends import as_device, resolve_backend
 from torch_impl.load import load_model
 from torch_impl.lora import load_lora_state_dict, lora_parameters, lora_state_dict, save_adapter
 from torch_impl.routing_stats import RoutingStatsAccumulator, routing_stats_of
@@ -91,6 +91,7 @@ class Trainer:
         graph's eager warm-up): inductor's fused glue without its host cost, the fastest 4K steps measured
         (Qwen3-30B-A3B at 0.58x Unsloth's step on an H100, gpt-oss-20b at 0.55x; benchmarks/REPORT.md, session 13)."""
         self.cfg = cfg
+        as_device(device)  # a malformed device string is one line, before any work
         self.mesh = None  # torch_impl.parallel.ParallelMesh when several processes train together
         sharded = cfg.parallel.devices > 1 or parallel.launched_world_size() is not None
         if sharded:  # refused before any work: a mesh that does not fit the processes or the model

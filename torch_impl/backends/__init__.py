@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from shared_math.train_config import BackendUnavailable
+from shared_math.train_config import BackendUnavailable, ConfigError
 from torch_impl.backends import grouped_mm, native, triton, triton_hopper
 
 ENV_VAR = "SPLITMOE_MOE_BACKEND"
@@ -36,10 +36,20 @@ BACKENDS: tuple[str, ...] = ("triton_hopper", "triton", "grouped_mm", "native")
 _CUDA_HALF_ONLY = ("triton", "triton_hopper")
 
 
+def as_device(device: torch.device | str | None) -> torch.device:
+    """`device` (a `--device` string such as cpu, cuda, cuda:1) as a torch.device; a ConfigError naming it when
+    torch cannot parse it (torch's own RuntimeError would reach the user as a traceback)."""
+    try:
+        return torch.device(device or "cpu")
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a torch device: give cpu, cuda or cuda:N (e.g. --device "
+                          "cuda:1)") from None
+
+
 def _auto_allows(name: str, device: torch.device | str | None, dtype: torch.dtype | None) -> bool:
     if name not in _CUDA_HALF_ONLY:
         return True
-    return torch.device(device or "cpu").type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return as_device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 def get_backend(name: str) -> ModuleType:
@@ -63,6 +73,7 @@ def resolve_backend(name: str = "auto", *, device: torch.device | str | None = N
     reason and what is available, for a backend that cannot run here.
     """
     source = "requested"
+    device = None if device is None else as_device(device)  # a malformed --device is named before anything else
     if name in (None, "", "auto"):
         env = os.environ.get(ENV_VAR, "").strip()
         if env and env != "auto":
@@ -83,4 +94,4 @@ def resolve_backend(name: str = "auto", *, device: torch.device | str | None = N
     return name
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "get_backend", "resolve_backend", "why_unavailable"]
+__all__ = ["BACKENDS", "ENV_VAR", "as_device", "get_backend", "resolve_backend", "why_unavailable"]
