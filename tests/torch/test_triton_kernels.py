@@ -506,15 +506,15 @@ def test_tn_split_rows_env_refuses_bad_values(value, monkeypatch):
 
 
 def test_tn_split_rows_env_sets_or_clears_the_config(monkeypatch):
-    """Unset: the config's own split, else on CUDA the measured default (1024 rows, where BLOCK_M divides it), else
+    """Unset: the config's own split, else on CUDA the measured default (2048 rows, where BLOCK_M divides it), else
     off (the interpreter's launches unchanged); the variable overrides both ways."""
     cfg = dict(BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.delenv("SPLITMOE_TN_SPLIT_ROWS", raising=False)
     assert sl.tn_split_rows(cfg) == cfg and sl.tn_split_rows(cfg, cpu) == cfg
-    assert sl.tn_split_rows(cfg, cuda) == dict(cfg, SPLIT_ROWS=sl.DEFAULT_TN_SPLIT_ROWS) == dict(cfg, SPLIT_ROWS=1024)
+    assert sl.tn_split_rows(cfg, cuda) == dict(cfg, SPLIT_ROWS=sl.DEFAULT_TN_SPLIT_ROWS) == dict(cfg, SPLIT_ROWS=2048)
     assert sl.tn_split_rows(dict(cfg, SPLIT_ROWS=0), cuda) == dict(cfg, SPLIT_ROWS=0)  # a config's own choice stands
-    assert sl.tn_split_rows(dict(cfg, BLOCK_M=96), cuda) == dict(cfg, BLOCK_M=96)  # 1024 is no multiple of 96: off
+    assert sl.tn_split_rows(dict(cfg, BLOCK_M=96), cuda) == dict(cfg, BLOCK_M=96)  # 2048 is no multiple of 96: off
     monkeypatch.setenv("SPLITMOE_TN_SPLIT_ROWS", "32")
     assert sl.tn_split_rows(cfg) == dict(cfg, SPLIT_ROWS=32) == sl.tn_split_rows(cfg, cuda)
     monkeypatch.setenv("SPLITMOE_TN_SPLIT_ROWS", "0")

@@ -163,7 +163,13 @@ TN_SPLIT_ROWS_ENV = "SPLITMOE_TN_SPLIT_ROWS"
 # from 1020.8 to 1017.1 (benchmarks/REPORT.md, session 20): the step benchmark's random routers crowd a few experts.
 # An expert of fewer than twice this many rows runs as in the unsplit kernel (the same bits); only crowded ones
 # split, into chunks of this many rows with the remainder in the last (shared_math.tuning.split_chunks).
-DEFAULT_TN_SPLIT_ROWS = 1024
+# 2048, not session 20's 1024 (H100, sessions 23 and 28, `benchmarks/tn_probe.py`, the four launches of a 16K layer):
+# with even routing 1024-row chunks cut experts of 1,025-1,116 rows into a chunk and a sliver (Qwen3 0.850 -> 1.078
+# ms, gpt-oss 0.968 -> 1.268), 2048 leaves them whole (0.891, 1.030-1.100); with crowded experts 2048 is as fast or
+# faster (Qwen3 skew 1 / 2: 1.083 / 1.089 against 1.152 / 1.145; gpt-oss 1.267 / 1.310 against 1.264 / 1.287); 4096
+# is slower there (1.375, 1.510). The evenly routed 16K block: 1024 8.660 / 16.440 ms, 2048 8.384 / 15.880, off
+# 8.383 / 15.938 (Qwen3 / gpt-oss, one call, `gpu_session.sh session24tn`). The 16K steps at 2048 are not yet timed.
+DEFAULT_TN_SPLIT_ROWS = 2048
 
 
 def tn_split_rows(config: dict, device: torch.device | None = None) -> dict:
