@@ -67,7 +67,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session26tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24base|session24ts|session24o|session24sp|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session26tk|session28tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24base|session24ts|session24o|session24sp|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -482,6 +482,17 @@ case $PART in
     timeout $((590 - SECONDS)) python3 benchmarks/step.py --family gpt_oss $Q --profile "$R" --out "$R/step.jsonl" \
       > "$R/step_oss.log" 2>&1
     rows "$R/step.jsonl"; grep -h "device busy" "$R"/*.log ;;
+  session28tk)  # (written 2026-12-07, session 28) session26tk ran on an H100 (results/session28_2026-12-07, call 1):
+    # the tokamax rows compile (118-138 s a block) and run, but the bf16 gpu tests gave wrong dW at gpu_medium and
+    # gpu_oai from tokamax's Mosaic per-group kernel; the backend now asks Triton (else XLA) for that form. The
+    # tokamax gpu tests again, then the rows that call's limit cut (gpt-oss T=16384) and Qwen3's again (its
+    # gradients now on the other kernel), each next to JAX pallas
+    tokamax_wheels
+    gpu_tests gpu_tests.log 120 tests/jax/test_moe_block.py -k "tokamax"
+    timeout $((585 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 --impls jax_pallas_fused,jax_tokamax \
+      --cases gpt_oss_20b_T16384,qwen3_30b_T16384 --out "$R/block.jsonl" > "$R/block.log" 2>&1
+    grep -h "passed\|failed\|^FAILED\|^E " "$R/gpu_tests.log" | head -12 | cut -c1-300
+    grep -h "\[..:..:..\]\|ms " "$R/block.log" | cut -c1-200 ;;
   session26tk)  # (written 2026-12-07, session 26) tokamax after the tile padding (session 26's session14tk: every
     # tokamax bf16 gpu test failed lowering "dimension 1 must have size smaller or a multiple of its tiling 64, but
     # got 4000"; the T=16384 block rows outlasted 240 and 150 s without a sign of where): the tokamax gpu tests, then
@@ -627,17 +638,18 @@ case $PART in
   session24ts)  # (written 2026-12-07, session 23) which TN split size the 16K steps want: session 23's probe
     # (results/session23_2026-12-07) ran the backward's four LoRA-gradient launches faster with 2048-row chunks than
     # with the 1024 default on Qwen3 at every routing skew (even routing: 0.891 against 1.078 ms a layer) and on
-    # gpt-oss at even routing; the default stays until a step agrees. Each model's best 16K command with the default
-    # and with 2048, one process each, then the default again (this host's drift between processes)
+    # gpt-oss at even routing. Session 28 made 2048 the default (its probe and block rows: results/session28_2026-
+    # 12-07, call 2), so the middle run is now the old 1024. Each model's best 16K command with the default and with
+    # 1024, one process each, then the default again (this host's drift between processes)
     wheels
     L=$(card_layers)
     if [ "$L" = 48 ]; then N="44"; else N="22"; fi
     Q="--family qwen3_moe --layers $L --seq 16384 --warmup 2 --iters 3 --impls torch_impl --compile --cuda-graph"
     QO="--optim-in-backward --checkpoint-policy attention --checkpoint-layers $N"
     O="--family gpt_oss --seq 16384 --warmup 2 --iters 3 --impls torch_impl --compile --checkpoint-policy attention"
-    for run in default 2048 default2; do
+    for run in default 1024 default2; do
       [ $((585 - SECONDS)) -gt 150 ] || break
-      if [ "$run" = 2048 ]; then export SPLITMOE_TN_SPLIT_ROWS=2048; else unset SPLITMOE_TN_SPLIT_ROWS; fi
+      if [ "$run" = 1024 ]; then export SPLITMOE_TN_SPLIT_ROWS=1024; else unset SPLITMOE_TN_SPLIT_ROWS; fi
       timeout 140 python3 benchmarks/step.py $Q $QO --out "$R/step.jsonl" > "$R/step_qwen3_$run.log" 2>&1
       timeout 140 python3 benchmarks/step.py $O --out "$R/step.jsonl" > "$R/step_oss_$run.log" 2>&1
     done

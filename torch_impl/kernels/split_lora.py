@@ -163,12 +163,12 @@ TN_SPLIT_ROWS_ENV = "SPLITMOE_TN_SPLIT_ROWS"
 # from 1020.8 to 1017.1 (benchmarks/REPORT.md, session 20): the step benchmark's random routers crowd a few experts.
 # An expert of fewer than twice this many rows runs as in the unsplit kernel (the same bits); only crowded ones
 # split, into chunks of this many rows with the remainder in the last (shared_math.tuning.split_chunks).
-# 2048, not session 20's 1024 (H100, sessions 23 and 28, `benchmarks/tn_probe.py`, the four launches of a 16K layer):
-# with even routing 1024-row chunks cut experts of 1,025-1,116 rows into a chunk and a sliver (Qwen3 0.850 -> 1.078
-# ms, gpt-oss 0.968 -> 1.268), 2048 leaves them whole (0.891, 1.030-1.100); with crowded experts 2048 is as fast or
-# faster (Qwen3 skew 1 / 2: 1.083 / 1.089 against 1.152 / 1.145; gpt-oss 1.267 / 1.310 against 1.264 / 1.287); 4096
-# is slower there (1.375, 1.510). The evenly routed 16K block: 1024 8.660 / 16.440 ms, 2048 8.384 / 15.880, off
-# 8.383 / 15.938 (Qwen3 / gpt-oss, one call, `gpu_session.sh session24tn`). The 16K steps at 2048 are not yet timed.
+# 2048, not session 20's 1024. On the evenly routed 16K block (H100, one call, session 28: `gpu_session.sh
+# session24tn`) 1024-row chunks cost 0.28 ms on Qwen3 (8.660 against 8.383 ms unsplit) and 0.50 on gpt-oss (16.440
+# against 15.938), 2048 nothing (8.384, 15.880): no expert splits there, but the grid has cdiv(rows, N) + E chunk
+# slots per tile (most exit at once) and as many fp32 partial tiles allocated. With crowded experts (`tn_probe.py --skew 1 / 2`, a layer's four launches) 2048 is as
+# fast: gpt-oss 1.267 / 1.310 ms against 1.264 / 1.287 at 1024, Qwen3 1.083 / 1.089 against 1.152 / 1.145 (sessions
+# 28 and 23); 4096 is slower (Qwen3 1.375 / 1.371, gpt-oss 1.510 / 1.505). The 16K steps at 2048 are not yet timed.
 DEFAULT_TN_SPLIT_ROWS = 2048
 
 
