@@ -157,6 +157,10 @@ def _pad_for_mosaic(lhs, rhs, group_sizes_E, dims):
 # tokamax's own vjp test has groups of exactly 128 rows. The padding above is not the cause: the same padded
 # operands through lax.ragged_dot_general match the oracle at both cases (test_moe_block.py). So, unless
 # SPLITMOE_TOKAMAX_IMPL forces one, that form asks for tokamax's other kernels that trace here, else XLA's path.
+# tokamax's Triton kernel for it (0.0.12 and 0.0.14) leaves an empty group's product as whatever its last, fully
+# unmasked K step read from the rows before the group (or before the array), not zeros: run under Pallas's
+# interpreter on the CPU, groups [100, 0, 156] gave the middle product off by 25.6 and [0, 100, 156] NaN. Experts
+# that get no rows are common at small T, so `_dot` zeroes empty groups' products in this form, whatever ran.
 def _per_group_implementation(impl: str | tuple[str, ...]) -> str | tuple[str, ...]:
     """`impl` (what `implementation` chose) for a dot of the per-group form: without Mosaic, unless forced."""
     if os.environ.get(IMPL_ENV_VAR, "").strip():
@@ -183,6 +187,8 @@ def _dot(lhs, rhs, group_sizes_E, dims):
         lhs, rhs, group_sizes_E, cut = _pad_for_mosaic(lhs, rhs, group_sizes_E, dims)
     y = tokamax.ragged_dot_general(lhs, rhs, group_sizes_E, dims, preferred_element_type=jnp.float32,
                                    implementation=impl)
+    if _is_per_group(dims):  # the group axis leads the output of this form
+        y = jnp.where((group_sizes_E > 0).reshape((-1,) + (1,) * (y.ndim - 1)), y, 0.0)
     return y if cut is None else y[cut]
 
 

@@ -300,6 +300,44 @@ def test_tokamax_mosaic_operands_are_padded_to_whole_tiles(case, monkeypatch, se
     assert set(seen) == {(False, ("mosaic", "triton")), (True, "triton")}
 
 
+def test_tokamax_triton_per_group_kernel_leaves_no_garbage_in_empty_experts(monkeypatch, seed):
+    """tokamax's own Triton kernel for the per-group form (what that form asks for on a GPU now), run under Pallas's
+    interpreter on the CPU: an empty group's product comes back as rows from before the group, not zeros, so the
+    backend zeroes empty groups' products. Forward and every gradient of `empty_experts` (experts 0, 3, 4 and 7 get no
+    rows, first and last included) match the float64 oracle."""
+    tokamax = pytest.importorskip("tokamax")
+    pt = pytest.importorskip("tokamax._src.ops.ragged_dot.pallas_triton")
+    block = pytest.importorskip("tokamax._src.pallas.block")
+    kernel = getattr(pt, "_ragged_contracting_dim_dot", None)  # private: this test follows tokamax's layout
+    if kernel is None:
+        pytest.skip("this tokamax has no _ragged_contracting_dim_dot")
+    from tokamax._src.ops.ragged_dot import base
+
+    from jax_impl.backends import tokamax_ragged_dot as tk
+
+    pallas_call = block.pl.pallas_call
+    monkeypatch.setattr(block.pl, "pallas_call", lambda *a, **k: pallas_call(*a, **{**k, "interpret": True}))
+    ran = []
+
+    def stand_in(lhs, rhs, group_sizes, dims, *, preferred_element_type, implementation):
+        if implementation == "triton" and dims == base.RAGGED_CONTRACTING_DOT_DIM_NUMS:
+            ran.append(implementation)
+            return kernel(lhs, rhs, group_sizes=group_sizes, ragged_dot_dimension_numbers=dims,
+                          precision=jax.lax.Precision.HIGHEST, out_dtype=jnp.dtype(preferred_element_type),
+                          config=pt.Config(block_m=32, block_n=32, block_k=16, split_k=1, num_warps=4, num_stages=2))
+        return jax.lax.ragged_dot_general(lhs, rhs, group_sizes, dims, preferred_element_type=preferred_element_type)
+
+    monkeypatch.delenv(tk.IMPL_ENV_VAR, raising=False)
+    monkeypatch.setattr(tk, "implementation", lambda dtype: "triton")
+    monkeypatch.setattr(tokamax, "ragged_dot_general", stand_in)
+    _COMPILED.clear()
+    try:
+        _check_case(get_case("empty_experts"), "tokamax", jnp.float32, "float32", seed)
+    finally:
+        _COMPILED.clear()
+    assert ran  # the LoRA and weight gradients' products went through tokamax's kernel
+
+
 def test_tokamax_per_group_form_is_not_asked_of_mosaic(monkeypatch):
     """The per-group form (rows contracted) leaves Mosaic out unless SPLITMOE_TOKAMAX_IMPL forces it: the next
     kernel that traces, else XLA's path; the two row forms are not per-group."""
