@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         print("tokamax is not installed: pip install 'splitmoe[tokamax]', or put benchmarks/tokamax-wheels.sh's "
               "wheels on PYTHONPATH (see this script's docstring)", file=sys.stderr)
         return 2
-    os.environ["SPLITMOE_TOKAMAX_IMPL"] = "mosaic"  # the kernel the GPU takes for bf16 on Hopper
+    # every dot on Mosaic, the per-group form's included (which the backend now sends to tokamax's Triton kernel on
+    # a GPU, `tokamax_ragged_dot._per_group_implementation`): Pallas's Triton lowering asks for a real GPU device
+    # ("No supported GPU devices found"), which this stand-in is not
+    os.environ["SPLITMOE_TOKAMAX_IMPL"] = "mosaic"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from shared_math.cases import CASES
 
