@@ -796,12 +796,13 @@ case $PART in
     # name an H200, which has no block rows yet): the hopper gpu tests; at T=16384 the block with every baseline in
     # one command (HF + PEFT, torch triton and triton_hopper, the base-only gate_up rows against _grouped_mm, each
     # pass's TFLOP/s, JAX pallas and tokamax: the "JAX within 1.1x of torch triton" names the triton row);
-    # then T=1024 eager and gpt-oss T=65536 against HF + PEFT. Carry .whl-tokamax (benchmarks/tokamax-wheels.sh)
+    # then T=1024 eager and gpt-oss T=65536 against HF + PEFT. Session 28 took tokamax out: XLA compiles its block
+    # for 118-138 s (results/session28_2026-12-07), two of which would have spent this command's 240 s; session28tk
+    # times it instead. No carry needed since
     L=${LIMIT:-590}
-    tokamax_wheels
     gpu_tests gpu_tests.log 150 tests/torch/test_hopper_kernels.py
     timeout 240 python3 benchmarks/moe_block.py --iters 10 --cases qwen3_30b_T16384,gpt_oss_20b_T16384 \
-      --impls hf_peft,hopper_suite,jax_pallas_fused,jax_tokamax --out "$R/block16k.jsonl" > "$R/block16k.log" 2>&1
+      --impls hf_peft,hopper_suite,jax_pallas_fused --out "$R/block16k.jsonl" > "$R/block16k.log" 2>&1
     [ $((L - SECONDS)) -gt 60 ] && timeout $((L - 5 - SECONDS)) python3 benchmarks/moe_block.py --iters 10 \
       --cases qwen3_30b_T1024,gpt_oss_20b_T1024,gpt_oss_20b_T65536 \
       --impls hf_peft,torch_triton,torch_triton_hopper,jax_pallas_fused --out "$R/block.jsonl" > "$R/block.log" 2>&1
