@@ -110,6 +110,20 @@ def check_override_keys(family: str, overrides: Mapping[str, Any], where: str) -
                  for k in unknown]
         raise ValueError(f"{where}: overrides sets {', '.join(hints)}, not a config.json field of {family}; known "
                          f"fields: {', '.join(sorted(known))}")
+    # a size or count the preset holds as an int must stay a whole number >= 0, a float a number: otherwise numpy
+    # fails later with a message that names no key ("negative dimensions are not allowed", "invalid literal")
+    preset = {**_COMMON, **_FAMILY[family]}
+    bad = []
+    for k, v in overrides.items():
+        want = preset.get(k)
+        if isinstance(want, bool) or want is None:
+            continue
+        if isinstance(want, int) and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            bad.append(f"{k}={v!r} (a whole number >= 0)")
+        elif isinstance(want, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            bad.append(f"{k}={v!r} (a number)")
+    if bad:
+        raise ValueError(f"{where}: overrides sets {', '.join(bad)}")
 
 
 def read_model_yaml(path: str | Path) -> dict[str, Any]:

@@ -176,3 +176,15 @@ def test_train_refuses_a_folder_holding_a_finished_runs_adapter(tmp_path, capsys
     assert "already holds a trained adapter" in capsys.readouterr().err
     assert (out / "adapter" / "adapter_model.safetensors").read_text() == "trained"
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+
+
+@pytest.mark.parametrize("override, named", [("hidden_size: -8", "hidden_size=-8 (a whole number >= 0)"),
+                                             ("hidden_size: big", "hidden_size='big' (a whole number >= 0)"),
+                                             ("rms_norm_eps: tiny", "rms_norm_eps='tiny' (a number)")])
+def test_a_model_yaml_override_of_the_wrong_kind_is_named(tmp_path, override, named, capsys):
+    """A size the preset holds as an int given as a negative number or a word (numpy's "negative dimensions are not
+    allowed" / "invalid literal for int()" named no key), a float given as a word: refused naming the key."""
+    path = _model_yaml(tmp_path, f"family: qwen3_moe\noverrides:\n  {override}\n")
+    assert main(["make-tiny", "--config", str(path), "--out", str(tmp_path / "m")]) != 0
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
