@@ -127,19 +127,12 @@ def check_override_keys(family: str, overrides: Mapping[str, Any], where: str) -
 
 
 def read_model_yaml(path: str | Path) -> dict[str, Any]:
-    """A configs/models/*.yaml preset -> {"family", "seed", "overrides"}; ValueError (FileNotFoundError for a
-    missing file) naming the file and the key for anything wrong, before a checkpoint is written."""
-    import yaml
+    """A configs/models/*.yaml preset -> {"family", "seed", "overrides"}; ValueError (a ConfigError for the file
+    itself) naming the file and the key for anything wrong, before a checkpoint is written."""
+    from shared_math.train_config import read_yaml_mapping
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model YAML {path} does not exist (a configs/models/*.yaml preset)")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(spec, dict):
-        raise ValueError(f"{path}: a model YAML is a mapping of family, seed, overrides; got {spec!r}")
+    spec = read_yaml_mapping(path, "model YAML", "configs/models/qwen3_moe_tiny.yaml",
+                             "a mapping of family, seed, overrides")
     unknown = set(spec) - {"family", "seed", "overrides"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(map(str, unknown))}; a model YAML has family, seed, overrides")

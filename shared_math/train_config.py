@@ -406,23 +406,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml_mapping(path: str | Path, what: str, example: str, shape: str) -> dict[str, Any]:
+    """The mapping the YAML file `path` holds (empty for an empty file); ConfigError naming the file when it is a
+    folder, missing, not valid YAML or not a mapping (`what`: e.g. "run config"; `example`: a file that is one;
+    `shape`: what the mapping holds)."""
+    import yaml
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder: give a YAML file, e.g. {example}")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist (e.g. {example})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} is {shape}; got {data!r}"[:400])
+    return data
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """RunConfig from a YAML file (None: the defaults, i.e. the embedded default job) plus `key=value` overrides."""
-    import yaml
 
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"run config {path} is a folder: give a YAML file, e.g. configs/runs/default.yaml")
-        if not path.is_file():
-            raise ConfigError(f"run config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a run config is a mapping of sections (model, lora, data, optim, train)")
+        data = read_yaml_mapping(path, "run config", "configs/runs/default.yaml",
+                                 "a mapping of sections (model, lora, data, optim, train)")
     apply_overrides(data, list(overrides or []))
     return from_dict(RunConfig, data)
 

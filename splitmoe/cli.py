@@ -227,26 +227,25 @@ def _gpu_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (argparse names the flag in its error)."""
+def _int_at_least(minimum: int, text: str) -> int:
+    """argparse type: an int >= `minimum` (argparse names the flag in its error)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    return _int_at_least(1, text)
 
 
 def _non_negative_int(text: str) -> int:
     """argparse type: an int >= 0 (a seed: numpy refuses negative ones with a message that names no flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+    return _int_at_least(0, text)
 
 
 def _positive_ints(text: str) -> tuple[int, ...]:

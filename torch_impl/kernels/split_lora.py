@@ -166,9 +166,10 @@ TN_SPLIT_ROWS_ENV = "SPLITMOE_TN_SPLIT_ROWS"
 # 2048, not session 20's 1024. On the evenly routed 16K block (H100, one call, session 28: `gpu_session.sh
 # session24tn`) 1024-row chunks cost 0.28 ms on Qwen3 (8.660 against 8.383 ms unsplit) and 0.50 on gpt-oss (16.440
 # against 15.938), 2048 nothing (8.384, 15.880): no expert splits there, but the grid has cdiv(rows, N) + E chunk
-# slots per tile (most exit at once) and as many fp32 partial tiles allocated. With crowded experts (`tn_probe.py --skew 1 / 2`, a layer's four launches) 2048 is as
-# fast: gpt-oss 1.267 / 1.310 ms against 1.264 / 1.287 at 1024, Qwen3 1.083 / 1.089 against 1.152 / 1.145 (sessions
-# 28 and 23); 4096 is slower (Qwen3 1.375 / 1.371, gpt-oss 1.510 / 1.505). The 16K steps at 2048 are not yet timed.
+# slots per tile (most exit at once) and as many fp32 partial tiles allocated. With crowded experts (`tn_probe.py
+# --skew 1 / 2`, a layer's four launches) 2048 is as fast: gpt-oss 1.267 / 1.310 ms against 1.264 / 1.287 at 1024,
+# Qwen3 1.083 / 1.089 against 1.152 / 1.145 (sessions 28 and 23); 4096 is slower (Qwen3 1.375 / 1.371, gpt-oss
+# 1.510 / 1.505). The 16K steps at 2048 are not yet timed.
 DEFAULT_TN_SPLIT_ROWS = 2048
 
 
