@@ -342,11 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus", help="N, or auto: the smallest power of two up to 64 that fits")
     g.add_argument("--preset", action="append", metavar="FAMILY:PRESET",
                    help="e.g. qwen3_moe:30b-a3b (repeatable; default: every full-size preset)")
-    g.add_argument("--seq", type=int, help="tokens per GPU (one sequence each; default 16384)")
+    g.add_argument("--seq", type=_positive_int, help="tokens per GPU (one sequence each; default 16384)")
     g.add_argument("--parallel", help="data=D,fsdp=F,expert=X; one axis may be N or left out: it takes the "
                                       "GPUs the others leave (default data=1,fsdp=N,expert=1)")
     g.add_argument("--offload", action="store_true", help="checkpointed layer inputs in host memory")
-    g.add_argument("--expert-chunk", type=int, metavar="TOKENS",
+    g.add_argument("--expert-chunk", type=_positive_int, metavar="TOKENS",
                    help="routed experts in chunks of TOKENS tokens, recomputed chunk by chunk (tile_experts)")
     g.add_argument("--optimizer", default="fused", choices=("fused", "foreach"),
                    help="AdamW implementation (foreach keeps a sqrt(v) temporary; torch_impl uses fused on CUDA)")

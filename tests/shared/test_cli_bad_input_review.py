@@ -152,6 +152,9 @@ def test_demo_refuses_a_folder_holding_another_runs_adapter(tmp_path):
 @pytest.mark.parametrize("argv, flag", [
     (["inspect", "--tokens", "0"], "--tokens"), (["inspect", "--seed", "-1"], "--seed"),
     (["make-tiny", "--family", "qwen3_moe", "--seed", "-5", "--out", "x"], "--seed"),
+    # plan's own message added "it fits on no power of two <= 64 with fsdp only", which is beside the point
+    (["plan", "--gpus", "auto", "--expert-chunk", "-5"], "--expert-chunk"),
+    (["plan", "--gpus", "auto", "--seq", "0"], "--seq"),
 ])
 def test_bad_numbers_name_their_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
