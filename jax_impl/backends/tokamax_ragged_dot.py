@@ -161,12 +161,36 @@ def _pad_for_mosaic(lhs, rhs, group_sizes_E, dims):
 # unmasked K step read from the rows before the group (or before the array), not zeros: run under Pallas's
 # interpreter on the CPU, groups [100, 0, 156] gave the middle product off by 25.6 and [0, 100, 156] NaN. Experts
 # that get no rows are common at small T, so `_dot` zeroes empty groups' products in this form, whatever ran.
-def _per_group_implementation(impl: str | tuple[str, ...]) -> str | tuple[str, ...]:
-    """`impl` (what `implementation` chose) for a dot of the per-group form: without Mosaic, unless forced."""
+def _per_group_implementation(impl: str | tuple[str, ...], dtype) -> str | tuple[str, ...]:
+    """`impl` (what `implementation` chose) for a dot of the per-group form in `dtype`: without Mosaic, and without
+    a kernel that does not trace this form here (`_per_group_trace_error`), unless forced."""
     if os.environ.get(IMPL_ENV_VAR, "").strip():
         return impl
-    rest = tuple(i for i in ((impl,) if isinstance(impl, str) else impl) if i != "mosaic")
+    rest = tuple(i for i in ((impl,) if isinstance(impl, str) else impl)
+                 if i != "mosaic" and _per_group_trace_error(i, jnp.dtype(dtype).name) is None)
     return rest[0] if len(rest) == 1 else rest or "xla"
+
+
+@functools.cache
+def _per_group_trace_error(impl: str, dtype_name: str) -> str | None:
+    """`_trace_error` for the per-group form (`implementation`'s probe traces the row form only): the Triton kernel
+    that form now asks for has a kernel of its own in tokamax."""
+    if impl == "xla":
+        return None
+    import tokamax
+
+    mark_absl_flags_parsed()
+    dt = jnp.dtype(dtype_name)
+    rows = jax.ShapeDtypeStruct((256, 128), dt)
+    sizes = jax.ShapeDtypeStruct((2,), jnp.int32)
+    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    try:
+        jax.jit(lambda a, b, g: tokamax.ragged_dot_general(a, b, g, dims, preferred_element_type=jnp.float32,
+                                                           implementation=impl)).lower(rows, rows, sizes)
+    except Exception as e:  # noqa: BLE001 - as in _trace_error
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return None
 
 
 def _is_per_group(dims) -> bool:
@@ -181,7 +205,7 @@ def _dot(lhs, rhs, group_sizes_E, dims):
     mark_absl_flags_parsed()
     impl = implementation(lhs.dtype)
     if _is_per_group(dims):
-        impl = _per_group_implementation(impl)
+        impl = _per_group_implementation(impl, lhs.dtype)
     rhs, cut = rhs.astype(lhs.dtype), None
     if "mosaic" in ((impl,) if isinstance(impl, str) else impl):
         lhs, rhs, group_sizes_E, cut = _pad_for_mosaic(lhs, rhs, group_sizes_E, dims)

@@ -291,6 +291,7 @@ def test_tokamax_mosaic_operands_are_padded_to_whole_tiles(case, monkeypatch, se
 
     monkeypatch.delenv(tk.IMPL_ENV_VAR, raising=False)
     monkeypatch.setattr(tk, "implementation", lambda dtype: ("mosaic", "triton"))
+    monkeypatch.setattr(tk, "_per_group_trace_error", lambda impl, dtype_name: None)  # a GPU where Triton traces
     monkeypatch.setattr(tokamax, "ragged_dot_general", mosaic_stand_in)
     _COMPILED.clear()  # compiled with the real entry point by other tests
     try:
@@ -329,6 +330,7 @@ def test_tokamax_triton_per_group_kernel_leaves_no_garbage_in_empty_experts(monk
 
     monkeypatch.delenv(tk.IMPL_ENV_VAR, raising=False)
     monkeypatch.setattr(tk, "implementation", lambda dtype: "triton")
+    monkeypatch.setattr(tk, "_per_group_trace_error", lambda impl, dtype_name: None)  # a GPU where Triton traces
     monkeypatch.setattr(tokamax, "ragged_dot_general", stand_in)
     _COMPILED.clear()
     try:
@@ -346,11 +348,16 @@ def test_tokamax_per_group_form_is_not_asked_of_mosaic(monkeypatch):
 
     assert tk._is_per_group(rd._PER_GROUP) and not tk._is_per_group(rd._ROWS) and not tk._is_per_group(rd._ROWS_T)
     monkeypatch.delenv(tk.IMPL_ENV_VAR, raising=False)
-    assert tk._per_group_implementation(("mosaic", "triton")) == "triton"
-    assert tk._per_group_implementation("mosaic") == "xla"
-    assert tk._per_group_implementation("triton") == "triton" and tk._per_group_implementation("xla") == "xla"
+    errors = {"mosaic": None, "triton": None}  # the per-group probe's answers, stood in for (it needs a GPU)
+    monkeypatch.setattr(tk, "_per_group_trace_error", lambda impl, dtype_name: errors.get(impl))
+    bf = jnp.bfloat16
+    assert tk._per_group_implementation(("mosaic", "triton"), bf) == "triton"
+    assert tk._per_group_implementation("mosaic", bf) == "xla"
+    assert tk._per_group_implementation("triton", bf) == "triton" and tk._per_group_implementation("xla", bf) == "xla"
+    errors["triton"] = "AttributeError: the per-group kernel does not trace"  # then XLA's path, not a failing step
+    assert tk._per_group_implementation(("mosaic", "triton"), bf) == "xla"
     monkeypatch.setenv(tk.IMPL_ENV_VAR, "mosaic")  # forced: every form, to time or reproduce it
-    assert tk._per_group_implementation("mosaic") == "mosaic"
+    assert tk._per_group_implementation("mosaic", bf) == "mosaic"
 
 
 def test_tokamax_mosaic_padding_leaves_full_size_shapes_alone():
