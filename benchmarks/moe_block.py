@@ -487,7 +487,9 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # named as `splitmoe bench block` when that command calls with its arguments (argv None: run as a script)
+    p = argparse.ArgumentParser(prog=None if argv is None else "splitmoe bench block", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="qwen3_30b_T1024,qwen3_30b_T4096,qwen3_30b_T16384")
     p.add_argument("--impls", default="hf_peft,merged_grouped_mm,torch_grouped_mm,jax_ragged_dot")
     p.add_argument("--iters", type=int, default=20)
@@ -498,8 +500,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated JSONL files of one device command (e.g. torch rows on one GPU and JAX rows on "
                         "the other): no timing, recompute the ratios per case and write --markdown / --plot")
     args = p.parse_args(argv)
+    if args.iters < 1:
+        p.error(f"--iters must be >= 1, got {args.iters}")
     if args.merge:
-        rows = [json.loads(line) for f in args.merge.split(",") for line in Path(f).read_text().splitlines() if line]
+        rows = _merge_rows(p, args)
         base = {r["case"]: r["ms"] for r in rows if r["impl"] == "hf_peft" and "ms" in r}
         for r in rows:
             if "ms" in r and r["case"] in base and "flops" not in r:
@@ -510,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    cases, impls = _cases_and_impls(p, args)  # before the GPU check: a typo is found on any machine
     if not torch.cuda.is_available():
         print("moe_block.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -518,15 +523,63 @@ def main(argv: list[str] | None = None) -> int:
     dense = dense_matmul_tflops()
     print(f"dense bf16 matmul: {dense:.0f} TFLOP/s")
     rows = []
-    impls = [i for name in args.impls.split(",") for i in IMPL_GROUPS.get(name, (name,))]
 
     def keep(row: dict) -> None:
         row.update(meta, dense_tflops=dense)
         write_jsonl(args.out, [row])
 
-    for name in args.cases.split(","):
-        rows += run_case(get_case(name), impls, iters=args.iters, on_row=keep)
+    for c in cases:
+        rows += run_case(c, impls, iters=args.iters, on_row=keep)
     return _report(rows, dense, args)
+
+
+def _merge_rows(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict]:
+    """The rows of the --merge files, or a usage error naming the file and line: a line that was not JSON, or a row
+    without this script's fields, stopped the merge with a message naming neither (or a KeyError traceback). Refuses
+    a --markdown / --plot that is one of the inputs, which the report would overwrite."""
+    paths = [Path(f) for f in args.merge.split(",") if f]
+    outputs = [o for o in (args.markdown, args.plot) if o is not None]
+    for o in outputs:
+        if any(o.resolve() == f.resolve() for f in paths):
+            p.error(f"{o} is one of the --merge inputs: --markdown / --plot would overwrite it; name another file")
+    rows = []
+    for f in paths:
+        if not f.is_file():
+            p.error(f"--merge: {f} is not a file")
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                p.error(f"--merge: {f}:{n} is not JSON ({e.msg})")
+            need = ["case", "impl"] + (["tflops_base"] if isinstance(row, dict) and "ms" in row else [])
+            if not isinstance(row, dict) or any(k not in row for k in need):
+                p.error(f"--merge: {f}:{n} is not a row of moe_block.py's --out (it needs {', '.join(need)})")
+            rows.append(row)
+    if not rows:
+        p.error(f"--merge: no rows in {args.merge}")
+    return rows
+
+
+def _cases_and_impls(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[MoECase], list[str]]:
+    """--cases and --impls checked before any row: an unknown case stopped the run with a KeyError traceback after
+    the earlier cases' rows were written, and an unknown implementation became an error row in --out. Names of jax
+    backends (jax_*) are checked by moe_block_jax.py's own process, which imports jax (this one does not)."""
+    from torch_impl.backends import BACKENDS
+
+    known_cases = [c.name for c in CASES]
+    bad_cases = [n for n in args.cases.split(",") if n not in known_cases]
+    if bad_cases:
+        p.error(f"unknown case(s) {bad_cases} in --cases; known: {', '.join(known_cases)}")
+    impls = [i for name in args.impls.split(",") for i in IMPL_GROUPS.get(name, (name,))]
+    known = {"hf_peft", "hf_peft_eager", "merged_grouped_mm", "torch_triton_graph", *GEMM_IMPLS, *PASS_IMPLS,
+             *(f"torch_{b}" for b in BACKENDS)}
+    bad = [i for i in impls if i not in known and not i.startswith("jax_")]
+    if bad:
+        p.error(f"unknown implementation(s) {bad} in --impls; known: {', '.join(sorted(known))}, jax_BACKEND, or "
+                f"the group(s) {', '.join(IMPL_GROUPS)}")
+    return [get_case(n) for n in args.cases.split(",")], impls
 
 
 def _report(rows: list[dict], dense: float, args: argparse.Namespace) -> int:

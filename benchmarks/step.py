@@ -490,7 +490,9 @@ def max_context(probe, start: int, cap: int, step: int) -> tuple[int | None, lis
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # named as `splitmoe bench step` when that command calls with its arguments (argv None: run as a script)
+    p = argparse.ArgumentParser(prog=None if argv is None else "splitmoe bench step", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="qwen3_moe", choices=list(PRESETS))
     p.add_argument("--preset", default=None, help="a full-size preset of the family (default: its first) or tiny")
     p.add_argument("--layers", type=int, default=None, help="truncate the depth (quick checks)")
@@ -561,7 +563,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [i for i in a.impls if i not in IMPLS]
     if unknown:
         p.error(f"unknown implementation(s) {unknown}; choose from {', '.join(IMPLS)}")
-    a.seqs = [int(s) for s in a.seq.split(",")]
+    a.seqs = _seqs(p, a.seq)
+    _check_numbers(p, a)
     if a.compile_mode is not None and not a.compile:
         p.error(f"--compile-mode {a.compile_mode} is torch.compile's mode: it needs --compile")
     if a.compile_cpp_wrapper and (not a.compile or a.compile_mode is not None):
@@ -580,6 +583,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--checkpoint-layers must be >= 0 (how many of the first decoder layers to checkpoint), got "
                 f"{a.checkpoint_layers}")
     return a
+
+
+def _seqs(p: argparse.ArgumentParser, text: str) -> list[int]:
+    """--seq as positive ints, or a usage error naming it: int('abc') gave a message naming no option, and 0 or a
+    negative length a traceback or an error row in --out (with exit status 0)."""
+    try:
+        seqs = [int(s) for s in text.split(",")]
+    except ValueError:
+        p.error(f"--seq takes comma-separated whole numbers of tokens (e.g. 4096,16384), got {text!r}")
+    if any(s < 1 for s in seqs):
+        p.error(f"--seq lengths must be >= 1 token, got {text!r}")
+    return seqs
+
+
+def _check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Usage errors, before anything is built or written, for values that otherwise became error rows in --out (or
+    a silent no-op): counts out of range, unknown backend names, a device string torch cannot parse."""
+    from torch_impl.backends import BACKENDS
+
+    for flag, value, least in (("--iters", a.iters, 1), ("--warmup", a.warmup, 0), ("--max-seq", a.max_seq, 1),
+                               ("--context-step", a.context_step, 1), ("--expert-chunk", a.expert_chunk, 1)):
+        if value is not None and value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    if a.backend != "auto" and a.backend not in BACKENDS:
+        p.error(f"--backend {a.backend!r} is not a torch_impl MoE backend; choose auto or one of {', '.join(BACKENDS)}")
+    if "jax_impl" in a.impls and a.jax_backend != "auto":
+        from jax_impl.backends import BACKENDS as JAX_BACKENDS  # imports jax: only for a run that uses it
+
+        if a.jax_backend not in JAX_BACKENDS:
+            p.error(f"--jax-backend {a.jax_backend!r} is not a jax_impl MoE backend; choose auto or one of "
+                    f"{', '.join(JAX_BACKENDS)}")
+    try:
+        torch.device(a.device)
+    except RuntimeError:
+        p.error(f"--device {a.device!r} is not a torch device; e.g. cpu, cuda or cuda:1")
 
 
 def _emitter(a: argparse.Namespace):

@@ -84,6 +84,19 @@ class DeviceTensors(Mapping[str, jax.Array]):
         return {n[len(p):]: self[n] for n in self._tensors if n.startswith(p)}
 
 
+def model_dtype(dtype) -> jnp.dtype:
+    """`dtype` (a jnp dtype or its name) as the floating dtype the weights are cast to; ValueError otherwise (an
+    integer dtype rounded every weight to an integer, silently)."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype must be a floating-point dtype such as jnp.bfloat16 or 'float32', got {dtype!r}"
+                         ) from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype must be a floating-point dtype such as jnp.bfloat16 or 'float32', got {dt}")
+    return dt
+
+
 def load_model(path: str | Path, *, lora: LoraConfig | None = None, dtype=jnp.float32,
                moe_backend: str = "auto", lora_seed: int | None = None,
                attn_implementation: str | None = None) -> nnx.Module:
@@ -96,6 +109,7 @@ def load_model(path: str | Path, *, lora: LoraConfig | None = None, dtype=jnp.fl
     layers past config.json's num_hidden_layers other than DeepSeek-V3 / GLM MTP layers, and for a config.json that
     asks for math not implemented (its cause a ModelConfigError naming the field: `shared_math.config.MATH_FIELDS`).
     """
+    dtype = model_dtype(dtype)
     backend = resolve_backend(moe_backend, dtype=dtype)
     attn = resolve_attn_implementation(attn_implementation, dtype)
     cfg, tensors = read_checkpoint(path)

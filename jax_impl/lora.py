@@ -189,11 +189,16 @@ def load_lora_state_dict(model: nnx.Module, tensors: dict[str, np.ndarray]) -> N
     missing = sorted(attached - set(tensors))
     if missing:
         raise KeyError(f"{len(missing)} attached LoRA factor(s) missing from the tensors, e.g. {missing[:3]}")
-    for name, value in tensors.items():
+    # every shape checked before the first write: a mismatch found half-way left the adapters half overwritten
+    arrays = {name: np.asarray(value) for name, value in tensors.items()}
+    for name, value in arrays.items():
+        m, attr = slots[name]
+        if tuple(value.shape) != tuple(getattr(m, attr).shape):
+            raise ValueError(f"{name}: shape {tuple(value.shape)} does not match the model's "
+                             f"{tuple(getattr(m, attr).shape)}")
+    for name, value in arrays.items():
         m, attr = slots[name]
         var = getattr(m, attr)
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"{name}: shape {tuple(value.shape)} does not match the model's {tuple(var.shape)}")
         var[...] = jnp.asarray(value, var[...].dtype)
 
 

@@ -27,7 +27,7 @@ from jax_impl.backends import get_backend, resolve_backend
 from jax_impl.backends.common import ExpertSort
 from jax_impl.lora import Frozen
 from shared_math.config import RoutingConfig
-from shared_math.shapes import check_expert_args
+from shared_math.shapes import check_expert_args, check_lora_scale
 
 _F32 = jnp.float32
 LoraPair = tuple[jax.Array, jax.Array]
@@ -135,15 +135,11 @@ def sort_by_expert(expert_ids: jax.Array, num_experts: int, *, check: bool = Tru
     """
     if expert_ids.ndim != 2:
         raise ValueError(f"expert_ids must be [T, K], got shape {expert_ids.shape}")
+    check_ids_dtype(expert_ids)
     T, K = expert_ids.shape
     flat_M = expert_ids.reshape(-1).astype(jnp.int32)
-    if check and flat_M.size:
-        try:
-            lo, hi = int(flat_M.min()), int(flat_M.max())
-        except jax.errors.ConcretizationTypeError:  # traced (under jit): no values to check
-            lo, hi = 0, 0
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"expert ids must lie in [0, {num_experts}), got range [{lo}, {hi}]")
+    if check:
+        check_expert_ids(flat_M, num_experts)
     order_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
     M = flat_M.shape[0]
     # inverse permutation by a scatter of distinct indices (a set, not an add)
@@ -154,6 +150,26 @@ def sort_by_expert(expert_ids: jax.Array, num_experts: int, *, check: bool = Tru
     offsets_E = offsets_E.astype(jnp.int32)
     group_sizes_E = jnp.diff(offsets_E, prepend=0).astype(jnp.int32)
     return ExpertSort(order_M, inverse_M, order_M // K, order_M % K, expert_M, group_sizes_E, offsets_E, T, K)
+
+
+def check_ids_dtype(expert_ids: jax.Array) -> None:
+    """Raise ValueError unless expert_ids has an integer dtype (trace-time metadata): float ids would be truncated to
+    other experts and bool ids read as experts 0 and 1, silently."""
+    if not jnp.issubdtype(expert_ids.dtype, jnp.integer):
+        raise ValueError(f"expert_ids must be an integer array (a router's top-k indices), got {expert_ids.dtype}")
+
+
+def check_expert_ids(expert_ids: jax.Array, num_experts: int) -> None:
+    """Raise ValueError unless every expert id lies in [0, num_experts), when the ids are concrete (outside jit;
+    under jit there are no values to read, and route() cannot produce such ids)."""
+    if not expert_ids.size:
+        return
+    try:
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+    except jax.errors.ConcretizationTypeError:  # traced (under jit): no values to check
+        return
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"expert ids must lie in [0, {num_experts}), got range [{lo}, {hi}]")
 
 
 @jax.custom_vjp
@@ -178,6 +194,10 @@ permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 def _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases) -> None:
     check_expert_args(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
+    # dtypes (trace-time metadata): an integer x would run integer GEMMs (a silent all-zero int y)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a floating-point array (bf16, fp16 or fp32), got {x.dtype}")
+    check_ids_dtype(expert_ids)
 
 
 def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.Array, w_gate_up: jax.Array,
@@ -193,12 +213,16 @@ def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.
     `sort`: a precomputed `sort_by_expert(expert_ids, E)` to reuse.
     """
     _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
+    scale = check_lora_scale(scale)
     resolved = resolve_backend(backend)
     if resolved in ("pallas", "pallas_triton", "pallas_mosaic"):
         # the fused entry gathers x, weights the rows and un-permutes inside its kernels, where the generic path
         # below builds the [M, H] x[perm] copy and does the weighting outside (benchmarks/REPORT.md times the fused
-        # entry). It sorts by itself, so `sort` is not used on this path.
+        # entry). It sorts by itself, so `sort` is not used on this path; the ids' range is checked here as
+        # sort_by_expert does (concrete ids only): out-of-range ids gave rows of other experts or NaN
         import importlib
+
+        check_expert_ids(expert_ids, w_gate_up.shape[0])
 
         fused = importlib.import_module(f"jax_impl.backends.{resolved}").split_lora_experts
 

@@ -36,6 +36,15 @@ def build_model(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32, device:
     return _FAMILIES[cfg.family](cfg, moe_backend=moe_backend, dtype=dtype, device=device)
 
 
+def model_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """`dtype` (a torch dtype or its name, as jax_impl takes) as the floating dtype the weights are cast to;
+    ValueError otherwise (a string or an integer dtype failed deep in the build with a message naming neither)."""
+    dt = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype such as torch.bfloat16 or 'float32', got {dtype!r}")
+    return dt
+
+
 def load_model(path: str | Path, *, lora: LoraConfig | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", moe_backend: str = "auto", lora_seed: int | None = None
                ) -> nn.Module:
@@ -49,6 +58,7 @@ def load_model(path: str | Path, *, lora: LoraConfig | None = None, dtype: torch
     `read_checkpoint`, shared with jax_impl, before anything is built. NotImplementedError for a family that
     torch_impl does not implement yet.
     """
+    dtype = model_dtype(dtype)
     cfg, tensors = read_checkpoint(path)
     if cfg.family not in _FAMILIES:
         build_model(cfg)  # raises the clear error

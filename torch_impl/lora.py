@@ -191,8 +191,10 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, np.ndarray]:
-    """Every LoRA tensor of `model` as float32 numpy, under its canonical name (docs/CONTRACTS.md)."""
-    return {n: p.detach().float().cpu().numpy() for n, p in _lora_params(model).items()}
+    """Every LoRA tensor of `model` as float32 numpy, under its canonical name (docs/CONTRACTS.md): copies, as
+    jax_impl's are (for fp32 CPU parameters `.float().cpu().numpy()` returned views that later steps changed)."""
+    return {n: p.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
+            for n, p in _lora_params(model).items()}
 
 
 def load_lora_state_dict(model: nn.Module, tensors: dict[str, np.ndarray]) -> nn.Module:
@@ -206,12 +208,15 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, np.ndarray]) -> nn
     if missing or extra:
         raise ValueError(f"LoRA tensors do not match the model's adapters: {len(missing)} missing "
                          f"(e.g. {missing[:5]}), {len(extra)} unexpected (e.g. {extra[:5]})")
+    # every shape checked before the first copy: a mismatch found half-way left the adapters half overwritten
+    arrays = {name: np.asarray(tensors[name]) for name in params}
+    for name, p in params.items():
+        if tuple(arrays[name].shape) != tuple(p.shape):
+            raise ValueError(f"LoRA tensor {name} has shape {tuple(arrays[name].shape)}, the model needs "
+                             f"{tuple(p.shape)}")
     with torch.no_grad():
         for name, p in params.items():
-            t = torch.as_tensor(np.asarray(tensors[name]))
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"LoRA tensor {name} has shape {tuple(t.shape)}, the model needs {tuple(p.shape)}")
-            p.copy_(t.to(p.dtype))
+            p.copy_(torch.as_tensor(arrays[name]).to(p.dtype))
     return model
 
 

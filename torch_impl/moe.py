@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared_math.config import RoutingConfig
-from shared_math.shapes import check_expert_args
+from shared_math.shapes import check_expert_args, check_lora_scale
 from torch_impl.backends import get_backend, resolve_backend
 from torch_impl.backends.common import Activation, ExpertSort
 from torch_impl.models.layers import DenseMLP, in_layer_recompute
@@ -89,6 +89,7 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, check: bool = 
     """
     if expert_ids.ndim != 2:
         raise ValueError(f"expert_ids must be [T, K], got shape {tuple(expert_ids.shape)}")
+    check_ids_dtype(expert_ids)
     T, K = expert_ids.shape
     flat_M = expert_ids.reshape(-1)
     if check:
@@ -106,6 +107,13 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int, *, check: bool = 
     offsets_E = torch.cumsum(group_sizes_E, dim=0, dtype=torch.int32)
     # inverse_M, slot_M and expert_M are made when a backend first reads them (see ExpertSort)
     return ExpertSort(order_M, order_M // K, group_sizes_E, offsets_E, T, K, keys_M=keys_M)
+
+
+def check_ids_dtype(expert_ids: torch.Tensor) -> None:
+    """Raise ValueError unless expert_ids has an integer dtype (metadata only, no sync): float ids would be
+    truncated to other experts and bool ids read as experts 0 and 1, silently."""
+    if expert_ids.is_floating_point() or expert_ids.is_complex() or expert_ids.dtype == torch.bool:
+        raise ValueError(f"expert_ids must be an integer tensor (a router's top-k indices), got {expert_ids.dtype}")
 
 
 def check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:
@@ -182,7 +190,15 @@ def forward_routing_stats(logits_TE: torch.Tensor, expert_ids_TK: torch.Tensor, 
 # ---- the routed experts ----------------------------------------------------------------------------------------------
 
 def _check_shapes(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases) -> None:
+    for name, t in (("x", x), ("expert_ids", expert_ids), ("expert_weights", expert_weights),
+                    ("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     check_expert_args(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
+    # dtypes (metadata only, no sync): an integer x would run integer GEMMs or fail deep in a backend
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor (bf16, fp16 or fp32), got {x.dtype}")
+    check_ids_dtype(expert_ids)
     if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
         raise ValueError(f"expert weights ({w_gate_up.dtype}, {w_down.dtype}) must have x's dtype {x.dtype}: "
                          "cast them once at load, not on every call")
@@ -216,6 +232,7 @@ def split_lora_experts(x: torch.Tensor, expert_ids: torch.Tensor, expert_weights
     The gradients are those of the full forward (the recompute's saved values are).
     """
     _check_shapes(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
+    scale = check_lora_scale(scale)
     act = Activation(activation, swiglu_limit, swiglu_alpha)
     impl = get_backend(resolve_backend(backend, device=x.device, dtype=x.dtype))
     srt = sort if sort is not None else sort_by_expert(expert_ids, w_gate_up.shape[0], check=check_ids)
