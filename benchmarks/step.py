@@ -600,14 +600,17 @@ def _seqs(p: argparse.ArgumentParser, text: str) -> list[int]:
 def _check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Usage errors, before anything is built or written, for values that otherwise became error rows in --out (or
     a silent no-op): counts out of range, unknown backend names, a device string torch cannot parse."""
-    from torch_impl.backends import BACKENDS
-
     for flag, value, least in (("--iters", a.iters, 1), ("--warmup", a.warmup, 0), ("--max-seq", a.max_seq, 1),
                                ("--context-step", a.context_step, 1), ("--expert-chunk", a.expert_chunk, 1)):
         if value is not None and value < least:
             p.error(f"{flag} must be >= {least}, got {value}")
-    if a.backend != "auto" and a.backend not in BACKENDS:
-        p.error(f"--backend {a.backend!r} is not a torch_impl MoE backend; choose auto or one of {', '.join(BACKENDS)}")
+    if "torch_impl" in a.impls and a.backend != "auto":
+        # imported only for a run that uses it: the unsloth and hf_peft processes parse these arguments too
+        from torch_impl.backends import BACKENDS
+
+        if a.backend not in BACKENDS:
+            p.error(f"--backend {a.backend!r} is not a torch_impl MoE backend; choose auto or one of "
+                    f"{', '.join(BACKENDS)}")
     if "jax_impl" in a.impls and a.jax_backend != "auto":
         from jax_impl.backends import BACKENDS as JAX_BACKENDS  # imports jax: only for a run that uses it
 
