@@ -75,6 +75,8 @@ PASSES = ("gate_up", "down", "dh", "dx")
 GEMM_IMPLS = tuple(f"gemm_gate_up_{k}" for k in ("grouped_mm", "triton", "hopper", "hopper_sorted"))
 PASS_IMPLS = tuple(f"pass_{p}_{k}" for p in PASSES for k in ("triton", "hopper"))
 IMPL_GROUPS = {"hopper_suite": ("torch_triton", "torch_triton_hopper") + GEMM_IMPLS + PASS_IMPLS}
+# run_case's names besides the families (GEMM_IMPLS, PASS_IMPLS, torch_BACKEND, jax_BACKEND)
+NAMED_IMPLS = ("hf_peft", "hf_peft_eager", "merged_grouped_mm", "torch_triton_graph")
 
 
 def pass_flops(c: MoECase, name: str) -> float:
@@ -573,8 +575,7 @@ def _cases_and_impls(p: argparse.ArgumentParser, args: argparse.Namespace) -> tu
     if bad_cases:
         p.error(f"unknown case(s) {bad_cases} in --cases; known: {', '.join(known_cases)}")
     impls = [i for name in args.impls.split(",") for i in IMPL_GROUPS.get(name, (name,))]
-    known = {"hf_peft", "hf_peft_eager", "merged_grouped_mm", "torch_triton_graph", *GEMM_IMPLS, *PASS_IMPLS,
-             *(f"torch_{b}" for b in BACKENDS)}
+    known = {*NAMED_IMPLS, *GEMM_IMPLS, *PASS_IMPLS, *(f"torch_{b}" for b in BACKENDS)}
     bad = [i for i in impls if i not in known and not i.startswith("jax_")]
     if bad:
         p.error(f"unknown implementation(s) {bad} in --impls; known: {', '.join(sorted(known))}, jax_BACKEND, or "

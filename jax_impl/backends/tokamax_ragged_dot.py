@@ -35,7 +35,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jax_impl.backends.ragged_dot import build_expert_mlp
+from jax_impl.backends.ragged_dot import _PER_GROUP, _ROWS, build_expert_mlp
 
 IMPL_ENV_VAR = "SPLITMOE_TOKAMAX_IMPL"
 _IMPLS = ("mosaic", "triton", "xla")
@@ -82,19 +82,24 @@ def implementation(dtype) -> str | tuple[str, ...]:
 
 @functools.cache
 def _trace_error(impl: str, dtype_name: str) -> str | None:
-    """The error tracing tokamax's `impl` raises on a tiny grouped GEMM in `dtype_name` here (None: it traces).
-    XLA's path is jax's own ragged_dot: not probed."""
+    """The error tracing tokamax's `impl` raises on a tiny grouped GEMM of the row form in `dtype_name` here (None:
+    it traces). XLA's path is jax's own ragged_dot: not probed."""
+    return _probe(impl, dtype_name, (128, 128), (2, 128, 128), _ROWS)
+
+
+def _probe(impl: str, dtype_name: str, lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...], dims) -> str | None:
+    """The error lowering tokamax's `impl` raises on one ragged dot of these shapes and dimension numbers."""
     if impl == "xla":
         return None
     import tokamax
 
     mark_absl_flags_parsed()
     dt = jnp.dtype(dtype_name)
-    lhs, rhs = jax.ShapeDtypeStruct((128, 128), dt), jax.ShapeDtypeStruct((2, 128, 128), dt)
+    lhs, rhs = jax.ShapeDtypeStruct(lhs_shape, dt), jax.ShapeDtypeStruct(rhs_shape, dt)
     sizes = jax.ShapeDtypeStruct((2,), jnp.int32)
     try:
-        jax.jit(lambda a, b, g: tokamax.ragged_dot(a, b, g, preferred_element_type=jnp.float32,
-                                                   implementation=impl)).lower(lhs, rhs, sizes)
+        jax.jit(lambda a, b, g: tokamax.ragged_dot_general(a, b, g, dims, preferred_element_type=jnp.float32,
+                                                           implementation=impl)).lower(lhs, rhs, sizes)
     except Exception as e:  # noqa: BLE001 - whatever the library raises while tracing is the reason it cannot run
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return None
@@ -175,22 +180,7 @@ def _per_group_implementation(impl: str | tuple[str, ...], dtype) -> str | tuple
 def _per_group_trace_error(impl: str, dtype_name: str) -> str | None:
     """`_trace_error` for the per-group form (`implementation`'s probe traces the row form only): the Triton kernel
     that form now asks for has a kernel of its own in tokamax."""
-    if impl == "xla":
-        return None
-    import tokamax
-
-    mark_absl_flags_parsed()
-    dt = jnp.dtype(dtype_name)
-    rows = jax.ShapeDtypeStruct((256, 128), dt)
-    sizes = jax.ShapeDtypeStruct((2,), jnp.int32)
-    dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([0], [0]), ([], [])),
-                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-    try:
-        jax.jit(lambda a, b, g: tokamax.ragged_dot_general(a, b, g, dims, preferred_element_type=jnp.float32,
-                                                           implementation=impl)).lower(rows, rows, sizes)
-    except Exception as e:  # noqa: BLE001 - as in _trace_error
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    return None
+    return _probe(impl, dtype_name, (256, 128), (256, 128), _PER_GROUP)
 
 
 def _is_per_group(dims) -> bool:
