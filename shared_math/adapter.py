@@ -34,6 +34,7 @@ PEFT 0.21 and 0.22 (`adapter_model.safetensors`, keys `base_model.model.model.<m
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -204,9 +205,33 @@ def write_peft_adapter(path: str | Path, lora: LoraConfig, tensors: Mapping[str,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "base_model_name_or_path": model.hf_config.get("_name_or_path") or None,
     }
-    (root / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    write_safetensors(root / ADAPTER_WEIGHTS, out, dtype="float32")
+    # An adapter already in `root` (the last run's, or the previous save of this one) is replaced only once both new
+    # files are complete on disk: each is written beside it under a temporary name, fsynced and renamed over it
+    # (rename is atomic on POSIX), weights first. A crash or kill while writing leaves the old adapter whole; one
+    # between the two renames leaves new weights under the old config, which the reader refuses by shape if the
+    # ranks changed.
+    tmp_weights, tmp_config = (root / f".{name}.tmp{os.getpid()}" for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
+    try:
+        write_safetensors(tmp_weights, out, dtype="float32")
+        tmp_config.write_text(json.dumps(config, indent=2) + "\n")
+        for tmp in (tmp_weights, tmp_config):
+            _fsync(tmp)
+        os.replace(tmp_weights, root / ADAPTER_WEIGHTS)
+        os.replace(tmp_config, root / ADAPTER_CONFIG)
+    finally:
+        for tmp in (tmp_weights, tmp_config):
+            tmp.unlink(missing_ok=True)
+    _fsync(root)
     return root
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's: its entries) data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------

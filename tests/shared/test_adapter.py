@@ -113,6 +113,40 @@ def test_write_read_roundtrip_all_targets(tmp_path, family, seed):
         np.testing.assert_array_equal(got[k], tensors[k], err_msg=k)
 
 
+@pytest.mark.parametrize("fail_at", ["weights", "config", "rename"])
+def test_a_save_that_fails_part_way_leaves_the_previous_adapter_whole(tmp_path, monkeypatch, fail_at):
+    """Overwriting an adapter: a crash while writing either file (or at the first rename) keeps the old one
+    readable with its old numbers, and leaves no temporary files behind."""
+    import shared_math.adapter as adapter_mod
+
+    cfg = ModelConfig.from_hf(tiny_hf_config("qwen3_moe"))
+    old_lora, new_lora = LoraConfig(rank=2, alpha=4.0), LoraConfig(rank=4, alpha=8.0)
+    old = _random_lora(cfg, old_lora, 0)
+    write_peft_adapter(tmp_path, old_lora, old, cfg)
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    if fail_at == "weights":  # half a file written, then the error
+        def partial(path, *a, **k):
+            Path(path).write_bytes(b"\x00" * 16)
+            boom()
+        monkeypatch.setattr(adapter_mod, "write_safetensors", partial)
+    elif fail_at == "config":
+        monkeypatch.setattr(Path, "write_text", boom)
+    else:
+        monkeypatch.setattr(adapter_mod.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_peft_adapter(tmp_path, new_lora, _random_lora(cfg, new_lora, 1), cfg)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    lora2, got = read_peft_adapter(tmp_path, cfg)
+    assert (lora2.rank, lora2.alpha) == (2, 4.0)
+    for k in old:
+        np.testing.assert_array_equal(got[k], old[k], err_msg=k)
+
+
 def test_peft_key_layout(tmp_path):
     """The documented PEFT facts, pinned on our own output (gpt-oss: interleaved B rows; nested expert keys)."""
     from safetensors.numpy import load_file
