@@ -172,6 +172,16 @@ def check_expert_ids(expert_ids: jax.Array, num_experts: int) -> None:
         raise ValueError(f"expert ids must lie in [0, {num_experts}), got range [{lo}, {hi}]")
 
 
+def _poison_out_of_range(expert_ids: jax.Array, expert_weights: jax.Array, num_experts: int) -> jax.Array:
+    """expert_weights with NaN in every slot of a token that has an id outside [0, num_experts), for traced ids
+    (concrete ones were checked): its output row is then NaN, not other experts' rows. An elementwise pass over
+    [T, K]; concrete ids return the weights as they are."""
+    if not isinstance(expert_ids, jax.core.Tracer):
+        return expert_weights
+    bad_T1 = ((expert_ids < 0) | (expert_ids >= num_experts)).any(axis=-1, keepdims=True)
+    return jnp.where(bad_T1, jnp.asarray(jnp.nan, expert_weights.dtype), expert_weights)
+
+
 @jax.custom_vjp
 def permute_rows(x_MD: jax.Array, perm_M: jax.Array, inverse_M: jax.Array) -> jax.Array:
     """`x[perm]` for a permutation `perm` whose inverse is `inverse_M`; the backward is the gather `ct[inverse]`."""
@@ -204,25 +214,30 @@ def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.
                        w_down: jax.Array, lora_gate_up: LoraPair | None = None, lora_down: LoraPair | None = None,
                        *, scale: float = 1.0, biases: tuple[jax.Array, jax.Array] | None = None,
                        activation: str = "swiglu", swiglu_limit: float = 7.0, swiglu_alpha: float = 1.702,
-                       backend: str = "auto", sort: ExpertSort | None = None) -> jax.Array:
+                       backend: str = "auto", sort: ExpertSort | None = None,
+                       check_ids: bool = True) -> jax.Array:
     """Routed experts with split LoRA -> y [T, H] in x's dtype (same semantics as shared_math.reference).
 
     x [T, H]; expert_ids, expert_weights [T, K]; w_gate_up [E, H, 2I] (gate 0:I, up I:2I); w_down [E, I, H];
     LoRA pairs (A [E, in, R], B [E, R, out]) or None; biases (b_gate_up [E, 2I], b_down [E, H]) or None.
     Differentiable in x, expert_weights, the LoRA factors, and (when differentiated) weights and biases.
     `sort`: a precomputed `sort_by_expert(expert_ids, E)` to reuse.
+    `check_ids` (as torch_impl's): ids outside [0, E) raise ValueError when they are concrete; under jit, where
+    there are no values to read, the rows of a token with such an id come out NaN (its routing weights are
+    poisoned), where they would silently hold other experts' rows. `Experts` passes False: a router's ids are in
+    range by construction.
     """
     _check(x, expert_ids, expert_weights, w_gate_up, w_down, lora_gate_up, lora_down, biases)
     scale = check_lora_scale(scale)
+    if check_ids:
+        check_expert_ids(expert_ids, w_gate_up.shape[0])
+        expert_weights = _poison_out_of_range(expert_ids, expert_weights, w_gate_up.shape[0])
     resolved = resolve_backend(backend)
     if resolved in ("pallas", "pallas_triton", "pallas_mosaic"):
         # the fused entry gathers x, weights the rows and un-permutes inside its kernels, where the generic path
         # below builds the [M, H] x[perm] copy and does the weighting outside (benchmarks/REPORT.md times the fused
-        # entry). It sorts by itself, so `sort` is not used on this path; the ids' range is checked here as
-        # sort_by_expert does (concrete ids only): out-of-range ids gave rows of other experts or NaN
+        # entry). It sorts by itself, so `sort` is not used on this path (the ids' range was checked above)
         import importlib
-
-        check_expert_ids(expert_ids, w_gate_up.shape[0])
 
         fused = importlib.import_module(f"jax_impl.backends.{resolved}").split_lora_experts
 
@@ -231,7 +246,7 @@ def split_lora_experts(x: jax.Array, expert_ids: jax.Array, expert_weights: jax.
     expert_mlp_sorted = get_backend(resolved)
     T, H = x.shape
     K = expert_ids.shape[1]
-    srt = sort_by_expert(expert_ids, w_gate_up.shape[0]) if sort is None else sort
+    srt = sort_by_expert(expert_ids, w_gate_up.shape[0], check=False) if sort is None else sort
     # repeat (backward: a reshape-sum over K), then permute (backward: the inverse gather)
     x_sorted_MH = permute_rows(jnp.repeat(x, K, axis=0), srt.order_M, srt.inverse_M)
     out_sorted_MH = expert_mlp_sorted(
@@ -332,7 +347,9 @@ class Experts(nnx.Module):
             x_TH, expert_ids_TK, expert_weights_TK, self.gate_up_proj[...], self.down_proj[...],
             lora_gate_up, pair(self.down_lora_A, self.down_lora_B),
             scale=self.lora_scale, biases=biases, activation=self.activation, swiglu_limit=self.swiglu_limit,
-            swiglu_alpha=self.swiglu_alpha, backend=self.backend)
+            swiglu_alpha=self.swiglu_alpha, backend=self.backend,
+            # a router's ids are in range: no check (the sharded dispatch has no such option)
+            **({} if self.expert_parallel is not None else {"check_ids": False}))
 
 
 class RoutingStats(nnx.Variable):

@@ -111,6 +111,38 @@ def test_jax_fused_pallas_entry_checks_the_range_of_eager_ids(monkeypatch, shift
         _call(_jax, {"expert_ids": IDS + shift}, backend="pallas_triton")
 
 
+@requires_jax
+@pytest.mark.parametrize("backend", ["ragged_dot", "pallas_triton"])
+def test_jax_out_of_range_ids_under_jit_give_nan_rows_not_other_experts_rows(monkeypatch, backend):
+    """Under jit there are no values to check: a token with an id outside [0, E) gets a NaN row (its weights are
+    poisoned), every other token its exact row; before, the bad token silently got other experts' rows (or NaN
+    from the fused entry). Gradients of the good tokens stay finite."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_impl.moe import split_lora_experts
+
+    monkeypatch.setenv("SPLITMOE_PALLAS_INTERPRET", "1")
+    a = {k: (tuple(map(jnp.asarray, v)) if isinstance(v, tuple) else jnp.asarray(v))
+         for k, v in _args(np.random.default_rng(0)).items()}
+    bad = a["expert_ids"].at[1, 0].set(E).at[3, 1].set(-1)  # tokens 1 and 3
+
+    def f(ids, x):
+        return split_lora_experts(x, ids, a["expert_weights"], a["w_gate_up"], a["w_down"], a["lora_gate_up"],
+                                  a["lora_down"], backend=backend)
+
+    good_y, bad_y = jax.jit(f)(a["expert_ids"], a["x"]), jax.jit(f)(bad, a["x"])
+    assert bool(jnp.isnan(bad_y[jnp.array([1, 3])]).all())
+    keep = jnp.array([0, 2, 4])
+    np.testing.assert_array_equal(np.asarray(bad_y[keep]), np.asarray(good_y[keep]))
+    dx = jax.jit(jax.grad(lambda x: f(bad, x)[keep].sum(), argnums=0))(a["x"])
+    assert bool(jnp.isfinite(dx[keep]).all())
+    # a router's ids skip the check (Experts passes check_ids=False): the same jitted call with good ids is exact
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda ids, x: split_lora_experts(
+        x, ids, a["expert_weights"], a["w_gate_up"], a["w_down"], a["lora_gate_up"], a["lora_down"],
+        backend=backend, check_ids=False))(a["expert_ids"], a["x"])), np.asarray(good_y))
+
+
 # ---- model loading and adapters ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
