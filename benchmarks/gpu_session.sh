@@ -67,7 +67,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session26tk|session28tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24base|session24ts|session24o|session24sp|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
+PART=${1:?usage: gpu_session.sh block|steps|followup|tests|finish|probe|graph|graph2|blockgraph|mosaicprobe|mosaic|mosaicblock|wholestep|wholestep2|wholestep3|glue|threeway|ossthree|session6|session7|session8|session8short|session8tests|graphcheck|hoppertune|hoppertune2|jaxstep|jaxfull|jaxoss|compileprobe|attnhopper|crossfull|longctx|session11long|session11longjax|session11c|session12jaxlong|session12prof|session13loss|session13ro|session13graph|session13b|session9short|session10b|session10kern|session10qwen|session10jax|session10oss|session14q|session14h200|session14h200b|session14prof|session14tk|session26tk|session29t1k|session28tk|session14o|session14jax|session15o|adhoc|session23q3a|session23q3b|session23o3|session24base|session24ts|session24o|session24sp|session24tn|session23tn|session23ctx|session22l|session21ou|session21k|session21g|session20q|session20g|session19k|session19g|session19u|session19q|session19o|session18t|session18o|session17f|session17p|session17u|session17a|session17t|session17s|session17k|session17o|session17q|session17j|session16o|session15fix|session16k|session15q|session14ctx|session13jax64|session12rows|session12prof2|session12h200a|session12jax64|session11kern|session11jax}
 R=/tmp/$PART; mkdir -p "$R" "$OUT"
 # What has finished is copied to $OUT/$PART.partial every 20 s (SNAPSHOT_EVERY): a call stopped at the device's
 # limit (device time running out shortens it) returns what is under $OUT, and the .tgz below is written only when
@@ -482,6 +482,29 @@ case $PART in
     timeout $((590 - SECONDS)) python3 benchmarks/step.py --family gpt_oss $Q --profile "$R" --out "$R/step.jsonl" \
       > "$R/step_oss.log" 2>&1
     rows "$R/step.jsonl"; grep -h "device busy" "$R"/*.log ;;
+  session29t1k)  # (written 2026-12-08, session 29) issue 16's "T=1024 eager >= 3x HF + PEFT": on Qwen3 the auto
+    # backend, triton_hopper, went 2.086 ms (session 11, tree a774ec9) -> 2.483 (session 22, ff80c64) -> 3.507
+    # (session 29, 82a760f: 2.63x), while triton stayed at 2.3-2.9 (results/session29_2026-12-08, call 1). Which
+    # change, and is it host or GPU time? The T=1024 block (triton, triton_hopper) on the two old trees (`git archive
+    # <commit> | tar -x -C .scratch/baseNN`, benchmarks/results removed; carry .scratch) and on this one, two rounds;
+    # then this tree with the TN split off and with the z launch's row copy off; then host_probe.py at T=1024 (host
+    # time per call with the GPU's queue kept short, and the synchronised iteration) for both backends
+    B="--iters 10 --cases qwen3_30b_T1024,gpt_oss_20b_T1024 --impls torch_triton,torch_triton_hopper"
+    for round in 1 2; do
+      for tree in .scratch/base11 .scratch/base22 .; do
+        [ $((560 - SECONDS)) -gt 90 ] || break
+        name=$(basename "$(cd "$tree" && pwd)"); [ "$tree" = . ] && name=head
+        (cd "$tree" && PYTHONPATH=$PWD timeout 120 python3 benchmarks/moe_block.py $B \
+          --out "$R/block_$name.jsonl" >> "$R/block_$name.log" 2>&1)
+      done
+    done
+    for v in SPLITMOE_TN_SPLIT_ROWS=0 SPLITMOE_Z_GATHER=0; do
+      [ $((560 - SECONDS)) -gt 60 ] && env "$v" timeout 60 python3 benchmarks/moe_block.py $B \
+        --out "$R/block_${v%%=*}.jsonl" > "$R/block_${v%%=*}.log" 2>&1
+    done
+    [ $((575 - SECONDS)) -gt 30 ] && timeout $((575 - SECONDS)) python3 benchmarks/host_probe.py --seq 1024 \
+      --backends triton_hopper,triton --out "$R/host_probe.jsonl" > "$R/host_probe.log" 2>&1
+    grep -h " ms " "$R"/block_*.log | cut -c1-120; grep -h "^{" "$R/host_probe.jsonl" | cut -c1-300 ;;
   session28tk)  # (written 2026-12-07, session 28) session26tk ran on an H100 (results/session28_2026-12-07, call 1):
     # the tokamax rows compile (118-138 s a block) and run, but the bf16 gpu tests gave wrong dW at gpu_medium and
     # gpu_oai from tokamax's Mosaic per-group kernel; the backend now asks Triton (else XLA) for that form. The
