@@ -55,7 +55,7 @@ from shared_math.config import (
     ModelConfig,
     available_targets,
 )
-from shared_math.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+from shared_math.safetensors_io import SafetensorsError, SafetensorsFile, fsync_path, write_safetensors
 
 Shape = tuple[int, ...]
 ADAPTER_CONFIG = "adapter_config.json"
@@ -215,23 +215,14 @@ def write_peft_adapter(path: str | Path, lora: LoraConfig, tensors: Mapping[str,
         write_safetensors(tmp_weights, out, dtype="float32")
         tmp_config.write_text(json.dumps(config, indent=2) + "\n")
         for tmp in (tmp_weights, tmp_config):
-            _fsync(tmp)
+            fsync_path(tmp)
         os.replace(tmp_weights, root / ADAPTER_WEIGHTS)
         os.replace(tmp_config, root / ADAPTER_CONFIG)
     finally:
         for tmp in (tmp_weights, tmp_config):
             tmp.unlink(missing_ok=True)
-    _fsync(root)
+    fsync_path(root)
     return root
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's: its entries) data to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -222,6 +223,15 @@ def _encode(arr: np.ndarray, dtype: str | None) -> tuple[str, bytes]:
         # float64 input is first rounded to float32; that double rounding is irrelevant for weights
         return "BF16", float32_to_bf16_bits(arr.astype(np.float32)).astype("<u2").tobytes()
     return _WRITE_DTYPES[target], np.ascontiguousarray(arr, dtype=np.dtype(target).newbyteorder("<")).tobytes()
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data (or a folder's entries) to disk: what makes a rename after it durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray], *, dtype: str | None = None,

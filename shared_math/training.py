@@ -46,6 +46,7 @@ from shared_math import tasks as tasks_mod
 from shared_math.config import LoraConfig, ModelConfig
 from shared_math.progress import TrainingBar
 from shared_math.routing_stats import plot_routing
+from shared_math.safetensors_io import fsync_path as _fsync_path  # a module name: tests patch it
 from shared_math.tracking import Trackers, check_loggers, open_trackers
 from shared_math.train_config import (
     ConfigError,
@@ -281,14 +282,6 @@ def check_params_finite(step: int, finite: bool, out_dir: Path) -> None:
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint_atomic(out_dir: Path, step: int, meta: dict[str, Any], write_files: Callable[[Path], None],
