@@ -85,8 +85,10 @@ from shared_math.training import (
     check_finite,
     check_params_finite,
     check_resume,
+    check_same_data,
     checkpoint_meta,
     clip_coefficient,
+    data_record,
     exact_match_eval,
     init_lora_tensors,
     lr_at,
@@ -321,7 +323,7 @@ class Trainer:
             with _orbax_checkpointer() as ckptr:
                 ckptr.save((tmp / STATE_DIR).absolute(), self._state_tree())
 
-        meta = checkpoint_meta(self.cfg, self.step, FRAMEWORK)
+        meta = checkpoint_meta(self.cfg, self.step, FRAMEWORK, train_data=data_record(self.run))
         return write_checkpoint_atomic(self.run.out_dir, self.step, meta, write, keep=self.cfg.train.keep_checkpoints)
 
     def restore(self, folder: str | Path) -> None:
@@ -330,6 +332,7 @@ class Trainer:
         CheckpointDamaged, a state that does not fit this trainer's adapters ConfigError."""
         folder = Path(folder)
         meta = check_resume(folder, self.cfg, FRAMEWORK)
+        check_same_data(folder, meta, self.run)  # before the state is read
         if (folder / STATE_DIR).is_dir():
             if not meta.get("files"):  # so orbax only ever reads bytes checked against their SHA-256
                 raise CheckpointDamaged(f"{folder / 'meta.json'} records no files, but every orbax state is saved "

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -309,6 +310,7 @@ class PackedDataset:
         self.num_documents = len(docs)
         # an epoch is the whole rows taken batch_size at a time; the last partial batch wraps to the epoch's start
         self.batches_per_epoch = max(1, -(-len(self.rows) // batch_size))
+        self._fingerprint: str | None = None
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
@@ -321,6 +323,17 @@ class PackedDataset:
         idx = self._epoch_order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
         r = self.rows
         return {"input_ids": r.input_ids[idx], "labels": r.labels[idx], "position_ids": r.position_ids[idx]}
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the packed rows (ids, labels, positions) and their order's seed: what the batches of a run are
+        drawn from, so that a resume can check it continues on the data it trained on (a data file edited since,
+        or another file at a relative path, or another tokenizer). Computed once."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(json.dumps([list(self.rows.input_ids.shape), self.seed]).encode())
+            for a in (self.rows.input_ids, self.rows.labels, self.rows.position_ids):
+                h.update(np.ascontiguousarray(a, np.int32).data)  # int32 as packed: no copy
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     @property
     def num_label_tokens(self) -> int:

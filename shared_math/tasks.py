@@ -56,6 +56,8 @@ class TaskSpec:
             raise ValueError("alphabet is empty: give the letters the copy / rev strings are drawn from, e.g. abcdef")
         if self.add_max < 1:
             raise ValueError(f"add_max must be >= 1 (the add task draws 0 <= x, y < add_max), got {self.add_max}")
+        if self.seed < 0:  # numpy's own error ("expected non-negative integer") named no key, after the model was built
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed}")
         if self.num_train < 1 or self.num_eval < 0:
             raise ValueError(f"need num_train >= 1 and num_eval >= 0, got {self.num_train}, {self.num_eval}")
         for task in self.tasks:

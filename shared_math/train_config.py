@@ -177,7 +177,9 @@ NON_TRAJECTORY_KEYS = frozenset({"train.eval_every", "train.save_every", "train.
                                  "parallel.data", "parallel.fsdp", "parallel.expert", "train.gradient_checkpointing",
                                  "train.checkpoint_policy", "train.checkpoint_layers", "train.expert_chunk",
                                  # the same AdamW update inside the backward, bit for bit, in the same state layout
-                                 "optim.in_backward"})
+                                 "optim.in_backward",
+                                 # where JAX keeps compiled programs: a run resumes on another machine, or with it off
+                                 "train.jax_compile_cache"})
 
 
 # train.checkpoint_policy per framework (the names of each framework's models.layers.REMAT_POLICIES;
@@ -222,17 +224,28 @@ def _validate(cfg: RunConfig) -> None:
     if policy not in allowed:
         raise ConfigError(f"train.checkpoint_policy={policy} is not a {cfg.framework} policy; with --framework "
                           f"{cfg.framework} use one of {', '.join(allowed)}")
+    # the seeds too: numpy refuses a negative one only once the model is built, as "expected non-negative integer"
     for k, v in {"train.eval_every": cfg.train.eval_every, "train.save_every": cfg.train.save_every,
                  "optim.warmup_steps": cfg.optim.warmup_steps, "train.threads": cfg.train.threads,
-                 "train.expert_chunk": cfg.train.expert_chunk}.items():
+                 "train.expert_chunk": cfg.train.expert_chunk, "train.seed": cfg.train.seed,
+                 "data.seed": cfg.data.seed}.items():
         if v < 0:
             raise ConfigError(f"{k} must be >= 0, got {v}")
+    if not cfg.train.out_dir.strip():
+        # Path("") is the working directory: the run's model, checkpoints and adapter would land there
+        raise ConfigError("train.out_dir is empty: give the run folder (--out DIR or train.out_dir=DIR)")
     o = cfg.optim
     if not (math.isfinite(o.lr) and o.lr > 0):
         raise ConfigError(f"optim.lr must be a finite number > 0, got {o.lr}")
     for k in ("beta1", "beta2"):
         if not 0 <= getattr(o, k) < 1:
             raise ConfigError(f"optim.{k} must be in [0, 1), got {getattr(o, k)}")
+    # finite: NaN passes every comparison below (max_grad_norm=nan turned clipping off in silence) and eps=inf
+    # makes every update zero
+    for k in ("eps", "weight_decay", "max_grad_norm", "min_lr_ratio"):
+        if not math.isfinite(getattr(o, k)):
+            raise ConfigError(f"optim.{k} must be a finite number, got {getattr(o, k)}"
+                              + (" (0 turns clipping off)" if k == "max_grad_norm" else ""))
     if o.eps <= 0 or o.weight_decay < 0 or o.max_grad_norm < 0 or not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError("optim: need eps > 0, weight_decay >= 0, max_grad_norm >= 0, 0 <= min_lr_ratio <= 1")
     if cfg.model.path is None and cfg.model.tiny is None:
@@ -307,6 +320,11 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# String keys whose documented values YAML 1.1 reads as booleans when unquoted (`train.jax_compile_cache=off` gave
+# "must be a string, got False"): the boolean stands for the word
+_YAML_BOOLEAN_WORDS = {(False, "train.jax_compile_cache"): "off"}
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check/convert one leaf value against its type hint; raise ConfigError naming `key`."""
     origin = get_origin(hint)
@@ -344,6 +362,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, bool) and (value, key) in _YAML_BOOLEAN_WORDS:
+            return _YAML_BOOLEAN_WORDS[value, key]
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value

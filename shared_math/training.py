@@ -14,7 +14,8 @@ only in the forward/backward and the optimizer call:
   and SHA-256 in meta.json (files in sub-folders too, by relative path: jax's orbax state is a folder tree), fsyncs
   every file and folder, then renames it into place (rename is atomic on POSIX), so a crash or kill during a save
   leaves the previous checkpoint untouched; `latest_checkpoint`, `verify_checkpoint` (meta.json readable, every file
-  as recorded), `check_resume` (verifies, and refuses a folder made by a different config). `run_training` resumes
+  as recorded), `check_resume` (verifies, and refuses a folder made by a different config), `check_same_data`
+  (refuses one trained on other data: meta.json's "train_data", the packed rows' SHA-256). `run_training` resumes
   from the newest intact checkpoint, skipping damaged ones with a message. Checkpoints hold no pickles: torch writes
   safetensors + JSON, jax orbax's OCDBT / zarr + JSON (and reads an older npz without object arrays).
 - `MetricsLog` (JSONL, the source of truth; each row also goes to the run's experiment trackers, shared_math.tracking),
@@ -94,11 +95,12 @@ def build_model_checkpoint(cfg: RunConfig, out_dir: Path) -> Path:
     """`model.path`, or the `model.tiny` preset written to `<out_dir>/model`.
 
     A `model/` already there is reused if it was built from the same preset (family, seed, overrides: its
-    TINY_SPEC_FILE; a folder from before that file, by its model config), or if the run folder holds checkpoints:
-    they were trained on it, and only a resume can use them (a fresh run is refused there, and a resume under another
-    model.tiny by its config check; one whose preset file changed since resumes on the model it trained). Otherwise
-    another preset's model is rebuilt: it was left by a run that saved nothing (interrupted, or train.save_every=0),
-    and reusing it trained the wrong model in silence."""
+    TINY_SPEC_FILE; a folder from before that file, by its model config), or if the run folder holds checkpoints or
+    a finished run's adapter: they were trained on it (a fresh run is refused there, after this, and a resume under
+    another model.tiny by its config check; one whose preset file changed since resumes on the model it trained).
+    Otherwise another preset's model is rebuilt: it was left by a run that saved nothing (interrupted), and reusing
+    it trained the wrong model in silence. A `model/` that no preset built (a downloaded model: files a tiny
+    checkpoint does not have) is refused, never deleted."""
     if cfg.model.path is not None:
         p = resolve_path(cfg.model.path)
         if not (p / "config.json").is_file():
@@ -108,13 +110,37 @@ def build_model_checkpoint(cfg: RunConfig, out_dir: Path) -> Path:
 
     spec = _load_model_yaml(resolve_path(cfg.model.tiny))
     dest = out_dir / "model"
-    if (dest / "config.json").is_file():
-        if latest_checkpoint(out_dir) is not None or _built_from(dest, spec):
+    if (dest / "config.json").is_file() and (latest_checkpoint(out_dir) is not None or (out_dir / "adapter").exists()):
+        return dest
+    if dest.exists() or dest.is_symlink():
+        _check_tiny_folder(dest)  # before anything reads it as a tiny checkpoint, or deletes it
+        if (dest / "config.json").is_file() and _built_from(dest, spec):
             return dest
-        shutil.rmtree(dest)  # no checkpoint depends on it: this run's preset replaces it
+        shutil.rmtree(dest)  # nothing saved depends on it: this run's preset replaces it
     write_tiny_checkpoint(spec["family"], dest, seed=spec["seed"], **spec["overrides"])
     (dest / TINY_SPEC_FILE).write_text(json.dumps(spec, sort_keys=True))
     return dest
+
+
+# what a tiny preset's build leaves in <out_dir>/model (write_checkpoint: one file or shards and their index; the
+# preset marker; make-tiny's marker where make-tiny wrote it)
+_TINY_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+               TINY_SPEC_FILE, "splitmoe_make_tiny.json")
+
+
+def _check_tiny_folder(dest: Path) -> None:
+    """ConfigError unless `dest` holds only what a tiny preset's build writes, so that a run about to replace it
+    never deletes a model it did not build (one downloaded into <out_dir>/model, or an --out that is a project
+    folder with its model/)."""
+    if dest.is_symlink() or not dest.is_dir():
+        raise ConfigError(f"{dest} is not a folder of a tiny preset's model, which a model.tiny run builds there: "
+                          "choose another train.out_dir")
+    foreign = sorted(p.name for p in dest.iterdir() if p.is_dir() or not any(p.match(g) for g in _TINY_FILES))
+    if foreign:
+        held = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise ConfigError(f"{dest} holds a model that no model.tiny preset built (it has {held}); this run "
+                          f"(model.tiny) would replace it. To train on that model set model.path={dest}; "
+                          "otherwise choose another train.out_dir")
 
 
 def _built_from(dest: Path, spec: dict[str, Any]) -> bool:
@@ -408,6 +434,30 @@ def checkpoint_meta(cfg: RunConfig, step: int, framework: str, **extra: Any) -> 
             "config": to_dict(cfg), "trajectory": trajectory_dict(cfg), **extra}
 
 
+def data_record(run: PreparedRun) -> dict[str, Any]:
+    """What a checkpoint's meta.json records of the run's training data ("train_data"), for `check_same_data`."""
+    d = run.train_data
+    return {"sha256": d.fingerprint(), "rows": len(d.rows), "documents": d.num_documents}
+
+
+def check_same_data(ckpt: Path, meta: dict[str, Any], run: PreparedRun) -> None:
+    """ConfigError if checkpoint `ckpt` (its `meta`) was trained on other data than `run` packs now. The config
+    names the data (data.path, data.synthetic) but not their contents: a data file edited or regenerated since, a
+    relative data.path read from another working directory, or another tokenizer beside the model resumed in
+    silence on other batches. A checkpoint from before the record has nothing to compare."""
+    saved = meta.get("train_data")
+    now = data_record(run)
+    if not isinstance(saved, dict) or saved.get("sha256") == now["sha256"]:
+        return
+    d = run.cfg.data
+    source = (f"data.path {d.path} (read from {resolve_path(d.path).absolute()})" if d.source == "jsonl"
+              else "the synthetic task generator")
+    raise ConfigError(f"cannot resume from {ckpt}: it was trained on other data ({saved.get('documents')} documents "
+                      f"in {saved.get('rows')} packed rows then, {now['documents']} in {now['rows']} now, or as many "
+                      f"with other tokens): {source} or the model's tokenizer changed since. Resuming would go on with "
+                      "other batches; restore those data, or start a fresh train.out_dir")
+
+
 def check_resume(ckpt: Path, cfg: RunConfig, framework: str) -> dict[str, Any]:
     """meta.json of `ckpt` after checking that its files are intact (`verify_checkpoint`; CheckpointDamaged) and that
     it was written by this framework and an equivalent config (ConfigError)."""
@@ -426,16 +476,16 @@ def check_resume(ckpt: Path, cfg: RunConfig, framework: str) -> dict[str, Any]:
 
 class MetricsLog:
     """Append-only JSONL of training and eval rows; on resume, rows after the resumed step are dropped (the run
-    recomputes them). Every row written also goes to `trackers` (TensorBoard, trackio: the same rows)."""
+    recomputes them), and a file removed since starts afresh. Every row written also goes to `trackers`
+    (TensorBoard, trackio: the same rows)."""
 
     def __init__(self, path: Path, *, resume_step: int | None = None, trackers: Trackers | None = None) -> None:
         self.path = path
         self.trackers = trackers if trackers is not None else Trackers()
-        if resume_step is None:
+        if resume_step is None or not path.is_file():
             path.write_text("")
-        elif path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            keep = [r for r in rows if r.get("step", 0) <= resume_step]
+        else:
+            keep = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
             path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, row: dict[str, Any]) -> None:
@@ -448,12 +498,34 @@ class MetricsLog:
         self.trackers.close()
 
     def rows(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path)
 
     def drop_evals_at(self, step: int) -> None:
         """Remove the evaluation rows of `step` (one that is about to be evaluated again)."""
         keep = [r for r in self.rows() if not (r.get("step") == step and _is_eval_row(r))]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A last line without its newline is a row cut short (the run was killed while
+    writing it, or the machine lost the file's tail): dropped, as a resume drops the rows after its step anyway.
+    Any other line that is not a JSON object is a ConfigError naming it (it raised a bare JSONDecodeError, and
+    the run could not be resumed)."""
+    *lines, tail = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    rows = []
+    for n, line in enumerate([*lines, tail], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif n <= len(lines):
+            raise ConfigError(f"{path}:{n} is not a JSON row of metrics ({line[:60]!r}): the file was edited or "
+                              "damaged; fix or delete that line, then resume again")
+    return rows
 
 
 def _is_eval_row(row: dict[str, Any]) -> bool:

@@ -58,8 +58,9 @@ def _cli_overrides(overrides: list[str], out: str | None, framework: str | None)
     """The user's `key=value` overrides plus --out (train.out_dir) and --framework. A flag and an override that set
     one key to two values (`--out a train.out_dir=b`) are a ConfigError: the flag would win in silence. Among the
     overrides themselves the last one wins, as in the train suite's `*TINY, "train.steps=6"`."""
+    # `is not None`: an empty --out (an unset shell variable) reaches the config's check, not the default folder
     flags = [(key, str(value), flag) for key, value, flag in
-             (("train.out_dir", out, "--out"), ("framework", framework, "--framework")) if value]
+             (("train.out_dir", out, "--out"), ("framework", framework, "--framework")) if value is not None]
     given = {k.strip(): (v.strip(), f"{k.strip()}={v.strip()}")
              for k, _, v in (o.partition("=") for o in overrides)}
     for key, value, flag in flags:
@@ -120,6 +121,8 @@ def run_default_job(out_dir: str | Path = "runs/demo", *, framework: str = "torc
     adapter, metrics and loss curve under `out_dir`. Replaces an earlier demo's outputs in `out_dir` (either
     framework's); a folder holding another run's checkpoints is refused (ConfigError), not emptied.
     Returns {"before": exact-match, "after": exact-match, "seconds", "adapter", "plot"}."""
+    if not str(out_dir).strip():  # Path("") is the working directory: the demo would train and clean up there
+        raise ConfigError("the demo's run folder is empty: pass --out DIR (default runs/demo)")
     out = Path(out_dir)
     cfg = load_run_config(DEFAULT_RUN_YAML, [f"train.out_dir={out}", f"framework={framework}", *(overrides or [])])
     _refuse_another_runs_folder(out, cfg)

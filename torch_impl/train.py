@@ -47,9 +47,11 @@ from shared_math.training import (
     check_finite,
     check_params_finite,
     check_resume,
+    check_same_data,
     checkpoint_meta,
     checkpoint_name,
     clip_coefficient,
+    data_record,
     exact_match_eval,
     init_lora_tensors,
     lr_at,
@@ -384,7 +386,7 @@ class Trainer:
                 "numpy_rng": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
                               "cached_gaussian": float(gauss)}}))
 
-        meta = checkpoint_meta(self.cfg, self.step, FRAMEWORK)
+        meta = checkpoint_meta(self.cfg, self.step, FRAMEWORK, train_data=data_record(self.run))
         folder = self.run.out_dir / CHECKPOINT_DIR / checkpoint_name(self.step)
         if self.is_main:
             folder = write_checkpoint_atomic(self.run.out_dir, self.step, meta, write,
@@ -398,6 +400,7 @@ class Trainer:
         verified and read completely before anything is changed; a damaged folder raises CheckpointDamaged."""
         folder = Path(folder)
         meta = check_resume(folder, self.cfg, FRAMEWORK)
+        check_same_data(folder, meta, self.run)  # before the state is read
         lora, opt_state, torch_rng, numpy_rng = _read_state(folder)
         try:
             if self.mesh:  # whole tensors in the file, whatever the mesh that wrote them: each rank takes its part
