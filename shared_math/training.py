@@ -319,7 +319,10 @@ def write_checkpoint_atomic(out_dir: Path, step: int, meta: dict[str, Any], writ
     file's size and SHA-256 under "files", keyed by its path relative to the step folder (checked by
     `verify_checkpoint` before a resume); every file, then every folder from the deepest up, is fsynced (a file's
     directory entry is durable only once its folder is), the folder is renamed to `step_XXXXXXXX` and the parent
-    fsynced. Older checkpoints beyond `keep` are removed only after that.
+    fsynced. Older checkpoints beyond `keep` are removed only after that: among those up to this step, so that the
+    one just written always stays. Newer ones are what a resume skipped as damaged (it resumes from the newest
+    intact one); pruning by name alone deleted this save instead and kept those, so a kill before the next save
+    left nothing to resume from. The run replaces each of them when it reaches its step.
     """
     root = out_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -342,7 +345,7 @@ def write_checkpoint_atomic(out_dir: Path, step: int, meta: dict[str, Any], writ
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_path(root)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and p.name <= final.name)[:-keep]:
         shutil.rmtree(old)
     return final
 

@@ -23,6 +23,9 @@ naming nothing, a run that could not be resumed, or a folder's data deleted.
   --out) to build its preset there: now refused, the folder left as it was.
 - A fresh run refused because its folder holds a finished run's adapter had first replaced that run's `model/` (the
   adapter's base) with its own preset's model.
+- A resume that skipped a damaged newer checkpoint, with keep_checkpoints=1: its next save pruned by name, deleting
+  the checkpoint just written and keeping the damaged one, so a kill before the following save left nothing to
+  resume from.
 """
 
 from __future__ import annotations
@@ -222,3 +225,21 @@ def test_resuming_on_other_data_is_refused(base_run, model_dir, tmp_path, monkey
         del meta["train_data"]
         (ckpt / "meta.json").write_text(json.dumps(meta))
     assert _resume(base_run, model_dir, run, monkeypatch).final_step == 2
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """Checkpoints 20 (intact) and 30 (damaged, so a resume took 20): the save at step 25 with keep=1 keeps 25."""
+    from shared_math.training import CheckpointDamaged, verify_checkpoint, write_checkpoint_atomic
+
+    def files(tmp):
+        (tmp / "state.bin").write_bytes(b"x" * 8)
+
+    for step in (20, 30):
+        write_checkpoint_atomic(tmp_path, step, {"step": step}, files, keep=2)
+    (tmp_path / "checkpoints" / "step_00000030" / "state.bin").write_bytes(b"damaged")
+    write_checkpoint_atomic(tmp_path, 25, {"step": 25}, files, keep=1)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["step_00000025", "step_00000030"]  # 20 pruned; 30 stays until the run replaces it
+    verify_checkpoint(tmp_path / "checkpoints" / "step_00000025")  # what the next resume takes
+    with pytest.raises(CheckpointDamaged):
+        verify_checkpoint(tmp_path / "checkpoints" / "step_00000030")
