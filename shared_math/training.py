@@ -277,7 +277,7 @@ _FIX = "Lower optim.lr, keep optim.max_grad_norm > 0, or train in float32."
 
 
 def _diverged(step: int, what: str, out_dir: Path, fix: str = _FIX) -> TrainingDiverged:
-    last = latest_checkpoint(out_dir)
+    last = next((c for c in checkpoints(out_dir) if (c / META).is_file()), None)  # not one known to be damaged
     keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
     return TrainingDiverged(f"training diverged at step {step + 1}: {what}; {keep}. {fix}")
 
@@ -369,13 +369,15 @@ def _file_record(path: Path) -> dict[str, Any]:
 
 
 def checkpoints(out_dir: Path) -> list[Path]:
-    """The complete checkpoint folders (those with a meta.json), newest first; temporary folders are ignored."""
+    """The checkpoint folders (`step_*`), newest first; temporary folders of interrupted saves are ignored. A save
+    renames its folder into place only after meta.json is written, so a step folder without one is damaged: it is
+    listed, and a resume reports it as it skips it (it was passed over in silence, and a fresh run did not see it)."""
     root = Path(out_dir) / CHECKPOINT_DIR
-    return sorted((p for p in root.glob("step_*") if (p / META).is_file()), reverse=True) if root.is_dir() else []
+    return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder (temporary folders of interrupted saves are ignored)."""
+    """The newest checkpoint folder (temporary folders of interrupted saves are ignored; it may be damaged)."""
     done = checkpoints(out_dir)
     return done[0] if done else None
 

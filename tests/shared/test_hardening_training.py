@@ -176,13 +176,16 @@ def test_torch_refuses_an_old_pickled_state_pt(fw, base_run, model_dir, tmp_path
 
 # ---- 2. damaged checkpoints ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("damage", ["truncated", "truncated_no_manifest", "meta_json"])
+@pytest.mark.parametrize("damage", ["truncated", "truncated_no_manifest", "meta_json", "meta_json_removed"])
 def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(fw, base_run, model_dir, tmp_path, capsys, damage):
     run = _copy(base_run, tmp_path)
     newest = _ckpt(run, 4)
     state, meta = _state_file(fw, newest), newest / "meta.json"
     if damage == "meta_json":
         meta.write_text('{"step": 4, "framework": ')  # cut short mid-write by a broken disk
+        skipped = f"{meta} is corrupt or unreadable"
+    elif damage == "meta_json_removed":  # the folder was listed only with a meta.json: skipped without a word
+        meta.unlink()
         skipped = f"{meta} is corrupt or unreadable"
     else:
         size = state.stat().st_size
