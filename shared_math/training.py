@@ -110,7 +110,7 @@ def build_model_checkpoint(cfg: RunConfig, out_dir: Path) -> Path:
 
     spec = _load_model_yaml(resolve_path(cfg.model.tiny))
     dest = out_dir / "model"
-    if (dest / "config.json").is_file() and (latest_checkpoint(out_dir) is not None or (out_dir / "adapter").exists()):
+    if (dest / "config.json").is_file() and (checkpoints(out_dir) or (out_dir / "adapter").exists()):
         return dest
     if dest.exists() or dest.is_symlink():
         _check_tiny_folder(dest)  # before anything reads it as a tiny checkpoint, or deletes it
@@ -277,7 +277,7 @@ _FIX = "Lower optim.lr, keep optim.max_grad_norm > 0, or train in float32."
 
 
 def _diverged(step: int, what: str, out_dir: Path, fix: str = _FIX) -> TrainingDiverged:
-    last = next((c for c in checkpoints(out_dir) if (c / META).is_file()), None)  # not one known to be damaged
+    last = latest_checkpoint(out_dir)
     keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
     return TrainingDiverged(f"training diverged at step {step + 1}: {what}; {keep}. {fix}")
 
@@ -377,9 +377,8 @@ def checkpoints(out_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest checkpoint folder (temporary folders of interrupted saves are ignored; it may be damaged)."""
-    done = checkpoints(out_dir)
-    return done[0] if done else None
+    """The newest complete checkpoint folder (with its meta.json; not yet verified), or None."""
+    return next((c for c in checkpoints(out_dir) if (c / META).is_file()), None)
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
@@ -516,9 +515,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     writing it, or the machine lost the file's tail): dropped, as a resume drops the rows after its step anyway.
     Any other line that is not a JSON object is a ConfigError naming it (it raised a bare JSONDecodeError, and
     the run could not be resumed)."""
-    *lines, tail = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")  # the last: what follows the last newline
     rows = []
-    for n, line in enumerate([*lines, tail], 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -527,7 +526,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             row = None
         if isinstance(row, dict):
             rows.append(row)
-        elif n <= len(lines):
+        elif n < len(lines):
             raise ConfigError(f"{path}:{n} is not a JSON row of metrics ({line[:60]!r}): the file was edited or "
                               "damaged; fix or delete that line, then resume again")
     return rows
@@ -714,8 +713,8 @@ def run_training(tr: Any, *, resume: bool = False, stop_after: int | None = None
         for line in skipped if main else ():  # always shown: the run silently going back further would surprise
             sys.stderr.write(f"{fw} warning: {line}\n")
             sys.stderr.flush()
-    elif (last := latest_checkpoint(out)) is not None:
-        raise ConfigError(f"{out} already holds checkpoints ({last.name}); pass --resume to continue that run, or "
+    elif found := checkpoints(out):  # damaged ones too: this run would replace them
+        raise ConfigError(f"{out} already holds checkpoints ({found[0].name}); pass --resume to continue that run, or "
                           "choose another train.out_dir")
     elif (out / "adapter").exists():
         # a finished run with train.save_every=0 leaves its adapter and no checkpoint: this run would empty its

@@ -35,7 +35,7 @@ from typing import Any
 from shared_math.progress import progress_bar, write_line
 from shared_math.tracking import check_loggers
 from shared_math.train_config import ConfigError, RunConfig, diff_configs, load_run_config, trajectory_dict
-from shared_math.training import check_optim_range, latest_checkpoint, read_meta
+from shared_math.training import check_optim_range, checkpoints, latest_checkpoint, read_meta, read_metrics
 
 MARKER = "sweep_point.json"  # written into a point's run folder once it finished (or failed)
 _SAFE = re.compile(r"[^A-Za-z0-9._=+,-]")
@@ -232,7 +232,7 @@ def _metrics_rows(folder: Path) -> list[dict[str, Any]]:
     path = folder / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def _run_point(point: SweepPoint, folder: Path, *, resume: bool, device: str | None, progress: bool
@@ -301,7 +301,7 @@ def run_sweep(points: list[SweepPoint], out: str | Path, *, device: str | None =
                 _log(f"point {p.index}/{n}: {p.label}: done already ({folder}), skipped")
                 bar.update(1)
                 continue
-            ckpt = latest_checkpoint(folder)
+            ckpt = next(iter(checkpoints(folder)), None)  # a damaged one too: the resume reports it as it skips it
             how = f"resuming from {ckpt.name}" if ckpt is not None else "training"
             _log(f"point {p.index}/{n}: {p.label} ({how}, {p.cfg.framework}) -> {folder}")
             record = _run_point(p, folder, resume=ckpt is not None, device=device, progress=progress)

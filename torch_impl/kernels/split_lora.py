@@ -169,7 +169,8 @@ TN_SPLIT_ROWS_ENV = "SPLITMOE_TN_SPLIT_ROWS"
 # slots per tile (most exit at once) and as many fp32 partial tiles allocated. With crowded experts (`tn_probe.py
 # --skew 1 / 2`, a layer's four launches) 2048 is as fast: gpt-oss 1.267 / 1.310 ms against 1.264 / 1.287 at 1024,
 # Qwen3 1.083 / 1.089 against 1.152 / 1.145 (sessions 28 and 23); 4096 is slower (Qwen3 1.375 / 1.371, gpt-oss
-# 1.510 / 1.505). The 16K steps at 2048 are not yet timed.
+# 1.510 / 1.505). Qwen3's 16K step (24 layers, H100, session 29) does not see the size: 804.5 ms at 2048, 804.4 at
+# 1024.
 DEFAULT_TN_SPLIT_ROWS = 2048
 
 
